@@ -1,0 +1,78 @@
+/* pyquant native API: plain C, no libtorch.
+ *
+ * Every function takes raw pointers, int64 sizes and a thread count, returns a
+ * pq_status, never allocates heap memory for outputs, never synchronizes with
+ * anything outside the call and keeps no state between calls. The Python side
+ * (pyquant/_native.py) validates shapes, dtypes and contiguity before calling;
+ * the checks here are a second line of defence so that nothing reachable from
+ * Python can crash the process.
+ *
+ * Layouts (documented once, next to the pack functions in pyquant/formats.py):
+ *   x        float32 [M, K], row stride ldx >= K (elements)
+ *   out      float32 [M, N], contiguous
+ *   int8 w   int8    [N, K], contiguous, symmetric per output channel
+ *   int4 w   uint8   [N, K/2], byte j of row n holds code k=2j in bits 0..3
+ *                    and k=2j+1 in bits 4..7; codes are unsigned 0..15
+ *   scales   float32 [N, K/group_size]; zeros uint8 [N, K/group_size] in 0..15
+ *            w[n,k] = scales[n,g] * (code[n,k] - zeros[n,g]),  g = k / group_size
+ */
+#ifndef PQ_H
+#define PQ_H
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  PQ_OK = 0,
+  PQ_ERR_ARG = 1,   /* null pointer, negative size, bad stride or group size */
+  PQ_ERR_ISA = 2,   /* the requested ISA is not compiled in or not supported by this CPU */
+} pq_status;
+
+typedef enum {
+  PQ_ISA_PORTABLE = 0,
+  PQ_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
+  PQ_ISA_AVX512_VNNI = 2, /* AVX512 F/BW/VL/DQ + VNNI */
+} pq_isa;
+
+/* Highest ISA both compiled in and supported by the running CPU. */
+int pq_cpu_best_isa(void);
+/* 1 if the ISA is compiled in and supported by this CPU. */
+int pq_isa_available(int isa);
+/* "portable", "avx2", "avx512_vnni"; "unknown" otherwise. */
+const char* pq_isa_name(int isa);
+
+/* out[m,n] = w_scale[n] * sum_k x[m,k] * w[n,k] + (bias ? bias[n] : 0) */
+int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                           const int8_t* w, int64_t N, const float* w_scale,
+                           const float* bias, float* out, int n_threads);
+
+/* Per-row symmetric int8 quantization:
+ *   amax = max_k |x[m,k]|; s = amax / 127 (s = 1 when amax == 0);
+ *   xq[m,k] = clamp(round_half_even(x[m,k] / s), -127, 127); x_scale[m] = s */
+int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                          int8_t* xq, float* x_scale, int n_threads);
+
+/* acc[m,n] = sum_k xq[m,k] * w[n,k]   (exact int32 accumulation) */
+int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w,
+                     int64_t N, int32_t* acc, int n_threads);
+
+/* out[m,n] = x_scale[m] * w_scale[n] * sum_k xq[m,k] * w[n,k] + (bias ? bias[n] : 0)
+ * The int32 sum is exact; the epilogue is computed in float32 as
+ * (float)acc * (x_scale[m] * w_scale[n]) + bias[n]. */
+int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                       const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                       float* out, int n_threads);
+
+/* out[m,n] = sum_k x[m,k] * scales[n,k/G] * (code[n,k] - zeros[n,k/G]) + bias[n]
+ * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). */
+int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                           const uint8_t* w_packed, int64_t N, const float* scales,
+                           const uint8_t* zeros, int64_t group_size, const float* bias,
+                           float* out, int n_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PQ_H */

@@ -1,0 +1,224 @@
+"""Loads the native CPU module (pyquant._C), picks the instruction set, and turns checked
+tensors into raw pointers. Shapes and dtypes were checked by ``_checks`` before we get here;
+this module makes the memory layout what the C API wants (float32 rows with unit stride,
+contiguous weights), allocates every output with torch, and turns a non-zero status into a
+Python error that names the shapes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Optional
+
+import torch
+
+ISA_NAMES = ("portable", "avx2", "avx512_vnni")
+_ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "vnni": 2}
+_STATUS = {1: "invalid argument", 2: "instruction set not available"}
+
+_lock = threading.Lock()
+_module = None
+_load_error: Optional[str] = None
+_loaded = False
+_isa_override: Optional[int] = None
+
+
+def _load():
+    global _module, _load_error, _loaded
+    if _loaded:
+        return _module
+    with _lock:
+        if not _loaded:
+            try:
+                from . import _C  # noqa: F401  (built by CMake; absent in a source-only tree)
+
+                _module = _C
+            except Exception as e:  # ImportError, or an OSError from a broken build
+                _load_error = f"{type(e).__name__}: {e}"
+            _loaded = True
+    return _module
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def load_error() -> Optional[str]:
+    """Why the native module is not loaded (None when it is)."""
+    _load()
+    return _load_error
+
+
+def module():
+    m = _load()
+    if m is None:
+        raise RuntimeError(
+            f"pyquant's native CPU module is not loaded ({_load_error}); reinstall with a C++ "
+            f"compiler available (pip install -v .) or use the reference backend"
+        )
+    return m
+
+
+def best_isa() -> int:
+    return module().best_isa()
+
+
+def _parse_isa(name: str) -> int:
+    key = name.strip().lower()
+    if key not in _ISA_ALIASES:
+        raise ValueError(
+            f"unknown CPU instruction set {name!r}; use one of {', '.join(ISA_NAMES)}"
+        )
+    return _ISA_ALIASES[key]
+
+
+def current_isa() -> int:
+    """The ISA the kernels run with: the CPU's best, or a lower one forced by
+    ``use_isa(...)`` or the PYQUANT_CPU_ISA environment variable."""
+    best = best_isa()
+    if _isa_override is not None:
+        want = _isa_override
+        source = "use_isa()"
+    else:
+        env = os.environ.get("PYQUANT_CPU_ISA", "").strip()
+        if not env:
+            return best
+        want = _parse_isa(env)
+        source = f"PYQUANT_CPU_ISA={env}"
+    if not module().isa_available(want):
+        avail = [ISA_NAMES[i] for i in range(len(ISA_NAMES)) if module().isa_available(i)]
+        raise ValueError(
+            f"{source} asks for {ISA_NAMES[want]}, which this CPU or build does not support; "
+            f"available: {', '.join(avail)}"
+        )
+    return want
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Force a CPU instruction set for the duration of the block (tests run every path)."""
+    global _isa_override
+    want = _parse_isa(name)
+    prev = _isa_override
+    _isa_override = want
+    try:
+        current_isa()  # fail here, not in the middle of a model
+        yield
+    finally:
+        _isa_override = prev
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _rows_f32(x2: torch.Tensor) -> torch.Tensor:
+    """float32 rows with unit element stride; a row stride > K is passed through as ldx."""
+    if x2.dtype != torch.float32:
+        x2 = x2.to(torch.float32)
+    if x2.stride(1) != 1 or x2.stride(0) < x2.shape[1] or x2.shape[0] <= 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _bias_f32(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if bias is None else bias.to(torch.float32).contiguous()
+
+
+def _raise(op: str, status: int, **shapes) -> None:
+    desc = ", ".join(f"{k}={v}" for k, v in shapes.items())
+    raise ValueError(f"{op}: native kernel rejected the call ({_STATUS.get(status, status)}): {desc}")
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _flat(x: torch.Tensor, n: int):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    return lead, x2
+
+
+def int8_weight_only_mm(x, w, w_scale, bias=None):
+    n, k = w.shape
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xf = _rows_f32(x2)
+        w = w.contiguous()
+        ws = w_scale.contiguous()
+        b = _bias_f32(bias)
+        st = module().int8_weight_only_mm(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(w), n, _ptr(ws), _ptr(b),
+            _ptr(out), _threads(),
+        )
+        if st:
+            _raise("int8_weight_only_mm", st, M=m, N=n, K=k, ldx=xf.stride(0))
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def quantize_rows_int8(x2: torch.Tensor):
+    """Native per-row int8 quantization of a 2-D float tensor (formats.quantize_rows_int8)."""
+    m, k = x2.shape
+    xq = torch.empty((m, k), dtype=torch.int8)
+    xs = torch.empty((m,), dtype=torch.float32)
+    if m:
+        xf = _rows_f32(x2)
+        st = module().quantize_rows_int8(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(xq), _ptr(xs), _threads()
+        )
+        if st:
+            _raise("quantize_rows_int8", st, M=m, K=k)
+    return xq, xs
+
+
+def int8_gemm_s32(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int32 xq @ w.T (exposed for tests of integer accumulation)."""
+    m, k = xq.shape
+    n = w.shape[0]
+    acc = torch.empty((m, n), dtype=torch.int32)
+    if m and n:
+        xq, w = xq.contiguous(), w.contiguous()
+        st = module().int8_gemm_s32(current_isa(), _ptr(xq), m, k, _ptr(w), n, _ptr(acc), _threads())
+        if st:
+            _raise("int8_gemm_s32", st, M=m, N=n, K=k)
+    return acc
+
+
+def int8_dynamic_mm(x, w, w_scale, bias=None):
+    n, k = w.shape
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xq, xs = quantize_rows_int8(x2)
+        w = w.contiguous()
+        ws = w_scale.contiguous()
+        b = _bias_f32(bias)
+        st = module().int8_dynamic_mm(
+            current_isa(), _ptr(xq), _ptr(xs), m, k, _ptr(w), n, _ptr(ws), _ptr(b), _ptr(out),
+            _threads(),
+        )
+        if st:
+            _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xf = _rows_f32(x2)
+        wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
+        b = _bias_f32(bias)
+        st = module().int4_weight_only_mm(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(wp), n, _ptr(sc), _ptr(zp),
+            group_size, _ptr(b), _ptr(out), _threads(),
+        )
+        if st:
+            _raise("int4_weight_only_mm", st, M=m, N=n, K=k, group_size=group_size)
+    return out.to(x.dtype).reshape(*lead, n)

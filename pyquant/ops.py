@@ -1,0 +1,242 @@
+"""The one dispatch table of pyquant.
+
+Every op is registered once as ``torch.ops.pyquant.<op>`` (a ``torch.library.custom_op`` with a
+fake function, so ``torch.compile(fullgraph=True)`` sees a single opaque node), validated once
+by ``_checks`` and then run by one backend:
+
+    backend     devices   needs
+    reference   any       nothing (pure PyTorch, the oracle)
+    cpu         cpu       the native module pyquant._C
+    triton      cuda      Triton and a CUDA device (kernels/)
+    cuda        cuda      the native module pyquant._C_cuda
+
+Only this module knows which backends exist. ``PYQUANT_BACKEND=<name>`` or
+``with pyquant.use_backend(<name>):`` forces one; asking for a backend that is missing or that
+does not implement an op on that device is an error, never a silent fallback. Without a forced
+backend, the first available one of ``AUTO_ORDER[device]`` that implements the op runs; when
+that is the reference on a device that should have a native backend, a warning says why, once.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import _checks, _native, reference
+
+OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: Optional[tuple]  # None: every device
+    probe: Callable[[], Optional[str]]  # None when usable, else the reason it is not
+    impls: dict = field(default_factory=dict)
+
+    def why_unavailable(self) -> Optional[str]:
+        return self.probe()
+
+
+def _probe_cpu() -> Optional[str]:
+    return None if _native.available() else f"native module not loaded ({_native.load_error()})"
+
+
+def _probe_triton() -> Optional[str]:
+    from . import _triton
+
+    return _triton.why_unavailable()
+
+
+def _probe_cuda() -> Optional[str]:
+    try:
+        from . import _C_cuda  # noqa: F401
+    except Exception as e:
+        return f"CUDA module not built or not loadable ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    return None
+
+
+_REGISTRY: dict[str, Backend] = {
+    "reference": Backend(
+        "reference",
+        None,
+        lambda: None,
+        {op: getattr(reference, op) for op in OPS},
+    ),
+    "cpu": Backend("cpu", ("cpu",), _probe_cpu, {op: getattr(_native, op) for op in OPS}),
+    # Triton kernels register here when importable (see _triton.py); CUDA kernels: not yet.
+    "triton": Backend("triton", ("cuda",), _probe_triton, {}),
+    "cuda": Backend("cuda", ("cuda",), _probe_cuda, {}),
+}
+
+_state = threading.local()
+_warned: set = set()
+
+
+def _forced() -> Optional[str]:
+    name = getattr(_state, "forced", None)
+    if name is None:
+        name = os.environ.get("PYQUANT_BACKEND", "").strip().lower() or None
+        if name is not None and name not in _REGISTRY:
+            raise ValueError(
+                f"PYQUANT_BACKEND={name!r} is not a pyquant backend; use one of {', '.join(BACKENDS)}"
+            )
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force one backend for every pyquant op inside the block (per thread)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    prev = getattr(_state, "forced", None)
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = prev
+
+
+def _supports(b: Backend, op: str, device: str) -> Optional[str]:
+    if b.devices is not None and device not in b.devices:
+        return f"runs on {'/'.join(b.devices)} tensors, not {device}"
+    why = b.why_unavailable()
+    if why:
+        return why
+    if op not in b.impls:
+        return f"does not implement {op}"
+    return None
+
+
+def select(op: str, device: torch.device | str) -> Backend:
+    """The backend that runs ``op`` on ``device`` now (forced or automatic)."""
+    dev = torch.device(device).type
+    forced = _forced()
+    if forced is not None:
+        b = _REGISTRY[forced]
+        why = _supports(b, op, dev)
+        if why:
+            raise RuntimeError(
+                f"backend {forced!r} was forced for {op} on {dev}, but it {why}; "
+                f"available here: {', '.join(available_backends(op, dev)) or 'none'}"
+            )
+        return b
+    reasons = []
+    for name in AUTO_ORDER.get(dev, ("reference",)):
+        b = _REGISTRY[name]
+        why = _supports(b, op, dev)
+        if why is None:
+            if name == "reference" and dev in AUTO_ORDER and (op, dev) not in _warned:
+                _warned.add((op, dev))
+                warnings.warn(
+                    f"pyquant: {op} on {dev} runs on the slow reference backend because "
+                    + "; ".join(reasons)
+                    + " (see `pyquant info`)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return b
+        reasons.append(f"{name}: {why}")
+    raise RuntimeError(f"no pyquant backend can run {op} on {dev}: " + "; ".join(reasons))
+
+
+def available_backends(op: str, device: str) -> list[str]:
+    return [n for n, b in _REGISTRY.items() if _supports(b, op, device) is None]
+
+
+def backend_table() -> dict:
+    """{device: {op: chosen backend or 'unavailable: reason'}} for `pyquant info`."""
+    table = {}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        row = {}
+        for op in OPS:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    row[op] = select(op, dev).name
+            except Exception as e:  # report, don't fail, in a diagnostic
+                row[op] = f"unavailable: {e}"
+        table[dev] = row
+    return table
+
+
+def backend_status() -> dict:
+    """{backend: None if usable else reason} for `pyquant info`."""
+    return {n: b.why_unavailable() for n, b in _REGISTRY.items()}
+
+
+def register_impl(backend: str, op: str, fn: Callable) -> None:
+    """Used by optional backends (Triton) to add their kernels to the table."""
+    _REGISTRY[backend].impls[op] = fn
+
+
+# ---------------------------------------------------------------- torch.ops.pyquant.*
+
+
+def _run(op: str, x: torch.Tensor, *args):
+    return select(op, x.device).impls[op](x, *args)
+
+
+def _out_like(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("pyquant::int8_weight_only_mm", mutates_args=())
+def int8_weight_only_mm(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """y = x @ (w * w_scale[:, None]).T + bias; w int8 [N, K], w_scale float32 [N]."""
+    _checks.check_int8_mm("int8_weight_only_mm", x, w, w_scale, bias)
+    return _run("int8_weight_only_mm", x, w, w_scale, bias)
+
+
+@int8_weight_only_mm.register_fake
+def _(x, w, w_scale, bias):
+    _checks.check_int8_mm("int8_weight_only_mm", x, w, w_scale, bias)
+    return _out_like(x, w.shape[0])
+
+
+@torch.library.custom_op("pyquant::int8_dynamic_mm", mutates_args=())
+def int8_dynamic_mm(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """W8A8: x quantized per row to int8 at run time, int32 x @ w.T, then
+    * x_scale[m] * w_scale[n] + bias[n]."""
+    _checks.check_int8_mm("int8_dynamic_mm", x, w, w_scale, bias)
+    return _run("int8_dynamic_mm", x, w, w_scale, bias)
+
+
+@int8_dynamic_mm.register_fake
+def _(x, w, w_scale, bias):
+    _checks.check_int8_mm("int8_dynamic_mm", x, w, w_scale, bias)
+    return _out_like(x, w.shape[0])
+
+
+@torch.library.custom_op("pyquant::int4_weight_only_mm", mutates_args=())
+def int4_weight_only_mm(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """y = x @ dequant(w_packed, scales, zeros).T + bias (format: formats.py)."""
+    _checks.check_int4_mm("int4_weight_only_mm", x, w_packed, scales, zeros, group_size, bias)
+    return _run("int4_weight_only_mm", x, w_packed, scales, zeros, group_size, bias)
+
+
+@int4_weight_only_mm.register_fake
+def _(x, w_packed, scales, zeros, group_size, bias):
+    _checks.check_int4_mm("int4_weight_only_mm", x, w_packed, scales, zeros, group_size, bias)
+    return _out_like(x, w_packed.shape[0])
