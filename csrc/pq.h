@@ -7,10 +7,19 @@
  * the checks here are a second line of defence so that nothing reachable from
  * Python can crash the process.
  *
+ * Checks, in order: the ISA (PQ_ERR_ISA), then the arguments (PQ_ERR_ARG:
+ * negative sizes, ldx < K, a null pointer to a buffer of > 0 elements, bad
+ * group size). Then M == 0 or N == 0 does nothing, and K == 0 writes bias (or
+ * 0) to float outputs, 0 to int32 outputs and scale 1 to quantization scales.
+ * n_threads <= 0 means 1.
+ *
  * Layouts (documented once, next to the pack functions in pyquant/formats.py):
  *   x        float32 [M, K], row stride ldx >= K (elements)
  *   out      float32 [M, N], contiguous
- *   int8 w   int8    [N, K], contiguous, symmetric per output channel
+ *   int8 w   int8    [N, K], contiguous, symmetric per output channel; values in
+ *                    [-127, 127] (the Python packers guarantee it; -128 gives a
+ *                    defined but possibly wrong result on the AVX2 path)
+ *   xq       int8    [M, K], contiguous, values in [-127, 127] (same caveat)
  *   int4 w   uint8   [N, K/2], byte j of row n holds code k=2j in bits 0..3
  *                    and k=2j+1 in bits 4..7; codes are unsigned 0..15
  *   scales   float32 [N, K/group_size]; zeros uint8 [N, K/group_size] in 0..15
@@ -40,6 +49,8 @@ typedef enum {
 int pq_cpu_best_isa(void);
 /* 1 if the ISA is compiled in and supported by this CPU. */
 int pq_isa_available(int isa);
+/* 1 if the ISA's kernels are compiled into this library (whatever the CPU). */
+int pq_isa_compiled(int isa);
 /* "portable", "avx2", "avx512_vnni"; "unknown" otherwise. */
 const char* pq_isa_name(int isa);
 
@@ -49,7 +60,8 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
                            const float* bias, float* out, int n_threads);
 
 /* Per-row symmetric int8 quantization:
- *   amax = max_k |x[m,k]|; s = amax / 127 (s = 1 when amax == 0);
+ *   amax = max_k |x[m,k]|; s = amax / 127 in float32, then s = 1 if s == 0
+ *   (amax == 0, or a subnormal amax whose quotient underflows);
  *   xq[m,k] = clamp(round_half_even(x[m,k] / s), -127, 127); x_scale[m] = s */
 int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                           int8_t* xq, float* x_scale, int n_threads);
@@ -66,7 +78,9 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
                        float* out, int n_threads);
 
 /* out[m,n] = sum_k x[m,k] * scales[n,k/G] * (code[n,k] - zeros[n,k/G]) + bias[n]
- * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). */
+ * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). Each weight is
+ * dequantized to float32 as (float)(code - zero) * scale and x * w accumulated
+ * in float32 (no per-group partial sums). */
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t* w_packed, int64_t N, const float* scales,
                            const uint8_t* zeros, int64_t group_size, const float* bias,

@@ -1,6 +1,8 @@
 """Loads the native CPU module (pyquant._C), picks the instruction set, and turns checked
-tensors into raw pointers. Shapes and dtypes were checked by ``_checks`` before we get here;
-this module makes the memory layout what the C API wants (float32 rows with unit stride,
+tensors into raw pointers. Every public function runs the ``_checks`` of its op (again, when
+called through torch.ops.pyquant: microseconds) because it is reachable directly, and a
+wrong shape here would be an out-of-bounds read in C; this module then makes the memory
+layout what the C API wants (float32 rows with unit stride,
 contiguous weights), allocates every output with torch, and turns a non-zero status into a
 Python error that names the shapes."""
 from __future__ import annotations
@@ -11,6 +13,8 @@ import threading
 from typing import Optional
 
 import torch
+
+from . import _checks
 
 ISA_NAMES = ("portable", "avx2", "avx512_vnni")
 _ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "vnni": 2}
@@ -130,17 +134,34 @@ def _raise(op: str, status: int, **shapes) -> None:
     raise ValueError(f"{op}: native kernel rejected the call ({_STATUS.get(status, status)}): {desc}")
 
 
+def _require_cpu(op: str, x: torch.Tensor) -> None:
+    # _checks put every tensor on x's device; the C kernels read host memory only.
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: the native CPU backend needs CPU tensors, got x on {x.device}")
+
+
+def _require_2d(op: str, name: str, t, what: str, ok) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not ok(t):
+        raise TypeError(f"{op}: {name} must be {what}, got dtype {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+
+
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
 def _flat(x: torch.Tensor, n: int):
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])
     return lead, x2
 
 
 def int8_weight_only_mm(x, w, w_scale, bias=None):
+    _checks.check_int8_mm("int8_weight_only_mm", x, w, w_scale, bias)
+    _require_cpu("int8_weight_only_mm", x)
     n, k = w.shape
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
@@ -161,6 +182,8 @@ def int8_weight_only_mm(x, w, w_scale, bias=None):
 
 def quantize_rows_int8(x2: torch.Tensor):
     """Native per-row int8 quantization of a 2-D float tensor (formats.quantize_rows_int8)."""
+    _require_2d("quantize_rows_int8", "x", x2, "a float tensor", lambda t: t.is_floating_point())
+    _require_cpu("quantize_rows_int8", x2)
     m, k = x2.shape
     xq = torch.empty((m, k), dtype=torch.int8)
     xs = torch.empty((m,), dtype=torch.float32)
@@ -176,6 +199,15 @@ def quantize_rows_int8(x2: torch.Tensor):
 
 def int8_gemm_s32(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int32 xq @ w.T (exposed for tests of integer accumulation)."""
+    int8 = lambda t: t.dtype == torch.int8  # noqa: E731
+    _require_2d("int8_gemm_s32", "xq", xq, "int8", int8)
+    _require_2d("int8_gemm_s32", "w", w, "int8", int8)
+    if xq.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"int8_gemm_s32: xq has shape {tuple(xq.shape)} but w has shape {tuple(w.shape)}; "
+            f"both need K={w.shape[1]} columns")
+    _checks.check_same_device("int8_gemm_s32", xq, w=w)
+    _require_cpu("int8_gemm_s32", xq)
     m, k = xq.shape
     n = w.shape[0]
     acc = torch.empty((m, n), dtype=torch.int32)
@@ -188,6 +220,8 @@ def int8_gemm_s32(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def int8_dynamic_mm(x, w, w_scale, bias=None):
+    _checks.check_int8_mm("int8_dynamic_mm", x, w, w_scale, bias)
+    _require_cpu("int8_dynamic_mm", x)
     n, k = w.shape
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
@@ -207,6 +241,8 @@ def int8_dynamic_mm(x, w, w_scale, bias=None):
 
 
 def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    _checks.check_int4_mm("int4_weight_only_mm", x, w_packed, scales, zeros, group_size, bias)
+    _require_cpu("int4_weight_only_mm", x)
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     lead, x2 = _flat(x, n)
     m = x2.shape[0]

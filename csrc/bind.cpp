@@ -1,0 +1,98 @@
+// pyquant._C: a thin pybind11 layer over the C API in pq.h.
+//
+// Buffers arrive as integer addresses (tensor.data_ptr(), 0 for None) so the
+// module needs no libtorch; pyquant/_native.py owns the shape/dtype checks.
+// Every kernel releases the GIL: they can run for milliseconds and use their
+// own OpenMP threads, and other Python threads may keep working meanwhile.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "pq.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+using gil_release = py::call_guard<py::gil_scoped_release>;
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyquant native CPU kernels (see csrc/pq.h for the exact semantics)";
+  m.attr("__version__") = PYQUANT_VERSION;
+  m.attr("ISA_PORTABLE") = static_cast<int>(PQ_ISA_PORTABLE);
+  m.attr("ISA_AVX2") = static_cast<int>(PQ_ISA_AVX2);
+  m.attr("ISA_AVX512_VNNI") = static_cast<int>(PQ_ISA_AVX512_VNNI);
+
+  m.def("best_isa", &pq_cpu_best_isa, "Highest ISA compiled in and supported by this CPU.");
+  m.def("isa_available", &pq_isa_available, py::arg("isa"));
+  m.def("isa_name", [](int isa) { return std::string(pq_isa_name(isa)); }, py::arg("isa"));
+  m.def("compiled_isas", [] {
+    std::vector<std::string> names;
+    for (int isa = PQ_ISA_PORTABLE; isa <= PQ_ISA_AVX512_VNNI; ++isa)
+      if (pq_isa_compiled(isa)) names.emplace_back(pq_isa_name(isa));
+    return names;
+  }, "Names of the ISAs compiled into this build (whether or not this CPU has them).");
+
+  m.def("int8_weight_only_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t N,
+           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads) {
+          return pq_int8_weight_only_mm(isa, ptr<const float>(x), M, K, ldx, ptr<const int8_t>(w), N,
+                                        ptr<const float>(w_scale), ptr<const float>(bias),
+                                        ptr<float>(out), n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"),
+        py::arg("N"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
+        gil_release());
+
+  m.def("quantize_rows_int8",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t xq, uintptr_t x_scale,
+           int n_threads) {
+          return pq_quantize_rows_int8(isa, ptr<const float>(x), M, K, ldx, ptr<int8_t>(xq),
+                                       ptr<float>(x_scale), n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("xq"),
+        py::arg("x_scale"), py::arg("n_threads"), gil_release());
+
+  m.def("int8_gemm_s32",
+        [](int isa, uintptr_t xq, int64_t M, int64_t K, uintptr_t w, int64_t N, uintptr_t acc,
+           int n_threads) {
+          return pq_int8_gemm_s32(isa, ptr<const int8_t>(xq), M, K, ptr<const int8_t>(w), N,
+                                  ptr<int32_t>(acc), n_threads);
+        },
+        py::arg("isa"), py::arg("xq"), py::arg("M"), py::arg("K"), py::arg("w"), py::arg("N"),
+        py::arg("acc"), py::arg("n_threads"), gil_release());
+
+  m.def("int8_dynamic_mm",
+        [](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w, int64_t N,
+           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads) {
+          return pq_int8_dynamic_mm(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M, K,
+                                    ptr<const int8_t>(w), N, ptr<const float>(w_scale),
+                                    ptr<const float>(bias), ptr<float>(out), n_threads);
+        },
+        py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"), py::arg("w"),
+        py::arg("N"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
+        gil_release());
+
+  m.def("int4_weight_only_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w_packed, int64_t N,
+           uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,
+           int n_threads) {
+          return pq_int4_weight_only_mm(isa, ptr<const float>(x), M, K, ldx,
+                                        ptr<const uint8_t>(w_packed), N, ptr<const float>(scales),
+                                        ptr<const uint8_t>(zeros), group_size,
+                                        ptr<const float>(bias), ptr<float>(out), n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("w_packed"), py::arg("N"), py::arg("scales"), py::arg("zeros"),
+        py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
+        gil_release());
+}

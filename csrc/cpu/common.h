@@ -1,0 +1,103 @@
+/* Shared by every ISA build of kernels.cpp: which SIMD path this build uses,
+ * the register-tile shape, and the thread partitioning of the output.
+ *
+ * Everything here lives in PQ_NS inside an anonymous namespace. That matters:
+ * the same inline code is compiled three times with different -m flags, and a
+ * symbol shared between the builds (a COMDAT inline function or template)
+ * would let the linker keep the AVX512 copy and call it from the portable
+ * path. For the same reason this file and the kernels avoid C++ standard
+ * library templates.
+ */
+#ifndef PQ_CPU_COMMON_H
+#define PQ_CPU_COMMON_H
+#include <stdint.h>
+
+#ifndef PQ_NS
+#error "PQ_NS must name the namespace of this ISA build (set by CMake)"
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define PQ_SIMD_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PQ_SIMD_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace PQ_NS {
+namespace {
+
+/* A micro-tile is kTileN weight rows x kTileM activation rows: every weight
+ * vector loaded is used kTileM times and every x vector kTileN times, with all
+ * kTileN * kTileM accumulators held in registers. */
+constexpr int kTileN = 4;
+#if defined(PQ_SIMD_AVX512)
+constexpr int kTileM = 4; /* 32 zmm: 16 accumulators + 4 x + weights */
+#else
+constexpr int kTileM = 2; /* 16 ymm/xmm: 8 accumulators + x + weights */
+#endif
+/* Activation rows per task when M is large: a 64-row x block (256 KiB of fp32
+ * at K = 1024) stays in L2 while the task's weight rows are swept over it. */
+constexpr int64_t kBlockM = 64;
+/* At most this many weight rows per task (64 x K bytes of int8 weights). */
+constexpr int64_t kMaxBlockN = 64;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <int V>
+struct Int {
+  static constexpr int value = V;
+};
+
+/* Calls f(Int<R>{}, Int<T>{}) with R == nr and T == mt, so the tile loops see
+ * compile-time bounds and the compiler keeps the accumulators in registers. */
+template <int R, int T, class F>
+inline void dispatch_t(int mt, F& f) {
+  if constexpr (T > 1) {
+    if (mt < T) return dispatch_t<R, T - 1>(mt, f);
+  }
+  f(Int<R>{}, Int<T>{});
+}
+template <int R, class F>
+inline void dispatch_tile(int nr, int mt, F&& f) {
+  if constexpr (R > 1) {
+    if (nr < R) return dispatch_tile<R - 1>(nr, mt, f);
+  }
+  dispatch_t<R, kTileM>(mt, f);
+}
+
+/* Runs tile(n, nr, m, mt, first, scratch) over the M x N output in micro-tiles.
+ *
+ * Tasks are blocks of whole weight rows, so each thread streams its own
+ * slices of the weight matrix (the dominant memory traffic for small M) once
+ * per M block; M is blocked only when large. There are at least about four
+ * blocks per thread (of at most kMaxBlockN rows), handed out dynamically: a
+ * thread that loses its core to another process does not hold the others up,
+ * they take over its blocks. `first` is true for the first micro-tile of a
+ * weight-row tile within a task, and `scratch` (kTileN int32) persists across
+ * that row tile's activation tiles: kernels cache per-weight-row values there. */
+template <class F>
+void for_each_tile(int64_t M, int64_t N, int n_threads, F&& tile) {
+  int64_t nb = ceil_div(ceil_div(N, (int64_t)n_threads * 4), kTileN) * kTileN;
+  nb = nb > kMaxBlockN ? kMaxBlockN : nb;
+  const int64_t mb = min64(M, kBlockM);
+  const int64_t n_mblk = ceil_div(M, mb);
+  const int64_t tasks = ceil_div(N, nb) * n_mblk;
+  const int threads = tasks < n_threads ? (int)tasks : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (threads > 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t n0 = task / n_mblk * nb, m0 = task % n_mblk * mb;
+    const int64_t n1 = min64(n0 + nb, N), m1 = min64(m0 + mb, M);
+    for (int64_t n = n0; n < n1; n += kTileN) {
+      int32_t scratch[kTileN];
+      for (int64_t m = m0; m < m1; m += kTileM)
+        tile(n, (int)min64(kTileN, n1 - n), m, (int)min64(kTileM, m1 - m), m == m0, scratch);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_COMMON_H */

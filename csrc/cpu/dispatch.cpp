@@ -1,0 +1,168 @@
+/* The C API of pq.h: argument checks, ISA selection, and the call into the
+ * kernel table of the chosen ISA build. Compiled with baseline flags only, so
+ * it runs on any x86-64 (or other) CPU and decides which builds may run. */
+#include "../pq.h"
+#include "kernels.h"
+
+namespace {
+
+bool cpu_has(int isa) {
+  if (isa == PQ_ISA_PORTABLE) return true;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  /* libgcc's checks include the OS (XGETBV) enabling the AVX / AVX512 register state. */
+  if (isa == PQ_ISA_AVX2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  if (isa == PQ_ISA_AVX512_VNNI)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni");
+#endif
+  return false;
+}
+
+const pq::KernelTable* compiled_table(int isa) {
+  switch (isa) {
+    case PQ_ISA_PORTABLE: return &pq_portable::kKernels;
+#ifdef PQ_HAVE_AVX2
+    case PQ_ISA_AVX2: return &pq_avx2::kKernels;
+#endif
+#ifdef PQ_HAVE_AVX512
+    case PQ_ISA_AVX512_VNNI: return &pq_avx512::kKernels;
+#endif
+    default: return nullptr;
+  }
+}
+
+/* The table for isa, or null when it is not compiled in or the CPU lacks it. */
+const pq::KernelTable* table(int isa) {
+  const pq::KernelTable* t = compiled_table(isa);
+  return t && cpu_has(isa) ? t : nullptr;
+}
+
+int threads(int n) { return n > 0 ? n : 1; }
+
+/* A buffer of `count` elements must be non-null when count > 0. */
+bool missing(const void* p, int64_t count) { return count > 0 && p == nullptr; }
+
+/* Products of sizes must fit in int64 (Python ints are unbounded). */
+bool too_big(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_mul_overflow(a, b, &r);
+}
+
+/* Checks shared by the fp32-activation kernels: x is [M, K] with row stride ldx. */
+bool bad_x(const float* x, int64_t M, int64_t K, int64_t ldx) {
+  return M < 0 || K < 0 || ldx < K || too_big(M, ldx) || missing(x, M * K);
+}
+
+void fill_bias(float* out, int64_t M, int64_t N, const float* bias) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) out[m * N + n] = bias ? bias[n] : 0.0f;
+}
+
+}  // namespace
+
+extern "C" {
+
+int pq_isa_available(int isa) { return table(isa) != nullptr; }
+
+int pq_isa_compiled(int isa) { return compiled_table(isa) != nullptr; }
+
+int pq_cpu_best_isa(void) {
+  for (int isa = PQ_ISA_AVX512_VNNI; isa > PQ_ISA_PORTABLE; --isa)
+    if (pq_isa_available(isa)) return isa;
+  return PQ_ISA_PORTABLE;
+}
+
+const char* pq_isa_name(int isa) {
+  switch (isa) {
+    case PQ_ISA_PORTABLE: return "portable";
+    case PQ_ISA_AVX2: return "avx2";
+    case PQ_ISA_AVX512_VNNI: return "avx512_vnni";
+    default: return "unknown";
+  }
+}
+
+int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                           const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                           float* out, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (bad_x(x, M, K, ldx) || N < 0 || too_big(N, K) || too_big(M, N) || missing(w, N * K) ||
+      missing(w_scale, N) || missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  t->int8_weight_only_mm(x, M, K, ldx, w, N, w_scale, bias, out, threads(n_threads));
+  return PQ_OK;
+}
+
+int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                          int8_t* xq, float* x_scale, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (bad_x(x, M, K, ldx) || too_big(M, K) || missing(xq, M * K) || missing(x_scale, M))
+    return PQ_ERR_ARG;
+  if (M == 0) return PQ_OK;
+  if (K == 0) { /* amax of an empty row is 0, hence s = 0 -> 1 */
+    for (int64_t m = 0; m < M; ++m) x_scale[m] = 1.0f;
+    return PQ_OK;
+  }
+  t->quantize_rows_int8(x, M, K, ldx, xq, x_scale, threads(n_threads));
+  return PQ_OK;
+}
+
+int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                     int32_t* acc, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (M < 0 || K < 0 || N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N) ||
+      missing(xq, M * K) || missing(w, N * K) || missing(acc, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) {
+    for (int64_t i = 0; i < M * N; ++i) acc[i] = 0;
+    return PQ_OK;
+  }
+  t->int8_gemm_s32(xq, M, K, w, N, acc, threads(n_threads));
+  return PQ_OK;
+}
+
+int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                       const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                       float* out, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (M < 0 || K < 0 || N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N) ||
+      missing(xq, M * K) || missing(x_scale, M) || missing(w, N * K) || missing(w_scale, N) ||
+      missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  t->int8_dynamic_mm(xq, x_scale, M, K, w, N, w_scale, bias, out, threads(n_threads));
+  return PQ_OK;
+}
+
+int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                           const uint8_t* w_packed, int64_t N, const float* scales,
+                           const uint8_t* zeros, int64_t group_size, const float* bias,
+                           float* out, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (group_size <= 0 || group_size % 2 != 0 || bad_x(x, M, K, ldx) || K % group_size != 0 ||
+      N < 0 || too_big(N, K) || too_big(M, N))
+    return PQ_ERR_ARG;
+  const int64_t groups = N * (K / group_size);
+  if (missing(w_packed, N * K / 2) || missing(scales, groups) || missing(zeros, groups) ||
+      missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  t->int4_weight_only_mm(x, M, K, ldx, w_packed, N, scales, zeros, group_size, bias, out,
+                         threads(n_threads));
+  return PQ_OK;
+}
+
+}  // extern "C"

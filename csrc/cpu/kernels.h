@@ -1,0 +1,39 @@
+/* Internal interface between dispatch.cpp and the per-ISA kernel builds.
+ *
+ * kernels.cpp is compiled once per ISA with different -m flags and with PQ_NS
+ * naming a distinct namespace, so each build exports one table of kernels.
+ * Callers (dispatch.cpp) have already validated every argument: sizes are
+ * >= 1 (M, N, K), pointers are non-null where needed, ldx >= K, the int4
+ * group size is even and divides K, and n_threads >= 1.
+ */
+#ifndef PQ_CPU_KERNELS_H
+#define PQ_CPU_KERNELS_H
+#include <stdint.h>
+
+namespace pq {
+
+struct KernelTable {
+  void (*int8_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                              const int8_t* w, int64_t N, const float* w_scale,
+                              const float* bias, float* out, int n_threads);
+  void (*quantize_rows_int8)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq,
+                             float* x_scale, int n_threads);
+  void (*int8_gemm_s32)(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                        int32_t* acc, int n_threads);
+  void (*int8_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                          const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                          float* out, int n_threads);
+  void (*int4_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                              const uint8_t* w_packed, int64_t N, const float* scales,
+                              const uint8_t* zeros, int64_t group_size, const float* bias,
+                              float* out, int n_threads);
+};
+
+}  // namespace pq
+
+/* One table per ISA build; CMake defines PQ_HAVE_<ISA> for the builds it compiled. */
+namespace pq_portable { extern const pq::KernelTable kKernels; }
+namespace pq_avx2 { extern const pq::KernelTable kKernels; }
+namespace pq_avx512 { extern const pq::KernelTable kKernels; }
+
+#endif /* PQ_CPU_KERNELS_H */

@@ -1,0 +1,226 @@
+/* int8 micro-kernels: fp32 x int8 dot products, exact int8 x int8 dot
+ * products, and per-row int8 quantization. Each has an AVX512, an AVX2 and a
+ * portable body selected by the flags of the current build (see common.h). */
+#ifndef PQ_CPU_TILE_INT8_H
+#define PQ_CPU_TILE_INT8_H
+#include <math.h>
+#include "common.h"
+
+namespace PQ_NS {
+namespace {
+
+/* dot[r][t] = sum_k x[t*ldx + k] * w[r*K + k] in fp32. */
+template <int R, int T>
+inline void dot_f32_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, float dot[R][T]) {
+#if defined(PQ_SIMD_AVX512)
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  /* Inlined twice: full 16-wide steps, then one masked step for the K tail
+   * (masked loads never touch memory past the row). */
+  auto step = [&](int64_t k, bool full, __mmask16 m) {
+    __m512 xv[T];
+    for (int t = 0; t < T; ++t)
+      xv[t] = full ? _mm512_loadu_ps(x + t * ldx + k) : _mm512_maskz_loadu_ps(m, x + t * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* p = w + r * K + k;
+      const __m128i b = full ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8(m, p);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv[t], wv, acc[r][t]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) step(k, true, 0xFFFF);
+  if (k < K) step(k, false, (__mmask16)((1u << (K - k)) - 1));
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) dot[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+#elif defined(PQ_SIMD_AVX2)
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const __m128i b = _mm_loadl_epi64((const __m128i*)(w + r * K + k));
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(xv[t], wv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      float s = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+      for (int64_t j = k; j < K; ++j) s += x[t * ldx + j] * (float)w[r * K + j];
+      dot[r][t] = s;
+    }
+#else
+  /* Four independent partial sums per output let the compiler use SSE lanes
+   * without reassociating a single serial sum. */
+  float acc[R][T][4] = {};
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4)
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        for (int j = 0; j < 4; ++j) acc[r][t][j] += x[t * ldx + k + j] * (float)w[r * K + k + j];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float s = (acc[r][t][0] + acc[r][t][1]) + (acc[r][t][2] + acc[r][t][3]);
+      for (int64_t j = k; j < K; ++j) s += x[t * ldx + j] * (float)w[r * K + j];
+      dot[r][t] = s;
+    }
+#endif
+}
+
+/* dot[r][t] = sum_k x[t*K + k] * w[r*K + k], exact in int32 (wrapping mod 2^32
+ * only if the true sum does not fit).
+ *
+ * AVX512-VNNI: vpdpbusd multiplies unsigned by signed bytes, so x is biased to
+ * u8 (x ^ 0x80 == x + 128) and 128 * sum_k w[r,k] is subtracted. That row sum
+ * is computed (with a second vpdpbusd against ones) only when kWithSum is set,
+ * i.e. for the first activation tile of a weight-row tile; later tiles reuse
+ * wsum. Exact for every int8 input, -128 included.
+ *
+ * AVX2: vpmaddubsw (u8 x s8 -> saturating int16 pair sums) on |x| and
+ * w * sign(x). With x, w in [-127, 127] a pair sum is at most 2 * 127 * 127 and
+ * never saturates; w == -128 gives a wrong but defined result. vpmaddwd with
+ * ones then widens the pairs to int32. */
+template <int R, int T, bool kWithSum>
+inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R][T],
+                      int32_t wsum[R]) {
+#if defined(PQ_SIMD_AVX512)
+  __m512i acc[R][T], sacc[R];
+  for (int r = 0; r < R; ++r) {
+    sacc[r] = _mm512_setzero_si512();
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  }
+  const __m512i bias = _mm512_set1_epi8((char)0x80), ones = _mm512_set1_epi8(1);
+  /* In the masked tail step w is zero-filled, which zeroes those products
+   * whatever the biased x lanes hold. */
+  auto step = [&](int64_t k, bool full, __mmask64 m) {
+    __m512i xu[T];
+    for (int t = 0; t < T; ++t) {
+      const int8_t* p = x + t * K + k;
+      xu[t] = _mm512_xor_si512(full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(m, p), bias);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* p = w + r * K + k;
+      const __m512i wv = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(m, p);
+      if (kWithSum) sacc[r] = _mm512_dpbusd_epi32(sacc[r], ones, wv);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xu[t], wv);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) step(k, true, ~0ULL);
+  if (k < K) step(k, false, (1ULL << (K - k)) - 1);
+  for (int r = 0; r < R; ++r) {
+    if (kWithSum) wsum[r] = _mm512_reduce_add_epi32(sacc[r]);
+    for (int t = 0; t < T; ++t)  // unsigned arithmetic: wraps instead of overflowing
+      dot[r][t] = (int32_t)((uint32_t)_mm512_reduce_add_epi32(acc[r][t]) - 128u * (uint32_t)wsum[r]);
+  }
+#elif defined(PQ_SIMD_AVX2)
+  (void)wsum;
+  __m256i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i xv[T], xa[T];
+    for (int t = 0; t < T; ++t) {
+      xv[t] = _mm256_loadu_si256((const __m256i*)(x + t * K + k));
+      xa[t] = _mm256_abs_epi8(xv[t]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
+      for (int t = 0; t < T; ++t) {
+        const __m256i p = _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(wv, xv[t]));
+        acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(p, ones16));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[r][t]), _mm256_extracti128_si256(acc[r][t], 1));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+      uint32_t s = (uint32_t)_mm_cvtsi128_si32(h);
+      for (int64_t j = k; j < K; ++j) s += (uint32_t)((int32_t)x[t * K + j] * w[r * K + j]);
+      dot[r][t] = (int32_t)s;
+    }
+#else
+  (void)wsum;
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      uint32_t s = 0; /* unsigned: wraps instead of overflowing */
+      for (int64_t j = 0; j < K; ++j) s += (uint32_t)((int32_t)x[t * K + j] * w[r * K + j]);
+      dot[r][t] = (int32_t)s;
+    }
+#endif
+}
+
+/* Per-row symmetric quantization (see pq.h). The division is a true IEEE
+ * division, not a multiply by 1/s, and rounding is to nearest-even (the MXCSR
+ * default for cvtps2dq, nearbyint in the default mode), so results match
+ * torch.round(x / s) bit for bit. */
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+  int64_t k = 0;
+  float amax = 0.0f;
+#if defined(PQ_SIMD_AVX512)
+  __m512 mx = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
+  if (k < K) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, x + k)));
+  amax = _mm512_reduce_max_ps(mx);
+  k = K;
+#elif defined(PQ_SIMD_AVX2)
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 mx = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(absmask, _mm256_loadu_ps(x + k)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+  for (; k < K; ++k) amax = fmaxf(amax, fabsf(x[k]));
+  /* s == 0 covers amax == 0 and a subnormal amax whose amax / 127 underflows;
+   * either way s = 1 avoids dividing by zero (and matches pyquant.formats). */
+  float s = amax / 127.0f;
+  if (s == 0.0f) s = 1.0f;
+  *scale = s;
+
+  k = 0;
+#if defined(PQ_SIMD_AVX512)
+  const __m512 sv = _mm512_set1_ps(s);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (; k + 16 <= K; k += 16) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + k), sv));
+    _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(v, hi), lo)));
+  }
+  if (k < K) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(tail, x + k), sv));
+    _mm512_mask_cvtepi32_storeu_epi8(q + k, tail, _mm512_max_epi32(_mm512_min_epi32(v, hi), lo));
+    k = K;
+  }
+#elif defined(PQ_SIMD_AVX2)
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (; k + 8 <= K; k += 8) {
+    __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k), sv));
+    v = _mm256_max_epi32(_mm256_min_epi32(v, hi), lo);
+    const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(p16, p16));
+  }
+#endif
+  for (; k < K; ++k) {
+    /* fmaxf/fminf return the non-NaN operand, so NaN clamps to -127 instead of
+     * reaching an undefined float -> int conversion. */
+    const float v = fminf(fmaxf(nearbyintf(x[k] / s), -127.0f), 127.0f);
+    q[k] = (int8_t)(int)v;
+  }
+}
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_TILE_INT8_H */
