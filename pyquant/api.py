@@ -69,7 +69,9 @@ def quantize_(
     layer_cls = config.layer_cls
     report = SwapReport(config)
     targets = []
-    for fqn, m in model.named_modules():
+    # remove_duplicate=False: a Linear shared by two parents must be swapped in both places
+    # (with one quantized layer), or the model would stay half float.
+    for fqn, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, nn.Linear):
             continue
         if filter_fn is not None and not filter_fn(m, fqn):
@@ -80,11 +82,14 @@ def quantize_(
             report.skipped.append((fqn, why))
             continue
         targets.append((fqn, m))
+    done: dict[int, nn.Module] = {}
     with torch.no_grad():
         for fqn, m in progress(targets, desc=f"quantize {config.scheme}"):
-            new = layer_cls.from_float(m, config)
-            report.bytes_before += _tensor_bytes(m)
-            report.bytes_after += _tensor_bytes(new)
+            new = done.get(id(m))
+            if new is None:
+                new = done[id(m)] = layer_cls.from_float(m, config)
+                report.bytes_before += _tensor_bytes(m)
+                report.bytes_after += _tensor_bytes(new)
             _set_child(model, fqn, new)
             report.swapped.append(fqn)
     return report

@@ -90,8 +90,10 @@ def quantize_int4_groupwise(
         zeros = torch.full_like(scales, 8.0)
         codes = torch.round(g / scales[..., None]).clamp_(-8, 7) + 8
     else:
-        wmin = g.amin(dim=2)
-        wmax = g.amax(dim=2)
+        # The zero point is an integer code, so the range must contain 0 for 0 to sit on a
+        # code; a group in [10, 11] would otherwise be clamped to zero=0 and lose its offset.
+        wmin = g.amin(dim=2).clamp(max=0)
+        wmax = g.amax(dim=2).clamp(min=0)
         scales = (wmax - wmin) / (INT4_CODES - 1)
         scales = torch.where(scales == 0, torch.ones_like(scales), scales)
         zeros = torch.round(-wmin / scales).clamp_(0, INT4_CODES - 1)

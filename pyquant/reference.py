@@ -25,7 +25,7 @@ def int8_weight_only_mm(x, w_q, w_scale, bias=None):
 
 def int8_dynamic_mm(x, w_q, w_scale, bias=None):
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])
     xq, xs = formats.quantize_rows_int8(x2)
     # float64 holds every int32 partial sum exactly (|sum| < 2^53 for K < 5e11).
     acc = (xq.to(torch.float64) @ w_q.to(torch.float64).T).to(torch.float32)
