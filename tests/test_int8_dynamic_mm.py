@@ -1,0 +1,260 @@
+"""torch.ops.pyquant.int8_dynamic_mm (W8A8) on every CPU backend and ISA against
+pyquant.reference.int8_dynamic_mm, and its two integer stages bit-exactly on every ISA:
+per-row activation quantization (== formats.quantize_rows_int8) and int32 accumulation
+(== int64 matmul)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import (
+    ACT_DTYPES,
+    LAYOUTS,
+    activation,
+    backend_isa_params,
+    check_op,
+    gen,
+    int8_bad_cases,
+    isa_params,
+    make_bias,
+    num_threads,
+    random_int8_weight,
+)
+from pyquant import _native, formats
+
+OP = "int8_dynamic_mm"
+BACKENDS = backend_isa_params()
+ISAS = isa_params()
+SHAPES = [(13, 100), (33, 257), (64, 128)]  # (N, K); 13/33/100/257 are no multiple of 8
+MS = [0, 1, 3, 17, 64]
+
+
+# ------------------------------------------------------------------ the op vs the reference
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_shapes(backend, isa, m, n, k):
+    x = activation((m, k), seed=m + k)
+    check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "x", x.dtype))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [None, "x", "fp32"])
+def test_dtypes_and_bias(backend, isa, dtype, bias):
+    n, k = 33, 257
+    x = activation((17, k), dtype)
+    out = check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, bias, dtype))
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_3d(backend, isa, dtype):
+    n, k = 33, 100
+    x = activation((2, 5, k), dtype)
+    out = check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, "x", dtype))
+    assert out.shape == (2, 5, n)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "contiguous"])
+def test_strided_activations(backend, isa, layout, dtype):
+    n, k = 33, 257
+    x = activation((17, k), dtype, layout=layout)
+    check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, "fp32", dtype),
+             msg=f"x strides {x.stride()}")
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_strided_weights(backend, isa):
+    n, k = 33, 100
+    q, s = random_int8_weight(n, k)
+    w_t = q.t().contiguous().t()
+    s_strided = torch.stack((s, s), 1)[:, 0]
+    assert not (w_t.is_contiguous() or s_strided.is_contiguous())
+    check_op(OP, backend, isa, activation((17, k)), (w_t, s_strided), None)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads(backend, isa, threads):
+    n, k = 130, 1000
+    x = activation((64, k), seed=3)
+    with num_threads(threads):
+        check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=3), make_bias(n, "x", x.dtype))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_special_rows(backend, isa):
+    """All-zero rows (scale 1, output = bias), a row of +-max codes, tiny and huge rows."""
+    n, k = 13, 100
+    x = activation((6, k))
+    x[0] = 0
+    x[1] = torch.where(torch.arange(k) % 2 == 0, 3.0, -3.0)
+    x[2] *= 1e-30
+    x[3] *= 1e30
+    b = make_bias(n, "x", torch.float32)
+    out = check_op(OP, backend, isa, x, random_int8_weight(n, k), b)
+    assert torch.equal(out[0], b)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_empty_n(backend, isa):
+    check_op(OP, backend, isa, activation((3, 8)), random_int8_weight(0, 8), None)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_k_zero(backend, isa):
+    """K = 0 (nn.Linear(0, n) is legal): the empty sum, so the output is the bias."""
+    b = make_bias(5, "x", torch.float32)
+    out = check_op(OP, backend, isa, activation((3, 0)), random_int8_weight(5, 0), b)
+    assert torch.equal(out, b.expand(3, 5))
+
+
+
+@pytest.mark.parametrize(
+    "shape,bias",
+    [((0, 100), None), ((1, 100), None), ((17, 100), "x"), ((2, 3, 100), "fp32")],
+    ids=["M0-nobias", "M1-nobias", "M17-bias", "3d-fp32bias"],
+)
+def test_opcheck(no_backend_env, shape, bias):
+    q, s = random_int8_weight(13, 100)
+    x = activation(shape)
+    torch.library.opcheck(torch.ops.pyquant.int8_dynamic_mm.default,
+                          (x, q, s, make_bias(13, bias, x.dtype)))
+
+
+@pytest.mark.parametrize("case", int8_bad_cases(), ids=lambda c: c[0])
+def test_bad_inputs(case):
+    _, x, w, s, b, exc, match = case
+    with pytest.raises(exc, match=match):
+        torch.ops.pyquant.int8_dynamic_mm(x, w, s, b)
+
+
+# ------------------------------------------------------ integer stages, bit-exact per ISA
+
+
+def _exact_gemm(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (xq.to(torch.int64) @ w.to(torch.int64).T).to(torch.int32)
+
+
+@pytest.mark.parametrize("backend,isa", ISAS)
+@pytest.mark.parametrize(
+    "m,n,k",
+    [(1, 1, 1), (3, 13, 100), (17, 33, 257), (64, 64, 128), (5, 7, 4099), (0, 5, 8),
+     (3, 0, 8), (3, 5, 0), (33, 17, 64)],
+)
+def test_int8_gemm_s32_exact(backend, isa, m, n, k):
+    g = gen(m * 1000 + n * 10 + k)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    with _native.use_isa(isa):
+        acc = _native.int8_gemm_s32(xq, w)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc, _exact_gemm(xq, w))
+
+
+@pytest.mark.parametrize("backend,isa", ISAS)
+@pytest.mark.parametrize("pattern", ["max_pos", "max_neg", "alternating", "x_neg_w_pos"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_gemm_s32_extremes(backend, isa, pattern, threads):
+    """|code| = 127 everywhere: the largest sums (127*127*4099 ~ 6.6e7) and the pairs that
+    saturate int16 in u8 x s8 multiply-add units (AVX2 vpmaddubsw) if a kernel is careless."""
+    m, n, k = 9, 19, 4099
+    ones_x = torch.ones(m, k, dtype=torch.int8)
+    ones_w = torch.ones(n, k, dtype=torch.int8)
+    sign = torch.where(torch.arange(k) % 2 == 0, 1, -1).to(torch.int8)
+    xq, w = {
+        "max_pos": (127 * ones_x, 127 * ones_w),
+        "max_neg": (-127 * ones_x, -127 * ones_w),
+        "alternating": (127 * sign.expand(m, k).contiguous(), -127 * sign.expand(n, k).contiguous()),
+        "x_neg_w_pos": (-127 * ones_x, 127 * ones_w),
+    }[pattern]
+    with _native.use_isa(isa), num_threads(threads):
+        acc = _native.int8_gemm_s32(xq, w)
+    assert torch.equal(acc, _exact_gemm(xq, w))
+
+
+def _quant_rows_cases():
+    g = gen(7)
+    cases = {}
+    cases["gaussian_17x257"] = torch.randn(17, 257, generator=g)
+    z = torch.randn(5, 33, generator=g)
+    z[1] = 0
+    z[3] = 0
+    cases["zero_rows"] = z
+    cases["all_zero"] = torch.zeros(4, 16)
+    cases["large"] = torch.randn(4, 40, generator=g) * torch.tensor([[1e30], [3e37], [1e38], [1.0]])
+    cases["max_float"] = torch.tensor([[3.0e38, -3.0e38, 1.0e38, 0.0, 1.5e38] * 3])
+    cases["tiny"] = torch.randn(3, 20, generator=g) * 1e-30
+    # Exact ties: amax = 127 * 2^e makes s = 2^e exact, so x = (j + 0.5) * s lands exactly on
+    # .5: round half to even must give 0, 2, 2, 4, ... (not away from zero).
+    ties = []
+    for e in (0, -3, 4):
+        s = 2.0 ** e
+        j = torch.arange(-126, 126, dtype=torch.float32)
+        ties.append(torch.cat((torch.tensor([127 * s]), (j + 0.5) * s)))
+    cases["ties_half_even"] = torch.stack(ties)
+    # Near ties with an inexact scale: x = fl((j + 0.5) * s) sits within an ulp of .5, where
+    # x * (1/s) and x / s round differently; the format says true division.
+    rows = []
+    for amax in torch.rand(8, generator=g) * 10 + 0.1:
+        s = amax / 127
+        j = torch.arange(0, 126, dtype=torch.float32)
+        near = (j + 0.5) * s
+        rows.append(torch.cat((amax[None], near, -near, torch.nextafter(near, near * 2))))
+    cases["near_ties"] = torch.stack(rows)
+    # K not a multiple of any vector width, and K = 1
+    for k in (1, 7, 15, 31, 65):
+        cases[f"k{k}"] = torch.randn(3, k, generator=g)
+    cases["m0"] = torch.zeros(0, 9)
+    return cases
+
+
+QUANT_ROWS_CASES = _quant_rows_cases()
+
+
+@pytest.mark.parametrize("backend,isa", ISAS)
+@pytest.mark.parametrize("case", sorted(QUANT_ROWS_CASES))
+def test_quantize_rows_int8_exact(backend, isa, case):
+    x = QUANT_ROWS_CASES[case]
+    want_q, want_s = formats.quantize_rows_int8(x)
+    with _native.use_isa(isa):
+        q, s = _native.quantize_rows_int8(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(s, want_s), f"scales differ: {(s - want_s).abs().max()}"
+    diff = (q.to(torch.int32) - want_q.to(torch.int32)).abs()
+    assert torch.equal(q, want_q), (
+        f"{int((diff > 0).sum())} codes differ, e.g. at {tuple((diff > 0).nonzero()[0].tolist())}"
+        if diff.numel() and diff.any() else "")
+    if x.numel():
+        assert int(q.min()) >= -127
+
+
+@pytest.mark.parametrize("backend,isa", ISAS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_quantize_rows_int8_layouts(backend, isa, layout, dtype):
+    x = activation((17, 100), dtype, layout=layout)
+    want_q, want_s = formats.quantize_rows_int8(x)
+    with _native.use_isa(isa):
+        q, s = _native.quantize_rows_int8(x)
+    assert torch.equal(s, want_s)
+    assert torch.equal(q, want_q)
+
+
+@pytest.mark.parametrize("backend,isa", ISAS)
+def test_quantize_rows_int8_subnormal(backend, isa):
+    """amax subnormal: amax / 127 underflows to 0 for the smallest ones, and the format then
+    uses scale 1 (formats.quantize_rows_int8 tests s == 0, the C header says amax == 0)."""
+    tiny = torch.finfo(torch.float32).smallest_normal
+    x = torch.tensor([[tiny * 0.5, -tiny * 0.25, 0.0], [1e-45, 0.0, -1e-45], [1e-43, 5e-44, 0.0]])
+    want_q, want_s = formats.quantize_rows_int8(x)
+    with _native.use_isa(isa):
+        q, s = _native.quantize_rows_int8(x)
+    assert torch.equal(s, want_s), f"{s.tolist()} != {want_s.tolist()}"
+    assert torch.equal(q, want_q), f"{q.tolist()} != {want_q.tolist()}"

@@ -1,0 +1,404 @@
+"""Direct tests of the compiled module pyquant._C (the C API of csrc/pq.h).
+
+Buffers are torch tensors passed by address (data_ptr(), 0 for None). Every
+ISA this CPU supports is tested, so the portable, AVX2 and AVX512-VNNI builds
+of the kernels are all checked against the same references.
+"""
+
+import math
+import os
+import threading
+
+import pytest
+import torch
+
+try:
+    from pyquant import _C
+except ImportError as exc:  # not built: skip, unless the build is required
+    if os.environ.get("PYQUANT_REQUIRE_NATIVE"):
+        raise
+    pytest.skip(f"pyquant._C is not built: {exc}", allow_module_level=True)
+
+OK, ERR_ARG, ERR_ISA = 0, 1, 2
+ISAS = [i for i in range(3) if _C.isa_available(i)]
+ISA_IDS = [_C.isa_name(i) for i in ISAS]
+MS = [0, 1, 3, 17, 64]
+THREADS = [1, 2]
+
+
+def ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_i8(shape, g, lo=-127, hi=127):
+    return torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.int8)
+
+
+def strided_x(M, K, ldx, g):
+    """fp32 [M, K] view with row stride ldx; the padding holds NaN so that a
+    kernel reading past K would poison its result."""
+    full = torch.full((M, ldx), float("nan"))
+    full[:, :K] = torch.randn(M, K, generator=g)
+    return full, full[:, :K]
+
+
+def assert_close(out, ref, mag, K):
+    """fp32 accumulation against a float64 reference: error bound proportional
+    to sqrt(K) times the sum of |terms| (mag); a dropped or doubled term is far
+    larger than this for the K used here."""
+    tol = 2e-6 * math.sqrt(K + 1) * mag + 1e-6 * ref.abs() + 1e-30
+    err = (out.double() - ref).abs()
+    assert torch.all(err <= tol), f"max err {err.max().item()} tol {tol.min().item()}"
+
+
+def test_module_info():
+    assert isinstance(_C.__version__, str) and _C.__version__
+    assert (_C.ISA_PORTABLE, _C.ISA_AVX2, _C.ISA_AVX512_VNNI) == (0, 1, 2)
+    assert [_C.isa_name(i) for i in range(3)] == ["portable", "avx2", "avx512_vnni"]
+    assert _C.isa_name(7) == "unknown"
+    assert "portable" in _C.compiled_isas()
+    assert _C.isa_available(_C.ISA_PORTABLE) == 1
+    assert _C.isa_available(3) == 0 and _C.isa_available(-1) == 0
+    assert _C.best_isa() == max(ISAS)
+
+
+# ---------------------------------------------------------------- int8 gemm
+GEMM_NK = [(13, 100), (8, 64), (33, 257), (5, 1), (70, 129)]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("M", MS + [150])
+@pytest.mark.parametrize("N,K", GEMM_NK)
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_int8_gemm_s32(isa, M, N, K, n_threads):
+    g = gen(M * 1000 + N * 7 + K)
+    xq, w = rand_i8((M, K), g), rand_i8((N, K), g)
+    acc = torch.full((M, N), 12345, dtype=torch.int32)
+    st = _C.int8_gemm_s32(isa, ptr(xq), M, K, ptr(w), N, ptr(acc), n_threads)
+    assert st == OK
+    assert torch.equal(acc.long(), xq.long() @ w.long().T)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_int8_gemm_s32_extremes(isa):
+    """Largest magnitudes: every product is +-127^2 (no int16 saturation on
+    AVX2), long K so the int32 sums are large."""
+    M, N, K = 5, 9, 4099
+    g = gen(1)
+    xq = (rand_i8((M, K), g, 0, 1) * 2 - 1) * 127
+    w = (rand_i8((N, K), g, 0, 1) * 2 - 1) * 127
+    w[0] = 127
+    xq[0] = 127
+    w[1] = -127
+    acc = torch.empty((M, N), dtype=torch.int32)
+    assert _C.int8_gemm_s32(isa, ptr(xq), M, K, ptr(w), N, ptr(acc), 2) == OK
+    assert torch.equal(acc.long(), xq.long() @ w.long().T)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_int8_gemm_s32_minus_128(isa):
+    """-128 is outside the documented range: must not crash; exact on the
+    portable and VNNI paths, only defined on AVX2."""
+    M, N, K = 3, 6, 200
+    g = gen(2)
+    xq, w = rand_i8((M, K), g, -128, 127), rand_i8((N, K), g, -128, 127)
+    xq[0, :10] = -128
+    w[0, :10] = -128
+    acc = torch.empty((M, N), dtype=torch.int32)
+    assert _C.int8_gemm_s32(isa, ptr(xq), M, K, ptr(w), N, ptr(acc), 1) == OK
+    if isa != _C.ISA_AVX2:
+        assert torch.equal(acc.long(), xq.long() @ w.long().T)
+
+
+# ---------------------------------------------------------------- quantize
+def quantize_ref(x):
+    s = x.abs().amax(dim=1) / 127
+    s = torch.where(s == 0, torch.ones_like(s), s)  # amax == 0 or amax / 127 underflows
+    return torch.round(x / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K,ldx", [(100, 100), (100, 131), (64, 64), (1, 3), (4096, 4100), (17, 17)])
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_quantize_rows_int8(isa, M, K, ldx, n_threads):
+    g = gen(M * 31 + K + ldx)
+    full, x = strided_x(M, K, ldx, g)
+    x.mul_(torch.rand(M, 1, generator=g) * 10)  # per-row magnitudes
+    if M > 2:
+        x[1] = 0.0  # zero row: scale 1
+        x[2, : min(K, 8)] = -0.0
+    xq = torch.full((M, K), 99, dtype=torch.int8)
+    xs = torch.full((M,), -1.0)
+    assert _C.quantize_rows_int8(isa, ptr(full), M, K, ldx, ptr(xq), ptr(xs), n_threads) == OK
+    q_ref, s_ref = quantize_ref(x)
+    assert torch.equal(xs, s_ref)
+    assert torch.equal(xq, q_ref)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_quantize_rows_int8_ties(isa):
+    """amax = 127 gives s = 1 exactly, so x + 0.5 hits every rounding tie:
+    round half to even, like torch.round."""
+    halves = torch.arange(-60, 60, dtype=torch.float32) + 0.5
+    x = torch.cat([torch.tensor([127.0]), halves, -halves[:19]])[None].repeat(3, 1).contiguous()
+    M, K = x.shape
+    xq = torch.empty((M, K), dtype=torch.int8)
+    xs = torch.empty(M)
+    assert _C.quantize_rows_int8(isa, ptr(x), M, K, K, ptr(xq), ptr(xs), 2) == OK
+    q_ref, s_ref = quantize_ref(x)
+    assert torch.equal(xs, s_ref) and xs[0].item() == 1.0
+    assert torch.equal(xq, q_ref)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_quantize_rows_int8_subnormal(isa):
+    """Subnormal rows: amax / 127 is subnormal, or underflows to 0 (then s = 1)."""
+    tiny = torch.finfo(torch.float32).smallest_normal
+    rows = [[tiny * 0.5, -tiny * 0.25, 0.0], [1e-45, 0.0, -1e-45], [1e-43, 5e-44, 0.0], [0.0, -0.0, 0.0]]
+    x = torch.tensor([r * 7 for r in rows])  # K = 21: vector body and tail
+    M, K = x.shape
+    xq = torch.empty((M, K), dtype=torch.int8)
+    xs = torch.empty(M)
+    assert _C.quantize_rows_int8(isa, ptr(x), M, K, K, ptr(xq), ptr(xs), 1) == OK
+    q_ref, s_ref = quantize_ref(x)
+    assert s_ref[1].item() == 1.0 and s_ref[3].item() == 1.0
+    assert torch.equal(xs, s_ref)
+    assert torch.equal(xq, q_ref)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_quantize_rows_int8_nan_does_not_crash(isa):
+    x = torch.randn(3, 40)
+    x[0, 5] = float("nan")
+    x[1, :] = float("nan")
+    x[2, 39] = float("inf")
+    xq = torch.empty((3, 40), dtype=torch.int8)
+    xs = torch.empty(3)
+    assert _C.quantize_rows_int8(isa, ptr(x), 3, 40, 40, ptr(xq), ptr(xs), 1) == OK
+
+
+# ---------------------------------------------------------------- int8 dynamic
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("M", MS + [150])
+@pytest.mark.parametrize("N,K", GEMM_NK)
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_int8_dynamic_mm(isa, M, N, K, has_bias, n_threads):
+    """The epilogue order is specified, so the result is bit-exact:
+    (float)acc * (x_scale[m] * w_scale[n]) + bias[n] in float32."""
+    g = gen(M * 17 + N * 3 + K)
+    xq, w = rand_i8((M, K), g), rand_i8((N, K), g)
+    xs = torch.rand(M, generator=g) * 0.1 + 1e-3
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(N, generator=g) if has_bias else None
+    out = torch.full((M, N), float("nan"))
+    st = _C.int8_dynamic_mm(isa, ptr(xq), ptr(xs), M, K, ptr(w), N, ptr(ws), ptr(bias), ptr(out), n_threads)
+    assert st == OK
+    ref = (xq.long() @ w.long().T).float() * (xs[:, None] * ws[None, :])
+    if bias is not None:
+        ref = ref + bias
+    assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------- int8 weight-only
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("N,K,ldx", [(13, 100, 100), (13, 100, 107), (8, 64, 64), (33, 257, 300), (70, 31, 31)])
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_int8_weight_only_mm(isa, M, N, K, ldx, has_bias, n_threads):
+    g = gen(M * 13 + N * 5 + K + ldx)
+    full, x = strided_x(M, K, ldx, g)
+    w = rand_i8((N, K), g)
+    ws = torch.rand(N, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(N, generator=g) if has_bias else None
+    out = torch.full((M, N), float("nan"))
+    st = _C.int8_weight_only_mm(isa, ptr(full), M, K, ldx, ptr(w), N, ptr(ws), ptr(bias), ptr(out), n_threads)
+    assert st == OK
+    wd = w.double() * ws.double()[:, None]
+    ref = x.double() @ wd.T + (0 if bias is None else bias.double())
+    assert_close(out, ref, x.double().abs() @ wd.abs().T, K)
+
+
+# ---------------------------------------------------------------- int4 weight-only
+def pack_int4(codes):
+    """[N, K] codes 0..15 -> [N, K/2] bytes, even k in the low nibble."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+INT4_SHAPES = [(13, 64, 32), (33, 256, 64), (7, 96, 32), (4, 256, 128), (9, 512, 256), (5, 100, 50), (6, 20, 2)]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("N,K,G", INT4_SHAPES)
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_int4_weight_only_mm(isa, M, N, K, G, has_bias, strided, n_threads):
+    g = gen(M * 11 + N * 3 + K + G)
+    ldx = K + 9 if strided else K
+    full, x = strided_x(M, K, ldx, g)
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    zeros = torch.randint(0, 16, (N, K // G), generator=g).to(torch.uint8)
+    scales = torch.rand(N, K // G, generator=g) * 0.1 + 1e-3
+    bias = torch.randn(N, generator=g) if has_bias else None
+    wp = pack_int4(codes)
+    out = torch.full((M, N), float("nan"))
+    st = _C.int4_weight_only_mm(
+        isa, ptr(full), M, K, ldx, ptr(wp), N, ptr(scales), ptr(zeros), G, ptr(bias), ptr(out), n_threads
+    )
+    assert st == OK
+    wd = scales.double().repeat_interleave(G, 1) * (codes - zeros.long().repeat_interleave(G, 1)).double()
+    ref = x.double() @ wd.T + (0 if bias is None else bias.double())
+    assert_close(out, ref, x.double().abs() @ wd.abs().T, K)
+
+
+# ---------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_k_zero_writes_bias(isa):
+    M, N = 3, 5
+    bias = torch.randn(N)
+    x = torch.empty(M, 0)
+    for has_bias in (False, True):
+        b = bias if has_bias else None
+        expect = (bias if has_bias else torch.zeros(N)).expand(M, N)
+        out = torch.full((M, N), float("nan"))
+        assert _C.int8_weight_only_mm(isa, 0, M, 0, 0, 0, N, ptr(torch.ones(N)), ptr(b), ptr(out), 1) == OK
+        assert torch.equal(out, expect)
+        out.fill_(float("nan"))
+        st = _C.int4_weight_only_mm(isa, ptr(x), M, 0, 0, 0, N, 0, 0, 32, ptr(b), ptr(out), 1)
+        assert st == OK and torch.equal(out, expect)
+        out.fill_(float("nan"))
+        st = _C.int8_dynamic_mm(isa, 0, ptr(torch.ones(M)), M, 0, 0, N, ptr(torch.ones(N)), ptr(b), ptr(out), 1)
+        assert st == OK and torch.equal(out, expect)
+    acc = torch.full((M, N), 7, dtype=torch.int32)
+    assert _C.int8_gemm_s32(isa, 0, M, 0, 0, N, ptr(acc), 1) == OK
+    assert torch.equal(acc, torch.zeros(M, N, dtype=torch.int32))
+    xs = torch.zeros(M)
+    assert _C.quantize_rows_int8(isa, 0, M, 0, 0, 0, ptr(xs), 1) == OK
+    assert torch.equal(xs, torch.ones(M))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_empty_outputs_untouched(isa):
+    K = 16
+    x, w = torch.randn(2, K), rand_i8((4, K), gen(3))
+    out = torch.full((2, 4), float("nan"))
+    ws = torch.ones(4)
+    assert _C.int8_weight_only_mm(isa, ptr(x), 0, K, K, ptr(w), 4, ptr(ws), 0, ptr(out), 1) == OK
+    assert _C.int8_weight_only_mm(isa, ptr(x), 2, K, K, ptr(w), 0, ptr(ws), 0, ptr(out), 1) == OK
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("n_threads", [0, -1, 3, 64])
+def test_any_thread_count(n_threads):
+    M, N, K = 3, 21, 70
+    g = gen(4)
+    x, w, ws = torch.randn(M, K, generator=g), rand_i8((N, K), g), torch.rand(N, generator=g)
+    outs = []
+    for nt in (1, n_threads):
+        out = torch.empty(M, N)
+        assert _C.int8_weight_only_mm(_C.best_isa(), ptr(x), M, K, K, ptr(w), N, ptr(ws), 0, ptr(out), nt) == OK
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])  # partitioning over N does not change per-output sums
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_bad_arguments(isa):
+    M, N, K, G = 2, 4, 64, 32
+    x, xq, w = torch.randn(M, K), rand_i8((M, K), gen(5)), rand_i8((N, K), gen(6))
+    wp = torch.zeros(N, K // 2, dtype=torch.uint8)
+    sc, zp = torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.uint8)
+    ws, xs, out = torch.ones(N), torch.ones(M), torch.empty(M, N)
+    acc = torch.empty(M, N, dtype=torch.int32)
+    X, XQ, W, WP, SC, ZP, WS, XS, OUT, ACC = map(ptr, (x, xq, w, wp, sc, zp, ws, xs, out, acc))
+
+    def wo8(M=M, K=K, ldx=K, x=X, w=W, ws=WS, out=OUT, N=N):
+        return _C.int8_weight_only_mm(isa, x, M, K, ldx, w, N, ws, 0, out, 1)
+
+    def wo4(M=M, K=K, ldx=K, G=G, x=X, wp=WP, sc=SC, zp=ZP, out=OUT, N=N):
+        return _C.int4_weight_only_mm(isa, x, M, K, ldx, wp, N, sc, zp, G, 0, out, 1)
+
+    def dyn(M=M, K=K, xq=XQ, xs=XS, w=W, ws=WS, out=OUT, N=N):
+        return _C.int8_dynamic_mm(isa, xq, xs, M, K, w, N, ws, 0, out, 1)
+
+    def gemm(M=M, K=K, xq=XQ, w=W, acc=ACC, N=N):
+        return _C.int8_gemm_s32(isa, xq, M, K, w, N, acc, 1)
+
+    def quant(M=M, K=K, ldx=K, x=X, q=XQ, s=XS):
+        return _C.quantize_rows_int8(isa, x, M, K, ldx, q, s, 1)
+
+    for f in (wo8, wo4, dyn, gemm, quant):
+        assert f() == OK
+        assert f(M=-1) == ERR_ARG
+        assert f(K=-2) == ERR_ARG
+    for f in (wo8, wo4, dyn, gemm):
+        assert f(N=-1) == ERR_ARG
+    for f in (wo8, wo4, quant):
+        assert f(ldx=K - 1) == ERR_ARG
+        assert f(x=0) == ERR_ARG
+    assert wo8(w=0) == ERR_ARG and wo8(ws=0) == ERR_ARG and wo8(out=0) == ERR_ARG
+    assert wo4(wp=0) == ERR_ARG and wo4(sc=0) == ERR_ARG and wo4(zp=0) == ERR_ARG and wo4(out=0) == ERR_ARG
+    assert wo4(G=48) == ERR_ARG  # K % G != 0
+    assert wo4(G=33, K=66, ldx=66) == ERR_ARG  # odd group
+    assert wo4(G=0) == ERR_ARG and wo4(G=-32) == ERR_ARG
+    assert dyn(xq=0) == ERR_ARG and dyn(xs=0) == ERR_ARG and dyn(w=0) == ERR_ARG
+    assert dyn(ws=0) == ERR_ARG and dyn(out=0) == ERR_ARG
+    assert gemm(xq=0) == ERR_ARG and gemm(w=0) == ERR_ARG and gemm(acc=0) == ERR_ARG
+    assert quant(q=0) == ERR_ARG and quant(s=0) == ERR_ARG
+    assert wo8(M=2**62, ldx=2**40) == ERR_ARG  # size products overflow int64
+
+
+def test_unsupported_isa():
+    x, w, ws, out = torch.randn(1, 8), torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.empty(1, 2)
+    for isa in [-1, 3, 100] + [i for i in range(3) if not _C.isa_available(i)]:
+        assert _C.int8_weight_only_mm(isa, ptr(x), 1, 8, 8, ptr(w), 2, ptr(ws), 0, ptr(out), 1) == ERR_ISA
+        assert _C.quantize_rows_int8(isa, 0, 0, 0, 0, 0, 0, 1) == ERR_ISA
+        assert _C.int8_gemm_s32(isa, 0, 0, 0, 0, 0, 0, 1) == ERR_ISA
+        assert _C.int8_dynamic_mm(isa, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1) == ERR_ISA
+        assert _C.int4_weight_only_mm(isa, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 1) == ERR_ISA
+
+
+def test_concurrent_python_threads():
+    """Kernels release the GIL and keep no state: concurrent calls from Python
+    threads, each with its own OpenMP team, give the sequential results."""
+    M, N, K = 4, 300, 512
+    g = gen(7)
+    x, w, ws = torch.randn(M, K, generator=g), rand_i8((N, K), g), torch.rand(N, generator=g)
+    isa = _C.best_isa()
+    ref = torch.empty(M, N)
+    assert _C.int8_weight_only_mm(isa, ptr(x), M, K, K, ptr(w), N, ptr(ws), 0, ptr(ref), 2) == OK
+    outs = [torch.empty(M, N) for _ in range(4)]
+    status = []
+
+    def run(out):
+        for _ in range(20):
+            status.append(_C.int8_weight_only_mm(isa, ptr(x), M, K, K, ptr(w), N, ptr(ws), 0, ptr(out), 2))
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert status == [OK] * 80
+    for o in outs:
+        assert torch.equal(o, ref)
+
+
+def test_cuda_module_without_gpu_requirement():
+    """pyquant._C_cuda (built only when nvcc was found) must import and answer
+    without a GPU or driver: device_count() is 0 then, never an error."""
+    try:
+        from pyquant import _C_cuda
+    except ImportError:
+        pytest.skip("pyquant._C_cuda was not built (no CUDA compiler or PYQUANT_CUDA=OFF)")
+    assert _C_cuda.cuda_runtime_version() > 0
+    n = _C_cuda.device_count()
+    assert isinstance(n, int) and n >= 0
