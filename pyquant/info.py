@@ -1,0 +1,282 @@
+"""``pyquant info``: what this installation can run and why not.
+
+Every probe is wrapped: a probe that fails reports its reason as text instead of crashing, so
+the command works on a broken install too, which is when it is needed most.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+from typing import Any, Callable
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as e:  # a diagnostic reports, never raises
+        return f"error: {type(e).__name__}: {e}"
+
+
+def _version(module: str) -> str:
+    def get():
+        if importlib.util.find_spec(module) is None:
+            return "not installed"
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version(module)
+        except PackageNotFoundError:
+            return getattr(__import__(module), "__version__", "installed")
+    return _try(get)
+
+
+def cpu_model_name() -> str:
+    def get():
+        if sys.platform.startswith("linux"):
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.lower().startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        return platform.processor() or platform.machine() or "unknown CPU"
+    r = _try(get)
+    return r or "unknown CPU"
+
+
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_features() -> list:
+    """The instruction-set flags that matter to pyquant's kernels, as the OS reports them."""
+    def get():
+        if not sys.platform.startswith("linux"):
+            return "unknown (not Linux)"
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [x for x in CPU_FEATURES if x in flags]
+        return "unknown"
+    return _try(get)
+
+
+def _cpu_isa() -> dict:
+    from . import _native
+
+    d: dict = {"override": os.environ.get("PYQUANT_CPU_ISA") or None}
+    if not _native.available():
+        d["in_use"] = None
+        d["why_none"] = "native module not loaded"
+        return d
+    mod = _native.module()
+
+    def names(values):
+        return [_native.ISA_NAMES[v] if isinstance(v, int) and 0 <= v < len(_native.ISA_NAMES)
+                else str(v) for v in values]
+
+    d["compiled"] = _try(lambda: names(mod.compiled_isas()))
+    d["available"] = _try(lambda: [n for i, n in enumerate(_native.ISA_NAMES)
+                                   if mod.isa_available(i)])
+    d["best"] = _try(lambda: _native.ISA_NAMES[_native.best_isa()])
+    d["in_use"] = _try(lambda: _native.ISA_NAMES[_native.current_isa()])
+    return d
+
+
+def isa_summary() -> str:
+    """One phrase for context lines: the ISA the kernels use now, or why there is none."""
+    def get():
+        from . import _native
+
+        if not _native.available():
+            return "native module not loaded, reference backend"
+        return _native.ISA_NAMES[_native.current_isa()]
+    return _try(get)
+
+
+def _native_section() -> dict:
+    from . import _native
+
+    loaded = _try(_native.available)
+    d = {"loaded": loaded is True, "error": None if loaded is True else _try(_native.load_error)}
+    if loaded is True:
+        d["file"] = _try(lambda: getattr(_native.module(), "__file__", None))
+    return d
+
+
+def _cuda_section() -> dict:
+    import torch
+
+    d: dict = {"available": _try(torch.cuda.is_available),
+               "torch_cuda": getattr(torch.version, "cuda", None)}
+    if d["available"] is True:
+        d["device_count"] = _try(torch.cuda.device_count)
+        d["device"] = _try(lambda: torch.cuda.get_device_name(0))
+        d["capability"] = _try(lambda: ".".join(map(str, torch.cuda.get_device_capability(0))))
+
+    def native():
+        if importlib.util.find_spec("pyquant._C_cuda") is None:
+            return "not built (pyquant was built without CUDA; PYQUANT_CUDA=ON forces it)"
+        try:
+            from . import _C_cuda
+        except Exception as e:
+            return f"built but not loadable ({type(e).__name__}: {e})"
+        facts = []
+        if hasattr(_C_cuda, "cuda_runtime_version"):
+            v = int(_C_cuda.cuda_runtime_version())
+            facts.append(f"CUDA runtime {v // 1000}.{v % 1000 // 10}")
+        if hasattr(_C_cuda, "device_count"):
+            facts.append(f"{int(_C_cuda.device_count())} device(s) seen")
+        return "built and loaded" + (f" ({', '.join(facts)})" if facts else "")
+
+    d["native_module"] = _try(native)
+    return d
+
+
+def _triton_section() -> dict:
+    def get():
+        if importlib.util.find_spec("triton") is None:
+            return {"installed": False}
+        return {"installed": True, "version": _version("triton")}
+    return _try(get)
+
+
+def collect() -> dict:
+    """Everything ``pyquant info`` reports, as plain JSON-able values."""
+    import torch
+
+    from . import ops
+
+    def torch_threads():
+        return {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()}
+
+    def location():
+        import pyquant
+
+        return os.path.dirname(pyquant.__file__)
+
+    def minilm():
+        from . import models
+
+        path = models.minilm_path()
+        return models.minilm_missing_reason() or f"installed ({path})"
+
+    def pyquant_version():
+        import pyquant
+
+        return pyquant.__version__
+
+    return {
+        "pyquant": _try(pyquant_version),
+        "pyquant_location": _try(location),
+        "python": sys.version.split()[0],
+        "platform": _try(platform.platform),
+        "torch": torch.__version__,
+        "numpy": _version("numpy"),
+        "transformers": _version("transformers"),
+        "minilm_model": _try(minilm),
+        "cpu": cpu_model_name(),
+        "cpu_features": cpu_features(),
+        "native": _try(_native_section),
+        "cpu_isa": _try(_cpu_isa),
+        "threads": _try(torch_threads),
+        "cuda": _try(_cuda_section),
+        "triton": _triton_section(),
+        "env": {k: os.environ[k] for k in ("PYQUANT_BACKEND", "PYQUANT_CPU_ISA", "PYQUANT_QUIET")
+                if k in os.environ},
+        "backends": _try(lambda: {n: ("available" if why is None else why)
+                                  for n, why in ops.backend_status().items()}),
+        "dispatch": _try(ops.backend_table),
+    }
+
+
+def _fmt(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def format_text(d: dict) -> str:
+    lines = []
+
+    def add(key, value):
+        lines.append(f"{key + ':':<24}{_fmt(value)}")
+
+    add("pyquant", f"{d['pyquant']} ({d['pyquant_location']})")
+    add("python", f"{d['python']} on {d['platform']}")
+    add("torch", d["torch"])
+    add("numpy", d["numpy"])
+    add("transformers", d["transformers"])
+    add("all-MiniLM-L6-v2", d["minilm_model"])
+    add("cpu", d["cpu"])
+    add("cpu features", d["cpu_features"])
+
+    nat = d["native"]
+    if isinstance(nat, dict):
+        add("native module _C", "loaded" + (f" ({nat['file']})" if nat.get("file") else "")
+            if nat["loaded"] else f"NOT loaded: {nat['error']}")
+    else:
+        add("native module _C", nat)
+    isa = d["cpu_isa"]
+    if isinstance(isa, dict):
+        if isa.get("in_use") is None:
+            add("cpu isa in use", f"none ({isa.get('why_none')}; ops run on the reference backend)")
+        else:
+            add("cpu isa in use", isa["in_use"])
+            add("cpu isa best", isa.get("best"))
+            add("cpu isas compiled", isa.get("compiled"))
+            add("cpu isas available", isa.get("available"))
+        add("PYQUANT_CPU_ISA", isa["override"] if isa.get("override") else "not set")
+    else:
+        add("cpu isa", isa)
+    th = d["threads"]
+    add("torch threads", f"{th['intra_op']} (inter-op {th['inter_op']})"
+        if isinstance(th, dict) else th)
+
+    cuda = d["cuda"]
+    if isinstance(cuda, dict):
+        if cuda["available"] is True:
+            add("cuda", f"available: {cuda.get('device')} (sm {cuda.get('capability')}, "
+                        f"{cuda.get('device_count')} device(s), torch CUDA {cuda['torch_cuda']})")
+        else:
+            add("cuda", f"not available (torch CUDA build: {cuda['torch_cuda'] or 'none'})"
+                if cuda["available"] is False else cuda["available"])
+        add("native module _C_cuda", cuda["native_module"])
+    else:
+        add("cuda", cuda)
+    tr = d["triton"]
+    add("triton", (tr.get("version", "installed") if tr.get("installed") else "not installed")
+        if isinstance(tr, dict) else tr)
+    for k, v in d["env"].items():
+        if k != "PYQUANT_CPU_ISA":
+            add(k, v)
+
+    lines.append("")
+    lines.append("backends:")
+    if isinstance(d["backends"], dict):
+        for name, status in d["backends"].items():
+            lines.append(f"  {name:<12}{status}")
+    else:
+        lines.append(f"  {d['backends']}")
+    lines.append("")
+    lines.append("backend per op:")
+    table = d["dispatch"]
+    if isinstance(table, dict):
+        for dev, row in table.items():
+            for op, backend in row.items():
+                lines.append(f"  {dev:<5} {op:<22}{backend}")
+    else:
+        lines.append(f"  {table}")
+    return "\n".join(lines)
+
+
+def main(as_json: bool = False, out=None) -> int:
+    out = out or sys.stdout
+    d = collect()
+    if as_json:
+        out.write(json.dumps(d, indent=2, default=str) + "\n")
+    else:
+        out.write(format_text(d) + "\n")
+    return 0

