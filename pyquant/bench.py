@@ -1,0 +1,313 @@
+"""`pyquant bench`: microbenchmarks of pyquant's ops against the baselines a PyTorch user has,
+on the linear shapes of real models, measured side by side in one run.
+
+Every timing rotates through copies of the weights that together exceed the last-level cache,
+so decode (memory-bound) numbers are DRAM numbers, and reports medians. The machine's read
+bandwidth is measured in the same run; memory-bound rows report the share of it reached (weight
+bytes incl. scales and zeros / time / bandwidth), compute-bound rows the GOP/s.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import formats
+from ._progress import progress
+
+# [N, K] of the linear layers of real models (out_features, in_features).
+SHAPES = {
+    "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "llama3-8b": [(1024, 4096), (14336, 4096), (4096, 14336)],
+    "minilm": [(384, 384), (1536, 384), (384, 1536)],
+}
+DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+
+
+@dataclass
+class Impl:
+    name: str  # e.g. "pyquant.int4_weight_only_mm[g128]" or "F.linear[fp32]"
+    kind: str  # "pyquant" or "baseline"
+    make: Callable  # (w_fp32 [N,K]) -> opaque prepared weight state
+    run: Callable  # (state, x_fp32 [M,K]) -> y
+    nbytes: Callable  # (state) -> bytes of weights read per call
+    op: str = ""
+
+
+@dataclass
+class Row:
+    shape: str
+    n: int
+    k: int
+    m: int
+    impl: str
+    kind: str
+    op: str
+    ms: float
+    weight_bytes: int
+    gbps: float
+    bw_share: float
+    gops: float
+    speedup: dict = field(default_factory=dict)
+
+
+def _llc_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            s = f.read().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+        return int(s.rstrip("KMG")) * mult
+    except Exception:
+        return 64 << 20
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Read bandwidth in GB/s with torch's vectorized, multithreaded sum over a buffer far
+    larger than the last-level cache (median of repeats)."""
+    nbytes = max(nbytes, 2 * _llc_bytes())
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    del buf
+    return nbytes / statistics.median(times) / 1e9
+
+
+def _time_rotating(run, states, x, iters: int, warmup: int = 2) -> float:
+    for i in range(warmup):
+        run(states[i % len(states)], x)
+    ts = []
+    for i in range(iters):
+        s = states[i % len(states)]
+        t0 = time.perf_counter()
+        run(s, x)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ------------------------------------------------------------------ implementations
+
+
+def _tensor_bytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def baseline_impls() -> list[Impl]:
+    impls = [
+        Impl("F.linear[fp32]", "baseline", lambda w: w.clone(), lambda s, x: F.linear(x, s),
+             lambda s: _tensor_bytes(s), "linear"),
+        Impl("F.linear[bf16]", "baseline", lambda w: w.to(torch.bfloat16),
+             lambda s, x: F.linear(x.to(torch.bfloat16), s), lambda s: _tensor_bytes(s), "linear"),
+    ]
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear  # noqa: F401
+
+        def make_fbgemm(w):
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            lin.weight.data = w
+            q = torch.ao.quantization.quantize_dynamic(
+                torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
+            )
+            return q[0]
+
+        impls.append(Impl("torch.ao.dynamic_int8[fbgemm]", "baseline", make_fbgemm,
+                          lambda s, x: s(x), lambda s: s.weight().numel() + 4, "int8_dynamic"))
+    except Exception:
+        pass
+    if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        def make_int4pack(w, g=128):
+            n, k = w.shape
+            codes, scales, zeros = formats.quantize_int4_groupwise(w, g, symmetric=False)
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            # torch's format: w = (q - 8) * scale + zero_point (both bf16, [K/g, N, 2])
+            zp = (8 - zeros.float()) * scales
+            sz = torch.stack([scales.T, zp.T], dim=2).to(torch.bfloat16).contiguous()
+            return packed, sz, g
+
+        impls.append(Impl(
+            "torch._weight_int4pack_mm_for_cpu[g128]", "baseline", make_int4pack,
+            lambda s, x: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), s[0], s[2], s[1]),
+            lambda s: _tensor_bytes(s[0], s[1]), "int4_weight_only_mm"))
+    return impls
+
+
+def pyquant_impls(group_size: int = 128) -> list[Impl]:
+    from . import ops  # noqa: F401  registers torch.ops.pyquant
+
+    def make_i8(w):
+        return formats.quantize_int8_per_channel(w)
+
+    def make_i4(w):
+        c, s, z = formats.quantize_int4_groupwise(w, group_size, symmetric=False)
+        return formats.pack_int4(c), s, z
+
+    return [
+        Impl("pyquant.int8_weight_only_mm", "pyquant", make_i8,
+             lambda s, x: torch.ops.pyquant.int8_weight_only_mm(x, s[0], s[1], None),
+             lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
+        Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8,
+             lambda s, x: torch.ops.pyquant.int8_dynamic_mm(x, s[0], s[1], None),
+             lambda s: _tensor_bytes(*s), "int8_dynamic_mm"),
+        Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4,
+             lambda s, x: torch.ops.pyquant.int4_weight_only_mm(x, s[0], s[1], s[2], group_size,
+                                                                None),
+             lambda s: _tensor_bytes(*s), "int4_weight_only_mm"),
+    ]
+
+
+def _clone_state(s):
+    if isinstance(s, torch.Tensor):
+        return s.clone()
+    if isinstance(s, tuple):
+        return tuple(_clone_state(t) for t in s)
+    if isinstance(s, torch.nn.Module):
+        return copy.deepcopy(s)
+    return s
+
+
+# ------------------------------------------------------------------ the run
+
+
+def run(
+    models=("llama2-7b",),
+    ms=DEFAULT_MS,
+    impl_filter: Optional[str] = None,
+    threads: Optional[int] = None,
+    iters: int = 20,
+    rotate_bytes: Optional[int] = None,
+    seed: int = 0,
+) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    rotate_bytes = rotate_bytes or 2 * _llc_bytes()
+    impls = baseline_impls() + pyquant_impls()
+    if impl_filter:
+        keys = [s.strip() for s in impl_filter.split(",") if s.strip()]
+        impls = [i for i in impls if i.kind == "baseline" or any(k in i.name for k in keys)]
+    bw = measure_read_bandwidth()
+    rows: list[Row] = []
+    g = torch.Generator().manual_seed(seed)
+    jobs = [(mname, n, k) for mname in models for (n, k) in SHAPES[mname]]
+    work = [(j, impl) for j in jobs for impl in impls]
+    with torch.inference_mode():
+        for (mname, n, k), impl in progress(work, desc="bench", min_items=1):
+            w = torch.randn(n, k, generator=g) * 0.02
+            try:
+                s0 = impl.make(w)
+            except Exception as e:  # a baseline missing on this torch build
+                print(f"skip {impl.name} on {n}x{k}: {e}", file=sys.stderr)
+                continue
+            del w
+            nb = impl.nbytes(s0)
+            copies = max(1, min(64, -(-rotate_bytes // max(nb, 1))))
+            states = [s0] + [_clone_state(s0) for _ in range(copies - 1)]
+            for m in ms:
+                x = torch.randn(m, k, generator=g)
+                t = _time_rotating(impl.run, states, x, iters=max(iters, len(states)) if m <= 16
+                                   else iters)
+                gbps = nb / t / 1e9
+                rows.append(Row(mname, n, k, m, impl.name, impl.kind, impl.op, t * 1e3, nb, gbps,
+                                gbps / bw, 2 * m * n * k / t / 1e9))
+            del states, s0
+    _add_speedups(rows)
+    return {
+        "machine": machine_info(bw),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def _add_speedups(rows: list[Row]) -> None:
+    base = {}
+    for r in rows:
+        if r.kind == "baseline":
+            base[(r.n, r.k, r.m, r.impl)] = r.ms
+    for r in rows:
+        for (n, k, m, name), ms in base.items():
+            if (n, k, m) == (r.n, r.k, r.m) and name != r.impl:
+                r.speedup[name] = ms / r.ms
+
+
+def machine_info(bw: float) -> dict:
+    from . import _native
+
+    isa = None
+    if _native.available():
+        try:
+            isa = _native.ISA_NAMES[_native.current_isa()]
+        except Exception as e:
+            isa = f"error: {e}"
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "isa": isa,
+        "read_bandwidth_gbps": round(bw, 2),
+        "llc_bytes": _llc_bytes(),
+    }
+
+
+SHORT = {
+    "F.linear[fp32]": "fp32",
+    "F.linear[bf16]": "bf16",
+    "torch.ao.dynamic_int8[fbgemm]": "fbgemm",
+    "torch._weight_int4pack_mm_for_cpu[g128]": "int4pack",
+}
+
+
+def format_table(result: dict) -> str:
+    mi = result["machine"]
+    lines = [
+        f"machine: {mi['cpu']}, {mi['threads']} threads, torch {mi['torch']}, ISA {mi['isa']}, "
+        f"measured read bandwidth {mi['read_bandwidth_gbps']:.1f} GB/s",
+        f"{'shape':>12} {'M':>5} {'impl':<42} {'ms':>9} {'GB/s':>7} {'%BW':>5} {'GOP/s':>8}  "
+        "speedup vs " + ", ".join(SHORT.values()),
+    ]
+    for r in result["rows"]:
+        sp = "  ".join(
+            f"{SHORT[b]} {r['speedup'][b]:.2f}x" for b in SHORT if b in r["speedup"]
+        )
+        lines.append(
+            f"{r['n']:>5}x{r['k']:<6} {r['m']:>5} {r['impl']:<42} {r['ms']:>9.3f} "
+            f"{r['gbps']:>7.1f} {100 * r['bw_share']:>4.0f}% {r['gops']:>8.1f}  {sp}"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict, out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    jp = os.path.join(out_dir, "bench.json")
+    with open(jp, "w") as f:
+        json.dump(result, f, indent=1)
+    paths.append(jp)
+    cp = os.path.join(out_dir, "bench.csv")
+    with open(cp, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["shape", "n", "k", "m", "impl", "op", "ms", "weight_bytes", "gbps",
+                     "bw_share", "gops"] + [f"speedup_vs_{v}" for v in SHORT.values()])
+        for r in result["rows"]:
+            wr.writerow([r["shape"], r["n"], r["k"], r["m"], r["impl"], r["op"],
+                         f"{r['ms']:.4f}", r["weight_bytes"], f"{r['gbps']:.2f}",
+                         f"{r['bw_share']:.3f}", f"{r['gops']:.1f}"]
+                        + [f"{r['speedup'].get(b, float('nan')):.3f}" for b in SHORT])
+    paths.append(cp)
+    try:
+        from ._plot import roofline
+
+        paths.append(roofline(result, os.path.join(out_dir, "roofline.png")))
+    except ImportError as e:
+        print(f"no roofline plot ({e}); pip install 'pyquant[bench]'", file=sys.stderr)
+    return paths
