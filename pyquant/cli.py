@@ -2,6 +2,7 @@
 
     pyquant demo [--model minilm|tiny] [--sentences N] [--configs int8wo,int4g64,...] ...
     pyquant info [--json]
+    pyquant bench [--device cpu|cuda] [--models ...] [--ms ...]   (options: pyquant bench --help)
 
 A usage error or an error the user can fix is one line on stderr and exit status 2;
 ``--traceback`` shows the full Python traceback instead.
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--csv", dest="csv_path", default=None, metavar="PATH",
                    help="also write the results as CSV to PATH")
 
+    b = sub.add_parser(
+        "bench", add_help=False,
+        help="microbenchmarks of every op against PyTorch baselines (pyquant bench --help)",
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     i = sub.add_parser("info", help="versions, native modules, CPU ISA, CUDA, backends per op",
                        description="Report what this installation can run, and why not.")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -86,6 +93,10 @@ def _run(args) -> int:
         from . import info
 
         return info.main(as_json=args.json)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.main(args.bench_args)
     if args.command == "demo":
         from . import demo
 
@@ -98,6 +109,30 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # bench owns its options (pyquant bench --help); argparse subparsers would reject them
+        rest = argv[1:]
+        device = "cpu"
+        for i, a in enumerate(rest):
+            if a == "--device" and i + 1 < len(rest):
+                device = rest[i + 1]
+                rest = rest[:i] + rest[i + 2:]
+                break
+            if a.startswith("--device="):
+                device = a.split("=", 1)[1]
+                rest = rest[:i] + rest[i + 1:]
+                break
+        if device == "cuda":
+            from . import bench_cuda
+
+            return bench_cuda.main(rest)
+        if device != "cpu":
+            print(f"pyquant bench: error: --device {device!r}: use cpu or cuda", file=sys.stderr)
+            return EXIT_USAGE
+        from . import bench
+
+        return bench.main(rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -19,7 +19,7 @@ from pyquant.demo import CONFIGS
 # The directory that holds the imported pyquant package, so the subprocess imports the same one
 # (a source tree or an installed wheel alike).
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(pyquant.__file__)))
-OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+from pyquant.ops import OPS  # every registered op must appear in `pyquant info`
 
 
 def run_cli(*args, env=None, cwd=None, code=None, timeout=600):
@@ -79,9 +79,12 @@ def test_info_json(tmp_path):
     assert "available" in d["cuda"] and "native_module" in d["cuda"]
     assert "installed" in d["triton"]
     if d["native"]["loaded"]:
-        assert d["cpu_isa"]["in_use"] in ("portable", "avx2", "avx512_vnni")
+        assert d["cpu_isa"]["in_use"] in pyquant._native.ISA_NAMES
         assert d["cpu_isa"]["compiled"]
-        assert all(v == "cpu" for v in d["dispatch"]["cpu"].values())
+        from pyquant.ops import SPARSE_OPS  # no native sparse kernels yet: reference
+
+        assert all(v == ("reference" if op in SPARSE_OPS else "cpu")
+                   for op, v in d["dispatch"]["cpu"].items()), d["dispatch"]["cpu"]
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

@@ -1,0 +1,189 @@
+"""A small autotuner with an on-disk cache, shared by the Triton kernels of pyquant.
+
+Why not ``triton.autotune``: its on-disk result cache is not available in every Triton 3.x,
+its key is the exact argument values (every new M would re-tune), and it cannot be asked to
+tune ahead of serving. Here:
+
+* a key is (op, activation dtype, M bucket, N, K, op-specific extras such as the group size);
+  M is bucketed to the next power of two (capped at 4096), so a server sees at most ~13
+  tunings per layer shape, and ``pyquant.warmup`` can do them all before the first request;
+* results live in one JSON file per machine, ``$PYQUANT_CACHE_DIR/triton_autotune.json`` or
+  ``~/.cache/pyquant/triton_autotune.json``, under a section named by the GPU, its compute
+  capability and the Triton version (a config tuned on an H100 or with another Triton is not
+  trusted on an H200);
+* ``PYQUANT_TRITON_AUTOTUNE=0`` turns tuning off (the per-op heuristic config runs), and
+  nothing is tuned while a CUDA graph is being captured (benchmarking synchronizes).
+
+A config is a plain dict: ``path`` ("gemv" or "tiled"), block sizes, ``num_warps``,
+``num_stages``. Every config of an op is valid for every M, N, K it is offered for (the kernels
+mask their edges), so a config tuned at one M serves its whole bucket.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+import torch
+
+_LOCK = threading.Lock()
+_MEM: dict = {}  # section -> {key: entry}
+_LOADED: set = set()  # sections read from disk already
+M_BUCKET_MAX = 4096
+
+
+def m_bucket(m: int) -> int:
+    b = 1
+    while b < m and b < M_BUCKET_MAX:
+        b *= 2
+    return b
+
+
+def split_k(tiles: int, k_tiles: int, sms: int, per_sm: int = 2) -> int:
+    """Split K (powers of two, <= 16) until the grid has ``per_sm`` programs per SM, keeping
+    >= 4 K tiles per split. Decode shapes have few output tiles (N / BLOCK_N); without a split,
+    too few bytes are in flight per SM to approach HBM bandwidth."""
+    s = 1
+    while tiles * s < per_sm * sms and s < 16 and k_tiles // (2 * s) >= 4:
+        s *= 2
+    return s
+
+
+def split_choices(tiles: int, k_tiles: int, sms: int) -> list:
+    """The split-K values worth tuning: none, ~2 and ~8 programs per SM."""
+    return sorted({1, split_k(tiles, k_tiles, sms, 2), split_k(tiles, k_tiles, sms, 8)})
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: any small number
+
+
+def cache_path() -> str:
+    d = os.environ.get("PYQUANT_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pyquant")
+    return os.path.join(d, "triton_autotune.json")
+
+
+def enabled() -> bool:
+    return os.environ.get("PYQUANT_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false",
+                                                                                   "no", "off")
+
+
+_SECTIONS: dict = {}
+
+
+def section(device: torch.device) -> str:
+    """The cache section of a GPU: its name, compute capability and the Triton version."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    sec = _SECTIONS.get(idx)
+    if sec is None:
+        import triton
+
+        p = torch.cuda.get_device_properties(idx)
+        sec = _SECTIONS[idx] = f"{p.name} sm{p.major}{p.minor} triton-{triton.__version__}"
+    return sec
+
+
+def make_key(op: str, dtype: torch.dtype, m: int, n: int, k: int, **extra) -> str:
+    dt = str(dtype).replace("torch.", "")
+    tail = "".join(f"|{k_}={v}" for k_, v in sorted(extra.items()))
+    return f"{op}|{dt}|M{m_bucket(m)}|N{n}|K{k}{tail}"
+
+
+def _read_file() -> dict:
+    try:
+        with open(cache_path(), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) and data.get("version") == 1 else {"version": 1}
+    except (OSError, ValueError):
+        return {"version": 1}
+
+
+def _load_section(sec: str) -> dict:
+    if sec not in _LOADED:
+        _LOADED.add(sec)
+        on_disk = _read_file().get("sections", {}).get(sec, {})
+        _MEM.setdefault(sec, {}).update({k: v for k, v in on_disk.items() if isinstance(v, dict)})
+    return _MEM.setdefault(sec, {})
+
+
+def _write(sec: str, key: str, entry: dict) -> None:
+    """Merge one entry into the file (read-modify-write, atomic rename): processes that tune
+    concurrently lose no entries except when racing on the very same write."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_file()
+        data.setdefault("sections", {}).setdefault(sec, {})[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".triton_autotune.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home is not an error: the in-memory cache still holds the result
+
+
+def lookup(device: torch.device, key: str) -> Optional[dict]:
+    with _LOCK:
+        e = _load_section(section(device)).get(key)
+    return None if e is None else e.get("config")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _bench(fn: Callable[[], None]) -> float:
+    """Median time in microseconds (triton.testing.do_bench flushes L2 between runs)."""
+    from triton.testing import do_bench
+
+    # 10 ms of repetitions: thousands of calls for a decode kernel, ~10 for a 1 ms prefill
+    # tile; enough to rank configs, and ~12 candidates tune in well under a second.
+    return 1e3 * float(do_bench(fn, warmup=2, rep=10, return_mode="median"))
+
+
+def tune(device: torch.device, key: str, candidates: list, run: Callable[[dict], None],
+         default: dict) -> dict:
+    """The cached config for ``key``, tuning over ``candidates`` first when there is none.
+
+    ``run(config)`` launches the op with that config (it must be idempotent: every kernel here
+    only writes its output). Without tuning (disabled, or a CUDA graph is being captured) the
+    heuristic ``default`` runs and nothing is cached."""
+    cfg = lookup(device, key)
+    if cfg is not None:
+        return cfg
+    if not enabled() or _capturing():
+        return default
+    results = []
+    t0 = time.perf_counter()
+    for c in candidates:
+        try:
+            run(c)  # compile + first run outside the timing
+            results.append((_bench(lambda c=c: run(c)), c))
+        except Exception as e:  # e.g. out of shared memory on a smaller GPU: skip the config
+            results.append((float("inf"), {**c, "error": f"{type(e).__name__}: {e}"[:200]}))
+    ok = [r for r in results if r[0] != float("inf")]
+    best_us, best = min(ok, key=lambda r: r[0]) if ok else (float("inf"), default)
+    entry = {
+        "config": best,
+        "us": best_us,
+        "tuned_s": round(time.perf_counter() - t0, 3),
+        "candidates": len(candidates),
+    }
+    sec = section(device)
+    with _LOCK:
+        _load_section(sec)[key] = entry
+        _write(sec, key, entry)
+    return best
+
+
+def clear_memory_cache() -> None:
+    """Forget what this process has read or tuned (the file stays); for tests."""
+    with _LOCK:
+        _MEM.clear()
+        _LOADED.clear()

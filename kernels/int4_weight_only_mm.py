@@ -1,0 +1,306 @@
+"""Triton kernels of ``int4_weight_only_mm``: y = x @ dequant(w_packed, scales, zeros).T + bias.
+
+Canonical format (formats.py), read as stored, no repacking:
+    w_packed uint8 [N, K/2]: byte j of row n = code[n, 2j] | code[n, 2j+1] << 4
+    scales float32 [N, K/G], zeros uint8 [N, K/G]
+    w[n, k] = scales[n, g] * (code[n, k] - zeros[n, g])
+Symmetric and asymmetric weights share it (symmetric: zeros == 8), so one kernel serves both.
+
+Dequantization happens inside the K loop, one group-aligned sub-tile at a time: ``code - zero``
+is an integer in [-15, 15], exact in every activation dtype, so the MMA (or the CUDA-core FMA
+of the gemv path) multiplies exact weights with fp32 accumulation; the group's fp32 scale is
+applied to the sub-tile's fp32 partial sum, never rounded into a 16-bit weight. The result thus
+differs from the fp32 reference only by summation order. Codes become floats by the
+bit trick of ``_common.nibble_to_float`` (one OR instead of an int->float conversion).
+
+A sub-tile (SUB_K values of K) lies inside one group: SUB_K is the largest power of two that
+divides the group size, capped by the config's BLOCK_K; N_SUB sub-tiles (static, unrolled) make
+one iteration, so the loads of several sub-tiles are in flight together and K per iteration
+stays large for small groups (group 32: 4 x 32).
+
+Paths (chosen per (M bucket, N, K, group) by the autotuner):
+
+gemv   decode, M <= 16 (and any M when the group size has no factor 32: the MMA needs
+       SUB_K >= 32). One program per (row m, BLOCK_N outputs, K split); fp32 FMA on CUDA cores.
+       The packed tile is [BLOCK_N, SUB_K/2] bytes, contiguous along K per row; x's even and
+       odd elements are loaded as two stride-2 vectors that meet the low and high nibbles.
+tiled  MMA tiles, two ways to meet the nibble order of the packed bytes:
+       SWAP_AB=False  out = x W^T: x's even and odd columns are loaded separately (stride 2)
+                      and  acc += dot(x_even, lo - z) + dot(x_odd, hi - z): no data movement
+                      between registers, at the price of stride-2 (unvectorized) x loads.
+       SWAP_AB=True   out^T = W x^T: the weight sub-tile is rebuilt in K order in registers
+                      with tl.join(lo, hi) + reshape (the pair becomes the innermost
+                      dimension, a register-local interleave), which makes it the MMA's A
+                      operand -- Hopper's wgmma reads A from registers, so the dequantized
+                      weights skip shared memory (the sm_90 PTX of this variant has no
+                      shared-memory stores for them; SWAP_AB=False has) -- while x^T is
+                      loaded contiguous along K (vectorized, pipelined). Small M also sits
+                      in the MMA's narrow N slot. On Hopper this is expected to be the faster
+                      one; the tuner decides.
+Both split K for small grids (fp32 partials, deterministic reduction, see _common.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _autotune
+from ._common import (dot_precision, epilogue_store, nibble_to_float, row_sum,
+                      splitk_reduce, store_partial, tile_ids)
+
+OP = "int4_weight_only_mm"
+MIN_TILED_SUB_K = 32  # the MMA's K per sub-tile: x_even/x_odd halves must be >= 16
+
+
+@triton.jit
+def _tiled_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, GROUP,
+                  stride_xm, stride_xk, stride_pn, stride_pk, stride_sn, stride_sg,
+                  stride_zn, stride_zg, stride_om, stride_on,
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr,
+                  N_SUB: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    DT = x_ptr.dtype.element_ty
+    HALF: tl.constexpr = SUB_K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)
+    x_rows = x_ptr + (offs_m % M).to(tl.int64) * stride_xm
+    p_rows = p_ptr + rn * stride_pn
+    s_rows = s_ptr + rn * stride_sn
+    z_rows = z_ptr + rn * stride_zn
+    offs_h = tl.arange(0, HALF)
+    offs_s = tl.arange(0, SUB_K)
+    n_iter = K // (SUB_K * N_SUB)  # the host makes N_SUB divide K // SUB_K: no K masks
+    if SWAP_AB:
+        acc = tl.full((BLOCK_N, BLOCK_M), 0, dtype=tl.float32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.float32)
+    for it in range(pid_k, n_iter, SPLIT_K):
+        for j in tl.static_range(N_SUB):
+            k0 = (it * N_SUB + j) * SUB_K
+            g = k0 // GROUP
+            sc = tl.load(s_rows + g * stride_sg)
+            zf = nibble_to_float(tl.load(z_rows + g * stride_zg), DT)
+            if SWAP_AB:
+                pk = tl.load(p_rows[:, None] + (k0 // 2 + offs_h)[None, :] * stride_pk)
+                wlo = nibble_to_float(pk & 0xF, DT) - zf[:, None]
+                whi = nibble_to_float(pk >> 4, DT) - zf[:, None]
+                wt = tl.reshape(tl.join(wlo, whi), (BLOCK_N, SUB_K))  # k = 2j + (0: lo, 1: hi)
+                xt = tl.load(x_rows[None, :] + (k0 + offs_s)[:, None] * stride_xk)
+                part = tl.dot(wt, xt, input_precision=DOT_PREC)
+                acc += part * sc[:, None]
+            else:
+                pk = tl.load(p_rows[None, :] + (k0 // 2 + offs_h)[:, None] * stride_pk)
+                wlo = nibble_to_float(pk & 0xF, DT) - zf[None, :]
+                whi = nibble_to_float(pk >> 4, DT) - zf[None, :]
+                ke = k0 + 2 * offs_h
+                xe = tl.load(x_rows[:, None] + ke[None, :] * stride_xk)
+                xo = tl.load(x_rows[:, None] + (ke + 1)[None, :] * stride_xk)
+                part = tl.dot(xe, wlo, input_precision=DOT_PREC)
+                part = tl.dot(xo, whi, part, input_precision=DOT_PREC)
+                acc += part * sc[None, :]
+    if SWAP_AB:
+        m2 = offs_m[None, :]
+        n2 = offs_n[:, None]
+    else:
+        m2 = offs_m[:, None]
+        n2 = offs_n[None, :]
+    if SPLIT_K == 1:
+        epilogue_store(acc, m2, n2, M, N, out_ptr, stride_om, stride_on, b_ptr, b_ptr, b_ptr,
+                       False, False, HAS_BIAS)
+    else:
+        store_partial(acc, m2, n2, M, N, part_ptr, pid_k)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, GROUP,
+                 stride_xm, stride_xk, stride_pn, stride_pk, stride_sn, stride_sg,
+                 stride_zn, stride_zg, stride_om, stride_on,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SUB_K: tl.constexpr, N_SUB: tl.constexpr):
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    HALF: tl.constexpr = SUB_K // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    p_rows = p_ptr + rn[:, None] * stride_pn
+    s_rows = s_ptr + rn * stride_sn
+    z_rows = z_ptr + rn * stride_zn
+    offs_h = tl.arange(0, HALF)
+    n_iter = K // (SUB_K * N_SUB)
+    acc = tl.full((BLOCK_N, HALF), 0, dtype=tl.float32)
+    for it in range(pid_k, n_iter, SPLIT_K):
+        for j in tl.static_range(N_SUB):
+            k0 = (it * N_SUB + j) * SUB_K
+            g = k0 // GROUP
+            sc = tl.load(s_rows + g * stride_sg)
+            zf = nibble_to_float(tl.load(z_rows + g * stride_zg), tl.float32)
+            pk = tl.load(p_rows + (k0 // 2 + offs_h)[None, :] * stride_pk)
+            ke = k0 + 2 * offs_h
+            xe = tl.load(x_row + ke * stride_xk).to(tl.float32)
+            xo = tl.load(x_row + (ke + 1) * stride_xk).to(tl.float32)
+            wlo = nibble_to_float(pk & 0xF, tl.float32) - zf[:, None]
+            whi = nibble_to_float(pk >> 4, tl.float32) - zf[:, None]
+            acc += (wlo * xe[None, :] + whi * xo[None, :]) * sc[:, None]
+    y = row_sum(acc)
+    m1 = tl.full((BLOCK_N,), 0, dtype=tl.int32) + m
+    if SPLIT_K == 1:
+        epilogue_store(y, m1, offs_n, M, N, out_ptr, stride_om, stride_on, b_ptr, b_ptr, b_ptr,
+                       False, False, HAS_BIAS)
+    else:
+        store_partial(y, m1, offs_n, M, N, part_ptr, pid_k)
+
+
+# ------------------------------------------------------------------------------ host side
+
+
+def sub_tiles(block_k: int, k: int, group: int) -> tuple[int, int]:
+    """(SUB_K, N_SUB) for a config's BLOCK_K: SUB_K = the largest power of two dividing the
+    group (<= BLOCK_K), N_SUB the largest count <= BLOCK_K / SUB_K that divides K / SUB_K, so
+    the kernels need no K masks (K is a multiple of the group)."""
+    sub = min(block_k, group & -group)
+    total = k // sub
+    n_sub = max(1, block_k // sub)
+    while total % n_sub:
+        n_sub -= 1
+    return sub, n_sub
+
+
+def tiled_ok(group: int, block_k: int = 1 << 30) -> bool:
+    return min(block_k, group & -group) >= MIN_TILED_SUB_K
+
+
+def launch(x2, w_packed, scales, zeros, group: int, bias, out, config: dict) -> None:
+    m, k = x2.shape
+    n = w_packed.shape[0]
+    s = int(config.get("SPLIT_K", 1))
+    sub, n_sub = sub_tiles(config["BLOCK_K"], k, group)
+    part = torch.empty((s, m, n), device=x2.device, dtype=torch.float32) if s > 1 else out
+    b = bias if bias is not None else out
+    args = (x2, w_packed, scales, zeros, b, out, part, m, n, k, group,
+            x2.stride(0), x2.stride(1), w_packed.stride(0), w_packed.stride(1),
+            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+            out.stride(0), out.stride(1))
+    common = dict(HAS_BIAS=bias is not None, SPLIT_K=s, SUB_K=sub, N_SUB=n_sub,
+                  num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if config["path"] == "gemv":
+        bn = config["BLOCK_N"]
+        _gemv_kernel[(m, triton.cdiv(n, bn), s)](*args, BLOCK_N=bn, **common)
+    else:
+        if sub < MIN_TILED_SUB_K:
+            raise ValueError(
+                f"int4_weight_only_mm: the tiled (tensor-core) path needs sub-tiles of >= "
+                f"{MIN_TILED_SUB_K} K values inside one group; group_size={group} with "
+                f"BLOCK_K={config['BLOCK_K']} gives {sub}. Use the gemv path or a group size "
+                f"divisible by 32"
+            )
+        bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), s)
+        _tiled_kernel[grid](*args, SWAP_AB=bool(config.get("SWAP_AB", False)), BLOCK_M=bm,
+                            BLOCK_N=bn, GROUP_M=config.get("GROUP_M", 8),
+                            DOT_PREC=dot_precision(x2.dtype), **common)
+    if s > 1:
+        splitk_reduce(part, out, None, None, bias)
+
+
+def _gemv(m, n, k, group, bn, bk, sms, split=None) -> dict:
+    sub, n_sub = sub_tiles(bk, k, group)
+    if split is None:
+        split = _autotune.split_k(m * triton.cdiv(n, bn), k // (sub * n_sub), sms, per_sm=4)
+    return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=2)
+
+
+def _tiled(m, n, k, group, bm, bn, bk, w, st, swap, sms, split=True) -> dict:
+    sub, n_sub = sub_tiles(bk, k, group)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    s = _autotune.split_k(tiles, k // (sub * n_sub), sms) if split else 1
+    return dict(path="tiled", SWAP_AB=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                SPLIT_K=s, num_warps=w, num_stages=st)
+
+
+def default_config(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int) -> dict:
+    """gemv for M <= 4 (and for group sizes the MMA path cannot take), swapped MMA tiles
+    above: see the module docstring for why swapped is the default."""
+    if m <= 4 or not tiled_ok(group):
+        return _gemv(m, n, k, group, 32, 256, sms)
+    if dtype == torch.float32:
+        return _tiled(m, n, k, group, *F32_TILES[0], sms)
+    if m <= 64:
+        bm = max(16, triton.next_power_of_2(m))
+        return _tiled(m, n, k, group, bm, 64, 128, 4, 3, True, sms)
+    return _tiled(m, n, k, group, 128, 128, 64, 8, 3, True, sms, split=False)
+
+
+# fp32 activations multiply with input_precision="ieee" (no TF32): CUDA-core FMA loops, where
+# large tiles spill registers; fp32 gets small tiles only.
+F32_TILES = ((32, 64, 32, 4, 3, True), (64, 64, 32, 4, 3, True), (16, 64, 32, 4, 3, True),
+             (64, 32, 32, 4, 3, False))
+
+
+def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int) -> list:
+    mb = _autotune.m_bucket(m)
+    out = []
+    if mb <= 16 or not tiled_ok(group):
+        for bn, bk in ((16, 256), (32, 256), (32, 512)):
+            sub, n_sub = sub_tiles(bk, k, group)
+            for s in _autotune.split_choices(m * triton.cdiv(n, bn), k // (sub * n_sub), sms):
+                out.append(_gemv(m, n, k, group, bn, bk, sms, split=s))
+    if not tiled_ok(group):
+        return out
+    if dtype == torch.float32:
+        if mb >= 2:
+            out += [_tiled(m, n, k, group, *t, sms) for t in F32_TILES]
+    else:
+        if mb >= 2:
+            bm = max(16, min(mb, 64))
+            for bn, bk, w, st in ((64, 128, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)):
+                out.append(_tiled(m, n, k, group, bm, bn, bk, w, st, True, sms))
+        if mb >= 64:
+            for bm, bn, bk, w, st, swap in ((128, 128, 64, 8, 3, True), (64, 128, 64, 4, 4, True),
+                                            (128, 64, 128, 4, 3, True), (64, 256, 64, 8, 3, True),
+                                            (128, 128, 64, 8, 3, False),
+                                            (64, 128, 64, 4, 4, False)):
+                out.append(_tiled(m, n, k, group, bm, bn, bk, w, st, swap, sms, split=False))
+    return [c for c in out if c["path"] == "gemv" or tiled_ok(group, c["BLOCK_K"])]
+
+
+def _interpreted() -> bool:
+    return type(_tiled_kernel).__name__ == "InterpretedFunction"
+
+
+def choose(x2, n: int, k: int, group: int, run) -> dict:
+    m = x2.shape[0]
+    sms = _autotune.sm_count(x2.device)
+    default = default_config(m, n, k, group, x2.dtype, sms)
+    if x2.device.type != "cuda" or _interpreted():
+        return default
+    key = _autotune.make_key(OP, x2.dtype, m, n, k, g=group)
+    return _autotune.tune(x2.device, key, candidates(m, n, k, group, x2.dtype, sms), run,
+                          default)
+
+
+def int4_weight_only_mm(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor, group_size: int, bias=None,
+                        config: dict | None = None) -> torch.Tensor:
+    n = w_packed.shape[0]
+    k = w_packed.shape[1] * 2
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m and n:
+        bias = None if bias is None else bias.contiguous()
+        if k == 0:
+            out.copy_(bias.to(torch.float32).expand(m, n) if bias is not None else
+                      torch.zeros((), device=x.device))
+        else:
+            def run(c):
+                launch(x2, w_packed, scales, zeros, group_size, bias, out, c)
+
+            run(config if config is not None else choose(x2, n, k, group_size, run))
+    return out.reshape(*lead, n)

@@ -1,0 +1,397 @@
+"""CUDA benchmark: pyquant's Triton kernels against cuBLAS and peers, on the linear layers of
+real models, every number a ratio measured in the same run (DESIGN.md, "Measuring").
+
+    pyquant bench --device cuda --out results/      (or python -m pyquant.bench_cuda)
+
+Per shape [N, K] (out_features, in_features) and batch M (tokens):
+    bf16 / fp16   F.linear (cuBLAS)                         the baselines; speedups are vs bf16
+    int_mm        torch._int_mm int8 x int8 -> int32        cuBLASLt int8 (no quantization cost)
+    pyquant.*     torch.ops.pyquant.<op>, triton backend forced, tuned before timing
+    dense         the triton backend's dense fallback (dequantize + cuBLAS), M >= 256 only:
+                  what DENSE_FALLBACK_MIN_M in pyquant/_triton.py would switch to
+    torchao.*     / bnb.*  where installed (their own formats: a peer, not the same numerics)
+
+Timing: CUDA events around each call, median of N; before every call a 256 MB buffer is
+written, which evicts the L2 (50 MB on H100/H200), so weights come from HBM as in serving.
+Event times are device times (the flush keeps the GPU busy while the host enqueues the op);
+host launch overhead is not in them (CUDA graphs remove most of it in serving).
+
+Reported beside each time: weight + activation bytes per second and their share of the copy
+bandwidth measured in this run (decode, memory bound), and TFLOP/s (TOPS for int8) with the
+share of the GPU's dense tensor peak where known (prefill, compute bound).
+Writes bench_cuda.csv, bench_cuda.json and a suggested DENSE_FALLBACK_MIN_M to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda"  # a module constant so that a CPU smoke test can point it elsewhere
+SHAPES = {
+    # name: (N, K)
+    "llama2-7b.attn(qkvo)": (4096, 4096),
+    "llama2-7b.mlp.up/gate": (11008, 4096),
+    "llama2-7b.mlp.down": (4096, 11008),
+    "llama2-70b-tp8.attn": (1024, 8192),
+    "llama2-70b-tp8.mlp.up/gate": (3584, 8192),
+    "llama2-70b-tp8.mlp.down": (8192, 3584),
+    "8192x8192": (8192, 8192),
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 2048, 4096)
+OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+GROUP = 128
+# Dense tensor-core peaks (no sparsity), TFLOP/s bf16 and TOPS int8, by device-name substring.
+PEAKS = {"H200": (989.4, 1978.9), "H100 SXM": (989.4, 1978.9), "H100 NVL": (835.0, 1670.0),
+         "H100 PCIe": (756.0, 1513.0), "H100": (989.4, 1978.9), "A100": (312.0, 624.0),
+         "L40S": (362.0, 733.0), "L4": (121.0, 242.5), "A10": (125.0, 250.0)}
+
+
+def _peaks(name: str):
+    for key, v in PEAKS.items():
+        if key in name:
+            return v
+    return None
+
+
+class Timer:
+    def __init__(self, flush_mb: int = 256):
+        self.flush = torch.empty(flush_mb * (1 << 20), dtype=torch.uint8, device=DEVICE)
+
+    def __call__(self, fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
+        """Median device time of fn() in microseconds, L2 flushed before each call."""
+        for _ in range(warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for i in range(iters):
+            self.flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """Device read+write bandwidth in GB/s (copy of a buffer much larger than L2)."""
+    n = int(gib * (1 << 30))
+    a = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / reps
+    del a, b
+    return 2 * n / dt / 1e9
+
+
+def _weights(n: int, k: int, seed: int = 0):
+    from pyquant import formats
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    w = torch.randn(n, k, device=DEVICE, generator=g) * 0.02
+    q8, s8 = formats.quantize_int8_per_channel(w)
+    codes, s4, z4 = formats.quantize_int4_groupwise(w, GROUP)
+    return dict(
+        bf16=w.to(torch.bfloat16), fp16=w.to(torch.float16),
+        int8_weight_only_mm=(q8, s8), int8_dynamic_mm=(q8, s8),
+        int4_weight_only_mm=(formats.pack_int4(codes), s4, z4, GROUP),
+    )
+
+
+def _weight_bytes(impl: str, n: int, k: int) -> int:
+    if impl in ("bf16", "fp16") or impl.startswith("dense"):
+        return 2 * n * k
+    if "int4" in impl or "nf4" in impl:
+        return n * k // 2 + (n * k // GROUP) * 5
+    return n * k + 4 * n
+
+
+def _peer_impls(n: int, k: int, w_bf16: torch.Tensor) -> dict:
+    """torchao / bitsandbytes linears where installed: {name: callable(x) or reason str}."""
+    out: dict = {}
+    try:
+        from torchao.quantization import quantize_ as ao_quantize
+
+        def ao(make):
+            lin = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
+            lin.weight.data.copy_(w_bf16)
+            ao_quantize(lin, make())
+            return lin
+
+        import torchao.quantization as aoq
+
+        makers = {
+            "torchao.int4wo": lambda: (aoq.Int4WeightOnlyConfig(group_size=GROUP)
+                                       if hasattr(aoq, "Int4WeightOnlyConfig")
+                                       else aoq.int4_weight_only(group_size=GROUP)),
+            "torchao.int8wo": lambda: (aoq.Int8WeightOnlyConfig()
+                                       if hasattr(aoq, "Int8WeightOnlyConfig")
+                                       else aoq.int8_weight_only()),
+            "torchao.int8dyn": lambda: (aoq.Int8DynamicActivationInt8WeightConfig()
+                                        if hasattr(aoq, "Int8DynamicActivationInt8WeightConfig")
+                                        else aoq.int8_dynamic_activation_int8_weight()),
+        }
+        for name, make in makers.items():
+            try:
+                out[name] = ao(make)
+            except Exception as e:
+                out[name] = f"{type(e).__name__}: {e}"[:160]
+    except Exception as e:
+        out["torchao"] = f"not available ({type(e).__name__})"
+    try:
+        import bitsandbytes as bnb
+
+        try:
+            lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16,
+                                    quant_type="nf4")
+            lin.weight = bnb.nn.Params4bit(w_bf16.cpu(), requires_grad=False, quant_type="nf4")
+            out["bnb.nf4"] = lin.cuda()
+        except Exception as e:
+            out["bnb.nf4"] = f"{type(e).__name__}: {e}"[:160]
+        try:
+            lin = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False)
+            lin.weight = bnb.nn.Int8Params(w_bf16.cpu().half(), requires_grad=False,
+                                           has_fp16_weights=False)
+            out["bnb.int8"] = lin.cuda()
+        except Exception as e:
+            out["bnb.int8"] = f"{type(e).__name__}: {e}"[:160]
+    except Exception as e:
+        out["bitsandbytes"] = f"not available ({type(e).__name__})"
+    return out
+
+
+def run(args) -> list:
+    import pyquant
+    from pyquant import _triton
+
+    why = _triton.why_unavailable()
+    if why:
+        raise SystemExit(f"bench_cuda: the Triton backend is unavailable: {why}")
+    dev = torch.cuda.get_device_name()
+    peaks = _peaks(dev)
+    bw = copy_bandwidth()
+    print(f"# {dev}, torch {torch.__version__}, triton {_triton._triton_version()}, "
+          f"copy bandwidth {bw:.0f} GB/s, peaks (bf16 TFLOP/s, int8 TOPS) {peaks}")
+    timer = Timer(args.flush_mb)
+    rows: list = []
+    t_start = time.perf_counter()
+    shapes = {name: nk for name, nk in SHAPES.items()
+              if not args.shapes or any(s in name for s in args.shapes)}
+    for sname, (n, k) in shapes.items():
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            print(f"# time budget of {args.time_budget} s spent: stopping before {sname}")
+            break
+        W = _weights(n, k)
+        peers = _peer_impls(n, k, W["bf16"]) if args.peers else {}
+        for name, p in peers.items():
+            if isinstance(p, str):
+                print(f"# {sname}: {name} skipped: {p}")
+        for m in args.ms:
+            xb = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+            xh = xb.to(torch.float16)
+            iters = args.iters if m <= 256 else max(5, args.iters // 2)
+            impls: dict = {
+                "bf16": lambda: F.linear(xb, W["bf16"]),
+                "fp16": lambda: F.linear(xh, W["fp16"]),
+            }
+            xq = torch.randint(-127, 128, (m, k), device=DEVICE, dtype=torch.int8)
+            wq_t = W["int8_dynamic_mm"][0].t()
+            try:
+                torch._int_mm(xq, wq_t)
+                impls["int_mm"] = lambda: torch._int_mm(xq, wq_t)
+            except Exception as e:
+                rows.append(dict(shape=sname, n=n, k=k, m=m, impl="int_mm", us=None,
+                                 note=f"{type(e).__name__}: {str(e)[:80]}"))
+            for op in args.ops:
+                wargs = W[op]
+                fn = getattr(torch.ops.pyquant, op)
+
+                def call(fn=fn, wargs=wargs):
+                    with pyquant.use_backend("triton"):
+                        return fn(xb, *wargs, None)
+
+                t0 = time.perf_counter()
+                call()  # tunes (or reads the cache) outside the timing
+                torch.cuda.synchronize()
+                tune_s = time.perf_counter() - t0
+                if tune_s > 1:
+                    print(f"#   tuned {op} N={n} K={k} M={m} in {tune_s:.1f} s")
+                impls[f"pyquant.{op}"] = call
+                if m >= 256 and args.dense:
+                    impl_fn = getattr(_triton, op)
+
+                    def dense(impl_fn=impl_fn, wargs=wargs, op=op):
+                        old = _triton.DENSE_FALLBACK_MIN_M.get(op)
+                        _triton.DENSE_FALLBACK_MIN_M[op] = 1
+                        try:
+                            return impl_fn(xb, *wargs, None)
+                        finally:
+                            if old is None:
+                                _triton.DENSE_FALLBACK_MIN_M.pop(op)
+                            else:
+                                _triton.DENSE_FALLBACK_MIN_M[op] = old
+
+                    impls[f"dense.{op}"] = dense
+            for name, p in peers.items():
+                if not isinstance(p, str):
+                    impls[name] = lambda p=p: p(xb)
+            base = None
+            for impl, fn in impls.items():
+                try:
+                    us = timer(fn, iters)
+                except Exception as e:
+                    rows.append(dict(shape=sname, n=n, k=k, m=m, impl=impl, us=None,
+                                     note=f"{type(e).__name__}: {str(e)[:80]}"))
+                    continue
+                if impl == "bf16":
+                    base = us
+                nbytes = _weight_bytes(impl, n, k) + 2 * m * k + 2 * m * n
+                gbs = nbytes / us / 1e3
+                tflops = 2 * m * n * k / us / 1e6
+                int8_core = impl in ("int_mm", "pyquant.int8_dynamic_mm") or "int8dyn" in impl
+                peak = None if peaks is None else peaks[1 if int8_core else 0]
+                rows.append(dict(
+                    shape=sname, n=n, k=k, m=m, impl=impl, us=round(us, 2),
+                    speedup_vs_bf16=None if base is None else round(base / us, 3),
+                    gb_s=round(gbs, 1), pct_copy_bw=round(100 * gbs / bw, 1),
+                    tflops=round(tflops, 1),
+                    pct_peak=None if peak is None else round(100 * tflops / peak, 1),
+                ))
+        _write(args.out, rows, dev, bw, peaks)
+        _print_table([r for r in rows if r["shape"] == sname], sname, n, k)
+    return rows
+
+
+SHORT = {"int8_weight_only_mm": "i8wo", "int8_dynamic_mm": "i8dyn",
+         "int4_weight_only_mm": f"i4wo-g{GROUP}"}
+
+
+def _short(impl: str) -> str:
+    for op, short in SHORT.items():
+        impl = impl.replace(op, short)
+    return impl.replace("pyquant.", "pq.")[-24:]
+
+
+def _print_table(rows: list, sname: str, n: int, k: int) -> None:
+    impls = []
+    for r in rows:
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+    print(f"\n## {sname}  N={n} K={k}   (us  xspeedup-over-bf16  %copy-bandwidth)")
+    print(f"{'M':>6} " + " ".join(f"{_short(i):>24}" for i in impls))
+    for m in sorted({r["m"] for r in rows}):
+        cells = []
+        for i in impls:
+            r = next((r for r in rows if r["m"] == m and r["impl"] == i), None)
+            if r is None or r.get("us") is None:
+                cells.append(f"{'-':>24}")
+            else:
+                sp = r.get("speedup_vs_bf16")
+                cells.append(f"{r['us']:>12.1f} {('x%.2f' % sp) if sp else '':>7} "
+                             f"{r['pct_copy_bw']:>3.0f}%")
+        print(f"{m:>6} " + " ".join(cells))
+
+
+def suggest_dense_fallback(rows: list) -> dict:
+    """{op: M_min} where the dense path beats the kernel at M_min and every larger measured M
+    on every shape (the conservative reading), else nothing for that op."""
+    out = {}
+    for op in OPS:
+        ms = sorted({r["m"] for r in rows if r["impl"] == f"dense.{op}" and r.get("us")})
+        wins = []
+        for m in ms:
+            ok = True
+            for r in rows:
+                if r["impl"] == f"dense.{op}" and r["m"] == m and r.get("us"):
+                    kern = next((q for q in rows if q["impl"] == f"pyquant.{op}" and
+                                 q["m"] == m and q["shape"] == r["shape"] and q.get("us")), None)
+                    if kern is None or r["us"] >= kern["us"]:
+                        ok = False
+            wins.append(ok)
+        for i, m in enumerate(ms):
+            if all(wins[i:]):
+                out[op] = m
+                break
+    return out
+
+
+def _write(out_dir: str, rows: list, dev: str, bw: float, peaks) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    keys = ["shape", "n", "k", "m", "impl", "us", "speedup_vs_bf16", "gb_s", "pct_copy_bw",
+            "tflops", "pct_peak", "note"]
+    with open(os.path.join(out_dir, "bench_cuda.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    meta = dict(device=dev, torch=torch.__version__, python=platform.python_version(),
+                copy_bandwidth_gb_s=round(bw, 1), peaks_bf16_tflops_int8_tops=peaks,
+                suggested_DENSE_FALLBACK_MIN_M=suggest_dense_fallback(rows))
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except Exception:
+        pass
+    with open(os.path.join(out_dir, "bench_cuda.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+def parse_args(argv: Optional[list] = None):
+    p = argparse.ArgumentParser(prog="bench_cuda", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or "bench_results",
+                   help="output directory (default: $OUT or ./bench_results)")
+    p.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=list(MS),
+                   help="comma-separated batch sizes M")
+    p.add_argument("--shapes", nargs="*", default=None,
+                   help="substrings of shape names to run (default: all)")
+    p.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
+    p.add_argument("--iters", type=int, default=25, help="timed calls per measurement")
+    p.add_argument("--flush-mb", type=int, default=256)
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="skip torchao / bitsandbytes")
+    p.add_argument("--no-dense", dest="dense", action="store_false",
+                   help="skip timing the dense fallback path at M >= 256")
+    p.add_argument("--quick", action="store_true",
+                   help="M in 1,16,128,2048 on the Llama-2-7B shapes only")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="stop starting new shapes after this many seconds (0: no limit)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.ms = [1, 16, 128, 2048]
+        a.shapes = a.shapes or ["llama2-7b"]
+    return a
+
+
+def main(argv: Optional[list] = None) -> int:
+    if not torch.cuda.is_available():
+        print("bench_cuda: no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    rows = run(args)
+    sug = suggest_dense_fallback(rows)
+    print(f"\n# suggested pyquant/_triton.py DENSE_FALLBACK_MIN_M = {sug}  "
+          f"(dense path faster at that M and above on every shape measured)")
+    print(f"# wrote {args.out}/bench_cuda.csv and .json in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
