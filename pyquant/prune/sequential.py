@@ -1,0 +1,199 @@
+"""A generic block-by-block runner over calibration data (any statistic, any per-layer action).
+
+    run_sequential(model, linears, calibration, make_stat, finish, desc="wanda")
+
+1. The repeated blocks are found as ``pyquant.calibrate.sequential.find_blocks`` finds them
+   (the largest ``nn.ModuleList`` of same-type modules holding target Linear layers) and a float
+   pass checks that they are chained (each called once per batch on the previous one's output);
+   otherwise the whole model is one unit.
+2. A forward pre-hook on block 0 records its inputs and raises to stop the forward.
+3. Block by block: hooks feed every target Linear's inputs (padding tokens dropped when the batch
+   has a 2-D ``attention_mask``) to ``make_stat(linear)``'s ``add(x_rows_float32)``; the block
+   runs on every batch; ``finish(linear, stat)`` is called for each of its targets (pruning it in
+   place, e.g.); the block runs again to produce the inputs of the next block, so every block
+   sees the outputs of the already-processed blocks (sequential calibration, as in the SparseGPT
+   and Wanda reference code).
+4. Targets outside the blocks get one pass over the whole model.
+
+Memory: one block's inputs for every batch plus one block's statistics. Batch handling, block
+discovery and the hidden-state plumbing are the ones of pyquant.calibrate.sequential (shared,
+not copied).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from ..calibrate import sequential as _seq
+
+
+class _ChainCheck:
+    """During the float pass: is each block called once per batch, fed the previous output?
+    (Kept here rather than borrowed: calibrate's own check also tracks what its report needs.)"""
+
+    def __init__(self, blocks):
+        self.calls = [0] * len(blocks)
+        self.last_out = None
+        self.broken = None
+        self.handles = []
+        for i, b in enumerate(blocks):
+            self.handles.append(b.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(b.register_forward_hook(self._post(i)))
+
+    def _pre(self, i):
+        def hook(mod, args, kwargs):
+            self.calls[i] += 1
+            h = _seq._get_hidden(_seq._hidden_loc(args, kwargs), args, kwargs)
+            if h is None and self.broken is None:
+                self.broken = f"block {i} has no tensor input"
+            elif i > 0 and not _seq._same(h, self.last_out) and self.broken is None:
+                self.broken = f"block {i}'s input is not block {i - 1}'s output"
+        return hook
+
+    def _post(self, i):
+        def hook(mod, args, out):
+            self.last_out = _seq._first_tensor(out)
+        return hook
+
+    def reason(self, n_batches: int):
+        if self.broken:
+            return self.broken
+        bad = [i for i, c in enumerate(self.calls) if c != n_batches]
+        if bad:
+            return (f"block {bad[0]} ran {self.calls[bad[0]]} time(s) for {n_batches} "
+                    "batch(es); each block must run once per batch")
+        return None
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.last_out = None
+
+
+def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
+                   make_stat: Callable[[nn.Module], Any],
+                   finish: Callable[[nn.Module, Any], None], desc: str = "calibrate") -> dict:
+    """Run the steps above; returns {"batches", "blocks", "num_blocks", "fallback"?}."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    batches = _seq.prepare_batches(calibration, device)
+    uniq = list({id(m): m for m in linears}.values())
+    ids = {id(m) for m in uniq}
+    blocks_name, blocks = _seq.find_blocks(model, ids)
+    info = {"batches": len(batches), "blocks": blocks_name, "num_blocks": len(blocks)}
+    state = {"mask": None}
+    handles: list = []
+
+    def call(i, b):
+        state["mask"] = b.mask
+        try:
+            return model(*b.args, **b.kwargs)
+        except _seq._StopForward:
+            raise
+        except Exception as e:
+            raise ValueError(f"calibration batch {i} ({b.desc:.300}) does not fit the model "
+                             f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+
+    def collect(members):
+        stats = {}
+        for m in members:
+            st = stats[id(m)] = make_stat(m)
+
+            def hook(mod, args, out, st=st):
+                x = args[0] if args else None
+                if isinstance(x, torch.Tensor):
+                    st.add(_seq._rows(x.detach(), state["mask"]))
+            handles.append(m.register_forward_hook(hook))
+        return stats
+
+    def unhook():
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+    was_training = model.training
+    hf_config = getattr(model, "config", None)
+    old_use_cache = getattr(hf_config, "use_cache", None)
+    chain = None
+    try:
+        model.eval()
+        if isinstance(old_use_cache, bool):
+            hf_config.use_cache = False
+        with torch.no_grad():
+            done: set = set()
+            if blocks:
+                chain = _ChainCheck(blocks)
+                for i, b in enumerate(batches):
+                    call(i, b)
+                    chain.last_out = None
+                why = chain.reason(len(batches))
+                chain.remove()
+                if why:
+                    info["fallback"] = f"blocks {blocks_name} not used ({why})"
+                    blocks_name, blocks = None, []
+                    info["blocks"], info["num_blocks"] = None, 0
+            if blocks:
+                captured = []
+
+                def stop(mod, args, kwargs):
+                    captured.append((args, _seq._sanitize(kwargs)))
+                    raise _seq._StopForward
+
+                h = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+                try:
+                    for i, b in enumerate(batches):
+                        try:
+                            call(i, b)
+                        except _seq._StopForward:
+                            pass
+                finally:
+                    h.remove()
+                if len(captured) != len(batches):
+                    raise ValueError(f"calibration: block {blocks_name}.0 was not reached by "
+                                     "every batch")
+                loc = _seq._hidden_loc(*captured[0])
+                inputs = captured
+                del captured
+                for block in progress(blocks, desc=f"{desc}: blocks"):
+                    sub = {id(s) for s in block.modules()}
+                    members = [m for m in uniq if id(m) in sub]
+
+                    def run(i, block=block):
+                        args, kwargs = inputs[i]
+                        state["mask"] = batches[i].mask
+                        return _seq._first_tensor(block(*args, **kwargs))
+
+                    if members:
+                        stats = collect(members)
+                        for i in range(len(inputs)):
+                            run(i)
+                        unhook()
+                        for m in members:
+                            finish(m, stats.pop(id(m)))
+                            done.add(id(m))
+                        del stats
+                    outs = [run(i) for i in range(len(inputs))]
+                    inputs = [_seq._set_hidden(loc, a, kw, o)
+                              for (a, kw), o in zip(inputs, outs)]
+                    del outs
+                del inputs
+            left = [m for m in uniq if id(m) not in done]
+            if left:
+                stats = collect(left)
+                for i, b in enumerate(batches):
+                    call(i, b)
+                unhook()
+                for m in left:
+                    finish(m, stats.pop(id(m)))
+    finally:
+        unhook()
+        if chain is not None:
+            chain.remove()
+        if isinstance(old_use_cache, bool):
+            hf_config.use_cache = old_use_cache
+        model.train(was_training)
+    return info

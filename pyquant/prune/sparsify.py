@@ -1,0 +1,158 @@
+"""sparsify_: prune every eligible nn.Linear of any module tree and swap in a compressed layer."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from ..api import SwapReport, _set_child, _tensor_bytes
+from ..config import SparseConfig
+from .masks import magnitude_mask, wanda_mask
+from .sequential import run_sequential
+from .sparsegpt import sparsegpt_prune
+
+
+@dataclass
+class SparsifyReport(SwapReport):
+    """``quantize_``'s report plus how the pruning ran: ``calibration`` (batches, blocks) and
+    per-layer ``notes`` (e.g. a layer no calibration token reached, pruned by magnitude)."""
+
+    calibration: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # [(fqn, note)]
+
+    def __str__(self) -> str:
+        lines = [super().__str__().replace("swapped", "sparsified", 1)]
+        if self.calibration:
+            lines.append(f"  calibration: {self.calibration}")
+        lines += [f"  note {fqn}: {note}" for fqn, note in self.notes]
+        return "\n".join(lines)
+
+
+class _SqSum:
+    """Wanda: sum over tokens of x_j^2 per input channel."""
+
+    def __init__(self, k: int, device):
+        self.sq = torch.zeros(k, dtype=torch.float64, device=device)
+        self.tokens, self.bad = 0, False
+
+    def add(self, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            self.bad = True
+            return
+        self.tokens += x.shape[0]
+        self.sq += x.double().pow(2).sum(0)
+
+
+class _Hessian:
+    """SparseGPT: X^T X over tokens (float32, K x K)."""
+
+    def __init__(self, k: int, device):
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.tokens, self.bad = 0, False
+
+    def add(self, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            self.bad = True
+            return
+        self.tokens += x.shape[0]
+        self.h.addmm_(x.T, x)
+
+
+def prune_weight(w: torch.Tensor, config: SparseConfig, stat=None, what: str = "weight"):
+    """(weight to compress, keep-mask) of one layer for ``config``'s method and pattern, from
+    its statistic (None: magnitude). Pure PyTorch; no kernel."""
+    sparsity, nm = config.pattern
+    method = config.method if stat is not None else "magnitude"
+    if method == "magnitude":
+        return w, magnitude_mask(w, sparsity, nm)
+    if method == "wanda":
+        return w, wanda_mask(w, stat.sq, sparsity, nm)
+    if method == "sparsegpt":
+        o = config.options
+        new, mask = sparsegpt_prune(w, stat.h, sparsity, nm, block_size=o.block_size,
+                                    damp=o.damp_percent, what=what)
+        return new.to(w.dtype), mask
+    raise ValueError(f"unknown pruning method {method!r}")  # pragma: no cover
+
+
+def sparsify_(
+    model: nn.Module,
+    config: SparseConfig,
+    calibration: Optional[Iterable[Any]] = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> SparsifyReport:
+    """Prune, in place, every ``nn.Linear`` of ``model`` that ``config`` supports (and that
+    ``filter_fn(module, fqn)`` accepts) and replace it with the config's compressed sparse layer.
+
+    ``config``: ``Sparse24(method=...)``, ``Unstructured(sparsity=..., method=...)`` or the
+    combined ``Sparse24Int8WeightOnly`` / ``Sparse24Int4WeightOnly``. ``method="magnitude"``
+    needs no data; ``"wanda"`` and ``"sparsegpt"`` need ``calibration``: an iterable of model
+    inputs (tensors, tuples of positional arguments or dicts of keyword arguments), processed
+    block by block (pyquant.prune.sequential) so that each block is pruned on the outputs of
+    the already pruned blocks before it."""
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a pyquant sparsity config such as pyquant.Sparse24() or "
+                        f"pyquant.Unstructured(0.5), got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("sparsify_ swaps layers inside a model and cannot replace the model "
+                         "object itself; wrap it (nn.Sequential(linear)) or use "
+                         f"{config.layer_cls.__name__}.from_float(linear, config)")
+    method = config.method
+    if method != "magnitude" and calibration is None:
+        raise ValueError(f"{type(config).__name__}(method={method!r}) needs calibration data: "
+                         "pass sparsify_(model, config, calibration=batches) with an iterable "
+                         "of model inputs (e.g. 128 tokenized sentences), or use "
+                         "method='magnitude'")
+    layer_cls = config.layer_cls
+    report = SparsifyReport(config)
+    fqns: dict[int, list] = {}
+    mods: dict[int, nn.Module] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        if not isinstance(m, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(m, fqn):
+            report.skipped.append((fqn, "rejected by filter_fn"))
+            continue
+        why = layer_cls.unsupported_reason(m, config)
+        if why:
+            report.skipped.append((fqn, why))
+            continue
+        fqns.setdefault(id(m), []).append(fqn)
+        mods[id(m)] = m
+
+    def finish(m: nn.Module, stat) -> None:
+        name = fqns[id(m)][0]
+        if stat is not None and stat.bad:
+            raise ValueError(f"{method} on {name}: its calibration inputs hold NaN or inf")
+        if stat is not None and stat.tokens == 0:
+            report.notes.append((name, "no calibration token reached this layer: pruned by "
+                                       "magnitude"))
+            stat = None
+        w, mask = prune_weight(m.weight.detach(), config, stat, what=name)
+        new = layer_cls.from_float(m, config, mask=mask, weight=w)
+        report.bytes_before += _tensor_bytes(m)
+        report.bytes_after += _tensor_bytes(new)
+        for fqn in fqns[id(m)]:
+            _set_child(model, fqn, new)
+            report.swapped.append(fqn)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if method == "magnitude":
+            for m in progress(list(mods.values()), desc=f"sparsify {config.scheme}"):
+                finish(m, None)
+        else:
+            def make_stat(m):
+                k, dev = m.weight.shape[1], m.weight.device
+                return _SqSum(k, dev) if method == "wanda" else _Hessian(k, dev)
+
+            report.calibration = run_sequential(model, list(mods.values()), calibration,
+                                                make_stat, finish, desc=method)
+    report.calibration["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
