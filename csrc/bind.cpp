@@ -31,13 +31,20 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ISA_PORTABLE") = static_cast<int>(PQ_ISA_PORTABLE);
   m.attr("ISA_AVX2") = static_cast<int>(PQ_ISA_AVX2);
   m.attr("ISA_AVX512_VNNI") = static_cast<int>(PQ_ISA_AVX512_VNNI);
+  m.attr("ISA_AVX512_AMX") = static_cast<int>(PQ_ISA_AVX512_AMX);
+
+  m.def("init", &pq_init, "Once per process: request the AMX tile state; 1 if AMX may be used.");
+  m.def("int8_workspace_bytes", &pq_int8_workspace_bytes, py::arg("isa"), py::arg("M"),
+        py::arg("K"), py::arg("N"));
+  m.def("int4_dynamic_workspace_bytes", &pq_int4_dynamic_workspace_bytes, py::arg("M"),
+        py::arg("K"), py::arg("group_size"));
 
   m.def("best_isa", &pq_cpu_best_isa, "Highest ISA compiled in and supported by this CPU.");
   m.def("isa_available", &pq_isa_available, py::arg("isa"));
   m.def("isa_name", [](int isa) { return std::string(pq_isa_name(isa)); }, py::arg("isa"));
   m.def("compiled_isas", [] {
     std::vector<std::string> names;
-    for (int isa = PQ_ISA_PORTABLE; isa <= PQ_ISA_AVX512_VNNI; ++isa)
+    for (int isa = PQ_ISA_PORTABLE; isa <= PQ_ISA_AVX512_AMX; ++isa)
       if (pq_isa_compiled(isa)) names.emplace_back(pq_isa_name(isa));
     return names;
   }, "Names of the ISAs compiled into this build (whether or not this CPU has them).");
@@ -64,23 +71,40 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("int8_gemm_s32",
         [](int isa, uintptr_t xq, int64_t M, int64_t K, uintptr_t w, int64_t N, uintptr_t acc,
-           int n_threads) {
+           int n_threads, uintptr_t work, int64_t work_bytes) {
           return pq_int8_gemm_s32(isa, ptr<const int8_t>(xq), M, K, ptr<const int8_t>(w), N,
-                                  ptr<int32_t>(acc), n_threads);
+                                  ptr<int32_t>(acc), ptr<void>(work), work_bytes, n_threads);
         },
         py::arg("isa"), py::arg("xq"), py::arg("M"), py::arg("K"), py::arg("w"), py::arg("N"),
-        py::arg("acc"), py::arg("n_threads"), gil_release());
+        py::arg("acc"), py::arg("n_threads"), py::arg("work") = 0, py::arg("work_bytes") = 0,
+        gil_release());
 
   m.def("int8_dynamic_mm",
         [](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w, int64_t N,
-           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads) {
+           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work,
+           int64_t work_bytes) {
           return pq_int8_dynamic_mm(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M, K,
                                     ptr<const int8_t>(w), N, ptr<const float>(w_scale),
-                                    ptr<const float>(bias), ptr<float>(out), n_threads);
+                                    ptr<const float>(bias), ptr<float>(out), ptr<void>(work),
+                                    work_bytes, n_threads);
         },
         py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"), py::arg("w"),
         py::arg("N"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
-        gil_release());
+        py::arg("work") = 0, py::arg("work_bytes") = 0, gil_release());
+
+  m.def("int4_dynamic_mm",
+        [](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w_packed,
+           int64_t N, uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias,
+           uintptr_t out, uintptr_t work, int64_t work_bytes, int n_threads) {
+          return pq_int4_dynamic_mm(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M, K,
+                                    ptr<const uint8_t>(w_packed), N, ptr<const float>(scales),
+                                    ptr<const uint8_t>(zeros), group_size, ptr<const float>(bias),
+                                    ptr<float>(out), ptr<void>(work), work_bytes, n_threads);
+        },
+        py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"),
+        py::arg("w_packed"), py::arg("N"), py::arg("scales"), py::arg("zeros"),
+        py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("work"),
+        py::arg("work_bytes"), py::arg("n_threads"), gil_release());
 
   m.def("int4_weight_only_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w_packed, int64_t N,

@@ -43,7 +43,13 @@ typedef enum {
   PQ_ISA_PORTABLE = 0,
   PQ_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
   PQ_ISA_AVX512_VNNI = 2, /* AVX512 F/BW/VL/DQ + VNNI */
+  PQ_ISA_AVX512_AMX = 3,  /* the above + AMX-TILE/INT8/BF16, with the OS permission granted */
 } pq_isa;
+
+/* Once per process, before any kernel: asks Linux for the AMX tile-data state
+ * (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). Returns 1 when AMX may
+ * be used; without it PQ_ISA_AVX512_AMX is reported unavailable. Idempotent. */
+int pq_init(void);
 
 /* Highest ISA both compiled in and supported by the running CPU. */
 int pq_cpu_best_isa(void);
@@ -51,7 +57,7 @@ int pq_cpu_best_isa(void);
 int pq_isa_available(int isa);
 /* 1 if the ISA's kernels are compiled into this library (whatever the CPU). */
 int pq_isa_compiled(int isa);
-/* "portable", "avx2", "avx512_vnni"; "unknown" otherwise. */
+/* "portable", "avx2", "avx512_vnni", "avx512_amx"; "unknown" otherwise. */
 const char* pq_isa_name(int isa);
 
 /* out[m,n] = w_scale[n] * sum_k x[m,k] * w[n,k] + (bias ? bias[n] : 0) */
@@ -66,16 +72,37 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
 int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                           int8_t* xq, float* x_scale, int n_threads);
 
+/* Bytes of scratch (`work`) the int8 GEMMs below can use for this call; 0 when
+ * the chosen path needs none. With AMX (K % 64 == 0, N % 32 == 0, M > 8) the
+ * activations are repacked once per call into the tile layout
+ * [ceil(M/16)][K/64][16][16][4] (ceil(M/16)*16*K bytes). A call given less
+ * scratch than this (or none) runs the AVX512-VNNI path instead: same result. */
+int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N);
+
 /* acc[m,n] = sum_k xq[m,k] * w[n,k]   (exact int32 accumulation) */
 int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w,
-                     int64_t N, int32_t* acc, int n_threads);
+                     int64_t N, int32_t* acc, void* work, int64_t work_bytes, int n_threads);
 
 /* out[m,n] = x_scale[m] * w_scale[n] * sum_k xq[m,k] * w[n,k] + (bias ? bias[n] : 0)
  * The int32 sum is exact; the epilogue is computed in float32 as
  * (float)acc * (x_scale[m] * w_scale[n]) + bias[n]. */
 int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                        const int8_t* w, int64_t N, const float* w_scale, const float* bias,
-                       float* out, int n_threads);
+                       float* out, void* work, int64_t work_bytes, int n_threads);
+
+/* W4A8: int8 per-row activations (pq_quantize_rows_int8) x int4 group-wise weights.
+ *   acc[m,n,g] = sum_{k in g} xq[m,k] * (code[n,k] - zeros[n,g])     (exact int32)
+ *   out[m,n]   = x_scale[m] * sum_g scales[n,g] * acc[m,n,g] + bias[n]  (float32)
+ * The float sum over groups may be reordered (tolerance: fp32 summation over
+ * K/G terms). K % G == 0, G % 32 == 0. `work` must hold
+ * pq_int4_dynamic_workspace_bytes(M, K, G) bytes, 4-byte aligned: per call the
+ * kernel stores there the per-group sums of xq and xq reordered per chunk of
+ * min(G, 64) codes as [even k | odd k], the order of the nibbles of a byte. */
+int64_t pq_int4_dynamic_workspace_bytes(int64_t M, int64_t K, int64_t group_size);
+int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                       const uint8_t* w_packed, int64_t N, const float* scales,
+                       const uint8_t* zeros, int64_t group_size, const float* bias, float* out,
+                       void* work, int64_t work_bytes, int n_threads);
 
 /* out[m,n] = sum_k x[m,k] * scales[n,k/G] * (code[n,k] - zeros[n,k/G]) + bias[n]
  * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). Each weight is

@@ -16,8 +16,9 @@ import torch
 
 from . import _checks
 
-ISA_NAMES = ("portable", "avx2", "avx512_vnni")
-_ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "vnni": 2}
+ISA_NAMES = ("portable", "avx2", "avx512_vnni", "avx512_amx")
+_ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "vnni": 2,
+                "avx512_amx": 3, "amx": 3}
 _STATUS = {1: "invalid argument", 2: "instruction set not available"}
 
 _lock = threading.Lock()
@@ -36,6 +37,8 @@ def _load():
             try:
                 from . import _C  # noqa: F401  (built by CMake; absent in a source-only tree)
 
+                if hasattr(_C, "init"):
+                    _C.init()  # once per process: asks Linux for the AMX tile state
                 _module = _C
             except Exception as e:  # ImportError, or an OSError from a broken build
                 _load_error = f"{type(e).__name__}: {e}"
@@ -159,6 +162,12 @@ def _flat(x: torch.Tensor, n: int):
     return lead, x2
 
 
+def _int8_work(isa: int, m: int, k: int, n: int):
+    """Scratch for the AMX path (activations repacked into tiles; csrc/cpu/tile_amx.h)."""
+    nbytes = module().int8_workspace_bytes(isa, m, k, n)
+    return (torch.empty(nbytes, dtype=torch.uint8) if nbytes > 0 else None), max(nbytes, 0)
+
+
 def int8_weight_only_mm(x, w, w_scale, bias=None):
     _checks.check_int8_mm("int8_weight_only_mm", x, w, w_scale, bias)
     _require_cpu("int8_weight_only_mm", x)
@@ -213,7 +222,10 @@ def int8_gemm_s32(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     acc = torch.empty((m, n), dtype=torch.int32)
     if m and n:
         xq, w = xq.contiguous(), w.contiguous()
-        st = module().int8_gemm_s32(current_isa(), _ptr(xq), m, k, _ptr(w), n, _ptr(acc), _threads())
+        isa = current_isa()
+        work, nwork = _int8_work(isa, m, k, n)
+        st = module().int8_gemm_s32(isa, _ptr(xq), m, k, _ptr(w), n, _ptr(acc), _threads(),
+                                    _ptr(work), nwork)
         if st:
             _raise("int8_gemm_s32", st, M=m, N=n, K=k)
     return acc
@@ -231,9 +243,11 @@ def int8_dynamic_mm(x, w, w_scale, bias=None):
         w = w.contiguous()
         ws = w_scale.contiguous()
         b = _bias_f32(bias)
+        isa = current_isa()
+        work, nwork = _int8_work(isa, m, k, n)
         st = module().int8_dynamic_mm(
-            current_isa(), _ptr(xq), _ptr(xs), m, k, _ptr(w), n, _ptr(ws), _ptr(b), _ptr(out),
-            _threads(),
+            isa, _ptr(xq), _ptr(xs), m, k, _ptr(w), n, _ptr(ws), _ptr(b), _ptr(out),
+            _threads(), _ptr(work), nwork,
         )
         if st:
             _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
@@ -257,4 +271,29 @@ def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
         )
         if st:
             _raise("int4_weight_only_mm", st, M=m, N=n, K=k, group_size=group_size)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    """W4A8: x quantized per row to int8 (as int8_dynamic_mm), exact int32 dot products per
+    weight group, combined in float32 (pq.h: pq_int4_dynamic_mm)."""
+    _checks.check_int4_mm("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
+    _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
+    _require_cpu("int4_dynamic_mm", x)
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xq, xs = quantize_rows_int8(x2)
+        wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
+        b = _bias_f32(bias)
+        nwork = module().int4_dynamic_workspace_bytes(m, k, group_size)
+        work = torch.empty(max(nwork, 4), dtype=torch.uint8)
+        st = module().int4_dynamic_mm(
+            current_isa(), _ptr(xq), _ptr(xs), m, k, _ptr(wp), n, _ptr(sc), _ptr(zp),
+            group_size, _ptr(b), _ptr(out), _ptr(work), nwork, _threads(),
+        )
+        if st:
+            _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
     return out.to(x.dtype).reshape(*lead, n)

@@ -47,6 +47,7 @@ class Impl:
 @dataclass
 class Row:
     shape: str
+    threads: int
     n: int
     k: int
     m: int
@@ -165,6 +166,9 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
              lambda s, x: torch.ops.pyquant.int4_weight_only_mm(x, s[0], s[1], s[2], group_size,
                                                                 None),
              lambda s: _tensor_bytes(*s), "int4_weight_only_mm"),
+        Impl(f"pyquant.int4_dynamic_mm[g{group_size}]", "pyquant", make_i4,
+             lambda s, x: torch.ops.pyquant.int4_dynamic_mm(x, s[0], s[1], s[2], group_size, None),
+             lambda s: _tensor_bytes(*s), "int4_dynamic_mm"),
     ]
 
 
@@ -219,7 +223,7 @@ def run(
                 t = _time_rotating(impl.run, states, x, iters=max(iters, len(states)) if m <= 16
                                    else iters)
                 gbps = nb / t / 1e9
-                rows.append(Row(mname, n, k, m, impl.name, impl.kind, impl.op, t * 1e3, nb, gbps,
+                rows.append(Row(mname, torch.get_num_threads(), n, k, m, impl.name, impl.kind, impl.op, t * 1e3, nb, gbps,
                                 gbps / bw, 2 * m * n * k / t / 1e9))
             del states, s0
     _add_speedups(rows)
@@ -238,6 +242,79 @@ def _add_speedups(rows: list[Row]) -> None:
         for (n, k, m, name), ms in base.items():
             if (n, k, m) == (r.n, r.k, r.m) and name != r.impl:
                 r.speedup[name] = ms / r.ms
+
+
+def thread_scaling(results: list) -> list:
+    """[{shape, m, impl, ms per thread count, speedup of the most over the fewest threads}]
+    from runs of the same shapes with different thread counts."""
+    if len(results) < 2:
+        return []
+    by = {}
+    for res in results:
+        t = res["machine"]["threads"]
+        for r in res["rows"]:
+            by.setdefault((r["n"], r["k"], r["m"], r["impl"]), {})[t] = r["ms"]
+    out = []
+    for (n, k, m, impl), per in by.items():
+        if len(per) < 2:
+            continue
+        lo, hi = min(per), max(per)
+        out.append({"n": n, "k": k, "m": m, "impl": impl, "ms": {str(t): v for t, v in per.items()},
+                    "threads": f"{lo}->{hi}", "speedup": per[lo] / per[hi]})
+    return out
+
+
+def format_scaling(scaling: list) -> str:
+    lines = [f"{'shape':>12} {'M':>5} {'impl':<42} {'threads':>8} {'speedup':>8}"]
+    for s in scaling:
+        lines.append(f"{s['n']:>5}x{s['k']:<6} {s['m']:>5} {s['impl']:<42} {s['threads']:>8} "
+                     f"{s['speedup']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`pyquant bench`: prints the table(s) and writes bench.json/bench.csv/roofline.png to --out.
+    With --threads 1,2 it runs once per thread count and adds the thread-scaling table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="pyquant bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="llama2-7b",
+                    help=f"comma-separated, from {', '.join(SHAPES)} (default llama2-7b)")
+    ap.add_argument("--ms", default=",".join(str(m) for m in DEFAULT_MS),
+                    help="comma-separated batch sizes M")
+    ap.add_argument("--impls", default=None,
+                    help="substrings of the pyquant impls to run (baselines always run)")
+    ap.add_argument("--threads", default=None,
+                    help="thread count, or a comma list (e.g. 1,2) for a scaling table")
+    ap.add_argument("--iters", type=int, default=20, help="timed calls per point (median)")
+    ap.add_argument("--out", default="./bench_results", help="output directory")
+    a = ap.parse_args(argv)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in SHAPES]
+    if bad:
+        ap.error(f"unknown model(s) {bad}; use {', '.join(SHAPES)}")
+    try:
+        ms = [int(v) for v in a.ms.split(",") if v.strip()]
+        threads = [int(v) for v in a.threads.split(",")] if a.threads else [None]
+    except ValueError as e:
+        ap.error(str(e))
+    if any(m < 1 for m in ms) or any(t is not None and t < 1 for t in threads):
+        ap.error("--ms and --threads take positive integers")
+    results = []
+    for t in threads:
+        res = run(models=models, ms=ms, impl_filter=a.impls, threads=t, iters=a.iters)
+        print(format_table(res))
+        results.append(res)
+    result = results[-1] if len(results) == 1 else {
+        "machine": results[-1]["machine"], "rows": [r for res in results for r in res["rows"]],
+        "runs": [res["machine"] for res in results]}
+    scaling = thread_scaling(results)
+    if scaling:
+        result["thread_scaling"] = scaling
+        print(format_scaling(scaling))
+    for p in write_outputs(result, a.out):
+        print(f"wrote {p}")
+    return 0
 
 
 def machine_info(bw: float) -> dict:
@@ -296,10 +373,10 @@ def write_outputs(result: dict, out_dir: str) -> list[str]:
     cp = os.path.join(out_dir, "bench.csv")
     with open(cp, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["shape", "n", "k", "m", "impl", "op", "ms", "weight_bytes", "gbps",
+        wr.writerow(["shape", "threads", "n", "k", "m", "impl", "op", "ms", "weight_bytes", "gbps",
                      "bw_share", "gops"] + [f"speedup_vs_{v}" for v in SHORT.values()])
         for r in result["rows"]:
-            wr.writerow([r["shape"], r["n"], r["k"], r["m"], r["impl"], r["op"],
+            wr.writerow([r["shape"], r["threads"], r["n"], r["k"], r["m"], r["impl"], r["op"],
                          f"{r['ms']:.4f}", r["weight_bytes"], f"{r['gbps']:.2f}",
                          f"{r['bw_share']:.3f}", f"{r['gops']:.1f}"]
                         + [f"{r['speedup'].get(b, float('nan')):.3f}" for b in SHORT])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import pyquant
+from pyquant.config import config_from_dict
 
 CONFIGS = [
     pyquant.Int8WeightOnly(),
@@ -112,10 +113,10 @@ def test_mixed_schemes_bf16_and_pathlike(tmp_path):
     assert meta["format"] == "pyquant" and meta["format_version"] == "1"
     assert meta["pyquant_version"] == pyquant.__version__
     layers = json.loads(meta["layers"])
-    assert layers["0"]["config"] == {"scheme": "int4_weight_only", "group_size": 32,
-                                     "symmetric": False}
-    assert layers["2"] == {"config": {"scheme": "int8_dynamic"}, "in_features": 32,
-                           "out_features": 40, "bias": True, "bias_dtype": "bfloat16"}
+    assert config_from_dict(layers["0"]["config"]) == pyquant.Int4WeightOnly(group_size=32)
+    assert config_from_dict(layers["2"].pop("config")) == pyquant.Int8Dynamic()
+    assert layers["2"] == {"in_features": 32, "out_features": 40, "bias": True,
+                           "bias_dtype": "bfloat16"}
     with torch.device("meta"):
         skeleton = make_model().to(torch.bfloat16)
     loaded = pyquant.load(skeleton, path)

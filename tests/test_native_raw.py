@@ -20,7 +20,7 @@ except ImportError as exc:  # not built: skip, unless the build is required
     pytest.skip(f"pyquant._C is not built: {exc}", allow_module_level=True)
 
 OK, ERR_ARG, ERR_ISA = 0, 1, 2
-ISAS = [i for i in range(3) if _C.isa_available(i)]
+ISAS = [i for i in range(4) if _C.isa_available(i)]
 ISA_IDS = [_C.isa_name(i) for i in ISAS]
 MS = [0, 1, 3, 17, 64]
 THREADS = [1, 2]
@@ -57,12 +57,12 @@ def assert_close(out, ref, mag, K):
 
 def test_module_info():
     assert isinstance(_C.__version__, str) and _C.__version__
-    assert (_C.ISA_PORTABLE, _C.ISA_AVX2, _C.ISA_AVX512_VNNI) == (0, 1, 2)
-    assert [_C.isa_name(i) for i in range(3)] == ["portable", "avx2", "avx512_vnni"]
+    assert (_C.ISA_PORTABLE, _C.ISA_AVX2, _C.ISA_AVX512_VNNI, _C.ISA_AVX512_AMX) == (0, 1, 2, 3)
+    assert [_C.isa_name(i) for i in range(4)] == ["portable", "avx2", "avx512_vnni", "avx512_amx"]
     assert _C.isa_name(7) == "unknown"
     assert "portable" in _C.compiled_isas()
     assert _C.isa_available(_C.ISA_PORTABLE) == 1
-    assert _C.isa_available(3) == 0 and _C.isa_available(-1) == 0
+    assert _C.isa_available(4) == 0 and _C.isa_available(-1) == 0
     assert _C.best_isa() == max(ISAS)
 
 
@@ -358,7 +358,7 @@ def test_bad_arguments(isa):
 
 def test_unsupported_isa():
     x, w, ws, out = torch.randn(1, 8), torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.empty(1, 2)
-    for isa in [-1, 3, 100] + [i for i in range(3) if not _C.isa_available(i)]:
+    for isa in [-1, 4, 100] + [i for i in range(4) if not _C.isa_available(i)]:
         assert _C.int8_weight_only_mm(isa, ptr(x), 1, 8, 8, ptr(w), 2, ptr(ws), 0, ptr(out), 1) == ERR_ISA
         assert _C.quantize_rows_int8(isa, 0, 0, 0, 0, 0, 0, 1) == ERR_ISA
         assert _C.int8_gemm_s32(isa, 0, 0, 0, 0, 0, 0, 1) == ERR_ISA
@@ -402,3 +402,87 @@ def test_cuda_module_without_gpu_requirement():
     assert _C_cuda.cuda_runtime_version() > 0
     n = _C_cuda.device_count()
     assert isinstance(n, int) and n >= 0
+
+
+# ---------------------------------------------------------------- AMX tiles and W4A8
+AMX = _C.ISA_AVX512_AMX
+needs_amx = pytest.mark.skipif(not _C.isa_available(AMX), reason="no AMX on this CPU/OS")
+
+
+def int8_work(isa, M, K, N):
+    nb = _C.int8_workspace_bytes(isa, M, K, N)
+    return torch.empty(max(nb, 1), dtype=torch.uint8), nb
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [9, 16, 17, 33, 64, 150])
+@pytest.mark.parametrize("N,K", [(32, 64), (96, 256), (64, 4096)])
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_amx_int8_gemm_s32_exact(M, N, K, n_threads):
+    """The tile path (activations repacked into the caller's scratch, M tails zero-padded) is
+    exact for every int8 input, -128 included."""
+    g = gen(M * 7 + N + K)
+    xq, w = rand_i8((M, K), g, lo=-128), rand_i8((N, K), g, lo=-128)
+    work, nb = int8_work(AMX, M, K, N)
+    assert nb == -(-M // 16) * 16 * K
+    acc = torch.full((M, N), 7, dtype=torch.int32)
+    assert _C.int8_gemm_s32(AMX, ptr(xq), M, K, ptr(w), N, ptr(acc), n_threads, ptr(work), nb) == OK
+    assert torch.equal(acc, (xq.long() @ w.long().T).int())
+
+
+@needs_amx
+@pytest.mark.parametrize("M,N,K", [(33, 64, 128), (150, 96, 256)])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_amx_int8_dynamic_bit_exact(M, N, K, has_bias):
+    g = gen(M + N + K)
+    xq, w = rand_i8((M, K), g), rand_i8((N, K), g)
+    xs = torch.rand(M, generator=g) * 0.1 + 1e-3
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(N, generator=g) if has_bias else None
+    work, nb = int8_work(AMX, M, K, N)
+    out = torch.full((M, N), float("nan"))
+    assert _C.int8_dynamic_mm(AMX, ptr(xq), ptr(xs), M, K, ptr(w), N, ptr(ws), ptr(bias), ptr(out),
+                              2, ptr(work), nb) == OK
+    ref = (xq.long() @ w.long().T).float() * (xs[:, None] * ws[None, :])
+    if bias is not None:
+        ref = ref + bias
+    assert torch.equal(out, ref)
+
+
+@needs_amx
+def test_amx_falls_back_without_scratch():
+    """Too little scratch (or none) selects the VNNI path: same exact result, no error."""
+    M, N, K = 40, 64, 256
+    g = gen(5)
+    xq, w = rand_i8((M, K), g), rand_i8((N, K), g)
+    work, nb = int8_work(AMX, M, K, N)
+    ref = (xq.long() @ w.long().T).int()
+    for p, n in [(0, 0), (ptr(work), nb - 1)]:
+        acc = torch.empty((M, N), dtype=torch.int32)
+        assert _C.int8_gemm_s32(AMX, ptr(xq), M, K, ptr(w), N, ptr(acc), 2, p, n) == OK
+        assert torch.equal(acc, ref)
+    assert _C.int8_workspace_bytes(AMX, M, K, N + 1) == 0  # N % 32 != 0: no tiles
+    assert _C.int8_workspace_bytes(_C.ISA_PORTABLE, M, K, N) == 0
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_int4_dynamic_bad_arguments(isa):
+    M, N, K, G = 3, 4, 64, 32
+    xq = torch.zeros(M, K, dtype=torch.int8)
+    xs, wp = torch.ones(M), torch.zeros(N, K // 2, dtype=torch.uint8)
+    sc, zp = torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.uint8)
+    out = torch.empty(M, N)
+    nb = _C.int4_dynamic_workspace_bytes(M, K, G)
+    work = torch.empty(nb + 8, dtype=torch.uint8)
+
+    def call(G=G, work_p=ptr(work), nbytes=nb, K=K):
+        return _C.int4_dynamic_mm(isa, ptr(xq), ptr(xs), M, K, ptr(wp), N, ptr(sc), ptr(zp), G, 0,
+                                  ptr(out), work_p, nbytes, 1)
+
+    assert call() == OK
+    assert call(G=16) == ERR_ARG  # not a multiple of 32
+    assert call(G=0) == ERR_ARG
+    assert call(K=48) == ERR_ARG  # K % G
+    assert call(nbytes=nb - 1) == ERR_ARG
+    assert call(work_p=0) == ERR_ARG
+    assert call(work_p=ptr(work) + 1) == ERR_ARG  # misaligned

@@ -174,7 +174,7 @@ SCRIPT = textwrap.dedent(r'''
         Q, XS, A = q.data_ptr(), xs.data_ptr(), acc.data_ptr()
         P, S4, Z4 = p.data_ptr(), s4.data_ptr(), z4.data_ptr()
         ERR_ARG, ERR_ISA = 1, 2
-        for isa in range(3):
+        for isa in range(len(_native.ISA_NAMES)):
             if not C.isa_available(isa):
                 continue
             t = f"isa{isa}"
@@ -209,7 +209,7 @@ SCRIPT = textwrap.dedent(r'''
             yield f"{t}/int4/null_scales", (lambda isa=isa: C.int4_weight_only_mm(isa, X, 4, 64, 64, P, 8, 0, Z4, 32, 0, O, 1)), ERR_ARG
             yield f"{t}/int4/neg_N", (lambda isa=isa: C.int4_weight_only_mm(isa, X, 4, 64, 64, P, -8, S4, Z4, 32, 0, O, 1)), ERR_ARG
             yield f"{t}/int4/odd_K", (lambda isa=isa: C.int4_weight_only_mm(isa, X, 4, 63, 64, P, 8, S4, Z4, 2, 0, O, 1)), ERR_ARG
-        for bad_isa in (-1, 3, 99, 1 << 30):
+        for bad_isa in (-1, len(_native.ISA_NAMES), 99, 1 << 30):
             yield f"isa_{bad_isa}/w8", (lambda b=bad_isa: C.int8_weight_only_mm(b, X, 4, 64, 64, W, 8, S, 0, O, 1)), ERR_ISA
             yield f"isa_{bad_isa}/int4", (lambda b=bad_isa: C.int4_weight_only_mm(b, X, 4, 64, 64, P, 8, S4, Z4, 32, 0, O, 1)), ERR_ISA
             yield f"isa_{bad_isa}/available", (lambda b=bad_isa: C.isa_available(b)), 0

@@ -4,7 +4,39 @@
 #include "../pq.h"
 #include "kernels.h"
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace {
+
+/* AMX state is off for a Linux process until it asks (kernel >= 5.16). */
+int g_amx_permitted = -1; /* -1: not asked yet */
+
+bool amx_cpu() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  const bool tile = d & (1u << 24), int8 = d & (1u << 25), bf16 = d & (1u << 22);
+  return tile && int8 && bf16;
+#else
+  return false;
+#endif
+}
+
+int amx_request() {
+  if (g_amx_permitted >= 0) return g_amx_permitted;
+  int ok = 0;
+#if defined(__linux__) && defined(__x86_64__)
+  if (amx_cpu()) {
+    const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }
+#endif
+  g_amx_permitted = ok;
+  return ok;
+}
 
 bool cpu_has(int isa) {
   if (isa == PQ_ISA_PORTABLE) return true;
@@ -18,6 +50,7 @@ bool cpu_has(int isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni");
+  if (isa == PQ_ISA_AVX512_AMX) return cpu_has(PQ_ISA_AVX512_VNNI) && amx_request();
 #endif
   return false;
 }
@@ -30,6 +63,9 @@ const pq::KernelTable* compiled_table(int isa) {
 #endif
 #ifdef PQ_HAVE_AVX512
     case PQ_ISA_AVX512_VNNI: return &pq_avx512::kKernels;
+#endif
+#ifdef PQ_HAVE_AMX
+    case PQ_ISA_AVX512_AMX: return &pq_amx::kKernels;
 #endif
     default: return nullptr;
   }
@@ -66,12 +102,14 @@ void fill_bias(float* out, int64_t M, int64_t N, const float* bias) {
 
 extern "C" {
 
+int pq_init(void) { return amx_request(); }
+
 int pq_isa_available(int isa) { return table(isa) != nullptr; }
 
 int pq_isa_compiled(int isa) { return compiled_table(isa) != nullptr; }
 
 int pq_cpu_best_isa(void) {
-  for (int isa = PQ_ISA_AVX512_VNNI; isa > PQ_ISA_PORTABLE; --isa)
+  for (int isa = PQ_ISA_AVX512_AMX; isa > PQ_ISA_PORTABLE; --isa)
     if (pq_isa_available(isa)) return isa;
   return PQ_ISA_PORTABLE;
 }
@@ -81,6 +119,7 @@ const char* pq_isa_name(int isa) {
     case PQ_ISA_PORTABLE: return "portable";
     case PQ_ISA_AVX2: return "avx2";
     case PQ_ISA_AVX512_VNNI: return "avx512_vnni";
+    case PQ_ISA_AVX512_AMX: return "avx512_amx";
     default: return "unknown";
   }
 }
@@ -114,8 +153,15 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
   return PQ_OK;
 }
 
+int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N) {
+  if (isa != PQ_ISA_AVX512_AMX || !table(isa) || M < 9 || K <= 0 || N <= 0 || K % 64 || N % 32 ||
+      too_big((M + 15) / 16 * 16, K))
+    return 0;
+  return (M + 15) / 16 * 16 * K;
+}
+
 int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
-                     int32_t* acc, int n_threads) {
+                     int32_t* acc, void* work, int64_t work_bytes, int n_threads) {
   const pq::KernelTable* t = table(isa);
   if (!t) return PQ_ERR_ISA;
   if (M < 0 || K < 0 || N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N) ||
@@ -126,13 +172,14 @@ int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8
     for (int64_t i = 0; i < M * N; ++i) acc[i] = 0;
     return PQ_OK;
   }
-  t->int8_gemm_s32(xq, M, K, w, N, acc, threads(n_threads));
+  if (work_bytes < 0) work_bytes = 0;
+  t->int8_gemm_s32(xq, M, K, w, N, acc, work, work ? work_bytes : 0, threads(n_threads));
   return PQ_OK;
 }
 
 int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                        const int8_t* w, int64_t N, const float* w_scale, const float* bias,
-                       float* out, int n_threads) {
+                       float* out, void* work, int64_t work_bytes, int n_threads) {
   const pq::KernelTable* t = table(isa);
   if (!t) return PQ_ERR_ISA;
   if (M < 0 || K < 0 || N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N) ||
@@ -141,7 +188,9 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  t->int8_dynamic_mm(xq, x_scale, M, K, w, N, w_scale, bias, out, threads(n_threads));
+  if (work_bytes < 0) work_bytes = 0;
+  t->int8_dynamic_mm(xq, x_scale, M, K, w, N, w_scale, bias, out, work, work ? work_bytes : 0,
+                     threads(n_threads));
   return PQ_OK;
 }
 
@@ -162,6 +211,34 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   t->int4_weight_only_mm(x, M, K, ldx, w_packed, N, scales, zeros, group_size, bias, out,
                          threads(n_threads));
+  return PQ_OK;
+}
+
+int64_t pq_int4_dynamic_workspace_bytes(int64_t M, int64_t K, int64_t group_size) {
+  if (M < 0 || K < 0 || group_size <= 0 || too_big(M, K) || too_big(M, K / group_size * 4 + K))
+    return -1;
+  return M * (K / group_size) * 4 + M * K;
+}
+
+int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                       const uint8_t* w_packed, int64_t N, const float* scales,
+                       const uint8_t* zeros, int64_t group_size, const float* bias, float* out,
+                       void* work, int64_t work_bytes, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (group_size <= 0 || group_size % 32 != 0 || M < 0 || K < 0 || K % group_size != 0 ||
+      N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N))
+    return PQ_ERR_ARG;
+  const int64_t groups = N * (K / group_size);
+  const int64_t need = pq_int4_dynamic_workspace_bytes(M, K, group_size);
+  if (missing(xq, M * K) || missing(x_scale, M) || missing(w_packed, N * K / 2) ||
+      missing(scales, groups) || missing(zeros, groups) || missing(out, M * N) || need < 0 ||
+      work_bytes < need || missing(work, need) || ((uintptr_t)work & 3))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  t->int4_dynamic_mm(xq, x_scale, M, K, w_packed, N, scales, zeros, group_size, bias, out, work,
+                     threads(n_threads));
   return PQ_OK;
 }
 

@@ -2,7 +2,9 @@
  * here are shared; the SIMD bodies are in tile_int8.h / tile_int4.h. */
 #include "kernels.h"
 #include "tile_int4.h"
+#include "tile_int4dyn.h"
 #include "tile_int8.h"
+#include "tile_amx.h"
 
 namespace PQ_NS {
 namespace {
@@ -58,21 +60,168 @@ void int8_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t 
 }
 
 void int8_gemm_s32(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
-                   int32_t* acc, int n_threads) {
+                   int32_t* acc, void* work, int64_t work_bytes, int n_threads) {
+#if defined(PQ_AMX)
+  if (amx_usable(M, K, N, work, work_bytes)) {
+    amx_pack_x(xq, M, K, (int8_t*)work, n_threads);
+    amx_gemm(M, K, w, N, (const int8_t*)work, n_threads, AmxStoreS32{acc, N});
+    return;
+  }
+#endif
+  (void)work, (void)work_bytes;
   int8_gemm(xq, M, K, w, N, n_threads, [=](int64_t m, int64_t n, int32_t v) { acc[m * N + n] = v; });
 }
 
 void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const int8_t* w, int64_t N, const float* w_scale, const float* bias,
-                     float* out, int n_threads) {
+                     float* out, void* work, int64_t work_bytes, int n_threads) {
+#if defined(PQ_AMX)
+  if (amx_usable(M, K, N, work, work_bytes)) {
+    amx_pack_x(xq, M, K, (int8_t*)work, n_threads);
+    amx_gemm(M, K, w, N, (const int8_t*)work, n_threads, AmxStoreDyn{out, N, x_scale, w_scale, bias});
+    return;
+  }
+#endif
+  (void)work, (void)work_bytes;
   int8_gemm(xq, M, K, w, N, n_threads, [=](int64_t m, int64_t n, int32_t v) {
     out[m * N + n] = scale_bias((float)v, x_scale[m] * w_scale[n], bias, n);
   });
 }
 
+/* work: gsum int32 [M, K/G], then (AVX512) xq reordered [M, K] (see tile_int4dyn.h). */
+void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                     const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
+                     int64_t G, const float* bias, float* out, void* work, int n_threads) {
+  const int64_t ng = K / G;
+  int32_t* gsum = (int32_t*)work;
+  const int8_t* xk = xq;
+#if defined(PQ_SIMD_AVX512)
+  int8_t* xp = (int8_t*)(gsum + M * ng);
+  {
+    const int threads = M < n_threads ? (int)M : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t m = 0; m < M; ++m) int4dyn_prep_row(xq + m * K, K, G, xp + m * K, gsum + m * ng);
+  }
+  xk = xp;
+#endif
+  for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
+    dispatch_tile<kTileN>(nr, mt, [&](auto R_, auto T_) {
+      constexpr int R = decltype(R_)::value, T = decltype(T_)::value;
+      float dot[R][T];
+      dot_i8_u4<R, T>(xk + m * K, gsum + m * ng, wp + n * (K / 2), scales + n * ng, zeros + n * ng,
+                      K, G, dot);
+      for (int t = 0; t < T; ++t)
+        for (int r = 0; r < R; ++r)
+          out[(m + t) * N + n + r] = scale_bias(dot[r][t], x_scale[m + t], bias, n + r);
+    });
+  });
+}
+
+#if defined(PQ_SIMD_AVX512)
+/* int4 weight-only for larger M (AVX512, G % 32 == 0): each kTileN-row weight
+ * tile is dequantized once per activation block and K chunk into fp32 (on the
+ * stack, in k order), then every activation tile of the block runs plain fp32
+ * FMAs against it, so the decoding is amortized over up to kBlockM rows of x.
+ * The weights are the same values as dot_f32_u4's ((code - zero) * scale); the
+ * fp32 sums run in another order (per chunk, then over chunks, then + bias). */
+constexpr int64_t kU4Chunk = 1024; /* codes per dequantized chunk of a weight row */
+/* Below this M the decoding in the dot loop (dot_f32_u4) is cheaper than
+ * dequantizing to memory (measured crossover: M ~ 10 at K = 4096). */
+constexpr int64_t kU4DequantMinM = 12;
+
+template <int R>
+inline void u4_dequant(const uint8_t* wp, const float* sc, const uint8_t* zp, int64_t K, int64_t G,
+                       int64_t k0, int64_t len, float* w) {
+  const int64_t ng = K / G, ldw = K / 2;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int r = 0; r < R; ++r) {
+    int64_t g = -1;
+    __m512 tab = iota;
+    for (int64_t j = 0; j < len; j += 32) {
+      const int64_t k = k0 + j;
+      if (k / G != g) {
+        g = k / G;
+        tab = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps((float)zp[r * ng + g])),
+                            _mm512_set1_ps(sc[r * ng + g]));
+      }
+      /* vpermps reads the low 4 bits of each index: byte b gives its even code, b >> 4 its odd one. */
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wp + r * ldw + k / 2)));
+      const __m512 we = _mm512_permutexvar_ps(d, tab);
+      const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), tab);
+      _mm512_storeu_ps(w + r * kU4Chunk + j, _mm512_permutex2var_ps(we, lo, wo));
+      _mm512_storeu_ps(w + r * kU4Chunk + j + 16, _mm512_permutex2var_ps(we, hi, wo));
+    }
+  }
+}
+
+void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
+                              int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
+                              const float* bias, float* out, int n_threads) {
+  const int64_t ng = K / G;
+  /* The task partition of for_each_tile. Within a task the K chunk is the
+   * outer loop, so only one chunk of the activation block (kBlockM x kU4Chunk
+   * floats, 256 KiB) is live in L2 while the task's weight tiles sweep it;
+   * per chunk the partial sums are reduced and added to out. */
+  int64_t nb = ceil_div(ceil_div(N, (int64_t)n_threads * 4), kTileN) * kTileN;
+  nb = nb > kMaxBlockN ? kMaxBlockN : nb;
+  const int64_t mb = min64(M, kBlockM);
+  const int64_t n_mblk = ceil_div(M, mb);
+  const int64_t tasks = ceil_div(N, nb) * n_mblk;
+  const int threads = tasks < n_threads ? (int)tasks : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (threads > 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t n0 = task / n_mblk * nb, m0 = task % n_mblk * mb;
+    const int64_t n1 = min64(n0 + nb, N), m1 = min64(m0 + mb, M);
+    alignas(64) float w[kTileN * kU4Chunk];
+    for (int64_t k0 = 0; k0 < K; k0 += kU4Chunk) {
+      const int64_t len = min64(kU4Chunk, K - k0);
+      const bool first = k0 == 0, last = k0 + len == K;
+      for (int64_t n = n0; n < n1; n += kTileN) {
+        const int nr = (int)min64(kTileN, n1 - n);
+        dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
+          constexpr int R = decltype(R_)::value;
+          u4_dequant<R>(wp + n * (K / 2), scales + n * ng, zeros + n * ng, K, G, k0, len, w);
+        });
+        for (int64_t m = m0; m < m1; m += kTileM) {
+          dispatch_tile<kTileN>(nr, (int)min64(kTileM, m1 - m), [&](auto R_, auto T_) {
+            constexpr int R = decltype(R_)::value, T = decltype(T_)::value;
+            __m512 acc[R][T];
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+            const float* xk = x + m * ldx + k0;
+            for (int64_t j = 0; j < len; j += 16) {
+              __m512 wv[R];
+              for (int r = 0; r < R; ++r) wv[r] = _mm512_load_ps(w + r * kU4Chunk + j);
+              for (int t = 0; t < T; ++t) {
+                const __m512 xv = _mm512_loadu_ps(xk + t * ldx + j);
+                for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(xv, wv[r], acc[r][t]);
+              }
+            }
+            for (int t = 0; t < T; ++t)
+              for (int r = 0; r < R; ++r) {
+                float* o = out + (m + t) * N + n + r;
+                float v = _mm512_reduce_add_ps(acc[r][t]);
+                if (!first) v = *o + v;
+                if (last && bias) v = v + bias[n + r];
+                *o = v;
+              }
+          });
+        }
+      }
+    }
+  }
+}
+#endif
+
 void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                          int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                          const float* bias, float* out, int n_threads) {
+#if defined(PQ_SIMD_AVX512)
+  if (M >= kU4DequantMinM && G % 32 == 0)
+    return int4_weight_only_dequant(x, M, K, ldx, wp, N, scales, zeros, G, bias, out, n_threads);
+#endif
   const int64_t ng = K / G;
   for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
     dispatch_tile<kTileN>(nr, mt, [&](auto R_, auto T_) {
@@ -92,6 +241,7 @@ void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 
 extern const pq::KernelTable kKernels = {
     int8_weight_only_mm, quantize_rows_int8, int8_gemm_s32, int8_dynamic_mm, int4_weight_only_mm,
+    int4_dynamic_mm,
 };
 
 }  // namespace PQ_NS

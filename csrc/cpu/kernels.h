@@ -18,15 +18,21 @@ struct KernelTable {
                               const float* bias, float* out, int n_threads);
   void (*quantize_rows_int8)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq,
                              float* x_scale, int n_threads);
+  /* work: scratch of work_bytes (may be 0); AMX builds use it when large enough. */
   void (*int8_gemm_s32)(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
-                        int32_t* acc, int n_threads);
+                        int32_t* acc, void* work, int64_t work_bytes, int n_threads);
   void (*int8_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const int8_t* w, int64_t N, const float* w_scale, const float* bias,
-                          float* out, int n_threads);
+                          float* out, void* work, int64_t work_bytes, int n_threads);
   void (*int4_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* w_packed, int64_t N, const float* scales,
                               const uint8_t* zeros, int64_t group_size, const float* bias,
                               float* out, int n_threads);
+  /* work: pq_int4_dynamic_workspace_bytes(M, K, G) bytes, 4-byte aligned. */
+  void (*int4_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                          const uint8_t* w_packed, int64_t N, const float* scales,
+                          const uint8_t* zeros, int64_t group_size, const float* bias,
+                          float* out, void* work, int n_threads);
 };
 
 }  // namespace pq
@@ -35,5 +41,6 @@ struct KernelTable {
 namespace pq_portable { extern const pq::KernelTable kKernels; }
 namespace pq_avx2 { extern const pq::KernelTable kKernels; }
 namespace pq_avx512 { extern const pq::KernelTable kKernels; }
+namespace pq_amx { extern const pq::KernelTable kKernels; }
 
 #endif /* PQ_CPU_KERNELS_H */
