@@ -88,3 +88,93 @@ def check_int4_mm(op: str, x, w_packed, scales, zeros, group_size, bias) -> None
     check_tensor(op, "zeros", zeros, torch.uint8, (n, k // group_size))
     check_bias(op, bias, n)
     check_same_device(op, x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)
+
+
+def check_int4_dynamic_group(op: str, group_size: int) -> None:
+    """W4A8 kernels take whole 32-code steps (16 bytes) per group."""
+    if group_size % 32:
+        raise ValueError(
+            f"{op}: group_size={group_size} must be a multiple of 32 (use 32, 64, 128 or 256)"
+        )
+
+
+# ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
+
+
+def _check_2d(op: str, name: str, t, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be a 2-D {what}, got {getattr(t, 'shape', t)!r}")
+
+
+def _check_meta_24(op: str, meta, n: int, k: int) -> None:
+    check_tensor(op, "meta", meta, torch.uint8, (n, (k + 7) // 8))
+
+
+def check_sparse24_mm(op: str, x, values, meta, bias) -> None:
+    _check_2d(op, "values", values, "float tensor [N, K/2] of kept 2:4 weights")
+    if values.dtype not in ACT_DTYPES:
+        raise TypeError(f"{op}: values has dtype {values.dtype}; use float32, bfloat16 or "
+                        "float16")
+    n, k = values.shape[0], 2 * values.shape[1]
+    if k % 4:
+        raise ValueError(f"{op}: values has shape {_shape(values)}: K = 2 * {values.shape[1]} = "
+                         f"{k} is not a multiple of 4")
+    check_activation(op, x, k)
+    _check_meta_24(op, meta, n, k)
+    check_bias(op, bias, n)
+    check_same_device(op, x, values=values, meta=meta, bias=bias)
+
+
+def check_sparse24_int8_mm(op: str, x, values_q, meta, scale, bias) -> None:
+    _check_2d(op, "values_q", values_q, "int8 tensor [N, K/2]")
+    n, k = values_q.shape[0], 2 * values_q.shape[1]
+    check_tensor(op, "values_q", values_q, torch.int8, (n, k // 2))
+    if k % 4:
+        raise ValueError(f"{op}: values_q has shape {_shape(values_q)}: K = {k} is not a "
+                         "multiple of 4")
+    check_activation(op, x, k)
+    _check_meta_24(op, meta, n, k)
+    check_tensor(op, "scale", scale, torch.float32, (n,))
+    check_bias(op, bias, n)
+    check_same_device(op, x, values_q=values_q, meta=meta, scale=scale, bias=bias)
+
+
+def check_sparse24_int4_mm(op: str, x, packed, meta, scales, zeros, group_size, bias) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{op}: group_size must be an int, got {group_size!r}")
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"{op}: group_size={group_size} must be a positive even number")
+    _check_2d(op, "packed", packed, "uint8 tensor [N, K/4] (int4 codes of the kept values)")
+    n, k = packed.shape[0], 4 * packed.shape[1]
+    check_tensor(op, "packed", packed, torch.uint8, (n, k // 4))
+    if (k // 2) % group_size:
+        raise ValueError(f"{op}: K/2={k // 2} kept values per row are not a multiple of "
+                         f"group_size={group_size}")
+    check_activation(op, x, k)
+    _check_meta_24(op, meta, n, k)
+    g = k // 2 // group_size
+    check_tensor(op, "scales", scales, torch.float32, (n, g))
+    check_tensor(op, "zeros", zeros, torch.uint8, (n, g))
+    check_bias(op, bias, n)
+    check_same_device(op, x, packed=packed, meta=meta, scales=scales, zeros=zeros, bias=bias)
+
+
+def check_sparse_unstructured_mm(op: str, x, bitmask, values, row_offsets, bias) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{op}: x must be a tensor [..., K], got {getattr(x, 'shape', x)!r}")
+    _check_2d(op, "bitmask", bitmask, "uint8 tensor [N, ceil(K/8)]")
+    n, k = bitmask.shape[0], x.shape[-1]
+    if bitmask.shape[1] != (k + 7) // 8:
+        raise ValueError(f"{op}: x has shape {_shape(x)} but the bitmask {_shape(bitmask)} "
+                         f"holds K in [{8 * bitmask.shape[1] - 7}, {8 * bitmask.shape[1]}]")
+    check_activation(op, x, k)
+    check_tensor(op, "bitmask", bitmask, torch.uint8, (n, (k + 7) // 8))
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise ValueError(f"{op}: values must be a 1-D float tensor [nnz], got "
+                         f"{getattr(values, 'shape', values)!r}")
+    if values.dtype not in ACT_DTYPES:
+        raise TypeError(f"{op}: values has dtype {values.dtype}; use float32, bfloat16 or "
+                        "float16")
+    check_tensor(op, "row_offsets", row_offsets, torch.int64, (n + 1,))
+    check_bias(op, bias, n)
+    check_same_device(op, x, bitmask=bitmask, values=values, row_offsets=row_offsets, bias=bias)

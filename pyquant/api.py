@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ class SwapReport:
     skipped: list = field(default_factory=list)  # [(fqn, reason)]
     bytes_before: int = 0
     bytes_after: int = 0
+    #: calibrate.report.AccuracyReport when quantize_ had calibration data, else None
+    accuracy: Optional[Any] = None
 
     def __str__(self) -> str:
         lines = [
@@ -29,6 +31,8 @@ class SwapReport:
         ]
         for fqn, why in self.skipped:
             lines.append(f"  skipped {fqn or '<root>'}: {why}")
+        if self.accuracy is not None:
+            lines.append(str(self.accuracy))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -50,9 +54,17 @@ def quantize_(
     model: nn.Module,
     config: QuantConfig,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    calibration: Optional[Iterable[Any]] = None,
 ) -> SwapReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` that ``config`` supports (and that
-    ``filter_fn(module, fqn)`` accepts) with the config's quantized layer. Returns a report."""
+    ``filter_fn(module, fqn)`` accepts) with the config's quantized layer. Returns a report.
+
+    ``calibration``: an iterable of model inputs (each a tensor, a tuple of positional
+    arguments, or a dict of keyword arguments such as a tokenizer's output). Calibrated methods
+    (``method="gptq"``, ``"awq"``, ``"smoothquant"``) need it; with it, any method runs block by
+    block on those inputs (``pyquant.calibrate``) and the report's ``accuracy`` holds the error
+    of every layer and of the model's output, which ``model.pyquant_accuracy`` keeps too (and
+    ``pyquant.save`` writes beside the checkpoint)."""
     if not isinstance(config, QuantConfig):
         raise TypeError(
             f"config must be a pyquant config such as pyquant.Int8WeightOnly(), "
@@ -66,13 +78,28 @@ def quantize_(
             "wrap it (nn.Sequential(linear)) or use "
             f"{config.layer_cls.__name__}.from_float(linear, config)"
         )
+    from .config import SparseConfig
+
+    if isinstance(config, SparseConfig):
+        raise TypeError(f"{type(config).__name__} is a sparsity config: use "
+                        f"pyquant.sparsify_(model, {type(config).__name__}(...))")
+    method = getattr(config, "method", "rtn")
+    if calibration is None and method != "rtn":
+        raise ValueError(
+            f"{type(config).__name__}(method={method!r}) needs calibration data: pass "
+            f"quantize_(model, config, calibration=batches) with an iterable of model inputs "
+            f"(e.g. a few hundred tokenized sentences), or use method='rtn'"
+        )
     layer_cls = config.layer_cls
     report = SwapReport(config)
-    targets = []
+    targets, sparse_targets = [], []
     # remove_duplicate=False: a Linear shared by two parents must be swapped in both places
     # (with one quantized layer), or the model would stay half float.
     for fqn, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, nn.Linear):
+            # a sparse layer (pyquant.sparse_nn) becomes a combined sparse + quantized one
+            if hasattr(m, "pyquant_quantize") and (filter_fn is None or filter_fn(m, fqn)):
+                sparse_targets.append((fqn, m))
             continue
         if filter_fn is not None and not filter_fn(m, fqn):
             report.skipped.append((fqn, "rejected by filter_fn"))
@@ -82,6 +109,15 @@ def quantize_(
             report.skipped.append((fqn, why))
             continue
         targets.append((fqn, m))
+    if sparse_targets:
+        _quantize_sparse(model, config, sparse_targets, report)
+    if calibration is not None:
+        from .calibrate.sequential import quantize_calibrated
+
+        # quantize_calibrated empties ``targets`` so that each float layer is freed once it
+        # has been swapped; drop this frame's last loop reference too
+        m = None
+        return quantize_calibrated(model, config, targets, report, calibration)
     done: dict[int, nn.Module] = {}
     with torch.no_grad():
         for fqn, m in progress(targets, desc=f"quantize {config.scheme}"):
@@ -93,3 +129,22 @@ def quantize_(
             _set_child(model, fqn, new)
             report.swapped.append(fqn)
     return report
+
+
+def _quantize_sparse(model, config, targets, report) -> None:
+    """Sparse layers ask themselves (``pyquant_quantize``) for their combined sparse + quantized
+    form; the ones that cannot are reported as skipped with the reason."""
+    done: dict[int, nn.Module] = {}
+    with torch.no_grad():
+        for fqn, m in targets:
+            new = done.get(id(m))
+            if new is None:
+                new, why = m.pyquant_quantize(config)
+                if new is None:
+                    report.skipped.append((fqn, why))
+                    continue
+                done[id(m)] = new
+                report.bytes_before += _tensor_bytes(m)
+                report.bytes_after += _tensor_bytes(new)
+            _set_child(model, fqn, new)
+            report.swapped.append(fqn)

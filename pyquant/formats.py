@@ -40,10 +40,19 @@ def _as_float_weight(w: torch.Tensor, what: str = "weight") -> torch.Tensor:
     return w.detach().to(torch.float32)
 
 
-def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: returns (q int8 [N, K], scale float32 [N])."""
+def quantize_int8_per_channel(
+    w: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (q int8 [N, K], scale float32 [N]).
+
+    amax: max |w| of each whole row [N], when ``w`` holds only some of the row's columns (a
+    row-parallel shard, pyquant.distributed): the shard then gets the whole row's scale and
+    exactly the codes that quantizing the whole row gives."""
     w = _as_float_weight(w)
-    amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+    if amax is None:
+        amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+    else:
+        amax = amax.detach().to(device=w.device, dtype=torch.float32).reshape(w.shape[0])
     scale = amax / INT8_QMAX
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(w / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
@@ -54,14 +63,20 @@ def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return q.to(torch.float32) * scale.to(torch.float32)[:, None]
 
 
-def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_int8(
+    x: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token) symmetric int8 of a 2-D float tensor: (xq int8 [M, K], s float32 [M]).
 
     The float operations (fp32 amax / 127, true division, round half to even) are the ones the
-    native kernels perform, so both give bit-identical codes.
+    native kernels perform, so both give bit-identical codes. ``amax`` [M]: max |x| of each
+    whole row when ``x`` holds only a slice of it (row-parallel, pyquant.distributed).
     """
     x = x.to(torch.float32)
-    amax = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0])
+    if amax is None:
+        amax = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0])
+    else:
+        amax = amax.detach().to(device=x.device, dtype=torch.float32).reshape(x.shape[0])
     s = amax / INT8_QMAX
     s = torch.where(s == 0, torch.ones_like(s), s)
     xq = torch.round(x / s[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)

@@ -69,9 +69,15 @@ def _check_host() -> None:  # raw bytes go straight between file and tensor memo
         raise NotImplementedError("pyquant checkpoints need a little-endian host")
 
 
-def save(model: nn.Module, path: PathLike) -> None:
+def save(model: nn.Module, path: PathLike, report=None) -> None:
     """Write ``model.state_dict()`` plus the quantized layers' configs to one safetensors file,
-    atomically (a temporary file in the same directory, then ``os.replace``)."""
+    atomically (a temporary file in the same directory, then ``os.replace``).
+
+    When the model was quantized with calibration data, ``quantize_`` left its accuracy report
+    on it (``model.pyquant_accuracy``); it is written beside the checkpoint as
+    ``<path>.report.json`` (see ``pyquant.calibrate.report``). ``report=`` passes one explicitly
+    (an ``AccuracyReport`` or the ``SwapReport`` that holds it). A stale report file of an
+    earlier save to the same path is removed when there is none now."""
     from . import __version__
 
     _check_host()
@@ -130,6 +136,9 @@ def save(model: nn.Module, path: PathLike) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    from .calibrate.report import write_beside
+
+    write_beside(path, model, report)
 
 
 def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
@@ -138,7 +147,9 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
     every tensor is loaded (``assign=True`` when the skeleton has meta tensors). Returns ``model``.
 
     ``strict`` as in ``load_state_dict`` for the float part; quantized layers always need all of
-    their buffers. The model is changed only after the whole file has been validated."""
+    their buffers. The model is changed only after the whole file has been validated. An accuracy
+    report saved beside the checkpoint (``<path>.report.json``) becomes
+    ``model.pyquant_accuracy`` again (an unreadable one only warns)."""
     _check_host()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -152,7 +163,8 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
             expected, quant_keys = _plan(model, model_sd, specs, entries, aliases, path, strict)
             keys = {aliases.get(k, k) for k in expected if aliases.get(k, k) in entries}
             tensors = _read_tensors(f, data_start, entries, keys, path)
-            _check_values(tensors, aliases, quant_keys, path)
+            _check_values(tensors, aliases, quant_keys, path,
+                          layer_k={fqn: spec[1] for fqn, spec in specs.items()})
         except (ValueError, MemoryError, OSError):
             raise
         except Exception as e:  # anything else a hostile header can provoke is still corruption
@@ -182,6 +194,9 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
         warnings.warn(f"pyquant.load({path}): {len(left)} tensor(s) are still on the meta device "
                       f"(not in the checkpoint, e.g. non-persistent buffers): {left[:5]}; "
                       "initialize them before use", RuntimeWarning, stacklevel=2)
+    from .calibrate.report import read_beside
+
+    read_beside(path, model)
     return model
 
 
@@ -358,11 +373,52 @@ def _read_tensors(f, data_start: int, entries: dict, keys, path: str) -> dict:
     return out
 
 
-def _check_values(tensors: dict, aliases: dict, quant_keys: dict, path: str) -> None:
-    """The value ranges the kernels rely on, for every quantized layer's buffers."""
+def _read_tensor_parts(f, data_start: int, entries: dict, wants: dict, path: str) -> dict:
+    """Like ``_read_tensors``, for ``wants`` {key: None (the whole tensor) or (axis, index,
+    parts)}: only part ``index`` of ``parts`` equal parts along ``axis`` is read, one contiguous
+    byte range per index of the axes before ``axis`` (a single range for axis 0). This is how
+    each rank of pyquant.distributed.load_sharded reads only its own slice of a checkpoint."""
+    out, whole = {}, {k for k, v in wants.items() if v is None}
+    out.update(_read_tensors(f, data_start, entries, whole, path))
+    for key in sorted(set(wants) - whole, key=lambda k: entries[k][2]):
+        dtype, shape, b, _ = entries[key]
+        axis, index, parts = wants[key]
+        if not (0 <= axis < len(shape) and 0 <= index < parts and shape[axis] % parts == 0):
+            raise _err(path, f"tensor {key!r} {list(shape)}: cannot take part {index} of {parts} "
+                             f"along axis {axis}")
+        step = shape[axis] // parts
+        outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:]) * dtype.itemsize
+        chunk, row = step * inner, shape[axis] * inner
+        buf = torch.empty(outer * chunk, dtype=torch.uint8)
+        view = buf.numpy()
+        for o in range(outer if chunk else 0):
+            f.seek(data_start + b + o * row + index * chunk)
+            if f.readinto(view[o * chunk:(o + 1) * chunk]) != chunk:
+                raise _err(path, f"tensor {key!r}: the file ended early (truncated checkpoint)")
+        if dtype == torch.bool and bool((buf > 1).any()):
+            raise _err(path, f"tensor {key!r}: BOOL data holds bytes other than 0 and 1")
+        out[key] = buf.view(dtype).reshape(*shape[:axis], step, *shape[axis + 1:])
+    return out
+
+
+def _check_values(tensors: dict, aliases: dict, quant_keys: dict, path: str,
+                  layer_k: dict | None = None) -> None:
+    """The value ranges the kernels rely on, for every quantized layer's buffers. Sparse layers
+    (index buffers: 2:4 positions, bitmask + row offsets) are checked by
+    ``sparse_nn.check_loaded``; ``layer_k`` {fqn: in_features} makes its bitmask check exact."""
+    from . import sparse_nn
+
+    per_layer: dict = {}
+    for key, fqn in quant_keys.items():
+        per_layer.setdefault(fqn, {})[key[len(fqn) + 1:]] = tensors[aliases.get(key, key)]
+    for fqn, bufs in per_layer.items():
+        if "weight_meta" in bufs or "weight_bitmask" in bufs:
+            why = sparse_nn.check_loaded(bufs, (layer_k or {}).get(fqn))
+            if why:
+                raise _err(path, f"layer {fqn!r}: {why}")
     for key, fqn in quant_keys.items():
         t, name = tensors[aliases.get(key, key)], key[len(fqn) + 1:]
-        if name in ("weight_scale", "weight_scales"):
+        if name in ("weight_scale", "weight_scales", "input_scale"):
             nan, inf, neg = (int(m.sum()) for m in (t.isnan(), t.isinf(), (t <= 0) & t.isfinite()))
             bad = nan + inf + neg
             what = (f"{name} has {bad} bad value(s) ({nan} NaN, {inf} inf, {neg} finite <= 0); "

@@ -4,6 +4,7 @@ formats (so ``state_dict`` round-trips exactly and checkpoints are backend-neutr
 ``forward`` as one ``torch.ops.pyquant.*`` call."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -11,11 +12,13 @@ from torch import nn
 
 from . import formats
 from . import ops as _ops  # noqa: F401  (registers torch.ops.pyquant.*)
-from .config import Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantConfig
+from .config import Int4Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantConfig
+from .config import INPUT_SCALE_METHODS
 
 
 class _QuantLinearBase(nn.Module):
     config_cls: type = QuantConfig
+    _config: Optional[QuantConfig] = None  # the config it was built with (method included)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bias_dtype, device):
         super().__init__()
@@ -27,6 +30,28 @@ class _QuantLinearBase(nn.Module):
             )
         else:
             self.bias = None
+        # AWQ / SmoothQuant migrate a per-input-channel factor from the activations into the
+        # weights; a generic module tree has no previous op to fold 1/s into, so the layer
+        # multiplies x by it (float32 [K], finite, > 0). None (not in state_dict) otherwise.
+        self.register_buffer("input_scale", None)
+
+    def _adopt(self, config: Optional[QuantConfig]):
+        """Remember ``config`` (checkpoints store it) and give the layer the ``input_scale``
+        buffer its calibration method needs, so that ``empty`` matches a calibrated layer."""
+        if config is not None:
+            self._config = config
+            if getattr(config, "method", "rtn") in INPUT_SCALE_METHODS and self.input_scale is None:
+                dev = next((b.device for b in self.buffers()), None)
+                self.input_scale = torch.ones(self.in_features, dtype=torch.float32, device=dev)
+        return self
+
+    def _scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.input_scale
+        if s is None:
+            return x
+        if x.dtype == torch.float32:
+            return x * s
+        return (x.to(torch.float32) * s).to(x.dtype)  # one rounding, not a rounded scale
 
     @classmethod
     def unsupported_reason(cls, linear: nn.Module, config: QuantConfig) -> Optional[str]:
@@ -51,9 +76,12 @@ class _QuantLinearBase(nn.Module):
             self.bias = linear.bias.detach().clone()
 
     def extra_repr(self) -> str:
+        method = getattr(self._config, "method", "rtn")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, {self._scheme_repr()}"
+            + (f", method={method}" if method != "rtn" else "")
+            + (", input_scale" if self.input_scale is not None else "")
         )
 
     def _scheme_repr(self) -> str:
@@ -61,11 +89,97 @@ class _QuantLinearBase(nn.Module):
 
     @property
     def config(self) -> QuantConfig:
-        return self.config_cls()
+        return self._config if self._config is not None else self.config_cls()
 
     def weight_bytes(self) -> int:
         """Bytes of everything this layer keeps (weights, scales, zeros, bias)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    # -------------------------------------- tensor parallelism (used by pyquant.distributed)
+    # ``dim`` 0 splits out_features (column-parallel), 1 splits in_features (row-parallel), into
+    # ``world`` equal shards. Only the layer knows how its (packed) buffers split; the caller
+    # checks ``shard_sizes_ok`` for every layer before it cuts any.
+
+    #: True when the weight scales span whole rows of K (per output channel): a row-parallel
+    #: shard quantized on its own needs the whole rows' max |w| (``from_float(row_amax=)``).
+    scales_span_rows = False
+    #: True when forward quantizes each activation row with a scale of its own: a row-parallel
+    #: shard must quantize with the whole row's (``act_row_amax`` of each shard, reduced with
+    #: max over the shards, passed as ``forward(x, act_amax=)``).
+    quantizes_activation_rows = False
+
+    def act_row_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """max |x| of each row of what forward quantizes (float32, x's leading shape)."""
+        return self._scale_input(x.detach()).abs().amax(dim=-1).to(torch.float32)
+
+    def _forward_act_amax(self, x: torch.Tensor, act_amax: torch.Tensor, codes_mm) -> torch.Tensor:
+        # A row-parallel shard holds a slice of each row of x, so it quantizes with the whole
+        # row's scale (act_amax): then the shards' partial sums add up to the unsharded result.
+        # ``codes_mm(xq, xs)`` multiplies the int8 codes (no bias): see the layers' _codes_mm.
+        lead = x.shape[:-1]
+        xq, xs = formats.quantize_rows_int8(self._scale_input(x).reshape(-1, x.shape[-1]),
+                                            amax=act_amax)
+        y = codes_mm(xq, xs)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def shard_axes(self, dim: int) -> dict:
+        """{buffer name: the axis of that buffer that splits with ``dim``, or None where every
+        shard keeps the whole buffer}. A row-parallel shard keeps the whole bias: whoever sums
+        the shards' outputs adds it once."""
+        raise NotImplementedError(f"{type(self).__name__} does not define shard_axes")
+
+    @staticmethod
+    def _input_scale_axes(dim: int) -> dict:
+        # the per-input-channel scale of x (AWQ, SmoothQuant) splits with K
+        return {"input_scale": 0 if dim == 1 else None}
+
+    def shard_alignment(self, dim: int) -> int:
+        """Every shard's size along ``dim`` must be a multiple of this."""
+        return 1
+
+    def _alignment_reason(self, dim: int) -> str:
+        return "any size works"
+
+    def shard_sizes_ok(self, dim: int, world: int) -> Optional[str]:
+        """None if ``dim`` splits into ``world`` shards, else why not (with the sizes)."""
+        what = ("out_features", "in_features")[dim]
+        size, align = (self.out_features, self.in_features)[dim], self.shard_alignment(dim)
+        if size % world or (size // world) % align:
+            return (f"{what}={size} split {world} ways is {size / world:g} per shard, which "
+                    f"must be a whole multiple of {align} ({self._alignment_reason(dim)})")
+        return None
+
+    def shard(self, dim: int, rank: int, world: int) -> "_QuantLinearBase":
+        """A new layer of this class holding shard ``rank`` of ``world`` along ``dim``."""
+        if dim not in (0, 1):
+            raise ValueError(f"dim={dim!r}: use 0 (out_features) or 1 (in_features)")
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int)
+                and 0 <= rank < world):
+            raise ValueError(f"rank={rank!r}, world={world!r}: need 0 <= rank < world")
+        why = self.shard_sizes_ok(dim, world)
+        if why:
+            raise ValueError(f"{type(self).__name__} cannot be split: {why}")
+        k, n = self.in_features, self.out_features
+        k, n = (k, n // world) if dim == 0 else (k // world, n)
+        axes = self.shard_axes(dim)
+        dev = next(iter(self.buffers())).device
+        new = type(self).empty(k, n, self.bias is not None, self.config,
+                               bias_dtype=None if self.bias is None else self.bias.dtype,
+                               device=dev)
+        for name, t in self.named_buffers(recurse=False):
+            if name not in axes:
+                raise ValueError(f"{type(self).__name__}.shard: no split rule for buffer {name!r}")
+            if axes[name] is not None:
+                step = t.shape[axes[name]] // world
+                t = t.narrow(axes[name], rank * step, step)
+            mine = getattr(new, name, None)
+            if mine is None or mine.shape != t.shape:
+                setattr(new, name, t.clone())
+            else:
+                mine.copy_(t)
+        return new
 
 
 class Int8WeightOnlyLinear(_QuantLinearBase):
@@ -84,30 +198,62 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
 
     @classmethod
     def empty(cls, in_features, out_features, bias, config, bias_dtype=None, device=None):
-        return cls(in_features, out_features, bias, bias_dtype, device)
+        return cls(in_features, out_features, bias, bias_dtype, device)._adopt(config)
+
+    scales_span_rows = True
+
+    def shard_axes(self, dim: int) -> dict:
+        # per-output-channel scales follow the rows; a K shard keeps them whole
+        return {"weight": dim, "weight_scale": 0 if dim == 0 else None,
+                "bias": 0 if dim == 0 else None, **self._input_scale_axes(dim)}
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: Optional[QuantConfig] = None):
+    def from_float(cls, linear: nn.Linear, config: Optional[QuantConfig] = None,
+                   row_amax: Optional[torch.Tensor] = None):
+        """row_amax [N]: max |w| of the whole rows when ``linear`` is a row-parallel shard."""
         w = linear.weight
         layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     None if linear.bias is None else linear.bias.dtype, w.device)
-        q, s = formats.quantize_int8_per_channel(w)
+        q, s = formats.quantize_int8_per_channel(w, amax=row_amax)
         layer.weight.copy_(q)
         layer.weight_scale.copy_(s)
         layer._copy_bias(linear)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pyquant.int8_weight_only_mm(x, self.weight, self.weight_scale, self.bias)
+        return torch.ops.pyquant.int8_weight_only_mm(self._scale_input(x), self.weight,
+                                                     self.weight_scale, self.bias)
 
 
 class Int8DynamicLinear(Int8WeightOnlyLinear):
     """W8A8: int8 per-channel weights, int8 per-token activations quantized at run time."""
 
     config_cls = Int8Dynamic
+    quantizes_activation_rows = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pyquant.int8_dynamic_mm(x, self.weight, self.weight_scale, self.bias)
+    def _codes_mm(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        # Given activation codes (the ops quantize x themselves): exact int32 products through
+        # torch._int_mm where it is fast (CPU: oneDNN's int8 units, M > 2; CUDA: M > 16 and
+        # K, N multiples of 8), then the epilogue of the op, acc * (xs * ws). Otherwise (decode,
+        # memory-bound: the same speed) the codes go through the weight-only kernel as small
+        # integers in fp32: products exact, partial sums exact below 2^24.
+        m, (n, k) = xq.shape[0], self.weight.shape
+        cuda = xq.device.type == "cuda"
+        if hasattr(torch, "_int_mm") and (m > 16 and k % 8 == 0 and n % 8 == 0 if cuda
+                                          else m > 2 and xq.device.type == "cpu"):
+            try:
+                acc = torch._int_mm(xq, self.weight.t())
+                return acc.to(torch.float32) * (xs[:, None] * self.weight_scale[None, :])
+            except (RuntimeError, NotImplementedError):
+                pass
+        return torch.ops.pyquant.int8_weight_only_mm(xq.to(torch.float32), self.weight,
+                                                     self.weight_scale, None) * xs[:, None]
+
+    def forward(self, x: torch.Tensor, act_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
+            return self._forward_act_amax(x, act_amax, self._codes_mm)
+        return torch.ops.pyquant.int8_dynamic_mm(self._scale_input(x), self.weight,
+                                                 self.weight_scale, self.bias)
 
 
 class Int4WeightOnlyLinear(_QuantLinearBase):
@@ -152,7 +298,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
     @classmethod
     def empty(cls, in_features, out_features, bias, config, bias_dtype=None, device=None):
         return cls(in_features, out_features, bias, config.group_size, config.symmetric,
-                   bias_dtype, device)
+                   bias_dtype, device)._adopt(config)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: Int4WeightOnly):
@@ -169,16 +315,70 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
 
     @property
     def config(self):
+        if self._config is not None:
+            return self._config
         return Int4WeightOnly(group_size=self.group_size, symmetric=self.symmetric)
 
     def _scheme_repr(self):
         kind = "symmetric" if self.symmetric else "asymmetric"
         return f"int4_weight_only, group_size={self.group_size}, {kind}"
 
+    def shard_axes(self, dim: int) -> dict:
+        # packed bytes, scales and zeros all split along K by whole groups (shard_alignment)
+        return {"weight_packed": dim, "weight_scales": dim, "weight_zeros": dim,
+                "bias": 0 if dim == 0 else None, **self._input_scale_axes(dim)}
+
+    def shard_alignment(self, dim: int) -> int:
+        # a K shard must hold whole groups (their scales and zeros) and whole bytes (two codes a
+        # byte, formats.pack_int4); group_size is even, so it is the lcm of the two
+        return math.lcm(self.group_size, 2) if dim == 1 else 1
+
+    def _alignment_reason(self, dim: int) -> str:
+        if dim == 0:
+            return "any size works"
+        return (f"group_size={self.group_size}: a shard must hold whole scale groups and whole "
+                "bytes of the int4 packing (2 codes a byte)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.pyquant.int4_weight_only_mm(
-            x, self.weight_packed, self.weight_scales, self.weight_zeros, self.group_size,
-            self.bias,
+            self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
+            self.group_size, self.bias,
+        )
+
+
+class Int4DynamicLinear(Int4WeightOnlyLinear):
+    """W4A8: int4 group-wise weights (the buffers of Int4WeightOnlyLinear), int8 per-token
+    activations quantized at run time (torch.ops.pyquant.int4_dynamic_mm)."""
+
+    config_cls = Int4Dynamic
+
+    @property
+    def config(self):
+        if self._config is not None:
+            return self._config
+        return Int4Dynamic(group_size=self.group_size, symmetric=self.symmetric)
+
+    def _scheme_repr(self):
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"int4_dynamic, group_size={self.group_size}, {kind}"
+
+    quantizes_activation_rows = True
+
+    def _codes_mm(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        # Given activation codes: they go through the weight-only kernel as small integers in
+        # fp32 (products with int4 codes minus zeros exact, partial sums exact below 2^24), i.e.
+        # the op's integer arithmetic up to the fp32 order of group scales and sums. Slower than
+        # int4_dynamic_mm's int8 units at large M: an op taking x_scale would fix that.
+        return torch.ops.pyquant.int4_weight_only_mm(
+            xq.to(torch.float32), self.weight_packed, self.weight_scales, self.weight_zeros,
+            self.group_size, None) * xs[:, None]
+
+    def forward(self, x: torch.Tensor, act_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
+            return self._forward_act_amax(x, act_amax, self._codes_mm)
+        return torch.ops.pyquant.int4_dynamic_mm(
+            self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
+            self.group_size, self.bias,
         )
 
 
@@ -186,5 +386,13 @@ LAYER_FOR_SCHEME = {
     Int8WeightOnly.scheme: Int8WeightOnlyLinear,
     Int8Dynamic.scheme: Int8DynamicLinear,
     Int4WeightOnly.scheme: Int4WeightOnlyLinear,
+    Int4Dynamic.scheme: Int4DynamicLinear,
 }
+QUANT_LAYERS = tuple(LAYER_FOR_SCHEME.values())
+
+# The sparse layers (2:4, unstructured, 2:4 + int8/int4) build on _QuantLinearBase; they join the
+# tables here so that config.layer_cls, save and load see them like every other layer.
+from . import sparse_nn as _sparse_nn  # noqa: E402
+
+LAYER_FOR_SCHEME.update(_sparse_nn.LAYER_FOR_SCHEME)
 QUANT_LAYERS = tuple(LAYER_FOR_SCHEME.values())

@@ -29,7 +29,11 @@ import torch
 
 from . import _checks, _native, reference
 
-OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dynamic_mm")
+# Sparse ops (pyquant/sparse_formats.py): the reference backend runs them everywhere; native
+# kernels register in the cpu backend once _native has them (hasattr below).
+SPARSE_OPS = ("sparse24_mm", "sparse_unstructured_mm", "sparse24_int8_mm", "sparse24_int4_mm")
+OPS = OPS + SPARSE_OPS
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
@@ -72,7 +76,7 @@ _REGISTRY: dict[str, Backend] = {
         lambda: None,
         {op: getattr(reference, op) for op in OPS},
     ),
-    "cpu": Backend("cpu", ("cpu",), _probe_cpu, {op: getattr(_native, op) for op in OPS}),
+    "cpu": Backend("cpu", ("cpu",), _probe_cpu, {op: getattr(_native, op) for op in OPS if hasattr(_native, op)}),
     # Triton kernels register here when importable (see _triton.py); CUDA kernels: not yet.
     "triton": Backend("triton", ("cuda",), _probe_triton, {}),
     "cuda": Backend("cuda", ("cuda",), _probe_cuda, {}),
@@ -240,3 +244,97 @@ def int4_weight_only_mm(
 def _(x, w_packed, scales, zeros, group_size, bias):
     _checks.check_int4_mm("int4_weight_only_mm", x, w_packed, scales, zeros, group_size, bias)
     return _out_like(x, w_packed.shape[0])
+
+
+def _check_int4_dynamic(x, w_packed, scales, zeros, group_size, bias):
+    _checks.check_int4_mm("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
+    _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
+
+
+@torch.library.custom_op("pyquant::int4_dynamic_mm", mutates_args=())
+def int4_dynamic_mm(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """W4A8: x quantized per row to int8 at run time; exact int32 dot products per weight
+    group with the int4 codes minus zero points, then x_scale * sum_g scales * acc + bias."""
+    _check_int4_dynamic(x, w_packed, scales, zeros, group_size, bias)
+    return _run("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
+
+
+@int4_dynamic_mm.register_fake
+def _(x, w_packed, scales, zeros, group_size, bias):
+    _check_int4_dynamic(x, w_packed, scales, zeros, group_size, bias)
+    return _out_like(x, w_packed.shape[0])
+
+
+# ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
+
+
+@torch.library.custom_op("pyquant::sparse24_mm", mutates_args=())
+def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x @ W.T + bias, W [N, K] 2:4 sparse: kept values float [N, K/2] + 2-bit positions
+    meta uint8 [N, ceil(K/8)]."""
+    _checks.check_sparse24_mm("sparse24_mm", x, values, meta, bias)
+    return _run("sparse24_mm", x, values, meta, bias)
+
+
+@sparse24_mm.register_fake
+def _(x, values, meta, bias):
+    _checks.check_sparse24_mm("sparse24_mm", x, values, meta, bias)
+    return _out_like(x, values.shape[0])
+
+
+@torch.library.custom_op("pyquant::sparse_unstructured_mm", mutates_args=())
+def sparse_unstructured_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor,
+                           row_offsets: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x @ W.T + bias, W [N, K] unstructured sparse: bitmask uint8 [N, ceil(K/8)], kept
+    values float [nnz] row-major, row_offsets int64 [N + 1]."""
+    _checks.check_sparse_unstructured_mm("sparse_unstructured_mm", x, bitmask, values,
+                                         row_offsets, bias)
+    return _run("sparse_unstructured_mm", x, bitmask, values, row_offsets, bias)
+
+
+@sparse_unstructured_mm.register_fake
+def _(x, bitmask, values, row_offsets, bias):
+    _checks.check_sparse_unstructured_mm("sparse_unstructured_mm", x, bitmask, values,
+                                         row_offsets, bias)
+    return _out_like(x, bitmask.shape[0])
+
+
+@torch.library.custom_op("pyquant::sparse24_int8_mm", mutates_args=())
+def sparse24_int8_mm(x: torch.Tensor, values_q: torch.Tensor, meta: torch.Tensor,
+                     scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """2:4 + int8: kept values int8 [N, K/2] times scale float32 [N]; float activations."""
+    _checks.check_sparse24_int8_mm("sparse24_int8_mm", x, values_q, meta, scale, bias)
+    return _run("sparse24_int8_mm", x, values_q, meta, scale, bias)
+
+
+@sparse24_int8_mm.register_fake
+def _(x, values_q, meta, scale, bias):
+    _checks.check_sparse24_int8_mm("sparse24_int8_mm", x, values_q, meta, scale, bias)
+    return _out_like(x, values_q.shape[0])
+
+
+@torch.library.custom_op("pyquant::sparse24_int4_mm", mutates_args=())
+def sparse24_int4_mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor,
+                     scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """2:4 + int4: kept values [N, K/2] int4 group-wise along the compressed axis (packed uint8
+    [N, K/4], scales/zeros [N, K/2/G]); float activations."""
+    _checks.check_sparse24_int4_mm("sparse24_int4_mm", x, packed, meta, scales, zeros,
+                                   group_size, bias)
+    return _run("sparse24_int4_mm", x, packed, meta, scales, zeros, group_size, bias)
+
+
+@sparse24_int4_mm.register_fake
+def _(x, packed, meta, scales, zeros, group_size, bias):
+    _checks.check_sparse24_int4_mm("sparse24_int4_mm", x, packed, meta, scales, zeros,
+                                   group_size, bias)
+    return _out_like(x, packed.shape[0])

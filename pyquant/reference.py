@@ -38,3 +38,48 @@ def int8_dynamic_mm(x, w_q, w_scale, bias=None):
 def int4_weight_only_mm(x, w_packed, scales, zeros, group_size: int, bias=None):
     w = formats.dequantize_int4_groupwise(w_packed, scales, zeros, group_size)
     return _linear_f32(x, w, bias)
+
+
+def int4_dynamic_mm(x, w_packed, scales, zeros, group_size: int, bias=None):
+    """W4A8: per-row int8 activations; per group g the integer dot product
+    acc[m, n, g] = sum_k xq[m, k] * (code[n, k] - zeros[n, g]) is exact (float64), then
+    out = x_scale[m] * sum_g scales[n, g] * acc[m, n, g] + bias[n] in float32."""
+    lead = x.shape[:-1]
+    k = x.shape[-1]
+    n = w_packed.shape[0]
+    x2 = x.reshape(lead.numel(), k)
+    xq, xs = formats.quantize_rows_int8(x2)
+    ng = k // group_size
+    codes = formats.unpack_int4(w_packed).to(torch.float64).reshape(n, ng, group_size)
+    wq = codes - zeros.to(torch.float64)[..., None]
+    acc = torch.einsum("mgk,ngk->mng", xq.to(torch.float64).reshape(x2.shape[0], ng, group_size),
+                       wq)
+    out = (acc.to(torch.float32) * scales.to(torch.float32)[None]).sum(-1) * xs[:, None]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+# ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
+# The weight is decompressed to dense float32 (exactly: every kept value lands at its column,
+# zeros elsewhere) and multiplied as the dense ops above.
+from . import sparse_formats as _sf  # noqa: E402
+
+
+def sparse24_mm(x, values, meta, bias=None):
+    return _linear_f32(x, _sf.decompress_24(values.to(torch.float32), meta), bias)
+
+
+def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
+    w = _sf.decompress_unstructured(bitmask, values.to(torch.float32), row_offsets, x.shape[-1])
+    return _linear_f32(x, w, bias)
+
+
+def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
+    v = formats.dequantize_int8_per_channel(values_q, scale)
+    return _linear_f32(x, _sf.decompress_24(v, meta), bias)
+
+
+def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size: int, bias=None):
+    v = formats.dequantize_int4_groupwise(packed, scales, zeros, group_size)
+    return _linear_f32(x, _sf.decompress_24(v, meta), bias)

@@ -360,4 +360,6 @@ def test_quantize_rejects_bare_linear():
 
 def test_layer_classes_cover_every_scheme():
     assert {c.config_cls.scheme for c in QUANT_LAYERS} == {
-        "int8_weight_only", "int8_dynamic", "int4_weight_only"}
+        "int8_weight_only", "int8_dynamic", "int4_weight_only", "int4_dynamic",
+        # the sparse layers (pyquant.sparse_nn) share the tables so that save/load see them
+        "sparse24", "unstructured", "sparse24_int8_weight_only", "sparse24_int4_weight_only"}

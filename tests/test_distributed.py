@@ -1,0 +1,440 @@
+"""Tensor parallelism (pyquant.distributed) on 2 gloo ranks on the CPU.
+
+One module-scoped fixture spawns the 2 ranks once (torch.multiprocessing, a FileStore in a tmp
+dir: no port), and each rank runs every scenario on tiny random Llama and BERT models from
+transformers (hidden 128, 4 heads, 2 layers, intermediate 256) for float nn.Linear and each
+quantization config, saving what it saw; the tests below then judge those results one by one.
+Every rank computes the single-process reference itself (same seed, same model), so no tensor
+crosses between ranks except through the collectives under test.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyquant
+import pyquant.distributed as tp
+from pyquant.distributed import plan as tp_plan
+from helpers import assert_close_named
+
+transformers = pytest.importorskip("transformers")
+
+WORLD = 2
+CONFIGS = {
+    "float": None,
+    "int8_weight_only": pyquant.Int8WeightOnly(),
+    "int8_dynamic": pyquant.Int8Dynamic(),
+    "int4_weight_only": pyquant.Int4WeightOnly(group_size=32),
+}
+if hasattr(pyquant, "Int4Dynamic"):
+    CONFIGS["int4_dynamic"] = pyquant.Int4Dynamic(group_size=32)
+ARCHS = ("llama", "bert")
+CASES = [(a, c) for a in ARCHS for c in CONFIGS]
+DICT_PLAN_CONFIGS = [c for c in ("float", "int8_dynamic", "int4_dynamic") if c in CONFIGS]
+QUANT_CASES = [(a, c) for a, c in CASES if CONFIGS[c] is not None]
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "send", "recv",
+               "scatter", "gather", "all_gather_object", "broadcast_object_list")
+
+
+# ------------------------------------------------------------------------------ the models
+
+
+def make_model(arch: str, seed: int = 0, hidden=128, heads=4, kv_heads=2, inter=256):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(
+            hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            intermediate_size=inter, num_hidden_layers=2, vocab_size=256,
+            max_position_embeddings=64, attention_bias=True, mlp_bias=True)
+        return _random_biases(transformers.LlamaForCausalLM(cfg).eval())
+    cfg = transformers.BertConfig(
+        hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter,
+        num_hidden_layers=2, vocab_size=256, max_position_embeddings=64)
+    return _random_biases(transformers.BertModel(cfg).eval())
+
+
+def _random_biases(model):
+    """Hugging Face initializes biases to 0, which would hide a bias added twice or never;
+    the Llama model gets biases on its attention projections for the same reason."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model
+
+
+def model_inputs(arch: str) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 8), generator=g)
+    if arch == "llama":
+        return {"input_ids": ids, "use_cache": False}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def run(model, arch):
+    with torch.no_grad():
+        out = model(**model_inputs(arch))
+    return (out.logits if arch == "llama" else out.last_hidden_state).detach().clone()
+
+
+class NoCollectives:
+    """Any torch.distributed collective called inside the block raises (and is recorded)."""
+
+    def __enter__(self):
+        self.saved, self.called = {}, []
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                self.saved[name] = getattr(dist, name)
+
+                def boom(*a, _name=name, **k):
+                    self.called.append(_name)
+                    raise AssertionError(f"collective {_name} called")
+
+                setattr(dist, name, boom)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
+def state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def mismatches(a: dict, b: dict) -> list:
+    if a.keys() != b.keys():
+        return [f"keys differ: {sorted(a.keys() ^ b.keys())[:5]}"]
+    return [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+
+
+def expect_error(fn, model):
+    """(message, collectives called, model unchanged) of a call that should raise."""
+    before, types = state(model), [type(m) for m in model.modules()]
+    with NoCollectives() as nc:
+        try:
+            fn()
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+    unchanged = not mismatches(before, state(model)) and types == [type(m) for m in
+                                                                   model.modules()]
+    return msg, nc.called, unchanged
+
+
+# ------------------------------------------------------------------ what each rank does
+
+
+def _scenarios(rank: int, out_dir: str) -> dict:
+    res = {}
+    for arch in ARCHS:
+        base = make_model(arch)
+        for name, qc in CONFIGS.items():
+            ref = copy.deepcopy(base)
+            if qc is not None:
+                pyquant.quantize_(ref, qc)
+            y_ref = run(ref, arch)
+            sharded = copy.deepcopy(ref)
+            rep = tp.tensor_parallel_(sharded)
+            res[arch, name, "out"] = (run(sharded, arch), y_ref)
+            res[arch, name, "bytes"] = (rep.bytes_after, rep.bytes_before,
+                                        tp.linear_bytes(sharded), tp.linear_bytes(ref))
+            res[arch, name, "layers"] = dict(rep.layers)
+            if qc is not None:  # shard the float model, then quantize the shards
+                s2 = copy.deepcopy(base)
+                tp.tensor_parallel_(s2)
+                tp.quantize_(s2, qc)
+                res[arch, name, "shard_then_quantize"] = mismatches(state(sharded), state(s2))
+            path = os.path.join(out_dir, f"{arch}-{name}.safetensors")
+            if rank == 0:
+                pyquant.save(ref, path)
+            dist.barrier()
+            skeleton = make_model(arch, seed=123)  # other random weights: all must be replaced
+            lrep = tp.load_sharded(skeleton, path)
+            res[arch, name, "load"] = (mismatches(state(sharded), state(skeleton)),
+                                       run(skeleton, arch), lrep.bytes_after)
+
+    # misaligned: int4 groups of 128 cannot be cut in two along K=128 (64 per rank)
+    llama = make_model("llama")
+    pyquant.quantize_(llama, pyquant.Int4WeightOnly(group_size=128))
+    res["misaligned_int4"] = expect_error(lambda: tp.tensor_parallel_(llama), llama)
+    path = os.path.join(out_dir, "llama-int4-g128.safetensors")
+    if rank == 0:
+        pyquant.save(llama, path)
+    dist.barrier()
+    skeleton = make_model("llama", seed=5)
+    res["misaligned_load"] = expect_error(lambda: tp.load_sharded(skeleton, path), skeleton)
+    # misaligned: 3 heads over 2 ranks (every size is even, so only the heads check catches it)
+    bert3 = make_model("bert", hidden=96, heads=3, inter=192)
+    res["misaligned_heads"] = expect_error(lambda: tp.tensor_parallel_(bert3), bert3)
+    # a dict plan naming a layer that does not exist, and one with an unknown style
+    res["bad_fqn"] = expect_error(
+        lambda: tp.tensor_parallel_(bert3, {"encoder.layer.7.output.dense": "rowwise"}), bert3)
+    res["bad_style"] = expect_error(
+        lambda: tp.tensor_parallel_(bert3, {"encoder.layer.0.output.dense": "diagonal"}), bert3)
+
+    # a dict plan with a lone row-parallel layer: it cuts its whole input itself
+    for name in DICT_PLAN_CONFIGS:
+        m = make_model("llama")
+        if CONFIGS[name] is not None:
+            pyquant.quantize_(m, CONFIGS[name])
+        y_ref = run(m, "llama")
+        tp.tensor_parallel_(m, {"model.layers.*.mlp.down_proj": "rowwise",
+                                "lm_head": "colwise_gather"})
+        res["dict_plan", name] = (run(m, "llama"), y_ref)
+    return res
+
+
+def _rank_main(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    res = {}
+    try:
+        store = dist.FileStore(os.path.join(tmp, "store"), world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        res = _scenarios(rank, tmp)
+    except BaseException:
+        res["error"] = traceback.format_exc()
+    finally:
+        torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("tp"))
+    ctx = mp.start_processes(_rank_main, args=(WORLD, tmp), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = 240
+    import time
+
+    t0 = time.monotonic()
+    while not ctx.join(timeout=5):
+        if time.monotonic() - t0 > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish in {deadline} s")
+    out = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+           for r in range(WORLD)]
+    for r, res in enumerate(out):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    return out
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+@pytest.mark.parametrize("arch,config", CASES)
+def test_sharded_output_equals_single_process(ranks, arch, config):
+    for r, res in enumerate(ranks):
+        y_tp, y_ref = res[arch, config, "out"]
+        assert_close_named(y_tp, y_ref, "tensor_parallel/float32", f"rank {r}")
+
+
+@pytest.mark.parametrize("arch,config", CASES)
+def test_each_rank_holds_about_half_of_the_linear_weights(ranks, arch, config):
+    for r, res in enumerate(ranks):
+        after, before, measured_after, measured_before = res[arch, config, "bytes"]
+        assert (after, before) == (measured_after, measured_before)
+        # replicated: row-parallel biases, int8 per-channel scales of row-parallel layers, and
+        # BERT's pooler (not in a block); everything else is split in two
+        assert 0.45 <= after / before <= 0.56, f"rank {r}: {after} of {before} bytes"
+
+
+def test_auto_plan_covers_every_block_layer(ranks):
+    llama = ranks[0]["llama", "float", "layers"]
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert {k: v for k, v in llama.items() if k.startswith(p)} == {
+            p + "self_attn.q_proj": "colwise", p + "self_attn.k_proj": "colwise",
+            p + "self_attn.v_proj": "colwise", p + "self_attn.o_proj": "rowwise",
+            p + "mlp.gate_proj": "colwise", p + "mlp.up_proj": "colwise",
+            p + "mlp.down_proj": "rowwise"}
+    assert llama["lm_head"] == "colwise_gather"
+    bert = ranks[0]["bert", "float", "layers"]
+    for i in range(2):
+        p = f"encoder.layer.{i}."
+        assert {k: v for k, v in bert.items() if k.startswith(p)} == {
+            p + "attention.self.query": "colwise", p + "attention.self.key": "colwise",
+            p + "attention.self.value": "colwise", p + "attention.output.dense": "rowwise",
+            p + "intermediate.dense": "colwise", p + "output.dense": "rowwise"}
+    assert len(bert) == 12  # the pooler stays whole
+
+
+@pytest.mark.parametrize("arch,config", QUANT_CASES)
+def test_shard_then_quantize_equals_quantize_then_shard(ranks, arch, config):
+    for r, res in enumerate(ranks):
+        assert res[arch, config, "shard_then_quantize"] == [], f"rank {r}"
+
+
+@pytest.mark.parametrize("arch,config", CASES)
+def test_load_sharded_reads_each_ranks_slice_of_one_checkpoint(ranks, arch, config):
+    for r, res in enumerate(ranks):
+        bad, y, nbytes = res[arch, config, "load"]
+        assert bad == [], f"rank {r}: buffers differ from the sharded model: {bad[:5]}"
+        assert_close_named(y, res[arch, config, "out"][1], "tensor_parallel/float32", f"rank {r}")
+        assert nbytes == res[arch, config, "bytes"][0]
+
+
+def test_misaligned_int4_groups_fail_before_any_cut_or_collective(ranks):
+    for res in ranks:
+        msg, called, unchanged = res["misaligned_int4"]
+        assert msg is not None, "no ValueError"
+        assert called == [] and unchanged
+        # o_proj (K=128) cannot hold whole groups of 128 in halves; down_proj (K=256) can
+        assert "model.layers.0.self_attn.o_proj" in msg and "model.layers.1.self_attn.o_proj" in msg
+        assert "down_proj" not in msg
+        assert "in_features=128 split 2 ways is 64 per shard, which must be a whole multiple " \
+               "of 128 (group_size=128" in msg and "world_size=2" in msg
+        assert "world sizes that work for this layer: 1\n" in msg
+        assert msg.rstrip().endswith("work for every layer: 1")
+
+
+def test_misaligned_load_sharded_fails_before_reading(ranks):
+    for res in ranks:
+        msg, called, unchanged = res["misaligned_load"]
+        assert msg is not None and "group_size=128" in msg and called == [] and unchanged
+
+
+def test_head_count_not_divisible_is_named_with_working_world_sizes(ranks):
+    for res in ranks:
+        msg, called, unchanged = res["misaligned_heads"]
+        assert msg is not None and called == [] and unchanged
+        assert "3 attention heads (of encoder.layer.0.attention.self) do not split 2 ways" in msg
+        assert "num_attention_heads=3 does not split 2 ways" in msg
+        assert msg.rstrip().endswith("work for every layer: 1, 3")
+
+
+def test_bad_dict_plans_are_named(ranks):
+    for res in ranks:
+        msg, called, unchanged = res["bad_fqn"]
+        assert "'encoder.layer.7.output.dense': no such module" in msg and called == []
+        msg, called, unchanged = res["bad_style"]
+        assert "unknown style 'diagonal'" in msg and called == [] and unchanged
+
+
+@pytest.mark.parametrize("config", DICT_PLAN_CONFIGS)
+def test_dict_plan_rowwise_layer_cuts_a_whole_input(ranks, config):
+    for r, res in enumerate(ranks):
+        y, y_ref = res["dict_plan", config]
+        assert_close_named(y, y_ref, "tensor_parallel/float32", f"rank {r}")
+
+
+# ------------------------------------------------------- one process: the layers' shard rules
+
+
+def _float_linear(n, k, seed=0, bias=True):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    return lin
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS.values() if c is not None],
+                         ids=[n for n, c in CONFIGS.items() if c is not None])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_layer_shards_concatenate_to_the_whole_layer(config, dim):
+    """The shards' buffers, put back together along their split axes, are the whole layer's;
+    and each shard computes its slice (colwise) or its partial sum (rowwise)."""
+    lin = _float_linear(64, 128)
+    layer = config.layer_cls.from_float(lin, config)
+    world = 2
+    shards = [layer.shard(dim, r, world) for r in range(world)]
+    for name, axis in layer.shard_axes(dim).items():
+        whole = getattr(layer, name, None)
+        if whole is None:
+            continue
+        parts = [getattr(s, name) for s in shards]
+        if axis is None:
+            assert all(torch.equal(p, whole) for p in parts), name
+        else:
+            assert torch.equal(torch.cat(parts, dim=axis), whole), name
+    if dim == 1:
+        for s in shards:
+            s.bias = None  # RowParallel adds it once
+    for m in (1, 3):  # the dynamic layers' two paths for given activation codes
+        x = torch.randn(m, 128)
+        y = layer(x)
+        if dim == 0:
+            assert_close_named(torch.cat([s(x) for s in shards], -1), y,
+                               "tensor_parallel/float32")
+            continue
+        ks = 128 // world
+        kw = {}
+        if layer.quantizes_activation_rows:
+            kw["act_amax"] = layer.act_row_amax(x)
+        partial = [s(x[:, r * ks:(r + 1) * ks], **kw) for r, s in enumerate(shards)]
+        assert_close_named(sum(partial) + layer.bias, y, "tensor_parallel/float32", f"M={m}")
+
+
+def test_int4_shard_alignment_names_the_sizes():
+    layer = pyquant.Int4WeightOnlyLinear.from_float(_float_linear(8, 192),
+                                                    pyquant.Int4WeightOnly(group_size=64))
+    assert layer.shard_alignment(1) == 64 and layer.shard_alignment(0) == 1
+    assert layer.shard_sizes_ok(1, 3) is None
+    why = layer.shard_sizes_ok(1, 2)
+    assert "in_features=192 split 2 ways is 96 per shard" in why and "multiple of 64" in why
+    with pytest.raises(ValueError, match="group_size=64"):
+        layer.shard(1, 0, 2)
+
+
+def test_check_lists_every_bad_layer_without_a_process_group():
+    m = make_model("llama")
+    pyquant.quantize_(m, pyquant.Int4WeightOnly(group_size=128))
+    with pytest.raises(ValueError) as e:
+        tp_plan.check(m, tp_plan.resolve(m, "auto"), 4)
+    msg = str(e.value)
+    # K=128 over 4 ranks: 32 per rank; kv heads 2 over 4 ranks
+    assert "2 attention heads" in msg and "group_size=128" in msg
+    assert msg.count("\n  ") >= 6
+
+
+def test_tensor_parallel_needs_an_initialized_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        tp.tensor_parallel_(make_model("bert"))
+
+
+def test_checkpoint_parts_are_read_as_byte_ranges(tmp_path):
+    """io._read_tensor_parts returns exactly the slices, reading only their bytes."""
+    from pyquant import io as pio
+
+    class Counting:
+        def __init__(self, f):
+            self.f, self.read = f, 0
+
+        def seek(self, pos):
+            return self.f.seek(pos)
+
+        def readinto(self, buf):
+            n = self.f.readinto(buf)
+            self.read += n
+            return n
+
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(8, 6), requires_grad=False)
+    model.register_buffer("b", torch.arange(4 * 6 * 10, dtype=torch.int16).reshape(4, 6, 10))
+    path = str(tmp_path / "t.safetensors")
+    pyquant.save(model, path)
+    with open(path, "rb") as raw:
+        entries, _, start = pio._read_header(raw, os.path.getsize(path), path)
+        for key, axis, parts in (("a", 0, 2), ("a", 1, 3), ("b", 1, 2), ("b", 2, 5)):
+            whole = getattr(model, key)
+            for index in range(parts):
+                f = Counting(raw)
+                got = pio._read_tensor_parts(f, start, entries, {key: (axis, index, parts)},
+                                             path)[key]
+                step = whole.shape[axis] // parts
+                assert torch.equal(got, whole.narrow(axis, index * step, step))
+                assert f.read == got.numel() * got.element_size()
+        with pytest.raises(ValueError, match="cannot take part 0 of 4 along axis 1"):
+            pio._read_tensor_parts(raw, start, entries, {"a": (1, 0, 4)}, path)
