@@ -30,50 +30,6 @@ from .._progress import progress
 from ..calibrate import sequential as _seq
 
 
-class _ChainCheck:
-    """During the float pass: is each block called once per batch, fed the previous output?
-    (Kept here rather than borrowed: calibrate's own check also tracks what its report needs.)"""
-
-    def __init__(self, blocks):
-        self.calls = [0] * len(blocks)
-        self.last_out = None
-        self.broken = None
-        self.handles = []
-        for i, b in enumerate(blocks):
-            self.handles.append(b.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self.handles.append(b.register_forward_hook(self._post(i)))
-
-    def _pre(self, i):
-        def hook(mod, args, kwargs):
-            self.calls[i] += 1
-            h = _seq._get_hidden(_seq._hidden_loc(args, kwargs), args, kwargs)
-            if h is None and self.broken is None:
-                self.broken = f"block {i} has no tensor input"
-            elif i > 0 and not _seq._same(h, self.last_out) and self.broken is None:
-                self.broken = f"block {i}'s input is not block {i - 1}'s output"
-        return hook
-
-    def _post(self, i):
-        def hook(mod, args, out):
-            self.last_out = _seq._first_tensor(out)
-        return hook
-
-    def reason(self, n_batches: int):
-        if self.broken:
-            return self.broken
-        bad = [i for i, c in enumerate(self.calls) if c != n_batches]
-        if bad:
-            return (f"block {bad[0]} ran {self.calls[bad[0]]} time(s) for {n_batches} "
-                    "batch(es); each block must run once per batch")
-        return None
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self.last_out = None
-
-
 def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
                    make_stat: Callable[[nn.Module], Any],
                    finish: Callable[[nn.Module, Any], None], desc: str = "calibrate") -> dict:
@@ -126,7 +82,8 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
         with torch.no_grad():
             done: set = set()
             if blocks:
-                chain = _ChainCheck(blocks)
+                # calibrate's chain check, with no outside layers to track
+                chain = _seq._ChainCheck(blocks, {})
                 for i, b in enumerate(batches):
                     call(i, b)
                     chain.last_out = None
