@@ -177,6 +177,24 @@ class Int8Dynamic(QuantConfig):
         _check_method(self, ("rtn", "smoothquant"))
 
 
+def _check_int4_fields(cfg) -> None:
+    """group_size, symmetric and method of the int4 configs (they share one weight format)."""
+    name = type(cfg).__name__
+    if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int):
+        raise TypeError(
+            f"{name}.group_size must be an int, got {type(cfg.group_size).__name__} "
+            f"{cfg.group_size!r}; use one of {INT4_GROUP_SIZES}"
+        )
+    if cfg.group_size not in INT4_GROUP_SIZES:
+        raise ValueError(
+            f"{name}.group_size={cfg.group_size} is not supported; "
+            f"use one of {INT4_GROUP_SIZES}"
+        )
+    if not isinstance(cfg.symmetric, bool):
+        raise TypeError(f"{name}.symmetric must be True or False, got {cfg.symmetric!r}")
+    _check_method(cfg, ("rtn", "gptq", "awq"))
+
+
 @dataclass(frozen=True)
 class Int4WeightOnly(QuantConfig):
     """int4 weights, group-wise along K (two codes a byte); activations stay float.
@@ -195,21 +213,7 @@ class Int4WeightOnly(QuantConfig):
     options: Any = None
 
     def __post_init__(self):
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise TypeError(
-                f"Int4WeightOnly.group_size must be an int, got {type(self.group_size).__name__} "
-                f"{self.group_size!r}; use one of {INT4_GROUP_SIZES}"
-            )
-        if self.group_size not in INT4_GROUP_SIZES:
-            raise ValueError(
-                f"Int4WeightOnly.group_size={self.group_size} is not supported; "
-                f"use one of {INT4_GROUP_SIZES}"
-            )
-        if not isinstance(self.symmetric, bool):
-            raise TypeError(
-                f"Int4WeightOnly.symmetric must be True or False, got {self.symmetric!r}"
-            )
-        _check_method(self, ("rtn", "gptq", "awq"))
+        _check_int4_fields(self)
 
 
 @dataclass(frozen=True)
@@ -231,21 +235,7 @@ class Int4Dynamic(QuantConfig):
     options: Any = None
 
     def __post_init__(self):
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise TypeError(
-                f"Int4Dynamic.group_size must be an int, got {type(self.group_size).__name__} "
-                f"{self.group_size!r}; use one of {INT4_GROUP_SIZES}"
-            )
-        if self.group_size not in INT4_GROUP_SIZES:
-            raise ValueError(
-                f"Int4Dynamic.group_size={self.group_size} is not supported; "
-                f"use one of {INT4_GROUP_SIZES}"
-            )
-        if not isinstance(self.symmetric, bool):
-            raise TypeError(
-                f"Int4Dynamic.symmetric must be True or False, got {self.symmetric!r}"
-            )
-        _check_method(self, ("rtn", "gptq", "awq"))
+        _check_int4_fields(self)
 
 
 # ----------------------------------------------------------------------------- sparsity
