@@ -71,7 +71,11 @@ T=$(( $(left) - 170 ))  # leave the benchmark at least ~170 s
 [ "$T" -lt 60 ] && T=60
 log "GPU tests (time box ${T} s)"
 set +e
-timeout "$T" "$PY" -m pytest -m gpu tests/test_triton.py -q -rs --durations=15 \
+# Compiling Triton kernels, not running them, is what the GPU tests spend their time on, and
+# it is single-threaded per process: spread the tests over processes when pytest-xdist is there.
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 6"
+timeout "$T" "$PY" -m pytest -m gpu tests/test_triton.py -q -rs --durations=15 $XDIST \
     -p no:cacheprovider --junitxml="$OUT/junit.xml"
 TEST_RC=$?
 set -e

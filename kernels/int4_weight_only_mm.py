@@ -246,7 +246,7 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
     mb = _autotune.m_bucket(m)
     out = []
     if mb <= 16 or not tiled_ok(group):
-        for bn, bk in ((16, 256), (32, 256), (32, 512)):
+        for bn, bk in ((16, 256), (32, 256), (32, 512), (32, 1024), (64, 512)):
             sub, n_sub = sub_tiles(bk, k, group)
             for s in _autotune.split_choices(m * triton.cdiv(n, bn), k // (sub * n_sub), sms):
                 out.append(_gemv(m, n, k, group, bn, bk, sms, split=s))
@@ -301,6 +301,7 @@ def int4_weight_only_mm(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.T
         else:
             def run(c):
                 launch(x2, w_packed, scales, zeros, group_size, bias, out, c)
+                return out
 
             run(config if config is not None else choose(x2, n, k, group_size, run))
     return out.reshape(*lead, n)

@@ -232,7 +232,7 @@ def candidates(m: int, n: int, k: int, sms: int) -> list:
     mb = _autotune.m_bucket(m)
     out = []
     if mb <= 16:
-        for bn, bk in ((16, 256), (16, 512), (32, 256)):
+        for bn, bk in ((16, 256), (16, 512), (32, 256), (32, 512), (64, 256)):
             for s in _autotune.split_choices(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                 out.append(dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=4,
                                 num_stages=2))
@@ -286,6 +286,7 @@ def int8_dynamic_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bia
         else:
             def run(c):
                 launch(x2, w, w_scale, bias, out, c)
+                return out
 
             run(config if config is not None else choose(x2, n, k, run))
     return out.reshape(*lead, n)

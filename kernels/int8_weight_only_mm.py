@@ -193,7 +193,7 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list:
     mb = _autotune.m_bucket(m)
     out = []
     if mb <= 16:
-        for bn, bk in ((16, 256), (16, 512), (32, 256)):
+        for bn, bk in ((16, 256), (16, 512), (32, 256), (32, 512), (64, 256)):
             for s in _autotune.split_choices(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                 out.append(dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=4,
                                 num_stages=2))
@@ -208,7 +208,8 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list:
     if mb >= 64:
         for bm, bn, bk, w, st, swap in ((128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
                                         (64, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False),
-                                        (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True)):
+                                        (128, 128, 64, 8, 3, True)):
+            # (256, 128, 64, 8 warps, swapped) gave wrong results on an H200 with Triton 3.6.
             out.append(_tiled(m, n, k, bm, bn, bk, w, st, swap, sms, split=False))
     return out
 
@@ -245,6 +246,7 @@ def int8_weight_only_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
         else:
             def run(c):
                 launch(x2, w, w_scale, bias, out, c)
+                return out
 
             run(config if config is not None else choose(x2, n, k, run))
     return out.reshape(*lead, n)

@@ -11,10 +11,12 @@ Per shape [N, K] (out_features, in_features) and batch M (tokens):
                   what DENSE_FALLBACK_MIN_M in pyquant/_triton.py would switch to
     torchao.*     / bnb.*  where installed (their own formats: a peer, not the same numerics)
 
-Timing: CUDA events around each call, median of N; before every call a 256 MB buffer is
-written, which evicts the L2 (50 MB on H100/H200), so weights come from HBM as in serving.
-Event times are device times (the flush keeps the GPU busy while the host enqueues the op);
-host launch overhead is not in them (CUDA graphs remove most of it in serving).
+Timing: every implementation is captured in a CUDA graph and replayed between CUDA events,
+median of N; before every replay a 256 MB buffer is written, which evicts the L2 (50-60 MB on
+H100/H200), so weights come from HBM as in serving. These are device times: what a server
+that replays CUDA graphs (torch.compile mode="reduce-overhead", vLLM, SGLang) pays. The
+``eager_us`` column of the CSV times plain eager calls of pyquant's ops, host launch path
+included, for callers without graphs.
 
 Reported beside each time: weight + activation bytes per second and their share of the copy
 bandwidth measured in this run (decode, memory bound), and TFLOP/s (TOPS for int8) with the
@@ -64,22 +66,18 @@ def _peaks(name: str):
 
 
 class Timer:
-    def __init__(self, flush_mb: int = 256):
-        self.flush = torch.empty(flush_mb * (1 << 20), dtype=torch.uint8, device=DEVICE)
+    """Device time of one call, L2 flushed before each: the call is captured in a CUDA graph
+    and replayed (see kernels/_autotune.device_time_us), for every implementation alike, so
+    the numbers compare kernels, not Python launch paths. ``eager`` times plain calls instead:
+    what a caller without CUDA graphs sees, host overhead included."""
 
-    def __call__(self, fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
-        """Median device time of fn() in microseconds, L2 flushed before each call."""
-        for _ in range(warmup):
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for i in range(iters):
-            self.flush.zero_()
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    def __init__(self):
+        from pyquant import _triton
+
+        self.at = _triton.kernels()._autotune
+
+    def __call__(self, fn: Callable[[], object], iters: int, eager: bool = False) -> float:
+        return self.at.device_time_us(fn, budget_ms=1e9, max_reps=iters, graph=not eager)
 
 
 def copy_bandwidth(gib: float = 1.0) -> float:
@@ -188,7 +186,7 @@ def run(args) -> list:
     bw = copy_bandwidth()
     print(f"# {dev}, torch {torch.__version__}, triton {_triton._triton_version()}, "
           f"copy bandwidth {bw:.0f} GB/s, peaks (bf16 TFLOP/s, int8 TOPS) {peaks}")
-    timer = Timer(args.flush_mb)
+    timer = Timer()
     rows: list = []
     t_start = time.perf_counter()
     shapes = {name: nk for name, nk in SHAPES.items()
@@ -255,6 +253,8 @@ def run(args) -> list:
             for impl, fn in impls.items():
                 try:
                     us = timer(fn, iters)
+                    eager_us = timer(fn, iters, eager=True) if impl.startswith("pyquant.") \
+                        else None
                 except Exception as e:
                     rows.append(dict(shape=sname, n=n, k=k, m=m, impl=impl, us=None,
                                      note=f"{type(e).__name__}: {str(e)[:80]}"))
@@ -268,6 +268,7 @@ def run(args) -> list:
                 peak = None if peaks is None else peaks[1 if int8_core else 0]
                 rows.append(dict(
                     shape=sname, n=n, k=k, m=m, impl=impl, us=round(us, 2),
+                    eager_us=None if eager_us is None else round(eager_us, 2),
                     speedup_vs_bf16=None if base is None else round(base / us, 3),
                     gb_s=round(gbs, 1), pct_copy_bw=round(100 * gbs / bw, 1),
                     tflops=round(tflops, 1),
@@ -333,7 +334,7 @@ def suggest_dense_fallback(rows: list) -> dict:
 
 def _write(out_dir: str, rows: list, dev: str, bw: float, peaks) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    keys = ["shape", "n", "k", "m", "impl", "us", "speedup_vs_bf16", "gb_s", "pct_copy_bw",
+    keys = ["shape", "n", "k", "m", "impl", "us", "eager_us", "speedup_vs_bf16", "gb_s", "pct_copy_bw",
             "tflops", "pct_peak", "note"]
     with open(os.path.join(out_dir, "bench_cuda.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -363,7 +364,6 @@ def parse_args(argv: Optional[list] = None):
                    help="substrings of shape names to run (default: all)")
     p.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
     p.add_argument("--iters", type=int, default=25, help="timed calls per measurement")
-    p.add_argument("--flush-mb", type=int, default=256)
     p.add_argument("--no-peers", dest="peers", action="store_false",
                    help="skip torchao / bitsandbytes")
     p.add_argument("--no-dense", dest="dense", action="store_false",

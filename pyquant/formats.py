@@ -77,7 +77,10 @@ def quantize_rows_int8(
         amax = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0])
     else:
         amax = amax.detach().to(device=x.device, dtype=torch.float32).reshape(x.shape[0])
-    s = amax / INT8_QMAX
+    # A tensor divisor, not the Python scalar: PyTorch's CUDA division by a CPU scalar multiplies
+    # by its reciprocal, which rounds differently from amax / 127 for some amax (seen on an H200:
+    # a few codes off by one against the CPU and the kernels, which divide correctly rounded).
+    s = amax / torch.full_like(amax, INT8_QMAX)
     s = torch.where(s == 0, torch.ones_like(s), s)
     xq = torch.round(x / s[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return xq, s
