@@ -231,15 +231,28 @@ def int8_gemm_s32(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def int8_dynamic_mm(x, w, w_scale, bias=None):
-    _checks.check_int8_mm("int8_dynamic_mm", x, w, w_scale, bias)
-    _require_cpu("int8_dynamic_mm", x)
-    n, k = w.shape
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
+def _check_codes(op: str, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Checks the codes and their scales; returns an empty float view of xq's shape for the
+    weight checks that the float ops share (K, devices)."""
+    _require_2d(op, "xq", xq, "int8", lambda t: t.dtype == torch.int8)
+    _require_cpu(op, xq)
+    ok = (isinstance(xs, torch.Tensor) and xs.dtype == torch.float32 and xs.dim() == 1
+          and xs.shape[0] == xq.shape[0] and xs.device.type == "cpu")
+    if not ok:
+        got = (f"{xs.dtype} {tuple(xs.shape)} on {xs.device}" if isinstance(xs, torch.Tensor)
+               else type(xs).__name__)
+        raise ValueError(f"{op}: x_scale must be a float32 CPU vector of M={xq.shape[0]} "
+                         f"row scales, got {got}")
+    return xq[:0].to(torch.float32)
+
+
+def _int8_codes_mm(xq, xs, w, w_scale, bias):
+    """The int8 x int8 core of int8_dynamic_mm on given codes: float32 [M, N]."""
+    m, k = xq.shape
+    n = w.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
     if m and n:
-        xq, xs = quantize_rows_int8(x2)
+        xq, xs = xq.contiguous(), xs.contiguous()
         w = w.contiguous()
         ws = w_scale.contiguous()
         b = _bias_f32(bias)
@@ -251,7 +264,28 @@ def int8_dynamic_mm(x, w, w_scale, bias=None):
         )
         if st:
             _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
-    return out.to(x.dtype).reshape(*lead, n)
+    return out
+
+
+def int8_dynamic_mm(x, w, w_scale, bias=None):
+    _checks.check_int8_mm("int8_dynamic_mm", x, w, w_scale, bias)
+    _require_cpu("int8_dynamic_mm", x)
+    n, k = w.shape
+    lead, x2 = _flat(x, n)
+    if x2.shape[0] and n:
+        xq, xs = quantize_rows_int8(x2)
+    else:
+        xq, xs = torch.empty((x2.shape[0], k), dtype=torch.int8), torch.ones(x2.shape[0])
+    return _int8_codes_mm(xq, xs, w, w_scale, bias).to(x.dtype).reshape(*lead, n)
+
+
+def int8_codes_mm(xq, x_scale, w, w_scale, bias=None):
+    """int8_dynamic_mm on activations already quantized: float32 [M, N] =
+    x_scale[m] * w_scale[n] * (xq @ w.T) + bias[n]. A row-parallel shard quantizes its slice of
+    x with the whole row's scale (pyquant.distributed) and then needs only this product."""
+    _checks.check_int8_mm("int8_codes_mm", _check_codes("int8_codes_mm", xq, x_scale), w,
+                          w_scale, bias)
+    return _int8_codes_mm(xq, x_scale, w, w_scale, bias)
 
 
 def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
@@ -274,18 +308,13 @@ def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
     return out.to(x.dtype).reshape(*lead, n)
 
 
-def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
-    """W4A8: x quantized per row to int8 (as int8_dynamic_mm), exact int32 dot products per
-    weight group, combined in float32 (pq.h: pq_int4_dynamic_mm)."""
-    _checks.check_int4_mm("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
-    _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
-    _require_cpu("int4_dynamic_mm", x)
-    n, k = w_packed.shape[0], w_packed.shape[1] * 2
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
+def _int4_codes_mm(xq, xs, w_packed, scales, zeros, group_size, bias):
+    """The W4A8 core of int4_dynamic_mm on given codes: float32 [M, N]."""
+    m, k = xq.shape
+    n = w_packed.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
     if m and n:
-        xq, xs = quantize_rows_int8(x2)
+        xq, xs = xq.contiguous(), xs.contiguous()
         wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
         b = _bias_f32(bias)
         nwork = module().int4_dynamic_workspace_bytes(m, k, group_size)
@@ -296,4 +325,28 @@ def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
         )
         if st:
             _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
+    return out
+
+
+def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    """W4A8: x quantized per row to int8 (as int8_dynamic_mm), exact int32 dot products per
+    weight group, combined in float32 (pq.h: pq_int4_dynamic_mm)."""
+    _checks.check_int4_mm("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
+    _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
+    _require_cpu("int4_dynamic_mm", x)
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    if x2.shape[0] and n:
+        xq, xs = quantize_rows_int8(x2)
+    else:
+        xq, xs = torch.empty((x2.shape[0], k), dtype=torch.int8), torch.ones(x2.shape[0])
+    out = _int4_codes_mm(xq, xs, w_packed, scales, zeros, group_size, bias)
     return out.to(x.dtype).reshape(*lead, n)
+
+
+def int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias=None):
+    """int4_dynamic_mm on activations already quantized (see int8_codes_mm): float32 [M, N]."""
+    _checks.check_int4_mm("int4_codes_mm", _check_codes("int4_codes_mm", xq, x_scale),
+                          w_packed, scales, zeros, group_size, bias)
+    _checks.check_int4_dynamic_group("int4_codes_mm", group_size)
+    return _int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias)

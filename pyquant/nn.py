@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import formats
-from . import ops as _ops  # noqa: F401  (registers torch.ops.pyquant.*)
+from . import _native, formats
+from . import ops as _ops  # registers torch.ops.pyquant.*
 from .config import Int4Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantConfig
 from .config import INPUT_SCALE_METHODS
 
@@ -225,6 +225,12 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
                                                      self.weight_scale, self.bias)
 
 
+def _native_codes(op: str, xq: torch.Tensor) -> bool:
+    """True where ``op`` on xq's device runs the native CPU kernels, whose int8 core takes
+    given codes and row scales (_native.int8_codes_mm / int4_codes_mm)."""
+    return xq.device.type == "cpu" and _ops.select(op, xq.device).name == "cpu"
+
+
 class Int8DynamicLinear(Int8WeightOnlyLinear):
     """W8A8: int8 per-channel weights, int8 per-token activations quantized at run time."""
 
@@ -237,6 +243,8 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
         # K, N multiples of 8), then the epilogue of the op, acc * (xs * ws). Otherwise (decode,
         # memory-bound: the same speed) the codes go through the weight-only kernel as small
         # integers in fp32: products exact, partial sums exact below 2^24.
+        if _native_codes("int8_dynamic_mm", xq):
+            return _native.int8_codes_mm(xq, xs, self.weight, self.weight_scale)
         m, (n, k) = xq.shape[0], self.weight.shape
         cuda = xq.device.type == "cuda"
         if hasattr(torch, "_int_mm") and (m > 16 and k % 8 == 0 and n % 8 == 0 if cuda
@@ -368,7 +376,11 @@ class Int4DynamicLinear(Int4WeightOnlyLinear):
         # Given activation codes: they go through the weight-only kernel as small integers in
         # fp32 (products with int4 codes minus zeros exact, partial sums exact below 2^24), i.e.
         # the op's integer arithmetic up to the fp32 order of group scales and sums. Slower than
-        # int4_dynamic_mm's int8 units at large M: an op taking x_scale would fix that.
+        # int4_dynamic_mm's int8 units at large M, so the native kernel takes the codes where
+        # it runs.
+        if _native_codes("int4_dynamic_mm", xq):
+            return _native.int4_codes_mm(xq, xs, self.weight_packed, self.weight_scales,
+                                         self.weight_zeros, self.group_size)
         return torch.ops.pyquant.int4_weight_only_mm(
             xq.to(torch.float32), self.weight_packed, self.weight_scales, self.weight_zeros,
             self.group_size, None) * xs[:, None]

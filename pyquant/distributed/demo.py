@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-CONFIGS = ("int4_weight_only", "int8_weight_only", "int8_dynamic", "float")
+CONFIGS = ("int4_weight_only", "int8_weight_only", "int8_dynamic", "int4_dynamic", "float")
 
 
 def _args(argv=None):
@@ -76,6 +76,7 @@ def _quant_config(a):
 
     return {"int4_weight_only": lambda: pyquant.Int4WeightOnly(group_size=a.group_size),
             "int8_weight_only": pyquant.Int8WeightOnly, "int8_dynamic": pyquant.Int8Dynamic,
+            "int4_dynamic": lambda: pyquant.Int4Dynamic(group_size=a.group_size),
             "float": lambda: None}[a.config]()
 
 
