@@ -119,4 +119,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w_packed"), py::arg("N"), py::arg("scales"), py::arg("zeros"),
         py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
         gil_release());
+
+  m.def("stream_read",
+        [](uintptr_t data, int64_t bytes, int n_threads) {
+          // A C++ pair, not a Python tuple: the GIL is released while this body runs.
+          uint64_t sum = 0;
+          const int st = pq_stream_read(ptr<const void>(data), bytes, n_threads, &sum);
+          return std::make_pair(st, sum);
+        },
+        py::arg("data"), py::arg("bytes"), py::arg("n_threads"), gil_release());
 }

@@ -113,6 +113,10 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
                            const uint8_t* zeros, int64_t group_size, const float* bias,
                            float* out, int n_threads);
 
+/* Reads `bytes` bytes at `data` on n_threads threads (contiguous chunks), XOR-folding them
+ * into *checksum: the benchmarks' memory read-bandwidth probe (csrc/cpu/probe.cpp). */
+int pq_stream_read(const void* data, int64_t bytes, int n_threads, uint64_t* checksum);
+
 #ifdef __cplusplus
 }
 #endif

@@ -350,3 +350,15 @@ def int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias=None):
                           w_packed, scales, zeros, group_size, bias)
     _checks.check_int4_dynamic_group("int4_codes_mm", group_size)
     return _int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias)
+
+
+def stream_read(buf: torch.Tensor, n_threads: Optional[int] = None) -> int:
+    """Read every byte of a contiguous CPU tensor on ``n_threads`` threads (default: torch's)
+    and return their XOR fold: the benchmarks' memory read-bandwidth probe (pq.h)."""
+    if not isinstance(buf, torch.Tensor) or buf.device.type != "cpu" or not buf.is_contiguous():
+        raise ValueError("stream_read: buf must be a contiguous CPU tensor")
+    st, checksum = module().stream_read(_ptr(buf), buf.numel() * buf.element_size(),
+                                        n_threads or _threads())
+    if st:
+        _raise("stream_read", st, bytes=buf.numel() * buf.element_size())
+    return checksum

@@ -486,3 +486,23 @@ def test_int4_dynamic_bad_arguments(isa):
     assert call(nbytes=nb - 1) == ERR_ARG
     assert call(work_p=0) == ERR_ARG
     assert call(work_p=ptr(work) + 1) == ERR_ARG  # misaligned
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 1000, 4097])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stream_read_folds_every_word(n, threads):
+    """The bandwidth probe reads every byte: its XOR fold equals Python's, for sizes that are
+    no multiple of a cache line or of the thread split."""
+    import functools
+    import operator
+
+    from pyquant import _native
+
+    g = torch.Generator().manual_seed(n)
+    t = torch.randint(-2**62, 2**62, (n,), dtype=torch.int64, generator=g)
+    want = functools.reduce(operator.xor, [v & (2**64 - 1) for v in t.tolist()], 0)
+    assert _native.stream_read(t, n_threads=threads) == want
+    st, _ = _C.stream_read(0, 8, 1)  # null data with bytes to read
+    assert st == ERR_ARG
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        _native.stream_read(t.reshape(1, -1).expand(2, -1))
