@@ -504,5 +504,6 @@ def test_stream_read_folds_every_word(n, threads):
     assert _native.stream_read(t, n_threads=threads) == want
     st, _ = _C.stream_read(0, 8, 1)  # null data with bytes to read
     assert st == ERR_ARG
-    with pytest.raises(ValueError, match="contiguous CPU tensor"):
-        _native.stream_read(t.reshape(1, -1).expand(2, -1))
+    if n > 1:
+        with pytest.raises(ValueError, match="contiguous CPU tensor"):
+            _native.stream_read(t[::2])
