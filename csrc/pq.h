@@ -60,7 +60,11 @@ int pq_isa_compiled(int isa);
 /* "portable", "avx2", "avx512_vnni", "avx512_amx"; "unknown" otherwise. */
 const char* pq_isa_name(int isa);
 
-/* out[m,n] = w_scale[n] * sum_k x[m,k] * w[n,k] + (bias ? bias[n] : 0) */
+/* out[m,n] = w_scale[n] * sum_k x[m,k] * w[n,k] + (bias ? bias[n] : 0)
+ * Products are exact and sums fp32 on every path. With AMX (M >= 16, K % 32 == 0,
+ * N % 32 == 0) x is split into bf16 terms for the bf16 tiles (tile_amx_bf16.h),
+ * which read bf16 subnormals (|term| < 2^-126) as zero; calls whose x holds an
+ * Inf or NaN take the fp32 path. */
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t* w, int64_t N, const float* w_scale,
                            const float* bias, float* out, int n_threads);

@@ -16,6 +16,8 @@ from helpers import (
     make_bias,
     num_threads,
     random_int8_weight,
+    reference_op,
+    run_op,
 )
 
 OP = "int8_weight_only_mm"
@@ -113,3 +115,41 @@ def test_bad_inputs(case):
     _, x, w, s, b, exc, match = case
     with pytest.raises(exc, match=match):
         torch.ops.pyquant.int8_weight_only_mm(x, w, s, b)
+
+
+# ------------------------------------------- the AMX-BF16 path (M >= 16, K % 32, N % 32 == 0)
+# Every ISA runs these shapes; on CPUs with AMX they take the bf16 tile path, whose activations
+# are split into up to three bf16 terms (bf16 inputs: one, fp16: two, fp32: three).
+AMX_SHAPES = [(16, 32, 32), (17, 64, 96), (40, 96, 256), (100, 32, 544)]
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m,n,k", AMX_SHAPES)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_amx_bf16_shapes(backend, isa, m, n, k, dtype):
+    # a dynamic range of 1e-3..1e3 across K, so all three bf16 terms of fp32 are nonzero
+    scale = torch.logspace(-3, 3, k)[torch.randperm(k, generator=torch.Generator().manual_seed(k))]
+    x = (activation((m, k), seed=m) * scale).to(dtype)
+    check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "fp32", dtype))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_amx_bf16_strided_and_3d(backend, isa):
+    x = activation((3, 12, 2 * 96), seed=5)[..., ::2]
+    check_op(OP, backend, isa, x, random_int8_weight(64, 96, seed=6), None)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_amx_bf16_nonfinite_like_fp32(backend, isa):
+    """Inf and NaN cannot be split into bf16 terms: such calls take the fp32 path, so the
+    non-finite outputs are those of the reference."""
+    x = activation((20, 64), seed=7)
+    x[3, 5] = float("inf")
+    x[7, 9] = float("nan")
+    x[11, 0] = -float("inf")
+    w = random_int8_weight(32, 64, seed=8)
+    got = run_op(OP, backend, isa, x, w, None)
+    want = reference_op(OP, x, w, None)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    fin = want.isfinite()
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)

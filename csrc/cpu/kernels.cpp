@@ -5,6 +5,7 @@
 #include "tile_int4dyn.h"
 #include "tile_int8.h"
 #include "tile_amx.h"
+#include "tile_amx_bf16.h"
 
 namespace PQ_NS {
 namespace {
@@ -20,6 +21,11 @@ inline float scale_bias(float dot, float scale, const float* bias, int64_t n) {
 void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
                          int64_t N, const float* w_scale, const float* bias, float* out,
                          int n_threads) {
+#if defined(PQ_AMX_BF16)
+  if (amx_bf16_usable(M, K, N) &&
+      amx_bf16_int8_wo(x, M, K, ldx, w, N, w_scale, bias, out, n_threads))
+    return;
+#endif
   for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
     dispatch_tile<kTileN>(nr, mt, [&](auto R_, auto T_) {
       constexpr int R = decltype(R_)::value, T = decltype(T_)::value;

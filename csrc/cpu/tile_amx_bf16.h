@@ -1,0 +1,223 @@
+/* AMX-BF16 GEMM for int8 weight-only at prefill sizes (only in the build
+ * compiled with -mamx-bf16 -mavx512bf16).
+ *
+ * Why: the fp32 FMA kernels (tile_int8.h) top out at 32 multiply-adds a cycle,
+ * so at M >= 64 int8 weight-only ran at 0.6-1.0x of fp32 F.linear (oneDNN).
+ * A tdpbf16ps does 16 x 16 x 32 of them; the cost is converting the weights
+ * to bf16 per call, which a task amortizes over all its activation rows.
+ *
+ * Exactness: an int8 code (-127..127) is exact in bf16, and the activations
+ * are split into bf16 terms x = x1 + x2 + x3 by truncation (the top 16 bits of
+ * x, of what is left, and the rest, at most 8 significant bits), so every
+ * product is exact and the sums are fp32: the result differs from the fp32
+ * kernels only by summation order -- except that AMX treats bf16 subnormals
+ * (|x| < 2^-126 in a term) as zero. Terms that are zero everywhere are
+ * skipped: bf16 activations need one, fp16 ones two, fp32 ones three.
+ *
+ * Operands: A = 16 weight rows x 32 k of bf16 (the [N, K] layout as is, after
+ * conversion, row stride 2K bytes); B = the activations "VNNI transposed":
+ * B[r][2j + i] = term(x[m0 + j, k0 + 2r + i]), packed once per call as
+ * xp[term][ceil(M/16)][K/32][16][16][2]. C[n][m] is the output transposed; the
+ * epilogue scatters it (tile_amx.h). Register blocking and tasks as in
+ * tile_amx.h, with larger M blocks per task so that each weight strip is
+ * converted once per 256 activation rows. */
+#ifndef PQ_CPU_TILE_AMX_BF16_H
+#define PQ_CPU_TILE_AMX_BF16_H
+#include <stdlib.h>
+
+#include "tile_amx.h"
+
+#if defined(PQ_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define PQ_AMX_BF16 1
+
+namespace PQ_NS {
+namespace {
+
+/* From this M up the AMX path beats the fp32 FMA kernels (measured, see
+ * int8_weight_only_mm in kernels.cpp). */
+constexpr int64_t kAmxBf16MinM = 16;
+constexpr int kAmxBf16MaxTerms = 3;
+
+inline bool amx_bf16_usable(int64_t M, int64_t K, int64_t N) {
+  return M >= kAmxBf16MinM && K % 32 == 0 && N % 32 == 0;
+}
+
+/* Splits 16 floats into bf16 terms by truncation; returns the term bits as
+ * 16 dwords each holding one bf16 in the low half. */
+inline void split3(__m512 v, __m512i t[kAmxBf16MaxTerms]) {
+  const __m512i hi_mask = _mm512_set1_epi32((int)0xFFFF0000u);
+  for (int i = 0; i < kAmxBf16MaxTerms; ++i) {
+    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), hi_mask);
+    t[i] = _mm512_srli_epi32(bits, 16);
+    v = _mm512_sub_ps(v, _mm512_castsi512_ps(bits)); /* exact */
+  }
+}
+
+/* Packs x (fp32, rows of stride ldx) into xp (see above); returns the number
+ * of terms that are nonzero somewhere (>= 1), or more than kAmxBf16MaxTerms
+ * when x holds an Inf or NaN. xp holds 3 * ceil(M/16)*16*K bf16. Rows past M
+ * are zero. */
+inline int amx_bf16_pack_x(const float* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xp,
+                           int n_threads) {
+  const int64_t Mt = ceil_div(M, 16), KB = K / 32, tiles = Mt * KB;
+  const int64_t term_stride = Mt * KB * 512; /* bf16 per term */
+  int used = 1;
+  const int threads = tiles < n_threads ? (int)tiles : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1) \
+    reduction(max : used)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t mt = tile / KB, kb = tile % KB;
+    uint32_t* dst[kAmxBf16MaxTerms];
+    for (int i = 0; i < kAmxBf16MaxTerms; ++i)
+      dst[i] = (uint32_t*)(xp + i * term_stride + tile * 512);
+    /* dword (r, j) of a tile = the bf16 pair k = k0 + 2r, 2r + 1 of row m0 + j */
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(16));
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int j = 0; j < 16; ++j) {
+      const int64_t m = mt * 16 + j;
+      __m512i pair[kAmxBf16MaxTerms];
+      if (m < M) {
+        const float* p = x + m * ldx + kb * 32;
+        const __m512 va = _mm512_loadu_ps(p), vb = _mm512_loadu_ps(p + 16);
+        /* Inf and NaN do not split into terms (inf - inf, truncated payloads). */
+        if (_mm512_fpclass_ps_mask(va, 0x99) | _mm512_fpclass_ps_mask(vb, 0x99)) used = 99;
+        __m512i a[kAmxBf16MaxTerms], b[kAmxBf16MaxTerms];
+        split3(va, a);
+        split3(vb, b);
+        for (int i = 0; i < kAmxBf16MaxTerms; ++i) {
+          const __m512i lo = _mm512_permutex2var_epi32(a[i], even, b[i]); /* k = 2r */
+          const __m512i hi = _mm512_permutex2var_epi32(a[i], odd, b[i]);  /* k = 2r + 1 */
+          pair[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+          if (i > 0 && _mm512_test_epi32_mask(pair[i], pair[i]) && used < i + 1) used = i + 1;
+        }
+      } else {
+        for (int i = 0; i < kAmxBf16MaxTerms; ++i) pair[i] = _mm512_setzero_si512();
+      }
+      for (int i = 0; i < kAmxBf16MaxTerms; ++i)
+        _mm512_i32scatter_epi32(dst[i] + j, rows, pair[i], 4);
+    }
+  }
+  return used;
+}
+
+/* 32 weight rows of int8 [.., K] -> bf16 [32][K]. */
+inline void amx_bf16_convert_strip(const int8_t* w, int64_t K, uint16_t* wb) {
+  for (int r = 0; r < 32; ++r)
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * K + k)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+      _mm512_storeu_si512(wb + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+struct AmxStoreWo {
+  float* out;
+  int64_t N;
+  const float* ws;
+  const float* bias;
+  /* dot * w_scale[n] + bias[n]: the order of pq.h (scale_bias in kernels.cpp). */
+  inline void operator()(int64_t n, int64_t m0, __mmask16 mask, __m512i v, __m512i vidx) const {
+    __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(v), _mm512_set1_ps(ws[n]));
+    if (bias) y = _mm512_add_ps(y, _mm512_set1_ps(bias[n]));
+    _mm512_mask_i32scatter_ps(out + m0 * N + n, mask, vidx, y, 4);
+  }
+};
+
+/* int8 weight-only on AMX-BF16; false (nothing done) when scratch cannot be
+ * allocated or x holds Inf/NaN. The caller checked amx_bf16_usable. */
+inline bool amx_bf16_int8_wo(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
+                             int64_t N, const float* w_scale, const float* bias, float* out,
+                             int n_threads) {
+  const int64_t Mt = ceil_div(M, 16), KB = K / 32;
+  const int64_t term_stride = Mt * KB * 512;
+  uint16_t* xp = (uint16_t*)aligned_alloc(64, (size_t)kAmxBf16MaxTerms * term_stride * 2);
+  if (!xp) return false;
+  const int terms = amx_bf16_pack_x(x, M, K, ldx, xp, n_threads);
+  if (terms > kAmxBf16MaxTerms) { /* Inf/NaN: the fp32 kernels propagate them as fp32 does */
+    free(xp);
+    return false;
+  }
+  const int64_t kMtBlock = 16; /* 256 activation rows per weight-strip conversion */
+  const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = N / 32;
+  const int64_t tasks = n_nblk * n_mblk;
+  const int threads = tasks < n_threads ? (int)tasks : n_threads;
+  const __m512i vidx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32((int)N));
+  const AmxStoreWo epi{out, N, w_scale, bias};
+  bool ok = true;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    uint16_t* wb = (uint16_t*)aligned_alloc(64, (size_t)32 * K * 2);
+    if (!wb) {
+#pragma omp atomic write
+      ok = false;
+    }
+#pragma omp barrier
+    if (ok) {
+      TileCfg cfg;
+      memset(&cfg, 0, sizeof cfg);
+      cfg.palette = 1;
+      for (int i = 0; i < 8; ++i) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+      }
+      _tile_loadconfig(&cfg);
+      alignas(64) int32_t buf[16 * 16];
+#pragma omp for schedule(dynamic)
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t n0 = task / n_mblk * 32, mt_lo = task % n_mblk * kMtBlock;
+        const int64_t mt_hi = min64(mt_lo + kMtBlock, Mt);
+        amx_bf16_convert_strip(w + n0 * K, K, wb);
+        const uint16_t* w0 = wb;
+        const uint16_t* w1 = wb + 16 * K;
+        for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
+          const bool two = mt + 1 < mt_hi;
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int t = 0; t < terms; ++t) {
+            const uint16_t* b0 = xp + t * term_stride + mt * KB * 512;
+            const uint16_t* b1 = b0 + KB * 512;
+            for (int64_t kb = 0; kb < KB; ++kb) {
+              _tile_loadd(4, w0 + kb * 32, 2 * K);
+              _tile_loadd(6, b0 + kb * 512, 64);
+              _tile_dpbf16ps(0, 4, 6);
+              if (two) {
+                _tile_loadd(7, b1 + kb * 512, 64);
+                _tile_dpbf16ps(1, 4, 7);
+              }
+              _tile_loadd(5, w1 + kb * 32, 2 * K);
+              _tile_dpbf16ps(2, 5, 6);
+              if (two) _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          _tile_stored(0, buf, 64);
+          amx_store_tile(buf, n0, mt * 16, M, epi, vidx);
+          _tile_stored(2, buf, 64);
+          amx_store_tile(buf, n0 + 16, mt * 16, M, epi, vidx);
+          if (two) {
+            _tile_stored(1, buf, 64);
+            amx_store_tile(buf, n0, (mt + 1) * 16, M, epi, vidx);
+            _tile_stored(3, buf, 64);
+            amx_store_tile(buf, n0 + 16, (mt + 1) * 16, M, epi, vidx);
+          }
+        }
+      }
+      _tile_release();
+    }
+    free(wb);
+  }
+  free(xp);
+  return ok;
+}
+
+}  // namespace
+}  // namespace PQ_NS
+#endif
+#endif /* PQ_CPU_TILE_AMX_BF16_H */
