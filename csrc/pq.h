@@ -111,7 +111,9 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
 /* out[m,n] = sum_k x[m,k] * scales[n,k/G] * (code[n,k] - zeros[n,k/G]) + bias[n]
  * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). Each weight is
  * dequantized to float32 as (float)(code - zero) * scale and x * w accumulated
- * in float32 (no per-group partial sums). */
+ * in float32 (no per-group partial sums) -- except on AMX (M >= 16, G % 32 == 0,
+ * N % 32 == 0), where each group's exact products (code - zero) * x (x split into
+ * bf16 terms, see pq_int8_weight_only_mm) are summed in fp32 and scaled once. */
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t* w_packed, int64_t N, const float* scales,
                            const uint8_t* zeros, int64_t group_size, const float* bias,

@@ -16,6 +16,8 @@ from helpers import (
     make_bias,
     num_threads,
     random_int4_weight,
+    reference_op,
+    run_op,
 )
 from pyquant import formats
 
@@ -183,3 +185,32 @@ def test_bad_inputs(args, exc, match):
     a = args
     with pytest.raises(exc, match=match):
         torch.ops.pyquant.int4_weight_only_mm(a["x"], a["p"], a["s"], a["z"], a["g"], a["b"])
+
+
+# ------------------------------------------- the AMX-BF16 path (M >= 16, K % 32, N % 32 == 0)
+# On CPUs with AMX these shapes run on bf16 tiles: codes minus zero points are exact in bf16,
+# the activations are split into up to three bf16 terms, and each group's fp32 sum is scaled
+# once (see csrc/cpu/tile_amx_bf16.h).
+AMX_CASES = [(16, 32, 64, 32), (17, 64, 192, 64), (40, 96, 256, 128), (100, 32, 512, 256)]
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m,n,k,group", AMX_CASES)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_amx_bf16_shapes(backend, isa, m, n, k, group, dtype):
+    g = torch.Generator().manual_seed(k)
+    scale = torch.logspace(-3, 3, k)[torch.randperm(k, generator=g)]
+    x = (activation((m, k), seed=m) * scale).to(dtype)
+    check_op(OP, backend, isa, x, random_int4_weight(n, k, group, seed=n) + (group,),
+             make_bias(n, "fp32", dtype))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_amx_bf16_strided_3d_nonfinite(backend, isa):
+    wargs = random_int4_weight(64, 128, 64, seed=3) + (64,)
+    x = activation((3, 12, 256), seed=4)[..., ::2]
+    check_op(OP, backend, isa, x, wargs, None)
+    x = activation((20, 128), seed=5)
+    x[2, 3], x[9, 100] = float("inf"), float("nan")
+    got, want = run_op(OP, backend, isa, x, wargs, None), reference_op(OP, x, wargs, None)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())

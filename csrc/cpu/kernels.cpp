@@ -22,8 +22,10 @@ void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
                          int64_t N, const float* w_scale, const float* bias, float* out,
                          int n_threads) {
 #if defined(PQ_AMX_BF16)
+  /* one "group" of K: out = dot * w_scale + bias, the order of scale_bias */
   if (amx_bf16_usable(M, K, N) &&
-      amx_bf16_int8_wo(x, M, K, ldx, w, N, w_scale, bias, out, n_threads))
+      amx_bf16_wo(x, M, K, ldx, N, w_scale, K, bias, out, n_threads,
+                  [&](int64_t n0, uint16_t* wb) { amx_bf16_convert_i8(w + n0 * K, K, wb); }))
     return;
 #endif
   for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
@@ -224,6 +226,14 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
 void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                          int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                          const float* bias, float* out, int n_threads) {
+#if defined(PQ_AMX_BF16)
+  if (amx_bf16_usable(M, K, N) && G % 32 == 0 &&
+      amx_bf16_wo(x, M, K, ldx, N, scales, G, bias, out, n_threads,
+                  [&](int64_t n0, uint16_t* wb) {
+                    amx_bf16_convert_u4(wp + n0 * (K / 2), zeros + n0 * (K / G), K, G, wb);
+                  }))
+    return;
+#endif
 #if defined(PQ_SIMD_AVX512)
   if (M >= kU4DequantMinM && G % 32 == 0)
     return int4_weight_only_dequant(x, M, K, ldx, wp, N, scales, zeros, G, bias, out, n_threads);
