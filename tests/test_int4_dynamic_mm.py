@@ -176,3 +176,19 @@ def test_layer_quality_and_save_load(tmp_path, symmetric):
     pyquant.load(fresh, path)
     assert isinstance(fresh[0], pyquant.Int4DynamicLinear) and fresh[0].config == cfg
     assert torch.equal(fresh(x), y)
+
+
+# -------------------------------------- the AMX int8 path (M >= 9, G % 64 == 0, N % 32 == 0)
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m,n,k,group", [(9, 32, 64, 64), (17, 64, 384, 64),
+                                         (40, 96, 256, 128), (100, 32, 512, 256)])
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_amx_shapes(backend, isa, m, n, k, group, dtype):
+    x = activation((m, k), dtype, seed=m)
+    check_op(OP, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", dtype))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_amx_strided_3d(backend, isa):
+    x = activation((3, 12, 256), seed=4)[..., ::2]
+    check_op(OP, backend, isa, x, weights(64, 128, 64, seed=3), None)

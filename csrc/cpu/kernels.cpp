@@ -6,6 +6,7 @@
 #include "tile_int8.h"
 #include "tile_amx.h"
 #include "tile_amx_bf16.h"
+#include "tile_amx_int4dyn.h"
 
 namespace PQ_NS {
 namespace {
@@ -100,6 +101,11 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
 void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
                      int64_t G, const float* bias, float* out, void* work, int n_threads) {
+#if defined(PQ_AMX_INT4DYN)
+  if (amx_int4dyn_usable(M, K, N, G) &&
+      amx_int4_dynamic(xq, x_scale, M, K, wp, N, scales, zeros, G, bias, out, n_threads))
+    return;
+#endif
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
   const int8_t* xk = xq;
