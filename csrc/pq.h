@@ -75,6 +75,10 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
  *   xq[m,k] = clamp(round_half_even(x[m,k] / s), -127, 127); x_scale[m] = s */
 int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                           int8_t* xq, float* x_scale, int n_threads);
+/* The same with given row maxima amax[M] (null: computed as above): a row-parallel
+ * shard holds a slice of each row and quantizes it with the whole row's scale. */
+int pq_quantize_rows_int8_amax(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const float* amax, int8_t* xq, float* x_scale, int n_threads);
 
 /* Bytes of scratch (`work`) the int8 GEMMs below can use for this call; 0 when
  * the chosen path needs none. With AMX (K % 64 == 0, N % 32 == 0, M > 8) the

@@ -189,17 +189,25 @@ def int8_weight_only_mm(x, w, w_scale, bias=None):
     return out.to(x.dtype).reshape(*lead, n)
 
 
-def quantize_rows_int8(x2: torch.Tensor):
-    """Native per-row int8 quantization of a 2-D float tensor (formats.quantize_rows_int8)."""
+def quantize_rows_int8(x2: torch.Tensor, amax: Optional[torch.Tensor] = None):
+    """Native per-row int8 quantization of a 2-D float tensor (formats.quantize_rows_int8),
+    with the row maxima computed, or given (``amax`` [M]: a row-parallel shard's slice of
+    each row quantized with the whole row's scale)."""
     _require_2d("quantize_rows_int8", "x", x2, "a float tensor", lambda t: t.is_floating_point())
     _require_cpu("quantize_rows_int8", x2)
     m, k = x2.shape
+    if amax is not None:
+        if not isinstance(amax, torch.Tensor) or amax.numel() != m or amax.device.type != "cpu":
+            raise ValueError(f"quantize_rows_int8: amax must be a CPU tensor of the M={m} row "
+                             f"maxima, got {getattr(amax, 'shape', type(amax).__name__)}")
+        amax = amax.detach().reshape(m).to(torch.float32).contiguous()
     xq = torch.empty((m, k), dtype=torch.int8)
     xs = torch.empty((m,), dtype=torch.float32)
     if m:
         xf = _rows_f32(x2)
-        st = module().quantize_rows_int8(
-            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(xq), _ptr(xs), _threads()
+        st = module().quantize_rows_int8_amax(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(amax), _ptr(xq), _ptr(xs),
+            _threads()
         )
         if st:
             _raise("quantize_rows_int8", st, M=m, K=k)

@@ -117,8 +117,10 @@ class _QuantLinearBase(nn.Module):
         # row's scale (act_amax): then the shards' partial sums add up to the unsharded result.
         # ``codes_mm(xq, xs)`` multiplies the int8 codes (no bias): see the layers' _codes_mm.
         lead = x.shape[:-1]
-        xq, xs = formats.quantize_rows_int8(self._scale_input(x).reshape(-1, x.shape[-1]),
-                                            amax=act_amax)
+        x2 = self._scale_input(x).reshape(-1, x.shape[-1])
+        native = x2.device.type == "cpu" and _native.available()
+        quantize = _native.quantize_rows_int8 if native else formats.quantize_rows_int8
+        xq, xs = quantize(x2, amax=act_amax)
         y = codes_mm(xq, xs)
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)

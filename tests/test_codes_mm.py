@@ -62,3 +62,25 @@ def test_codes_mm_bad_input(bad, match):
         _native.int8_codes_mm(xq, xs, w8, s8)
     with pytest.raises((ValueError, TypeError), match=match):
         _native.int4_codes_mm(xq, xs, *random_int4_weight(8, 128, 64, seed=2), 64)
+
+
+@pytest.mark.parametrize("backend,isa", ISAS)
+@pytest.mark.parametrize("k", [0, 1, 15, 16, 17, 100, 257])
+def test_quantize_rows_with_given_amax_bit_exact(backend, isa, k):
+    """A shard's slice of each row quantized with the whole row's max: bit-identical to
+    formats.quantize_rows_int8(x, amax=) on every ISA, including zero rows and maxima larger
+    than the slice's own."""
+    m = 6
+    x = activation((m, k), seed=k)
+    amax = torch.rand(m) * 4 + (x.abs().amax(dim=1) if k else 0)
+    amax[1] = 0.0  # all-zero row of the whole: scale 1
+    if k:
+        x[1] = 0.0
+    want_q, want_s = formats.quantize_rows_int8(x, amax=amax)
+    with _native.use_isa(isa):
+        q, s = _native.quantize_rows_int8(x, amax=amax)
+        q0, s0 = _native.quantize_rows_int8(x)  # computed amax: the op's own path
+    assert torch.equal(s, want_s) and torch.equal(q, want_q)
+    assert torch.equal(s0, formats.quantize_rows_int8(x)[1])
+    with pytest.raises(ValueError, match="amax must be"):
+        _native.quantize_rows_int8(x, amax=amax[:-1])

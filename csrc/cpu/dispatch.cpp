@@ -142,19 +142,27 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
   return PQ_OK;
 }
 
-int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
-                          int8_t* xq, float* x_scale, int n_threads) {
+int pq_quantize_rows_int8_amax(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const float* amax, int8_t* xq, float* x_scale, int n_threads) {
   const pq::KernelTable* t = table(isa);
   if (!t) return PQ_ERR_ISA;
   if (bad_x(x, M, K, ldx) || too_big(M, K) || missing(xq, M * K) || missing(x_scale, M))
     return PQ_ERR_ARG;
   if (M == 0) return PQ_OK;
-  if (K == 0) { /* amax of an empty row is 0, hence s = 0 -> 1 */
-    for (int64_t m = 0; m < M; ++m) x_scale[m] = 1.0f;
+  if (K == 0) { /* nothing to quantize; the scale follows the (given or empty-row) amax */
+    for (int64_t m = 0; m < M; ++m) {
+      const float s = amax ? amax[m] / 127.0f : 0.0f;
+      x_scale[m] = s == 0.0f ? 1.0f : s;
+    }
     return PQ_OK;
   }
-  t->quantize_rows_int8(x, M, K, ldx, xq, x_scale, threads(n_threads));
+  t->quantize_rows_int8(x, M, K, ldx, amax, xq, x_scale, threads(n_threads));
   return PQ_OK;
+}
+
+int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                          int8_t* xq, float* x_scale, int n_threads) {
+  return pq_quantize_rows_int8_amax(isa, x, M, K, ldx, nullptr, xq, x_scale, n_threads);
 }
 
 int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N) {

@@ -41,11 +41,12 @@ void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
   });
 }
 
-void quantize_rows_int8(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq,
-                        float* x_scale, int n_threads) {
+void quantize_rows_int8(const float* x, int64_t M, int64_t K, int64_t ldx, const float* amax,
+                        int8_t* xq, float* x_scale, int n_threads) {
   const int threads = M < n_threads ? (int)M : n_threads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, xq + m * K, x_scale + m);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(x + m * ldx, K, xq + m * K, x_scale + m, amax ? amax + m : nullptr);
 }
 
 /* The exact int8 GEMM shared by int8_gemm_s32 and int8_dynamic_mm; epi(m, n,

@@ -16,8 +16,9 @@ struct KernelTable {
   void (*int8_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const int8_t* w, int64_t N, const float* w_scale,
                               const float* bias, float* out, int n_threads);
-  void (*quantize_rows_int8)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq,
-                             float* x_scale, int n_threads);
+  /* amax: null, or M given row maxima (row-parallel shards: the whole rows') */
+  void (*quantize_rows_int8)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                             const float* amax, int8_t* xq, float* x_scale, int n_threads);
   /* work: scratch of work_bytes (may be 0); AMX builds use it when large enough. */
   void (*int8_gemm_s32)(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
                         int32_t* acc, void* work, int64_t work_bytes, int n_threads);

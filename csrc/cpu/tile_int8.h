@@ -165,15 +165,23 @@ inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R
  * division, not a multiply by 1/s, and rounding is to nearest-even (the MXCSR
  * default for cvtps2dq, nearbyint in the default mode), so results match
  * torch.round(x / s) bit for bit. */
-inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
+                         const float* given_amax) {
   int64_t k = 0;
   float amax = 0.0f;
 #if defined(PQ_SIMD_AVX512)
+  const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
+#endif
+  /* given_amax: the whole row's max |x| when x is a slice of it (a row-parallel shard) */
+  if (given_amax) {
+    amax = *given_amax;
+    k = K;
+  }
+#if defined(PQ_SIMD_AVX512)
   __m512 mx = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
   if (k < K) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, x + k)));
-  amax = _mm512_reduce_max_ps(mx);
+  if (!given_amax) amax = _mm512_reduce_max_ps(mx);
   k = K;
 #elif defined(PQ_SIMD_AVX2)
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -181,7 +189,7 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
   for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(absmask, _mm256_loadu_ps(x + k)));
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  if (!given_amax) amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 #endif
   for (; k < K; ++k) amax = fmaxf(amax, fabsf(x[k]));
   /* s == 0 covers amax == 0 and a subnormal amax whose amax / 127 underflows;
