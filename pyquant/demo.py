@@ -9,6 +9,13 @@ Timing: every model is built and warmed up first (the warmup run also gives the 
 fidelity is computed from), then the timed runs go round-robin over the models, ``repeats``
 rounds, so that a slow moment of the machine hits every config alike; a config's latency is the
 median of its runs, and its speedup is fp32's median over its own, from the same rounds.
+
+Then, unless ``calibrated=False`` (``--no-calibrated``), one calibrated config
+(``calibrated_config``: int4 g64 with GPTQ) is calibrated on the calibration sentences, which the
+evaluation sentences never include, and the demo prints its per-layer accuracy report
+(``calibrate.format_table``) and its model-level error on the evaluation sentences. It runs
+after the timed rounds, so it cannot disturb them, and it is not timed: its layers are those of
+the RTN row of the same config, so their latency would be too.
 """
 from __future__ import annotations
 
@@ -46,6 +53,15 @@ OP_FOR_SCHEME = {
     "int8_dynamic": "int8_dynamic_mm",
     "int4_weight_only": "int4_weight_only_mm",
 }
+# The calibrated config: int4 is where calibration pays (int8 loses little even rounded to
+# nearest), and GPTQ is the quickest calibrated method on MiniLM (seconds on two cores).
+CALIBRATED_NAME = "int4g64-gptq"
+CALIBRATED_LABEL = "int4 weight-only g64, GPTQ"
+CALIBRATED_RTN = "int4g64"  # its round-to-nearest row in CONFIGS, the baseline it must beat
+
+
+def calibrated_config():
+    return Int4WeightOnly(group_size=64, method="gptq")
 
 
 @dataclass
@@ -153,8 +169,20 @@ def _backend_for(config) -> str:
         return ops.select(op, "cpu").name
 
 
-def _workload(model_name: Optional[str], n: Optional[int], batch_size: int, notes: list):
-    """(model name, fp32 model, batches, number of inputs)."""
+@dataclass
+class _Workload:
+    label: str
+    model: nn.Module
+    batches: list  # evaluation inputs, tokenized
+    n: int
+    unit: str  # what an input is, for the messages
+    calib: Optional[list] = None  # calibration inputs, None when not calibrating
+    calib_n: int = 0
+
+
+def _workload(model_name: Optional[str], n: Optional[int], batch_size: int, notes: list,
+              calib_n: Optional[int]) -> _Workload:
+    """The model and its inputs; ``calib_n`` 0: no calibration inputs, None: all bundled."""
     if model_name is None:
         why = models.minilm_missing_reason()
         if why:
@@ -169,12 +197,24 @@ def _workload(model_name: Optional[str], n: Optional[int], batch_size: int, note
             n = min(DEFAULT_SENTENCES, len(pool))
         if n > len(pool):
             raise ValueError(f"--sentences {n}: only {len(pool)} evaluation sentences are bundled")
+        cpool = models.sentences("calib")
+        calib_n = len(cpool) if calib_n is None else calib_n
+        if calib_n > len(cpool):
+            raise ValueError(f"--calib-sentences {calib_n}: only {len(cpool)} calibration "
+                             f"sentences are bundled")
         model, tokenizer = models.load_minilm()
-        return "all-MiniLM-L6-v2", model, models.tokenize(tokenizer, pool[:n], batch_size), n
+        return _Workload("all-MiniLM-L6-v2", model,
+                         models.tokenize(tokenizer, pool[:n], batch_size), n, "sentences",
+                         models.tokenize(tokenizer, cpool[:calib_n], batch_size)
+                         if calib_n else None, calib_n)
     if model_name == "tiny":
         n = DEFAULT_SENTENCES if n is None else n
-        return "tiny (built-in, random weights)", models.tiny_model(), \
-            models.tiny_inputs(n, batch_size), n
+        calib_n = models.CALIB_SENTENCES if calib_n is None else calib_n
+        # seed 1: a different draw from the evaluation inputs (seed 0)
+        return _Workload("tiny (built-in, random weights)", models.tiny_model(),
+                         models.tiny_inputs(n, batch_size), n, "inputs",
+                         models.tiny_inputs(calib_n, batch_size, seed=1) if calib_n else None,
+                         calib_n)
     raise ValueError(f"unknown model {model_name!r}; use minilm or tiny")
 
 
@@ -189,12 +229,14 @@ def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
              repeats: int = DEFAULT_REPEATS, batch_size: int = 64,
              threads: Optional[int] = None, configs: Optional[list] = None,
              json_path: Optional[str] = None, csv_path: Optional[str] = None,
+             calibrated: bool = True, calib_sentences: Optional[int] = None,
              out=None, err=None) -> dict:
     out = out or sys.stdout
     err = err or sys.stderr
     configs = list(DEFAULT_CONFIGS) if configs is None else configs
     for name, value in (("repeats", repeats), ("batch_size", batch_size),
-                        ("sentences", sentences), ("threads", threads)):
+                        ("sentences", sentences), ("threads", threads),
+                        ("calib_sentences", calib_sentences)):
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if threads is not None:
@@ -222,7 +264,9 @@ def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
                      "the quantized timings are those of pure PyTorch, not of pyquant's kernels")
 
     progress("pyquant demo: loading the model")
-    model_label, base, batches, n = _workload(model, sentences, batch_size, notes)
+    work = _workload(model, sentences, batch_size, notes,
+                     (calib_sentences if calibrated else 0))
+    model_label, base, batches, n = work.label, work.model, work.batches, work.n
     for line in notes:
         print(line, file=out)
 
@@ -280,16 +324,72 @@ def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
         "machine": _machine_line(used_threads),
         "torch": torch.__version__,
         "rows": [asdict(r) for r in rows],
+        "calibrated": None,
     }
     print(format_table(result), file=out)
+    accuracy = None
+    if work.calib is not None:
+        result["calibrated"], accuracy = _run_calibrated(work, ref, rows, progress, out)
     if json_path:
+        if accuracy is not None:
+            # beside the results, named as pyquant.save names a checkpoint's report, so that
+            # calibrate.load_report(json_path) reads it back
+            from .calibrate.report import report_path
+
+            rpath = report_path(json_path)
+            with open(rpath, "w", encoding="utf-8") as f:
+                f.write(accuracy.to_json() + "\n")
+            result["calibrated"]["report"] = rpath
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {json_path}", file=out)
+        if accuracy is not None:
+            print(f"wrote {result['calibrated']['report']}", file=out)
     if csv_path:
         write_csv(result, csv_path)
         print(f"wrote {csv_path}", file=out)
     return result
+
+
+def _run_calibrated(work: _Workload, ref: torch.Tensor, rows: list, progress, out):
+    """Calibrate ``calibrated_config()`` on the calibration inputs, print its accuracy report
+    and its error on the evaluation inputs; returns (the JSON summary, the AccuracyReport)."""
+    from .api import quantize_
+    from .calibrate.report import format_table as format_accuracy_table
+
+    cfg = calibrated_config()
+    progress(f"pyquant demo: calibrating {CALIBRATED_NAME} on {work.calib_n} calibration "
+             f"{work.unit}")
+    qmodel = copy.deepcopy(work.model)
+    t0 = time.perf_counter()
+    report = quantize_(qmodel, cfg, calibration=work.calib)
+    seconds = time.perf_counter() - t0
+    progress(f"pyquant demo: embeddings {CALIBRATED_NAME}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pyquant:", category=RuntimeWarning)
+        emb = models.encode_batches(qmodel, work.batches)
+    progress.done()
+    cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
+    summary = {
+        "name": CALIBRATED_NAME, "label": CALIBRATED_LABEL, "config": repr(cfg),
+        "calibration_inputs": work.calib_n, "calibrate_s": seconds,
+        "layers": len(report.swapped), "skipped": len(report.skipped),
+        "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+        "accuracy": report.accuracy.to_dict(), "report": None,
+    }
+    lines = ["", f"calibrated: {CALIBRATED_LABEL}, on {work.calib_n} calibration {work.unit} "
+                 f"(disjoint from the evaluation ones), {seconds:.1f} s",
+             format_accuracy_table(report.accuracy),
+             "  dB: SQNR against the float layer, of its weights and of its outputs on the "
+             "calibration tokens; higher is closer"]
+    evaluated = (f"model-level error on the {work.n} evaluation {work.unit}: embedding cosine "
+                 f"to fp32 mean {summary['cos_mean']:.5f}, min {summary['cos_min']:.5f}")
+    rtn = next((r for r in rows if r.name == CALIBRATED_RTN), None)
+    if rtn is not None:
+        evaluated += f" (round-to-nearest: mean {rtn.cos_mean:.5f}, min {rtn.cos_min:.5f})"
+    lines.append(evaluated)
+    print("\n".join(lines), file=out)
+    return summary, report.accuracy
 
 
 COLUMNS = (

