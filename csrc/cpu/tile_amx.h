@@ -34,6 +34,18 @@ struct alignas(64) TileCfg {
   uint8_t rows[16];
 };
 
+/* Every AMX path here uses 8 tiles of 16 rows x 64 bytes. */
+inline void amx_config_tiles() {
+  TileCfg cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
 inline bool amx_usable(int64_t M, int64_t K, int64_t N, const void* work, int64_t work_bytes) {
   return M >= kAmxMinM && K % 64 == 0 && N % 32 == 0 && work != nullptr &&
          work_bytes >= ceil_div(M, 16) * 16 * K;
@@ -102,14 +114,7 @@ void amx_gemm(int64_t M, int64_t K, const int8_t* w, int64_t N, const int8_t* xp
                                           _mm512_set1_epi32((int)N));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    TileCfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; ++i) {
-      cfg.colsb[i] = 64;
-      cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    amx_config_tiles();
     alignas(64) int32_t buf[16 * 16];
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {

@@ -25,7 +25,7 @@
 #define PQ_CPU_TILE_AMX_BF16_H
 #include <stdlib.h>
 
-#include "tile_amx.h"
+#include "tile_amx_grouped.h"
 
 #if defined(PQ_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define PQ_AMX_BF16 1
@@ -115,26 +115,15 @@ inline void amx_bf16_convert_i8(const int8_t* w, int64_t K, uint16_t* wb) {
 }
 
 /* 32 weight rows of packed int4 [.., K/2] -> bf16 (code - zero) [32][K]; the
- * group scales are applied to the fp32 sums (amx_bf16_wo). G % 32 == 0. */
+ * group scales are applied to the fp32 sums (amx_grouped_gemm). G % 32 == 0. */
 inline void amx_bf16_convert_u4(const uint8_t* wp, const uint8_t* zp, int64_t K, int64_t G,
                                 uint16_t* wb) {
   const int64_t ng = K / G;
-  /* words of k order: 2j <- low nibble of byte j, 2j + 1 <- its high nibble */
-  alignas(64) int16_t order[32];
-  for (int j = 0; j < 16; ++j) {
-    order[2 * j] = (int16_t)j;
-    order[2 * j + 1] = (int16_t)(32 + j);
-  }
-  const __m512i inter = _mm512_load_si512(order);
-  const __m512i nib = _mm512_set1_epi16(0x0F);
   for (int r = 0; r < 32; ++r)
     for (int64_t g = 0; g < ng; ++g) {
       const __m512i z = _mm512_set1_epi16(zp[r * ng + g]);
       for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        const __m512i b = _mm512_cvtepu8_epi16(
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(wp + r * (K / 2) + k / 2))));
-        const __m512i v = _mm512_sub_epi16(
-            _mm512_permutex2var_epi16(_mm512_and_si512(b, nib), inter, _mm512_srli_epi16(b, 4)), z);
+        const __m512i v = u4_codes_minus_zero(wp + r * (K / 2) + k / 2, z);
         const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
         const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
         _mm512_storeu_si512(wb + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
@@ -153,18 +142,14 @@ struct AmxStoreF32 {
   }
 };
 
-/* acc[r][:] (+)= C[r][:] * scales[(n0 + r) * ng + g] for the 16 rows of the
- * C tile just stored in cbuf: the group's fp32 sums, scaled once. */
-inline void amx_bf16_scale_acc(const float* cbuf, float* acc, const float* scales, int64_t n0,
-                               int64_t ng, int64_t g) {
-  for (int r = 0; r < 16; ++r) {
-    const __m512 s = _mm512_set1_ps(scales[(n0 + r) * ng + g]);
-    const __m512 c = _mm512_load_ps(cbuf + r * 16);
-    const __m512 y = g == 0 ? _mm512_mul_ps(c, s)
-                            : _mm512_fmadd_ps(c, s, _mm512_load_ps(acc + r * 16));
-    _mm512_store_ps(acc + r * 16, y);
-  }
-}
+struct AmxBf16Op {
+  static constexpr bool kInt = false;
+  /* tile numbers are literals: GCC's tile intrinsics paste them into the asm */
+  static void dp046() { _tile_dpbf16ps(0, 4, 6); }
+  static void dp147() { _tile_dpbf16ps(1, 4, 7); }
+  static void dp256() { _tile_dpbf16ps(2, 5, 6); }
+  static void dp357() { _tile_dpbf16ps(3, 5, 7); }
+};
 
 /* Weight-only GEMM on AMX-BF16: out[m, n] = sum_g scales[n, g] * sum_{k in g}
  * x[m, k] * wb[n, k] + bias[n], where convert(n0, wb) writes 32 weight rows
@@ -176,96 +161,16 @@ template <class Convert>
 bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
                  const float* scales, int64_t G, const float* bias, float* out, int n_threads,
                  Convert convert) {
-  const int64_t Mt = ceil_div(M, 16), KB = K / 32, ng = K / G, gkb = G / 32;
-  const int64_t term_stride = Mt * KB * 512;
+  const int64_t term_stride = ceil_div(M, 16) * (K / 32) * 512; /* bf16 */
   uint16_t* xp = (uint16_t*)aligned_alloc(64, (size_t)kAmxBf16MaxTerms * term_stride * 2);
   if (!xp) return false;
   const int terms = amx_bf16_pack_x(x, M, K, ldx, xp, n_threads);
-  if (terms > kAmxBf16MaxTerms) { /* Inf/NaN: the fp32 kernels propagate them as fp32 does */
-    free(xp);
-    return false;
-  }
-  const int64_t kMtBlock = 16; /* 256 activation rows per weight-strip conversion */
-  const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = N / 32;
-  const int64_t tasks = n_nblk * n_mblk;
-  const int threads = tasks < n_threads ? (int)tasks : n_threads;
-  const __m512i vidx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32((int)N));
-  const AmxStoreF32 epi{out, N, bias};
-  bool ok = true;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    uint16_t* wb = (uint16_t*)aligned_alloc(64, (size_t)32 * K * 2);
-    if (!wb) {
-#pragma omp atomic write
-      ok = false;
-    }
-#pragma omp barrier
-    if (ok) {
-      TileCfg cfg;
-      memset(&cfg, 0, sizeof cfg);
-      cfg.palette = 1;
-      for (int i = 0; i < 8; ++i) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-      }
-      _tile_loadconfig(&cfg);
-      alignas(64) float cbuf[16 * 16];
-      alignas(64) float acc[4][16 * 16]; /* (n half, m half) blocks of the 32 x 32 output */
-#pragma omp for schedule(dynamic)
-      for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t n0 = task / n_mblk * 32, mt_lo = task % n_mblk * kMtBlock;
-        const int64_t mt_hi = min64(mt_lo + kMtBlock, Mt);
-        convert(n0, wb);
-        const uint16_t* w0 = wb;
-        const uint16_t* w1 = wb + 16 * K;
-        for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
-          const bool two = mt + 1 < mt_hi;
-          for (int64_t g = 0; g < ng; ++g) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int t = 0; t < terms; ++t) {
-              const uint16_t* b0 = xp + t * term_stride + mt * KB * 512;
-              const uint16_t* b1 = b0 + KB * 512;
-              for (int64_t kb = g * gkb; kb < (g + 1) * gkb; ++kb) {
-                _tile_loadd(4, w0 + kb * 32, 2 * K);
-                _tile_loadd(6, b0 + kb * 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                if (two) {
-                  _tile_loadd(7, b1 + kb * 512, 64);
-                  _tile_dpbf16ps(1, 4, 7);
-                }
-                _tile_loadd(5, w1 + kb * 32, 2 * K);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two) _tile_dpbf16ps(3, 5, 7);
-              }
-            }
-            _tile_stored(0, cbuf, 64);
-            amx_bf16_scale_acc(cbuf, acc[0], scales, n0, ng, g);
-            _tile_stored(2, cbuf, 64);
-            amx_bf16_scale_acc(cbuf, acc[2], scales, n0 + 16, ng, g);
-            if (two) {
-              _tile_stored(1, cbuf, 64);
-              amx_bf16_scale_acc(cbuf, acc[1], scales, n0, ng, g);
-              _tile_stored(3, cbuf, 64);
-              amx_bf16_scale_acc(cbuf, acc[3], scales, n0 + 16, ng, g);
-            }
-          }
-          amx_store_tile((int32_t*)acc[0], n0, mt * 16, M, epi, vidx);
-          amx_store_tile((int32_t*)acc[2], n0 + 16, mt * 16, M, epi, vidx);
-          if (two) {
-            amx_store_tile((int32_t*)acc[1], n0, (mt + 1) * 16, M, epi, vidx);
-            amx_store_tile((int32_t*)acc[3], n0 + 16, (mt + 1) * 16, M, epi, vidx);
-          }
-        }
-      }
-      _tile_release();
-    }
-    free(wb);
-  }
+  bool ok = false;
+  if (terms <= kAmxBf16MaxTerms) /* else Inf/NaN: the fp32 kernels propagate them as fp32 does */
+    ok = amx_grouped_gemm<AmxBf16Op>(
+        M, N, 2 * K, 2 * G, (const uint8_t*)xp, terms, 2 * term_stride, scales,
+        [&](int64_t n0, uint8_t* wb) { convert(n0, (uint16_t*)wb); }, AmxStoreF32{out, N, bias},
+        n_threads);
   free(xp);
   return ok;
 }

@@ -1,0 +1,142 @@
+/* The AMX loop shared by the paths whose weights carry a scale per group of K
+ * (int4 weight-only and W4A8) or per row (int8 weight-only: one group of K),
+ * and whose weights must be converted per call to what the tiles multiply:
+ * bf16 (tile_amx_bf16.h) or int8 (tile_amx_int4dyn.h). AMX build only.
+ *
+ * Per task: convert(n0, wb) writes a 32-row weight strip (the A operand: 16
+ * rows x 64 bytes a tile, row stride row_bytes) once, then up to 256
+ * activation rows (B tiles, 1 KiB each, packed per call by the caller as
+ * [term][ceil(M/16)][row_bytes / 64][1 KiB]) are swept with it. Per weight
+ * group the tiles accumulate the group's sums over every term; each C tile is
+ * then scaled by its rows' group scales into fp32 accumulators, so the scale
+ * multiplies a sum, never a product. Register blocking 2 x 2 as in
+ * tile_amx.h: tiles 4, 5 hold weights, 6, 7 activations, 0..3 the sums. */
+#ifndef PQ_CPU_TILE_AMX_GROUPED_H
+#define PQ_CPU_TILE_AMX_GROUPED_H
+#include <stdlib.h>
+
+#include "tile_amx.h"
+
+#if defined(PQ_AMX)
+
+namespace PQ_NS {
+namespace {
+
+/* acc[r][:] (+)= float(C[r][:]) * scales[(n0 + r) * ng + g] for the 16 rows of
+ * a C tile stored in cbuf (fp32 sums, or int32 sums when Int is true). */
+template <bool Int>
+inline void amx_scale_acc(const void* cbuf, float* acc, const float* scales, int64_t n0,
+                          int64_t ng, int64_t g) {
+  for (int r = 0; r < 16; ++r) {
+    const __m512 s = _mm512_set1_ps(scales[(n0 + r) * ng + g]);
+    const __m512 c = Int ? _mm512_cvtepi32_ps(_mm512_load_si512((const int32_t*)cbuf + r * 16))
+                         : _mm512_load_ps((const float*)cbuf + r * 16);
+    const __m512 y = g == 0 ? _mm512_mul_ps(c, s)
+                            : _mm512_fmadd_ps(c, s, _mm512_load_ps(acc + r * 16));
+    _mm512_store_ps(acc + r * 16, y);
+  }
+}
+
+/* Op: the tile products dp046() (C0 += A4 B6), dp147(), dp256(), dp357(), and
+ * `static constexpr bool kInt` (int32 sums). Epi: as amx_store_tile's, given
+ * the fp32 accumulators' bits. G: the group size in bytes of a weight row.
+ * Returns false (nothing done) when a thread's strip buffer cannot be had. */
+template <class Op, class Convert, class Epi>
+bool amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_bytes,
+                      const uint8_t* xp, int terms, int64_t term_bytes, const float* scales,
+                      Convert convert, const Epi& epi, int n_threads) {
+  const int64_t Mt = ceil_div(M, 16), KB = row_bytes / 64, gkb = group_bytes / 64;
+  const int64_t ng = row_bytes / group_bytes;
+  const int64_t kMtBlock = 16; /* 256 activation rows per weight-strip conversion */
+  const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = N / 32;
+  const int64_t tasks = n_nblk * n_mblk;
+  const int threads = tasks < n_threads ? (int)tasks : n_threads;
+  const __m512i vidx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32((int)N));
+  bool ok = true;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    uint8_t* wb = (uint8_t*)aligned_alloc(64, (size_t)32 * row_bytes);
+    if (!wb) {
+#pragma omp atomic write
+      ok = false;
+    }
+#pragma omp barrier
+    if (ok) {
+      amx_config_tiles();
+      alignas(64) int32_t cbuf[16 * 16];
+      alignas(64) float acc[4][16 * 16]; /* (n half, m half) blocks of the 32 x 32 output */
+#pragma omp for schedule(dynamic)
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t n0 = task / n_mblk * 32, mt_lo = task % n_mblk * kMtBlock;
+        const int64_t mt_hi = min64(mt_lo + kMtBlock, Mt);
+        convert(n0, wb);
+        const uint8_t* w0 = wb;
+        const uint8_t* w1 = wb + 16 * row_bytes;
+        for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
+          const bool two = mt + 1 < mt_hi;
+          for (int64_t g = 0; g < ng; ++g) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int t = 0; t < terms; ++t) {
+              const uint8_t* b0 = xp + t * term_bytes + mt * KB * 1024;
+              const uint8_t* b1 = b0 + KB * 1024;
+              for (int64_t kb = g * gkb; kb < (g + 1) * gkb; ++kb) {
+                _tile_loadd(4, w0 + kb * 64, row_bytes);
+                _tile_loadd(6, b0 + kb * 1024, 64);
+                Op::dp046();
+                if (two) {
+                  _tile_loadd(7, b1 + kb * 1024, 64);
+                  Op::dp147();
+                }
+                _tile_loadd(5, w1 + kb * 64, row_bytes);
+                Op::dp256();
+                if (two) Op::dp357();
+              }
+            }
+            _tile_stored(0, cbuf, 64);
+            amx_scale_acc<Op::kInt>(cbuf, acc[0], scales, n0, ng, g);
+            _tile_stored(2, cbuf, 64);
+            amx_scale_acc<Op::kInt>(cbuf, acc[2], scales, n0 + 16, ng, g);
+            if (two) {
+              _tile_stored(1, cbuf, 64);
+              amx_scale_acc<Op::kInt>(cbuf, acc[1], scales, n0, ng, g);
+              _tile_stored(3, cbuf, 64);
+              amx_scale_acc<Op::kInt>(cbuf, acc[3], scales, n0 + 16, ng, g);
+            }
+          }
+          amx_store_tile((int32_t*)acc[0], n0, mt * 16, M, epi, vidx);
+          amx_store_tile((int32_t*)acc[2], n0 + 16, mt * 16, M, epi, vidx);
+          if (two) {
+            amx_store_tile((int32_t*)acc[1], n0, (mt + 1) * 16, M, epi, vidx);
+            amx_store_tile((int32_t*)acc[3], n0 + 16, (mt + 1) * 16, M, epi, vidx);
+          }
+        }
+      }
+      _tile_release();
+    }
+    free(wb);
+  }
+  return ok;
+}
+
+/* The 32 int4 codes of 16 packed bytes at p, in k order, minus the zero point
+ * z, as 16-bit lanes (-255..15: exact in int8 when z < 16, and in bf16). */
+inline __m512i u4_codes_minus_zero(const uint8_t* p, __m512i z) {
+  /* lane 2j <- low nibble of byte j, 2j + 1 <- its high nibble */
+  static const int16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i inter = _mm512_loadu_si512(order);
+  const __m512i nib = _mm512_set1_epi16(0x0F);
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)p)));
+  return _mm512_sub_epi16(
+      _mm512_permutex2var_epi16(_mm512_and_si512(b, nib), inter, _mm512_srli_epi16(b, 4)), z);
+}
+
+}  // namespace
+}  // namespace PQ_NS
+#endif
+#endif /* PQ_CPU_TILE_AMX_GROUPED_H */
