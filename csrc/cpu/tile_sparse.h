@@ -14,6 +14,11 @@
 #include <string.h>
 #include "common.h"
 
+/* The per-step lambdas below must be inlined into their loops: called out of
+ * line (GCC's heuristics do so for bodies this size) their accumulators live
+ * in memory and each step pays a call and a vzeroupper, ~2.5x slower. */
+#define PQ_ALWAYS_INLINE __attribute__((always_inline))
+
 namespace PQ_NS {
 namespace {
 
@@ -153,7 +158,20 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
   /* Inlined twice: full steps, then one masked tail (float/int8 only: int4
    * needs (K/2) % G == 0 with G % 16 == 0, so it has no tail). In the tail the
    * masked-off lanes load value 0 and x 0 (their columns are >= K). */
-  auto step = [&](int64_t j, bool full) {
+  /* int4: the next kept index that starts a group. Compared, not j % G: a
+   * 64-bit division per step cost more than the rest of the step. */
+  int64_t next_group = 0;
+  auto step = [&](int64_t j, bool full) PQ_ALWAYS_INLINE {
+    if constexpr (Kind == kI4) {
+      if (j == next_group) {
+        for (int r = 0; r < R; ++r) {
+          const int64_t g = (n + r) * vals.ng + j / vals.G;
+          tab[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps((float)vals.zeros[g])),
+                                 _mm512_set1_ps(vals.scales[g]));
+        }
+        next_group += vals.G;
+      }
+    }
     const int64_t rem = H - j, cols = 2 * rem;
     const __mmask16 mv = full ? 0xFFFF : (__mmask16)((1u << rem) - 1);
     const __mmask16 mlo = full || cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
@@ -171,11 +189,6 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
           _mm512_srlv_epi32(_mm512_set1_epi32((int)m32), shift), three, base, 0xEA); /* (a&b)|c */
       __m512 w;
       if constexpr (Kind == kI4) {
-        if (j % vals.G == 0) {
-          const int64_t g = (n + r) * vals.ng + j / vals.G;
-          tab[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps((float)vals.zeros[g])),
-                                 _mm512_set1_ps(vals.scales[g]));
-        }
         const uint64_t q = load_u64((const uint8_t*)vals.p + (n + r) * (vals.ld / 2) + j / 2);
         /* vpermps reads only the low 4 bits of each index: the shifted code. */
         w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64((long long)q), nib), tab[r]);
@@ -196,8 +209,9 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
 #elif defined(PQ_SIMD_AVX2)
 constexpr int64_t kChunk24 = 8;
 
+/* int4: zero and scale are the group's, broadcast (kept per row by dot24). */
 template <int Kind>
-inline __m256 load8(const Vals<Kind>& v, int64_t n, int64_t j) {
+inline __m256 load8(const Vals<Kind>& v, int64_t n, int64_t j, __m256 zero, __m256 scale) {
   if constexpr (Kind == kF32) {
     return _mm256_loadu_ps((const float*)v.p + n * v.ld + j);
   } else if constexpr (Kind == kBF16 || Kind == kF16) {
@@ -212,9 +226,7 @@ inline __m256 load8(const Vals<Kind>& v, int64_t n, int64_t j) {
     const __m256i c = _mm256_and_si256(
         _mm256_srlv_epi32(_mm256_set1_epi32((int)q), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
         _mm256_set1_epi32(15));
-    const int64_t g = n * v.ng + j / v.G;
-    return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps((float)v.zeros[g])),
-                         _mm256_set1_ps(v.scales[g]));
+    return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zero), scale);
   }
 }
 
@@ -231,8 +243,21 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  __m256 zero[R], scale[R]; /* int4: the current group's, per row */
+  for (int r = 0; r < R; ++r) zero[r] = scale[r] = _mm256_setzero_ps();
+  int64_t next_group = 0;
   int64_t j = 0;
   for (; j + kChunk24 <= H; j += kChunk24) {
+    if constexpr (Kind == kI4) {
+      if (j == next_group) {
+        for (int r = 0; r < R; ++r) {
+          const int64_t g = (n + r) * vals.ng + j / vals.G;
+          zero[r] = _mm256_set1_ps((float)vals.zeros[g]);
+          scale[r] = _mm256_set1_ps(vals.scales[g]);
+        }
+        next_group += vals.G;
+      }
+    }
     __m256 xlo[T], xhi[T];
     for (int t = 0; t < T; ++t) {
       xlo[t] = _mm256_loadu_ps(x + t * ldx + 2 * j);
@@ -244,7 +269,7 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
       const __m256i idx = _mm256_add_epi32(
           _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m16), shift), three), base);
       const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign = bit 3 */
-      const __m256 w = load8<Kind>(vals, n + r, j);
+      const __m256 w = load8<Kind>(vals, n + r, j, zero[r], scale[r]);
       for (int t = 0; t < T; ++t) {
         const __m256 g = _mm256_blendv_ps(_mm256_permutevar8x32_ps(xlo[t], idx),
                                           _mm256_permutevar8x32_ps(xhi[t], idx), sel);
@@ -311,14 +336,19 @@ inline void dot_unstructured_scalar(const Vals<Kind>& vals, const uint8_t* bm, i
 }
 
 #if defined(PQ_SIMD_AVX512)
-/* `cnt` (<= 16) consecutive values from flat index o, widened to fp32; the
- * load is masked to exactly cnt elements so it never reads past the row. */
+/* 16 consecutive values from flat index o, widened to fp32 (lanes past the
+ * run are ignored by the expand). Unmasked while 16 values remain in the
+ * buffer (saves a mask move on the shuffle port); masked to the run's `cnt`
+ * values near the end of the buffer, so nothing past it is read. */
 template <int Kind>
-inline __m512 load_run(const Vals<Kind>& v, int64_t o, __mmask16 m) {
+inline __m512 load_run(const Vals<Kind>& v, int64_t o, unsigned cnt, bool room) {
+  const __mmask16 m = (__mmask16)((1u << cnt) - 1);
   if constexpr (Kind == kF32) {
-    return _mm512_maskz_loadu_ps(m, (const float*)v.p + o);
+    const float* p = (const float*)v.p + o;
+    return room ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
   } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)v.p + o);
+    const uint16_t* p = (const uint16_t*)v.p + o;
+    const __m256i h = room ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
     if constexpr (Kind == kF16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
@@ -330,16 +360,16 @@ inline __m512 load_run(const Vals<Kind>& v, int64_t o, __mmask16 m) {
  * popcounts, so they do not wait on each other, and each has its own
  * accumulators (a serial chain of 4 cycles per 64 columns instead of 16). */
 template <int T, int Kind>
-inline void dot_unstructured(const Vals<Kind>& vals, const uint8_t* bm, int64_t K, int64_t o0,
-                             const float* x, int64_t ldx, float dot[T]) {
+inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
+                             int64_t o0, const float* x, int64_t ldx, float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   __m512 acc[4][T];
   for (int s = 0; s < 4; ++s)
     for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
   int64_t o = o0;
-  auto slice = [&](int s, int64_t k, __mmask16 bits, int64_t os, bool full) {
+  auto slice = [&](int s, int64_t k, __mmask16 bits, int64_t os, bool full) PQ_ALWAYS_INLINE {
     const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
-    const __m512 e = _mm512_maskz_expand_ps(bits, load_run(vals, os, (__mmask16)((1u << cnt) - 1)));
+    const __m512 e = _mm512_maskz_expand_ps(bits, load_run(vals, os, cnt, os + 16 <= nnz));
     for (int t = 0; t < T; ++t) {
       /* In the last word only set bits are loaded: no column >= K is touched. */
       const float* p = x + t * ldx + k;
@@ -366,8 +396,8 @@ inline void dot_unstructured(const Vals<Kind>& vals, const uint8_t* bm, int64_t 
 #else
 /* AVX2 has no expand instruction; the set-bit walk is the path there. */
 template <int T, int Kind>
-inline void dot_unstructured(const Vals<Kind>& vals, const uint8_t* bm, int64_t K, int64_t o0,
-                             const float* x, int64_t ldx, float dot[T]) {
+inline void dot_unstructured(const Vals<Kind>& vals, int64_t, const uint8_t* bm, int64_t K,
+                             int64_t o0, const float* x, int64_t ldx, float dot[T]) {
   dot_unstructured_scalar<T>(vals, bm, K, o0, x, ldx, dot);
 }
 #endif
