@@ -138,4 +138,62 @@ PYBIND11_MODULE(_C, m) {
           return std::make_pair(st, sum);
         },
         py::arg("data"), py::arg("bytes"), py::arg("n_threads"), gil_release());
+
+  m.attr("DTYPE_F32") = static_cast<int>(PQ_DTYPE_F32);
+  m.attr("DTYPE_BF16") = static_cast<int>(PQ_DTYPE_BF16);
+  m.attr("DTYPE_F16") = static_cast<int>(PQ_DTYPE_F16);
+
+  m.def("sparse24_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values,
+           int values_dtype, uintptr_t meta, int64_t N, uintptr_t bias, uintptr_t out,
+           int n_threads) {
+          return pq_sparse24_mm(isa, ptr<const float>(x), M, K, ldx, ptr<const void>(values),
+                                values_dtype, ptr<const uint8_t>(meta), N, ptr<const float>(bias),
+                                ptr<float>(out), n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("values"), py::arg("values_dtype"), py::arg("meta"), py::arg("N"),
+        py::arg("bias"), py::arg("out"), py::arg("n_threads"), gil_release());
+
+  m.def("sparse24_int8_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values_q,
+           uintptr_t meta, int64_t N, uintptr_t scale, uintptr_t bias, uintptr_t out,
+           int n_threads) {
+          return pq_sparse24_int8_mm(isa, ptr<const float>(x), M, K, ldx,
+                                     ptr<const int8_t>(values_q), ptr<const uint8_t>(meta), N,
+                                     ptr<const float>(scale), ptr<const float>(bias),
+                                     ptr<float>(out), n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("values_q"), py::arg("meta"), py::arg("N"), py::arg("scale"), py::arg("bias"),
+        py::arg("out"), py::arg("n_threads"), gil_release());
+
+  m.def("sparse24_int4_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed,
+           uintptr_t meta, int64_t N, uintptr_t scales, uintptr_t zeros, int64_t group_size,
+           uintptr_t bias, uintptr_t out, int n_threads) {
+          return pq_sparse24_int4_mm(isa, ptr<const float>(x), M, K, ldx,
+                                     ptr<const uint8_t>(packed), ptr<const uint8_t>(meta), N,
+                                     ptr<const float>(scales), ptr<const uint8_t>(zeros),
+                                     group_size, ptr<const float>(bias), ptr<float>(out),
+                                     n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("packed"), py::arg("meta"), py::arg("N"), py::arg("scales"), py::arg("zeros"),
+        py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
+        gil_release());
+
+  m.def("sparse_unstructured_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bitmask,
+           uintptr_t values, int values_dtype, int64_t nnz, uintptr_t row_offsets, int64_t N,
+           uintptr_t bias, uintptr_t out, int n_threads) {
+          return pq_sparse_unstructured_mm(isa, ptr<const float>(x), M, K, ldx,
+                                           ptr<const uint8_t>(bitmask), ptr<const void>(values),
+                                           values_dtype, nnz, ptr<const int64_t>(row_offsets), N,
+                                           ptr<const float>(bias), ptr<float>(out), n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("bitmask"), py::arg("values"), py::arg("values_dtype"), py::arg("nnz"),
+        py::arg("row_offsets"), py::arg("N"), py::arg("bias"), py::arg("out"),
+        py::arg("n_threads"), gil_release());
 }

@@ -127,6 +127,51 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
  * into *checksum: the benchmarks' memory read-bandwidth probe (csrc/cpu/probe.cpp). */
 int pq_stream_read(const void* data, int64_t bytes, int n_threads, uint64_t* checksum);
 
+/* ---------------------------------------------------------------- sparse
+ * Layouts (documented once in pyquant/sparse_formats.py):
+ *   2:4 values   [N, K/2] (float32, bfloat16 or float16 per `values_dtype`;
+ *                int8 for pq_sparse24_int8_mm; int4 codes packed two a byte
+ *                as [N, K/4] for pq_sparse24_int4_mm), K % 4 == 0
+ *   meta         uint8 [N, ceil(K/8)]: kept value j of row n sits at column
+ *                4*(j/2) + ((meta[n, j/4] >> 2*(j%4)) & 3). Any meta bytes are
+ *                safe: duplicate positions add up (as the reference's scatter_add).
+ *   bitmask      uint8 [N, ceil(K/8)], bit k%8 of byte k/8 set when kept
+ *   row_offsets  int64 [N + 1]; values[row_offsets[n] .. row_offsets[n+1])
+ * Values stored as bf16/fp16 are widened to float32 in registers; every
+ * product is accumulated in float32. */
+typedef enum {
+  PQ_DTYPE_F32 = 0,
+  PQ_DTYPE_BF16 = 1,
+  PQ_DTYPE_F16 = 2,
+} pq_dtype;
+
+/* out[m,n] = sum_j x[m, col(n,j)] * values[n,j] + (bias ? bias[n] : 0) */
+int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                   const void* values, int values_dtype, const uint8_t* meta, int64_t N,
+                   const float* bias, float* out, int n_threads);
+
+/* out[m,n] = scale[n] * sum_j x[m, col(n,j)] * values_q[n,j] + bias[n] */
+int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                        const int8_t* values_q, const uint8_t* meta, int64_t N,
+                        const float* scale, const float* bias, float* out, int n_threads);
+
+/* Kept value j = scales[n, j/G] * (code[n,j] - zeros[n, j/G]) (in float32, as
+ * pq_int4_weight_only_mm along the compressed axis); (K/2) % G == 0, G even. */
+int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                        const uint8_t* packed, const uint8_t* meta, int64_t N,
+                        const float* scales, const uint8_t* zeros, int64_t group_size,
+                        const float* bias, float* out, int n_threads);
+
+/* out[m,n] = sum over set bits k of row n of x[m,k] * values[row_offsets[n] + rank]
+ * + bias[n]. The kernel checks, per row and before reading its values, that
+ * the offsets step by the row's popcount and stay inside [0, nnz], that
+ * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
+ * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified). */
+int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                              const uint8_t* bitmask, const void* values, int values_dtype,
+                              int64_t nnz, const int64_t* row_offsets, int64_t N,
+                              const float* bias, float* out, int n_threads);
+
 #ifdef __cplusplus
 }
 #endif

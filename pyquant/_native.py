@@ -370,3 +370,104 @@ def stream_read(buf: torch.Tensor, n_threads: Optional[int] = None) -> int:
     if st:
         _raise("stream_read", st, bytes=buf.numel() * buf.element_size())
     return checksum
+
+# ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
+
+_VALUE_DTYPES = {torch.float32: "DTYPE_F32", torch.bfloat16: "DTYPE_BF16",
+                 torch.float16: "DTYPE_F16"}
+
+
+def _value_dtype(values: torch.Tensor) -> int:
+    """The pq_dtype code of stored float values: the kernels read them as stored (bf16/fp16
+    halve the bytes) and widen them in registers."""
+    return getattr(module(), _VALUE_DTYPES[values.dtype])
+
+
+def sparse24_mm(x, values, meta, bias=None):
+    _checks.check_sparse24_mm("sparse24_mm", x, values, meta, bias)
+    _require_cpu("sparse24_mm", x)
+    n, k = values.shape[0], values.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xf = _rows_f32(x2)
+        v, mt = values.contiguous(), meta.contiguous()
+        b = _bias_f32(bias)
+        st = module().sparse24_mm(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(v), _value_dtype(v), _ptr(mt), n,
+            _ptr(b), _ptr(out), _threads(),
+        )
+        if st:
+            _raise("sparse24_mm", st, M=m, N=n, K=k, values=v.dtype)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
+    _checks.check_sparse24_int8_mm("sparse24_int8_mm", x, values_q, meta, scale, bias)
+    _require_cpu("sparse24_int8_mm", x)
+    n, k = values_q.shape[0], values_q.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xf = _rows_f32(x2)
+        v, mt, s = values_q.contiguous(), meta.contiguous(), scale.contiguous()
+        b = _bias_f32(bias)
+        st = module().sparse24_int8_mm(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(v), _ptr(mt), n, _ptr(s), _ptr(b),
+            _ptr(out), _threads(),
+        )
+        if st:
+            _raise("sparse24_int8_mm", st, M=m, N=n, K=k)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
+    _checks.check_sparse24_int4_mm("sparse24_int4_mm", x, packed, meta, scales, zeros,
+                                   group_size, bias)
+    _require_cpu("sparse24_int4_mm", x)
+    n, k = packed.shape[0], packed.shape[1] * 4
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xf = _rows_f32(x2)
+        p, mt = packed.contiguous(), meta.contiguous()
+        sc, zp = scales.contiguous(), zeros.contiguous()
+        b = _bias_f32(bias)
+        st = module().sparse24_int4_mm(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(p), _ptr(mt), n, _ptr(sc),
+            _ptr(zp), group_size, _ptr(b), _ptr(out), _threads(),
+        )
+        if st:
+            _raise("sparse24_int4_mm", st, M=m, N=n, K=k, group_size=group_size)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
+    """The kernel checks each row's offsets against its bitmask before reading its values
+    (pq.h); an inconsistent weight is reported with sparse_formats' diagnosis."""
+    op = "sparse_unstructured_mm"
+    _checks.check_sparse_unstructured_mm(op, x, bitmask, values, row_offsets, bias)
+    _require_cpu(op, x)
+    n, k = bitmask.shape[0], x.shape[-1]
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xf = _rows_f32(x2)
+        bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
+        b = _bias_f32(bias)
+        st = module().sparse_unstructured_mm(
+            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(bm), _ptr(v), _value_dtype(v),
+            v.numel(), _ptr(off), n, _ptr(b), _ptr(out), _threads(),
+        )
+        if st:
+            from . import sparse_formats
+
+            why = sparse_formats.unstructured_problem(bm, v, off, k)
+            if why:
+                raise ValueError(f"{op}: inconsistent unstructured sparse weight: {why}")
+            _raise(op, st, M=m, N=n, K=k, nnz=v.numel())
+    return out.to(x.dtype).reshape(*lead, n)

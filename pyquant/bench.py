@@ -205,7 +205,9 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     rotate_bytes = rotate_bytes or 2 * _llc_bytes()
-    impls = baseline_impls() + pyquant_impls()
+    from .bench_sparse import sparse_impls  # sparse rows live in their own module
+
+    impls = baseline_impls() + pyquant_impls() + sparse_impls()
     if impl_filter:
         keys = [s.strip() for s in impl_filter.split(",") if s.strip()]
         impls = [i for i in impls if i.kind == "baseline" or any(k in i.name for k in keys)]

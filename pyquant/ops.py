@@ -30,8 +30,8 @@ import torch
 from . import _checks, _native, reference
 
 OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dynamic_mm")
-# Sparse ops (pyquant/sparse_formats.py): the reference backend runs them everywhere; native
-# kernels register in the cpu backend once _native has them (hasattr below).
+# Sparse ops (pyquant/sparse_formats.py): native on CPU (csrc/cpu/sparse.cpp), the reference
+# elsewhere; a backend registers an op when it has it (hasattr below).
 SPARSE_OPS = ("sparse24_mm", "sparse_unstructured_mm", "sparse24_int8_mm", "sparse24_int4_mm")
 OPS = OPS + SPARSE_OPS
 BACKENDS = ("reference", "cpu", "triton", "cuda")

@@ -143,9 +143,9 @@ def test_backend_table_and_status(no_backend_env):
     table = ops.backend_table()
     assert set(table["cpu"]) == set(ops.OPS)
     want = "cpu" if native_available() else "reference"
-    # The sparse ops have no native kernel yet: they run on the reference (and say so).
+    # every op, the sparse ones included, has a native CPU kernel
     for op, backend in table["cpu"].items():
-        assert backend == ("reference" if op in ops.SPARSE_OPS else want), table
+        assert backend == want, table
     status = ops.backend_status()
     assert status["reference"] is None
     assert (status["cpu"] is None) == native_available()

@@ -82,10 +82,7 @@ def test_info_json(tmp_path):
     if d["native"]["loaded"]:
         assert d["cpu_isa"]["in_use"] in pyquant._native.ISA_NAMES
         assert d["cpu_isa"]["compiled"]
-        from pyquant.ops import SPARSE_OPS  # no native sparse kernels yet: reference
-
-        assert all(v == ("reference" if op in SPARSE_OPS else "cpu")
-                   for op, v in d["dispatch"]["cpu"].items()), d["dispatch"]["cpu"]
+        assert all(v == "cpu" for v in d["dispatch"]["cpu"].values()), d["dispatch"]["cpu"]
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

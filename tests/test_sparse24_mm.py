@@ -1,9 +1,7 @@
 """torch.ops.pyquant.sparse24_mm / sparse24_int8_mm / sparse24_int4_mm against their reference
 and against an independent oracle: F.linear with the dense weight the compressed one was made
-from (the pruned entries exact zeros), built without sparse_formats' gather/scatter.
-
-Native CPU kernels for these ops do not exist yet: the cpu-* params skip with that reason, and
-automatic dispatch falls back to the reference (with a warning)."""
+from (the pruned entries exact zeros), built without sparse_formats' gather/scatter. The native backend runs once per CPU ISA
+(csrc/cpu/sparse.cpp); an op without a native kernel would show one skip saying so."""
 from __future__ import annotations
 
 import warnings

@@ -3,6 +3,7 @@
  * it runs on any x86-64 (or other) CPU and decides which builds may run. */
 #include "../pq.h"
 #include "kernels.h"
+#include "arg_checks.h"
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
@@ -81,26 +82,27 @@ const pq::KernelTable* table(int isa) {
   return t && cpu_has(isa) ? t : nullptr;
 }
 
-int threads(int n) { return n > 0 ? n : 1; }
+}  // namespace
 
-/* A buffer of `count` elements must be non-null when count > 0. */
-bool missing(const void* p, int64_t count) { return count > 0 && p == nullptr; }
-
-/* Products of sizes must fit in int64 (Python ints are unbounded). */
-bool too_big(int64_t a, int64_t b) {
-  int64_t r;
-  return __builtin_mul_overflow(a, b, &r);
+/* The sparse kernels of the same build as table(isa) (used by dispatch_sparse.cpp). */
+const pq::SparseKernelTable* pq::sparse_table(int isa) {
+  if (!table(isa)) return nullptr;
+  switch (isa) {
+    case PQ_ISA_PORTABLE: return &pq_portable::kSparseKernels;
+#ifdef PQ_HAVE_AVX2
+    case PQ_ISA_AVX2: return &pq_avx2::kSparseKernels;
+#endif
+#ifdef PQ_HAVE_AVX512
+    case PQ_ISA_AVX512_VNNI: return &pq_avx512::kSparseKernels;
+#endif
+#ifdef PQ_HAVE_AMX
+    case PQ_ISA_AVX512_AMX: return &pq_amx::kSparseKernels;
+#endif
+    default: return nullptr;
+  }
 }
 
-/* Checks shared by the fp32-activation kernels: x is [M, K] with row stride ldx. */
-bool bad_x(const float* x, int64_t M, int64_t K, int64_t ldx) {
-  return M < 0 || K < 0 || ldx < K || too_big(M, ldx) || missing(x, M * K);
-}
-
-void fill_bias(float* out, int64_t M, int64_t N, const float* bias) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) out[m * N + n] = bias ? bias[n] : 0.0f;
-}
+namespace {
 
 }  // namespace
 

@@ -36,12 +36,37 @@ struct KernelTable {
                           float* out, void* work, int n_threads);
 };
 
+/* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also
+ * validated by the caller: K % 4 == 0 for 2:4, the int4 group size is even and
+ * divides K/2, values_dtype is a pq_dtype, row_offsets[0] == 0 and
+ * row_offsets[N] == nnz. The unstructured kernel checks each row's offsets
+ * against its bitmask itself and returns false when any row is inconsistent. */
+struct SparseKernelTable {
+  void (*sparse24_mm)(const float* x, int64_t M, int64_t K, int64_t ldx, const void* values,
+                      int values_dtype, const uint8_t* meta, int64_t N, const float* bias,
+                      float* out, int n_threads);
+  void (*sparse24_int8_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                           const int8_t* values_q, const uint8_t* meta, int64_t N,
+                           const float* scale, const float* bias, float* out, int n_threads);
+  void (*sparse24_int4_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                           const uint8_t* packed, const uint8_t* meta, int64_t N,
+                           const float* scales, const uint8_t* zeros, int64_t group_size,
+                           const float* bias, float* out, int n_threads);
+  bool (*sparse_unstructured_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                 const uint8_t* bitmask, const void* values, int values_dtype,
+                                 int64_t nnz, const int64_t* row_offsets, int64_t N,
+                                 const float* bias, float* out, int n_threads);
+};
+
+/* The sparse table of an ISA that is compiled in and supported here, else null. */
+const SparseKernelTable* sparse_table(int isa);
+
 }  // namespace pq
 
 /* One table per ISA build; CMake defines PQ_HAVE_<ISA> for the builds it compiled. */
-namespace pq_portable { extern const pq::KernelTable kKernels; }
-namespace pq_avx2 { extern const pq::KernelTable kKernels; }
-namespace pq_avx512 { extern const pq::KernelTable kKernels; }
-namespace pq_amx { extern const pq::KernelTable kKernels; }
+namespace pq_portable { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
+namespace pq_avx2 { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
+namespace pq_avx512 { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
+namespace pq_amx { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
 
 #endif /* PQ_CPU_KERNELS_H */

@@ -1,0 +1,86 @@
+/* The sparse part of the C API in pq.h: argument checks, then the call into
+ * the sparse kernel table of the chosen ISA build. Baseline flags only. */
+#include "../pq.h"
+#include "arg_checks.h"
+#include "kernels.h"
+
+namespace {
+
+bool bad_dtype(int d) { return d != PQ_DTYPE_F32 && d != PQ_DTYPE_BF16 && d != PQ_DTYPE_F16; }
+
+/* Shared by the 2:4 ops: x [M, K] with K % 4 == 0, meta [N, ceil(K/8)], out [M, N]. */
+bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* meta, int64_t N,
+            const float* out) {
+  return bad_x(x, M, K, ldx) || K % 4 != 0 || N < 0 || too_big(N, K) || too_big(M, N) ||
+         missing(meta, N * ((K + 7) / 8)) || missing(out, M * N);
+}
+
+}  // namespace
+
+extern "C" {
+
+int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                   const void* values, int values_dtype, const uint8_t* meta, int64_t N,
+                   const float* bias, float* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (bad_24(x, M, K, ldx, meta, N, out) || bad_dtype(values_dtype) || missing(values, N * K / 2))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  t->sparse24_mm(x, M, K, ldx, values, values_dtype, meta, N, bias, out, threads(n_threads));
+  return PQ_OK;
+}
+
+int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                        const int8_t* values_q, const uint8_t* meta, int64_t N,
+                        const float* scale, const float* bias, float* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (bad_24(x, M, K, ldx, meta, N, out) || missing(values_q, N * K / 2) || missing(scale, N))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  t->sparse24_int8_mm(x, M, K, ldx, values_q, meta, N, scale, bias, out, threads(n_threads));
+  return PQ_OK;
+}
+
+int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                        const uint8_t* packed, const uint8_t* meta, int64_t N,
+                        const float* scales, const uint8_t* zeros, int64_t group_size,
+                        const float* bias, float* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (bad_24(x, M, K, ldx, meta, N, out) || group_size <= 0 || group_size % 2 != 0 ||
+      (K / 2) % group_size != 0)
+    return PQ_ERR_ARG;
+  const int64_t groups = N * (K / 2 / group_size);
+  if (missing(packed, N * K / 4) || missing(scales, groups) || missing(zeros, groups))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  t->sparse24_int4_mm(x, M, K, ldx, packed, meta, N, scales, zeros, group_size, bias, out,
+                      threads(n_threads));
+  return PQ_OK;
+}
+
+int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                              const uint8_t* bitmask, const void* values, int values_dtype,
+                              int64_t nnz, const int64_t* row_offsets, int64_t N,
+                              const float* bias, float* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (bad_x(x, M, K, ldx) || N < 0 || nnz < 0 || bad_dtype(values_dtype) || too_big(N, K) ||
+      too_big(M, N) || missing(bitmask, N * ((K + 7) / 8)) || missing(values, nnz) ||
+      row_offsets == nullptr || missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (row_offsets[0] != 0 || row_offsets[N] != nnz) return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  return t->sparse_unstructured_mm(x, M, K, ldx, bitmask, values, values_dtype, nnz, row_offsets,
+                                   N, bias, out, threads(n_threads))
+             ? PQ_OK
+             : PQ_ERR_ARG;
+}
+
+}  // extern "C"

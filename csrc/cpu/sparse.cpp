@@ -1,0 +1,115 @@
+/* The sparse kernels (2:4 float / int8 / int4 and unstructured), compiled
+ * once per ISA like kernels.cpp; the SIMD bodies are in tile_sparse.h. The
+ * thread partition is the dense kernels' (common.h: for_each_tile): tasks of
+ * whole weight rows, so each thread streams its own slice of the compressed
+ * weights, the dominant traffic at decode sizes. */
+#include "../pq.h"
+#include "kernels.h"
+#include "tile_sparse.h"
+
+namespace PQ_NS {
+namespace {
+
+/* out[m, n] = dot * (row_scale ? row_scale[n] : 1) + (bias ? bias[n] : 0),
+ * multiply and add rounded separately (-ffp-contract=off, as kernels.cpp). */
+inline float epilogue(float dot, const float* row_scale, const float* bias, int64_t n) {
+  const float v = row_scale ? dot * row_scale[n] : dot;
+  return bias ? v + bias[n] : v;
+}
+
+template <int Kind>
+void run24(const float* x, int64_t M, int64_t K, int64_t ldx, const Vals<Kind>& vals,
+           const uint8_t* meta, int64_t N, const float* row_scale, const float* bias, float* out,
+           int n_threads) {
+  const int64_t ldm = (K + 7) / 8;
+  const bool simd = simd24(vals);
+  for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
+    dispatch_tile<kTileN>(nr, mt, [&](auto R_, auto T_) {
+      constexpr int R = decltype(R_)::value, T = decltype(T_)::value;
+      float dot[R][T] = {};
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
+      if (simd)
+        dot24<R, T>(vals, n, meta, ldm, x + m * ldx, ldx, K, dot);
+      else
+#endif
+        dot24_scalar<R, T>(vals, n, meta, ldm, x + m * ldx, ldx, 0, K / 2, dot);
+      (void)simd;
+      for (int t = 0; t < T; ++t)
+        for (int r = 0; r < R; ++r)
+          out[(m + t) * N + n + r] = epilogue(dot[r][t], row_scale, bias, n + r);
+    });
+  });
+}
+
+void sparse24_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* values,
+                 int values_dtype, const uint8_t* meta, int64_t N, const float* bias, float* out,
+                 int n_threads) {
+  const int64_t ld = K / 2;
+  if (values_dtype == PQ_DTYPE_BF16)
+    run24(x, M, K, ldx, Vals<kBF16>{values, ld}, meta, N, nullptr, bias, out, n_threads);
+  else if (values_dtype == PQ_DTYPE_F16)
+    run24(x, M, K, ldx, Vals<kF16>{values, ld}, meta, N, nullptr, bias, out, n_threads);
+  else
+    run24(x, M, K, ldx, Vals<kF32>{values, ld}, meta, N, nullptr, bias, out, n_threads);
+}
+
+void sparse24_int8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* values_q,
+                      const uint8_t* meta, int64_t N, const float* scale, const float* bias,
+                      float* out, int n_threads) {
+  run24(x, M, K, ldx, Vals<kI8>{values_q, K / 2}, meta, N, scale, bias, out, n_threads);
+}
+
+void sparse24_int4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
+                      const uint8_t* meta, int64_t N, const float* scales, const uint8_t* zeros,
+                      int64_t G, const float* bias, float* out, int n_threads) {
+  const Vals<kI4> v{packed, K / 2, scales, zeros, G, K / 2 / G};
+  run24(x, M, K, ldx, v, meta, N, nullptr, bias, out, n_threads);
+}
+
+/* One weight row at a time (its consistency is checked before its values are
+ * read), against up to kTileM rows of x. */
+template <int Kind>
+bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* bitmask,
+                      const Vals<Kind>& vals, int64_t nnz, const int64_t* off, int64_t N,
+                      const float* bias, float* out, int n_threads) {
+  const int64_t ldb = (K + 7) / 8;
+  int bad = 0;
+  for_each_tile(M, N, n_threads, [&](int64_t n0, int nr, int64_t m, int mt, bool, int32_t*) {
+    for (int64_t n = n0; n < n0 + nr; ++n) {
+      const uint8_t* bm = bitmask + n * ldb;
+      if (!row_ok(bm, K, off, n, nnz)) {
+        __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
+        continue;
+      }
+      dispatch_tile<1>(1, mt, [&](auto, auto T_) {
+        constexpr int T = decltype(T_)::value;
+        float dot[T];
+        dot_unstructured<T>(vals, nnz, bm, K, off[n], x + m * ldx, ldx, dot);
+        for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
+      });
+    }
+  });
+  return !bad;
+}
+
+bool sparse_unstructured_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
+                            const uint8_t* bitmask, const void* values, int values_dtype,
+                            int64_t nnz, const int64_t* off, int64_t N, const float* bias,
+                            float* out, int n_threads) {
+  if (values_dtype == PQ_DTYPE_BF16)
+    return run_unstructured(x, M, K, ldx, bitmask, Vals<kBF16>{values, 0}, nnz, off, N, bias, out,
+                            n_threads);
+  if (values_dtype == PQ_DTYPE_F16)
+    return run_unstructured(x, M, K, ldx, bitmask, Vals<kF16>{values, 0}, nnz, off, N, bias, out,
+                            n_threads);
+  return run_unstructured(x, M, K, ldx, bitmask, Vals<kF32>{values, 0}, nnz, off, N, bias, out,
+                          n_threads);
+}
+
+}  // namespace
+
+extern const pq::SparseKernelTable kSparseKernels = {
+    sparse24_mm, sparse24_int8_mm, sparse24_int4_mm, sparse_unstructured_mm,
+};
+
+}  // namespace PQ_NS

@@ -1,0 +1,407 @@
+/* Sparse micro-kernels (2:4 and unstructured weights against fp32 rows of x),
+ * compiled once per ISA like the dense tiles (see common.h). Layouts: pq.h and
+ * pyquant/sparse_formats.py.
+ *
+ * 2:4 GEMV idea: a row's kept values are contiguous, so they stream like a
+ * dense row of half the length; the matching x values are gathered in
+ * registers from the x chunk they lie in (kept values j..j+15 come from 32
+ * consecutive columns, one vpermt2ps over two zmm of x, its index built from
+ * one 32-bit word of meta with a shift and a ternary-logic op). Nothing is
+ * precomputed beyond what the format holds, and stored bf16/fp16/int8/int4
+ * values are widened in registers. */
+#ifndef PQ_CPU_TILE_SPARSE_H
+#define PQ_CPU_TILE_SPARSE_H
+#include <string.h>
+#include "common.h"
+
+/* The per-step lambdas below must be inlined into their loops: called out of
+ * line (GCC's heuristics do so for bodies this size) their accumulators live
+ * in memory and each step pays a call and a vzeroupper, ~2.5x slower. */
+#define PQ_ALWAYS_INLINE __attribute__((always_inline))
+
+namespace PQ_NS {
+namespace {
+
+enum ValueKind { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3, kI4 = 4 };
+
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+/* IEEE half to float, exactly (every half is a float); scalar paths only. */
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) { /* zero or subnormal: man * 2^-24, exact in float */
+    const float f = (float)man * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return v;
+}
+/* Up to 8 bytes, zero-filled: never reads past p + n. */
+inline uint64_t load_tail_u64(const uint8_t* p, int64_t n) {
+  uint64_t v = 0;
+  memcpy(&v, p, (size_t)(n < 8 ? n : 8));
+  return v;
+}
+
+/* The kept values of a weight: row n's value j as float (int8: the integer,
+ * its row scale is applied to the dot product; int4: (code - zero) * scale of
+ * its group, as the reference dequantizes). `ld` is values per row. */
+template <int Kind>
+struct Vals {
+  const void* p;
+  int64_t ld;
+  const float* scales = nullptr; /* int4 */
+  const uint8_t* zeros = nullptr;
+  int64_t G = 0, ng = 0;
+
+  float at(int64_t n, int64_t j) const {
+    if constexpr (Kind == kF32) return ((const float*)p)[n * ld + j];
+    if constexpr (Kind == kBF16) return bf16_to_f32(((const uint16_t*)p)[n * ld + j]);
+    if constexpr (Kind == kF16) return f16_to_f32(((const uint16_t*)p)[n * ld + j]);
+    if constexpr (Kind == kI8) return (float)((const int8_t*)p)[n * ld + j];
+    if constexpr (Kind == kI4) {
+      const uint8_t b = ((const uint8_t*)p)[n * (ld / 2) + j / 2];
+      const int code = (j & 1) ? b >> 4 : b & 15;
+      const int64_t g = n * ng + j / G;
+      return (float)(code - (int)zeros[g]) * scales[g];
+    }
+    return 0.0f;
+  }
+
+  /* Values of the whole row are at flat index i (unstructured: values[i]). */
+  float flat(int64_t i) const { return at(0, i); }
+};
+
+/* Column of kept value j of a 2:4 row with meta bytes `meta`. */
+inline int64_t col24(const uint8_t* meta, int64_t j) {
+  return 4 * (j >> 1) + ((meta[j >> 2] >> (2 * (j & 3))) & 3);
+}
+
+/* acc[r][t] += sum over kept j in [j0, j1) of x[t, col] * value(n + r, j). */
+template <int R, int T, class V>
+inline void dot24_scalar(const V& vals, int64_t n, const uint8_t* meta, int64_t ldm,
+                         const float* x, int64_t ldx, int64_t j0, int64_t j1, float acc[R][T]) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int r = 0; r < R; ++r) {
+      const int64_t c = col24(meta + (n + r) * ldm, j);
+      const float w = vals.at(n + r, j);
+      for (int t = 0; t < T; ++t) acc[r][t] += x[t * ldx + c] * w;
+    }
+}
+
+#if defined(PQ_SIMD_AVX512)
+constexpr int64_t kChunk24 = 16; /* kept values per SIMD step */
+
+/* 16 kept values j..j+15 of row n as fp32 lanes, in natural order; `rem` < 16
+ * masks a tail (never reads past the row). Not used for int4 (see dot24). */
+template <int Kind>
+inline __m512 load16(const Vals<Kind>& v, int64_t n, int64_t j, __mmask16 m, bool full) {
+  if constexpr (Kind == kF32) {
+    const float* p = (const float*)v.p + n * v.ld + j;
+    return full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (Kind == kBF16 || Kind == kF16) {
+    const uint16_t* p = (const uint16_t*)v.p + n * v.ld + j;
+    const __m256i h = full ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
+    if constexpr (Kind == kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    const int8_t* p = (const int8_t*)v.p + n * v.ld + j;
+    const __m128i b = full ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8(m, p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+}
+
+/* dot[r][t] = sum_j x[t, col(n+r, j)] * value(n+r, j) over the whole row.
+ *
+ * Lane L of a step holds kept value j + pi(L). For float/int8 pi is the
+ * identity. For int4 the 8 code bytes of a step are broadcast as one qword, so
+ * even lanes see bytes 0..3 and odd lanes bytes 4..7; lane 2i then takes code
+ * i and lane 2i+1 code 8+i (pi(2i) = i, pi(2i+1) = 8+i), decoded with a
+ * vpermps lookup into the group's 16-entry table (code - zero) * scale. The
+ * meta index uses the same pi, so x is gathered in the same lane order, and no
+ * instruction is spent putting the codes back in order. Every kept value of a
+ * step lies in the 32 columns 2j..2j+31 (8 groups of 4). */
+template <int R, int T, int Kind>
+inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_t ldm,
+                  const float* x, int64_t ldx, int64_t K, float dot[R][T]) {
+  const int64_t H = K / 2;
+  constexpr bool kPi = Kind == kI4;
+  const __m512i shift = kPi ? _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+                            : _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = kPi ? _mm512_setr_epi32(0, 16, 0, 16, 4, 20, 4, 20, 8, 24, 8, 24, 12, 28, 12, 28)
+                           : _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  __m512 tab[R]; /* int4: the current group's decoded values per code */
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i nib = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+
+  /* Inlined twice: full steps, then one masked tail (float/int8 only: int4
+   * needs (K/2) % G == 0 with G % 16 == 0, so it has no tail). In the tail the
+   * masked-off lanes load value 0 and x 0 (their columns are >= K). */
+  /* int4: the next kept index that starts a group. Compared, not j % G: a
+   * 64-bit division per step cost more than the rest of the step. */
+  int64_t next_group = 0;
+  auto step = [&](int64_t j, bool full) PQ_ALWAYS_INLINE {
+    if constexpr (Kind == kI4) {
+      if (j == next_group) {
+        for (int r = 0; r < R; ++r) {
+          const int64_t g = (n + r) * vals.ng + j / vals.G;
+          tab[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps((float)vals.zeros[g])),
+                                 _mm512_set1_ps(vals.scales[g]));
+        }
+        next_group += vals.G;
+      }
+    }
+    const int64_t rem = H - j, cols = 2 * rem;
+    const __mmask16 mv = full ? 0xFFFF : (__mmask16)((1u << rem) - 1);
+    const __mmask16 mlo = full || cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+    const __mmask16 mhi = full ? 0xFFFF : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1) : 0;
+    __m512 xlo[T], xhi[T];
+    for (int t = 0; t < T; ++t) {
+      const float* p = x + t * ldx + 2 * j;
+      xlo[t] = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mlo, p);
+      xhi[t] = full ? _mm512_loadu_ps(p + 16) : _mm512_maskz_loadu_ps(mhi, p + 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* mp = meta + (n + r) * ldm + j / 4;
+      const uint32_t m32 = full ? load_u32(mp) : (uint32_t)load_tail_u64(mp, ldm - j / 4);
+      const __m512i idx = _mm512_ternarylogic_epi32(
+          _mm512_srlv_epi32(_mm512_set1_epi32((int)m32), shift), three, base, 0xEA); /* (a&b)|c */
+      __m512 w;
+      if constexpr (Kind == kI4) {
+        const uint64_t q = load_u64((const uint8_t*)vals.p + (n + r) * (vals.ld / 2) + j / 2);
+        /* vpermps reads only the low 4 bits of each index: the shifted code. */
+        w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64((long long)q), nib), tab[r]);
+      } else {
+        w = load16<Kind>(vals, n + r, j, mv, full);
+      }
+      for (int t = 0; t < T; ++t)
+        acc[r][t] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xlo[t], idx, xhi[t]), w, acc[r][t]);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kChunk24 <= H; j += kChunk24) step(j, true);
+  if (j < H) step(j, false);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) dot[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+#elif defined(PQ_SIMD_AVX2)
+constexpr int64_t kChunk24 = 8;
+
+/* int4: zero and scale are the group's, broadcast (kept per row by dot24). */
+template <int Kind>
+inline __m256 load8(const Vals<Kind>& v, int64_t n, int64_t j, __m256 zero, __m256 scale) {
+  if constexpr (Kind == kF32) {
+    return _mm256_loadu_ps((const float*)v.p + n * v.ld + j);
+  } else if constexpr (Kind == kBF16 || Kind == kF16) {
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)v.p + n * v.ld + j));
+    if constexpr (Kind == kF16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (Kind == kI8) {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)((const int8_t*)v.p + n * v.ld + j));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  } else { /* int4, G % 8 == 0: the 8 values share one group */
+    const uint32_t q = load_u32((const uint8_t*)v.p + n * (v.ld / 2) + j / 2);
+    const __m256i c = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32((int)q), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm256_set1_epi32(15));
+    return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zero), scale);
+  }
+}
+
+/* As the AVX512 dot24, 8 kept values (16 columns) a step: vpermps reaches 8
+ * floats, so x is gathered from both halves and blended on index bit 3. The
+ * tail (< 8 kept values) runs the scalar loop. */
+template <int R, int T, int Kind>
+inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_t ldm,
+                  const float* x, int64_t ldx, int64_t K, float dot[R][T]) {
+  const int64_t H = K / 2;
+  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  __m256 zero[R], scale[R]; /* int4: the current group's, per row */
+  for (int r = 0; r < R; ++r) zero[r] = scale[r] = _mm256_setzero_ps();
+  int64_t next_group = 0;
+  int64_t j = 0;
+  for (; j + kChunk24 <= H; j += kChunk24) {
+    if constexpr (Kind == kI4) {
+      if (j == next_group) {
+        for (int r = 0; r < R; ++r) {
+          const int64_t g = (n + r) * vals.ng + j / vals.G;
+          zero[r] = _mm256_set1_ps((float)vals.zeros[g]);
+          scale[r] = _mm256_set1_ps(vals.scales[g]);
+        }
+        next_group += vals.G;
+      }
+    }
+    __m256 xlo[T], xhi[T];
+    for (int t = 0; t < T; ++t) {
+      xlo[t] = _mm256_loadu_ps(x + t * ldx + 2 * j);
+      xhi[t] = _mm256_loadu_ps(x + t * ldx + 2 * j + 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* mp = meta + (n + r) * ldm + j / 4;
+      const int m16 = mp[0] | (mp[1] << 8);
+      const __m256i idx = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m16), shift), three), base);
+      const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign = bit 3 */
+      const __m256 w = load8<Kind>(vals, n + r, j, zero[r], scale[r]);
+      for (int t = 0; t < T; ++t) {
+        const __m256 g = _mm256_blendv_ps(_mm256_permutevar8x32_ps(xlo[t], idx),
+                                          _mm256_permutevar8x32_ps(xhi[t], idx), sel);
+        acc[r][t] = _mm256_fmadd_ps(g, w, acc[r][t]);
+      }
+    }
+  }
+  float tail[R][T] = {};
+  dot24_scalar<R, T>(vals, n, meta, ldm, x, ldx, j, H, tail);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      dot[r][t] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q))) + tail[r][t];
+    }
+}
+#endif
+
+/* Whether dot24 handles these values (int4 needs whole groups per SIMD step);
+ * otherwise the scalar loop runs. */
+template <int Kind>
+inline bool simd24(const Vals<Kind>& v) {
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
+  return Kind != kI4 || v.G % kChunk24 == 0;
+#else
+  (void)v;
+  return false;
+#endif
+}
+
+/* ------------------------------------------------------------ unstructured */
+
+/* Row n of an unstructured weight is consistent: its offsets step by the
+ * popcount of its bitmask row, stay inside [0, nnz], and no bit at k >= K is
+ * set. Checked before any of its values is read. */
+inline bool row_ok(const uint8_t* bm, int64_t K, const int64_t* off, int64_t n, int64_t nnz) {
+  const int64_t ldb = (K + 7) / 8;
+  if (K % 8 && (bm[ldb - 1] >> (K % 8))) return false;
+  int64_t pop = 0, i = 0;
+  for (; i + 8 <= ldb; i += 8) pop += __builtin_popcountll(load_u64(bm + i));
+  if (i < ldb) pop += __builtin_popcountll(load_tail_u64(bm + i, ldb - i));
+  const int64_t o0 = off[n], o1 = off[n + 1];
+  return o0 >= 0 && o1 <= nnz && o1 - o0 == pop;
+}
+
+/* dot[t] = sum over set bits k of the row of x[t, k] * values[o0 + rank(k)].
+ * Scalar: walk the set bits of each 64-bit word. */
+template <int T, int Kind>
+inline void dot_unstructured_scalar(const Vals<Kind>& vals, const uint8_t* bm, int64_t K,
+                                    int64_t o0, const float* x, int64_t ldx, float dot[T]) {
+  const int64_t ldb = (K + 7) / 8;
+  float acc[T] = {};
+  int64_t o = o0;
+  for (int64_t i = 0; i < ldb; i += 8) {
+    uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
+    while (w) {
+      const int64_t k = 8 * i + __builtin_ctzll(w);
+      const float v = vals.flat(o++);
+      for (int t = 0; t < T; ++t) acc[t] += x[t * ldx + k] * v;
+      w &= w - 1;
+    }
+  }
+  for (int t = 0; t < T; ++t) dot[t] = acc[t];
+}
+
+#if defined(PQ_SIMD_AVX512)
+/* 16 consecutive values from flat index o, widened to fp32 (lanes past the
+ * run are ignored by the expand). Unmasked while 16 values remain in the
+ * buffer (saves a mask move on the shuffle port); masked to the run's `cnt`
+ * values near the end of the buffer, so nothing past it is read. */
+template <int Kind>
+inline __m512 load_run(const Vals<Kind>& v, int64_t o, unsigned cnt, bool room) {
+  const __mmask16 m = (__mmask16)((1u << cnt) - 1);
+  if constexpr (Kind == kF32) {
+    const float* p = (const float*)v.p + o;
+    return room ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+  } else {
+    const uint16_t* p = (const uint16_t*)v.p + o;
+    const __m256i h = room ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
+    if constexpr (Kind == kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+/* AVX512: per 16 columns, load the run of popcount(bits) values and vexpandps
+ * them to their columns (zeros elsewhere), then plain FMAs against x. The four
+ * 16-column slices of a 64-bit mask word get their value offsets from prefix
+ * popcounts, so they do not wait on each other, and each has its own
+ * accumulators (a serial chain of 4 cycles per 64 columns instead of 16). */
+template <int T, int Kind>
+inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
+                             int64_t o0, const float* x, int64_t ldx, float dot[T]) {
+  const int64_t ldb = (K + 7) / 8;
+  __m512 acc[4][T];
+  for (int s = 0; s < 4; ++s)
+    for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
+  int64_t o = o0;
+  auto slice = [&](int s, int64_t k, __mmask16 bits, int64_t os, bool full) PQ_ALWAYS_INLINE {
+    const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
+    const __m512 e = _mm512_maskz_expand_ps(bits, load_run(vals, os, cnt, os + 16 <= nnz));
+    for (int t = 0; t < T; ++t) {
+      /* In the last word only set bits are loaded: no column >= K is touched. */
+      const float* p = x + t * ldx + k;
+      const __m512 xv = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(bits, p);
+      acc[s][t] = _mm512_fmadd_ps(xv, e, acc[s][t]);
+    }
+  };
+  for (int64_t i = 0; i < ldb; i += 8) {
+    const bool full = i + 8 <= ldb && 8 * i + 64 <= K;
+    const uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
+    const int64_t c1 = __builtin_popcountll(w & 0xFFFFull), c2 = __builtin_popcountll(w & 0xFFFFFFFFull),
+                  c3 = __builtin_popcountll(w & 0xFFFFFFFFFFFFull);
+    const int64_t k = 8 * i;
+    slice(0, k, (__mmask16)w, o, full);
+    if (full || k + 16 < K) slice(1, k + 16, (__mmask16)(w >> 16), o + c1, full);
+    if (full || k + 32 < K) slice(2, k + 32, (__mmask16)(w >> 32), o + c2, full);
+    if (full || k + 48 < K) slice(3, k + 48, (__mmask16)(w >> 48), o + c3, full);
+    o += __builtin_popcountll(w);
+  }
+  for (int t = 0; t < T; ++t)
+    dot[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]),
+                                                _mm512_add_ps(acc[2][t], acc[3][t])));
+}
+#else
+/* AVX2 has no expand instruction; the set-bit walk is the path there. */
+template <int T, int Kind>
+inline void dot_unstructured(const Vals<Kind>& vals, int64_t, const uint8_t* bm, int64_t K,
+                             int64_t o0, const float* x, int64_t ldx, float dot[T]) {
+  dot_unstructured_scalar<T>(vals, bm, K, o0, x, ldx, dot);
+}
+#endif
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_TILE_SPARSE_H */

@@ -1,0 +1,147 @@
+"""Sparse rows of `pyquant bench` (2:4 float/int8/int4 and unstructured), and the decode
+check of the sparse kernels against their dense baselines in one run:
+
+    python -m pyquant.bench_sparse [--shapes llama2-7b] [--ms 1] [--iters 40]
+
+``sparse_impls()`` is what pyquant.bench adds to its implementations; ``targets()`` turns one
+bench result into the ratios the sparse layers promise at decode (M = 1): each sparse op's
+speed over its dense counterpart measured in the same run (dense bf16 F.linear, pyquant's
+dense int8 / int4 weight-only ops), and each one's share of the machine's read bandwidth on
+its compressed bytes (values, positions or bitmask, scales, zeros, offsets).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+import torch
+
+from . import sparse_formats as sf
+
+GROUP_SIZE = 128  # int4 group size along the kept (K/2) axis, as pyquant_impls' g128
+SPARSITY = 0.7  # unstructured: 70% of every row pruned (Wanda's per-row count)
+
+# (sparse impl, dense impl it replaces, minimum speedup at M = 1); bandwidth floor for all.
+TARGETS = (
+    ("pyquant.sparse24_mm[bf16]", "F.linear[bf16]", 2.0),
+    ("pyquant.sparse24_int8_mm", "pyquant.int8_weight_only_mm", 1.4),
+    (f"pyquant.sparse24_int4_mm[g{GROUP_SIZE}]", f"pyquant.int4_weight_only_mm[g{GROUP_SIZE}]",
+     1.3),
+    (f"pyquant.sparse_unstructured_mm[bf16,{round(SPARSITY * 100)}%]", "F.linear[bf16]", 2.5),
+)
+BANDWIDTH_FLOOR = 0.75
+
+
+def _bytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Magnitude mask keeping unstructured_kept(K, sparsity) weights of every row."""
+    kept = sf.unstructured_kept(w.shape[1], sparsity)
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    return mask.scatter_(1, w.abs().topk(kept, dim=1).indices, True)
+
+
+def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> list:
+    """bench.Impl entries of the four sparse ops on magnitude-pruned weights. Activations
+    are cast to bf16 first where the dense baseline does (F.linear[bf16]), so both sides
+    pay the same conversion."""
+    from . import ops  # noqa: F401  registers torch.ops.pyquant
+    from .bench import Impl
+
+    op = torch.ops.pyquant
+    bf16 = torch.bfloat16
+
+    def make_24_bf16(w):
+        return sf.compress_24(w.to(bf16))
+
+    def make_24_int8(w):
+        v, meta = sf.compress_24(w)
+        q, s = sf.quantize_24_int8(v)
+        return q, meta, s
+
+    def make_24_int4(w):
+        v, meta = sf.compress_24(w)
+        p, s, z = sf.quantize_24_int4(v, group_size)
+        return p, meta, s, z
+
+    def make_unstructured(w):
+        return sf.compress_unstructured(w.to(bf16), _unstructured_mask(w, sparsity))
+
+    return [
+        Impl("pyquant.sparse24_mm[bf16]", "pyquant", make_24_bf16,
+             lambda s, x: op.sparse24_mm(x.to(bf16), s[0], s[1], None),
+             lambda s: _bytes(*s), "sparse24_mm"),
+        Impl("pyquant.sparse24_int8_mm", "pyquant", make_24_int8,
+             lambda s, x: op.sparse24_int8_mm(x, s[0], s[1], s[2], None),
+             lambda s: _bytes(*s), "sparse24_int8_mm"),
+        Impl(f"pyquant.sparse24_int4_mm[g{group_size}]", "pyquant", make_24_int4,
+             lambda s, x: op.sparse24_int4_mm(x, s[0], s[1], s[2], s[3], group_size, None),
+             lambda s: _bytes(*s), "sparse24_int4_mm"),
+        Impl(f"pyquant.sparse_unstructured_mm[bf16,{round(sparsity * 100)}%]", "pyquant",
+             make_unstructured,
+             lambda s, x: op.sparse_unstructured_mm(x.to(bf16), s[0], s[1], s[2], None),
+             lambda s: _bytes(*s), "sparse_unstructured_mm"),
+    ]
+
+
+def targets(result: dict, m: int = 1) -> list[dict]:
+    """Per sparse impl and shape at batch ``m``: speedup over its dense counterpart (same run)
+    and share of the measured read bandwidth, with pass/fail against TARGETS."""
+    ms = {(r["shape"], r["n"], r["k"], r["m"], r["impl"]): r for r in result["rows"]}
+    out = []
+    for sparse, dense, min_speedup in TARGETS:
+        for (shape, n, k, mm, impl), r in ms.items():
+            if impl != sparse or mm != m:
+                continue
+            d = ms.get((shape, n, k, m, dense))
+            speedup = d["ms"] / r["ms"] if d else None
+            out.append({
+                "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
+                "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
+                "ok": (speedup is not None and speedup >= min_speedup
+                       and r["bw_share"] >= BANDWIDTH_FLOOR),
+            })
+    return out
+
+
+def format_targets(rows: list[dict], bw: Optional[float] = None) -> str:
+    lines = [f"sparse decode targets (read bandwidth {bw:.1f} GB/s measured in this run)"
+             if bw else "sparse decode targets"]
+    lines.append(f"{'impl':44s} {'shape':>11s} {'ms':>8s} {'speedup':>8s} {'need':>5s} "
+                 f"{'bw%':>5s}  vs")
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        lines.append(f"{r['impl']:44s} {r['shape']:>11s} {r['ms']:8.3f} {sp:>8s} "
+                     f"{r['min_speedup']:4.1f}x {100 * r['bw_share']:4.0f}%  {r['vs']}"
+                     f"{'' if r['ok'] else '  (below target)'}")
+    if rows:
+        med = statistics.median(r["speedup"] for r in rows if r["speedup"])
+        lines.append(f"median speedup over the dense counterparts: {med:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from . import bench
+
+    ap = argparse.ArgumentParser(prog="python -m pyquant.bench_sparse",
+                                 description="sparse decode speed against the dense baselines")
+    ap.add_argument("--shapes", default="llama2-7b", help=f"one of {', '.join(bench.SHAPES)}")
+    ap.add_argument("--ms", default="1", help="comma-separated batch sizes")
+    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    ms = [int(v) for v in a.ms.split(",")]
+    res = bench.run(models=(a.shapes,), ms=ms, threads=a.threads, iters=a.iters,
+                    impl_filter="sparse,int8_weight_only,int4_weight_only")
+    print(bench.format_table(res))
+    for m in ms:
+        print(format_targets(targets(res, m), res["machine"].get("read_bandwidth_gbps")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""The native sparse kernels (csrc/cpu/sparse.cpp) on every ISA, beyond the op tests: row lengths
+that leave every kind of SIMD tail, each int4 path (group sizes the vector step divides and
+those it does not), non-canonical 2:4 meta bytes, multi-threaded tiles, and weights or raw
+arguments that are inconsistent: a clear error, never a crash or a read out of bounds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import activation, assert_close_named, gen, isa_params, num_threads, run_op, tol_name
+from pyquant import _native, reference
+from pyquant import sparse_formats as sf
+from test_sparse24_mm import dense24, int4_args, int8_args
+from test_sparse_unstructured_mm import random_sparse
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native module not loaded")
+
+# K/2 kept values per row: multiples of 16 and 8, and tails of 2..14 after them
+KS_24 = [4, 28, 60, 64, 1028, 2056]
+MS = [1, 2, 5, 16]
+
+
+def _check(op, isa, x, wargs, bias=None):
+    out = run_op(op, "cpu", isa, x, wargs, bias)
+    assert_close_named(out, getattr(reference, op)(x, *wargs, bias), tol_name(op, x.dtype),
+                       f"cpu-{isa}")
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("k", KS_24)
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_sparse24_tails(backend, isa, k, vdtype):
+    n = 21
+    _, v, meta = dense24(n, k, seed=k, dtype=vdtype)
+    for m in MS:
+        _check("sparse24_mm", isa, activation((m, k), seed=m), (v, meta))
+    wargs, _ = int8_args(n, k, seed=k)
+    _check("sparse24_int8_mm", isa, activation((3, k), torch.bfloat16), wargs,
+           torch.randn(n, generator=gen(1)))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("k,group", [(1024, 32), (1024, 16), (1024, 8), (1056, 24), (512, 256),
+                                     (96, 6)])
+def test_sparse24_int4_groups(backend, isa, k, group):
+    """G % 16 == 0: the AVX512 lookup step; G % 8 == 0: the AVX2 step; others: the scalar
+    loop. All must agree with the reference."""
+    wargs, _ = int4_args(19, k, group, seed=group)
+    for m in (1, 4, 9):
+        _check("sparse24_int4_mm", isa, activation((m, k), seed=m), wargs)
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+def test_sparse24_any_meta_bytes(backend, isa):
+    """Non-canonical positions (duplicates, unsorted) are read as stored and add up, as the
+    reference's scatter_add does."""
+    n, k = 17, 200
+    meta = torch.randint(0, 256, (n, k // 8), generator=gen(3), dtype=torch.uint8)
+    v = torch.randn(n, k // 2, generator=gen(4))
+    _check("sparse24_mm", isa, activation((3, k)), (v, meta))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads(backend, isa, threads):
+    n, k = 301, 520
+    _, v, meta = dense24(n, k, dtype=torch.bfloat16)
+    w, wargs = random_sparse(n, 333, 0.3)
+    with num_threads(threads):
+        _check("sparse24_mm", isa, activation((7, k)), (v, meta))
+        _check("sparse_unstructured_mm", isa, activation((7, 333)), wargs)
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("k", [1, 7, 63, 64, 65, 130, 1000])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_unstructured_tails(backend, isa, k, density):
+    _, wargs = random_sparse(11, k, density, seed=k)
+    for m in (1, 4, 6):
+        _check("sparse_unstructured_mm", isa, activation((m, k), torch.bfloat16, seed=m), wargs)
+    # the last row's values end the buffer: runs near the end must not read past it
+    w, (bm, vals, off) = random_sparse(5, k, density, seed=k + 1)
+    _check("sparse_unstructured_mm", isa, activation((2, k)), (bm, vals.clone(), off))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+def test_unstructured_corrupt_weights(backend, isa):
+    """Every kind of inconsistency is caught by the kernel before it reads a row's values and
+    reported with sparse_formats' diagnosis."""
+    k = 100
+    _, (bm, v, off) = random_sparse(13, k, 0.5, seed=5)
+    x = activation((2, k))
+    cases = []
+    bad = off.clone()
+    bad[6] += 3  # rows 5 and 6 disagree with their popcounts
+    cases.append((bm, v, bad))
+    bad = off.clone()
+    bad[-1] += 1  # ends past the values
+    cases.append((bm, v, bad))
+    b2 = bm.clone()
+    b2[3, -1] |= 0x80  # a bit at k = 103 >= K
+    cases.append((b2, v, off))
+    b3 = bm.clone()
+    b3[0, 0] ^= 0xFF  # popcount no longer matches
+    cases.append((b3, v, off))
+    for c in cases:
+        with pytest.raises(ValueError, match="inconsistent unstructured sparse weight"):
+            run_op("sparse_unstructured_mm", "cpu", isa, x, c, None)
+
+
+def test_raw_bad_arguments():
+    """The C API rejects what Python would never pass: null buffers, K % 4, bad group sizes,
+    dtype codes, offsets that do not start at 0 or end at nnz (status 1, no crash)."""
+    C = _native.module()
+    isa = _native.best_isa()
+    x = torch.randn(2, 8)
+    out = torch.empty(2, 3)
+    v = torch.randn(3, 4)
+    meta = torch.zeros(3, 1, dtype=torch.uint8)
+    p = lambda t: t.data_ptr()  # noqa: E731
+    ok = C.sparse24_mm(isa, p(x), 2, 8, 8, p(v), 0, p(meta), 3, 0, p(out), 1)
+    assert ok == 0
+    assert C.sparse24_mm(isa, p(x), 2, 8, 8, 0, 0, p(meta), 3, 0, p(out), 1) == 1
+    assert C.sparse24_mm(isa, p(x), 2, 8, 8, p(v), 7, p(meta), 3, 0, p(out), 1) == 1
+    assert C.sparse24_mm(isa, p(x), 2, 6, 8, p(v), 0, p(meta), 3, 0, p(out), 1) == 1
+    assert C.sparse24_mm(isa, p(x), 2, 8, 4, p(v), 0, p(meta), 3, 0, p(out), 1) == 1
+    assert C.sparse24_mm(9, p(x), 2, 8, 8, p(v), 0, p(meta), 3, 0, p(out), 1) == 2
+    q = torch.zeros(3, 4, dtype=torch.int8)
+    assert C.sparse24_int8_mm(isa, p(x), 2, 8, 8, p(q), p(meta), 3, 0, 0, p(out), 1) == 1
+    packed = torch.zeros(3, 2, dtype=torch.uint8)
+    sc = torch.ones(3, 1)
+    zp = torch.zeros(3, 1, dtype=torch.uint8)
+    assert C.sparse24_int4_mm(isa, p(x), 2, 8, 8, p(packed), p(meta), 3, p(sc), p(zp), 4, 0,
+                              p(out), 1) == 0
+    for g in (0, 3, 8, -4):
+        assert C.sparse24_int4_mm(isa, p(x), 2, 8, 8, p(packed), p(meta), 3, p(sc), p(zp), g, 0,
+                                  p(out), 1) == 1
+    bm = torch.tensor([[0b11], [0], [0b1]], dtype=torch.uint8)
+    vals = torch.randn(3)
+    off = torch.tensor([0, 2, 2, 3])
+    assert C.sparse_unstructured_mm(isa, p(x), 2, 8, 8, p(bm), p(vals), 0, 3, p(off), 3, 0,
+                                    p(out), 1) == 0
+    torch.testing.assert_close(out[:, 0], x[:, 0] * vals[0] + x[:, 1] * vals[1])
+    for bad in ([1, 3, 3, 4], [0, 2, 2, 4], [0, 2, 3, 3], [0, -1, 2, 3]):
+        o = torch.tensor(bad)
+        assert C.sparse_unstructured_mm(isa, p(x), 2, 8, 8, p(bm), p(vals), 0, 3, p(o), 3, 0,
+                                        p(out), 1) == 1, bad
+    assert C.sparse_unstructured_mm(isa, p(x), 2, 8, 8, p(bm), p(vals), 0, 3, 0, 3, 0,
+                                    p(out), 1) == 1
