@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import models
-from .config import Int4WeightOnly, Int8Dynamic, Int8WeightOnly
+from .config import Int4Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly
 
 # name -> (label, config factory); the order here is the order of the table.
 CONFIGS = {
@@ -44,14 +44,16 @@ CONFIGS = {
     "int4g64sym": ("int4 weight-only g64 sym", lambda: Int4WeightOnly(group_size=64,
                                                                      symmetric=True)),
     "int4g128": ("int4 weight-only g128", lambda: Int4WeightOnly(group_size=128)),
+    "int4dyn": ("int4 dynamic (W4A8) g64", lambda: Int4Dynamic(group_size=64)),
 }
-DEFAULT_CONFIGS = ("int8wo", "int8dyn", "int4g64", "int4g64sym")
+DEFAULT_CONFIGS = ("int8wo", "int8dyn", "int4g64", "int4g64sym", "int4dyn")
 DEFAULT_SENTENCES = 256
 DEFAULT_REPEATS = 5
 OP_FOR_SCHEME = {
     "int8_weight_only": "int8_weight_only_mm",
     "int8_dynamic": "int8_dynamic_mm",
     "int4_weight_only": "int4_weight_only_mm",
+    "int4_dynamic": "int4_dynamic_mm",
 }
 # The calibrated config: int4 is where calibration pays (int8 loses little even rounded to
 # nearest), and GPTQ is the quickest calibrated method on MiniLM (seconds on two cores).
