@@ -155,6 +155,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("values"), py::arg("values_dtype"), py::arg("meta"), py::arg("N"),
         py::arg("bias"), py::arg("out"), py::arg("n_threads"), gil_release());
 
+  m.def("sparse24_decompress",
+        [](uintptr_t values, int elem_bytes, uintptr_t meta, int64_t N, int64_t K, uintptr_t out,
+           int n_threads) {
+          return pq_sparse24_decompress(ptr<const void>(values), elem_bytes,
+                                        ptr<const uint8_t>(meta), N, K, ptr<void>(out),
+                                        n_threads);
+        },
+        py::arg("values"), py::arg("elem_bytes"), py::arg("meta"), py::arg("N"), py::arg("K"),
+        py::arg("out"), py::arg("n_threads"), gil_release());
+
   m.def("sparse24_int8_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values_q,
            uintptr_t meta, int64_t N, uintptr_t scale, uintptr_t bias, uintptr_t out,

@@ -167,6 +167,13 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
  * the offsets step by the row's popcount and stay inside [0, nnz], that
  * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
  * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified). */
+/* Dense [N, K] (values' element type: elem_bytes 1 for int8 codes, 2 for bf16/fp16, 4 for
+ * float32) from 2:4 values and canonical meta: kept values copied bit for bit, zeros
+ * elsewhere. PQ_ERR_ARG also when a group's two positions are not strictly increasing (out
+ * is then unspecified: such weights run on the sparse kernels, which add duplicates). */
+int pq_sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
+                           int64_t K, void* out, int n_threads);
+
 int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* bitmask, const void* values, int values_dtype,
                               int64_t nnz, const int64_t* row_offsets, int64_t N,

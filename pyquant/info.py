@@ -106,6 +106,14 @@ def _native_section() -> dict:
     return d
 
 
+def _sparse_break_even() -> dict:
+    """{"op (dtypes)": M}: from M rows on, the cpu backend runs that 2:4 op dense from its
+    compressed weight (pyquant/_native.py, SPARSE_DENSE_MIN_M)."""
+    from . import _native
+
+    return {f"{op} ({kind})": m for (op, kind), m in _native.SPARSE_DENSE_MIN_M.items()}
+
+
 def _cuda_section() -> dict:
     import torch
 
@@ -189,6 +197,7 @@ def collect() -> dict:
         "backends": _try(lambda: {n: ("available" if why is None else why)
                                   for n, why in ops.backend_status().items()}),
         "dispatch": _try(ops.backend_table),
+        "sparse_dense_from_m": _try(_sparse_break_even),
     }
 
 
@@ -266,9 +275,16 @@ def format_text(d: dict) -> str:
     if isinstance(table, dict):
         for dev, row in table.items():
             for op, backend in row.items():
-                lines.append(f"  {dev:<5} {op:<22}{backend}")
+                lines.append(f"  {dev:<5} {op:<24}{backend}")
     else:
         lines.append(f"  {table}")
+    be = d.get("sparse_dense_from_m")
+    if isinstance(be, dict) and be:
+        lines.append("")
+        lines.append("2:4 ops on cpu: dense GEMM from the compressed weight from M rows on "
+                     "(decompressing beats the sparse kernel there):")
+        for name, m in be.items():
+            lines.append(f"  {name:<30}M >= {m}")
     return "\n".join(lines)
 
 

@@ -147,3 +147,50 @@ def test_raw_bad_arguments():
                                         p(out), 1) == 1, bad
     assert C.sparse_unstructured_mm(isa, p(x), 2, 8, 8, p(bm), p(vals), 0, 3, 0, 3, 0,
                                     p(out), 1) == 1
+
+
+# ------------------------------------------------ break-even: dense from the compressed weight
+
+
+@pytest.fixture
+def dense_from_m1(monkeypatch):
+    """Every 2:4 call takes the dense path (decompress + dense GEMM)."""
+    monkeypatch.setattr(_native, "SPARSE_DENSE_MIN_M",
+                        {key: 1 for key in _native.SPARSE_DENSE_MIN_M})
+
+
+@pytest.mark.parametrize("vdtype,xdtype,bias", [
+    (torch.float32, torch.float32, "fp32"), (torch.bfloat16, torch.bfloat16, None),
+    (torch.bfloat16, torch.bfloat16, "bf16"), (torch.bfloat16, torch.float32, "fp32"),
+    (torch.float16, torch.float16, None)], ids=str)
+def test_dense_path_matches_reference(dense_from_m1, vdtype, xdtype, bias):
+    n, k = 37, 132
+    _, v, meta = dense24(n, k, seed=3, dtype=vdtype)
+    b = None if bias is None else torch.randn(n, generator=gen(2)).to(
+        torch.bfloat16 if bias == "bf16" else torch.float32)
+    x = activation((2, 9, k), xdtype, seed=4)
+    assert _native.sparse_dense_reason("sparse24_mm", 18, "bf16") is not None
+    _check("sparse24_mm", None, x, (v, meta), b)
+    wargs, _ = int8_args(n, k, seed=5)
+    _check("sparse24_int8_mm", None, activation((17, k), seed=6), wargs, b)
+
+
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_decompress_is_exact_and_refuses_non_canonical_meta(vdtype):
+    n, k = 19, 100
+    _, v, meta = dense24(n, k, seed=7, dtype=torch.float32)
+    v = (v * 10).round().clamp(-127, 127).to(vdtype)
+    d = _native._decompress_24(v, meta)
+    assert d.dtype == vdtype and torch.equal(d, sf.decompress_24(v.float(), meta).to(vdtype))
+    bad = meta.clone()
+    bad[3, 0] = 0b0101  # group 0 of row 3: positions (1, 1), a duplicate
+    assert _native._decompress_24(v, bad) is None
+
+
+def test_dense_path_non_canonical_meta_runs_the_kernel(dense_from_m1):
+    n, k = 8, 64
+    _, v, meta = dense24(n, k, seed=9)
+    meta = meta.clone()
+    meta[0, 0] = 0b0000  # positions (0, 0): both kept values add up in column 0
+    x = activation((20, k), seed=10)
+    _check("sparse24_mm", None, x, (v, meta))

@@ -1,5 +1,7 @@
 /* The sparse part of the C API in pq.h: argument checks, then the call into
  * the sparse kernel table of the chosen ISA build. Baseline flags only. */
+#include <string.h>
+
 #include "../pq.h"
 #include "arg_checks.h"
 #include "kernels.h"
@@ -13,6 +15,34 @@ bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* me
             const float* out) {
   return bad_x(x, M, K, ldx) || K % 4 != 0 || N < 0 || too_big(N, K) || too_big(M, N) ||
          missing(meta, N * ((K + 7) / 8)) || missing(out, M * N);
+}
+
+/* Dense rows from 2:4 (the break-even path of pyquant._native: from some M on, one
+ * decompression plus a dense GEMM beats the gather kernels). Memory-bound; baseline code.
+ * Returns nonzero when some group's positions are not strictly increasing. */
+template <class T>
+int decompress_24(const T* v, const uint8_t* meta, int64_t N, int64_t K, T* out, int n_threads) {
+  const int64_t mc = (K + 7) / 8, groups = K / 4;
+  int bad = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
+  for (int64_t n = 0; n < N; ++n) {
+    T* row = out + n * K;
+    const T* vr = v + n * (K / 2);
+    const uint8_t* mr = meta + n * mc;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int b = mr[g / 2] >> (4 * (g & 1));
+      const int p0 = b & 3, p1 = (b >> 2) & 3;
+      bad |= p1 <= p0; /* not canonical: duplicates must add up, as the kernels do */
+      T q[4] = {0, 0, 0, 0};
+      q[p0] = vr[2 * g];
+      q[p1] = vr[2 * g + 1];
+      row[4 * g] = q[0];
+      row[4 * g + 1] = q[1];
+      row[4 * g + 2] = q[2];
+      row[4 * g + 3] = q[3];
+    }
+  }
+  return bad;
 }
 
 }  // namespace
@@ -81,6 +111,23 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
                                    N, bias, out, threads(n_threads))
              ? PQ_OK
              : PQ_ERR_ARG;
+}
+
+int pq_sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
+                           int64_t K, void* out, int n_threads) {
+  if (N < 0 || K < 0 || K % 4 != 0 || too_big(N, K) || too_big(N * K, 4) ||
+      (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4) || missing(values, N * K / 2) ||
+      missing(meta, N * ((K + 7) / 8)) || missing(out, N * K))
+    return PQ_ERR_ARG;
+  const int nt = threads(n_threads);
+  int bad;
+  if (elem_bytes == 1)
+    bad = decompress_24((const uint8_t*)values, meta, N, K, (uint8_t*)out, nt);
+  else if (elem_bytes == 2)
+    bad = decompress_24((const uint16_t*)values, meta, N, K, (uint16_t*)out, nt);
+  else
+    bad = decompress_24((const uint32_t*)values, meta, N, K, (uint32_t*)out, nt);
+  return bad ? PQ_ERR_ARG : PQ_OK;
 }
 
 }  // extern "C"
