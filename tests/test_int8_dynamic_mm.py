@@ -14,7 +14,6 @@ from helpers import (
     backend_isa_params,
     check_op,
     gen,
-    int8_bad_cases,
     isa_params,
     make_bias,
     num_threads,
@@ -25,67 +24,9 @@ from pyquant import _native, formats
 OP = "int8_dynamic_mm"
 BACKENDS = backend_isa_params()
 ISAS = isa_params()
-SHAPES = [(13, 100), (33, 257), (64, 128)]  # (N, K); 13/33/100/257 are no multiple of 8
-MS = [0, 1, 3, 17, 64]
 
 
-# ------------------------------------------------------------------ the op vs the reference
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("m", MS)
-def test_shapes(backend, isa, m, n, k):
-    x = activation((m, k), seed=m + k)
-    check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "x", x.dtype))
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
-@pytest.mark.parametrize("bias", [None, "x", "fp32"])
-def test_dtypes_and_bias(backend, isa, dtype, bias):
-    n, k = 33, 257
-    x = activation((17, k), dtype)
-    out = check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, bias, dtype))
-    assert out.dtype == dtype
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
-def test_3d(backend, isa, dtype):
-    n, k = 33, 100
-    x = activation((2, 5, k), dtype)
-    out = check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, "x", dtype))
-    assert out.shape == (2, 5, n)
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "contiguous"])
-def test_strided_activations(backend, isa, layout, dtype):
-    n, k = 33, 257
-    x = activation((17, k), dtype, layout=layout)
-    check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, "fp32", dtype),
-             msg=f"x strides {x.stride()}")
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_strided_weights(backend, isa):
-    n, k = 33, 100
-    q, s = random_int8_weight(n, k)
-    w_t = q.t().contiguous().t()
-    s_strided = torch.stack((s, s), 1)[:, 0]
-    assert not (w_t.is_contiguous() or s_strided.is_contiguous())
-    check_op(OP, backend, isa, activation((17, k)), (w_t, s_strided), None)
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_threads(backend, isa, threads):
-    n, k = 130, 1000
-    x = activation((64, k), seed=3)
-    with num_threads(threads):
-        check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=3), make_bias(n, "x", x.dtype))
+# --------------------------------------------- the op vs the reference (rest: test_int8_ops.py)
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
@@ -100,39 +41,6 @@ def test_special_rows(backend, isa):
     b = make_bias(n, "x", torch.float32)
     out = check_op(OP, backend, isa, x, random_int8_weight(n, k), b)
     assert torch.equal(out[0], b)
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_empty_n(backend, isa):
-    check_op(OP, backend, isa, activation((3, 8)), random_int8_weight(0, 8), None)
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_k_zero(backend, isa):
-    """K = 0 (nn.Linear(0, n) is legal): the empty sum, so the output is the bias."""
-    b = make_bias(5, "x", torch.float32)
-    out = check_op(OP, backend, isa, activation((3, 0)), random_int8_weight(5, 0), b)
-    assert torch.equal(out, b.expand(3, 5))
-
-
-
-@pytest.mark.parametrize(
-    "shape,bias",
-    [((0, 100), None), ((1, 100), None), ((17, 100), "x"), ((2, 3, 100), "fp32")],
-    ids=["M0-nobias", "M1-nobias", "M17-bias", "3d-fp32bias"],
-)
-def test_opcheck(no_backend_env, shape, bias):
-    q, s = random_int8_weight(13, 100)
-    x = activation(shape)
-    torch.library.opcheck(torch.ops.pyquant.int8_dynamic_mm.default,
-                          (x, q, s, make_bias(13, bias, x.dtype)))
-
-
-@pytest.mark.parametrize("case", int8_bad_cases(), ids=lambda c: c[0])
-def test_bad_inputs(case):
-    _, x, w, s, b, exc, match = case
-    with pytest.raises(exc, match=match):
-        torch.ops.pyquant.int8_dynamic_mm(x, w, s, b)
 
 
 # ------------------------------------------------------ integer stages, bit-exact per ISA

@@ -1,6 +1,8 @@
-"""torch.ops.pyquant.int8_weight_only_mm on every CPU backend and ISA against
-pyquant.reference.int8_weight_only_mm (kernel error only: the weights are canonical int8 codes,
-so quantization error does not enter; see test_formats.py for that)."""
+"""The two int8 ops, weight-only and dynamic (W8A8), against their references on every CPU
+backend and ISA: the contract they share (shapes, dtypes, layouts, threads, edge sizes, opcheck,
+argument errors), and at the end weight-only's non-finite inputs on its AMX-BF16 path. The
+integer stages of W8A8, bit-exact, are in test_int8_dynamic_mm.py. Kernel error only: the
+weights are canonical int8 codes (quantization error is test_formats.py's)."""
 from __future__ import annotations
 
 import pytest
@@ -20,51 +22,57 @@ from helpers import (
     run_op,
 )
 
-OP = "int8_weight_only_mm"
+OPS = ("int8_weight_only_mm", "int8_dynamic_mm")
 BACKENDS = backend_isa_params()
 SHAPES = [(13, 100), (33, 257), (64, 128)]  # (N, K); 13/33/100/257 are no multiple of 8
 MS = [0, 1, 3, 17, 64]
+op_param = pytest.mark.parametrize("op", OPS)
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", MS)
-def test_shapes(backend, isa, m, n, k):
+def test_shapes(op, backend, isa, m, n, k):
     x = activation((m, k), seed=m + k)
-    check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "x", x.dtype))
+    check_op(op, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "x", x.dtype))
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [None, "x", "fp32"])
-def test_dtypes_and_bias(backend, isa, dtype, bias):
+def test_dtypes_and_bias(op, backend, isa, dtype, bias):
     n, k = 33, 257
     x = activation((17, k), dtype)
-    out = check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, bias, dtype))
+    out = check_op(op, backend, isa, x, random_int8_weight(n, k), make_bias(n, bias, dtype))
     assert out.dtype == dtype
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
-def test_3d(backend, isa, dtype):
+def test_3d(op, backend, isa, dtype):
     n, k = 33, 100
     x = activation((2, 5, k), dtype)
-    out = check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, "x", dtype))
+    out = check_op(op, backend, isa, x, random_int8_weight(n, k), make_bias(n, "x", dtype))
     assert out.shape == (2, 5, n)
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "contiguous"])
-def test_strided_activations(backend, isa, layout, dtype):
+def test_strided_activations(op, backend, isa, layout, dtype):
     n, k = 33, 257
     x = activation((17, k), dtype, layout=layout)
-    check_op(OP, backend, isa, x, random_int8_weight(n, k), make_bias(n, "fp32", dtype),
+    check_op(op, backend, isa, x, random_int8_weight(n, k), make_bias(n, "fp32", dtype),
              msg=f"x strides {x.stride()}")
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_strided_weights(backend, isa):
+def test_strided_weights(op, backend, isa):
     """Non-contiguous w, w_scale and bias are legal inputs (the native backend copies them)."""
     n, k = 33, 100
     q, s = random_int8_weight(n, k)
@@ -72,77 +80,85 @@ def test_strided_weights(backend, isa):
     s_strided = torch.stack((s, s), 1)[:, 0]
     b_strided = torch.randn(n, 2)[:, 1]
     assert not (w_t.is_contiguous() or s_strided.is_contiguous() or b_strided.is_contiguous())
-    check_op(OP, backend, isa, activation((17, k)), (w_t, s_strided), b_strided)
+    check_op(op, backend, isa, activation((17, k)), (w_t, s_strided), b_strided)
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_threads(backend, isa, threads):
+def test_threads(op, backend, isa, threads):
     n, k = 130, 1000
     x = activation((64, k), seed=3)
     with num_threads(threads):
-        check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=3), make_bias(n, "x", x.dtype))
+        check_op(op, backend, isa, x, random_int8_weight(n, k, seed=3), make_bias(n, "x", x.dtype))
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_empty_n(backend, isa):
-    check_op(OP, backend, isa, activation((3, 8)), random_int8_weight(0, 8), None)
+def test_empty_n(op, backend, isa):
+    check_op(op, backend, isa, activation((3, 8)), random_int8_weight(0, 8), None)
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_k_zero(backend, isa):
+def test_k_zero(op, backend, isa):
     """K = 0 (nn.Linear(0, n) is legal): the empty sum, so the output is the bias."""
     b = make_bias(5, "x", torch.float32)
-    out = check_op(OP, backend, isa, activation((3, 0)), random_int8_weight(5, 0), b)
+    out = check_op(op, backend, isa, activation((3, 0)), random_int8_weight(5, 0), b)
     assert torch.equal(out, b.expand(3, 5))
 
 
-
+@op_param
 @pytest.mark.parametrize(
     "shape,bias",
     [((0, 100), None), ((1, 100), None), ((17, 100), "x"), ((2, 3, 100), "fp32")],
     ids=["M0-nobias", "M1-nobias", "M17-bias", "3d-fp32bias"],
 )
-def test_opcheck(no_backend_env, shape, bias):
+def test_opcheck(no_backend_env, op, shape, bias):
     q, s = random_int8_weight(13, 100)
     x = activation(shape)
-    torch.library.opcheck(torch.ops.pyquant.int8_weight_only_mm.default,
+    torch.library.opcheck(getattr(torch.ops.pyquant, op).default,
                           (x, q, s, make_bias(13, bias, x.dtype)))
 
 
+@op_param
 @pytest.mark.parametrize("case", int8_bad_cases(), ids=lambda c: c[0])
-def test_bad_inputs(case):
+def test_bad_inputs(op, case):
     _, x, w, s, b, exc, match = case
     with pytest.raises(exc, match=match):
-        torch.ops.pyquant.int8_weight_only_mm(x, w, s, b)
+        getattr(torch.ops.pyquant, op)(x, w, s, b)
 
 
-# ------------------------------------------- the AMX-BF16 path (M >= 16, K % 32, N % 32 == 0)
-# Every ISA runs these shapes; on CPUs with AMX they take the bf16 tile path, whose activations
-# are split into up to three bf16 terms (bf16 inputs: one, fp16: two, fp32: three).
+# ------------------------------------------ the AMX paths (M >= 9 or 16, K % 32, N % 32 == 0)
+# On CPUs with AMX these shapes run on tiles: int8 tiles for W8A8, bf16 tiles for weight-only
+# (activations split into up to three exact bf16 terms: bf16 inputs one, fp16 two, fp32 three).
+# Every ISA runs them.
 AMX_SHAPES = [(16, 32, 32), (17, 64, 96), (40, 96, 256), (100, 32, 544)]
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("m,n,k", AMX_SHAPES)
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
-def test_amx_bf16_shapes(backend, isa, m, n, k, dtype):
+def test_amx_shapes(op, backend, isa, m, n, k, dtype):
     # a dynamic range of 1e-3..1e3 across K, so all three bf16 terms of fp32 are nonzero
     scale = torch.logspace(-3, 3, k)[torch.randperm(k, generator=torch.Generator().manual_seed(k))]
     x = (activation((m, k), seed=m) * scale).to(dtype)
-    check_op(OP, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "fp32", dtype))
+    check_op(op, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "fp32", dtype))
 
 
+@op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_amx_bf16_strided_and_3d(backend, isa):
+def test_amx_strided_and_3d(op, backend, isa):
     x = activation((3, 12, 2 * 96), seed=5)[..., ::2]
-    check_op(OP, backend, isa, x, random_int8_weight(64, 96, seed=6), None)
+    check_op(op, backend, isa, x, random_int8_weight(64, 96, seed=6), None)
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-def test_amx_bf16_nonfinite_like_fp32(backend, isa):
-    """Inf and NaN cannot be split into bf16 terms: such calls take the fp32 path, so the
-    non-finite outputs are those of the reference."""
+def test_weight_only_amx_bf16_nonfinite_like_fp32(backend, isa):
+    """int8 weight-only: Inf and NaN cannot be split into bf16 terms, so such calls take the
+    fp32 path, and the non-finite outputs are those of the reference."""
+    OP = "int8_weight_only_mm"
     x = activation((20, 64), seed=7)
     x[3, 5] = float("inf")
     x[7, 9] = float("nan")

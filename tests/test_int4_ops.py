@@ -1,0 +1,177 @@
+"""The two int4 ops, weight-only and dynamic (W4A8), against their references on every CPU
+backend and ISA: the contract they share (shapes, dtypes, layouts, threads, edge sizes,
+opcheck). What only one of them has is in test_int4_weight_only_mm.py / test_int4_dynamic_mm.py.
+Kernel error only: random canonical codes, scales and zero points (quantization error is
+test_formats.py's)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import (
+    ACT_DTYPES,
+    INT4_GROUP_SIZES,
+    LAYOUTS,
+    activation,
+    backend_isa_params,
+    check_op,
+    make_bias,
+    num_threads,
+    random_int4_weight,
+)
+from pyquant import formats
+
+OPS = ("int4_weight_only_mm", "int4_dynamic_mm")
+BACKENDS = backend_isa_params()
+MS = [0, 1, 3, 17, 64]
+op_param = pytest.mark.parametrize("op", OPS)
+
+
+def weights(n, k, g, seed=0):
+    return (*random_int4_weight(n, k, g, seed), g)
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("group", INT4_GROUP_SIZES)
+@pytest.mark.parametrize("n", [13, 33])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_group_sizes(op, backend, isa, group, n, groups):
+    k = group * groups
+    x = activation((17, k), seed=k)
+    check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "x", x.dtype))
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k,group", [(13, 192, 64), (33, 384, 128), (7, 96, 32)])
+def test_m(op, backend, isa, m, n, k, group):
+    x = activation((m, k), seed=m)
+    check_op(op, backend, isa, x, weights(n, k, group), make_bias(n, "x", x.dtype))
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [None, "x", "fp32"])
+def test_dtypes_and_bias(op, backend, isa, dtype, bias):
+    n, k, g = 33, 96, 32
+    x = activation((17, k), dtype)
+    out = check_op(op, backend, isa, x, weights(n, k, g), make_bias(n, bias, dtype))
+    assert out.dtype == dtype
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_3d(op, backend, isa, dtype):
+    n, k, g = 33, 128, 64
+    x = activation((2, 5, k), dtype)
+    out = check_op(op, backend, isa, x, weights(n, k, g), make_bias(n, "x", dtype))
+    assert out.shape == (2, 5, n)
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "contiguous"])
+def test_strided_activations(op, backend, isa, layout, dtype):
+    n, k, g = 33, 192, 64
+    x = activation((17, k), dtype, layout=layout)
+    check_op(op, backend, isa, x, weights(n, k, g), make_bias(n, "fp32", dtype),
+             msg=f"x strides {x.stride()}")
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_strided_weights(op, backend, isa):
+    """Non-contiguous packed codes, scales and zeros are legal inputs (copied by the wrapper)."""
+    n, k, g = 13, 128, 32
+    packed, scales, zeros = random_int4_weight(n, k, g)
+    p_t = packed.t().contiguous().t()
+    s_t = scales.t().contiguous().t()
+    z_t = zeros.t().contiguous().t()
+    assert not (p_t.is_contiguous() or s_t.is_contiguous() or z_t.is_contiguous())
+    check_op(op, backend, isa, activation((5, k)), (p_t, s_t, z_t, g),
+             make_bias(n, "x", torch.float32))
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads(op, backend, isa, threads):
+    n, k, g = 130, 1024, 128
+    x = activation((64, k), seed=3)
+    with num_threads(threads):
+        check_op(op, backend, isa, x, weights(n, k, g, seed=3), make_bias(n, "x", x.dtype))
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("zero", [0, 8, 15])
+@pytest.mark.parametrize("k,g", [(64, 32), (256, 256)])
+def test_extreme_codes(op, backend, isa, zero, k, g):
+    """Codes 0 and 15 with zero points 0, 8, 15 and activations of +-1 (for W4A8: codes +-127):
+    both nibbles at their extremes, the largest per-group products."""
+    n = 13
+    codes = torch.where((torch.arange(n * k) % 3 == 0).reshape(n, k), 15, 0).to(torch.uint8)
+    zeros = torch.full((n, k // g), zero, dtype=torch.uint8)
+    scales = torch.rand(n, k // g) + 0.5
+    x = torch.where(torch.arange(3 * k).reshape(3, k) % 2 == 0, 1.0, -1.0)
+    check_op(op, backend, isa, x, (formats.pack_int4(codes), scales, zeros, g), None)
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_empty_n(op, backend, isa):
+    check_op(op, backend, isa, activation((3, 64)), weights(0, 64, 32), None)
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_k_zero(op, backend, isa):
+    """K = 0 (nn.Linear(0, n) is legal): the empty sum, so the output is the bias."""
+    b = make_bias(5, "x", torch.float32)
+    out = check_op(op, backend, isa, activation((3, 0)), weights(5, 0, 32), b)
+    assert torch.equal(out, b.expand(3, 5))
+
+
+@op_param
+@pytest.mark.parametrize(
+    "shape,bias,group",
+    [((0, 128), None, 32), ((1, 128), None, 64), ((17, 128), "x", 128), ((2, 3, 256), "fp32", 256)],
+    ids=["M0-nobias-g32", "M1-nobias-g64", "M17-bias-g128", "3d-fp32bias-g256"],
+)
+def test_opcheck(no_backend_env, op, shape, bias, group):
+    x = activation(shape)
+    packed, scales, zeros = random_int4_weight(13, shape[-1], group)
+    torch.library.opcheck(getattr(torch.ops.pyquant, op).default,
+                          (x, packed, scales, zeros, group, make_bias(13, bias, x.dtype)))
+
+
+# ------------------------------------- the AMX paths (M >= 9 or 16, N % 32 == 0, G % 32 or 64)
+# On CPUs with AMX these run on tiles: bf16 tiles for weight-only (activations split into up
+# to three exact bf16 terms), int8 tiles for W4A8; each group's sum is scaled once (see
+# csrc/cpu/tile_amx_grouped.h). Every ISA runs them.
+AMX_CASES = [(16, 32, 64, 32), (16, 32, 64, 64), (17, 64, 192, 64), (40, 96, 256, 128),
+             (100, 32, 512, 256)]
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m,n,k,group", AMX_CASES)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_amx_shapes(op, backend, isa, m, n, k, group, dtype):
+    # a dynamic range of 1e-3..1e3 across K, so all three bf16 terms of fp32 are nonzero
+    g = torch.Generator().manual_seed(k)
+    scale = torch.logspace(-3, 3, k)[torch.randperm(k, generator=g)]
+    x = (activation((m, k), seed=m) * scale).to(dtype)
+    check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", dtype))
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_amx_strided_3d(op, backend, isa):
+    x = activation((3, 12, 256), seed=4)[..., ::2]
+    check_op(op, backend, isa, x, weights(64, 128, 64, seed=3), None)
