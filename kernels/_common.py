@@ -183,3 +183,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     """fp32 activations must not silently become TF32 (10-bit mantissa) on tensor cores: the
     fp32 tolerance of the tests (1e-5) is that of true fp32 products. 16-bit inputs ignore it."""
     return "ieee"
+
+
+def run_linear(x: torch.Tensor, n: int, k: int, bias, launch, choose, config) -> torch.Tensor:
+    """The host side all three ops share: x [..., K] -> out [..., N] in x's dtype. Empty M or N
+    launch nothing; K = 0 is the bias alone (the empty sum); otherwise ``launch(x2, out, cfg)``
+    runs with ``config`` when given (the tests force configs) or with ``choose(x2, run)``'s, the
+    tuned or heuristic one, where ``run(cfg)`` launches and returns ``out`` for the tuner."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m and n:
+        if k == 0:
+            out.copy_(bias.to(torch.float32).expand(m, n) if bias is not None else
+                      torch.zeros((), device=x.device))
+        else:
+            def run(c):
+                launch(x2, out, c)
+                return out
+
+            run(config if config is not None else choose(x2, run))
+    return out.reshape(*lead, n)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (dot_precision, epilogue_store, nibble_to_float, row_sum,
+from ._common import (dot_precision, epilogue_store, nibble_to_float, row_sum, run_linear,
                       splitk_reduce, store_partial, tile_ids)
 
 OP = "int4_weight_only_mm"
@@ -287,21 +287,9 @@ def choose(x2, n: int, k: int, group: int, run) -> dict:
 def int4_weight_only_mm(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
                         zeros: torch.Tensor, group_size: int, bias=None,
                         config: dict | None = None) -> torch.Tensor:
-    n = w_packed.shape[0]
-    k = w_packed.shape[1] * 2
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m and n:
-        bias = None if bias is None else bias.contiguous()
-        if k == 0:
-            out.copy_(bias.to(torch.float32).expand(m, n) if bias is not None else
-                      torch.zeros((), device=x.device))
-        else:
-            def run(c):
-                launch(x2, w_packed, scales, zeros, group_size, bias, out, c)
-                return out
-
-            run(config if config is not None else choose(x2, n, k, group_size, run))
-    return out.reshape(*lead, n)
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    bias = None if bias is None else bias.contiguous()
+    return run_linear(
+        x, n, k, bias,
+        lambda x2, out, c: launch(x2, w_packed, scales, zeros, group_size, bias, out, c),
+        lambda x2, run: choose(x2, n, k, group_size, run), config)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (cdiv, dot_precision, epilogue_store, row_sum, splitk_reduce,
+from ._common import (cdiv, dot_precision, epilogue_store, row_sum, run_linear, splitk_reduce,
                       store_partial, tile_ids)
 
 OP = "int8_weight_only_mm"
@@ -233,20 +233,8 @@ def int8_weight_only_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     """The op on already-checked arguments (ops.py checks them). ``config`` forces one
     kernel config (tests); None picks the tuned (or heuristic) one."""
     n, k = w.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m and n:
-        w_scale = w_scale.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        if k == 0:
-            out.copy_(bias.to(torch.float32).expand(m, n) if bias is not None else
-                      torch.zeros((), device=x.device))
-        else:
-            def run(c):
-                launch(x2, w, w_scale, bias, out, c)
-                return out
-
-            run(config if config is not None else choose(x2, n, k, run))
-    return out.reshape(*lead, n)
+    w_scale = w_scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return run_linear(x, n, k, bias,
+                      lambda x2, out, c: launch(x2, w, w_scale, bias, out, c),
+                      lambda x2, run: choose(x2, n, k, run), config)
