@@ -7,7 +7,7 @@
  * once per call into the caller's scratch, one 1 KiB tile per (16 rows of M,
  * 64 of K), zero rows past M:  xp[ceil(M/16)][K/64][16][16][4].
  * tdpbssd then gives C[n][m] = sum_k w[n,k] x[m,k] (s8 x s8, exact, no bias
- * trick needed), i.e. the output transposed; the epilogue scatters it.
+ * trick needed), i.e. the output transposed; the epilogue transposes it back.
  *
  * Register blocking 2 x 2: tiles 4,5 hold two 16-row weight slices, 6,7 two
  * 16-row activation slices, 0..3 the four 16x16 int32 accumulators, so every
@@ -51,32 +51,59 @@ inline bool amx_usable(int64_t M, int64_t K, int64_t N, const void* work, int64_
          work_bytes >= ceil_div(M, 16) * 16 * K;
 }
 
+/* In-register transpose of a 16 x 16 matrix of 32-bit elements: r[i] holds row
+ * i on entry and column i on return. 64 shuffles, where 16 scatters or gathers
+ * would cost several times that: the activation packing and the epilogues of
+ * every AMX path go through it. */
+inline void transpose16x16(__m512i r[16]) {
+  __m512i u[16]; /* u[4g + c]: rows 4g..4g+3, column 4L + c in 128-bit lane L */
+  for (int g = 0; g < 4; ++g) {
+    const __m512i t0 = _mm512_unpacklo_epi32(r[4 * g], r[4 * g + 1]);
+    const __m512i t1 = _mm512_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]);
+    const __m512i t3 = _mm512_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
+    u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+  }
+  for (int c = 0; c < 4; ++c) { /* gather lane L of the four row groups: column 4L + c */
+    const __m512i a = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);       /* lanes 0, 2 */
+    const __m512i b = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);       /* lanes 1, 3 */
+    const __m512i e = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i f = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_i32x4(a, e, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(a, e, 0xDD);
+    r[4 + c] = _mm512_shuffle_i32x4(b, f, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(b, f, 0xDD);
+  }
+}
+
 inline void amx_pack_x(const int8_t* xq, int64_t M, int64_t K, int8_t* xp, int n_threads) {
   const int64_t Mt = ceil_div(M, 16), KB = K / 64, tiles = Mt * KB;
   const int threads = tiles < n_threads ? (int)tiles : n_threads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t mt = tile / KB, kb = tile % KB;
-    int32_t* dst = (int32_t*)(xp + tile * 1024);
+    /* B[r][j] (4 bytes) = x[m0 + j, k0 + 4r .. 4r + 3]: the transpose of 16 rows of 64 bytes */
+    __m512i rows[16];
     for (int j = 0; j < 16; ++j) {
       const int64_t m = mt * 16 + j;
-      if (m < M) {
-        int32_t row[16];
-        memcpy(row, xq + m * K + kb * 64, 64);
-        for (int r = 0; r < 16; ++r) dst[r * 16 + j] = row[r];
-      } else {
-        for (int r = 0; r < 16; ++r) dst[r * 16 + j] = 0;
-      }
+      rows[j] = m < M ? _mm512_loadu_si512(xq + m * K + kb * 64) : _mm512_setzero_si512();
     }
+    transpose16x16(rows);
+    int8_t* dst = xp + tile * 1024;
+    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 64, rows[r]);
   }
 }
 
-/* Epilogues: C tile rows are output columns n, lanes are rows m0..m0+15. */
+/* Epilogues get one output row m and the 16 outputs n0..n0+15 of the C tile
+ * (N % 32 == 0 on every AMX path, so they are all in range). */
 struct AmxStoreS32 {
   int32_t* acc;
   int64_t N;
-  inline void operator()(int64_t n, int64_t m0, __mmask16 mask, __m512i v, __m512i vidx) const {
-    _mm512_mask_i32scatter_epi32(acc + m0 * N + n, mask, vidx, v, 4);
+  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
+    _mm512_storeu_si512(acc + m * N + n0, v);
   }
 };
 struct AmxStoreDyn {
@@ -86,20 +113,22 @@ struct AmxStoreDyn {
   const float* ws;
   const float* bias;
   /* (float)acc * (x_scale[m] * w_scale[n]) + bias[n]: the order of pq.h. */
-  inline void operator()(int64_t n, int64_t m0, __mmask16 mask, __m512i v, __m512i vidx) const {
-    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xs + m0), _mm512_set1_ps(ws[n]));
+  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
+    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs[m]), _mm512_loadu_ps(ws + n0));
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
-    if (bias) y = _mm512_add_ps(y, _mm512_set1_ps(bias[n]));
-    _mm512_mask_i32scatter_ps(out + m0 * N + n, mask, vidx, y, 4);
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
+    _mm512_storeu_ps(out + m * N + n0, y);
   }
 };
 
+/* A stored C tile (rows n0.., lanes m0..) -> the epilogue, one output row at a time. */
 template <class Epi>
-inline void amx_store_tile(int32_t* buf, int64_t n0, int64_t m0, int64_t M, const Epi& epi,
-                           __m512i vidx) {
-  const int64_t left = M - m0;
-  const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-  for (int r = 0; r < 16; ++r) epi(n0 + r, m0, mask, _mm512_load_si512(buf + r * 16), vidx);
+inline void amx_store_tile(const int32_t* buf, int64_t n0, int64_t m0, int64_t M, const Epi& epi) {
+  __m512i rows[16];
+  for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_si512(buf + r * 16);
+  transpose16x16(rows);
+  const int left = (int)min64(16, M - m0);
+  for (int j = 0; j < left; ++j) epi(m0 + j, n0, rows[j]);
 }
 
 template <class Epi>
@@ -110,8 +139,6 @@ void amx_gemm(int64_t M, int64_t K, const int8_t* w, int64_t N, const int8_t* xp
   const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = N / 32;
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
-  const __m512i vidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32((int)N));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     amx_config_tiles();
@@ -151,14 +178,14 @@ void amx_gemm(int64_t M, int64_t K, const int8_t* w, int64_t N, const int8_t* xp
           }
         }
         _tile_stored(0, buf, 64);
-        amx_store_tile(buf, n0, mt * 16, M, epi, vidx);
+        amx_store_tile(buf, n0, mt * 16, M, epi);
         _tile_stored(2, buf, 64);
-        amx_store_tile(buf, n0 + 16, mt * 16, M, epi, vidx);
+        amx_store_tile(buf, n0 + 16, mt * 16, M, epi);
         if (two) {
           _tile_stored(1, buf, 64);
-          amx_store_tile(buf, n0, (mt + 1) * 16, M, epi, vidx);
+          amx_store_tile(buf, n0, (mt + 1) * 16, M, epi);
           _tile_stored(3, buf, 64);
-          amx_store_tile(buf, n0 + 16, (mt + 1) * 16, M, epi, vidx);
+          amx_store_tile(buf, n0 + 16, (mt + 1) * 16, M, epi);
         }
       }
     }

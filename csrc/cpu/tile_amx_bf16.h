@@ -18,7 +18,7 @@
  * conversion, row stride 2K bytes); B = the activations "VNNI transposed":
  * B[r][2j + i] = term(x[m0 + j, k0 + 2r + i]), packed once per call as
  * xp[term][ceil(M/16)][K/32][16][16][2]. C[n][m] is the output transposed; the
- * epilogue scatters it (tile_amx.h). Register blocking and tasks as in
+ * epilogue transposes it back (tile_amx.h). Register blocking and tasks as in
  * tile_amx.h, with larger M blocks per task so that each weight strip is
  * converted once per 256 activation rows. */
 #ifndef PQ_CPU_TILE_AMX_BF16_H
@@ -67,18 +67,13 @@ inline int amx_bf16_pack_x(const float* x, int64_t M, int64_t K, int64_t ldx, ui
     reduction(max : used)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t mt = tile / KB, kb = tile % KB;
-    uint32_t* dst[kAmxBf16MaxTerms];
-    for (int i = 0; i < kAmxBf16MaxTerms; ++i)
-      dst[i] = (uint32_t*)(xp + i * term_stride + tile * 512);
-    /* dword (r, j) of a tile = the bf16 pair k = k0 + 2r, 2r + 1 of row m0 + j */
-    const __m512i rows = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(16));
+    /* dword (r, j) of a tile = the bf16 pair k = k0 + 2r, 2r + 1 of row m0 + j: per term,
+     * the transpose of the 16 rows' pair vectors */
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    __m512i pair[kAmxBf16MaxTerms][16];
     for (int j = 0; j < 16; ++j) {
       const int64_t m = mt * 16 + j;
-      __m512i pair[kAmxBf16MaxTerms];
       if (m < M) {
         const float* p = x + m * ldx + kb * 32;
         const __m512 va = _mm512_loadu_ps(p), vb = _mm512_loadu_ps(p + 16);
@@ -90,14 +85,18 @@ inline int amx_bf16_pack_x(const float* x, int64_t M, int64_t K, int64_t ldx, ui
         for (int i = 0; i < kAmxBf16MaxTerms; ++i) {
           const __m512i lo = _mm512_permutex2var_epi32(a[i], even, b[i]); /* k = 2r */
           const __m512i hi = _mm512_permutex2var_epi32(a[i], odd, b[i]);  /* k = 2r + 1 */
-          pair[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-          if (i > 0 && _mm512_test_epi32_mask(pair[i], pair[i]) && used < i + 1) used = i + 1;
+          pair[i][j] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+          if (i > 0 && _mm512_test_epi32_mask(pair[i][j], pair[i][j]) && used < i + 1)
+            used = i + 1;
         }
       } else {
-        for (int i = 0; i < kAmxBf16MaxTerms; ++i) pair[i] = _mm512_setzero_si512();
+        for (int i = 0; i < kAmxBf16MaxTerms; ++i) pair[i][j] = _mm512_setzero_si512();
       }
-      for (int i = 0; i < kAmxBf16MaxTerms; ++i)
-        _mm512_i32scatter_epi32(dst[i] + j, rows, pair[i], 4);
+    }
+    for (int i = 0; i < kAmxBf16MaxTerms; ++i) {
+      transpose16x16(pair[i]);
+      uint16_t* dst = xp + i * term_stride + tile * 512;
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 32, pair[i][r]);
     }
   }
   return used;
@@ -135,10 +134,10 @@ struct AmxStoreF32 {
   float* out;
   int64_t N;
   const float* bias;
-  inline void operator()(int64_t n, int64_t m0, __mmask16 mask, __m512i v, __m512i vidx) const {
+  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
     __m512 y = _mm512_castsi512_ps(v);
-    if (bias) y = _mm512_add_ps(y, _mm512_set1_ps(bias[n]));
-    _mm512_mask_i32scatter_ps(out + m0 * N + n, mask, vidx, y, 4);
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
+    _mm512_storeu_ps(out + m * N + n0, y);
   }
 };
 

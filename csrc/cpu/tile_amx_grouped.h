@@ -51,9 +51,6 @@ bool amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
   const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = N / 32;
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
-  const __m512i vidx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32((int)N));
   bool ok = true;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -108,11 +105,11 @@ bool amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
               amx_scale_acc<Op::kInt>(cbuf, acc[3], scales, n0 + 16, ng, g);
             }
           }
-          amx_store_tile((int32_t*)acc[0], n0, mt * 16, M, epi, vidx);
-          amx_store_tile((int32_t*)acc[2], n0 + 16, mt * 16, M, epi, vidx);
+          amx_store_tile((const int32_t*)acc[0], n0, mt * 16, M, epi);
+          amx_store_tile((const int32_t*)acc[2], n0 + 16, mt * 16, M, epi);
           if (two) {
-            amx_store_tile((int32_t*)acc[1], n0, (mt + 1) * 16, M, epi, vidx);
-            amx_store_tile((int32_t*)acc[3], n0 + 16, (mt + 1) * 16, M, epi, vidx);
+            amx_store_tile((const int32_t*)acc[1], n0, (mt + 1) * 16, M, epi);
+            amx_store_tile((const int32_t*)acc[3], n0 + 16, (mt + 1) * 16, M, epi);
           }
         }
       }

@@ -45,10 +45,10 @@ struct AmxStoreInt4Dyn {
   int64_t N;
   const float* xs;
   const float* bias;
-  inline void operator()(int64_t n, int64_t m0, __mmask16 mask, __m512i v, __m512i vidx) const {
-    __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(v), _mm512_maskz_loadu_ps(mask, xs + m0));
-    if (bias) y = _mm512_add_ps(y, _mm512_set1_ps(bias[n]));
-    _mm512_mask_i32scatter_ps(out + m0 * N + n, mask, vidx, y, 4);
+  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
+    __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(v), _mm512_set1_ps(xs[m]));
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
+    _mm512_storeu_ps(out + m * N + n0, y);
   }
 };
 
