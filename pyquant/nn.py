@@ -223,8 +223,9 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pyquant.int8_weight_only_mm(self._scale_input(x), self.weight,
-                                                     self.weight_scale, self.bias)
+        return _ops.call(
+            "int8_weight_only_mm", self._scale_input(x), self.weight, self.weight_scale, self.bias,
+        )
 
 
 def _native_codes(op: str, xq: torch.Tensor) -> bool:
@@ -256,14 +257,16 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
                 return acc.to(torch.float32) * (xs[:, None] * self.weight_scale[None, :])
             except (RuntimeError, NotImplementedError):
                 pass
-        return torch.ops.pyquant.int8_weight_only_mm(xq.to(torch.float32), self.weight,
-                                                     self.weight_scale, None) * xs[:, None]
+        return _ops.call(
+            "int8_weight_only_mm", xq.to(torch.float32), self.weight, self.weight_scale, None,
+        ) * xs[:, None]
 
     def forward(self, x: torch.Tensor, act_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
         if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
             return self._forward_act_amax(x, act_amax, self._codes_mm)
-        return torch.ops.pyquant.int8_dynamic_mm(self._scale_input(x), self.weight,
-                                                 self.weight_scale, self.bias)
+        return _ops.call(
+            "int8_dynamic_mm", self._scale_input(x), self.weight, self.weight_scale, self.bias,
+        )
 
 
 class Int4WeightOnlyLinear(_QuantLinearBase):
@@ -350,9 +353,9 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
                 "bytes of the int4 packing (2 codes a byte)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pyquant.int4_weight_only_mm(
-            self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
-            self.group_size, self.bias,
+        return _ops.call(
+            "int4_weight_only_mm", self._scale_input(x), self.weight_packed, self.weight_scales,
+            self.weight_zeros, self.group_size, self.bias,
         )
 
 
@@ -383,16 +386,17 @@ class Int4DynamicLinear(Int4WeightOnlyLinear):
         if _native_codes("int4_dynamic_mm", xq):
             return _native.int4_codes_mm(xq, xs, self.weight_packed, self.weight_scales,
                                          self.weight_zeros, self.group_size)
-        return torch.ops.pyquant.int4_weight_only_mm(
-            xq.to(torch.float32), self.weight_packed, self.weight_scales, self.weight_zeros,
-            self.group_size, None) * xs[:, None]
+        return _ops.call(
+            "int4_weight_only_mm", xq.to(torch.float32), self.weight_packed, self.weight_scales,
+            self.weight_zeros, self.group_size, None,
+        ) * xs[:, None]
 
     def forward(self, x: torch.Tensor, act_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
         if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
             return self._forward_act_amax(x, act_amax, self._codes_mm)
-        return torch.ops.pyquant.int4_dynamic_mm(
-            self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
-            self.group_size, self.bias,
+        return _ops.call(
+            "int4_dynamic_mm", self._scale_input(x), self.weight_packed, self.weight_scales,
+            self.weight_zeros, self.group_size, self.bias,
         )
 
 

@@ -15,6 +15,10 @@ Only this module knows which backends exist. ``PYQUANT_BACKEND=<name>`` or
 does not implement an op on that device is an error, never a silent fallback. Without a forced
 backend, the first available one of ``AUTO_ORDER[device]`` that implements the op runs; when
 that is the reference on a device that should have a native backend, a warning says why, once.
+
+The layers call ``ops.call(op, ...)``: in plain eager inference it runs the op's body (the same
+checks and backend) without the dispatcher's Python wrappers; with autograd, torch.compile,
+tracing or tensor subclasses it goes through ``torch.ops.pyquant.<op>``.
 """
 from __future__ import annotations
 
@@ -195,7 +199,41 @@ def _out_like(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
-@torch.library.custom_op("pyquant::int8_weight_only_mm", mutates_args=())
+_EAGER: dict = {}  # op name -> the op's body (checks, then the selected backend)
+
+
+def _custom_op(name: str):
+    """Registers ``fn`` as torch.ops.pyquant.<name> and keeps its body for ``call``."""
+    def deco(fn):
+        _EAGER[name] = fn
+        return torch.library.custom_op(f"pyquant::{name}", mutates_args=())(fn)
+
+    return deco
+
+
+def _needs_dispatcher(x: torch.Tensor, args: tuple) -> bool:
+    if type(x) is not torch.Tensor:  # tensor subclasses, FX proxies, fake tensors
+        return True
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    if torch.is_grad_enabled():  # the op has no autograd formula: let the op say so
+        return x.requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad
+                                      for a in args)
+    return False
+
+
+def call(op: str, x: torch.Tensor, *args):
+    """What the layers call. Plain eager inference runs the op's body directly (the same
+    checks and backend); everything else -- autograd, torch.compile, tracing, tensor
+    subclasses -- goes through torch.ops.pyquant.<op>. The dispatcher's Python wrappers cost
+    about 40 us a call (measured on the CPU: 85 us through torch.ops against 45 us for the
+    body on a tiny layer), as much as a small layer's whole kernel at decode."""
+    if _needs_dispatcher(x, args):
+        return getattr(torch.ops.pyquant, op)(x, *args)
+    return _EAGER[op](x, *args)
+
+
+@_custom_op("int8_weight_only_mm")
 def int8_weight_only_mm(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
@@ -210,7 +248,7 @@ def _(x, w, w_scale, bias):
     return _out_like(x, w.shape[0])
 
 
-@torch.library.custom_op("pyquant::int8_dynamic_mm", mutates_args=())
+@_custom_op("int8_dynamic_mm")
 def int8_dynamic_mm(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
@@ -226,7 +264,7 @@ def _(x, w, w_scale, bias):
     return _out_like(x, w.shape[0])
 
 
-@torch.library.custom_op("pyquant::int4_weight_only_mm", mutates_args=())
+@_custom_op("int4_weight_only_mm")
 def int4_weight_only_mm(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -251,7 +289,7 @@ def _check_int4_dynamic(x, w_packed, scales, zeros, group_size, bias):
     _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
 
 
-@torch.library.custom_op("pyquant::int4_dynamic_mm", mutates_args=())
+@_custom_op("int4_dynamic_mm")
 def int4_dynamic_mm(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -275,7 +313,7 @@ def _(x, w_packed, scales, zeros, group_size, bias):
 # ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
 
 
-@torch.library.custom_op("pyquant::sparse24_mm", mutates_args=())
+@_custom_op("sparse24_mm")
 def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y = x @ W.T + bias, W [N, K] 2:4 sparse: kept values float [N, K/2] + 2-bit positions
@@ -290,7 +328,7 @@ def _(x, values, meta, bias):
     return _out_like(x, values.shape[0])
 
 
-@torch.library.custom_op("pyquant::sparse_unstructured_mm", mutates_args=())
+@_custom_op("sparse_unstructured_mm")
 def sparse_unstructured_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor,
                            row_offsets: torch.Tensor,
                            bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -308,7 +346,7 @@ def _(x, bitmask, values, row_offsets, bias):
     return _out_like(x, bitmask.shape[0])
 
 
-@torch.library.custom_op("pyquant::sparse24_int8_mm", mutates_args=())
+@_custom_op("sparse24_int8_mm")
 def sparse24_int8_mm(x: torch.Tensor, values_q: torch.Tensor, meta: torch.Tensor,
                      scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """2:4 + int8: kept values int8 [N, K/2] times scale float32 [N]; float activations."""
@@ -322,7 +360,7 @@ def _(x, values_q, meta, scale, bias):
     return _out_like(x, values_q.shape[0])
 
 
-@torch.library.custom_op("pyquant::sparse24_int4_mm", mutates_args=())
+@_custom_op("sparse24_int4_mm")
 def sparse24_int4_mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor,
                      scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                      bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import formats
-from . import ops as _ops  # noqa: F401  (registers torch.ops.pyquant.*)
+from . import ops as _ops  # registers torch.ops.pyquant.*; _ops.call runs them
 from . import sparse_formats as sf
 from .config import (Int4WeightOnly, Int8WeightOnly, Sparse24, Sparse24Int4WeightOnly,
                      Sparse24Int8WeightOnly, Unstructured)
@@ -153,8 +153,9 @@ class Sparse24Linear(_SparseBase):
         return super().pyquant_quantize(config)
 
     def forward(self, x):
-        return torch.ops.pyquant.sparse24_mm(self._scale_input(x), self.weight_values,
-                                             self.weight_meta, self.bias)
+        return _ops.call(
+            "sparse24_mm", self._scale_input(x), self.weight_values, self.weight_meta, self.bias,
+        )
 
 
 # ----------------------------------------------------------------------------- 2:4 + int8
@@ -216,8 +217,10 @@ class Sparse24Int8Linear(_SparseBase):
         return 8 if dim == 1 else 1
 
     def forward(self, x):
-        return torch.ops.pyquant.sparse24_int8_mm(self._scale_input(x), self.weight_values,
-                                                  self.weight_meta, self.weight_scale, self.bias)
+        return _ops.call(
+            "sparse24_int8_mm", self._scale_input(x), self.weight_values, self.weight_meta,
+            self.weight_scale, self.bias,
+        )
 
 
 # ----------------------------------------------------------------------------- 2:4 + int4
@@ -291,9 +294,10 @@ class Sparse24Int4Linear(_SparseBase):
                 f"{'symmetric' if self.symmetric else 'asymmetric'}")
 
     def forward(self, x):
-        return torch.ops.pyquant.sparse24_int4_mm(
-            self._scale_input(x), self.weight_packed, self.weight_meta, self.weight_scales,
-            self.weight_zeros, self.group_size, self.bias)
+        return _ops.call(
+            "sparse24_int4_mm", self._scale_input(x), self.weight_packed, self.weight_meta,
+            self.weight_scales, self.weight_zeros, self.group_size, self.bias,
+        )
 
 
 # ----------------------------------------------------------------------------- unstructured
@@ -365,9 +369,10 @@ class UnstructuredSparseLinear(_SparseBase):
                 f"values={str(self.weight_values.dtype)[6:]}")
 
     def forward(self, x):
-        return torch.ops.pyquant.sparse_unstructured_mm(
-            self._scale_input(x), self.weight_bitmask, self.weight_values,
-            self.weight_row_offsets, self.bias)
+        return _ops.call(
+            "sparse_unstructured_mm", self._scale_input(x), self.weight_bitmask,
+            self.weight_values, self.weight_row_offsets, self.bias,
+        )
 
 
 LAYER_FOR_SCHEME = {

@@ -269,3 +269,31 @@ def test_unavailable_isa_lists_available(monkeypatch):
     monkeypatch.setenv("PYQUANT_CPU_ISA", "avx512_vnni")
     with pytest.raises(ValueError, match=r"PYQUANT_CPU_ISA=avx512_vnni asks for avx512_vnni.*available: portable"):
         _native.current_isa()
+
+
+def test_layers_skip_the_dispatcher_only_in_plain_eager_inference(monkeypatch):
+    """ops.call runs the op's body directly for eager inference (the dispatcher's Python
+    wrappers cost about as much as a small layer's kernel), and torch.ops.pyquant.<op>
+    whenever autograd, torch.compile or tracing needs the registered op."""
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    pyquant.quantize_(lin, pyquant.Int8Dynamic())
+    x = torch.randn(3, 64)
+    body = ops._EAGER["int8_dynamic_mm"]
+    seen = []
+
+    def spy(*args):
+        seen.append(1)
+        return body(*args)
+
+    monkeypatch.setitem(ops._EAGER, "int8_dynamic_mm", spy)
+    with torch.no_grad():
+        y = lin(x)
+    assert seen == [1]
+    assert torch.equal(y, torch.ops.pyquant.int8_dynamic_mm(x, lin[0].weight, lin[0].weight_scale,
+                                                            lin[0].bias))
+    seen.clear()
+    xg = x.clone().requires_grad_(True)
+    out = lin(xg)  # the registered op: it says it has no autograd formula
+    assert seen == [] and out.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
