@@ -46,6 +46,21 @@ def _float_weight(linear: nn.Module, weight: Optional[torch.Tensor]) -> torch.Te
 
 
 class _SparseBase(_QuantLinearBase):
+    @classmethod
+    def _empty_from_sparse(cls, sp: "Sparse24Linear", config):
+        """An empty layer of this class with the shape, bias dtype and device of ``sp``."""
+        return cls.empty(sp.in_features, sp.out_features, sp.bias is not None, config,
+                         None if sp.bias is None else sp.bias.dtype, sp.weight_values.device)
+
+    def _take_sparse(self, sp: "Sparse24Linear"):
+        """Copy what a 2:4 layer keeps besides its values: positions, bias, input scale."""
+        self.weight_meta.copy_(sp.weight_meta)
+        if sp.bias is not None:
+            self.bias = sp.bias.detach().clone()
+        if sp.input_scale is not None:
+            self.input_scale = sp.input_scale.detach().clone()
+        return self
+
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense float32 [N, K] (zeros where pruned; dequantized)."""
         raise NotImplementedError
@@ -192,17 +207,11 @@ class Sparse24Int8Linear(_SparseBase):
 
     @classmethod
     def from_sparse(cls, sp: Sparse24Linear, config: Sparse24Int8WeightOnly):
-        layer = cls.empty(sp.in_features, sp.out_features, sp.bias is not None, config,
-                          None if sp.bias is None else sp.bias.dtype, sp.weight_values.device)
+        layer = cls._empty_from_sparse(sp, config)
         q, s = sf.quantize_24_int8(sp.weight_values)
         layer.weight_values.copy_(q)
         layer.weight_scale.copy_(s)
-        layer.weight_meta.copy_(sp.weight_meta)
-        if sp.bias is not None:
-            layer.bias = sp.bias.detach().clone()
-        if sp.input_scale is not None:
-            layer.input_scale = sp.input_scale.detach().clone()
-        return layer
+        return layer._take_sparse(sp)
 
     def dense_weight(self):
         v = formats.dequantize_int8_per_channel(self.weight_values, self.weight_scale)
@@ -270,19 +279,13 @@ class Sparse24Int4Linear(_SparseBase):
 
     @classmethod
     def from_sparse(cls, sp: Sparse24Linear, config: Sparse24Int4WeightOnly):
-        layer = cls.empty(sp.in_features, sp.out_features, sp.bias is not None, config,
-                          None if sp.bias is None else sp.bias.dtype, sp.weight_values.device)
+        layer = cls._empty_from_sparse(sp, config)
         packed, scales, zeros = sf.quantize_24_int4(sp.weight_values, config.group_size,
                                                     config.symmetric)
         layer.weight_packed.copy_(packed)
         layer.weight_scales.copy_(scales)
         layer.weight_zeros.copy_(zeros)
-        layer.weight_meta.copy_(sp.weight_meta)
-        if sp.bias is not None:
-            layer.bias = sp.bias.detach().clone()
-        if sp.input_scale is not None:
-            layer.input_scale = sp.input_scale.detach().clone()
-        return layer
+        return layer._take_sparse(sp)
 
     def dense_weight(self):
         v = formats.dequantize_int4_groupwise(self.weight_packed, self.weight_scales,
