@@ -36,6 +36,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("init", &pq_init, "Once per process: request the AMX tile state; 1 if AMX may be used.");
   m.def("int8_workspace_bytes", &pq_int8_workspace_bytes, py::arg("isa"), py::arg("M"),
         py::arg("K"), py::arg("N"));
+  m.def("int4_weight_only_workspace_bytes", &pq_int4_weight_only_workspace_bytes, py::arg("isa"),
+        py::arg("M"), py::arg("K"), py::arg("N"), py::arg("group_size"));
   m.def("int4_dynamic_workspace_bytes", &pq_int4_dynamic_workspace_bytes, py::arg("M"),
         py::arg("K"), py::arg("group_size"));
 
@@ -119,16 +121,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_weight_only_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w_packed, int64_t N,
            uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,
-           int n_threads) {
+           int n_threads, uintptr_t work, int64_t work_bytes) {
           return pq_int4_weight_only_mm(isa, ptr<const float>(x), M, K, ldx,
                                         ptr<const uint8_t>(w_packed), N, ptr<const float>(scales),
                                         ptr<const uint8_t>(zeros), group_size,
-                                        ptr<const float>(bias), ptr<float>(out), n_threads);
+                                        ptr<const float>(bias), ptr<float>(out), n_threads,
+                                        ptr<void>(work), work_bytes);
         },
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("w_packed"), py::arg("N"), py::arg("scales"), py::arg("zeros"),
         py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
-        gil_release());
+        py::arg("work") = 0, py::arg("work_bytes") = 0, gil_release());
 
   m.def("stream_read",
         [](uintptr_t data, int64_t bytes, int n_threads) {

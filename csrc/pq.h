@@ -115,13 +115,27 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
 /* out[m,n] = sum_k x[m,k] * scales[n,k/G] * (code[n,k] - zeros[n,k/G]) + bias[n]
  * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). Each weight is
  * dequantized to float32 as (float)(code - zero) * scale and x * w accumulated
- * in float32 (no per-group partial sums) -- except on AMX (M >= 16, G % 32 == 0,
- * N % 32 == 0), where each group's exact products (code - zero) * x (x split into
- * bf16 terms, see pq_int8_weight_only_mm) are summed in fp32 and scaled once. */
+ * in float32 (no per-group partial sums) -- except:
+ *  - on AMX (M >= 16, G % 32 == 0, N % 32 == 0), where each group's exact
+ *    products (code - zero) * x (x split into bf16 terms, see
+ *    pq_int8_weight_only_mm) are summed in fp32 and scaled once;
+ *  - at decode sizes on AVX512-VNNI and AMX (M == 1 or 5 <= M <= 8, G % 64
+ *    == 0: where pq_int4_weight_only_workspace_bytes > 0; given that many
+ *    bytes of 64-byte aligned `work`), where each row
+ *    of x is written in 24-bit fixed point, x = s * (65536*hi + 256*mid + lo)
+ *    + e with s = max|x[m,:]| / 8323072, three int8 terms and |e| <= s (the
+ *    representation error: ~6e-8 of the row's max, below fp32's own rounding
+ *    for all but the row's smallest entries), and each term runs the exact
+ *    int8 x int4 group sums of pq_int4_dynamic_mm; out is the fp32 sum of the
+ *    three terms' results (smallest first) + bias. A row that is not finite,
+ *    or whose max is below 2^-100, takes the float32 path. `work` may be null
+ *    (the float32 path everywhere). */
+int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
+                                            int64_t group_size);
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t* w_packed, int64_t N, const float* scales,
                            const uint8_t* zeros, int64_t group_size, const float* bias,
-                           float* out, int n_threads);
+                           float* out, int n_threads, void* work, int64_t work_bytes);
 
 /* Reads `bytes` bytes at `data` on n_threads threads (contiguous chunks), XOR-folding them
  * into *checksum: the benchmarks' memory read-bandwidth probe (csrc/cpu/probe.cpp). */

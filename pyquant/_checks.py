@@ -28,6 +28,8 @@ def check_activation(op: str, x, k: int) -> None:
 
 
 def check_same_device(op: str, x: torch.Tensor, **tensors) -> None:
+    if x.is_cpu and all(t is None or t.is_cpu for t in tensors.values()):
+        return  # fast path: is_cpu is a flag, .device builds an object per call
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(

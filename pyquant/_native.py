@@ -1,10 +1,10 @@
 """Loads the native CPU module (pyquant._C), picks the instruction set, and turns checked
-tensors into raw pointers. Every public function runs the ``_checks`` of its op (again, when
-called through torch.ops.pyquant: microseconds) because it is reachable directly, and a
-wrong shape here would be an out-of-bounds read in C; this module then makes the memory
-layout what the C API wants (float32 rows with unit stride,
-contiguous weights), allocates every output with torch, and turns a non-zero status into a
-Python error that names the shapes."""
+tensors into raw pointers. Every public function runs the ``_checks`` of its op because it is reachable directly, and
+a wrong shape here would be an out-of-bounds read in C; the ops (ops.py), which have checked
+already, call the unchecked ``_run_<op>`` bodies. This module then makes the memory layout
+what the C API wants (float32 rows with unit stride, contiguous weights), allocates every
+output with torch (scratch that never leaves a call comes from per-thread buffers), and turns
+a non-zero status into a Python error that names the shapes."""
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +66,15 @@ def module():
     return m
 
 
+_best_isa: tuple = (None, 0)  # (module, its best ISA): a pybind call saved per op call
+
+
 def best_isa() -> int:
-    return module().best_isa()
+    global _best_isa
+    mod = module()
+    if _best_isa[0] is not mod:  # first call, or a test swapped the module
+        _best_isa = (mod, mod.best_isa())
+    return _best_isa[1]
 
 
 def _parse_isa(name: str) -> int:
@@ -129,7 +136,9 @@ def _rows_f32(x2: torch.Tensor) -> torch.Tensor:
 
 
 def _bias_f32(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if bias is None else bias.to(torch.float32).contiguous()
+    if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()):
+        return bias  # the common case without two no-op tensor calls (~1.5 us each)
+    return bias.to(torch.float32).contiguous()
 
 
 def _raise(op: str, status: int, **shapes) -> None:
@@ -158,23 +167,69 @@ def _threads() -> int:
 
 def _flat(x: torch.Tensor, n: int):
     lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(lead.numel(), x.shape[-1])
     return lead, x2
+
+
+# Per-call overhead. At decode (M = 1) a 4096 x 4096 int4 layer's kernel takes ~0.4 ms, and
+# each tensor torch allocates costs ~3 us on a small CPU; the ops below used to allocate four
+# and check their arguments twice (~40 us a call). So: the ops' bodies (ops.py, which has
+# already run the _checks) call the ``_run_*`` functions, which do not check again; the
+# int8 codes, row scales and kernel workspace live in per-thread scratch buffers (they never
+# leave the call); only the returned output is a fresh tensor.
+_SCRATCH = threading.local()
+_SCRATCH_MAX_BYTES = 8 << 20  # above this a call allocates: the kernel dwarfs the allocation
+
+
+def _work(key: str, nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of >= nbytes that lives only for one call on this thread."""
+    if nbytes > _SCRATCH_MAX_BYTES:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    d = _SCRATCH.__dict__
+    buf = d.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = d[key] = torch.empty(max(nbytes, 64), dtype=torch.uint8)
+    return buf
+
+
+def _out(m: int, n: int, x_dtype: torch.dtype) -> torch.Tensor:
+    """The kernels' float32 [M, N] output: the returned tensor itself for float32 x, else a
+    scratch buffer that the caller converts (the conversion allocates the returned tensor)."""
+    if x_dtype == torch.float32 or m * n * 4 > _SCRATCH_MAX_BYTES:
+        return torch.empty((m, n), dtype=torch.float32)
+    return _work("out", m * n * 4)[: m * n * 4].view(torch.float32).view(m, n)
+
+
+def _finish(out: torch.Tensor, x: torch.Tensor, lead, n: int) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out.reshape(*lead, n) if len(lead) != 1 else out
 
 
 def _int8_work(isa: int, m: int, k: int, n: int):
     """Scratch for the AMX path (activations repacked into tiles; csrc/cpu/tile_amx.h)."""
     nbytes = module().int8_workspace_bytes(isa, m, k, n)
-    return (torch.empty(nbytes, dtype=torch.uint8) if nbytes > 0 else None), max(nbytes, 0)
+    return (_work("amx", nbytes) if nbytes > 0 else None), max(nbytes, 0)
 
 
-def int8_weight_only_mm(x, w, w_scale, bias=None):
-    _checks.check_int8_mm("int8_weight_only_mm", x, w, w_scale, bias)
-    _require_cpu("int8_weight_only_mm", x)
+def _quantize_into(x2: torch.Tensor, isa: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """x2's rows quantized to int8 into scratch: (codes address, scales address, keep-alives)."""
+    m, k = x2.shape
+    xf = _rows_f32(x2)
+    xq = _work("xq", m * k)
+    xs = _work("xs", m * 4)
+    st = module().quantize_rows_int8_amax(isa, _ptr(xf), m, k, xf.stride(0), 0, _ptr(xq),
+                                          _ptr(xs), _threads())
+    if st:
+        _raise("quantize_rows_int8", st, M=m, K=k)
+    return _ptr(xq), _ptr(xs), xq, xs
+
+
+def _run_int8_weight_only_mm(x, w, w_scale, bias=None):
     n, k = w.shape
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = _out(m, n, x.dtype)
     if m and n:
         xf = _rows_f32(x2)
         w = w.contiguous()
@@ -186,7 +241,13 @@ def int8_weight_only_mm(x, w, w_scale, bias=None):
         )
         if st:
             _raise("int8_weight_only_mm", st, M=m, N=n, K=k, ldx=xf.stride(0))
-    return out.to(x.dtype).reshape(*lead, n)
+    return _finish(out, x, lead, n)
+
+
+def int8_weight_only_mm(x, w, w_scale, bias=None):
+    _checks.check_int8_mm("int8_weight_only_mm", x, w, w_scale, bias)
+    _require_cpu("int8_weight_only_mm", x)
+    return _run_int8_weight_only_mm(x, w, w_scale, bias)
 
 
 def quantize_rows_int8(x2: torch.Tensor, amax: Optional[torch.Tensor] = None):
@@ -254,37 +315,35 @@ def _check_codes(op: str, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     return xq[:0].to(torch.float32)
 
 
-def _int8_codes_mm(xq, xs, w, w_scale, bias):
-    """The int8 x int8 core of int8_dynamic_mm on given codes: float32 [M, N]."""
-    m, k = xq.shape
+def _int8_codes_mm(isa, pxq, pxs, m, k, w, w_scale, bias, out):
+    """The int8 x int8 core of int8_dynamic_mm on codes at address pxq (row scales at pxs)."""
     n = w.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32)
+    w = w.contiguous()
+    ws = w_scale.contiguous()
+    b = _bias_f32(bias)
+    work, nwork = _int8_work(isa, m, k, n)
+    st = module().int8_dynamic_mm(isa, pxq, pxs, m, k, _ptr(w), n, _ptr(ws), _ptr(b),
+                                  _ptr(out), _threads(), _ptr(work), nwork)
+    if st:
+        _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
+
+
+def _run_int8_dynamic_mm(x, w, w_scale, bias=None):
+    n, k = w.shape
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = _out(m, n, x.dtype)
     if m and n:
-        xq, xs = xq.contiguous(), xs.contiguous()
-        w = w.contiguous()
-        ws = w_scale.contiguous()
-        b = _bias_f32(bias)
         isa = current_isa()
-        work, nwork = _int8_work(isa, m, k, n)
-        st = module().int8_dynamic_mm(
-            isa, _ptr(xq), _ptr(xs), m, k, _ptr(w), n, _ptr(ws), _ptr(b), _ptr(out),
-            _threads(), _ptr(work), nwork,
-        )
-        if st:
-            _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
-    return out
+        pxq, pxs, *_keep = _quantize_into(x2, isa)
+        _int8_codes_mm(isa, pxq, pxs, m, k, w, w_scale, bias, out)
+    return _finish(out, x, lead, n)
 
 
 def int8_dynamic_mm(x, w, w_scale, bias=None):
     _checks.check_int8_mm("int8_dynamic_mm", x, w, w_scale, bias)
     _require_cpu("int8_dynamic_mm", x)
-    n, k = w.shape
-    lead, x2 = _flat(x, n)
-    if x2.shape[0] and n:
-        xq, xs = quantize_rows_int8(x2)
-    else:
-        xq, xs = torch.empty((x2.shape[0], k), dtype=torch.int8), torch.ones(x2.shape[0])
-    return _int8_codes_mm(xq, xs, w, w_scale, bias).to(x.dtype).reshape(*lead, n)
+    return _run_int8_dynamic_mm(x, w, w_scale, bias)
 
 
 def int8_codes_mm(xq, x_scale, w, w_scale, bias=None):
@@ -293,47 +352,65 @@ def int8_codes_mm(xq, x_scale, w, w_scale, bias=None):
     x with the whole row's scale (pyquant.distributed) and then needs only this product."""
     _checks.check_int8_mm("int8_codes_mm", _check_codes("int8_codes_mm", xq, x_scale), w,
                           w_scale, bias)
-    return _int8_codes_mm(xq, x_scale, w, w_scale, bias)
+    m, k = xq.shape
+    out = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    if m and w.shape[0]:
+        xq, xs = xq.contiguous(), x_scale.contiguous()
+        _int8_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, w, w_scale, bias, out)
+    return out
+
+
+def _run_int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = _out(m, n, x.dtype)
+    if m and n:
+        xf = _rows_f32(x2)
+        wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
+        b = _bias_f32(bias)
+        isa = current_isa()
+        # decode sizes on VNNI/AMX: the fixed-point path's scratch (0 bytes: the float path)
+        nwork = module().int4_weight_only_workspace_bytes(isa, m, k, n, group_size)
+        work = _work("int4wo", nwork) if nwork > 0 else None
+        st = module().int4_weight_only_mm(
+            isa, _ptr(xf), m, k, xf.stride(0), _ptr(wp), n, _ptr(sc), _ptr(zp),
+            group_size, _ptr(b), _ptr(out), _threads(), _ptr(work), max(nwork, 0),
+        )
+        if st:
+            _raise("int4_weight_only_mm", st, M=m, N=n, K=k, group_size=group_size)
+    return _finish(out, x, lead, n)
 
 
 def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
     _checks.check_int4_mm("int4_weight_only_mm", x, w_packed, scales, zeros, group_size, bias)
     _require_cpu("int4_weight_only_mm", x)
+    return _run_int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias)
+
+
+def _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bias, out):
+    """The W4A8 core of int4_dynamic_mm on codes at address pxq (row scales at pxs)."""
+    n = w_packed.shape[0]
+    wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    b = _bias_f32(bias)
+    nwork = module().int4_dynamic_workspace_bytes(m, k, group_size)
+    work = _work("int4dyn", max(nwork, 4))
+    st = module().int4_dynamic_mm(isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp),
+                                  group_size, _ptr(b), _ptr(out), _ptr(work), nwork, _threads())
+    if st:
+        _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
+
+
+def _run_int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = _out(m, n, x.dtype)
     if m and n:
-        xf = _rows_f32(x2)
-        wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
-        b = _bias_f32(bias)
-        st = module().int4_weight_only_mm(
-            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(wp), n, _ptr(sc), _ptr(zp),
-            group_size, _ptr(b), _ptr(out), _threads(),
-        )
-        if st:
-            _raise("int4_weight_only_mm", st, M=m, N=n, K=k, group_size=group_size)
-    return out.to(x.dtype).reshape(*lead, n)
-
-
-def _int4_codes_mm(xq, xs, w_packed, scales, zeros, group_size, bias):
-    """The W4A8 core of int4_dynamic_mm on given codes: float32 [M, N]."""
-    m, k = xq.shape
-    n = w_packed.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32)
-    if m and n:
-        xq, xs = xq.contiguous(), xs.contiguous()
-        wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
-        b = _bias_f32(bias)
-        nwork = module().int4_dynamic_workspace_bytes(m, k, group_size)
-        work = torch.empty(max(nwork, 4), dtype=torch.uint8)
-        st = module().int4_dynamic_mm(
-            current_isa(), _ptr(xq), _ptr(xs), m, k, _ptr(wp), n, _ptr(sc), _ptr(zp),
-            group_size, _ptr(b), _ptr(out), _ptr(work), nwork, _threads(),
-        )
-        if st:
-            _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
-    return out
+        isa = current_isa()
+        pxq, pxs, *_keep = _quantize_into(x2, isa)
+        _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bias, out)
+    return _finish(out, x, lead, n)
 
 
 def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
@@ -342,14 +419,7 @@ def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
     _checks.check_int4_mm("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
     _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
     _require_cpu("int4_dynamic_mm", x)
-    n, k = w_packed.shape[0], w_packed.shape[1] * 2
-    lead, x2 = _flat(x, n)
-    if x2.shape[0] and n:
-        xq, xs = quantize_rows_int8(x2)
-    else:
-        xq, xs = torch.empty((x2.shape[0], k), dtype=torch.int8), torch.ones(x2.shape[0])
-    out = _int4_codes_mm(xq, xs, w_packed, scales, zeros, group_size, bias)
-    return out.to(x.dtype).reshape(*lead, n)
+    return _run_int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias)
 
 
 def int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias=None):
@@ -357,7 +427,13 @@ def int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias=None):
     _checks.check_int4_mm("int4_codes_mm", _check_codes("int4_codes_mm", xq, x_scale),
                           w_packed, scales, zeros, group_size, bias)
     _checks.check_int4_dynamic_group("int4_codes_mm", group_size)
-    return _int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias)
+    m, k = xq.shape
+    out = torch.empty((m, w_packed.shape[0]), dtype=torch.float32)
+    if m and w_packed.shape[0]:
+        xq, xs = xq.contiguous(), x_scale.contiguous()
+        _int4_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, w_packed, scales, zeros,
+                       group_size, bias, out)
+    return out
 
 
 def stream_read(buf: torch.Tensor, n_threads: Optional[int] = None) -> int:
@@ -408,7 +484,6 @@ def _bf16_path(x: torch.Tensor, w: torch.Tensor, bias) -> bool:
         bias is None or bias.dtype == torch.bfloat16)
 
 
-_SCRATCH = threading.local()
 
 
 def _scratch(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:

@@ -80,7 +80,10 @@ _REGISTRY: dict[str, Backend] = {
         lambda: None,
         {op: getattr(reference, op) for op in OPS},
     ),
-    "cpu": Backend("cpu", ("cpu",), _probe_cpu, {op: getattr(_native, op) for op in OPS if hasattr(_native, op)}),
+    # _native._run_<op>: the op without its argument checks, which the op body has just run
+    "cpu": Backend("cpu", ("cpu",), _probe_cpu, {
+        op: getattr(_native, f"_run_{op}", None) or getattr(_native, op)
+        for op in OPS if hasattr(_native, op)}),
     # Triton kernels register here when importable (see _triton.py); CUDA kernels: not yet.
     "triton": Backend("triton", ("cuda",), _probe_triton, {}),
     "cuda": Backend("cuda", ("cuda",), _probe_cuda, {}),
@@ -127,7 +130,7 @@ def _supports(b: Backend, op: str, device: str) -> Optional[str]:
 
 def select(op: str, device: torch.device | str) -> Backend:
     """The backend that runs ``op`` on ``device`` now (forced or automatic)."""
-    dev = torch.device(device).type
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
     forced = _forced()
     if forced is not None:
         b = _REGISTRY[forced]

@@ -7,12 +7,17 @@ import pytest
 import torch
 
 from helpers import (
+    ACT_DTYPES,
     activation,
     backend_isa_params,
+    check_op,
+    isa_params,
+    make_bias,
     random_int4_weight,
     reference_op,
     run_op,
 )
+from pyquant import _native, formats
 
 OP = "int4_weight_only_mm"
 BACKENDS = backend_isa_params()
@@ -81,3 +86,59 @@ def test_amx_bf16_nonfinite(backend, isa):
     x[2, 3], x[9, 100] = float("inf"), float("nan")
     got, want = run_op(OP, backend, isa, x, wargs, None), reference_op(OP, x, wargs, None)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+
+
+# The decode-size path of the native kernel (pq.h): on AVX512-VNNI and AMX, at M == 1 or
+# 5 <= M <= 8 with G % 64 == 0, each row of x is written in 24-bit fixed point (three int8
+# terms, |error| <= s = max|x_row| / 8323072 per entry) and runs the exact W4A8 kernel.
+FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_amx")]
+
+
+def _fixed_path_runs(isa: str, m: int, k: int, n: int, g: int) -> bool:
+    return _native.module().int4_weight_only_workspace_bytes(
+        _native._parse_isa(isa), m, k, n, g) > 0
+
+
+@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("m", [1, 5, 8])
+@pytest.mark.parametrize("g", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_fixed_point_path(backend, isa, m, g, dtype):
+    n, k = 37, 3 * g
+    assert _fixed_path_runs(isa, m, k, n, g)
+    x = activation((m, k), dtype, seed=m + g)
+    x[0, 5] = 300.0  # an outlier entry: the row's scale grows with it
+    check_op(OP, backend, isa, x, random_int4_weight(n, k, g, seed=g) + (g,),
+             make_bias(n, "x", dtype))
+
+
+@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+def test_fixed_point_error_bound(backend, isa):
+    """The documented bound, on a row whose entries span 7 decades (the small ones keep only a
+    few bits): |out - exact| <= s * sum_k |w[n,k]| plus fp32 rounding of the sums."""
+    n, k, g = 29, 1024, 128
+    p, s, z = random_int4_weight(n, k, g, seed=7)
+    x = activation((1, k), seed=8) * 1e-3
+    x[0, 100] = 1e4
+    got = run_op(OP, backend, isa, x, (p, s, z, g), None).double()
+    w = formats.dequantize_int4_groupwise(p, s, z, g).double()
+    exact = x.double() @ w.T
+    step = x.abs().max().item() / 8323072
+    bound = step * w.abs().sum(1) + 1e-6 * (x.double().abs() @ w.abs().T)
+    assert _fixed_path_runs(isa, 1, k, n, g)
+    assert ((got - exact).abs() <= bound).all(), ((got - exact).abs() / bound).max()
+
+
+@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+def test_fixed_point_fallbacks(backend, isa):
+    """Rows that fixed point cannot hold run the float path: non-finite ones (with the float
+    path's Inf/NaN results) and ones whose max is below 2^-100 (s would be subnormal)."""
+    n, k, g = 13, 256, 64
+    wargs = random_int4_weight(n, k, g, seed=4) + (g,)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = activation((1, k), seed=6)
+        x[0, 17] = bad
+        got, want = run_op(OP, backend, isa, x, wargs, None), reference_op(OP, x, wargs, None)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    tiny = activation((1, k), seed=9) * 1e-33
+    check_op(OP, backend, isa, tiny, wargs, None)

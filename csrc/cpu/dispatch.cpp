@@ -208,10 +208,22 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
   return PQ_OK;
 }
 
+int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
+                                            int64_t group_size) {
+  if (M < 0 || K < 0 || N < 0 || group_size <= 0 || too_big(M, K) || too_big(M, N)) return -1;
+  if (isa < PQ_ISA_AVX512_VNNI || !pq::int4wo_fixed_applies(M, group_size) ||
+      K % group_size != 0)
+    return 0;
+  const int64_t rows = 3 * M;
+  const int64_t dyn = pq_int4_dynamic_workspace_bytes(rows, K, group_size);
+  if (dyn < 0) return -1;
+  return pq::align64(rows * K) + pq::align64(rows * 4) + pq::align64(rows * N * 4) + dyn;
+}
+
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t* w_packed, int64_t N, const float* scales,
                            const uint8_t* zeros, int64_t group_size, const float* bias,
-                           float* out, int n_threads) {
+                           float* out, int n_threads, void* work, int64_t work_bytes) {
   const pq::KernelTable* t = table(isa);
   if (!t) return PQ_ERR_ISA;
   if (group_size <= 0 || group_size % 2 != 0 || bad_x(x, M, K, ldx) || K % group_size != 0 ||
@@ -223,8 +235,11 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  /* the fixed-point path only with its whole, aligned workspace; else float32 */
+  const int64_t need = pq_int4_weight_only_workspace_bytes(isa, M, K, N, group_size);
+  if (!work || need <= 0 || work_bytes < need || ((uintptr_t)work & 63)) work = nullptr;
   t->int4_weight_only_mm(x, M, K, ldx, w_packed, N, scales, zeros, group_size, bias, out,
-                         threads(n_threads));
+                         threads(n_threads), work);
   return PQ_OK;
 }
 

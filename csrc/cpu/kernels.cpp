@@ -230,9 +230,48 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
 }
 #endif
 
+#if defined(PQ_SIMD_AVX512)
+/* The decode-size path of pq.h: x in 24-bit fixed point (three int8 terms per
+ * row), each term through the exact W4A8 kernel. At M = 1 the float path is
+ * bound by decoding (a table permute and an FMA per 16 weights, ~15 cycles per
+ * 64 bytes of codes, half the memory speed); here one decode serves three
+ * vpdpbusd of 64 products each. Returns false (nothing written to out) when a
+ * row cannot be written in fixed point. */
+bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
+                            int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
+                            const float* bias, float* out, int n_threads, void* work) {
+  const int64_t rows = 3 * M;
+  int8_t* xq = (int8_t*)work;
+  float* xs = (float*)(xq + pq::align64(rows * K));
+  float* o3 = xs + pq::align64(rows * 4) / 4;
+  void* dyn = o3 + pq::align64(rows * N * 4) / 4;
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* t = xq + 3 * m * K;
+    if (!split_row_fixed24(x + m * ldx, K, t, t + K, t + 2 * K, xs + 3 * m)) return false;
+  }
+  int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn, n_threads);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* hi = o3 + 3 * m * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = hi[n] + (hi[N + n] + hi[2 * N + n]); /* smallest terms first */
+      out[m * N + n] = bias ? v + bias[n] : v;
+    }
+  }
+  return true;
+}
+#endif
+
 void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                          int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
-                         const float* bias, float* out, int n_threads) {
+                         const float* bias, float* out, int n_threads, void* work) {
+#if defined(PQ_SIMD_AVX512)
+  /* work is non-null only when dispatch.cpp checked this path applies (M, G, size) */
+  if (work && int4_weight_only_fixed(x, M, K, ldx, wp, N, scales, zeros, G, bias, out,
+                                     n_threads, work))
+    return;
+#else
+  (void)work;
+#endif
 #if defined(PQ_AMX_BF16)
   if (amx_bf16_usable(M, K, N) && G % 32 == 0 &&
       amx_bf16_wo(x, M, K, ldx, N, scales, G, bias, out, n_threads,

@@ -12,6 +12,18 @@
 
 namespace pq {
 
+/* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
+ * the float path (4096 x 4096, weights streamed from memory, 2 threads):
+ * M = 1: 1.1-1.3x; M = 2-4: 0.7-1.0x (3M = 6-12 term rows take two or three
+ * register tiles, so each weight tile is decoded that many times); M = 5-8:
+ * 1.1-1.4x (the AMX W4A8 tiles). G = 32: 0.5-0.6x (the W4A8 kernel's short
+ * steps), so G % 64 == 0. Its scratch: [3M][K] int8 terms | [3M] scales |
+ * [3M][N] fp32 term outputs | the W4A8 workspace for 3M rows, 64-byte aligned. */
+inline bool int4wo_fixed_applies(int64_t M, int64_t G) {
+  return (M == 1 || (M >= 5 && M <= 8)) && G % 64 == 0;
+}
+inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+
 struct KernelTable {
   void (*int8_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const int8_t* w, int64_t N, const float* w_scale,
@@ -25,10 +37,11 @@ struct KernelTable {
   void (*int8_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                           float* out, void* work, int64_t work_bytes, int n_threads);
+  /* work: null or pq_int4_weight_only_workspace_bytes (the fixed-point path) */
   void (*int4_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* w_packed, int64_t N, const float* scales,
                               const uint8_t* zeros, int64_t group_size, const float* bias,
-                              float* out, int n_threads);
+                              float* out, int n_threads, void* work);
   /* work: pq_int4_dynamic_workspace_bytes(M, K, G) bytes, 4-byte aligned. */
   void (*int4_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const uint8_t* w_packed, int64_t N, const float* scales,

@@ -17,6 +17,7 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
                        const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
   const int64_t ng = K / G, ldw = K / 2;
 #if defined(PQ_SIMD_AVX512)
+  prefetch_next_groups<R>(sc, zp, ng);
   /* Decoding by table lookup: vpermps picks lane (index & 15) of a 16-float
    * table, so with the table holding the 16 dequantized values of the current
    * group, one permute turns 16 codes into 16 fp32 weights, with no nibble
@@ -55,6 +56,7 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
     }
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = wp + r * ldw + k / 2;
+      PQ_PREFETCH_NEXT_TILE(p + R * ldw);
       const __m128i bytes = full ? _mm_loadu_si128((const __m128i*)p)
                                  : _mm_maskz_loadu_epi8((__mmask16)((1u << (n / 2)) - 1), p);
       const __m512i q = _mm512_srlv_epi32(_mm512_broadcast_i32x4(bytes), lane_shift);

@@ -43,6 +43,7 @@ inline void dot_i8_u4(const int8_t* x, const int32_t* gsum, const uint8_t* wp, c
                       const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
   const int64_t ng = K / G, ldw = K / 2;
 #if defined(PQ_SIMD_AVX512)
+  prefetch_next_groups<R>(sc, zp, ng);
   const __m512i nib = _mm512_set1_epi8(0x0F);
   const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   __m512 facc[R][T];
@@ -58,6 +59,7 @@ inline void dot_i8_u4(const int8_t* x, const int32_t* gsum, const uint8_t* wp, c
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(x + t * K + k);
         for (int r = 0; r < R; ++r) {
           const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wp + r * ldw + k / 2)));
+          PQ_PREFETCH_NEXT_TILE(wp + (r + R) * ldw + k / 2);
           const __m512i c = _mm512_and_si512(_mm512_srlv_epi16(b, shift), nib);
           for (int t = 0; t < T; ++t) iacc[r][t] = _mm512_dpbusd_epi32(iacc[r][t], c, xv[t]);
         }

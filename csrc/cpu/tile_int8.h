@@ -24,6 +24,7 @@ inline void dot_f32_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, 
       xv[t] = full ? _mm512_loadu_ps(x + t * ldx + k) : _mm512_maskz_loadu_ps(m, x + t * ldx + k);
     for (int r = 0; r < R; ++r) {
       const int8_t* p = w + r * K + k;
+      PQ_PREFETCH_NEXT_TILE(p + R * K);
       const __m128i b = full ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8(m, p);
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv[t], wv, acc[r][t]);
@@ -107,6 +108,7 @@ inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R
     }
     for (int r = 0; r < R; ++r) {
       const int8_t* p = w + r * K + k;
+      PQ_PREFETCH_NEXT_TILE(p + R * K);
       const __m512i wv = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(m, p);
       if (kWithSum) sacc[r] = _mm512_dpbusd_epi32(sacc[r], ones, wv);
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xu[t], wv);
@@ -228,6 +230,58 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
     q[k] = (int8_t)(int)v;
   }
 }
+
+#if defined(PQ_SIMD_AVX512)
+/* One row of x in 24-bit fixed point as three int8 terms (pq.h, the int4
+ * weight-only decode path): X = round(x / s), s = amax / 8323072 (127 * 2^16,
+ * so |X| <= 8323072), then X = 65536 * hi + 256 * mid + lo with lo, mid in
+ * [-128, 127] and hi in [-127, 127], by rounding shifts in int32 (exact).
+ * Writes the terms to t0 (hi), t1 (mid), t2 (lo) and their scales s * 65536,
+ * s * 256, s (exact: powers of two). Returns false, writing nothing useful,
+ * when the row is not finite or its max is below 2^-100 (s would lose bits
+ * to subnormals): the caller then takes the float path. */
+inline bool split_row_fixed24(const float* x, int64_t K, int8_t* t0, int8_t* t1, int8_t* t2,
+                              float* s3) {
+  const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
+  __m512 mx = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  if (k < K) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, x + k)));
+  /* a NaN lane: max_ps returns its second operand, so NaN may be dropped; check the sum */
+  const float amax = _mm512_reduce_max_ps(mx);
+  if (!(amax >= 0x1p-100f && amax <= 3.0e38f)) return false;
+  __m512 nan_probe = _mm512_setzero_ps();
+  const float s = amax / 8323072.0f;
+  const __m512 sv = _mm512_set1_ps(s);
+  const __m512i r128 = _mm512_set1_epi32(128);
+  auto split = [&](__m512 v, __m512i& hi, __m512i& mid, __m512i& lo) {
+    nan_probe = _mm512_add_ps(nan_probe, _mm512_mul_ps(v, _mm512_setzero_ps()));
+    const __m512i X = _mm512_cvtps_epi32(_mm512_div_ps(v, sv));
+    const __m512i q = _mm512_srai_epi32(_mm512_add_epi32(X, r128), 8);
+    lo = _mm512_sub_epi32(X, _mm512_slli_epi32(q, 8));
+    hi = _mm512_srai_epi32(_mm512_add_epi32(q, r128), 8);
+    mid = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
+  };
+  __m512i hi, mid, lo;
+  for (k = 0; k + 16 <= K; k += 16) {
+    split(_mm512_loadu_ps(x + k), hi, mid, lo);
+    _mm_storeu_si128((__m128i*)(t0 + k), _mm512_cvtepi32_epi8(hi));
+    _mm_storeu_si128((__m128i*)(t1 + k), _mm512_cvtepi32_epi8(mid));
+    _mm_storeu_si128((__m128i*)(t2 + k), _mm512_cvtepi32_epi8(lo));
+  }
+  if (k < K) {
+    split(_mm512_maskz_loadu_ps(tail, x + k), hi, mid, lo);
+    _mm512_mask_cvtepi32_storeu_epi8(t0 + k, tail, hi);
+    _mm512_mask_cvtepi32_storeu_epi8(t1 + k, tail, mid);
+    _mm512_mask_cvtepi32_storeu_epi8(t2 + k, tail, lo);
+  }
+  if (_mm512_reduce_add_ps(nan_probe) != 0.0f) return false; /* 0 * NaN is NaN */
+  s3[0] = s * 65536.0f;
+  s3[1] = s * 256.0f;
+  s3[2] = s;
+  return true;
+}
+#endif
 
 }  // namespace
 }  // namespace PQ_NS
