@@ -84,7 +84,7 @@ bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
       dispatch_tile<1>(1, mt, [&](auto, auto T_) {
         constexpr int T = decltype(T_)::value;
         float dot[T];
-        dot_unstructured<T>(vals, nnz, bm, K, off[n], x + m * ldx, ldx, dot);
+        dot_unstructured<T>(vals, nnz, bm, K, off[n], off[n + 1] - off[n], x + m * ldx, ldx, dot);
         for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
       });
     }

@@ -87,6 +87,13 @@ struct Vals {
 
   /* Values of the whole row are at flat index i (unstructured: values[i]). */
   float flat(int64_t i) const { return at(0, i); }
+
+  /* The address of row n's value j (for prefetching; int4: its byte). */
+  const char* addr(int64_t n, int64_t j) const {
+    constexpr int64_t bits = Kind == kF32 ? 32 : (Kind == kBF16 || Kind == kF16) ? 16
+                           : Kind == kI8 ? 8 : 4;
+    return (const char*)p + (n * ld + j) * bits / 8;
+  }
 };
 
 /* Column of kept value j of a 2:4 row with meta bytes `meta`. */
@@ -161,6 +168,7 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
   /* int4: the next kept index that starts a group. Compared, not j % G: a
    * 64-bit division per step cost more than the rest of the step. */
   int64_t next_group = 0;
+  if constexpr (Kind == kI4) prefetch_next_groups<R>(vals.scales + n * vals.ng, vals.zeros + n * vals.ng, vals.ng);
   auto step = [&](int64_t j, bool full) PQ_ALWAYS_INLINE {
     if constexpr (Kind == kI4) {
       if (j == next_group) {
@@ -184,6 +192,9 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
     }
     for (int r = 0; r < R; ++r) {
       const uint8_t* mp = meta + (n + r) * ldm + j / 4;
+      /* the next tile's rows, as in the dense kernels (common.h) */
+      PQ_PREFETCH_NEXT_TILE(vals.addr(n + r + R, j));
+      PQ_PREFETCH_NEXT_TILE(mp + R * ldm);
       const uint32_t m32 = full ? load_u32(mp) : (uint32_t)load_tail_u64(mp, ldm - j / 4);
       const __m512i idx = _mm512_ternarylogic_epi32(
           _mm512_srlv_epi32(_mm512_set1_epi32((int)m32), shift), three, base, 0xEA); /* (a&b)|c */
@@ -361,7 +372,8 @@ inline __m512 load_run(const Vals<Kind>& v, int64_t o, unsigned cnt, bool room) 
  * accumulators (a serial chain of 4 cycles per 64 columns instead of 16). */
 template <int T, int Kind>
 inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
-                             int64_t o0, const float* x, int64_t ldx, float dot[T]) {
+                             int64_t o0, int64_t row_nnz, const float* x, int64_t ldx,
+                             float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   __m512 acc[4][T];
   for (int s = 0; s < 4; ++s)
@@ -383,6 +395,9 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
     const int64_t c1 = __builtin_popcountll(w & 0xFFFFull), c2 = __builtin_popcountll(w & 0xFFFFFFFFull),
                   c3 = __builtin_popcountll(w & 0xFFFFFFFFFFFFull);
     const int64_t k = 8 * i;
+    /* the next row's mask and values, one row ahead (rows follow each other) */
+    PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
+    PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + row_nnz));
     slice(0, k, (__mmask16)w, o, full);
     if (full || k + 16 < K) slice(1, k + 16, (__mmask16)(w >> 16), o + c1, full);
     if (full || k + 32 < K) slice(2, k + 32, (__mmask16)(w >> 32), o + c2, full);
@@ -397,7 +412,7 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
 /* AVX2 has no expand instruction; the set-bit walk is the path there. */
 template <int T, int Kind>
 inline void dot_unstructured(const Vals<Kind>& vals, int64_t, const uint8_t* bm, int64_t K,
-                             int64_t o0, const float* x, int64_t ldx, float dot[T]) {
+                             int64_t o0, int64_t, const float* x, int64_t ldx, float dot[T]) {
   dot_unstructured_scalar<T>(vals, bm, K, o0, x, ldx, dot);
 }
 #endif
