@@ -168,6 +168,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("values"), py::arg("elem_bytes"), py::arg("meta"), py::arg("N"), py::arg("K"),
         py::arg("out"), py::arg("n_threads"), gil_release());
 
+  m.def("sparse24_int4_decompress",
+        [](uintptr_t packed, uintptr_t meta, int64_t N, int64_t K, uintptr_t zeros,
+           int64_t group_size, uintptr_t out, int n_threads) {
+          return pq_sparse24_int4_decompress(ptr<const uint8_t>(packed), ptr<const uint8_t>(meta),
+                                             N, K, ptr<const uint8_t>(zeros), group_size,
+                                             ptr<uint8_t>(out), n_threads);
+        },
+        py::arg("packed"), py::arg("meta"), py::arg("N"), py::arg("K"), py::arg("zeros"),
+        py::arg("group_size"), py::arg("out"), py::arg("n_threads"), gil_release());
+
   m.def("sparse24_int8_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values_q,
            uintptr_t meta, int64_t N, uintptr_t scale, uintptr_t bias, uintptr_t out,

@@ -464,10 +464,12 @@ def _value_dtype(values: torch.Tensor) -> int:
 # grows with M like FMA loops do. "bf16": bf16 values and activations (oneDNN's bf16 GEMM on
 # AMX); "fp32": any other dtypes (an fp32 GEMM). Measured on a 2-core Xeon with AMX, 4096 x
 # 4096, 2 threads (sparse / dense time): bf16 1.14x at M=128, 2.45x at 256; fp32 0.95x at
-# 256, 1.25x at 512; int8 (dense int8 weight-only kernels) 0.91x at 256, 1.35x at 512.
+# 256, 1.25x at 512; int8 (dense int8 weight-only kernels) 0.91x at 256, 1.35x at 512;
+# int4 g128 (pq_sparse24_int4_decompress, 8-20 ms, then the dense int4 weight-only kernels;
+# 4096 x 4096 / 4096 x 11008) 0.80x / 1.14x at 64, 1.66x / 1.57x at 128.
 # The dense path keeps the ops' arithmetic: exact products summed in fp32, one rounding.
 SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 128, ("sparse24_mm", "fp32"): 512,
-                      ("sparse24_int8_mm", "fp32"): 512}
+                      ("sparse24_int8_mm", "fp32"): 512, ("sparse24_int4_mm", "fp32"): 128}
 
 
 def sparse_dense_reason(op: str, m: int, kind: str = "fp32") -> Optional[str]:
@@ -504,6 +506,18 @@ def _decompress_24(values: torch.Tensor, meta: torch.Tensor) -> Optional[torch.T
     dense = _scratch(v.dtype, n, k)
     st = module().sparse24_decompress(_ptr(v), v.element_size(), _ptr(mt), n, k, _ptr(dense),
                                       _threads())
+    return None if st else dense
+
+
+def _decompress_24_int4(packed: torch.Tensor, meta: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int) -> Optional[torch.Tensor]:
+    """Dense packed int4 codes [N, K/2] (pruned positions hold their group's zero point: the
+    dense weight with group size 2 * group_size over K), or None when meta is not canonical."""
+    n, k = packed.shape[0], packed.shape[1] * 4
+    p, mt, z = packed.contiguous(), meta.contiguous(), zeros.contiguous()
+    dense = _scratch(torch.uint8, n, k // 2)
+    st = module().sparse24_int4_decompress(_ptr(p), _ptr(mt), n, k, _ptr(z), group_size,
+                                           _ptr(dense), _threads())
     return None if st else dense
 
 
@@ -573,6 +587,11 @@ def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
     n, k = packed.shape[0], packed.shape[1] * 4
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
+    if m and n and sparse_dense_reason("sparse24_int4_mm", m):
+        dense = _decompress_24_int4(packed, meta, zeros, group_size)
+        if dense is not None:  # dense int4 codes: the int4 weight-only kernels (AMX tiles)
+            return _run_int4_weight_only_mm(x, dense, scales.contiguous(), zeros.contiguous(),
+                                            2 * group_size, bias)
     out = torch.empty((m, n), dtype=torch.float32)
     if m and n:
         xf = _rows_f32(x2)

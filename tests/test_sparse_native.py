@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import activation, assert_close_named, gen, isa_params, num_threads, run_op, tol_name
-from pyquant import _native, reference
+from pyquant import _native, formats, reference
 from pyquant import sparse_formats as sf
 from test_sparse24_mm import dense24, int4_args, int8_args
 from test_sparse_unstructured_mm import random_sparse
@@ -173,6 +173,31 @@ def test_dense_path_matches_reference(dense_from_m1, vdtype, xdtype, bias):
     _check("sparse24_mm", None, x, (v, meta), b)
     wargs, _ = int8_args(n, k, seed=5)
     _check("sparse24_int8_mm", None, activation((17, k), seed=6), wargs, b)
+
+
+@pytest.mark.parametrize("group", [2, 16, 32, 64])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int4_dense_path_matches_reference(dense_from_m1, group, xdtype):
+    """2:4 + int4 from the break-even on: dense int4 codes (pruned positions = the zero point,
+    so they dequantize to 0) through the dense int4 weight-only kernels, group size 2G."""
+    n, k = 37, 256
+    wargs, _ = int4_args(n, k, group, seed=group)
+    b = torch.randn(n, generator=gen(3))
+    for m in (1, 17):
+        _check("sparse24_int4_mm", None, activation((m, k), xdtype, seed=m), wargs, b)
+
+
+@pytest.mark.parametrize("group", [2, 8, 64])
+def test_int4_decompress_is_exact_and_refuses_non_canonical_meta(group):
+    n, k = 19, 384
+    (packed, meta, scales, zeros, g), _ = int4_args(n, k, group, seed=11)
+    dense = _native._decompress_24_int4(packed, meta, zeros, g)
+    want = sf.decompress_24(formats.dequantize_int4_groupwise(packed, scales, zeros, g), meta)
+    got = formats.dequantize_int4_groupwise(dense, scales, zeros, 2 * g)
+    assert torch.equal(got, want)
+    bad = meta.clone()
+    bad[5, 1] = 0b0101  # group 2 of row 5: positions (1, 1), a duplicate
+    assert _native._decompress_24_int4(packed, bad, zeros, g) is None
 
 
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
