@@ -20,11 +20,13 @@ bool amx_cpu() {
   unsigned a, b, c, d;
   __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
   const bool tile = d & (1u << 24), int8 = d & (1u << 25), bf16 = d & (1u << 22);
-  /* The AMX build also uses AVX512-BF16 conversions (leaf 7, subleaf 1, EAX bit 5). */
+  /* The AMX build also uses AVX512-VBMI byte permutes (leaf 7, ECX bit 1; every AMX CPU
+   * has them) and AVX512-BF16 conversions (leaf 7, subleaf 1, EAX bit 5). */
+  const bool vbmi = c & (1u << 1);
   unsigned a1, b1, c1, d1;
   __asm__ volatile("cpuid" : "=a"(a1), "=b"(b1), "=c"(c1), "=d"(d1) : "a"(7), "c"(1));
   const bool avx512_bf16 = a1 & (1u << 5);
-  return tile && int8 && bf16 && avx512_bf16;
+  return tile && int8 && bf16 && vbmi && avx512_bf16;
 #else
   return false;
 #endif

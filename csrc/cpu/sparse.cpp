@@ -3,8 +3,12 @@
  * thread partition is the dense kernels' (common.h: for_each_tile): tasks of
  * whole weight rows, so each thread streams its own slice of the compressed
  * weights, the dominant traffic at decode sizes. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "../pq.h"
 #include "kernels.h"
+#include "tile_int8.h"
 #include "tile_sparse.h"
 
 namespace PQ_NS {
@@ -53,9 +57,48 @@ void sparse24_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* 
     run24(x, M, K, ldx, Vals<kF32>{values, ld}, meta, N, nullptr, bias, out, n_threads);
 }
 
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
+/* sparse24_int8_mm at M = 1 through dot24_i8_fx. The result is the fp32 sum of
+ * the three terms' exact dot products (smallest first), times the row scale,
+ * plus bias. Returns false (nothing written) when x cannot be written in fixed
+ * point (non-finite, or max |x| below 2^-100) or the scratch is not had. */
+bool sparse24_int8_fx(const float* x, int64_t K, const int8_t* values_q, const uint8_t* meta,
+                      int64_t N, const float* scale, const float* bias, float* out,
+                      int n_threads) {
+  const int64_t Kp = (K + 127) / 128 * 128, H = K / 2, ldm = (K + 7) / 8;
+  uint8_t* xu = (uint8_t*)aligned_alloc(64, (size_t)(3 * Kp));
+  if (!xu) return false;
+  float s3[3];
+  memset(xu, 0, (size_t)(3 * Kp));
+  if (!split_row_fixed24(x, K, (int8_t*)xu, (int8_t*)xu + Kp, (int8_t*)xu + 2 * Kp, s3)) {
+    free(xu);
+    return false;
+  }
+  const __m512i bias8 = _mm512_set1_epi8((char)0x80);
+  for (int64_t i = 0; i < 3 * Kp; i += 64)
+    _mm512_store_si512(xu + i, _mm512_xor_si512(_mm512_load_si512(xu + i), bias8));
+  for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
+    dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
+      constexpr int R = decltype(R_)::value;
+      int32_t d[R][3];
+      dot24_i8_fx<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);
+      for (int r = 0; r < R; ++r) {
+        const float v = (float)d[r][0] * s3[0] + ((float)d[r][1] * s3[1] + (float)d[r][2] * s3[2]);
+        out[n + r] = epilogue(v, scale, bias, n + r);
+      }
+    });
+  });
+  free(xu);
+  return true;
+}
+#endif
+
 void sparse24_int8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* values_q,
                       const uint8_t* meta, int64_t N, const float* scale, const float* bias,
                       float* out, int n_threads) {
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
+  if (M == 1 && sparse24_int8_fx(x, K, values_q, meta, N, scale, bias, out, n_threads)) return;
+#endif
   run24(x, M, K, ldx, Vals<kI8>{values_q, K / 2}, meta, N, scale, bias, out, n_threads);
 }
 
