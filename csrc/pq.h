@@ -164,7 +164,12 @@ int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                    const void* values, int values_dtype, const uint8_t* meta, int64_t N,
                    const float* bias, float* out, int n_threads);
 
-/* out[m,n] = scale[n] * sum_j x[m, col(n,j)] * values_q[n,j] + bias[n] */
+/* out[m,n] = scale[n] * sum_j x[m, col(n,j)] * values_q[n,j] + bias[n]
+ * At M = 1 on AVX512_AMX (whose CPUs have VBMI), x is written in 24-bit fixed point as in
+ * pq_int4_weight_only_mm's decode path (three int8 terms, |error| <= max|x| / 8323072 per
+ * entry; non-finite x, or max |x| < 2^-100, takes the float path) and the exact int32 sums
+ * of the terms are combined in fp32. The same holds for pq_sparse24_int4_mm at M = 1 with
+ * G % 64 == 0, per group. */
 int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                         const int8_t* values_q, const uint8_t* meta, int64_t N,
                         const float* scale, const float* bias, float* out, int n_threads);

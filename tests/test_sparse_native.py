@@ -50,6 +50,45 @@ def test_sparse24_int4_groups(backend, isa, k, group):
         _check("sparse24_int4_mm", isa, activation((m, k), seed=m), wargs)
 
 
+# M = 1 on AMX CPUs (which have VBMI): 2:4 + int8, and 2:4 + int4 with G % 64 == 0, write x in
+# 24-bit fixed point (three int8 terms) and gather it with byte permutes (sparse.cpp).
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("k", [4, 60, 128, 132, 1028, 4096])
+def test_sparse24_int8_decode_path(backend, isa, k):
+    wargs, _ = int8_args(23, k, seed=k)
+    x = activation((1, k), seed=k)
+    x[0, k // 2] = 300.0  # an outlier: the fixed-point step grows with the row's max
+    _check("sparse24_int8_mm", isa, x, wargs, torch.randn(23, generator=gen(2)))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("k,group", [(128, 64), (512, 128), (1536, 64), (2048, 256), (4096, 128)])
+def test_sparse24_int4_decode_path(backend, isa, k, group):
+    wargs, _ = int4_args(21, k, group, seed=k)
+    x = activation((1, k), seed=k)
+    x[0, 3] = -300.0
+    _check("sparse24_int4_mm", isa, x, wargs, torch.randn(21, generator=gen(4)))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+def test_sparse24_decode_path_fallbacks(backend, isa):
+    """x that fixed point cannot hold runs the float kernels: non-finite entries give their
+    Inf/NaN pattern (a pruned column's Inf/NaN is skipped, not multiplied by 0 as in the dense
+    reference); a row whose max is below 2^-100 keeps its relative accuracy."""
+    n, k = 13, 256
+    w8, _ = int8_args(n, k, seed=1)
+    w4, _ = int4_args(n, k, 64, seed=2)
+    for op, wargs in (("sparse24_int8_mm", w8), ("sparse24_int4_mm", w4)):
+        for bad in (float("nan"), float("inf")):
+            x = activation((1, k), seed=3)
+            x[0, 9] = bad
+            got = run_op(op, "cpu", isa, x, wargs, None)
+            want = run_op(op, "cpu", "portable", x, wargs, None)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+            assert got.isnan().any() or got.isinf().any()
+        _check(op, isa, activation((1, k), seed=4) * 1e-33, wargs)
+
+
 @pytest.mark.parametrize("backend,isa", isa_params())
 def test_sparse24_any_meta_bytes(backend, isa):
     """Non-canonical positions (duplicates, unsorted) are read as stored and add up, as the

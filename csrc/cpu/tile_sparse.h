@@ -279,6 +279,72 @@ inline void dot24_i8_fx(const int8_t* v, int64_t ldv, const uint8_t* meta, int64
       dot[r][t] = (int32_t)((uint32_t)_mm512_reduce_add_epi32(acc[r][t]) - bias);
   }
 }
+
+/* 2:4 + int4 at M = 1, G % 64 == 0 (so a step's 64 kept values share one group):
+ * as dot24_i8_fx, with the 32 code bytes of a step decoded as in dot_i8_u4
+ * (low nibbles, then high nibbles: kept j = 0, 2, .., 62, then 1, 3, .., 63),
+ * the gather indices built in that order, and the weights signed: code - zero
+ * (-15..15), so the u8 bias of x returns as 128 * sum(code - zero) per group.
+ * Per group the three terms' exact sums are combined in fp32 (hi * 2^16 +
+ * mid * 2^8 + lo: exact scalings) and scaled by the group's scale; dot[r] is
+ * then in units of the lo term's scale. */
+template <int R>
+inline void dot24_i4_fx(const uint8_t* packed, int64_t ldp, const uint8_t* meta, int64_t ldm,
+                        const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
+                        const uint8_t* xu, int64_t Kp, float dot[R]) {
+  alignas(64) static const uint8_t kSpread[64] = {0,0,1,1,2,2,3,3,4,4,5,5,6,6,7,7,8,8,9,9,10,10,11,11,12,12,13,13,14,14,15,15,0,0,1,1,2,2,3,3,4,4,5,5,6,6,7,7,8,8,9,9,10,10,11,11,12,12,13,13,14,14,15,15};
+  alignas(64) static const uint8_t kCtrl[64] = {0,12,16,28,32,44,48,60,0,12,16,28,32,44,48,60,0,12,16,28,32,44,48,60,0,12,16,28,32,44,48,60,2,14,18,30,34,46,50,62,2,14,18,30,34,46,50,62,2,14,18,30,34,46,50,62,2,14,18,30,34,46,50,62};
+  alignas(64) static const uint8_t kBase[64] = {0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,64,68,72,76,80,84,88,92,96,100,104,108,112,116,120,124,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,64,68,72,76,80,84,88,92,96,100,104,108,112,116,120,124};
+  const __m512i spread = _mm512_load_si512(kSpread), ctrl = _mm512_load_si512(kCtrl);
+  const __m512i base = _mm512_load_si512(kBase);
+  const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi8(1), nib = _mm512_set1_epi8(0x0F);
+  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  prefetch_next_groups<R>(sc, zp, ng);
+  __m512 facc[R];
+  for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i acc[R][3], wsum[R], zb[R];
+    for (int r = 0; r < R; ++r) {
+      wsum[r] = _mm512_setzero_si512();
+      zb[r] = _mm512_set1_epi8((char)zp[r * ng + g]);
+      for (int t = 0; t < 3; ++t) acc[r][t] = _mm512_setzero_si512();
+    }
+    for (int64_t j = g * G; j < (g + 1) * G; j += 64) {
+      __m512i xlo[3], xhi[3];
+      for (int t = 0; t < 3; ++t) {
+        const uint8_t* p = xu + t * Kp + 2 * j;
+        xlo[t] = _mm512_load_si512(p);
+        xhi[t] = _mm512_load_si512(p + 64);
+      }
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* mp = meta + r * ldm + j / 4;
+        const uint8_t* cp = packed + r * ldp + j / 2;
+        PQ_PREFETCH_NEXT_TILE(cp + R * ldp);
+        PQ_PREFETCH_NEXT_TILE(mp + R * ldm);
+        const __m512i m16 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)mp));
+        const __m512i idx = _mm512_add_epi8(
+            _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, _mm512_permutexvar_epi8(spread, m16)),
+                             three),
+            base);
+        const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)cp));
+        const __m512i w = _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(b, shift), nib), zb[r]);
+        wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, w);
+        for (int t = 0; t < 3; ++t)
+          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], _mm512_permutex2var_epi8(xlo[t], idx, xhi[t]), w);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i corr = _mm512_slli_epi32(wsum[r], 7);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][2], corr));
+      const __m512 mid = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], corr));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], corr));
+      const __m512 v = _mm512_fmadd_ps(hi, _mm512_set1_ps(65536.0f),
+                                       _mm512_fmadd_ps(mid, _mm512_set1_ps(256.0f), lo));
+      facc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(sc[r * ng + g]), facc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) dot[r] = _mm512_reduce_add_ps(facc[r]);
+}
 #endif
 
 #elif defined(PQ_SIMD_AVX2)
