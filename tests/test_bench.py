@@ -1,0 +1,53 @@
+"""`pyquant bench` end to end on MiniLM's small shapes: every impl gets a row per shape and M,
+the speedups refer to baselines timed in the same run, and the table, CSV and JSON come out.
+Timings are not checked (this is a shared CI machine); the read-bandwidth probe, which reads
+1 GiB, is replaced by a fixed value."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from pyquant import _native, bench
+
+
+@pytest.fixture
+def small_run(monkeypatch):
+    monkeypatch.setattr(bench, "measure_read_bandwidth", lambda *a, **k: 10.0)
+    return bench.run(models=("minilm",), ms=(1, 3), impl_filter="int8,int4", iters=2,
+                     rotate_bytes=1 << 20)
+
+
+@pytest.mark.skipif(not _native.available(), reason="native module not loaded")
+def test_bench_rows_and_outputs(small_run, tmp_path):
+    rows = small_run["rows"]
+    impls = {r["impl"] for r in rows}
+    # the bf16-activation rows of the weight-only ops run beside the fp32 ones
+    assert {"pyquant.int8_weight_only_mm", "pyquant.int8_weight_only_mm[x bf16]",
+            "pyquant.int4_weight_only_mm[g128]", "pyquant.int4_weight_only_mm[g128,x bf16]",
+            "pyquant.int8_dynamic_mm", "pyquant.int4_dynamic_mm[g128]",
+            "F.linear[fp32]", "F.linear[bf16]"} <= impls
+    shapes = {(r["n"], r["k"]) for r in rows}
+    assert shapes == set(bench.SHAPES["minilm"])
+    for impl in impls:  # every M of each shape an impl runs (2:4 + int4 g128 needs K/2 % 128)
+        got = sorted((r["n"], r["k"], r["m"]) for r in rows if r["impl"] == impl)
+        ran = {(n, k) for (n, k, _) in got}
+        assert got == sorted((n, k, m) for (n, k) in ran for m in (1, 3)), impl
+        assert ran == shapes or "sparse24_int4" in impl, impl
+    for r in rows:
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["bw_share"] == pytest.approx(r["gbps"] / 10.0)
+        if r["kind"] != "baseline":
+            # a speedup is a ratio of two times of this run
+            fp32 = next(b for b in rows if b["impl"] == "F.linear[fp32]"
+                        and (b["n"], b["k"], b["m"]) == (r["n"], r["k"], r["m"]))
+            assert r["speedup"]["F.linear[fp32]"] == pytest.approx(fp32["ms"] / r["ms"])
+    table = bench.format_table(small_run)
+    assert "measured read bandwidth 10.0 GB/s" in table
+    assert len(table.splitlines()) == 2 + len(rows)
+    paths = bench.write_outputs(small_run, str(tmp_path))
+    with open(tmp_path / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    with open(tmp_path / "bench.json") as f:
+        assert json.load(f)["machine"]["read_bandwidth_gbps"] == 10.0
+    assert str(tmp_path / "bench.csv") in paths
