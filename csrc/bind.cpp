@@ -168,6 +168,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("values"), py::arg("elem_bytes"), py::arg("meta"), py::arg("N"), py::arg("K"),
         py::arg("out"), py::arg("n_threads"), gil_release());
 
+  m.def("sparse24_workspace_bytes", &pq_sparse24_workspace_bytes, py::arg("isa"), py::arg("M"),
+        py::arg("K"));
+
   m.def("sparse24_int4_decompress",
         [](uintptr_t packed, uintptr_t meta, int64_t N, int64_t K, uintptr_t zeros,
            int64_t group_size, uintptr_t out, int n_threads) {
@@ -181,30 +184,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse24_int8_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values_q,
            uintptr_t meta, int64_t N, uintptr_t scale, uintptr_t bias, uintptr_t out,
-           int n_threads) {
+           int n_threads, uintptr_t work, int64_t work_bytes) {
           return pq_sparse24_int8_mm(isa, ptr<const float>(x), M, K, ldx,
                                      ptr<const int8_t>(values_q), ptr<const uint8_t>(meta), N,
                                      ptr<const float>(scale), ptr<const float>(bias),
-                                     ptr<float>(out), n_threads);
+                                     ptr<float>(out), n_threads, ptr<void>(work), work_bytes);
         },
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("values_q"), py::arg("meta"), py::arg("N"), py::arg("scale"), py::arg("bias"),
-        py::arg("out"), py::arg("n_threads"), gil_release());
+        py::arg("out"), py::arg("n_threads"), py::arg("work") = 0, py::arg("work_bytes") = 0,
+        gil_release());
 
   m.def("sparse24_int4_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed,
            uintptr_t meta, int64_t N, uintptr_t scales, uintptr_t zeros, int64_t group_size,
-           uintptr_t bias, uintptr_t out, int n_threads) {
+           uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work, int64_t work_bytes) {
           return pq_sparse24_int4_mm(isa, ptr<const float>(x), M, K, ldx,
                                      ptr<const uint8_t>(packed), ptr<const uint8_t>(meta), N,
                                      ptr<const float>(scales), ptr<const uint8_t>(zeros),
                                      group_size, ptr<const float>(bias), ptr<float>(out),
-                                     n_threads);
+                                     n_threads, ptr<void>(work), work_bytes);
         },
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("packed"), py::arg("meta"), py::arg("N"), py::arg("scales"), py::arg("zeros"),
         py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
-        gil_release());
+        py::arg("work") = 0, py::arg("work_bytes") = 0, gil_release());
 
   m.def("sparse_unstructured_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bitmask,

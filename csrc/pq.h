@@ -169,17 +169,21 @@ int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
  * pq_int4_weight_only_mm's decode path (three int8 terms, |error| <= max|x| / 8323072 per
  * entry; non-finite x, or max |x| < 2^-100, takes the float path) and the exact int32 sums
  * of the terms are combined in fp32. The same holds for pq_sparse24_int4_mm at M = 1 with
- * G % 64 == 0, per group. */
+ * G % 64 == 0, per group. That path needs `work`: pq_sparse24_workspace_bytes(isa, M, K)
+ * bytes (0 where it does not apply), 64-byte aligned; with less, or null, the float path runs. */
+int64_t pq_sparse24_workspace_bytes(int isa, int64_t M, int64_t K);
 int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                         const int8_t* values_q, const uint8_t* meta, int64_t N,
-                        const float* scale, const float* bias, float* out, int n_threads);
+                        const float* scale, const float* bias, float* out, int n_threads,
+                        void* work, int64_t work_bytes);
 
 /* Kept value j = scales[n, j/G] * (code[n,j] - zeros[n, j/G]) (in float32, as
  * pq_int4_weight_only_mm along the compressed axis); (K/2) % G == 0, G even. */
 int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                         const uint8_t* packed, const uint8_t* meta, int64_t N,
                         const float* scales, const uint8_t* zeros, int64_t group_size,
-                        const float* bias, float* out, int n_threads);
+                        const float* bias, float* out, int n_threads, void* work,
+                        int64_t work_bytes);
 
 /* out[m,n] = sum over set bits k of row n of x[m,k] * values[row_offsets[n] + rank]
  * + bias[n]. The kernel checks, per row and before reading its values, that

@@ -509,6 +509,12 @@ def _decompress_24(values: torch.Tensor, meta: torch.Tensor) -> Optional[torch.T
     return None if st else dense
 
 
+def _sparse_fx_work(isa: int, m: int, k: int):
+    """Scratch of the 2:4 + int8/int4 decode path (pq.h), or (None, 0) where it does not run."""
+    nbytes = module().sparse24_workspace_bytes(isa, m, k)
+    return (_work("sparse_fx", nbytes), nbytes) if nbytes > 0 else (None, 0)
+
+
 def _decompress_24_int4(packed: torch.Tensor, meta: torch.Tensor, zeros: torch.Tensor,
                         group_size: int) -> Optional[torch.Tensor]:
     """Dense packed int4 codes [N, K/2] (pruned positions hold their group's zero point: the
@@ -571,9 +577,11 @@ def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
         xf = _rows_f32(x2)
         v, mt, s = values_q.contiguous(), meta.contiguous(), scale.contiguous()
         b = _bias_f32(bias)
+        isa = current_isa()
+        work, nwork = _sparse_fx_work(isa, m, k)
         st = module().sparse24_int8_mm(
-            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(v), _ptr(mt), n, _ptr(s), _ptr(b),
-            _ptr(out), _threads(),
+            isa, _ptr(xf), m, k, xf.stride(0), _ptr(v), _ptr(mt), n, _ptr(s), _ptr(b),
+            _ptr(out), _threads(), _ptr(work), nwork,
         )
         if st:
             _raise("sparse24_int8_mm", st, M=m, N=n, K=k)
@@ -598,9 +606,11 @@ def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
         p, mt = packed.contiguous(), meta.contiguous()
         sc, zp = scales.contiguous(), zeros.contiguous()
         b = _bias_f32(bias)
+        isa = current_isa()
+        work, nwork = _sparse_fx_work(isa, m, k)
         st = module().sparse24_int4_mm(
-            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(p), _ptr(mt), n, _ptr(sc),
-            _ptr(zp), group_size, _ptr(b), _ptr(out), _threads(),
+            isa, _ptr(xf), m, k, xf.stride(0), _ptr(p), _ptr(mt), n, _ptr(sc),
+            _ptr(zp), group_size, _ptr(b), _ptr(out), _threads(), _ptr(work), nwork,
         )
         if st:
             _raise("sparse24_int4_mm", st, M=m, N=n, K=k, group_size=group_size)

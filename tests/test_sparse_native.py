@@ -71,6 +71,29 @@ def test_sparse24_int4_decode_path(backend, isa, k, group):
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())
+def test_sparse24_decode_path_workspace(backend, isa):
+    """The decode path's scratch comes from the caller (native code does not allocate): its
+    size is 0 where the path does not apply; a short, null or misaligned one runs the float
+    kernels, with the same answer within the kernel tolerance."""
+    C, k, n = _native.module(), 256, 11
+    code = _native._parse_isa(isa)
+    need = C.sparse24_workspace_bytes(code, 1, k)
+    assert need == (3 * 256 if isa == "avx512_amx" else 0)
+    assert C.sparse24_workspace_bytes(code, 2, k) == 0 and C.sparse24_workspace_bytes(code, -1, k) < 0
+    (q, meta, scale), _ = int8_args(n, k, seed=6)
+    x = activation((1, k), seed=7)
+    want = reference.sparse24_int8_mm(x, q, meta, scale, None)
+    buf = torch.zeros(need + 128, dtype=torch.uint8)
+    for off, nbytes in ((0, need), (0, need - 1), (1, need), (0, 0)):
+        out = torch.empty(1, n)
+        ptr = buf.data_ptr() + off if nbytes else 0
+        st = C.sparse24_int8_mm(code, x.data_ptr(), 1, k, k, q.data_ptr(), meta.data_ptr(), n,
+                                scale.data_ptr(), 0, out.data_ptr(), 1, ptr, nbytes)
+        assert st == 0
+        assert_close_named(out, want, tol_name("sparse24_int8_mm", torch.float32), str(off))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
 def test_sparse24_decode_path_fallbacks(backend, isa):
     """x that fixed point cannot hold runs the float kernels: non-finite entries give their
     Inf/NaN pattern (a pruned column's Inf/NaN is skipped, not multiplied by 0 as in the dense

@@ -94,23 +94,37 @@ int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
   return PQ_OK;
 }
 
+int64_t pq_sparse24_workspace_bytes(int isa, int64_t M, int64_t K) {
+  if (M < 0 || K < 0 || too_big(3, K + 128)) return -1;
+  return isa == PQ_ISA_AVX512_AMX && M == 1 && K > 0 ? 3 * ((K + 127) / 128 * 128) : 0;
+}
+
+/* The M = 1 path's scratch when the caller gave all of it, 64-byte aligned; else null. */
+static void* fx_work(int isa, int64_t M, int64_t K, void* work, int64_t work_bytes) {
+  const int64_t need = pq_sparse24_workspace_bytes(isa, M, K);
+  return work && need > 0 && work_bytes >= need && !((uintptr_t)work & 63) ? work : nullptr;
+}
+
 int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                         const int8_t* values_q, const uint8_t* meta, int64_t N,
-                        const float* scale, const float* bias, float* out, int n_threads) {
+                        const float* scale, const float* bias, float* out, int n_threads,
+                        void* work, int64_t work_bytes) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t) return PQ_ERR_ISA;
   if (bad_24(x, M, K, ldx, meta, N, out) || missing(values_q, N * K / 2) || missing(scale, N))
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  t->sparse24_int8_mm(x, M, K, ldx, values_q, meta, N, scale, bias, out, threads(n_threads));
+  t->sparse24_int8_mm(x, M, K, ldx, values_q, meta, N, scale, bias, out, threads(n_threads),
+                      fx_work(isa, M, K, work, work_bytes));
   return PQ_OK;
 }
 
 int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                         const uint8_t* packed, const uint8_t* meta, int64_t N,
                         const float* scales, const uint8_t* zeros, int64_t group_size,
-                        const float* bias, float* out, int n_threads) {
+                        const float* bias, float* out, int n_threads, void* work,
+                        int64_t work_bytes) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t) return PQ_ERR_ISA;
   if (bad_24(x, M, K, ldx, meta, N, out) || group_size <= 0 || group_size % 2 != 0 ||
@@ -122,7 +136,7 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   t->sparse24_int4_mm(x, M, K, ldx, packed, meta, N, scales, zeros, group_size, bias, out,
-                      threads(n_threads));
+                      threads(n_threads), fx_work(isa, M, K, work, work_bytes));
   return PQ_OK;
 }
 

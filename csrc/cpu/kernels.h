@@ -58,13 +58,15 @@ struct SparseKernelTable {
   void (*sparse24_mm)(const float* x, int64_t M, int64_t K, int64_t ldx, const void* values,
                       int values_dtype, const uint8_t* meta, int64_t N, const float* bias,
                       float* out, int n_threads);
+  /* work: null, or pq_sparse24_workspace_bytes bytes, 64-byte aligned (the M = 1 path) */
   void (*sparse24_int8_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t* values_q, const uint8_t* meta, int64_t N,
-                           const float* scale, const float* bias, float* out, int n_threads);
+                           const float* scale, const float* bias, float* out, int n_threads,
+                           void* work);
   void (*sparse24_int4_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t* packed, const uint8_t* meta, int64_t N,
                            const float* scales, const uint8_t* zeros, int64_t group_size,
-                           const float* bias, float* out, int n_threads);
+                           const float* bias, float* out, int n_threads, void* work);
   bool (*sparse_unstructured_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                                  const uint8_t* bitmask, const void* values, int values_dtype,
                                  int64_t nnz, const int64_t* row_offsets, int64_t N,

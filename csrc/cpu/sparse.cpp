@@ -3,7 +3,6 @@
  * thread partition is the dense kernels' (common.h: for_each_tile): tasks of
  * whole weight rows, so each thread streams its own slice of the compressed
  * weights, the dominant traffic at decode sizes. */
-#include <stdlib.h>
 #include <string.h>
 
 #include "../pq.h"
@@ -59,20 +58,16 @@ void sparse24_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* 
 
 #if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
 /* x row 0 in 24-bit fixed point, u8-biased and padded to whole 128-column
- * steps, into a fresh buffer (free it); null when x is not finite or too small
- * for fixed point (split_row_fixed24) or memory is short. */
-uint8_t* fixed24_u8(const float* x, int64_t K, int64_t Kp, float s3[3]) {
-  uint8_t* xu = (uint8_t*)aligned_alloc(64, (size_t)(3 * Kp));
-  if (!xu) return nullptr;
+ * steps, into the caller's 3 * Kp bytes; false when x is not finite or too
+ * small for fixed point (split_row_fixed24). */
+bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3]) {
   memset(xu, 0, (size_t)(3 * Kp));
-  if (!split_row_fixed24(x, K, (int8_t*)xu, (int8_t*)xu + Kp, (int8_t*)xu + 2 * Kp, s3)) {
-    free(xu);
-    return nullptr;
-  }
+  if (!split_row_fixed24(x, K, (int8_t*)xu, (int8_t*)xu + Kp, (int8_t*)xu + 2 * Kp, s3))
+    return false;
   const __m512i bias8 = _mm512_set1_epi8((char)0x80);
   for (int64_t i = 0; i < 3 * Kp; i += 64)
     _mm512_store_si512(xu + i, _mm512_xor_si512(_mm512_load_si512(xu + i), bias8));
-  return xu;
+  return true;
 }
 
 /* sparse24_int8_mm at M = 1 through dot24_i8_fx. The result is the fp32 sum of
@@ -81,11 +76,11 @@ uint8_t* fixed24_u8(const float* x, int64_t K, int64_t Kp, float s3[3]) {
  * point (non-finite, or max |x| below 2^-100) or the scratch is not had. */
 bool sparse24_int8_fx(const float* x, int64_t K, const int8_t* values_q, const uint8_t* meta,
                       int64_t N, const float* scale, const float* bias, float* out,
-                      int n_threads) {
+                      int n_threads, void* work) {
   const int64_t Kp = (K + 127) / 128 * 128, H = K / 2, ldm = (K + 7) / 8;
   float s3[3];
-  uint8_t* xu = fixed24_u8(x, K, Kp, s3);
-  if (!xu) return false;
+  uint8_t* xu = (uint8_t*)work;
+  if (!fixed24_u8(x, K, Kp, xu, s3)) return false;
   for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
     dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
       constexpr int R = decltype(R_)::value;
@@ -97,16 +92,19 @@ bool sparse24_int8_fx(const float* x, int64_t K, const int8_t* values_q, const u
       }
     });
   });
-  free(xu);
   return true;
 }
 #endif
 
 void sparse24_int8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* values_q,
                       const uint8_t* meta, int64_t N, const float* scale, const float* bias,
-                      float* out, int n_threads) {
+                      float* out, int n_threads, void* work) {
 #if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
-  if (M == 1 && sparse24_int8_fx(x, K, values_q, meta, N, scale, bias, out, n_threads)) return;
+  /* work is non-null only at M = 1 with enough of it (dispatch_sparse.cpp) */
+  if (work && sparse24_int8_fx(x, K, values_q, meta, N, scale, bias, out, n_threads, work))
+    return;
+#else
+  (void)work;
 #endif
   run24(x, M, K, ldx, Vals<kI8>{values_q, K / 2}, meta, N, scale, bias, out, n_threads);
 }
@@ -115,11 +113,11 @@ void sparse24_int8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const i
 /* sparse24_int4_mm at M = 1 through dot24_i4_fx (G % 64 == 0). */
 bool sparse24_int4_fx(const float* x, int64_t K, const uint8_t* packed, const uint8_t* meta,
                       int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
-                      const float* bias, float* out, int n_threads) {
+                      const float* bias, float* out, int n_threads, void* work) {
   const int64_t Kp = (K + 127) / 128 * 128, ldm = (K + 7) / 8, ldp = K / 4, ng = K / 2 / G;
   float s3[3];
-  uint8_t* xu = fixed24_u8(x, K, Kp, s3);
-  if (!xu) return false;
+  uint8_t* xu = (uint8_t*)work;
+  if (!fixed24_u8(x, K, Kp, xu, s3)) return false;
   for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
     dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
       constexpr int R = decltype(R_)::value;
@@ -129,18 +127,19 @@ bool sparse24_int4_fx(const float* x, int64_t K, const uint8_t* packed, const ui
       for (int r = 0; r < R; ++r) out[n + r] = epilogue(d[r] * s3[2], nullptr, bias, n + r);
     });
   });
-  free(xu);
   return true;
 }
 #endif
 
 void sparse24_int4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
                       const uint8_t* meta, int64_t N, const float* scales, const uint8_t* zeros,
-                      int64_t G, const float* bias, float* out, int n_threads) {
+                      int64_t G, const float* bias, float* out, int n_threads, void* work) {
 #if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
-  if (M == 1 && G % 64 == 0 &&
-      sparse24_int4_fx(x, K, packed, meta, N, scales, zeros, G, bias, out, n_threads))
+  if (work && G % 64 == 0 &&
+      sparse24_int4_fx(x, K, packed, meta, N, scales, zeros, G, bias, out, n_threads, work))
     return;
+#else
+  (void)work;
 #endif
   const Vals<kI4> v{packed, K / 2, scales, zeros, G, K / 2 / G};
   run24(x, M, K, ldx, v, meta, N, nullptr, bias, out, n_threads);
