@@ -460,16 +460,20 @@ def _value_dtype(values: torch.Tensor) -> int:
 
 
 # Break-even of the 2:4 ops on the CPU: from this many activation rows on, decompressing the
-# weight (pq_sparse24_decompress) and running a dense GEMM beats the gather kernels, whose cost
-# grows with M like FMA loops do. "bf16": bf16 values and activations (oneDNN's bf16 GEMM on
-# AMX); "fp32": any other dtypes (an fp32 GEMM). Measured on a 2-core Xeon with AMX, 4096 x
-# 4096, 2 threads (sparse / dense time): bf16 1.14x at M=128, 2.45x at 256; fp32 0.95x at
-# 256, 1.25x at 512; int8 (dense int8 weight-only kernels) 0.91x at 256, 1.35x at 512;
-# int4 g128 (pq_sparse24_int4_decompress, 8-20 ms, then the dense int4 weight-only kernels;
-# 4096 x 4096 / 4096 x 11008) 0.80x / 1.14x at 64, 1.66x / 1.57x at 128.
+# weight (pq_sparse24_decompress / pq_sparse24_int4_decompress) and running a dense GEMM beats
+# the gather kernels, whose cost grows with M like FMA loops do. "bf16": bf16 values and
+# activations (oneDNN's bf16 GEMM on AMX); "fp32": any other dtypes (an fp32 GEMM for float
+# values; the int8/int4 weight-only kernels for int8/int4 values). Measured on a 2-core Xeon with
+# AMX, 2 threads, 4096 x 4096 / 4096 x 11008 (sparse time / dense time; below 1 the sparse kernel is faster):
+#   float, bf16 x:  0.61 / 1.02 at 64, 1.73 / 1.69 at 128
+#   float, fp32 x:  0.71 / 1.31 at 256 (and 1.25 at 512 on 4096 x 4096)
+#   int8:           0.74 / 0.65 at 64, 0.80 / 1.01 at 128, 0.96 / 1.79 at 256; in the rotating
+#                   benchmark the sparse kernel was 0.4-0.8x fp32 F.linear at 128, the dense
+#                   int8 kernels 1.0-1.8x: 128 keeps every int8 2:4 call above fp32 there
+#   int4 g128:      1.29 / 1.03 at 64, 1.63 / 1.96 at 128
 # The dense path keeps the ops' arithmetic: exact products summed in fp32, one rounding.
 SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 128, ("sparse24_mm", "fp32"): 512,
-                      ("sparse24_int8_mm", "fp32"): 512, ("sparse24_int4_mm", "fp32"): 128}
+                      ("sparse24_int8_mm", "fp32"): 128, ("sparse24_int4_mm", "fp32"): 64}
 
 
 def sparse_dense_reason(op: str, m: int, kind: str = "fp32") -> Optional[str]:

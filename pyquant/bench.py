@@ -179,11 +179,11 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
              lambda s: _tensor_bytes(*s), "int4_dynamic_mm"),
         # A bf16 model's activations (as F.linear[bf16] and int4pack get them): on AMX the
         # weight-only kernels then multiply one bf16 term per activation instead of three.
-        Impl("pyquant.int8_weight_only_mm[x bf16]", "pyquant", make_i8,
+        Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8,
              lambda s, x: torch.ops.pyquant.int8_weight_only_mm(x.to(torch.bfloat16), s[0], s[1],
                                                                 None),
              lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
-        Impl(f"pyquant.int4_weight_only_mm[g{group_size},x bf16]", "pyquant", make_i4,
+        Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4,
              lambda s, x: torch.ops.pyquant.int4_weight_only_mm(x.to(torch.bfloat16), s[0], s[1],
                                                                 s[2], group_size, None),
              lambda s: _tensor_bytes(*s), "int4_weight_only_mm"),
