@@ -119,9 +119,9 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *  - on AMX (M >= 16, G % 32 == 0, N % 32 == 0), where each group's exact
  *    products (code - zero) * x (x split into bf16 terms, see
  *    pq_int8_weight_only_mm) are summed in fp32 and scaled once;
- *  - at decode sizes on AVX512-VNNI and AMX (M == 1 or 5 <= M <= 8, G % 64
- *    == 0: where pq_int4_weight_only_workspace_bytes > 0; given that many
- *    bytes of 64-byte aligned `work`), where each row
+ *  - at decode sizes (G % 64 == 0; M == 1 on AVX512-VNNI, M == 1 or
+ *    5 <= M <= 15 on AMX: where pq_int4_weight_only_workspace_bytes > 0;
+ *    given that many bytes of 64-byte aligned `work`), where each row
  *    of x is written in 24-bit fixed point, x = s * (65536*hi + 256*mid + lo)
  *    + e with s = max|x[m,:]| / 8323072, three int8 terms and |e| <= s (the
  *    representation error: ~6e-8 of the row's max, below fp32's own rounding

@@ -88,9 +88,9 @@ def test_amx_bf16_nonfinite(backend, isa):
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
 
 
-# The decode-size path of the native kernel (pq.h): on AVX512-VNNI and AMX, at M == 1 or
-# 5 <= M <= 8 with G % 64 == 0, each row of x is written in 24-bit fixed point (three int8
-# terms, |error| <= s = max|x_row| / 8323072 per entry) and runs the exact W4A8 kernel.
+# The decode-size path of the native kernel (pq.h): with G % 64 == 0, at M == 1 on AVX512-VNNI
+# and at M == 1 or 5 <= M <= 15 on AMX, each row of x is written in 24-bit fixed point (three
+# int8 terms, |error| <= s = max|x_row| / 8323072 per entry) and runs the exact W4A8 kernel.
 FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_amx")]
 
 
@@ -100,12 +100,14 @@ def _fixed_path_runs(isa: str, m: int, k: int, n: int, g: int) -> bool:
 
 
 @pytest.mark.parametrize("backend,isa", FIXED_ISAS)
-@pytest.mark.parametrize("m", [1, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 15, 16])
 @pytest.mark.parametrize("g", [64, 128, 256])
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
 def test_fixed_point_path(backend, isa, m, g, dtype):
     n, k = 37, 3 * g
-    assert _fixed_path_runs(isa, m, k, n, g)
+    amx_range = isa == "avx512_amx" and 5 <= m <= 15
+    assert _fixed_path_runs(isa, m, k, n, g) == (m == 1 or amx_range)
+    assert not _fixed_path_runs(isa, m, 3 * 32, n, 32)  # G = 32: the float path
     x = activation((m, k), dtype, seed=m + g)
     x[0, 5] = 300.0  # an outlier entry: the row's scale grows with it
     check_op(OP, backend, isa, x, random_int4_weight(n, k, g, seed=g) + (g,),

@@ -213,7 +213,8 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
 int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int64_t group_size) {
   if (M < 0 || K < 0 || N < 0 || group_size <= 0 || too_big(M, K) || too_big(M, N)) return -1;
-  if (isa < PQ_ISA_AVX512_VNNI || !pq::int4wo_fixed_applies(M, group_size) ||
+  const bool amx = isa == PQ_ISA_AVX512_AMX;
+  if (isa < PQ_ISA_AVX512_VNNI || !pq::int4wo_fixed_applies(M, group_size, amx) ||
       K % group_size != 0)
     return 0;
   const int64_t rows = 3 * M;

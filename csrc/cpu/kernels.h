@@ -13,14 +13,17 @@
 namespace pq {
 
 /* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
- * the float path (4096 x 4096, weights streamed from memory, 2 threads):
- * M = 1: 1.1-1.3x; M = 2-4: 0.7-1.0x (3M = 6-12 term rows take two or three
- * register tiles, so each weight tile is decoded that many times); M = 5-8:
- * 1.1-1.4x (the AMX W4A8 tiles). G = 32: 0.5-0.6x (the W4A8 kernel's short
- * steps), so G % 64 == 0. Its scratch: [3M][K] int8 terms | [3M] scales |
- * [3M][N] fp32 term outputs | the W4A8 workspace for 3M rows, 64-byte aligned. */
-inline bool int4wo_fixed_applies(int64_t M, int64_t G) {
-  return (M == 1 || (M >= 5 && M <= 8)) && G % 64 == 0;
+ * the float paths (4096 x 4096, G = 128, weights streamed from memory, 2
+ * threads): M = 1: 1.1-1.3x on both ISAs. With AMX, where 3M >= 9 term rows
+ * run on AMX int8 tiles: M = 5-8: 1.0-1.4x, M = 9-15: 1.3-2.2x (against the
+ * float GEMV and dequantizing paths); from M = 16 on the AMX-BF16 path is as
+ * fast (0.9-1.35x, so it keeps those sizes). Without AMX, M = 5-15 take two to
+ * four register tiles of 4 term rows, each decoding the weights again:
+ * 0.74-0.93x, so only M = 1. G = 32: 0.5-0.6x (the W4A8 kernel's short steps),
+ * so G % 64 == 0. Its scratch: [3M][K] int8 terms | [3M] scales | [3M][N] fp32
+ * term outputs | the W4A8 workspace for 3M rows, each part 64-byte aligned. */
+inline bool int4wo_fixed_applies(int64_t M, int64_t G, bool amx) {
+  return (M == 1 || (amx && M >= 5 && M <= 15)) && G % 64 == 0;
 }
 inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
