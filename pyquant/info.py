@@ -114,6 +114,32 @@ def _sparse_break_even() -> dict:
     return {f"{op} ({kind})": m for (op, kind), m in _native.SPARSE_DENSE_MIN_M.items()}
 
 
+def _ranges(ms: list) -> str:
+    """[1, 5, 6, 7] -> "1, 5-7"."""
+    out, i = [], 0
+    while i < len(ms):
+        j = i
+        while j + 1 < len(ms) and ms[j + 1] == ms[j] + 1:
+            j += 1
+        out.append(str(ms[i]) if i == j else f"{ms[i]}-{ms[j]}")
+        i = j + 1
+    return ", ".join(out) or "none"
+
+
+def _decode_paths() -> dict:
+    """{"op": "M values"}: where the CPU kernels of the ISA in use write activations in 24-bit
+    fixed point and run int8 dot products (csrc/pq.h), asked of the native module itself."""
+    from . import _native
+
+    mod, isa = _native.module(), _native.current_isa()
+    k, n, probe = 4096, 4096, range(1, 65)
+    wo = [m for m in probe if mod.int4_weight_only_workspace_bytes(isa, m, k, n, 128) > 0]
+    sp = [m for m in probe if mod.sparse24_workspace_bytes(isa, m, k) > 0]
+    return {"int4_weight_only_mm (group size % 64 == 0)": _ranges(wo),
+            "sparse24_int8_mm": _ranges(sp),
+            "sparse24_int4_mm (group size % 64 == 0)": _ranges(sp)}
+
+
 def _cuda_section() -> dict:
     import torch
 
@@ -198,6 +224,7 @@ def collect() -> dict:
                                   for n, why in ops.backend_status().items()}),
         "dispatch": _try(ops.backend_table),
         "sparse_dense_from_m": _try(_sparse_break_even),
+        "fixed_point_decode_m": _try(_decode_paths),
     }
 
 
@@ -285,6 +312,13 @@ def format_text(d: dict) -> str:
                      "(decompressing beats the sparse kernel there):")
         for name, m in be.items():
             lines.append(f"  {name:<30}M >= {m}")
+    fx = d.get("fixed_point_decode_m")
+    if isinstance(fx, dict):
+        lines.append("")
+        lines.append("decode paths on cpu: activations in 24-bit fixed point (three int8 terms), "
+                     "int8 dot products, at M =")
+        for name, ms in fx.items():
+            lines.append(f"  {name:<44}{ms}")
     return "\n".join(lines)
 
 

@@ -83,6 +83,11 @@ def test_info_json(tmp_path):
         assert d["cpu_isa"]["in_use"] in pyquant._native.ISA_NAMES
         assert d["cpu_isa"]["compiled"]
         assert all(v == "cpu" for v in d["dispatch"]["cpu"].values()), d["dispatch"]["cpu"]
+        fx = d["fixed_point_decode_m"]  # the native module's own answer, per ISA
+        want = {"avx512_amx": "1, 5-15", "avx512_vnni": "1"}.get(d["cpu_isa"]["in_use"], "none")
+        assert fx["int4_weight_only_mm (group size % 64 == 0)"] == want, fx
+        assert fx["sparse24_int8_mm"] == ("1" if d["cpu_isa"]["in_use"] == "avx512_amx"
+                                          else "none"), fx
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())
