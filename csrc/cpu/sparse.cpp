@@ -70,6 +70,21 @@ bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3])
   return true;
 }
 
+/* The M = 1 decode path's driver: x into the scratch in fixed point, then
+ * tile(n, R-tag, xu, Kp, s3) over the weight-row tiles of for_each_tile.
+ * False (nothing written) when x cannot be written in fixed point. */
+template <class Tile>
+bool run_fx(const float* x, int64_t K, int64_t N, int n_threads, void* work, Tile tile) {
+  const int64_t Kp = (K + 127) / 128 * 128;
+  float s3[3];
+  uint8_t* xu = (uint8_t*)work;
+  if (!fixed24_u8(x, K, Kp, xu, s3)) return false;
+  for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
+    dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) { tile(n, R_, xu, Kp, s3); });
+  });
+  return true;
+}
+
 /* sparse24_int8_mm at M = 1 through dot24_i8_fx. The result is the fp32 sum of
  * the three terms' exact dot products (smallest first), times the row scale,
  * plus bias. Returns false (nothing written) when x cannot be written in fixed
@@ -77,22 +92,17 @@ bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3])
 bool sparse24_int8_fx(const float* x, int64_t K, const int8_t* values_q, const uint8_t* meta,
                       int64_t N, const float* scale, const float* bias, float* out,
                       int n_threads, void* work) {
-  const int64_t Kp = (K + 127) / 128 * 128, H = K / 2, ldm = (K + 7) / 8;
-  float s3[3];
-  uint8_t* xu = (uint8_t*)work;
-  if (!fixed24_u8(x, K, Kp, xu, s3)) return false;
-  for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
-    dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
-      constexpr int R = decltype(R_)::value;
-      int32_t d[R][3];
-      dot24_i8_fx<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);
-      for (int r = 0; r < R; ++r) {
-        const float v = (float)d[r][0] * s3[0] + ((float)d[r][1] * s3[1] + (float)d[r][2] * s3[2]);
-        out[n + r] = epilogue(v, scale, bias, n + r);
-      }
-    });
+  const int64_t H = K / 2, ldm = (K + 7) / 8;
+  return run_fx(x, K, N, n_threads, work, [&](int64_t n, auto R_, const uint8_t* xu, int64_t Kp,
+                                              const float* s3) {
+    constexpr int R = decltype(R_)::value;
+    int32_t d[R][3];
+    dot24_i8_fx<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);
+    for (int r = 0; r < R; ++r) {
+      const float v = (float)d[r][0] * s3[0] + ((float)d[r][1] * s3[1] + (float)d[r][2] * s3[2]);
+      out[n + r] = epilogue(v, scale, bias, n + r);
+    }
   });
-  return true;
 }
 #endif
 
@@ -114,20 +124,15 @@ void sparse24_int8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const i
 bool sparse24_int4_fx(const float* x, int64_t K, const uint8_t* packed, const uint8_t* meta,
                       int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                       const float* bias, float* out, int n_threads, void* work) {
-  const int64_t Kp = (K + 127) / 128 * 128, ldm = (K + 7) / 8, ldp = K / 4, ng = K / 2 / G;
-  float s3[3];
-  uint8_t* xu = (uint8_t*)work;
-  if (!fixed24_u8(x, K, Kp, xu, s3)) return false;
-  for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
-    dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
-      constexpr int R = decltype(R_)::value;
-      float d[R];
-      dot24_i4_fx<R>(packed + n * ldp, ldp, meta + n * ldm, ldm, scales + n * ng, zeros + n * ng,
-                     ng, G, xu, Kp, d);
-      for (int r = 0; r < R; ++r) out[n + r] = epilogue(d[r] * s3[2], nullptr, bias, n + r);
-    });
+  const int64_t ldm = (K + 7) / 8, ldp = K / 4, ng = K / 2 / G;
+  return run_fx(x, K, N, n_threads, work, [&](int64_t n, auto R_, const uint8_t* xu, int64_t Kp,
+                                              const float* s3) {
+    constexpr int R = decltype(R_)::value;
+    float d[R];
+    dot24_i4_fx<R>(packed + n * ldp, ldp, meta + n * ldm, ldm, scales + n * ng, zeros + n * ng,
+                   ng, G, xu, Kp, d);
+    for (int r = 0; r < R; ++r) out[n + r] = epilogue(d[r] * s3[2], nullptr, bias, n + r);
   });
-  return true;
 }
 #endif
 

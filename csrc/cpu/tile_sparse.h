@@ -228,6 +228,16 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
  * summed by a vpdpbusd against ones. Per 80 bytes of weight (64 values + 16
  * meta) about 12 vector ops, where the float kernel (dot24) needs ~28. Exact
  * int32 sums: dot[r][t] = sum_j xterm_t[col(j)] * v[r, j]. */
+/* The 128 columns of x (three u8 term rows of Kp bytes) that kept values j..j+63 can
+ * index: the two tables of each term's vpermi2b. */
+inline void load_fx_step(const uint8_t* xu, int64_t Kp, int64_t j, __m512i xlo[3], __m512i xhi[3]) {
+  for (int t = 0; t < 3; ++t) {
+    const uint8_t* p = xu + t * Kp + 2 * j;
+    xlo[t] = _mm512_load_si512(p);
+    xhi[t] = _mm512_load_si512(p + 64);
+  }
+}
+
 template <int R>
 inline void dot24_i8_fx(const int8_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
                         const uint8_t* xu, int64_t Kp, int64_t H, int32_t dot[R][3]) {
@@ -254,11 +264,7 @@ inline void dot24_i8_fx(const int8_t* v, int64_t ldv, const uint8_t* meta, int64
     const __mmask64 mv = rem >= 64 ? ~0ULL : (1ULL << rem) - 1;
     const __mmask16 mm = rem >= 64 ? (__mmask16)0xFFFF : (__mmask16)((1u << ((rem + 3) / 4)) - 1);
     __m512i xlo[3], xhi[3];
-    for (int t = 0; t < 3; ++t) {
-      const uint8_t* p = xu + t * Kp + 2 * j;
-      xlo[t] = _mm512_load_si512(p);
-      xhi[t] = _mm512_load_si512(p + 64);
-    }
+    load_fx_step(xu, Kp, j, xlo, xhi);
     for (int r = 0; r < R; ++r) {
       const uint8_t* mp = meta + r * ldm + j / 4;
       PQ_PREFETCH_NEXT_TILE(v + (r + R) * ldv + j);
@@ -311,11 +317,7 @@ inline void dot24_i4_fx(const uint8_t* packed, int64_t ldp, const uint8_t* meta,
     }
     for (int64_t j = g * G; j < (g + 1) * G; j += 64) {
       __m512i xlo[3], xhi[3];
-      for (int t = 0; t < 3; ++t) {
-        const uint8_t* p = xu + t * Kp + 2 * j;
-        xlo[t] = _mm512_load_si512(p);
-        xhi[t] = _mm512_load_si512(p + 64);
-      }
+      load_fx_step(xu, Kp, j, xlo, xhi);
       for (int r = 0; r < R; ++r) {
         const uint8_t* mp = meta + r * ldm + j / 4;
         const uint8_t* cp = packed + r * ldp + j / 2;
