@@ -152,7 +152,10 @@ int pq_stream_read(const void* data, int64_t bytes, int n_threads, uint64_t* che
  *   bitmask      uint8 [N, ceil(K/8)], bit k%8 of byte k/8 set when kept
  *   row_offsets  int64 [N + 1]; values[row_offsets[n] .. row_offsets[n+1])
  * Values stored as bf16/fp16 are widened to float32 in registers; every
- * product is accumulated in float32. */
+ * product is accumulated in float32. Only kept positions are multiplied: an
+ * Inf or NaN of x in a pruned column does not reach the output, where a dense
+ * product with the decompressed weight (the reference, and the dense path
+ * from the break-even batch size on) gives NaN for it (Inf * 0). */
 typedef enum {
   PQ_DTYPE_F32 = 0,
   PQ_DTYPE_BF16 = 1,
