@@ -199,6 +199,12 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
  * is then unspecified: such weights run on the sparse kernels, which add duplicates). */
 int pq_sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
                            int64_t K, void* out, int n_threads);
+/* Dense [N, K] from unstructured values (elem_bytes 2 for bf16/fp16, 4 for float32): kept
+ * values copied bit for bit, zeros elsewhere. PQ_ERR_ARG when the weight is inconsistent (the
+ * checks of pq_sparse_unstructured_mm; out is then unspecified). */
+int pq_sparse_unstructured_decompress(const uint8_t* bitmask, const void* values, int elem_bytes,
+                                      int64_t nnz, const int64_t* row_offsets, int64_t N,
+                                      int64_t K, void* out, int n_threads);
 /* The same for 2:4 + int4: dense packed int4 codes [N, K/2] (two a byte, low nibble first)
  * from the kept codes [N, K/4] and canonical meta; a pruned position holds its group's zero
  * point (zeros [N, (K/2)/G], G the group size over kept values), so it dequantizes to exactly

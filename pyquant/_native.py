@@ -459,8 +459,9 @@ def _value_dtype(values: torch.Tensor) -> int:
     return getattr(module(), _VALUE_DTYPES[values.dtype])
 
 
-# Break-even of the 2:4 ops on the CPU: from this many activation rows on, decompressing the
-# weight (pq_sparse24_decompress / pq_sparse24_int4_decompress) and running a dense GEMM beats
+# Break-even of the sparse ops on the CPU: from this many activation rows on, decompressing the
+# weight (pq_sparse24_decompress / pq_sparse24_int4_decompress / pq_sparse_unstructured_decompress)
+# and running a dense GEMM beats
 # the gather kernels, whose cost grows with M like FMA loops do. "bf16": bf16 values and
 # activations (oneDNN's bf16 GEMM on AMX); "fp32": any other dtypes (an fp32 GEMM for float
 # values; the int8/int4 weight-only kernels for int8/int4 values). Measured on a 2-core Xeon with
@@ -471,9 +472,14 @@ def _value_dtype(values: torch.Tensor) -> int:
 #                   benchmark the sparse kernel was 0.4-0.8x fp32 F.linear at 128, the dense
 #                   int8 kernels 1.0-1.8x: 128 keeps every int8 2:4 call above fp32 there
 #   int4 g128:      1.29 / 1.03 at 64, 1.63 / 1.96 at 128
+#   unstructured 70% (pq_sparse_unstructured_decompress, 16-49 ms): bf16 x 0.84 / 0.85 at 32,
+#                   1.44 / 1.95 at 64; fp32 x 0.61 / 0.56 at 64, 0.93 / 1.20 at 128, 1.83 / 2.29
+#                   at 256 (the kernel's FMA loop costs ~0.4 ms per activation row at 4096^2)
 # The dense path keeps the ops' arithmetic: exact products summed in fp32, one rounding.
 SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 128, ("sparse24_mm", "fp32"): 512,
-                      ("sparse24_int8_mm", "fp32"): 128, ("sparse24_int4_mm", "fp32"): 64}
+                      ("sparse24_int8_mm", "fp32"): 128, ("sparse24_int4_mm", "fp32"): 64,
+                      ("sparse_unstructured_mm", "bf16"): 64,
+                      ("sparse_unstructured_mm", "fp32"): 128}
 
 
 def sparse_dense_reason(op: str, m: int, kind: str = "fp32") -> Optional[str]:
@@ -510,6 +516,16 @@ def _decompress_24(values: torch.Tensor, meta: torch.Tensor) -> Optional[torch.T
     dense = _scratch(v.dtype, n, k)
     st = module().sparse24_decompress(_ptr(v), v.element_size(), _ptr(mt), n, k, _ptr(dense),
                                       _threads())
+    return None if st else dense
+
+
+def _decompress_unstructured(bitmask, values, row_offsets, k: int) -> Optional[torch.Tensor]:
+    """Dense [N, K] in values' dtype (scratch), or None when the weight is inconsistent."""
+    n = bitmask.shape[0]
+    bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
+    dense = _scratch(v.dtype, n, k)
+    st = module().sparse_unstructured_decompress(_ptr(bm), _ptr(v), v.element_size(), v.numel(),
+                                                 _ptr(off), n, k, _ptr(dense), _threads())
     return None if st else dense
 
 
@@ -630,6 +646,11 @@ def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
     n, k = bitmask.shape[0], x.shape[-1]
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
+    kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
+    if m and n and sparse_dense_reason(op, m, kind):
+        dense = _decompress_unstructured(bitmask, values, row_offsets, k)
+        if dense is not None:  # else an inconsistent weight: the kernel reports it
+            return _dense_float_linear(x2, dense, bias).reshape(*lead, n)
     out = torch.empty((m, n), dtype=torch.float32)
     if m and n:
         xf = _rows_f32(x2)

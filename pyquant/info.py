@@ -107,7 +107,7 @@ def _native_section() -> dict:
 
 
 def _sparse_break_even() -> dict:
-    """{"op (dtypes)": M}: from M rows on, the cpu backend runs that 2:4 op dense from its
+    """{"op (dtypes)": M}: from M rows on, the cpu backend runs that sparse op dense from its
     compressed weight (pyquant/_native.py, SPARSE_DENSE_MIN_M)."""
     from . import _native
 
@@ -308,7 +308,7 @@ def format_text(d: dict) -> str:
     be = d.get("sparse_dense_from_m")
     if isinstance(be, dict) and be:
         lines.append("")
-        lines.append("2:4 ops on cpu: dense GEMM from the compressed weight from M rows on "
+        lines.append("sparse ops on cpu: dense GEMM from the compressed weight from M rows on "
                      "(decompressing beats the sparse kernel there):")
         for name, m in be.items():
             lines.append(f"  {name:<30}M >= {m}")

@@ -237,6 +237,38 @@ def test_dense_path_matches_reference(dense_from_m1, vdtype, xdtype, bias):
     _check("sparse24_int8_mm", None, activation((17, k), seed=6), wargs, b)
 
 
+@pytest.mark.parametrize("vdtype,xdtype,bias", [
+    (torch.float32, torch.float32, "fp32"), (torch.bfloat16, torch.bfloat16, None),
+    (torch.bfloat16, torch.bfloat16, "bf16"), (torch.bfloat16, torch.float32, "fp32"),
+    (torch.float16, torch.float16, None)], ids=str)
+def test_unstructured_dense_path_matches_reference(dense_from_m1, vdtype, xdtype, bias):
+    n, k = 37, 131
+    w, (bm, vals, off) = random_sparse(n, k, 0.4, seed=3)
+    vals = vals.to(vdtype)
+    b = None if bias is None else torch.randn(n, generator=gen(2)).to(
+        torch.bfloat16 if bias == "bf16" else torch.float32)
+    assert _native.sparse_dense_reason("sparse_unstructured_mm", 2) is not None
+    for shape in ((1, k), (2, 9, k)):
+        _check("sparse_unstructured_mm", None, activation(shape, xdtype, seed=4), (bm, vals, off), b)
+
+
+def test_unstructured_decompress_is_exact_and_refuses_inconsistent_weights(dense_from_m1):
+    n, k = 19, 100
+    _, (bm, v, off) = random_sparse(n, k, 0.5, seed=8)
+    for dt in (torch.float32, torch.bfloat16):
+        got = _native._decompress_unstructured(bm, v.to(dt), off, k)
+        assert torch.equal(got, sf.decompress_unstructured(bm, v.to(dt), off, k))
+    bad = off.clone()
+    bad[4] += 1  # rows 3 and 4 disagree with their popcounts
+    assert _native._decompress_unstructured(bm, v, bad, k) is None
+    b2 = bm.clone()
+    b2[0, -1] |= 0x80  # a bit at k = 103 >= K
+    assert _native._decompress_unstructured(b2, v, off, k) is None
+    # the op then runs the kernel, which names the problem
+    with pytest.raises(ValueError, match="inconsistent unstructured sparse weight"):
+        run_op("sparse_unstructured_mm", "cpu", None, activation((3, k)), (bm, v, bad), None)
+
+
 @pytest.mark.parametrize("group", [2, 16, 32, 64])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16], ids=str)
 def test_int4_dense_path_matches_reference(dense_from_m1, group, xdtype):
