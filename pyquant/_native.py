@@ -560,6 +560,10 @@ def _dense_float_linear(x2: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor
 def sparse24_mm(x, values, meta, bias=None):
     _checks.check_sparse24_mm("sparse24_mm", x, values, meta, bias)
     _require_cpu("sparse24_mm", x)
+    return _run_sparse24_mm(x, values, meta, bias)
+
+
+def _run_sparse24_mm(x, values, meta, bias=None):
     n, k = values.shape[0], values.shape[1] * 2
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
@@ -585,6 +589,10 @@ def sparse24_mm(x, values, meta, bias=None):
 def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
     _checks.check_sparse24_int8_mm("sparse24_int8_mm", x, values_q, meta, scale, bias)
     _require_cpu("sparse24_int8_mm", x)
+    return _run_sparse24_int8_mm(x, values_q, meta, scale, bias)
+
+
+def _run_sparse24_int8_mm(x, values_q, meta, scale, bias=None):
     n, k = values_q.shape[0], values_q.shape[1] * 2
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
@@ -612,6 +620,10 @@ def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
     _checks.check_sparse24_int4_mm("sparse24_int4_mm", x, packed, meta, scales, zeros,
                                    group_size, bias)
     _require_cpu("sparse24_int4_mm", x)
+    return _run_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias)
+
+
+def _run_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
     n, k = packed.shape[0], packed.shape[1] * 4
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
@@ -643,6 +655,11 @@ def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
     op = "sparse_unstructured_mm"
     _checks.check_sparse_unstructured_mm(op, x, bitmask, values, row_offsets, bias)
     _require_cpu(op, x)
+    return _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias)
+
+
+def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
+    op = "sparse_unstructured_mm"
     n, k = bitmask.shape[0], x.shape[-1]
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
