@@ -181,9 +181,10 @@ _SCRATCH = threading.local()
 _SCRATCH_MAX_BYTES = 8 << 20  # above this a call allocates: the kernel dwarfs the allocation
 
 
-def _work(key: str, nbytes: int) -> torch.Tensor:
-    """A uint8 buffer of >= nbytes that lives only for one call on this thread."""
-    if nbytes > _SCRATCH_MAX_BYTES:
+def _work(key, nbytes: int, cap: bool = True) -> torch.Tensor:
+    """A uint8 buffer of >= nbytes that lives only for one call on this thread: kept per key
+    and reused, up to _SCRATCH_MAX_BYTES when ``cap`` (above it a fresh tensor)."""
+    if cap and nbytes > _SCRATCH_MAX_BYTES:
         return torch.empty(nbytes, dtype=torch.uint8)
     d = _SCRATCH.__dict__
     buf = d.get(key)
@@ -499,13 +500,12 @@ def _bf16_path(x: torch.Tensor, w: torch.Tensor, bias) -> bool:
 
 
 def _scratch(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
-    """[rows, cols] of a per-thread buffer grown to the largest layer: a fresh 32 MB tensor
-    costs more in first-touch page faults than decompressing into it (measured: 24 ms against
-    ~3 ms for 4096 x 4096 bf16). The dense copy lives only for the GEMM that follows it."""
-    buf = _SCRATCH.__dict__.setdefault(dtype, torch.empty(0, dtype=dtype))
-    if buf.numel() < rows * cols:
-        buf = _SCRATCH.__dict__[dtype] = torch.empty(rows * cols, dtype=dtype)
-    return buf[: rows * cols].view(rows, cols)
+    """[rows, cols] of a per-thread buffer grown to the largest layer (``_work`` without the
+    cap): a fresh 32 MB tensor costs more in first-touch page faults than decompressing into
+    it (measured: 24 ms against ~3 ms for 4096 x 4096 bf16). The dense copy lives only for the
+    GEMM that follows it."""
+    nbytes = rows * cols * torch.empty(0, dtype=dtype).element_size()
+    return _work(("dense", dtype), nbytes, cap=False)[:nbytes].view(dtype).view(rows, cols)
 
 
 def _decompress_24(values: torch.Tensor, meta: torch.Tensor) -> Optional[torch.Tensor]:

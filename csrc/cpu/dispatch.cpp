@@ -62,21 +62,29 @@ bool cpu_has(int isa) {
   return false;
 }
 
-const pq::KernelTable* compiled_table(int isa) {
+/* The dense and sparse tables of one ISA build. */
+struct Build {
+  const pq::KernelTable* dense;
+  const pq::SparseKernelTable* sparse;
+};
+
+Build compiled_build(int isa) {
   switch (isa) {
-    case PQ_ISA_PORTABLE: return &pq_portable::kKernels;
+    case PQ_ISA_PORTABLE: return {&pq_portable::kKernels, &pq_portable::kSparseKernels};
 #ifdef PQ_HAVE_AVX2
-    case PQ_ISA_AVX2: return &pq_avx2::kKernels;
+    case PQ_ISA_AVX2: return {&pq_avx2::kKernels, &pq_avx2::kSparseKernels};
 #endif
 #ifdef PQ_HAVE_AVX512
-    case PQ_ISA_AVX512_VNNI: return &pq_avx512::kKernels;
+    case PQ_ISA_AVX512_VNNI: return {&pq_avx512::kKernels, &pq_avx512::kSparseKernels};
 #endif
 #ifdef PQ_HAVE_AMX
-    case PQ_ISA_AVX512_AMX: return &pq_amx::kKernels;
+    case PQ_ISA_AVX512_AMX: return {&pq_amx::kKernels, &pq_amx::kSparseKernels};
 #endif
-    default: return nullptr;
+    default: return {nullptr, nullptr};
   }
 }
+
+const pq::KernelTable* compiled_table(int isa) { return compiled_build(isa).dense; }
 
 /* The table for isa, or null when it is not compiled in or the CPU lacks it. */
 const pq::KernelTable* table(int isa) {
@@ -88,20 +96,7 @@ const pq::KernelTable* table(int isa) {
 
 /* The sparse kernels of the same build as table(isa) (used by dispatch_sparse.cpp). */
 const pq::SparseKernelTable* pq::sparse_table(int isa) {
-  if (!table(isa)) return nullptr;
-  switch (isa) {
-    case PQ_ISA_PORTABLE: return &pq_portable::kSparseKernels;
-#ifdef PQ_HAVE_AVX2
-    case PQ_ISA_AVX2: return &pq_avx2::kSparseKernels;
-#endif
-#ifdef PQ_HAVE_AVX512
-    case PQ_ISA_AVX512_VNNI: return &pq_avx512::kSparseKernels;
-#endif
-#ifdef PQ_HAVE_AMX
-    case PQ_ISA_AVX512_AMX: return &pq_amx::kSparseKernels;
-#endif
-    default: return nullptr;
-  }
+  return table(isa) ? compiled_build(isa).sparse : nullptr;
 }
 
 namespace {

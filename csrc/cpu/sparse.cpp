@@ -61,9 +61,9 @@ void sparse24_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* 
  * steps, into the caller's 3 * Kp bytes; false when x is not finite or too
  * small for fixed point (split_row_fixed24). */
 bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3]) {
-  memset(xu, 0, (size_t)(3 * Kp));
   if (!split_row_fixed24(x, K, (int8_t*)xu, (int8_t*)xu + Kp, (int8_t*)xu + 2 * Kp, s3))
     return false;
+  for (int t = 0; t < 3; ++t) memset(xu + t * Kp + K, 0, (size_t)(Kp - K)); /* the padding */
   const __m512i bias8 = _mm512_set1_epi8((char)0x80);
   for (int64_t i = 0; i < 3 * Kp; i += 64)
     _mm512_store_si512(xu + i, _mm512_xor_si512(_mm512_load_si512(xu + i), bias8));
