@@ -5,7 +5,7 @@
 #      --no-index) -- in the background, then check that the installed package finds its
 #      kernels; the tests and the benchmark run from the source tree (PYTHONPATH), which needs
 #      no native module;
-#   2. the GPU tests of the Triton backend:  pytest -m gpu tests/test_triton.py;
+#   2. the GPU tests of the Triton backend:  pytest -m gpu tests/test_triton.py tests/test_triton_sparse.py;
 #   3. the CUDA benchmark (pyquant bench --device cuda, i.e. python -m pyquant.bench_cuda) with whatever time is left.
 # Everything lands in $OUT (or ./gpu_results): gpu_check.log (all output), install.log,
 # junit.xml, bench_cuda.csv/.json and triton_autotune.json. Whole run: under 8 minutes.
@@ -75,7 +75,7 @@ set +e
 # it is single-threaded per process: spread the tests over processes when pytest-xdist is there.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 6"
-timeout "$T" "$PY" -m pytest -m gpu tests/test_triton.py -q -rs --durations=15 $XDIST \
+timeout "$T" "$PY" -m pytest -m gpu tests/test_triton.py tests/test_triton_sparse.py -q -rs --durations=15 $XDIST \
     -p no:cacheprovider --junitxml="$OUT/junit.xml"
 TEST_RC=$?
 set -e

@@ -63,6 +63,18 @@ def split_choices(tiles: int, k_tiles: int, sms: int) -> list:
     return sorted(out)
 
 
+def tiled_config(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, stages: int,
+                 swap: bool, sms: int, split: bool = True) -> dict:
+    """A "tiled" (MMA) path config; split-K chosen by ``split_k`` over K / BLOCK_K tiles when
+    ``split``."""
+    import triton
+
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    s = split_k(tiles, triton.cdiv(k, bk), sms) if split else 1
+    return dict(path="tiled", SWAP_AB=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                SPLIT_K=s, num_warps=warps, num_stages=stages)
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -116,6 +116,25 @@ def store_partial(acc, m2, n2, M, N, part_ptr, pid_k):
 
 
 @triton.jit
+def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, rs_ptr, cs_ptr, b_ptr,
+                part_ptr, pid_k, HAS_RS: tl.constexpr, HAS_CS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The end of every tiled kernel: acc [BLOCK_M, BLOCK_N] (or [BLOCK_N, BLOCK_M] when
+    SWAP_AB) goes through the epilogue to out, or, with SPLIT_K > 1, to the split's partial."""
+    if SWAP_AB:
+        m2 = offs_m[None, :]
+        n2 = offs_n[:, None]
+    else:
+        m2 = offs_m[:, None]
+        n2 = offs_n[None, :]
+    if SPLIT_K == 1:
+        epilogue_store(acc, m2, n2, M, N, out_ptr, stride_om, stride_on, rs_ptr, cs_ptr, b_ptr,
+                       HAS_RS, HAS_CS, HAS_BIAS)
+    else:
+        store_partial(acc, m2, n2, M, N, part_ptr, pid_k)
+
+
+@triton.jit
 def splitk_reduce_kernel(part_ptr, out_ptr, rs_ptr, cs_ptr, b_ptr, M, N, stride_om, stride_on,
                          SPLIT_K: tl.constexpr, HAS_RS: tl.constexpr, HAS_CS: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):

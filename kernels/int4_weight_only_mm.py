@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (dot_precision, epilogue_store, nibble_to_float, row_sum, run_linear,
-                      splitk_reduce, store_partial, tile_ids)
+from ._common import (dot_precision, epilogue_store, finish_tile, nibble_to_float, row_sum,
+                      run_linear, splitk_reduce, store_partial, tile_ids)
 
 OP = "int4_weight_only_mm"
 MIN_TILED_SUB_K = 32  # the MMA's K per sub-tile: x_even/x_odd halves must be >= 16
@@ -102,17 +102,8 @@ def _tiled_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K,
                 part = tl.dot(xe, wlo, input_precision=DOT_PREC)
                 part = tl.dot(xo, whi, part, input_precision=DOT_PREC)
                 acc += part * sc[None, :]
-    if SWAP_AB:
-        m2 = offs_m[None, :]
-        n2 = offs_n[:, None]
-    else:
-        m2 = offs_m[:, None]
-        n2 = offs_n[None, :]
-    if SPLIT_K == 1:
-        epilogue_store(acc, m2, n2, M, N, out_ptr, stride_om, stride_on, b_ptr, b_ptr, b_ptr,
-                       False, False, HAS_BIAS)
-    else:
-        store_partial(acc, m2, n2, M, N, part_ptr, pid_k)
+    finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, b_ptr, b_ptr,
+                b_ptr, part_ptr, pid_k, False, False, HAS_BIAS, SWAP_AB, SPLIT_K)
 
 
 @triton.jit

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (cdiv, epilogue_store, round_half_even, row_sum, run_linear, splitk_reduce,
-                      store_partial, tile_ids, vec_max_nan)
+from ._common import (cdiv, finish_tile, round_half_even, row_sum, run_linear,
+                      splitk_reduce, store_partial, tile_ids, vec_max_nan)
 
 OP = "int8_dynamic_mm"
 K_MAX = 133143  # K * 127 * 127 < 2**31: the int32 accumulator cannot overflow
@@ -111,17 +111,8 @@ def _tiled_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N,
                 xt = tl.load(xp, mask=kk[None, :] < K, other=0)
                 wt = tl.load(wp, mask=kk[:, None] < K, other=0)
             acc = tl.dot(xt, wt, acc, out_dtype=tl.int32)
-    if SWAP_AB:
-        m2 = offs_m[None, :]
-        n2 = offs_n[:, None]
-    else:
-        m2 = offs_m[:, None]
-        n2 = offs_n[None, :]
-    if SPLIT_K == 1:
-        epilogue_store(acc, m2, n2, M, N, out_ptr, stride_om, stride_on, xs_ptr, ws_ptr, b_ptr,
-                       True, True, HAS_BIAS)
-    else:
-        store_partial(acc, m2, n2, M, N, part_ptr, pid_k)
+    finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, xs_ptr, ws_ptr,
+                b_ptr, part_ptr, pid_k, True, True, HAS_BIAS, SWAP_AB, SPLIT_K)
 
 
 @triton.jit

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (cdiv, dot_precision, epilogue_store, row_sum, run_linear, splitk_reduce,
-                      store_partial, tile_ids)
+from ._common import (cdiv, dot_precision, epilogue_store, finish_tile, row_sum, run_linear,
+                      splitk_reduce, store_partial, tile_ids)
 
 OP = "int8_weight_only_mm"
 
@@ -80,17 +80,8 @@ def _tiled_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K,
                 xt = tl.load(xp, mask=kk[None, :] < K, other=0.0)
                 wt = tl.load(wp, mask=kk[:, None] < K, other=0)
             acc = tl.dot(xt, wt.to(DT), acc, input_precision=DOT_PREC)
-    if SWAP_AB:
-        m2 = offs_m[None, :]
-        n2 = offs_n[:, None]
-    else:
-        m2 = offs_m[:, None]
-        n2 = offs_n[None, :]
-    if SPLIT_K == 1:
-        epilogue_store(acc, m2, n2, M, N, out_ptr, stride_om, stride_on, ws_ptr, ws_ptr, b_ptr,
-                       False, True, HAS_BIAS)
-    else:
-        store_partial(acc, m2, n2, M, N, part_ptr, pid_k)
+    finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, ws_ptr, ws_ptr,
+                b_ptr, part_ptr, pid_k, False, True, HAS_BIAS, SWAP_AB, SPLIT_K)
 
 
 @triton.jit
@@ -181,11 +172,7 @@ F32_TILES = ((32, 64, 32, 4, 3, True), (64, 64, 32, 4, 3, True), (16, 64, 32, 4,
              (64, 32, 32, 4, 3, False))
 
 
-def _tiled(m, n, k, bm, bn, bk, w, st, swap, sms, split=True) -> dict:
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    s = _autotune.split_k(tiles, triton.cdiv(k, bk), sms) if split else 1
-    return dict(path="tiled", SWAP_AB=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                SPLIT_K=s, num_warps=w, num_stages=st)
+_tiled = _autotune.tiled_config
 
 
 def candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list:

@@ -36,7 +36,11 @@ from typing import Optional
 
 import torch
 
-OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "sparse24_mm",
+       "sparse24_int8_mm")
+# The kernel module of each op (kernels/<module>.py has a launcher named after the op).
+MODULES = {op: op for op in OPS}
+MODULES["sparse24_int8_mm"] = "sparse24_mm"  # one kernel for float and int8 kept values
 MIN_TRITON = (3, 0)
 MIN_CAPABILITY = (8, 0)  # bf16 MMA and the int8 MMA shapes used here need Ampere or newer
 
@@ -154,7 +158,7 @@ def _load_package(name: str, interpret: bool) -> SimpleNamespace:
             spec = None
         if spec is not None:  # an installed wheel, or an editable install's redirect
             for op in OPS:
-                mods[op] = importlib.import_module(f"{name}.{op}")
+                mods[op] = importlib.import_module(f"{name}.{MODULES[op]}")
             return SimpleNamespace(**mods, package=sys.modules[name])
     d = kernels_dir()
     if d is None:
@@ -174,7 +178,7 @@ def _load_package(name: str, interpret: bool) -> SimpleNamespace:
                 sys.modules.pop(name, None)
                 raise
         for op in OPS:
-            mods[op] = importlib.import_module(f"{name}.{op}")
+            mods[op] = importlib.import_module(f"{name}.{MODULES[op]}")
         mods["_autotune"] = importlib.import_module(f"{name}._autotune")
     return SimpleNamespace(**mods, package=sys.modules[name])
 
@@ -276,10 +280,20 @@ def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
         x, w_packed, scales, zeros, group_size, bias)
 
 
+def sparse24_mm(x, values, meta, bias=None):
+    return kernels().sparse24_mm.sparse24_mm(x, values, meta, bias)
+
+
+def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
+    return kernels().sparse24_int8_mm.sparse24_int8_mm(x, values_q, meta, scale, bias)
+
+
 _IMPLS = {
     "int8_weight_only_mm": int8_weight_only_mm,
     "int8_dynamic_mm": int8_dynamic_mm,
     "int4_weight_only_mm": int4_weight_only_mm,
+    "sparse24_mm": sparse24_mm,
+    "sparse24_int8_mm": sparse24_int8_mm,
 }
 
 

@@ -10,6 +10,10 @@ Per shape [N, K] (out_features, in_features) and batch M (tokens):
     dense         the triton backend's dense fallback (dequantize + cuBLAS), M >= 256 only:
                   what DENSE_FALLBACK_MIN_M in pyquant/_triton.py would switch to
     torchao.*     / bnb.*  where installed (their own formats: a peer, not the same numerics)
+    torch.sparse24  PyTorch's own 2:4 (to_sparse_semi_structured: cuSPARSELt or CUTLASS) on
+                  the same 2:4-pruned bf16 weight as pyquant.sparse24_mm, the peer of the
+                  2:4 rows (pyquant.sparse24_mm / sparse24_int8_mm, Triton); their speedup
+                  column is against the dense bf16 F.linear of the unpruned weight
 
 Timing: every implementation is captured in a CUDA graph and replayed between CUDA events,
 median of N; before every replay a 256 MB buffer is written, which evicts the L2 (50-60 MB on
@@ -30,7 +34,6 @@ import csv
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Optional
@@ -50,7 +53,9 @@ SHAPES = {
     "8192x8192": (8192, 8192),
 }
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 2048, 4096)
-OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+DENSE_OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
+SPARSE_OPS = ("sparse24_mm", "sparse24_int8_mm")
+OPS = DENSE_OPS + SPARSE_OPS
 GROUP = 128
 # Dense tensor-core peaks (no sparsity), TFLOP/s bf16 and TOPS int8, by device-name substring.
 PEAKS = {"H200": (989.4, 1978.9), "H100 SXM": (989.4, 1978.9), "H100 NVL": (835.0, 1670.0),
@@ -100,24 +105,44 @@ def copy_bandwidth(gib: float = 1.0) -> float:
 
 def _weights(n: int, k: int, seed: int = 0):
     from pyquant import formats
+    from pyquant import sparse_formats as sf
 
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     w = torch.randn(n, k, device=DEVICE, generator=g) * 0.02
     q8, s8 = formats.quantize_int8_per_channel(w)
     codes, s4, z4 = formats.quantize_int4_groupwise(w, GROUP)
+    v24, meta = sf.compress_24(w)  # magnitude 2:4: the two largest |w| of each 4
+    w24 = sf.decompress_24(v24, meta)
+    v24q, v24s = sf.quantize_24_int8(v24)
     return dict(
-        bf16=w.to(torch.bfloat16), fp16=w.to(torch.float16),
+        bf16=w.to(torch.bfloat16), fp16=w.to(torch.float16), bf16_24=w24.to(torch.bfloat16),
         int8_weight_only_mm=(q8, s8), int8_dynamic_mm=(q8, s8),
         int4_weight_only_mm=(formats.pack_int4(codes), s4, z4, GROUP),
+        sparse24_mm=(v24.to(torch.bfloat16), meta), sparse24_int8_mm=(v24q, meta, v24s),
     )
 
 
 def _weight_bytes(impl: str, n: int, k: int) -> int:
     if impl in ("bf16", "fp16") or impl.startswith("dense"):
         return 2 * n * k
+    if impl in ("pyquant.sparse24_mm", "torch.sparse24"):
+        return n * k + n * k // 8  # bf16 kept half + 2-bit positions
+    if impl == "pyquant.sparse24_int8_mm":
+        return n * k // 2 + n * k // 8 + 4 * n
     if "int4" in impl or "nf4" in impl:
         return n * k // 2 + (n * k // GROUP) * 5
     return n * k + 4 * n
+
+
+def _torch_sparse24(w24_bf16: torch.Tensor):
+    """PyTorch's semi-structured 2:4 weight (cuSPARSELt where built in, else CUTLASS), or the
+    reason it is unavailable."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        return to_sparse_semi_structured(w24_bf16)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:160]
 
 
 def _peer_impls(n: int, k: int, w_bf16: torch.Tensor) -> dict:
@@ -197,6 +222,9 @@ def run(args) -> list:
             break
         W = _weights(n, k)
         peers = _peer_impls(n, k, W["bf16"]) if args.peers else {}
+        ts24 = _torch_sparse24(W["bf16_24"]) if any(o in SPARSE_OPS for o in args.ops) else None
+        if isinstance(ts24, str):
+            print(f"# {sname}: torch.sparse24 skipped: {ts24}")
         for name, p in peers.items():
             if isinstance(p, str):
                 print(f"# {sname}: {name} skipped: {p}")
@@ -231,7 +259,7 @@ def run(args) -> list:
                 if tune_s > 1:
                     print(f"#   tuned {op} N={n} K={k} M={m} in {tune_s:.1f} s")
                 impls[f"pyquant.{op}"] = call
-                if m >= 256 and args.dense:
+                if m >= 256 and args.dense and op in DENSE_OPS:
                     impl_fn = getattr(_triton, op)
 
                     def dense(impl_fn=impl_fn, wargs=wargs, op=op):
@@ -249,6 +277,8 @@ def run(args) -> list:
             for name, p in peers.items():
                 if not isinstance(p, str):
                     impls[name] = lambda p=p: p(xb)
+            if ts24 is not None and not isinstance(ts24, str):
+                impls["torch.sparse24"] = lambda: F.linear(xb, ts24)
             base = None
             for impl, fn in impls.items():
                 try:
@@ -280,7 +310,8 @@ def run(args) -> list:
 
 
 SHORT = {"int8_weight_only_mm": "i8wo", "int8_dynamic_mm": "i8dyn",
-         "int4_weight_only_mm": f"i4wo-g{GROUP}"}
+         "int4_weight_only_mm": f"i4wo-g{GROUP}", "sparse24_int8_mm": "s24-i8",
+         "sparse24_mm": "s24-bf16"}
 
 
 def _short(impl: str) -> str:
@@ -313,7 +344,7 @@ def suggest_dense_fallback(rows: list) -> dict:
     """{op: M_min} where the dense path beats the kernel at M_min and every larger measured M
     on every shape (the conservative reading), else nothing for that op."""
     out = {}
-    for op in OPS:
+    for op in DENSE_OPS:
         ms = sorted({r["m"] for r in rows if r["impl"] == f"dense.{op}" and r.get("us")})
         wins = []
         for m in ms:

@@ -380,7 +380,7 @@ def test_loading_registers_all_ops(monkeypatch):
     monkeypatch.setitem(_triton._STATE, "available", False)
     try:
         assert _triton.why_unavailable() is None
-        assert set(ops._REGISTRY["triton"].impls) == set(OPS)
+        assert set(ops._REGISTRY["triton"].impls) == set(_triton.OPS) >= set(OPS)
         ks = _triton.kernels()
         assert type(ks.int8_dynamic_mm._tiled_kernel).__name__ == "JITFunction"
         assert _triton.kernels_dir() is not None
