@@ -74,7 +74,7 @@ void int8_gemm_s32(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int6
 #if defined(PQ_AMX)
   if (amx_usable(M, K, N, work, work_bytes)) {
     amx_pack_x(xq, M, K, (int8_t*)work, n_threads);
-    amx_gemm(M, K, w, N, (const int8_t*)work, n_threads, AmxStoreS32{acc, N});
+    amx_gemm(M, K, w, N, (const int8_t*)work, acc, N, n_threads, AmxStoreS32{acc, N});
     return;
   }
 #endif
@@ -88,7 +88,9 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
 #if defined(PQ_AMX)
   if (amx_usable(M, K, N, work, work_bytes)) {
     amx_pack_x(xq, M, K, (int8_t*)work, n_threads);
-    amx_gemm(M, K, w, N, (const int8_t*)work, n_threads, AmxStoreDyn{out, N, x_scale, w_scale, bias});
+    /* out doubles as the int32 partial sums of K chunks (tile_amx.h) */
+    amx_gemm(M, K, w, N, (const int8_t*)work, (int32_t*)out, N, n_threads,
+             AmxStoreDyn{out, N, x_scale, w_scale, bias});
     return;
   }
 #endif
