@@ -36,10 +36,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("init", &pq_init, "Once per process: request the AMX tile state; 1 if AMX may be used.");
   m.def("int8_workspace_bytes", &pq_int8_workspace_bytes, py::arg("isa"), py::arg("M"),
         py::arg("K"), py::arg("N"));
+  m.def("int8_weight_only_workspace_bytes", &pq_int8_weight_only_workspace_bytes,
+        py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("n_threads"));
   m.def("int4_weight_only_workspace_bytes", &pq_int4_weight_only_workspace_bytes, py::arg("isa"),
-        py::arg("M"), py::arg("K"), py::arg("N"), py::arg("group_size"));
-  m.def("int4_dynamic_workspace_bytes", &pq_int4_dynamic_workspace_bytes, py::arg("M"),
-        py::arg("K"), py::arg("group_size"));
+        py::arg("M"), py::arg("K"), py::arg("N"), py::arg("group_size"), py::arg("n_threads"));
+  m.def("int4_weight_only_fixed_point", &pq_int4_weight_only_fixed_point, py::arg("isa"),
+        py::arg("M"), py::arg("K"), py::arg("group_size"));
+  m.def("int4_dynamic_workspace_bytes", &pq_int4_dynamic_workspace_bytes, py::arg("isa"),
+        py::arg("M"), py::arg("K"), py::arg("group_size"), py::arg("n_threads"));
 
   m.def("best_isa", &pq_cpu_best_isa, "Highest ISA compiled in and supported by this CPU.");
   m.def("isa_available", &pq_isa_available, py::arg("isa"));
@@ -53,14 +57,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("int8_weight_only_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t N,
-           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads) {
+           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work,
+           int64_t work_bytes) {
           return pq_int8_weight_only_mm(isa, ptr<const float>(x), M, K, ldx, ptr<const int8_t>(w), N,
                                         ptr<const float>(w_scale), ptr<const float>(bias),
-                                        ptr<float>(out), n_threads);
+                                        ptr<float>(out), n_threads, ptr<void>(work), work_bytes);
         },
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"),
         py::arg("N"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
-        gil_release());
+        py::arg("work") = 0, py::arg("work_bytes") = 0, gil_release());
 
   m.def("quantize_rows_int8",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t xq, uintptr_t x_scale,

@@ -60,14 +60,23 @@ int pq_isa_compiled(int isa);
 /* "portable", "avx2", "avx512_vnni", "avx512_amx"; "unknown" otherwise. */
 const char* pq_isa_name(int isa);
 
+/* Native code allocates nothing: where a path needs scratch, the caller passes
+ * `work` of the size the matching *_workspace_bytes function returns for the same
+ * sizes and n_threads (64-byte aligned where said). A call with less (or null)
+ * takes a path that needs none, with the same contract. */
+
 /* out[m,n] = w_scale[n] * sum_k x[m,k] * w[n,k] + (bias ? bias[n] : 0)
  * Products are exact and sums fp32 on every path. With AMX (M >= 16, K % 32 == 0,
- * N % 32 == 0) x is split into bf16 terms for the bf16 tiles (tile_amx_bf16.h),
- * which read bf16 subnormals (|term| < 2^-126) as zero; calls whose x holds an
- * Inf or NaN take the fp32 path. */
+ * N % 32 == 0, and pq_int8_weight_only_workspace_bytes of 64-byte aligned `work`)
+ * x is split into bf16 terms for the bf16 tiles (tile_amx_bf16.h), which read
+ * bf16 subnormals (|term| < 2^-126) as zero; calls whose x holds an Inf or NaN,
+ * or without that workspace, take the fp32 path. */
+int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
+                                            int n_threads);
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t* w, int64_t N, const float* w_scale,
-                           const float* bias, float* out, int n_threads);
+                           const float* bias, float* out, int n_threads, void* work,
+                           int64_t work_bytes);
 
 /* Per-row symmetric int8 quantization:
  *   amax = max_k |x[m,k]|; s = amax / 127 in float32, then s = 1 if s == 0
@@ -102,11 +111,15 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *   acc[m,n,g] = sum_{k in g} xq[m,k] * (code[n,k] - zeros[n,g])     (exact int32)
  *   out[m,n]   = x_scale[m] * sum_g scales[n,g] * acc[m,n,g] + bias[n]  (float32)
  * The float sum over groups may be reordered (tolerance: fp32 summation over
- * K/G terms). K % G == 0, G % 32 == 0. `work` must hold
- * pq_int4_dynamic_workspace_bytes(M, K, G) bytes, 4-byte aligned: per call the
- * kernel stores there the per-group sums of xq and xq reordered per chunk of
- * min(G, 64) codes as [even k | odd k], the order of the nibbles of a byte. */
-int64_t pq_int4_dynamic_workspace_bytes(int64_t M, int64_t K, int64_t group_size);
+ * K/G terms). K % G == 0, G % 32 == 0. `work`, 4-byte aligned, must hold at
+ * least M * (K/G) * 4 + M * K bytes: per call the VNNI kernel stores there the
+ * per-group sums of xq and xq reordered per chunk of min(G, 64) codes as
+ * [even k | odd k], the order of the nibbles of a byte. With AMX (M >= 9,
+ * G % 64 == 0, N % 32 == 0, zero points <= 15) the int8 tiles run instead when
+ * `work` is 64-byte aligned and holds pq_int4_dynamic_workspace_bytes (the
+ * activations packed into tiles and each thread's converted weight strip). */
+int64_t pq_int4_dynamic_workspace_bytes(int isa, int64_t M, int64_t K, int64_t group_size,
+                                        int n_threads);
 int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                        const uint8_t* w_packed, int64_t N, const float* scales,
                        const uint8_t* zeros, int64_t group_size, const float* bias, float* out,
@@ -116,9 +129,9 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). Each weight is
  * dequantized to float32 as (float)(code - zero) * scale and x * w accumulated
  * in float32 (no per-group partial sums) -- except:
- *  - on AMX (M >= 16, G % 32 == 0, N % 32 == 0), where each group's exact
- *    products (code - zero) * x (x split into bf16 terms, see
- *    pq_int8_weight_only_mm) are summed in fp32 and scaled once;
+ *  - on AMX (M >= 16, G % 32 == 0, N % 32 == 0, given the workspace below),
+ *    where each group's exact products (code - zero) * x (x split into bf16
+ *    terms, see pq_int8_weight_only_mm) are summed in fp32 and scaled once;
  *  - at decode sizes (G % 64 == 0; M == 1 on AVX512-VNNI, M == 1 or
  *    5 <= M <= 15 on AMX: where pq_int4_weight_only_workspace_bytes > 0;
  *    given that many bytes of 64-byte aligned `work`), where each row
@@ -129,9 +142,13 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *    int8 x int4 group sums of pq_int4_dynamic_mm; out is the fp32 sum of the
  *    three terms' results (smallest first) + bias. A row that is not finite,
  *    or whose max is below 2^-100, takes the float32 path. `work` may be null
- *    (the float32 path everywhere). */
+ *    (the float32 path everywhere).
+ * pq_int4_weight_only_workspace_bytes: the 64-byte aligned `work` of whichever of
+ * these two paths applies to the sizes and n_threads (0: neither). */
 int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
-                                            int64_t group_size);
+                                            int64_t group_size, int n_threads);
+/* 1 when the 24-bit fixed-point path above is the one for these sizes on this ISA. */
+int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size);
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const uint8_t* w_packed, int64_t N, const float* scales,
                            const uint8_t* zeros, int64_t group_size, const float* bias,

@@ -236,9 +236,13 @@ def _run_int8_weight_only_mm(x, w, w_scale, bias=None):
         w = w.contiguous()
         ws = w_scale.contiguous()
         b = _bias_f32(bias)
+        isa, nt = current_isa(), _threads()
+        # AMX: the activations' bf16 terms and the converted weight strips (tile_amx_bf16.h)
+        nwork = module().int8_weight_only_workspace_bytes(isa, m, k, n, nt)
+        work = _work("amx_wo", nwork) if nwork > 0 else None
         st = module().int8_weight_only_mm(
-            current_isa(), _ptr(xf), m, k, xf.stride(0), _ptr(w), n, _ptr(ws), _ptr(b),
-            _ptr(out), _threads(),
+            isa, _ptr(xf), m, k, xf.stride(0), _ptr(w), n, _ptr(ws), _ptr(b),
+            _ptr(out), nt, _ptr(work), max(nwork, 0),
         )
         if st:
             _raise("int8_weight_only_mm", st, M=m, N=n, K=k, ldx=xf.stride(0))
@@ -370,13 +374,14 @@ def _run_int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
         xf = _rows_f32(x2)
         wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
         b = _bias_f32(bias)
-        isa = current_isa()
-        # decode sizes on VNNI/AMX: the fixed-point path's scratch (0 bytes: the float path)
-        nwork = module().int4_weight_only_workspace_bytes(isa, m, k, n, group_size)
+        isa, nt = current_isa(), _threads()
+        # decode sizes on VNNI/AMX: the fixed-point path's scratch; prefill on AMX: the
+        # AMX-BF16 path's (0 bytes: the float path)
+        nwork = module().int4_weight_only_workspace_bytes(isa, m, k, n, group_size, nt)
         work = _work("int4wo", nwork) if nwork > 0 else None
         st = module().int4_weight_only_mm(
             isa, _ptr(xf), m, k, xf.stride(0), _ptr(wp), n, _ptr(sc), _ptr(zp),
-            group_size, _ptr(b), _ptr(out), _threads(), _ptr(work), max(nwork, 0),
+            group_size, _ptr(b), _ptr(out), nt, _ptr(work), max(nwork, 0),
         )
         if st:
             _raise("int4_weight_only_mm", st, M=m, N=n, K=k, group_size=group_size)
@@ -394,10 +399,11 @@ def _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bia
     n = w_packed.shape[0]
     wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
     b = _bias_f32(bias)
-    nwork = module().int4_dynamic_workspace_bytes(m, k, group_size)
+    nt = _threads()
+    nwork = module().int4_dynamic_workspace_bytes(isa, m, k, group_size, nt)
     work = _work("int4dyn", max(nwork, 4))
     st = module().int4_dynamic_mm(isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp),
-                                  group_size, _ptr(b), _ptr(out), _ptr(work), nwork, _threads())
+                                  group_size, _ptr(b), _ptr(out), _ptr(work), nwork, nt)
     if st:
         _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
 

@@ -133,7 +133,7 @@ def _decode_paths() -> dict:
 
     mod, isa = _native.module(), _native.current_isa()
     k, n, probe = 4096, 4096, range(1, 65)
-    wo = [m for m in probe if mod.int4_weight_only_workspace_bytes(isa, m, k, n, 128) > 0]
+    wo = [m for m in probe if mod.int4_weight_only_fixed_point(isa, m, k, 128)]
     sp = [m for m in probe if mod.sparse24_workspace_bytes(isa, m, k) > 0]
     return {"int4_weight_only_mm (group size % 64 == 0)": _ranges(wo),
             "sparse24_int8_mm": _ranges(sp),

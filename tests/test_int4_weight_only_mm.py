@@ -95,8 +95,7 @@ FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_
 
 
 def _fixed_path_runs(isa: str, m: int, k: int, n: int, g: int) -> bool:
-    return _native.module().int4_weight_only_workspace_bytes(
-        _native._parse_isa(isa), m, k, n, g) > 0
+    return bool(_native.module().int4_weight_only_fixed_point(_native._parse_isa(isa), m, k, g))
 
 
 @pytest.mark.parametrize("backend,isa", FIXED_ISAS)

@@ -452,6 +452,91 @@ def test_amx_int8_dynamic_bit_exact(M, N, K, has_bias):
     assert torch.equal(out, ref)
 
 
+def _amx_wo_call(op, x, work, nb, n_threads):
+    """int8 / int4 (G = 64) weight-only on AMX with all-ones weights, scratch as given."""
+    M, K = x.shape
+    N = 32
+    out = torch.empty(M, N)
+    if op == "int8":
+        w, ws = torch.ones(N, K, dtype=torch.int8), torch.ones(N)
+        st = _C.int8_weight_only_mm(AMX, ptr(x), M, K, K, ptr(w), N, ptr(ws), 0, ptr(out),
+                                    n_threads, work, nb)
+    else:
+        G = 64
+        wp = torch.full((N, K // 2), 0x11, dtype=torch.uint8)  # codes 1, zero point 0
+        sc, zp = torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.uint8)
+        st = _C.int4_weight_only_mm(AMX, ptr(x), M, K, K, ptr(wp), N, ptr(sc), ptr(zp), G, 0,
+                                    ptr(out), n_threads, work, nb)
+    assert st == OK
+    return out
+
+
+@needs_amx
+@pytest.mark.parametrize("op", ["int8", "int4"])
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_amx_bf16_paths_run_on_the_callers_scratch(op, n_threads):
+    """The AMX-BF16 weight-only paths take all their scratch from the caller (native code
+    allocates nothing): given the workspace they run -- seen by their one documented
+    difference, bf16 tiles read subnormal terms as zero -- and without it, or with one byte
+    less, or misaligned, the fp32 path runs and keeps the subnormals."""
+    M, K = 40, 256
+    x = torch.full((M, K), 1e-39)  # a subnormal float32: its bf16 term is subnormal too
+    if op == "int8":
+        nb = _C.int8_weight_only_workspace_bytes(AMX, M, K, 32, n_threads)
+    else:
+        nb = _C.int4_weight_only_workspace_bytes(AMX, M, K, 32, 64, n_threads)
+        assert not _C.int4_weight_only_fixed_point(AMX, M, K, 64)
+    # three bf16 terms of the packed activations, then one strip per thread
+    strip = -(-(32 * 2 * K + 128 * (K // (K if op == "int8" else 64))) // 64) * 64
+    assert nb == 3 * 48 * K * 2 + n_threads * strip
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    assert torch.all(_amx_wo_call(op, x, ptr(buf), nb, n_threads) == 0)  # the tiles ran
+    fp32 = torch.full((M, 32), K * 1e-39)
+    for p, n in [(0, 0), (ptr(buf), nb - 1), (ptr(buf) + 4, nb)]:
+        torch.testing.assert_close(_amx_wo_call(op, x, p, n, n_threads), fp32, rtol=1e-5,
+                                   atol=0)
+    assert _C.int8_weight_only_workspace_bytes(AMX, 15, K, 32, 1) == 0  # M < 16
+    assert _C.int8_weight_only_workspace_bytes(AMX, M, K, 33, 1) == 0  # N % 32
+    assert _C.int8_weight_only_workspace_bytes(_C.ISA_AVX512_VNNI, M, K, 32, 1) == 0
+
+
+@needs_amx
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_amx_int4_dynamic_scratch(n_threads):
+    """W4A8's workspace covers the AMX path (packed codes + a strip per thread) or the VNNI
+    one, whichever is larger; with only the VNNI part, or misaligned, the VNNI kernel runs.
+    Every call matches the float64 reference to fp32 summation over the K/G groups."""
+    M, N, K, G = 40, 64, 512, 64
+    g = gen(11)
+    xq = rand_i8((M, K), g)
+    xs = torch.rand(M, generator=g) + 0.5
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    wp = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    sc = torch.rand(N, K // G, generator=g) + 0.5
+    zp = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
+    base = M * (K // G) * 4 + M * K
+    amx = 48 * K + n_threads * (32 * K + 128 * (K // G))
+    nb = _C.int4_dynamic_workspace_bytes(AMX, M, K, G, n_threads)
+    assert nb == max(base, amx)
+    assert _C.int4_dynamic_workspace_bytes(_C.ISA_AVX512_VNNI, M, K, G, n_threads) == base
+    assert _C.int4_dynamic_workspace_bytes(AMX, 8, K, G, n_threads) == 8 * (K // G) * 4 + 8 * K
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    outs = []
+    for p, n in [(ptr(buf), nb), (ptr(buf), base), (ptr(buf) + 4, nb)]:
+        out = torch.empty(M, N)
+        assert _C.int4_dynamic_mm(AMX, ptr(xq), ptr(xs), M, K, ptr(wp), N, ptr(sc), ptr(zp), G,
+                                  0, ptr(out), p, n, n_threads) == OK
+        outs.append(out)
+    acc = ((xq.double()[:, None, :] * (codes.double() - zp.double().repeat_interleave(G, 1)))
+           .reshape(M, N, K // G, G).sum(-1))
+    ref = xs.double()[:, None] * (acc * sc.double()).sum(-1)
+    scale = xs.double()[:, None] * (acc.abs() * sc.double()).sum(-1)  # sum of |terms|
+    for out in outs:
+        assert ((out.double() - ref).abs() <= 1e-5 * scale + 1e-30).all()
+    assert _C.int4_dynamic_mm(AMX, ptr(xq), ptr(xs), M, K, ptr(wp), N, ptr(sc), ptr(zp), G, 0,
+                              ptr(outs[0]), ptr(buf), base - 1, n_threads) == ERR_ARG
+
+
 @needs_amx
 def test_amx_falls_back_without_scratch():
     """Too little scratch (or none) selects the VNNI path: same exact result, no error."""
@@ -475,7 +560,7 @@ def test_int4_dynamic_bad_arguments(isa):
     xs, wp = torch.ones(M), torch.zeros(N, K // 2, dtype=torch.uint8)
     sc, zp = torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.uint8)
     out = torch.empty(M, N)
-    nb = _C.int4_dynamic_workspace_bytes(M, K, G)
+    nb = _C.int4_dynamic_workspace_bytes(isa, M, K, G, 1)
     work = torch.empty(nb + 8, dtype=torch.uint8)
 
     def call(G=G, work_p=ptr(work), nbytes=nb, K=K):

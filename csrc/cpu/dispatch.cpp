@@ -127,9 +127,27 @@ const char* pq_isa_name(int isa) {
   }
 }
 
+/* The AMX paths' scratch (kernels.h) when they apply, else 0; -1 when a size overflows. */
+static int64_t amx_bf16_need(int isa, int64_t M, int64_t K, int64_t N, int64_t G, int n_threads) {
+  if (isa != PQ_ISA_AVX512_AMX || !table(isa) || M <= 0 || N <= 0 || K <= 0 ||
+      !pq::amx_bf16_applies(M, K, N, G))
+    return 0;
+  if (too_big(M + 16, 6 * K) || too_big(threads(n_threads), 64 * K + 128 * (K / G) + 64))
+    return -1;
+  return pq::amx_bf16_work_bytes(M, K, G, threads(n_threads));
+}
+
+static bool aligned64(const void* p) { return ((uintptr_t)p & 63) == 0; }
+
+int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
+                                            int n_threads) {
+  if (M < 0 || K < 0 || N < 0) return -1;
+  return amx_bf16_need(isa, M, K, N, K, n_threads);
+}
+
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t* w, int64_t N, const float* w_scale, const float* bias,
-                           float* out, int n_threads) {
+                           float* out, int n_threads, void* work, int64_t work_bytes) {
   const pq::KernelTable* t = table(isa);
   if (!t) return PQ_ERR_ISA;
   if (bad_x(x, M, K, ldx) || N < 0 || too_big(N, K) || too_big(M, N) || missing(w, N * K) ||
@@ -137,7 +155,10 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  t->int8_weight_only_mm(x, M, K, ldx, w, N, w_scale, bias, out, threads(n_threads));
+  /* the AMX-BF16 path only with its whole, aligned workspace; else float32 */
+  const int64_t need = amx_bf16_need(isa, M, K, N, K, n_threads);
+  if (!work || need <= 0 || work_bytes < need || !aligned64(work)) work = nullptr;
+  t->int8_weight_only_mm(x, M, K, ldx, w, N, w_scale, bias, out, threads(n_threads), work);
   return PQ_OK;
 }
 
@@ -205,15 +226,19 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
   return PQ_OK;
 }
 
+int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size) {
+  return isa >= PQ_ISA_AVX512_VNNI && table(isa) && group_size > 0 && K > 0 &&
+         K % group_size == 0 && pq::int4wo_fixed_applies(M, group_size, isa == PQ_ISA_AVX512_AMX);
+}
+
 int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
-                                            int64_t group_size) {
+                                            int64_t group_size, int n_threads) {
   if (M < 0 || K < 0 || N < 0 || group_size <= 0 || too_big(M, K) || too_big(M, N)) return -1;
-  const bool amx = isa == PQ_ISA_AVX512_AMX;
-  if (isa < PQ_ISA_AVX512_VNNI || !pq::int4wo_fixed_applies(M, group_size, amx) ||
-      K % group_size != 0)
-    return 0;
+  if (K % group_size != 0) return 0;
+  if (!pq_int4_weight_only_fixed_point(isa, M, K, group_size))
+    return amx_bf16_need(isa, M, K, N, group_size, n_threads);
   const int64_t rows = 3 * M;
-  const int64_t dyn = pq_int4_dynamic_workspace_bytes(rows, K, group_size);
+  const int64_t dyn = pq_int4_dynamic_workspace_bytes(isa, rows, K, group_size, n_threads);
   if (dyn < 0) return -1;
   return pq::align64(rows * K) + pq::align64(rows * 4) + pq::align64(rows * N * 4) + dyn;
 }
@@ -234,17 +259,34 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   /* the fixed-point path only with its whole, aligned workspace; else float32 */
-  const int64_t need = pq_int4_weight_only_workspace_bytes(isa, M, K, N, group_size);
-  if (!work || need <= 0 || work_bytes < need || ((uintptr_t)work & 63)) work = nullptr;
+  const int64_t need = pq_int4_weight_only_workspace_bytes(isa, M, K, N, group_size, n_threads);
+  if (!work || need <= 0 || work_bytes < need || !aligned64(work)) work = nullptr;
   t->int4_weight_only_mm(x, M, K, ldx, w_packed, N, scales, zeros, group_size, bias, out,
                          threads(n_threads), work);
   return PQ_OK;
 }
 
-int64_t pq_int4_dynamic_workspace_bytes(int64_t M, int64_t K, int64_t group_size) {
+/* The part every ISA needs (the VNNI kernel's group sums and reordered codes). */
+static int64_t int4_dynamic_base_bytes(int64_t M, int64_t K, int64_t group_size) {
   if (M < 0 || K < 0 || group_size <= 0 || too_big(M, K) || too_big(M, K / group_size * 4 + K))
     return -1;
   return M * (K / group_size) * 4 + M * K;
+}
+
+/* The AMX W4A8 scratch for these sizes (any N: the caller's N decides whether it runs). */
+static int64_t int4_dynamic_amx_bytes(int isa, int64_t M, int64_t K, int64_t G, int n_threads) {
+  if (isa != PQ_ISA_AVX512_AMX || !table(isa) || K <= 0 || !pq::amx_int4dyn_applies(M, K, 32, G))
+    return 0;
+  if (too_big(M + 16, K) || too_big(threads(n_threads), 32 * K + 128 * (K / G) + 64)) return -1;
+  return pq::amx_int4dyn_work_bytes(M, K, G, threads(n_threads));
+}
+
+int64_t pq_int4_dynamic_workspace_bytes(int isa, int64_t M, int64_t K, int64_t group_size,
+                                        int n_threads) {
+  const int64_t base = int4_dynamic_base_bytes(M, K, group_size);
+  const int64_t amx = base < 0 ? -1 : int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads);
+  if (amx < 0) return -1;
+  return base > amx ? base : amx;
 }
 
 int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
@@ -257,15 +299,19 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
       N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N))
     return PQ_ERR_ARG;
   const int64_t groups = N * (K / group_size);
-  const int64_t need = pq_int4_dynamic_workspace_bytes(M, K, group_size);
+  const int64_t need = int4_dynamic_base_bytes(M, K, group_size);
   if (missing(xq, M * K) || missing(x_scale, M) || missing(w_packed, N * K / 2) ||
       missing(scales, groups) || missing(zeros, groups) || missing(out, M * N) || need < 0 ||
       work_bytes < need || missing(work, need) || ((uintptr_t)work & 3))
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  /* the AMX tiles only with their whole, aligned scratch; else the VNNI kernel */
+  const int64_t amx_need = int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads);
+  const bool amx = amx_need > 0 && pq::amx_int4dyn_applies(M, K, N, group_size) &&
+                   work_bytes >= amx_need && aligned64(work);
   t->int4_dynamic_mm(xq, x_scale, M, K, w_packed, N, scales, zeros, group_size, bias, out, work,
-                     threads(n_threads));
+                     amx, threads(n_threads));
   return PQ_OK;
 }
 

@@ -11,6 +11,12 @@
 namespace PQ_NS {
 namespace {
 
+#if defined(PQ_AMX)
+constexpr bool kAmxBuild = true;
+#else
+constexpr bool kAmxBuild = false;
+#endif
+
 /* Epilogues are written as separate multiply and add; the build uses
  * -ffp-contract=off so the compiler does not fuse them into an FMA, keeping
  * the rounding order documented in pq.h on every ISA. */
@@ -21,13 +27,14 @@ inline float scale_bias(float dot, float scale, const float* bias, int64_t n) {
 
 void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
                          int64_t N, const float* w_scale, const float* bias, float* out,
-                         int n_threads) {
+                         int n_threads, void* work) {
 #if defined(PQ_AMX_BF16)
   /* one "group" of K: out = dot * w_scale + bias, the order of scale_bias */
-  if (amx_bf16_usable(M, K, N) &&
-      amx_bf16_wo(x, M, K, ldx, N, w_scale, K, bias, out, n_threads,
-                  [&](int64_t n0, uint16_t* wb) { amx_bf16_convert_i8(w + n0 * K, K, wb); }))
+  if (work && amx_bf16_wo(x, M, K, ldx, N, w_scale, K, bias, out, n_threads, work,
+                          [&](int64_t n0, uint16_t* wb) { amx_bf16_convert_i8(w + n0 * K, K, wb); }))
     return;
+#else
+  (void)work;
 #endif
   for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
     dispatch_tile<kTileN>(nr, mt, [&](auto R_, auto T_) {
@@ -103,11 +110,14 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
 /* work: gsum int32 [M, K/G], then (AVX512) xq reordered [M, K] (see tile_int4dyn.h). */
 void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
-                     int64_t G, const float* bias, float* out, void* work, int n_threads) {
+                     int64_t G, const float* bias, float* out, void* work, bool amx,
+                     int n_threads) {
 #if defined(PQ_AMX_INT4DYN)
-  if (amx_int4dyn_usable(M, K, N, G) &&
-      amx_int4_dynamic(xq, x_scale, M, K, wp, N, scales, zeros, G, bias, out, n_threads))
+  if (amx && amx_int4_dynamic(xq, x_scale, M, K, wp, N, scales, zeros, G, bias, out, work,
+                              n_threads))
     return;
+#else
+  (void)amx;
 #endif
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
@@ -251,7 +261,9 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
     int8_t* t = xq + 3 * m * K;
     if (!split_row_fixed24(x + m * ldx, K, t, t + K, t + 2 * K, xs + 3 * m)) return false;
   }
-  int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn, n_threads);
+  /* the workspace holds the AMX W4A8 scratch where that path applies (dispatch.cpp) */
+  int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn,
+                  kAmxBuild && pq::amx_int4dyn_applies(rows, K, N, G), n_threads);
   for (int64_t m = 0; m < M; ++m) {
     const float* hi = o3 + 3 * m * N;
     for (int64_t n = 0; n < N; ++n) {
@@ -267,16 +279,18 @@ void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
                          int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                          const float* bias, float* out, int n_threads, void* work) {
 #if defined(PQ_SIMD_AVX512)
-  /* work is non-null only when dispatch.cpp checked this path applies (M, G, size) */
-  if (work && int4_weight_only_fixed(x, M, K, ldx, wp, N, scales, zeros, G, bias, out,
-                                     n_threads, work))
+  /* work is non-null only when dispatch.cpp sized it for the path that applies: this
+   * one (M, G) or, from M = 16 on AMX, the AMX-BF16 one below */
+  if (work && pq::int4wo_fixed_applies(M, G, kAmxBuild) &&
+      int4_weight_only_fixed(x, M, K, ldx, wp, N, scales, zeros, G, bias, out, n_threads, work))
     return;
 #else
   (void)work;
 #endif
 #if defined(PQ_AMX_BF16)
-  if (amx_bf16_usable(M, K, N) && G % 32 == 0 &&
-      amx_bf16_wo(x, M, K, ldx, N, scales, G, bias, out, n_threads,
+  /* work is the AMX-BF16 path's only when dispatch.cpp found that path applies */
+  if (work && pq::amx_bf16_applies(M, K, N, G) &&
+      amx_bf16_wo(x, M, K, ldx, N, scales, G, bias, out, n_threads, work,
                   [&](int64_t n0, uint16_t* wb) {
                     amx_bf16_convert_u4(wp + n0 * (K / 2), zeros + n0 * (K / G), K, G, wb);
                   }))

@@ -27,10 +27,41 @@ inline bool int4wo_fixed_applies(int64_t M, int64_t G, bool amx) {
 }
 inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
+/* Scratch of the AMX paths that convert 32-row weight strips per call
+ * (tile_amx_grouped.h), sized here so that dispatch.cpp, which is not built per
+ * ISA, can say how much the caller must provide. Native code allocates nothing.
+ *   strip:  per thread, the converted strip (32 rows of row_bytes) and its group
+ *           scales group-major [K/G][32] floats;
+ *   W4A8:   the activation codes packed into int8 tiles [ceil(M/16)][K/64][1 KiB],
+ *           then one strip per thread (int8 rows: row_bytes = K);
+ *   bf16:   up to three bf16 activation terms packed into tiles, then one strip
+ *           per thread (bf16 rows: row_bytes = 2K).
+ * Each part starts 64-byte aligned from a 64-byte aligned `work`. */
+constexpr int64_t kAmxInt4DynMinM = 9, kAmxBf16MinM = 16;
+inline int64_t amx_strip_bytes(int64_t row_bytes, int64_t n_groups) {
+  return align64(32 * row_bytes + 128 * n_groups);
+}
+inline bool amx_int4dyn_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
+  return M >= kAmxInt4DynMinM && G % 64 == 0 && K % G == 0 && N % 32 == 0;
+}
+inline int64_t amx_int4dyn_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
+  return align64((M + 15) / 16 * 16 * K) + threads * amx_strip_bytes(K, K / G);
+}
+inline bool amx_bf16_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
+  return M >= kAmxBf16MinM && K % 32 == 0 && N % 32 == 0 && G % 32 == 0 && K % G == 0;
+}
+inline int64_t amx_bf16_terms_bytes(int64_t M, int64_t K) { /* 3 terms of bf16 tiles */
+  return align64(3 * ((M + 15) / 16 * 16) * K * 2);
+}
+inline int64_t amx_bf16_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
+  return amx_bf16_terms_bytes(M, K) + threads * amx_strip_bytes(2 * K, K / G);
+}
+
 struct KernelTable {
+  /* work: null, or 64-byte aligned amx_bf16_work_bytes(M, K, K, n_threads) (AMX) */
   void (*int8_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const int8_t* w, int64_t N, const float* w_scale,
-                              const float* bias, float* out, int n_threads);
+                              const float* bias, float* out, int n_threads, void* work);
   /* amax: null, or M given row maxima (row-parallel shards: the whole rows') */
   void (*quantize_rows_int8)(const float* x, int64_t M, int64_t K, int64_t ldx,
                              const float* amax, int8_t* xq, float* x_scale, int n_threads);
@@ -40,16 +71,18 @@ struct KernelTable {
   void (*int8_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                           float* out, void* work, int64_t work_bytes, int n_threads);
-  /* work: null or pq_int4_weight_only_workspace_bytes (the fixed-point path) */
+  /* work: null, or pq_int4_weight_only_workspace_bytes for these sizes and threads,
+   * 64-byte aligned (the fixed-point path, or the AMX-BF16 one) */
   void (*int4_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* w_packed, int64_t N, const float* scales,
                               const uint8_t* zeros, int64_t group_size, const float* bias,
                               float* out, int n_threads, void* work);
-  /* work: pq_int4_dynamic_workspace_bytes(M, K, G) bytes, 4-byte aligned. */
+  /* work: pq_int4_dynamic_workspace_bytes bytes, 4-byte aligned; amx: work is
+   * 64-byte aligned and holds amx_int4dyn_work_bytes too (AMX builds use it). */
   void (*int4_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const uint8_t* w_packed, int64_t N, const float* scales,
                           const uint8_t* zeros, int64_t group_size, const float* bias,
-                          float* out, void* work, int n_threads);
+                          float* out, void* work, bool amx, int n_threads);
 };
 
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also

@@ -23,8 +23,6 @@
  * converted once per 256 activation rows. */
 #ifndef PQ_CPU_TILE_AMX_BF16_H
 #define PQ_CPU_TILE_AMX_BF16_H
-#include <stdlib.h>
-
 #include "tile_amx_grouped.h"
 
 #if defined(PQ_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -33,14 +31,10 @@
 namespace PQ_NS {
 namespace {
 
-/* From this M up the AMX path beats the fp32 FMA kernels: at 1024 x 4096, one
- * thread, it ran 0.98x of them at M = 8 and 1.2-1.8x at M = 16 (CPU time). */
-constexpr int64_t kAmxBf16MinM = 16;
+/* pq::kAmxBf16MinM (16): from there up the AMX path beats the fp32 FMA kernels:
+ * at 1024 x 4096, one thread, it ran 0.98x of them at M = 8 and 1.2-1.8x at
+ * M = 16 (CPU time). */
 constexpr int kAmxBf16MaxTerms = 3;
-
-inline bool amx_bf16_usable(int64_t M, int64_t K, int64_t N) {
-  return M >= kAmxBf16MinM && K % 32 == 0 && N % 32 == 0;
-}
 
 /* Splits 16 floats into bf16 terms by truncation; returns the term bits as
  * 16 dwords each holding one bf16 in the low half. */
@@ -154,24 +148,24 @@ struct AmxBf16Op {
  * x[m, k] * wb[n, k] + bias[n], where convert(n0, wb) writes 32 weight rows
  * from n0 as bf16 [32][K] (exact integer values). int8: one group (G = K,
  * scales = the per-channel w_scale, so out = dot * scale + bias as pq.h says).
- * Returns false (nothing done) when scratch cannot be allocated or x holds
- * Inf/NaN. The caller checked amx_bf16_usable and G % 32 == 0. */
+ * Returns false (nothing done) when x holds Inf/NaN. The caller checked
+ * pq::amx_bf16_applies; work: 64-byte aligned pq::amx_bf16_work_bytes(M, K, G,
+ * n_threads) (the packed terms, then the threads' strips). */
 template <class Convert>
 bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
                  const float* scales, int64_t G, const float* bias, float* out, int n_threads,
-                 Convert convert) {
+                 void* work, Convert convert) {
   const int64_t term_stride = ceil_div(M, 16) * (K / 32) * 512; /* bf16 */
-  uint16_t* xp = (uint16_t*)aligned_alloc(64, (size_t)kAmxBf16MaxTerms * term_stride * 2);
-  if (!xp) return false;
+  uint16_t* xp = (uint16_t*)work;
   const int terms = amx_bf16_pack_x(x, M, K, ldx, xp, n_threads);
-  bool ok = false;
-  if (terms <= kAmxBf16MaxTerms) /* else Inf/NaN: the fp32 kernels propagate them as fp32 does */
-    ok = amx_grouped_gemm<AmxBf16Op>(
-        M, N, 2 * K, 2 * G, (const uint8_t*)xp, terms, 2 * term_stride, scales,
-        [&](int64_t n0, uint8_t* wb) { convert(n0, (uint16_t*)wb); }, AmxStoreF32{out, N, bias},
-        n_threads);
-  free(xp);
-  return ok;
+  if (terms > kAmxBf16MaxTerms) /* Inf/NaN: the fp32 kernels propagate them as fp32 does */
+    return false;
+  amx_grouped_gemm<AmxBf16Op>(
+      M, N, 2 * K, 2 * G, (const uint8_t*)xp, terms, 2 * term_stride, scales,
+      (uint8_t*)work + pq::amx_bf16_terms_bytes(M, K),
+      [&](int64_t n0, uint8_t* wb) { convert(n0, (uint16_t*)wb); }, AmxStoreF32{out, N, bias},
+      n_threads);
+  return true;
 }
 
 }  // namespace

@@ -13,8 +13,9 @@
  * tile_amx.h: tiles 4, 5 hold weights, 6, 7 activations, 0..3 the sums. */
 #ifndef PQ_CPU_TILE_AMX_GROUPED_H
 #define PQ_CPU_TILE_AMX_GROUPED_H
-#include <stdlib.h>
+#include <omp.h>
 
+#include "kernels.h"
 #include "tile_amx.h"
 
 #if defined(PQ_AMX)
@@ -22,17 +23,17 @@
 namespace PQ_NS {
 namespace {
 
-/* acc[r][:] (+)= float(C[r][:]) * scales[(n0 + r) * ng + g] for the 16 rows of
- * a C tile stored in cbuf (fp32 sums, or int32 sums when Int is true). */
+/* acc[r][:] (+)= float(C[r][:]) * sg[r] for the 16 rows of a C tile stored in cbuf
+ * (fp32 sums, or int32 sums when Int is true); sg: the 16 rows' scales of the group,
+ * contiguous, so each row's is one broadcast operand (first: acc is written, not read). */
 template <bool Int>
-inline void amx_scale_acc(const void* cbuf, float* acc, const float* scales, int64_t n0,
-                          int64_t ng, int64_t g) {
+inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool first) {
   for (int r = 0; r < 16; ++r) {
-    const __m512 s = _mm512_set1_ps(scales[(n0 + r) * ng + g]);
+    const __m512 s = _mm512_set1_ps(sg[r]);
     const __m512 c = Int ? _mm512_cvtepi32_ps(_mm512_load_si512((const int32_t*)cbuf + r * 16))
                          : _mm512_load_ps((const float*)cbuf + r * 16);
-    const __m512 y = g == 0 ? _mm512_mul_ps(c, s)
-                            : _mm512_fmadd_ps(c, s, _mm512_load_ps(acc + r * 16));
+    const __m512 y = first ? _mm512_mul_ps(c, s)
+                           : _mm512_fmadd_ps(c, s, _mm512_load_ps(acc + r * 16));
     _mm512_store_ps(acc + r * 16, y);
   }
 }
@@ -40,27 +41,25 @@ inline void amx_scale_acc(const void* cbuf, float* acc, const float* scales, int
 /* Op: the tile products dp046() (C0 += A4 B6), dp147(), dp256(), dp357(), and
  * `static constexpr bool kInt` (int32 sums). Epi: as amx_store_tile's, given
  * the fp32 accumulators' bits. G: the group size in bytes of a weight row.
- * Returns false (nothing done) when a thread's strip buffer cannot be had. */
+ * strips: n_threads x pq::amx_strip_bytes(row_bytes, ng) bytes, 64-byte aligned:
+ * each thread's converted strip and its scales (the caller's scratch). */
 template <class Op, class Convert, class Epi>
-bool amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_bytes,
+void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_bytes,
                       const uint8_t* xp, int terms, int64_t term_bytes, const float* scales,
-                      Convert convert, const Epi& epi, int n_threads) {
+                      uint8_t* strips, Convert convert, const Epi& epi, int n_threads) {
   const int64_t Mt = ceil_div(M, 16), KB = row_bytes / 64, gkb = group_bytes / 64;
   const int64_t ng = row_bytes / group_bytes;
   const int64_t kMtBlock = 16; /* 256 activation rows per weight-strip conversion */
   const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = N / 32;
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
-  bool ok = true;
+  const int64_t strip_bytes = pq::amx_strip_bytes(row_bytes, ng);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    uint8_t* wb = (uint8_t*)aligned_alloc(64, (size_t)32 * row_bytes);
-    if (!wb) {
-#pragma omp atomic write
-      ok = false;
-    }
-#pragma omp barrier
-    if (ok) {
+    /* the strip, then its scales group-major: sb[g][32] */
+    uint8_t* wb = strips + (threads > 1 ? omp_get_thread_num() : 0) * strip_bytes;
+    float* sb = (float*)(wb + 32 * row_bytes);
+    {
       amx_config_tiles();
       alignas(64) int32_t cbuf[16 * 16];
       alignas(64) float acc[4][16 * 16]; /* (n half, m half) blocks of the 32 x 32 output */
@@ -69,6 +68,8 @@ bool amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
         const int64_t n0 = task / n_mblk * 32, mt_lo = task % n_mblk * kMtBlock;
         const int64_t mt_hi = min64(mt_lo + kMtBlock, Mt);
         convert(n0, wb);
+        for (int r = 0; r < 32; ++r)
+          for (int64_t g = 0; g < ng; ++g) sb[g * 32 + r] = scales[(n0 + r) * ng + g];
         const uint8_t* w0 = wb;
         const uint8_t* w1 = wb + 16 * row_bytes;
         for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
@@ -94,15 +95,16 @@ bool amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
                 if (two) Op::dp357();
               }
             }
+            const float* sg = sb + g * 32;
             _tile_stored(0, cbuf, 64);
-            amx_scale_acc<Op::kInt>(cbuf, acc[0], scales, n0, ng, g);
+            amx_scale_acc<Op::kInt>(cbuf, acc[0], sg, g == 0);
             _tile_stored(2, cbuf, 64);
-            amx_scale_acc<Op::kInt>(cbuf, acc[2], scales, n0 + 16, ng, g);
+            amx_scale_acc<Op::kInt>(cbuf, acc[2], sg + 16, g == 0);
             if (two) {
               _tile_stored(1, cbuf, 64);
-              amx_scale_acc<Op::kInt>(cbuf, acc[1], scales, n0, ng, g);
+              amx_scale_acc<Op::kInt>(cbuf, acc[1], sg, g == 0);
               _tile_stored(3, cbuf, 64);
-              amx_scale_acc<Op::kInt>(cbuf, acc[3], scales, n0 + 16, ng, g);
+              amx_scale_acc<Op::kInt>(cbuf, acc[3], sg + 16, g == 0);
             }
           }
           amx_store_tile((const int32_t*)acc[0], n0, mt * 16, M, epi);
@@ -115,9 +117,7 @@ bool amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
       }
       _tile_release();
     }
-    free(wb);
   }
-  return ok;
 }
 
 /* The 32 int4 codes of 16 packed bytes at p, in k order, minus the zero point

@@ -13,8 +13,6 @@
  * the arithmetic of pq.h, with the fp32 sum over groups in group order. */
 #ifndef PQ_CPU_TILE_AMX_INT4DYN_H
 #define PQ_CPU_TILE_AMX_INT4DYN_H
-#include <stdlib.h>
-
 #include "tile_amx_grouped.h"
 
 #if defined(PQ_AMX)
@@ -22,10 +20,6 @@
 
 namespace PQ_NS {
 namespace {
-
-inline bool amx_int4dyn_usable(int64_t M, int64_t K, int64_t N, int64_t G) {
-  return M >= kAmxMinM && G % 64 == 0 && K % G == 0 && N % 32 == 0;
-}
 
 /* 32 weight rows of packed int4 [.., K/2] -> int8 (code - zero) [32][K]. */
 inline void amx_int4dyn_convert(const uint8_t* wp, const uint8_t* zp, int64_t K, int64_t G,
@@ -61,26 +55,27 @@ struct AmxInt8Op {
   static void dp357() { _tile_dpbssd(3, 5, 7); }
 };
 
-/* Returns false (nothing done) when scratch cannot be allocated. The caller
- * checked amx_int4dyn_usable; zero points < 16 (else code - zero leaves int8). */
+/* Returns false (nothing done) when a zero point is above 15 (code - zero would
+ * leave int8). The caller checked pq::amx_int4dyn_applies; work: 64-byte aligned
+ * pq::amx_int4dyn_work_bytes(M, K, G, n_threads) (the packed activations, then
+ * the threads' strips). */
 inline bool amx_int4_dynamic(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                              const uint8_t* wp, int64_t N, const float* scales,
                              const uint8_t* zeros, int64_t G, const float* bias, float* out,
-                             int n_threads) {
+                             void* work, int n_threads) {
   for (int64_t i = 0; i < N * (K / G); ++i)
     if (zeros[i] > 15) return false; /* the VNNI kernel takes any uint8 zero point */
-  int8_t* xp = (int8_t*)aligned_alloc(64, (size_t)ceil_div(M, 16) * 16 * K);
-  if (!xp) return false;
+  int8_t* xp = (int8_t*)work;
   amx_pack_x(xq, M, K, xp, n_threads);
   const int64_t ng = K / G;
-  const bool ok = amx_grouped_gemm<AmxInt8Op>(
+  amx_grouped_gemm<AmxInt8Op>(
       M, N, K, G, (const uint8_t*)xp, 1, 0, scales,
+      (uint8_t*)work + pq::align64(ceil_div(M, 16) * 16 * K),
       [&](int64_t n0, uint8_t* wb) {
         amx_int4dyn_convert(wp + n0 * (K / 2), zeros + n0 * ng, K, G, (int8_t*)wb);
       },
       AmxStoreInt4Dyn{out, N, x_scale, bias}, n_threads);
-  free(xp);
-  return ok;
+  return true;
 }
 
 }  // namespace
