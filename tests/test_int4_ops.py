@@ -170,6 +170,22 @@ def test_amx_shapes(op, backend, isa, m, n, k, group, dtype):
     check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", dtype))
 
 
+# Past 1 MiB of packed activations the AMX strip GEMM blocks K in chunks of whole groups
+# (1 KiB of a weight row) over 256 x 256 tasks (csrc/cpu/kernels.h): W4A8 at M = 300, K = 4160
+# (65 groups of 64: chunks of 16, 16, 16, 16, 1) and weight-only with fp32 activations (three
+# bf16 terms) at M = 40, K = 4224 (33 groups of 128: chunks of 4); N = 288 makes a second,
+# partial task column, M = 300 a partial last tile.
+AMX_CHUNKED = [("int4_dynamic_mm", 300, 288, 4160, 64),
+               ("int4_weight_only_mm", 40, 288, 4224, 128)]
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("op,m,n,k,group", AMX_CHUNKED, ids=[c[0] for c in AMX_CHUNKED])
+def test_amx_k_chunks(op, backend, isa, m, n, k, group):
+    x = activation((m, k), seed=m)
+    check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", x.dtype))
+
+
 @op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 def test_amx_strided_3d(op, backend, isa):

@@ -30,16 +30,23 @@ inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 /* Scratch of the AMX paths that convert 32-row weight strips per call
  * (tile_amx_grouped.h), sized here so that dispatch.cpp, which is not built per
  * ISA, can say how much the caller must provide. Native code allocates nothing.
- *   strip:  per thread, the converted strip (32 rows of row_bytes) and its group
- *           scales group-major [K/G][32] floats;
+ *   strip:  per thread, the converted strip (32 rows of row_bytes), its group
+ *           scales group-major [K/G][32] floats and the fp32 sums of a task;
  *   W4A8:   the activation codes packed into int8 tiles [ceil(M/16)][K/64][1 KiB],
  *           then one strip per thread (int8 rows: row_bytes = K);
  *   bf16:   up to three bf16 activation terms packed into tiles, then one strip
  *           per thread (bf16 rows: row_bytes = 2K).
  * Each part starts 64-byte aligned from a 64-byte aligned `work`. */
 constexpr int64_t kAmxInt4DynMinM = 9, kAmxBf16MinM = 16;
+/* Cache blocking of the strip GEMM (tile_amx_grouped.h): K chunks of this many
+ * bytes of a row once the packed activations pass kAmxGroupedL2Bytes, over tasks
+ * of kAmxGroupedNc weight rows x 256 activation rows, whose fp32 sums wait in a
+ * per-thread buffer between chunks. */
+constexpr int64_t kAmxGroupedKcBytes = 1024, kAmxGroupedL2Bytes = 1 << 20,
+                  kAmxGroupedNc = 256;
 inline int64_t amx_strip_bytes(int64_t row_bytes, int64_t n_groups) {
-  return align64(32 * row_bytes + 128 * n_groups);
+  const int64_t acc = (256 / 32) * (kAmxGroupedNc / 32) * 4 * 256 * 4; /* 256 KiB */
+  return align64(32 * row_bytes) + align64(128 * n_groups) + acc;
 }
 inline bool amx_int4dyn_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
   return M >= kAmxInt4DynMinM && G % 64 == 0 && K % G == 0 && N % 32 == 0;

@@ -97,7 +97,7 @@ inline int amx_bf16_pack_x(const float* x, int64_t M, int64_t K, int64_t ldx, ui
 }
 
 /* 32 weight rows of int8 [.., K] -> bf16 [32][K]. */
-inline void amx_bf16_convert_i8(const int8_t* w, int64_t K, uint16_t* wb) {
+inline void amx_bf16_convert_i8(const int8_t* w, int64_t K, uint16_t* wb) { /* ld: 2K bytes */
   for (int r = 0; r < 32; ++r)
     for (int64_t k = 0; k < K; k += 32) {
       const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * K + k)));
@@ -107,19 +107,20 @@ inline void amx_bf16_convert_i8(const int8_t* w, int64_t K, uint16_t* wb) {
     }
 }
 
-/* 32 weight rows of packed int4 [.., K/2] -> bf16 (code - zero) [32][K]; the
- * group scales are applied to the fp32 sums (amx_grouped_gemm). G % 32 == 0. */
+/* Groups g0..g1-1 of 32 weight rows of packed int4 [.., K/2] -> bf16 (code - zero),
+ * row r at wb + r * ld bf16 values; the group scales are applied to the fp32 sums
+ * (amx_grouped_gemm). G % 32 == 0. */
 inline void amx_bf16_convert_u4(const uint8_t* wp, const uint8_t* zp, int64_t K, int64_t G,
-                                uint16_t* wb) {
+                                int64_t g0, int64_t g1, uint16_t* wb, int64_t ld) {
   const int64_t ng = K / G;
   for (int r = 0; r < 32; ++r)
-    for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       const __m512i z = _mm512_set1_epi16(zp[r * ng + g]);
       for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
         const __m512i v = u4_codes_minus_zero(wp + r * (K / 2) + k / 2, z);
         const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
         const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
-        _mm512_storeu_si512(wb + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(wb + r * ld + k - g0 * G, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
     }
 }
@@ -145,8 +146,9 @@ struct AmxBf16Op {
 };
 
 /* Weight-only GEMM on AMX-BF16: out[m, n] = sum_g scales[n, g] * sum_{k in g}
- * x[m, k] * wb[n, k] + bias[n], where convert(n0, wb) writes 32 weight rows
- * from n0 as bf16 [32][K] (exact integer values). int8: one group (G = K,
+ * x[m, k] * wb[n, k] + bias[n], where convert(n0, g0, g1, wb, ld) writes groups
+ * g0..g1-1 of 32 weight rows from n0 as bf16, row stride ld values (exact integer
+ * values). int8: one group (G = K,
  * scales = the per-channel w_scale, so out = dot * scale + bias as pq.h says).
  * Returns false (nothing done) when x holds Inf/NaN. The caller checked
  * pq::amx_bf16_applies; work: 64-byte aligned pq::amx_bf16_work_bytes(M, K, G,
@@ -163,8 +165,10 @@ bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
   amx_grouped_gemm<AmxBf16Op>(
       M, N, 2 * K, 2 * G, (const uint8_t*)xp, terms, 2 * term_stride, scales,
       (uint8_t*)work + pq::amx_bf16_terms_bytes(M, K),
-      [&](int64_t n0, uint8_t* wb) { convert(n0, (uint16_t*)wb); }, AmxStoreF32{out, N, bias},
-      n_threads);
+      [&](int64_t n0, int64_t g0, int64_t g1, uint8_t* wb, int64_t ld) {
+        convert(n0, g0, g1, (uint16_t*)wb, ld / 2);
+      },
+      AmxStoreF32{out, N, bias}, n_threads);
   return true;
 }
 

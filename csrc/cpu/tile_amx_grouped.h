@@ -3,8 +3,8 @@
  * and whose weights must be converted per call to what the tiles multiply:
  * bf16 (tile_amx_bf16.h) or int8 (tile_amx_int4dyn.h). AMX build only.
  *
- * Per task: convert(n0, wb) writes a 32-row weight strip (the A operand: 16
- * rows x 64 bytes a tile, row stride row_bytes) once, then up to 256
+ * Per task: convert writes a 32-row weight strip (the A operand: 16 rows x 64
+ * bytes a tile) once, then up to 256
  * activation rows (B tiles, 1 KiB each, packed per call by the caller as
  * [term][ceil(M/16)][row_bytes / 64][1 KiB]) are swept with it. Per weight
  * group the tiles accumulate the group's sums over every term; each C tile is
@@ -40,83 +40,104 @@ inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool fi
 
 /* Op: the tile products dp046() (C0 += A4 B6), dp147(), dp256(), dp357(), and
  * `static constexpr bool kInt` (int32 sums). Epi: as amx_store_tile's, given
- * the fp32 accumulators' bits. G: the group size in bytes of a weight row.
- * strips: n_threads x pq::amx_strip_bytes(row_bytes, ng) bytes, 64-byte aligned:
- * each thread's converted strip and its scales (the caller's scratch). */
+ * the fp32 accumulators' bits. group_bytes: the group size in bytes of a weight
+ * row. convert(n0, g0, g1, wb, ld) writes groups g0..g1-1 of the 32 weight rows
+ * from n0 to wb (row stride ld bytes). strips: n_threads x pq::amx_strip_bytes
+ * (row_bytes, ng) bytes, 64-byte aligned: each thread's converted strip (chunk),
+ * its scales and its fp32 accumulators (the caller's scratch).
+ *
+ * Cache blocking as in amx_gemm (tile_amx.h): while the packed activations fit in
+ * L2 a task is one strip x 256 rows over the whole K; past that (and when a group
+ * fits in a chunk) a task is pq::kAmxGroupedNc weight rows x 256 activation rows
+ * with K in chunks of whole groups (pq::kAmxGroupedKcBytes of a row): per chunk
+ * the task's activation tiles stay in L2 while each strip's converted chunk (32
+ * rows, in L1) meets all of them, and the fp32 sums of the task's blocks wait in
+ * the thread's accumulators. */
 template <class Op, class Convert, class Epi>
 void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_bytes,
                       const uint8_t* xp, int terms, int64_t term_bytes, const float* scales,
                       uint8_t* strips, Convert convert, const Epi& epi, int n_threads) {
   const int64_t Mt = ceil_div(M, 16), KB = row_bytes / 64, gkb = group_bytes / 64;
   const int64_t ng = row_bytes / group_bytes;
+  const bool chunk = group_bytes <= pq::kAmxGroupedKcBytes &&
+                     terms * Mt * 16 * row_bytes > pq::kAmxGroupedL2Bytes;
+  const int64_t kc_groups = chunk ? pq::kAmxGroupedKcBytes / group_bytes : ng;
+  const int64_t nc = chunk ? pq::kAmxGroupedNc : 32, n_strips = nc / 32;
   const int64_t kMtBlock = 16; /* 256 activation rows per weight-strip conversion */
-  const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = N / 32;
+  const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = ceil_div(N, nc);
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
   const int64_t strip_bytes = pq::amx_strip_bytes(row_bytes, ng);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    /* the strip, then its scales group-major: sb[g][32] */
+    /* the strip (chunk), its scales group-major sb[g - g0][32], the accumulators */
     uint8_t* wb = strips + (threads > 1 ? omp_get_thread_num() : 0) * strip_bytes;
-    float* sb = (float*)(wb + 32 * row_bytes);
-    {
-      amx_config_tiles();
-      alignas(64) int32_t cbuf[16 * 16];
-      alignas(64) float acc[4][16 * 16]; /* (n half, m half) blocks of the 32 x 32 output */
+    float* sb = (float*)(wb + pq::align64(32 * row_bytes));
+    float* accs = sb + pq::align64(128 * ng) / 4;
+    amx_config_tiles();
+    alignas(64) int32_t cbuf[16 * 16];
 #pragma omp for schedule(dynamic)
-      for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t n0 = task / n_mblk * 32, mt_lo = task % n_mblk * kMtBlock;
-        const int64_t mt_hi = min64(mt_lo + kMtBlock, Mt);
-        convert(n0, wb);
-        for (int r = 0; r < 32; ++r)
-          for (int64_t g = 0; g < ng; ++g) sb[g * 32 + r] = scales[(n0 + r) * ng + g];
-        const uint8_t* w0 = wb;
-        const uint8_t* w1 = wb + 16 * row_bytes;
-        for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
-          const bool two = mt + 1 < mt_hi;
-          for (int64_t g = 0; g < ng; ++g) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int t = 0; t < terms; ++t) {
-              const uint8_t* b0 = xp + t * term_bytes + mt * KB * 1024;
-              const uint8_t* b1 = b0 + KB * 1024;
-              for (int64_t kb = g * gkb; kb < (g + 1) * gkb; ++kb) {
-                _tile_loadd(4, w0 + kb * 64, row_bytes);
-                _tile_loadd(6, b0 + kb * 1024, 64);
-                Op::dp046();
-                if (two) {
-                  _tile_loadd(7, b1 + kb * 1024, 64);
-                  Op::dp147();
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t n_lo = task / n_mblk * nc, n_hi = min64(n_lo + nc, N);
+      const int64_t mt_lo = task % n_mblk * kMtBlock, mt_hi = min64(mt_lo + kMtBlock, Mt);
+      for (int64_t g0 = 0; g0 < ng; g0 += kc_groups) {
+        const int64_t g1 = min64(g0 + kc_groups, ng), ld = (g1 - g0) * group_bytes;
+        for (int64_t n0 = n_lo; n0 < n_hi; n0 += 32) {
+          convert(n0, g0, g1, wb, ld);
+          for (int r = 0; r < 32; ++r)
+            for (int64_t g = g0; g < g1; ++g) sb[(g - g0) * 32 + r] = scales[(n0 + r) * ng + g];
+          const uint8_t* w0 = wb - g0 * group_bytes; /* indexed by kb * 64 from here */
+          const uint8_t* w1 = w0 + 16 * ld;
+          for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
+            const bool two = mt + 1 < mt_hi;
+            /* (n half, m half) blocks of the 32 x 32 output: 4 x [16][16] */
+            float* acc = accs + (chunk ? ((mt - mt_lo) / 2 * n_strips + (n0 - n_lo) / 32) * 1024
+                                       : 0);
+            for (int64_t g = g0; g < g1; ++g) {
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              _tile_zero(3);
+              for (int t = 0; t < terms; ++t) {
+                const uint8_t* b0 = xp + t * term_bytes + mt * KB * 1024;
+                const uint8_t* b1 = b0 + KB * 1024;
+                for (int64_t kb = g * gkb; kb < (g + 1) * gkb; ++kb) {
+                  _tile_loadd(4, w0 + kb * 64, ld);
+                  _tile_loadd(6, b0 + kb * 1024, 64);
+                  Op::dp046();
+                  if (two) {
+                    _tile_loadd(7, b1 + kb * 1024, 64);
+                    Op::dp147();
+                  }
+                  _tile_loadd(5, w1 + kb * 64, ld);
+                  Op::dp256();
+                  if (two) Op::dp357();
                 }
-                _tile_loadd(5, w1 + kb * 64, row_bytes);
-                Op::dp256();
-                if (two) Op::dp357();
+              }
+              const float* sg = sb + (g - g0) * 32;
+              _tile_stored(0, cbuf, 64);
+              amx_scale_acc<Op::kInt>(cbuf, acc, sg, g == 0);
+              _tile_stored(2, cbuf, 64);
+              amx_scale_acc<Op::kInt>(cbuf, acc + 512, sg + 16, g == 0);
+              if (two) {
+                _tile_stored(1, cbuf, 64);
+                amx_scale_acc<Op::kInt>(cbuf, acc + 256, sg, g == 0);
+                _tile_stored(3, cbuf, 64);
+                amx_scale_acc<Op::kInt>(cbuf, acc + 768, sg + 16, g == 0);
               }
             }
-            const float* sg = sb + g * 32;
-            _tile_stored(0, cbuf, 64);
-            amx_scale_acc<Op::kInt>(cbuf, acc[0], sg, g == 0);
-            _tile_stored(2, cbuf, 64);
-            amx_scale_acc<Op::kInt>(cbuf, acc[2], sg + 16, g == 0);
+            if (g1 < ng) continue;
+            amx_store_tile((const int32_t*)acc, n0, mt * 16, M, epi);
+            amx_store_tile((const int32_t*)(acc + 512), n0 + 16, mt * 16, M, epi);
             if (two) {
-              _tile_stored(1, cbuf, 64);
-              amx_scale_acc<Op::kInt>(cbuf, acc[1], sg, g == 0);
-              _tile_stored(3, cbuf, 64);
-              amx_scale_acc<Op::kInt>(cbuf, acc[3], sg + 16, g == 0);
+              amx_store_tile((const int32_t*)(acc + 256), n0, (mt + 1) * 16, M, epi);
+              amx_store_tile((const int32_t*)(acc + 768), n0 + 16, (mt + 1) * 16, M, epi);
             }
-          }
-          amx_store_tile((const int32_t*)acc[0], n0, mt * 16, M, epi);
-          amx_store_tile((const int32_t*)acc[2], n0 + 16, mt * 16, M, epi);
-          if (two) {
-            amx_store_tile((const int32_t*)acc[1], n0, (mt + 1) * 16, M, epi);
-            amx_store_tile((const int32_t*)acc[3], n0 + 16, (mt + 1) * 16, M, epi);
           }
         }
       }
-      _tile_release();
     }
+    _tile_release();
   }
 }
 

@@ -21,15 +21,16 @@
 namespace PQ_NS {
 namespace {
 
-/* 32 weight rows of packed int4 [.., K/2] -> int8 (code - zero) [32][K]. */
+/* Groups g0..g1-1 of 32 weight rows of packed int4 [.., K/2] -> int8 (code - zero),
+ * row r at wb + r * ld. */
 inline void amx_int4dyn_convert(const uint8_t* wp, const uint8_t* zp, int64_t K, int64_t G,
-                                int8_t* wb) {
+                                int64_t g0, int64_t g1, int8_t* wb, int64_t ld) {
   const int64_t ng = K / G;
   for (int r = 0; r < 32; ++r)
-    for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       const __m512i z = _mm512_set1_epi16(zp[r * ng + g]);
       for (int64_t k = g * G; k < (g + 1) * G; k += 32)
-        _mm256_storeu_si256((__m256i*)(wb + r * K + k),
+        _mm256_storeu_si256((__m256i*)(wb + r * ld + k - g0 * G),
                             _mm512_cvtepi16_epi8(u4_codes_minus_zero(wp + r * (K / 2) + k / 2, z)));
     }
 }
@@ -71,8 +72,8 @@ inline bool amx_int4_dynamic(const int8_t* xq, const float* x_scale, int64_t M, 
   amx_grouped_gemm<AmxInt8Op>(
       M, N, K, G, (const uint8_t*)xp, 1, 0, scales,
       (uint8_t*)work + pq::align64(ceil_div(M, 16) * 16 * K),
-      [&](int64_t n0, uint8_t* wb) {
-        amx_int4dyn_convert(wp + n0 * (K / 2), zeros + n0 * ng, K, G, (int8_t*)wb);
+      [&](int64_t n0, int64_t g0, int64_t g1, uint8_t* wb, int64_t ld) {
+        amx_int4dyn_convert(wp + n0 * (K / 2), zeros + n0 * ng, K, G, g0, g1, (int8_t*)wb, ld);
       },
       AmxStoreInt4Dyn{out, N, x_scale, bias}, n_threads);
   return true;
