@@ -20,9 +20,10 @@ bool amx_cpu() {
   unsigned a, b, c, d;
   __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
   const bool tile = d & (1u << 24), int8 = d & (1u << 25), bf16 = d & (1u << 22);
-  /* The AMX build also uses AVX512-VBMI byte permutes (leaf 7, ECX bit 1; every AMX CPU
-   * has them) and AVX512-BF16 conversions (leaf 7, subleaf 1, EAX bit 5). */
-  const bool vbmi = c & (1u << 1);
+  /* The AMX build also uses AVX512-VBMI byte permutes and VBMI2 16-bit expands (leaf 7,
+   * ECX bits 1 and 6), BMI2 (EBX bit 8; every AMX CPU has them all) and AVX512-BF16
+   * conversions (leaf 7, subleaf 1, EAX bit 5). */
+  const bool vbmi = (c & (1u << 1)) && (c & (1u << 6)) && (b & (1u << 8));
   unsigned a1, b1, c1, d1;
   __asm__ volatile("cpuid" : "=a"(a1), "=b"(b1), "=c"(c1), "=d"(d1) : "a"(7), "c"(1));
   const bool avx512_bf16 = a1 & (1u << 5);
