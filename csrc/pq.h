@@ -66,11 +66,19 @@ const char* pq_isa_name(int isa);
  * takes a path that needs none, with the same contract. */
 
 /* out[m,n] = w_scale[n] * sum_k x[m,k] * w[n,k] + (bias ? bias[n] : 0)
- * Products are exact and sums fp32 on every path. With AMX (M >= 16, K % 32 == 0,
- * N % 32 == 0, and pq_int8_weight_only_workspace_bytes of 64-byte aligned `work`)
- * x is split into bf16 terms for the bf16 tiles (tile_amx_bf16.h), which read
- * bf16 subnormals (|term| < 2^-126) as zero; calls whose x holds an Inf or NaN,
- * or without that workspace, take the fp32 path. */
+ * Products are exact and sums fp32 on every path but one. With AMX (M >= 16,
+ * K % 32 == 0, N % 32 == 0, and pq_int8_weight_only_workspace_bytes of 64-byte
+ * aligned `work`):
+ *  - when every x[m,k] is a bf16 value, or K % 64 != 0, x is split into bf16
+ *    terms for the bf16 tiles (tile_amx_bf16.h), which read bf16 subnormals
+ *    (|term| < 2^-126) as zero;
+ *  - otherwise (fp32 or fp16 activations, K % 64 == 0) each row of x is written
+ *    in 24-bit fixed point as pq_int4_weight_only_mm describes (three int8 terms,
+ *    error at most s = max|x[m,:]| / 8323072 per entry) and the terms run on the
+ *    exact int8 tiles; out = the fp32 sum of the three terms' scaled results
+ *    (smallest first) + bias. Rows in slices, scratch bounded (kernels.h).
+ * Calls whose x holds an Inf or NaN, or without that workspace, take the fp32
+ * path. */
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int n_threads);
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,

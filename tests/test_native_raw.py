@@ -504,6 +504,50 @@ def test_amx_bf16_paths_run_on_the_callers_scratch(op, n_threads):
 
 @needs_amx
 @pytest.mark.parametrize("n_threads", THREADS)
+def test_amx_int8_weight_only_fixed_point(n_threads):
+    """int8 weight-only at prefill on AMX: activations that are bf16 values take the bf16
+    tiles (one exact term: products exact), all others the int8 tiles with x in 24-bit fixed
+    point, whose documented error per entry is at most s = max|x_row| / 8323072. A row of one
+    large entry and many small ones shows which ran: the fixed-point error is there, within
+    its bound; with bf16 values it is not."""
+    M, N, K = 20, 32, 256
+    s = 1000.0 / 8323072
+    x = torch.full((M, K), 0.4 * s)  # rounds to 0 in fixed point: error 0.4 s each, one sign
+    x[:, 0] = 1000.0
+    w, ws = torch.ones(N, K, dtype=torch.int8), torch.ones(N)
+    nb = _C.int8_weight_only_workspace_bytes(AMX, M, K, N, n_threads)
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    for xv, fixed in ((x, True), (x.bfloat16().float(), False)):
+        out = torch.empty(M, N)
+        assert _C.int8_weight_only_mm(AMX, ptr(xv), M, K, K, ptr(w), N, ptr(ws), 0, ptr(out),
+                                      n_threads, ptr(buf), nb) == OK
+        exact = xv.double().sum(1, keepdim=True).expand(M, N)
+        err = (out.double() - exact).abs().max().item()
+        if fixed:
+            assert 1e-3 < err <= K * s * 1.01, err
+        else:
+            assert err < 3e-4, err  # a few ulp of 1000 (6.1e-5): fp32 summation only
+
+
+def test_int8_weight_only_fixed_point_slices():
+    """Rows past one slice of the fixed-point scratch (kernels.h: 336 rows at K = 64,
+    N = 8192) run slice by slice; each matches the reference (any ISA runs the shape)."""
+    from helpers import assert_close_named, tol_name
+    from pyquant import _native, reference
+
+    M, N, K = 700, 8192, 64
+    g = gen(3)
+    x = torch.randn(M, K, generator=g)
+    w = rand_i8((N, K), g)
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-3
+    b = torch.randn(N, generator=g)
+    out = _native.int8_weight_only_mm(x, w, ws, b)
+    assert_close_named(out, reference.int8_weight_only_mm(x, w, ws, b),
+                       tol_name("int8_weight_only_mm", torch.float32))
+
+
+@needs_amx
+@pytest.mark.parametrize("n_threads", THREADS)
 def test_amx_int4_dynamic_scratch(n_threads):
     """W4A8's workspace covers the AMX path (packed codes + a strip per thread) or the VNNI
     one, whichever is larger; with only the VNNI part, or misaligned, the VNNI kernel runs.

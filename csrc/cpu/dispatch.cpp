@@ -143,7 +143,11 @@ static bool aligned64(const void* p) { return ((uintptr_t)p & 63) == 0; }
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int n_threads) {
   if (M < 0 || K < 0 || N < 0) return -1;
-  return amx_bf16_need(isa, M, K, N, K, n_threads);
+  const int64_t bf16 = amx_bf16_need(isa, M, K, N, K, n_threads);
+  if (bf16 <= 0 || !pq::int8wo_fixed_applies(M, K, N)) return bf16;
+  if (too_big(3 * 16 + 3 * pq::int8wo_fixed_slice(M, K, N), 2 * K + 4 * N + 4)) return -1;
+  const int64_t fixed = pq::int8wo_fixed_work_bytes(M, K, N);
+  return fixed > bf16 ? fixed : bf16;
 }
 
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
@@ -156,8 +160,8 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  /* the AMX-BF16 path only with its whole, aligned workspace; else float32 */
-  const int64_t need = amx_bf16_need(isa, M, K, N, K, n_threads);
+  /* the AMX paths only with their whole, aligned workspace; else float32 */
+  const int64_t need = pq_int8_weight_only_workspace_bytes(isa, M, K, N, n_threads);
   if (!work || need <= 0 || work_bytes < need || !aligned64(work)) work = nullptr;
   t->int8_weight_only_mm(x, M, K, ldx, w, N, w_scale, bias, out, threads(n_threads), work);
   return PQ_OK;

@@ -25,9 +25,71 @@ inline float scale_bias(float dot, float scale, const float* bias, int64_t n) {
   return bias ? v + bias[n] : v;
 }
 
+#if defined(PQ_AMX)
+/* True when every x[m, k] is a bf16 value (its low 16 bits are zero). */
+inline bool rows_are_bf16(const float* x, int64_t M, int64_t K, int64_t ldx) {
+  const __m512i low = _mm512_set1_epi32(0xFFFF);
+  for (int64_t m = 0; m < M; ++m) {
+    const int32_t* r = (const int32_t*)(x + m * ldx);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      if (_mm512_test_epi32_mask(_mm512_loadu_si512(r + k), low)) return false;
+    if (k < K && _mm512_mask_test_epi32_mask((__mmask16)((1u << (K - k)) - 1),
+                                             _mm512_maskz_loadu_epi32((__mmask16)((1u << (K - k)) - 1), r + k), low))
+      return false;
+  }
+  return true;
+}
+
+/* int8 weight-only at prefill on AMX, activations that are not bf16 values: each
+ * row in 24-bit fixed point (pq.h; split_row_fixed24), the three term rows through
+ * the exact int8 tiles, out = the fp32 sum of the terms' results (smallest first)
+ * + bias. Where the bf16 path multiplies three bf16 terms on bf16 tiles, this is
+ * one pass on int8 tiles, which retire twice the products a cycle. Slices of rows
+ * keep the scratch bounded (kernels.h). Returns false when a row cannot be written
+ * in fixed point; out is then rewritten by the caller's other path. */
+bool int8_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
+                            int64_t N, const float* w_scale, const float* bias, float* out,
+                            int n_threads, void* work) {
+  const int64_t S = pq::int8wo_fixed_slice(M, K, N), R = 3 * S;
+  int8_t* xq = (int8_t*)work;
+  float* xs = (float*)(xq + pq::align64(R * K));
+  float* o3 = xs + pq::align64(R * 4) / 4;
+  int8_t* xp = (int8_t*)(o3 + pq::align64(R * N * 4) / 4);
+  for (int64_t m0 = 0; m0 < M; m0 += S) {
+    const int64_t ms = min64(S, M - m0), rows = 3 * ms;
+    for (int64_t m = 0; m < ms; ++m) {
+      int8_t* t = xq + 3 * m * K;
+      if (!split_row_fixed24(x + (m0 + m) * ldx, K, t, t + K, t + 2 * K, xs + 3 * m)) return false;
+    }
+    amx_pack_x(xq, rows, K, xp, n_threads);
+    amx_gemm(rows, K, w, N, xp, (int32_t*)o3, N, n_threads,
+             AmxStoreDyn{o3, N, xs, w_scale, nullptr});
+    const int threads = ms < n_threads ? (int)ms : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t m = 0; m < ms; ++m) {
+      const float* hi = o3 + 3 * m * N;
+      float* o = out + (m0 + m) * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const float v = hi[n] + (hi[N + n] + hi[2 * N + n]); /* smallest terms first */
+        o[n] = bias ? v + bias[n] : v;
+      }
+    }
+  }
+  return true;
+}
+#endif
+
 void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
                          int64_t N, const float* w_scale, const float* bias, float* out,
                          int n_threads, void* work) {
+#if defined(PQ_AMX)
+  /* work non-null: dispatch.cpp sized it for both AMX paths; bf16 activations keep the
+   * bf16 path (one exact term), the others take the fixed-point int8 one */
+  if (work && pq::int8wo_fixed_applies(M, K, N) && !rows_are_bf16(x, M, K, ldx) &&
+      int8_weight_only_fixed(x, M, K, ldx, w, N, w_scale, bias, out, n_threads, work))
+    return;
+#endif
 #if defined(PQ_AMX_BF16)
   /* one "group" of K: out = dot * w_scale + bias, the order of scale_bias */
   if (work && amx_bf16_wo(x, M, K, ldx, N, w_scale, K, bias, out, n_threads, work,

@@ -54,6 +54,24 @@ inline bool amx_int4dyn_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
 inline int64_t amx_int4dyn_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
   return align64((M + 15) / 16 * 16 * K) + threads * amx_strip_bytes(K, K / G);
 }
+/* int8 weight-only at prefill on AMX for activations that are not bf16 values:
+ * 24-bit fixed point (three int8 terms a row) on the int8 tiles, in slices of
+ * rows whose scratch stays near kInt8WoFixedBytes: [3S][K] terms | [3S] scales |
+ * [3S][N] fp32 term outputs | the packed terms [ceil(3S/16)*16][K], 64-byte
+ * aligned parts. */
+constexpr int64_t kInt8WoFixedBytes = 32 << 20;
+inline bool int8wo_fixed_applies(int64_t M, int64_t K, int64_t N) {
+  return M >= kAmxBf16MinM && K % 64 == 0 && N % 32 == 0;
+}
+inline int64_t int8wo_fixed_slice(int64_t M, int64_t K, int64_t N) {
+  const int64_t per_row = 3 * (2 * K + 4 + 4 * N), s = kInt8WoFixedBytes / per_row / 16 * 16;
+  return M < s ? M : (s < 16 ? 16 : s);
+}
+inline int64_t int8wo_fixed_work_bytes(int64_t M, int64_t K, int64_t N) {
+  const int64_t rows = 3 * int8wo_fixed_slice(M, K, N);
+  return align64(rows * K) + align64(rows * 4) + align64(rows * N * 4) +
+         align64((rows + 15) / 16 * 16 * K);
+}
 inline bool amx_bf16_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
   return M >= kAmxBf16MinM && K % 32 == 0 && N % 32 == 0 && G % 32 == 0 && K % G == 0;
 }
@@ -65,7 +83,8 @@ inline int64_t amx_bf16_work_bytes(int64_t M, int64_t K, int64_t G, int threads)
 }
 
 struct KernelTable {
-  /* work: null, or 64-byte aligned amx_bf16_work_bytes(M, K, K, n_threads) (AMX) */
+  /* work: null, or 64-byte aligned pq_int8_weight_only_workspace_bytes (AMX: the
+   * larger of the fixed-point and the bf16 paths' scratch) */
   void (*int8_weight_only_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const int8_t* w, int64_t N, const float* w_scale,
                               const float* bias, float* out, int n_threads, void* work);
