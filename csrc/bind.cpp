@@ -40,6 +40,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("n_threads"));
   m.def("int4_weight_only_workspace_bytes", &pq_int4_weight_only_workspace_bytes, py::arg("isa"),
         py::arg("M"), py::arg("K"), py::arg("N"), py::arg("group_size"), py::arg("n_threads"));
+  m.def("int8_weight_only_fixed_point", &pq_int8_weight_only_fixed_point, py::arg("isa"),
+        py::arg("M"), py::arg("K"), py::arg("N"));
   m.def("int4_weight_only_fixed_point", &pq_int4_weight_only_fixed_point, py::arg("isa"),
         py::arg("M"), py::arg("K"), py::arg("group_size"));
   m.def("int4_dynamic_workspace_bytes", &pq_int4_dynamic_workspace_bytes, py::arg("isa"),

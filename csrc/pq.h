@@ -81,6 +81,9 @@ const char* pq_isa_name(int isa);
  * path. */
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int n_threads);
+/* 1 when the 24-bit fixed-point path above runs for these sizes on this ISA (for
+ * activations that are not all bf16 values). */
+int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N);
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t* w, int64_t N, const float* w_scale,
                            const float* bias, float* out, int n_threads, void* work,

@@ -134,8 +134,12 @@ def _decode_paths() -> dict:
     mod, isa = _native.module(), _native.current_isa()
     k, n, probe = 4096, 4096, range(1, 65)
     wo = [m for m in probe if mod.int4_weight_only_fixed_point(isa, m, k, 128)]
+    w8 = [m for m in probe if mod.int8_weight_only_fixed_point(isa, m, k, n)]
     sp = [m for m in probe if mod.sparse24_workspace_bytes(isa, m, k) > 0]
+    # from its first M on every larger M takes it: not a range the probe can end
+    w8s = f"{w8[0]} and up" if w8 and w8 == list(range(w8[0], probe[-1] + 1)) else _ranges(w8)
     return {"int4_weight_only_mm (group size % 64 == 0)": _ranges(wo),
+            "int8_weight_only_mm (activations not bf16 values, K % 64 == 0)": w8s,
             "sparse24_int8_mm": _ranges(sp),
             "sparse24_int4_mm (group size % 64 == 0)": _ranges(sp)}
 
@@ -315,10 +319,10 @@ def format_text(d: dict) -> str:
     fx = d.get("fixed_point_decode_m")
     if isinstance(fx, dict):
         lines.append("")
-        lines.append("decode paths on cpu: activations in 24-bit fixed point (three int8 terms), "
-                     "int8 dot products, at M =")
+        lines.append("fixed-point paths on cpu: activations in 24-bit fixed point (three int8 "
+                     "terms), int8 dot products, at M =")
         for name, ms in fx.items():
-            lines.append(f"  {name:<44}{ms}")
+            lines.append(f"  {name:<66}{ms}")
     return "\n".join(lines)
 
 

@@ -86,8 +86,10 @@ def test_info_json(tmp_path):
         fx = d["fixed_point_decode_m"]  # the native module's own answer, per ISA
         want = {"avx512_amx": "1, 5-15", "avx512_vnni": "1"}.get(d["cpu_isa"]["in_use"], "none")
         assert fx["int4_weight_only_mm (group size % 64 == 0)"] == want, fx
-        assert fx["sparse24_int8_mm"] == ("1" if d["cpu_isa"]["in_use"] == "avx512_amx"
-                                          else "none"), fx
+        amx = d["cpu_isa"]["in_use"] == "avx512_amx"
+        assert fx["sparse24_int8_mm"] == ("1" if amx else "none"), fx
+        assert fx["int8_weight_only_mm (activations not bf16 values, K % 64 == 0)"] == (
+            "16 and up" if amx else "none"), fx
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

@@ -140,6 +140,10 @@ static int64_t amx_bf16_need(int isa, int64_t M, int64_t K, int64_t N, int64_t G
 
 static bool aligned64(const void* p) { return ((uintptr_t)p & 63) == 0; }
 
+int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N) {
+  return amx_bf16_need(isa, M, K, N, K, 1) > 0 && pq::int8wo_fixed_applies(M, K, N);
+}
+
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int n_threads) {
   if (M < 0 || K < 0 || N < 0) return -1;
