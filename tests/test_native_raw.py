@@ -421,7 +421,7 @@ def int8_work(isa, M, K, N):
 def test_amx_int8_gemm_s32_exact(M, N, K, n_threads):
     """The tile path (activations repacked into the caller's scratch, M tails zero-padded) is
     exact for every int8 input, -128 included. Packed activations over 1 MiB (M 272 / 300
-    at K = 4160) run in K chunks of 2048 (32 + 32 + 1 tiles) whose partial sums wait in the
+    at K = 4160) run in K chunks of 4096 (64 + 1 tiles) whose partial sums wait in the
     output (tile_amx.h), with a second M / N cache block (M > 256, N 288), a lone last tile
     (272 = 17 tiles) and a partial one (300), which never chunk."""
     g = gen(M * 7 + N + K)

@@ -178,12 +178,14 @@ inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int
  * the strip stays in L1/L2 while the rows stream from L2. Past that, sweeping every strip
  * over all the activations re-read them from L3 once per strip (512 x 11008: 5.6 MB a
  * strip, 344 strips), so a task becomes (kAmxMc activation rows) x (kAmxNc weight rows)
- * with K in chunks of kAmxKc: per chunk the task's activation tiles (512 KiB) stay in L2
- * while each weight strip's chunk (64 KiB) meets all of them. Between chunks the int32
+ * with K in chunks of kAmxKc: per chunk the task's activation tiles (1 MiB) stay in L2
+ * while each weight strip's chunk (128 KiB) meets all of them. Between chunks the int32
  * sums of each 32 x 32 block wait in the caller's output block of that place (cpart:
- * int32 [M][ldc], the C tiles stored as they are, n-major). Measured on one core, 4096 x
- * 11008 at M = 512: 300 -> 360-400 int8 MACs a cycle; smaller activations do not gain. */
-constexpr int64_t kAmxL2Bytes = 1 << 20, kAmxMc = 256, kAmxNc = 256, kAmxKc = 2048;
+ * int32 [M][ldc], the C tiles stored as they are, n-major). Two threads, int8 MACs a
+ * cycle a core at M = 512: 4096 x 11008 250-300 -> 380-390; 11008 x 4096 330-350 ->
+ * 380-410 (no chunk at K = 4096: chunks of 2048 there ran at 160, the partial sums'
+ * round trip through the output costing more than it saved). */
+constexpr int64_t kAmxL2Bytes = 1 << 20, kAmxMc = 256, kAmxNc = 256, kAmxKc = 4096;
 
 template <class Epi>
 void amx_gemm(int64_t M, int64_t K, const int8_t* w, int64_t N, const int8_t* xp,
