@@ -140,6 +140,12 @@ static int64_t amx_bf16_need(int isa, int64_t M, int64_t K, int64_t N, int64_t G
 
 static bool aligned64(const void* p) { return ((uintptr_t)p & 63) == 0; }
 
+/* The caller's scratch, or null (a path that needs none) unless it is all there: at
+ * least `need` > 0 bytes, 64-byte aligned. */
+static void* whole_work(void* work, int64_t work_bytes, int64_t need) {
+  return work && need > 0 && work_bytes >= need && aligned64(work) ? work : nullptr;
+}
+
 int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N) {
   return amx_bf16_need(isa, M, K, N, K, 1) > 0 && pq::int8wo_fixed_applies(M, K, N);
 }
@@ -165,8 +171,8 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   /* the AMX paths only with their whole, aligned workspace; else float32 */
-  const int64_t need = pq_int8_weight_only_workspace_bytes(isa, M, K, N, n_threads);
-  if (!work || need <= 0 || work_bytes < need || !aligned64(work)) work = nullptr;
+  work = whole_work(work, work_bytes,
+                    pq_int8_weight_only_workspace_bytes(isa, M, K, N, n_threads));
   t->int8_weight_only_mm(x, M, K, ldx, w, N, w_scale, bias, out, threads(n_threads), work);
   return PQ_OK;
 }
@@ -268,8 +274,8 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   /* the fixed-point path only with its whole, aligned workspace; else float32 */
-  const int64_t need = pq_int4_weight_only_workspace_bytes(isa, M, K, N, group_size, n_threads);
-  if (!work || need <= 0 || work_bytes < need || !aligned64(work)) work = nullptr;
+  work = whole_work(work, work_bytes,
+                    pq_int4_weight_only_workspace_bytes(isa, M, K, N, group_size, n_threads));
   t->int4_weight_only_mm(x, M, K, ldx, w_packed, N, scales, zeros, group_size, bias, out,
                          threads(n_threads), work);
   return PQ_OK;
@@ -316,9 +322,9 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   /* the AMX tiles only with their whole, aligned scratch; else the VNNI kernel */
-  const int64_t amx_need = int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads);
-  const bool amx = amx_need > 0 && pq::amx_int4dyn_applies(M, K, N, group_size) &&
-                   work_bytes >= amx_need && aligned64(work);
+  const bool amx = pq::amx_int4dyn_applies(M, K, N, group_size) &&
+                   whole_work(work, work_bytes,
+                              int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads));
   t->int4_dynamic_mm(xq, x_scale, M, K, w_packed, N, scales, zeros, group_size, bias, out, work,
                      amx, threads(n_threads));
   return PQ_OK;

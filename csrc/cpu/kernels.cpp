@@ -25,6 +25,35 @@ inline float scale_bias(float dot, float scale, const float* bias, int64_t n) {
   return bias ? v + bias[n] : v;
 }
 
+#if defined(PQ_SIMD_AVX512)
+/* The 24-bit fixed-point paths (pq.h) of int4 and int8 weight-only share these two
+ * steps around their exact int8-activation kernel.
+ * Rows x[0..M) -> term rows xq[3m + t] (t: hi, mid, lo) with scales xs[3m + t];
+ * false when a row cannot be written in fixed point. */
+inline bool split_rows_fixed24(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq,
+                               float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* t = xq + 3 * m * K;
+    if (!split_row_fixed24(x + m * ldx, K, t, t + K, t + 2 * K, xs + 3 * m)) return false;
+  }
+  return true;
+}
+
+/* out[m, n] = the three term rows' results o3[3m + t][n] summed, smallest first, + bias. */
+inline void sum_fixed24_terms(const float* o3, int64_t M, int64_t N, const float* bias,
+                              float* out, int n_threads) {
+  const int threads = M < n_threads ? (int)M : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* hi = o3 + 3 * m * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = hi[n] + (hi[N + n] + hi[2 * N + n]);
+      out[m * N + n] = bias ? v + bias[n] : v;
+    }
+  }
+}
+#endif
+
 #if defined(PQ_AMX)
 /* True when every x[m, k] is a bf16 value (its low 16 bits are zero). */
 inline bool rows_are_bf16(const float* x, int64_t M, int64_t K, int64_t ldx) {
@@ -58,23 +87,11 @@ bool int8_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   int8_t* xp = (int8_t*)(o3 + pq::align64(R * N * 4) / 4);
   for (int64_t m0 = 0; m0 < M; m0 += S) {
     const int64_t ms = min64(S, M - m0), rows = 3 * ms;
-    for (int64_t m = 0; m < ms; ++m) {
-      int8_t* t = xq + 3 * m * K;
-      if (!split_row_fixed24(x + (m0 + m) * ldx, K, t, t + K, t + 2 * K, xs + 3 * m)) return false;
-    }
+    if (!split_rows_fixed24(x + m0 * ldx, ms, K, ldx, xq, xs)) return false;
     amx_pack_x(xq, rows, K, xp, n_threads);
     amx_gemm(rows, K, w, N, xp, (int32_t*)o3, N, n_threads,
              AmxStoreDyn{o3, N, xs, w_scale, nullptr});
-    const int threads = ms < n_threads ? (int)ms : n_threads;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t m = 0; m < ms; ++m) {
-      const float* hi = o3 + 3 * m * N;
-      float* o = out + (m0 + m) * N;
-      for (int64_t n = 0; n < N; ++n) {
-        const float v = hi[n] + (hi[N + n] + hi[2 * N + n]); /* smallest terms first */
-        o[n] = bias ? v + bias[n] : v;
-      }
-    }
+    sum_fixed24_terms(o3, ms, N, bias, out + m0 * N, n_threads);
   }
   return true;
 }
@@ -321,20 +338,11 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   float* xs = (float*)(xq + pq::align64(rows * K));
   float* o3 = xs + pq::align64(rows * 4) / 4;
   void* dyn = o3 + pq::align64(rows * N * 4) / 4;
-  for (int64_t m = 0; m < M; ++m) {
-    int8_t* t = xq + 3 * m * K;
-    if (!split_row_fixed24(x + m * ldx, K, t, t + K, t + 2 * K, xs + 3 * m)) return false;
-  }
+  if (!split_rows_fixed24(x, M, K, ldx, xq, xs)) return false;
   /* the workspace holds the AMX W4A8 scratch where that path applies (dispatch.cpp) */
   int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn,
                   kAmxBuild && pq::amx_int4dyn_applies(rows, K, N, G), n_threads);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* hi = o3 + 3 * m * N;
-    for (int64_t n = 0; n < N; ++n) {
-      const float v = hi[n] + (hi[N + n] + hi[2 * N + n]); /* smallest terms first */
-      out[m * N + n] = bias ? v + bias[n] : v;
-    }
-  }
+  sum_fixed24_terms(o3, M, N, bias, out, n_threads);
   return true;
 }
 #endif

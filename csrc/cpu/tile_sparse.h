@@ -497,6 +497,27 @@ inline __m512 load_run(const Vals<Kind>& v, int64_t o, unsigned cnt, bool room) 
   }
 }
 
+/* The run of popcount(bits) values from flat index o, as fp32 at the set lanes of bits
+ * (zeros elsewhere); room: 16 values remain in the buffer (see load_run). */
+template <int Kind>
+inline __m512 expand_run(const Vals<Kind>& v, int64_t o, __mmask16 bits, bool room) {
+  const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
+#if defined(__AVX512VBMI2__) && defined(__BMI2__)
+  if constexpr (Kind == kBF16) {
+    /* bf16 value j to the high half of the j-th kept column's 32-bit lane: that lane
+     * is then the value as fp32. One 16-bit expand does the widening and the
+     * placement, where widening, shifting and a 32-bit expand took three shuffle-port
+     * uops more (the port that bounds this loop). */
+    const uint16_t* p = (const uint16_t*)v.p + o;
+    const __m256i h = room ? _mm256_loadu_si256((const __m256i*)p)
+                           : _mm256_maskz_loadu_epi16((__mmask16)((1u << cnt) - 1), p);
+    const __mmask32 hi = (__mmask32)_pdep_u32((unsigned)bits, 0xAAAAAAAAu);
+    return _mm512_castsi512_ps(_mm512_maskz_expand_epi16(hi, _mm512_castsi256_si512(h)));
+  }
+#endif
+  return _mm512_maskz_expand_ps(bits, load_run(v, o, cnt, room));
+}
+
 /* AVX512: per 16 columns, load the run of popcount(bits) values and vexpandps
  * them to their columns (zeros elsewhere), then plain FMAs against x. The four
  * 16-column slices of a 64-bit mask word get their value offsets from prefix
@@ -512,25 +533,7 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
     for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
   int64_t o = o0;
   auto slice = [&](int s, int64_t k, __mmask16 bits, int64_t os, bool full) PQ_ALWAYS_INLINE {
-    const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
-#if defined(__AVX512VBMI2__) && defined(__BMI2__)
-    __m512 e;
-    if constexpr (Kind == kBF16) {
-      /* bf16 value j to the high half of the j-th kept column's 32-bit lane: that lane
-       * is then the value as fp32. One 16-bit expand does the widening and the
-       * placement, where widening, shifting and a 32-bit expand took three shuffle-port
-       * uops more (the port that bounds this loop). */
-      const uint16_t* p = (const uint16_t*)vals.p + os;
-      const __m256i h = os + 16 <= nnz ? _mm256_loadu_si256((const __m256i*)p)
-                                       : _mm256_maskz_loadu_epi16((__mmask16)((1u << cnt) - 1), p);
-      const __mmask32 hi = (__mmask32)_pdep_u32((unsigned)bits, 0xAAAAAAAAu);
-      e = _mm512_castsi512_ps(_mm512_maskz_expand_epi16(hi, _mm512_castsi256_si512(h)));
-    } else {
-      e = _mm512_maskz_expand_ps(bits, load_run(vals, os, cnt, os + 16 <= nnz));
-    }
-#else
-    const __m512 e = _mm512_maskz_expand_ps(bits, load_run(vals, os, cnt, os + 16 <= nnz));
-#endif
+    const __m512 e = expand_run(vals, os, bits, os + 16 <= nnz);
     for (int t = 0; t < T; ++t) {
       /* In the last word only set bits are loaded: no column >= K is touched. */
       const float* p = x + t * ldx + k;
