@@ -166,13 +166,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias"), py::arg("out"), py::arg("n_threads"), gil_release());
 
   m.def("sparse24_decompress",
-        [](uintptr_t values, int elem_bytes, uintptr_t meta, int64_t N, int64_t K, uintptr_t out,
-           int n_threads) {
-          return pq_sparse24_decompress(ptr<const void>(values), elem_bytes,
+        [](int isa, uintptr_t values, int elem_bytes, uintptr_t meta, int64_t N, int64_t K,
+           uintptr_t out, int n_threads) {
+          return pq_sparse24_decompress(isa, ptr<const void>(values), elem_bytes,
                                         ptr<const uint8_t>(meta), N, K, ptr<void>(out),
                                         n_threads);
         },
-        py::arg("values"), py::arg("elem_bytes"), py::arg("meta"), py::arg("N"), py::arg("K"),
+        py::arg("isa"), py::arg("values"), py::arg("elem_bytes"), py::arg("meta"), py::arg("N"), py::arg("K"),
         py::arg("out"), py::arg("n_threads"), gil_release());
 
   m.def("sparse_unstructured_decompress",

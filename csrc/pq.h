@@ -225,8 +225,8 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
  * float32) from 2:4 values and canonical meta: kept values copied bit for bit, zeros
  * elsewhere. PQ_ERR_ARG also when a group's two positions are not strictly increasing (out
  * is then unspecified: such weights run on the sparse kernels, which add duplicates). */
-int pq_sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
-                           int64_t K, void* out, int n_threads);
+int pq_sparse24_decompress(int isa, const void* values, int elem_bytes, const uint8_t* meta,
+                           int64_t N, int64_t K, void* out, int n_threads);
 /* Dense [N, K] from unstructured values (elem_bytes 2 for bf16/fp16, 4 for float32): kept
  * values copied bit for bit, zeros elsewhere. PQ_ERR_ARG when the weight is inconsistent (the
  * checks of pq_sparse_unstructured_mm; out is then unspecified). */

@@ -473,19 +473,21 @@ def _value_dtype(values: torch.Tensor) -> int:
 # activations (oneDNN's bf16 GEMM on AMX); "fp32": any other dtypes (an fp32 GEMM for float
 # values; the int8/int4 weight-only kernels for int8/int4 values). Measured on a 2-core Xeon with
 # AMX, 2 threads, 4096 x 4096 / 4096 x 11008 (sparse time / dense time; below 1 the sparse kernel is faster):
-#   float, bf16 x:  0.67 / 0.84 at 32, 1.61 / 1.58 at 64 (with the branch-free decompression:
-#                   8 ms for 4096 x 4096 bf16, 22 ms before, when 64 measured 0.61 / 1.02)
+#   float, bf16 x:  0.83 / 0.65 at 16, 1.16 / 1.17 at 32, 2.01 / 2.39 at 64 (the per-ISA
+#                   decompression, sparse_decompress.h: 4096 x 4096 bf16 1.2-2 ms; 8 ms with the
+#                   scalar loop, when 32 measured 0.67 / 0.84)
 #   float, fp32 x:  0.71 / 1.31 at 256 (and 1.25 at 512 on 4096 x 4096)
-#   int8:           0.82 / 0.88 at 32, 1.28 / 1.27 at 64, 1.56 / 1.96 at 128 (decompression
-#                   7.5 ms for 4096 x 4096, 16 ms before; dense int8 weight-only from M = 16
-#                   runs the int8 tiles on fixed-point activations)
+#   int8:           0.44 / 0.46 at 8, 1.25 / 1.22 at 16, 1.84 / 1.42 at 32 (decompression
+#                   1.1-2.2 ms for 4096 x 4096, 7.5 ms scalar, when 32 measured 0.82 / 0.88;
+#                   dense int8 weight-only from M = 16 runs the int8 tiles on fixed-point
+#                   activations)
 #   int4 g128:      1.29 / 1.03 at 64, 1.63 / 1.96 at 128 (again: 1.30 / 0.84 at 64)
 #   unstructured 70% (pq_sparse_unstructured_decompress, 16-49 ms): bf16 x 0.84 / 0.85 at 32,
 #                   1.44 / 1.95 at 64; fp32 x 0.61 / 0.56 at 64, 0.93 / 1.20 at 128, 1.83 / 2.29
 #                   at 256 (the kernel's FMA loop costs ~0.4 ms per activation row at 4096^2)
 # The dense path keeps the ops' arithmetic: exact products summed in fp32, one rounding.
-SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 64, ("sparse24_mm", "fp32"): 512,
-                      ("sparse24_int8_mm", "fp32"): 64, ("sparse24_int4_mm", "fp32"): 64,
+SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
+                      ("sparse24_int8_mm", "fp32"): 16, ("sparse24_int4_mm", "fp32"): 64,
                       ("sparse_unstructured_mm", "bf16"): 64,
                       ("sparse_unstructured_mm", "fp32"): 128}
 
@@ -521,8 +523,8 @@ def _decompress_24(values: torch.Tensor, meta: torch.Tensor) -> Optional[torch.T
     n, k = values.shape[0], values.shape[1] * 2
     v, mt = values.contiguous(), meta.contiguous()
     dense = _scratch(v.dtype, n, k)
-    st = module().sparse24_decompress(_ptr(v), v.element_size(), _ptr(mt), n, k, _ptr(dense),
-                                      _threads())
+    st = module().sparse24_decompress(current_isa(), _ptr(v), v.element_size(), _ptr(mt), n, k,
+                                      _ptr(dense), _threads())
     return None if st else dense
 
 

@@ -285,16 +285,24 @@ def test_int4_decompress_is_exact_and_refuses_non_canonical_meta(group):
     assert _native._decompress_24_int4(packed, bad, zeros, g) is None
 
 
-@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
-def test_decompress_is_exact_and_refuses_non_canonical_meta(vdtype):
-    n, k = 19, 100
-    _, v, meta = dense24(n, k, seed=7, dtype=torch.float32)
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8],
+                         ids=str)
+@pytest.mark.parametrize("k", [100, 256, 324])
+def test_decompress_is_exact_and_refuses_non_canonical_meta(backend, isa, vdtype, k):
+    """Every ISA's decompression, bit for bit: K = 100 and 324 end in a tail of groups after
+    the 64-column SIMD steps (one and five of them), K = 256 has none; a duplicate position in
+    a SIMD step and in the tail is refused."""
+    n = 19
+    _, v, meta = dense24(n, k, seed=k, dtype=torch.float32)
     v = (v * 10).round().clamp(-127, 127).to(vdtype)
-    d = _native._decompress_24(v, meta)
-    assert d.dtype == vdtype and torch.equal(d, sf.decompress_24(v.float(), meta).to(vdtype))
-    bad = meta.clone()
-    bad[3, 0] = 0b0101  # group 0 of row 3: positions (1, 1), a duplicate
-    assert _native._decompress_24(v, bad) is None
+    with _native.use_isa(isa):
+        d = _native._decompress_24(v, meta)
+        assert d.dtype == vdtype and torch.equal(d, sf.decompress_24(v.float(), meta).to(vdtype))
+        for row, byte in ((3, 0), (11, 5), (18, meta.shape[1] - 1)):
+            bad = meta.clone()
+            bad[row, byte] = (bad[row, byte] & 0xF0) | 0b0101  # positions (1, 1): a duplicate
+            assert _native._decompress_24(v, bad) is None, (row, byte)
 
 
 def test_dense_path_non_canonical_meta_runs_the_kernel(dense_from_m1):

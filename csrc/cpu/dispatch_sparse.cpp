@@ -17,43 +17,6 @@ bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* me
          missing(meta, N * ((K + 7) / 8)) || missing(out, M * N);
 }
 
-/* Dense rows from 2:4 (the break-even path of pyquant._native: from some M on, one
- * decompression plus a dense GEMM beats the gather kernels). Memory-bound; baseline code.
- * Returns nonzero when some group's positions are not strictly increasing. */
-/* An unsigned integer of four T (a 2:4 group of outputs). */
-template <class T> struct Wide;
-template <> struct Wide<uint8_t> { using type = uint32_t; };
-template <> struct Wide<uint16_t> { using type = uint64_t; };
-template <> struct Wide<uint32_t> { using type = unsigned __int128; };
-
-template <class T>
-int decompress_24(const T* v, const uint8_t* meta, int64_t N, int64_t K, T* out, int n_threads) {
-  const int64_t mc = (K + 7) / 8, groups = K / 4;
-  int bad = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
-  for (int64_t n = 0; n < N; ++n) {
-    T* row = out + n * K;
-    const T* vr = v + n * (K / 2);
-    const uint8_t* mr = meta + n * mc;
-    int row_bad = 0;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int b = mr[g / 2] >> (4 * (g & 1));
-      const int p0 = b & 3, p1 = (b >> 2) & 3;
-      row_bad |= p1 <= p0; /* not canonical: duplicates must add up, as the kernels do */
-      /* The group's four outputs as one integer, each value shifted to its column: no
-       * branches and no stores to a small array at computed indices (their
-       * store-to-load forwarding stalls made this 16 ms for 4096 x 4096 int8). A
-       * non-canonical row is discarded by the caller, so p0 == p1 may write anything. */
-      using W = typename Wide<T>::type;
-      constexpr int bits = 8 * sizeof(T);
-      const W out = ((W)vr[2 * g] << (bits * p0)) | ((W)vr[2 * g + 1] << (bits * p1));
-      memcpy(row + 4 * g, &out, sizeof out);
-    }
-    bad |= row_bad;
-  }
-  return bad;
-}
-
 /* 2:4 + int4 -> dense packed int4 (pq.h). Per group of 4 columns: one byte of
  * two kept codes, one meta nibble, two output bytes; the pruned nibbles hold
  * the zero point. Branch-free: the four output nibbles start as z and the
@@ -217,21 +180,17 @@ int pq_sparse_unstructured_decompress(const uint8_t* bitmask, const void* values
   return bad ? PQ_ERR_ARG : PQ_OK;
 }
 
-int pq_sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
-                           int64_t K, void* out, int n_threads) {
+int pq_sparse24_decompress(int isa, const void* values, int elem_bytes, const uint8_t* meta,
+                           int64_t N, int64_t K, void* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t) return PQ_ERR_ISA;
   if (N < 0 || K < 0 || K % 4 != 0 || too_big(N, K) || too_big(N * K, 4) ||
       (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4) || missing(values, N * K / 2) ||
       missing(meta, N * ((K + 7) / 8)) || missing(out, N * K))
     return PQ_ERR_ARG;
-  const int nt = threads(n_threads);
-  int bad;
-  if (elem_bytes == 1)
-    bad = decompress_24((const uint8_t*)values, meta, N, K, (uint8_t*)out, nt);
-  else if (elem_bytes == 2)
-    bad = decompress_24((const uint16_t*)values, meta, N, K, (uint16_t*)out, nt);
-  else
-    bad = decompress_24((const uint32_t*)values, meta, N, K, (uint32_t*)out, nt);
-  return bad ? PQ_ERR_ARG : PQ_OK;
+  return t->sparse24_decompress(values, elem_bytes, meta, N, K, out, threads(n_threads))
+             ? PQ_ERR_ARG
+             : PQ_OK;
 }
 
 int pq_sparse24_int4_decompress(const uint8_t* packed, const uint8_t* meta, int64_t N, int64_t K,

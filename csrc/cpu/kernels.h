@@ -133,6 +133,10 @@ struct SparseKernelTable {
                                  const uint8_t* bitmask, const void* values, int values_dtype,
                                  int64_t nnz, const int64_t* row_offsets, int64_t N,
                                  const float* bias, float* out, int n_threads);
+  /* 2:4 -> dense rows of elem_bytes 1, 2 or 4 (pq_sparse24_decompress); nonzero when some
+   * group's positions are not strictly increasing */
+  int (*sparse24_decompress)(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
+                             int64_t K, void* out, int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

@@ -7,6 +7,7 @@
 
 #include "../pq.h"
 #include "kernels.h"
+#include "sparse_decompress.h"
 #include "tile_int8.h"
 #include "tile_sparse.h"
 
@@ -190,10 +191,19 @@ bool sparse_unstructured_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
                           n_threads);
 }
 
+int sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
+                         int64_t K, void* out, int n_threads) {
+  if (elem_bytes == 1)
+    return decompress_24((const uint8_t*)values, meta, N, K, (uint8_t*)out, n_threads);
+  if (elem_bytes == 2)
+    return decompress_24((const uint16_t*)values, meta, N, K, (uint16_t*)out, n_threads);
+  return decompress_24((const uint32_t*)values, meta, N, K, (uint32_t*)out, n_threads);
+}
+
 }  // namespace
 
 extern const pq::SparseKernelTable kSparseKernels = {
-    sparse24_mm, sparse24_int8_mm, sparse24_int4_mm, sparse_unstructured_mm,
+    sparse24_mm, sparse24_int8_mm, sparse24_int4_mm, sparse_unstructured_mm, sparse24_decompress,
 };
 
 }  // namespace PQ_NS

@@ -1,0 +1,152 @@
+/* 2:4 -> dense rows (pq_sparse24_decompress), per ISA build: the dense path of
+ * the 2:4 ops from their break-even batch size on decompresses the weight on
+ * every call (no dense copy is kept), so this runs once per prefill call.
+ *
+ * AVX512: 64 outputs (16 groups, one 64-bit word of meta) a step. The meta
+ * bytes give, through a 256-entry table, bit masks of the outputs that take
+ * each group's first and second kept value; two masked permutes place the 32
+ * kept values. int8 values need vpermb (VBMI); without it they take the scalar
+ * loop, as do the last K % 64 columns of a row. Returns nonzero when some
+ * group's positions are not strictly increasing (the caller then runs the
+ * sparse kernels, which add duplicates; out is unspecified). */
+#ifndef PQ_CPU_SPARSE_DECOMPRESS_H
+#define PQ_CPU_SPARSE_DECOMPRESS_H
+#include <string.h>
+
+#include "common.h"
+
+namespace PQ_NS {
+namespace {
+
+/* An unsigned integer of four T (a 2:4 group of outputs). */
+template <class T> struct Wide;
+template <> struct Wide<uint8_t> { using type = uint32_t; };
+template <> struct Wide<uint16_t> { using type = uint64_t; };
+template <> struct Wide<uint32_t> { using type = unsigned __int128; };
+
+/* Groups [g0, g1) of one row. Each group's four outputs are built as one
+ * integer, each value shifted to its column: no branches and no stores to a
+ * small array at computed indices (their store-to-load forwarding stalls made
+ * this 16 ms for 4096 x 4096 int8). p0 == p1 may write anything (see above). */
+template <class T>
+inline int decompress_24_groups(const T* vr, const uint8_t* mr, int64_t g0, int64_t g1, T* row) {
+  int bad = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int b = mr[g / 2] >> (4 * (g & 1));
+    const int p0 = b & 3, p1 = (b >> 2) & 3;
+    bad |= p1 <= p0;
+    using W = typename Wide<T>::type;
+    constexpr int bits = 8 * sizeof(T);
+    const W out = ((W)vr[2 * g] << (bits * p0)) | ((W)vr[2 * g + 1] << (bits * p1));
+    memcpy(row + 4 * g, &out, sizeof out);
+  }
+  return bad;
+}
+
+#if defined(PQ_SIMD_AVX512)
+/* kMeta24[b] for a meta byte b (two groups, four 2-bit positions): bits 0..7 mark
+ * the two groups' outputs that take the first kept value, bits 8..15 those that
+ * take the second, bit 16 a group whose positions are not increasing. */
+struct Meta24Table {
+  uint32_t e[256];
+  constexpr Meta24Table() : e() {
+    for (int b = 0; b < 256; ++b) {
+      uint32_t v = 0;
+      for (int h = 0; h < 2; ++h) {
+        const int p0 = (b >> (4 * h)) & 3, p1 = (b >> (4 * h + 2)) & 3;
+        v |= (1u << (4 * h + p0)) | (1u << (8 + 4 * h + p1));
+        if (p1 <= p0) v |= 1u << 16;
+      }
+      e[b] = v;
+    }
+  }
+};
+constexpr Meta24Table kMeta24{};
+
+/* The output masks of 64 columns from 8 meta bytes; bad |= a non-increasing group. */
+inline void meta24_masks(const uint8_t* m, uint64_t& first, uint64_t& second, uint32_t& bad) {
+  first = second = 0;
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t e = kMeta24.e[m[i]];
+    first |= (uint64_t)(e & 0xFF) << (8 * i);
+    second |= (uint64_t)((e >> 8) & 0xFF) << (8 * i);
+    bad |= e;
+  }
+}
+
+/* Step index vectors: output j of a step takes kept value 2 * (j / 4) (+1). */
+template <int Bytes>
+inline bool decompress_24_step(const void* vp, uint64_t first, uint64_t second, void* op) {
+  if (Bytes == 1) {
+#if defined(__AVX512VBMI__)
+    const __m512i lane = _mm512_set_epi32(0x3F3E3D3C, 0x3B3A3938, 0x37363534, 0x33323130,
+                                          0x2F2E2D2C, 0x2B2A2928, 0x27262524, 0x23222120,
+                                          0x1F1E1D1C, 0x1B1A1918, 0x17161514, 0x13121110,
+                                          0x0F0E0D0C, 0x0B0A0908, 0x07060504, 0x03020100);
+    const __m512i pe = _mm512_and_si512(_mm512_srli_epi16(lane, 1), _mm512_set1_epi8(0x7E));
+    const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)vp));
+    const __m512i r = _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(first, pe, v), second,
+                                                   _mm512_add_epi8(pe, _mm512_set1_epi8(1)), v);
+    _mm512_storeu_si512(op, r);
+    return true;
+#else
+    return false;
+#endif
+  } else if (Bytes == 2) {
+    const __m512i v = _mm512_loadu_si512(vp);
+    const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
+                                          16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i pe = _mm512_slli_epi16(_mm512_srli_epi16(lane, 2), 1);
+    const __m512i one = _mm512_set1_epi16(1), sixteen = _mm512_set1_epi16(16);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i e = h ? _mm512_add_epi16(pe, sixteen) : pe;
+      const __mmask32 f = (__mmask32)(first >> (32 * h)), s = (__mmask32)(second >> (32 * h));
+      const __m512i r = _mm512_mask_permutexvar_epi16(_mm512_maskz_permutexvar_epi16(f, e, v), s,
+                                                      _mm512_add_epi16(e, one), v);
+      _mm512_storeu_si512((uint16_t*)op + 32 * h, r);
+    }
+    return true;
+  } else {
+    const __m512i v0 = _mm512_loadu_si512(vp), v1 = _mm512_loadu_si512((const uint32_t*)vp + 16);
+    const __m512i pe = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int q = 0; q < 4; ++q) {
+      const __m512i e = _mm512_add_epi32(pe, _mm512_set1_epi32(8 * q));
+      const __mmask16 f = (__mmask16)(first >> (16 * q)), s = (__mmask16)(second >> (16 * q));
+      const __m512i r = _mm512_or_si512(
+          _mm512_maskz_permutex2var_epi32(f, v0, e, v1),
+          _mm512_maskz_permutex2var_epi32(s, v0, _mm512_add_epi32(e, one), v1));
+      _mm512_storeu_si512((uint32_t*)op + 16 * q, r);
+    }
+    return true;
+  }
+}
+#endif
+
+template <class T>
+int decompress_24(const T* v, const uint8_t* meta, int64_t N, int64_t K, T* out, int n_threads) {
+  const int64_t mc = (K + 7) / 8, groups = K / 4;
+  int bad = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
+  for (int64_t n = 0; n < N; ++n) {
+    T* row = out + n * K;
+    const T* vr = v + n * (K / 2);
+    const uint8_t* mr = meta + n * mc;
+    int64_t g = 0;
+#if defined(PQ_SIMD_AVX512)
+    uint32_t vbad = 0;
+    for (; g + 16 <= groups; g += 16) {
+      uint64_t first, second;
+      meta24_masks(mr + g / 2, first, second, vbad);
+      if (!decompress_24_step<sizeof(T)>(vr + 2 * g, first, second, row + 4 * g)) break;
+    }
+    bad |= (vbad >> 16) & 1;
+#endif
+    bad |= decompress_24_groups(vr, mr, g, groups, row);
+  }
+  return bad;
+}
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_SPARSE_DECOMPRESS_H */
