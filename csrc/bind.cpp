@@ -176,14 +176,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("n_threads"), gil_release());
 
   m.def("sparse_unstructured_decompress",
-        [](uintptr_t bitmask, uintptr_t values, int elem_bytes, int64_t nnz, uintptr_t row_offsets,
-           int64_t N, int64_t K, uintptr_t out, int n_threads) {
-          return pq_sparse_unstructured_decompress(ptr<const uint8_t>(bitmask),
+        [](int isa, uintptr_t bitmask, uintptr_t values, int elem_bytes, int64_t nnz,
+           uintptr_t row_offsets, int64_t N, int64_t K, uintptr_t out, int n_threads) {
+          return pq_sparse_unstructured_decompress(isa, ptr<const uint8_t>(bitmask),
                                                    ptr<const void>(values), elem_bytes, nnz,
                                                    ptr<const int64_t>(row_offsets), N, K,
                                                    ptr<void>(out), n_threads);
         },
-        py::arg("bitmask"), py::arg("values"), py::arg("elem_bytes"), py::arg("nnz"),
+        py::arg("isa"), py::arg("bitmask"), py::arg("values"), py::arg("elem_bytes"), py::arg("nnz"),
         py::arg("row_offsets"), py::arg("N"), py::arg("K"), py::arg("out"), py::arg("n_threads"),
         gil_release());
 

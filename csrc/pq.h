@@ -230,9 +230,9 @@ int pq_sparse24_decompress(int isa, const void* values, int elem_bytes, const ui
 /* Dense [N, K] from unstructured values (elem_bytes 2 for bf16/fp16, 4 for float32): kept
  * values copied bit for bit, zeros elsewhere. PQ_ERR_ARG when the weight is inconsistent (the
  * checks of pq_sparse_unstructured_mm; out is then unspecified). */
-int pq_sparse_unstructured_decompress(const uint8_t* bitmask, const void* values, int elem_bytes,
-                                      int64_t nnz, const int64_t* row_offsets, int64_t N,
-                                      int64_t K, void* out, int n_threads);
+int pq_sparse_unstructured_decompress(int isa, const uint8_t* bitmask, const void* values,
+                                      int elem_bytes, int64_t nnz, const int64_t* row_offsets,
+                                      int64_t N, int64_t K, void* out, int n_threads);
 /* The same for 2:4 + int4: dense packed int4 codes [N, K/2] (two a byte, low nibble first)
  * from the kept codes [N, K/4] and canonical meta; a pruned position holds its group's zero
  * point (zeros [N, (K/2)/G], G the group size over kept values), so it dequantizes to exactly

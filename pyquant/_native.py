@@ -482,14 +482,16 @@ def _value_dtype(values: torch.Tensor) -> int:
 #                   dense int8 weight-only from M = 16 runs the int8 tiles on fixed-point
 #                   activations)
 #   int4 g128:      1.29 / 1.03 at 64, 1.63 / 1.96 at 128 (again: 1.30 / 0.84 at 64)
-#   unstructured 70% (pq_sparse_unstructured_decompress, 16-49 ms): bf16 x 0.84 / 0.85 at 32,
-#                   1.44 / 1.95 at 64; fp32 x 0.61 / 0.56 at 64, 0.93 / 1.20 at 128, 1.83 / 2.29
-#                   at 256 (the kernel's FMA loop costs ~0.4 ms per activation row at 4096^2)
+#   unstructured 70% (pq_sparse_unstructured_decompress, per ISA: 4096 x 4096 bf16 3.4 ms with
+#                   AVX512 expands, 16.6 ms scalar): bf16 x 0.68-0.80 / 1.16 at 8, 1.41-1.80 /
+#                   1.75-1.83 at 16; fp32 x 0.68-0.81 / 0.65-0.71 at 16, 1.15 / 0.98-1.08 at 32,
+#                   1.74 / 1.47 at 64 (scalar decompression: bf16 x 1.44 / 1.95 at 64, fp32 x
+#                   0.93 / 1.20 at 128)
 # The dense path keeps the ops' arithmetic: exact products summed in fp32, one rounding.
 SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
                       ("sparse24_int8_mm", "fp32"): 16, ("sparse24_int4_mm", "fp32"): 64,
-                      ("sparse_unstructured_mm", "bf16"): 64,
-                      ("sparse_unstructured_mm", "fp32"): 128}
+                      ("sparse_unstructured_mm", "bf16"): 16,
+                      ("sparse_unstructured_mm", "fp32"): 32}
 
 
 def sparse_dense_reason(op: str, m: int, kind: str = "fp32") -> Optional[str]:
@@ -533,7 +535,8 @@ def _decompress_unstructured(bitmask, values, row_offsets, k: int) -> Optional[t
     n = bitmask.shape[0]
     bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
     dense = _scratch(v.dtype, n, k)
-    st = module().sparse_unstructured_decompress(_ptr(bm), _ptr(v), v.element_size(), v.numel(),
+    st = module().sparse_unstructured_decompress(current_isa(), _ptr(bm), _ptr(v), v.element_size(),
+                                                 v.numel(),
                                                  _ptr(off), n, k, _ptr(dense), _threads())
     return None if st else dense
 

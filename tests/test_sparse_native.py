@@ -243,18 +243,26 @@ def test_dense_path_matches_reference(dense_from_m1, vdtype, xdtype, bias):
                (bm, vals.to(vdtype), off), b)
 
 
-def test_unstructured_decompress_is_exact_and_refuses_inconsistent_weights(dense_from_m1):
-    n, k = 19, 100
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("k", [100, 128, 300])
+def test_unstructured_decompress_is_exact_and_refuses_inconsistent_weights(dense_from_m1,
+                                                                           backend, isa, k):
+    """Every ISA's decompression, bit for bit: K = 100 and 300 end in a tail after the
+    64-column SIMD words (one and four of them; 100 and 300 are not multiples of 8 either), 128
+    has none; inconsistent rows are refused."""
+    n = 19
     _, (bm, v, off) = random_sparse(n, k, 0.5, seed=8)
-    for dt in (torch.float32, torch.bfloat16):
-        got = _native._decompress_unstructured(bm, v.to(dt), off, k)
-        assert torch.equal(got, sf.decompress_unstructured(bm, v.to(dt), off, k))
-    bad = off.clone()
-    bad[4] += 1  # rows 3 and 4 disagree with their popcounts
-    assert _native._decompress_unstructured(bm, v, bad, k) is None
-    b2 = bm.clone()
-    b2[0, -1] |= 0x80  # a bit at k = 103 >= K
-    assert _native._decompress_unstructured(b2, v, off, k) is None
+    with _native.use_isa(isa):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            got = _native._decompress_unstructured(bm, v.to(dt), off, k)
+            assert torch.equal(got, sf.decompress_unstructured(bm, v.to(dt), off, k))
+        bad = off.clone()
+        bad[4] += 1  # rows 3 and 4 disagree with their popcounts
+        assert _native._decompress_unstructured(bm, v, bad, k) is None
+        if k % 8:
+            b2 = bm.clone()
+            b2[0, -1] |= 0x80  # a bit at a column >= K
+            assert _native._decompress_unstructured(b2, v, off, k) is None
     # the op then runs the kernel, which names the problem
     with pytest.raises(ValueError, match="inconsistent unstructured sparse weight"):
         run_op("sparse_unstructured_mm", "cpu", None, activation((3, k)), (bm, v, bad), None)

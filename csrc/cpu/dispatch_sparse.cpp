@@ -49,38 +49,6 @@ int decompress_24_int4(const uint8_t* packed, const uint8_t* meta, int64_t N, in
   return bad;
 }
 
-/* Unstructured -> dense rows (pq.h): zero the row, then write each kept value
- * at its set bit. A row whose popcount disagrees with its offsets, that
- * leaves [0, nnz], or that has a bit at k >= K makes the call fail (the op
- * then runs the kernel, which reports the weight). */
-template <class T>
-int decompress_unstructured(const uint8_t* bm, const T* v, int64_t nnz, const int64_t* off,
-                            int64_t N, int64_t K, T* out, int n_threads) {
-  const int64_t ldb = (K + 7) / 8;
-  int bad = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* b = bm + n * ldb;
-    T* row = out + n * K;
-    memset(row, 0, (size_t)K * sizeof(T));
-    const int64_t o0 = off[n], o1 = off[n + 1];
-    if (o0 < 0 || o1 > nnz || o1 < o0 || (K % 8 && (b[ldb - 1] >> (K % 8)))) {
-      bad = 1;
-      continue;
-    }
-    int64_t o = o0;
-    for (int64_t i = 0; i < ldb; ++i)
-      for (unsigned bits = b[i]; bits; bits &= bits - 1) {
-        if (o >= o1) break; /* more bits than values: caught below */
-        row[8 * i + __builtin_ctz(bits)] = v[o++];
-      }
-    int64_t pop = 0;
-    for (int64_t i = 0; i < ldb; ++i) pop += __builtin_popcount(b[i]);
-    bad |= pop != o1 - o0;
-  }
-  return bad;
-}
-
 }  // namespace
 
 extern "C" {
@@ -163,21 +131,20 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
              : PQ_ERR_ARG;
 }
 
-int pq_sparse_unstructured_decompress(const uint8_t* bitmask, const void* values, int elem_bytes,
-                                      int64_t nnz, const int64_t* row_offsets, int64_t N,
-                                      int64_t K, void* out, int n_threads) {
+int pq_sparse_unstructured_decompress(int isa, const uint8_t* bitmask, const void* values,
+                                      int elem_bytes, int64_t nnz, const int64_t* row_offsets,
+                                      int64_t N, int64_t K, void* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t) return PQ_ERR_ISA;
   if (N < 0 || K < 0 || nnz < 0 || too_big(N, K) || too_big(N * K, 4) ||
       (elem_bytes != 2 && elem_bytes != 4) || missing(bitmask, N * ((K + 7) / 8)) ||
       missing(values, nnz) || row_offsets == nullptr || missing(out, N * K))
     return PQ_ERR_ARG;
   if (row_offsets[0] != 0 || row_offsets[N] != nnz) return PQ_ERR_ARG;
-  const int nt = threads(n_threads);
-  const int bad = elem_bytes == 2
-      ? decompress_unstructured(bitmask, (const uint16_t*)values, nnz, row_offsets, N, K,
-                                (uint16_t*)out, nt)
-      : decompress_unstructured(bitmask, (const uint32_t*)values, nnz, row_offsets, N, K,
-                                (uint32_t*)out, nt);
-  return bad ? PQ_ERR_ARG : PQ_OK;
+  return t->sparse_unstructured_decompress(bitmask, values, elem_bytes, nnz, row_offsets, N, K,
+                                           out, threads(n_threads))
+             ? PQ_ERR_ARG
+             : PQ_OK;
 }
 
 int pq_sparse24_decompress(int isa, const void* values, int elem_bytes, const uint8_t* meta,

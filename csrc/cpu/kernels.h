@@ -137,6 +137,11 @@ struct SparseKernelTable {
    * group's positions are not strictly increasing */
   int (*sparse24_decompress)(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
                              int64_t K, void* out, int n_threads);
+  /* unstructured -> dense rows of elem_bytes 2 or 4 (pq_sparse_unstructured_decompress);
+   * nonzero when some row is inconsistent */
+  int (*sparse_unstructured_decompress)(const uint8_t* bitmask, const void* values,
+                                        int elem_bytes, int64_t nnz, const int64_t* row_offsets,
+                                        int64_t N, int64_t K, void* out, int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

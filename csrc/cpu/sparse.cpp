@@ -200,10 +200,21 @@ int sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta,
   return decompress_24((const uint32_t*)values, meta, N, K, (uint32_t*)out, n_threads);
 }
 
+int sparse_unstructured_decompress(const uint8_t* bitmask, const void* values, int elem_bytes,
+                                   int64_t nnz, const int64_t* off, int64_t N, int64_t K,
+                                   void* out, int n_threads) {
+  if (elem_bytes == 2)
+    return decompress_unstructured(bitmask, (const uint16_t*)values, nnz, off, N, K,
+                                   (uint16_t*)out, n_threads);
+  return decompress_unstructured(bitmask, (const uint32_t*)values, nnz, off, N, K,
+                                 (uint32_t*)out, n_threads);
+}
+
 }  // namespace
 
 extern const pq::SparseKernelTable kSparseKernels = {
-    sparse24_mm, sparse24_int8_mm, sparse24_int4_mm, sparse_unstructured_mm, sparse24_decompress,
+    sparse24_mm,          sparse24_int8_mm,    sparse24_int4_mm,
+    sparse_unstructured_mm, sparse24_decompress, sparse_unstructured_decompress,
 };
 
 }  // namespace PQ_NS
