@@ -191,13 +191,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("K"));
 
   m.def("sparse24_int4_decompress",
-        [](uintptr_t packed, uintptr_t meta, int64_t N, int64_t K, uintptr_t zeros,
+        [](int isa, uintptr_t packed, uintptr_t meta, int64_t N, int64_t K, uintptr_t zeros,
            int64_t group_size, uintptr_t out, int n_threads) {
-          return pq_sparse24_int4_decompress(ptr<const uint8_t>(packed), ptr<const uint8_t>(meta),
-                                             N, K, ptr<const uint8_t>(zeros), group_size,
+          return pq_sparse24_int4_decompress(isa, ptr<const uint8_t>(packed),
+                                             ptr<const uint8_t>(meta), N, K,
+                                             ptr<const uint8_t>(zeros), group_size,
                                              ptr<uint8_t>(out), n_threads);
         },
-        py::arg("packed"), py::arg("meta"), py::arg("N"), py::arg("K"), py::arg("zeros"),
+        py::arg("isa"), py::arg("packed"), py::arg("meta"), py::arg("N"), py::arg("K"), py::arg("zeros"),
         py::arg("group_size"), py::arg("out"), py::arg("n_threads"), gil_release());
 
   m.def("sparse24_int8_mm",

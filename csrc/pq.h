@@ -238,9 +238,9 @@ int pq_sparse_unstructured_decompress(int isa, const uint8_t* bitmask, const voi
  * point (zeros [N, (K/2)/G], G the group size over kept values), so it dequantizes to exactly
  * 0 and the dense codes with the same scales and zeros, group size 2G over K, are the weight
  * of pq_int4_weight_only_mm. PQ_ERR_ARG as above. */
-int pq_sparse24_int4_decompress(const uint8_t* packed, const uint8_t* meta, int64_t N, int64_t K,
-                                const uint8_t* zeros, int64_t group_size, uint8_t* out,
-                                int n_threads);
+int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* meta, int64_t N,
+                                int64_t K, const uint8_t* zeros, int64_t group_size,
+                                uint8_t* out, int n_threads);
 
 int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* bitmask, const void* values, int values_dtype,

@@ -481,7 +481,9 @@ def _value_dtype(values: torch.Tensor) -> int:
 #                   1.1-2.2 ms for 4096 x 4096, 7.5 ms scalar, when 32 measured 0.82 / 0.88;
 #                   dense int8 weight-only from M = 16 runs the int8 tiles on fixed-point
 #                   activations)
-#   int4 g128:      1.29 / 1.03 at 64, 1.63 / 1.96 at 128 (again: 1.30 / 0.84 at 64)
+#   int4 g128:      1.13-1.18 / 0.89-1.03 at 8, 1.44-1.48 / 0.91-0.96 at 16, 1.46-2.33 /
+#                   1.32-1.52 at 32 (decompression 0.34 ms for 4096 x 4096 with AVX512, 7.5 ms
+#                   scalar, when 64 measured 1.29 / 1.03)
 #   unstructured 70% (pq_sparse_unstructured_decompress, per ISA: 4096 x 4096 bf16 3.4 ms with
 #                   AVX512 expands, 16.6 ms scalar): bf16 x 0.68-0.80 / 1.16 at 8, 1.41-1.80 /
 #                   1.75-1.83 at 16; fp32 x 0.68-0.81 / 0.65-0.71 at 16, 1.15 / 0.98-1.08 at 32,
@@ -489,7 +491,7 @@ def _value_dtype(values: torch.Tensor) -> int:
 #                   0.93 / 1.20 at 128)
 # The dense path keeps the ops' arithmetic: exact products summed in fp32, one rounding.
 SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
-                      ("sparse24_int8_mm", "fp32"): 16, ("sparse24_int4_mm", "fp32"): 64,
+                      ("sparse24_int8_mm", "fp32"): 16, ("sparse24_int4_mm", "fp32"): 16,
                       ("sparse_unstructured_mm", "bf16"): 16,
                       ("sparse_unstructured_mm", "fp32"): 32}
 
@@ -554,8 +556,8 @@ def _decompress_24_int4(packed: torch.Tensor, meta: torch.Tensor, zeros: torch.T
     n, k = packed.shape[0], packed.shape[1] * 4
     p, mt, z = packed.contiguous(), meta.contiguous(), zeros.contiguous()
     dense = _scratch(torch.uint8, n, k // 2)
-    st = module().sparse24_int4_decompress(_ptr(p), _ptr(mt), n, k, _ptr(z), group_size,
-                                           _ptr(dense), _threads())
+    st = module().sparse24_int4_decompress(current_isa(), _ptr(p), _ptr(mt), n, k, _ptr(z),
+                                           group_size, _ptr(dense), _threads())
     return None if st else dense
 
 

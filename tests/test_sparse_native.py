@@ -280,17 +280,22 @@ def test_int4_dense_path_matches_reference(dense_from_m1, group, xdtype):
         _check("sparse24_int4_mm", None, activation((m, k), xdtype, seed=m), wargs, b)
 
 
-@pytest.mark.parametrize("group", [2, 8, 64])
-def test_int4_decompress_is_exact_and_refuses_non_canonical_meta(group):
-    n, k = 19, 384
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("group,k", [(2, 384), (8, 384), (64, 384), (64, 512), (128, 512)])
+def test_int4_decompress_is_exact_and_refuses_non_canonical_meta(backend, isa, group, k):
+    """Every ISA's decompression: groups of 64 and 128 run the 32-group SIMD steps (three and
+    four a row), groups of 2 and 8 the scalar loop."""
+    n = 19
     (packed, meta, scales, zeros, g), _ = int4_args(n, k, group, seed=11)
-    dense = _native._decompress_24_int4(packed, meta, zeros, g)
-    want = sf.decompress_24(formats.dequantize_int4_groupwise(packed, scales, zeros, g), meta)
-    got = formats.dequantize_int4_groupwise(dense, scales, zeros, 2 * g)
-    assert torch.equal(got, want)
-    bad = meta.clone()
-    bad[5, 1] = 0b0101  # group 2 of row 5: positions (1, 1), a duplicate
-    assert _native._decompress_24_int4(packed, bad, zeros, g) is None
+    with _native.use_isa(isa):
+        dense = _native._decompress_24_int4(packed, meta, zeros, g)
+        want = sf.decompress_24(formats.dequantize_int4_groupwise(packed, scales, zeros, g), meta)
+        got = formats.dequantize_int4_groupwise(dense, scales, zeros, 2 * g)
+        assert torch.equal(got, want)
+        for row, byte in ((5, 1), (18, meta.shape[1] - 1)):
+            bad = meta.clone()
+            bad[row, byte] = (bad[row, byte] & 0xF0) | 0b0101  # positions (1, 1): a duplicate
+            assert _native._decompress_24_int4(packed, bad, zeros, g) is None, (row, byte)
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())

@@ -17,38 +17,6 @@ bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* me
          missing(meta, N * ((K + 7) / 8)) || missing(out, M * N);
 }
 
-/* 2:4 + int4 -> dense packed int4 (pq.h). Per group of 4 columns: one byte of
- * two kept codes, one meta nibble, two output bytes; the pruned nibbles hold
- * the zero point. Branch-free: the four output nibbles start as z and the
- * kept two are masked in. */
-int decompress_24_int4(const uint8_t* packed, const uint8_t* meta, int64_t N, int64_t K,
-                       const uint8_t* zeros, int64_t G, uint8_t* out, int n_threads) {
-  const int64_t mc = (K + 7) / 8, ng = K / 2 / G;
-  int bad = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* pr = packed + n * (K / 4);
-    const uint8_t* mr = meta + n * mc;
-    const uint8_t* zr = zeros + n * ng;
-    uint8_t* row = out + n * (K / 2);
-    /* a zero-point group covers G kept codes: G / 2 groups of 4 columns */
-    for (int64_t zg = 0, g = 0; zg < ng; ++zg) {
-      const uint32_t zz = (zr[zg] & 15u) * 0x1111u;
-      for (const int64_t g1 = g + G / 2; g < g1; ++g) {
-        const int b = mr[g / 2] >> (4 * (g & 1));
-        const int p0 = b & 3, p1 = (b >> 2) & 3;
-        bad |= p1 <= p0;
-        const uint32_t c = pr[g];
-        const uint32_t keep = (0xFu << (4 * p0)) | (0xFu << (4 * p1));
-        const uint32_t v = (zz & ~keep) | ((c & 15u) << (4 * p0)) | ((c >> 4) << (4 * p1));
-        row[2 * g] = (uint8_t)v;
-        row[2 * g + 1] = (uint8_t)(v >> 8);
-      }
-    }
-  }
-  return bad;
-}
-
 }  // namespace
 
 extern "C" {
@@ -160,15 +128,18 @@ int pq_sparse24_decompress(int isa, const void* values, int elem_bytes, const ui
              : PQ_OK;
 }
 
-int pq_sparse24_int4_decompress(const uint8_t* packed, const uint8_t* meta, int64_t N, int64_t K,
-                                const uint8_t* zeros, int64_t group_size, uint8_t* out,
-                                int n_threads) {
+int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* meta, int64_t N,
+                                int64_t K, const uint8_t* zeros, int64_t group_size,
+                                uint8_t* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t) return PQ_ERR_ISA;
   if (N < 0 || K < 0 || K % 4 != 0 || too_big(N, K) || group_size <= 0 || group_size % 2 != 0 ||
       (K / 2) % group_size != 0 || missing(packed, N * K / 4) ||
       missing(meta, N * ((K + 7) / 8)) || missing(zeros, N * (K / 2 / group_size)) ||
       missing(out, N * K / 2))
     return PQ_ERR_ARG;
-  return decompress_24_int4(packed, meta, N, K, zeros, group_size, out, threads(n_threads))
+  return t->sparse24_int4_decompress(packed, meta, N, K, zeros, group_size, out,
+                                     threads(n_threads))
              ? PQ_ERR_ARG
              : PQ_OK;
 }

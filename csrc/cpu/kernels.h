@@ -142,6 +142,11 @@ struct SparseKernelTable {
   int (*sparse_unstructured_decompress)(const uint8_t* bitmask, const void* values,
                                         int elem_bytes, int64_t nnz, const int64_t* row_offsets,
                                         int64_t N, int64_t K, void* out, int n_threads);
+  /* 2:4 + int4 -> dense packed int4 (pq_sparse24_int4_decompress); nonzero when some group's
+   * positions are not strictly increasing */
+  int (*sparse24_int4_decompress)(const uint8_t* packed, const uint8_t* meta, int64_t N,
+                                  int64_t K, const uint8_t* zeros, int64_t group_size,
+                                  uint8_t* out, int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

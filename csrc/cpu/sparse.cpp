@@ -215,6 +215,7 @@ int sparse_unstructured_decompress(const uint8_t* bitmask, const void* values, i
 extern const pq::SparseKernelTable kSparseKernels = {
     sparse24_mm,          sparse24_int8_mm,    sparse24_int4_mm,
     sparse_unstructured_mm, sparse24_decompress, sparse_unstructured_decompress,
+    decompress_24_int4,
 };
 
 }  // namespace PQ_NS
