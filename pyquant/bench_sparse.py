@@ -29,6 +29,22 @@ TARGETS = (
      1.3),
     (f"pyquant.sparse_unstructured_mm[bf16,{round(SPARSITY * 100)}%]", "F.linear[bf16]", 2.5),
 )
+# The op and dtype kind (pyquant._native.SPARSE_DENSE_MIN_M) each sparse impl runs as: from
+# that batch size on the layer decompresses the weight and runs the dense GEMM.
+BREAK_EVEN_KEY = {
+    TARGETS[0][0]: ("sparse24_mm", "bf16"),
+    TARGETS[1][0]: ("sparse24_int8_mm", "fp32"),
+    TARGETS[2][0]: ("sparse24_int4_mm", "fp32"),
+    TARGETS[3][0]: ("sparse_unstructured_mm", "bf16"),
+}
+
+
+def dense_from_m(impl: str) -> Optional[int]:
+    """The batch size from which ``impl`` runs dense from its compressed weight (None: the
+    sparse kernel at every size, or the native module is not loaded)."""
+    from . import _native
+
+    return _native.SPARSE_DENSE_MIN_M.get(BREAK_EVEN_KEY.get(impl)) if _native.available() else None
 BANDWIDTH_FLOOR = 0.75
 
 
@@ -100,22 +116,32 @@ def targets(result: dict, m: int = 1) -> list[dict]:
             out.append({
                 "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
                 "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
+                "dense_from_m": dense_from_m(sparse),
                 "ok": (speedup is not None and speedup >= min_speedup
                        and r["bw_share"] >= BANDWIDTH_FLOOR),
             })
     return out
 
 
-def format_targets(rows: list[dict], bw: Optional[float] = None) -> str:
-    lines = [f"sparse decode targets (read bandwidth {bw:.1f} GB/s measured in this run)"
-             if bw else "sparse decode targets"]
-    lines.append(f"{'impl':44s} {'shape':>11s} {'ms':>8s} {'speedup':>8s} {'need':>5s} "
-                 f"{'bw%':>5s}  vs")
+def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> str:
+    """The decode targets at M = 1; at other batch sizes the same ratios without targets (the
+    targets are for decode), and which path the layer takes there."""
+    bw_note = f" (read bandwidth {bw:.1f} GB/s measured in this run)" if bw else ""
+    decode = m == 1
+    lines = [("sparse decode targets, M = 1" if decode
+              else f"sparse layers at M = {m} against their dense counterparts") + bw_note]
+    lines.append(f"{'impl':44s} {'shape':>11s} {'ms':>8s} {'speedup':>8s} "
+                 + (f"{'need':>5s} " if decode else "")
+                 + f"{'bw%':>5s} {'dense from M':>12s}  vs")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        be = r["dense_from_m"]
+        flag = ("" if r["ok"] else "  (below target)") if decode else (
+            "  (runs dense: decompressed weight)" if be is not None and m >= be else "")
         lines.append(f"{r['impl']:44s} {r['shape']:>11s} {r['ms']:8.3f} {sp:>8s} "
-                     f"{r['min_speedup']:4.1f}x {100 * r['bw_share']:4.0f}%  {r['vs']}"
-                     f"{'' if r['ok'] else '  (below target)'}")
+                     + (f"{r['min_speedup']:4.1f}x " if decode else "")
+                     + f"{100 * r['bw_share']:4.0f}% {be if be is not None else '-':>12}  "
+                     f"{r['vs']}{flag}")
     if rows:
         med = statistics.median(r["speedup"] for r in rows if r["speedup"])
         lines.append(f"median speedup over the dense counterparts: {med:.2f}x")
@@ -139,7 +165,7 @@ def main(argv=None) -> int:
                     impl_filter="sparse,int8_weight_only,int4_weight_only")
     print(bench.format_table(res))
     for m in ms:
-        print(format_targets(targets(res, m), res["machine"].get("read_bandwidth_gbps")))
+        print(format_targets(targets(res, m), res["machine"].get("read_bandwidth_gbps"), m))
     return 0
 
 
