@@ -220,7 +220,10 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
  * + bias[n]. The kernel checks, per row and before reading its values, that
  * the offsets step by the row's popcount and stay inside [0, nnz], that
  * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
- * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified). */
+ * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified).
+ * On the AMX build, bf16 values with rows of x that are all bf16 values (M * K up to
+ * about 32768) run on vdpbf16ps: the products are exact as everywhere, but a subnormal
+ * bf16 value or x entry is read as zero and a subnormal partial sum is flushed to zero. */
 /* Dense [N, K] (values' element type: elem_bytes 1 for int8 codes, 2 for bf16/fp16, 4 for
  * float32) from 2:4 values and canonical meta: kept values copied bit for bit, zeros
  * elsewhere. PQ_ERR_ARG also when a group's two positions are not strictly increasing (out

@@ -60,6 +60,31 @@ def test_strided_3d_density(backend, isa, layout, density):
           make_bias(n, "x", torch.float16), w)
 
 
+@pytest.mark.parametrize("backend,isa", backends(OP))
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_bf16_values_and_activations(backend, isa, m, n, k):
+    """bf16 values with bf16 activations: on AMX builds the vdpbf16ps loop (x narrowed to
+    bf16 once per call), every K tail, and a strided 3-D batch."""
+    w, wargs = random_sparse(n, k, seed=n + k, dtype=torch.bfloat16)
+    check(OP, backend, isa, activation((m, k), torch.bfloat16, seed=m), wargs,
+          make_bias(n, "x", torch.bfloat16), w)
+    check(OP, backend, isa, activation((2, 3, k), torch.bfloat16, layout="col_slice"), wargs,
+          None, w)
+
+
+@pytest.mark.parametrize("backend,isa", backends(OP))
+def test_bf16_values_other_activations(backend, isa):
+    """The vdpbf16ps loop only takes rows of bf16 values that fit its stack copy: float32 x
+    with one value that is not a bf16 value, and 9 bf16 rows of K = 4000 (36000 values), run
+    the float32 loop and still match."""
+    w, wargs = random_sparse(21, 4000, seed=5, dtype=torch.bfloat16)
+    x = activation((3, 4000), torch.bfloat16).float()
+    x[1, 77] += 1e-4
+    check(OP, backend, isa, x, wargs, None, w)
+    check(OP, backend, isa, activation((9, 4000), torch.bfloat16), wargs, None, w)
+
+
 @pytest.mark.parametrize("shape,bias", [((3, 100), True), ((2, 3, 100), False), ((0, 100), False)])
 def test_opcheck(no_backend_env, shape, bias):
     _, wargs = random_sparse(13, 100)

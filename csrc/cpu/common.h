@@ -131,6 +131,24 @@ void for_each_tile(int64_t M, int64_t N, int n_threads, F&& tile) {
   }
 }
 
+#if defined(PQ_SIMD_AVX512)
+/* True when every x[m, k] is a bf16 value (its low 16 bits are zero): the paths that
+ * multiply bf16 exactly choose themselves by it. */
+inline bool rows_are_bf16(const float* x, int64_t M, int64_t K, int64_t ldx) {
+  const __m512i low = _mm512_set1_epi32(0xFFFF);
+  for (int64_t m = 0; m < M; ++m) {
+    const int32_t* r = (const int32_t*)(x + m * ldx);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      if (_mm512_test_epi32_mask(_mm512_loadu_si512(r + k), low)) return false;
+    if (k < K && _mm512_mask_test_epi32_mask((__mmask16)((1u << (K - k)) - 1),
+                                             _mm512_maskz_loadu_epi32((__mmask16)((1u << (K - k)) - 1), r + k), low))
+      return false;
+  }
+  return true;
+}
+#endif
+
 }  // namespace
 }  // namespace PQ_NS
 #endif /* PQ_CPU_COMMON_H */

@@ -153,12 +153,45 @@ void sparse24_int4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const u
 
 /* One weight row at a time (its consistency is checked before its values are
  * read), against up to kTileM rows of x. */
+/* bf16 values, activations that are bf16 values, and few enough of them for a narrowed
+ * copy on each thread's stack (kXbElems bf16, 64 KiB): the vdpbf16ps loop
+ * (tile_sparse.h). Rows are split evenly over the threads, as for_each_tile does at M = 1. */
+constexpr int64_t kXbElems = 32768;
+
 template <int Kind>
 bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* bitmask,
                       const Vals<Kind>& vals, int64_t nnz, const int64_t* off, int64_t N,
                       const float* bias, float* out, int n_threads) {
   const int64_t ldb = (K + 7) / 8;
   int bad = 0;
+#if defined(PQ_UNSTRUCTURED_BF16_DOT)
+  const int64_t ldxb = ceil_div(K, (int64_t)32) * 32;
+  if constexpr (Kind == kBF16)
+  if (M * ldxb <= kXbElems && rows_are_bf16(x, M, K, ldx)) {
+    const int threads = N < n_threads ? (int)N : n_threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      alignas(64) uint16_t xb[kXbElems];
+      narrow_rows_bf16(x, M, K, ldx, xb, ldxb);
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* bm = bitmask + n * ldb;
+        if (!row_ok(bm, K, off, n, nnz)) {
+          __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
+          continue;
+        }
+        for (int64_t m = 0; m < M; m += kTileM)
+          dispatch_tile<1>(1, (int)min64(kTileM, M - m), [&](auto, auto T_) {
+            constexpr int T = decltype(T_)::value;
+            float dot[T];
+            dot_unstructured_bf16<T>(vals, nnz, bm, K, off[n], xb + m * ldxb, ldxb, dot);
+            for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
+          });
+      }
+    }
+    return !bad;
+  }
+#endif
   for_each_tile(M, N, n_threads, [&](int64_t n0, int nr, int64_t m, int mt, bool, int32_t*) {
     for (int64_t n = n0; n < n0 + nr; ++n) {
       const uint8_t* bm = bitmask + n * ldb;

@@ -560,6 +560,59 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
     dot[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]),
                                                 _mm512_add_ps(acc[2][t], acc[3][t])));
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+#define PQ_UNSTRUCTURED_BF16_DOT 1
+/* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per
+ * call to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns): per 32
+ * columns one 16-bit expand puts the kept values at their columns and one vdpbf16ps
+ * multiplies them by x and adds each pair of columns' products into a 32-bit lane, where
+ * the fp32 path needs two expands, two bit deposits and two FMAs (the shuffle port bounds
+ * both loops). Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16
+ * inputs as zero and flushes subnormal sums (pq.h). */
+template <int T>
+inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const uint8_t* bm,
+                                  int64_t K, int64_t o0, const uint16_t* xb, int64_t ldxb,
+                                  float dot[T]) {
+  const int64_t ldb = (K + 7) / 8;
+  const uint16_t* v = (const uint16_t*)vals.p;
+  __m512 acc[2][T];
+  for (int s = 0; s < 2; ++s)
+    for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
+  int64_t o = o0;
+  auto slice = [&](int s, int64_t k, __mmask32 bits, int64_t os) PQ_ALWAYS_INLINE {
+    const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
+    const __m512i run = os + 32 <= nnz ? _mm512_loadu_si512(v + os)
+                                       : _mm512_maskz_loadu_epi16((__mmask32)((1ull << cnt) - 1), v + os);
+    const __m512bh e = (__m512bh)_mm512_maskz_expand_epi16(bits, run);
+    for (int t = 0; t < T; ++t)
+      acc[s][t] = _mm512_dpbf16_ps(acc[s][t], e, (__m512bh)_mm512_loadu_si512(xb + t * ldxb + k));
+  };
+  for (int64_t i = 0; i < ldb; i += 8) {
+    const uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
+    const int64_t k = 8 * i;
+    PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
+    slice(0, k, (__mmask32)w, o);
+    if (k + 32 < K) slice(1, k + 32, (__mmask32)(w >> 32), o + __builtin_popcountll(w & 0xFFFFFFFFull));
+    o += __builtin_popcountll(w);
+  }
+  for (int t = 0; t < T; ++t) dot[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
+}
+
+/* Rows x[0..M) (bf16 values) -> bf16 rows of stride ldxb, zeros from K to ldxb. */
+inline void narrow_rows_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xb,
+                             int64_t ldxb) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < ldxb; k += 32) {
+      const __mmask16 lo = (__mmask16)(k + 16 <= K ? 0xFFFF : K > k ? (1u << (K - k)) - 1 : 0);
+      const __mmask16 hi = (__mmask16)(k + 32 <= K ? 0xFFFF : K > k + 16 ? (1u << (K - k - 16)) - 1 : 0);
+      const float* p = x + m * ldx + k;
+      _mm512_storeu_si512(xb + m * ldxb + k,
+                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + 16),
+                                                       _mm512_maskz_loadu_ps(lo, p)));
+    }
+}
+#endif
 #else
 /* AVX2 has no expand instruction; the set-bit walk is the path there. */
 template <int T, int Kind>
