@@ -184,7 +184,8 @@ bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
           dispatch_tile<1>(1, (int)min64(kTileM, M - m), [&](auto, auto T_) {
             constexpr int T = decltype(T_)::value;
             float dot[T];
-            dot_unstructured_bf16<T>(vals, nnz, bm, K, off[n], xb + m * ldxb, ldxb, dot);
+            dot_unstructured_bf16<T>(vals, nnz, bm, K, off[n], off[n + 1] - off[n], xb + m * ldxb,
+                                     ldxb, dot);
             for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
           });
       }

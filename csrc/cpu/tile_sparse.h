@@ -572,8 +572,8 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
  * inputs as zero and flushes subnormal sums (pq.h). */
 template <int T>
 inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const uint8_t* bm,
-                                  int64_t K, int64_t o0, const uint16_t* xb, int64_t ldxb,
-                                  float dot[T]) {
+                                  int64_t K, int64_t o0, int64_t row_nnz, const uint16_t* xb,
+                                  int64_t ldxb, float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   const uint16_t* v = (const uint16_t*)vals.p;
   __m512 acc[2][T];
@@ -591,7 +591,9 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const ui
   for (int64_t i = 0; i < ldb; i += 8) {
     const uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
     const int64_t k = 8 * i;
+    /* the next row's mask and values, one row ahead (as dot_unstructured) */
     PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
+    PQ_PREFETCH_NEXT_TILE(v + o + row_nnz);
     slice(0, k, (__mmask32)w, o);
     if (k + 32 < K) slice(1, k + 32, (__mmask32)(w >> 32), o + __builtin_popcountll(w & 0xFFFFFFFFull));
     o += __builtin_popcountll(w);
