@@ -553,9 +553,9 @@ def _decompress_unstructured(bitmask, values, row_offsets, k: int) -> Optional[t
     n = bitmask.shape[0]
     bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
     dense = _scratch(v.dtype, n, k)
-    st = module().sparse_unstructured_decompress(current_isa(), _ptr(bm), _ptr(v), v.element_size(),
-                                                 v.numel(),
-                                                 _ptr(off), n, k, _ptr(dense), _threads())
+    st = module().sparse_unstructured_decompress(current_isa(), _ptr(bm), _ptr(v),
+                                                 v.element_size(), v.numel(), _ptr(off), n, k,
+                                                 _ptr(dense), _threads())
     return None if st else dense
 
 

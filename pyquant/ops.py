@@ -23,7 +23,6 @@ tracing or tensor subclasses it goes through ``torch.ops.pyquant.<op>``.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from dataclasses import dataclass, field

@@ -1,8 +1,10 @@
-/* 2:4 -> dense rows (pq_sparse24_decompress), per ISA build: the dense path of
- * the 2:4 ops from their break-even batch size on decompresses the weight on
- * every call (no dense copy is kept), so this runs once per prefill call.
+/* Sparse -> dense weights, per ISA build: 2:4 (pq_sparse24_decompress), 2:4 +
+ * int4 (pq_sparse24_int4_decompress) and unstructured
+ * (pq_sparse_unstructured_decompress). From their break-even batch size on the
+ * sparse ops decompress the weight on every call (no dense copy is kept) and
+ * run the dense GEMM, so these run once per prefill call.
  *
- * AVX512: 64 outputs (16 groups, one 64-bit word of meta) a step. The meta
+ * 2:4, AVX512: 64 outputs (16 groups, one 64-bit word of meta) a step. The meta
  * bytes give, through a 256-entry table, bit masks of the outputs that take
  * each group's first and second kept value; two masked permutes place the 32
  * kept values. int8 values need vpermb (VBMI); without it they take the scalar
