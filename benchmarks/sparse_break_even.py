@@ -1,0 +1,117 @@
+"""Where the sparse layers should switch to the dense path, measured on this machine.
+
+From a batch size on (pyquant._native.SPARSE_DENSE_MIN_M, listed by `pyquant info`) a sparse
+op decompresses its weight for the call and runs the dense GEMM. This script measures what
+that choice rests on, on the Llama-2-7B shapes 4096x4096 and 4096x11008:
+
+  1. the decompression of each sparse format on every instruction set here (ms a call);
+  2. each op forced onto its sparse kernel and onto the dense path at several batch sizes:
+     sparse time / dense time (below 1 the sparse kernel is faster).
+
+    python benchmarks/sparse_break_even.py [--ms 8,16,32,64] [--reps 7] [--threads 2]
+
+Median of --reps calls; the machine should be otherwise idle, and the ratios, measured side
+by side, are what to compare across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pyquant import _native
+from pyquant import sparse_formats as sf
+
+SHAPES = ((4096, 4096), (4096, 11008))
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def weights(n: int, k: int) -> dict:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    v, meta = sf.compress_24(w)
+    q, s8 = sf.quantize_24_int8(v)
+    p4, s4, z4 = sf.quantize_24_int4(v, 128)
+    keep = w.abs() > w.abs().flatten().kthvalue(int(0.7 * w.numel())).values
+    bm, vu, off = sf.compress_unstructured((w * keep).bfloat16(), keep)
+    return dict(v=v.bfloat16(), meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, off=off,
+                k=k)
+
+
+def decompressions(t: dict) -> dict:
+    return {
+        "2:4 int8": lambda: _native._decompress_24(t["q"], t["meta"]),
+        "2:4 bf16": lambda: _native._decompress_24(t["v"], t["meta"]),
+        "2:4 int4 g128": lambda: _native._decompress_24_int4(t["p4"], t["meta"], t["z4"], 128),
+        "unstructured 70% bf16": lambda: _native._decompress_unstructured(
+            t["bm"], t["vu"], t["off"], t["k"]),
+    }
+
+
+def ops(t: dict) -> dict:
+    """op name -> (its SPARSE_DENSE_MIN_M key, a call on activations x)."""
+    return {
+        "sparse24_mm bf16 x": (("sparse24_mm", "bf16"),
+                               lambda x: _native.sparse24_mm(x.bfloat16(), t["v"], t["meta"])),
+        "sparse24_int8_mm": (("sparse24_int8_mm", "fp32"),
+                             lambda x: _native.sparse24_int8_mm(x, t["q"], t["meta"], t["s8"])),
+        "sparse24_int4_mm g128": (("sparse24_int4_mm", "fp32"),
+                                  lambda x: _native.sparse24_int4_mm(x, t["p4"], t["meta"],
+                                                                     t["s4"], t["z4"], 128)),
+        "unstructured bf16 x": (("sparse_unstructured_mm", "bf16"),
+                                lambda x: _native.sparse_unstructured_mm(
+                                    x.bfloat16(), t["bm"], t["vu"], t["off"])),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ms", default="8,16,32,64")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not _native.available():
+        raise SystemExit(f"the native module is not loaded: {_native.load_error()}")
+    ms = [int(v) for v in a.ms.split(",")]
+    isas = [name for i, name in enumerate(_native.ISA_NAMES) if _native.module().isa_available(i)]
+    saved = dict(_native.SPARSE_DENSE_MIN_M)
+    for n, k in SHAPES:
+        t = weights(n, k)
+        print(f"{n}x{k}: decompression, ms a call")
+        for name, fn in decompressions(t).items():
+            row = []
+            for isa in isas:
+                with _native.use_isa(isa):
+                    row.append(f"{isa} {median_ms(fn, a.reps):7.2f}")
+            print(f"  {name:22s} " + "  ".join(row))
+        print(f"{n}x{k}: sparse kernel time / dense path time (now dense from M = ...)")
+        for name, (key, fn) in ops(t).items():
+            row = []
+            for m in ms:
+                x = torch.randn(m, k)
+                try:
+                    _native.SPARSE_DENSE_MIN_M = {kk: 1 << 30 for kk in saved}
+                    sparse = median_ms(lambda: fn(x), a.reps)
+                    _native.SPARSE_DENSE_MIN_M = {kk: 1 for kk in saved}
+                    dense = median_ms(lambda: fn(x), a.reps)
+                finally:
+                    _native.SPARSE_DENSE_MIN_M = dict(saved)
+                row.append(f"M={m} {sparse / dense:5.2f}")
+            print(f"  {name:22s} " + "  ".join(row) + f"   ({saved.get(key)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
