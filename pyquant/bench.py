@@ -324,6 +324,9 @@ def main(argv=None) -> int:
     for t in threads:
         res = run(models=models, ms=ms, impl_filter=a.impls, threads=t, iters=a.iters)
         print(format_table(res))
+        sparse = sparse_summary(res, ms)
+        if sparse:
+            res["sparse_targets"] = sparse
         results.append(res)
     result = results[-1] if len(results) == 1 else {
         "machine": results[-1]["machine"], "rows": [r for res in results for r in res["rows"]],
@@ -335,6 +338,21 @@ def main(argv=None) -> int:
     for p in write_outputs(result, a.out):
         print(f"wrote {p}")
     return 0
+
+
+def sparse_summary(result: dict, ms) -> list:
+    """Prints, per M, each sparse op against its dense counterpart with its share of the read
+    bandwidth and its break-even batch size (pyquant.bench_sparse), and returns those rows."""
+    from . import bench_sparse
+
+    bw = result["machine"].get("read_bandwidth_gbps")
+    out = []
+    for m in ms:
+        rows = bench_sparse.targets(result, m)
+        if rows:
+            print(bench_sparse.format_targets(rows, bw, m))
+            out += rows
+    return out
 
 
 def machine_info(bw: float) -> dict:

@@ -51,3 +51,24 @@ def test_bench_rows_and_outputs(small_run, tmp_path):
     with open(tmp_path / "bench.json") as f:
         assert json.load(f)["machine"]["read_bandwidth_gbps"] == 10.0
     assert str(tmp_path / "bench.csv") in paths
+
+
+@pytest.mark.skipif(not _native.available(), reason="native module not loaded")
+def test_bench_prints_sparse_ratios_with_break_even(small_run, capsys):
+    """`pyquant bench` prints each sparse op against its dense counterpart of the same run, with
+    its share of the bandwidth and the batch size from which its layer runs dense."""
+    rows = bench.sparse_summary(small_run, (1, 3))
+    printed = capsys.readouterr().out
+    assert "sparse decode targets, M = 1" in printed and "sparse layers at M = 3" in printed
+    assert "dense from M" in printed
+    ops = {"pyquant.sparse24_int8_mm": ("sparse24_int8_mm", "pyquant.int8_weight_only_mm"),
+           "pyquant.sparse24_int4_mm[g128]": ("sparse24_int4_mm",
+                                              "pyquant.int4_weight_only_mm[g128]")}
+    assert {r["impl"] for r in rows} == set(ops) and {r["m"] for r in rows} == {1, 3}
+    by_key = {(r["impl"], r["n"], r["k"], r["m"]): r for r in small_run["rows"]}
+    for r in rows:
+        op, dense = ops[r["impl"]]
+        n, k = map(int, r["shape"].split("x"))
+        assert r["dense_from_m"] == _native.SPARSE_DENSE_MIN_M[(op, "fp32")]
+        assert r["speedup"] == pytest.approx(by_key[(dense, n, k, r["m"])]["ms"] /
+                                             by_key[(r["impl"], n, k, r["m"])]["ms"])
