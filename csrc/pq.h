@@ -216,14 +216,6 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
                         const float* bias, float* out, int n_threads, void* work,
                         int64_t work_bytes);
 
-/* out[m,n] = sum over set bits k of row n of x[m,k] * values[row_offsets[n] + rank]
- * + bias[n]. The kernel checks, per row and before reading its values, that
- * the offsets step by the row's popcount and stay inside [0, nnz], that
- * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
- * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified).
- * On the AMX build, bf16 values with rows of x that are all bf16 values (M * K up to
- * about 32768) run on vdpbf16ps: the products are exact as everywhere, but a subnormal
- * bf16 value or x entry is read as zero and a subnormal partial sum is flushed to zero. */
 /* Dense [N, K] (values' element type: elem_bytes 1 for int8 codes, 2 for bf16/fp16, 4 for
  * float32) from 2:4 values and canonical meta: kept values copied bit for bit, zeros
  * elsewhere. PQ_ERR_ARG also when a group's two positions are not strictly increasing (out
@@ -245,6 +237,14 @@ int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* m
                                 int64_t K, const uint8_t* zeros, int64_t group_size,
                                 uint8_t* out, int n_threads);
 
+/* out[m,n] = sum over set bits k of row n of x[m,k] * values[row_offsets[n] + rank]
+ * + bias[n]. The kernel checks, per row and before reading its values, that
+ * the offsets step by the row's popcount and stay inside [0, nnz], that
+ * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
+ * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified).
+ * On the AMX build, bf16 values with rows of x that are all bf16 values (M * K up to
+ * about 32768) run on vdpbf16ps: the products are exact as everywhere, but a subnormal
+ * bf16 value or x entry is read as zero and a subnormal partial sum is flushed to zero. */
 int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* bitmask, const void* values, int values_dtype,
                               int64_t nnz, const int64_t* row_offsets, int64_t N,

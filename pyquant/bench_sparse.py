@@ -21,30 +21,25 @@ from . import sparse_formats as sf
 GROUP_SIZE = 128  # int4 group size along the kept (K/2) axis, as pyquant_impls' g128
 SPARSITY = 0.7  # unstructured: 70% of every row pruned (Wanda's per-row count)
 
-# (sparse impl, dense impl it replaces, minimum speedup at M = 1); bandwidth floor for all.
+# (sparse impl, dense impl it replaces, minimum speedup at M = 1, the op and dtype kind it runs
+# as in pyquant._native.SPARSE_DENSE_MIN_M: from that batch size on the layer decompresses the
+# weight and runs the dense GEMM); bandwidth floor for all.
 TARGETS = (
-    ("pyquant.sparse24_mm[bf16]", "F.linear[bf16]", 2.0),
-    ("pyquant.sparse24_int8_mm", "pyquant.int8_weight_only_mm", 1.4),
+    ("pyquant.sparse24_mm[bf16]", "F.linear[bf16]", 2.0, ("sparse24_mm", "bf16")),
+    ("pyquant.sparse24_int8_mm", "pyquant.int8_weight_only_mm", 1.4, ("sparse24_int8_mm", "fp32")),
     (f"pyquant.sparse24_int4_mm[g{GROUP_SIZE}]", f"pyquant.int4_weight_only_mm[g{GROUP_SIZE}]",
-     1.3),
-    (f"pyquant.sparse_unstructured_mm[bf16,{round(SPARSITY * 100)}%]", "F.linear[bf16]", 2.5),
+     1.3, ("sparse24_int4_mm", "fp32")),
+    (f"pyquant.sparse_unstructured_mm[bf16,{round(SPARSITY * 100)}%]", "F.linear[bf16]", 2.5,
+     ("sparse_unstructured_mm", "bf16")),
 )
-# The op and dtype kind (pyquant._native.SPARSE_DENSE_MIN_M) each sparse impl runs as: from
-# that batch size on the layer decompresses the weight and runs the dense GEMM.
-BREAK_EVEN_KEY = {
-    TARGETS[0][0]: ("sparse24_mm", "bf16"),
-    TARGETS[1][0]: ("sparse24_int8_mm", "fp32"),
-    TARGETS[2][0]: ("sparse24_int4_mm", "fp32"),
-    TARGETS[3][0]: ("sparse_unstructured_mm", "bf16"),
-}
 
 
-def dense_from_m(impl: str) -> Optional[int]:
-    """The batch size from which ``impl`` runs dense from its compressed weight (None: the
-    sparse kernel at every size, or the native module is not loaded)."""
+def dense_from_m(key: tuple) -> Optional[int]:
+    """The batch size from which the op of ``key`` (op, kind) runs dense from its compressed
+    weight (None: the sparse kernel at every size, or the native module is not loaded)."""
     from . import _native
 
-    return _native.SPARSE_DENSE_MIN_M.get(BREAK_EVEN_KEY.get(impl)) if _native.available() else None
+    return _native.SPARSE_DENSE_MIN_M.get(key) if _native.available() else None
 BANDWIDTH_FLOOR = 0.75
 
 
@@ -107,7 +102,7 @@ def targets(result: dict, m: int = 1) -> list[dict]:
     and share of the measured read bandwidth, with pass/fail against TARGETS."""
     ms = {(r["shape"], r["n"], r["k"], r["m"], r["impl"]): r for r in result["rows"]}
     out = []
-    for sparse, dense, min_speedup in TARGETS:
+    for sparse, dense, min_speedup, key in TARGETS:
         for (shape, n, k, mm, impl), r in ms.items():
             if impl != sparse or mm != m:
                 continue
@@ -116,7 +111,7 @@ def targets(result: dict, m: int = 1) -> list[dict]:
             out.append({
                 "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
                 "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
-                "dense_from_m": dense_from_m(sparse),
+                "dense_from_m": dense_from_m(key),
                 "ok": (speedup is not None and speedup >= min_speedup
                        and r["bw_share"] >= BANDWIDTH_FLOOR),
             })
@@ -164,8 +159,7 @@ def main(argv=None) -> int:
     res = bench.run(models=(a.shapes,), ms=ms, threads=a.threads, iters=a.iters,
                     impl_filter="sparse,int8_weight_only,int4_weight_only")
     print(bench.format_table(res))
-    for m in ms:
-        print(format_targets(targets(res, m), res["machine"].get("read_bandwidth_gbps"), m))
+    bench.sparse_summary(res, ms)
     return 0
 
 

@@ -151,19 +151,34 @@ void sparse24_int4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const u
   run24(x, M, K, ldx, v, meta, N, nullptr, bias, out, n_threads);
 }
 
-/* One weight row at a time (its consistency is checked before its values are
- * read), against up to kTileM rows of x. */
-/* bf16 values, activations that are bf16 values, and few enough of them for a narrowed
- * copy on each thread's stack (kXbElems bf16, 64 KiB): the vdpbf16ps loop
- * (tile_sparse.h). Rows are split evenly over the threads, as for_each_tile does at M = 1. */
+/* The vdpbf16ps loop (tile_sparse.h) takes bf16 values with activations that are bf16
+ * values, when few enough of them fit a narrowed copy on each thread's stack (kXbElems
+ * bf16, 64 KiB); rows are then split evenly over the threads, as for_each_tile does at
+ * M = 1. */
 constexpr int64_t kXbElems = 32768;
 
+/* One weight row at a time (its consistency is checked before its values are
+ * read), against up to kTileM rows of x. */
 template <int Kind>
 bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* bitmask,
                       const Vals<Kind>& vals, int64_t nnz, const int64_t* off, int64_t N,
                       const float* bias, float* out, int n_threads) {
   const int64_t ldb = (K + 7) / 8;
   int bad = 0;
+  /* Row n against activation rows m..m+mt-1: dot(T_, bm, dot) fills dot[T]. */
+  auto row = [&](int64_t n, int64_t m, int mt, auto&& dot_of) {
+    const uint8_t* bm = bitmask + n * ldb;
+    if (!row_ok(bm, K, off, n, nnz)) {
+      __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
+      return;
+    }
+    dispatch_tile<1>(1, mt, [&](auto, auto T_) {
+      constexpr int T = decltype(T_)::value;
+      float dot[T];
+      dot_of(T_, bm, dot);
+      for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
+    });
+  };
 #if defined(PQ_UNSTRUCTURED_BF16_DOT)
   const int64_t ldxb = ceil_div(K, (int64_t)32) * 32;
   if constexpr (Kind == kBF16)
@@ -174,39 +189,23 @@ bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
       alignas(64) uint16_t xb[kXbElems];
       narrow_rows_bf16(x, M, K, ldx, xb, ldxb);
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* bm = bitmask + n * ldb;
-        if (!row_ok(bm, K, off, n, nnz)) {
-          __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
-          continue;
-        }
+      for (int64_t n = 0; n < N; ++n)
         for (int64_t m = 0; m < M; m += kTileM)
-          dispatch_tile<1>(1, (int)min64(kTileM, M - m), [&](auto, auto T_) {
-            constexpr int T = decltype(T_)::value;
-            float dot[T];
-            dot_unstructured_bf16<T>(vals, nnz, bm, K, off[n], off[n + 1] - off[n], xb + m * ldxb,
-                                     ldxb, dot);
-            for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
+          row(n, m, (int)min64(kTileM, M - m), [&](auto T_, const uint8_t* bm, float* dot) {
+            dot_unstructured_bf16<decltype(T_)::value>(vals, nnz, bm, K, off[n],
+                                                       off[n + 1] - off[n], xb + m * ldxb, ldxb,
+                                                       dot);
           });
-      }
     }
     return !bad;
   }
 #endif
   for_each_tile(M, N, n_threads, [&](int64_t n0, int nr, int64_t m, int mt, bool, int32_t*) {
-    for (int64_t n = n0; n < n0 + nr; ++n) {
-      const uint8_t* bm = bitmask + n * ldb;
-      if (!row_ok(bm, K, off, n, nnz)) {
-        __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
-        continue;
-      }
-      dispatch_tile<1>(1, mt, [&](auto, auto T_) {
-        constexpr int T = decltype(T_)::value;
-        float dot[T];
-        dot_unstructured<T>(vals, nnz, bm, K, off[n], off[n + 1] - off[n], x + m * ldx, ldx, dot);
-        for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
+    for (int64_t n = n0; n < n0 + nr; ++n)
+      row(n, m, mt, [&](auto T_, const uint8_t* bm, float* dot) {
+        dot_unstructured<decltype(T_)::value>(vals, nnz, bm, K, off[n], off[n + 1] - off[n],
+                                              x + m * ldx, ldx, dot);
       });
-    }
   });
   return !bad;
 }
