@@ -209,7 +209,8 @@ int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
                         void* work, int64_t work_bytes);
 
 /* Kept value j = scales[n, j/G] * (code[n,j] - zeros[n, j/G]) (in float32, as
- * pq_int4_weight_only_mm along the compressed axis); (K/2) % G == 0, G even. */
+ * pq_int4_weight_only_mm along the compressed axis); (K/2) % G == 0, G even. Any uint8
+ * zero point; one past 15 (no quantizer writes it) sends the call to the portable kernel. */
 int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                         const uint8_t* packed, const uint8_t* meta, int64_t N,
                         const float* scales, const uint8_t* zeros, int64_t group_size,
@@ -232,7 +233,8 @@ int pq_sparse_unstructured_decompress(int isa, const uint8_t* bitmask, const voi
  * from the kept codes [N, K/4] and canonical meta; a pruned position holds its group's zero
  * point (zeros [N, (K/2)/G], G the group size over kept values), so it dequantizes to exactly
  * 0 and the dense codes with the same scales and zeros, group size 2G over K, are the weight
- * of pq_int4_weight_only_mm. PQ_ERR_ARG as above. */
+ * of pq_int4_weight_only_mm. PQ_ERR_ARG as above, and when a zero point is past 15 (it would
+ * not fit a pruned position's nibble; pq_sparse24_int4_mm takes such weights). */
 int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* meta, int64_t N,
                                 int64_t K, const uint8_t* zeros, int64_t group_size,
                                 uint8_t* out, int n_threads);

@@ -177,6 +177,10 @@ def test_amx_shapes(op, backend, isa, m, n, k, group, dtype):
 # partial task column, M = 300 a partial last tile.
 AMX_CHUNKED = [("int4_dynamic_mm", 300, 288, 4160, 64),
                ("int4_weight_only_mm", 40, 288, 4224, 128)]
+# A task sweeps at most 512 activation rows (kAmxGroupedMc): M = 530 makes a second, partial
+# row block, each converting the weight strips again (unchunked: K small enough for L2).
+AMX_ROW_BLOCKS = [("int4_dynamic_mm", 530, 96, 1024, 64),
+                  ("int4_weight_only_mm", 530, 96, 512, 128)]
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
@@ -186,8 +190,29 @@ def test_amx_k_chunks(op, backend, isa, m, n, k, group):
     check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", x.dtype))
 
 
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("op,m,n,k,group", AMX_ROW_BLOCKS, ids=[c[0] for c in AMX_ROW_BLOCKS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_row_blocks(op, backend, isa, m, n, k, group, dtype):
+    x = activation((m, k), seed=m).to(dtype)
+    check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", dtype))
+
+
 @op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 def test_amx_strided_3d(op, backend, isa):
     x = activation((3, 12, 256), seed=4)[..., ::2]
     check_op(op, backend, isa, x, weights(64, 128, 64, seed=3), None)
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [3, 20])
+def test_zero_points_past_15(op, backend, isa, m):
+    """The ops take any uint8 zero point, though the quantizers write 0..15: a group whose zero
+    point is 200 (codes minus zero down to -200) must not take a path that assumes a nibble.
+    M = 20 reaches the AMX paths, which convert codes per group."""
+    n, k, g = 13, 256, 64
+    packed, scales, zeros = random_int4_weight(n, k, g, seed=5)
+    zeros[::2, 1] = 200
+    check_op(op, backend, isa, activation((m, k), seed=m), (packed, scales, zeros, g), None)

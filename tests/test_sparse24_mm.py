@@ -72,12 +72,15 @@ def int8_args(n, k, seed=0):
     return (q, sf.pack_24_meta(pos), scale), dense
 
 
-def int4_args(n, k, group_size, seed=0):
+def int4_args(n, k, group_size, seed=0, big_zero=None):
+    """big_zero: a zero point past 15 (legal for the op) for every other row's first group."""
     mask = random_mask24(n, k, seed)
     codes = torch.randint(0, 16, (n, k // 2), generator=gen(seed + 2), dtype=torch.uint8)
     g = k // 2 // group_size
     scales = (torch.rand(n, g, generator=gen(seed + 3)) + 0.5) / 8
     zeros = torch.randint(0, 16, (n, g), generator=gen(seed + 4), dtype=torch.uint8)
+    if big_zero is not None:
+        zeros[::2, 0] = big_zero
     vals = (codes.float().reshape(n, g, group_size) - zeros.float()[..., None]) \
         * scales[..., None]
     dense = torch.zeros(n, k)
@@ -147,6 +150,15 @@ def test_sparse24_int4(backend, isa, n, k, group, dtype):
     check("sparse24_int4_mm", backend, isa, x, wargs, make_bias(n, "fp32", dtype), dense)
     check("sparse24_int4_mm", backend, isa, activation((17, k), dtype, layout="col_slice"),
           wargs, None, dense)
+
+
+@pytest.mark.parametrize("backend,isa", backends("sparse24_int4_mm"))
+@pytest.mark.parametrize("m", [1, 7, 20])
+def test_sparse24_int4_zero_points_past_15(backend, isa, m):
+    """Zero points past 15 (the quantizers never write them, the op takes any uint8): codes
+    minus zero reach -200, which no path may narrow to int8."""
+    wargs, dense = int4_args(13, 512, 64, seed=3, big_zero=200)
+    check("sparse24_int4_mm", backend, isa, activation((m, 512), seed=m), wargs, None, dense)
 
 
 # --------------------------------------------------------------------------- opcheck, errors

@@ -82,8 +82,9 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
     for (int t = 0; t < T; ++t) dot[r][t] = _mm512_reduce_add_ps(acc[r][t]);
 #elif defined(PQ_SIMD_AVX2)
   /* 16 codes (8 bytes) per step: split nibbles, interleave back into k order,
-   * subtract the zero point in int8 (codes and zeros are 0..15, so the
-   * difference fits), widen to fp32 and scale. Group tails are scalar. */
+   * widen to int32, subtract the zero point (any uint8: the op takes zero
+   * points past 15, where an int8 difference would wrap), convert and scale.
+   * Group tails are scalar. */
   const __m128i nib = _mm_set1_epi8(0x0F);
   __m256 acc[R][T];
   float tail[R][T] = {};
@@ -101,10 +102,12 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
       for (int r = 0; r < R; ++r) {
         const __m128i b = _mm_loadl_epi64((const __m128i*)(wp + r * ldw + k / 2));
         const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-        const __m128i d = _mm_sub_epi8(c, _mm_set1_epi8((char)zp[r * ng + g]));
+        const __m256i z = _mm256_set1_epi32(zp[r * ng + g]);
         const __m256 s = _mm256_set1_ps(sc[r * ng + g]);
-        const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(d)), s);
-        const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(d, 8))), s);
+        const __m256i d0 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(c), z);
+        const __m256i d1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), z);
+        const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(d0), s);
+        const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(d1), s);
         for (int t = 0; t < T; ++t) {
           acc[r][t] = _mm256_fmadd_ps(xa[t], w0, acc[r][t]);
           acc[r][t] = _mm256_fmadd_ps(xb[t], w1, acc[r][t]);
