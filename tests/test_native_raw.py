@@ -487,9 +487,9 @@ def test_amx_bf16_paths_run_on_the_callers_scratch(op, n_threads):
         nb = _C.int4_weight_only_workspace_bytes(AMX, M, K, 32, 64, n_threads)
         assert not _C.int4_weight_only_fixed_point(AMX, M, K, 64)
     # three bf16 terms of the packed activations, then per thread a strip, its scales and
-    # the fp32 sums of a 256 x 256 task (kernels.h)
+    # the fp32 sums of a 512 x 256 task (kernels.h)
     a64 = lambda n: -(-n // 64) * 64  # noqa: E731
-    strip = a64(32 * 2 * K) + a64(128 * (K // (K if op == "int8" else 64))) + (1 << 18)
+    strip = a64(32 * 2 * K) + a64(128 * (K // (K if op == "int8" else 64))) + (1 << 19)
     assert nb == 3 * 48 * K * 2 + n_threads * strip
     buf = torch.zeros(nb + 64, dtype=torch.uint8)
     assert torch.all(_amx_wo_call(op, x, ptr(buf), nb, n_threads) == 0)  # the tiles ran
@@ -561,7 +561,7 @@ def test_amx_int4_dynamic_scratch(n_threads):
     sc = torch.rand(N, K // G, generator=g) + 0.5
     zp = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
     base = M * (K // G) * 4 + M * K
-    amx = 48 * K + n_threads * (32 * K + 128 * (K // G) + (1 << 18))
+    amx = 48 * K + n_threads * (32 * K + 128 * (K // G) + (1 << 19))
     nb = _C.int4_dynamic_workspace_bytes(AMX, M, K, G, n_threads)
     assert nb == max(base, amx)
     assert _C.int4_dynamic_workspace_bytes(_C.ISA_AVX512_VNNI, M, K, G, n_threads) == base

@@ -47,8 +47,8 @@ inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool fi
  * its scales and its fp32 accumulators (the caller's scratch).
  *
  * Cache blocking as in amx_gemm (tile_amx.h): while the packed activations fit in
- * L2 a task is one strip x 256 rows over the whole K; past that (and when a group
- * fits in a chunk) a task is pq::kAmxGroupedNc weight rows x 256 activation rows
+ * L2 a task is one strip x pq::kAmxGroupedMc rows over the whole K; past that (and when a
+ * group fits in a chunk) a task is pq::kAmxGroupedNc weight rows x kAmxGroupedMc activation rows
  * with K in chunks of whole groups (pq::kAmxGroupedKcBytes of a row): per chunk
  * the task's activation tiles stay in L2 while each strip's converted chunk (32
  * rows, in L1) meets all of them, and the fp32 sums of the task's blocks wait in
@@ -63,7 +63,7 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
                      terms * Mt * 16 * row_bytes > pq::kAmxGroupedL2Bytes;
   const int64_t kc_groups = chunk ? pq::kAmxGroupedKcBytes / group_bytes : ng;
   const int64_t nc = chunk ? pq::kAmxGroupedNc : 32, n_strips = nc / 32;
-  const int64_t kMtBlock = 16; /* 256 activation rows per weight-strip conversion */
+  const int64_t kMtBlock = pq::kAmxGroupedMc / 16; /* activation rows per strip conversion */
   const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = ceil_div(N, nc);
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
