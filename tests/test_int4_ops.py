@@ -211,8 +211,8 @@ def test_amx_strided_3d(op, backend, isa):
 def test_zero_points_past_15(op, backend, isa, m):
     """The ops take any uint8 zero point, though the quantizers write 0..15: a group whose zero
     point is 200 (codes minus zero down to -200) must not take a path that assumes a nibble.
-    M = 20 reaches the AMX paths, which convert codes per group."""
-    n, k, g = 13, 256, 64
+    M = 20 and N = 32 reach the AMX paths, which convert codes per group."""
+    n, k, g = 32, 256, 64
     packed, scales, zeros = random_int4_weight(n, k, g, seed=5)
     zeros[::2, 1] = 200
     check_op(op, backend, isa, activation((m, k), seed=m), (packed, scales, zeros, g), None)

@@ -96,14 +96,19 @@ inline int amx_bf16_pack_x(const float* x, int64_t M, int64_t K, int64_t ldx, ui
   return used;
 }
 
+/* 32 int16 lanes (|v| <= 256 here: exact in bf16) -> 32 bf16, by way of fp32. */
+inline __m512i bf16_from_i16(__m512i v) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
 /* 32 weight rows of int8 [.., K] -> bf16 [32][K]. */
 inline void amx_bf16_convert_i8(const int8_t* w, int64_t K, uint16_t* wb) { /* ld: 2K bytes */
   for (int r = 0; r < 32; ++r)
     for (int64_t k = 0; k < K; k += 32) {
       const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * K + k)));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
-      _mm512_storeu_si512(wb + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      _mm512_storeu_si512(wb + r * K + k, bf16_from_i16(v));
     }
 }
 
@@ -125,12 +130,7 @@ inline void amx_bf16_convert_u4(const uint8_t* wp, const uint8_t* zp, int64_t K,
       _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
                        12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
       _mm512_set1_epi16(15));
-  for (int z = 0; z < 16; ++z) {
-    const __m512i d = _mm512_sub_epi16(code, _mm512_set1_epi16((short)z));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(d)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(d, 1)));
-    tab[z] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  }
+  for (int z = 0; z < 16; ++z) tab[z] = bf16_from_i16(_mm512_sub_epi16(code, _mm512_set1_epi16((short)z)));
   const __m512i spread = _mm512_set_epi8(
       15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12, 11, 11, 11, 11, 10, 10, 10, 10,
       9, 9, 9, 9, 8, 8, 8, 8, 7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2,
@@ -142,12 +142,8 @@ inline void amx_bf16_convert_u4(const uint8_t* wp, const uint8_t* zp, int64_t K,
       uint16_t* dst = wb + r * ld - g0 * G;
       if (z > 15) { /* nothing the quantizers write, but the op takes any uint8 zero point */
         const __m512i zv = _mm512_set1_epi16(z);
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-          const __m512i v = u4_codes_minus_zero(wp + r * (K / 2) + k / 2, zv);
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
-          _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32)
+          _mm512_storeu_si512(dst + k, bf16_from_i16(u4_codes_minus_zero(wp + r * (K / 2) + k / 2, zv)));
         continue;
       }
       const __m512i t = tab[z];
