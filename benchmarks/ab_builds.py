@@ -1,0 +1,140 @@
+"""A/B of two builds of the native library, call by call, for kernel experiments.
+
+On a shared or virtual machine the same call moves by 30-50% between runs, more than most
+kernel changes are worth. Timing build A, then build B, compares two moments of the machine.
+This script keeps one worker process per build alive and alternates single calls between
+them, so both builds see the same moments; it prints each build's fastest and first-quartile
+call and their ratio. Differences of a few percent are then visible.
+
+    cp pyquant/_C*.so /tmp/a.so     # build A; then change, rebuild, and
+    cp pyquant/_C*.so /tmp/b.so     # build B
+    python benchmarks/ab_builds.py /tmp/a.so /tmp/b.so [--threads 1] [--reps 11] [--cases w4a8]
+
+The cases call the C API directly (raw pointers, the caller's workspace), so the Python
+wrappers' overhead is not in the numbers. One thread by default: the kernel's own speed,
+without the second core's noise.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+
+
+def _cases(C, torch, formats, nt: int) -> dict:
+    """name -> zero-argument call of build C (the inputs are the same in both workers)."""
+    ptr = lambda t: t.data_ptr()  # noqa: E731
+
+    def workspace(nb):
+        work = torch.empty(nb + 64, dtype=torch.uint8)
+        return work, (ptr(work) + 63) // 64 * 64
+
+    def int4(n, k, g):
+        gen = torch.Generator().manual_seed(n + k + g)
+        c, s, z = formats.quantize_int4_groupwise(torch.randn(n, k, generator=gen), g,
+                                                  symmetric=False)
+        return formats.pack_int4(c), s, z
+
+    def int4_weight_only(m, n, k, g):
+        isa, (p, s, z) = C.best_isa(), int4(n, k, g)
+        x = torch.randn(m, k).bfloat16().float()  # bf16 values: the one-term AMX path
+        out = torch.empty(m, n)
+        nb = C.int4_weight_only_workspace_bytes(isa, m, k, n, g, nt)
+        work, wa = workspace(nb)
+        return lambda: (work, C.int4_weight_only_mm(isa, ptr(x), m, k, k, ptr(p), n, ptr(s),
+                                                    ptr(z), g, 0, ptr(out), nt, wa, nb))[1]
+
+    def w4a8(m, n, k, g):
+        isa, (p, s, z) = C.best_isa(), int4(n, k, g)
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        xs = torch.rand(m) / 100
+        out = torch.empty(m, n)
+        nb = C.int4_dynamic_workspace_bytes(isa, m, k, g, nt)
+        work, wa = workspace(nb)
+        return lambda: (work, C.int4_dynamic_mm(isa, ptr(xq), ptr(xs), m, k, ptr(p), n, ptr(s),
+                                                ptr(z), g, 0, ptr(out), wa, nb, nt))[1]
+
+    return {
+        "w4a8 g64 2560x384x384": lambda: w4a8(2560, 384, 384, 64),
+        "w4a8 g64 2560x1536x384": lambda: w4a8(2560, 1536, 384, 64),
+        "w4a8 g64 512x4096x4096": lambda: w4a8(512, 4096, 4096, 64),
+        "int4wo g128 bf16-x 1x4096x4096": lambda: int4_weight_only(1, 4096, 4096, 128),
+        "int4wo g128 bf16-x 128x4096x4096": lambda: int4_weight_only(128, 4096, 4096, 128),
+        "int4wo g128 bf16-x 512x4096x4096": lambda: int4_weight_only(512, 4096, 4096, 128),
+    }
+
+
+def _worker(so: str, nt: int, wanted: list) -> None:
+    """Loads build `so` as pyquant._C, prepares the cases, then runs case i per stdin line."""
+    spec = importlib.util.spec_from_file_location("pyquant._C", so)
+    C = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(C)
+    sys.modules["pyquant._C"] = C
+    import torch
+
+    from pyquant import formats
+    torch.manual_seed(0)
+    torch.set_num_threads(nt)
+    C.init()
+    calls = [make() for name, make in _cases(C, torch, formats, nt).items() if name in wanted]
+    for call in calls:
+        if call() != 0:
+            raise SystemExit(f"{so}: a call returned an error status")
+    print("ready", flush=True)
+    for line in sys.stdin:
+        call = calls[int(line)]
+        t0 = time.perf_counter()
+        call()
+        print(time.perf_counter() - t0, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("a", help="build A: a copy of pyquant/_C*.so")
+    ap.add_argument("b", help="build B")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=11, help="calls per build and case")
+    ap.add_argument("--cases", default="", help="substrings of the case names to run")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch  # only for the case names; the workers build the inputs
+
+    from pyquant import formats
+    names = [n for n in _cases(None, torch, formats, 1)
+             if not args.cases or any(c in n for c in args.cases.split(","))]
+    if args.worker:
+        return _worker(args.a, args.threads, names)
+    procs = []
+    for so in (args.a, args.b):
+        p = subprocess.Popen([sys.executable, __file__, so, so, "--worker",
+                              "--threads", str(args.threads), "--cases", args.cases],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the worker for {so} did not start")
+        procs.append(p)
+
+    def call(p, i):
+        p.stdin.write(f"{i}\n")
+        p.stdin.flush()
+        return float(p.stdout.readline())
+
+    print(f"{'case':34} {'A min/q1 ms':>16} {'B min/q1 ms':>16}  A/B (min, q1)")
+    q = args.reps // 4
+    for i, name in enumerate(names):
+        ta, tb = [], []
+        for _ in range(args.reps):
+            ta.append(call(procs[0], i))
+            tb.append(call(procs[1], i))
+        ta.sort()
+        tb.sort()
+        print(f"{name:34} {ta[0] * 1e3:7.2f}/{ta[q] * 1e3:7.2f}  {tb[0] * 1e3:7.2f}/{tb[q] * 1e3:7.2f}"
+              f"  {ta[0] / tb[0]:.2f}, {ta[q] / tb[q]:.2f}", flush=True)
+    for p in procs:
+        p.stdin.close()
+        p.wait()
+
+
+if __name__ == "__main__":
+    main()
