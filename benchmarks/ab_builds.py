@@ -25,7 +25,7 @@ import time
 
 def _cases(C, torch, formats, nt: int) -> dict:
     """name -> zero-argument call of build C (the inputs are the same in both workers)."""
-    ptr = lambda t: t.data_ptr()  # noqa: E731
+    ptr = lambda t: t.data_ptr()
 
     def workspace(nb):
         work = torch.empty(nb + 64, dtype=torch.uint8)
