@@ -177,10 +177,14 @@ def test_amx_shapes(op, backend, isa, m, n, k, group, dtype):
 # partial task column, M = 300 a partial last tile.
 AMX_CHUNKED = [("int4_dynamic_mm", 300, 288, 4160, 64),
                ("int4_weight_only_mm", 40, 288, 4224, 128)]
-# A task sweeps at most 512 activation rows (kAmxGroupedMc): M = 530 makes a second, partial
-# row block, each converting the weight strips again (unchunked: K small enough for L2).
+# Unchunked (K small enough for L2), a task takes every activation row when there are at
+# least two weight strips of 32 rows per thread (N = 160: 5 strips), else at most 512 rows
+# (kAmxGroupedMc; N = 96: 3 strips), and M = 530 makes a second, partial row block that
+# converts the strips again. Both, for both ops.
 AMX_ROW_BLOCKS = [("int4_dynamic_mm", 530, 96, 1024, 64),
-                  ("int4_weight_only_mm", 530, 96, 512, 128)]
+                  ("int4_dynamic_mm", 530, 160, 1024, 64),
+                  ("int4_weight_only_mm", 530, 96, 512, 128),
+                  ("int4_weight_only_mm", 530, 160, 512, 128)]
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
@@ -191,11 +195,14 @@ def test_amx_k_chunks(op, backend, isa, m, n, k, group):
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("op,m,n,k,group", AMX_ROW_BLOCKS, ids=[c[0] for c in AMX_ROW_BLOCKS])
+@pytest.mark.parametrize("op,m,n,k,group", AMX_ROW_BLOCKS,
+                         ids=[f"{c[0]}-n{c[2]}" for c in AMX_ROW_BLOCKS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_amx_row_blocks(op, backend, isa, m, n, k, group, dtype):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_row_blocks(op, backend, isa, m, n, k, group, dtype, threads):
     x = activation((m, k), seed=m).to(dtype)
-    check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", dtype))
+    with num_threads(threads):
+        check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", dtype))
 
 
 @op_param

@@ -63,8 +63,15 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
                      terms * Mt * 16 * row_bytes > pq::kAmxGroupedL2Bytes;
   const int64_t kc_groups = chunk ? pq::kAmxGroupedKcBytes / group_bytes : ng;
   const int64_t nc = chunk ? pq::kAmxGroupedNc : 32, n_strips = nc / 32;
-  const int64_t kMtBlock = pq::kAmxGroupedMc / 16; /* activation rows per strip conversion */
-  const int64_t n_mblk = ceil_div(Mt, kMtBlock), n_nblk = ceil_div(N, nc);
+  /* Activation rows per task, so per strip conversion. Unchunked, all of them fit
+   * in L2 (that is when it is unchunked), so one task takes all rows and each
+   * strip is converted once per call, unless that leaves a thread without two
+   * strips to work on; chunked, kAmxGroupedMc rows, whose fp32 sums the
+   * per-thread accumulators hold. */
+  const int64_t n_nblk = ceil_div(N, nc);
+  const int64_t kMtBlock =
+      !chunk && n_nblk >= 2 * n_threads ? Mt : pq::kAmxGroupedMc / 16;
+  const int64_t n_mblk = ceil_div(Mt, kMtBlock);
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
   const int64_t strip_bytes = pq::amx_strip_bytes(row_bytes, ng);
