@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calib-sentences", type=_positive_int, default=None, metavar="N",
                    help=f"calibration sentences for the calibrated config (default all "
                         f"{CALIB_SENTENCES}; never among the evaluation ones)")
+    d.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                   help="leave glibc's malloc as it is: by default the demo keeps freed "
+                        "activation memory in the process (pyquant.runtime.keep_freed_memory), "
+                        "for the fp32 baseline and the quantized models alike")
     d.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                    help="also write the results as JSON to PATH, and the calibrated config's "
                         "accuracy report beside it as PATH.report.json")
@@ -114,7 +118,8 @@ def _run(args) -> int:
         demo.run_demo(model=args.model, sentences=args.sentences, repeats=args.repeats,
                       batch_size=args.batch_size, threads=args.threads, configs=configs,
                       json_path=args.json_path, csv_path=args.csv_path,
-                      calibrated=args.calibrated, calib_sentences=args.calib_sentences)
+                      calibrated=args.calibrated, calib_sentences=args.calib_sentences,
+                      malloc_tuning=args.malloc_tuning)
         return 0
     raise AssertionError(args.command)
 

@@ -220,11 +220,13 @@ def _workload(model_name: Optional[str], n: Optional[int], batch_size: int, note
     raise ValueError(f"unknown model {model_name!r}; use minilm or tiny")
 
 
-def _machine_line(threads: int) -> str:
+def _machine_line(threads: int, malloc_kept: bool = False) -> str:
     from . import info
 
+    alloc = ("freed memory kept in the process (pyquant.runtime.keep_freed_memory)" if malloc_kept
+             else "malloc as configured")
     return (f"machine: {info.cpu_model_name()}; pyquant CPU kernels: {info.isa_summary()}; "
-            f"torch {torch.__version__}, {threads} thread(s)")
+            f"torch {torch.__version__}, {threads} thread(s); {alloc}")
 
 
 def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
@@ -232,7 +234,7 @@ def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
              threads: Optional[int] = None, configs: Optional[list] = None,
              json_path: Optional[str] = None, csv_path: Optional[str] = None,
              calibrated: bool = True, calib_sentences: Optional[int] = None,
-             out=None, err=None) -> dict:
+             malloc_tuning: bool = True, out=None, err=None) -> dict:
     out = out or sys.stdout
     err = err or sys.stderr
     configs = list(DEFAULT_CONFIGS) if configs is None else configs
@@ -243,6 +245,10 @@ def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if threads is not None:
         torch.set_num_threads(threads)
+    from . import runtime
+
+    # before anything is timed, so that the fp32 baseline runs under the same allocator
+    malloc_kept = runtime.keep_freed_memory() if malloc_tuning else False
     if model == "minilm" and models.minilm_missing_reason():
         raise RuntimeError(f"--model minilm: {models.minilm_missing_reason()}; "
                            f"or run the built-in model with --model tiny")
@@ -323,7 +329,8 @@ def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
         "batch_size": batch_size,
         "repeats": repeats,
         "threads": used_threads,
-        "machine": _machine_line(used_threads),
+        "machine": _machine_line(used_threads, malloc_kept),
+        "malloc_tuning": malloc_kept,
         "torch": torch.__version__,
         "rows": [asdict(r) for r in rows],
         "calibrated": None,

@@ -169,6 +169,10 @@ def test_demo_tiny_every_config(tmp_path):
 
     d = json.loads(jpath.read_text())
     assert d["inputs"] == 16 and d["repeats"] == 1
+    # by default the demo keeps freed memory in the process (glibc on Linux) and says so
+    assert d["malloc_tuning"] is sys.platform.startswith("linux")
+    if d["malloc_tuning"]:
+        assert "freed memory kept in the process" in out
     rows = {row["name"]: row for row in d["rows"]}
     assert list(rows) == ["fp32"] + list(CONFIGS)
     fp32 = rows["fp32"]
@@ -196,10 +200,13 @@ def test_demo_tiny_every_config(tmp_path):
 def test_demo_no_calibrated(tmp_path):
     jpath = tmp_path / "demo.json"
     r = run_cli("demo", "--model", "tiny", "--sentences", "4", "--repeats", "1", "--configs",
-                "int8wo", "--no-calibrated", "--json", str(jpath), cwd=tmp_path)
+                "int8wo", "--no-calibrated", "--no-malloc-tuning", "--json", str(jpath),
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "calibrated:" not in r.stdout and "accuracy of" not in r.stdout
     assert json.loads(jpath.read_text())["calibrated"] is None
+    assert json.loads(jpath.read_text())["malloc_tuning"] is False
+    assert "malloc as configured" in r.stdout
     assert not (tmp_path / "demo.json.report.json").exists()
 
 
