@@ -47,12 +47,13 @@ inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool fi
  * its scales and its fp32 accumulators (the caller's scratch).
  *
  * Cache blocking as in amx_gemm (tile_amx.h): while the packed activations fit in
- * L2 a task is one strip x pq::kAmxGroupedMc rows over the whole K; past that (and when a
- * group fits in a chunk) a task is pq::kAmxGroupedNc weight rows x kAmxGroupedMc activation rows
- * with K in chunks of whole groups (pq::kAmxGroupedKcBytes of a row): per chunk
- * the task's activation tiles stay in L2 while each strip's converted chunk (32
- * rows, in L1) meets all of them, and the fp32 sums of the task's blocks wait in
- * the thread's accumulators. */
+ * L2 a task is one strip x every activation row (pq::kAmxGroupedMc rows when there
+ * are too few strips for the threads) over the whole K; past that (and when a group
+ * fits in a chunk) a task is pq::kAmxGroupedNc weight rows x pq::kAmxGroupedMc
+ * activation rows with K in chunks of whole groups (pq::kAmxGroupedKcBytes of a
+ * row): per chunk the task's activation tiles stay in L2 while each strip's
+ * converted chunk (32 rows, in L1) meets all of them, and the fp32 sums of the
+ * task's blocks wait in the thread's accumulators. */
 template <class Op, class Convert, class Epi>
 void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_bytes,
                       const uint8_t* xp, int terms, int64_t term_bytes, const float* scales,
