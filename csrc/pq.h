@@ -210,7 +210,7 @@ int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
 
 /* Kept value j = scales[n, j/G] * (code[n,j] - zeros[n, j/G]) (in float32, as
  * pq_int4_weight_only_mm along the compressed axis); (K/2) % G == 0, G even. Any uint8
- * zero point; one past 15 (no quantizer writes it) sends the call to the portable kernel. */
+ * zero point; one past 15 (no quantizer writes it) keeps the call off the fixed-point path. */
 int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                         const uint8_t* packed, const uint8_t* meta, int64_t N,
                         const float* scales, const uint8_t* zeros, int64_t group_size,

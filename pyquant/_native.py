@@ -568,7 +568,8 @@ def _sparse_fx_work(isa: int, m: int, k: int):
 def _decompress_24_int4(packed: torch.Tensor, meta: torch.Tensor, zeros: torch.Tensor,
                         group_size: int) -> Optional[torch.Tensor]:
     """Dense packed int4 codes [N, K/2] (pruned positions hold their group's zero point: the
-    dense weight with group size 2 * group_size over K), or None when meta is not canonical."""
+    dense weight with group size 2 * group_size over K), or None when meta is not canonical or
+    a zero point is past 15 (a pruned position's nibble cannot hold it)."""
     n, k = packed.shape[0], packed.shape[1] * 4
     p, mt, z = packed.contiguous(), meta.contiguous(), zeros.contiguous()
     dense = _scratch(torch.uint8, n, k // 2)

@@ -177,10 +177,12 @@ def test_amx_shapes(op, backend, isa, m, n, k, group, dtype):
 # partial task column, M = 300 a partial last tile.
 AMX_CHUNKED = [("int4_dynamic_mm", 300, 288, 4160, 64),
                ("int4_weight_only_mm", 40, 288, 4224, 128)]
-# Unchunked (K small enough for L2), a task takes every activation row when there are at
-# least two weight strips of 32 rows per thread (N = 160: 5 strips), else at most 512 rows
-# (kAmxGroupedMc; N = 96: 3 strips), and M = 530 makes a second, partial row block that
-# converts the strips again. Both, for both ops.
+# When all rows' packed activations fit in L2 (W4A8 at K = 1024, weight-only with bf16
+# activations at K = 512: one term), a task takes every activation row if there are at least
+# two weight strips of 32 rows per thread (N = 160, or N = 96 at one thread), else at most
+# 512 rows (kAmxGroupedMc: N = 96 at two threads), and M = 530 makes a second, partial row
+# block that converts the strips again. fp32 activations (three terms) pass L2 and take the
+# chunked, 512-row path.
 AMX_ROW_BLOCKS = [("int4_dynamic_mm", 530, 96, 1024, 64),
                   ("int4_dynamic_mm", 530, 160, 1024, 64),
                   ("int4_weight_only_mm", 530, 96, 512, 128),
@@ -214,11 +216,12 @@ def test_amx_strided_3d(op, backend, isa):
 
 @op_param
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("m", [3, 20])
+@pytest.mark.parametrize("m", [1, 3, 7, 20])
 def test_zero_points_past_15(op, backend, isa, m):
     """The ops take any uint8 zero point, though the quantizers write 0..15: a group whose zero
     point is 200 (codes minus zero down to -200) must not take a path that assumes a nibble.
-    M = 20 and N = 32 reach the AMX paths, which convert codes per group."""
+    M = 1 and 7 reach the fixed-point decode paths, M = 20 and N = 32 the AMX ones, which
+    convert codes per group."""
     n, k, g = 32, 256, 64
     packed, scales, zeros = random_int4_weight(n, k, g, seed=5)
     zeros[::2, 1] = 200

@@ -17,11 +17,12 @@ bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* me
          missing(meta, N * ((K + 7) / 8)) || missing(out, M * N);
 }
 
-/* 2:4 + int4 takes any uint8 zero point, as the dense int4 ops do, but its SIMD
- * kernels subtract it in int8 and its decompression writes it in a pruned
- * position's nibble: both need zero points of 0..15, which is all the
- * quantizers write. One OR over the [N, groups] bytes (a few us at 7B sizes)
- * finds the others, which take the portable kernel and no decompression. */
+/* 2:4 + int4 takes any uint8 zero point, as the dense int4 ops do, but its
+ * decode-size fixed-point path subtracts it in int8 and its decompression writes
+ * it in a pruned position's nibble: both need zero points of 0..15, which is all
+ * the quantizers write. One OR over the [N, groups] bytes (a few us at 7B sizes)
+ * finds the others, which take the float path (it subtracts in float) and no
+ * decompression. */
 bool zeros_fit_nibble(const uint8_t* zeros, int64_t n) {
   uint8_t any = 0;
   for (int64_t i = 0; i < n; ++i) any |= zeros[i];
@@ -86,9 +87,10 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  if (!zeros_fit_nibble(zeros, groups)) t = pq::sparse_table(PQ_ISA_PORTABLE);
+  /* no workspace: no fixed-point path */
+  void* fx = zeros_fit_nibble(zeros, groups) ? fx_work(isa, M, K, work, work_bytes) : nullptr;
   t->sparse24_int4_mm(x, M, K, ldx, packed, meta, N, scales, zeros, group_size, bias, out,
-                      threads(n_threads), fx_work(isa, M, K, work, work_bytes));
+                      threads(n_threads), fx);
   return PQ_OK;
 }
 

@@ -44,8 +44,9 @@ constexpr int64_t kAmxInt4DynMinM = 9, kAmxBf16MinM = 16;
  * wait in a per-thread buffer between chunks. A weight strip is converted once
  * per task: 512 rows rather than 256 converted it half as often at M = 512
  * (1.04-1.10x on W4A8 and int4 weight-only there, 4096 x 4096, in-process A/B).
- * Unchunked, a task takes every row when there are strips enough for the threads
- * (W4A8 at MiniLM's 2560 x 384 x 384: 1.03-1.06x over 512-row tasks). */
+ * When all rows' packed activations fit in L2, a task takes every row if there are
+ * strips enough for the threads (W4A8 at MiniLM's 2560 x 384 x 384: 1.03-1.06x
+ * over 512-row tasks). */
 constexpr int64_t kAmxGroupedKcBytes = 1024, kAmxGroupedL2Bytes = 1 << 20,
                   kAmxGroupedNc = 256, kAmxGroupedMc = 512;
 inline int64_t amx_strip_bytes(int64_t row_bytes, int64_t n_groups) {

@@ -20,7 +20,7 @@
  * xp[term][ceil(M/16)][K/32][16][16][2]. C[n][m] is the output transposed; the
  * epilogue transposes it back (tile_amx.h). Register blocking and tasks as in
  * tile_amx.h, with larger M blocks per task so that each weight strip is
- * converted once per pq::kAmxGroupedMc (512) activation rows. */
+ * converted once per task's activation rows (tile_amx_grouped.h). */
 #ifndef PQ_CPU_TILE_AMX_BF16_H
 #define PQ_CPU_TILE_AMX_BF16_H
 #include "tile_amx_grouped.h"

@@ -4,8 +4,7 @@
  * bf16 (tile_amx_bf16.h) or int8 (tile_amx_int4dyn.h). AMX build only.
  *
  * Per task: convert writes a 32-row weight strip (the A operand: 16 rows x 64
- * bytes a tile) once, then up to 256
- * activation rows (B tiles, 1 KiB each, packed per call by the caller as
+ * bytes a tile) once, then the task's activation rows (B tiles, 1 KiB each, packed per call by the caller as
  * [term][ceil(M/16)][row_bytes / 64][1 KiB]) are swept with it. Per weight
  * group the tiles accumulate the group's sums over every term; each C tile is
  * then scaled by its rows' group scales into fp32 accumulators, so the scale
@@ -60,18 +59,17 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
                       uint8_t* strips, Convert convert, const Epi& epi, int n_threads) {
   const int64_t Mt = ceil_div(M, 16), KB = row_bytes / 64, gkb = group_bytes / 64;
   const int64_t ng = row_bytes / group_bytes;
-  const bool chunk = group_bytes <= pq::kAmxGroupedKcBytes &&
-                     terms * Mt * 16 * row_bytes > pq::kAmxGroupedL2Bytes;
+  const bool fits_l2 = terms * Mt * 16 * row_bytes <= pq::kAmxGroupedL2Bytes;
+  const bool chunk = group_bytes <= pq::kAmxGroupedKcBytes && !fits_l2;
   const int64_t kc_groups = chunk ? pq::kAmxGroupedKcBytes / group_bytes : ng;
   const int64_t nc = chunk ? pq::kAmxGroupedNc : 32, n_strips = nc / 32;
-  /* Activation rows per task, so per strip conversion. Unchunked, all of them fit
-   * in L2 (that is when it is unchunked), so one task takes all rows and each
-   * strip is converted once per call, unless that leaves a thread without two
-   * strips to work on; chunked, kAmxGroupedMc rows, whose fp32 sums the
-   * per-thread accumulators hold. */
+  /* Activation rows per task, so per strip conversion: all of them when they fit
+   * in L2 (then unchunked), so that each strip is converted once per call, unless
+   * that leaves a thread without two strips to work on; else kAmxGroupedMc rows
+   * (whose fp32 sums the per-thread accumulators hold when chunked). */
   const int64_t n_nblk = ceil_div(N, nc);
   const int64_t kMtBlock =
-      !chunk && n_nblk >= 2 * n_threads ? Mt : pq::kAmxGroupedMc / 16;
+      fits_l2 && n_nblk >= 2 * n_threads ? Mt : pq::kAmxGroupedMc / 16;
   const int64_t n_mblk = ceil_div(Mt, kMtBlock);
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;

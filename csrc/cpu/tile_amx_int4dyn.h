@@ -5,7 +5,7 @@
  *
  * The int4 codes minus their zero points (-15..15) are int8 values, so each
  * task converts its 32-row weight strip once to int8 [32][K] (the A operand,
- * loaded with row stride K) and sweeps up to 512 activation rows with it. The
+ * loaded with row stride K) and sweeps its activation rows with it. The
  * activation codes are the B operand, packed by amx_pack_x (tile_amx.h). Per
  * weight group, the tiles accumulate exact int32 sums over the group's K; the
  * sums are then scaled by the group scale into fp32 accumulators:
