@@ -9,9 +9,9 @@ read 0.99-1.02 on most cases, but 0.82-0.89 on one (the second worker placed wor
 on the M = 1 case (the weight is not rotated past the cache); differences under that floor
 mean nothing.
 
-    cp pyquant/_C*.so /tmp/a.so     # build A; then change, rebuild, and
-    cp pyquant/_C*.so /tmp/b.so     # build B
-    python benchmarks/ab_builds.py /tmp/a.so /tmp/b.so [--threads 1] [--reps 11] [--cases w4a8]
+    cp pyquant/_C*.so a.so     # build A; then change, rebuild, and
+    cp pyquant/_C*.so b.so     # build B
+    python benchmarks/ab_builds.py a.so b.so [--threads 1] [--reps 11] [--cases w4a8]
 
 The cases call the C API directly (raw pointers, the caller's workspace), so the Python
 wrappers' overhead is not in the numbers. One thread by default: the kernel's own speed,
