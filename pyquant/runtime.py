@@ -8,8 +8,10 @@ page again. Raising the trim threshold and the mmap threshold keeps those blocks
 for the next layer. This is what swapping in jemalloc or tcmalloc does, which PyTorch's CPU
 performance guide recommends; here it takes no preload.
 
-Measured on a 2-core VM (all-MiniLM-L6-v2, 256 sentences, batch 64, medians of 5, one
-process): fp32 1094 -> 967 ms, int8 dynamic 478 -> 399 ms, int4 dynamic g64 596 -> 484 ms.
+Measured on a 2-core VM (all-MiniLM-L6-v2, 256 sentences, batch 64, medians of 5; speedup
+over fp32 in the same process, two pairs of processes without / with, alternating): int8
+dynamic 1.96-2.09x / 2.39-2.94x, int4 dynamic g64 1.56-1.81x / 1.92-2.53x. The fp32 baseline
+gains too, less: the quantized models spend a larger share outside their matmuls.
 The setting is process-wide and stays; ``pyquant demo`` applies it to the baseline and to the
 quantized models alike and says so (``--no-malloc-tuning`` to measure without).
 """
