@@ -20,9 +20,9 @@ bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* me
 /* 2:4 + int4 takes any uint8 zero point, as the dense int4 ops do, but its
  * decode-size fixed-point path subtracts it in int8 and its decompression writes
  * it in a pruned position's nibble: both need zero points of 0..15, which is all
- * the quantizers write. One OR over the [N, groups] bytes (a few us at 7B sizes)
- * finds the others, which take the float path (it subtracts in float) and no
- * decompression. */
+ * the quantizers write. One OR over the [N, groups] bytes (a few us at 7B sizes),
+ * run only by the calls that would take those paths, finds the others, which
+ * take the float path (it subtracts in float) and no decompression. */
 bool zeros_fit_nibble(const uint8_t* zeros, int64_t n) {
   uint8_t any = 0;
   for (int64_t i = 0; i < n; ++i) any |= zeros[i];
@@ -87,8 +87,9 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  /* no workspace: no fixed-point path */
-  void* fx = zeros_fit_nibble(zeros, groups) ? fx_work(isa, M, K, work, work_bytes) : nullptr;
+  /* no workspace: no fixed-point path (the zero points are scanned only where it applies) */
+  void* fx = fx_work(isa, M, K, work, work_bytes);
+  if (fx && !zeros_fit_nibble(zeros, groups)) fx = nullptr;
   t->sparse24_int4_mm(x, M, K, ldx, packed, meta, N, scales, zeros, group_size, bias, out,
                       threads(n_threads), fx);
   return PQ_OK;
