@@ -151,7 +151,11 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *    representation error: ~6e-8 of the row's max, below fp32's own rounding
  *    for all but the row's smallest entries), and each term runs the exact
  *    int8 x int4 group sums of pq_int4_dynamic_mm; out is the fp32 sum of the
- *    three terms' results (smallest first) + bias. A row that is not finite,
+ *    three terms' results (smallest first) + bias. At M == 1 with K % 128 == 0
+ *    and G == 64 or G % 128 == 0, the three terms instead share one exact int32
+ *    sum per 8 codes (65536*hi + 256*mid + lo), rounded once to fp32 and
+ *    scaled per group; out = s * (the fp32 sum of those - sum_g scale * zero *
+ *    sum_{k in g} X) + bias. A row that is not finite,
  *    or whose max is below 2^-100, takes the float32 path. `work` may be null
  *    (the float32 path everywhere).
  * pq_int4_weight_only_workspace_bytes: the 64-byte aligned `work` of whichever of

@@ -113,6 +113,24 @@ def test_fixed_point_path(backend, isa, m, g, dtype):
              make_bias(n, "x", dtype))
 
 
+# At M == 1 with K % 128 == 0 and G == 64 or G % 128 == 0, the fixed-point row runs a GEMV of
+# its own (tile_int4_fx24.h): 128-code blocks, the three terms in one int32 accumulator, a
+# scale vector of two halves for G = 64, zero points 16 groups a vector (18 groups here). G = 192
+# straddles blocks: the W4A8 kernel.
+@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("n,k,g", [(37, 256, 64), (5, 128, 64), (61, 640, 128), (19, 512, 256),
+                                   (9, 1152, 64), (23, 384, 192)])
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_fixed_point_gemv_blocks(backend, isa, n, k, g, dtype):
+    assert _fixed_path_runs(isa, 1, k, n, g)
+    x = activation((1, k), dtype, seed=n + k)
+    x[0, 7] = -300.0
+    p, s, z = random_int4_weight(n, k, g, seed=k + g)
+    z[n // 2] = 15  # zero points at both ends of the code range
+    z[n // 3] = 0
+    check_op(OP, backend, isa, x, (p, s, z, g), make_bias(n, "x", dtype))
+
+
 @pytest.mark.parametrize("backend,isa", FIXED_ISAS)
 def test_fixed_point_error_bound(backend, isa):
     """The documented bound, on a row whose entries span 7 decades (the small ones keep only a

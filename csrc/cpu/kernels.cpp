@@ -3,6 +3,7 @@
 #include "kernels.h"
 #include "tile_int4.h"
 #include "tile_int4dyn.h"
+#include "tile_int4_fx24.h"
 #include "tile_int8.h"
 #include "tile_amx.h"
 #include "tile_amx_bf16.h"
@@ -324,6 +325,23 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   float* o3 = xs + pq::align64(rows * 4) / 4;
   void* dyn = o3 + pq::align64(rows * N * 4) / 4;
   if (!split_rows_fixed24(x, M, K, ldx, xq, xs)) return false;
+  if (M == 1 && fx24_gemv_applies(K, G)) {
+    /* dyn has room for xp (3K bytes) and xsum (K/G floats): see dispatch.cpp */
+    int8_t* xp = (int8_t*)dyn;
+    float* xsum = (float*)(xp + 3 * K);
+    fx24_prep_row(xq, xq + K, xq + 2 * K, K, G, xp, xsum);
+    const int64_t ng = K / G;
+    const float s = xs[2]; /* the lo term's scale: X's unit */
+    for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
+      dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
+        constexpr int R = decltype(R_)::value;
+        float dot[R];
+        dot_fx24_u4<R>(xp, xsum, wp + n * (K / 2), scales + n * ng, zeros + n * ng, K, G, dot);
+        for (int r = 0; r < R; ++r) out[n + r] = scale_bias(dot[r], s, bias, n + r);
+      });
+    });
+    return true;
+  }
   /* the workspace holds the AMX W4A8 scratch where that path applies (dispatch.cpp) */
   int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn,
                   kAmxBuild && pq::amx_int4dyn_applies(rows, K, N, G), n_threads);

@@ -1,0 +1,122 @@
+/* int4 weight-only at M = 1 on AVX512-VNNI: one x row in 24-bit fixed point
+ * (split_row_fixed24: X = 65536 * hi + 256 * mid + lo, three int8 terms) against
+ * group-quantized 4-bit weights, for K % 128 == 0 and G % 64 == 0.
+ *
+ * Why a kernel of its own: the W4A8 GEMV run on the three term rows spends, per
+ * 64 bytes of codes, 6 vpdpbusd, 4 decoding uops and 6 epilogue uops (a convert
+ * and an FMA per term and group). At 16 vector uops a cache line it ran at
+ * 57-69% of the read bandwidth on two threads where the same loop with one term
+ * ran at the bandwidth. Here:
+ *  - a whole 128-code block (64 bytes) is loaded at once and split into its even
+ *    codes (low nibbles) and odd codes (high nibbles): 3 uops, no broadcast;
+ *  - the three terms share one int32 accumulator: the hi term's dot products, a
+ *    shift by 8, the mid term's, a shift by 8, the lo term's. Each dword lane
+ *    sums 8 codes a block, so |lane| <= 8 * 15 * 128 per term and the combined
+ *    65536 * hi + 256 * mid + lo sum stays below 1.003e9 < 2^31: exact;
+ *  - one convert and one FMA per block then apply the group scale.
+ * That is 11 vector uops a cache line. The convert rounds the block's sum once
+ * to fp32 (2^-24 relative), the same as the float paths' accumulation.
+ *
+ * x layout (prepared once per call by fx24_prep_row): per 128-code block,
+ * 384 bytes [hi even | hi odd | mid even | mid odd | lo even | lo odd], 64
+ * bytes each, "even" holding the terms of codes k + 2j and "odd" those of
+ * k + 2j + 1 (j = 0..63). Byte j of a block's 64 weight bytes holds exactly
+ * codes k + 2j (low nibble) and k + 2j + 1 (high nibble), so lane j of the
+ * masked bytes meets lane j of the even row. Dword lane L covers codes
+ * k + 8L .. k + 8L + 7: lanes 0-7 lie in one 64-code half, lanes 8-15 in the
+ * other, so G = 64 takes a scale vector of two halves. */
+#ifndef PQ_CPU_TILE_INT4_FX24_H
+#define PQ_CPU_TILE_INT4_FX24_H
+#include "common.h"
+
+namespace PQ_NS {
+namespace {
+
+#if defined(PQ_SIMD_AVX512)
+constexpr int64_t kFx24Block = 128; /* codes a block */
+/* A block must lie in one group, or (G = 64) in two whole ones. */
+inline bool fx24_gemv_applies(int64_t K, int64_t G) {
+  return K % kFx24Block == 0 && (G == 64 || G % kFx24Block == 0);
+}
+
+/* The three term rows t0 (hi), t1 (mid), t2 (lo) of K bytes -> xp (3K bytes, the
+ * block layout above) and xsum[g] = sum over group g of X = 65536 hi + 256 mid +
+ * lo, exact in int64 and rounded once to fp32 (the zero-point correction). */
+inline void fx24_prep_row(const int8_t* t0, const int8_t* t1, const int8_t* t2, int64_t K,
+                          int64_t G, int8_t* xp, float* xsum) {
+  const int8_t* terms[3] = {t0, t1, t2};
+  for (int64_t k = 0; k < K; k += kFx24Block) {
+    int8_t* b = xp + 3 * k;
+    for (int t = 0; t < 3; ++t)
+      for (int h = 0; h < 2; ++h) { /* bytes k + 64h .. + 63: 32 even, 32 odd */
+        const __m512i v = _mm512_loadu_si512(terms[t] + k + 64 * h);
+        _mm256_storeu_si256((__m256i*)(b + 128 * t + 32 * h), _mm512_cvtepi16_epi8(v));
+        _mm256_storeu_si256((__m256i*)(b + 128 * t + 64 + 32 * h),
+                            _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+      }
+  }
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t g = 0; g < K / G; ++g) {
+    int64_t sum = 0;
+    for (int t = 0; t < 3; ++t) {
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 64)
+        acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(terms[t] + k));
+      sum += (int64_t)_mm512_reduce_add_epi32(acc) << (16 - 8 * t);
+    }
+    xsum[g] = (float)sum;
+  }
+}
+
+/* dot[r] = sum_k X[k] * (code[r, k] - zp[r, k / G]) * sc[r, k / G], in units of
+ * the x row's scale s (the caller multiplies by it). */
+template <int R>
+inline void dot_fx24_u4(const int8_t* xp, const float* xsum, const uint8_t* wp, const float* sc,
+                        const uint8_t* zp, int64_t K, int64_t G, float dot[R]) {
+  const int64_t ng = K / G, ldw = K / 2;
+  prefetch_next_groups<R>(sc, zp, ng);
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 facc[R];
+  for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kFx24Block) {
+    const int8_t* b = xp + 3 * k;
+    const __m512i he = _mm512_loadu_si512(b), ho = _mm512_loadu_si512(b + 64);
+    const __m512i me = _mm512_loadu_si512(b + 128), mo = _mm512_loadu_si512(b + 192);
+    const __m512i le = _mm512_loadu_si512(b + 256), lo = _mm512_loadu_si512(b + 320);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = wp + r * ldw + k / 2;
+      PQ_PREFETCH_NEXT_TILE(p + R * ldw);
+      const __m512i w = _mm512_loadu_si512(p);
+      const __m512i ce = _mm512_and_si512(w, nib);
+      const __m512i co = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ce, he);
+      a = _mm512_dpbusd_epi32(a, co, ho);
+      a = _mm512_slli_epi32(a, 8);
+      a = _mm512_dpbusd_epi32(a, ce, me);
+      a = _mm512_dpbusd_epi32(a, co, mo);
+      a = _mm512_slli_epi32(a, 8);
+      a = _mm512_dpbusd_epi32(a, ce, le);
+      a = _mm512_dpbusd_epi32(a, co, lo);
+      const float* s = sc + r * ng + k / G;
+      const __m512 sv = G == 64 ? _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1)
+                                : _mm512_set1_ps(s[0]);
+      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, facc[r]);
+    }
+  }
+  /* zero points: sum_g sc * zp * xsum, 16 groups a vector */
+  for (int r = 0; r < R; ++r) {
+    __m512 corr = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g += 16) {
+      const __mmask16 m = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+      const __m512 s = _mm512_maskz_loadu_ps(m, sc + r * ng + g);
+      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zp + r * ng + g)));
+      corr = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xsum + g), corr);
+    }
+    dot[r] = _mm512_reduce_add_ps(facc[r]) - _mm512_reduce_add_ps(corr);
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_TILE_INT4_FX24_H */
