@@ -2,9 +2,12 @@
 on the linear shapes of real models, measured side by side in one run.
 
 Every timing rotates through copies of the weights that together exceed the last-level cache,
-so decode (memory-bound) numbers are DRAM numbers, and reports medians. The machine's read
-bandwidth is measured in the same run; memory-bound rows report the share of it reached (weight
-bytes incl. scales and zeros / time / bandwidth), compute-bound rows the GOP/s.
+so decode (memory-bound) numbers are DRAM numbers, and reports medians. The impls of one shape
+and M are timed interleaved, one call each in turn (the first of each round rotating), so that
+every ratio compares calls made at the same moments: on a shared or virtual machine the same
+call moves by 30-50% over a minute, more than most of the differences measured. The machine's
+read bandwidth is measured in the same run; memory-bound rows report the share of it reached
+(weight bytes incl. scales and zeros / time / bandwidth), compute-bound rows the GOP/s.
 """
 from __future__ import annotations
 
@@ -95,16 +98,24 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     return nbytes / min(times) / 1e9
 
 
-def _time_rotating(run, states, x, iters: int, warmup: int = 2) -> float:
-    for i in range(warmup):
-        run(states[i % len(states)], x)
-    ts = []
+def _time_interleaved(entries: list, x, iters: int, warmup: int = 2) -> list[float]:
+    """Median seconds of a call for each (run, states) of ``entries``: ``iters`` rounds of one
+    call per entry, each entry on the next of its rotating weight copies, the entry that starts
+    a round moving by one each round (no entry always follows the same other one)."""
+    for run, states in entries:
+        for i in range(warmup):
+            run(states[i % len(states)], x)
+    n = len(entries)
+    ts = [[] for _ in entries]
     for i in range(iters):
-        s = states[i % len(states)]
-        t0 = time.perf_counter()
-        run(s, x)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for j in range(n):
+            e = (i + j) % n
+            run, states = entries[e]
+            s = states[i % len(states)]
+            t0 = time.perf_counter()
+            run(s, x)
+            ts[e].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 # ------------------------------------------------------------------ implementations
@@ -214,7 +225,10 @@ def run(
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    rotate_bytes = rotate_bytes or 2 * _llc_bytes()
+    # Each impl rotates through copies of more bytes than the LLC holds; between two calls of
+    # one impl, the others' calls stream their own copies as well. All impls of a shape are
+    # resident at once: 7-8 GB at Llama-2-7B sizes with every impl and a 300 MB LLC.
+    rotate_bytes = rotate_bytes or _llc_bytes() * 5 // 4
     from .bench_sparse import sparse_impls  # sparse rows live in their own module
 
     impls = baseline_impls() + pyquant_impls() + sparse_impls()
@@ -225,27 +239,34 @@ def run(
     rows: list[Row] = []
     g = torch.Generator().manual_seed(seed)
     jobs = [(mname, n, k) for mname in models for (n, k) in SHAPES[mname]]
-    work = [(j, impl) for j in jobs for impl in impls]
     with torch.inference_mode():
-        for (mname, n, k), impl in progress(work, desc="bench", min_items=1):
+        for mname, n, k in progress(jobs, desc="bench", min_items=1):
             w = torch.randn(n, k, generator=g) * 0.02
-            try:
-                s0 = impl.make(w)
-            except Exception as e:  # a baseline missing on this torch build
-                print(f"skip {impl.name} on {n}x{k}: {e}", file=sys.stderr)
-                continue
-            del w
-            nb = impl.nbytes(s0)
-            copies = max(1, min(64, -(-rotate_bytes // max(nb, 1))))
-            states = [s0] + [_clone_state(s0) for _ in range(copies - 1)]
+            ready = []  # (impl, weight bytes, rotating copies) of every impl this shape runs
+            made = {}  # impls with the same make (e.g. an op and its x-bf16 row) share copies
+            for impl in impls:
+                if impl.make not in made:
+                    try:
+                        s0 = impl.make(w)
+                    except Exception as e:  # a baseline missing on this torch build
+                        print(f"skip {impl.name} on {n}x{k}: {e}", file=sys.stderr)
+                        continue
+                    copies = max(1, min(64, -(-rotate_bytes // max(impl.nbytes(s0), 1))))
+                    made[impl.make] = [s0] + [_clone_state(s0) for _ in range(copies - 1)]
+                states = made[impl.make]
+                ready.append((impl, impl.nbytes(states[0]), states))
+            del w, made
+            most = max((len(st) for _, _, st in ready), default=1)
             for m in ms:
                 x = torch.randn(m, k, generator=g)
-                t = _time_rotating(impl.run, states, x, iters=max(iters, len(states)) if m <= 16
-                                   else iters)
-                gbps = nb / t / 1e9
-                rows.append(Row(mname, torch.get_num_threads(), n, k, m, impl.name, impl.kind, impl.op, t * 1e3, nb, gbps,
-                                gbps / bw, 2 * m * n * k / t / 1e9))
-            del states, s0
+                # decode sizes are short calls: enough rounds to visit every weight copy
+                times = _time_interleaved([(impl.run, st) for impl, _, st in ready], x,
+                                          iters=max(iters, most) if m <= 16 else iters)
+                for (impl, nb, _), t in zip(ready, times):
+                    gbps = nb / t / 1e9
+                    rows.append(Row(mname, torch.get_num_threads(), n, k, m, impl.name, impl.kind,
+                                    impl.op, t * 1e3, nb, gbps, gbps / bw, 2 * m * n * k / t / 1e9))
+            del ready
     _add_speedups(rows)
     return {
         "machine": machine_info(bw),
@@ -371,6 +392,7 @@ def machine_info(bw: float) -> dict:
         "isa": isa,
         "read_bandwidth_gbps": round(bw, 2),
         "llc_bytes": _llc_bytes(),
+        "timing": "interleaved: one call per impl in turn, medians per impl",
     }
 
 

@@ -72,3 +72,25 @@ def test_bench_prints_sparse_ratios_with_break_even(small_run, capsys):
         assert r["dense_from_m"] == _native.SPARSE_DENSE_MIN_M[(op, "fp32")]
         assert r["speedup"] == pytest.approx(by_key[(dense, n, k, r["m"])]["ms"] /
                                              by_key[(r["impl"], n, k, r["m"])]["ms"])
+
+
+def test_time_interleaved_alternates_and_rotates():
+    """One call per impl in turn, the round's first impl moving by one each round, each impl on
+    the next of its weight copies; each median belongs to its own impl."""
+    import time
+
+    calls = []
+
+    def make_run(name, pause):
+        def run(state, x):
+            calls.append((name, state))
+            time.sleep(pause)
+        return run
+
+    entries = [(make_run("a", 0.0), ["a0", "a1"]), (make_run("b", 0.004), ["b0"]),
+               (make_run("c", 0.0), ["c0", "c1", "c2"])]
+    times = bench._time_interleaved(entries, None, iters=4, warmup=0)
+    assert [c[0] for c in calls] == list("abc" "bca" "cab" "abc")
+    assert [s for name, s in calls if name == "a"] == ["a0", "a1", "a0", "a1"]
+    assert [s for name, s in calls if name == "c"] == ["c0", "c1", "c2", "c0"]
+    assert times[1] >= 0.004 > max(times[0], times[2])
