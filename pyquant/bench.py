@@ -7,7 +7,10 @@ and M are timed interleaved, one call each in turn (the first of each round rota
 every ratio compares calls made at the same moments: on a shared or virtual machine the same
 call moves by 30-50% over a minute, more than most of the differences measured. The machine's
 read bandwidth is measured in the same run; memory-bound rows report the share of it reached
-(weight bytes incl. scales and zeros / time / bandwidth), compute-bound rows the GOP/s.
+(weight bytes incl. scales and zeros / time / bandwidth), compute-bound rows the GOP/s. The read
+probe also runs among the impls of each shape and M (the read[probe] row, as many bytes as the
+fp32 weight): "%now" is a row's GB/s over the probe's in the same rounds, the share of what the
+machine gave at those moments, where "%BW" compares with the best pass of the start.
 """
 from __future__ import annotations
 
@@ -62,6 +65,9 @@ class Row:
     gbps: float
     bw_share: float
     gops: float
+    # gbps over the read probe's GB/s timed in the same rounds (the "read[probe]" row of this
+    # shape and M): the share of the bandwidth the machine gave at those moments
+    bw_share_now: float = float("nan")
     speedup: dict = field(default_factory=dict)
 
 
@@ -164,6 +170,18 @@ def baseline_impls() -> list[Impl]:
     return impls
 
 
+PROBE = "read[probe]"
+
+
+def probe_impls() -> list[Impl]:
+    """The native read-bandwidth loop over as many bytes as the shape's fp32 weight, timed
+    interleaved with the impls like one of them (kind "probe": no speedups against it)."""
+    if not _native.available():
+        return []
+    return [Impl(PROBE, "probe", lambda w: torch.ones(w.numel() // 2, dtype=torch.int64),
+                 lambda s, x: _native.stream_read(s), lambda s: _tensor_bytes(s))]
+
+
 def pyquant_impls(group_size: int = 128) -> list[Impl]:
     from . import ops  # noqa: F401  registers torch.ops.pyquant
 
@@ -231,10 +249,11 @@ def run(
     rotate_bytes = rotate_bytes or _llc_bytes() * 5 // 4
     from .bench_sparse import sparse_impls  # sparse rows live in their own module
 
-    impls = baseline_impls() + pyquant_impls() + sparse_impls()
+    impls = probe_impls() + baseline_impls() + pyquant_impls() + sparse_impls()
     if impl_filter:
         keys = [s.strip() for s in impl_filter.split(",") if s.strip()]
-        impls = [i for i in impls if i.kind == "baseline" or any(k in i.name for k in keys)]
+        impls = [i for i in impls if i.kind in ("baseline", "probe")
+                 or any(k in i.name for k in keys)]
     bw = measure_read_bandwidth()
     rows: list[Row] = []
     g = torch.Generator().manual_seed(seed)
@@ -262,10 +281,13 @@ def run(
                 # decode sizes are short calls: enough rounds to visit every weight copy
                 times = _time_interleaved([(impl.run, st) for impl, _, st in ready], x,
                                           iters=max(iters, most) if m <= 16 else iters)
+                now = [nb / t / 1e9 for (impl, nb, _), t in zip(ready, times)
+                       if impl.kind == "probe"]
                 for (impl, nb, _), t in zip(ready, times):
                     gbps = nb / t / 1e9
                     rows.append(Row(mname, torch.get_num_threads(), n, k, m, impl.name, impl.kind,
-                                    impl.op, t * 1e3, nb, gbps, gbps / bw, 2 * m * n * k / t / 1e9))
+                                    impl.op, t * 1e3, nb, gbps, gbps / bw, 2 * m * n * k / t / 1e9,
+                                    gbps / now[0] if now else float("nan")))
             del ready
     _add_speedups(rows)
     return {
@@ -280,6 +302,8 @@ def _add_speedups(rows: list[Row]) -> None:
         if r.kind == "baseline":
             base[(r.n, r.k, r.m, r.impl)] = r.ms
     for r in rows:
+        if r.kind == "probe":
+            continue
         for (n, k, m, name), ms in base.items():
             if (n, k, m) == (r.n, r.k, r.m) and name != r.impl:
                 r.speedup[name] = ms / r.ms
@@ -408,8 +432,10 @@ def format_table(result: dict) -> str:
     mi = result["machine"]
     lines = [
         f"machine: {mi['cpu']}, {mi['threads']} threads, torch {mi['torch']}, ISA {mi['isa']}, "
-        f"measured read bandwidth {mi['read_bandwidth_gbps']:.1f} GB/s",
-        f"{'shape':>12} {'M':>5} {'impl':<42} {'ms':>9} {'GB/s':>7} {'%BW':>5} {'GOP/s':>8}  "
+        f"measured read bandwidth {mi['read_bandwidth_gbps']:.1f} GB/s (best pass; %now: share "
+        f"of the {PROBE} row's GB/s, timed in the same rounds)",
+        f"{'shape':>12} {'M':>5} {'impl':<42} {'ms':>9} {'GB/s':>7} {'%BW':>5} {'%now':>5} "
+        f"{'GOP/s':>8}  "
         "speedup vs " + ", ".join(SHORT.values()),
     ]
     for r in result["rows"]:
@@ -418,7 +444,8 @@ def format_table(result: dict) -> str:
         )
         lines.append(
             f"{r['n']:>5}x{r['k']:<6} {r['m']:>5} {r['impl']:<42} {r['ms']:>9.3f} "
-            f"{r['gbps']:>7.1f} {100 * r['bw_share']:>4.0f}% {r['gops']:>8.1f}  {sp}"
+            f"{r['gbps']:>7.1f} {100 * r['bw_share']:>4.0f}% {100 * r['bw_share_now']:>4.0f}% "
+            f"{r['gops']:>8.1f}  {sp}"
         )
     return "\n".join(lines)
 
@@ -434,11 +461,12 @@ def write_outputs(result: dict, out_dir: str) -> list[str]:
     with open(cp, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["shape", "threads", "n", "k", "m", "impl", "op", "ms", "weight_bytes", "gbps",
-                     "bw_share", "gops"] + [f"speedup_vs_{v}" for v in SHORT.values()])
+                     "bw_share", "bw_share_now", "gops"]
+                    + [f"speedup_vs_{v}" for v in SHORT.values()])
         for r in result["rows"]:
             wr.writerow([r["shape"], r["threads"], r["n"], r["k"], r["m"], r["impl"], r["op"],
                          f"{r['ms']:.4f}", r["weight_bytes"], f"{r['gbps']:.2f}",
-                         f"{r['bw_share']:.3f}", f"{r['gops']:.1f}"]
+                         f"{r['bw_share']:.3f}", f"{r['bw_share_now']:.3f}", f"{r['gops']:.1f}"]
                         + [f"{r['speedup'].get(b, float('nan')):.3f}" for b in SHORT])
     paths.append(cp)
     try:

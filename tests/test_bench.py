@@ -35,9 +35,16 @@ def test_bench_rows_and_outputs(small_run, tmp_path):
         ran = {(n, k) for (n, k, _) in got}
         assert got == sorted((n, k, m) for (n, k) in ran for m in (1, 3)), impl
         assert ran == shapes or "sparse24_int4" in impl, impl
+    probe = {(r["n"], r["k"], r["m"]): r for r in rows if r["impl"] == bench.PROBE}
+    assert set(probe) == {(r["n"], r["k"], r["m"]) for r in rows}
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bw_share"] == pytest.approx(r["gbps"] / 10.0)
-        if r["kind"] != "baseline":
+        # the share of the read probe's GB/s timed in the same rounds
+        now = probe[(r["n"], r["k"], r["m"])]
+        assert r["bw_share_now"] == pytest.approx(r["gbps"] / now["gbps"])
+        assert now["weight_bytes"] == 4 * r["n"] * r["k"] and bench.PROBE not in r["speedup"]
+        assert not now["speedup"]  # nothing is compared with the probe, nor it with anything
+        if r["kind"] == "pyquant":
             # a speedup is a ratio of two times of this run
             fp32 = next(b for b in rows if b["impl"] == "F.linear[fp32]"
                         and (b["n"], b["k"], b["m"]) == (r["n"], r["k"], r["m"]))
