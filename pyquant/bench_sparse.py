@@ -111,6 +111,7 @@ def targets(result: dict, m: int = 1) -> list[dict]:
             out.append({
                 "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
                 "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
+                "bw_share_now": r.get("bw_share_now", float("nan")),
                 "dense_from_m": dense_from_m(key),
                 "ok": (speedup is not None and speedup >= min_speedup
                        and r["bw_share"] >= BANDWIDTH_FLOOR),
@@ -127,7 +128,7 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
               else f"sparse layers at M = {m} against their dense counterparts") + bw_note]
     lines.append(f"{'impl':44s} {'shape':>11s} {'ms':>8s} {'speedup':>8s} "
                  + (f"{'need':>5s} " if decode else "")
-                 + f"{'bw%':>5s} {'dense from M':>12s}  vs")
+                 + f"{'bw%':>5s} {'now%':>5s} {'dense from M':>12s}  vs")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         be = r["dense_from_m"]
@@ -135,7 +136,8 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
             "  (runs dense: decompressed weight)" if be is not None and m >= be else "")
         lines.append(f"{r['impl']:44s} {r['shape']:>11s} {r['ms']:8.3f} {sp:>8s} "
                      + (f"{r['min_speedup']:4.1f}x " if decode else "")
-                     + f"{100 * r['bw_share']:4.0f}% {be if be is not None else '-':>12}  "
+                     + f"{100 * r['bw_share']:4.0f}% {100 * r['bw_share_now']:4.0f}% "
+                     f"{be if be is not None else '-':>12}  "
                      f"{r['vs']}{flag}")
     if rows:
         med = statistics.median(r["speedup"] for r in rows if r["speedup"])
