@@ -143,15 +143,16 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *  - on AMX (M >= 16, G % 32 == 0, N % 32 == 0, given the workspace below),
  *    where each group's exact products (code - zero) * x (x split into bf16
  *    terms, see pq_int8_weight_only_mm) are summed in fp32 and scaled once;
- *  - at decode sizes (G % 64 == 0; M == 1 on AVX512-VNNI, M == 1 or
- *    5 <= M <= 15 on AMX: where pq_int4_weight_only_workspace_bytes > 0;
+ *  - at decode sizes (G % 64 == 0; M == 1 on AVX512-VNNI, and M <= 4 when
+ *    K % 128 == 0 and G == 64 or G % 128 == 0; also 5 <= M <= 15 on AMX:
+ *    where pq_int4_weight_only_workspace_bytes > 0;
  *    given that many bytes of 64-byte aligned `work`), where each row
  *    of x is written in 24-bit fixed point, x = s * (65536*hi + 256*mid + lo)
  *    + e with s = max|x[m,:]| / 8323072, three int8 terms and |e| <= s (the
  *    representation error: ~6e-8 of the row's max, below fp32's own rounding
  *    for all but the row's smallest entries), and each term runs the exact
  *    int8 x int4 group sums of pq_int4_dynamic_mm; out is the fp32 sum of the
- *    three terms' results (smallest first) + bias. At M == 1 with K % 128 == 0
+ *    three terms' results (smallest first) + bias. At M <= 4 with K % 128 == 0
  *    and G == 64 or G % 128 == 0, the three terms instead share one exact int32
  *    sum per 8 codes (65536*hi + 256*mid + lo), rounded once to fp32 and
  *    scaled per group; out = s * (the fp32 sum of those - sum_g scale * zero *

@@ -88,9 +88,10 @@ def test_amx_bf16_nonfinite(backend, isa):
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
 
 
-# The decode-size path of the native kernel (pq.h): with G % 64 == 0, at M == 1 on AVX512-VNNI
-# and at M == 1 or 5 <= M <= 15 on AMX, each row of x is written in 24-bit fixed point (three
-# int8 terms, |error| <= s = max|x_row| / 8323072 per entry) and runs the exact W4A8 kernel.
+# The decode-size path of the native kernel (pq.h): with G % 64 == 0, at M == 1 (and M <= 4 when
+# K % 128 == 0 and G == 64 or G % 128 == 0) on AVX512-VNNI, plus 5 <= M <= 15 on AMX, each row of
+# x is written in 24-bit fixed point (three int8 terms, |error| <= s = max|x_row| / 8323072 per
+# entry) and runs exact int8 x int4 sums.
 FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_amx")]
 
 
@@ -105,7 +106,8 @@ def _fixed_path_runs(isa: str, m: int, k: int, n: int, g: int) -> bool:
 def test_fixed_point_path(backend, isa, m, g, dtype):
     n, k = 37, 3 * g
     amx_range = isa == "avx512_amx" and 5 <= m <= 15
-    assert _fixed_path_runs(isa, m, k, n, g) == (m == 1 or amx_range)
+    gemv = m <= 4 and k % 128 == 0  # the fixed-point GEMV (G here is 64, 128 or 256)
+    assert _fixed_path_runs(isa, m, k, n, g) == (m == 1 or gemv or amx_range)
     assert not _fixed_path_runs(isa, m, 3 * 32, n, 32)  # G = 32: the float path
     x = activation((m, k), dtype, seed=m + g)
     x[0, 5] = 300.0  # an outlier entry: the row's scale grows with it
@@ -113,18 +115,21 @@ def test_fixed_point_path(backend, isa, m, g, dtype):
              make_bias(n, "x", dtype))
 
 
-# At M == 1 with K % 128 == 0 and G == 64 or G % 128 == 0, the fixed-point row runs a GEMV of
-# its own (tile_int4_fx24.h): 128-code blocks, the three terms in one int32 accumulator, a
-# scale vector of two halves for G = 64, zero points 16 groups a vector (18 groups here). G = 192
-# straddles blocks: the W4A8 kernel.
+# At M <= 4 with K % 128 == 0 and G == 64 or G % 128 == 0, the fixed-point rows run a GEMV of
+# their own (tile_int4_fx24.h): 128-code blocks, the three terms in one int32 accumulator, a
+# scale vector of two halves for G = 64, zero points 16 groups a vector (18 groups here), each x
+# row with its own scale. G = 192 straddles blocks: M = 1 runs the W4A8 kernel, M = 2, 4 the
+# float GEMV.
 @pytest.mark.parametrize("backend,isa", FIXED_ISAS)
 @pytest.mark.parametrize("n,k,g", [(37, 256, 64), (5, 128, 64), (61, 640, 128), (19, 512, 256),
                                    (9, 1152, 64), (23, 384, 192)])
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
-def test_fixed_point_gemv_blocks(backend, isa, n, k, g, dtype):
-    assert _fixed_path_runs(isa, 1, k, n, g)
-    x = activation((1, k), dtype, seed=n + k)
-    x[0, 7] = -300.0
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_fixed_point_gemv_blocks(backend, isa, n, k, g, m, dtype):
+    assert _fixed_path_runs(isa, m, k, n, g) == (g != 192 or m == 1)
+    x = activation((m, k), dtype, seed=n + k + m)
+    x[0, 7] = -300.0  # rows of different scales
+    x[-1] *= 1e-3
     p, s, z = random_int4_weight(n, k, g, seed=k + g)
     z[n // 2] = 15  # zero points at both ends of the code range
     z[n // 3] = 0

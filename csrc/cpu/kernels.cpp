@@ -325,19 +325,23 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   float* o3 = xs + pq::align64(rows * 4) / 4;
   void* dyn = o3 + pq::align64(rows * N * 4) / 4;
   if (!split_rows_fixed24(x, M, K, ldx, xq, xs)) return false;
-  if (M == 1 && fx24_gemv_applies(K, G)) {
-    /* dyn has room for xp (3K bytes) and xsum (K/G floats): see dispatch.cpp */
-    int8_t* xp = (int8_t*)dyn;
-    float* xsum = (float*)(xp + 3 * K);
-    fx24_prep_row(xq, xq + K, xq + 2 * K, K, G, xp, xsum);
+  if (pq::int4wo_fx24_gemv_applies(M, K, G)) {
+    /* dyn has room for xp (3K bytes a row) and xsum (K/G floats a row): see dispatch.cpp */
     const int64_t ng = K / G;
-    const float s = xs[2]; /* the lo term's scale: X's unit */
-    for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
-      dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) {
-        constexpr int R = decltype(R_)::value;
-        float dot[R];
-        dot_fx24_u4<R>(xp, xsum, wp + n * (K / 2), scales + n * ng, zeros + n * ng, K, G, dot);
-        for (int r = 0; r < R; ++r) out[n + r] = scale_bias(dot[r], s, bias, n + r);
+    int8_t* xp = (int8_t*)dyn;
+    float* xsum = (float*)(xp + 3 * K * M);
+    for (int64_t m = 0; m < M; ++m)
+      fx24_prep_row(xq + 3 * m * K, xq + (3 * m + 1) * K, xq + (3 * m + 2) * K, K, G,
+                    xp + 3 * K * m, xsum + ng * m);
+    for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
+      dispatch_tile<kTileN>(nr, mt, [&](auto R_, auto T_) {
+        constexpr int R = decltype(R_)::value, T = decltype(T_)::value;
+        float dot[R][T];
+        dot_fx24_u4<R, T>(xp + 3 * K * m, xsum + ng * m, wp + n * (K / 2), scales + n * ng,
+                          zeros + n * ng, K, G, dot);
+        for (int t = 0; t < T; ++t) /* the lo term's scale is X's unit */
+          for (int r = 0; r < R; ++r)
+            out[(m + t) * N + n + r] = scale_bias(dot[r][t], xs[3 * (m + t) + 2], bias, n + r);
       });
     });
     return true;
@@ -356,7 +360,7 @@ void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 #if defined(PQ_SIMD_AVX512)
   /* work is non-null only when dispatch.cpp sized it for the path that applies: this
    * one (M, G) or, from M = 16 on AMX, the AMX-BF16 one below */
-  if (work && pq::int4wo_fixed_applies(M, G, kAmxBuild) &&
+  if (work && pq::int4wo_fixed_applies(M, K, G, kAmxBuild) &&
       int4_weight_only_fixed(x, M, K, ldx, wp, N, scales, zeros, G, bias, out, n_threads, work))
     return;
 #else

@@ -1,4 +1,4 @@
-/* int4 weight-only at M = 1 on AVX512-VNNI: one x row in 24-bit fixed point
+/* int4 weight-only at M <= 4 on AVX512-VNNI: x rows in 24-bit fixed point
  * (split_row_fixed24: X = 65536 * hi + 256 * mid + lo, three int8 terms) against
  * group-quantized 4-bit weights, for K % 128 == 0 and G % 64 == 0.
  *
@@ -33,11 +33,7 @@ namespace PQ_NS {
 namespace {
 
 #if defined(PQ_SIMD_AVX512)
-constexpr int64_t kFx24Block = 128; /* codes a block */
-/* A block must lie in one group, or (G = 64) in two whole ones. */
-inline bool fx24_gemv_applies(int64_t K, int64_t G) {
-  return K % kFx24Block == 0 && (G == 64 || G % kFx24Block == 0);
-}
+constexpr int64_t kFx24Block = 128; /* codes a block (pq::int4wo_fx24_gemv_applies) */
 
 /* The three term rows t0 (hi), t1 (mid), t2 (lo) of K bytes -> xp (3K bytes, the
  * block layout above) and xsum[g] = sum over group g of X = 65536 hi + 256 mid +
@@ -68,51 +64,57 @@ inline void fx24_prep_row(const int8_t* t0, const int8_t* t1, const int8_t* t2, 
   }
 }
 
-/* dot[r] = sum_k X[k] * (code[r, k] - zp[r, k / G]) * sc[r, k / G], in units of
- * the x row's scale s (the caller multiplies by it). */
-template <int R>
+/* dot[r][t] = sum_k X_t[k] * (code[r, k] - zp[r, k / G]) * sc[r, k / G], in units of
+ * row t's scale s (the caller multiplies by it); row t of xp at xp + 3K t, its group
+ * sums at xsum + (K/G) t. The block's x vectors are read where used (memory operands
+ * of vpdpbusd): the R weight rows share them from L1. */
+template <int R, int T>
 inline void dot_fx24_u4(const int8_t* xp, const float* xsum, const uint8_t* wp, const float* sc,
-                        const uint8_t* zp, int64_t K, int64_t G, float dot[R]) {
+                        const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
   const int64_t ng = K / G, ldw = K / 2;
   prefetch_next_groups<R>(sc, zp, ng);
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  __m512 facc[R];
-  for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
+  __m512 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += kFx24Block) {
-    const int8_t* b = xp + 3 * k;
-    const __m512i he = _mm512_loadu_si512(b), ho = _mm512_loadu_si512(b + 64);
-    const __m512i me = _mm512_loadu_si512(b + 128), mo = _mm512_loadu_si512(b + 192);
-    const __m512i le = _mm512_loadu_si512(b + 256), lo = _mm512_loadu_si512(b + 320);
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = wp + r * ldw + k / 2;
       PQ_PREFETCH_NEXT_TILE(p + R * ldw);
       const __m512i w = _mm512_loadu_si512(p);
       const __m512i ce = _mm512_and_si512(w, nib);
       const __m512i co = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
-      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ce, he);
-      a = _mm512_dpbusd_epi32(a, co, ho);
-      a = _mm512_slli_epi32(a, 8);
-      a = _mm512_dpbusd_epi32(a, ce, me);
-      a = _mm512_dpbusd_epi32(a, co, mo);
-      a = _mm512_slli_epi32(a, 8);
-      a = _mm512_dpbusd_epi32(a, ce, le);
-      a = _mm512_dpbusd_epi32(a, co, lo);
       const float* s = sc + r * ng + k / G;
       const __m512 sv = G == 64 ? _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1)
                                 : _mm512_set1_ps(s[0]);
-      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, facc[r]);
+      for (int t = 0; t < T; ++t) {
+        const int8_t* b = xp + 3 * K * t + 3 * k;
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ce, _mm512_loadu_si512(b));
+        a = _mm512_dpbusd_epi32(a, co, _mm512_loadu_si512(b + 64));
+        a = _mm512_slli_epi32(a, 8);
+        a = _mm512_dpbusd_epi32(a, ce, _mm512_loadu_si512(b + 128));
+        a = _mm512_dpbusd_epi32(a, co, _mm512_loadu_si512(b + 192));
+        a = _mm512_slli_epi32(a, 8);
+        a = _mm512_dpbusd_epi32(a, ce, _mm512_loadu_si512(b + 256));
+        a = _mm512_dpbusd_epi32(a, co, _mm512_loadu_si512(b + 320));
+        facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, facc[r][t]);
+      }
     }
   }
   /* zero points: sum_g sc * zp * xsum, 16 groups a vector */
   for (int r = 0; r < R; ++r) {
-    __m512 corr = _mm512_setzero_ps();
+    __m512 corr[T];
+    for (int t = 0; t < T; ++t) corr[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g += 16) {
       const __mmask16 m = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
       const __m512 s = _mm512_maskz_loadu_ps(m, sc + r * ng + g);
       const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zp + r * ng + g)));
-      corr = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xsum + g), corr);
+      const __m512 sz = _mm512_mul_ps(s, z);
+      for (int t = 0; t < T; ++t)
+        corr[t] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(m, xsum + ng * t + g), corr[t]);
     }
-    dot[r] = _mm512_reduce_add_ps(facc[r]) - _mm512_reduce_add_ps(corr);
+    for (int t = 0; t < T; ++t)
+      dot[r][t] = _mm512_reduce_add_ps(facc[r][t]) - _mm512_reduce_add_ps(corr[t]);
   }
 }
 #endif
