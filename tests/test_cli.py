@@ -85,8 +85,8 @@ def test_info_json(tmp_path):
         assert d["cpu_isa"]["compiled"]
         assert all(v == "cpu" for v in d["dispatch"]["cpu"].values()), d["dispatch"]["cpu"]
         fx = d["fixed_point_decode_m"]  # the native module's own answer, per ISA
-        want = {"avx512_amx": "1, 5-15", "avx512_vnni": "1"}.get(d["cpu_isa"]["in_use"], "none")
-        assert fx["int4_weight_only_mm (group size % 64 == 0)"] == want, fx
+        want = {"avx512_amx": "1-15", "avx512_vnni": "1-4"}.get(d["cpu_isa"]["in_use"], "none")
+        assert fx["int4_weight_only_mm (group size 64-256, K % 128 == 0)"] == want, fx
         amx = d["cpu_isa"]["in_use"] == "avx512_amx"
         assert fx["sparse24_int8_mm"] == ("1" if amx else "none"), fx
         assert fx["int8_weight_only_mm (activations not bf16 values, K % 64 == 0)"] == (

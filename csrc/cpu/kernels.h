@@ -19,13 +19,15 @@ namespace pq {
  * float GEMV and dequantizing paths); from M = 16 on the AMX-BF16 path is as
  * fast (0.9-1.35x, so it keeps those sizes). Without AMX, M = 5-15 take two to
  * four register tiles of 4 term rows, each decoding the weights again:
- * 0.74-0.93x, so only M = 1. G = 32: 0.5-0.6x (the W4A8 kernel's short steps),
- * so G % 64 == 0. At M <= 4 (K % 128 == 0, G == 64 or G % 128 == 0) a GEMV of its
- * own (tile_int4_fx24.h) sums the three terms in one accumulator: at M = 1 1.0-1.36x
- * over the W4A8 kernel on the three term rows (Llama-2-7B shapes, 2 threads, weights
- * rotated past the cache), at M = 2-4 it replaces the float GEMV. Its scratch: [3M][K] int8 terms | [3M] scales | [3M][N]
- * fp32 term outputs | the W4A8 workspace for 3M rows (the GEMV keeps its reordered
- * terms and group sums there), each part 64-byte aligned. */
+ * 0.74-0.93x, so not there. G = 32: 0.5-0.6x (the W4A8 kernel's short steps),
+ * so G % 64 == 0. At M <= 4 (K % 128 == 0, G == 64 or G % 128 == 0) a GEMV of
+ * its own (tile_int4_fx24.h) sums the three terms in one accumulator and decodes
+ * each weight block once for all rows: at M = 1 1.0-1.36x over the W4A8 kernel on
+ * the three term rows, at M = 2-4 1.11-1.40x over the float GEMV (Llama-2-7B
+ * shapes, 2 threads, weights rotated past the cache). Its scratch: [3M][K] int8
+ * terms | [3M] scales | [3M][N] fp32 term outputs | the W4A8 workspace for 3M rows
+ * (where the GEMV keeps its reordered terms and group sums), each part 64-byte
+ * aligned. */
 inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
   /* a 128-code block lies in one group, or (G = 64) in two whole ones */
   return M >= 1 && M <= 4 && K % 128 == 0 && (G == 64 || G % 128 == 0);

@@ -1,6 +1,6 @@
 /* int4 weight-only at M <= 4 on AVX512-VNNI: x rows in 24-bit fixed point
  * (split_row_fixed24: X = 65536 * hi + 256 * mid + lo, three int8 terms) against
- * group-quantized 4-bit weights, for K % 128 == 0 and G % 64 == 0.
+ * group-quantized 4-bit weights, for K % 128 == 0 and G == 64 or G % 128 == 0.
  *
  * Why a kernel of its own: the W4A8 GEMV run on the three term rows spends, per
  * 64 bytes of codes, 6 vpdpbusd, 4 decoding uops and 6 epilogue uops (a convert
@@ -14,7 +14,7 @@
  *    sums 8 codes a block, so |lane| <= 8 * 15 * 128 per term and the combined
  *    65536 * hi + 256 * mid + lo sum stays below 1.003e9 < 2^31: exact;
  *  - one convert and one FMA per block then apply the group scale.
- * That is 11 vector uops a cache line. The convert rounds the block's sum once
+ * That is 13 vector uops a cache line of weights per x row. The convert rounds the block's sum once
  * to fp32 (2^-24 relative), the same as the float paths' accumulation.
  *
  * x layout (prepared once per call by fx24_prep_row): per 128-code block,
