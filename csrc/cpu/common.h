@@ -31,7 +31,8 @@
  * time. Each loop therefore prefetches, as it reads a line of row r, the same
  * line of row r + R: the next tile's rows, read one tile's time later.
  * Measured (4096 x 4096, M = 1, 2 threads, weights rotated through 500 MB):
- * int8 0.58 -> 0.8-1.0 and int4 0.4 -> 0.6-0.8 of the read bandwidth; a
+ * int8 0.58 -> 0.8-1.0 and int4 0.4 -> 0.6-0.8 of the read bandwidth (as the
+ * one-stream probe of then measured it, ~1.4x below the eight-stream one); a
  * distance of two tiles was no better. Past the last tile it prefetches bytes
  * the call does not read: a prefetch never faults. */
 #if defined(PQ_SIMD_AVX512) && !defined(PQ_NO_PREFETCH)

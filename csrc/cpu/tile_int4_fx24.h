@@ -4,9 +4,8 @@
  *
  * Why a kernel of its own: the W4A8 GEMV run on the three term rows spends, per
  * 64 bytes of codes, 6 vpdpbusd, 4 decoding uops and 6 epilogue uops (a convert
- * and an FMA per term and group). At 16 vector uops a cache line it ran at
- * 57-69% of the read bandwidth on two threads where the same loop with one term
- * ran at the bandwidth. Here:
+ * and an FMA per term and group). At 16 vector uops a cache line it ran 1.5-1.9x
+ * slower on two threads than the same loop with one term. Here:
  *  - a whole 128-code block (64 bytes) is loaded at once and split into its even
  *    codes (low nibbles) and odd codes (high nibbles): 3 uops, no broadcast;
  *  - the three terms share one int32 accumulator: the hi term's dot products, a
