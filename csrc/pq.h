@@ -66,9 +66,9 @@ const char* pq_isa_name(int isa);
  * takes a path that needs none, with the same contract. */
 
 /* out[m,n] = w_scale[n] * sum_k x[m,k] * w[n,k] + (bias ? bias[n] : 0)
- * Products are exact and sums fp32 on every path but one. With AMX (M >= 16,
- * K % 32 == 0, N % 32 == 0, and pq_int8_weight_only_workspace_bytes of 64-byte
- * aligned `work`):
+ * Products are exact and sums fp32 on every path but the fixed-point ones. With
+ * AMX (M >= 16, K % 32 == 0, N % 32 == 0, and pq_int8_weight_only_workspace_bytes
+ * of 64-byte aligned `work`):
  *  - when every x[m,k] is a bf16 value, or K % 64 != 0, x is split into bf16
  *    terms for the bf16 tiles (tile_amx_bf16.h), which read bf16 subnormals
  *    (|term| < 2^-126) as zero;
@@ -77,12 +77,15 @@ const char* pq_isa_name(int isa);
  *    error at most s = max|x[m,:]| / 8323072 per entry) and the terms run on the
  *    exact int8 tiles; out = the fp32 sum of the three terms' scaled results
  *    (smallest first) + bias. Rows in slices, scratch bounded (kernels.h).
- * Calls whose x holds an Inf or NaN, or without that workspace, take the fp32
- * path. */
+ * At M == 1 on the AVX512 ISAs (given that workspace, whatever K and N), the
+ * row is written in the same fixed point, whatever its values, and the three
+ * terms run the exact int8 dot products of pq_int8_dynamic_mm; out as above.
+ * Calls whose x holds an Inf or NaN (or whose max is below 2^-100), or without
+ * that workspace, take the fp32 path. */
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int n_threads);
 /* 1 when the 24-bit fixed-point path above runs for these sizes on this ISA (for
- * activations that are not all bf16 values). */
+ * M > 1: activations that are not all bf16 values). */
 int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N);
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t* w, int64_t N, const float* w_scale,

@@ -136,12 +136,16 @@ def _decode_paths() -> dict:
     wo = [m for m in probe if mod.int4_weight_only_fixed_point(isa, m, k, 128)]
     w8 = [m for m in probe if mod.int8_weight_only_fixed_point(isa, m, k, n)]
     sp = [m for m in probe if mod.sparse24_workspace_bytes(isa, m, k) > 0]
-    # from its first M on every larger M takes it: not a range the probe can end
-    w8s = f"{w8[0]} and up" if w8 and w8 == list(range(w8[0], probe[-1] + 1)) else _ranges(w8)
+    # a run that reaches the probe's end goes on: not a range the probe can end
+    w8s = _ranges(w8)
+    if w8 and w8[-1] == probe[-1]:
+        head, _, last = w8s.rpartition(", ")
+        last = f"{last.split('-')[0]} and up"
+        w8s = f"{head}, {last}" if head else last
     # int4 at K = 4096, group size 128: the M <= 4 GEMV needs K % 128 == 0 (the group sizes
     # pyquant makes, 64, 128 and 256, all fit its blocks); else M = 1 and, with AMX, 5-15
     return {"int4_weight_only_mm (group size 64-256, K % 128 == 0)": _ranges(wo),
-            "int8_weight_only_mm (activations not bf16 values, K % 64 == 0)": w8s,
+            "int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)": w8s,
             "sparse24_int8_mm": _ranges(sp),
             "sparse24_int4_mm (group size % 64 == 0)": _ranges(sp)}
 

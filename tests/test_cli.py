@@ -89,8 +89,8 @@ def test_info_json(tmp_path):
         assert fx["int4_weight_only_mm (group size 64-256, K % 128 == 0)"] == want, fx
         amx = d["cpu_isa"]["in_use"] == "avx512_amx"
         assert fx["sparse24_int8_mm"] == ("1" if amx else "none"), fx
-        assert fx["int8_weight_only_mm (activations not bf16 values, K % 64 == 0)"] == (
-            "16 and up" if amx else "none"), fx
+        assert fx["int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)"] == (
+            "1, 16 and up" if amx else "1"), fx
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

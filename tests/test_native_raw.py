@@ -529,6 +529,46 @@ def test_amx_int8_weight_only_fixed_point(n_threads):
             assert err < 3e-4, err  # a few ulp of 1000 (6.1e-5): fp32 summation only
 
 
+@pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, AMX])
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_int8_weight_only_decode_fixed_point(isa, n_threads):
+    """int8 weight-only at M = 1 on the AVX512 ISAs, given its workspace: x in 24-bit fixed
+    point (bf16 values too), the terms through the exact VNNI GEMV. The row of the AMX test
+    above shows it: the fixed-point error is there, within its bound (K s); without the
+    workspace, or with a NaN, the fp32 path runs (no such error; NaN out)."""
+    if not _C.isa_available(isa):
+        pytest.skip("ISA not available on this CPU/OS")
+    N, K = 40, 1000  # no multiple of 64 or 32: any K and N
+    s = 1000.0 / 8323072
+    x = torch.full((1, K), 0.4 * s)
+    x[0, 0] = 1000.0
+    w, ws = torch.ones(N, K, dtype=torch.int8), torch.ones(N)
+    assert _C.int8_weight_only_fixed_point(isa, 1, K, N)
+    assert not _C.int8_weight_only_fixed_point(_C.ISA_AVX2, 1, K, N)
+    nb = _C.int8_weight_only_workspace_bytes(isa, 1, K, N, n_threads)
+    a64 = lambda n: -(-n // 64) * 64  # noqa: E731
+    assert nb == a64(3 * K) + 64 + a64(3 * N * 4)
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    wa = (ptr(buf) + 63) // 64 * 64
+
+    def run(xv, work, nbytes):
+        out = torch.empty(1, N)
+        assert _C.int8_weight_only_mm(isa, ptr(xv), 1, K, K, ptr(w), N, ptr(ws), 0, ptr(out),
+                                      n_threads, work, nbytes) == OK
+        return out
+
+    fx_err = K * 0.4 * s  # every small entry rounds to 0: 0.4 s each, one sign (0.048)
+    for xv in (x, x.bfloat16().float()):
+        exact = xv.double().sum().item()
+        err = (run(xv, wa, nb).double() - exact).abs().max().item()
+        assert 0.5 * fx_err < err <= K * s * 1.01, err
+        # fp32 path: only the rounding of the sums (~13 adds of ulp(1000) / 2 here)
+        assert (run(xv, 0, 0).double() - exact).abs().max().item() < 0.1 * fx_err
+    xn = x.clone()
+    xn[0, 5] = float("nan")
+    assert run(xn, wa, nb).isnan().all()
+
+
 def test_int8_weight_only_fixed_point_slices():
     """Rows past one slice of the fixed-point scratch (kernels.h: 336 rows at K = 64,
     N = 8192) run slice by slice; each matches the reference (any ISA runs the shape)."""

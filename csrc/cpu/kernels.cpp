@@ -83,9 +83,28 @@ bool int8_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
 }
 #endif
 
+void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                     const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                     float* out, void* work, int64_t work_bytes, int n_threads);
+
 void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
                          int64_t N, const float* w_scale, const float* bias, float* out,
                          int n_threads, void* work) {
+#if defined(PQ_SIMD_AVX512)
+  /* M = 1 with its scratch (kernels.h): the three fixed-point term rows through the W8A8
+   * GEMV (no AMX at 3 rows), then out = their fp32 sum, smallest first, + bias */
+  if (work && M == 1) {
+    int8_t* xq = (int8_t*)work;
+    float* xs = (float*)(xq + pq::align64(3 * K));
+    float* o3 = xs + pq::align64(3 * 4) / 4;
+    if (split_rows_fixed24(x, 1, K, ldx, xq, xs)) {
+      int8_dynamic_mm(xq, xs, 3, K, w, N, w_scale, nullptr, o3, nullptr, 0, n_threads);
+      sum_fixed24_terms(o3, 1, N, bias, out, n_threads);
+      return;
+    }
+    work = nullptr; /* sized for this path only: the AMX paths below must not take it */
+  }
+#endif
 #if defined(PQ_AMX)
   /* work non-null: dispatch.cpp sized it for both AMX paths; bf16 activations keep the
    * bf16 path (one exact term), the others take the fixed-point int8 one */
