@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def _try(fn: Callable[[], Any]) -> Any:
@@ -114,14 +114,18 @@ def _sparse_break_even() -> dict:
     return {f"{op} ({kind})": m for (op, kind), m in _native.SPARSE_DENSE_MIN_M.items()}
 
 
-def _ranges(ms: list) -> str:
-    """[1, 5, 6, 7] -> "1, 5-7"."""
+def _ranges(ms: list, open_end: Optional[int] = None) -> str:
+    """[1, 5, 6, 7] -> "1, 5-7"; with open_end=7 (the probe's last M, which a run reaching it
+    goes on past) -> "1, 5 and up"."""
     out, i = [], 0
     while i < len(ms):
         j = i
         while j + 1 < len(ms) and ms[j + 1] == ms[j] + 1:
             j += 1
-        out.append(str(ms[i]) if i == j else f"{ms[i]}-{ms[j]}")
+        if ms[j] == open_end:
+            out.append(f"{ms[i]} and up")
+        else:
+            out.append(str(ms[i]) if i == j else f"{ms[i]}-{ms[j]}")
         i = j + 1
     return ", ".join(out) or "none"
 
@@ -136,12 +140,8 @@ def _decode_paths() -> dict:
     wo = [m for m in probe if mod.int4_weight_only_fixed_point(isa, m, k, 128)]
     w8 = [m for m in probe if mod.int8_weight_only_fixed_point(isa, m, k, n)]
     sp = [m for m in probe if mod.sparse24_workspace_bytes(isa, m, k) > 0]
-    # a run that reaches the probe's end goes on: not a range the probe can end
-    w8s = _ranges(w8)
-    if w8 and w8[-1] == probe[-1]:
-        head, _, last = w8s.rpartition(", ")
-        last = f"{last.split('-')[0]} and up"
-        w8s = f"{head}, {last}" if head else last
+    # int8's AMX range reaches the probe's end and goes on: not a range the probe can end
+    w8s = _ranges(w8, open_end=probe[-1])
     # int4 at K = 4096, group size 128: the M <= 4 GEMV needs K % 128 == 0 (the group sizes
     # pyquant makes, 64, 128 and 256, all fit its blocks); else M = 1 and, with AMX, 5-15
     return {"int4_weight_only_mm (group size 64-256, K % 128 == 0)": _ranges(wo),

@@ -146,15 +146,20 @@ static void* whole_work(void* work, int64_t work_bytes, int64_t need) {
   return work && need > 0 && work_bytes >= need && aligned64(work) ? work : nullptr;
 }
 
+/* int8 weight-only's fixed-point GEMV at M = 1 (kernels.h), on both AVX512 ISAs */
+static bool int8wo_gemv_runs(int isa, int64_t M, int64_t K, int64_t N) {
+  return M == 1 && K > 0 && N > 0 && isa >= PQ_ISA_AVX512_VNNI && table(isa);
+}
+
 int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N) {
-  return (isa >= PQ_ISA_AVX512_VNNI && table(isa) && M == 1 && K > 0) ||
+  return int8wo_gemv_runs(isa, M, K, N) ||
          (amx_bf16_need(isa, M, K, N, K, 1) > 0 && pq::int8wo_fixed_applies(M, K, N));
 }
 
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int n_threads) {
   if (M < 0 || K < 0 || N < 0) return -1;
-  if (M == 1 && K > 0 && N > 0 && isa >= PQ_ISA_AVX512_VNNI && table(isa)) /* the GEMV */
+  if (int8wo_gemv_runs(isa, M, K, N))
     return too_big(3, K + 4 * N + 64) ? -1 : pq::int8wo_gemv_work_bytes(K, N);
   const int64_t bf16 = amx_bf16_need(isa, M, K, N, K, n_threads);
   if (bf16 <= 0 || !pq::int8wo_fixed_applies(M, K, N)) return bf16;
