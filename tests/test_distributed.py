@@ -144,7 +144,9 @@ def _scenarios(rank: int, out_dir: str) -> dict:
             y_ref = run(ref, arch)
             sharded = copy.deepcopy(ref)
             rep = tp.tensor_parallel_(sharded)
-            res[arch, name, "out"] = (run(sharded, arch), y_ref)
+            with tp.record_collectives() as log:
+                res[arch, name, "out"] = (run(sharded, arch), y_ref)
+            res[arch, name, "collectives"] = log.calls
             res[arch, name, "bytes"] = (rep.bytes_after, rep.bytes_before,
                                         tp.linear_bytes(sharded), tp.linear_bytes(ref))
             res[arch, name, "layers"] = dict(rep.layers)
@@ -238,6 +240,23 @@ def test_sharded_output_equals_single_process(ranks, arch, config):
     for r, res in enumerate(ranks):
         y_tp, y_ref = res[arch, config, "out"]
         assert_close_named(y_tp, y_ref, "tensor_parallel/float32", f"rank {r}")
+
+
+@pytest.mark.parametrize("arch,config", CASES)
+def test_a_forward_makes_only_the_collectives_of_the_plan(ranks, arch, config):
+    """Per block, one fp32 all-reduce after each row-parallel layer (attention output, MLP
+    down), preceded by the all-reduce MAX of the activation rows' max |x| for the configs
+    that quantize activations; the Llama lm_head gathers its columns once. Anything more
+    costs a latency per call (docs/distributed.md), so an extra one fails here."""
+    tokens, hidden, vocab = 16, 128, 256  # model_inputs: 2 x 8 tokens; make_model
+    amax = [("all_reduce_max", tokens)] if config in ("int8_dynamic", "int4_dynamic") else []
+    want = (amax + [("all_reduce_sum", tokens * hidden)]) * 4  # 2 blocks x 2 row-parallel
+    if arch == "llama":
+        want.append(("all_gather", tokens * vocab // WORLD))
+    for r, res in enumerate(ranks):
+        calls = res[arch, config, "collectives"]
+        assert [(n, k) for n, k, _, _ in calls] == want, f"rank {r}"
+        assert all(0 <= t1 - t0 < 60 for *_, t0, t1 in calls), f"rank {r}: times {calls}"
 
 
 @pytest.mark.parametrize("arch,config", CASES)
@@ -438,3 +457,31 @@ def test_checkpoint_parts_are_read_as_byte_ranges(tmp_path):
                 assert f.read == got.numel() * got.element_size()
         with pytest.raises(ValueError, match="cannot take part 0 of 4 along axis 1"):
             pio._read_tensor_parts(raw, start, entries, {"a": (1, 0, 4)}, path)
+
+
+def test_torchrun_demo_runs_and_splits_its_time(tmp_path):
+    """The README's demo command, on a tiny model: it runs under torchrun (a free port:
+    --standalone), and its split of the sharded forward counts the plan's collectives."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(WORLD), "-m", "pyquant.distributed.demo", "--compare", "--config", "int8_dynamic",
+           "--hidden", "128", "--intermediate", "256", "--heads", "4", "--layers", "1",
+           "--vocab", "256", "--tokens", "1,3", "--rounds", "2", "--iters", "2",
+           "--checkpoint", str(tmp_path / "tiny.safetensors"), "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
+                       cwd=str(tmp_path), check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "collectives: 5 a forward" in p.stdout, p.stdout
+    assert "of the whole model's speed" in p.stdout, p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["m"] for r in rows] == [1, 3]
+    for r in rows:  # 1 block: 2 row-parallel layers x (MAX of the row maxima, sum); lm_head
+        assert r["comm"]["calls"] == 5
+        assert 0 <= r["comm"]["after_last_arrival"] <= r["comm"]["inside"] < r["tp"]
+        assert 0 < r["outside"] <= r["tp"]
+        assert r["err"] < 1e-4  # the sharded logits equal the whole model's

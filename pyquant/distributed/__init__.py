@@ -26,12 +26,13 @@ from torch import nn
 from .. import api as _api
 from ..config import QuantConfig
 from . import plan as _plan
-from .layers import (PARALLEL_TYPES, ColumnParallel, RowParallel, linear_bytes, wrap)
+from .layers import (PARALLEL_TYPES, CollectiveLog, ColumnParallel, RowParallel, linear_bytes,
+                     record_collectives, wrap)
 from .plan import STYLES, Plan, auto_plan
 
-__all__ = ["ColumnParallel", "RowParallel", "Plan", "STYLES", "TensorParallelReport",
-           "auto_plan", "linear_bytes", "load_sharded", "quantize_", "rank_and_world",
-           "tensor_parallel_"]
+__all__ = ["CollectiveLog", "ColumnParallel", "RowParallel", "Plan", "STYLES",
+           "TensorParallelReport", "auto_plan", "linear_bytes", "load_sharded", "quantize_",
+           "rank_and_world", "record_collectives", "tensor_parallel_"]
 
 
 @dataclass

@@ -10,7 +10,8 @@
 2. Every rank builds a skeleton on the meta device (no memory) and ``load_sharded`` reads only
    its slices of the checkpoint: the linear layers' bytes per rank are printed.
 3. Each rank runs forwards of M tokens (gloo on CPU, 1 thread a rank; NCCL on GPUs) and the
-   time per forward is printed: the median over rounds of the slowest rank.
+   time per forward is printed: the median over rounds of the slowest rank, split into the
+   time inside the wrappers' collectives (``record_collectives``) and the time outside them.
 4. ``--compare`` (one host): rank 0 also runs the whole quantized model with all the threads
    of the ranks together (1 rank x N threads) while the others wait, in alternating rounds, so
    the cost of sharding (all-reduces, smaller matrices) is a ratio measured in one run.
@@ -28,6 +29,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from .layers import record_collectives
 
 CONFIGS = ("int4_weight_only", "int8_weight_only", "int8_dynamic", "int4_dynamic", "float")
 
@@ -121,11 +124,28 @@ def _time(model, ids, iters, sync) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def _collective_times(calls, forwards, one_host) -> dict:
+    """Per forward, from every rank's log of one round: how many collectives the wrappers
+    issued and the seconds inside them (mean over the ranks); on one host (one clock) also
+    the part of that spent after the last rank arrived (the collective itself, not the
+    wait for a slower rank)."""
+    logs = [None] * dist.get_world_size()
+    dist.all_gather_object(logs, calls)
+    out = {"calls": len(calls) / forwards,
+           "inside": statistics.fmean(sum(t1 - t0 for *_, t0, t1 in log) for log in logs)
+           / forwards}
+    if one_host and all(len(log) == len(calls) for log in logs):
+        out["after_last_arrival"] = sum(
+            max(0.0, min(c[3] for c in same) - max(c[2] for c in same))
+            for same in zip(*logs)) / forwards
+    return out
+
+
 def _fmt_mib(n) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _measure(a, model, whole, device, cuda, rank, world) -> list:
+def _measure(a, model, whole, device, cuda, rank, world, one_host) -> list:
     """Per M: the sharded model's time per forward (slowest rank), and with --compare the whole
     model's on rank 0 with all the ranks' threads, in alternating rounds (others idle)."""
     sync = (lambda: (torch.cuda.synchronize(), dist.barrier())) if cuda else dist.barrier
@@ -139,7 +159,7 @@ def _measure(a, model, whole, device, cuda, rank, world) -> list:
             t1 = torch.tensor([_time(model, ids, 1, sync)])
             dist.all_reduce(t1, op=dist.ReduceOp.MAX)
             iters = a.iters or max(1, min(50, int(0.5 / max(t1.item(), 1e-6))))
-            row = {"m": m, "iters": iters, "tp_all": [], "base_all": []}
+            row = {"m": m, "iters": iters, "tp_all": [], "base_all": [], "comm_all": []}
             if a.compare and rank == 0:
                 torch.set_num_threads(a.threads * world)
                 y_whole = _forward(whole, ids)
@@ -148,9 +168,11 @@ def _measure(a, model, whole, device, cuda, rank, world) -> list:
             for r in range(a.rounds):
                 for which in (("tp", "base") if r % 2 == 0 else ("base", "tp")):
                     if which == "tp":
-                        t = torch.tensor([_time(model, ids, iters, sync)])
+                        with record_collectives() as log:
+                            t = torch.tensor([_time(model, ids, iters, sync)])
                         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time
                         row["tp_all"].append(t.item())
+                        row["comm_all"].append(_collective_times(log.calls, iters, one_host))
                     elif a.compare:
                         dist.barrier()
                         if rank == 0:
@@ -159,6 +181,11 @@ def _measure(a, model, whole, device, cuda, rank, world) -> list:
                             torch.set_num_threads(a.threads)
                         dist.barrier()  # the other ranks wait here (idle: gloo does not spin)
             row["tp"] = statistics.median(row["tp_all"])
+            row["comm"] = {k: statistics.median(c[k] for c in row["comm_all"])
+                           for k in row["comm_all"][0]}
+            # the sharded forward's time outside the collectives, per round (slowest rank)
+            row["outside"] = statistics.median(
+                t - c["inside"] for t, c in zip(row["tp_all"], row["comm_all"]))
             if row["base_all"]:
                 row["base"] = statistics.median(row["base_all"])
             rows.append(row)
@@ -184,7 +211,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     torch.set_num_threads(a.threads)
     say = print if rank == 0 else (lambda *x, **k: None)
-    if a.compare and int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
+    one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    if a.compare and not one_host:
         say("--compare needs all ranks on one host; ignored")
         a.compare = False
 
@@ -226,7 +254,7 @@ def main(argv=None) -> int:
     for line in lines:
         say("  " + line)
 
-    rows = _measure(a, model, whole, device, cuda, rank, world)
+    rows = _measure(a, model, whole, device, cuda, rank, world, one_host)
     whole_label = "1 GPU" if cuda else f"1 rank x {a.threads * world} thr"
     tp_label = f"{world} GPUs" if cuda else f"{world} ranks x {a.threads} thr"
     say(f"\nms per forward of M tokens: median of {a.rounds} rounds (the slowest rank's time)")
@@ -248,6 +276,17 @@ def main(argv=None) -> int:
         say(f"{'':>11} each round: {' '.join(f'{t * 1e3:.1f}' for t in row['tp_all'])}"
             + (f" | whole: {' '.join(f'{t * 1e3:.1f}' for t in row['base_all'])}"
                if "base" in row else ""))
+        c = row["comm"]
+        line = (f"{'':>11} collectives: {c['calls']:.0f} a forward, {c['inside'] * 1e3:.2f} ms "
+                f"a forward inside them (mean of the ranks)")
+        if "after_last_arrival" in c:
+            line += (f", {c['after_last_arrival'] * 1e3:.2f} ms of it after the last rank "
+                     f"arrived, the rest waiting for a slower rank")
+        say(line)
+        line = f"{'':>11} outside the collectives: {row['outside'] * 1e3:.2f} ms"
+        if "base" in row:
+            line += f", {row['base'] / row['outside']:.1%} of the whole model's speed"
+        say(line)
     if a.json and rank == 0:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "world": world, "backend": dist.get_backend(),

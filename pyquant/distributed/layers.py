@@ -20,6 +20,9 @@ layer's up to the fp32 order of the sum.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -89,6 +92,41 @@ def shard_axes(m: nn.Module, dim: int) -> dict:
     return {"weight": dim, "bias": 0 if dim == COLWISE else None}
 
 
+class CollectiveLog:
+    """The collectives the parallel wrappers issued while recording (``record_collectives``):
+    one ``(name, numel, t_start, t_end)`` per call, times from ``time.perf_counter()`` (a
+    clock every process on one host shares, so the ranks' logs line up there)."""
+
+    def __init__(self):
+        self.calls: list = []
+
+
+_log: Optional[CollectiveLog] = None
+
+
+@contextlib.contextmanager
+def record_collectives() -> Iterator[CollectiveLog]:
+    """Log every collective the parallel wrappers of this process issue inside the block; a
+    ``perf_counter`` pair per call costs well under a microsecond."""
+    global _log
+    prev, _log = _log, CollectiveLog()
+    try:
+        yield _log
+    finally:
+        _log = prev
+
+
+def _collective(name: str, fn, t: torch.Tensor, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)``: a torch.distributed collective moving ``t``; logged when
+    recording."""
+    if _log is None:
+        fn(*args, **kwargs)
+        return
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    _log.calls.append((name, t.numel(), t0, time.perf_counter()))
+
+
 class _SharedGroup:
     """Holds a process group: a process group cannot be copied, so copies of a module share it."""
 
@@ -147,7 +185,7 @@ class ColumnParallel(_Parallel):
             return y
         y = y.contiguous()
         parts = [torch.empty_like(y) for _ in range(self.world)]
-        dist.all_gather(parts, y, group=self.group)
+        _collective("all_gather", dist.all_gather, y, parts, y, group=self.group)
         return torch.cat(parts, dim=-1)
 
 
@@ -187,12 +225,14 @@ class RowParallel(_Parallel):
         if getattr(self.local, "quantizes_activation_rows", False):
             amax = self.local.act_row_amax(x).contiguous()
             if self.world > 1:
-                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
+                _collective("all_reduce_max", dist.all_reduce, amax, amax,
+                            op=dist.ReduceOp.MAX, group=self.group)
             kwargs["act_amax"] = amax
         # pyquant kernels compute in fp32 anyway: sum the partials in fp32, round once
         y = self.local(x.to(torch.float32) if quantized else x, **kwargs).contiguous()
         if self.world > 1:
-            dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+            _collective("all_reduce_sum", dist.all_reduce, y, y, op=dist.ReduceOp.SUM,
+                        group=self.group)
         if self.bias is not None:
             y = y + (self.bias.to(y.dtype) if quantized else self.bias)
         return y.to(x.dtype)
