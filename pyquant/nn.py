@@ -35,6 +35,23 @@ class _QuantLinearBase(nn.Module):
         # multiplies x by it (float32 [K], finite, > 0). None (not in state_dict) otherwise.
         self.register_buffer("input_scale", None)
 
+    #: Float buffers that are float32 by the ops' contract (weight scales, input scales).
+    #: ``model.half()``, ``.bfloat16()`` and ``.to(dtype)`` cast every float buffer of a module
+    #: tree; here they would round the scales and the next forward would stop at the op's
+    #: dtype check. So a cast moves these to its device but leaves their dtype, as it leaves
+    #: the integer codes; the bias (and the values of the float sparse layers) follow it.
+    _FLOAT32_BUFFERS = ("weight_scale", "weight_scales", "input_scale")
+
+    def _apply(self, fn, recurse=True):
+        before = {n: self._buffers[n] for n in self._FLOAT32_BUFFERS
+                  if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:  # from the original: no rounding
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def _adopt(self, config: Optional[QuantConfig]):
         """Remember ``config`` (checkpoints store it) and give the layer the ``input_scale``
         buffer its calibration method needs, so that ``empty`` matches a calibrated layer."""

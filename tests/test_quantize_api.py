@@ -79,6 +79,46 @@ def test_bf16_model():
     assert cosine(got, ref_model(x)) > COSINE_FLOORS["int4"]
 
 
+CAST_CONFIGS = [*CONFIGS, pytest.param(pyquant.Int4Dynamic(group_size=32), id="int4_dynamic"),
+                pytest.param(pyquant.Sparse24Int8WeightOnly(), id="sparse24_int8"),
+                pytest.param(pyquant.Sparse24Int4WeightOnly(group_size=32), id="sparse24_int4")]
+SCALE_BUFFERS = ("weight_scale", "weight_scales", "input_scale")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cast", ["method", "to"])
+@pytest.mark.parametrize("config", CAST_CONFIGS)
+def test_half_and_bfloat16_casts_after_quantizing(config, cast, dtype):
+    """model.bfloat16() / .half() / .to(dtype) after quantize_: the scales stay float32 and
+    unrounded (the ops require float32 and would refuse the next forward), the bias follows
+    the cast, and the model runs in the new dtype."""
+    model = _mlp()
+    if isinstance(config, (pyquant.Sparse24Int8WeightOnly, pyquant.Sparse24Int4WeightOnly)):
+        pyquant.sparsify_(model, config)
+    else:
+        pyquant.quantize_(model, config)
+    model[0].input_scale = torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5
+    scales = {n: b.clone() for n, b in model.named_buffers() if n.endswith(SCALE_BUFFERS)}
+    assert len(scales) == 4  # three layers' weight scales and one input scale
+    x = _x(5, 64).to(dtype)
+    with torch.no_grad():
+        want = model(x.float())
+    if cast == "method":
+        getattr(model, {torch.bfloat16: "bfloat16", torch.float16: "half"}[dtype])()
+    else:
+        model.to("cpu", dtype)
+    for name, b in model.named_buffers():
+        if name in scales:
+            assert b.dtype == torch.float32 and torch.equal(b, scales[name]), name
+        elif name.endswith("bias"):
+            assert b.dtype == dtype, name
+    with torch.no_grad():
+        got = model(x)
+    assert got.dtype == dtype
+    # the layers' inputs are rounded to dtype on the way (and requantized where dynamic)
+    assert cosine(got.float(), want) > 0.999
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
