@@ -60,6 +60,17 @@ def _cases(C, torch, formats, nt: int) -> dict:
         run.keep = work
         return run
 
+    def int8_weight_only(m, n, k):
+        isa = C.best_isa()
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        s = torch.rand(n) / 100
+        x = torch.randn(m, k).bfloat16().float()  # bf16 values: the one-term AMX path
+        out = torch.empty(m, n)
+        nb = C.int8_weight_only_workspace_bytes(isa, m, k, n, nt)
+        work, wa = workspace(nb)
+        return lambda: (work, C.int8_weight_only_mm(isa, ptr(x), m, k, k, ptr(w), n, ptr(s), 0,
+                                                    ptr(out), nt, wa, nb))[1]
+
     def w4a8(m, n, k, g):
         isa, (p, s, z) = C.best_isa(), int4(n, k, g)
         xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
@@ -79,6 +90,8 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "int4wo g128 bf16-x 4x4096x4096": lambda: int4_weight_only(4, 4096, 4096, 128, 40),
         "int4wo g128 bf16-x 128x4096x4096": lambda: int4_weight_only(128, 4096, 4096, 128),
         "int4wo g128 bf16-x 512x4096x4096": lambda: int4_weight_only(512, 4096, 4096, 128),
+        "int8wo bf16-x 128x4096x4096": lambda: int8_weight_only(128, 4096, 4096),
+        "int8wo bf16-x 512x4096x4096": lambda: int8_weight_only(512, 4096, 4096),
     }
 
 

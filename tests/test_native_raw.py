@@ -489,7 +489,8 @@ def test_amx_bf16_paths_run_on_the_callers_scratch(op, n_threads):
     # three bf16 terms of the packed activations, then per thread a strip, its scales and
     # the fp32 sums of a 512 x 256 task (kernels.h)
     a64 = lambda n: -(-n // 64) * 64  # noqa: E731
-    strip = a64(32 * 2 * K) + a64(128 * (K // (K if op == "int8" else 64))) + (1 << 19)
+    # (int8's scale is per row, but its strips run as groups of 256 k here: kernels.h)
+    strip = a64(32 * 2 * K) + a64(128 * (K // (256 if op == "int8" else 64))) + (1 << 19)
     assert nb == 3 * 48 * K * 2 + n_threads * strip
     buf = torch.zeros(nb + 64, dtype=torch.uint8)
     assert torch.all(_amx_wo_call(op, x, ptr(buf), nb, n_threads) == 0)  # the tiles ran
@@ -527,6 +528,32 @@ def test_amx_int8_weight_only_fixed_point(n_threads):
             assert 1e-3 < err <= K * s * 1.01, err
         else:
             assert err < 3e-4, err  # a few ulp of 1000 (6.1e-5): fp32 summation only
+
+
+@needs_amx
+@pytest.mark.parametrize("K", [96, 4096, 4128])
+def test_amx_bf16_int8_weight_only_chunks_k(K):
+    """int8 weight-only with bf16-valued activations on the AMX-BF16 tiles runs K in
+    unscaled groups of 512, .., 32 k (the largest dividing K), their fp32 sum then times the
+    row scale, plus the bias. From 160 rows of K = 4096 on, the packed activations pass
+    1 MiB and K is cut in chunks across tasks (tile_amx_grouped.h): the result stays the
+    exact products summed in fp32, the row scale applied once."""
+    g = gen(K)
+    M, N = 160, 64
+    x = torch.randn(M, K, generator=g).bfloat16().float()
+    w = rand_i8((N, K), g)
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-3
+    b = torch.randn(N, generator=g)
+    nb = _C.int8_weight_only_workspace_bytes(AMX, M, K, N, 2)
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    out = torch.empty(M, N)
+    assert _C.int8_weight_only_mm(AMX, ptr(x), M, K, K, ptr(w), N, ptr(ws), ptr(b), ptr(out),
+                                  2, (ptr(buf) + 63) // 64 * 64, nb) == OK
+    dot = x.double() @ w.double().T  # exact: every product and sum fits a double
+    want = dot * ws.double() + b.double()
+    # fp32 sums of K exact products: a few ulp of the largest partial sum, then two roundings
+    bound = 1e-6 * (x.double().abs() @ w.double().abs().T) * ws.double() + 1e-6 * want.abs()
+    assert ((out.double() - want).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, AMX])

@@ -153,7 +153,8 @@ static bool int8wo_gemv_runs(int isa, int64_t M, int64_t K, int64_t N) {
 
 int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N) {
   return int8wo_gemv_runs(isa, M, K, N) ||
-         (amx_bf16_need(isa, M, K, N, K, 1) > 0 && pq::int8wo_fixed_applies(M, K, N));
+         (amx_bf16_need(isa, M, K, N, pq::int8wo_bf16_group(K), 1) > 0 &&
+          pq::int8wo_fixed_applies(M, K, N));
 }
 
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
@@ -161,7 +162,7 @@ int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
   if (M < 0 || K < 0 || N < 0) return -1;
   if (int8wo_gemv_runs(isa, M, K, N))
     return too_big(3, K + 4 * N + 64) ? -1 : pq::int8wo_gemv_work_bytes(K, N);
-  const int64_t bf16 = amx_bf16_need(isa, M, K, N, K, n_threads);
+  const int64_t bf16 = amx_bf16_need(isa, M, K, N, pq::int8wo_bf16_group(K), n_threads);
   if (bf16 <= 0 || !pq::int8wo_fixed_applies(M, K, N)) return bf16;
   if (too_big(3 * 16 + 3 * pq::int8wo_fixed_slice(M, K, N), 2 * K + 4 * N + 4)) return -1;
   const int64_t fixed = pq::int8wo_fixed_work_bytes(M, K, N);

@@ -113,10 +113,12 @@ void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
     return;
 #endif
 #if defined(PQ_AMX_BF16)
-  /* one "group" of K: out = dot * w_scale + bias, the order of scale_bias */
-  if (work && amx_bf16_wo(x, M, K, ldx, N, w_scale, K, bias, out, n_threads, work,
-                          [&](int64_t n0, int64_t, int64_t, uint16_t* wb, int64_t) {
-                            amx_bf16_convert_i8(w + n0 * K, K, wb); /* one group: all of K */
+  /* unscaled groups of int8wo_bf16_group(K) k, then out = sum * w_scale + bias, the
+   * order of scale_bias */
+  const int64_t Gb = pq::int8wo_bf16_group(K);
+  if (work && amx_bf16_wo(x, M, K, ldx, N, nullptr, Gb, w_scale, bias, out, n_threads, work,
+                          [&](int64_t n0, int64_t g0, int64_t g1, uint16_t* wb, int64_t ld) {
+                            amx_bf16_convert_i8(w + n0 * K, K, g0 * Gb, g1 * Gb, wb, ld);
                           }))
     return;
 #else
@@ -388,7 +390,7 @@ void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 #if defined(PQ_AMX_BF16)
   /* work is the AMX-BF16 path's only when dispatch.cpp found that path applies */
   if (work && pq::amx_bf16_applies(M, K, N, G) &&
-      amx_bf16_wo(x, M, K, ldx, N, scales, G, bias, out, n_threads, work,
+      amx_bf16_wo(x, M, K, ldx, N, scales, G, nullptr, bias, out, n_threads, work,
                   [&](int64_t n0, int64_t g0, int64_t g1, uint16_t* wb, int64_t ld) {
                     amx_bf16_convert_u4(wp + n0 * (K / 2), zeros + n0 * (K / G), K, G, g0, g1,
                                         wb, ld);

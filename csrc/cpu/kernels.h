@@ -97,6 +97,16 @@ inline int64_t int8wo_fixed_work_bytes(int64_t M, int64_t K, int64_t N) {
   return align64(rows * K) + align64(rows * 4) + align64(rows * N * 4) +
          align64((rows + 15) / 16 * 16 * K);
 }
+/* int8 weight-only on the AMX-BF16 path has one scale per row, for all of K. It still runs
+ * as groups of this many k (the largest of 512, 256, .., 32 dividing K), unscaled, the row
+ * scale applied once to their fp32 sum: as one group of K it could not chunk K, and at
+ * M = 512 every weight strip re-read the packed activations (4 MB) from L3; this ran
+ * 2-3x slower than int4 weight-only on the same path. */
+inline int64_t int8wo_bf16_group(int64_t K) {
+  int64_t g = 512;
+  while (g > 32 && K % g) g /= 2;
+  return g;
+}
 inline bool amx_bf16_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
   return M >= kAmxBf16MinM && K % 32 == 0 && N % 32 == 0 && G % 32 == 0 && K % G == 0;
 }

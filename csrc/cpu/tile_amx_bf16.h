@@ -103,12 +103,14 @@ inline __m512i bf16_from_i16(__m512i v) {
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-/* 32 weight rows of int8 [.., K] -> bf16 [32][K]. */
-inline void amx_bf16_convert_i8(const int8_t* w, int64_t K, uint16_t* wb) { /* ld: 2K bytes */
+/* Columns k0..k1-1 of 32 weight rows of int8 [.., K] -> bf16, row r at wb + r * ld
+ * values (k1 - k0 a multiple of 32). */
+inline void amx_bf16_convert_i8(const int8_t* w, int64_t K, int64_t k0, int64_t k1, uint16_t* wb,
+                                int64_t ld) {
   for (int r = 0; r < 32; ++r)
-    for (int64_t k = 0; k < K; k += 32) {
+    for (int64_t k = k0; k < k1; k += 32) {
       const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * K + k)));
-      _mm512_storeu_si512(wb + r * K + k, bf16_from_i16(v));
+      _mm512_storeu_si512(wb + r * ld + (k - k0), bf16_from_i16(v));
     }
 }
 
@@ -156,12 +158,15 @@ inline void amx_bf16_convert_u4(const uint8_t* wp, const uint8_t* zp, int64_t K,
     }
 }
 
+/* out = sum (* row_scale, where given) + bias: int8's order, dot * scale + bias */
 struct AmxStoreF32 {
   float* out;
   int64_t N;
+  const float* row_scale;
   const float* bias;
   inline void operator()(int64_t m, int64_t n0, __m512i v) const {
     __m512 y = _mm512_castsi512_ps(v);
+    if (row_scale) y = _mm512_mul_ps(y, _mm512_loadu_ps(row_scale + n0));
     if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
     _mm512_storeu_ps(out + m * N + n0, y);
   }
@@ -179,15 +184,15 @@ struct AmxBf16Op {
 /* Weight-only GEMM on AMX-BF16: out[m, n] = sum_g scales[n, g] * sum_{k in g}
  * x[m, k] * wb[n, k] + bias[n], where convert(n0, g0, g1, wb, ld) writes groups
  * g0..g1-1 of 32 weight rows from n0 as bf16, row stride ld values (exact integer
- * values). int8: one group (G = K,
- * scales = the per-channel w_scale, so out = dot * scale + bias as pq.h says).
+ * values). int8: scales null and row_scale the per-channel w_scale, so out =
+ * (sum_g sum_{k in g} ..) * w_scale + bias, the order pq.h says.
  * Returns false (nothing done) when x holds Inf/NaN. The caller checked
  * pq::amx_bf16_applies; work: 64-byte aligned pq::amx_bf16_work_bytes(M, K, G,
  * n_threads) (the packed terms, then the threads' strips). */
 template <class Convert>
 bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
-                 const float* scales, int64_t G, const float* bias, float* out, int n_threads,
-                 void* work, Convert convert) {
+                 const float* scales, int64_t G, const float* row_scale, const float* bias,
+                 float* out, int n_threads, void* work, Convert convert) {
   const int64_t term_stride = ceil_div(M, 16) * (K / 32) * 512; /* bf16 */
   uint16_t* xp = (uint16_t*)work;
   const int terms = amx_bf16_pack_x(x, M, K, ldx, xp, n_threads);
@@ -199,7 +204,7 @@ bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
       [&](int64_t n0, int64_t g0, int64_t g1, uint8_t* wb, int64_t ld) {
         convert(n0, g0, g1, (uint16_t*)wb, ld / 2);
       },
-      AmxStoreF32{out, N, bias}, n_threads);
+      AmxStoreF32{out, N, row_scale, bias}, n_threads);
   return true;
 }
 

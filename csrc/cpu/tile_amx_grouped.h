@@ -24,15 +24,20 @@ namespace {
 
 /* acc[r][:] (+)= float(C[r][:]) * sg[r] for the 16 rows of a C tile stored in cbuf
  * (fp32 sums, or int32 sums when Int is true); sg: the 16 rows' scales of the group,
- * contiguous, so each row's is one broadcast operand (first: acc is written, not read). */
+ * contiguous, so each row's is one broadcast operand, or null: no scale (first: acc is
+ * written, not read). */
 template <bool Int>
 inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool first) {
   for (int r = 0; r < 16; ++r) {
-    const __m512 s = _mm512_set1_ps(sg[r]);
     const __m512 c = Int ? _mm512_cvtepi32_ps(_mm512_load_si512((const int32_t*)cbuf + r * 16))
                          : _mm512_load_ps((const float*)cbuf + r * 16);
-    const __m512 y = first ? _mm512_mul_ps(c, s)
-                           : _mm512_fmadd_ps(c, s, _mm512_load_ps(acc + r * 16));
+    __m512 y;
+    if (!sg)
+      y = first ? c : _mm512_add_ps(c, _mm512_load_ps(acc + r * 16));
+    else if (first)
+      y = _mm512_mul_ps(c, _mm512_set1_ps(sg[r]));
+    else
+      y = _mm512_fmadd_ps(c, _mm512_set1_ps(sg[r]), _mm512_load_ps(acc + r * 16));
     _mm512_store_ps(acc + r * 16, y);
   }
 }
@@ -40,7 +45,9 @@ inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool fi
 /* Op: the tile products dp046() (C0 += A4 B6), dp147(), dp256(), dp357(), and
  * `static constexpr bool kInt` (int32 sums). Epi: as amx_store_tile's, given
  * the fp32 accumulators' bits. group_bytes: the group size in bytes of a weight
- * row. convert(n0, g0, g1, wb, ld) writes groups g0..g1-1 of the 32 weight rows
+ * row. scales [N][ng], or null: the groups' sums are added unscaled (a scale per row,
+ * the same for every group, is then the epilogue's to apply, once, to their sum).
+ * convert(n0, g0, g1, wb, ld) writes groups g0..g1-1 of the 32 weight rows
  * from n0 to wb (row stride ld bytes). strips: n_threads x pq::amx_strip_bytes
  * (row_bytes, ng) bytes, 64-byte aligned: each thread's converted strip (chunk),
  * its scales and its fp32 accumulators (the caller's scratch).
@@ -90,8 +97,9 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
         const int64_t g1 = min64(g0 + kc_groups, ng), ld = (g1 - g0) * group_bytes;
         for (int64_t n0 = n_lo; n0 < n_hi; n0 += 32) {
           convert(n0, g0, g1, wb, ld);
-          for (int r = 0; r < 32; ++r)
-            for (int64_t g = g0; g < g1; ++g) sb[(g - g0) * 32 + r] = scales[(n0 + r) * ng + g];
+          if (scales)
+            for (int r = 0; r < 32; ++r)
+              for (int64_t g = g0; g < g1; ++g) sb[(g - g0) * 32 + r] = scales[(n0 + r) * ng + g];
           const uint8_t* w0 = wb - g0 * group_bytes; /* indexed by kb * 64 from here */
           const uint8_t* w1 = w0 + 16 * ld;
           for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
@@ -120,16 +128,16 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
                   if (two) Op::dp357();
                 }
               }
-              const float* sg = sb + (g - g0) * 32;
+              const float* sg = scales ? sb + (g - g0) * 32 : nullptr;
               _tile_stored(0, cbuf, 64);
               amx_scale_acc<Op::kInt>(cbuf, acc, sg, g == 0);
               _tile_stored(2, cbuf, 64);
-              amx_scale_acc<Op::kInt>(cbuf, acc + 512, sg + 16, g == 0);
+              amx_scale_acc<Op::kInt>(cbuf, acc + 512, sg ? sg + 16 : nullptr, g == 0);
               if (two) {
                 _tile_stored(1, cbuf, 64);
                 amx_scale_acc<Op::kInt>(cbuf, acc + 256, sg, g == 0);
                 _tile_stored(3, cbuf, 64);
-                amx_scale_acc<Op::kInt>(cbuf, acc + 768, sg + 16, g == 0);
+                amx_scale_acc<Op::kInt>(cbuf, acc + 768, sg ? sg + 16 : nullptr, g == 0);
               }
             }
             if (g1 < ng) continue;
