@@ -95,7 +95,9 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
 /* Per-row symmetric int8 quantization:
  *   amax = max_k |x[m,k]|; s = amax / 127 in float32, then s = 1 if s == 0
  *   (amax == 0, or a subnormal amax whose quotient underflows);
- *   xq[m,k] = clamp(round_half_even(x[m,k] / s), -127, 127); x_scale[m] = s */
+ *   xq[m,k] = clamp(round_half_even(x[m,k] / s), -127, 127); x_scale[m] = s
+ * A row holding an Inf or NaN (or given a non-finite amax) gets x_scale NaN and
+ * codes 0: every output the dynamic ops compute from it is NaN. */
 int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                           int8_t* xq, float* x_scale, int n_threads);
 /* The same with given row maxima amax[M] (null: computed as above): a row-parallel

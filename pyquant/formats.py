@@ -82,7 +82,12 @@ def quantize_rows_int8(
     # a few codes off by one against the CPU and the kernels, which divide correctly rounded).
     s = amax / torch.full_like(amax, INT8_QMAX)
     s = torch.where(s == 0, torch.ones_like(s), s)
-    xq = torch.round(x / s[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    # A row holding an Inf or NaN (or given a non-finite max): scale NaN and codes 0, so
+    # that its outputs are NaN, whatever the int8 cast would make of NaN codes.
+    bad = ~(torch.isfinite(x).all(dim=1) & torch.isfinite(s))
+    s = torch.where(bad, torch.full_like(s, float("nan")), s)
+    xq = torch.round(x / s[:, None]).clamp_(-INT8_QMAX, INT8_QMAX)
+    xq = torch.where(bad[:, None], torch.zeros_like(xq), xq).to(torch.int8)
     return xq, s
 
 

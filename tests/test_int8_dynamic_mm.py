@@ -18,6 +18,8 @@ from helpers import (
     make_bias,
     num_threads,
     random_int8_weight,
+    reference_op,
+    run_op,
 )
 from pyquant import _native, formats
 
@@ -41,6 +43,35 @@ def test_special_rows(backend, isa):
     b = make_bias(n, "x", torch.float32)
     out = check_op(OP, backend, isa, x, random_int8_weight(n, k), b)
     assert torch.equal(out[0], b)
+
+
+@pytest.mark.parametrize("op", ["int8_dynamic_mm", "int4_dynamic_mm"])
+@pytest.mark.parametrize("m", [1, 6, 40])
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_non_finite_rows_give_nan_rows(backend, isa, m, op):
+    """A row of x holding a NaN or an Inf quantizes to scale NaN: every output of that row is
+    NaN (float arithmetic would give NaN or Inf there, never the finite numbers a dropped NaN
+    made before), on every backend, ISA and path (M = 40: AMX tiles); the other rows match
+    the reference."""
+    n, k = 64, 128
+    x = activation((m, k))
+    bad = [0, m - 1] if m > 1 else [0]
+    x[0, 3] = float("nan")
+    if m > 1:
+        x[m - 1, k - 1] = float("inf")
+    if op == "int8_dynamic_mm":
+        wargs = random_int8_weight(n, k)  # (w, w_scale)
+    else:
+        c, sc, zp = formats.quantize_int4_groupwise(torch.randn(n, k, generator=gen(2)), 64)
+        wargs = (formats.pack_int4(c), sc, zp, 64)
+    out = run_op(op, backend, isa, x, wargs, None)
+    want = reference_op(op, x, wargs, None)
+    for r in range(m):
+        if r in bad:
+            assert out[r].isnan().all(), f"row {r}: {out[r][:4]}"
+        else:
+            assert torch.isfinite(out[r]).all()
+            torch.testing.assert_close(out[r], want[r], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------ integer stages, bit-exact per ISA
@@ -120,6 +151,11 @@ def _quant_rows_cases():
     for k in (1, 7, 15, 31, 65):
         cases[f"k{k}"] = torch.randn(3, k, generator=g)
     cases["m0"] = torch.zeros(0, 9)
+    # rows holding a NaN or an Inf (first lane, tail lane, alone): scale NaN and codes 0
+    nf = torch.randn(6, 37, generator=g)
+    nf[0, 0], nf[1, 36], nf[2, 5], nf[3, 20] = float("nan"), float("nan"), float("inf"), -float("inf")
+    nf[4, 16] = float("nan")
+    cases["non_finite"] = nf
     return cases
 
 
@@ -134,7 +170,8 @@ def test_quantize_rows_int8_exact(backend, isa, case):
     with _native.use_isa(isa):
         q, s = _native.quantize_rows_int8(x)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
-    assert torch.equal(s, want_s), f"scales differ: {(s - want_s).abs().max()}"
+    assert torch.equal(s.isnan(), want_s.isnan()), "NaN scales differ"
+    assert torch.equal(s.nan_to_num(), want_s.nan_to_num()), f"scales differ: {(s - want_s).abs().max()}"
     diff = (q.to(torch.int32) - want_q.to(torch.int32)).abs()
     assert torch.equal(q, want_q), (
         f"{int((diff > 0).sum())} codes differ, e.g. at {tuple((diff > 0).nonzero()[0].tolist())}"

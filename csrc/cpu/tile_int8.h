@@ -163,6 +163,28 @@ inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R
 #endif
 }
 
+/* False when x[0..K) holds an Inf or NaN: x * 0 is NaN exactly for those, and a NaN
+ * survives a sum (where max and fmaxf may drop it). */
+inline bool row_is_finite(const float* x, int64_t K) {
+  int64_t k = 0;
+  float probe = 0.0f;
+#if defined(PQ_SIMD_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + k), zero));
+  probe = _mm512_reduce_add_ps(acc);
+#elif defined(PQ_SIMD_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + k), zero));
+  alignas(32) float v[8];
+  _mm256_store_ps(v, acc);
+  for (int i = 0; i < 8; ++i) probe += v[i];
+#endif
+  for (; k < K; ++k) probe += x[k] * 0.0f;
+  return probe == 0.0f;
+}
+
 /* Per-row symmetric quantization (see pq.h). The division is a true IEEE
  * division, not a multiply by 1/s, and rounding is to nearest-even (the MXCSR
  * default for cvtps2dq, nearbyint in the default mode), so results match
@@ -198,6 +220,13 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
    * either way s = 1 avoids dividing by zero (and matches pyquant.formats). */
   float s = amax / 127.0f;
   if (s == 0.0f) s = 1.0f;
+  /* An Inf or NaN in the row (or in the given maximum): scale NaN and codes 0, so that
+   * every output of the row is NaN, as the reference (and float arithmetic) gives. */
+  if (!(s <= 3.4e38f) || !row_is_finite(x, K)) {
+    *scale = __builtin_nanf("");
+    for (int64_t j = 0; j < K; ++j) q[j] = 0;
+    return;
+  }
   *scale = s;
 
   k = 0;
