@@ -50,6 +50,60 @@ def _tensor_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
+def check_filter_and_calibration(fn: str, filter_fn, calibration) -> None:
+    """quantize_ takes (model, config, filter_fn, calibration) and sparsify_ (model, config,
+    calibration, filter_fn): an argument passed in the other's place gets a clear error."""
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{fn}: filter_fn must be a callable (module, fqn) -> bool, got "
+                        f"{type(filter_fn).__name__}; pass calibration data as calibration=...")
+    if calibration is not None and (callable(calibration) or
+                                    not hasattr(calibration, "__iter__")):
+        raise TypeError(f"{fn}: calibration must be an iterable of model inputs, got "
+                        f"{type(calibration).__name__}; pass a layer filter as filter_fn=...")
+
+
+def parameter_owners(model: nn.Module) -> dict:
+    """{id(parameter): [(fqn, module), ...]}: every module (by every name) holding it."""
+    owners: dict[int, list] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((fqn, m))
+    return owners
+
+
+def structural_skip_reason(model: nn.Module, fqn: str, m: nn.Module, owners: dict) -> Optional[str]:
+    """Why the nn.Linear ``m`` at ``fqn`` must stay as it is whatever the config, or None:
+    - nn.MultiheadAttention's out_proj: the attention reads ``out_proj.weight`` itself (its
+      fused kernel), so a swapped layer would break it;
+    - a weight shared with another module (an embedding tied to the output projection): a
+      quantized copy would be added while the float weight stays for the other user."""
+    parent = model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else model
+    if (isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
+            or isinstance(parent, nn.MultiheadAttention)):
+        return ("out_proj of nn.MultiheadAttention, which reads its weight directly (not "
+                "through forward): stays float")
+    w = getattr(m, "weight", None)
+    others = [(f, o) for f, o in owners.get(id(w), []) if o is not m]
+    if others:
+        f, o = others[0]
+        return (f"weight tied to {f or '<root>'} ({type(o).__name__}): a quantized copy would "
+                f"add to the float weight the other keeps; untie it first to quantize it")
+    return None
+
+
+def other_module_reason(m: nn.Module) -> Optional[str]:
+    """A skip reason for modules the walk meets that are not nn.Linear but look like one to a
+    user: pyquant's own layers (already quantized or pruned) and transformers' Conv1D."""
+    from .nn import _QuantLinearBase
+
+    if isinstance(m, _QuantLinearBase):
+        return f"already a pyquant layer ({type(m).__name__})"
+    if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers"):
+        return ("transformers Conv1D (GPT-2 style, weight [in, out]) is not an nn.Linear: not "
+                "supported yet")
+    return None
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig,
@@ -83,6 +137,7 @@ def quantize_(
     if isinstance(config, SparseConfig):
         raise TypeError(f"{type(config).__name__} is a sparsity config: use "
                         f"pyquant.sparsify_(model, {type(config).__name__}(...))")
+    check_filter_and_calibration("quantize_", filter_fn, calibration)
     method = getattr(config, "method", "rtn")
     if calibration is None and method != "rtn":
         raise ValueError(
@@ -95,16 +150,20 @@ def quantize_(
     targets, sparse_targets = [], []
     # remove_duplicate=False: a Linear shared by two parents must be swapped in both places
     # (with one quantized layer), or the model would stay half float.
+    owners = parameter_owners(model)
     for fqn, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, nn.Linear):
             # a sparse layer (pyquant.sparse_nn) becomes a combined sparse + quantized one
             if hasattr(m, "pyquant_quantize") and (filter_fn is None or filter_fn(m, fqn)):
                 sparse_targets.append((fqn, m))
+            elif other_module_reason(m) and (filter_fn is None or filter_fn(m, fqn)):
+                report.skipped.append((fqn, other_module_reason(m)))
             continue
         if filter_fn is not None and not filter_fn(m, fqn):
             report.skipped.append((fqn, "rejected by filter_fn"))
             continue
-        why = layer_cls.unsupported_reason(m, config)
+        why = structural_skip_reason(model, fqn, m, owners) or layer_cls.unsupported_reason(
+            m, config)
         if why:
             report.skipped.append((fqn, why))
             continue

@@ -85,7 +85,8 @@ def save(model: nn.Module, path: PathLike, report=None) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
     layers = {}
-    for fqn, m in model.named_modules():
+    # every name of a layer that two parents share: load swaps each of them
+    for fqn, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, qnn.QUANT_LAYERS):
             layers[fqn] = {
                 "config": m.config.to_dict(), "in_features": m.in_features,
@@ -171,10 +172,14 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
             raise _err(path, f"corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
 
     assign = any(t.is_meta for t in model_sd.values())
+    swapped: dict[int, nn.Module] = {}  # a Linear the skeleton shares stays one (new) layer
     for fqn, (config, k, n, bias, bias_dtype) in specs.items():
         old = model.get_submodule(fqn)
-        dev = next((t.device for t in old.state_dict().values() if not t.is_meta), "cpu")
-        new = config.layer_cls.empty(k, n, bias, config, bias_dtype=bias_dtype, device=dev)
+        new = swapped.get(id(old))
+        if new is None:
+            dev = next((t.device for t in old.state_dict().values() if not t.is_meta), "cpu")
+            new = swapped[id(old)] = config.layer_cls.empty(k, n, bias, config,
+                                                            bias_dtype=bias_dtype, device=dev)
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     sd = {}

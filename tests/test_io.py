@@ -175,6 +175,26 @@ def test_tied_weights_stored_once(tmp_path):
     assert torch.equal(loaded(ids), model(ids))
 
 
+def test_shared_linear_round_trip(tmp_path):
+    """A quantized layer two parents share (module reuse) is named twice in the checkpoint:
+    a skeleton that shares its Linear loads one layer in both places, one that does not loads
+    two equal ones; both give the saved model's output."""
+    torch.manual_seed(0)
+    shared = nn.Linear(64, 64)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    pyquant.quantize_(model, pyquant.Int8WeightOnly())
+    x = torch.randn(3, 64)
+    path = tmp_path / "shared.safetensors"
+    pyquant.save(model, path)
+    lin = nn.Linear(64, 64)
+    tied = pyquant.load(nn.Sequential(lin, nn.ReLU(), lin), path)
+    assert tied[0] is tied[2] and isinstance(tied[0], pyquant.Int8WeightOnlyLinear)
+    untied = pyquant.load(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), path)
+    assert untied[0] is not untied[2] and isinstance(untied[2], pyquant.Int8WeightOnlyLinear)
+    for loaded in (tied, untied):
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_hf_models_round_trip(tmp_path):
     transformers = pytest.importorskip("transformers")
     bert_cfg = transformers.BertConfig(

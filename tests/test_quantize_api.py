@@ -168,6 +168,44 @@ def test_shared_linear_is_swapped_everywhere():
     assert model[0] is model[2], "the shared layer should stay shared after the swap"
 
 
+@pytest.mark.parametrize("fn", ["quantize_", "sparsify_"])
+def test_layers_that_must_stay_float_are_skipped_with_the_reason(fn):
+    """nn.MultiheadAttention reads out_proj.weight itself, and a Linear whose weight is tied
+    to an embedding would become a second (quantized) copy: both stay as they are, with the
+    reason in the report, and the model still runs; a layer already swapped is reported as
+    such instead of silently passed over."""
+    config = pyquant.Int8WeightOnly() if fn == "quantize_" else pyquant.Sparse24()
+    run = getattr(pyquant, fn)
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+    model.embed = nn.Embedding(100, 64)
+    model.head = nn.Linear(64, 100, bias=False)
+    model.head.weight = model.embed.weight
+    model.proj = nn.Linear(64, 64)
+    report = run(model, config)
+    skipped = dict(report.skipped)
+    assert report.swapped == ["proj"]
+    assert "MultiheadAttention" in skipped["attn.out_proj"]
+    assert "tied to embed (Embedding)" in skipped["head"]
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert model.head.weight is model.embed.weight
+    x = torch.randn(2, 5, 64)
+    model.attn(x, x, x)
+    again = run(model, config)
+    assert again.swapped == [] and "already a pyquant layer" in dict(again.skipped)["proj"]
+
+
+def test_arguments_in_each_others_place_are_named():
+    """quantize_(model, config, filter_fn, calibration) and sparsify_(model, config,
+    calibration, filter_fn): data where a filter belongs, or a filter where data belongs, is
+    a TypeError that says which argument it is, not a silent no-op."""
+    with pytest.raises(TypeError, match="filter_fn must be a callable.*calibration="):
+        pyquant.quantize_(_mlp(), pyquant.Int8WeightOnly(), [_x(2, 64)])
+    with pytest.raises(TypeError, match="calibration must be an iterable.*filter_fn="):
+        pyquant.sparsify_(_mlp(), pyquant.Sparse24(), lambda m, fqn: False)
+
+
 def test_filter_fn():
     model = _mlp()
     seen = []

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .._progress import progress
-from ..api import SwapReport, _set_child, _tensor_bytes
+from ..api import (SwapReport, _set_child, _tensor_bytes, check_filter_and_calibration,
+                   other_module_reason, parameter_owners, structural_skip_reason)
 from ..config import SparseConfig
 from .masks import magnitude_mask, wanda_mask
 from .sequential import run_sequential
@@ -103,6 +104,7 @@ def sparsify_(
         raise ValueError("sparsify_ swaps layers inside a model and cannot replace the model "
                          "object itself; wrap it (nn.Sequential(linear)) or use "
                          f"{config.layer_cls.__name__}.from_float(linear, config)")
+    check_filter_and_calibration("sparsify_", filter_fn, calibration)
     method = config.method
     if method != "magnitude" and calibration is None:
         raise ValueError(f"{type(config).__name__}(method={method!r}) needs calibration data: "
@@ -113,13 +115,17 @@ def sparsify_(
     report = SparsifyReport(config)
     fqns: dict[int, list] = {}
     mods: dict[int, nn.Module] = {}
+    owners = parameter_owners(model)
     for fqn, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, nn.Linear):
+            if other_module_reason(m) and (filter_fn is None or filter_fn(m, fqn)):
+                report.skipped.append((fqn, other_module_reason(m)))
             continue
         if filter_fn is not None and not filter_fn(m, fqn):
             report.skipped.append((fqn, "rejected by filter_fn"))
             continue
-        why = layer_cls.unsupported_reason(m, config)
+        why = structural_skip_reason(model, fqn, m, owners) or layer_cls.unsupported_reason(
+            m, config)
         if why:
             report.skipped.append((fqn, why))
             continue
