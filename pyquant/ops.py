@@ -235,7 +235,7 @@ def _needs_dispatcher(x: torch.Tensor, args: tuple) -> bool:
         return True
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
-    if torch.is_grad_enabled():  # the op has no autograd formula: let the op say so
+    if torch.is_grad_enabled():  # autograd records the op (its formula: end of this file)
         return x.requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad
                                       for a in args)
     return False
@@ -395,3 +395,38 @@ def _(x, packed, meta, scales, zeros, group_size, bias):
     _checks.check_sparse24_int4_mm("sparse24_int4_mm", x, packed, meta, scales, zeros,
                                    group_size, bias)
     return _out_like(x, packed.shape[0])
+
+
+# ------------------------------------------------------------------------------ autograd
+# The weights are frozen codes (buffers, no gradient), but gradients flow to x, so that a
+# quantized model can sit under trainable parts: adapters (LoRA on a quantized base), earlier
+# float layers, prompt tuning. dL/dx = dL/dy @ W with the dense weight the op multiplies
+# (reference.dense_weight: dequantized once per backward call, in float32; the dynamic ops
+# pass their activation rounding straight through), and dL/dbias = the sum of dL/dy when the
+# bias asks for it.
+
+
+def _register_autograd(name: str) -> None:
+    def setup_context(ctx, inputs, output):
+        x, *wargs, bias = inputs
+        ctx.k, ctx.x_dtype = x.shape[-1], x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.plain = [None if isinstance(a, torch.Tensor) else a for a in wargs]
+        ctx.save_for_backward(*(a for a in wargs if isinstance(a, torch.Tensor)))
+
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        wargs = [next(saved) if a is None else a for a in ctx.plain]
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            w = reference.dense_weight(name, ctx.k, *wargs)
+            gx = (grad.to(torch.float32) @ w.to(grad.device)).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[-1]:
+            gb = grad.reshape(-1, grad.shape[-1]).to(torch.float32).sum(0).to(ctx.bias_dtype)
+        return (gx, *([None] * len(wargs)), gb)
+
+    torch.library.register_autograd(f"pyquant::{name}", backward, setup_context=setup_context)
+
+
+for _name in OPS:
+    _register_autograd(_name)

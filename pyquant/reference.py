@@ -83,3 +83,28 @@ def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
 def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size: int, bias=None):
     v = formats.dequantize_int4_groupwise(packed, scales, zeros, group_size)
     return _linear_f32(x, _sf.decompress_24(v, meta), bias)
+
+
+def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:
+    """The dense float32 W [N, K] that ``op`` multiplies x by (``wargs``: the op's arguments
+    between x and bias; ``k``: x's last dimension). For the dynamic ops it is the weight the
+    quantized activations meet: their backward passes the activation rounding straight
+    through, as quantization-aware training does."""
+    if op in ("int8_weight_only_mm", "int8_dynamic_mm"):
+        return formats.dequantize_int8_per_channel(*wargs)
+    if op in ("int4_weight_only_mm", "int4_dynamic_mm"):
+        return formats.dequantize_int4_groupwise(*wargs)
+    if op == "sparse24_mm":
+        values, meta = wargs
+        return _sf.decompress_24(values.to(torch.float32), meta)
+    if op == "sparse_unstructured_mm":
+        bitmask, values, row_offsets = wargs
+        return _sf.decompress_unstructured(bitmask, values.to(torch.float32), row_offsets, k)
+    if op == "sparse24_int8_mm":
+        values_q, meta, scale = wargs
+        return _sf.decompress_24(formats.dequantize_int8_per_channel(values_q, scale), meta)
+    if op == "sparse24_int4_mm":
+        packed, meta, scales, zeros, group_size = wargs
+        v = formats.dequantize_int4_groupwise(packed, scales, zeros, group_size)
+        return _sf.decompress_24(v, meta)
+    raise ValueError(f"unknown op {op!r}")
