@@ -62,6 +62,15 @@ def check_filter_and_calibration(fn: str, filter_fn, calibration) -> None:
                         f"{type(calibration).__name__}; pass a layer filter as filter_fn=...")
 
 
+def config_mistake(config) -> str:
+    """What a wrong ``config`` argument is, for the error: a config class gets the hint to
+    call it."""
+    if isinstance(config, type):
+        return (f"the class {config.__name__} itself; pass an instance: "
+                f"pyquant.{config.__name__}()")
+    return type(config).__name__
+
+
 def parameter_owners(model: nn.Module) -> dict:
     """{id(parameter): [(fqn, module), ...]}: every module (by every name) holding it."""
     owners: dict[int, list] = {}
@@ -77,6 +86,8 @@ def structural_skip_reason(model: nn.Module, fqn: str, m: nn.Module, owners: dic
       fused kernel), so a swapped layer would break it;
     - a weight shared with another module (an embedding tied to the output projection): a
       quantized copy would be added while the float weight stays for the other user."""
+    if isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter):
+        return "nn.LazyLinear not initialized yet: run one forward before quantizing"
     parent = model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else model
     if (isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
             or isinstance(parent, nn.MultiheadAttention)):
@@ -122,7 +133,7 @@ def quantize_(
     if not isinstance(config, QuantConfig):
         raise TypeError(
             f"config must be a pyquant config such as pyquant.Int8WeightOnly(), "
-            f"got {type(config).__name__}"
+            f"got {config_mistake(config)}"
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

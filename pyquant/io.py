@@ -84,6 +84,9 @@ def save(model: nn.Module, path: PathLike, report=None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save {path}: the folder {folder} does not exist")
     layers = {}
     # every name of a layer that two parents share: load swaps each of them
     for fqn, m in model.named_modules(remove_duplicate=False):
@@ -217,7 +220,11 @@ def _read_header(f, size: int, path: str):
     """Parse and check the header: (entries {key: (dtype, shape, begin, end)}, metadata, start)."""
     if size < 8:
         raise _err(path, f"file is {size} bytes, too short for the 8-byte header length")
-    n = int.from_bytes(f.read(8), "little")
+    first = f.read(8)
+    if first[:4] == b"PK\x03\x04":
+        raise _err(path, "not a safetensors file: it is a zip archive, as torch.save writes; "
+                         "load it with torch.load, or write checkpoints with pyquant.save")
+    n = int.from_bytes(first, "little")
     if n > size - 8 or n > MAX_HEADER_BYTES:
         raise _err(path, f"header length {n} is impossible for a file of {size} bytes (limit "
                          f"{MAX_HEADER_BYTES}): corrupt or truncated checkpoint")

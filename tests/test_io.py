@@ -195,6 +195,17 @@ def test_shared_linear_round_trip(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_wrong_kinds_of_file_and_folder_are_named(tmp_path):
+    """A torch.save archive is named as such (not as an impossible header length), and a save
+    into a folder that does not exist names the folder (not the temporary file)."""
+    torch.save({"a": torch.ones(3)}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="zip archive, as torch.save writes"):
+        pyquant.load(nn.Sequential(nn.Linear(8, 8)), tmp_path / "model.pt")
+    missing = tmp_path / "no" / "such" / "x.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"the folder .*such does not exist"):
+        pyquant.save(nn.Sequential(nn.Linear(8, 8)), missing)
+
+
 def test_hf_models_round_trip(tmp_path):
     transformers = pytest.importorskip("transformers")
     bert_cfg = transformers.BertConfig(

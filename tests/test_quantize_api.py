@@ -424,6 +424,24 @@ def test_quantize_rejects_non_config(bad):
         pyquant.quantize_(_mlp(), bad)
 
 
+def test_config_class_instead_of_instance_says_how_to_call_it():
+    for fn, cls in ((pyquant.quantize_, pyquant.Int8WeightOnly), (pyquant.sparsify_, pyquant.Sparse24)):
+        with pytest.raises(TypeError, match=rf"the class {cls.__name__} itself; pass an "
+                                            rf"instance: pyquant\.{cls.__name__}\(\)"):
+            fn(_mlp(), cls)
+
+
+def test_lazy_and_meta_layers_are_skipped_with_the_reason():
+    """An nn.LazyLinear has no weight before its first forward; sparsify_ needs values that a
+    meta-device weight does not have (quantize_ builds meta layers: pyquant.load skeletons)."""
+    lazy = nn.Sequential(nn.LazyLinear(8))
+    assert "run one forward" in dict(pyquant.quantize_(lazy, pyquant.Int8WeightOnly()).skipped)["0"]
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(8, 8))
+    assert "meta device" in dict(pyquant.sparsify_(meta, pyquant.Sparse24()).skipped)["0"]
+    assert pyquant.quantize_(meta, pyquant.Int8WeightOnly()).swapped == ["0"]
+
+
 def test_quantize_rejects_non_module():
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got dict"):
         pyquant.quantize_({"a": nn.Linear(4, 4)}, pyquant.Int8WeightOnly())

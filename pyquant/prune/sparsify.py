@@ -10,6 +10,7 @@ from torch import nn
 
 from .._progress import progress
 from ..api import (SwapReport, _set_child, _tensor_bytes, check_filter_and_calibration,
+                   config_mistake,
                    other_module_reason, parameter_owners, structural_skip_reason)
 from ..config import SparseConfig
 from .masks import magnitude_mask, wanda_mask
@@ -97,7 +98,7 @@ def sparsify_(
     the already pruned blocks before it."""
     if not isinstance(config, SparseConfig):
         raise TypeError(f"config must be a pyquant sparsity config such as pyquant.Sparse24() or "
-                        f"pyquant.Unstructured(0.5), got {type(config).__name__}")
+                        f"pyquant.Unstructured(0.5), got {config_mistake(config)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
@@ -126,6 +127,8 @@ def sparsify_(
             continue
         why = structural_skip_reason(model, fqn, m, owners) or layer_cls.unsupported_reason(
             m, config)
+        if not why and m.weight.is_meta:
+            why = "weight on the meta device (no values to prune): load the float weights first"
         if why:
             report.skipped.append((fqn, why))
             continue
