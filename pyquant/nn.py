@@ -78,6 +78,9 @@ class _QuantLinearBase(nn.Module):
             return "no 2-D weight"
         if not w.is_floating_point():
             return f"weight dtype {w.dtype} is not a float dtype"
+        if w.dtype == torch.float64:
+            return ("float64 weights: pyquant's ops take float32, bfloat16 or float16 "
+                    "activations; cast the model first (model.float())")
         if w.shape[0] == 0 or w.shape[1] == 0:
             return f"empty weight {tuple(w.shape)}"
         return None

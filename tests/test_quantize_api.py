@@ -442,6 +442,17 @@ def test_lazy_and_meta_layers_are_skipped_with_the_reason():
     assert pyquant.quantize_(meta, pyquant.Int8WeightOnly()).swapped == ["0"]
 
 
+def test_float64_layers_are_skipped_with_the_reason():
+    """The ops take float32/bf16/fp16 activations: a float64 layer stays float64 and says why
+    (it used to be swapped, then fail at its first forward)."""
+    for fn, config in ((pyquant.quantize_, pyquant.Int8WeightOnly()),
+                       (pyquant.sparsify_, pyquant.Sparse24())):
+        model = _mlp().double()
+        report = fn(model, config)
+        assert report.swapped == [] and all("float64" in why for _, why in report.skipped)
+        model(_x(2, 64).double())
+
+
 def test_quantize_rejects_non_module():
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got dict"):
         pyquant.quantize_({"a": nn.Linear(4, 4)}, pyquant.Int8WeightOnly())
