@@ -104,15 +104,56 @@ def structural_skip_reason(model: nn.Module, fqn: str, m: nn.Module, owners: dic
 
 def other_module_reason(m: nn.Module) -> Optional[str]:
     """A skip reason for modules the walk meets that are not nn.Linear but look like one to a
-    user: pyquant's own layers (already quantized or pruned) and transformers' Conv1D."""
+    user: pyquant's own layers (already quantized or pruned)."""
     from .nn import _QuantLinearBase
 
     if isinstance(m, _QuantLinearBase):
         return f"already a pyquant layer ({type(m).__name__})"
-    if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers"):
-        return ("transformers Conv1D (GPT-2 style, weight [in, out]) is not an nn.Linear: not "
-                "supported yet")
     return None
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and its kin): y = x @ W + b with W [in, out], a Linear with
+    its weight transposed."""
+    return (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+            and hasattr(m, "nx") and hasattr(m, "nf"))
+
+
+def conv1d_as_linear(m: nn.Module) -> nn.Linear:
+    """The nn.Linear a Conv1D computes (weight W.T, the same bias); built on meta, then given
+    its tensors: no random init of a throwaway weight."""
+    w = m.weight
+    lin = nn.Linear(m.nx, m.nf, bias=m.bias is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    if m.bias is not None:
+        lin.bias = m.bias
+    return lin
+
+
+def linear_candidates(model: nn.Module, filter_fn, owners: dict, reason, skipped: list):
+    """The (fqn, nn.Linear) pairs of ``model`` to swap, every name of a shared layer included;
+    the others go to ``skipped`` with why (filter_fn, structural_skip_reason, ``reason(m)``:
+    the config's own). A Conv1D that qualifies is first replaced, in the model, by the
+    nn.Linear it computes, so calibration, pruning and checkpoints see a Linear."""
+    out, as_linear = [], {}
+    for fqn, m in list(model.named_modules(remove_duplicate=False)):
+        conv = is_conv1d(m)
+        if not (isinstance(m, nn.Linear) or conv):
+            continue
+        if filter_fn is not None and not filter_fn(m, fqn):
+            skipped.append((fqn, "rejected by filter_fn"))
+            continue
+        lin = m
+        if conv:
+            lin = as_linear.get(id(m)) or as_linear.setdefault(id(m), conv1d_as_linear(m))
+        why = structural_skip_reason(model, fqn, m, owners) or reason(lin)
+        if why:
+            skipped.append((fqn, why))
+            continue
+        if conv:
+            _set_child(model, fqn, lin)
+        out.append((fqn, lin))
+    return out
 
 
 def quantize_(
@@ -158,27 +199,21 @@ def quantize_(
         )
     layer_cls = config.layer_cls
     report = SwapReport(config)
-    targets, sparse_targets = [], []
+    sparse_targets = []
     # remove_duplicate=False: a Linear shared by two parents must be swapped in both places
     # (with one quantized layer), or the model would stay half float.
     owners = parameter_owners(model)
     for fqn, m in model.named_modules(remove_duplicate=False):
-        if not isinstance(m, nn.Linear):
-            # a sparse layer (pyquant.sparse_nn) becomes a combined sparse + quantized one
-            if hasattr(m, "pyquant_quantize") and (filter_fn is None or filter_fn(m, fqn)):
-                sparse_targets.append((fqn, m))
-            elif other_module_reason(m) and (filter_fn is None or filter_fn(m, fqn)):
-                report.skipped.append((fqn, other_module_reason(m)))
+        sparse, why = hasattr(m, "pyquant_quantize"), other_module_reason(m)
+        if isinstance(m, nn.Linear) or not (sparse or why) or (filter_fn and not filter_fn(m, fqn)):
             continue
-        if filter_fn is not None and not filter_fn(m, fqn):
-            report.skipped.append((fqn, "rejected by filter_fn"))
-            continue
-        why = structural_skip_reason(model, fqn, m, owners) or layer_cls.unsupported_reason(
-            m, config)
-        if why:
+        if sparse:  # a sparse layer (pyquant.sparse_nn) becomes a combined sparse + quantized one
+            sparse_targets.append((fqn, m))
+        else:
             report.skipped.append((fqn, why))
-            continue
-        targets.append((fqn, m))
+    targets = linear_candidates(model, filter_fn, owners,
+                                lambda lin: layer_cls.unsupported_reason(lin, config),
+                                report.skipped)
     if sparse_targets:
         _quantize_sparse(model, config, sparse_targets, report)
     if calibration is not None:

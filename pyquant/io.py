@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import nn as qnn
+from .api import is_conv1d
 from .config import config_from_dict
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -326,12 +327,16 @@ def _plan(model, model_sd, specs, entries, aliases, path, strict):
         except AttributeError:
             raise _err(path, f"layer {fqn!r} named in the checkpoint does not exist in the "
                              f"model ({type(model).__name__})") from None
-        if not isinstance(mod, (nn.Linear, qnn.QUANT_LAYERS)):
+        if is_conv1d(mod):  # quantize_ swapped the Conv1D for the Linear it computes
+            features = (mod.nx, mod.nf)
+        elif isinstance(mod, (nn.Linear, qnn.QUANT_LAYERS)):
+            features = (mod.in_features, mod.out_features)
+        else:
             raise _err(path, f"layer {fqn!r}: the model has a {type(mod).__name__} there, "
                              "expected an nn.Linear")
-        if (mod.in_features, mod.out_features) != (k, n):
+        if features != (k, n):
             raise _err(path, f"layer {fqn!r}: the model's Linear has in_features="
-                             f"{mod.in_features}, out_features={mod.out_features}; the checkpoint "
+                             f"{features[0]}, out_features={features[1]}; the checkpoint "
                              f"has in_features={k}, out_features={n}")
         try:  # a meta-device prototype costs nothing and gives the exact buffer dtypes and shapes
             proto = config.layer_cls.empty(k, n, bias, config, bias_dtype=bias_dtype,

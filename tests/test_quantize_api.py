@@ -196,6 +196,39 @@ def test_layers_that_must_stay_float_are_skipped_with_the_reason(fn):
     assert again.swapped == [] and "already a pyquant layer" in dict(again.skipped)["proj"]
 
 
+@pytest.mark.parametrize("config", [pyquant.Int8WeightOnly(), pyquant.Int4WeightOnly(group_size=32),
+                                    pyquant.Int8Dynamic(), pyquant.Sparse24()],
+                         ids=["int8_weight_only", "int4", "int8_dynamic", "sparse24"])
+def test_gpt2_conv1d_layers(config, tmp_path):
+    """GPT-2's projections are transformers' Conv1D (weight [in, out]): each becomes the
+    nn.Linear it computes and is swapped like one; the lm_head tied to the token embedding
+    stays float (with the reason); the model generates, and a checkpoint loads into a fresh
+    GPT-2 skeleton (whose layers are still Conv1D) with the same output."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300,
+                                  n_positions=64, bos_token_id=0, eos_token_id=0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    model = copy.deepcopy(base)
+    run = pyquant.sparsify_ if isinstance(config, pyquant.SparseConfig) else pyquant.quantize_
+    report = run(model, config)
+    per_block = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert sorted(report.swapped) == sorted(f"transformer.h.{i}.{n}" for i in range(2)
+                                            for n in per_block)
+    assert "tied to transformer.wte" in dict(report.skipped)["lm_head"]
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, y0 = model(ids).logits, base(ids).logits
+    if not isinstance(config, pyquant.SparseConfig):  # pruning half the weights moves more
+        assert cosine(y, y0) > (0.99 if isinstance(config, pyquant.Int4WeightOnly) else 0.999)
+    assert model.generate(ids[:1, :3], max_new_tokens=3, do_sample=False).shape == (1, 6)
+    path = tmp_path / "gpt2.safetensors"
+    pyquant.save(model, path)
+    loaded = pyquant.load(transformers.GPT2LMHeadModel(cfg).eval(), path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, y)
+
+
 def test_arguments_in_each_others_place_are_named():
     """quantize_(model, config, filter_fn, calibration) and sparsify_(model, config,
     calibration, filter_fn): data where a filter belongs, or a filter where data belongs, is

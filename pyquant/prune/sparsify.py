@@ -10,8 +10,7 @@ from torch import nn
 
 from .._progress import progress
 from ..api import (SwapReport, _set_child, _tensor_bytes, check_filter_and_calibration,
-                   config_mistake,
-                   other_module_reason, parameter_owners, structural_skip_reason)
+                   config_mistake, linear_candidates, other_module_reason, parameter_owners)
 from ..config import SparseConfig
 from .masks import magnitude_mask, wanda_mask
 from .sequential import run_sequential
@@ -118,20 +117,16 @@ def sparsify_(
     mods: dict[int, nn.Module] = {}
     owners = parameter_owners(model)
     for fqn, m in model.named_modules(remove_duplicate=False):
-        if not isinstance(m, nn.Linear):
-            if other_module_reason(m) and (filter_fn is None or filter_fn(m, fqn)):
-                report.skipped.append((fqn, other_module_reason(m)))
-            continue
-        if filter_fn is not None and not filter_fn(m, fqn):
-            report.skipped.append((fqn, "rejected by filter_fn"))
-            continue
-        why = structural_skip_reason(model, fqn, m, owners) or layer_cls.unsupported_reason(
-            m, config)
-        if not why and m.weight.is_meta:
-            why = "weight on the meta device (no values to prune): load the float weights first"
-        if why:
-            report.skipped.append((fqn, why))
-            continue
+        if (not isinstance(m, nn.Linear) and other_module_reason(m)
+                and (filter_fn is None or filter_fn(m, fqn))):
+            report.skipped.append((fqn, other_module_reason(m)))
+
+    def reason(lin):
+        if lin.weight.is_meta:
+            return "weight on the meta device (no values to prune): load the float weights first"
+        return layer_cls.unsupported_reason(lin, config)
+
+    for fqn, m in linear_candidates(model, filter_fn, owners, reason, report.skipped):
         fqns.setdefault(id(m), []).append(fqn)
         mods[id(m)] = m
 
