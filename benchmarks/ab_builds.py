@@ -71,6 +71,30 @@ def _cases(C, torch, formats, nt: int) -> dict:
         return lambda: (work, C.int8_weight_only_mm(isa, ptr(x), m, k, k, ptr(w), n, ptr(s), 0,
                                                     ptr(out), nt, wa, nb))[1]
 
+    def int8_dynamic(m, n, k, x_fp32=False):
+        """The quantization of x (fp32) and the W8A8 GEMM, as the layer runs them; x_fp32:
+        int8 weight-only with fp32 activations instead (its fixed-point AMX path)."""
+        isa = C.best_isa()
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        s = torch.rand(n) / 100
+        x = torch.randn(m, k)
+        xq, xs = torch.empty(m, k, dtype=torch.int8), torch.empty(m)
+        out = torch.empty(m, n)
+        if x_fp32:
+            nb = C.int8_weight_only_workspace_bytes(isa, m, k, n, nt)
+            work, wa = workspace(nb)
+            return lambda: (work, C.int8_weight_only_mm(isa, ptr(x), m, k, k, ptr(w), n, ptr(s),
+                                                        0, ptr(out), nt, wa, nb))[1]
+        nb = C.int8_workspace_bytes(isa, m, k, n)
+        work, wa = workspace(nb)
+
+        def run():
+            st = C.quantize_rows_int8_amax(isa, ptr(x), m, k, k, 0, ptr(xq), ptr(xs), nt)
+            return st or C.int8_dynamic_mm(isa, ptr(xq), ptr(xs), m, k, ptr(w), n, ptr(s), 0,
+                                           ptr(out), nt, wa, nb)
+        run.keep = work
+        return run
+
     def w4a8(m, n, k, g):
         isa, (p, s, z) = C.best_isa(), int4(n, k, g)
         xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
@@ -82,6 +106,9 @@ def _cases(C, torch, formats, nt: int) -> dict:
                                                 ptr(z), g, 0, ptr(out), wa, nb, nt))[1]
 
     return {
+        "int8dyn 2560x384x384": lambda: int8_dynamic(2560, 384, 384),
+        "int8dyn 2560x1536x384": lambda: int8_dynamic(2560, 1536, 384),
+        "int8wo fp32-x 2560x384x384": lambda: int8_dynamic(2560, 384, 384, x_fp32=True),
         "w4a8 g64 2560x384x384": lambda: w4a8(2560, 384, 384, 64),
         "w4a8 g64 2560x1536x384": lambda: w4a8(2560, 1536, 384, 64),
         "w4a8 g64 512x4096x4096": lambda: w4a8(512, 4096, 4096, 64),
