@@ -82,6 +82,7 @@ def parameter_owners(model: nn.Module) -> dict:
 
 def structural_skip_reason(model: nn.Module, fqn: str, m: nn.Module, owners: dict) -> Optional[str]:
     """Why the nn.Linear ``m`` at ``fqn`` must stay as it is whatever the config, or None:
+    - an nn.LazyLinear before its first forward: no weight yet;
     - nn.MultiheadAttention's out_proj: the attention reads ``out_proj.weight`` itself (its
       fused kernel), so a swapped layer would break it;
     - a weight shared with another module (an embedding tied to the output projection): a
@@ -131,7 +132,9 @@ def conv1d_as_linear(m: nn.Module) -> nn.Linear:
 
 
 def linear_candidates(model: nn.Module, filter_fn, owners: dict, reason, skipped: list):
-    """The (fqn, nn.Linear) pairs of ``model`` to swap, every name of a shared layer included;
+    """The (fqn, nn.Linear) pairs of ``model`` to swap, every name of a shared layer included
+    (a Linear shared by two parents is swapped in both places, for one new layer, or the model
+    would stay half float);
     the others go to ``skipped`` with why (filter_fn, structural_skip_reason, ``reason(m)``:
     the config's own). A Conv1D that qualifies is first replaced, in the model, by the
     nn.Linear it computes, so calibration, pruning and checkpoints see a Linear."""
@@ -200,8 +203,6 @@ def quantize_(
     layer_cls = config.layer_cls
     report = SwapReport(config)
     sparse_targets = []
-    # remove_duplicate=False: a Linear shared by two parents must be swapped in both places
-    # (with one quantized layer), or the model would stay half float.
     owners = parameter_owners(model)
     for fqn, m in model.named_modules(remove_duplicate=False):
         sparse, why = hasattr(m, "pyquant_quantize"), other_module_reason(m)
