@@ -401,9 +401,30 @@ def _(x, packed, meta, scales, zeros, group_size, bias):
 # The weights are frozen codes (buffers, no gradient), but gradients flow to x, so that a
 # quantized model can sit under trainable parts: adapters (LoRA on a quantized base), earlier
 # float layers, prompt tuning. dL/dx = dL/dy @ W with the dense weight the op multiplies
-# (reference.dense_weight: dequantized once per backward call, in float32; the dynamic ops
-# pass their activation rounding straight through), and dL/dbias = the sum of dL/dy when the
-# bias asks for it.
+# (reference.dense_weight, dequantized per backward call in float32, by blocks of rows for the
+# dense ops; the dynamic ops pass their activation rounding straight through), and dL/dbias =
+# the sum of dL/dy when the bias asks for it.
+
+
+#: Output rows of W dequantized at a time in the backward of the dense ops (whose every
+#: weight tensor is row-major per output row): 16 MiB of float32 at K = 4096, where the whole
+#: W of a 4096 x 11008 layer would take 180 MB.
+_GRAD_ROWS = 1024
+_DENSE_OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dynamic_mm")
+
+
+def _grad_x(name: str, k: int, wargs: list, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dx = dL/dy @ W (float32), W dequantized by blocks of output rows where it can be."""
+    n = grad.shape[-1]
+    if name not in _DENSE_OPS or n <= _GRAD_ROWS:
+        return grad @ reference.dense_weight(name, k, *wargs).to(grad.device)
+    gx = None
+    for n0 in range(0, n, _GRAD_ROWS):
+        n1 = min(n0 + _GRAD_ROWS, n)
+        rows = [a[n0:n1] if isinstance(a, torch.Tensor) else a for a in wargs]
+        part = grad[..., n0:n1] @ reference.dense_weight(name, k, *rows).to(grad.device)
+        gx = part if gx is None else gx.add_(part)
+    return gx
 
 
 def _register_autograd(name: str) -> None:
@@ -419,8 +440,7 @@ def _register_autograd(name: str) -> None:
         wargs = [next(saved) if a is None else a for a in ctx.plain]
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            w = reference.dense_weight(name, ctx.k, *wargs)
-            gx = (grad.to(torch.float32) @ w.to(grad.device)).to(ctx.x_dtype)
+            gx = _grad_x(name, ctx.k, wargs, grad.to(torch.float32)).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[-1]:
             gb = grad.reshape(-1, grad.shape[-1]).to(torch.float32).sum(0).to(ctx.bias_dtype)
         return (gx, *([None] * len(wargs)), gb)

@@ -77,3 +77,21 @@ def test_grad_in_bf16_and_through_a_model(config):
     assert front.weight.grad is not None and front.weight.grad.abs().sum() > 0
     opt.step()
     assert not torch.equal(front.weight, before)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4])
+def test_grad_by_blocks_of_rows(config, monkeypatch):
+    """The dense ops dequantize W for the backward a block of output rows at a time (to bound
+    its memory): with blocks of 8 rows over 24 (and a last partial block over 20), the
+    gradient is the same as from the whole W."""
+    from pyquant import ops
+
+    k = 128
+    for n in (24, 20):
+        layer = _layer(config, k, n)
+        w = _probe_weight(layer, k)
+        x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        g = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(5))
+        monkeypatch.setattr(ops, "_GRAD_ROWS", 8)
+        layer(x).backward(g)
+        torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
