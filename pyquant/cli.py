@@ -18,10 +18,32 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (plus where to find help)."""
+    """argparse that reports a usage error as one line (plus where to find help), with the
+    nearest known command, option or value for a mistyped one."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{self._did_you_mean(message)} "
+                              f"(see {self.prog} --help)\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        import difflib
+        import re
+
+        m = (re.search(r"unrecognized arguments: (\S+)", message)
+             or re.search(r"invalid choice: '([^']*)'", message))
+        if not m:
+            return ""
+        parsers, known = [self], []
+        for p in parsers:  # this parser and, through its subcommands, theirs
+            for a in p._actions:
+                known += a.option_strings
+                if isinstance(a, argparse._SubParsersAction):
+                    known += list(a.choices)
+                    parsers += list(a.choices.values())
+                elif a.choices:
+                    known += [str(c) for c in a.choices]
+        close = difflib.get_close_matches(m.group(1).split("=")[0], known, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
 
 
 def _positive_int(text: str) -> int:

@@ -272,6 +272,10 @@ def test_demo_minilm_asked_but_missing_is_one_line_error(tmp_path):
     (("demo", "--model", "tiny", "--threads", "-1"), "must be >= 1"),
     (("frobnicate",), "invalid choice"),
     (("info", "--verbose"), "unrecognized arguments"),
+    (("demoo",), "invalid choice: 'demoo'"),
+    (("demoo",), "did you mean demo?"),
+    (("demo", "--modle", "tiny"), "did you mean --model?"),
+    (("demo", "--model", "tinyy"), "did you mean tiny?"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
     # in-process (fast); test_bad_arguments_subprocess checks the real command once
