@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -340,9 +341,9 @@ def format_scaling(scaling: list) -> str:
 def main(argv=None) -> int:
     """`pyquant bench`: prints the table(s) and writes bench.json/bench.csv/roofline.png to --out.
     With --threads 1,2 it runs once per thread count and adds the thread-scaling table."""
-    import argparse
+    from .cli import _Parser  # one-line usage errors, as the other commands give
 
-    ap = argparse.ArgumentParser(prog="pyquant bench", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="pyquant bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="llama2-7b",
                     help=f"comma-separated, from {', '.join(SHAPES)} (default llama2-7b)")
     ap.add_argument("--ms", default=",".join(str(m) for m in DEFAULT_MS),
@@ -351,9 +352,28 @@ def main(argv=None) -> int:
                     help="substrings of the pyquant impls to run (baselines always run)")
     ap.add_argument("--threads", default=None,
                     help="thread count, or a comma list (e.g. 1,2) for a scaling table")
-    ap.add_argument("--iters", type=int, default=20, help="timed calls per point (median)")
-    ap.add_argument("--out", default="./bench_results", help="output directory")
+    ap.add_argument("--iters", type=int, default=20,
+                    help="timed calls per point (median; default 20)")
+    ap.add_argument("--out", default="./bench_results",
+                    help="output directory (default ./bench_results)")
     a = ap.parse_args(argv)
+    if a.iters < 1:
+        ap.error(f"--iters {a.iters}: give at least 1 timed call per point")
+    if a.impls:  # a filter matching no pyquant impl would time the baselines alone
+        from .bench_sparse import sparse_impls
+
+        names = [i.name for i in pyquant_impls() + sparse_impls()]
+        unknown = [k for k in (s.strip() for s in a.impls.split(",")) if k
+                   and not any(k in n for n in names)]
+        if unknown:
+            ap.error(f"--impls {', '.join(unknown)} matches no impl; the impls: "
+                     f"{', '.join(sorted(set(n.split('[')[0] for n in names)))}")
+    try:  # before the run: a folder that cannot be written would lose its results
+        os.makedirs(a.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=a.out):
+            pass
+    except OSError as e:
+        ap.error(f"--out {a.out}: cannot write there ({e.strerror or e})")
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     bad = [m for m in models if m not in SHAPES]
     if bad:

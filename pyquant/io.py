@@ -85,6 +85,14 @@ def save(model: nn.Module, path: PathLike, report=None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
+    sharded = next((fqn for fqn, m in model.named_modules()
+                    if type(m).__module__ == "pyquant.distributed.layers"), None)
+    if sharded is not None:
+        raise ValueError(
+            f"cannot save {path}: the model is tensor-parallel ({sharded or '<root>'} is a "
+            f"{type(model.get_submodule(sharded)).__name__}) and holds only this rank's shard; "
+            "pyquant.save writes one unsharded checkpoint: save the model before "
+            "tensor_parallel_, and let each rank read its slices with load_sharded")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save {path}: the folder {folder} does not exist")

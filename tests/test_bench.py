@@ -101,3 +101,21 @@ def test_time_interleaved_alternates_and_rotates():
     assert [s for name, s in calls if name == "a"] == ["a0", "a1", "a0", "a1"]
     assert [s for name, s in calls if name == "c"] == ["c0", "c1", "c2", "c0"]
     assert times[1] >= 0.004 > max(times[0], times[2])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "0"], "--iters 0: give at least 1 timed call"),
+    (["--impls", "int9_magic"], "--impls int9_magic matches no impl; the impls: "),
+    (["--out", "/proc/no/such/folder"], "--out /proc/no/such/folder: cannot write there"),
+    (["--itres", "3"], "did you mean --iters?"),
+])
+def test_bench_arguments_fail_before_the_run_in_one_line(args, message, capsys):
+    """Checked before anything is timed (a folder that cannot be written used to lose a whole
+    run's results at the end; --iters 0 crashed; an unknown --impls timed the baselines)."""
+    from pyquant import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--ms", "1", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -416,6 +416,32 @@ def test_check_lists_every_bad_layer_without_a_process_group():
     assert msg.count("\n  ") >= 6
 
 
+def test_check_takes_auto_and_dict_plans_and_dict_plans_keep_the_head_counts():
+    """plan.check resolves "auto" and dict plans itself; a dict plan that cuts attention
+    layers gets the head counts "auto" knows, so 1 KV head over 2 ranks fails in check(),
+    not in the first forward's reshape."""
+    m = make_model("llama", heads=2, kv_heads=1)
+    qkvo = {"model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.self_attn.k_proj":
+            "colwise", "model.layers.*.self_attn.v_proj": "colwise",
+            "model.layers.*.self_attn.o_proj": "rowwise"}
+    for plan in ("auto", qkvo):
+        with pytest.raises(ValueError, match=r"1 attention heads .* do not split 2 ways"):
+            tp_plan.check(m, plan, 2)
+    tp_plan.check(m, {"model.layers.*.mlp.down_proj": "rowwise"}, 2)  # no heads cut: fine
+
+
+def test_save_refuses_a_sharded_model(tmp_path):
+    """pyquant.save writes one unsharded checkpoint: a model holding one rank's shards is
+    refused with what to do instead (it used to write that rank's half under .local keys)."""
+    from pyquant.distributed.layers import ColumnParallel
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    m[0] = ColumnParallel(torch.nn.Linear(8, 4), 8, 8, 0, 2, None)
+    with pytest.raises(ValueError, match="tensor-parallel .* load_sharded"):
+        pyquant.save(m, tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 def test_tensor_parallel_needs_an_initialized_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
@@ -485,3 +511,25 @@ def test_torchrun_demo_runs_and_splits_its_time(tmp_path):
         assert 0 <= r["comm"]["after_last_arrival"] <= r["comm"]["inside"] < r["tp"]
         assert 0 < r["outside"] <= r["tp"]
         assert r["err"] < 1e-4  # the sharded logits equal the whole model's
+
+
+@pytest.mark.parametrize("config", [pyquant.Sparse24(), pyquant.Sparse24Int8WeightOnly()],
+                         ids=["sparse24", "sparse24_int8"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_sparse24_layer_shards_compute_their_part(config, dim):
+    """The 2:4 layers (float, + int8) shard: a colwise shard computes its slice of the
+    output, a rowwise shard its partial sum over its K slice (bias added once, outside)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_float_linear(64, 128))
+    pyquant.sparsify_(model, config)
+    layer = model[0]
+    x = torch.randn(3, 128)
+    shards = [layer.shard(dim, r, 2) for r in range(2)]
+    with torch.no_grad():
+        whole = layer(x)
+        if dim == 0:
+            got = torch.cat([s(x) for s in shards], dim=-1)
+        else:
+            got = sum(s(x.narrow(-1, 64 * r, 64)) - s.bias for r, s in enumerate(shards))
+            got = got + layer.bias
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)

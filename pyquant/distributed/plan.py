@@ -151,6 +151,18 @@ def dict_plan(model: nn.Module, plan: dict) -> Plan:
                 out.layers[f] = style
     if problems:
         raise ValueError("tensor-parallel plan: " + "; ".join(problems))
+    # the head counts that "auto" knows hold for the same layers in a dict plan: a cut
+    # inside a head must fail in check(), not in the first forward's reshape
+    try:
+        auto = auto_plan(model)
+    except ValueError:  # no block "auto" knows (or already sharded: check() says so)
+        auto = None
+    if auto is not None:
+        for f in out.layers:
+            if f in auto.heads:
+                out.heads[f] = auto.heads[f]
+                attn = auto.heads[f][0]
+                out.attention[attn] = auto.attention.get(attn, {})
     return out
 
 
@@ -185,11 +197,13 @@ def _describe(m) -> str:
     return type(m).__name__
 
 
-def check(model: nn.Module, plan: Plan, world: int) -> None:
-    """Raise one ValueError naming every layer of ``plan`` that cannot be cut ``world`` ways,
-    its sizes, and the world sizes that would work. Touches nothing, calls no collective."""
+def check(model: nn.Module, plan: Union[str, dict, Plan], world: int) -> None:
+    """Raise one ValueError naming every layer of ``plan`` ("auto", a dict or a Plan) that
+    cannot be cut ``world`` ways, its sizes, and the world sizes that would work. Touches
+    nothing, calls no collective."""
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"world size {world!r} must be an int >= 1")
+    plan = resolve(model, plan)
     lines, works_for_all = [], set(range(1, MAX_WORLD_HINT + 1))
     for fqn, style in plan.layers.items():
         try:
