@@ -105,7 +105,10 @@ def _forced() -> Optional[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force one backend for every pyquant op inside the block (per thread)."""
+    """Force one backend for every pyquant op inside the block (per thread). Names are
+    case-insensitive, as PYQUANT_BACKEND's are."""
+    if isinstance(name, str):
+        name = name.strip().lower()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     prev = getattr(_state, "forced", None)

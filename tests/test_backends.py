@@ -61,6 +61,14 @@ def test_use_backend_reference(no_backend_env, counting, op):
     assert torch.equal(out, getattr(pyquant.reference, op)(*_args(op)))
 
 
+def test_use_backend_names_are_case_insensitive_like_the_env_var(no_backend_env):
+    with pyquant.use_backend("REFERENCE"):
+        assert ops.select("int8_weight_only_mm", "cpu").name == "reference"
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        with pyquant.use_backend("GPU"):
+            pass
+
+
 def test_use_backend_nests_and_restores(no_backend_env):
     auto = ops.select("int8_weight_only_mm", "cpu").name
     with pyquant.use_backend("reference"):

@@ -220,3 +220,11 @@ def test_minilm_method_ordering():
         assert sgpt > mag + 0.05, rows
         assert sgpt > wanda + 0.01, rows
     assert all(abs(r["sparsity"] - 0.5) < 0.01 for r in rows)
+
+
+def test_magnitude_with_calibration_data_says_it_did_not_use_it():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    report = pyquant.sparsify_(model, pyquant.Sparse24(), calibration=[torch.randn(2, 64)])
+    assert report.swapped == ["0"]
+    assert any("did not use it" in note for _, note in report.notes)
+    assert "did not use it" in str(report)

@@ -146,6 +146,10 @@ def sparsify_(
             _set_child(model, fqn, new)
             report.swapped.append(fqn)
 
+    if method == "magnitude" and calibration is not None:
+        report.notes.append(("<model>", "calibration data given, but method='magnitude' "
+                                        "prunes by |w| alone and did not use it (use "
+                                        "method='wanda' or 'sparsegpt' to prune with it)"))
     t0 = time.perf_counter()
     with torch.no_grad():
         if method == "magnitude":
