@@ -80,11 +80,33 @@ def parameter_owners(model: nn.Module) -> dict:
     return owners
 
 
+_READS_WEIGHT: dict = {}
+
+
+def parent_reads_weight(parent: nn.Module, child: str) -> bool:
+    """True when ``type(parent).forward``'s source reads ``self.<child>.weight`` (T5's feed
+    forward checks ``wo.weight.dtype``, Mamba casts to ``lm_head.weight.dtype``): a swapped
+    layer has no float weight there (int4: none at all; int8: the codes). Cached per class;
+    False where the source cannot be read."""
+    key = (type(parent), child)
+    if key not in _READS_WEIGHT:
+        import inspect
+        import re
+
+        try:
+            src = inspect.getsource(type(parent).forward)
+        except (OSError, TypeError):
+            src = ""
+        _READS_WEIGHT[key] = re.search(rf"self\.{re.escape(child)}\.weight\b", src) is not None
+    return _READS_WEIGHT[key]
+
+
 def structural_skip_reason(model: nn.Module, fqn: str, m: nn.Module, owners: dict) -> Optional[str]:
     """Why the nn.Linear ``m`` at ``fqn`` must stay as it is whatever the config, or None:
     - an nn.LazyLinear before its first forward: no weight yet;
     - nn.MultiheadAttention's out_proj: the attention reads ``out_proj.weight`` itself (its
       fused kernel), so a swapped layer would break it;
+    - likewise any layer whose parent's forward reads its ``.weight`` (parent_reads_weight);
     - a weight shared with another module (an embedding tied to the output projection): a
       quantized copy would be added while the float weight stays for the other user."""
     if isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter):
@@ -94,6 +116,10 @@ def structural_skip_reason(model: nn.Module, fqn: str, m: nn.Module, owners: dic
             or isinstance(parent, nn.MultiheadAttention)):
         return ("out_proj of nn.MultiheadAttention, which reads its weight directly (not "
                 "through forward): stays float")
+    child = fqn.rpartition(".")[2]
+    if fqn and parent_reads_weight(parent, child):
+        return (f"{type(parent).__name__}.forward reads {child}.weight itself, which a "
+                f"quantized layer does not hold as float: stays float")
     w = getattr(m, "weight", None)
     others = [(f, o) for f, o in owners.get(id(w), []) if o is not m]
     if others:

@@ -229,6 +229,36 @@ def test_gpt2_conv1d_layers(config, tmp_path):
         assert torch.equal(loaded(ids).logits, y)
 
 
+def test_layers_whose_parent_reads_their_weight_stay_float():
+    """T5's feed forward reads wo.weight (its dtype) and Mamba's head casts to
+    lm_head.weight.dtype: a quantized layer has no float weight there, so those layers stay
+    float with the reason, and the models run; Llama's and BERT's layers are all swapped."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)).eval()
+    base = copy.deepcopy(t5)
+    report = pyquant.quantize_(t5, pyquant.Int4WeightOnly(group_size=32))
+    skipped = dict(report.skipped)
+    assert "tied to shared" in skipped.pop("lm_head")  # T5 ties its head to the embedding
+    assert len(skipped) == 4 and all(f.endswith("DenseReluDense.wo") for f in skipped)
+    assert all("reads wo.weight itself" in why for why in skipped.values())
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = t5(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        assert cosine(y, base(input_ids=ids, decoder_input_ids=ids[:, :4]).logits) > 0.95
+    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, tie_word_embeddings=False)).eval()
+    report = pyquant.quantize_(mamba, pyquant.Int8WeightOnly())
+    assert "reads lm_head.weight itself" in dict(report.skipped)["lm_head"]
+    with torch.no_grad():
+        assert mamba(ids).logits.shape == (2, 7, 128)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128))
+    assert pyquant.quantize_(llama, pyquant.Int8WeightOnly()).skipped == []
+
+
 def test_arguments_in_each_others_place_are_named():
     """quantize_(model, config, filter_fn, calibration) and sparsify_(model, config,
     calibration, filter_fn): data where a filter belongs, or a filter where data belongs, is
