@@ -174,7 +174,9 @@ def linear_candidates(model: nn.Module, filter_fn, owners: dict, reason, skipped
             continue
         lin = m
         if conv:
-            lin = as_linear.get(id(m)) or as_linear.setdefault(id(m), conv1d_as_linear(m))
+            if id(m) not in as_linear:  # one Linear for a Conv1D shared under two names
+                as_linear[id(m)] = conv1d_as_linear(m)
+            lin = as_linear[id(m)]
         why = structural_skip_reason(model, fqn, m, owners) or reason(lin)
         if why:
             skipped.append((fqn, why))

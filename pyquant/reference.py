@@ -67,22 +67,22 @@ from . import sparse_formats as _sf  # noqa: E402
 
 
 def sparse24_mm(x, values, meta, bias=None):
-    return _linear_f32(x, _sf.decompress_24(values.to(torch.float32), meta), bias)
+    return _linear_f32(x, dense_weight("sparse24_mm", x.shape[-1], values, meta), bias)
 
 
 def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
-    w = _sf.decompress_unstructured(bitmask, values.to(torch.float32), row_offsets, x.shape[-1])
+    w = dense_weight("sparse_unstructured_mm", x.shape[-1], bitmask, values, row_offsets)
     return _linear_f32(x, w, bias)
 
 
 def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
-    v = formats.dequantize_int8_per_channel(values_q, scale)
-    return _linear_f32(x, _sf.decompress_24(v, meta), bias)
+    return _linear_f32(x, dense_weight("sparse24_int8_mm", x.shape[-1], values_q, meta, scale),
+                       bias)
 
 
 def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size: int, bias=None):
-    v = formats.dequantize_int4_groupwise(packed, scales, zeros, group_size)
-    return _linear_f32(x, _sf.decompress_24(v, meta), bias)
+    w = dense_weight("sparse24_int4_mm", x.shape[-1], packed, meta, scales, zeros, group_size)
+    return _linear_f32(x, w, bias)
 
 
 def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:

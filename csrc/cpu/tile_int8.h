@@ -193,8 +193,10 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
                          const float* given_amax) {
   int64_t k = 0;
   float amax = 0.0f;
+  bool finite = true; /* no Inf or NaN in the row: checked in the max loop where there is one */
 #if defined(PQ_SIMD_AVX512)
   const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
+  __mmask16 bad = 0; /* lanes that met an Inf or NaN (fpclass 0x99), which max_ps may drop */
 #endif
   /* given_amax: the whole row's max |x| when x is a slice of it (a row-parallel shard) */
   if (given_amax) {
@@ -203,9 +205,22 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
   }
 #if defined(PQ_SIMD_AVX512)
   __m512 mx = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  if (k < K) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, x + k)));
-  if (!given_amax) amax = _mm512_reduce_max_ps(mx);
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    bad |= _mm512_fpclass_ps_mask(v, 0x99);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
+  if (k < K) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail, x + k);
+    bad |= _mm512_fpclass_ps_mask(v, 0x99);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
+  if (!given_amax) {
+    amax = _mm512_reduce_max_ps(mx);
+    finite = bad == 0;
+  } else {
+    finite = row_is_finite(x, K);
+  }
   k = K;
 #elif defined(PQ_SIMD_AVX2)
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -216,13 +231,16 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
   if (!given_amax) amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 #endif
   for (; k < K; ++k) amax = fmaxf(amax, fabsf(x[k]));
+#if !defined(PQ_SIMD_AVX512)
+  finite = row_is_finite(x, K);
+#endif
   /* s == 0 covers amax == 0 and a subnormal amax whose amax / 127 underflows;
    * either way s = 1 avoids dividing by zero (and matches pyquant.formats). */
   float s = amax / 127.0f;
   if (s == 0.0f) s = 1.0f;
   /* An Inf or NaN in the row (or in the given maximum): scale NaN and codes 0, so that
    * every output of the row is NaN, as the reference (and float arithmetic) gives. */
-  if (!(s <= 3.4e38f) || !row_is_finite(x, K)) {
+  if (!(s <= 3.4e38f) || !finite) {
     *scale = __builtin_nanf("");
     for (int64_t j = 0; j < K; ++j) q[j] = 0;
     return;
