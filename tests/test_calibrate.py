@@ -594,3 +594,23 @@ def test_llama_calibration_peak_memory():
           f" GiB = {ratio:.2f}x; {m['seconds']:.0f} s; cosine {m['cos']:.4f}")
     assert m["swapped"] == 8 * 7 + 1
     assert ratio < 1.5, f"peak {ratio:.2f}x the model size"
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers not installed")
+def test_positional_attention_mask_leaves_padding_out():
+    """A batch given as a tuple (input_ids, attention_mask) has its padding left out of the
+    statistics as the dict form does: the mask is found in the position the model's forward
+    takes it."""
+    calib = token_batches(512, mask=True)
+    as_tuples = [(b["input_ids"], b["attention_mask"]) for b in calib]
+    reports = []
+    for data in (calib, as_tuples):
+        model = tiny_llama()
+        reports.append(pyquant.quantize_(model, Int4WeightOnly(group_size=64, method="gptq"),
+                                         calibration=data).accuracy)
+    real_tokens = 2 * 2 * 32 - 2 * 16
+    for acc in reports:
+        assert {x.tokens for x in acc.layers} == {real_tokens}
+        assert acc.model.vectors == real_tokens
+    assert [x.output_sqnr_db for x in reports[0].layers] == \
+        [x.output_sqnr_db for x in reports[1].layers]

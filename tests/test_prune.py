@@ -199,3 +199,19 @@ def test_sequential_without_blocks():
     info = run_sequential(model, [model[0], model[2]], [torch.randn(5, 8), torch.randn(3, 8)],
                           lambda m: _Record(), finish)
     assert info["num_blocks"] == 0 and set(got.values()) == {8}
+
+
+def test_sequential_positional_mask():
+    """(input_ids, attention_mask) tuples: padding is left out as with the dict form."""
+    model = models.tiny_model(seed=0)
+    batches = models.tiny_inputs(6, batch_size=3, seed=1)
+    assert any(int(b["attention_mask"].sum()) < b["attention_mask"].numel() for b in batches)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    got = {}
+
+    def finish(m, st):
+        got[id(m)] = st.tokens
+
+    run_sequential(model, linears, [(b["input_ids"], b["attention_mask"]) for b in batches],
+                   lambda m: _Record(), finish)
+    assert set(got.values()) == {sum(int(b["attention_mask"].sum()) for b in batches)}

@@ -34,6 +34,8 @@ stay quantized (the swap is in place).
 """
 from __future__ import annotations
 
+import inspect
+
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,8 +93,28 @@ def _to(obj, device):
     return obj
 
 
-def prepare_batches(calibration, device) -> list:
-    """Check the calibration data and turn each batch into positional/keyword arguments."""
+def _mask_position(model) -> Optional[int]:
+    """The index of ``attention_mask`` among ``model.forward``'s positional parameters (a
+    Hugging Face model's is 1: ``model(input_ids, attention_mask)``), or None."""
+    if model is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == "attention_mask":
+            return i
+    return None
+
+
+def prepare_batches(calibration, device, model: Optional[nn.Module] = None) -> list:
+    """Check the calibration data and turn each batch into positional/keyword arguments.
+    The padding mask of a batch is its ``attention_mask``, passed by keyword or, when ``model``
+    is given, in the position its forward takes it (a tuple ``(input_ids, attention_mask)``)."""
+    mask_at = _mask_position(model)
     if isinstance(calibration, (torch.Tensor, Mapping, str, bytes)):
         raise TypeError(
             f"calibration must be an iterable of model inputs (batches), got one "
@@ -125,6 +147,8 @@ def prepare_batches(calibration, device) -> list:
             raise ValueError(f"calibration batch {i} ({desc:.200}) holds an empty tensor")
         args, kwargs = _to(args, device), _to(kwargs, device)
         mask = kwargs.get("attention_mask")
+        if mask is None and mask_at is not None and mask_at < len(args):
+            mask = args[mask_at]
         mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         batches.append(_Batch(args, kwargs, mask, desc))
     if not batches:
@@ -575,7 +599,7 @@ def quantize_calibrated(model: nn.Module, config, targets: list, swap_report, ca
     t0 = time.perf_counter()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    batches = prepare_batches(calibration, device)
+    batches = prepare_batches(calibration, device, model)
     if not targets:
         swap_report.accuracy = model.pyquant_accuracy = _report.AccuracyReport(
             scheme=config.scheme, method=getattr(config, "method", "rtn"),

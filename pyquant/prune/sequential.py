@@ -36,7 +36,7 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
     """Run the steps above; returns {"batches", "blocks", "num_blocks", "fallback"?}."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    batches = _seq.prepare_batches(calibration, device)
+    batches = _seq.prepare_batches(calibration, device, model)
     uniq = list({id(m): m for m in linears}.values())
     ids = {id(m) for m in uniq}
     blocks_name, blocks = _seq.find_blocks(model, ids)
