@@ -349,12 +349,48 @@ class _Stats:
 
 
 class _OutErr:
-    """Output SQNR of a quantized layer against its float weights on the same inputs."""
+    """Output SQNR of a swapped (quantized or pruned) layer against its float weights on the
+    same inputs."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         self.weight, self.bias = weight, bias
         self.signal = self.noise = 0.0
         self.tokens = 0
+
+    def hook(self, mask: Callable[[], Optional[torch.Tensor]]):
+        """A forward hook for the swapped layer: adds its output's error against the float
+        layer's output on the same input (real tokens only: ``mask()`` is the batch's)."""
+        def measure(mod, args, out):
+            if not (args and isinstance(args[0], torch.Tensor)):
+                return
+            ref = F.linear(args[0], self.weight, self.bias)
+            m = mask()
+            r, q = _rows(ref, m), _rows(out.detach(), m)
+            self.signal += float(r.pow(2).sum(dtype=torch.float64))
+            self.noise += float((r - q).pow_(2).sum(dtype=torch.float64))
+            self.tokens += r.shape[0]
+        return measure
+
+    def sqnr_db(self) -> Optional[float]:
+        return _report.sqnr_db(self.signal, self.noise) if self.tokens else None
+
+
+class RefOutputs:
+    """The float model's main outputs (``_main_output``) of the first batches, kept on the CPU
+    up to REF_OUTPUT_BYTES (at least one), for the model-level error."""
+
+    def __init__(self):
+        self.outs: list = []
+        self.what, self.kept = "", 0
+
+    def add(self, model_out) -> None:
+        out, self.what = _main_output(model_out)
+        if out is None:
+            return
+        nbytes = out.numel() * 4
+        if self.kept + nbytes <= REF_OUTPUT_BYTES or not self.outs:
+            self.outs.append(out.detach().to("cpu", torch.float32))
+            self.kept += nbytes
 
 
 # ------------------------------------------------------------------------- the runner
@@ -468,16 +504,7 @@ class _Runner:
             errs[k] = e = _OutErr(m.weight, m.bias)
             self.report.bytes_before += _tensor_bytes(m)
             self.report.bytes_after += _tensor_bytes(new)
-
-            def measure(mod, args, out, e=e):
-                if not (args and isinstance(args[0], torch.Tensor)):
-                    return
-                ref = F.linear(args[0], e.weight, e.bias)
-                r, q = _rows(ref, self.mask), _rows(out.detach(), self.mask)
-                e.signal += float(r.pow(2).sum(dtype=torch.float64))
-                e.noise += float((r - q).pow_(2).sum(dtype=torch.float64))
-                e.tokens += r.shape[0]
-            self.hook(new, measure)
+            self.hook(new, e.hook(lambda: self.mask))
         keep = n_inputs if keep is None else keep
         outs = []
         for i in range(n_inputs):
@@ -489,7 +516,7 @@ class _Runner:
         for k, e in errs.items():
             acc = self.layer_acc[k]
             acc.tokens = e.tokens
-            acc.output_sqnr_db = _report.sqnr_db(e.signal, e.noise) if e.tokens else None
+            acc.output_sqnr_db = e.sqnr_db()
         return outs
 
     def quantize_layer(self, m: nn.Linear, st: Optional[_Stats], factor=None):
@@ -626,20 +653,15 @@ def quantize_calibrated(model: nn.Module, config, targets: list, swap_report, ca
             in_blocks = {id(s) for b in blocks for s in b.modules()}
             others = {k: m for k, m in runner.modules.items() if k not in in_blocks}
             chain = _ChainCheck(blocks, others) if blocks else None
-            refs, what, kept = [], "", 0
+            ref_outs = RefOutputs()
             for i, b in enumerate(batches):
                 if chain is not None:
                     chain.new_batch()
-                out, what = _main_output(runner.call_model(i, b))
+                ref_outs.add(runner.call_model(i, b))
                 if chain is not None:
                     chain.new_batch()
-                if out is None:
-                    continue
-                nbytes = out.numel() * 4
-                if kept + nbytes <= REF_OUTPUT_BYTES or not refs:
-                    refs.append(out.detach().to("cpu", torch.float32))
-                    kept += nbytes
-                del out
+            refs, what = ref_outs.outs, ref_outs.what
+            del ref_outs
             if chain is not None:
                 why = chain.reason(len(batches))
                 chain.remove()

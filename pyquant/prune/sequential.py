@@ -14,6 +14,11 @@
    sees the outputs of the already-processed blocks (sequential calibration, as in the SparseGPT
    and Wanda reference code).
 4. Targets outside the blocks get one pass over the whole model.
+5. With ``measure`` (an ``Errors``), ``finish`` returns the layer it swapped in, and the run
+   measures what the swap cost on the same data, as ``quantize_``'s calibrated path does: each
+   new layer's output against the float layer's on the same inputs (during the block's second
+   run; outside the blocks, during one more pass over the model), and the model's main output
+   against the float model's (kept from the first, float pass).
 
 Memory: one block's inputs for every batch plus one block's statistics. Batch handling, block
 discovery and the hidden-state plumbing are the ones of pyquant.calibrate.sequential (shared,
@@ -21,7 +26,7 @@ not copied).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -30,9 +35,19 @@ from .._progress import progress
 from ..calibrate import sequential as _seq
 
 
+class Errors:
+    """What step 5 measures: ``layers`` {id(float layer): its output error (an ``_OutErr``)}
+    and ``model`` (a ``ModelAccuracy``, or None when no output could be compared)."""
+
+    def __init__(self):
+        self.layers: dict = {}
+        self.model = None
+
+
 def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
                    make_stat: Callable[[nn.Module], Any],
-                   finish: Callable[[nn.Module, Any], None], desc: str = "calibrate") -> dict:
+                   finish: Callable[[nn.Module, Any], Optional[nn.Module]],
+                   desc: str = "calibrate", measure: Optional[Errors] = None) -> dict:
     """Run the steps above; returns {"batches", "blocks", "num_blocks", "fallback"?}."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -71,6 +86,21 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
             h.remove()
         handles.clear()
 
+    refs = _seq.RefOutputs() if measure is not None else None
+
+    def first_pass(i, b):
+        """A pass of the float model; the first one's outputs are the references of step 5."""
+        out = call(i, b)
+        if refs is not None and not state.get("refs_done"):
+            refs.add(out)
+
+    def finish_all(members, stats):
+        for m in members:
+            new = finish(m, stats.pop(id(m)))
+            if measure is not None and new is not None:
+                e = measure.layers[id(m)] = _seq._OutErr(m.weight, m.bias)
+                handles.append(new.register_forward_hook(e.hook(lambda: state["mask"])))
+
     was_training = model.training
     hf_config = getattr(model, "config", None)
     old_use_cache = getattr(hf_config, "use_cache", None)
@@ -85,8 +115,9 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
                 # calibrate's chain check, with no outside layers to track
                 chain = _seq._ChainCheck(blocks, {})
                 for i, b in enumerate(batches):
-                    call(i, b)
+                    first_pass(i, b)
                     chain.last_out = None
+                state["refs_done"] = True
                 why = chain.reason(len(batches))
                 chain.remove()
                 if why:
@@ -129,11 +160,11 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
                         for i in range(len(inputs)):
                             run(i)
                         unhook()
-                        for m in members:
-                            finish(m, stats.pop(id(m)))
-                            done.add(id(m))
+                        finish_all(members, stats)
+                        done.update(id(m) for m in members)
                         del stats
                     outs = [run(i) for i in range(len(inputs))]
+                    unhook()
                     inputs = [_seq._set_hidden(loc, a, kw, o)
                               for (a, kw), o in zip(inputs, outs)]
                     del outs
@@ -142,10 +173,22 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
             if left:
                 stats = collect(left)
                 for i, b in enumerate(batches):
-                    call(i, b)
+                    first_pass(i, b)
                 unhook()
-                for m in left:
-                    finish(m, stats.pop(id(m)))
+                finish_all(left, stats)
+            if measure is not None and refs.outs:
+                # the swapped model's outputs; every batch while the layers outside the
+                # blocks still measure theirs
+                n = len(batches) if left else len(refs.outs)
+                outs = []
+                for i in range(n):
+                    out = _seq._main_output(call(i, batches[i]))[0]
+                    if i < len(refs.outs):
+                        outs.append(out)
+                    del out
+                unhook()
+                measure.model = _seq._model_accuracy(
+                    refs.outs, outs, [b.mask for b in batches[:len(refs.outs)]], refs.what)
     finally:
         unhook()
         if chain is not None:

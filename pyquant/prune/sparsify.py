@@ -11,9 +11,10 @@ from torch import nn
 from .._progress import progress
 from ..api import (SwapReport, _set_child, _tensor_bytes, check_filter_and_calibration,
                    config_mistake, linear_candidates, other_module_reason, parameter_owners)
+from ..calibrate import report as _report
 from ..config import SparseConfig
 from .masks import magnitude_mask, wanda_mask
-from .sequential import run_sequential
+from .sequential import Errors, run_sequential
 from .sparsegpt import sparsegpt_prune
 
 
@@ -31,6 +32,17 @@ class SparsifyReport(SwapReport):
             lines.append(f"  calibration: {self.calibration}")
         lines += [f"  note {fqn}: {note}" for fqn, note in self.notes]
         return "\n".join(lines)
+
+
+class _Tokens:
+    """magnitude with calibration data: no statistic, only the token count (the data serves
+    the accuracy report)."""
+
+    def __init__(self, k: int, device):
+        self.tokens, self.bad = 0, False
+
+    def add(self, x: torch.Tensor) -> None:
+        self.tokens += x.shape[0]
 
 
 class _SqSum:
@@ -130,13 +142,22 @@ def sparsify_(
         fqns.setdefault(id(m), []).append(fqn)
         mods[id(m)] = m
 
-    def finish(m: nn.Module, stat) -> None:
+    layer_acc: dict = {}
+
+    def finish(m: nn.Module, stat) -> nn.Module:
         name = fqns[id(m)][0]
+        used, note = method, ""
+        if len(fqns[id(m)]) > 1:
+            note = f"shared: also {', '.join(fqns[id(m)][1:])}"
         if stat is not None and stat.bad:
             raise ValueError(f"{method} on {name}: its calibration inputs hold NaN or inf")
-        if stat is not None and stat.tokens == 0:
+        tokens = stat.tokens if stat is not None else 0
+        if stat is not None and stat.tokens == 0 and method != "magnitude":
             report.notes.append((name, "no calibration token reached this layer: pruned by "
                                        "magnitude"))
+            used, note = "magnitude", ("no calibration token reached this layer: pruned by "
+                                       "magnitude; " + note).strip("; ")
+        if method == "magnitude" or used == "magnitude":
             stat = None
         w, mask = prune_weight(m.weight.detach(), config, stat, what=name)
         new = layer_cls.from_float(m, config, mask=mask, weight=w)
@@ -145,22 +166,38 @@ def sparsify_(
         for fqn in fqns[id(m)]:
             _set_child(model, fqn, new)
             report.swapped.append(fqn)
+        if calibration is not None:
+            ref = m.weight.detach().float()
+            noise = float((ref - new.dense_weight().float()).pow(2).sum(dtype=torch.float64))
+            layer_acc[id(m)] = _report.LayerAccuracy(
+                name, used, m.out_features, m.in_features,
+                _report.sqnr_db(float(ref.pow(2).sum(dtype=torch.float64)), noise), None,
+                tokens, note)
+        return new
 
     if method == "magnitude" and calibration is not None:
-        report.notes.append(("<model>", "calibration data given, but method='magnitude' "
-                                        "prunes by |w| alone and did not use it (use "
-                                        "method='wanda' or 'sparsegpt' to prune with it)"))
+        report.notes.append(("<model>", "calibration data given with method='magnitude': "
+                                        "pruned by |w| alone, the data only measured the "
+                                        "accuracy (method='wanda' or 'sparsegpt' prune with it)"))
     t0 = time.perf_counter()
     with torch.no_grad():
-        if method == "magnitude":
+        if calibration is None:
             for m in progress(list(mods.values()), desc=f"sparsify {config.scheme}"):
                 finish(m, None)
         else:
-            def make_stat(m):
-                k, dev = m.weight.shape[1], m.weight.device
-                return _SqSum(k, dev) if method == "wanda" else _Hessian(k, dev)
-
-            report.calibration = run_sequential(model, list(mods.values()), calibration,
-                                                make_stat, finish, desc=method)
+            stat_cls = {"magnitude": _Tokens, "wanda": _SqSum, "sparsegpt": _Hessian}[method]
+            errors = Errors()
+            report.calibration = run_sequential(
+                model, list(mods.values()), calibration,
+                lambda m: stat_cls(m.weight.shape[1], m.weight.device), finish, desc=method,
+                measure=errors)
+            for k, e in errors.layers.items():
+                layer_acc[k].tokens = e.tokens
+                layer_acc[k].output_sqnr_db = e.sqnr_db()
     report.calibration["seconds"] = round(time.perf_counter() - t0, 3)
+    if calibration is not None:
+        report.accuracy = model.pyquant_accuracy = _report.AccuracyReport(
+            scheme=config.scheme, method=method, config=config.to_dict(),
+            calibration=dict(report.calibration), layers=[layer_acc[k] for k in mods],
+            model=errors.model if mods else None)
     return report
