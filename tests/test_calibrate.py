@@ -614,3 +614,32 @@ def test_positional_attention_mask_leaves_padding_out():
         assert acc.model.vectors == real_tokens
     assert [x.output_sqnr_db for x in reports[0].layers] == \
         [x.output_sqnr_db for x in reports[1].layers]
+
+
+class _ReadsInnerWeight(nn.Module):
+    """Reads a grandchild Linear's .weight in its own forward: a use no check can see."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(64, 64))
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        x = x.to(self.inner[0].weight.dtype)
+        return self.out(torch.relu(self.inner(x)))
+
+
+@pytest.mark.parametrize("prune", [False, True], ids=["quantize", "sparsify"])
+def test_failure_after_swap_names_the_swap_not_the_batch(prune):
+    model = _ReadsInnerWeight()
+    calib = [torch.randn(4, 64) for _ in range(2)]
+    with pytest.raises(RuntimeError, match=r"ran through the float model.*swapped \d layer.*"
+                                           r"filter_fn.*reload it"):
+        if prune:
+            pyquant.sparsify_(model, pyquant.Sparse24(method="wanda"), calibration=calib)
+        else:
+            pyquant.quantize_(model, Int8WeightOnly(method="gptq"), calibration=calib)
+    # a batch that does not fit the float model is still named as such
+    with pytest.raises(ValueError, match="calibration batch 0 .* does not fit the model"):
+        pyquant.quantize_(_ReadsInnerWeight(), Int8WeightOnly(method="gptq"),
+                          calibration=[torch.randn(4, 63)])

@@ -157,6 +157,27 @@ def prepare_batches(calibration, device, model: Optional[nn.Module] = None) -> l
     return batches
 
 
+def call_on_batch(model: nn.Module, i: int, b: _Batch, swapped: int):
+    """``model`` on calibration batch ``i``. A failure names the batch; once ``swapped`` layers
+    have been swapped (every batch ran through the float model before that), it names the
+    swap as the likely cause instead, and says the model is left part-swapped."""
+    try:
+        return model(*b.args, **b.kwargs)
+    except _StopForward:
+        raise
+    except Exception as e:
+        if swapped:
+            raise RuntimeError(
+                f"calibration batch {i} ran through the float model, but the model failed on it "
+                f"after pyquant swapped {swapped} layer(s): {type(e).__name__}: {e}. Likely some "
+                f"code outside a swapped layer reads its float weights (e.g. its .weight); keep "
+                f"that layer float with filter_fn. The model is left partly swapped: reload it "
+                f"before trying again") from e
+        raise ValueError(
+            f"calibration batch {i} ({b.desc:.300}) does not fit the model "
+            f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+
+
 # ------------------------------------------------------------------------- outputs
 
 
@@ -419,14 +440,7 @@ class _Runner:
     # -- calls ------------------------------------------------------------------------
     def call_model(self, i: int, b: _Batch):
         self.mask = b.mask
-        try:
-            return self.model(*b.args, **b.kwargs)
-        except _StopForward:
-            raise
-        except Exception as e:
-            raise ValueError(
-                f"calibration batch {i} ({b.desc:.300}) does not fit the model "
-                f"{type(self.model).__name__}: {type(e).__name__}: {e}") from e
+        return call_on_batch(self.model, i, b, len(self.done))
 
     def hook(self, module: nn.Module, fn: Callable, **kw):
         h = module.register_forward_hook(fn, **kw)

@@ -56,18 +56,12 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
     ids = {id(m) for m in uniq}
     blocks_name, blocks = _seq.find_blocks(model, ids)
     info = {"batches": len(batches), "blocks": blocks_name, "num_blocks": len(blocks)}
-    state = {"mask": None}
+    state = {"mask": None, "swapped": 0}
     handles: list = []
 
     def call(i, b):
         state["mask"] = b.mask
-        try:
-            return model(*b.args, **b.kwargs)
-        except _seq._StopForward:
-            raise
-        except Exception as e:
-            raise ValueError(f"calibration batch {i} ({b.desc:.300}) does not fit the model "
-                             f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+        return _seq.call_on_batch(model, i, b, state["swapped"])
 
     def collect(members):
         stats = {}
@@ -97,6 +91,7 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
     def finish_all(members, stats):
         for m in members:
             new = finish(m, stats.pop(id(m)))
+            state["swapped"] += 1
             if measure is not None and new is not None:
                 e = measure.layers[id(m)] = _seq._OutErr(m.weight, m.bias)
                 handles.append(new.register_forward_hook(e.hook(lambda: state["mask"])))
