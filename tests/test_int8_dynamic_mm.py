@@ -85,7 +85,9 @@ def _exact_gemm(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "m,n,k",
     [(1, 1, 1), (3, 13, 100), (17, 33, 257), (64, 64, 128), (5, 7, 4099), (0, 5, 8),
-     (3, 0, 8), (3, 5, 0), (33, 17, 64)],
+     (3, 0, 8), (3, 5, 0), (33, 17, 64),
+     # AMX with short K: tasks of 32 activation rows x all N (tile_amx.h), odd tile count
+     (130, 96, 384), (300, 64, 192)],
 )
 def test_int8_gemm_s32_exact(backend, isa, m, n, k):
     g = gen(m * 1000 + n * 10 + k)

@@ -133,7 +133,8 @@ def test_bad_inputs(op, case):
 # On CPUs with AMX these shapes run on tiles: int8 tiles for W8A8, bf16 tiles for weight-only
 # (activations split into up to three exact bf16 terms: bf16 inputs one, fp16 two, fp32 three).
 # Every ISA runs them.
-AMX_SHAPES = [(16, 32, 32), (17, 64, 96), (40, 96, 256), (100, 32, 544)]
+AMX_SHAPES = [(16, 32, 32), (17, 64, 96), (40, 96, 256), (100, 32, 544),
+              (130, 96, 384)]  # short K: tasks of 32 rows x all N (tile_amx.h)
 
 
 @op_param

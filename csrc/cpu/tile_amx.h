@@ -187,13 +187,25 @@ inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int
  * round trip through the output costing more than it saved). */
 constexpr int64_t kAmxL2Bytes = 1 << 20, kAmxMc = 256, kAmxNc = 256, kAmxKc = 4096;
 
+/* Short K (MiniLM's 384): an output gets only K MACs, and writing the float outputs is
+ * most of the work; with 32-row weight strips swept over all of M, each thread wrote two
+ * lines of each of thousands of rows at a time. When the whole weight fits in L2, a task
+ * is instead 32 activation rows x all N, so that a thread fills its rows' lines in order.
+ * Measured (M = 2560, two threads, one process, alternated with the strip order): N x K
+ * 1536 x 384 1.6-1.8x, 384 x 384 1.2-1.4x; at K = 768 no change either way, and at
+ * K = 1536 or 4096 (Llama) 0.8-0.95x, so it stops at 512. */
+constexpr int64_t kAmxRowsFirstMaxK = 512;
+
 template <class Epi>
 void amx_gemm(int64_t M, int64_t K, const int8_t* w, int64_t N, const int8_t* xp,
               int32_t* cpart, int64_t ldc, int n_threads, Epi epi) {
   const int64_t Mt = ceil_div(M, 16), KB = K / 64;
   const bool chunk = cpart && Mt * 16 * K > kAmxL2Bytes;
-  const int64_t kc_kb = chunk ? kAmxKc / 64 : KB, nc = chunk ? kAmxNc : 32;
-  const int64_t mt_blk = chunk ? kAmxMc / 16 : 4, n_mblk = ceil_div(Mt, mt_blk);
+  const bool rows_first = !chunk && K <= kAmxRowsFirstMaxK && N * K <= kAmxL2Bytes &&
+                          ceil_div(Mt, 2) >= 2 * n_threads;
+  const int64_t kc_kb = chunk ? kAmxKc / 64 : KB;
+  const int64_t nc = chunk ? kAmxNc : rows_first ? N : 32;
+  const int64_t mt_blk = chunk ? kAmxMc / 16 : rows_first ? 2 : 4, n_mblk = ceil_div(Mt, mt_blk);
   const int64_t n_nblk = ceil_div(N, nc);
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
