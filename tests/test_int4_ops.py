@@ -183,10 +183,15 @@ AMX_CHUNKED = [("int4_dynamic_mm", 300, 288, 4160, 64),
 # 512 rows (kAmxGroupedMc: N = 96 at two threads), and M = 530 makes a second, partial row
 # block that converts the strips again. fp32 activations (three terms) pass L2 and take the
 # chunked, 512-row path.
+# Rows of at most 512 bytes (W4A8 at K = 384, weight-only with bf16 activations at K = 256)
+# take the short-row order: each thread converts its share of the 3 strips (2 and 1 at two
+# threads) and sweeps all rows over them; M = 130 ends in a partial tile of an odd count.
 AMX_ROW_BLOCKS = [("int4_dynamic_mm", 530, 96, 1024, 64),
                   ("int4_dynamic_mm", 530, 160, 1024, 64),
                   ("int4_weight_only_mm", 530, 96, 512, 128),
-                  ("int4_weight_only_mm", 530, 160, 512, 128)]
+                  ("int4_weight_only_mm", 530, 160, 512, 128),
+                  ("int4_dynamic_mm", 130, 96, 384, 64),
+                  ("int4_weight_only_mm", 130, 96, 256, 64)]
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)

@@ -60,6 +60,92 @@ inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool fi
  * row): per chunk the task's activation tiles stay in L2 while each strip's
  * converted chunk (32 rows, in L1) meets all of them, and the fp32 sums of the
  * task's blocks wait in the thread's accumulators. */
+/* Groups g0..g1-1 of one (32 weight rows) x (activation tiles mt, mt + 1 when
+ * two) block: per group the tiles' int32/fp32 sums over every term, scaled by
+ * the rows' group scales (sg_base: group-major [g - g0][32], or null) into the
+ * block's fp32 accumulators acc[4][16][16] (written at g == 0). w0: the strip's
+ * rows 0..15 indexed by kb * 64 (row stride ld), w1 rows 16..31. */
+template <class Op>
+inline void amx_grouped_block(const uint8_t* w0, const uint8_t* w1, int64_t ld,
+                              const uint8_t* xp, int terms, int64_t term_bytes, int64_t KB,
+                              int64_t gkb, int64_t mt, bool two, int64_t g0, int64_t g1,
+                              const float* sg_base, float* acc, int32_t* cbuf) {
+  for (int64_t g = g0; g < g1; ++g) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int t = 0; t < terms; ++t) {
+      const uint8_t* b0 = xp + t * term_bytes + mt * KB * 1024;
+      const uint8_t* b1 = b0 + KB * 1024;
+      for (int64_t kb = g * gkb; kb < (g + 1) * gkb; ++kb) {
+        _tile_loadd(4, w0 + kb * 64, ld);
+        _tile_loadd(6, b0 + kb * 1024, 64);
+        Op::dp046();
+        if (two) {
+          _tile_loadd(7, b1 + kb * 1024, 64);
+          Op::dp147();
+        }
+        _tile_loadd(5, w1 + kb * 64, ld);
+        Op::dp256();
+        if (two) Op::dp357();
+      }
+    }
+    const float* sg = sg_base ? sg_base + (g - g0) * 32 : nullptr;
+    _tile_stored(0, cbuf, 64);
+    amx_scale_acc<Op::kInt>(cbuf, acc, sg, g == 0);
+    _tile_stored(2, cbuf, 64);
+    amx_scale_acc<Op::kInt>(cbuf, acc + 512, sg ? sg + 16 : nullptr, g == 0);
+    if (two) {
+      _tile_stored(1, cbuf, 64);
+      amx_scale_acc<Op::kInt>(cbuf, acc + 256, sg, g == 0);
+      _tile_stored(3, cbuf, 64);
+      amx_scale_acc<Op::kInt>(cbuf, acc + 768, sg ? sg + 16 : nullptr, g == 0);
+    }
+  }
+}
+
+/* A finished block's accumulators (amx_grouped_block) through the epilogue. */
+template <class Epi>
+inline void amx_grouped_store(const float* acc, int64_t n0, int64_t mt, bool two, int64_t M,
+                              const Epi& epi) {
+  amx_store_tile((const int32_t*)acc, n0, mt * 16, M, epi);
+  amx_store_tile((const int32_t*)(acc + 512), n0 + 16, mt * 16, M, epi);
+  if (two) {
+    amx_store_tile((const int32_t*)(acc + 256), n0, (mt + 1) * 16, M, epi);
+    amx_store_tile((const int32_t*)(acc + 768), n0 + 16, (mt + 1) * 16, M, epi);
+  }
+}
+
+/* Short rows (MiniLM's K = 384), as in amx_gemm (tile_amx.h, kAmxRowsFirstMaxK): writing
+ * the float outputs is most of the work there, and a strip swept over all of M wrote two
+ * lines of each of thousands of rows at a time. So when a thread's share of the strips,
+ * converted, fits in its scratch's chunk-sum space (unused when K is not chunked), each
+ * thread converts its share once and sweeps all activation rows over it 32 at a time,
+ * filling its part of each output row in order. W4A8 g64 (benchmarks/ab_builds.py, calls
+ * alternated with the strip order): 2560 x 1536 x 384 1.3-1.9x at two threads (at one its
+ * 48 strips do not fit: unchanged), 2560 x 384 x 384 1.2x at one. Longer rows keep the
+ * strip order (the int8 GEMM lost 5-20% with this order at K = 1536). */
+constexpr int64_t kAmxGroupedRowsFirstMaxBytes = 512;
+
+/* Op: the tile products dp046() (C0 += A4 B6), dp147(), dp256(), dp357(), and
+ * `static constexpr bool kInt` (int32 sums). Epi: as amx_store_tile's, given
+ * the fp32 accumulators' bits. group_bytes: the group size in bytes of a weight
+ * row. scales [N][ng], or null: the groups' sums are added unscaled (a scale per row,
+ * the same for every group, is then the epilogue's to apply, once, to their sum).
+ * convert(n0, g0, g1, wb, ld) writes groups g0..g1-1 of the 32 weight rows
+ * from n0 to wb (row stride ld bytes). strips: n_threads x pq::amx_strip_bytes
+ * (row_bytes, ng) bytes, 64-byte aligned: each thread's converted strip (chunk),
+ * its scales and its fp32 accumulators (the caller's scratch).
+ *
+ * Cache blocking as in amx_gemm (tile_amx.h): while the packed activations fit in
+ * L2 a task is one strip x every activation row (pq::kAmxGroupedMc rows when there
+ * are too few strips for the threads) over the whole K; past that (and when a group
+ * fits in a chunk) a task is pq::kAmxGroupedNc weight rows x pq::kAmxGroupedMc
+ * activation rows with K in chunks of whole groups (pq::kAmxGroupedKcBytes of a
+ * row): per chunk the task's activation tiles stay in L2 while each strip's
+ * converted chunk (32 rows, in L1) meets all of them, and the fp32 sums of the
+ * task's blocks wait in the thread's accumulators. Short rows: see above. */
 template <class Op, class Convert, class Epi>
 void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_bytes,
                       const uint8_t* xp, int terms, int64_t term_bytes, const float* scales,
@@ -68,6 +154,48 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
   const int64_t ng = row_bytes / group_bytes;
   const bool fits_l2 = terms * Mt * 16 * row_bytes <= pq::kAmxGroupedL2Bytes;
   const bool chunk = group_bytes <= pq::kAmxGroupedKcBytes && !fits_l2;
+  const int64_t strip_bytes = pq::amx_strip_bytes(row_bytes, ng);
+  const int64_t acc_off = pq::align64(32 * row_bytes) + pq::align64(128 * ng);
+
+  /* short rows: each thread's share of the strips, converted, after its first 4 KiB of
+   * accumulators (those of one block) */
+  const int64_t all_strips = N / 32;
+  const int rf_threads = all_strips < n_threads ? (int)all_strips : n_threads;
+  const int64_t share = ceil_div(all_strips, rf_threads > 0 ? rf_threads : 1);
+  const int64_t conv_bytes = pq::align64(32 * row_bytes), sc_bytes = pq::align64(128 * ng);
+  if (!chunk && row_bytes <= kAmxGroupedRowsFirstMaxBytes && Mt >= 4 &&
+      share * (conv_bytes + sc_bytes) <= strip_bytes - acc_off - 4096) {
+#pragma omp parallel num_threads(rf_threads) if (rf_threads > 1)
+    {
+      const int t = rf_threads > 1 ? omp_get_thread_num() : 0;
+      float* acc = (float*)(strips + t * strip_bytes + acc_off);
+      uint8_t* mine = (uint8_t*)acc + 4096;
+      const int64_t s_lo = t * share, s_hi = min64(s_lo + share, all_strips);
+      for (int64_t s = s_lo; s < s_hi; ++s) {
+        uint8_t* wb = mine + (s - s_lo) * (conv_bytes + sc_bytes);
+        float* sb = (float*)(wb + conv_bytes);
+        convert(s * 32, 0, ng, wb, row_bytes);
+        if (scales)
+          for (int r = 0; r < 32; ++r)
+            for (int64_t g = 0; g < ng; ++g) sb[g * 32 + r] = scales[(s * 32 + r) * ng + g];
+      }
+      amx_config_tiles();
+      alignas(64) int32_t cbuf[16 * 16];
+      for (int64_t mt = 0; mt < Mt; mt += 2) {
+        const bool two = mt + 1 < Mt;
+        for (int64_t s = s_lo; s < s_hi; ++s) {
+          const uint8_t* w0 = mine + (s - s_lo) * (conv_bytes + sc_bytes);
+          amx_grouped_block<Op>(w0, w0 + 16 * row_bytes, row_bytes, xp, terms, term_bytes, KB,
+                                gkb, mt, two, 0, ng,
+                                scales ? (const float*)(w0 + conv_bytes) : nullptr, acc, cbuf);
+          amx_grouped_store(acc, s * 32, mt, two, M, epi);
+        }
+      }
+      _tile_release();
+    }
+    return;
+  }
+
   const int64_t kc_groups = chunk ? pq::kAmxGroupedKcBytes / group_bytes : ng;
   const int64_t nc = chunk ? pq::kAmxGroupedNc : 32, n_strips = nc / 32;
   /* Activation rows per task, so per strip conversion: all of them when they fit
@@ -80,13 +208,12 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
   const int64_t n_mblk = ceil_div(Mt, kMtBlock);
   const int64_t tasks = n_nblk * n_mblk;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
-  const int64_t strip_bytes = pq::amx_strip_bytes(row_bytes, ng);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     /* the strip (chunk), its scales group-major sb[g - g0][32], the accumulators */
     uint8_t* wb = strips + (threads > 1 ? omp_get_thread_num() : 0) * strip_bytes;
     float* sb = (float*)(wb + pq::align64(32 * row_bytes));
-    float* accs = sb + pq::align64(128 * ng) / 4;
+    float* accs = (float*)(wb + acc_off);
     amx_config_tiles();
     alignas(64) int32_t cbuf[16 * 16];
 #pragma omp for schedule(dynamic)
@@ -107,46 +234,10 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
             /* (n half, m half) blocks of the 32 x 32 output: 4 x [16][16] */
             float* acc = accs + (chunk ? ((mt - mt_lo) / 2 * n_strips + (n0 - n_lo) / 32) * 1024
                                        : 0);
-            for (int64_t g = g0; g < g1; ++g) {
-              _tile_zero(0);
-              _tile_zero(1);
-              _tile_zero(2);
-              _tile_zero(3);
-              for (int t = 0; t < terms; ++t) {
-                const uint8_t* b0 = xp + t * term_bytes + mt * KB * 1024;
-                const uint8_t* b1 = b0 + KB * 1024;
-                for (int64_t kb = g * gkb; kb < (g + 1) * gkb; ++kb) {
-                  _tile_loadd(4, w0 + kb * 64, ld);
-                  _tile_loadd(6, b0 + kb * 1024, 64);
-                  Op::dp046();
-                  if (two) {
-                    _tile_loadd(7, b1 + kb * 1024, 64);
-                    Op::dp147();
-                  }
-                  _tile_loadd(5, w1 + kb * 64, ld);
-                  Op::dp256();
-                  if (two) Op::dp357();
-                }
-              }
-              const float* sg = scales ? sb + (g - g0) * 32 : nullptr;
-              _tile_stored(0, cbuf, 64);
-              amx_scale_acc<Op::kInt>(cbuf, acc, sg, g == 0);
-              _tile_stored(2, cbuf, 64);
-              amx_scale_acc<Op::kInt>(cbuf, acc + 512, sg ? sg + 16 : nullptr, g == 0);
-              if (two) {
-                _tile_stored(1, cbuf, 64);
-                amx_scale_acc<Op::kInt>(cbuf, acc + 256, sg, g == 0);
-                _tile_stored(3, cbuf, 64);
-                amx_scale_acc<Op::kInt>(cbuf, acc + 768, sg ? sg + 16 : nullptr, g == 0);
-              }
-            }
+            amx_grouped_block<Op>(w0, w1, ld, xp, terms, term_bytes, KB, gkb, mt, two, g0, g1,
+                                  scales ? sb : nullptr, acc, cbuf);
             if (g1 < ng) continue;
-            amx_store_tile((const int32_t*)acc, n0, mt * 16, M, epi);
-            amx_store_tile((const int32_t*)(acc + 512), n0 + 16, mt * 16, M, epi);
-            if (two) {
-              amx_store_tile((const int32_t*)(acc + 256), n0, (mt + 1) * 16, M, epi);
-              amx_store_tile((const int32_t*)(acc + 768), n0 + 16, (mt + 1) * 16, M, epi);
-            }
+            amx_grouped_store(acc, n0, mt, two, M, epi);
           }
         }
       }
