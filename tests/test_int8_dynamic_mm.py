@@ -205,3 +205,29 @@ def test_quantize_rows_int8_subnormal(backend, isa):
         q, s = _native.quantize_rows_int8(x)
     assert torch.equal(s, want_s), f"{s.tolist()} != {want_s.tolist()}"
     assert torch.equal(q, want_q), f"{q.tolist()} != {want_q.tolist()}"
+
+
+@pytest.mark.parametrize("backend,isa", ISAS)
+def test_quantize_rows_int8_near_ties_stress(backend, isa):
+    """x / s within a few ulps of a half-integer, over many inexact scales and both signs,
+    where x * (1 / s) rounds differently from the true division: the codes must still be
+    torch.round(x / s) bit for bit (a multiply by 1/s fails this test)."""
+    g = gen(11)
+    rows = []
+    for amax in torch.rand(64, generator=g) * 100 + 1e-3:
+        s = amax / 127
+        j = torch.arange(-127, 127, dtype=torch.float32)
+        near = (j + 0.5) * s
+        up, down = near.clone(), near.clone()
+        cols = [amax[None], near]
+        for _ in range(3):  # one to three ulps either side
+            up, down = torch.nextafter(up, up + s), torch.nextafter(down, down - s)
+            cols += [up, down]
+        rows.append(torch.cat(cols).clamp(-amax, amax))
+    x = torch.stack(rows)
+    x = x[:, torch.randperm(x.shape[1], generator=g)]
+    want_q, want_s = formats.quantize_rows_int8(x)
+    with _native.use_isa(isa):
+        q, s = _native.quantize_rows_int8(x)
+    assert torch.equal(s, want_s)
+    assert torch.equal(q, want_q), f"{int((q != want_q).sum())} codes differ"
