@@ -413,19 +413,28 @@ def _(x, packed, meta, scales, zeros, group_size, bias):
 #: weight tensor is row-major per output row): 16 MiB of float32 at K = 4096, where the whole
 #: W of a 4096 x 11008 layer would take 180 MB.
 _GRAD_ROWS = 1024
-_DENSE_OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dynamic_mm")
+
+
+def _weight_rows(name: str, wargs: list, n0: int, n1: int) -> list:
+    """The op's weight arguments for output rows n0..n1-1: every tensor is per row except the
+    unstructured values, which are cut by their row offsets."""
+    if name == "sparse_unstructured_mm":
+        bitmask, values, off = wargs
+        return [bitmask[n0:n1], values[int(off[n0]):int(off[n1])], off[n0:n1 + 1] - off[n0]]
+    return [a[n0:n1] if isinstance(a, torch.Tensor) else a for a in wargs]
 
 
 def _grad_x(name: str, k: int, wargs: list, grad: torch.Tensor) -> torch.Tensor:
-    """dL/dx = dL/dy @ W (float32), W dequantized by blocks of output rows where it can be."""
+    """dL/dx = dL/dy @ W (float32), W dequantized (and decompressed) by blocks of output rows,
+    so that the backward holds at most _GRAD_ROWS rows of float32 W at a time."""
     n = grad.shape[-1]
-    if name not in _DENSE_OPS or n <= _GRAD_ROWS:
+    if n <= _GRAD_ROWS:
         return grad @ reference.dense_weight(name, k, *wargs).to(grad.device)
     gx = None
     for n0 in range(0, n, _GRAD_ROWS):
         n1 = min(n0 + _GRAD_ROWS, n)
-        rows = [a[n0:n1] if isinstance(a, torch.Tensor) else a for a in wargs]
-        part = grad[..., n0:n1] @ reference.dense_weight(name, k, *rows).to(grad.device)
+        part = grad[..., n0:n1] @ reference.dense_weight(
+            name, k, *_weight_rows(name, wargs, n0, n1)).to(grad.device)
         gx = part if gx is None else gx.add_(part)
     return gx
 

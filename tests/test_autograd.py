@@ -79,11 +79,12 @@ def test_grad_in_bf16_and_through_a_model(config):
     assert not torch.equal(front.weight, before)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:4])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_grad_by_blocks_of_rows(config, monkeypatch):
-    """The dense ops dequantize W for the backward a block of output rows at a time (to bound
-    its memory): with blocks of 8 rows over 24 (and a last partial block over 20), the
-    gradient is the same as from the whole W."""
+    """Every op dequantizes (and decompresses) W for the backward a block of output rows at a
+    time (to bound its memory; the unstructured values cut at their row offsets): with blocks
+    of 8 rows over 24 (and a last partial block over 20), the gradient is the same as from the
+    whole W."""
     from pyquant import ops
 
     k = 128
