@@ -643,3 +643,14 @@ def test_failure_after_swap_names_the_swap_not_the_batch(prune):
     with pytest.raises(ValueError, match="calibration batch 0 .* does not fit the model"):
         pyquant.quantize_(_ReadsInnerWeight(), Int8WeightOnly(method="gptq"),
                           calibration=[torch.randn(4, 63)])
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers not installed")
+def test_positional_mask_through_torch_compile_wrapper():
+    """torch.compile's wrapper takes forward(*args, **kwargs); the mask position is the
+    wrapped model's (no compilation happens here)."""
+    from pyquant.calibrate.sequential import _mask_position
+
+    model = tiny_llama()
+    assert _mask_position(model) == 1
+    assert _mask_position(torch.compile(model)) == 1

@@ -231,3 +231,38 @@ def test_zero_points_past_15(op, backend, isa, m):
     packed, scales, zeros = random_int4_weight(n, k, g, seed=5)
     zeros[::2, 1] = 200
     check_op(op, backend, isa, activation((m, k), seed=m), (packed, scales, zeros, g), None)
+
+
+_SHORT_TEAM_SCRIPT = r"""
+import torch
+from pyquant import formats, ops, reference
+torch.set_num_threads(4)
+g = torch.Generator().manual_seed(0)
+bad = []
+for op, k, x_dtype in (("int4_dynamic_mm", 384, torch.float32),
+                       ("int4_weight_only_mm", 256, torch.float32)):
+    n, group = 96, 64
+    c, s, z = formats.quantize_int4_groupwise(torch.randn(n, k, generator=g), group)
+    wargs = (formats.pack_int4(c), s, z, group)
+    x = torch.randn(130, k, generator=g).to(x_dtype)
+    got = getattr(ops, op)(x, *wargs, None).float()
+    want = getattr(reference, op)(x, *wargs, None).float()
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+        bad.append(op)
+print("bad", bad)
+"""
+
+
+def test_amx_short_rows_with_fewer_omp_threads_than_asked():
+    """OpenMP may start fewer threads than a kernel asks for (OMP_THREAD_LIMIT, nested
+    regions): the short-row AMX order, which splits the weight strips into per-thread shares,
+    must still compute every share (it left a third of the columns unwritten)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_THREAD_LIMIT": "2", "PYQUANT_QUIET": "1"}
+    r = subprocess.run([sys.executable, "-c", _SHORT_TEAM_SCRIPT], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "bad []", r.stdout

@@ -133,8 +133,7 @@ def test_bad_inputs(op, case):
 # On CPUs with AMX these shapes run on tiles: int8 tiles for W8A8, bf16 tiles for weight-only
 # (activations split into up to three exact bf16 terms: bf16 inputs one, fp16 two, fp32 three).
 # Every ISA runs them.
-AMX_SHAPES = [(16, 32, 32), (17, 64, 96), (40, 96, 256), (100, 32, 544),
-              (130, 96, 384)]  # short K: tasks of 32 rows x all N (tile_amx.h)
+AMX_SHAPES = [(16, 32, 32), (17, 64, 96), (40, 96, 256), (100, 32, 544)]
 
 
 @op_param
@@ -146,6 +145,18 @@ def test_amx_shapes(op, backend, isa, m, n, k, dtype):
     scale = torch.logspace(-3, 3, k)[torch.randperm(k, generator=torch.Generator().manual_seed(k))]
     x = (activation((m, k), seed=m) * scale).to(dtype)
     check_op(op, backend, isa, x, random_int8_weight(n, k, seed=n), make_bias(n, "fp32", dtype))
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_short_k(op, backend, isa, threads):
+    """Short K: AMX tasks of 32 activation rows x all N (tile_amx.h), which the int8 GEMM
+    takes at 1 and 2 threads for M = 130 (odd tile count, partial tile)."""
+    x = activation((130, 384), seed=3)
+    with num_threads(threads):
+        check_op(op, backend, isa, x, random_int8_weight(96, 384, seed=4),
+                 make_bias(96, "fp32", x.dtype))
 
 
 @op_param

@@ -283,3 +283,31 @@ def test_calibrated_accuracy_report(method, tmp_path):
     assert load_report(path + ".report.json").to_dict() == acc.to_dict()
     fresh = pyquant.load(models.tiny_model(seed=5), path)
     assert fresh.pyquant_accuracy.to_dict() == acc.to_dict()
+
+
+class _Boxed:
+    def __init__(self, t):
+        self.t = t
+
+
+class _NoTensorOutput(torch.nn.Module):
+    """No repeated blocks, and a forward whose output holds no tensor a runner can find."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return _Boxed(self.b(torch.relu(self.a(x))))
+
+
+def test_accuracy_report_when_the_output_holds_no_tensor():
+    """The layers still get their output error (one more pass over the model), the model line
+    is left out."""
+    model = _NoTensorOutput()
+    report = pyquant.sparsify_(model, pyquant.Sparse24(method="wanda"),
+                               calibration=[torch.randn(4, 64), torch.randn(3, 64)])
+    acc = report.accuracy
+    assert [(x.name, x.tokens) for x in acc.layers] == [("a", 7), ("b", 7)]
+    assert all(x.output_sqnr_db is not None and x.output_sqnr_db > 0 for x in acc.layers)
+    assert acc.model is None

@@ -167,28 +167,33 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
       share * (conv_bytes + sc_bytes) <= strip_bytes - acc_off - 4096) {
 #pragma omp parallel num_threads(rf_threads) if (rf_threads > 1)
     {
-      const int t = rf_threads > 1 ? omp_get_thread_num() : 0;
-      float* acc = (float*)(strips + t * strip_bytes + acc_off);
-      uint8_t* mine = (uint8_t*)acc + 4096;
-      const int64_t s_lo = t * share, s_hi = min64(s_lo + share, all_strips);
-      for (int64_t s = s_lo; s < s_hi; ++s) {
-        uint8_t* wb = mine + (s - s_lo) * (conv_bytes + sc_bytes);
-        float* sb = (float*)(wb + conv_bytes);
-        convert(s * 32, 0, ng, wb, row_bytes);
-        if (scales)
-          for (int r = 0; r < 32; ++r)
-            for (int64_t g = 0; g < ng; ++g) sb[g * 32 + r] = scales[(s * 32 + r) * ng + g];
-      }
+      /* shares by index, not by thread: OpenMP may start fewer threads than asked
+       * (OMP_THREAD_LIMIT, nested regions), and then a thread takes several shares, each
+       * in its own scratch (sized for n_threads) */
+      const int tid = omp_get_thread_num(), team = omp_get_num_threads();
       amx_config_tiles();
       alignas(64) int32_t cbuf[16 * 16];
-      for (int64_t mt = 0; mt < Mt; mt += 2) {
-        const bool two = mt + 1 < Mt;
+      for (int t = tid; t < rf_threads; t += team) {
+        float* acc = (float*)(strips + t * strip_bytes + acc_off);
+        uint8_t* mine = (uint8_t*)acc + 4096;
+        const int64_t s_lo = t * share, s_hi = min64(s_lo + share, all_strips);
         for (int64_t s = s_lo; s < s_hi; ++s) {
-          const uint8_t* w0 = mine + (s - s_lo) * (conv_bytes + sc_bytes);
-          amx_grouped_block<Op>(w0, w0 + 16 * row_bytes, row_bytes, xp, terms, term_bytes, KB,
-                                gkb, mt, two, 0, ng,
-                                scales ? (const float*)(w0 + conv_bytes) : nullptr, acc, cbuf);
-          amx_grouped_store(acc, s * 32, mt, two, M, epi);
+          uint8_t* wb = mine + (s - s_lo) * (conv_bytes + sc_bytes);
+          float* sb = (float*)(wb + conv_bytes);
+          convert(s * 32, 0, ng, wb, row_bytes);
+          if (scales)
+            for (int r = 0; r < 32; ++r)
+              for (int64_t g = 0; g < ng; ++g) sb[g * 32 + r] = scales[(s * 32 + r) * ng + g];
+        }
+        for (int64_t mt = 0; mt < Mt; mt += 2) {
+          const bool two = mt + 1 < Mt;
+          for (int64_t s = s_lo; s < s_hi; ++s) {
+            const uint8_t* w0 = mine + (s - s_lo) * (conv_bytes + sc_bytes);
+            amx_grouped_block<Op>(w0, w0 + 16 * row_bytes, row_bytes, xp, terms, term_bytes,
+                                  KB, gkb, mt, two, 0, ng,
+                                  scales ? (const float*)(w0 + conv_bytes) : nullptr, acc, cbuf);
+            amx_grouped_store(acc, s * 32, mt, two, M, epi);
+          }
         }
       }
       _tile_release();

@@ -98,6 +98,7 @@ def _mask_position(model) -> Optional[int]:
     Hugging Face model's is 1: ``model(input_ids, attention_mask)``), or None."""
     if model is None:
         return None
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: forward(*args)
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -169,10 +170,10 @@ def call_on_batch(model: nn.Module, i: int, b: _Batch, swapped: int):
         if swapped:
             raise RuntimeError(
                 f"calibration batch {i} ran through the float model, but the model failed on it "
-                f"after pyquant swapped {swapped} layer(s): {type(e).__name__}: {e}. Likely some "
-                f"code outside a swapped layer reads its float weights (e.g. its .weight); keep "
-                f"that layer float with filter_fn. The model is left partly swapped: reload it "
-                f"before trying again") from e
+                f"after pyquant swapped {swapped} layer(s): {type(e).__name__}: {e}. A common "
+                f"cause is code outside a swapped layer that reads its float weights (e.g. its "
+                f".weight); keep that layer float with filter_fn. The model keeps the layers "
+                f"swapped so far: reload it before trying again") from e
         raise ValueError(
             f"calibration batch {i} ({b.desc:.300}) does not fit the model "
             f"{type(model).__name__}: {type(e).__name__}: {e}") from e

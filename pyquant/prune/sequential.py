@@ -171,9 +171,9 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
                     first_pass(i, b)
                 unhook()
                 finish_all(left, stats)
-            if measure is not None and refs.outs:
-                # the swapped model's outputs; every batch while the layers outside the
-                # blocks still measure theirs
+            if measure is not None:
+                # the swapped model's outputs for the model-level error, and every batch while
+                # the layers outside the blocks still measure theirs
                 n = len(batches) if left else len(refs.outs)
                 outs = []
                 for i in range(n):
@@ -182,8 +182,9 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
                         outs.append(out)
                     del out
                 unhook()
-                measure.model = _seq._model_accuracy(
-                    refs.outs, outs, [b.mask for b in batches[:len(refs.outs)]], refs.what)
+                if refs.outs:
+                    measure.model = _seq._model_accuracy(
+                        refs.outs, outs, [b.mask for b in batches[:len(refs.outs)]], refs.what)
     finally:
         unhook()
         if chain is not None:
