@@ -110,6 +110,7 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "int8dyn 2560x1536x384": lambda: int8_dynamic(2560, 1536, 384),
         "int8dyn 2560x384x1536": lambda: int8_dynamic(2560, 384, 1536),
         "int8dyn 128x4096x4096": lambda: int8_dynamic(128, 4096, 4096),
+        "int8dyn 512x4096x11008": lambda: int8_dynamic(512, 4096, 11008),
         "int8wo fp32-x 2560x384x384": lambda: int8_dynamic(2560, 384, 384, x_fp32=True),
         "w4a8 g64 2560x384x384": lambda: w4a8(2560, 384, 384, 64),
         "w4a8 g64 2560x1536x384": lambda: w4a8(2560, 1536, 384, 64),
