@@ -146,12 +146,16 @@ def test_unstructured_tails(backend, isa, k, density):
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())
-def test_unstructured_corrupt_weights(backend, isa):
+@pytest.mark.parametrize("bf16_m1", [False, True], ids=["fp32", "bf16-m1"])
+def test_unstructured_corrupt_weights(backend, isa, bf16_m1):
     """Every kind of inconsistency is caught by the kernel before it reads a row's values and
-    reported with sparse_formats' diagnosis."""
+    reported with sparse_formats' diagnosis (bf16-m1: bf16 values and one bf16 row of x, the
+    vdpbf16ps path of AMX builds)."""
     k = 100
     _, (bm, v, off) = random_sparse(13, k, 0.5, seed=5)
     x = activation((2, k))
+    if bf16_m1:
+        v, x = v.bfloat16(), activation((1, k), torch.bfloat16)
     cases = []
     bad = off.clone()
     bad[6] += 3  # rows 5 and 6 disagree with their popcounts
