@@ -50,6 +50,14 @@ def _tensor_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
+def drop_stale_accuracy(model: nn.Module, report: SwapReport) -> None:
+    """Layers were swapped without a new accuracy report: the model's earlier one (of a
+    previous calibrated quantize_ or sparsify_) no longer describes those layers, so it goes,
+    and pyquant.save then writes none. A call that swaps nothing leaves it."""
+    if report.swapped and getattr(model, "pyquant_accuracy", None) is not None:
+        del model.pyquant_accuracy
+
+
 def check_filter_and_calibration(fn: str, filter_fn, calibration) -> None:
     """quantize_ takes (model, config, filter_fn, calibration) and sparsify_ (model, config,
     calibration, filter_fn): an argument passed in the other's place gets a clear error."""
@@ -262,6 +270,7 @@ def quantize_(
                 report.bytes_after += _tensor_bytes(new)
             _set_child(model, fqn, new)
             report.swapped.append(fqn)
+    drop_stale_accuracy(model, report)
     return report
 
 

@@ -119,6 +119,16 @@ def targets(result: dict, m: int = 1) -> list[dict]:
     return out
 
 
+def _short_of(r: dict) -> str:
+    """Which of a decode target's two parts a row misses."""
+    why = []
+    if r["speedup"] is None or r["speedup"] < r["min_speedup"]:
+        why.append(f"speedup < {r['min_speedup']:.1f}x")
+    if r["bw_share"] < BANDWIDTH_FLOOR:
+        why.append(f"bw% < {100 * BANDWIDTH_FLOOR:.0f}%")
+    return ", ".join(why)
+
+
 def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> str:
     """The decode targets at M = 1; at other batch sizes the same ratios without targets (the
     targets are for decode), and which path the layer takes there."""
@@ -132,7 +142,7 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         be = r["dense_from_m"]
-        flag = ("" if r["ok"] else "  (below target)") if decode else (
+        flag = ("" if r["ok"] else f"  (below target: {_short_of(r)})") if decode else (
             "  (runs dense: decompressed weight)" if be is not None and m >= be else "")
         lines.append(f"{r['impl']:44s} {r['shape']:>11s} {r['ms']:8.3f} {sp:>8s} "
                      + (f"{r['min_speedup']:4.1f}x " if decode else "")

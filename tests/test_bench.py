@@ -119,3 +119,22 @@ def test_bench_arguments_fail_before_the_run_in_one_line(args, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_sparse_targets_say_what_a_row_misses():
+    """A decode row below target says which part it misses: the speedup, the share of the
+    read bandwidth, or both (a speedup above 'need' alone is not the whole target)."""
+    from pyquant.bench_sparse import format_targets
+
+    def row(speedup, bw):
+        return {"impl": "pyquant.sparse24_int8_mm", "shape": "384x1536", "m": 1, "ms": 0.1,
+                "vs": "pyquant.int8_weight_only_mm", "speedup": speedup, "min_speedup": 1.4,
+                "bw_share": bw, "bw_share_now": bw, "dense_from_m": 16,
+                "ok": speedup >= 1.4 and bw >= 0.75}
+
+    lines = format_targets([row(1.58, 0.5), row(1.2, 0.9), row(1.2, 0.5), row(1.5, 0.8)]
+                           ).splitlines()[2:6]
+    assert lines[0].endswith("(below target: bw% < 75%)")
+    assert lines[1].endswith("(below target: speedup < 1.4x)")
+    assert lines[2].endswith("(below target: speedup < 1.4x, bw% < 75%)")
+    assert "below target" not in lines[3]

@@ -311,3 +311,40 @@ def test_accuracy_report_when_the_output_holds_no_tensor():
     assert [(x.name, x.tokens) for x in acc.layers] == [("a", 7), ("b", 7)]
     assert all(x.output_sqnr_db is not None and x.output_sqnr_db > 0 for x in acc.layers)
     assert acc.model is None
+
+
+def test_later_swaps_drop_or_keep_the_accuracy_report(tmp_path):
+    """The report on the model describes its layers: a quantize_ that changes them without a
+    report of its own drops it (no stale PATH.report.json); one that swaps nothing keeps it."""
+    import os
+
+    cal = models.tiny_inputs(8, batch_size=4, seed=1)
+    model = models.tiny_model()
+    pyquant.sparsify_(model, pyquant.Sparse24(method="wanda"), calibration=cal)
+    wanda = model.pyquant_accuracy.to_dict()
+    # calibrated GPTQ cannot quantize sparse layers: nothing swapped, the report stays
+    out = pyquant.quantize_(model, pyquant.Int4WeightOnly(group_size=64, method="gptq"),
+                            calibration=cal)
+    assert out.swapped == [] and model.pyquant_accuracy.to_dict() == wanda
+    path = str(tmp_path / "a.safetensors")
+    pyquant.save(model, path)
+    assert json_scheme(path + ".report.json") == "sparse24"
+    # rounding to int8 changes every layer: the pruning report no longer describes them
+    out = pyquant.quantize_(model, pyquant.Int8WeightOnly())
+    assert len(out.swapped) == 12 and getattr(model, "pyquant_accuracy", None) is None
+    pyquant.save(model, path)
+    assert not os.path.exists(path + ".report.json")
+    # the same for sparsify_ without calibration after a calibrated quantize_
+    model = models.tiny_model()
+    pyquant.quantize_(model, pyquant.Int8WeightOnly(method="gptq"), calibration=cal,
+                      filter_fn=lambda m, fqn: fqn.endswith("query"))
+    assert model.pyquant_accuracy is not None
+    pyquant.sparsify_(model, pyquant.Sparse24())
+    assert getattr(model, "pyquant_accuracy", None) is None
+
+
+def json_scheme(path):
+    import json
+
+    with open(path) as f:
+        return json.load(f)["scheme"]

@@ -643,10 +643,15 @@ def quantize_calibrated(model: nn.Module, config, targets: list, swap_report, ca
     device = param.device if param is not None else torch.device("cpu")
     batches = prepare_batches(calibration, device, model)
     if not targets:
-        swap_report.accuracy = model.pyquant_accuracy = _report.AccuracyReport(
+        # an empty report for the caller; the model keeps its earlier one unless layers
+        # changed (sparse layers quantized by rounding, before this call)
+        swap_report.accuracy = _report.AccuracyReport(
             scheme=config.scheme, method=getattr(config, "method", "rtn"),
             config=config.to_dict(), calibration={"batches": len(batches), "blocks": None,
                                                   "num_blocks": 0, "seconds": 0.0})
+        from ..api import drop_stale_accuracy
+
+        drop_stale_accuracy(model, swap_report)
         return swap_report
     runner = _Runner(model, config, targets, swap_report, batches)
     names = [fqn for fqn, _ in targets]

@@ -10,7 +10,8 @@ from torch import nn
 
 from .._progress import progress
 from ..api import (SwapReport, _set_child, _tensor_bytes, check_filter_and_calibration,
-                   config_mistake, linear_candidates, other_module_reason, parameter_owners)
+                   config_mistake, drop_stale_accuracy, linear_candidates, other_module_reason,
+                   parameter_owners)
 from ..calibrate import report as _report
 from ..config import SparseConfig
 from .masks import magnitude_mask, wanda_mask
@@ -195,7 +196,9 @@ def sparsify_(
                 layer_acc[k].tokens = e.tokens
                 layer_acc[k].output_sqnr_db = e.sqnr_db()
     report.calibration["seconds"] = round(time.perf_counter() - t0, 3)
-    if calibration is not None:
+    if calibration is None:
+        drop_stale_accuracy(model, report)
+    else:
         report.accuracy = model.pyquant_accuracy = _report.AccuracyReport(
             scheme=config.scheme, method=method, config=config.to_dict(),
             calibration=dict(report.calibration), layers=[layer_acc[k] for k in mods],
