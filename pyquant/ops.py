@@ -404,14 +404,13 @@ def _(x, packed, meta, scales, zeros, group_size, bias):
 # The weights are frozen codes (buffers, no gradient), but gradients flow to x, so that a
 # quantized model can sit under trainable parts: adapters (LoRA on a quantized base), earlier
 # float layers, prompt tuning. dL/dx = dL/dy @ W with the dense weight the op multiplies
-# (reference.dense_weight, dequantized per backward call in float32, by blocks of rows for the
-# dense ops; the dynamic ops pass their activation rounding straight through), and dL/dbias =
-# the sum of dL/dy when the bias asks for it.
+# (reference.dense_weight, dequantized per backward call in float32, by blocks of rows; the
+# dynamic ops pass their activation rounding straight through), and dL/dbias = the sum of
+# dL/dy when the bias asks for it.
 
 
-#: Output rows of W dequantized at a time in the backward of the dense ops (whose every
-#: weight tensor is row-major per output row): 16 MiB of float32 at K = 4096, where the whole
-#: W of a 4096 x 11008 layer would take 180 MB.
+#: Output rows of W dequantized (or decompressed) at a time in the backward: 16 MiB of
+#: float32 at K = 4096, where the whole W of a 4096 x 11008 layer would take 180 MB.
 _GRAD_ROWS = 1024
 
 

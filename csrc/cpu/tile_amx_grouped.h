@@ -42,24 +42,6 @@ inline void amx_scale_acc(const void* cbuf, float* acc, const float* sg, bool fi
   }
 }
 
-/* Op: the tile products dp046() (C0 += A4 B6), dp147(), dp256(), dp357(), and
- * `static constexpr bool kInt` (int32 sums). Epi: as amx_store_tile's, given
- * the fp32 accumulators' bits. group_bytes: the group size in bytes of a weight
- * row. scales [N][ng], or null: the groups' sums are added unscaled (a scale per row,
- * the same for every group, is then the epilogue's to apply, once, to their sum).
- * convert(n0, g0, g1, wb, ld) writes groups g0..g1-1 of the 32 weight rows
- * from n0 to wb (row stride ld bytes). strips: n_threads x pq::amx_strip_bytes
- * (row_bytes, ng) bytes, 64-byte aligned: each thread's converted strip (chunk),
- * its scales and its fp32 accumulators (the caller's scratch).
- *
- * Cache blocking as in amx_gemm (tile_amx.h): while the packed activations fit in
- * L2 a task is one strip x every activation row (pq::kAmxGroupedMc rows when there
- * are too few strips for the threads) over the whole K; past that (and when a group
- * fits in a chunk) a task is pq::kAmxGroupedNc weight rows x pq::kAmxGroupedMc
- * activation rows with K in chunks of whole groups (pq::kAmxGroupedKcBytes of a
- * row): per chunk the task's activation tiles stay in L2 while each strip's
- * converted chunk (32 rows, in L1) meets all of them, and the fp32 sums of the
- * task's blocks wait in the thread's accumulators. */
 /* Groups g0..g1-1 of one (32 weight rows) x (activation tiles mt, mt + 1 when
  * two) block: per group the tiles' int32/fp32 sums over every term, scaled by
  * the rows' group scales (sg_base: group-major [g - g0][32], or null) into the

@@ -35,7 +35,6 @@ stay quantized (the swap is in place).
 from __future__ import annotations
 
 import inspect
-
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass

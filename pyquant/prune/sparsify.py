@@ -154,11 +154,10 @@ def sparsify_(
             raise ValueError(f"{method} on {name}: its calibration inputs hold NaN or inf")
         tokens = stat.tokens if stat is not None else 0
         if stat is not None and stat.tokens == 0 and method != "magnitude":
-            report.notes.append((name, "no calibration token reached this layer: pruned by "
-                                       "magnitude"))
-            used, note = "magnitude", ("no calibration token reached this layer: pruned by "
-                                       "magnitude; " + note).strip("; ")
-        if method == "magnitude" or used == "magnitude":
+            why = "no calibration token reached this layer: pruned by magnitude"
+            report.notes.append((name, why))
+            used, note = "magnitude", f"{why}; {note}".strip("; ")
+        if used == "magnitude":
             stat = None
         w, mask = prune_weight(m.weight.detach(), config, stat, what=name)
         new = layer_cls.from_float(m, config, mask=mask, weight=w)
