@@ -105,6 +105,36 @@ def _cases(C, torch, formats, nt: int) -> dict:
         return lambda: (work, C.int4_dynamic_mm(isa, ptr(xq), ptr(xs), m, k, ptr(p), n, ptr(s),
                                                 ptr(z), g, 0, ptr(out), wa, nb, nt))[1]
 
+    def sparse24_quant(n, k, bits, copies, g=128):
+        """2:4 + int8 (bits 8) or + int4 group g (bits 4) at M = 1, fp32 x (the fixed-point
+        decode path); `copies` weights in turn, as int4_weight_only."""
+        from pyquant import sparse_formats
+        isa = C.best_isa()
+        x = torch.randn(1, k)
+        out = torch.empty(1, n)
+        nb = C.sparse24_workspace_bytes(isa, 1, k)
+        work, wa = workspace(nb)
+        ws = []
+        for i in range(copies):
+            gen = torch.Generator().manual_seed(n + k + i)
+            vals, meta = sparse_formats.compress_24(torch.randn(n, k, generator=gen))
+            ws.append((sparse_formats.quantize_24_int8(vals) if bits == 8 else
+                       sparse_formats.quantize_24_int4(vals, g)) + (meta,))
+        calls = [0]
+
+        def run():
+            calls[0] += 1
+            w = ws[calls[0] % copies]
+            if bits == 8:
+                q, s, meta = w
+                return C.sparse24_int8_mm(isa, ptr(x), 1, k, k, ptr(q), ptr(meta), n, ptr(s), 0,
+                                          ptr(out), nt, wa, nb)
+            p, s, z, meta = w
+            return C.sparse24_int4_mm(isa, ptr(x), 1, k, k, ptr(p), ptr(meta), n, ptr(s),
+                                      ptr(z), g, 0, ptr(out), nt, wa, nb)
+        run.keep = work
+        return run
+
     return {
         "int8dyn 2560x384x384": lambda: int8_dynamic(2560, 384, 384),
         "int8dyn 2560x1536x384": lambda: int8_dynamic(2560, 1536, 384),
@@ -122,6 +152,12 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "int4wo g128 bf16-x 512x4096x4096": lambda: int4_weight_only(512, 4096, 4096, 128),
         "int8wo bf16-x 128x4096x4096": lambda: int8_weight_only(128, 4096, 4096),
         "int8wo bf16-x 512x4096x4096": lambda: int8_weight_only(512, 4096, 4096),
+        # 2:4 + int: 40 weights of 5.8-10.5 MB in turn, as above
+        "sparse24 int4 g128 1x4096x11008": lambda: sparse24_quant(4096, 11008, 4, 40),
+        "sparse24 int4 g128 1x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 40),
+        "sparse24 int8 1x4096x11008": lambda: sparse24_quant(4096, 11008, 8, 40),
+        "sparse24 int8 1x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40),
+        "sparse24 int4 g128 1x1024x4096 hot": lambda: sparse24_quant(1024, 4096, 4, 1),
     }
 
 

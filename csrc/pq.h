@@ -210,7 +210,8 @@ int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
  * pq_int4_weight_only_mm's decode path (three int8 terms, |error| <= max|x| / 8323072 per
  * entry; non-finite x, or max |x| < 2^-100, takes the float path) and the exact int32 sums
  * of the terms are combined in fp32. The same holds for pq_sparse24_int4_mm at M = 1 with
- * G % 64 == 0, per group. That path needs `work`: pq_sparse24_workspace_bytes(isa, M, K)
+ * G % 32 == 0, except that its terms are combined exactly in int32 per group (per 128 kept
+ * values where G is larger) and rounded to fp32 once. That path needs `work`: pq_sparse24_workspace_bytes(isa, M, K)
  * bytes (0 where it does not apply), 64-byte aligned; with less, or null, the float path runs. */
 int64_t pq_sparse24_workspace_bytes(int isa, int64_t M, int64_t K);
 int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,

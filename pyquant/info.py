@@ -147,7 +147,7 @@ def _decode_paths() -> dict:
     return {"int4_weight_only_mm (group size 64-256, K % 128 == 0)": _ranges(wo),
             "int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)": w8s,
             "sparse24_int8_mm": _ranges(sp),
-            "sparse24_int4_mm (group size % 64 == 0)": _ranges(sp)}
+            "sparse24_int4_mm (group size % 32 == 0)": _ranges(sp)}
 
 
 def _cuda_section() -> dict:

@@ -50,8 +50,10 @@ def test_sparse24_int4_groups(backend, isa, k, group):
         _check("sparse24_int4_mm", isa, activation((m, k), seed=m), wargs)
 
 
-# M = 1 on AMX CPUs (which have VBMI): 2:4 + int8, and 2:4 + int4 with G % 64 == 0, write x in
-# 24-bit fixed point (three int8 terms) and gather it with byte permutes (sparse.cpp).
+# M = 1 on AMX CPUs (which have VBMI): 2:4 + int8, and 2:4 + int4 with G % 32 == 0, write x in
+# 24-bit fixed point (three int8 terms) and gather it with byte permutes (sparse.cpp). Rows go
+# two to a register when the row length allows (int8: K/2 % 32 == 0), an odd last row paired
+# with itself: N = 21 and 23 leave tiles of 1 and 3 rows.
 @pytest.mark.parametrize("backend,isa", isa_params())
 @pytest.mark.parametrize("k", [4, 60, 128, 132, 1028, 4096])
 def test_sparse24_int8_decode_path(backend, isa, k):
@@ -62,12 +64,34 @@ def test_sparse24_int8_decode_path(backend, isa, k):
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())
-@pytest.mark.parametrize("k,group", [(128, 64), (512, 128), (1536, 64), (2048, 256), (4096, 128)])
+@pytest.mark.parametrize("k,group", [(64, 32), (128, 64), (512, 128), (768, 96), (1280, 160),
+                                     (1536, 64), (2048, 256), (4096, 128)])
 def test_sparse24_int4_decode_path(backend, isa, k, group):
     wargs, _ = int4_args(21, k, group, seed=k)
     x = activation((1, k), seed=k)
     x[0, 3] = -300.0
     _check("sparse24_int4_mm", isa, x, wargs, torch.randn(21, generator=gen(4)))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("group", [32, 128, 256])
+def test_sparse24_int4_decode_path_extremes(backend, isa, group):
+    """The int4 decode path adds the three terms' sums in int32 over up to 128 kept values a row
+    (4 a lane a step): codes 15 against zero 0, and 0 against 15, with every x at the row's
+    largest magnitude, take those sums to their bound (just under 2^31). Any overflow or a
+    term added at the wrong weight would miss the reference by far more than the tolerance."""
+    n, k = 6, 4 * group
+    (packed, meta, scales, zeros, g), _ = int4_args(n, k, group, seed=5)
+    codes = torch.zeros(n, k // 2, dtype=torch.uint8)
+    codes[0::2] = 15
+    zeros = torch.zeros_like(zeros)
+    zeros[1::2] = 15
+    wargs = (formats.pack_int4(codes), meta, scales, zeros, g)
+    for sign in (1.0, -1.0):
+        x = torch.full((1, k), 3.0 * sign)
+        _check("sparse24_int4_mm", isa, x, wargs)
+        x[0, ::3] = -3.0 * sign  # mixed signs at full magnitude too
+        _check("sparse24_int4_mm", isa, x, wargs)
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())

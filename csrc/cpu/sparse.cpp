@@ -98,7 +98,10 @@ bool sparse24_int8_fx(const float* x, int64_t K, const int8_t* values_q, const u
                                               const float* s3) {
     constexpr int R = decltype(R_)::value;
     int32_t d[R][3];
-    dot24_i8_fx<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);
+    if (H % 32 == 0)
+      dot24_i8_fx2<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);
+    else
+      dot24_i8_fx<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);
     for (int r = 0; r < R; ++r) {
       const float v = (float)d[r][0] * s3[0] + ((float)d[r][1] * s3[1] + (float)d[r][2] * s3[2]);
       out[n + r] = epilogue(v, scale, bias, n + r);
@@ -121,7 +124,7 @@ void sparse24_int8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const i
 }
 
 #if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
-/* sparse24_int4_mm at M = 1 through dot24_i4_fx (G % 64 == 0). */
+/* sparse24_int4_mm at M = 1 through dot24_i4_fx2 (G % 32 == 0). */
 bool sparse24_int4_fx(const float* x, int64_t K, const uint8_t* packed, const uint8_t* meta,
                       int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                       const float* bias, float* out, int n_threads, void* work) {
@@ -130,8 +133,8 @@ bool sparse24_int4_fx(const float* x, int64_t K, const uint8_t* packed, const ui
                                               const float* s3) {
     constexpr int R = decltype(R_)::value;
     float d[R];
-    dot24_i4_fx<R>(packed + n * ldp, ldp, meta + n * ldm, ldm, scales + n * ng, zeros + n * ng,
-                   ng, G, xu, Kp, d);
+    dot24_i4_fx2<R>(packed + n * ldp, ldp, meta + n * ldm, ldm, scales + n * ng, zeros + n * ng,
+                    ng, G, xu, Kp, d);
     for (int r = 0; r < R; ++r) out[n + r] = epilogue(d[r] * s3[2], nullptr, bias, n + r);
   });
 }
@@ -141,7 +144,7 @@ void sparse24_int4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const u
                       const uint8_t* meta, int64_t N, const float* scales, const uint8_t* zeros,
                       int64_t G, const float* bias, float* out, int n_threads, void* work) {
 #if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
-  if (work && G % 64 == 0 &&
+  if (work && G % 32 == 0 &&
       sparse24_int4_fx(x, K, packed, meta, N, scales, zeros, G, bias, out, n_threads, work))
     return;
 #else

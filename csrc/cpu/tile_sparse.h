@@ -286,66 +286,159 @@ inline void dot24_i8_fx(const int8_t* v, int64_t ldv, const uint8_t* meta, int64
   }
 }
 
-/* 2:4 + int4 at M = 1, G % 64 == 0 (so a step's 64 kept values share one group):
- * as dot24_i8_fx, with the 32 code bytes of a step decoded as in dot_i8_u4
- * (low nibbles, then high nibbles: kept j = 0, 2, .., 62, then 1, 3, .., 63),
- * the gather indices built in that order, and the weights signed: code - zero
- * (-15..15), so the u8 bias of x returns as 128 * sum(code - zero) per group.
- * Per group the three terms' exact sums are combined in fp32 (hi * 2^16 +
- * mid * 2^8 + lo: exact scalings) and scaled by the group's scale; dot[r] is
- * then in units of the lo term's scale. */
+/* 2:4 + int8 at M = 1, two weight rows a register (as dot24_i4_fx2 below): bytes 0-31 hold
+ * row a's kept values j..j+31, bytes 32-63 row b's; each row's 8 meta bytes fill
+ * its four qwords, so one multishift finds every position and one vpermb per term
+ * gathers x from the step's 64 columns. About 11 vector uops per 64 row values,
+ * where dot24_i8_fx spends 17. Exact int32 sums as dot24_i8_fx. H % 32 == 0. */
 template <int R>
-inline void dot24_i4_fx(const uint8_t* packed, int64_t ldp, const uint8_t* meta, int64_t ldm,
-                        const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
-                        const uint8_t* xu, int64_t Kp, float dot[R]) {
-  alignas(64) static const uint8_t kSpread[64] = {0,0,1,1,2,2,3,3,4,4,5,5,6,6,7,7,8,8,9,9,10,10,11,11,12,12,13,13,14,14,15,15,0,0,1,1,2,2,3,3,4,4,5,5,6,6,7,7,8,8,9,9,10,10,11,11,12,12,13,13,14,14,15,15};
-  alignas(64) static const uint8_t kCtrl[64] = {0,12,16,28,32,44,48,60,0,12,16,28,32,44,48,60,0,12,16,28,32,44,48,60,0,12,16,28,32,44,48,60,2,14,18,30,34,46,50,62,2,14,18,30,34,46,50,62,2,14,18,30,34,46,50,62,2,14,18,30,34,46,50,62};
-  alignas(64) static const uint8_t kBase[64] = {0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,64,68,72,76,80,84,88,92,96,100,104,108,112,116,120,124,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,64,68,72,76,80,84,88,92,96,100,104,108,112,116,120,124};
-  const __m512i spread = _mm512_load_si512(kSpread), ctrl = _mm512_load_si512(kCtrl);
-  const __m512i base = _mm512_load_si512(kBase);
-  const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi8(1), nib = _mm512_set1_epi8(0x0F);
-  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  prefetch_next_groups<R>(sc, zp, ng);
-  __m512 facc[R];
-  for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512i acc[R][3], wsum[R], zb[R];
+inline void dot24_i8_fx2(const int8_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
+                         const uint8_t* xu, int64_t Kp, int64_t H, int32_t dot[R][3]) {
+  constexpr int P = (R + 1) / 2; /* pairs; an odd last row is paired with itself */
+  constexpr int64_t kStep = 32;
+  /* lane L is kept value k = L % 32 of its row: bit offset 2k of the row's meta, column
+   * 4 * (k / 2) + position */
+  alignas(64) static const uint8_t kCtrl[64] = {0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30,32,34,36,38,40,42,44,46,48,50,52,54,56,58,60,62,0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30,32,34,36,38,40,42,44,46,48,50,52,54,56,58,60,62};
+  alignas(64) static const uint8_t kBase[64] = {0,0,4,4,8,8,12,12,16,16,20,20,24,24,28,28,32,32,36,36,40,40,44,44,48,48,52,52,56,56,60,60,0,0,4,4,8,8,12,12,16,16,20,20,24,24,28,28,32,32,36,36,40,40,44,44,48,48,52,52,56,56,60,60};
+  const __m512i ctrl = _mm512_load_si512(kCtrl), base = _mm512_load_si512(kBase);
+  const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi8(1);
+  int64_t ra[P], rb[P];
+  for (int p = 0; p < P; ++p) ra[p] = 2 * p, rb[p] = 2 * p + 1 < R ? 2 * p + 1 : 2 * p;
+  __m512i acc[P][3], wsum[P];
+  for (int p = 0; p < P; ++p) {
+    wsum[p] = _mm512_setzero_si512();
+    for (int t = 0; t < 3; ++t) acc[p][t] = _mm512_setzero_si512();
+  }
+  for (int64_t j0 = 0; j0 < H; j0 += 4 * kStep) {
+    /* the next tile's rows, once per 128 values (two lines of each row's values, one of
+     * its meta), as dot24_i4_fx2 */
     for (int r = 0; r < R; ++r) {
-      wsum[r] = _mm512_setzero_si512();
-      zb[r] = _mm512_set1_epi8((char)zp[r * ng + g]);
-      for (int t = 0; t < 3; ++t) acc[r][t] = _mm512_setzero_si512();
+      PQ_PREFETCH_NEXT_TILE(v + (r + R) * ldv + j0);
+      PQ_PREFETCH_NEXT_TILE(v + (r + R) * ldv + j0 + 64);
+      PQ_PREFETCH_NEXT_TILE(meta + (r + R) * ldm + j0 / 4);
     }
-    for (int64_t j = g * G; j < (g + 1) * G; j += 64) {
-      __m512i xlo[3], xhi[3];
-      load_fx_step(xu, Kp, j, xlo, xhi);
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* mp = meta + r * ldm + j / 4;
-        const uint8_t* cp = packed + r * ldp + j / 2;
-        PQ_PREFETCH_NEXT_TILE(cp + R * ldp);
-        PQ_PREFETCH_NEXT_TILE(mp + R * ldm);
-        const __m512i m16 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)mp));
-        const __m512i idx = _mm512_add_epi8(
-            _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, _mm512_permutexvar_epi8(spread, m16)),
-                             three),
-            base);
-        const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)cp));
-        const __m512i w = _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(b, shift), nib), zb[r]);
-        wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, w);
+    const int64_t j1 = j0 + 4 * kStep < H ? j0 + 4 * kStep : H;
+    for (int64_t j = j0; j < j1; j += kStep) {
+      __m512i xt[3];
+      for (int t = 0; t < 3; ++t) xt[t] = _mm512_load_si512(xu + t * Kp + 2 * j);
+      for (int p = 0; p < P; ++p) {
+        const __m512i mq = _mm512_mask_set1_epi64(
+            _mm512_set1_epi64((long long)load_u64(meta + ra[p] * ldm + j / 4)), 0xF0,
+            (long long)load_u64(meta + rb[p] * ldm + j / 4));
+        const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mq), three,
+                                                      base, 0xEA); /* (a & b) | c */
+        const __m512i w = _mm512_mask_broadcast_i64x4(
+            _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(v + ra[p] * ldv + j))), 0xF0,
+            _mm256_loadu_si256((const __m256i*)(v + rb[p] * ldv + j)));
+        wsum[p] = _mm512_dpbusd_epi32(wsum[p], ones, w);
         for (int t = 0; t < 3; ++t)
-          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], _mm512_permutex2var_epi8(xlo[t], idx, xhi[t]), w);
+          acc[p][t] = _mm512_dpbusd_epi32(acc[p][t], _mm512_permutexvar_epi8(idx, xt[t]), w);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512i corr = _mm512_slli_epi32(wsum[r], 7);
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][2], corr));
-      const __m512 mid = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], corr));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], corr));
-      const __m512 v = _mm512_fmadd_ps(hi, _mm512_set1_ps(65536.0f),
-                                       _mm512_fmadd_ps(mid, _mm512_set1_ps(256.0f), lo));
-      facc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(sc[r * ng + g]), facc[r]);
+  }
+  for (int p = 0; p < P; ++p)
+    for (int h = 0; h < 2; ++h) {
+      const int r = h ? (int)rb[p] : (int)ra[p];
+      if (h && rb[p] == ra[p]) break;
+      const __mmask16 m = h ? 0xFF00 : 0x00FF;
+      const uint32_t bias = 128u * (uint32_t)_mm512_mask_reduce_add_epi32(m, wsum[p]);
+      for (int t = 0; t < 3; ++t) /* unsigned: the bias removal wraps, not overflows */
+        dot[r][t] = (int32_t)((uint32_t)_mm512_mask_reduce_add_epi32(m, acc[p][t]) - bias);
+    }
+}
+
+/* 2:4 + int4 at M = 1, G % 32 == 0, two weight rows a register. Per step each
+ * row of a pair gives 32 kept values (64 columns, one zmm of each x term), so
+ * the x gather is one vpermb (1 uop) per term, where a 128-column vpermi2b (one
+ * row, 64 values) takes 3; and each row's 8 meta bytes fill their own qword lanes, so
+ * a multishift finds every position without a byte spread. Byte lanes: 0-15
+ * row a, 16-31 row b, 32-47 row a, 48-63 row b; the low 256 bits hold the even
+ * kept values (low nibbles of the 16 code bytes), the high 256 the odd ones.
+ * The three terms' sums are combined in int32 (hi << 16 + mid << 8 + lo, minus
+ * the u8 bias 128 * 65793 * sum(code - zero)) with wrapping arithmetic, exact
+ * because the true sum of at most 4 steps is below 2^31 (4 values a dword lane
+ * a step, |x term| <= 128, |code - zero| <= 15: 65793 * 16 * 128 * 15 < 2^31);
+ * one convert and one FMA by the two rows' scales then follow, per group or
+ * per 4 steps. About 14 vector uops per 64 row values, where one row a
+ * register took ~20 plus a per-group epilogue per row (1.2-1.3x slower from
+ * memory on two threads). The weights are signed (code - zero, -15..15) and x
+ * u8-biased (x + 128), as in dot24_i8_fx. dot[r] is in units of the lo term's
+ * scale. */
+template <int R>
+inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta, int64_t ldm,
+                         const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
+                         const uint8_t* xu, int64_t Kp, float dot[R]) {
+  constexpr int P = (R + 1) / 2; /* pairs; an odd last row is paired with itself */
+  constexpr int64_t kStep = 32, kMaxSteps = 4;
+  /* bit offset of lane L's position in its row's 64 meta bits: kept 2i, or 2i + 1 in the
+   * high half, i = L % 16; and its group of 4's first column, 4i */
+  alignas(64) static const uint8_t kCtrl[64] = {0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,2,6,10,14,18,22,26,30,34,38,42,46,50,54,58,62,2,6,10,14,18,22,26,30,34,38,42,46,50,54,58,62};
+  alignas(64) static const uint8_t kBase[64] = {0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60};
+  const __m512i ctrl = _mm512_load_si512(kCtrl), base = _mm512_load_si512(kBase);
+  const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi8(1), nib = _mm512_set1_epi8(0x0F);
+  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i bias = _mm512_set1_epi32(128 * 65793);
+  constexpr __mmask64 kRowB = 0xFFFF0000FFFF0000ull;
+  prefetch_next_groups<R>(sc, zp, ng);
+  int64_t ra[P], rb[P]; /* row offsets of each pair */
+  for (int p = 0; p < P; ++p) ra[p] = 2 * p, rb[p] = 2 * p + 1 < R ? 2 * p + 1 : 2 * p;
+  __m512 facc[P];
+  for (int p = 0; p < P; ++p) facc[p] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i zb[P];
+    for (int p = 0; p < P; ++p)
+      zb[p] = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[ra[p] * ng + g]), kRowB,
+                                    (char)zp[rb[p] * ng + g]);
+    for (int64_t j0 = g * G; j0 < (g + 1) * G; j0 += kMaxSteps * kStep) {
+      const int64_t j1 = j0 + kMaxSteps * kStep < (g + 1) * G ? j0 + kMaxSteps * kStep : (g + 1) * G;
+      __m512i acc[P][3], wsum[P];
+      for (int p = 0; p < P; ++p) {
+        wsum[p] = _mm512_setzero_si512();
+        for (int t = 0; t < 3; ++t) acc[p][t] = _mm512_setzero_si512();
+      }
+      /* the next tile's rows, as in the dense kernels (common.h), once per block of at
+       * most 4 steps: its 64 code bytes and 32 meta bytes of each row (a prefetch per
+       * step, 4 to a line, cost ~40% in L2) */
+      for (int r = 0; r < R; ++r) {
+        PQ_PREFETCH_NEXT_TILE(packed + (r + R) * ldp + j0 / 2);
+        PQ_PREFETCH_NEXT_TILE(meta + (r + R) * ldm + j0 / 4);
+      }
+      for (int64_t j = j0; j < j1; j += kStep) {
+        __m512i xt[3];
+        for (int t = 0; t < 3; ++t) xt[t] = _mm512_load_si512(xu + t * Kp + 2 * j);
+        for (int p = 0; p < P; ++p) {
+          const uint8_t* ma = meta + ra[p] * ldm + j / 4;
+          const uint8_t* mb = meta + rb[p] * ldm + j / 4;
+          const uint8_t* ca = packed + ra[p] * ldp + j / 2;
+          const uint8_t* cb = packed + rb[p] * ldp + j / 2;
+          const __m512i mq = _mm512_mask_set1_epi64(_mm512_set1_epi64((long long)load_u64(ma)), 0xCC,
+                                                    (long long)load_u64(mb));
+          const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mq), three,
+                                                        base, 0xEA); /* (a & b) | c */
+          const __m512i c = _mm512_mask_broadcast_i32x4(
+              _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)ca)), 0xF0F0,
+              _mm_loadu_si128((const __m128i*)cb));
+          const __m512i w = _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(c, shift), nib), zb[p]);
+          wsum[p] = _mm512_dpbusd_epi32(wsum[p], ones, w);
+          for (int t = 0; t < 3; ++t)
+            acc[p][t] = _mm512_dpbusd_epi32(acc[p][t], _mm512_permutexvar_epi8(idx, xt[t]), w);
+        }
+      }
+      for (int p = 0; p < P; ++p) { /* scales read here: registers are short in the loop */
+        const __m512 sv = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(sc[ra[p] * ng + g]),
+                                               _mm512_set1_ps(sc[rb[p] * ng + g]));
+        const __m512i s = _mm512_sub_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc[p][0], 16), _mm512_slli_epi32(acc[p][1], 8)),
+                             acc[p][2]),
+            _mm512_mullo_epi32(wsum[p], bias));
+        facc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, facc[p]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) dot[r] = _mm512_reduce_add_ps(facc[r]);
+  for (int p = 0; p < P; ++p) {
+    dot[ra[p]] = _mm512_mask_reduce_add_ps(0x0F0F, facc[p]);
+    if (rb[p] != ra[p]) dot[rb[p]] = _mm512_mask_reduce_add_ps(0xF0F0, facc[p]);
+  }
 }
 #endif
 
