@@ -157,7 +157,6 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "sparse24 int4 g128 1x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 40),
         "sparse24 int8 1x4096x11008": lambda: sparse24_quant(4096, 11008, 8, 40),
         "sparse24 int8 1x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40),
-        "sparse24 int4 g128 1x1024x4096 hot": lambda: sparse24_quant(1024, 4096, 4, 1),
     }
 
 
