@@ -398,7 +398,7 @@ inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta
       }
       /* the next tile's rows, as in the dense kernels (common.h), once per block of at
        * most 4 steps: its 64 code bytes and 32 meta bytes of each row (a prefetch per
-       * step, 4 to a line, cost ~40% in L2) */
+       * step, 4 to a line, cost ~30% in L2) */
       for (int r = 0; r < R; ++r) {
         PQ_PREFETCH_NEXT_TILE(packed + (r + R) * ldp + j0 / 2);
         PQ_PREFETCH_NEXT_TILE(meta + (r + R) * ldm + j0 / 4);
