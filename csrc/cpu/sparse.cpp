@@ -86,7 +86,7 @@ bool run_fx(const float* x, int64_t K, int64_t N, int n_threads, void* work, Til
   return true;
 }
 
-/* sparse24_int8_mm at M = 1 through dot24_i8_fx. The result is the fp32 sum of
+/* sparse24_int8_mm at M = 1 through dot24_i8_fx2 (or dot24_i8_fx). The result is the fp32 sum of
  * the three terms' exact dot products (smallest first), times the row scale,
  * plus bias. Returns false (nothing written) when x cannot be written in fixed
  * point (non-finite, or max |x| below 2^-100) or the scratch is not had. */
@@ -94,11 +94,12 @@ bool sparse24_int8_fx(const float* x, int64_t K, const int8_t* values_q, const u
                       int64_t N, const float* scale, const float* bias, float* out,
                       int n_threads, void* work) {
   const int64_t H = K / 2, ldm = (K + 7) / 8;
+  const bool pairs = H % 32 == 0; /* dot24_i8_fx2's whole steps */
   return run_fx(x, K, N, n_threads, work, [&](int64_t n, auto R_, const uint8_t* xu, int64_t Kp,
                                               const float* s3) {
     constexpr int R = decltype(R_)::value;
     int32_t d[R][3];
-    if (H % 32 == 0)
+    if (pairs)
       dot24_i8_fx2<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);
     else
       dot24_i8_fx<R>(values_q + n * H, H, meta + n * ldm, ldm, xu, Kp, H, d);

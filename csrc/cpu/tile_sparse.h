@@ -227,7 +227,8 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
  * multiplies them with the values. The u8 bias returns as 128 * sum(values),
  * summed by a vpdpbusd against ones. Per 80 bytes of weight (64 values + 16
  * meta) about 12 vector ops, where the float kernel (dot24) needs ~28. Exact
- * int32 sums: dot[r][t] = sum_j xterm_t[col(j)] * v[r, j]. */
+ * int32 sums: dot[r][t] = sum_j xterm_t[col(j)] * v[r, j]. Runs where K/2 % 32 != 0;
+ * dot24_i8_fx2 (two rows a register) takes the others. */
 /* The 128 columns of x (three u8 term rows of Kp bytes) that kept values j..j+63 can
  * index: the two tables of each term's vpermi2b. */
 inline void load_fx_step(const uint8_t* xu, int64_t Kp, int64_t j, __m512i xlo[3], __m512i xhi[3]) {
@@ -286,6 +287,29 @@ inline void dot24_i8_fx(const int8_t* v, int64_t ldv, const uint8_t* meta, int64
   }
 }
 
+/* The R rows of a tile taken two a register by the *_fx2 kernels: pair p is rows a[p]
+ * and b[p]; an odd last row is paired with itself (its copy is computed and dropped). */
+template <int R>
+struct RowPairs {
+  static constexpr int P = (R + 1) / 2;
+  int64_t a[P], b[P];
+  RowPairs() {
+    for (int p = 0; p < P; ++p) a[p] = 2 * p, b[p] = 2 * p + 1 < R ? 2 * p + 1 : 2 * p;
+  }
+};
+
+/* The gather indices of one step of a row pair: each row's 8 meta bytes (32 kept
+ * values) broadcast to its own qwords (`b_qwords`: row b's), then in each byte lane the
+ * 2-bit position at bit offset ctrl of its qword, or'ed into the lane's group column
+ * `base` (whose low 2 bits are 0). */
+inline __m512i pair_index(const uint8_t* ma, const uint8_t* mb, __mmask8 b_qwords, __m512i ctrl,
+                          __m512i base) {
+  const __m512i mq = _mm512_mask_set1_epi64(_mm512_set1_epi64((long long)load_u64(ma)), b_qwords,
+                                            (long long)load_u64(mb));
+  return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mq), _mm512_set1_epi8(3), base,
+                                   0xEA); /* (a & b) | c */
+}
+
 /* 2:4 + int8 at M = 1, two weight rows a register (as dot24_i4_fx2 below): bytes 0-31 hold
  * row a's kept values j..j+31, bytes 32-63 row b's; each row's 8 meta bytes fill
  * its four qwords, so one multishift finds every position and one vpermb per term
@@ -294,16 +318,15 @@ inline void dot24_i8_fx(const int8_t* v, int64_t ldv, const uint8_t* meta, int64
 template <int R>
 inline void dot24_i8_fx2(const int8_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
                          const uint8_t* xu, int64_t Kp, int64_t H, int32_t dot[R][3]) {
-  constexpr int P = (R + 1) / 2; /* pairs; an odd last row is paired with itself */
+  constexpr int P = RowPairs<R>::P;
   constexpr int64_t kStep = 32;
   /* lane L is kept value k = L % 32 of its row: bit offset 2k of the row's meta, column
    * 4 * (k / 2) + position */
   alignas(64) static const uint8_t kCtrl[64] = {0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30,32,34,36,38,40,42,44,46,48,50,52,54,56,58,60,62,0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30,32,34,36,38,40,42,44,46,48,50,52,54,56,58,60,62};
   alignas(64) static const uint8_t kBase[64] = {0,0,4,4,8,8,12,12,16,16,20,20,24,24,28,28,32,32,36,36,40,40,44,44,48,48,52,52,56,56,60,60,0,0,4,4,8,8,12,12,16,16,20,20,24,24,28,28,32,32,36,36,40,40,44,44,48,48,52,52,56,56,60,60};
   const __m512i ctrl = _mm512_load_si512(kCtrl), base = _mm512_load_si512(kBase);
-  const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi8(1);
-  int64_t ra[P], rb[P];
-  for (int p = 0; p < P; ++p) ra[p] = 2 * p, rb[p] = 2 * p + 1 < R ? 2 * p + 1 : 2 * p;
+  const __m512i ones = _mm512_set1_epi8(1);
+  const RowPairs<R> rows;
   __m512i acc[P][3], wsum[P];
   for (int p = 0; p < P; ++p) {
     wsum[p] = _mm512_setzero_si512();
@@ -322,29 +345,27 @@ inline void dot24_i8_fx2(const int8_t* v, int64_t ldv, const uint8_t* meta, int6
       __m512i xt[3];
       for (int t = 0; t < 3; ++t) xt[t] = _mm512_load_si512(xu + t * Kp + 2 * j);
       for (int p = 0; p < P; ++p) {
-        const __m512i mq = _mm512_mask_set1_epi64(
-            _mm512_set1_epi64((long long)load_u64(meta + ra[p] * ldm + j / 4)), 0xF0,
-            (long long)load_u64(meta + rb[p] * ldm + j / 4));
-        const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mq), three,
-                                                      base, 0xEA); /* (a & b) | c */
+        const __m512i idx = pair_index(meta + rows.a[p] * ldm + j / 4,
+                                       meta + rows.b[p] * ldm + j / 4, 0xF0, ctrl, base);
         const __m512i w = _mm512_mask_broadcast_i64x4(
-            _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(v + ra[p] * ldv + j))), 0xF0,
-            _mm256_loadu_si256((const __m256i*)(v + rb[p] * ldv + j)));
+            _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(v + rows.a[p] * ldv + j))),
+            0xF0, _mm256_loadu_si256((const __m256i*)(v + rows.b[p] * ldv + j)));
         wsum[p] = _mm512_dpbusd_epi32(wsum[p], ones, w);
         for (int t = 0; t < 3; ++t)
           acc[p][t] = _mm512_dpbusd_epi32(acc[p][t], _mm512_permutexvar_epi8(idx, xt[t]), w);
       }
     }
   }
-  for (int p = 0; p < P; ++p)
-    for (int h = 0; h < 2; ++h) {
-      const int r = h ? (int)rb[p] : (int)ra[p];
-      if (h && rb[p] == ra[p]) break;
-      const __mmask16 m = h ? 0xFF00 : 0x00FF;
-      const uint32_t bias = 128u * (uint32_t)_mm512_mask_reduce_add_epi32(m, wsum[p]);
-      for (int t = 0; t < 3; ++t) /* unsigned: the bias removal wraps, not overflows */
-        dot[r][t] = (int32_t)((uint32_t)_mm512_mask_reduce_add_epi32(m, acc[p][t]) - bias);
-    }
+  /* row `r`'s sums from the dword lanes `m` of pair p */
+  auto reduce = [&](int p, int64_t r, __mmask16 m) {
+    const uint32_t bias = 128u * (uint32_t)_mm512_mask_reduce_add_epi32(m, wsum[p]);
+    for (int t = 0; t < 3; ++t) /* unsigned: the bias removal wraps, not overflows */
+      dot[r][t] = (int32_t)((uint32_t)_mm512_mask_reduce_add_epi32(m, acc[p][t]) - bias);
+  };
+  for (int p = 0; p < P; ++p) {
+    reduce(p, rows.a[p], 0x00FF);
+    if (rows.b[p] != rows.a[p]) reduce(p, rows.b[p], 0xFF00);
+  }
 }
 
 /* 2:4 + int4 at M = 1, G % 32 == 0, two weight rows a register. Per step each
@@ -368,27 +389,26 @@ template <int R>
 inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta, int64_t ldm,
                          const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
                          const uint8_t* xu, int64_t Kp, float dot[R]) {
-  constexpr int P = (R + 1) / 2; /* pairs; an odd last row is paired with itself */
+  constexpr int P = RowPairs<R>::P;
   constexpr int64_t kStep = 32, kMaxSteps = 4;
   /* bit offset of lane L's position in its row's 64 meta bits: kept 2i, or 2i + 1 in the
    * high half, i = L % 16; and its group of 4's first column, 4i */
   alignas(64) static const uint8_t kCtrl[64] = {0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,2,6,10,14,18,22,26,30,34,38,42,46,50,54,58,62,2,6,10,14,18,22,26,30,34,38,42,46,50,54,58,62};
   alignas(64) static const uint8_t kBase[64] = {0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60};
   const __m512i ctrl = _mm512_load_si512(kCtrl), base = _mm512_load_si512(kBase);
-  const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi8(1), nib = _mm512_set1_epi8(0x0F);
+  const __m512i ones = _mm512_set1_epi8(1), nib = _mm512_set1_epi8(0x0F);
   const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i bias = _mm512_set1_epi32(128 * 65793);
   constexpr __mmask64 kRowB = 0xFFFF0000FFFF0000ull;
   prefetch_next_groups<R>(sc, zp, ng);
-  int64_t ra[P], rb[P]; /* row offsets of each pair */
-  for (int p = 0; p < P; ++p) ra[p] = 2 * p, rb[p] = 2 * p + 1 < R ? 2 * p + 1 : 2 * p;
+  const RowPairs<R> rows;
   __m512 facc[P];
   for (int p = 0; p < P; ++p) facc[p] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     __m512i zb[P];
     for (int p = 0; p < P; ++p)
-      zb[p] = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[ra[p] * ng + g]), kRowB,
-                                    (char)zp[rb[p] * ng + g]);
+      zb[p] = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[rows.a[p] * ng + g]), kRowB,
+                                    (char)zp[rows.b[p] * ng + g]);
     for (int64_t j0 = g * G; j0 < (g + 1) * G; j0 += kMaxSteps * kStep) {
       const int64_t j1 = j0 + kMaxSteps * kStep < (g + 1) * G ? j0 + kMaxSteps * kStep : (g + 1) * G;
       __m512i acc[P][3], wsum[P];
@@ -407,14 +427,10 @@ inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta
         __m512i xt[3];
         for (int t = 0; t < 3; ++t) xt[t] = _mm512_load_si512(xu + t * Kp + 2 * j);
         for (int p = 0; p < P; ++p) {
-          const uint8_t* ma = meta + ra[p] * ldm + j / 4;
-          const uint8_t* mb = meta + rb[p] * ldm + j / 4;
-          const uint8_t* ca = packed + ra[p] * ldp + j / 2;
-          const uint8_t* cb = packed + rb[p] * ldp + j / 2;
-          const __m512i mq = _mm512_mask_set1_epi64(_mm512_set1_epi64((long long)load_u64(ma)), 0xCC,
-                                                    (long long)load_u64(mb));
-          const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mq), three,
-                                                        base, 0xEA); /* (a & b) | c */
+          const uint8_t* ca = packed + rows.a[p] * ldp + j / 2;
+          const uint8_t* cb = packed + rows.b[p] * ldp + j / 2;
+          const __m512i idx = pair_index(meta + rows.a[p] * ldm + j / 4,
+                                         meta + rows.b[p] * ldm + j / 4, 0xCC, ctrl, base);
           const __m512i c = _mm512_mask_broadcast_i32x4(
               _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)ca)), 0xF0F0,
               _mm_loadu_si128((const __m128i*)cb));
@@ -425,8 +441,8 @@ inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta
         }
       }
       for (int p = 0; p < P; ++p) { /* scales read here: registers are short in the loop */
-        const __m512 sv = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(sc[ra[p] * ng + g]),
-                                               _mm512_set1_ps(sc[rb[p] * ng + g]));
+        const __m512 sv = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(sc[rows.a[p] * ng + g]),
+                                               _mm512_set1_ps(sc[rows.b[p] * ng + g]));
         const __m512i s = _mm512_sub_epi32(
             _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc[p][0], 16), _mm512_slli_epi32(acc[p][1], 8)),
                              acc[p][2]),
@@ -436,8 +452,8 @@ inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta
     }
   }
   for (int p = 0; p < P; ++p) {
-    dot[ra[p]] = _mm512_mask_reduce_add_ps(0x0F0F, facc[p]);
-    if (rb[p] != ra[p]) dot[rb[p]] = _mm512_mask_reduce_add_ps(0xF0F0, facc[p]);
+    dot[rows.a[p]] = _mm512_mask_reduce_add_ps(0x0F0F, facc[p]);
+    if (rows.b[p] != rows.a[p]) dot[rows.b[p]] = _mm512_mask_reduce_add_ps(0xF0F0, facc[p]);
   }
 }
 #endif
