@@ -31,6 +31,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ISA_PORTABLE") = static_cast<int>(PQ_ISA_PORTABLE);
   m.attr("ISA_AVX2") = static_cast<int>(PQ_ISA_AVX2);
   m.attr("ISA_AVX512_VNNI") = static_cast<int>(PQ_ISA_AVX512_VNNI);
+  m.attr("ISA_AVX512_BF16") = static_cast<int>(PQ_ISA_AVX512_BF16);
   m.attr("ISA_AVX512_AMX") = static_cast<int>(PQ_ISA_AVX512_AMX);
 
   m.def("init", &pq_init, "Once per process: request the AMX tile state; 1 if AMX may be used.");

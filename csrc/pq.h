@@ -43,7 +43,8 @@ typedef enum {
   PQ_ISA_PORTABLE = 0,
   PQ_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
   PQ_ISA_AVX512_VNNI = 2, /* AVX512 F/BW/VL/DQ + VNNI */
-  PQ_ISA_AVX512_AMX = 3,  /* the above + AMX-TILE/INT8/BF16, with the OS permission granted */
+  PQ_ISA_AVX512_BF16 = 3, /* the above + AVX512-BF16/VBMI/VBMI2 + BMI2 (Zen 4 and later) */
+  PQ_ISA_AVX512_AMX = 4,  /* the above + AMX-TILE/INT8/BF16, with the OS permission granted */
 } pq_isa;
 
 /* Once per process, before any kernel: asks Linux for the AMX tile-data state
@@ -57,7 +58,7 @@ int pq_cpu_best_isa(void);
 int pq_isa_available(int isa);
 /* 1 if the ISA's kernels are compiled into this library (whatever the CPU). */
 int pq_isa_compiled(int isa);
-/* "portable", "avx2", "avx512_vnni", "avx512_amx"; "unknown" otherwise. */
+/* "portable", "avx2", "avx512_vnni", "avx512_bf16", "avx512_amx"; "unknown" otherwise. */
 const char* pq_isa_name(int isa);
 
 /* Native code allocates nothing: where a path needs scratch, the caller passes
@@ -255,7 +256,7 @@ int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* m
  * the offsets step by the row's popcount and stay inside [0, nnz], that
  * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
  * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified).
- * On the AMX build, bf16 values with rows of x that are all bf16 values (M * K up to
+ * On the AVX512-BF16 and AMX builds, bf16 values with rows of x that are all bf16 values (M * K up to
  * about 32768) run on vdpbf16ps: the products are exact as everywhere, but a subnormal
  * bf16 value or x entry is read as zero and a subnormal partial sum is flushed to zero. */
 int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,

@@ -16,9 +16,9 @@ import torch
 
 from . import _checks
 
-ISA_NAMES = ("portable", "avx2", "avx512_vnni", "avx512_amx")
+ISA_NAMES = ("portable", "avx2", "avx512_vnni", "avx512_bf16", "avx512_amx")
 _ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "vnni": 2,
-                "avx512_amx": 3, "amx": 3}
+                "avx512_bf16": 3, "bf16": 3, "avx512_amx": 4, "amx": 4}
 _STATUS = {1: "invalid argument", 2: "instruction set not available"}
 
 _lock = threading.Lock()

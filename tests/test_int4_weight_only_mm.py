@@ -92,7 +92,7 @@ def test_amx_bf16_nonfinite(backend, isa):
 # K % 128 == 0 and G == 64 or G % 128 == 0) on AVX512-VNNI, plus 5 <= M <= 15 on AMX, each row of
 # x is written in 24-bit fixed point (three int8 terms, |error| <= s = max|x_row| / 8323072 per
 # entry) and runs exact int8 x int4 sums.
-FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_amx")]
+FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_bf16", "avx512_amx")]
 
 
 def _fixed_path_runs(isa: str, m: int, k: int, n: int, g: int) -> bool:

@@ -57,8 +57,10 @@ def assert_close(out, ref, mag, K):
 
 def test_module_info():
     assert isinstance(_C.__version__, str) and _C.__version__
-    assert (_C.ISA_PORTABLE, _C.ISA_AVX2, _C.ISA_AVX512_VNNI, _C.ISA_AVX512_AMX) == (0, 1, 2, 3)
-    assert [_C.isa_name(i) for i in range(4)] == ["portable", "avx2", "avx512_vnni", "avx512_amx"]
+    assert (_C.ISA_PORTABLE, _C.ISA_AVX2, _C.ISA_AVX512_VNNI, _C.ISA_AVX512_BF16,
+            _C.ISA_AVX512_AMX) == (0, 1, 2, 3, 4)
+    assert [_C.isa_name(i) for i in range(5)] == ["portable", "avx2", "avx512_vnni", "avx512_bf16",
+                                                  "avx512_amx"]
     assert _C.isa_name(7) == "unknown"
     assert "portable" in _C.compiled_isas()
     assert _C.isa_available(_C.ISA_PORTABLE) == 1
@@ -556,7 +558,7 @@ def test_amx_bf16_int8_weight_only_chunks_k(K):
     assert ((out.double() - want).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, AMX])
+@pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, _C.ISA_AVX512_BF16, AMX])
 @pytest.mark.parametrize("n_threads", THREADS)
 def test_int8_weight_only_decode_fixed_point(isa, n_threads):
     """int8 weight-only at M = 1 on the AVX512 ISAs, given its workspace: x in 24-bit fixed

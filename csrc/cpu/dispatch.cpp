@@ -15,19 +15,30 @@ namespace {
 /* AMX state is off for a Linux process until it asks (kernel >= 5.16). */
 int g_amx_permitted = -1; /* -1: not asked yet */
 
+/* The AVX512-BF16 build's extras: AVX512-VBMI byte permutes and VBMI2 16-bit expands
+ * (leaf 7, ECX bits 1 and 6), BMI2 (EBX bit 8) and AVX512-BF16 (leaf 7, subleaf 1, EAX
+ * bit 5). The OS state they need is the AVX512 one that cpu_has checks. */
+bool bf16_cpu() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  const bool vbmi = (c & (1u << 1)) && (c & (1u << 6)) && (b & (1u << 8));
+  unsigned a1, b1, c1, d1;
+  __asm__ volatile("cpuid" : "=a"(a1), "=b"(b1), "=c"(c1), "=d"(d1) : "a"(7), "c"(1));
+  return vbmi && (a1 & (1u << 5));
+#else
+  return false;
+#endif
+}
+
+/* AMX tiles for int8 and bf16 (leaf 7, EDX bits 24, 25, 22), on top of the AVX512-BF16
+ * build's extras (every AMX CPU has them all). */
 bool amx_cpu() {
 #if defined(__x86_64__)
   unsigned a, b, c, d;
   __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
   const bool tile = d & (1u << 24), int8 = d & (1u << 25), bf16 = d & (1u << 22);
-  /* The AMX build also uses AVX512-VBMI byte permutes and VBMI2 16-bit expands (leaf 7,
-   * ECX bits 1 and 6), BMI2 (EBX bit 8; every AMX CPU has them all) and AVX512-BF16
-   * conversions (leaf 7, subleaf 1, EAX bit 5). */
-  const bool vbmi = (c & (1u << 1)) && (c & (1u << 6)) && (b & (1u << 8));
-  unsigned a1, b1, c1, d1;
-  __asm__ volatile("cpuid" : "=a"(a1), "=b"(b1), "=c"(c1), "=d"(d1) : "a"(7), "c"(1));
-  const bool avx512_bf16 = a1 & (1u << 5);
-  return tile && int8 && bf16 && vbmi && avx512_bf16;
+  return tile && int8 && bf16 && bf16_cpu();
 #else
   return false;
 #endif
@@ -58,7 +69,8 @@ bool cpu_has(int isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni");
-  if (isa == PQ_ISA_AVX512_AMX) return cpu_has(PQ_ISA_AVX512_VNNI) && amx_request();
+  if (isa == PQ_ISA_AVX512_BF16) return cpu_has(PQ_ISA_AVX512_VNNI) && bf16_cpu();
+  if (isa == PQ_ISA_AVX512_AMX) return cpu_has(PQ_ISA_AVX512_BF16) && amx_request();
 #endif
   return false;
 }
@@ -77,6 +89,9 @@ Build compiled_build(int isa) {
 #endif
 #ifdef PQ_HAVE_AVX512
     case PQ_ISA_AVX512_VNNI: return {&pq_avx512::kKernels, &pq_avx512::kSparseKernels};
+#endif
+#ifdef PQ_HAVE_AVX512BF16
+    case PQ_ISA_AVX512_BF16: return {&pq_avx512bf16::kKernels, &pq_avx512bf16::kSparseKernels};
 #endif
 #ifdef PQ_HAVE_AMX
     case PQ_ISA_AVX512_AMX: return {&pq_amx::kKernels, &pq_amx::kSparseKernels};
@@ -123,6 +138,7 @@ const char* pq_isa_name(int isa) {
     case PQ_ISA_PORTABLE: return "portable";
     case PQ_ISA_AVX2: return "avx2";
     case PQ_ISA_AVX512_VNNI: return "avx512_vnni";
+    case PQ_ISA_AVX512_BF16: return "avx512_bf16";
     case PQ_ISA_AVX512_AMX: return "avx512_amx";
     default: return "unknown";
   }

@@ -48,7 +48,7 @@ int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
 
 int64_t pq_sparse24_workspace_bytes(int isa, int64_t M, int64_t K) {
   if (M < 0 || K < 0 || too_big(3, K + 128)) return -1;
-  return isa == PQ_ISA_AVX512_AMX && M == 1 && K > 0 ? 3 * ((K + 127) / 128 * 128) : 0;
+  return isa >= PQ_ISA_AVX512_BF16 && M == 1 && K > 0 ? 3 * ((K + 127) / 128 * 128) : 0;
 }
 
 /* The M = 1 path's scratch when the caller gave all of it, 64-byte aligned; else null. */

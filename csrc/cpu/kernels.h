@@ -193,6 +193,7 @@ const SparseKernelTable* sparse_table(int isa);
 namespace pq_portable { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
 namespace pq_avx2 { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
 namespace pq_avx512 { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
+namespace pq_avx512bf16 { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
 namespace pq_amx { extern const pq::KernelTable kKernels; extern const pq::SparseKernelTable kSparseKernels; }
 
 #endif /* PQ_CPU_KERNELS_H */

@@ -218,7 +218,7 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
 }
 
 #if defined(__AVX512VBMI__)
-/* 2:4 + int8 at M = 1 (the AMX build, whose CPUs all have VBMI): x in 24-bit
+/* 2:4 + int8 at M = 1 (the AVX512-BF16 and AMX builds, which have VBMI): x in 24-bit
  * fixed point (three int8 terms, split_row_fixed24), each term biased to u8
  * (x + 128) and padded to whole 128-column steps by the caller. A step takes
  * 64 kept values (128 columns): their columns come from 16 meta bytes by one
