@@ -1,6 +1,6 @@
 """Where the sparse layers should switch to the dense path, measured on this machine.
 
-From a batch size on (pyquant._native.SPARSE_DENSE_MIN_M, listed by `pyquant info`) a sparse
+From a batch size on (pyquant._native.sparse_dense_min_m(), listed by `pyquant info`) a sparse
 op decompresses its weight for the call and runs the dense GEMM. This script measures what
 that choice rests on, on the Llama-2-7B shapes 4096x4096 and 4096x11008:
 
@@ -59,7 +59,7 @@ def decompressions(t: dict) -> dict:
 
 
 def ops(t: dict) -> dict:
-    """op name -> (its SPARSE_DENSE_MIN_M key, a call on activations x)."""
+    """op name -> (its sparse_dense_min_m() key, a call on activations x)."""
     return {
         "sparse24_mm bf16 x": (("sparse24_mm", "bf16"),
                                lambda x: _native.sparse24_mm(x.bfloat16(), t["v"], t["meta"])),
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"the native module is not loaded: {_native.load_error()}")
     ms = [int(v) for v in a.ms.split(",")]
     isas = [name for i, name in enumerate(_native.ISA_NAMES) if _native.module().isa_available(i)]
-    saved = dict(_native.SPARSE_DENSE_MIN_M)
+    table = _native.sparse_dense_min_m
+    saved = table()
     for n, k in SHAPES:
         t = weights(n, k)
         print(f"{n}x{k}: decompression, ms a call")
@@ -102,12 +103,12 @@ def main(argv=None) -> int:
             for m in ms:
                 x = torch.randn(m, k)
                 try:
-                    _native.SPARSE_DENSE_MIN_M = {kk: 1 << 30 for kk in saved}
+                    _native.sparse_dense_min_m = lambda: {kk: 1 << 30 for kk in saved}
                     sparse = median_ms(lambda: fn(x), a.reps)
-                    _native.SPARSE_DENSE_MIN_M = {kk: 1 for kk in saved}
+                    _native.sparse_dense_min_m = lambda: {kk: 1 for kk in saved}
                     dense = median_ms(lambda: fn(x), a.reps)
                 finally:
-                    _native.SPARSE_DENSE_MIN_M = dict(saved)
+                    _native.sparse_dense_min_m = table
                 row.append(f"M={m} {sparse / dense:5.2f}")
             print(f"  {name:22s} " + "  ".join(row) + f"   ({saved.get(key)})")
     return 0

@@ -22,7 +22,7 @@ GROUP_SIZE = 128  # int4 group size along the kept (K/2) axis, as pyquant_impls'
 SPARSITY = 0.7  # unstructured: 70% of every row pruned (Wanda's per-row count)
 
 # (sparse impl, dense impl it replaces, minimum speedup at M = 1, the op and dtype kind it runs
-# as in pyquant._native.SPARSE_DENSE_MIN_M: from that batch size on the layer decompresses the
+# as in pyquant._native.sparse_dense_min_m(): from that batch size on the layer decompresses the
 # weight and runs the dense GEMM); bandwidth floor for all.
 TARGETS = (
     ("pyquant.sparse24_mm[bf16]", "F.linear[bf16]", 2.0, ("sparse24_mm", "bf16")),
@@ -39,7 +39,7 @@ def dense_from_m(key: tuple) -> Optional[int]:
     weight (None: the sparse kernel at every size, or the native module is not loaded)."""
     from . import _native
 
-    return _native.SPARSE_DENSE_MIN_M.get(key) if _native.available() else None
+    return _native.sparse_dense_min_m().get(key) if _native.available() else None
 BANDWIDTH_FLOOR = 0.75
 
 

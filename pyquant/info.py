@@ -108,10 +108,10 @@ def _native_section() -> dict:
 
 def _sparse_break_even() -> dict:
     """{"op (dtypes)": M}: from M rows on, the cpu backend runs that sparse op dense from its
-    compressed weight (pyquant/_native.py, SPARSE_DENSE_MIN_M)."""
+    compressed weight (pyquant/_native.py, sparse_dense_min_m: per CPU level)."""
     from . import _native
 
-    return {f"{op} ({kind})": m for (op, kind), m in _native.SPARSE_DENSE_MIN_M.items()}
+    return {f"{op} ({kind})": m for (op, kind), m in _native.sparse_dense_min_m().items()}
 
 
 def _ranges(ms: list, open_end: Optional[int] = None) -> str:

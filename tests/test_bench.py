@@ -76,7 +76,7 @@ def test_bench_prints_sparse_ratios_with_break_even(small_run, capsys):
     for r in rows:
         op, dense = ops[r["impl"]]
         n, k = map(int, r["shape"].split("x"))
-        assert r["dense_from_m"] == _native.SPARSE_DENSE_MIN_M[(op, "fp32")]
+        assert r["dense_from_m"] == _native.sparse_dense_min_m()[(op, "fp32")]
         assert r["speedup"] == pytest.approx(by_key[(dense, n, k, r["m"])]["ms"] /
                                              by_key[(r["impl"], n, k, r["m"])]["ms"])
 

@@ -245,8 +245,8 @@ def test_raw_bad_arguments():
 @pytest.fixture
 def dense_from_m1(monkeypatch):
     """Every sparse call takes the dense path (decompress + dense GEMM)."""
-    monkeypatch.setattr(_native, "SPARSE_DENSE_MIN_M",
-                        {key: 1 for key in _native.SPARSE_DENSE_MIN_M})
+    ones = {key: 1 for key in _native.SPARSE_DENSE_MIN_M}
+    monkeypatch.setattr(_native, "sparse_dense_min_m", lambda: ones)
 
 
 @pytest.mark.parametrize("vdtype,xdtype,bias", [
@@ -353,3 +353,16 @@ def test_dense_path_non_canonical_meta_runs_the_kernel(dense_from_m1):
     meta[0, 0] = 0b0000  # positions (0, 0): both kept values add up in column 0
     x = activation((20, k), seed=10)
     _check("sparse24_mm", None, x, (v, meta))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+def test_break_even_table_follows_the_cpu_level(backend, isa):
+    """Each CPU level has its own measured break-even (a level without a table of its own takes
+    the default one), and the decision follows the level the kernels run with."""
+    with _native.use_isa(isa):
+        table = _native.sparse_dense_min_m()
+        assert table is _native.SPARSE_DENSE_MIN_M_BY_ISA.get(isa, _native.SPARSE_DENSE_MIN_M)
+        lim = table[("sparse24_int8_mm", "fp32")]
+        assert _native.sparse_dense_reason("sparse24_int8_mm", lim - 1) is None
+        assert f"M={lim} >= {lim}" in _native.sparse_dense_reason("sparse24_int8_mm", lim)
+    assert _native.SPARSE_DENSE_MIN_M_BY_ISA["avx512_bf16"][("sparse24_int8_mm", "fp32")] == 64
