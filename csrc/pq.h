@@ -134,7 +134,10 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  * [even k | odd k], the order of the nibbles of a byte. With AMX (M >= 9,
  * G % 64 == 0, N % 32 == 0, zero points <= 15) the int8 tiles run instead when
  * `work` is 64-byte aligned and holds pq_int4_dynamic_workspace_bytes (the
- * activations packed into tiles and each thread's converted weight strip). */
+ * activations packed into tiles and each thread's converted weight strip).
+ * Elsewhere on the AVX512 ISAs, from M = 8 with K % 64 == 0, a GEMM over 32-row
+ * weight panels expanded per call runs when `work` is 64-byte aligned and holds
+ * pq_int4_dynamic_workspace_bytes (the group sums of xq and one panel a thread). */
 int64_t pq_int4_dynamic_workspace_bytes(int isa, int64_t M, int64_t K, int64_t group_size,
                                         int n_threads);
 int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,

@@ -143,8 +143,9 @@ def _decode_paths() -> dict:
     # int8's AMX range reaches the probe's end and goes on: not a range the probe can end
     w8s = _ranges(w8, open_end=probe[-1])
     # int4 at K = 4096, group size 128: the M <= 4 GEMV needs K % 128 == 0 (the group sizes
-    # pyquant makes, 64, 128 and 256, all fit its blocks); else M = 1 and, with AMX, 5-15
-    return {"int4_weight_only_mm (group size 64-256, K % 128 == 0)": _ranges(wo),
+    # pyquant makes, 64, 128 and 256, all fit its blocks); else M = 1 and, with AMX, 5-15;
+    # without AMX from M = 5 on the W4A8 panel GEMM (K % 64 == 0), open-ended
+    return {"int4_weight_only_mm (group size 64-256, K % 128 == 0)": _ranges(wo, probe[-1]),
             "int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)": w8s,
             "sparse24_int8_mm": _ranges(sp),
             "sparse24_int4_mm (group size % 32 == 0)": _ranges(sp)}

@@ -89,7 +89,8 @@ def test_amx_bf16_nonfinite(backend, isa):
 
 
 # The decode-size path of the native kernel (pq.h): with G % 64 == 0, at M == 1 (and M <= 4 when
-# K % 128 == 0 and G == 64 or G % 128 == 0) on AVX512-VNNI, plus 5 <= M <= 15 on AMX, each row of
+# K % 128 == 0 and G == 64 or G % 128 == 0) on AVX512-VNNI, plus 5 <= M <= 15 on AMX and M >= 5
+# on the AVX512 ISAs without AMX (K % 64 == 0, G % 32 == 0: the W4A8 panel GEMM), each row of
 # x is written in 24-bit fixed point (three int8 terms, |error| <= s = max|x_row| / 8323072 per
 # entry) and runs exact int8 x int4 sums.
 FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_bf16", "avx512_amx")]
@@ -107,12 +108,26 @@ def test_fixed_point_path(backend, isa, m, g, dtype):
     n, k = 37, 3 * g
     amx_range = isa == "avx512_amx" and 5 <= m <= 15
     gemv = m <= 4 and k % 128 == 0  # the fixed-point GEMV (G here is 64, 128 or 256)
-    assert _fixed_path_runs(isa, m, k, n, g) == (m == 1 or gemv or amx_range)
+    panel = isa != "avx512_amx" and m >= 5  # the W4A8 panel GEMM (K here % 64 == 0)
+    assert _fixed_path_runs(isa, m, k, n, g) == (m == 1 or gemv or amx_range or panel)
     assert not _fixed_path_runs(isa, m, 3 * 32, n, 32)  # G = 32: the float path
     x = activation((m, k), dtype, seed=m + g)
     x[0, 5] = 300.0  # an outlier entry: the row's scale grows with it
     check_op(OP, backend, isa, x, random_int4_weight(n, k, g, seed=g) + (g,),
              make_bias(n, "x", dtype))
+
+
+# Without AMX the fixed-point rows run the W4A8 panel GEMM in slices of at most 128 rows of x
+# (the scratch holds one slice): M = 130 ends in a slice of 2 rows, which takes the GEMV-shaped
+# W4A8 kernel (6 term rows, K % 128 != 0), M = 261 in one of 5 (the panel again).
+@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("m,n,k,g", [(130, 37, 192, 64), (261, 45, 256, 128)])
+def test_fixed_point_slices(backend, isa, m, n, k, g):
+    assert _fixed_path_runs(isa, m, k, n, g) == (isa != "avx512_amx")
+    x = activation((m, k), seed=m)
+    x[m - 1, 3] = 250.0  # the last slice's rows have their own scales
+    check_op(OP, backend, isa, x, random_int4_weight(n, k, g, seed=m) + (g,),
+             make_bias(n, "x", torch.float32))
 
 
 # At M <= 4 with K % 128 == 0 and G == 64 or G % 128 == 0, the fixed-point rows run a GEMV of

@@ -631,10 +631,13 @@ def test_amx_int4_dynamic_scratch(n_threads):
     zp = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
     base = M * (K // G) * 4 + M * K
     amx = 48 * K + n_threads * (32 * K + 128 * (K // G) + (1 << 19))
+    panel = lambda m: m * (K // G) * 4 + n_threads * (32 * K + 2 * 128 * (K // G))  # noqa: E731
     nb = _C.int4_dynamic_workspace_bytes(AMX, M, K, G, n_threads)
-    assert nb == max(base, amx)
-    assert _C.int4_dynamic_workspace_bytes(_C.ISA_AVX512_VNNI, M, K, G, n_threads) == base
-    assert _C.int4_dynamic_workspace_bytes(AMX, 8, K, G, n_threads) == 8 * (K // G) * 4 + 8 * K
+    assert nb == max(base, amx, panel(M))
+    assert _C.int4_dynamic_workspace_bytes(_C.ISA_AVX512_VNNI, M, K, G, n_threads) == max(
+        base, panel(M))  # the panel GEMM of the non-AMX builds (test_w4a8_panel)
+    assert _C.int4_dynamic_workspace_bytes(AMX, 8, K, G, n_threads) == max(
+        8 * (K // G) * 4 + 8 * K, panel(8))
     buf = torch.zeros(nb + 64, dtype=torch.uint8)
     outs = []
     for p, n in [(ptr(buf), nb), (ptr(buf), base), (ptr(buf) + 4, nb)]:
@@ -710,3 +713,55 @@ def test_stream_read_folds_every_word(n, threads):
     if n > 1:
         with pytest.raises(ValueError, match="contiguous CPU tensor"):
             _native.stream_read(t[::2])
+
+
+def _w4a8_case(M, N, K, G, seed, extreme=False):
+    g = gen(seed)
+    if extreme:  # the largest group sums: codes 15, zero points 0, activations -128
+        xq = torch.full((M, K), -128, dtype=torch.int8)
+        codes = torch.full((N, K), 15, dtype=torch.uint8)
+        zp = torch.zeros(N, K // G, dtype=torch.uint8)
+    else:
+        xq = rand_i8((M, K), g, -128, 127)
+        codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        zp = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
+    xs = torch.rand(M, generator=g) + 0.5
+    wp = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    sc = torch.rand(N, K // G, generator=g) + 0.5
+    acc = ((xq.double()[:, None, :] * (codes.double() - zp.double().repeat_interleave(G, 1)))
+           .reshape(M, N, K // G, G).sum(-1))
+    ref = xs.double()[:, None] * (acc * sc.double()).sum(-1)
+    # fp32 sums of the two parts the kernels add, x . codes and zero x sum(x), in any order
+    # (the GEMV-shaped kernel adds 16 lanes of partial sums at the end): |products| summed
+    xc = (xq.double().abs()[:, None, :] * codes.double()).reshape(M, N, K // G, G).sum(-1)
+    zterm = xq.double().reshape(M, 1, K // G, G).sum(-1) * zp.double()[None]
+    scale = xs.double()[:, None] * ((xc.abs() + zterm.abs()) * sc.double()).sum(-1)
+    return (xq, xs, wp, sc, zp), ref, scale
+
+
+@pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, _C.ISA_AVX512_BF16])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("M,N,K,G,extreme", [(23, 45, 192, 64, False), (8, 32, 128, 32, False),
+                                             (61, 70, 320, 320, False), (17, 33, 256, 128, True)])
+def test_w4a8_panel(isa, n_threads, M, N, K, G, extreme):
+    """W4A8 from M = 8 on the AVX512 ISAs without AMX tiles (csrc/cpu/tile_w4a8_panel.h):
+    32-row weight panels in VNNI order, x rows in tiles of up to 6. Its workspace adds the
+    panels (one a thread) to the group sums; with the base part only, or misaligned, the
+    GEMV-shaped kernel runs. N and M tails, one group a row (G = K), the int32 extremes."""
+    if not _C.isa_available(isa):
+        pytest.skip("ISA not available on this CPU/OS")
+    (xq, xs, wp, sc, zp), ref, scale = _w4a8_case(M, N, K, G, seed=M + N, extreme=extreme)
+    ng = K // G
+    base = M * ng * 4 + M * K
+    panel = -(-M * ng * 4 // 64) * 64 + n_threads * (32 * K + 2 * (-(-128 * ng // 64) * 64))
+    nb = _C.int4_dynamic_workspace_bytes(isa, M, K, G, n_threads)
+    assert nb == max(base, panel)
+    assert _C.int4_dynamic_workspace_bytes(isa, 7, K, G, n_threads) == 7 * ng * 4 + 7 * K
+    assert _C.int4_dynamic_workspace_bytes(isa, M, K + 32, 32, n_threads) == \
+        M * (K + 32) // 32 * 4 + M * (K + 32)  # K % 64 != 0: no panel
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    for p, n in [(ptr(buf), nb), (ptr(buf), base), (ptr(buf) + 4, nb)]:
+        out = torch.full((M, N), float("nan"))
+        assert _C.int4_dynamic_mm(isa, ptr(xq), ptr(xs), M, K, ptr(wp), N, ptr(sc), ptr(zp), G,
+                                  0, ptr(out), p, n, n_threads) == OK
+        assert ((out.double() - ref).abs() <= 1e-5 * scale + 1e-30).all(), (p - ptr(buf), n)

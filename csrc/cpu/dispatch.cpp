@@ -277,7 +277,8 @@ int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
   if (K % group_size != 0) return 0;
   if (!pq_int4_weight_only_fixed_point(isa, M, K, group_size))
     return amx_bf16_need(isa, M, K, N, group_size, n_threads);
-  const int64_t rows = 3 * M;
+  /* the rows of one slice (kernels.h) */
+  const int64_t rows = 3 * (M < pq::kInt4WoFixedSliceM ? M : pq::kInt4WoFixedSliceM);
   const int64_t dyn = pq_int4_dynamic_workspace_bytes(isa, rows, K, group_size, n_threads);
   if (dyn < 0) return -1;
   return pq::align64(rows * K) + pq::align64(rows * 4) + pq::align64(rows * N * 4) + dyn;
@@ -321,12 +322,22 @@ static int64_t int4_dynamic_amx_bytes(int isa, int64_t M, int64_t K, int64_t G, 
   return pq::amx_int4dyn_work_bytes(M, K, G, threads(n_threads));
 }
 
+/* The AVX512 W4A8 panel scratch (kernels.h) where that path applies, else 0. */
+static int64_t int4_dynamic_panel_bytes(int isa, int64_t M, int64_t K, int64_t G, int n_threads) {
+  if (isa < PQ_ISA_AVX512_VNNI || !table(isa) || K <= 0 || !pq::w4a8_panel_applies(M, K))
+    return 0;
+  if (too_big(M, K / G * 4 + 64) || too_big(threads(n_threads), 40 * K + 256)) return -1;
+  return pq::w4a8_panel_work_bytes(M, K, G, threads(n_threads));
+}
+
 int64_t pq_int4_dynamic_workspace_bytes(int isa, int64_t M, int64_t K, int64_t group_size,
                                         int n_threads) {
   const int64_t base = int4_dynamic_base_bytes(M, K, group_size);
   const int64_t amx = base < 0 ? -1 : int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads);
-  if (amx < 0) return -1;
-  return base > amx ? base : amx;
+  const int64_t panel = base < 0 ? -1 : int4_dynamic_panel_bytes(isa, M, K, group_size, n_threads);
+  if (amx < 0 || panel < 0) return -1;
+  const int64_t most = amx > panel ? amx : panel;
+  return base > most ? base : most;
 }
 
 int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
@@ -350,8 +361,11 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
   const bool amx = pq::amx_int4dyn_applies(M, K, N, group_size) &&
                    whole_work(work, work_bytes,
                               int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads));
+  /* else, on AVX512, the panel GEMM with its whole, aligned scratch */
+  const bool panel = !amx && whole_work(work, work_bytes,
+                                        int4_dynamic_panel_bytes(isa, M, K, group_size, n_threads));
   t->int4_dynamic_mm(xq, x_scale, M, K, w_packed, N, scales, zeros, group_size, bias, out, work,
-                     amx, threads(n_threads));
+                     amx, panel, threads(n_threads));
   return PQ_OK;
 }
 

@@ -8,6 +8,7 @@
 #include "tile_amx.h"
 #include "tile_amx_bf16.h"
 #include "tile_amx_int4dyn.h"
+#include "tile_w4a8_panel.h"
 
 namespace PQ_NS {
 namespace {
@@ -199,13 +200,19 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
 void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
                      int64_t G, const float* bias, float* out, void* work, bool amx,
-                     int n_threads) {
+                     bool panel, int n_threads) {
 #if defined(PQ_AMX_INT4DYN)
   if (amx && amx_int4_dynamic(xq, x_scale, M, K, wp, N, scales, zeros, G, bias, out, work,
                               n_threads))
     return;
 #else
   (void)amx;
+#endif
+#if defined(PQ_SIMD_AVX512)
+  if (panel && pq::w4a8_panel_applies(M, K))
+    return w4a8_panel_mm(xq, x_scale, M, K, wp, N, scales, zeros, G, bias, out, work, n_threads);
+#else
+  (void)panel;
 #endif
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
@@ -335,11 +342,18 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
  * row), each term through the exact W4A8 kernel. At M = 1 the float path is
  * bound by decoding (a table permute and an FMA per 16 weights, ~15 cycles per
  * 64 bytes of codes, half the memory speed); here one decode serves three
- * vpdpbusd of 64 products each. Returns false (nothing written to out) when a
- * row cannot be written in fixed point. */
+ * vpdpbusd of 64 products each. Returns false when a row cannot be written in
+ * fixed point (out is then incomplete: the caller's float path writes all of it). */
 bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                             int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                             const float* bias, float* out, int n_threads, void* work) {
+  if (M > pq::kInt4WoFixedSliceM) { /* slices of rows: the workspace holds one (dispatch.cpp) */
+    for (int64_t m = 0; m < M; m += pq::kInt4WoFixedSliceM)
+      if (!int4_weight_only_fixed(x + m * ldx, min64(pq::kInt4WoFixedSliceM, M - m), K, ldx, wp,
+                                  N, scales, zeros, G, bias, out + m * N, n_threads, work))
+        return false; /* the caller's other path then writes all of out */
+    return true;
+  }
   const int64_t rows = 3 * M;
   int8_t* xq = (int8_t*)work;
   float* xs = (float*)(xq + pq::align64(rows * K));
@@ -367,9 +381,10 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
     });
     return true;
   }
-  /* the workspace holds the AMX W4A8 scratch where that path applies (dispatch.cpp) */
-  int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn,
-                  kAmxBuild && pq::amx_int4dyn_applies(rows, K, N, G), n_threads);
+  /* dyn holds the W4A8 workspace for these rows (dispatch.cpp): the AMX or the panel one */
+  const bool amx = kAmxBuild && pq::amx_int4dyn_applies(rows, K, N, G);
+  int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn, amx,
+                  !amx && pq::w4a8_panel_applies(rows, K), n_threads);
   sum_fixed24_terms(o3, M, N, bias, out, n_threads);
   return true;
 }

@@ -12,15 +12,35 @@
 
 namespace pq {
 
+inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+
+/* W4A8 at prefill on the AVX512 builds (tile_w4a8_panel.h), where AMX tiles do not
+ * run it: from this many rows, K % 64 == 0. Scratch, 64-byte aligned: the x rows'
+ * group sums [M][K/G] int32, then per thread a 32-row panel of u8 codes [K/4][2][16][4]
+ * and its scales and scale x zero point, group-major [K/G][32] floats each.
+ * Crossover with the GEMV-shaped kernel (Zen 4, 2 threads, 11008 x 4096, G = 128):
+ * M = 6 1.81-1.87 ms there vs 1.91-2.51 here, M = 8 2.81-2.87 vs 2.24-2.77, M = 12
+ * 3.95-3.99 vs 2.56-2.71; expanding the panels costs ~1.2 ms a call at that size. */
+constexpr int64_t kW4A8PanelMinM = 8;
+inline bool w4a8_panel_applies(int64_t M, int64_t K) { return M >= kW4A8PanelMinM && K % 64 == 0; }
+inline int64_t w4a8_panel_bytes(int64_t K, int64_t G) {
+  return align64(32 * K) + 2 * align64(128 * (K / G));
+}
+inline int64_t w4a8_panel_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
+  return align64(M * (K / G) * 4) + threads * w4a8_panel_bytes(K, G);
+}
 /* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
  * the float paths (4096 x 4096, G = 128, weights streamed from memory, 2
  * threads): M = 1: 1.1-1.3x on both ISAs. With AMX, where 3M >= 9 term rows
  * run on AMX int8 tiles: M = 5-8: 1.0-1.4x, M = 9-15: 1.3-2.2x (against the
  * float GEMV and dequantizing paths); from M = 16 on the AMX-BF16 path is as
- * fast (0.9-1.35x, so it keeps those sizes). Without AMX, M = 5-15 take two to
- * four register tiles of 4 term rows, each decoding the weights again:
- * 0.74-0.93x, so not there. G = 32: 0.5-0.6x (the W4A8 kernel's short steps),
- * so G % 64 == 0. At M <= 4 (K % 128 == 0, G == 64 or G % 128 == 0) a GEMV of
+ * fast (0.9-1.35x, so it keeps those sizes). Without AMX the GEMV-shaped W4A8
+ * kernel took M = 5-15 in two to four register tiles of 4 term rows, each decoding
+ * the weights again (0.74-0.93x), but the panel GEMM (tile_w4a8_panel.h) expands
+ * them once a call: from M = 5 the term rows run there (Zen 4, 2 threads, 11008 x
+ * 4096, G = 128: M = 5 3.77 -> 3.16 ms, 16 9.3 -> 7.7, 128 58.9 -> 47.2, 300 137
+ * -> 104). G = 32: 0.5-0.6x (the GEMV-shaped kernel's short steps), so there
+ * G % 64 == 0. At M <= 4 (K % 128 == 0, G == 64 or G % 128 == 0) a GEMV of
  * its own (tile_int4_fx24.h) sums the three terms in one accumulator and decodes
  * each weight block once for all rows: at M = 1 1.0-1.36x over the W4A8 kernel on
  * the three term rows, at M = 2-4 1.11-1.40x over the float GEMV (Llama-2-7B
@@ -32,11 +52,16 @@ inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
   /* a 128-code block lies in one group, or (G = 64) in two whole ones */
   return M >= 1 && M <= 4 && K % 128 == 0 && (G == 64 || G % 128 == 0);
 }
+/* Without AMX, from this M (K % 64 == 0, G % 32 == 0) the 3M term rows run the W4A8
+ * panel GEMM instead of the float kernels that dequantize the weights, in slices of at
+ * most kInt4WoFixedSliceM rows so that the scratch (3 fp32 term outputs a row) stays
+ * near 3 * 128 * N * 4 bytes whatever M is. */
+constexpr int64_t kInt4WoPanelMinM = 5, kInt4WoFixedSliceM = 128;
 inline bool int4wo_fixed_applies(int64_t M, int64_t K, int64_t G, bool amx) {
-  return (M == 1 || int4wo_fx24_gemv_applies(M, K, G) || (amx && M >= 5 && M <= 15)) &&
-         G % 64 == 0;
+  return ((M == 1 || int4wo_fx24_gemv_applies(M, K, G) || (amx && M >= 5 && M <= 15)) &&
+          G % 64 == 0) ||
+         (!amx && M >= kInt4WoPanelMinM && G % 32 == 0 && w4a8_panel_applies(3 * M, K));
 }
-inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 /* Scratch of the AMX paths that convert 32-row weight strips per call
  * (tile_amx_grouped.h), sized here so that dispatch.cpp, which is not built per
@@ -139,11 +164,12 @@ struct KernelTable {
                               const uint8_t* zeros, int64_t group_size, const float* bias,
                               float* out, int n_threads, void* work);
   /* work: pq_int4_dynamic_workspace_bytes bytes, 4-byte aligned; amx: work is
-   * 64-byte aligned and holds amx_int4dyn_work_bytes too (AMX builds use it). */
+   * 64-byte aligned and holds amx_int4dyn_work_bytes too (AMX builds use it); panel:
+   * work is 64-byte aligned and holds w4a8_panel_work_bytes (AVX512 builds use it). */
   void (*int4_dynamic_mm)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const uint8_t* w_packed, int64_t N, const float* scales,
                           const uint8_t* zeros, int64_t group_size, const float* bias,
-                          float* out, void* work, bool amx, int n_threads);
+                          float* out, void* work, bool amx, bool panel, int n_threads);
 };
 
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also

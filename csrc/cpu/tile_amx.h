@@ -51,34 +51,6 @@ inline bool amx_usable(int64_t M, int64_t K, int64_t N, const void* work, int64_
          work_bytes >= ceil_div(M, 16) * 16 * K;
 }
 
-/* In-register transpose of a 16 x 16 matrix of 32-bit elements: r[i] holds row
- * i on entry and column i on return. 64 shuffles, where 16 scatters or gathers
- * would cost several times that: the activation packing and the epilogues of
- * every AMX path go through it. */
-inline void transpose16x16(__m512i r[16]) {
-  __m512i u[16]; /* u[4g + c]: rows 4g..4g+3, column 4L + c in 128-bit lane L */
-  for (int g = 0; g < 4; ++g) {
-    const __m512i t0 = _mm512_unpacklo_epi32(r[4 * g], r[4 * g + 1]);
-    const __m512i t1 = _mm512_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
-    const __m512i t2 = _mm512_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]);
-    const __m512i t3 = _mm512_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
-    u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
-  }
-  for (int c = 0; c < 4; ++c) { /* gather lane L of the four row groups: column 4L + c */
-    const __m512i a = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);       /* lanes 0, 2 */
-    const __m512i b = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);       /* lanes 1, 3 */
-    const __m512i e = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512i f = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
-    r[c] = _mm512_shuffle_i32x4(a, e, 0x88);
-    r[8 + c] = _mm512_shuffle_i32x4(a, e, 0xDD);
-    r[4 + c] = _mm512_shuffle_i32x4(b, f, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(b, f, 0xDD);
-  }
-}
-
 inline void amx_pack_x(const int8_t* xq, int64_t M, int64_t K, int8_t* xp, int n_threads) {
   const int64_t Mt = ceil_div(M, 16), KB = K / 64, tiles = Mt * KB;
   const int threads = tiles < n_threads ? (int)tiles : n_threads;
