@@ -41,12 +41,14 @@ def _cases(C, torch, formats, nt: int) -> dict:
                                                   symmetric=False)
         return formats.pack_int4(c), s, z
 
-    def int4_weight_only(m, n, k, g, copies=1):
+    def int4_weight_only(m, n, k, g, copies=1, x_fp32=False):
         """copies > 1: that many weights in turn, so that decode sizes read them from memory
         (copies * n * k / 2 bytes past the last-level cache)."""
         isa = C.best_isa()
         ws = [int4(n, k, g) for _ in range(copies)]
-        x = torch.randn(m, k).bfloat16().float()  # bf16 values: the one-term AMX path
+        x = torch.randn(m, k)
+        if not x_fp32:
+            x = x.bfloat16().float()  # bf16 values: the one-term AMX path
         out = torch.empty(m, n)
         nb = C.int4_weight_only_workspace_bytes(isa, m, k, n, g, nt)
         work, wa = workspace(nb)
@@ -150,6 +152,14 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "int4wo g128 bf16-x 4x4096x4096": lambda: int4_weight_only(4, 4096, 4096, 128, 40),
         "int4wo g128 bf16-x 128x4096x4096": lambda: int4_weight_only(128, 4096, 4096, 128),
         "int4wo g128 bf16-x 512x4096x4096": lambda: int4_weight_only(512, 4096, 4096, 128),
+        # MiniLM's layers at a batch of 64 sentences of 20 tokens
+        "int4wo g64 fp32-x 1280x384x384": lambda: int4_weight_only(1280, 384, 384, 64, x_fp32=True),
+        "int4wo g64 fp32-x 1280x1536x384": lambda: int4_weight_only(1280, 1536, 384, 64,
+                                                                   x_fp32=True),
+        "int4wo g64 fp32-x 1280x384x1536": lambda: int4_weight_only(1280, 384, 1536, 64,
+                                                                   x_fp32=True),
+        "int4wo g128 fp32-x 128x11008x4096": lambda: int4_weight_only(128, 11008, 4096, 128,
+                                                                     x_fp32=True),
         "int8wo bf16-x 128x4096x4096": lambda: int8_weight_only(128, 4096, 4096),
         "int8wo bf16-x 512x4096x4096": lambda: int8_weight_only(512, 4096, 4096),
         # 2:4 + int: weights of 6.4-28 MB (values, meta, scales) in turn, over 300 MB in all

@@ -52,15 +52,19 @@ inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
   /* a 128-code block lies in one group, or (G = 64) in two whole ones */
   return M >= 1 && M <= 4 && K % 128 == 0 && (G == 64 || G % 128 == 0);
 }
-/* Without AMX, from this M (K % 64 == 0, G % 32 == 0) the 3M term rows run the W4A8
- * panel GEMM instead of the float kernels that dequantize the weights, in slices of at
- * most kInt4WoFixedSliceM rows so that the scratch (3 fp32 term outputs a row) stays
- * near 3 * 128 * N * 4 bytes whatever M is. */
-constexpr int64_t kInt4WoPanelMinM = 5, kInt4WoFixedSliceM = 128;
+/* Without AMX, from this M (K % 64 == 0, G % 32 == 0, K >= kInt4WoPanelMinK) the 3M term
+ * rows run the W4A8 panel GEMM instead of the float kernels that dequantize the weights,
+ * in slices of at most kInt4WoFixedSliceM rows so that the scratch (3 fp32 term outputs a
+ * row) stays near 3 * 128 * N * 4 bytes whatever M is. Each output costs three fp32 term
+ * outputs written and summed: at small K that outweighs the faster dot products (Zen 4, 2
+ * threads, in-process A/B against the float path: M = 1280, G = 64, N x K = 1536 x 384
+ * 0.83-0.85x, 384 x 1536 0.84-0.88x; M = 128, G = 128, 11008 x 4096 1.26-1.27x). */
+constexpr int64_t kInt4WoPanelMinM = 5, kInt4WoPanelMinK = 2048, kInt4WoFixedSliceM = 128;
 inline bool int4wo_fixed_applies(int64_t M, int64_t K, int64_t G, bool amx) {
   return ((M == 1 || int4wo_fx24_gemv_applies(M, K, G) || (amx && M >= 5 && M <= 15)) &&
           G % 64 == 0) ||
-         (!amx && M >= kInt4WoPanelMinM && G % 32 == 0 && w4a8_panel_applies(3 * M, K));
+         (!amx && M >= kInt4WoPanelMinM && K >= kInt4WoPanelMinK && G % 32 == 0 &&
+          w4a8_panel_applies(3 * M, K));
 }
 
 /* Scratch of the AMX paths that convert 32-row weight strips per call
