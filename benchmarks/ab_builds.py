@@ -87,7 +87,10 @@ def _cases(C, torch, formats, nt: int) -> dict:
             work, wa = workspace(nb)
             return lambda: (work, C.int8_weight_only_mm(isa, ptr(x), m, k, k, ptr(w), n, ptr(s),
                                                         0, ptr(out), nt, wa, nb))[1]
-        nb = C.int8_workspace_bytes(isa, m, k, n)
+        try:
+            nb = C.int8_workspace_bytes(isa, m, k, n, nt)
+        except TypeError:  # a build from before the n_threads argument
+            nb = C.int8_workspace_bytes(isa, m, k, n)
         work, wa = workspace(nb)
 
         def run():
@@ -141,6 +144,12 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "int8dyn 2560x384x384": lambda: int8_dynamic(2560, 384, 384),
         "int8dyn 2560x1536x384": lambda: int8_dynamic(2560, 1536, 384),
         "int8dyn 2560x384x1536": lambda: int8_dynamic(2560, 384, 1536),
+        # where the panel GEMMs of the non-AMX builds take over (kernels.h)
+        "int8dyn 8x11008x4096": lambda: int8_dynamic(8, 11008, 4096),
+        "int8dyn 16x11008x4096": lambda: int8_dynamic(16, 11008, 4096),
+        "int8dyn 32x11008x4096": lambda: int8_dynamic(32, 11008, 4096),
+        "int8dyn 64x11008x4096": lambda: int8_dynamic(64, 11008, 4096),
+        "int8dyn 64x384x1536": lambda: int8_dynamic(64, 384, 1536),
         "int8dyn 128x4096x4096": lambda: int8_dynamic(128, 4096, 4096),
         "int8dyn 512x4096x11008": lambda: int8_dynamic(512, 4096, 11008),
         "int8wo fp32-x 2560x384x384": lambda: int8_dynamic(2560, 384, 384, x_fp32=True),

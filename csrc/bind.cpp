@@ -36,7 +36,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("init", &pq_init, "Once per process: request the AMX tile state; 1 if AMX may be used.");
   m.def("int8_workspace_bytes", &pq_int8_workspace_bytes, py::arg("isa"), py::arg("M"),
-        py::arg("K"), py::arg("N"));
+        py::arg("K"), py::arg("N"), py::arg("n_threads"));
   m.def("int8_weight_only_workspace_bytes", &pq_int8_weight_only_workspace_bytes,
         py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("n_threads"));
   m.def("int4_weight_only_workspace_bytes", &pq_int4_weight_only_workspace_bytes, py::arg("isa"),

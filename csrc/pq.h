@@ -106,12 +106,15 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
 int pq_quantize_rows_int8_amax(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                                const float* amax, int8_t* xq, float* x_scale, int n_threads);
 
-/* Bytes of scratch (`work`) the int8 GEMMs below can use for this call; 0 when
- * the chosen path needs none. With AMX (K % 64 == 0, N % 32 == 0, M > 8) the
- * activations are repacked once per call into the tile layout
- * [ceil(M/16)][K/64][16][16][4] (ceil(M/16)*16*K bytes). A call given less
- * scratch than this (or none) runs the AVX512-VNNI path instead: same result. */
-int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N);
+/* Bytes of scratch (`work`) the int8 GEMMs below can use for this call with
+ * n_threads; 0 when the chosen path needs none. With AMX (K % 64 == 0, N % 32 == 0,
+ * M > 8) the activations are repacked once per call into the tile layout
+ * [ceil(M/16)][K/64][16][16][4] (ceil(M/16)*16*K bytes). Elsewhere on the AVX512
+ * ISAs, from M = 16 with K % 64 == 0, a GEMM over 32-row weight panels converted
+ * per call runs (the x row sums, then one panel of 32 K bytes a thread). A call
+ * given less scratch than this, or none, or scratch that is not 64-byte aligned,
+ * runs the AVX512-VNNI GEMV-shaped kernel instead: the same result. */
+int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N, int n_threads);
 
 /* acc[m,n] = sum_k xq[m,k] * w[n,k]   (exact int32 accumulation) */
 int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w,

@@ -224,8 +224,9 @@ def _finish(out: torch.Tensor, x: torch.Tensor, lead, n: int) -> torch.Tensor:
 
 
 def _int8_work(isa: int, m: int, k: int, n: int):
-    """Scratch for the AMX path (activations repacked into tiles; csrc/cpu/tile_amx.h)."""
-    nbytes = module().int8_workspace_bytes(isa, m, k, n)
+    """Scratch for the AMX path (activations repacked into tiles; csrc/cpu/tile_amx.h) or,
+    without AMX, the panel GEMM (csrc/cpu/tile_vnni_panel.h)."""
+    nbytes = module().int8_workspace_bytes(isa, m, k, n, _threads())
     return (_work("amx", nbytes) if nbytes > 0 else None), max(nbytes, 0)
 
 

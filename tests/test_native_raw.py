@@ -411,9 +411,14 @@ AMX = _C.ISA_AVX512_AMX
 needs_amx = pytest.mark.skipif(not _C.isa_available(AMX), reason="no AMX on this CPU/OS")
 
 
-def int8_work(isa, M, K, N):
-    nb = _C.int8_workspace_bytes(isa, M, K, N)
+def int8_work(isa, M, K, N, n_threads=2):
+    nb = _C.int8_workspace_bytes(isa, M, K, N, n_threads)
     return torch.empty(max(nb, 1), dtype=torch.uint8), nb
+
+
+def w8a8_panel_bytes(M, K, n_threads):
+    """The panel GEMM's scratch (csrc/cpu/kernels.h): x row sums, then 32 K bytes a thread."""
+    return -(-M * 4 // 64) * 64 + n_threads * 32 * K
 
 
 @needs_amx
@@ -428,8 +433,8 @@ def test_amx_int8_gemm_s32_exact(M, N, K, n_threads):
     (272 = 17 tiles) and a partial one (300), which never chunk."""
     g = gen(M * 7 + N + K)
     xq, w = rand_i8((M, K), g, lo=-128), rand_i8((N, K), g, lo=-128)
-    work, nb = int8_work(AMX, M, K, N)
-    assert nb == -(-M // 16) * 16 * K
+    work, nb = int8_work(AMX, M, K, N, n_threads)
+    assert nb == max(-(-M // 16) * 16 * K, w8a8_panel_bytes(M, K, n_threads))
     acc = torch.full((M, N), 7, dtype=torch.int32)
     assert _C.int8_gemm_s32(AMX, ptr(xq), M, K, ptr(w), N, ptr(acc), n_threads, ptr(work), nb) == OK
     assert torch.equal(acc, (xq.long() @ w.long().T).int())
@@ -744,7 +749,7 @@ def _w4a8_case(M, N, K, G, seed, extreme=False):
 @pytest.mark.parametrize("M,N,K,G,extreme", [(23, 45, 192, 64, False), (8, 32, 128, 32, False),
                                              (61, 70, 320, 320, False), (17, 33, 256, 128, True)])
 def test_w4a8_panel(isa, n_threads, M, N, K, G, extreme):
-    """W4A8 from M = 8 on the AVX512 ISAs without AMX tiles (csrc/cpu/tile_w4a8_panel.h):
+    """W4A8 from M = 8 on the AVX512 ISAs without AMX tiles (csrc/cpu/tile_vnni_panel.h):
     32-row weight panels in VNNI order, x rows in tiles of up to 6. Its workspace adds the
     panels (one a thread) to the group sums; with the base part only, or misaligned, the
     GEMV-shaped kernel runs. N and M tails, one group a row (G = K), the int32 extremes."""
@@ -765,3 +770,36 @@ def test_w4a8_panel(isa, n_threads, M, N, K, G, extreme):
         assert _C.int4_dynamic_mm(isa, ptr(xq), ptr(xs), M, K, ptr(wp), N, ptr(sc), ptr(zp), G,
                                   0, ptr(out), p, n, n_threads) == OK
         assert ((out.double() - ref).abs() <= 1e-5 * scale + 1e-30).all(), (p - ptr(buf), n)
+
+
+@pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, _C.ISA_AVX512_BF16])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("M,N,K", [(16, 32, 64), (23, 45, 192), (61, 70, 320), (17, 33, 4160)])
+def test_w8a8_panel(isa, n_threads, M, N, K):
+    """W8A8 from M = 16 on the AVX512 ISAs without AMX tiles (csrc/cpu/tile_vnni_panel.h): s8
+    weights as u8 (w + 128) in 32-row panels, x rows in tiles of up to 6, then - 128 sum x.
+    The int32 sums are exact for every int8 input (-128 included) and int8_dynamic_mm's
+    epilogue is bit-identical to the GEMV-shaped kernel's, which runs without the panel
+    scratch (none, short or misaligned). N and M tails; K = 4160, 65 blocks of 64."""
+    if not _C.isa_available(isa):
+        pytest.skip("ISA not available on this CPU/OS")
+    g = gen(M * 3 + N + K)
+    xq, w = rand_i8((M, K), g, lo=-128), rand_i8((N, K), g, lo=-128)
+    xs = torch.rand(M, generator=g) * 0.1 + 1e-3
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(N, generator=g)
+    work, nb = int8_work(isa, M, K, N, n_threads)
+    assert nb == w8a8_panel_bytes(M, K, n_threads)
+    assert _C.int8_workspace_bytes(isa, 15, K, N, n_threads) == 0  # below M = 16
+    assert _C.int8_workspace_bytes(isa, M, K + 32, N, n_threads) == 0  # K % 64 != 0
+    want = (xq.long() @ w.long().T).int()
+    ref = want.float() * (xs[:, None] * ws[None, :]) + bias
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    for p, n in [(ptr(buf), nb), (0, 0), (ptr(buf), nb - 1), (ptr(buf) + 4, nb)]:
+        acc = torch.full((M, N), 7, dtype=torch.int32)
+        assert _C.int8_gemm_s32(isa, ptr(xq), M, K, ptr(w), N, ptr(acc), n_threads, p, n) == OK
+        assert torch.equal(acc, want), (p, n)
+        out = torch.full((M, N), float("nan"))
+        assert _C.int8_dynamic_mm(isa, ptr(xq), ptr(xs), M, K, ptr(w), N, ptr(ws), ptr(bias),
+                                  ptr(out), n_threads, p, n) == OK
+        assert torch.equal(out, ref), (p, n)

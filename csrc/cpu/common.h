@@ -76,7 +76,7 @@ namespace {
 /* In-register transpose of a 16 x 16 matrix of 32-bit elements: r[i] holds row
  * i on entry and column i on return. 64 shuffles, where 16 scatters or gathers
  * would cost several times that: the activation packing and the epilogues of
- * every AMX path go through it, and the W4A8 panels (tile_w4a8_panel.h). */
+ * every AMX path go through it, and the W4A8 panels (tile_vnni_panel.h). */
 inline void transpose16x16(__m512i r[16]) {
   __m512i u[16]; /* u[4g + c]: rows 4g..4g+3, column 4L + c in 128-bit lane L */
   for (int g = 0; g < 4; ++g) {

@@ -225,11 +225,13 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
   return pq_quantize_rows_int8_amax(isa, x, M, K, ldx, nullptr, xq, x_scale, n_threads);
 }
 
-int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N) {
-  if (isa != PQ_ISA_AVX512_AMX || !table(isa) || M < 9 || K <= 0 || N <= 0 || K % 64 || N % 32 ||
-      too_big((M + 15) / 16 * 16, K))
+int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N, int n_threads) {
+  if (isa < PQ_ISA_AVX512_VNNI || !table(isa) || M <= 0 || K <= 0 || N <= 0 || K % 64 ||
+      too_big((M + 15) / 16 * 16, K) || too_big(threads(n_threads), 32 * K + 64))
     return 0;
-  return (M + 15) / 16 * 16 * K;
+  const int64_t amx = isa == PQ_ISA_AVX512_AMX && M >= 9 && N % 32 == 0 ? (M + 15) / 16 * 16 * K : 0;
+  const int64_t panel = pq::w8a8_panel_applies(M, K) ? pq::w8a8_panel_work_bytes(M, K, threads(n_threads)) : 0;
+  return amx > panel ? amx : panel;
 }
 
 int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,

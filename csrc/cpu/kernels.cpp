@@ -8,7 +8,7 @@
 #include "tile_amx.h"
 #include "tile_amx_bf16.h"
 #include "tile_amx_int4dyn.h"
-#include "tile_w4a8_panel.h"
+#include "tile_vnni_panel.h"
 
 namespace PQ_NS {
 namespace {
@@ -165,6 +165,15 @@ void int8_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t 
   });
 }
 
+#if defined(PQ_SIMD_AVX512)
+/* The W8A8 panel GEMM when its scratch is all there (dispatch.cpp sizes it). */
+inline bool w8a8_panel_usable(int64_t M, int64_t K, const void* work, int64_t work_bytes,
+                              int n_threads) {
+  return pq::w8a8_panel_applies(M, K) && work && !((uintptr_t)work & 63) &&
+         work_bytes >= pq::w8a8_panel_work_bytes(M, K, n_threads);
+}
+#endif
+
 void int8_gemm_s32(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
                    int32_t* acc, void* work, int64_t work_bytes, int n_threads) {
 #if defined(PQ_AMX)
@@ -173,6 +182,13 @@ void int8_gemm_s32(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int6
     amx_gemm(M, K, w, N, (const int8_t*)work, acc, N, n_threads, AmxStoreS32{acc, N});
     return;
   }
+#endif
+#if defined(PQ_SIMD_AVX512)
+  if (w8a8_panel_usable(M, K, work, work_bytes, n_threads))
+    return w8a8_panel_gemm(xq, M, K, w, N, work, n_threads,
+                           [&](int64_t m, int64_t n, __mmask16 mask, __m512i v) {
+                             _mm512_mask_storeu_epi32(acc + m * N + n, mask, v);
+                           });
 #endif
   (void)work, (void)work_bytes;
   int8_gemm(xq, M, K, w, N, n_threads, [=](int64_t m, int64_t n, int32_t v) { acc[m * N + n] = v; });
@@ -189,6 +205,18 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
              AmxStoreDyn{out, N, x_scale, w_scale, bias});
     return;
   }
+#endif
+#if defined(PQ_SIMD_AVX512)
+  if (w8a8_panel_usable(M, K, work, work_bytes, n_threads))
+    return w8a8_panel_gemm(xq, M, K, w, N, work, n_threads,
+                           [&](int64_t m, int64_t n, __mmask16 mask, __m512i v) {
+                             /* scale_bias's order: v * (x_scale * w_scale), then + bias */
+                             const __m512 s = _mm512_mul_ps(_mm512_set1_ps(x_scale[m]),
+                                                            _mm512_maskz_loadu_ps(mask, w_scale + n));
+                             __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
+                             if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bias + n));
+                             _mm512_mask_storeu_ps(out + m * N + n, mask, y);
+                           });
 #endif
   (void)work, (void)work_bytes;
   int8_gemm(xq, M, K, w, N, n_threads, [=](int64_t m, int64_t n, int32_t v) {

@@ -14,7 +14,7 @@ namespace pq {
 
 inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
-/* W4A8 at prefill on the AVX512 builds (tile_w4a8_panel.h), where AMX tiles do not
+/* W4A8 at prefill on the AVX512 builds (tile_vnni_panel.h), where AMX tiles do not
  * run it: from this many rows, K % 64 == 0. Scratch, 64-byte aligned: the x rows'
  * group sums [M][K/G] int32, then per thread a 32-row panel of u8 codes [K/4][2][16][4]
  * and its scales and scale x zero point, group-major [K/G][32] floats each.
@@ -29,6 +29,19 @@ inline int64_t w4a8_panel_bytes(int64_t K, int64_t G) {
 inline int64_t w4a8_panel_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
   return align64(M * (K / G) * 4) + threads * w4a8_panel_bytes(K, G);
 }
+/* W8A8 (int8_dynamic_mm, int8_gemm_s32) on the same panels (tile_vnni_panel.h), where AMX
+ * tiles do not run it: from this many rows, K % 64 == 0. Scratch, 64-byte aligned: the x
+ * row sums [M] int32, then per thread a 32-row panel [K/4][2][16][4] of w + 128. Against
+ * the GEMV-shaped kernel (Zen 4, 2 threads, in one process, old / panel): 11008 x 4096
+ * M = 8 0.81x, 16 0.95x, 32 1.04x, 128 1.17x, 512 1.30x; MiniLM's 1536 x 384 M = 16
+ * 1.82x, 512 3.05x, 384 x 1536 M = 16 1.08x, 512 1.66x. A panel converted per call costs
+ * as much as the products of ~10 rows of x. */
+constexpr int64_t kW8A8PanelMinM = 16;
+inline bool w8a8_panel_applies(int64_t M, int64_t K) { return M >= kW8A8PanelMinM && K % 64 == 0; }
+inline int64_t w8a8_panel_work_bytes(int64_t M, int64_t K, int threads) {
+  return align64(M * 4) + threads * align64(32 * K);
+}
+
 /* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
  * the float paths (4096 x 4096, G = 128, weights streamed from memory, 2
  * threads): M = 1: 1.1-1.3x on both ISAs. With AMX, where 3M >= 9 term rows
@@ -36,7 +49,7 @@ inline int64_t w4a8_panel_work_bytes(int64_t M, int64_t K, int64_t G, int thread
  * float GEMV and dequantizing paths); from M = 16 on the AMX-BF16 path is as
  * fast (0.9-1.35x, so it keeps those sizes). Without AMX the GEMV-shaped W4A8
  * kernel took M = 5-15 in two to four register tiles of 4 term rows, each decoding
- * the weights again (0.74-0.93x), but the panel GEMM (tile_w4a8_panel.h) expands
+ * the weights again (0.74-0.93x), but the panel GEMM (tile_vnni_panel.h) expands
  * them once a call: from M = 5 the term rows run there (Zen 4, 2 threads, 11008 x
  * 4096, G = 128: M = 5 3.77 -> 3.16 ms, 16 9.3 -> 7.7, 128 58.9 -> 47.2, 300 137
  * -> 104). G = 32: 0.5-0.6x (the GEMV-shaped kernel's short steps), so there

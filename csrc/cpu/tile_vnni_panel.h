@@ -1,0 +1,226 @@
+/* W4A8 (int4_dynamic_mm) and W8A8 (int8_dynamic_mm, int8_gemm_s32) at prefill
+ * sizes on AVX512-VNNI without AMX tiles.
+ *
+ * Why: the GEMV-shaped kernel (tile_int4dyn.h) keeps its dword lanes along K, so
+ * every (weight row, x row) pair converts and scales its int32 sum once per
+ * group: at G = 64 that is one cvt and one FMA per vpdpbusd, and its 4 x 4 tile
+ * needs 32 accumulators, more than the register file. At M = 128 on a Zen 4 it
+ * ran at ~37% of the VNNI peak, half the speed of int8 dynamic.
+ *
+ * Here the lanes run along N, as in a GEMM: each thread expands a panel of 32
+ * weight rows once per call into u8 codes in VNNI order, [K/4][2][16][4]
+ * (k / 4, 16-row half, row, k % 4), with its group scales and scale x zero
+ * point group-major, and then sweeps every row of x over it. A step of 4 k is
+ * two 64-byte loads and, per x row, one 4-byte broadcast and two vpdpbusd
+ * (u8 codes x s8 activations: no bias, no saturation). Each group's int32 sums
+ * are exact (|sum| <= G * 15 * 128) and enter fp32 once per group:
+ *   acc += float(isum) * scale;  acc -= float(gsum) * (scale * zero)
+ * (gsum: the group's sum of the x codes), G / 4 vpdpbusd per conversion.
+ *
+ * W8A8 takes the same panels of s8 weights stored as u8 (w + 128): the sum over
+ * all K is then sum (w + 128) x - 128 sum x, in wrapping int32 arithmetic like
+ * the GEMV-shaped kernel (tile_int8.h), so the result is the same integer. Its
+ * 4 x 4 tile with lanes along K reduces 16 accumulators at the end and reached
+ * ~75% of the VNNI peak at M = 128 on a Zen 4. */
+#ifndef PQ_CPU_TILE_VNNI_PANEL_H
+#define PQ_CPU_TILE_VNNI_PANEL_H
+#include <omp.h>
+#include <string.h>
+#include "common.h"
+#include "kernels.h"
+
+namespace PQ_NS {
+namespace {
+
+#if defined(PQ_SIMD_AVX512)
+constexpr int kPanelRows = 32;
+constexpr int kPanelMaxT = 6; /* x rows a tile: 12 int32 + 12 fp32 accumulators */
+
+/* The panel's codes pc (K * 32 bytes, 64-byte aligned, order above) from row(n, k0): the
+ * u8 codes k0..k0+63 of weight row n < nr (rows past nr are zeros). K % 64 == 0. */
+template <class Row>
+inline void pack_panel_codes(int64_t nr, int64_t K, uint8_t* pc, Row row) {
+  for (int h = 0; h < 2; ++h)
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = 16 * h + i < nr ? row(16 * h + i, k0) : _mm512_setzero_si512();
+      transpose16x16(r); /* r[j], lane i: row 16h + i, codes k0 + 4j .. + 3 */
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(pc + ((k0 / 4 + j) * 2 + h) * 64, r[j]);
+    }
+}
+
+/* Weight rows [0, nr) of wp (nr <= 32; rows past nr read as code 0, scale 0) -> the
+ * panel: codes pc, scales sp[g][32] and sc * zp in szp[g][32]. */
+inline void w4a8_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* zp, int64_t nr,
+                            int64_t K, int64_t G, uint8_t* pc, float* sp, float* szp) {
+  const int64_t ldw = K / 2, ng = K / G;
+  const __m512i lo = _mm512_set1_epi16(0x000F), hi = _mm512_set1_epi16(0x0F00);
+  pack_panel_codes(nr, K, pc, [&](int64_t n, int64_t k0) {
+    /* 32 bytes = 64 codes -> one byte a code, in k order: byte 2j+1 of a word takes
+     * the high nibble of byte j, shifted into place */
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + n * ldw + k0 / 2)));
+    return _mm512_or_si512(_mm512_and_si512(w, lo), _mm512_and_si512(_mm512_slli_epi16(w, 4), hi));
+  });
+  for (int64_t g = 0; g < ng; ++g)
+    for (int n = 0; n < kPanelRows; ++n) {
+      const float s = n < nr ? sc[n * ng + g] : 0.0f;
+      sp[g * kPanelRows + n] = s;
+      szp[g * kPanelRows + n] = s * (float)(n < nr ? zp[n * ng + g] : 0);
+    }
+}
+
+/* acc[t][v] += the products of x row t (x + t * ldx, `len` codes from its start) with panel
+ * rows 16v..16v+15 over those codes (p: the panel at the first of them): one 4-byte
+ * broadcast of x and two vpdpbusd a row and step of 4 k. */
+template <int T>
+inline void panel_dots(const int8_t* x, int64_t ldx, int64_t len, const uint8_t* p,
+                       __m512i acc[T][2]) {
+  for (int64_t k = 0; k < len; k += 4, p += 128) {
+    const __m512i w0 = _mm512_load_si512(p), w1 = _mm512_load_si512(p + 64);
+    for (int t = 0; t < T; ++t) {
+      int32_t x4;
+      memcpy(&x4, x + t * ldx + k, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+      acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], w0, xb);
+      acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], w1, xb);
+    }
+  }
+}
+
+/* Rows m..m+T-1 of x (codes xq, stride K; gsum rows of K/G) against the panel, into
+ * out[(m + t) * N + n0 + ...] (nr of its 32 columns): acc * x_scale + bias. */
+template <int T>
+inline void w4a8_panel_tile(const int8_t* xq, const int32_t* gsum, const float* x_scale,
+                            int64_t K, int64_t G, const uint8_t* pc, const float* sp,
+                            const float* szp, const float* bias, int64_t n0, int64_t nr,
+                            int64_t N, float* out) {
+  const int64_t ng = K / G;
+  __m512 facc[T][2];
+  for (int t = 0; t < T; ++t) facc[t][0] = facc[t][1] = _mm512_setzero_ps();
+  const uint8_t* p = pc;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i iacc[T][2];
+    for (int t = 0; t < T; ++t) iacc[t][0] = iacc[t][1] = _mm512_setzero_si512();
+    panel_dots<T>(xq + g * G, K, G, p, iacc);
+    p += G * kPanelRows;
+    const __m512 s0 = _mm512_load_ps(sp + g * kPanelRows), s1 = _mm512_load_ps(sp + g * kPanelRows + 16);
+    const __m512 z0 = _mm512_load_ps(szp + g * kPanelRows), z1 = _mm512_load_ps(szp + g * kPanelRows + 16);
+    for (int t = 0; t < T; ++t) {
+      const __m512 gs = _mm512_set1_ps((float)gsum[t * ng + g]);
+      facc[t][0] = _mm512_fnmadd_ps(gs, z0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][0]), s0, facc[t][0]));
+      facc[t][1] = _mm512_fnmadd_ps(gs, z1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][1]), s1, facc[t][1]));
+    }
+  }
+  for (int v = 0; v < 2; ++v) {
+    const int64_t c0 = n0 + 16 * v, left = nr - 16 * v;
+    if (left <= 0) break;
+    const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) {
+      /* separate multiply and add: the epilogue order of scale_bias (kernels.cpp) */
+      const __m512 y = _mm512_add_ps(_mm512_mul_ps(facc[t][v], _mm512_set1_ps(x_scale[t])), b);
+      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
+    }
+  }
+}
+
+/* The whole product; work: 64-byte aligned, pq::w4a8_panel_work_bytes(M, K, G, n_threads)
+ * (gsum, then one panel a thread). */
+inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                          const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
+                          int64_t G, const float* bias, float* out, void* work, int n_threads) {
+  const int64_t ng = K / G, panels = (N + kPanelRows - 1) / kPanelRows;
+  int32_t* gsum = (int32_t*)work;
+  uint8_t* scratch = (uint8_t*)work + pq::align64(M * ng * 4);
+  const int64_t per_thread = pq::w4a8_panel_bytes(K, G);
+  const int threads = panels < n_threads ? (int)panels : n_threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < ng; ++g) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < G; ++k) s += xq[m * K + g * G + k];
+        gsum[m * ng + g] = s;
+      }
+    uint8_t* pc = scratch + omp_get_thread_num() * per_thread;
+    float* sp = (float*)(pc + pq::align64(kPanelRows * K));
+    float* szp = sp + pq::align64(ng * kPanelRows * 4) / 4;
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanelRows, nr = min64(kPanelRows, N - n0);
+      w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc, sp, szp);
+      for (int64_t m = 0; m < M; m += kPanelMaxT) {
+        auto tile = [&](auto, auto T_) {
+          w4a8_panel_tile<decltype(T_)::value>(xq + m * K, gsum + m * ng, x_scale + m, K, G, pc,
+                                               sp, szp, bias, n0, nr, N, out + m * N);
+        };
+        dispatch_t<1, kPanelMaxT>((int)min64(kPanelMaxT, M - m), tile);
+      }
+    }
+  }
+}
+
+/* Rows m..m+T-1 of x (codes, stride K; xsum: their sums) against an s8 panel stored as
+ * w + 128: store(t, v, acc) gets the exact (wrapping) int32 sums of x row m + t with
+ * panel rows 16v .. 16v + 15. */
+template <int T, class Store>
+inline void w8a8_panel_tile(const int8_t* xq, const int32_t* xsum, int64_t K, const uint8_t* pc,
+                            Store&& store) {
+  __m512i acc[T][2];
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_si512();
+  panel_dots<T>(xq, K, K, pc, acc);
+  for (int t = 0; t < T; ++t) {
+    const __m512i c = _mm512_set1_epi32((int32_t)((uint32_t)xsum[t] << 7)); /* 128 sum x */
+    store(t, 0, _mm512_sub_epi32(acc[t][0], c));
+    store(t, 1, _mm512_sub_epi32(acc[t][1], c));
+  }
+}
+
+/* The M x N int32 products of xq and the s8 weight w (K % 64 == 0), each 16 outputs of a
+ * row handed to store(m, n, mask, acc) (mask: the columns < N). work: 64-byte aligned,
+ * pq::w8a8_panel_work_bytes(M, K, n_threads) (the x row sums, then a panel a thread). */
+template <class Store>
+inline void w8a8_panel_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                            void* work, int n_threads, Store store) {
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+  int32_t* xsum = (int32_t*)work;
+  uint8_t* scratch = (uint8_t*)work + pq::align64(M * 4);
+  const int threads = panels < n_threads ? (int)panels : n_threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += xq[m * K + k];
+      xsum[m] = s;
+    }
+    uint8_t* pc = scratch + omp_get_thread_num() * pq::align64(kPanelRows * K);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanelRows, nr = min64(kPanelRows, N - n0);
+      pack_panel_codes(nr, K, pc, [&](int64_t n, int64_t k0) {
+        return _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + n) * K + k0), flip);
+      });
+      for (int64_t m = 0; m < M; m += kPanelMaxT) {
+        auto tile = [&](auto, auto T_) {
+          w8a8_panel_tile<decltype(T_)::value>(
+              xq + m * K, xsum + m, K, pc, [&](int t, int v, __m512i acc) {
+                const int64_t left = nr - 16 * v;
+                if (left <= 0) return;
+                store(m + t, n0 + 16 * v,
+                      left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), acc);
+              });
+        };
+        dispatch_t<1, kPanelMaxT>((int)min64(kPanelMaxT, M - m), tile);
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_TILE_VNNI_PANEL_H */
