@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 import pyquant
 import pyquant.distributed as tp
+from pyquant.distributed import layers as tp_layers
 from pyquant.distributed import plan as tp_plan
 from helpers import assert_close_named
 
@@ -147,6 +148,14 @@ def _scenarios(rank: int, out_dir: str) -> dict:
             with tp.record_collectives() as log:
                 res[arch, name, "out"] = (run(sharded, arch), y_ref)
             res[arch, name, "collectives"] = log.calls
+            # the all_reduce path that larger activations take (GATHER_REDUCE_MAX_NUMEL)
+            saved, tp_layers.GATHER_REDUCE_MAX_NUMEL = tp_layers.GATHER_REDUCE_MAX_NUMEL, 0
+            try:
+                with tp.record_collectives() as log:
+                    res[arch, name, "out_all_reduce"] = run(sharded, arch)
+                res[arch, name, "collectives_all_reduce"] = log.calls
+            finally:
+                tp_layers.GATHER_REDUCE_MAX_NUMEL = saved
             res[arch, name, "bytes"] = (rep.bytes_after, rep.bytes_before,
                                         tp.linear_bytes(sharded), tp.linear_bytes(ref))
             res[arch, name, "layers"] = dict(rep.layers)
@@ -237,26 +246,35 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("arch,config", CASES)
 def test_sharded_output_equals_single_process(ranks, arch, config):
+    """Both ways of reducing the row-parallel partials: gathered and added in rank order
+    (small tensors on gloo) and all_reduce (larger ones)."""
     for r, res in enumerate(ranks):
         y_tp, y_ref = res[arch, config, "out"]
         assert_close_named(y_tp, y_ref, "tensor_parallel/float32", f"rank {r}")
+        assert_close_named(res[arch, config, "out_all_reduce"], y_ref, "tensor_parallel/float32",
+                           f"rank {r}, all_reduce")
 
 
 @pytest.mark.parametrize("arch,config", CASES)
 def test_a_forward_makes_only_the_collectives_of_the_plan(ranks, arch, config):
-    """Per block, one fp32 all-reduce after each row-parallel layer (attention output, MLP
-    down), preceded by the all-reduce MAX of the activation rows' max |x| for the configs
-    that quantize activations; the Llama lm_head gathers its columns once. Anything more
-    costs a latency per call (docs/distributed.md), so an extra one fails here."""
+    """Per block, one fp32 reduction after each row-parallel layer (attention output, MLP
+    down), preceded by the MAX of the activation rows' max |x| for the configs that quantize
+    activations; the Llama lm_head gathers its columns once. Anything more costs a latency
+    per call (docs/distributed.md), so an extra one fails here. These tensors are small, so
+    on gloo each reduction is one all_gather (then added locally); with the threshold at 0,
+    an all_reduce."""
     tokens, hidden, vocab = 16, 128, 256  # model_inputs: 2 x 8 tokens; make_model
-    amax = [("all_reduce_max", tokens)] if config in ("int8_dynamic", "int4_dynamic") else []
-    want = (amax + [("all_reduce_sum", tokens * hidden)]) * 4  # 2 blocks x 2 row-parallel
-    if arch == "llama":
-        want.append(("all_gather", tokens * vocab // WORLD))
-    for r, res in enumerate(ranks):
-        calls = res[arch, config, "collectives"]
-        assert [(n, k) for n, k, _, _ in calls] == want, f"rank {r}"
-        assert all(0 <= t1 - t0 < 60 for *_, t0, t1 in calls), f"rank {r}: times {calls}"
+    assert tokens * hidden * WORLD <= tp_layers.GATHER_REDUCE_MAX_NUMEL
+    for kind, suffix in (("all_gather", ""), ("all_reduce", "_all_reduce")):
+        dyn = config in ("int8_dynamic", "int4_dynamic")
+        amax = [(f"{kind}_max", tokens)] if dyn else []
+        want = (amax + [(f"{kind}_sum", tokens * hidden)]) * 4  # 2 blocks x 2 row-parallel
+        if arch == "llama":
+            want.append(("all_gather", tokens * vocab // WORLD))
+        for r, res in enumerate(ranks):
+            calls = res[arch, config, "collectives" + suffix]
+            assert [(n, k) for n, k, _, _ in calls] == want, f"rank {r}, {kind}"
+            assert all(0 <= t1 - t0 < 60 for *_, t0, t1 in calls), f"rank {r}: times {calls}"
 
 
 @pytest.mark.parametrize("arch,config", CASES)

