@@ -803,3 +803,41 @@ def test_w8a8_panel(isa, n_threads, M, N, K):
         assert _C.int8_dynamic_mm(isa, ptr(xq), ptr(xs), M, K, ptr(w), N, ptr(ws), ptr(bias),
                                   ptr(out), n_threads, p, n) == OK
         assert torch.equal(out, ref), (p, n)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("M,N,K,G", [(16, 32, 64, 32), (23, 45, 192, 64), (61, 70, 320, 320),
+                                     (17, 33, 4096, 128)])
+def test_int4_weight_only_bf16_panel(n_threads, M, N, K, G):
+    """int4 weight-only on the AVX512-BF16 level from M = 16 with activations that are bf16
+    values (csrc/cpu/tile_bf16_panel.h): weights as bf16 code - zero in 32-row panels, one
+    vdpbf16ps a pair of k; the products are exact and summed in fp32 (subnormals flushed).
+    Its workspace covers the x rows as bf16 and a panel a thread; fp32 activations that are
+    not bf16 values, or no workspace, take the other paths: the same values within fp32
+    summation. Zero points 0 and 15, N and M tails, one group a row (G = K)."""
+    isa = _C.ISA_AVX512_BF16
+    if not _C.isa_available(isa):
+        pytest.skip("ISA not available on this CPU/OS")
+    g = gen(M + N + K)
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    wp = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    sc = torch.rand(N, K // G, generator=g) + 0.5
+    zp = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
+    zp[0], zp[-1] = 0, 15
+    x = (torch.randn(M, K, generator=g) * 3).bfloat16().float()
+    bias = torch.randn(N, generator=g)
+    nb = _C.int4_weight_only_workspace_bytes(isa, M, K, N, G, n_threads)
+    panel = M * K * 2 + n_threads * (64 * K + -(-128 * (K // G) // 64) * 64)
+    assert nb >= panel
+    assert _C.int4_weight_only_workspace_bytes(isa, 15, 64, N, 32, n_threads) == 0  # M < 16
+    wf = (codes.double() - zp.double().repeat_interleave(G, 1)) * sc.double().repeat_interleave(G, 1)
+    ref = x.double() @ wf.T + bias.double()
+    bound = 1e-6 * (x.double().abs() @ wf.abs().T) + 1e-6 * bias.double().abs()
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    for xx, p, n in [(x, ptr(buf), nb), (x, 0, 0), (x + 1e-3, ptr(buf), nb)]:
+        out = torch.full((M, N), float("nan"))
+        assert _C.int4_weight_only_mm(isa, ptr(xx), M, K, K, ptr(wp), N, ptr(sc), ptr(zp), G,
+                                      ptr(bias), ptr(out), n_threads, p, n) == OK
+        want = ref if xx is x else (xx.double() @ wf.T + bias.double())
+        tol = bound if xx is x else 1e-5 * (xx.double().abs() @ wf.abs().T) + 1e-5
+        assert ((out.double() - want).abs() <= tol).all(), (p, n)

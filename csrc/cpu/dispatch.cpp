@@ -277,13 +277,22 @@ int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
                                             int64_t group_size, int n_threads) {
   if (M < 0 || K < 0 || N < 0 || group_size <= 0 || too_big(M, K) || too_big(M, N)) return -1;
   if (K % group_size != 0) return 0;
-  if (!pq_int4_weight_only_fixed_point(isa, M, K, group_size))
-    return amx_bf16_need(isa, M, K, N, group_size, n_threads);
+  /* the AVX512-BF16 build's bf16 panels, for activations that are bf16 values */
+  const int64_t bf16p = isa == PQ_ISA_AVX512_BF16 && table(isa) && N > 0 &&
+                                pq::bf16_panel_applies(M, K, group_size) &&
+                                !too_big(M, 2 * K) && !too_big(threads(n_threads), 64 * K + 128)
+                            ? pq::bf16_panel_work_bytes(M, K, group_size, threads(n_threads))
+                            : 0;
+  if (!pq_int4_weight_only_fixed_point(isa, M, K, group_size)) {
+    const int64_t amx = amx_bf16_need(isa, M, K, N, group_size, n_threads);
+    return amx < 0 ? -1 : amx > bf16p ? amx : bf16p;
+  }
   /* the rows of one slice (kernels.h) */
   const int64_t rows = 3 * (M < pq::kInt4WoFixedSliceM ? M : pq::kInt4WoFixedSliceM);
   const int64_t dyn = pq_int4_dynamic_workspace_bytes(isa, rows, K, group_size, n_threads);
   if (dyn < 0) return -1;
-  return pq::align64(rows * K) + pq::align64(rows * 4) + pq::align64(rows * N * 4) + dyn;
+  const int64_t fixed = pq::align64(rows * K) + pq::align64(rows * 4) + pq::align64(rows * N * 4) + dyn;
+  return fixed > bf16p ? fixed : bf16p;
 }
 
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,

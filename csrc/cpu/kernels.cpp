@@ -9,6 +9,7 @@
 #include "tile_amx_bf16.h"
 #include "tile_amx_int4dyn.h"
 #include "tile_vnni_panel.h"
+#include "tile_bf16_panel.h"
 
 namespace PQ_NS {
 namespace {
@@ -421,6 +422,12 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
 void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                          int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                          const float* bias, float* out, int n_threads, void* work) {
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512BF16__) && !defined(PQ_AMX_BF16)
+  /* bf16 activations on the AVX512-BF16 build: one exact bf16 term (dispatch.cpp sized
+   * work for this path too) */
+  if (work && pq::bf16_panel_applies(M, K, G) && rows_are_bf16(x, M, K, ldx))
+    return bf16_panel_int4_wo(x, M, K, ldx, wp, N, scales, zeros, G, bias, out, work, n_threads);
+#endif
 #if defined(PQ_SIMD_AVX512)
   /* work is non-null only when dispatch.cpp sized it for the path that applies: this
    * one (M, G) or, from M = 16 on AMX, the AMX-BF16 one below */

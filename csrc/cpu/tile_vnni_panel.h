@@ -36,6 +36,32 @@ namespace {
 constexpr int kPanelRows = 32;
 constexpr int kPanelMaxT = 6; /* x rows a tile: 12 int32 + 12 fp32 accumulators */
 
+/* The driver of the panel GEMMs (here and tile_bf16_panel.h): prep(m) for every x row,
+ * then the 32-row weight panels spread over the threads, each packed into its thread's
+ * scratch by pack(scratch, n0, nr) and swept by tile(scratch, n0, nr, m, Int<T>) over the
+ * x rows in tiles of up to kMaxT. */
+template <int kMaxT, class Prep, class Pack, class Tile>
+inline void for_each_panel(int64_t M, int64_t N, int n_threads, uint8_t* scratch,
+                           int64_t per_thread, Prep prep, Pack pack, Tile tile) {
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+  const int threads = panels < n_threads ? (int)panels : n_threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) prep(m);
+    uint8_t* own = scratch + omp_get_thread_num() * per_thread;
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanelRows, nr = min64(kPanelRows, N - n0);
+      pack(own, n0, nr);
+      for (int64_t m = 0; m < M; m += kMaxT) {
+        auto run = [&](auto, auto T_) { tile(own, n0, nr, m, T_); };
+        dispatch_t<1, kMaxT>((int)min64(kMaxT, M - m), run);
+      }
+    }
+  }
+}
+
 /* The panel's codes pc (K * 32 bytes, 64-byte aligned, order above) from row(n, k0): the
  * u8 codes k0..k0+63 of weight row n < nr (rows past nr are zeros). K % 64 == 0. */
 template <class Row>
@@ -130,36 +156,33 @@ inline void w4a8_panel_tile(const int8_t* xq, const int32_t* gsum, const float* 
 inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
                           int64_t G, const float* bias, float* out, void* work, int n_threads) {
-  const int64_t ng = K / G, panels = (N + kPanelRows - 1) / kPanelRows;
+  const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
-  uint8_t* scratch = (uint8_t*)work + pq::align64(M * ng * 4);
-  const int64_t per_thread = pq::w4a8_panel_bytes(K, G);
-  const int threads = panels < n_threads ? (int)panels : n_threads;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < ng; ++g) {
-        int32_t s = 0;
-        for (int64_t k = 0; k < G; ++k) s += xq[m * K + g * G + k];
-        gsum[m * ng + g] = s;
-      }
-    uint8_t* pc = scratch + omp_get_thread_num() * per_thread;
-    float* sp = (float*)(pc + pq::align64(kPanelRows * K));
-    float* szp = sp + pq::align64(ng * kPanelRows * 4) / 4;
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t n0 = p * kPanelRows, nr = min64(kPanelRows, N - n0);
-      w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc, sp, szp);
-      for (int64_t m = 0; m < M; m += kPanelMaxT) {
-        auto tile = [&](auto, auto T_) {
-          w4a8_panel_tile<decltype(T_)::value>(xq + m * K, gsum + m * ng, x_scale + m, K, G, pc,
-                                               sp, szp, bias, n0, nr, N, out + m * N);
-        };
-        dispatch_t<1, kPanelMaxT>((int)min64(kPanelMaxT, M - m), tile);
-      }
-    }
-  }
+  /* a thread's panel: codes, then scales and scale x zero point [K/G][32] each */
+  auto parts = [&](uint8_t* pc, float*& sp, float*& szp) {
+    sp = (float*)(pc + pq::align64(kPanelRows * K));
+    szp = sp + pq::align64(ng * kPanelRows * 4) / 4;
+  };
+  for_each_panel<kPanelMaxT>(
+      M, N, n_threads, (uint8_t*)work + pq::align64(M * ng * 4), pq::w4a8_panel_bytes(K, G),
+      [&](int64_t m) {
+        for (int64_t g = 0; g < ng; ++g) {
+          int32_t s = 0;
+          for (int64_t k = 0; k < G; ++k) s += xq[m * K + g * G + k];
+          gsum[m * ng + g] = s;
+        }
+      },
+      [&](uint8_t* pc, int64_t n0, int64_t nr) {
+        float *sp, *szp;
+        parts(pc, sp, szp);
+        w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc, sp, szp);
+      },
+      [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+        float *sp, *szp;
+        parts(pc, sp, szp);
+        w4a8_panel_tile<decltype(T_)::value>(xq + m * K, gsum + m * ng, x_scale + m, K, G, pc,
+                                             sp, szp, bias, n0, nr, N, out + m * N);
+      });
 }
 
 /* Rows m..m+T-1 of x (codes, stride K; xsum: their sums) against an s8 panel stored as
@@ -184,40 +207,29 @@ inline void w8a8_panel_tile(const int8_t* xq, const int32_t* xsum, int64_t K, co
 template <class Store>
 inline void w8a8_panel_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
                             void* work, int n_threads, Store store) {
-  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   int32_t* xsum = (int32_t*)work;
-  uint8_t* scratch = (uint8_t*)work + pq::align64(M * 4);
-  const int threads = panels < n_threads ? (int)panels : n_threads;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-      int32_t s = 0;
-      for (int64_t k = 0; k < K; ++k) s += xq[m * K + k];
-      xsum[m] = s;
-    }
-    uint8_t* pc = scratch + omp_get_thread_num() * pq::align64(kPanelRows * K);
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t n0 = p * kPanelRows, nr = min64(kPanelRows, N - n0);
-      pack_panel_codes(nr, K, pc, [&](int64_t n, int64_t k0) {
-        return _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + n) * K + k0), flip);
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for_each_panel<kPanelMaxT>(
+      M, N, n_threads, (uint8_t*)work + pq::align64(M * 4), pq::align64(kPanelRows * K),
+      [&](int64_t m) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += xq[m * K + k];
+        xsum[m] = s;
+      },
+      [&](uint8_t* pc, int64_t n0, int64_t nr) {
+        pack_panel_codes(nr, K, pc, [&](int64_t n, int64_t k0) {
+          return _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + n) * K + k0), flip);
+        });
+      },
+      [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+        w8a8_panel_tile<decltype(T_)::value>(
+            xq + m * K, xsum + m, K, pc, [&](int t, int v, __m512i acc) {
+              const int64_t left = nr - 16 * v;
+              if (left <= 0) return;
+              store(m + t, n0 + 16 * v,
+                    left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), acc);
+            });
       });
-      for (int64_t m = 0; m < M; m += kPanelMaxT) {
-        auto tile = [&](auto, auto T_) {
-          w8a8_panel_tile<decltype(T_)::value>(
-              xq + m * K, xsum + m, K, pc, [&](int t, int v, __m512i acc) {
-                const int64_t left = nr - 16 * v;
-                if (left <= 0) return;
-                store(m + t, n0 + 16 * v,
-                      left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), acc);
-              });
-        };
-        dispatch_t<1, kPanelMaxT>((int)min64(kPanelMaxT, M - m), tile);
-      }
-    }
-  }
 }
 #endif
 

@@ -1,0 +1,138 @@
+/* int4 weight-only at prefill sizes on AVX512-BF16 without AMX tiles, for activations that
+ * are bf16 values (a bf16 model's, widened to fp32 by the caller).
+ *
+ * Why: the 24-bit fixed-point path (three int8 terms a row on the W4A8 panels) does three
+ * times the integer work of one and writes three fp32 outputs per output; for bf16 values
+ * one bf16 term is exact. vdpbf16ps multiplies pairs of bf16 and adds both products to an
+ * fp32 lane: 32 multiply-adds an instruction, half of vpdpbusd's 64 but a third of the
+ * work. Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16 inputs
+ * as zero and flushes subnormal sums (the AMX-BF16 path's contract, pq.h).
+ *
+ * Each thread converts a panel of 32 weight rows once per call to bf16 values code - zero
+ * (exact: -15..15) in the order [K/2][2][16][2] (k / 2, 16-row half, row, k % 2): a step
+ * of 2 k is two 64-byte loads and, per x row, one 4-byte broadcast of its bf16 pair and
+ * two vdpbf16ps. Each group's sum enters the result once: acc += gsum * scale. */
+#ifndef PQ_CPU_TILE_BF16_PANEL_H
+#define PQ_CPU_TILE_BF16_PANEL_H
+#include <omp.h>
+#include <string.h>
+#include "common.h"
+#include "kernels.h"
+#include "tile_vnni_panel.h"
+
+namespace PQ_NS {
+namespace {
+
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512BF16__)
+constexpr int kBf16PanelRows = kPanelRows;
+constexpr int kBf16PanelMaxT = 6; /* x rows a tile: 12 group + 12 running fp32 accumulators */
+
+/* Rows [0, nr) of the int4 weight wp (rows past nr: zeros) -> the bf16 panel pb (64 K
+ * bytes, 64-byte aligned) and the group scales sp[g][32]. K % 32 == 0, G % 32 == 0. */
+inline void bf16_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* zp, int64_t nr,
+                            int64_t K, int64_t G, uint16_t* pb, float* sp) {
+  const int64_t ldw = K / 2, ng = K / G;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = 16 * h + i;
+        if (n >= nr) {
+          r[i] = _mm512_setzero_si512();
+          continue;
+        }
+        /* 16 bytes = 32 codes -> 32 words in k order, minus the group's zero point (a
+         * 32-code block lies in one group), as fp32 then bf16: exact small integers */
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wp + n * ldw + k0 / 2)));
+        const __m512i w = _mm512_cvtepu16_epi32(b);  /* 16 bytes as 16 dwords */
+        const __m512i c = _mm512_sub_epi32(_mm512_and_si512(w, _mm512_set1_epi32(15)),
+                                           _mm512_set1_epi32(zp[n * ng + k0 / G]));
+        const __m512i d = _mm512_sub_epi32(_mm512_srli_epi32(w, 4), _mm512_set1_epi32(zp[n * ng + k0 / G]));
+        /* c: codes k0 + 2j, d: codes k0 + 2j + 1 (j = 0..15): interleave as bf16 pairs */
+        const __m512bh cb = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(d), _mm512_cvtepi32_ps(c));
+        /* cb words: [c0..c15 | d0..d15] -> dword j = (c_j, d_j) */
+        const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                             24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                             1, 16, 0);
+        r[i] = _mm512_permutexvar_epi16(idx, (__m512i)cb);
+      }
+      transpose16x16(r); /* r[j], lane i: row 16h + i, codes k0 + 2j, k0 + 2j + 1 */
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(pb + ((k0 / 2 + j) * 2 + h) * 32, r[j]);
+    }
+  for (int64_t g = 0; g < ng; ++g)
+    for (int n = 0; n < kBf16PanelRows; ++n) sp[g * kBf16PanelRows + n] = n < nr ? sc[n * ng + g] : 0.0f;
+}
+
+/* Rows m..m+T-1 of the bf16 activations xb (stride K) against the panel, into out rows
+ * (stride N, nr of the 32 columns from n0): acc (+ bias). */
+template <int T>
+inline void bf16_panel_tile(const uint16_t* xb, int64_t K, int64_t G, const uint16_t* pb,
+                            const float* sp, const float* bias, int64_t n0, int64_t nr, int64_t N,
+                            float* out) {
+  const int64_t ng = K / G;
+  __m512 acc[T][2];
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  const uint16_t* p = pb;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 gacc[T][2];
+    for (int t = 0; t < T; ++t) gacc[t][0] = gacc[t][1] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 2, p += 64) {
+      const __m512bh w0 = (__m512bh)_mm512_load_si512(p), w1 = (__m512bh)_mm512_load_si512(p + 32);
+      for (int t = 0; t < T; ++t) {
+        int32_t x2;
+        memcpy(&x2, xb + t * K + k, 4);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(x2);
+        gacc[t][0] = _mm512_dpbf16_ps(gacc[t][0], w0, xv);
+        gacc[t][1] = _mm512_dpbf16_ps(gacc[t][1], w1, xv);
+      }
+    }
+    const __m512 s0 = _mm512_load_ps(sp + g * kBf16PanelRows), s1 = _mm512_load_ps(sp + g * kBf16PanelRows + 16);
+    for (int t = 0; t < T; ++t) {
+      acc[t][0] = _mm512_fmadd_ps(gacc[t][0], s0, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(gacc[t][1], s1, acc[t][1]);
+    }
+  }
+  for (int v = 0; v < 2; ++v) {
+    const int64_t c0 = n0 + 16 * v, left = nr - 16 * v;
+    if (left <= 0) break;
+    const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    for (int t = 0; t < T; ++t) {
+      __m512 y = acc[t][v];
+      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
+      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
+    }
+  }
+}
+
+/* The whole product for x rows that are bf16 values (the caller checked rows_are_bf16).
+ * work: 64-byte aligned, pq::bf16_panel_work_bytes(M, K, G, n_threads). */
+inline void bf16_panel_int4_wo(const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const uint8_t* wp, int64_t N, const float* scales,
+                               const uint8_t* zeros, int64_t G, const float* bias, float* out,
+                               void* work, int n_threads) {
+  const int64_t ng = K / G;
+  uint16_t* xb = (uint16_t*)work;
+  /* a thread's panel: the bf16 weights, then the scales [K/G][32] */
+  auto scales_of = [&](uint8_t* pb) { return (float*)(pb + pq::align64(kBf16PanelRows * K * 2)); };
+  for_each_panel<kBf16PanelMaxT>(
+      M, N, n_threads, (uint8_t*)work + pq::align64(M * K * 2), pq::bf16_panel_bytes(K, G),
+      [&](int64_t m) { /* the high halves of the fp32 words: exact */
+        for (int64_t k = 0; k < K; k += 16)
+          _mm256_storeu_si256((__m256i*)(xb + m * K + k),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                                  _mm512_loadu_si512(x + m * ldx + k), 16)));
+      },
+      [&](uint8_t* pb, int64_t n0, int64_t nr) {
+        bf16_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G,
+                        (uint16_t*)pb, scales_of(pb));
+      },
+      [&](uint8_t* pb, int64_t n0, int64_t nr, int64_t m, auto T_) {
+        bf16_panel_tile<decltype(T_)::value>(xb + m * K, K, G, (const uint16_t*)pb, scales_of(pb),
+                                             bias, n0, nr, N, out + m * N);
+      });
+}
+#endif
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_TILE_BF16_PANEL_H */
