@@ -155,9 +155,14 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *  - on AMX (M >= 16, G % 32 == 0, N % 32 == 0, given the workspace below),
  *    where each group's exact products (code - zero) * x (x split into bf16
  *    terms, see pq_int8_weight_only_mm) are summed in fp32 and scaled once;
+ *  - on the AVX512-BF16 ISA (M >= 16, G % 32 == 0, given the workspace below)
+ *    when every x[m,k] is a bf16 value: each group's exact products
+ *    (code - zero) * x are summed in fp32 by vdpbf16ps (bf16 subnormals read as
+ *    zero, subnormal sums flushed) and scaled once;
  *  - at decode sizes (G % 64 == 0; M == 1 on AVX512-VNNI, and M <= 4 when
- *    K % 128 == 0 and G == 64 or G % 128 == 0; also 5 <= M <= 15 on AMX:
- *    where pq_int4_weight_only_workspace_bytes > 0;
+ *    K % 128 == 0 and G == 64 or G % 128 == 0; also 5 <= M <= 15 on AMX, and
+ *    M >= 5 on the AVX512 ISAs without AMX when K >= 2048, K % 64 == 0 and
+ *    G % 32 == 0: where pq_int4_weight_only_fixed_point says so;
  *    given that many bytes of 64-byte aligned `work`), where each row
  *    of x is written in 24-bit fixed point, x = s * (65536*hi + 256*mid + lo)
  *    + e with s = max|x[m,:]| / 8323072, three int8 terms and |e| <= s (the
@@ -172,7 +177,7 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *    or whose max is below 2^-100, takes the float32 path. `work` may be null
  *    (the float32 path everywhere).
  * pq_int4_weight_only_workspace_bytes: the 64-byte aligned `work` of whichever of
- * these two paths applies to the sizes and n_threads (0: neither). */
+ * these paths apply to the sizes and n_threads (the larger; 0: none). */
 int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int64_t group_size, int n_threads);
 /* 1 when the 24-bit fixed-point path above is the one for these sizes on this ISA. */
