@@ -513,7 +513,7 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
                       ("sparse_unstructured_mm", "fp32"): 32}
 # Where the break-even of a CPU level differs. avx512_bf16, measured on a 2-core Zen 4 (EPYC), 2
 # threads, 4096 x 4096 / 4096 x 11008 (benchmarks/sparse_break_even.py): without AMX the dense
-# int8/int4 kernels are slower, so the 2:4 + int8/int4 gathers stay ahead up to M = 32:
+# int8/int4 kernels are slower, so the 2:4 + int8/int4 gathers stay ahead up to M = 63:
 #   int8:           0.68 / 0.63 at 8, 0.79 / 0.79 at 16, 0.94 / 0.92 at 32, 1.04 / 1.00 at 64
 #   int4 g128:      0.72 / 0.67 at 8, 0.81 / 0.77 at 16, 0.90 / 0.90 at 32, 1.00 / 0.99 at 64
 #   float, bf16 x:  0.50 / 0.45 at 8, 0.70 / 0.72 at 16, 1.18 / 1.09 at 32 (as above: 32)

@@ -20,7 +20,7 @@ except ImportError as exc:  # not built: skip, unless the build is required
     pytest.skip(f"pyquant._C is not built: {exc}", allow_module_level=True)
 
 OK, ERR_ARG, ERR_ISA = 0, 1, 2
-ISAS = [i for i in range(4) if _C.isa_available(i)]
+ISAS = [i for i in range(_C.ISA_AVX512_AMX + 1) if _C.isa_available(i)]
 ISA_IDS = [_C.isa_name(i) for i in ISAS]
 MS = [0, 1, 3, 17, 64]
 THREADS = [1, 2]
@@ -360,7 +360,8 @@ def test_bad_arguments(isa):
 
 def test_unsupported_isa():
     x, w, ws, out = torch.randn(1, 8), torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.empty(1, 2)
-    for isa in [-1, 4, 100] + [i for i in range(4) if not _C.isa_available(i)]:
+    top = _C.ISA_AVX512_AMX
+    for isa in [-1, top + 1, 100] + [i for i in range(top + 1) if not _C.isa_available(i)]:
         assert _C.int8_weight_only_mm(isa, ptr(x), 1, 8, 8, ptr(w), 2, ptr(ws), 0, ptr(out), 1) == ERR_ISA
         assert _C.quantize_rows_int8(isa, 0, 0, 0, 0, 0, 0, 1) == ERR_ISA
         assert _C.int8_gemm_s32(isa, 0, 0, 0, 0, 0, 0, 1) == ERR_ISA
@@ -417,7 +418,10 @@ def int8_work(isa, M, K, N, n_threads=2):
 
 
 def w8a8_panel_bytes(M, K, n_threads):
-    """The panel GEMM's scratch (csrc/cpu/kernels.h): x row sums, then 32 K bytes a thread."""
+    """The panel GEMM's scratch (csrc/cpu/kernels.h): x row sums, then 32 K bytes a thread;
+    0 where it does not run (M < 16, K % 64 != 0)."""
+    if M < 16 or K % 64:
+        return 0
     return -(-M * 4 // 64) * 64 + n_threads * 32 * K
 
 
@@ -667,13 +671,17 @@ def test_amx_falls_back_without_scratch():
     g = gen(5)
     xq, w = rand_i8((M, K), g), rand_i8((N, K), g)
     work, nb = int8_work(AMX, M, K, N)
+    amx = -(-M // 16) * 16 * K
+    assert nb == max(amx, w8a8_panel_bytes(M, K, 2))
     ref = (xq.long() @ w.long().T).int()
-    for p, n in [(0, 0), (ptr(work), nb - 1)]:
+    # none, or less than either path needs: the GEMV-shaped kernel
+    for p, n in [(0, 0), (ptr(work), min(amx, w8a8_panel_bytes(M, K, 2)) - 1)]:
         acc = torch.empty((M, N), dtype=torch.int32)
         assert _C.int8_gemm_s32(AMX, ptr(xq), M, K, ptr(w), N, ptr(acc), 2, p, n) == OK
         assert torch.equal(acc, ref)
-    assert _C.int8_workspace_bytes(AMX, M, K, N + 1) == 0  # N % 32 != 0: no tiles
-    assert _C.int8_workspace_bytes(_C.ISA_PORTABLE, M, K, N) == 0
+    # N % 32 != 0: no tiles, the panels only
+    assert _C.int8_workspace_bytes(AMX, M, K, N + 1, 2) == w8a8_panel_bytes(M, K, 2)
+    assert _C.int8_workspace_bytes(_C.ISA_PORTABLE, M, K, N, 2) == 0
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)

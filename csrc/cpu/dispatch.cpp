@@ -277,12 +277,16 @@ int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
                                             int64_t group_size, int n_threads) {
   if (M < 0 || K < 0 || N < 0 || group_size <= 0 || too_big(M, K) || too_big(M, N)) return -1;
   if (K % group_size != 0) return 0;
-  /* the AVX512-BF16 build's bf16 panels, for activations that are bf16 values */
-  const int64_t bf16p = isa == PQ_ISA_AVX512_BF16 && table(isa) && N > 0 &&
-                                pq::bf16_panel_applies(M, K, group_size) &&
-                                !too_big(M, 2 * K) && !too_big(threads(n_threads), 64 * K + 128)
-                            ? pq::bf16_panel_work_bytes(M, K, group_size, threads(n_threads))
-                            : 0;
+  /* the AVX512-BF16 build's bf16 panels, for activations that are bf16 values: the kernel
+   * takes them whenever it is given work, so sizes past int64 give no work at all (-1) */
+  int64_t bf16p = 0;
+  if (isa == PQ_ISA_AVX512_BF16 && table(isa) && N > 0 && pq::bf16_panel_applies(M, K, group_size)) {
+    /* per thread at most 64 K + 4 K + 128 bytes (G >= 32) */
+    if (too_big(M, 2 * K) || too_big(threads(n_threads), 68 * K + 128) ||
+        __builtin_add_overflow(2 * M * K + 64, threads(n_threads) * (68 * K + 128), &bf16p))
+      return -1;
+    bf16p = pq::bf16_panel_work_bytes(M, K, group_size, threads(n_threads));
+  }
   if (!pq_int4_weight_only_fixed_point(isa, M, K, group_size)) {
     const int64_t amx = amx_bf16_need(isa, M, K, N, group_size, n_threads);
     return amx < 0 ? -1 : amx > bf16p ? amx : bf16p;
