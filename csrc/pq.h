@@ -78,6 +78,9 @@ const char* pq_isa_name(int isa);
  *    error at most s = max|x[m,:]| / 8323072 per entry) and the terms run on the
  *    exact int8 tiles; out = the fp32 sum of the three terms' scaled results
  *    (smallest first) + bias. Rows in slices, scratch bounded (kernels.h).
+ * On the AVX512-BF16 ISA (M >= 16, K % 32 == 0, given that workspace) when every
+ * x[m,k] is a bf16 value, vdpbf16ps sums the exact products in fp32 (bf16
+ * subnormals read as zero, subnormal sums flushed); out = sum * w_scale + bias.
  * At M == 1 on the AVX512 ISAs (given that workspace, whatever K and N), the
  * row is written in the same fixed point, whatever its values, and the three
  * terms run the exact int8 dot products of pq_int8_dynamic_mm; out as above.

@@ -849,3 +849,34 @@ def test_int4_weight_only_bf16_panel(n_threads, M, N, K, G):
         want = ref if xx is x else (xx.double() @ wf.T + bias.double())
         tol = bound if xx is x else 1e-5 * (xx.double().abs() @ wf.abs().T) + 1e-5
         assert ((out.double() - want).abs() <= tol).all(), (p, n)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("M,N,K", [(16, 32, 32), (23, 45, 192), (61, 70, 4128)])
+def test_int8_weight_only_bf16_panel(n_threads, M, N, K):
+    """int8 weight-only on the AVX512-BF16 level from M = 16 with activations that are bf16
+    values: the weights as bf16 (exact: -128..127) in 32-row panels, vdpbf16ps, then
+    * w_scale + bias. -128 and 127 included; fp32 activations that are not bf16 values, or
+    no workspace, take the float path: the same values within fp32 summation."""
+    isa = _C.ISA_AVX512_BF16
+    if not _C.isa_available(isa):
+        pytest.skip("ISA not available on this CPU/OS")
+    g = gen(M * 5 + N + K)
+    w = rand_i8((N, K), g, lo=-128)
+    w[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(N, generator=g)
+    x = (torch.randn(M, K, generator=g) * 3).bfloat16().float()
+    nb = _C.int8_weight_only_workspace_bytes(isa, M, K, N, n_threads)
+    # x as bf16, then a panel a thread: 32 rows of 2 K bytes and one group of 32 scales
+    assert nb == -(-M * K * 2 // 64) * 64 + n_threads * (64 * K + 128)
+    assert _C.int8_weight_only_workspace_bytes(isa, 15, K, N, n_threads) == 0  # M < 16
+    wf = w.double() * ws.double()[:, None]
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    for xx, p, n in [(x, ptr(buf), nb), (x, 0, 0), (x + 1e-3, ptr(buf), nb)]:
+        out = torch.full((M, N), float("nan"))
+        assert _C.int8_weight_only_mm(isa, ptr(xx), M, K, K, ptr(w), N, ptr(ws), ptr(bias),
+                                      ptr(out), n_threads, p, n) == OK
+        want = xx.double() @ wf.T + bias.double()
+        tol = 1e-6 * (xx.double().abs() @ wf.abs().T) + 1e-6 * bias.double().abs()
+        assert ((out.double() - want).abs() <= tol).all(), (p, n)

@@ -173,11 +173,25 @@ int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N) {
           pq::int8wo_fixed_applies(M, K, N));
 }
 
+/* The bf16 panels' scratch (kernels.h). The kernels take that path whenever they are given
+ * work, so sizes past int64 give no work at all (-1). Per thread at most 64 K + 4 K + 128
+ * bytes (G >= 32). */
+static int64_t bf16_panel_need(int64_t M, int64_t K, int64_t G, int n_threads) {
+  int64_t sum;
+  if (too_big(M, 2 * K) || too_big(threads(n_threads), 68 * K + 128) ||
+      __builtin_add_overflow(2 * M * K + 64, threads(n_threads) * (68 * K + 128), &sum))
+    return -1;
+  return pq::bf16_panel_work_bytes(M, K, G, threads(n_threads));
+}
+
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int n_threads) {
   if (M < 0 || K < 0 || N < 0) return -1;
   if (int8wo_gemv_runs(isa, M, K, N))
     return too_big(3, K + 4 * N + 64) ? -1 : pq::int8wo_gemv_work_bytes(K, N);
+  /* the AVX512-BF16 build's bf16 panels (one group of K), for bf16-valued activations */
+  if (isa == PQ_ISA_AVX512_BF16 && table(isa) && N > 0 && pq::bf16_panel_applies(M, K, K))
+    return bf16_panel_need(M, K, K, n_threads);
   const int64_t bf16 = amx_bf16_need(isa, M, K, N, pq::int8wo_bf16_group(K), n_threads);
   if (bf16 <= 0 || !pq::int8wo_fixed_applies(M, K, N)) return bf16;
   if (too_big(3 * 16 + 3 * pq::int8wo_fixed_slice(M, K, N), 2 * K + 4 * N + 4)) return -1;
@@ -277,16 +291,12 @@ int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
                                             int64_t group_size, int n_threads) {
   if (M < 0 || K < 0 || N < 0 || group_size <= 0 || too_big(M, K) || too_big(M, N)) return -1;
   if (K % group_size != 0) return 0;
-  /* the AVX512-BF16 build's bf16 panels, for activations that are bf16 values: the kernel
-   * takes them whenever it is given work, so sizes past int64 give no work at all (-1) */
-  int64_t bf16p = 0;
-  if (isa == PQ_ISA_AVX512_BF16 && table(isa) && N > 0 && pq::bf16_panel_applies(M, K, group_size)) {
-    /* per thread at most 64 K + 4 K + 128 bytes (G >= 32) */
-    if (too_big(M, 2 * K) || too_big(threads(n_threads), 68 * K + 128) ||
-        __builtin_add_overflow(2 * M * K + 64, threads(n_threads) * (68 * K + 128), &bf16p))
-      return -1;
-    bf16p = pq::bf16_panel_work_bytes(M, K, group_size, threads(n_threads));
-  }
+  /* the AVX512-BF16 build's bf16 panels, for activations that are bf16 values */
+  const int64_t bf16p =
+      isa == PQ_ISA_AVX512_BF16 && table(isa) && N > 0 && pq::bf16_panel_applies(M, K, group_size)
+          ? bf16_panel_need(M, K, group_size, n_threads)
+          : 0;
+  if (bf16p < 0) return -1;
   if (!pq_int4_weight_only_fixed_point(isa, M, K, group_size)) {
     const int64_t amx = amx_bf16_need(isa, M, K, N, group_size, n_threads);
     return amx < 0 ? -1 : amx > bf16p ? amx : bf16p;

@@ -107,6 +107,11 @@ void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
     work = nullptr; /* sized for this path only: the AMX paths below must not take it */
   }
 #endif
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512BF16__) && !defined(PQ_AMX_BF16)
+  /* bf16 activations on the AVX512-BF16 build (dispatch.cpp sized work for this path) */
+  if (work && pq::bf16_panel_applies(M, K, K) && rows_are_bf16(x, M, K, ldx))
+    return bf16_panel_int8_wo(x, M, K, ldx, w, N, w_scale, bias, out, work, n_threads);
+#endif
 #if defined(PQ_AMX)
   /* work non-null: dispatch.cpp sized it for both AMX paths; bf16 activations keep the
    * bf16 path (one exact term), the others take the fixed-point int8 one */

@@ -1,5 +1,5 @@
-/* int4 weight-only at prefill sizes on AVX512-BF16 without AMX tiles, for activations that
- * are bf16 values (a bf16 model's, widened to fp32 by the caller).
+/* int4 and int8 weight-only at prefill sizes on AVX512-BF16 without AMX tiles, for
+ * activations that are bf16 values (a bf16 model's, widened to fp32 by the caller).
  *
  * Why: the 24-bit fixed-point path (three int8 terms a row on the W4A8 panels) does three
  * times the integer work of one and writes three fp32 outputs per output; for bf16 values
@@ -11,7 +11,8 @@
  * Each thread converts a panel of 32 weight rows once per call to bf16 values code - zero
  * (exact: -15..15) in the order [K/2][2][16][2] (k / 2, 16-row half, row, k % 2): a step
  * of 2 k is two 64-byte loads and, per x row, one 4-byte broadcast of its bf16 pair and
- * two vdpbf16ps. Each group's sum enters the result once: acc += gsum * scale. */
+ * two vdpbf16ps. Each group's sum enters the result once: acc += gsum * scale. int8
+ * weights (exact in bf16 too) are one group of K with the row's scale. */
 #ifndef PQ_CPU_TILE_BF16_PANEL_H
 #define PQ_CPU_TILE_BF16_PANEL_H
 #include <omp.h>
@@ -32,15 +33,9 @@ constexpr int kBf16PanelMaxT = 6; /* x rows a tile: 12 group + 12 running fp32 a
 inline void bf16_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* zp, int64_t nr,
                             int64_t K, int64_t G, uint16_t* pb, float* sp) {
   const int64_t ldw = K / 2, ng = K / G;
-  for (int h = 0; h < 2; ++h)
-    for (int64_t k0 = 0; k0 < K; k0 += 32) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t n = 16 * h + i;
-        if (n >= nr) {
-          r[i] = _mm512_setzero_si512();
-          continue;
-        }
+  /* chunks of 32 k: 64 bytes of bf16 pairs, dword j = (code k0 + 2j, code k0 + 2j + 1) */
+  pack_panel_dwords(nr, K / 32, (uint8_t*)pb, [&](int64_t n, int64_t chunk) {
+        const int64_t k0 = 32 * chunk;
         /* 16 bytes = 32 codes -> 32 words in k order, minus the group's zero point (a
          * 32-code block lies in one group), as fp32 then bf16: exact small integers */
         const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wp + n * ldw + k0 / 2)));
@@ -54,13 +49,26 @@ inline void bf16_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* z
         const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                              24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
                                              1, 16, 0);
-        r[i] = _mm512_permutexvar_epi16(idx, (__m512i)cb);
-      }
-      transpose16x16(r); /* r[j], lane i: row 16h + i, codes k0 + 2j, k0 + 2j + 1 */
-      for (int j = 0; j < 16; ++j) _mm512_store_si512(pb + ((k0 / 2 + j) * 2 + h) * 32, r[j]);
-    }
+        return _mm512_permutexvar_epi16(idx, (__m512i)cb);
+      });
   for (int64_t g = 0; g < ng; ++g)
     for (int n = 0; n < kBf16PanelRows; ++n) sp[g * kBf16PanelRows + n] = n < nr ? sc[n * ng + g] : 0.0f;
+}
+
+/* Rows [0, nr) of the int8 weight w (row stride K; rows past nr: zeros) -> the bf16 panel
+ * pb and the row scales as one group, sp[0][32]. K % 32 == 0. */
+inline void bf16_pack_panel_i8(const int8_t* w, const float* w_scale, int64_t nr, int64_t K,
+                               uint16_t* pb, float* sp) {
+  pack_panel_dwords(nr, K / 32, (uint8_t*)pb, [&](int64_t n, int64_t c) {
+        /* 32 codes as words; dword j = (code 32c + 2j, code 32c + 2j + 1), sign-extended */
+        const __m512i d = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + n * K + 32 * c)));
+        const __m512 ev = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(d, 16), 16));
+        const __m512 od = _mm512_cvtepi32_ps(_mm512_srai_epi32(d, 16));
+        /* bf16 of the even codes in the low word, of the odd ones in the high word */
+        return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(ev), 16),
+                               _mm512_and_si512(_mm512_castps_si512(od), _mm512_set1_epi32((int)0xFFFF0000)));
+      });
+  for (int n = 0; n < kBf16PanelRows; ++n) sp[n] = n < nr ? w_scale[n] : 0.0f;
 }
 
 /* Rows m..m+T-1 of the bf16 activations xb (stride K) against the panel, into out rows
@@ -104,13 +112,13 @@ inline void bf16_panel_tile(const uint16_t* xb, int64_t K, int64_t G, const uint
   }
 }
 
-/* The whole product for x rows that are bf16 values (the caller checked rows_are_bf16).
- * work: 64-byte aligned, pq::bf16_panel_work_bytes(M, K, G, n_threads). */
-inline void bf16_panel_int4_wo(const float* x, int64_t M, int64_t K, int64_t ldx,
-                               const uint8_t* wp, int64_t N, const float* scales,
-                               const uint8_t* zeros, int64_t G, const float* bias, float* out,
-                               void* work, int n_threads) {
-  const int64_t ng = K / G;
+/* The whole product for x rows that are bf16 values (the caller checked rows_are_bf16),
+ * with groups of G k; pack(pb, sp, n0, nr) fills a thread's panel and its scales. work:
+ * 64-byte aligned, pq::bf16_panel_work_bytes(M, K, G, n_threads). */
+template <class Pack>
+inline void bf16_panel_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
+                          int64_t G, const float* bias, float* out, void* work, int n_threads,
+                          Pack pack) {
   uint16_t* xb = (uint16_t*)work;
   /* a thread's panel: the bf16 weights, then the scales [K/G][32] */
   auto scales_of = [&](uint8_t* pb) { return (float*)(pb + pq::align64(kBf16PanelRows * K * 2)); };
@@ -122,14 +130,32 @@ inline void bf16_panel_int4_wo(const float* x, int64_t M, int64_t K, int64_t ldx
                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(
                                   _mm512_loadu_si512(x + m * ldx + k), 16)));
       },
-      [&](uint8_t* pb, int64_t n0, int64_t nr) {
-        bf16_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G,
-                        (uint16_t*)pb, scales_of(pb));
-      },
+      [&](uint8_t* pb, int64_t n0, int64_t nr) { pack((uint16_t*)pb, scales_of(pb), n0, nr); },
       [&](uint8_t* pb, int64_t n0, int64_t nr, int64_t m, auto T_) {
         bf16_panel_tile<decltype(T_)::value>(xb + m * K, K, G, (const uint16_t*)pb, scales_of(pb),
                                              bias, n0, nr, N, out + m * N);
       });
+}
+
+inline void bf16_panel_int4_wo(const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const uint8_t* wp, int64_t N, const float* scales,
+                               const uint8_t* zeros, int64_t G, const float* bias, float* out,
+                               void* work, int n_threads) {
+  const int64_t ng = K / G;
+  bf16_panel_wo(x, M, K, ldx, N, G, bias, out, work, n_threads,
+                [&](uint16_t* pb, float* sp, int64_t n0, int64_t nr) {
+                  bf16_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K,
+                                  G, pb, sp);
+                });
+}
+
+inline void bf16_panel_int8_wo(const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const int8_t* w, int64_t N, const float* w_scale,
+                               const float* bias, float* out, void* work, int n_threads) {
+  bf16_panel_wo(x, M, K, ldx, N, K, bias, out, work, n_threads,
+                [&](uint16_t* pb, float* sp, int64_t n0, int64_t nr) {
+                  bf16_pack_panel_i8(w + n0 * K, w_scale + n0, nr, K, pb, sp);
+                });
 }
 #endif
 

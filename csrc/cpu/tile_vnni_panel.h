@@ -62,18 +62,26 @@ inline void for_each_panel(int64_t M, int64_t N, int n_threads, uint8_t* scratch
   }
 }
 
-/* The panel's codes pc (K * 32 bytes, 64-byte aligned, order above) from row(n, k0): the
- * u8 codes k0..k0+63 of weight row n < nr (rows past nr are zeros). K % 64 == 0. */
+/* A panel of 32 weight rows in dword-column order: row(n, c) gives the 16 dwords of chunk
+ * c (64 bytes) of row n < nr (rows past nr are zeros); dword j of every row's chunk c goes
+ * to the 64 bytes at dst + ((16 c + j) * 2 + n / 16) * 64, lane n % 16. */
 template <class Row>
-inline void pack_panel_codes(int64_t nr, int64_t K, uint8_t* pc, Row row) {
+inline void pack_panel_dwords(int64_t nr, int64_t chunks, uint8_t* dst, Row row) {
   for (int h = 0; h < 2; ++h)
-    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+    for (int64_t c = 0; c < chunks; ++c) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = 16 * h + i < nr ? row(16 * h + i, k0) : _mm512_setzero_si512();
-      transpose16x16(r); /* r[j], lane i: row 16h + i, codes k0 + 4j .. + 3 */
-      for (int j = 0; j < 16; ++j) _mm512_store_si512(pc + ((k0 / 4 + j) * 2 + h) * 64, r[j]);
+        r[i] = 16 * h + i < nr ? row(16 * h + i, c) : _mm512_setzero_si512();
+      transpose16x16(r); /* r[j], lane i: dword j of row 16h + i */
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + ((16 * c + j) * 2 + h) * 64, r[j]);
     }
+}
+
+/* The panel's codes pc (K * 32 bytes, 64-byte aligned, order above) from row(n, k0): the
+ * u8 codes k0..k0+63 of weight row n < nr. K % 64 == 0. */
+template <class Row>
+inline void pack_panel_codes(int64_t nr, int64_t K, uint8_t* pc, Row row) {
+  pack_panel_dwords(nr, K / 64, pc, [&](int64_t n, int64_t c) { return row(n, 64 * c); });
 }
 
 /* Weight rows [0, nr) of wp (nr <= 32; rows past nr read as code 0, scale 0) -> the
