@@ -100,16 +100,7 @@ inline void bf16_panel_tile(const uint16_t* xb, int64_t K, int64_t G, const uint
       acc[t][1] = _mm512_fmadd_ps(gacc[t][1], s1, acc[t][1]);
     }
   }
-  for (int v = 0; v < 2; ++v) {
-    const int64_t c0 = n0 + 16 * v, left = nr - 16 * v;
-    if (left <= 0) break;
-    const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    for (int t = 0; t < T; ++t) {
-      __m512 y = acc[t][v];
-      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
-      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
-    }
-  }
+  panel_store<T>(acc, nullptr, bias, n0, nr, N, out);
 }
 
 /* The whole product for x rows that are bf16 values (the caller checked rows_are_bf16),

@@ -104,6 +104,31 @@ inline void w4a8_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* z
     }
 }
 
+/* The lanes of 16-column half v of a panel whose first nr columns are in the output. */
+inline __mmask16 panel_half_mask(int64_t nr, int v) {
+  const int64_t left = nr - 16 * v;
+  return left <= 0 ? (__mmask16)0 : left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* Output rows t < T (stride N), columns n0 .. n0 + nr - 1: acc[t][v], times x_scale[t]
+ * when given, plus bias when given: separate multiply and add, the epilogue order of
+ * scale_bias (kernels.cpp). */
+template <int T>
+inline void panel_store(__m512 acc[T][2], const float* x_scale, const float* bias, int64_t n0,
+                        int64_t nr, int64_t N, float* out) {
+  for (int v = 0; v < 2; ++v) {
+    const __mmask16 m = panel_half_mask(nr, v);
+    if (!m) break;
+    const int64_t c0 = n0 + 16 * v;
+    for (int t = 0; t < T; ++t) {
+      __m512 y = acc[t][v];
+      if (x_scale) y = _mm512_mul_ps(y, _mm512_set1_ps(x_scale[t]));
+      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
+      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
+    }
+  }
+}
+
 /* acc[t][v] += the products of x row t (x + t * ldx, `len` codes from its start) with panel
  * rows 16v..16v+15 over those codes (p: the panel at the first of them): one 4-byte
  * broadcast of x and two vpdpbusd a row and step of 4 k. */
@@ -146,17 +171,7 @@ inline void w4a8_panel_tile(const int8_t* xq, const int32_t* gsum, const float* 
       facc[t][1] = _mm512_fnmadd_ps(gs, z1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][1]), s1, facc[t][1]));
     }
   }
-  for (int v = 0; v < 2; ++v) {
-    const int64_t c0 = n0 + 16 * v, left = nr - 16 * v;
-    if (left <= 0) break;
-    const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
-    for (int t = 0; t < T; ++t) {
-      /* separate multiply and add: the epilogue order of scale_bias (kernels.cpp) */
-      const __m512 y = _mm512_add_ps(_mm512_mul_ps(facc[t][v], _mm512_set1_ps(x_scale[t])), b);
-      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
-    }
-  }
+  panel_store<T>(facc, x_scale, bias, n0, nr, N, out);
 }
 
 /* The whole product; work: 64-byte aligned, pq::w4a8_panel_work_bytes(M, K, G, n_threads)
@@ -232,10 +247,7 @@ inline void w8a8_panel_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t
       [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
         w8a8_panel_tile<decltype(T_)::value>(
             xq + m * K, xsum + m, K, pc, [&](int t, int v, __m512i acc) {
-              const int64_t left = nr - 16 * v;
-              if (left <= 0) return;
-              store(m + t, n0 + 16 * v,
-                    left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), acc);
+              if (const __mmask16 mask = panel_half_mask(nr, v)) store(m + t, n0 + 16 * v, mask, acc);
             });
       });
 }
