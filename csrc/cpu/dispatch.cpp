@@ -5,6 +5,8 @@
 #include "kernels.h"
 #include "arg_checks.h"
 
+#include <atomic>
+
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -57,7 +59,9 @@ int amx_request() {
   return ok;
 }
 
-bool cpu_has(int isa) {
+bool cpu_has(int isa);
+
+bool probe_cpu(int isa) {
   if (isa == PQ_ISA_PORTABLE) return true;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
@@ -73,6 +77,17 @@ bool cpu_has(int isa) {
   if (isa == PQ_ISA_AVX512_AMX) return cpu_has(PQ_ISA_AVX512_BF16) && amx_request();
 #endif
   return false;
+}
+
+/* probe_cpu once per level: every call checks its level, and CPUID traps to the
+ * hypervisor in a virtual machine (several microseconds a call, as much as a whole
+ * small GEMV). Races only repeat the same probe. */
+bool cpu_has(int isa) {
+  static std::atomic<int> known[PQ_ISA_AVX512_AMX + 1] = {-1, -1, -1, -1, -1};
+  if (isa < 0 || isa > PQ_ISA_AVX512_AMX) return false;
+  int v = known[isa].load(std::memory_order_relaxed);
+  if (v < 0) known[isa].store(v = probe_cpu(isa), std::memory_order_relaxed);
+  return v;
 }
 
 /* The dense and sparse tables of one ISA build. */
