@@ -107,18 +107,27 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
 
 def _time_interleaved(entries: list, x, iters: int, warmup: int = 2) -> list[float]:
     """Median seconds of a call for each (run, states) of ``entries``: ``iters`` rounds of one
-    call per entry, each entry on the next of its rotating weight copies, the entry that starts
-    a round moving by one each round (no entry always follows the same other one)."""
+    call per entry, the entry that starts a round moving by one each round (no entry always
+    follows the same other one). Entries may share one list of rotating weight copies (an op
+    and its x-bf16 row): every call takes the list's next copy, whoever makes it, so no call
+    finds the copy that the call before it just left in the cache."""
+    cursor = {}  # id(states) -> calls made on that list so far
+
+    def next_copy(states):
+        i = cursor.get(id(states), 0)
+        cursor[id(states)] = i + 1
+        return states[i % len(states)]
+
     for run, states in entries:
-        for i in range(warmup):
-            run(states[i % len(states)], x)
+        for _ in range(warmup):
+            run(next_copy(states), x)
     n = len(entries)
     ts = [[] for _ in entries]
     for i in range(iters):
         for j in range(n):
             e = (i + j) % n
             run, states = entries[e]
-            s = states[i % len(states)]
+            s = next_copy(states)
             t0 = time.perf_counter()
             run(s, x)
             ts[e].append(time.perf_counter() - t0)

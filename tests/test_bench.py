@@ -103,6 +103,22 @@ def test_time_interleaved_alternates_and_rotates():
     assert times[1] >= 0.004 > max(times[0], times[2])
 
 
+def test_time_interleaved_shared_copies_never_repeat():
+    """Two impls on one list of weight copies (an op and its x-bf16 row) run back to back:
+    each call takes the list's next copy, so neither finds the copy the other just read."""
+    calls = []
+
+    def make_run(name):
+        return lambda state, x: calls.append((name, state))
+
+    shared = ["w0", "w1", "w2"]
+    entries = [(make_run("a"), shared), (make_run("b"), shared), (make_run("p"), ["p0"])]
+    bench._time_interleaved(entries, None, iters=6, warmup=1)
+    used = [s for name, s in calls if name != "p"]
+    assert used == [shared[i % 3] for i in range(len(used))]  # one rotation, shared by both
+    assert all(a != b for a, b in zip(used, used[1:]))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--iters", "0"], "--iters 0: give at least 1 timed call"),
     (["--impls", "int9_magic"], "--impls int9_magic matches no impl; the impls: "),
