@@ -84,6 +84,10 @@ const char* pq_isa_name(int isa);
  * At M == 1 on the AVX512 ISAs (given that workspace, whatever K and N), the
  * row is written in the same fixed point, whatever its values, and the three
  * terms run the exact int8 dot products of pq_int8_dynamic_mm; out as above.
+ * On AVX512-VNNI and AVX512-BF16 from M = 16 (K % 64 == 0, given that workspace),
+ * rows that are not all bf16 values run the same fixed point, the three terms'
+ * exact sums on the int8 units and combined as at M == 1: each row's result is the
+ * one it gets alone at M == 1, bit for bit.
  * Calls whose x holds an Inf or NaN (or whose max is below 2^-100), or without
  * that workspace, take the fp32 path. */
 int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
@@ -164,8 +168,8 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
  *    zero, subnormal sums flushed) and scaled once;
  *  - at decode sizes (G % 64 == 0; M == 1 on AVX512-VNNI, and M <= 4 when
  *    K % 128 == 0 and G == 64 or G % 128 == 0; also 5 <= M <= 15 on AMX, and
- *    M >= 5 on the AVX512 ISAs without AMX when K >= 2048, K % 64 == 0 and
- *    G % 32 == 0: where pq_int4_weight_only_fixed_point says so;
+ *    M >= 5 on the AVX512 ISAs without AMX when K % 64 == 0 and G % 32 == 0:
+ *    where pq_int4_weight_only_fixed_point says so;
  *    given that many bytes of 64-byte aligned `work`), where each row
  *    of x is written in 24-bit fixed point, x = s * (65536*hi + 256*mid + lo)
  *    + e with s = max|x[m,:]| / 8323072, three int8 terms and |e| <= s (the

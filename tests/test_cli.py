@@ -89,10 +89,10 @@ def test_info_json(tmp_path):
         want = {"avx512_amx": "1-15", "avx512_bf16": "1 and up", "avx512_vnni": "1 and up"}.get(
             isa, "none")
         assert fx["int4_weight_only_mm (group size 64-256, K % 128 == 0)"] == want, fx
-        amx = isa == "avx512_amx"
         assert fx["sparse24_int8_mm"] == ("1" if isa in ("avx512_bf16", "avx512_amx") else "none"), fx
+        # every AVX512 level: M = 1 (GEMV) and from 16 (AMX tiles, or the W8A8 panels)
         assert fx["int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)"] == (
-            "1, 16 and up" if amx else "1"), fx
+            "1, 16 and up" if isa.startswith("avx512") else "none"), fx
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

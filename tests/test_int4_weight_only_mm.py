@@ -90,7 +90,7 @@ def test_amx_bf16_nonfinite(backend, isa):
 
 # The decode-size path of the native kernel (pq.h): with G % 64 == 0, at M == 1 (and M <= 4 when
 # K % 128 == 0 and G == 64 or G % 128 == 0) on AVX512-VNNI, plus 5 <= M <= 15 on AMX and M >= 5
-# on the AVX512 ISAs without AMX (K >= 2048, K % 64 == 0, G % 32 == 0: the W4A8 panel GEMM), each row of
+# on the AVX512 ISAs without AMX (K % 64 == 0, G % 32 == 0: the W4A8 panel GEMM), each row of
 # x is written in 24-bit fixed point (three int8 terms, |error| <= s = max|x_row| / 8323072 per
 # entry) and runs exact int8 x int4 sums.
 FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_bf16", "avx512_amx")]
@@ -108,7 +108,7 @@ def test_fixed_point_path(backend, isa, m, g, dtype):
     n, k = 37, 3 * g
     amx_range = isa == "avx512_amx" and 5 <= m <= 15
     gemv = m <= 4 and k % 128 == 0  # the fixed-point GEMV (G here is 64, 128 or 256)
-    panel = isa != "avx512_amx" and m >= 5 and k >= 2048  # the W4A8 panel GEMM: not at this K
+    panel = isa != "avx512_amx" and m >= 5  # the W4A8 panel GEMM (K = 3G: K % 64 == 0)
     assert _fixed_path_runs(isa, m, k, n, g) == (m == 1 or gemv or amx_range or panel)
     assert not _fixed_path_runs(isa, m, 3 * 32, n, 32)  # G = 32: the float path
     x = activation((m, k), dtype, seed=m + g)
@@ -117,15 +117,18 @@ def test_fixed_point_path(backend, isa, m, g, dtype):
              make_bias(n, "x", dtype))
 
 
-# Without AMX, from K = 2048 on, the fixed-point rows run the W4A8 panel GEMM in slices of at
-# most 128 rows of x (the scratch holds one slice): M = 130 ends in a slice of 2 rows, which
-# takes the GEMV-shaped W4A8 kernel (6 term rows, K % 128 != 0), M = 261 in one of 5 (the
-# panel again). Below K = 2048 the float path keeps these sizes.
+# Without AMX, the fixed-point rows run the W4A8 panel GEMM in slices of at most 128 rows of x
+# (the scratch holds one slice): M = 130 ends in a slice of 2 rows, which takes the GEMV-shaped
+# W4A8 kernel (6 term rows, K % 128 != 0) and its fp32 term outputs, M = 261 in one of 5 (the
+# panel again). K % 64 != 0 keeps the float path.
 @pytest.mark.parametrize("backend,isa", FIXED_ISAS)
-@pytest.mark.parametrize("m,n,k,g", [(130, 37, 2112, 64), (261, 45, 2048, 128)])
+@pytest.mark.parametrize("m,n,k,g", [(130, 37, 2112, 64), (261, 45, 2048, 128), (130, 700, 64, 64)])
 def test_fixed_point_slices(backend, isa, m, n, k, g):
     assert _fixed_path_runs(isa, m, k, n, g) == (isa != "avx512_amx")
-    assert not _fixed_path_runs(isa, m, 1920, n, g)  # K < 2048 (a multiple of 64 and 128)
+    assert not _fixed_path_runs(isa, m, 1952, n, 32)  # K % 64 == 32
+    if isa != "avx512_amx":  # the scratch covers the last slice's term outputs too
+        need = _native.module().int4_weight_only_workspace_bytes(_native._parse_isa(isa), m, k, n, g, 2)
+        assert need >= 3 * (m % 128) * n * 4
     x = activation((m, k), seed=m)
     x[m - 1, 3] = 250.0  # the last slice's rows have their own scales
     check_op(OP, backend, isa, x, random_int4_weight(n, k, g, seed=m) + (g,),

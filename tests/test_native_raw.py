@@ -607,6 +607,57 @@ def test_int8_weight_only_decode_fixed_point(isa, n_threads):
     assert run(xn, wa, nb).isnan().all()
 
 
+@pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, _C.ISA_AVX512_BF16])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("M,N,K", [(16, 32, 64), (17, 45, 192), (33, 61, 384), (350, 37, 4096)])
+def test_int8_weight_only_fixed_point_panels(isa, n_threads, M, N, K):
+    """int8 weight-only from M = 16 without AMX, given its workspace, for activations that are
+    not bf16 values (csrc/cpu/tile_vnni_panel.h): the three fixed-point term rows of each x row
+    on the W8A8 panels, summed in registers in the order of the M = 1 path, so every row equals
+    that row alone at M = 1, bit for bit. N and M tails (45, 61 columns; 17, 33 rows), int8
+    extremes, rows of very different scales, bias, slices of the scratch (M = 350 at K = 4096:
+    170 rows a slice). Without the workspace, misaligned, or with a NaN the float path runs."""
+    if not _C.isa_available(isa):
+        pytest.skip("ISA not available on this CPU/OS")
+    g = gen(M + N + K)
+    x = torch.randn(M, K, generator=g)
+    x[0, 1], x[M - 1] = 300.0, x[M - 1] * 1e-3
+    w = rand_i8((N, K), g)
+    w[0, :2], w[N - 1, :2] = -128, 127
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-3
+    b = torch.randn(N, generator=g)
+    assert _C.int8_weight_only_fixed_point(isa, M, K, N)
+    assert not _C.int8_weight_only_fixed_point(isa, 15, K, N)
+    assert not _C.int8_weight_only_fixed_point(isa, M, K + 32, N)  # K % 64 != 0
+    nb = _C.int8_weight_only_workspace_bytes(isa, M, K, N, n_threads)
+    buf = torch.zeros(nb + 128, dtype=torch.uint8)
+    wa = (ptr(buf) + 63) // 64 * 64
+
+    def run(xv, work, nbytes, m=M):
+        out = torch.full((m, N), float("nan"))
+        assert _C.int8_weight_only_mm(isa, ptr(xv), m, K, K, ptr(w), N, ptr(ws), ptr(b),
+                                      ptr(out), n_threads, work, nbytes) == OK
+        return out
+
+    got = run(x, wa, nb)
+    w1 = _C.int8_weight_only_workspace_bytes(isa, 1, K, N, n_threads)
+    buf1 = torch.zeros(w1 + 64, dtype=torch.uint8)
+    rows = torch.cat([run(x[i:i + 1].clone(), (ptr(buf1) + 63) // 64 * 64, w1, 1) for i in range(M)])
+    assert torch.equal(got, rows)
+    want = x.double() @ (w.double() * ws.double()[:, None]).T + b.double()
+    # the fixed-point bound per row (K steps of max|x_row| / 8323072) plus fp32 summation
+    step = x.abs().amax(1, keepdim=True).double() / 8323072
+    mag = x.double().abs() @ (w.double().abs() * ws.double()[:, None]).T
+    bound = step * (w.double().abs() * ws.double()[:, None]).sum(1) + 1e-6 * mag + 1e-6 * b.double().abs()
+    assert ((got.double() - want).abs() <= bound).all()
+    for work, nbytes in ((0, 0), (wa + 1, nb)):  # the float path: the same values within fp32
+        assert ((run(x, work, nbytes).double() - want).abs() <= bound).all()
+    xn = x.clone()
+    xn[M // 2, 3] = float("nan")
+    out = run(xn, wa, nb)
+    assert out[M // 2].isnan().all() and not out[: M // 2].isnan().any()
+
+
 def test_int8_weight_only_fixed_point_slices():
     """Rows past one slice of the fixed-point scratch (kernels.h: 336 rows at K = 64,
     N = 8192) run slice by slice; each matches the reference (any ISA runs the shape)."""
@@ -813,6 +864,41 @@ def test_w8a8_panel(isa, n_threads, M, N, K):
         assert torch.equal(out, ref), (p, n)
 
 
+@pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, _C.ISA_AVX512_BF16])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("M,N,K,G", [(5, 32, 64, 32), (17, 45, 192, 64), (130, 61, 384, 128)])
+def test_int4_weight_only_fixed_point_panels(isa, n_threads, M, N, K, G):
+    """int4 weight-only from M = 5 without AMX, given its workspace: each x row in 24-bit
+    fixed point, the three term rows of T x rows in one W4A8 panel tile, summed in registers
+    (csrc/cpu/tile_vnni_panel.h). Here x = X * 2^-20 with integer X up to 8323072 (one entry
+    each row), so the terms hold X exactly and every error left is fp32 summation: a term
+    dropped or taken from the wrong row, even the lowest (2^-16 of X), is past the bound. N and M tails,
+    slices (M = 130: 128 + 2 rows, the last on the GEMV-shaped kernel), zero points 0 and 15."""
+    if not _C.isa_available(isa):
+        pytest.skip("ISA not available on this CPU/OS")
+    g = gen(M + N + K + G)
+    X = torch.randint(-8323072, 8323073, (M, K), generator=g, dtype=torch.int64)
+    X[:, 0] = 8323072
+    x = (X.double() * 2.0 ** -20).float()
+    assert torch.equal(x.double() * 2.0 ** 20, X.double())
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    wp = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    sc = torch.rand(N, K // G, generator=g) + 0.5
+    zp = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
+    zp[0], zp[-1] = 0, 15
+    bias = torch.randn(N, generator=g)
+    assert _C.int4_weight_only_fixed_point(isa, M, K, G)
+    nb = _C.int4_weight_only_workspace_bytes(isa, M, K, N, G, n_threads)
+    buf = torch.zeros(nb + 64, dtype=torch.uint8)
+    out = torch.full((M, N), float("nan"))
+    assert _C.int4_weight_only_mm(isa, ptr(x), M, K, K, ptr(wp), N, ptr(sc), ptr(zp), G,
+                                  ptr(bias), ptr(out), n_threads, (ptr(buf) + 63) // 64 * 64, nb) == OK
+    wf = (codes.double() - zp.double().repeat_interleave(G, 1)) * sc.double().repeat_interleave(G, 1)
+    want = x.double() @ wf.T + bias.double()
+    bound = 1e-6 * (x.double().abs() @ wf.abs().T) + 1e-6 * bias.double().abs()
+    assert ((out.double() - want).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("M,N,K,G", [(16, 32, 64, 32), (23, 45, 192, 64), (61, 70, 320, 320),
                                      (17, 33, 4096, 128)])
@@ -837,7 +923,8 @@ def test_int4_weight_only_bf16_panel(n_threads, M, N, K, G):
     nb = _C.int4_weight_only_workspace_bytes(isa, M, K, N, G, n_threads)
     panel = M * K * 2 + n_threads * (64 * K + -(-128 * (K // G) // 64) * 64)
     assert nb >= panel
-    assert _C.int4_weight_only_workspace_bytes(isa, 15, 64, N, 32, n_threads) == 0  # M < 16
+    # M < 16, and K % 64 != 0 keeps the fixed-point panels out too
+    assert _C.int4_weight_only_workspace_bytes(isa, 15, 96, N, 32, n_threads) == 0
     wf = (codes.double() - zp.double().repeat_interleave(G, 1)) * sc.double().repeat_interleave(G, 1)
     ref = x.double() @ wf.T + bias.double()
     bound = 1e-6 * (x.double().abs() @ wf.abs().T) + 1e-6 * bias.double().abs()

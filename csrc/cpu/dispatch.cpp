@@ -182,8 +182,14 @@ static bool int8wo_gemv_runs(int isa, int64_t M, int64_t K, int64_t N) {
   return M == 1 && K > 0 && N > 0 && isa >= PQ_ISA_AVX512_VNNI && table(isa);
 }
 
+/* ... and the fixed-point panels at prefill without AMX (kernels.h) */
+static bool int8wo_panel_runs(int isa, int64_t M, int64_t K, int64_t N) {
+  return (isa == PQ_ISA_AVX512_VNNI || isa == PQ_ISA_AVX512_BF16) && table(isa) && N > 0 &&
+         pq::int8wo_panel_applies(M, K);
+}
+
 int pq_int8_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t N) {
-  return int8wo_gemv_runs(isa, M, K, N) ||
+  return int8wo_gemv_runs(isa, M, K, N) || int8wo_panel_runs(isa, M, K, N) ||
          (amx_bf16_need(isa, M, K, N, pq::int8wo_bf16_group(K), 1) > 0 &&
           pq::int8wo_fixed_applies(M, K, N));
 }
@@ -204,7 +210,17 @@ int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
   if (M < 0 || K < 0 || N < 0) return -1;
   if (int8wo_gemv_runs(isa, M, K, N))
     return too_big(3, K + 4 * N + 64) ? -1 : pq::int8wo_gemv_work_bytes(K, N);
-  /* the AVX512-BF16 build's bf16 panels (one group of K), for bf16-valued activations */
+  if (int8wo_panel_runs(isa, M, K, N)) {
+    /* the fixed-point panels (slices of S rows), and on the AVX512-BF16 build the bf16
+     * panels (one group of K) for activations that are bf16 values */
+    const int64_t S = pq::int8wo_panel_slice(M, K);
+    if (too_big(3 * S, K + 8) || too_big(threads(n_threads), 32 * K + 64)) return -1;
+    const int64_t fixed = pq::int8wo_panel_work_bytes(M, K, threads(n_threads));
+    if (!(isa == PQ_ISA_AVX512_BF16 && pq::bf16_panel_applies(M, K, K))) return fixed;
+    const int64_t bf16 = bf16_panel_need(M, K, K, n_threads);
+    return bf16 < 0 ? -1 : bf16 > fixed ? bf16 : fixed;
+  }
+  /* the bf16 panels alone where the fixed-point ones do not apply (K % 64 != 0) */
   if (isa == PQ_ISA_AVX512_BF16 && table(isa) && N > 0 && pq::bf16_panel_applies(M, K, K))
     return bf16_panel_need(M, K, K, n_threads);
   const int64_t bf16 = amx_bf16_need(isa, M, K, N, pq::int8wo_bf16_group(K), n_threads);
@@ -316,12 +332,19 @@ int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
     const int64_t amx = amx_bf16_need(isa, M, K, N, group_size, n_threads);
     return amx < 0 ? -1 : amx > bf16p ? amx : bf16p;
   }
-  /* the rows of one slice (kernels.h) */
-  const int64_t rows = 3 * (M < pq::kInt4WoFixedSliceM ? M : pq::kInt4WoFixedSliceM);
-  const int64_t dyn = pq_int4_dynamic_workspace_bytes(isa, rows, K, group_size, n_threads);
-  if (dyn < 0) return -1;
-  const int64_t fixed = pq::align64(rows * K) + pq::align64(rows * 4) + pq::align64(rows * N * 4) + dyn;
-  return fixed > bf16p ? fixed : bf16p;
+  /* one slice of rows (kernels.h): a whole one and the last, which may take another path */
+  const int64_t S = pq::kInt4WoFixedSliceM, slices[2] = {M < S ? M : S, M > S ? M % S : 0};
+  int64_t fixed = bf16p;
+  for (const int64_t ms : slices) {
+    if (ms == 0) continue;
+    const int64_t rows = 3 * ms;
+    const int64_t dyn = pq_int4_dynamic_workspace_bytes(isa, rows, K, group_size, n_threads);
+    if (dyn < 0) return -1;
+    const int64_t need = pq::align64(rows * K) + pq::align64(rows * 4) +
+                         pq::int4wo_fixed_outputs_bytes(rows, K, N, group_size, isa == PQ_ISA_AVX512_AMX) + dyn;
+    if (need > fixed) fixed = need;
+  }
+  return fixed;
 }
 
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,

@@ -34,12 +34,15 @@ inline float scale_bias(float dot, float scale, const float* bias, int64_t n) {
  * Rows x[0..M) -> term rows xq[3m + t] (t: hi, mid, lo) with scales xs[3m + t];
  * false when a row cannot be written in fixed point. */
 inline bool split_rows_fixed24(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq,
-                               float* xs) {
+                               float* xs, int n_threads) {
+  const int threads = M < n_threads ? (int)M : n_threads;
+  bool ok = true;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(&& : ok) if (threads > 1)
   for (int64_t m = 0; m < M; ++m) {
     int8_t* t = xq + 3 * m * K;
-    if (!split_row_fixed24(x + m * ldx, K, t, t + K, t + 2 * K, xs + 3 * m)) return false;
+    ok = split_row_fixed24(x + m * ldx, K, t, t + K, t + 2 * K, xs + 3 * m) && ok;
   }
-  return true;
+  return ok;
 }
 
 /* out[m, n] = the three term rows' results o3[3m + t][n] summed, smallest first, + bias. */
@@ -75,7 +78,7 @@ bool int8_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   int8_t* xp = (int8_t*)(o3 + pq::align64(R * N * 4) / 4);
   for (int64_t m0 = 0; m0 < M; m0 += S) {
     const int64_t ms = min64(S, M - m0), rows = 3 * ms;
-    if (!split_rows_fixed24(x + m0 * ldx, ms, K, ldx, xq, xs)) return false;
+    if (!split_rows_fixed24(x + m0 * ldx, ms, K, ldx, xq, xs, n_threads)) return false;
     amx_pack_x(xq, rows, K, xp, n_threads);
     amx_gemm(rows, K, w, N, xp, (int32_t*)o3, N, n_threads,
              AmxStoreDyn{o3, N, xs, w_scale, nullptr});
@@ -89,6 +92,28 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
                      const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                      float* out, void* work, int64_t work_bytes, int n_threads);
 
+#if defined(PQ_SIMD_AVX512) && !defined(PQ_AMX)
+/* int8 weight-only at prefill without AMX, activations that are not bf16 values: each row
+ * in 24-bit fixed point, its three term rows on the W8A8 panels, summed in registers
+ * (tile_vnni_panel.h). Slices of rows keep the scratch bounded (kernels.h). Returns false
+ * when a row cannot be written in fixed point; out is then rewritten by the caller's other
+ * path. */
+bool int8_weight_only_panel(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
+                            int64_t N, const float* w_scale, const float* bias, float* out,
+                            int n_threads, void* work) {
+  const int64_t S = pq::int8wo_panel_slice(M, K);
+  int8_t* xq = (int8_t*)work;
+  float* xs = (float*)(xq + pq::align64(3 * S * K));
+  void* panels = (uint8_t*)xs + pq::align64(3 * S * 4);
+  for (int64_t m0 = 0; m0 < M; m0 += S) {
+    const int64_t ms = min64(S, M - m0);
+    if (!split_rows_fixed24(x + m0 * ldx, ms, K, ldx, xq, xs, n_threads)) return false;
+    w8a8_fx24_panel_mm(xq, xs, ms, K, w, N, w_scale, bias, out + m0 * N, panels, n_threads);
+  }
+  return true;
+}
+#endif
+
 void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w,
                          int64_t N, const float* w_scale, const float* bias, float* out,
                          int n_threads, void* work) {
@@ -99,7 +124,7 @@ void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
     int8_t* xq = (int8_t*)work;
     float* xs = (float*)(xq + pq::align64(3 * K));
     float* o3 = xs + pq::align64(3 * 4) / 4;
-    if (split_rows_fixed24(x, 1, K, ldx, xq, xs)) {
+    if (split_rows_fixed24(x, 1, K, ldx, xq, xs, 1)) {
       int8_dynamic_mm(xq, xs, 3, K, w, N, w_scale, nullptr, o3, nullptr, 0, n_threads);
       sum_fixed24_terms(o3, 1, N, bias, out, n_threads);
       return;
@@ -111,6 +136,12 @@ void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
   /* bf16 activations on the AVX512-BF16 build (dispatch.cpp sized work for this path) */
   if (work && pq::bf16_panel_applies(M, K, K) && rows_are_bf16(x, M, K, ldx))
     return bf16_panel_int8_wo(x, M, K, ldx, w, N, w_scale, bias, out, work, n_threads);
+#endif
+#if defined(PQ_SIMD_AVX512) && !defined(PQ_AMX)
+  /* the other activations from kW8A8PanelMinM rows (dispatch.cpp sized work for both) */
+  if (work && pq::int8wo_panel_applies(M, K) &&
+      int8_weight_only_panel(x, M, K, ldx, w, N, w_scale, bias, out, n_threads, work))
+    return;
 #endif
 #if defined(PQ_AMX)
   /* work non-null: dispatch.cpp sized it for both AMX paths; bf16 activations keep the
@@ -391,9 +422,9 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   const int64_t rows = 3 * M;
   int8_t* xq = (int8_t*)work;
   float* xs = (float*)(xq + pq::align64(rows * K));
-  float* o3 = xs + pq::align64(rows * 4) / 4;
-  void* dyn = o3 + pq::align64(rows * N * 4) / 4;
-  if (!split_rows_fixed24(x, M, K, ldx, xq, xs)) return false;
+  float* o3 = xs + pq::align64(rows * 4) / 4; /* sized 0 for the panels (kernels.h) */
+  void* dyn = (uint8_t*)o3 + pq::int4wo_fixed_outputs_bytes(rows, K, N, G, kAmxBuild);
+  if (!split_rows_fixed24(x, M, K, ldx, xq, xs, n_threads)) return false;
   if (pq::int4wo_fx24_gemv_applies(M, K, G)) {
     /* dyn has room for xp (3K bytes a row) and xsum (K/G floats a row): see dispatch.cpp */
     const int64_t ng = K / G;
@@ -415,10 +446,15 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
     });
     return true;
   }
-  /* dyn holds the W4A8 workspace for these rows (dispatch.cpp): the AMX or the panel one */
+  /* dyn holds the W4A8 workspace for these rows (dispatch.cpp): the AMX or the panel one;
+   * the panels take the three term rows of each x row in one tile */
+  if (pq::int4wo_fixed_on_panels(rows, K, N, G, kAmxBuild)) {
+    w4a8_panel_mm<true>(xq, xs, M, K, wp, N, scales, zeros, G, bias, out, dyn, n_threads);
+    return true;
+  }
   const bool amx = kAmxBuild && pq::amx_int4dyn_applies(rows, K, N, G);
-  int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn, amx,
-                  !amx && pq::w4a8_panel_applies(rows, K), n_threads);
+  int4_dynamic_mm(xq, xs, rows, K, wp, N, scales, zeros, G, nullptr, o3, dyn, amx, false,
+                  n_threads);
   sum_fixed24_terms(o3, M, N, bias, out, n_threads);
   return true;
 }

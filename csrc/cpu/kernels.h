@@ -84,19 +84,24 @@ inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
   /* a 128-code block lies in one group, or (G = 64) in two whole ones */
   return M >= 1 && M <= 4 && K % 128 == 0 && (G == 64 || G % 128 == 0);
 }
-/* Without AMX, from this M (K % 64 == 0, G % 32 == 0, K >= kInt4WoPanelMinK) the 3M term
- * rows run the W4A8 panel GEMM instead of the float kernels that dequantize the weights,
- * in slices of at most kInt4WoFixedSliceM rows so that the scratch (3 fp32 term outputs a
- * row) stays near 3 * 128 * N * 4 bytes whatever M is. Each output costs three fp32 term
- * outputs written and summed: at small K that outweighs the faster dot products (Zen 4, 2
- * threads, in-process A/B against the float path: M = 1280, G = 64, N x K = 1536 x 384
- * 0.83-0.85x, 384 x 1536 0.84-0.88x; M = 128, G = 128, 11008 x 4096 1.26-1.27x). */
-constexpr int64_t kInt4WoPanelMinM = 5, kInt4WoPanelMinK = 2048, kInt4WoFixedSliceM = 128;
+/* Without AMX, from this M (K % 64 == 0, G % 32 == 0) the 3M term rows run the W4A8 panel
+ * GEMM (tile_vnni_panel.h) instead of the float kernels that dequantize the weights, the
+ * three term rows of an x row in one tile, summed in registers, in slices of at most
+ * kInt4WoFixedSliceM rows. Zen 4, 2 threads, in-process A/B against the float path: M =
+ * 2048, G = 64, N x K = 384 x 384 1.17-1.18x, 1536 x 384 1.31-1.32x, 384 x 1536
+ * 1.21-1.24x; M = 128, G = 128, 11008 x 4096 1.39-1.40x, 4096 x 11008 1.31-1.40x. (With
+ * the terms summed from three fp32 outputs, as before, K < 2048 lost: 0.83-0.88x.) */
+constexpr int64_t kInt4WoPanelMinM = 5, kInt4WoFixedSliceM = 128;
 inline bool int4wo_fixed_applies(int64_t M, int64_t K, int64_t G, bool amx) {
   return ((M == 1 || int4wo_fx24_gemv_applies(M, K, G) || (amx && M >= 5 && M <= 15)) &&
           G % 64 == 0) ||
-         (!amx && M >= kInt4WoPanelMinM && K >= kInt4WoPanelMinK && G % 32 == 0 &&
-          w4a8_panel_applies(3 * M, K));
+         (!amx && M >= kInt4WoPanelMinM && G % 32 == 0 && w4a8_panel_applies(3 * M, K));
+}
+/* Whether the fixed-point path's `rows` term rows run the W4A8 panels (kernels.cpp), which
+ * need no fp32 term outputs: the scratch's [rows][N] part is then empty. */
+inline bool int4wo_fixed_on_panels(int64_t rows, int64_t K, int64_t N, int64_t G, bool amx);
+inline int64_t int4wo_fixed_outputs_bytes(int64_t rows, int64_t K, int64_t N, int64_t G, bool amx) {
+  return int4wo_fixed_on_panels(rows, K, N, G, amx) ? 0 : align64(rows * N * 4);
 }
 
 /* Scratch of the AMX paths that convert 32-row weight strips per call
@@ -128,6 +133,10 @@ inline int64_t amx_strip_bytes(int64_t row_bytes, int64_t n_groups) {
 inline bool amx_int4dyn_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
   return M >= kAmxInt4DynMinM && G % 64 == 0 && K % G == 0 && N % 32 == 0;
 }
+inline bool int4wo_fixed_on_panels(int64_t rows, int64_t K, int64_t N, int64_t G, bool amx) {
+  return !(amx && amx_int4dyn_applies(rows, K, N, G)) && w4a8_panel_applies(rows, K) &&
+         !int4wo_fx24_gemv_applies(rows / 3, K, G);
+}
 inline int64_t amx_int4dyn_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
   return align64((M + 15) / 16 * 16 * K) + threads * amx_strip_bytes(K, K / G);
 }
@@ -157,6 +166,23 @@ inline int64_t int8wo_fixed_work_bytes(int64_t M, int64_t K, int64_t N) {
   const int64_t rows = 3 * int8wo_fixed_slice(M, K, N);
   return align64(rows * K) + align64(rows * 4) + align64(rows * N * 4) +
          align64((rows + 15) / 16 * 16 * K);
+}
+/* Without AMX, int8 weight-only for activations that are not bf16 values, from
+ * kW8A8PanelMinM rows (K % 64 == 0): the same three fixed-point term rows on the W8A8 panels
+ * (tile_vnni_panel.h), their sums combined in registers, where the float path widens and
+ * converts each weight for every 16 products (MiniLM's N x K at M = 2048, 2 threads, Zen 4:
+ * see the commit that added it). In slices of rows whose terms fill at most
+ * kInt8WoPanelSliceBytes, so that the scratch stays in the caller's reused buffer: [3S][K]
+ * terms | [3S] scales | the W8A8 panel scratch for 3S rows, 64-byte aligned parts. */
+constexpr int64_t kInt8WoPanelSliceBytes = 2 << 20;
+inline bool int8wo_panel_applies(int64_t M, int64_t K) { return w8a8_panel_applies(M, K); }
+inline int64_t int8wo_panel_slice(int64_t M, int64_t K) {
+  const int64_t s = kInt8WoPanelSliceBytes / (3 * K);
+  return M < s ? M : (s < kW8A8PanelMinM ? kW8A8PanelMinM : s);
+}
+inline int64_t int8wo_panel_work_bytes(int64_t M, int64_t K, int threads) {
+  const int64_t S = int8wo_panel_slice(M, K);
+  return align64(3 * S * K) + align64(3 * S * 4) + w8a8_panel_work_bytes(3 * S, K, threads);
 }
 /* int8 weight-only on the AMX-BF16 path has one scale per row, for all of K. It still runs
  * as groups of this many k (the largest of 512, 256, .., 32 dividing K), unscaled, the row

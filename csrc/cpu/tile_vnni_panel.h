@@ -147,15 +147,13 @@ inline void panel_dots(const int8_t* x, int64_t ldx, int64_t len, const uint8_t*
   }
 }
 
-/* Rows m..m+T-1 of x (codes xq, stride K; gsum rows of K/G) against the panel, into
- * out[(m + t) * N + n0 + ...] (nr of its 32 columns): acc * x_scale + bias. */
+/* facc[t][v] = rows m..m+T-1 of x (codes xq, stride K; gsum rows of K/G) against panel rows
+ * 16v..16v+15, scaled per group. */
 template <int T>
-inline void w4a8_panel_tile(const int8_t* xq, const int32_t* gsum, const float* x_scale,
-                            int64_t K, int64_t G, const uint8_t* pc, const float* sp,
-                            const float* szp, const float* bias, int64_t n0, int64_t nr,
-                            int64_t N, float* out) {
+inline void w4a8_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t K, int64_t G,
+                           const uint8_t* pc, const float* sp, const float* szp,
+                           __m512 facc[T][2]) {
   const int64_t ng = K / G;
-  __m512 facc[T][2];
   for (int t = 0; t < T; ++t) facc[t][0] = facc[t][1] = _mm512_setzero_ps();
   const uint8_t* p = pc;
   for (int64_t g = 0; g < ng; ++g) {
@@ -171,14 +169,39 @@ inline void w4a8_panel_tile(const int8_t* xq, const int32_t* gsum, const float* 
       facc[t][1] = _mm512_fnmadd_ps(gs, z1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][1]), s1, facc[t][1]));
     }
   }
-  panel_store<T>(facc, x_scale, bias, n0, nr, N, out);
 }
 
-/* The whole product; work: 64-byte aligned, pq::w4a8_panel_work_bytes(M, K, G, n_threads)
- * (gsum, then one panel a thread). */
+/* x rows in 24-bit fixed point (three int8 term rows each, [M][3][K], scales xs[M][3]): the
+ * T x rows' 3T term rows are one tile, their results combined in registers as o_j = acc_j *
+ * xs_j, out = o_hi + (o_mid + o_lo), then + bias: the arithmetic of panel_store and
+ * sum_fixed24_terms (kernels.cpp), without three fp32 term outputs an output written and
+ * read back. */
+template <int T>
+inline void fx24_panel_store(__m512 acc[3 * T][2], const float* xs, const float* bias, int64_t n0,
+                             int64_t nr, int64_t N, float* out) {
+  for (int v = 0; v < 2; ++v) {
+    const __mmask16 m = panel_half_mask(nr, v);
+    if (!m) break;
+    const int64_t c0 = n0 + 16 * v;
+    for (int t = 0; t < T; ++t) {
+      __m512 o[3];
+      for (int j = 0; j < 3; ++j) o[j] = _mm512_mul_ps(acc[3 * t + j][v], _mm512_set1_ps(xs[3 * t + j]));
+      __m512 y = _mm512_add_ps(o[0], _mm512_add_ps(o[1], o[2]));
+      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
+      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
+    }
+  }
+}
+
+/* The whole product; work: 64-byte aligned, pq::w4a8_panel_work_bytes(M', K, G, n_threads)
+ * (gsum, then one panel a thread), M' the code rows. kFx24: x rows in 24-bit fixed point
+ * (M x rows of three code rows each, x_scale their xs; see fx24_panel_store), else M code
+ * rows with one scale each. */
+template <bool kFx24 = false>
 inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
                           int64_t G, const float* bias, float* out, void* work, int n_threads) {
+  constexpr int kRows = kFx24 ? 3 : 1; /* code rows an x row */
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
   /* a thread's panel: codes, then scales and scale x zero point [K/G][32] each */
@@ -186,14 +209,15 @@ inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int
     sp = (float*)(pc + pq::align64(kPanelRows * K));
     szp = sp + pq::align64(ng * kPanelRows * 4) / 4;
   };
-  for_each_panel<kPanelMaxT>(
-      M, N, n_threads, (uint8_t*)work + pq::align64(M * ng * 4), pq::w4a8_panel_bytes(K, G),
+  for_each_panel<kPanelMaxT / kRows>(
+      M, N, n_threads, (uint8_t*)work + pq::align64(kRows * M * ng * 4), pq::w4a8_panel_bytes(K, G),
       [&](int64_t m) {
-        for (int64_t g = 0; g < ng; ++g) {
-          int32_t s = 0;
-          for (int64_t k = 0; k < G; ++k) s += xq[m * K + g * G + k];
-          gsum[m * ng + g] = s;
-        }
+        for (int64_t r = kRows * m; r < kRows * (m + 1); ++r)
+          for (int64_t g = 0; g < ng; ++g) {
+            int32_t s = 0;
+            for (int64_t k = 0; k < G; ++k) s += xq[r * K + g * G + k];
+            gsum[r * ng + g] = s;
+          }
       },
       [&](uint8_t* pc, int64_t n0, int64_t nr) {
         float *sp, *szp;
@@ -201,10 +225,15 @@ inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int
         w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc, sp, szp);
       },
       [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+        constexpr int T = decltype(T_)::value, R = kRows * T;
         float *sp, *szp;
         parts(pc, sp, szp);
-        w4a8_panel_tile<decltype(T_)::value>(xq + m * K, gsum + m * ng, x_scale + m, K, G, pc,
-                                             sp, szp, bias, n0, nr, N, out + m * N);
+        __m512 facc[R][2];
+        w4a8_panel_acc<R>(xq + kRows * m * K, gsum + kRows * m * ng, K, G, pc, sp, szp, facc);
+        if constexpr (kFx24)
+          fx24_panel_store<T>(facc, x_scale + 3 * m, bias, n0, nr, N, out + m * N);
+        else
+          panel_store<T>(facc, x_scale + m, bias, n0, nr, N, out + m * N);
       });
 }
 
@@ -224,6 +253,21 @@ inline void w8a8_panel_tile(const int8_t* xq, const int32_t* xsum, int64_t K, co
   }
 }
 
+/* Rows n0 .. n0 + nr - 1 of the s8 weight w -> a panel of u8 codes w + 128. */
+inline void w8a8_pack_panel(const int8_t* w, int64_t n0, int64_t nr, int64_t K, uint8_t* pc) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  pack_panel_codes(nr, K, pc, [&](int64_t n, int64_t k0) {
+    return _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + n) * K + k0), flip);
+  });
+}
+
+/* xsum[m] = the sum of x row m's K codes (the u8 panel's bias correction). */
+inline void w8a8_row_sum(const int8_t* xq, int64_t m, int64_t K, int32_t* xsum) {
+  int32_t s = 0;
+  for (int64_t k = 0; k < K; ++k) s += xq[m * K + k];
+  xsum[m] = s;
+}
+
 /* The M x N int32 products of xq and the s8 weight w (K % 64 == 0), each 16 outputs of a
  * row handed to store(m, n, mask, acc) (mask: the columns < N). work: 64-byte aligned,
  * pq::w8a8_panel_work_bytes(M, K, n_threads) (the x row sums, then a panel a thread). */
@@ -231,24 +275,67 @@ template <class Store>
 inline void w8a8_panel_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
                             void* work, int n_threads, Store store) {
   int32_t* xsum = (int32_t*)work;
-  const __m512i flip = _mm512_set1_epi8((char)0x80);
   for_each_panel<kPanelMaxT>(
       M, N, n_threads, (uint8_t*)work + pq::align64(M * 4), pq::align64(kPanelRows * K),
-      [&](int64_t m) {
-        int32_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += xq[m * K + k];
-        xsum[m] = s;
-      },
-      [&](uint8_t* pc, int64_t n0, int64_t nr) {
-        pack_panel_codes(nr, K, pc, [&](int64_t n, int64_t k0) {
-          return _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + n) * K + k0), flip);
-        });
-      },
+      [&](int64_t m) { w8a8_row_sum(xq, m, K, xsum); },
+      [&](uint8_t* pc, int64_t n0, int64_t nr) { w8a8_pack_panel(w, n0, nr, K, pc); },
       [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
         w8a8_panel_tile<decltype(T_)::value>(
             xq + m * K, xsum + m, K, pc, [&](int t, int v, __m512i acc) {
               if (const __mmask16 mask = panel_half_mask(nr, v)) store(m + t, n0 + 16 * v, mask, acc);
             });
+      });
+}
+
+/* int8 weight-only for activations in 24-bit fixed point (split_row_fixed24: three int8
+ * term rows an x row, [M][3][K], scales xs[M][3]) on the W8A8 panels: the three term
+ * rows of T x rows are one tile of 3T rows, and their sums meet in registers, in the
+ * arithmetic of the AMX path and sum_fixed24_terms (kernels.cpp): o_j = float(sum_j) *
+ * (xs_j * w_scale), out = o_hi + (o_mid + o_lo), then + bias. The same results, without
+ * three fp32 term outputs an output written and read back. */
+template <int T>
+inline void w8a8_fx24_panel_tile(const int8_t* xq, const int32_t* xsum, const float* xs,
+                                 int64_t K, const uint8_t* pc, const float* w_scale,
+                                 const float* bias, int64_t n0, int64_t nr, int64_t N, float* out) {
+  constexpr int R = 3 * T;
+  __m512i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  panel_dots<R>(xq, K, K, pc, acc);
+  for (int v = 0; v < 2; ++v) {
+    const __mmask16 m = panel_half_mask(nr, v);
+    if (!m) break;
+    const int64_t c0 = n0 + 16 * v;
+    const __m512 ws = _mm512_maskz_loadu_ps(m, w_scale + c0);
+    for (int t = 0; t < T; ++t) {
+      __m512 o[3];
+      for (int j = 0; j < 3; ++j) {
+        const int r = 3 * t + j; /* 128 sum x: the u8 panel's bias, in wrapping int32 */
+        const __m512i c = _mm512_set1_epi32((int32_t)((uint32_t)xsum[r] << 7));
+        o[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], c)),
+                             _mm512_mul_ps(_mm512_set1_ps(xs[r]), ws));
+      }
+      __m512 y = _mm512_add_ps(o[0], _mm512_add_ps(o[1], o[2]));
+      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
+      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
+    }
+  }
+}
+
+/* The whole product for M x rows in fixed point (layout above), K % 64 == 0. work:
+ * 64-byte aligned, pq::w8a8_panel_work_bytes(3 M, K, n_threads). */
+inline void w8a8_fx24_panel_mm(const int8_t* xq, const float* xs, int64_t M, int64_t K,
+                               const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                               float* out, void* work, int n_threads) {
+  int32_t* xsum = (int32_t*)work;
+  for_each_panel<kPanelMaxT / 3>(
+      M, N, n_threads, (uint8_t*)work + pq::align64(3 * M * 4), pq::align64(kPanelRows * K),
+      [&](int64_t m) {
+        for (int j = 0; j < 3; ++j) w8a8_row_sum(xq, 3 * m + j, K, xsum);
+      },
+      [&](uint8_t* pc, int64_t n0, int64_t nr) { w8a8_pack_panel(w, n0, nr, K, pc); },
+      [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+        w8a8_fx24_panel_tile<decltype(T_)::value>(xq + 3 * m * K, xsum + 3 * m, xs + 3 * m, K,
+                                                  pc, w_scale, bias, n0, nr, N, out + m * N);
       });
 }
 #endif
