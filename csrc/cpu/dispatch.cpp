@@ -333,7 +333,7 @@ int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
     return amx < 0 ? -1 : amx > bf16p ? amx : bf16p;
   }
   /* one slice of rows (kernels.h): a whole one and the last, which may take another path */
-  const int64_t S = pq::kInt4WoFixedSliceM, slices[2] = {M < S ? M : S, M > S ? M % S : 0};
+  const int64_t S = pq::int4wo_fixed_slice(K), slices[2] = {M < S ? M : S, M > S ? M % S : 0};
   int64_t fixed = bf16p;
   for (const int64_t ms : slices) {
     if (ms == 0) continue;

@@ -412,9 +412,10 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
 bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                             int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                             const float* bias, float* out, int n_threads, void* work) {
-  if (M > pq::kInt4WoFixedSliceM) { /* slices of rows: the workspace holds one (dispatch.cpp) */
-    for (int64_t m = 0; m < M; m += pq::kInt4WoFixedSliceM)
-      if (!int4_weight_only_fixed(x + m * ldx, min64(pq::kInt4WoFixedSliceM, M - m), K, ldx, wp,
+  const int64_t S = pq::int4wo_fixed_slice(K);
+  if (M > S) { /* slices of rows: the workspace holds one (dispatch.cpp) */
+    for (int64_t m = 0; m < M; m += S)
+      if (!int4_weight_only_fixed(x + m * ldx, min64(S, M - m), K, ldx, wp,
                                   N, scales, zeros, G, bias, out + m * N, n_threads, work))
         return false; /* the caller's other path then writes all of out */
     return true;

@@ -86,12 +86,21 @@ inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
 }
 /* Without AMX, from this M (K % 64 == 0, G % 32 == 0) the 3M term rows run the W4A8 panel
  * GEMM (tile_vnni_panel.h) instead of the float kernels that dequantize the weights, the
- * three term rows of an x row in one tile, summed in registers, in slices of at most
- * kInt4WoFixedSliceM rows. Zen 4, 2 threads, in-process A/B against the float path: M =
+ * three term rows of an x row in one tile, summed in registers, in slices of
+ * int4wo_fixed_slice(K) rows (each packs the panels anew). Zen 4, 2 threads, in-process A/B against the float path: M =
  * 2048, G = 64, N x K = 384 x 384 1.17-1.18x, 1536 x 384 1.31-1.32x, 384 x 1536
  * 1.21-1.24x; M = 128, G = 128, 11008 x 4096 1.39-1.40x, 4096 x 11008 1.31-1.40x. (With
  * the terms summed from three fp32 outputs, as before, K < 2048 lost: 0.83-0.88x.) */
-constexpr int64_t kInt4WoPanelMinM = 5, kInt4WoFixedSliceM = 128;
+constexpr int64_t kInt4WoPanelMinM = 5;
+/* The fixed-point panel paths (int4 here, int8 below) take x rows in slices whose int8 terms
+ * fill at most this many bytes, so that the scratch stays in the caller's reused buffer. */
+constexpr int64_t kFixedPanelSliceBytes = 2 << 20;
+/* int4's rows a slice: at least 128 (1820 at K = 384, where 128 took ~7% more time in
+ * packing the panels and starting threads). */
+inline int64_t int4wo_fixed_slice(int64_t K) {
+  const int64_t s = kFixedPanelSliceBytes / (3 * (K > 0 ? K : 1));
+  return s > 128 ? s : 128;
+}
 inline bool int4wo_fixed_applies(int64_t M, int64_t K, int64_t G, bool amx) {
   return ((M == 1 || int4wo_fx24_gemv_applies(M, K, G) || (amx && M >= 5 && M <= 15)) &&
           G % 64 == 0) ||
@@ -170,14 +179,13 @@ inline int64_t int8wo_fixed_work_bytes(int64_t M, int64_t K, int64_t N) {
 /* Without AMX, int8 weight-only for activations that are not bf16 values, from
  * kW8A8PanelMinM rows (K % 64 == 0): the same three fixed-point term rows on the W8A8 panels
  * (tile_vnni_panel.h), their sums combined in registers, where the float path widens and
- * converts each weight for every 16 products (MiniLM's N x K at M = 2048, 2 threads, Zen 4:
- * see the commit that added it). In slices of rows whose terms fill at most
- * kInt8WoPanelSliceBytes, so that the scratch stays in the caller's reused buffer: [3S][K]
- * terms | [3S] scales | the W8A8 panel scratch for 3S rows, 64-byte aligned parts. */
-constexpr int64_t kInt8WoPanelSliceBytes = 2 << 20;
+ * converts each weight for every 16 products (Zen 4, 2 threads, M = 2048, in-process A/B:
+ * 1.29-1.75x on MiniLM's N x K). In slices of rows whose terms fill at most
+ * kFixedPanelSliceBytes: [3S][K] terms | [3S] scales | the W8A8 panel scratch for 3S rows,
+ * 64-byte aligned parts. */
 inline bool int8wo_panel_applies(int64_t M, int64_t K) { return w8a8_panel_applies(M, K); }
 inline int64_t int8wo_panel_slice(int64_t M, int64_t K) {
-  const int64_t s = kInt8WoPanelSliceBytes / (3 * K);
+  const int64_t s = kFixedPanelSliceBytes / (3 * K);
   return M < s ? M : (s < kW8A8PanelMinM ? kW8A8PanelMinM : s);
 }
 inline int64_t int8wo_panel_work_bytes(int64_t M, int64_t K, int threads) {
