@@ -84,7 +84,7 @@ const char* pq_isa_name(int isa);
  * At M == 1 on the AVX512 ISAs (given that workspace, whatever K and N), the
  * row is written in the same fixed point, whatever its values, and the three
  * terms run the exact int8 dot products of pq_int8_dynamic_mm; out as above.
- * On AVX512-VNNI and AVX512-BF16 from M = 16 (K % 64 == 0, given that workspace),
+ * On AVX512-VNNI and AVX512-BF16 from M = 12 (K % 64 == 0, given that workspace),
  * rows that are not all bf16 values run the same fixed point, the three terms'
  * exact sums on the int8 units and combined as at M == 1: each row's result is the
  * one it gets alone at M == 1, bit for bit.

@@ -90,9 +90,10 @@ def test_info_json(tmp_path):
             isa, "none")
         assert fx["int4_weight_only_mm (group size 64-256, K % 128 == 0)"] == want, fx
         assert fx["sparse24_int8_mm"] == ("1" if isa in ("avx512_bf16", "avx512_amx") else "none"), fx
-        # every AVX512 level: M = 1 (GEMV) and from 16 (AMX tiles, or the W8A8 panels)
+        # every AVX512 level: M = 1 (GEMV), and from 16 on AMX tiles, from 12 on the W8A8 panels
         assert fx["int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)"] == (
-            "1, 16 and up" if isa.startswith("avx512") else "none"), fx
+            {"avx512_amx": "1, 16 and up", "avx512_bf16": "1, 12 and up",
+             "avx512_vnni": "1, 12 and up"}.get(isa, "none")), fx
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

@@ -609,9 +609,9 @@ def test_int8_weight_only_decode_fixed_point(isa, n_threads):
 
 @pytest.mark.parametrize("isa", [_C.ISA_AVX512_VNNI, _C.ISA_AVX512_BF16])
 @pytest.mark.parametrize("n_threads", THREADS)
-@pytest.mark.parametrize("M,N,K", [(16, 32, 64), (17, 45, 192), (33, 61, 384), (350, 37, 4096)])
+@pytest.mark.parametrize("M,N,K", [(12, 32, 64), (17, 45, 192), (33, 61, 384), (350, 37, 4096)])
 def test_int8_weight_only_fixed_point_panels(isa, n_threads, M, N, K):
-    """int8 weight-only from M = 16 without AMX, given its workspace, for activations that are
+    """int8 weight-only from M = 12 without AMX, given its workspace, for activations that are
     not bf16 values (csrc/cpu/tile_vnni_panel.h): the three fixed-point term rows of each x row
     on the W8A8 panels, summed in registers in the order of the M = 1 path, so every row equals
     that row alone at M = 1, bit for bit. N and M tails (45, 61 columns; 17, 33 rows), int8
@@ -627,7 +627,7 @@ def test_int8_weight_only_fixed_point_panels(isa, n_threads, M, N, K):
     ws = torch.rand(N, generator=g) * 0.01 + 1e-3
     b = torch.randn(N, generator=g)
     assert _C.int8_weight_only_fixed_point(isa, M, K, N)
-    assert not _C.int8_weight_only_fixed_point(isa, 15, K, N)
+    assert not _C.int8_weight_only_fixed_point(isa, 11, K, N)
     assert not _C.int8_weight_only_fixed_point(isa, M, K + 32, N)  # K % 64 != 0
     nb = _C.int8_weight_only_workspace_bytes(isa, M, K, N, n_threads)
     buf = torch.zeros(nb + 128, dtype=torch.uint8)
@@ -957,7 +957,7 @@ def test_int8_weight_only_bf16_panel(n_threads, M, N, K):
     nb = _C.int8_weight_only_workspace_bytes(isa, M, K, N, n_threads)
     # x as bf16, then a panel a thread: 32 rows of 2 K bytes and one group of 32 scales
     assert nb == -(-M * K * 2 // 64) * 64 + n_threads * (64 * K + 128)
-    assert _C.int8_weight_only_workspace_bytes(isa, 15, K, N, n_threads) == 0  # M < 16
+    assert _C.int8_weight_only_workspace_bytes(isa, 11, K, N, n_threads) == 0  # M < 12 (and < 16)
     wf = w.double() * ws.double()[:, None]
     buf = torch.zeros(nb + 64, dtype=torch.uint8)
     for xx, p, n in [(x, ptr(buf), nb), (x, 0, 0), (x + 1e-3, ptr(buf), nb)]:

@@ -177,16 +177,20 @@ inline int64_t int8wo_fixed_work_bytes(int64_t M, int64_t K, int64_t N) {
          align64((rows + 15) / 16 * 16 * K);
 }
 /* Without AMX, int8 weight-only for activations that are not bf16 values, from
- * kW8A8PanelMinM rows (K % 64 == 0): the same three fixed-point term rows on the W8A8 panels
+ * kInt8WoPanelMinM rows (K % 64 == 0): the same three fixed-point term rows on the W8A8 panels
  * (tile_vnni_panel.h), their sums combined in registers, where the float path widens and
  * converts each weight for every 16 products (Zen 4, 2 threads, M = 2048, in-process A/B:
  * 1.29-1.75x on MiniLM's N x K). In slices of rows whose terms fill at most
  * kFixedPanelSliceBytes: [3S][K] terms | [3S] scales | the W8A8 panel scratch for 3S rows,
  * 64-byte aligned parts. */
-inline bool int8wo_panel_applies(int64_t M, int64_t K) { return w8a8_panel_applies(M, K); }
+/* From M = 12 (in-process A/B against the float path, 2 threads: M = 12 1.03-1.07x at
+ * 11008 x 4096, 1.15x at 4096 x 4096, 1.11-1.45x on MiniLM's; M = 8 0.97x at 11008 x 4096,
+ * where the float path still streams the weights near the bandwidth). */
+constexpr int64_t kInt8WoPanelMinM = 12;
+inline bool int8wo_panel_applies(int64_t M, int64_t K) { return M >= kInt8WoPanelMinM && K % 64 == 0; }
 inline int64_t int8wo_panel_slice(int64_t M, int64_t K) {
   const int64_t s = kFixedPanelSliceBytes / (3 * K);
-  return M < s ? M : (s < kW8A8PanelMinM ? kW8A8PanelMinM : s);
+  return M < s ? M : (s < kInt8WoPanelMinM ? kInt8WoPanelMinM : s);
 }
 inline int64_t int8wo_panel_work_bytes(int64_t M, int64_t K, int threads) {
   const int64_t S = int8wo_panel_slice(M, K);
