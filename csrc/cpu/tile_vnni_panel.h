@@ -130,23 +130,31 @@ inline __mmask16 panel_half_mask(int64_t nr, int v) {
   return left <= 0 ? (__mmask16)0 : left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
-/* Output rows t < T (stride N), columns n0 .. n0 + nr - 1: acc[t][v], times x_scale[t]
- * when given, plus bias when given: separate multiply and add, the epilogue order of
- * scale_bias (kernels.cpp). */
-template <int T>
-inline void panel_store(__m512 acc[T][2], const float* x_scale, const float* bias, int64_t n0,
-                        int64_t nr, int64_t N, float* out) {
+/* Output rows t < T (stride N), columns n0 .. n0 + nr - 1: row(t, v, mask) for the 16
+ * columns of half v (mask: those in the output), plus bias when given. */
+template <int T, class Row>
+inline void panel_store_rows(const float* bias, int64_t n0, int64_t nr, int64_t N, float* out,
+                             Row row) {
   for (int v = 0; v < 2; ++v) {
     const __mmask16 m = panel_half_mask(nr, v);
     if (!m) break;
     const int64_t c0 = n0 + 16 * v;
     for (int t = 0; t < T; ++t) {
-      __m512 y = acc[t][v];
-      if (x_scale) y = _mm512_mul_ps(y, _mm512_set1_ps(x_scale[t]));
+      __m512 y = row(t, v, m);
       if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
       _mm512_mask_storeu_ps(out + t * N + c0, m, y);
     }
   }
+}
+
+/* acc[t][v], times x_scale[t] when given, plus bias when given: separate multiply and add,
+ * the epilogue order of scale_bias (kernels.cpp). */
+template <int T>
+inline void panel_store(__m512 acc[T][2], const float* x_scale, const float* bias, int64_t n0,
+                        int64_t nr, int64_t N, float* out) {
+  panel_store_rows<T>(bias, n0, nr, N, out, [&](int t, int v, __mmask16) {
+    return x_scale ? _mm512_mul_ps(acc[t][v], _mm512_set1_ps(x_scale[t])) : acc[t][v];
+  });
 }
 
 /* acc[t][v] += the products of x row t (x + t * ldx, `len` codes from its start) with panel
@@ -199,18 +207,11 @@ inline void w4a8_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t K, int
 template <int T>
 inline void fx24_panel_store(__m512 acc[3 * T][2], const float* xs, const float* bias, int64_t n0,
                              int64_t nr, int64_t N, float* out) {
-  for (int v = 0; v < 2; ++v) {
-    const __mmask16 m = panel_half_mask(nr, v);
-    if (!m) break;
-    const int64_t c0 = n0 + 16 * v;
-    for (int t = 0; t < T; ++t) {
-      __m512 o[3];
-      for (int j = 0; j < 3; ++j) o[j] = _mm512_mul_ps(acc[3 * t + j][v], _mm512_set1_ps(xs[3 * t + j]));
-      __m512 y = _mm512_add_ps(o[0], _mm512_add_ps(o[1], o[2]));
-      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
-      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
-    }
-  }
+  panel_store_rows<T>(bias, n0, nr, N, out, [&](int t, int v, __mmask16) {
+    __m512 o[3];
+    for (int j = 0; j < 3; ++j) o[j] = _mm512_mul_ps(acc[3 * t + j][v], _mm512_set1_ps(xs[3 * t + j]));
+    return _mm512_add_ps(o[0], _mm512_add_ps(o[1], o[2]));
+  });
 }
 
 /* The whole product; work: 64-byte aligned, pq::w4a8_panel_work_bytes(M', K, G, n_threads)
@@ -314,24 +315,17 @@ inline void w8a8_fx24_panel_tile(const int8_t* xq, const int32_t* xsum, const fl
   __m512i acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
   panel_dots<R>(xq, K, K, pc, acc);
-  for (int v = 0; v < 2; ++v) {
-    const __mmask16 m = panel_half_mask(nr, v);
-    if (!m) break;
-    const int64_t c0 = n0 + 16 * v;
-    const __m512 ws = _mm512_maskz_loadu_ps(m, w_scale + c0);
-    for (int t = 0; t < T; ++t) {
-      __m512 o[3];
-      for (int j = 0; j < 3; ++j) {
-        const int r = 3 * t + j; /* 128 sum x: the u8 panel's bias, in wrapping int32 */
-        const __m512i c = _mm512_set1_epi32((int32_t)((uint32_t)xsum[r] << 7));
-        o[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], c)),
-                             _mm512_mul_ps(_mm512_set1_ps(xs[r]), ws));
-      }
-      __m512 y = _mm512_add_ps(o[0], _mm512_add_ps(o[1], o[2]));
-      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + c0));
-      _mm512_mask_storeu_ps(out + t * N + c0, m, y);
+  panel_store_rows<T>(bias, n0, nr, N, out, [&](int t, int v, __mmask16 m) {
+    const __m512 ws = _mm512_maskz_loadu_ps(m, w_scale + n0 + 16 * v);
+    __m512 o[3];
+    for (int j = 0; j < 3; ++j) {
+      const int r = 3 * t + j; /* 128 sum x: the u8 panel's bias, in wrapping int32 */
+      const __m512i c = _mm512_set1_epi32((int32_t)((uint32_t)xsum[r] << 7));
+      o[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], c)),
+                           _mm512_mul_ps(_mm512_set1_ps(xs[r]), ws));
     }
-  }
+    return _mm512_add_ps(o[0], _mm512_add_ps(o[1], o[2]));
+  });
 }
 
 /* The whole product for M x rows in fixed point (layout above), K % 64 == 0. work:
