@@ -138,7 +138,7 @@ void int8_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
     return bf16_panel_int8_wo(x, M, K, ldx, w, N, w_scale, bias, out, work, n_threads);
 #endif
 #if defined(PQ_SIMD_AVX512) && !defined(PQ_AMX)
-  /* the other activations from kW8A8PanelMinM rows (dispatch.cpp sized work for both) */
+  /* the other activations from kInt8WoPanelMinM rows (dispatch.cpp sized work for both) */
   if (work && pq::int8wo_panel_applies(M, K) &&
       int8_weight_only_panel(x, M, K, ldx, w, N, w_scale, bias, out, n_threads, work))
     return;

@@ -87,10 +87,11 @@ inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
 /* Without AMX, from this M (K % 64 == 0, G % 32 == 0) the 3M term rows run the W4A8 panel
  * GEMM (tile_vnni_panel.h) instead of the float kernels that dequantize the weights, the
  * three term rows of an x row in one tile, summed in registers, in slices of
- * int4wo_fixed_slice(K) rows (each packs the panels anew). Zen 4, 2 threads, in-process A/B against the float path: M =
- * 2048, G = 64, N x K = 384 x 384 1.17-1.18x, 1536 x 384 1.31-1.32x, 384 x 1536
- * 1.21-1.24x; M = 128, G = 128, 11008 x 4096 1.39-1.40x, 4096 x 11008 1.31-1.40x. (With
- * the terms summed from three fp32 outputs, as before, K < 2048 lost: 0.83-0.88x.) */
+ * int4wo_fixed_slice(K) rows (each packs the panels anew). Zen 4, 2 threads, in-process
+ * A/B against the float path: M = 2048, G = 64, N x K = 384 x 384 1.17-1.18x, 1536 x 384
+ * 1.31-1.32x, 384 x 1536 1.21-1.24x; M = 128, G = 128, 11008 x 4096 1.39-1.40x, 4096 x
+ * 11008 1.31-1.40x. (With the terms summed from three fp32 outputs, as before, K < 2048
+ * lost: 0.83-0.88x.) */
 constexpr int64_t kInt4WoPanelMinM = 5;
 /* The fixed-point panel paths (int4 here, int8 below) take x rows in slices whose int8 terms
  * fill at most this many bytes, so that the scratch stays in the caller's reused buffer. */
@@ -182,12 +183,13 @@ inline int64_t int8wo_fixed_work_bytes(int64_t M, int64_t K, int64_t N) {
  * converts each weight for every 16 products (Zen 4, 2 threads, M = 2048, in-process A/B:
  * 1.29-1.75x on MiniLM's N x K). In slices of rows whose terms fill at most
  * kFixedPanelSliceBytes: [3S][K] terms | [3S] scales | the W8A8 panel scratch for 3S rows,
- * 64-byte aligned parts. */
-/* From M = 12 (in-process A/B against the float path, 2 threads: M = 12 1.03-1.07x at
- * 11008 x 4096, 1.15x at 4096 x 4096, 1.11-1.45x on MiniLM's; M = 8 0.97x at 11008 x 4096,
- * where the float path still streams the weights near the bandwidth). */
+ * 64-byte aligned parts. From M = 12: there 1.03-1.07x at 11008 x 4096, 1.15x at 4096 x
+ * 4096, 1.11-1.45x on MiniLM's; at M = 8 0.97x at 11008 x 4096, where the float path still
+ * streams the weights near the bandwidth. */
 constexpr int64_t kInt8WoPanelMinM = 12;
-inline bool int8wo_panel_applies(int64_t M, int64_t K) { return M >= kInt8WoPanelMinM && K % 64 == 0; }
+inline bool int8wo_panel_applies(int64_t M, int64_t K) {
+  return M >= kInt8WoPanelMinM && K % 64 == 0;
+}
 inline int64_t int8wo_panel_slice(int64_t M, int64_t K) {
   const int64_t s = kFixedPanelSliceBytes / (3 * K);
   return M < s ? M : (s < kInt8WoPanelMinM ? kInt8WoPanelMinM : s);
