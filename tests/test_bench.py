@@ -154,3 +154,23 @@ def test_sparse_targets_say_what_a_row_misses():
     assert lines[1].endswith("(below target: speedup < 1.4x)")
     assert lines[2].endswith("(below target: speedup < 1.4x, bw% < 75%)")
     assert "below target" not in lines[3]
+
+
+@pytest.mark.skipif(not _native.available(), reason="needs the native module")
+def test_fixed_point_ab_script_runs(capsys):
+    """benchmarks/fixed_point_ab.py on tiny shapes: a line per op and shape, with the ratios;
+    one shape where the fixed-point path runs for both ops on the AVX512 levels (M = 16) and
+    one where it cannot (K % 64 != 0) says so."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "fixed_point_ab.py"
+    spec = importlib.util.spec_from_file_location("fixed_point_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shapes", "40x128x16,40x96x16", "--reps", "1", "--rounds", "1",
+                     "--group-size", "32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in out if " M=16 " in ln]
+    assert len(lines) == 4 and all("x float" in ln and "x fp32" in ln for ln in lines), out
+    assert all("does not run here" in ln for ln in lines if ln.startswith("40x96 "))
