@@ -13,26 +13,15 @@ A shape is N x K x M. Prints medians in ms and the ratios float / fixed and fp32
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from pyquant import _native, formats
+from pyquant.bench import median_ms
 
 DEFAULT_SHAPES = ("384x384x2048", "1536x384x2048", "384x1536x2048", "11008x4096x128",
                   "4096x11008x128", "4096x4096x16")
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def _calls(op: str, n: int, k: int, m: int, group_size: int):
@@ -85,7 +74,7 @@ def main(argv=None) -> int:
             fixed, plain, fp32, runs = _calls(op, n, k, m, g)
             cells = []
             for _ in range(a.rounds):
-                tf, tp, t32 = (_median_ms(f, a.reps) for f in (fixed, plain, fp32))
+                tf, tp, t32 = (median_ms(f, a.reps) for f in (fixed, plain, fp32))
                 cells.append(f"fixed {tf:.2f} float {tp:.2f} fp32 {t32:.2f} ms: "
                              f"{tp / tf:.2f}x float, {t32 / tf:.2f}x fp32")
             label = f"{op} weight-only{'' if op == 'int8' else f' g{g}'}"

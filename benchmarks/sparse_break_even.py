@@ -16,25 +16,14 @@ by side, are what to compare across runs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from pyquant import _native
+from pyquant.bench import median_ms
 from pyquant import sparse_formats as sf
 
 SHAPES = ((4096, 4096), (4096, 11008))
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def weights(n: int, k: int) -> dict:

@@ -95,14 +95,26 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     else:
         buf = torch.ones(nbytes // 4, dtype=torch.float32)
         read = buf.sum
-    read()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        read()
-        times.append(time.perf_counter() - t0)
+    times = call_times(read, repeats)
     del buf
     return nbytes / min(times) / 1e9
+
+
+def call_times(fn, reps: int) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn``, after one untimed warmup call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(fn, reps: int) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn`` after a warmup call (the benchmarks/
+    scripts' one-op timing)."""
+    return 1e3 * statistics.median(call_times(fn, reps))
 
 
 def _time_interleaved(entries: list, x, iters: int, warmup: int = 2) -> list[float]:

@@ -96,22 +96,17 @@ constexpr int64_t kInt4WoPanelMinM = 5;
 /* The fixed-point panel paths (int4 here, int8 below) take x rows in slices whose int8 terms
  * fill at most this many bytes, so that the scratch stays in the caller's reused buffer. */
 constexpr int64_t kFixedPanelSliceBytes = 2 << 20;
+inline int64_t fixed_panel_slice(int64_t K, int64_t min_rows) {
+  const int64_t s = kFixedPanelSliceBytes / (3 * (K > 0 ? K : 1));
+  return s > min_rows ? s : min_rows;
+}
 /* int4's rows a slice: at least 128 (1820 at K = 384, where 128 took ~7% more time in
  * packing the panels and starting threads). */
-inline int64_t int4wo_fixed_slice(int64_t K) {
-  const int64_t s = kFixedPanelSliceBytes / (3 * (K > 0 ? K : 1));
-  return s > 128 ? s : 128;
-}
+inline int64_t int4wo_fixed_slice(int64_t K) { return fixed_panel_slice(K, 128); }
 inline bool int4wo_fixed_applies(int64_t M, int64_t K, int64_t G, bool amx) {
   return ((M == 1 || int4wo_fx24_gemv_applies(M, K, G) || (amx && M >= 5 && M <= 15)) &&
           G % 64 == 0) ||
          (!amx && M >= kInt4WoPanelMinM && G % 32 == 0 && w4a8_panel_applies(3 * M, K));
-}
-/* Whether the fixed-point path's `rows` term rows run the W4A8 panels (kernels.cpp), which
- * need no fp32 term outputs: the scratch's [rows][N] part is then empty. */
-inline bool int4wo_fixed_on_panels(int64_t rows, int64_t K, int64_t N, int64_t G, bool amx);
-inline int64_t int4wo_fixed_outputs_bytes(int64_t rows, int64_t K, int64_t N, int64_t G, bool amx) {
-  return int4wo_fixed_on_panels(rows, K, N, G, amx) ? 0 : align64(rows * N * 4);
 }
 
 /* Scratch of the AMX paths that convert 32-row weight strips per call
@@ -143,9 +138,14 @@ inline int64_t amx_strip_bytes(int64_t row_bytes, int64_t n_groups) {
 inline bool amx_int4dyn_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
   return M >= kAmxInt4DynMinM && G % 64 == 0 && K % G == 0 && N % 32 == 0;
 }
+/* Whether the int4 fixed-point path's `rows` term rows run the W4A8 panels (kernels.cpp),
+ * which need no fp32 term outputs: the scratch's [rows][N] part is then empty. */
 inline bool int4wo_fixed_on_panels(int64_t rows, int64_t K, int64_t N, int64_t G, bool amx) {
   return !(amx && amx_int4dyn_applies(rows, K, N, G)) && w4a8_panel_applies(rows, K) &&
          !int4wo_fx24_gemv_applies(rows / 3, K, G);
+}
+inline int64_t int4wo_fixed_outputs_bytes(int64_t rows, int64_t K, int64_t N, int64_t G, bool amx) {
+  return int4wo_fixed_on_panels(rows, K, N, G, amx) ? 0 : align64(rows * N * 4);
 }
 inline int64_t amx_int4dyn_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
   return align64((M + 15) / 16 * 16 * K) + threads * amx_strip_bytes(K, K / G);
@@ -191,8 +191,8 @@ inline bool int8wo_panel_applies(int64_t M, int64_t K) {
   return M >= kInt8WoPanelMinM && K % 64 == 0;
 }
 inline int64_t int8wo_panel_slice(int64_t M, int64_t K) {
-  const int64_t s = kFixedPanelSliceBytes / (3 * K);
-  return M < s ? M : (s < kInt8WoPanelMinM ? kInt8WoPanelMinM : s);
+  const int64_t s = fixed_panel_slice(K, kInt8WoPanelMinM);
+  return M < s ? M : s;
 }
 inline int64_t int8wo_panel_work_bytes(int64_t M, int64_t K, int threads) {
   const int64_t S = int8wo_panel_slice(M, K);
