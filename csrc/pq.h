@@ -134,6 +134,21 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
                        const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                        float* out, void* work, int64_t work_bytes, int n_threads);
 
+/* The same product on the weight's panels, converted once when a layer is swapped in
+ * instead of on every call (AVX512 ISAs; K % 64 == 0, N % 32 == 0). Layout, bytes
+ * [N/32][K/4][2][16][4]: entry (p, j, h, i, c) = w[32 p + 16 h + i, 4 j + c] + 128 as
+ * uint8 (pyquant/panels.py packs and unpacks it); `panels` 64-byte aligned. work: 64-byte
+ * aligned, pq_int8_panels_workspace_bytes(M) (the x row sums). Returns PQ_ERR_ISA on an
+ * ISA without these kernels. Results equal pq_int8_dynamic_mm's, bit for bit. */
+int pq_int8_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                              int64_t K, const uint8_t* panels, int64_t N, const float* w_scale,
+                              const float* bias, float* out, void* work, int64_t work_bytes,
+                              int n_threads);
+int64_t pq_int8_panels_workspace_bytes(int64_t M);
+/* 1 when W8A8 layers of these sizes should keep their weight in that layout on this ISA:
+ * AVX512-VNNI and AVX512-BF16 (on AMX the canonical rows feed the tiles faster). */
+int pq_int8_panel_layout(int isa, int64_t K, int64_t N);
+
 /* W4A8: int8 per-row activations (pq_quantize_rows_int8) x int4 group-wise weights.
  *   acc[m,n,g] = sum_{k in g} xq[m,k] * (code[n,k] - zeros[n,g])     (exact int32)
  *   out[m,n]   = x_scale[m] * sum_g scales[n,g] * acc[m,n,g] + bias[n]  (float32)

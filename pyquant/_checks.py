@@ -68,6 +68,24 @@ def check_int8_mm(op: str, x, w, w_scale, bias) -> None:
     check_same_device(op, x, w=w, w_scale=w_scale, bias=bias)
 
 
+def check_int8_panels_mm(op: str, x, panels, w_scale, bias) -> None:
+    """An int8 weight in the CPU panel layout (pyquant/panels.py): uint8 [N, K], N % 32 == 0,
+    K % 64 == 0."""
+    if not isinstance(panels, torch.Tensor) or panels.dim() != 2:
+        raise ValueError(f"{op}: panels must be a 2-D uint8 tensor [N, K] (pyquant.panels."
+                         f"pack_int8), got {getattr(panels, 'shape', panels)!r}")
+    n, k = panels.shape
+    check_tensor(op, "panels", panels, torch.uint8, (n, k))
+    if n % 32 or k % 64 or not n:
+        raise ValueError(f"{op}: panels [N={n}, K={k}] need N a multiple of 32 and K a "
+                         f"multiple of 64 (whole panels); other sizes keep the canonical int8 "
+                         f"weight and run int8_dynamic_mm")
+    check_activation(op, x, k)
+    check_tensor(op, "w_scale", w_scale, torch.float32, (n,))
+    check_bias(op, bias, n)
+    check_same_device(op, x, panels=panels, w_scale=w_scale, bias=bias)
+
+
 def check_int4_mm(op: str, x, w_packed, scales, zeros, group_size, bias) -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"{op}: group_size must be an int, got {group_size!r}")

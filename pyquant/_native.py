@@ -382,6 +382,68 @@ def int8_codes_mm(xq, x_scale, w, w_scale, bias=None):
     return out
 
 
+def _int8_panels_codes_mm(isa, pxq, pxs, m, k, panels, w_scale, bias, out):
+    """_int8_codes_mm on a weight in the CPU panel layout (pyquant/panels.py). An ISA without
+    the panel kernels (AVX2, portable; or a forced one) runs the canonical rows, unpacked for
+    this call: the same result, bit for bit."""
+    n = panels.shape[0]
+    if isa < ISA_NAMES.index("avx512_vnni"):
+        from . import panels as _panels
+
+        return _int8_codes_mm(isa, pxq, pxs, m, k, _panels.unpack_int8(panels), w_scale, bias,
+                              out)
+    if panels.data_ptr() % 64 or not panels.is_contiguous():  # the kernel's aligned loads
+        panels = _aligned_copy(panels)
+    ws = w_scale.contiguous()
+    b = _bias_f32(bias)
+    nwork = module().int8_panels_workspace_bytes(m)
+    work = _work("xsum", nwork)
+    st = module().int8_dynamic_mm_panels(isa, pxq, pxs, m, k, _ptr(panels), n, _ptr(ws), _ptr(b),
+                                         _ptr(out), _threads(), _ptr(work), nwork)
+    if st:
+        _raise("int8_dynamic_mm_panels", st, M=m, N=n, K=k)
+
+
+def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data starts on a 64-byte boundary."""
+    raw = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
+    off = -raw.data_ptr() % 64
+    out = raw[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+def _run_int8_dynamic_mm_panels(x, panels, w_scale, bias=None):
+    n, k = panels.shape
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = _out(m, n, x.dtype)
+    if m:
+        isa = current_isa()
+        pxq, pxs, *_keep = _quantize_into(x2, isa)
+        _int8_panels_codes_mm(isa, pxq, pxs, m, k, panels, w_scale, bias, out)
+    return _finish(out, x, lead, n)
+
+
+def int8_dynamic_mm_panels(x, panels, w_scale, bias=None):
+    _checks.check_int8_panels_mm("int8_dynamic_mm_panels", x, panels, w_scale, bias)
+    _require_cpu("int8_dynamic_mm_panels", x)
+    return _run_int8_dynamic_mm_panels(x, panels, w_scale, bias)
+
+
+def int8_codes_mm_panels(xq, x_scale, panels, w_scale, bias=None):
+    """int8_codes_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
+    _checks.check_int8_panels_mm("int8_codes_mm_panels",
+                                 _check_codes("int8_codes_mm_panels", xq, x_scale), panels,
+                                 w_scale, bias)
+    m, k = xq.shape
+    out = torch.empty((m, panels.shape[0]), dtype=torch.float32)
+    if m:
+        xq, xs = xq.contiguous(), x_scale.contiguous()
+        _int8_panels_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, panels, w_scale, bias,
+                              out)
+    return out
+
+
 def _run_int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     lead, x2 = _flat(x, n)

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _native, formats
+from . import _native, formats, panels
 from ._progress import progress
 
 # [N, K] of the linear layers of real models (out_features, in_features).
@@ -205,10 +205,23 @@ def probe_impls() -> list[Impl]:
 
 
 def pyquant_impls(group_size: int = 128) -> list[Impl]:
-    from . import ops  # noqa: F401  registers torch.ops.pyquant
+    # ops.call: what the layers run in eager inference (the op's checks and backend without
+    # the dispatcher's Python wrappers, ~30 us a call here; torch.compile and autograd take
+    # torch.ops.pyquant.* instead)
+    from . import ops
 
     def make_i8(w):
         return formats.quantize_int8_per_channel(w)
+
+    def make_i8_layer(w):
+        # what Int8DynamicLinear keeps: the CPU panel layout where this CPU's kernels take it
+        q, s = make_i8(w)
+        return (panels.pack_int8(q), s) if panels.panel_layout_applies(*q.shape, q.device) \
+            else (q, s)
+
+    def int8_dynamic(s, x):
+        op = "int8_dynamic_mm_panels" if s[0].dtype == torch.uint8 else "int8_dynamic_mm"
+        return ops.call(op, x, s[0], s[1], None)
 
     def make_i4(w):
         c, s, z = formats.quantize_int4_groupwise(w, group_size, symmetric=False)
@@ -216,27 +229,26 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
 
     return [
         Impl("pyquant.int8_weight_only_mm", "pyquant", make_i8,
-             lambda s, x: torch.ops.pyquant.int8_weight_only_mm(x, s[0], s[1], None),
+             lambda s, x: ops.call("int8_weight_only_mm", x, s[0], s[1], None),
              lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
-        Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8,
-             lambda s, x: torch.ops.pyquant.int8_dynamic_mm(x, s[0], s[1], None),
+        Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8_layer, int8_dynamic,
              lambda s: _tensor_bytes(*s), "int8_dynamic_mm"),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4,
-             lambda s, x: torch.ops.pyquant.int4_weight_only_mm(x, s[0], s[1], s[2], group_size,
-                                                                None),
+             lambda s, x: ops.call("int4_weight_only_mm", x, s[0], s[1], s[2], group_size,
+                                   None),
              lambda s: _tensor_bytes(*s), "int4_weight_only_mm"),
         Impl(f"pyquant.int4_dynamic_mm[g{group_size}]", "pyquant", make_i4,
-             lambda s, x: torch.ops.pyquant.int4_dynamic_mm(x, s[0], s[1], s[2], group_size, None),
+             lambda s, x: ops.call("int4_dynamic_mm", x, s[0], s[1], s[2], group_size, None),
              lambda s: _tensor_bytes(*s), "int4_dynamic_mm"),
         # A bf16 model's activations (as F.linear[bf16] and int4pack get them): on AMX the
         # weight-only kernels then multiply one bf16 term per activation instead of three.
         Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8,
-             lambda s, x: torch.ops.pyquant.int8_weight_only_mm(x.to(torch.bfloat16), s[0], s[1],
-                                                                None),
+             lambda s, x: ops.call("int8_weight_only_mm", x.to(torch.bfloat16), s[0], s[1],
+                                   None),
              lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4,
-             lambda s, x: torch.ops.pyquant.int4_weight_only_mm(x.to(torch.bfloat16), s[0], s[1],
-                                                                s[2], group_size, None),
+             lambda s, x: ops.call("int4_weight_only_mm", x.to(torch.bfloat16), s[0], s[1], s[2],
+                                   group_size, None),
              lambda s: _tensor_bytes(*s), "int4_weight_only_mm"),
     ]
 

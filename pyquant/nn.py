@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import _native, formats
+from . import panels as _panels
 from . import ops as _ops  # registers torch.ops.pyquant.*
 from .config import Int4Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantConfig
 from .config import INPUT_SCALE_METHODS
@@ -255,10 +256,71 @@ def _native_codes(op: str, xq: torch.Tensor) -> bool:
 
 
 class Int8DynamicLinear(Int8WeightOnlyLinear):
-    """W8A8: int8 per-channel weights, int8 per-token activations quantized at run time."""
+    """W8A8: int8 per-channel weights, int8 per-token activations quantized at run time.
+
+    On CPUs whose native W8A8 kernels run from 32-row weight panels (AVX512 without AMX;
+    ``pyquant.panels``), the layer keeps ``weight`` in that layout (uint8, the same bytes;
+    ``weight_layout == "panels"``) instead of converting the panels on every call. The
+    canonical int8 rows come back wherever the weight leaves the layer: ``state_dict`` and
+    checkpoints, ``shard``, a move to another device or dtype, and ``weight_int8()``."""
 
     config_cls = Int8Dynamic
     quantizes_activation_rows = True
+    #: "rows": ``weight`` holds the canonical int8 [N, K]; "panels": the CPU panel layout.
+    weight_layout = "rows"
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: Optional[QuantConfig] = None,
+                   row_amax: Optional[torch.Tensor] = None):
+        return super().from_float(linear, config, row_amax)._pack_if_fast()
+
+    def weight_int8(self) -> torch.Tensor:
+        """The canonical int8 weight [N, K], whatever the layout it is kept in."""
+        w = self.weight
+        return _panels.unpack_int8(w) if self.weight_layout == "panels" else w
+
+    def _pack_if_fast(self) -> "Int8DynamicLinear":
+        w = self._buffers.get("weight")
+        if (self.weight_layout == "rows" and w is not None and w.dtype == torch.int8
+                and _panels.panel_layout_applies(self.out_features, self.in_features, w.device)):
+            self._buffers["weight"] = _panels.pack_int8(w)
+            self.weight_layout = "panels"
+        return self
+
+    def _to_rows(self) -> bool:
+        """Canonical rows in ``weight`` again; True when it was in panels."""
+        if self.weight_layout != "panels":
+            return False
+        self._buffers["weight"] = _panels.unpack_int8(self._buffers["weight"])
+        self.weight_layout = "rows"
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_layout == "panels":  # checkpoints hold the canonical format
+            destination[prefix + "weight"] = self.weight_int8()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._to_rows()  # the canonical buffer that the checkpoint's weight loads into
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._pack_if_fast()
+
+    def _apply(self, fn, recurse=True):
+        # the rows go through fn (another device, share_memory, ...); back in panels if on CPU
+        packed = self._to_rows()
+        super()._apply(fn, recurse)
+        if packed:
+            self._pack_if_fast()
+        return self
+
+    def shard(self, dim: int, rank: int, world: int) -> "Int8DynamicLinear":
+        packed = self._to_rows()
+        try:
+            new = super().shard(dim, rank, world)
+        finally:
+            if packed:
+                self._pack_if_fast()
+        return new._pack_if_fast()
 
     def _codes_mm(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         # Given activation codes (the ops quantize x themselves): exact int32 products through
@@ -266,27 +328,30 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
         # K, N multiples of 8), then the epilogue of the op, acc * (xs * ws). Otherwise (decode,
         # memory-bound: the same speed) the codes go through the weight-only kernel as small
         # integers in fp32: products exact, partial sums exact below 2^24.
-        if _native_codes("int8_dynamic_mm", xq):
+        if self.weight_layout == "panels":
+            if _native_codes("int8_dynamic_mm_panels", xq):
+                return _native.int8_codes_mm_panels(xq, xs, self.weight, self.weight_scale)
+        elif _native_codes("int8_dynamic_mm", xq):
             return _native.int8_codes_mm(xq, xs, self.weight, self.weight_scale)
-        m, (n, k) = xq.shape[0], self.weight.shape
+        w = self.weight_int8()
+        m, (n, k) = xq.shape[0], w.shape
         cuda = xq.device.type == "cuda"
         if hasattr(torch, "_int_mm") and (m > 16 and k % 8 == 0 and n % 8 == 0 if cuda
                                           else m > 2 and xq.device.type == "cpu"):
             try:
-                acc = torch._int_mm(xq, self.weight.t())
+                acc = torch._int_mm(xq, w.t())
                 return acc.to(torch.float32) * (xs[:, None] * self.weight_scale[None, :])
             except (RuntimeError, NotImplementedError):
                 pass
         return _ops.call(
-            "int8_weight_only_mm", xq.to(torch.float32), self.weight, self.weight_scale, None,
+            "int8_weight_only_mm", xq.to(torch.float32), w, self.weight_scale, None,
         ) * xs[:, None]
 
     def forward(self, x: torch.Tensor, act_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
         if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
             return self._forward_act_amax(x, act_amax, self._codes_mm)
-        return _ops.call(
-            "int8_dynamic_mm", self._scale_input(x), self.weight, self.weight_scale, self.bias,
-        )
+        op = "int8_dynamic_mm_panels" if self.weight_layout == "panels" else "int8_dynamic_mm"
+        return _ops.call(op, self._scale_input(x), self.weight, self.weight_scale, self.bias)
 
 
 class Int4WeightOnlyLinear(_QuantLinearBase):

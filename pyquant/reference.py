@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import formats
+from . import panels as _panels
 
 
 def _linear_f32(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -33,6 +34,11 @@ def int8_dynamic_mm(x, w_q, w_scale, bias=None):
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(x.dtype).reshape(*lead, w_q.shape[0])
+
+
+def int8_dynamic_mm_panels(x, panels, w_scale, bias=None):
+    """int8_dynamic_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
+    return int8_dynamic_mm(x, _panels.unpack_int8(panels), w_scale, bias)
 
 
 def int4_weight_only_mm(x, w_packed, scales, zeros, group_size: int, bias=None):
@@ -92,6 +98,9 @@ def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:
     through, as quantization-aware training does."""
     if op in ("int8_weight_only_mm", "int8_dynamic_mm"):
         return formats.dequantize_int8_per_channel(*wargs)
+    if op == "int8_dynamic_mm_panels":
+        panels, w_scale = wargs
+        return formats.dequantize_int8_per_channel(_panels.unpack_int8(panels), w_scale)
     if op in ("int4_weight_only_mm", "int4_dynamic_mm"):
         return formats.dequantize_int4_groupwise(*wargs)
     if op == "sparse24_mm":

@@ -189,7 +189,8 @@ def test_input_scale_layers_on_every_backend(scaled_layers, scheme, backend, isa
     op = {"int4_weight_only": "int4_weight_only_mm", "int8_weight_only": "int8_weight_only_mm",
           "int8_dynamic": "int8_dynamic_mm"}[scheme]
     args = ((layer.weight_packed, layer.weight_scales, layer.weight_zeros, layer.group_size)
-            if scheme.startswith("int4") else (layer.weight, layer.weight_scale))
+            if scheme.startswith("int4")
+            else (getattr(layer, "weight_int8", lambda: layer.weight)(), layer.weight_scale))
     expected = getattr(reference, op)(x * layer.input_scale, *args, layer.bias)
     with on_backend(backend, isa):
         got = layer(x)

@@ -385,11 +385,13 @@ def test_layer_shards_concatenate_to_the_whole_layer(config, dim):
     layer = config.layer_cls.from_float(lin, config)
     world = 2
     shards = [layer.shard(dim, r, world) for r in range(world)]
+    whole_sd, parts_sd = layer.state_dict(), [s.state_dict() for s in shards]
     for name, axis in layer.shard_axes(dim).items():
-        whole = getattr(layer, name, None)
+        # state_dict: the canonical tensors (a CPU W8A8 layer keeps its weight in panels)
+        whole = whole_sd.get(name)
         if whole is None:
             continue
-        parts = [getattr(s, name) for s in shards]
+        parts = [sd[name] for sd in parts_sd]
         if axis is None:
             assert all(torch.equal(p, whole) for p in parts), name
         else:

@@ -313,6 +313,35 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
   return PQ_OK;
 }
 
+int pq_int8_panel_layout(int isa, int64_t K, int64_t N) {
+  /* AMX tiles multiply the canonical rows faster at prefill: there the layout is not kept */
+  return (isa == PQ_ISA_AVX512_VNNI || isa == PQ_ISA_AVX512_BF16) && table(isa) &&
+         table(isa)->int8_dynamic_mm_panels && K > 0 && N > 0 && K % 64 == 0 && N % 32 == 0;
+}
+
+int64_t pq_int8_panels_workspace_bytes(int64_t M) {
+  return M < 0 || M > ((int64_t)1 << 40) ? -1 : pq::int8_panels_work_bytes(M);
+}
+
+int pq_int8_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                              int64_t K, const uint8_t* panels, int64_t N, const float* w_scale,
+                              const float* bias, float* out, void* work, int64_t work_bytes,
+                              int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (!t->int8_dynamic_mm_panels) return PQ_ERR_ISA;
+  if (M < 0 || K <= 0 || N <= 0 || K % 64 || N % 32 || too_big(M, K) || too_big(N, K) ||
+      too_big(M, N) || missing(xq, M * K) || missing(x_scale, M) || missing(panels, N * K) ||
+      ((uintptr_t)panels & 63) || missing(w_scale, N) || missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0) return PQ_OK;
+  if (!work || ((uintptr_t)work & 63) || work_bytes < pq::int8_panels_work_bytes(M))
+    return PQ_ERR_ARG;
+  t->int8_dynamic_mm_panels(xq, x_scale, M, K, panels, N, w_scale, bias, out, work,
+                            threads(n_threads));
+  return PQ_OK;
+}
+
 int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size) {
   return isa >= PQ_ISA_AVX512_VNNI && table(isa) && group_size > 0 && K > 0 &&
          K % group_size == 0 && pq::int4wo_fixed_applies(M, K, group_size, isa == PQ_ISA_AVX512_AMX);

@@ -222,7 +222,7 @@ void int8_gemm_s32(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int6
 #endif
 #if defined(PQ_SIMD_AVX512)
   if (w8a8_panel_usable(M, K, work, work_bytes, n_threads))
-    return w8a8_panel_gemm(xq, M, K, w, N, work, n_threads,
+    return w8a8_panel_gemm(xq, M, K, w, nullptr, N, work, n_threads,
                            [&](int64_t m, int64_t n, __mmask16 mask, __m512i v) {
                              _mm512_mask_storeu_epi32(acc + m * N + n, mask, v);
                            });
@@ -230,6 +230,31 @@ void int8_gemm_s32(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int6
   (void)work, (void)work_bytes;
   int8_gemm(xq, M, K, w, N, n_threads, [=](int64_t m, int64_t n, int32_t v) { acc[m * N + n] = v; });
 }
+
+#if defined(PQ_SIMD_AVX512)
+/* int8_dynamic_mm's epilogue on 16 int32 sums of a row: scale_bias's order,
+ * v * (x_scale * w_scale), then + bias. */
+struct W8a8Epilogue {
+  const float *x_scale, *w_scale, *bias;
+  float* out;
+  int64_t N;
+  void operator()(int64_t m, int64_t n, __mmask16 mask, __m512i v) const {
+    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(x_scale[m]), _mm512_maskz_loadu_ps(mask, w_scale + n));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
+    if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bias + n));
+    _mm512_mask_storeu_ps(out + m * N + n, mask, y);
+  }
+};
+
+/* int8_dynamic_mm on the weight's panels converted at swap time (pq.h), at every M: the
+ * panel GEMM without its per-call conversion. work: 64-byte aligned, the x row sums. */
+void int8_dynamic_mm_panels(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                            const uint8_t* panels, int64_t N, const float* w_scale,
+                            const float* bias, float* out, void* work, int n_threads) {
+  w8a8_panel_gemm(xq, M, K, nullptr, panels, N, work, n_threads,
+                  W8a8Epilogue{x_scale, w_scale, bias, out, N});
+}
+#endif
 
 void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const int8_t* w, int64_t N, const float* w_scale, const float* bias,
@@ -245,15 +270,8 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
 #endif
 #if defined(PQ_SIMD_AVX512)
   if (w8a8_panel_usable(M, K, work, work_bytes, n_threads))
-    return w8a8_panel_gemm(xq, M, K, w, N, work, n_threads,
-                           [&](int64_t m, int64_t n, __mmask16 mask, __m512i v) {
-                             /* scale_bias's order: v * (x_scale * w_scale), then + bias */
-                             const __m512 s = _mm512_mul_ps(_mm512_set1_ps(x_scale[m]),
-                                                            _mm512_maskz_loadu_ps(mask, w_scale + n));
-                             __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
-                             if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bias + n));
-                             _mm512_mask_storeu_ps(out + m * N + n, mask, y);
-                           });
+    return w8a8_panel_gemm(xq, M, K, w, nullptr, N, work, n_threads,
+                           W8a8Epilogue{x_scale, w_scale, bias, out, N});
 #endif
   (void)work, (void)work_bytes;
   int8_gemm(xq, M, K, w, N, n_threads, [=](int64_t m, int64_t n, int32_t v) {
@@ -513,6 +531,11 @@ void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 extern const pq::KernelTable kKernels = {
     int8_weight_only_mm, quantize_rows_int8, int8_gemm_s32, int8_dynamic_mm, int4_weight_only_mm,
     int4_dynamic_mm,
+#if defined(PQ_SIMD_AVX512)
+    int8_dynamic_mm_panels,
+#else
+    nullptr,
+#endif
 };
 
 }  // namespace PQ_NS

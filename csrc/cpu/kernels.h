@@ -41,6 +41,8 @@ inline bool w8a8_panel_applies(int64_t M, int64_t K) { return M >= kW8A8PanelMin
 inline int64_t w8a8_panel_work_bytes(int64_t M, int64_t K, int threads) {
   return align64(M * 4) + threads * align64(32 * K);
 }
+/* The same on panels converted at swap time: the x row sums only. */
+inline int64_t int8_panels_work_bytes(int64_t M) { return align64(M * 4); }
 
 /* int4 and int8 weight-only on the AVX512-BF16 build (no AMX) for activations that are
  * bf16 values (tile_bf16_panel.h): from this many rows, G % 32 == 0 (int8: G = K, one
@@ -246,6 +248,12 @@ struct KernelTable {
                           const uint8_t* w_packed, int64_t N, const float* scales,
                           const uint8_t* zeros, int64_t group_size, const float* bias,
                           float* out, void* work, bool amx, bool panel, int n_threads);
+  /* AVX512 builds (else null): int8_dynamic_mm on the weight's panels (pq.h,
+   * pq_int8_dynamic_mm_panels; K % 64 == 0, N % 32 == 0); work: 64-byte aligned,
+   * int8_panels_work_bytes(M) */
+  void (*int8_dynamic_mm_panels)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                                 const uint8_t* panels, int64_t N, const float* w_scale,
+                                 const float* bias, float* out, void* work, int n_threads);
 };
 
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also

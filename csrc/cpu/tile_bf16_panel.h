@@ -112,7 +112,7 @@ inline void bf16_panel_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int
                           Pack pack) {
   uint16_t* xb = (uint16_t*)work;
   /* a thread's panel: the bf16 weights, then the scales [K/G][32] */
-  auto scales_of = [&](uint8_t* pb) { return (float*)(pb + pq::align64(kBf16PanelRows * K * 2)); };
+  const int64_t scales_at = pq::align64(kBf16PanelRows * K * 2);
   for_each_panel<kBf16PanelMaxT>(
       M, N, n_threads, (uint8_t*)work + pq::align64(M * K * 2), pq::bf16_panel_bytes(K, G),
       [&](int64_t m) { /* the high halves of the fp32 words: exact */
@@ -121,9 +121,13 @@ inline void bf16_panel_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int
                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(
                                   _mm512_loadu_si512(x + m * ldx + k), 16)));
       },
-      [&](uint8_t* pb, int64_t n0, int64_t nr) { pack((uint16_t*)pb, scales_of(pb), n0, nr); },
-      [&](uint8_t* pb, int64_t n0, int64_t nr, int64_t m, auto T_) {
-        bf16_panel_tile<decltype(T_)::value>(xb + m * K, K, G, (const uint16_t*)pb, scales_of(pb),
+      [&](uint8_t* pb, int64_t n0, int64_t nr) -> const uint8_t* {
+        pack((uint16_t*)pb, (float*)(pb + scales_at), n0, nr);
+        return pb;
+      },
+      [&](const uint8_t* pb, int64_t n0, int64_t nr, int64_t m, auto T_) {
+        bf16_panel_tile<decltype(T_)::value>(xb + m * K, K, G, (const uint16_t*)pb,
+                                             (const float*)(pb + scales_at),
                                              bias, n0, nr, N, out + m * N);
       });
 }

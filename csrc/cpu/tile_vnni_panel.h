@@ -51,9 +51,10 @@ inline void code_group_sums(const int8_t* x, int64_t K, int64_t G, int32_t* sums
 }
 
 /* The driver of the panel GEMMs (here and tile_bf16_panel.h): prep(m) for every x row,
- * then the 32-row weight panels spread over the threads, each packed into its thread's
- * scratch by pack(scratch, n0, nr) and swept by tile(scratch, n0, nr, m, Int<T>) over the
- * x rows in tiles of up to kMaxT. With fewer panels than threads, the x rows of a panel are
+ * then the 32-row weight panels spread over the threads. pack(scratch, n0, nr) returns the
+ * panel of rows n0 .. n0 + nr - 1 (written into its thread's scratch, or one packed at
+ * swap time), which tile(panel, n0, nr, m, Int<T>) sweeps over the x rows in tiles of up
+ * to kMaxT. With fewer panels than threads, the x rows of a panel are
  * split between threads too (each packs the panel it sweeps), so that none sits idle. */
 template <int kMaxT, class Prep, class Pack, class Tile>
 inline void for_each_panel(int64_t M, int64_t N, int n_threads, uint8_t* scratch,
@@ -68,14 +69,15 @@ inline void for_each_panel(int64_t M, int64_t N, int n_threads, uint8_t* scratch
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) prep(m);
     uint8_t* own = scratch + omp_get_thread_num() * per_thread;
-    int64_t packed = -1; /* the panel in `own` */
+    const uint8_t* panel = nullptr;
+    int64_t packed = -1; /* the panel's index */
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t p = task / parts, m0 = task % parts * per_part, m1 = min64(M, m0 + per_part);
       const int64_t n0 = p * kPanelRows, nr = min64(kPanelRows, N - n0);
-      if (p != packed) pack(own, n0, nr), packed = p;
+      if (p != packed) panel = pack(own, n0, nr), packed = p;
       for (int64_t m = m0; m < m1; m += kMaxT) {
-        auto run = [&](auto, auto T_) { tile(own, n0, nr, m, T_); };
+        auto run = [&](auto, auto T_) { tile(panel, n0, nr, m, T_); };
         dispatch_t<1, kMaxT>((int)min64(kMaxT, m1 - m), run);
       }
     }
@@ -226,26 +228,22 @@ inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
   /* a thread's panel: codes, then scales and scale x zero point [K/G][32] each */
-  auto parts = [&](uint8_t* pc, float*& sp, float*& szp) {
-    sp = (float*)(pc + pq::align64(kPanelRows * K));
-    szp = sp + pq::align64(ng * kPanelRows * 4) / 4;
-  };
+  const int64_t sp_at = pq::align64(kPanelRows * K), szp_at = sp_at + pq::align64(ng * kPanelRows * 4);
   for_each_panel<kPanelMaxT / kRows>(
       M, N, n_threads, (uint8_t*)work + pq::align64(kRows * M * ng * 4), pq::w4a8_panel_bytes(K, G),
       [&](int64_t m) {
         for (int64_t r = kRows * m; r < kRows * (m + 1); ++r) code_group_sums(xq + r * K, K, G, gsum + r * ng);
       },
-      [&](uint8_t* pc, int64_t n0, int64_t nr) {
-        float *sp, *szp;
-        parts(pc, sp, szp);
-        w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc, sp, szp);
+      [&](uint8_t* pc, int64_t n0, int64_t nr) -> const uint8_t* {
+        w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc,
+                        (float*)(pc + sp_at), (float*)(pc + szp_at));
+        return pc;
       },
-      [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+      [&](const uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
         constexpr int T = decltype(T_)::value, R = kRows * T;
-        float *sp, *szp;
-        parts(pc, sp, szp);
         __m512 facc[R][2];
-        w4a8_panel_acc<R>(xq + kRows * m * K, gsum + kRows * m * ng, K, G, pc, sp, szp, facc);
+        w4a8_panel_acc<R>(xq + kRows * m * K, gsum + kRows * m * ng, K, G, pc,
+                          (const float*)(pc + sp_at), (const float*)(pc + szp_at), facc);
         if constexpr (kFx24)
           fx24_panel_store<T>(facc, x_scale + 3 * m, bias, n0, nr, N, out + m * N);
         else
@@ -282,18 +280,25 @@ inline void w8a8_row_sum(const int8_t* xq, int64_t m, int64_t K, int32_t* xsum) 
   code_group_sums(xq + m * K, K, K, xsum + m);
 }
 
-/* The M x N int32 products of xq and the s8 weight w (K % 64 == 0), each 16 outputs of a
- * row handed to store(m, n, mask, acc) (mask: the columns < N). work: 64-byte aligned,
- * pq::w8a8_panel_work_bytes(M, K, n_threads) (the x row sums, then a panel a thread). */
+/* The M x N int32 products of xq and the s8 weight (K % 64 == 0), each 16 outputs of a
+ * row handed to store(m, n, mask, acc) (mask: the columns < N). The weight is w, converted
+ * into panels per call (work: 64-byte aligned, pq::w8a8_panel_work_bytes(M, K, n_threads):
+ * the x row sums, then a panel a thread), or, when w is null, `panels`: all of its panels,
+ * converted once at swap time (pq.h: pq_int8_dynamic_mm_panels; work: the x row sums). */
 template <class Store>
-inline void w8a8_panel_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N,
-                            void* work, int n_threads, Store store) {
+inline void w8a8_panel_gemm(const int8_t* xq, int64_t M, int64_t K, const int8_t* w,
+                            const uint8_t* panels, int64_t N, void* work, int n_threads,
+                            Store store) {
   int32_t* xsum = (int32_t*)work;
   for_each_panel<kPanelMaxT>(
-      M, N, n_threads, (uint8_t*)work + pq::align64(M * 4), pq::align64(kPanelRows * K),
+      M, N, n_threads, (uint8_t*)work + pq::align64(M * 4), w ? pq::align64(kPanelRows * K) : 0,
       [&](int64_t m) { w8a8_row_sum(xq, m, K, xsum); },
-      [&](uint8_t* pc, int64_t n0, int64_t nr) { w8a8_pack_panel(w, n0, nr, K, pc); },
-      [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+      [&](uint8_t* pc, int64_t n0, int64_t nr) -> const uint8_t* {
+        if (!w) return panels + n0 * K;
+        w8a8_pack_panel(w, n0, nr, K, pc);
+        return pc;
+      },
+      [&](const uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
         w8a8_panel_tile<decltype(T_)::value>(
             xq + m * K, xsum + m, K, pc, [&](int t, int v, __m512i acc) {
               if (const __mmask16 mask = panel_half_mask(nr, v)) store(m + t, n0 + 16 * v, mask, acc);
@@ -339,8 +344,11 @@ inline void w8a8_fx24_panel_mm(const int8_t* xq, const float* xs, int64_t M, int
       [&](int64_t m) {
         for (int j = 0; j < 3; ++j) w8a8_row_sum(xq, 3 * m + j, K, xsum);
       },
-      [&](uint8_t* pc, int64_t n0, int64_t nr) { w8a8_pack_panel(w, n0, nr, K, pc); },
-      [&](uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+      [&](uint8_t* pc, int64_t n0, int64_t nr) -> const uint8_t* {
+        w8a8_pack_panel(w, n0, nr, K, pc);
+        return pc;
+      },
+      [&](const uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
         w8a8_fx24_panel_tile<decltype(T_)::value>(xq + 3 * m * K, xsum + 3 * m, xs + 3 * m, K,
                                                   pc, w_scale, bias, n0, nr, N, out + m * N);
       });

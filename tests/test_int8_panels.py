@@ -1,0 +1,249 @@
+"""The CPU panel layout of int8 weights (pyquant/panels.py) and the op that multiplies it,
+torch.ops.pyquant.int8_dynamic_mm_panels: the layout's formula, exact round trips, the op
+bit for bit against int8_dynamic_mm on the canonical rows on every backend and ISA, and the
+W8A8 layer that keeps its weight in panels without letting the layout out of the layer."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pyquant
+from helpers import (
+    ACT_DTYPES,
+    activation,
+    backend_isa_params,
+    make_bias,
+    num_threads,
+    on_backend,
+    random_int8_weight,
+    run_op,
+)
+from pyquant import _native, panels, reference
+from pyquant.nn import Int8DynamicLinear
+
+BACKENDS = backend_isa_params()
+PANELS_HERE = _native.available() and panels.panel_layout_applies(32, 64, "cpu")
+needs_panels = pytest.mark.skipif(
+    not PANELS_HERE, reason="this CPU's kernels keep int8 weights in rows (no AVX512 panels)")
+
+
+def test_layout_formula():
+    """panels[p, j, h, i, c] = w[32p + 16h + i, 4j + c] + 128, entry by entry."""
+    n, k = 64, 128
+    w, _ = random_int8_weight(n, k)
+    got = panels.pack_int8(w).reshape(-1)
+    assert got.dtype == torch.uint8 and got.numel() == n * k
+    expected = torch.empty(n * k, dtype=torch.int64)
+    pos = 0
+    for p in range(n // 32):
+        for j in range(k // 4):
+            for h in range(2):
+                for i in range(16):
+                    for c in range(4):
+                        expected[pos] = int(w[32 * p + 16 * h + i, 4 * j + c]) + 128
+                        pos += 1
+    assert torch.equal(got.to(torch.int64), expected)
+
+
+@pytest.mark.parametrize("n,k", [(32, 64), (96, 192), (64, 1024)])
+def test_round_trip_exact(n, k):
+    w, _ = random_int8_weight(n, k, seed=n + k)
+    w[0, :2] = torch.tensor([-127, 127], dtype=torch.int8)
+    p = panels.pack_int8(w)
+    assert torch.equal(panels.unpack_int8(p), w)
+    # whole panels are whole rows of the [N, K] view: slicing them slices the weight
+    assert torch.equal(panels.unpack_int8(p[32:64]) if n > 32 else panels.unpack_int8(p),
+                       w[32:64] if n > 32 else w)
+
+
+@pytest.mark.parametrize("shape,dtype", [((40, 64), torch.int8), ((32, 96), torch.int8),
+                                         ((32, 64), torch.uint8), ((0, 64), torch.int8)])
+def test_pack_rejects_what_has_no_layout(shape, dtype):
+    with pytest.raises(ValueError, match="N % 32 == 0 and K % 64 == 0"):
+        panels.pack_int8(torch.zeros(shape, dtype=dtype))
+    assert not panels.shape_ok(*shape) or dtype != torch.int8
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [0, 1, 3, 5, 6, 7, 17, 40])
+@pytest.mark.parametrize("n,k", [(32, 64), (96, 192)])
+def test_op_equals_int8_dynamic_mm_on_rows(backend, isa, m, n, k):
+    """Bit for bit the canonical op's result (exact int32 sums, the same epilogue), with and
+    without bias, on 1 and 2 threads; ISAs without panel kernels run the unpacked rows."""
+    w, s = random_int8_weight(n, k, seed=m)
+    p = panels.pack_int8(w)
+    x = activation((m, k), seed=m) * 2
+    for bias in (None, make_bias(n, "fp32", torch.float32)):
+        expected = reference.int8_dynamic_mm(x, w, s, bias)
+        for t in (1, 2):
+            with num_threads(t):
+                got = run_op("int8_dynamic_mm_panels", backend, isa, x, (p, s), bias)
+            assert torch.equal(got, expected), (m, n, k, t, bias is None)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["col_slice", "transposed", "row_step", "3d"])
+def test_op_layouts_and_dtypes(backend, isa, dtype, layout):
+    n, k = 64, 128
+    w, s = random_int8_weight(n, k)
+    p = panels.pack_int8(w)
+    x = (activation((2, 3, k), dtype) if layout == "3d" else activation((17, k), dtype,
+                                                                         layout=layout))
+    b = make_bias(n, "x", dtype)
+    got = run_op("int8_dynamic_mm_panels", backend, isa, x, (p, s), b)
+    expected = run_op("int8_dynamic_mm", backend, isa, x, (w, s), b)
+    assert got.dtype == dtype and got.shape == (*x.shape[:-1], n)
+    assert torch.equal(got, expected)
+
+
+def test_op_misaligned_panels_still_right():
+    """A panels tensor whose data does not start on a 64-byte boundary (a view into a larger
+    buffer) is copied to an aligned one for the kernel's aligned loads."""
+    n, k = 32, 64
+    w, s = random_int8_weight(n, k)
+    raw = torch.empty(n * k + 1, dtype=torch.uint8)
+    p = raw[1:].view(n, k)
+    p.copy_(panels.pack_int8(w))
+    x = activation((3, k))
+    assert torch.equal(pyquant.ops.int8_dynamic_mm_panels(x, p, s, None),
+                       reference.int8_dynamic_mm(x, w, s, None))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda p, s: (p.view(torch.int8), s), "uint8"),
+    (lambda p, s: (p[:, :32].contiguous(), s), "multiple of 64"),
+    (lambda p, s: (torch.zeros(40, 64, dtype=torch.uint8), s), "multiple of 32"),
+    (lambda p, s: (p, s[:16]), "w_scale"),
+    (lambda p, s: (p[0], s), "2-D"),
+])
+def test_op_bad_input_is_a_clear_error(bad, match):
+    w, s = random_int8_weight(32, 64)
+    p = panels.pack_int8(w)
+    args = bad(p, s)
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.pyquant.int8_dynamic_mm_panels(activation((2, 64)), *args, None)
+
+
+def test_op_wrong_k_names_the_sizes():
+    w, s = random_int8_weight(32, 64)
+    with pytest.raises(ValueError, match="64"):
+        torch.ops.pyquant.int8_dynamic_mm_panels(activation((2, 128)), panels.pack_int8(w), s,
+                                                 None)
+
+
+# ------------------------------------------------------------------------------- the layer
+
+
+def _model(seed=0, n=96, k=128):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.GELU(), torch.nn.Linear(n, 40))
+
+
+def _rows_twin(model):
+    """The same quantized model with every W8A8 layer kept in canonical rows."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, Int8DynamicLinear):
+            m._to_rows()
+    return twin
+
+
+@needs_panels
+def test_layer_keeps_panels_only_where_they_apply():
+    model = _model()
+    pyquant.quantize_(model, pyquant.Int8Dynamic())
+    a, b = model[0], model[2]
+    assert a.weight_layout == "panels" and a.weight.dtype == torch.uint8
+    assert b.weight_layout == "rows" and b.weight.dtype == torch.int8  # N = 40: no whole panels
+    w, s = pyquant.formats.quantize_int8_per_channel(_model()[0].weight)
+    assert torch.equal(a.weight_int8(), w) and torch.equal(a.weight_scale, s)
+    x = activation((5, 128))
+    assert torch.equal(model(x), _rows_twin(model)(x))
+
+
+@needs_panels
+def test_layer_state_dict_and_checkpoint_hold_rows(tmp_path):
+    m = _model()
+    pyquant.quantize_(m, pyquant.Int8Dynamic())
+    sd = m.state_dict()
+    assert sd["0.weight"].dtype == torch.int8
+    assert torch.equal(sd["0.weight"], m[0].weight_int8())
+    assert m[0].weight_layout == "panels"  # state_dict did not change the layer
+    x = activation((4, 128))
+    y = m(x)
+    path = tmp_path / "m.safetensors"
+    pyquant.save(m, path)
+    loaded = pyquant.load(_model(seed=1), path)
+    assert loaded[0].weight_layout == "panels"
+    assert torch.equal(loaded(x), y)
+    twin = _model(seed=2)
+    pyquant.quantize_(twin, pyquant.Int8Dynamic())
+    twin.load_state_dict(sd)
+    assert twin[0].weight_layout == "panels" and torch.equal(twin(x), y)
+
+
+@needs_panels
+def test_layer_moves_and_copies():
+    m = _model()
+    pyquant.quantize_(m, pyquant.Int8Dynamic())
+    x = activation((3, 128))
+    y = m(x)
+    assert torch.equal(copy.deepcopy(m)(x), y)
+    m.to("meta")  # leaves the CPU: canonical rows go through the move
+    assert m[0].weight_layout == "rows" and m[0].weight.dtype == torch.int8
+    m2 = _model()
+    pyquant.quantize_(m2, pyquant.Int8Dynamic())
+    m2.bfloat16()  # integer buffers stay as they are; the layer stays in panels
+    assert m2[0].weight_layout == "panels"
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(m2(xb), _rows_twin(m2)(xb))
+
+
+@needs_panels
+@pytest.mark.parametrize("dim", [0, 1])
+def test_layer_shard_equals_shard_of_rows(dim):
+    m = _model(n=128)
+    pyquant.quantize_(m, pyquant.Int8Dynamic())
+    layer = m[0]
+    w = layer.weight_int8().clone()
+    for rank in range(2):
+        a = layer.shard(dim, rank, 2)
+        assert torch.equal(a.weight_int8(), w.narrow(dim, 64 * rank, 64))
+        assert a.weight_layout == "panels"  # 64 x 128 or 128 x 64: whole panels
+        x = activation((3, a.in_features))
+        assert torch.equal(a(x), reference.int8_dynamic_mm(x, a.weight_int8(), a.weight_scale,
+                                                           a.bias))
+    assert layer.weight_layout == "panels" and torch.equal(layer.weight_int8(), w)
+
+
+@needs_panels
+def test_layer_compile_autograd_and_reference_backend():
+    m = _model()
+    pyquant.quantize_(m, pyquant.Int8Dynamic())
+    x = activation((6, 128))
+    y = m(x)
+    assert torch.equal(torch.compile(m[0], fullgraph=True)(x), m[0](x))
+    with on_backend("reference"):
+        assert torch.equal(m(x), y)
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    _rows_twin(m)(xr).sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+
+
+@needs_panels
+def test_layer_on_an_isa_without_panels():
+    """A layer packed here and then run on the AVX2 or portable kernels (forced) unpacks for
+    the call: the same result."""
+    m = _model()
+    pyquant.quantize_(m, pyquant.Int8Dynamic())
+    x = activation((5, 128))
+    y = m(x)
+    for isa in ("avx2", "portable"):
+        if _native.module().isa_available(_native.ISA_NAMES.index(isa)):
+            with _native.use_isa(isa):
+                assert torch.equal(m(x), y)
