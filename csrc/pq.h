@@ -170,6 +170,24 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
                        const uint8_t* zeros, int64_t group_size, const float* bias, float* out,
                        void* work, int64_t work_bytes, int n_threads);
 
+/* The same product on the weight's panels, converted once when a layer is swapped in
+ * (AVX512 ISAs; K % 64 == 0, N % 32 == 0, group_size % 32 == 0). Layout, per panel p of
+ * 32 rows: codes, bytes [N/32][K/8][2][16][4], byte (p, j, h, i, c) = code[n, 8 j + c] |
+ * code[n, 8 j + 4 + c] << 4 with n = 32 p + 16 h + i (64-byte aligned); scales (float32,
+ * 64-byte aligned) and zeros (uint8), [N/32][K/G][32]: entry (p, g, r) is row 32 p + r's
+ * (pyquant/panels.py packs and unpacks them). work: 64-byte aligned,
+ * pq_int4_panels_workspace_bytes(M, K, group_size). Returns PQ_ERR_ISA on an ISA without
+ * these kernels. From M = 8 the results equal pq_int4_dynamic_mm's bit for bit (the same
+ * panel arithmetic); below, its GEMV sums the groups in another order. */
+int pq_int4_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                              int64_t K, const uint8_t* panels, int64_t N, const float* scales,
+                              const uint8_t* zeros, int64_t group_size, const float* bias,
+                              float* out, void* work, int64_t work_bytes, int n_threads);
+int64_t pq_int4_panels_workspace_bytes(int64_t M, int64_t K, int64_t group_size);
+/* 1 when W4A8 layers of these sizes should keep their weight in that layout on this ISA
+ * (as pq_int8_panel_layout). */
+int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size);
+
 /* out[m,n] = sum_k x[m,k] * scales[n,k/G] * (code[n,k] - zeros[n,k/G]) + bias[n]
  * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). Each weight is
  * dequantized to float32 as (float)(code - zero) * scale and x * w accumulated

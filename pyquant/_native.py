@@ -487,6 +487,64 @@ def _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bia
         _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
 
 
+def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size, bias, out):
+    """_int4_codes_mm on a weight in the CPU panel layout (pyquant/panels.py); an ISA
+    without the panel kernels runs the canonical tensors, unpacked for this call."""
+    n = codes.shape[0]
+    if isa < ISA_NAMES.index("avx512_vnni"):
+        from . import panels as _panels
+
+        return _int4_codes_mm(isa, pxq, pxs, m, k,
+                              *_panels.unpack_int4(codes, scales, zeros, group_size), group_size,
+                              bias, out)
+    if codes.data_ptr() % 64 or not codes.is_contiguous():  # the kernel's aligned loads
+        codes = _aligned_copy(codes)
+    if scales.data_ptr() % 64 or not scales.is_contiguous():
+        scales = _aligned_copy(scales)
+    zp = zeros.contiguous()
+    b = _bias_f32(bias)
+    nwork = module().int4_panels_workspace_bytes(m, k, group_size)
+    work = _work("int4dyn", max(nwork, 64))
+    st = module().int4_dynamic_mm_panels(isa, pxq, pxs, m, k, _ptr(codes), n, _ptr(scales),
+                                         _ptr(zp), group_size, _ptr(b), _ptr(out), _threads(),
+                                         _ptr(work), nwork)
+    if st:
+        _raise("int4_dynamic_mm_panels", st, M=m, N=n, K=k, group_size=group_size)
+
+
+def _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias=None):
+    n, k = codes.shape[0], codes.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = _out(m, n, x.dtype)
+    if m:
+        isa = current_isa()
+        pxq, pxs, *_keep = _quantize_into(x2, isa)
+        _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size, bias, out)
+    return _finish(out, x, lead, n)
+
+
+def int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias=None):
+    _checks.check_int4_panels_mm("int4_dynamic_mm_panels", x, codes, scales, zeros, group_size,
+                                 bias)
+    _require_cpu("int4_dynamic_mm_panels", x)
+    return _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias)
+
+
+def int4_codes_mm_panels(xq, x_scale, codes, scales, zeros, group_size, bias=None):
+    """int4_codes_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
+    _checks.check_int4_panels_mm("int4_codes_mm_panels",
+                                 _check_codes("int4_codes_mm_panels", xq, x_scale), codes,
+                                 scales, zeros, group_size, bias)
+    m, k = xq.shape
+    out = torch.empty((m, codes.shape[0]), dtype=torch.float32)
+    if m:
+        xq, xs = xq.contiguous(), x_scale.contiguous()
+        _int4_panels_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, codes, scales, zeros,
+                              group_size, bias, out)
+    return out
+
+
 def _run_int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     lead, x2 = _flat(x, n)

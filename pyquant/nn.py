@@ -1,7 +1,9 @@
 """Quantized linear layers. Each is built from a float ``nn.Linear`` by ``from_float`` (pure
 PyTorch quantization from ``formats``), keeps its tensors as plain buffers in the canonical
 formats (so ``state_dict`` round-trips exactly and checkpoints are backend-neutral) and runs
-``forward`` as one ``torch.ops.pyquant.*`` call."""
+``forward`` as one ``torch.ops.pyquant.*`` call. The dynamic layers (W8A8, W4A8) on CPUs whose
+kernels take it keep their weight buffers in the CPU panel layout instead (``_PanelLayout``,
+``pyquant.panels``), and give the canonical formats back wherever the weight leaves them."""
 from __future__ import annotations
 
 import math
@@ -205,6 +207,90 @@ class _QuantLinearBase(nn.Module):
         return new
 
 
+class _PanelLayout:
+    """Mixin of the dynamic layers (W8A8, W4A8) that keep their weight in the CPU backend's
+    panel layout (``pyquant.panels``) where the native kernels run fastest from it (AVX512
+    without AMX, whole 32-row panels): the panels are then converted once, here, instead of
+    on every call. ``weight_layout`` says which: "rows" (the canonical buffers) or "panels"
+    (the same bytes, reordered). The layout never leaves the layer: ``state_dict`` (and so
+    checkpoints), ``shard`` and moves to another device get the canonical buffers, and
+    ``canonical(name)`` returns one."""
+
+    #: "rows": the buffers of _PANEL_BUFFERS hold the canonical formats; "panels": the layout.
+    weight_layout = "rows"
+    _PANEL_BUFFERS: tuple = ()
+
+    def _panel_layout_applies(self, device) -> bool:
+        raise NotImplementedError
+
+    def _panels_from_rows(self, bufs: tuple) -> tuple:
+        raise NotImplementedError
+
+    def _rows_from_panels(self, bufs: tuple) -> tuple:
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, *args, **kwargs):
+        return super().from_float(*args, **kwargs)._pack_if_fast()
+
+    def canonical(self, name: str) -> torch.Tensor:
+        """Buffer ``name`` in its canonical format, whatever the layout it is kept in."""
+        if self.weight_layout == "panels" and name in self._PANEL_BUFFERS:
+            bufs = self._rows_from_panels(tuple(self._buffers[n] for n in self._PANEL_BUFFERS))
+            return bufs[self._PANEL_BUFFERS.index(name)]
+        return getattr(self, name)
+
+    def _pack_if_fast(self):
+        bufs = tuple(self._buffers.get(n) for n in self._PANEL_BUFFERS)
+        if (self.weight_layout == "rows" and all(b is not None for b in bufs)
+                and self._panel_layout_applies(bufs[0].device)):
+            for n, t in zip(self._PANEL_BUFFERS, self._panels_from_rows(bufs)):
+                self._buffers[n] = t
+            self.weight_layout = "panels"
+        return self
+
+    def _to_rows(self) -> bool:
+        """The canonical buffers in place again; True when they were in panels."""
+        if self.weight_layout != "panels":
+            return False
+        bufs = self._rows_from_panels(tuple(self._buffers[n] for n in self._PANEL_BUFFERS))
+        for n, t in zip(self._PANEL_BUFFERS, bufs):
+            self._buffers[n] = t
+        self.weight_layout = "rows"
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_layout == "panels":  # checkpoints hold the canonical formats
+            bufs = self._rows_from_panels(tuple(self._buffers[n] for n in self._PANEL_BUFFERS))
+            for n, t in zip(self._PANEL_BUFFERS, bufs):
+                destination[prefix + n] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._to_rows()  # the canonical buffers that the checkpoint's tensors load into
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._pack_if_fast()
+
+    def _apply(self, fn, recurse=True):
+        # fn keeps a CPU integer tensor as it is (a float cast, share_memory): the layout stays;
+        # otherwise (another device, meta) the canonical buffers go through it
+        if self.weight_layout == "panels":
+            probe = fn(torch.empty(0, dtype=torch.uint8))
+            if probe.device.type != "cpu" or probe.dtype != torch.uint8:
+                self._to_rows()
+        super()._apply(fn, recurse)
+        return self._pack_if_fast()
+
+    def shard(self, dim: int, rank: int, world: int):
+        packed = self._to_rows()
+        try:
+            new = super().shard(dim, rank, world)
+        finally:
+            if packed:
+                self._pack_if_fast()
+        return new._pack_if_fast()
+
+
 class Int8WeightOnlyLinear(_QuantLinearBase):
     """int8 weights, symmetric per output channel; float activations."""
 
@@ -255,72 +341,22 @@ def _native_codes(op: str, xq: torch.Tensor) -> bool:
     return xq.device.type == "cpu" and _ops.select(op, xq.device).name == "cpu"
 
 
-class Int8DynamicLinear(Int8WeightOnlyLinear):
+class Int8DynamicLinear(_PanelLayout, Int8WeightOnlyLinear):
     """W8A8: int8 per-channel weights, int8 per-token activations quantized at run time.
-
-    On CPUs whose native W8A8 kernels run from 32-row weight panels (AVX512 without AMX;
-    ``pyquant.panels``), the layer keeps ``weight`` in that layout (uint8, the same bytes;
-    ``weight_layout == "panels"``) instead of converting the panels on every call. The
-    canonical int8 rows come back wherever the weight leaves the layer: ``state_dict`` and
-    checkpoints, ``shard``, a move to another device or dtype, and ``weight_int8()``."""
+    On CPUs whose kernels take it, ``weight`` is kept in the panel layout (``_PanelLayout``)."""
 
     config_cls = Int8Dynamic
     quantizes_activation_rows = True
-    #: "rows": ``weight`` holds the canonical int8 [N, K]; "panels": the CPU panel layout.
-    weight_layout = "rows"
+    _PANEL_BUFFERS = ("weight",)
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, config: Optional[QuantConfig] = None,
-                   row_amax: Optional[torch.Tensor] = None):
-        return super().from_float(linear, config, row_amax)._pack_if_fast()
+    def _panel_layout_applies(self, device) -> bool:
+        return _panels.panel_layout_applies(self.out_features, self.in_features, device)
 
-    def weight_int8(self) -> torch.Tensor:
-        """The canonical int8 weight [N, K], whatever the layout it is kept in."""
-        w = self.weight
-        return _panels.unpack_int8(w) if self.weight_layout == "panels" else w
+    def _panels_from_rows(self, bufs: tuple) -> tuple:
+        return (_panels.pack_int8(bufs[0]),)
 
-    def _pack_if_fast(self) -> "Int8DynamicLinear":
-        w = self._buffers.get("weight")
-        if (self.weight_layout == "rows" and w is not None and w.dtype == torch.int8
-                and _panels.panel_layout_applies(self.out_features, self.in_features, w.device)):
-            self._buffers["weight"] = _panels.pack_int8(w)
-            self.weight_layout = "panels"
-        return self
-
-    def _to_rows(self) -> bool:
-        """Canonical rows in ``weight`` again; True when it was in panels."""
-        if self.weight_layout != "panels":
-            return False
-        self._buffers["weight"] = _panels.unpack_int8(self._buffers["weight"])
-        self.weight_layout = "rows"
-        return True
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight_layout == "panels":  # checkpoints hold the canonical format
-            destination[prefix + "weight"] = self.weight_int8()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._to_rows()  # the canonical buffer that the checkpoint's weight loads into
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._pack_if_fast()
-
-    def _apply(self, fn, recurse=True):
-        # the rows go through fn (another device, share_memory, ...); back in panels if on CPU
-        packed = self._to_rows()
-        super()._apply(fn, recurse)
-        if packed:
-            self._pack_if_fast()
-        return self
-
-    def shard(self, dim: int, rank: int, world: int) -> "Int8DynamicLinear":
-        packed = self._to_rows()
-        try:
-            new = super().shard(dim, rank, world)
-        finally:
-            if packed:
-                self._pack_if_fast()
-        return new._pack_if_fast()
+    def _rows_from_panels(self, bufs: tuple) -> tuple:
+        return (_panels.unpack_int8(bufs[0]),)
 
     def _codes_mm(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         # Given activation codes (the ops quantize x themselves): exact int32 products through
@@ -333,7 +369,7 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
                 return _native.int8_codes_mm_panels(xq, xs, self.weight, self.weight_scale)
         elif _native_codes("int8_dynamic_mm", xq):
             return _native.int8_codes_mm(xq, xs, self.weight, self.weight_scale)
-        w = self.weight_int8()
+        w = self.canonical("weight")
         m, (n, k) = xq.shape[0], w.shape
         cuda = xq.device.type == "cuda"
         if hasattr(torch, "_int_mm") and (m > 16 and k % 8 == 0 and n % 8 == 0 if cuda
@@ -444,11 +480,23 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         )
 
 
-class Int4DynamicLinear(Int4WeightOnlyLinear):
+class Int4DynamicLinear(_PanelLayout, Int4WeightOnlyLinear):
     """W4A8: int4 group-wise weights (the buffers of Int4WeightOnlyLinear), int8 per-token
-    activations quantized at run time (torch.ops.pyquant.int4_dynamic_mm)."""
+    activations quantized at run time (torch.ops.pyquant.int4_dynamic_mm). On CPUs whose
+    kernels take it, the three weight buffers are kept in the panel layout (``_PanelLayout``)."""
 
     config_cls = Int4Dynamic
+    _PANEL_BUFFERS = ("weight_packed", "weight_scales", "weight_zeros")
+
+    def _panel_layout_applies(self, device) -> bool:
+        return _panels.int4_panel_layout_applies(self.out_features, self.in_features,
+                                                 self.group_size, device)
+
+    def _panels_from_rows(self, bufs: tuple) -> tuple:
+        return _panels.pack_int4(*bufs, self.group_size)
+
+    def _rows_from_panels(self, bufs: tuple) -> tuple:
+        return _panels.unpack_int4(*bufs, self.group_size)
 
     @property
     def config(self):
@@ -468,20 +516,24 @@ class Int4DynamicLinear(Int4WeightOnlyLinear):
         # the op's integer arithmetic up to the fp32 order of group scales and sums. Slower than
         # int4_dynamic_mm's int8 units at large M, so the native kernel takes the codes where
         # it runs.
-        if _native_codes("int4_dynamic_mm", xq):
-            return _native.int4_codes_mm(xq, xs, self.weight_packed, self.weight_scales,
-                                         self.weight_zeros, self.group_size)
+        w = (self.weight_packed, self.weight_scales, self.weight_zeros)
+        if self.weight_layout == "panels":
+            if _native_codes("int4_dynamic_mm_panels", xq):
+                return _native.int4_codes_mm_panels(xq, xs, *w, self.group_size)
+            w = tuple(self.canonical(n) for n in self._PANEL_BUFFERS)
+        elif _native_codes("int4_dynamic_mm", xq):
+            return _native.int4_codes_mm(xq, xs, *w, self.group_size)
         return _ops.call(
-            "int4_weight_only_mm", xq.to(torch.float32), self.weight_packed, self.weight_scales,
-            self.weight_zeros, self.group_size, None,
+            "int4_weight_only_mm", xq.to(torch.float32), *w, self.group_size, None,
         ) * xs[:, None]
 
     def forward(self, x: torch.Tensor, act_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
         if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
             return self._forward_act_amax(x, act_amax, self._codes_mm)
+        op = "int4_dynamic_mm_panels" if self.weight_layout == "panels" else "int4_dynamic_mm"
         return _ops.call(
-            "int4_dynamic_mm", self._scale_input(x), self.weight_packed, self.weight_scales,
-            self.weight_zeros, self.group_size, self.bias,
+            op, self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
+            self.group_size, self.bias,
         )
 
 

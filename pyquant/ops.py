@@ -33,8 +33,8 @@ import torch
 from . import _checks, _native, reference
 
 OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dynamic_mm",
-       # int8_dynamic_mm on the CPU backend's panel layout of the weight (pyquant/panels.py)
-       "int8_dynamic_mm_panels")
+       # the dynamic ops on the CPU backend's panel layout of the weight (pyquant/panels.py)
+       "int8_dynamic_mm_panels", "int4_dynamic_mm_panels")
 # Sparse ops (pyquant/sparse_formats.py): native on CPU (csrc/cpu/sparse.cpp), the reference
 # elsewhere; a backend registers an op when it has it (hasattr below).
 SPARSE_OPS = ("sparse24_mm", "sparse_unstructured_mm", "sparse24_int8_mm", "sparse24_int4_mm")
@@ -350,6 +350,29 @@ def _(x, w_packed, scales, zeros, group_size, bias):
     return _out_like(x, w_packed.shape[0])
 
 
+@_custom_op("int4_dynamic_mm_panels")
+def int4_dynamic_mm_panels(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """int4_dynamic_mm with the weight in the CPU panel layout (pyquant/panels.py): the
+    canonical tensors' shapes and bytes, reordered once when the layer was swapped in."""
+    _checks.check_int4_panels_mm("int4_dynamic_mm_panels", x, codes, scales, zeros, group_size,
+                                 bias)
+    return _run("int4_dynamic_mm_panels", x, codes, scales, zeros, group_size, bias)
+
+
+@int4_dynamic_mm_panels.register_fake
+def _(x, codes, scales, zeros, group_size, bias):
+    _checks.check_int4_panels_mm("int4_dynamic_mm_panels", x, codes, scales, zeros, group_size,
+                                 bias)
+    return _out_like(x, codes.shape[0])
+
+
 # ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
 
 
@@ -434,7 +457,8 @@ _GRAD_ROWS = 1024
 
 def _weight_rows(name: str, wargs: list, n0: int, n1: int) -> list:
     """The op's weight arguments for output rows n0..n1-1: every tensor is per row except the
-    unstructured values, which are cut by their row offsets."""
+    unstructured values, which are cut by their row offsets. (The panel layouts hold whole
+    rows per 32-row panel, and _GRAD_ROWS is a multiple of 32.)"""
     if name == "sparse_unstructured_mm":
         bitmask, values, off = wargs
         return [bitmask[n0:n1], values[int(off[n0]):int(off[n1])], off[n0:n1 + 1] - off[n0]]

@@ -1,4 +1,5 @@
-"""The CPU backend's own layout of int8 weights: 32-row panels, packed once at swap time.
+"""The CPU backend's own layout of int8 and int4 weights: 32-row panels, packed once at swap
+time.
 
 The W8A8 kernels of the AVX512 ISAs (csrc/cpu/tile_vnni_panel.h) run with their dword
 lanes along N: each step of 4 k multiplies 32 weight rows by one broadcast of 4 x codes.
@@ -16,6 +17,17 @@ Layout (N % 32 == 0, K % 64 == 0), uint8 [N, K] holding the bytes [N/32][K/4][2]
 so panel p is rows 32 p .. 32 p + 31 of the [N, K] view (slicing whole panels is slicing
 rows), and within it the 4 codes of k = 4j .. 4j + 3 of 16 rows are one 64-byte vector:
 u8 operands for the u8 x s8 dot product (w >= -127, so w + 128 fits).
+
+``Int4DynamicLinear`` (W4A8) keeps its int4 weight the same way (N % 32 == 0, K % 64 == 0,
+group size G % 32 == 0), in the bytes of the canonical format: codes uint8 [N, K/2] holding
+[N/32][K/8][2][16][4] bytes, and the scales (float32) and zero points (uint8) [N, K/G]
+holding [N/32][K/G][32]:
+
+    codes[p, j, h, i, c] = code[n, 8 j + c] | code[n, 8 j + 4 + c] << 4,  n = 32 p + 16 h + i
+    scales[p, g, r] = scales[32 p + r, g]      (zeros likewise)
+
+One 64-byte load then holds 8 k of 16 rows, its low nibbles k = 8j .. 8j + 3 and its high
+ones 8j + 4 .. 8j + 7, and a group's 32 scales are two vectors.
 """
 from __future__ import annotations
 
@@ -50,6 +62,58 @@ def unpack_int8(panels: torch.Tensor) -> torch.Tensor:
     return (p.contiguous().view(n, k) ^ 0x80).view(torch.int8)
 
 
+def _check_int4(what, codes, scales, zeros, group_size):
+    n, half = codes.shape if codes.dim() == 2 else (0, 0)
+    ok = (codes.dtype == torch.uint8 and codes.dim() == 2 and isinstance(group_size, int)
+          and group_size > 0 and group_size % 32 == 0 and shape_ok(n, 2 * half)
+          and (2 * half) % group_size == 0
+          and scales.shape == (n, 2 * half // group_size) and scales.dtype == torch.float32
+          and zeros.shape == scales.shape and zeros.dtype == torch.uint8)
+    if not ok:
+        raise ValueError(
+            f"{what} takes codes uint8 [N, K/2], scales float32 and zeros uint8 [N, K/G] with "
+            f"N % {ROWS} == 0, K % {K_ALIGN} == 0 and G % 32 == 0, got codes {codes.dtype} "
+            f"{tuple(codes.shape)}, scales {scales.dtype} {tuple(scales.shape)}, zeros "
+            f"{zeros.dtype} {tuple(zeros.shape)}, group_size={group_size!r}")
+
+
+def _groups_to_panels(t: torch.Tensor) -> torch.Tensor:
+    n, ng = t.shape
+    return t.reshape(n // ROWS, ROWS, ng).transpose(1, 2).contiguous().view(n, ng)
+
+
+def _groups_from_panels(t: torch.Tensor) -> torch.Tensor:
+    n, ng = t.shape
+    return t.contiguous().view(n // ROWS, ng, ROWS).transpose(1, 2).reshape(n, ng)
+
+
+def pack_int4(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int) -> tuple:
+    """Canonical int4 (formats.pack_int4's bytes, scales, zeros) -> the panel layout above:
+    (codes uint8 [N, K/2], scales float32 [N, K/G], zeros uint8 [N, K/G])."""
+    from . import formats
+
+    _check_int4("pack_int4", w_packed, scales, zeros, group_size)
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    c = formats.unpack_int4(w_packed.contiguous()).reshape(n // ROWS, 2, 16, k // 8, 2, 4)
+    c = c.permute(0, 3, 1, 2, 5, 4)  # (p, j, h, i, c, low/high)
+    codes = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(n, k // 2)
+    return codes, _groups_to_panels(scales), _groups_to_panels(zeros)
+
+
+def unpack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> tuple:
+    """The int4 panel layout -> canonical (w_packed, scales, zeros); the exact inverse."""
+    from . import formats
+
+    _check_int4("unpack_int4", codes, scales, zeros, group_size)
+    n, k = codes.shape[0], 2 * codes.shape[1]
+    b = codes.contiguous().view(n // ROWS, k // 8, 2, 16, 4)
+    c = torch.stack((b & 0x0F, b >> 4), dim=-1)  # (p, j, h, i, c, low/high)
+    c = c.permute(0, 2, 3, 1, 5, 4).reshape(n, k)
+    return formats.pack_int4(c), _groups_from_panels(scales), _groups_from_panels(zeros)
+
+
 def panel_layout_applies(n: int, k: int, device) -> bool:
     """True when a W8A8 layer of out_features n, in_features k on ``device`` should keep
     its weight in panels: CPU tensors, the native library loaded, an ISA whose kernels run
@@ -59,3 +123,12 @@ def panel_layout_applies(n: int, k: int, device) -> bool:
     if torch.device(device).type != "cpu" or not shape_ok(n, k) or not _native.available():
         return False
     return bool(_native.module().int8_panel_layout(_native.current_isa(), k, n))
+
+
+def int4_panel_layout_applies(n: int, k: int, group_size: int, device) -> bool:
+    """As panel_layout_applies, for a W4A8 layer of group size ``group_size``."""
+    from . import _native
+
+    if torch.device(device).type != "cpu" or not shape_ok(n, k) or not _native.available():
+        return False
+    return bool(_native.module().int4_panel_layout(_native.current_isa(), k, n, group_size))

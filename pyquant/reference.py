@@ -66,6 +66,12 @@ def int4_dynamic_mm(x, w_packed, scales, zeros, group_size: int, bias=None):
     return out.to(x.dtype).reshape(*lead, n)
 
 
+def int4_dynamic_mm_panels(x, codes, scales, zeros, group_size: int, bias=None):
+    """int4_dynamic_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
+    return int4_dynamic_mm(x, *_panels.unpack_int4(codes, scales, zeros, group_size),
+                           group_size, bias)
+
+
 # ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
 # The weight is decompressed to dense float32 (exactly: every kept value lands at its column,
 # zeros elsewhere) and multiplied as the dense ops above.
@@ -103,6 +109,10 @@ def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:
         return formats.dequantize_int8_per_channel(_panels.unpack_int8(panels), w_scale)
     if op in ("int4_weight_only_mm", "int4_dynamic_mm"):
         return formats.dequantize_int4_groupwise(*wargs)
+    if op == "int4_dynamic_mm_panels":
+        codes, scales, zeros, group_size = wargs
+        return formats.dequantize_int4_groupwise(
+            *_panels.unpack_int4(codes, scales, zeros, group_size), group_size)
     if op == "sparse24_mm":
         values, meta = wargs
         return _sf.decompress_24(values.to(torch.float32), meta)

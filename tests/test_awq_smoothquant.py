@@ -188,9 +188,9 @@ def test_input_scale_layers_on_every_backend(scaled_layers, scheme, backend, isa
     x = torch.randn(6, layer.in_features) * 3
     op = {"int4_weight_only": "int4_weight_only_mm", "int8_weight_only": "int8_weight_only_mm",
           "int8_dynamic": "int8_dynamic_mm"}[scheme]
-    args = ((layer.weight_packed, layer.weight_scales, layer.weight_zeros, layer.group_size)
-            if scheme.startswith("int4")
-            else (getattr(layer, "weight_int8", lambda: layer.weight)(), layer.weight_scale))
+    sd = layer.state_dict()  # the canonical tensors, whatever layout the layer keeps them in
+    args = ((sd["weight_packed"], sd["weight_scales"], sd["weight_zeros"], layer.group_size)
+            if scheme.startswith("int4") else (sd["weight"], sd["weight_scale"]))
     expected = getattr(reference, op)(x * layer.input_scale, *args, layer.bias)
     with on_backend(backend, isa):
         got = layer(x)

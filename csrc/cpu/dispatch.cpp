@@ -342,6 +342,37 @@ int pq_int8_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, i
   return PQ_OK;
 }
 
+int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size) {
+  return pq_int8_panel_layout(isa, K, N) && table(isa)->int4_dynamic_mm_panels &&
+         group_size > 0 && group_size % 32 == 0 && K % group_size == 0;
+}
+
+int64_t pq_int4_panels_workspace_bytes(int64_t M, int64_t K, int64_t group_size) {
+  if (M < 0 || K <= 0 || group_size <= 0 || K % group_size || too_big(M, K)) return -1;
+  return pq::int4_panels_work_bytes(M, K, group_size);
+}
+
+int pq_int4_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                              int64_t K, const uint8_t* panels, int64_t N, const float* scales,
+                              const uint8_t* zeros, int64_t group_size, const float* bias,
+                              float* out, void* work, int64_t work_bytes, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t || !t->int4_dynamic_mm_panels) return PQ_ERR_ISA;
+  const int64_t G = group_size;
+  if (M < 0 || K <= 0 || N <= 0 || K % 64 || N % 32 || G <= 0 || G % 32 || K % G ||
+      too_big(M, K) || too_big(N, K) || too_big(M, N) || missing(xq, M * K) ||
+      missing(x_scale, M) || missing(panels, N * K / 2) || ((uintptr_t)panels & 63) ||
+      missing(scales, N * (K / G)) || missing(zeros, N * (K / G)) || ((uintptr_t)scales & 63) ||
+      missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0) return PQ_OK;
+  if (!work || ((uintptr_t)work & 63) || work_bytes < pq::int4_panels_work_bytes(M, K, G))
+    return PQ_ERR_ARG;
+  t->int4_dynamic_mm_panels(xq, x_scale, M, K, panels, N, scales, zeros, G, bias, out, work,
+                            threads(n_threads));
+  return PQ_OK;
+}
+
 int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size) {
   return isa >= PQ_ISA_AVX512_VNNI && table(isa) && group_size > 0 && K > 0 &&
          K % group_size == 0 && pq::int4wo_fixed_applies(M, K, group_size, isa == PQ_ISA_AVX512_AMX);

@@ -256,6 +256,17 @@ void int8_dynamic_mm_panels(const int8_t* xq, const float* x_scale, int64_t M, i
 }
 #endif
 
+#if defined(PQ_SIMD_AVX512)
+/* int4_dynamic_mm on panels packed at swap time (pq.h), at every M. work: 64-byte aligned,
+ * the x rows' group sums. */
+void int4_dynamic_mm_panels(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                            const uint8_t* panels, int64_t N, const float* scales,
+                            const uint8_t* zeros, int64_t G, const float* bias, float* out,
+                            void* work, int n_threads) {
+  w4a8_panels_mm(xq, x_scale, M, K, panels, N, scales, zeros, G, bias, out, work, n_threads);
+}
+#endif
+
 void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                      float* out, void* work, int64_t work_bytes, int n_threads) {
@@ -532,9 +543,9 @@ extern const pq::KernelTable kKernels = {
     int8_weight_only_mm, quantize_rows_int8, int8_gemm_s32, int8_dynamic_mm, int4_weight_only_mm,
     int4_dynamic_mm,
 #if defined(PQ_SIMD_AVX512)
-    int8_dynamic_mm_panels,
+    int8_dynamic_mm_panels, int4_dynamic_mm_panels,
 #else
-    nullptr,
+    nullptr, nullptr,
 #endif
 };
 

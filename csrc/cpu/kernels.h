@@ -43,6 +43,10 @@ inline int64_t w8a8_panel_work_bytes(int64_t M, int64_t K, int threads) {
 }
 /* The same on panels converted at swap time: the x row sums only. */
 inline int64_t int8_panels_work_bytes(int64_t M) { return align64(M * 4); }
+/* W4A8 on panels converted at swap time: the x rows' group sums only. */
+inline int64_t int4_panels_work_bytes(int64_t M, int64_t K, int64_t G) {
+  return align64(M * (K / G) * 4);
+}
 
 /* int4 and int8 weight-only on the AVX512-BF16 build (no AMX) for activations that are
  * bf16 values (tile_bf16_panel.h): from this many rows, G % 32 == 0 (int8: G = K, one
@@ -254,6 +258,12 @@ struct KernelTable {
   void (*int8_dynamic_mm_panels)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                                  const uint8_t* panels, int64_t N, const float* w_scale,
                                  const float* bias, float* out, void* work, int n_threads);
+  /* AVX512 builds (else null): int4_dynamic_mm on the weight's panels (pq.h,
+   * pq_int4_dynamic_mm_panels); work: 64-byte aligned, int4_panels_work_bytes(M, K, G) */
+  void (*int4_dynamic_mm_panels)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                                 const uint8_t* panels, int64_t N, const float* scales,
+                                 const uint8_t* zeros, int64_t group_size, const float* bias,
+                                 float* out, void* work, int n_threads);
 };
 
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also

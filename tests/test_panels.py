@@ -159,7 +159,7 @@ def test_layer_keeps_panels_only_where_they_apply():
     assert a.weight_layout == "panels" and a.weight.dtype == torch.uint8
     assert b.weight_layout == "rows" and b.weight.dtype == torch.int8  # N = 40: no whole panels
     w, s = pyquant.formats.quantize_int8_per_channel(_model()[0].weight)
-    assert torch.equal(a.weight_int8(), w) and torch.equal(a.weight_scale, s)
+    assert torch.equal(a.canonical("weight"), w) and torch.equal(a.weight_scale, s)
     x = activation((5, 128))
     assert torch.equal(model(x), _rows_twin(model)(x))
 
@@ -170,7 +170,7 @@ def test_layer_state_dict_and_checkpoint_hold_rows(tmp_path):
     pyquant.quantize_(m, pyquant.Int8Dynamic())
     sd = m.state_dict()
     assert sd["0.weight"].dtype == torch.int8
-    assert torch.equal(sd["0.weight"], m[0].weight_int8())
+    assert torch.equal(sd["0.weight"], m[0].canonical("weight"))
     assert m[0].weight_layout == "panels"  # state_dict did not change the layer
     x = activation((4, 128))
     y = m(x)
@@ -208,15 +208,15 @@ def test_layer_shard_equals_shard_of_rows(dim):
     m = _model(n=128)
     pyquant.quantize_(m, pyquant.Int8Dynamic())
     layer = m[0]
-    w = layer.weight_int8().clone()
+    w = layer.canonical("weight").clone()
     for rank in range(2):
         a = layer.shard(dim, rank, 2)
-        assert torch.equal(a.weight_int8(), w.narrow(dim, 64 * rank, 64))
+        assert torch.equal(a.canonical("weight"), w.narrow(dim, 64 * rank, 64))
         assert a.weight_layout == "panels"  # 64 x 128 or 128 x 64: whole panels
         x = activation((3, a.in_features))
-        assert torch.equal(a(x), reference.int8_dynamic_mm(x, a.weight_int8(), a.weight_scale,
+        assert torch.equal(a(x), reference.int8_dynamic_mm(x, a.canonical("weight"), a.weight_scale,
                                                            a.bias))
-    assert layer.weight_layout == "panels" and torch.equal(layer.weight_int8(), w)
+    assert layer.weight_layout == "panels" and torch.equal(layer.canonical("weight"), w)
 
 
 @needs_panels
@@ -247,3 +247,156 @@ def test_layer_on_an_isa_without_panels():
         if _native.module().isa_available(_native.ISA_NAMES.index(isa)):
             with _native.use_isa(isa):
                 assert torch.equal(m(x), y)
+
+
+# ------------------------------------------------------------------------- int4 (W4A8) panels
+
+needs_int4_panels = pytest.mark.skipif(
+    not (_native.available() and panels.int4_panel_layout_applies(32, 64, 32, "cpu")),
+    reason="this CPU's kernels keep int4 weights in rows (no AVX512 panels)")
+
+
+def _int4_weight(n, k, g, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, k // g, generator=gen) / 8 + 1e-3
+    zeros = torch.randint(0, 16, (n, k // g), generator=gen, dtype=torch.uint8)
+    return pyquant.formats.pack_int4(codes), scales, zeros, codes
+
+
+def test_int4_layout_formula():
+    """codes[p, j, h, i, c] = code[n, 8j + c] | code[n, 8j + 4 + c] << 4 (n = 32p + 16h + i);
+    scales and zeros [p, g, r] = row 32p + r's group g: entry by entry."""
+    n, k, g = 64, 128, 32
+    wp, sc, zp, codes = _int4_weight(n, k, g)
+    pc, ps, pz = panels.pack_int4(wp, sc, zp, g)
+    assert pc.shape == wp.shape and ps.shape == sc.shape and pz.shape == zp.shape
+    b = pc.view(n // 32, k // 8, 2, 16, 4)
+    for p in range(n // 32):
+        for j in range(k // 8):
+            for h in range(2):
+                for i in range(16):
+                    r = 32 * p + 16 * h + i
+                    for c in range(4):
+                        assert int(b[p, j, h, i, c]) == (int(codes[r, 8 * j + c])
+                                                         | int(codes[r, 8 * j + 4 + c]) << 4)
+    s3, z3 = ps.view(n // 32, k // g, 32), pz.view(n // 32, k // g, 32)
+    for p in range(n // 32):
+        for gi in range(k // g):
+            assert torch.equal(s3[p, gi], sc[32 * p:32 * p + 32, gi])
+            assert torch.equal(z3[p, gi], zp[32 * p:32 * p + 32, gi])
+
+
+@pytest.mark.parametrize("n,k,g", [(32, 64, 32), (96, 256, 64), (64, 512, 256)])
+def test_int4_round_trip_exact(n, k, g):
+    wp, sc, zp, _ = _int4_weight(n, k, g, seed=k)
+    back = panels.unpack_int4(*panels.pack_int4(wp, sc, zp, g), g)
+    assert all(torch.equal(a, b) for a, b in zip(back, (wp, sc, zp)))
+
+
+def test_int4_pack_rejects_what_has_no_layout():
+    wp, sc, zp, _ = _int4_weight(40, 64, 32)
+    with pytest.raises(ValueError, match="N % 32 == 0"):
+        panels.pack_int4(wp, sc, zp, 32)
+    wp, sc, zp, _ = _int4_weight(32, 64, 32)
+    with pytest.raises(ValueError, match="G % 32 == 0"):
+        panels.pack_int4(wp, torch.rand(32, 4), torch.zeros(32, 4, dtype=torch.uint8), 16)
+
+
+def _int4_tol(got, expected):
+    # the W4A8 tolerance of its op tests (fp32 sums over groups in another order)
+    from helpers import assert_close_named
+    assert_close_named(got, expected, "int4_dynamic_mm/float32")
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [0, 1, 3, 7, 8, 17, 40])
+@pytest.mark.parametrize("n,k,g", [(32, 64, 32), (96, 256, 64)])
+def test_int4_op_against_the_reference(backend, isa, m, n, k, g):
+    """Against the reference on the canonical tensors; from M = 8 (the per-call panel GEMM)
+    also bit for bit int4_dynamic_mm's result on the same backend."""
+    wp, sc, zp, _ = _int4_weight(n, k, g, seed=m)
+    pw = panels.pack_int4(wp, sc, zp, g)
+    x = activation((m, k), seed=m)
+    for bias in (None, make_bias(n, "fp32", torch.float32)):
+        expected = reference.int4_dynamic_mm(x, wp, sc, zp, g, bias)
+        for t in (1, 2):
+            with num_threads(t):
+                got = run_op("int4_dynamic_mm_panels", backend, isa, x, (*pw, g), bias)
+                rows = run_op("int4_dynamic_mm", backend, isa, x, (wp, sc, zp, g), bias)
+            _int4_tol(got, expected)
+            if m >= 8 or backend == "reference":
+                assert torch.equal(got, rows), (m, t)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["col_slice", "transposed", "3d"])
+def test_int4_op_layouts_and_dtypes(backend, isa, dtype, layout):
+    n, k, g = 64, 128, 64
+    wp, sc, zp, _ = _int4_weight(n, k, g)
+    pw = panels.pack_int4(wp, sc, zp, g)
+    x = (activation((2, 3, k), dtype) if layout == "3d"
+         else activation((9, k), dtype, layout=layout))
+    b = make_bias(n, "x", dtype)
+    got = run_op("int4_dynamic_mm_panels", backend, isa, x, (*pw, g), b)
+    assert got.dtype == dtype and got.shape == (*x.shape[:-1], n)
+    from helpers import assert_close_named
+    assert_close_named(got, reference.int4_dynamic_mm(x, wp, sc, zp, g, b),
+                       f"int4_dynamic_mm/{str(dtype).split('.')[-1]}")
+
+
+def test_int4_op_bad_input_is_a_clear_error():
+    wp, sc, zp, _ = _int4_weight(32, 128, 32)
+    pw = panels.pack_int4(wp, sc, zp, 32)
+    x = activation((2, 128))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        torch.ops.pyquant.int4_dynamic_mm_panels(x, *pw[:1], torch.rand(32, 8),
+                                                 torch.zeros(32, 8, dtype=torch.uint8), 16, None)
+    w40 = _int4_weight(40, 128, 32)[:3]
+    with pytest.raises(ValueError, match="whole panels"):
+        torch.ops.pyquant.int4_dynamic_mm_panels(x, *w40, 32, None)
+    with pytest.raises(ValueError, match="scales"):
+        torch.ops.pyquant.int4_dynamic_mm_panels(x, pw[0], pw[1][:, :2], pw[2], 32, None)
+
+
+@needs_int4_panels
+def test_int4_layer_keeps_panels_and_gives_rows_back(tmp_path):
+    m = _model(n=128)
+    cfg = pyquant.Int4Dynamic(group_size=64)
+    pyquant.quantize_(m, cfg)
+    a, b = m[0], m[2]
+    assert a.weight_layout == "panels" and b.weight_layout == "rows"  # N = 40
+    ref = _model(n=128)
+    c, s, z = pyquant.formats.quantize_int4_groupwise(ref[0].weight, 64, False)
+    sd = m.state_dict()
+    assert torch.equal(sd["0.weight_packed"], pyquant.formats.pack_int4(c))
+    assert torch.equal(sd["0.weight_scales"], s) and torch.equal(sd["0.weight_zeros"], z)
+    assert torch.equal(a.canonical("weight_scales"), s)
+    x = activation((9, 128))
+    y = m(x)
+    assert torch.equal(y, _rows_twin_int4(m)(x))  # M >= 8: the same panel arithmetic
+    path = tmp_path / "m4.safetensors"
+    pyquant.save(m, path)
+    loaded = pyquant.load(_model(seed=3, n=128), path)
+    assert loaded[0].weight_layout == "panels" and torch.equal(loaded(x), y)
+    with on_backend("reference"):  # the reference sums the groups in its own order
+        _int4_tol(m(x), y)
+    assert torch.equal(torch.compile(m[0], fullgraph=True)(x), m[0](x))
+    for dim in (0, 1):
+        whole = [a.canonical(n) for n in a._PANEL_BUFFERS]
+        for rank in range(2):
+            sh = a.shard(dim, rank, 2)
+            for n, w in zip(a._PANEL_BUFFERS, whole):
+                step = w.shape[dim] // 2
+                assert torch.equal(sh.canonical(n), w.narrow(dim, rank * step, step)), (dim, n)
+    m.to("meta")
+    assert a.weight_layout == "rows"
+
+
+def _rows_twin_int4(model):
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, pyquant.Int4DynamicLinear):
+            m._to_rows()
+    return twin
