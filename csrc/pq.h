@@ -37,6 +37,8 @@ typedef enum {
   PQ_OK = 0,
   PQ_ERR_ARG = 1,   /* null pointer, negative size, bad stride or group size */
   PQ_ERR_ISA = 2,   /* the requested ISA is not compiled in or not supported by this CPU */
+  PQ_NOT_FIXED_POINT = 3, /* a row of x cannot be written in 24-bit fixed point (Inf, NaN,
+                           * max below 2^-100): the call's other path must run it */
 } pq_status;
 
 typedef enum {
@@ -184,6 +186,21 @@ int pq_int4_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, i
                               const uint8_t* zeros, int64_t group_size, const float* bias,
                               float* out, void* work, int64_t work_bytes, int n_threads);
 int64_t pq_int4_panels_workspace_bytes(int64_t M, int64_t K, int64_t group_size);
+/* int4 weight-only (pq_int4_weight_only_mm's product) on the W4A8 panels above, at every
+ * M: each row of x in 24-bit fixed point (three int8 terms, error at most max|x[m,:]| /
+ * 8323072 per entry, as pq_int4_weight_only_mm describes), the three term rows of an x row
+ * in one tile, their scaled sums added in registers, hi + (mid + lo), then + bias. On
+ * the AVX512-BF16 ISA from M = 16 (group_size % 32 == 0), activations that are all bf16
+ * values run one exact bf16 term instead, as pq_int4_weight_only_mm does there.
+ * work: 64-byte aligned, pq_int4_weight_only_panels_workspace_bytes for these sizes.
+ * PQ_NOT_FIXED_POINT when a row cannot be written so (out incomplete: the caller runs the
+ * canonical weights). */
+int pq_int4_weight_only_mm_panels(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                                  const uint8_t* panels, int64_t N, const float* scales,
+                                  const uint8_t* zeros, int64_t group_size, const float* bias,
+                                  float* out, void* work, int64_t work_bytes, int n_threads);
+int64_t pq_int4_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K,
+                                                   int64_t group_size, int n_threads);
 /* 1 when W4A8 layers of these sizes should keep their weight in that layout on this ISA
  * (as pq_int8_panel_layout). */
 int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size);

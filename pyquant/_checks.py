@@ -90,12 +90,12 @@ def check_int4_panels_mm(op: str, x, codes, scales, zeros, group_size, bias) -> 
     """An int4 weight in the CPU panel layout (pyquant/panels.py): the shapes and dtypes of
     the canonical format, N % 32 == 0, K % 64 == 0, group_size % 32 == 0."""
     check_int4_mm(op, x, codes, scales, zeros, group_size, bias)
-    check_int4_dynamic_group(op, group_size)
+    check_int4_dynamic_group(op, group_size)  # whole 32-code steps a group, as W4A8's
     n, k = codes.shape[0], codes.shape[1] * 2
     if n % 32 or k % 64 or not n:
         raise ValueError(f"{op}: panels [N={n}, K={k}] need N a multiple of 32 and K a "
                          f"multiple of 64 (whole panels); other sizes keep the canonical int4 "
-                         f"weight and run int4_dynamic_mm")
+                         f"weight and run {op[:-len('_panels')]}")
 
 
 def check_int4_mm(op: str, x, w_packed, scales, zeros, group_size, bias) -> None:

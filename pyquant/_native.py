@@ -20,6 +20,7 @@ ISA_NAMES = ("portable", "avx2", "avx512_vnni", "avx512_bf16", "avx512_amx")
 _ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "vnni": 2,
                 "avx512_bf16": 3, "bf16": 3, "avx512_amx": 4, "amx": 4}
 _STATUS = {1: "invalid argument", 2: "instruction set not available"}
+_NOT_FIXED_POINT = 3  # pq.h: PQ_NOT_FIXED_POINT, a row of x that 24-bit fixed point cannot hold
 
 _lock = threading.Lock()
 _module = None
@@ -485,6 +486,51 @@ def _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bia
                                   group_size, _ptr(b), _ptr(out), _ptr(work), nwork, nt)
     if st:
         _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
+
+
+def _run_int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):
+    """int4_weight_only_mm on the panel layout (pyquant/panels.py). The canonical tensors,
+    unpacked for the call, run where the panel kernels do not: an ISA without them, and
+    activations that 24-bit fixed point cannot hold (Inf, NaN, rows below 2^-100), which
+    the canonical kernels' float path takes."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    isa = current_isa()
+
+    def rows():
+        from . import panels as _panels
+
+        return _run_int4_weight_only_mm(x, *_panels.unpack_int4(codes, scales, zeros,
+                                                                group_size), group_size, bias)
+
+    if isa < ISA_NAMES.index("avx512_vnni"):
+        return rows()
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = _out(m, n, x.dtype)
+    if m:
+        xf = _rows_f32(x2)
+        if codes.data_ptr() % 64 or not codes.is_contiguous():  # the kernel's aligned loads
+            codes = _aligned_copy(codes)
+        if scales.data_ptr() % 64 or not scales.is_contiguous():
+            scales = _aligned_copy(scales)
+        zp, b, nt = zeros.contiguous(), _bias_f32(bias), _threads()
+        nwork = module().int4_weight_only_panels_workspace_bytes(isa, m, k, group_size, nt)
+        work = _work("int4wo", nwork)
+        st = module().int4_weight_only_mm_panels(
+            isa, _ptr(xf), m, k, xf.stride(0), _ptr(codes), n, _ptr(scales), _ptr(zp),
+            group_size, _ptr(b), _ptr(out), nt, _ptr(work), nwork)
+        if st == _NOT_FIXED_POINT:
+            return rows()
+        if st:
+            _raise("int4_weight_only_mm_panels", st, M=m, N=n, K=k, group_size=group_size)
+    return _finish(out, x, lead, n)
+
+
+def int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):
+    _checks.check_int4_panels_mm("int4_weight_only_mm_panels", x, codes, scales, zeros,
+                                 group_size, bias)
+    _require_cpu("int4_weight_only_mm_panels", x)
+    return _run_int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias)
 
 
 def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size, bias, out):

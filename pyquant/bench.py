@@ -228,14 +228,14 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         return formats.pack_int4(c), s, z
 
     def make_i4_layer(w):
-        # what Int4DynamicLinear keeps: the CPU panel layout where this CPU's kernels take it
+        # what the int4 layers keep: the CPU panel layout where this CPU's kernels take it
         wp, sc, zp = make_i4(w)
         if panels.int4_panel_layout_applies(*w.shape, group_size, w.device):
-            return (*panels.pack_int4(wp, sc, zp, group_size), "int4_dynamic_mm_panels")
-        return wp, sc, zp, "int4_dynamic_mm"
+            return (*panels.pack_int4(wp, sc, zp, group_size), "_panels")
+        return wp, sc, zp, ""
 
-    def int4_dynamic(s, x):
-        return ops.call(s[3], x, s[0], s[1], s[2], group_size, None)
+    def int4(op):
+        return lambda s, x: ops.call(op + s[3], x, s[0], s[1], s[2], group_size, None)
 
     return [
         Impl("pyquant.int8_weight_only_mm", "pyquant", make_i8,
@@ -243,22 +243,20 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
              lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
         Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8_layer, int8_dynamic,
              lambda s: _tensor_bytes(*s[:2]), "int8_dynamic_mm"),
-        Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4,
-             lambda s, x: ops.call("int4_weight_only_mm", x, s[0], s[1], s[2], group_size,
-                                   None),
-             lambda s: _tensor_bytes(*s), "int4_weight_only_mm"),
-        Impl(f"pyquant.int4_dynamic_mm[g{group_size}]", "pyquant", make_i4_layer, int4_dynamic,
-             lambda s: _tensor_bytes(*s[:3]), "int4_dynamic_mm"),
+        Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4_layer,
+             int4("int4_weight_only_mm"), lambda s: _tensor_bytes(*s[:3]),
+             "int4_weight_only_mm"),
+        Impl(f"pyquant.int4_dynamic_mm[g{group_size}]", "pyquant", make_i4_layer,
+             int4("int4_dynamic_mm"), lambda s: _tensor_bytes(*s[:3]), "int4_dynamic_mm"),
         # A bf16 model's activations (as F.linear[bf16] and int4pack get them): on AMX the
         # weight-only kernels then multiply one bf16 term per activation instead of three.
         Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8,
              lambda s, x: ops.call("int8_weight_only_mm", x.to(torch.bfloat16), s[0], s[1],
                                    None),
              lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
-        Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4,
-             lambda s, x: ops.call("int4_weight_only_mm", x.to(torch.bfloat16), s[0], s[1], s[2],
-                                   group_size, None),
-             lambda s: _tensor_bytes(*s), "int4_weight_only_mm"),
+        Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4_layer,
+             lambda s, x: int4("int4_weight_only_mm")(s, x.to(torch.bfloat16)),
+             lambda s: _tensor_bytes(*s[:3]), "int4_weight_only_mm"),
     ]
 
 

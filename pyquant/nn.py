@@ -390,10 +390,23 @@ class Int8DynamicLinear(_PanelLayout, Int8WeightOnlyLinear):
         return _ops.call(op, self._scale_input(x), self.weight, self.weight_scale, self.bias)
 
 
-class Int4WeightOnlyLinear(_QuantLinearBase):
-    """int4 group-wise weights (two codes a byte, formats.pack_int4); float activations."""
+class Int4WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
+    """int4 group-wise weights (two codes a byte, formats.pack_int4); float activations. On
+    CPUs whose kernels take it, the three weight buffers are kept in the panel layout
+    (``_PanelLayout``)."""
 
     config_cls = Int4WeightOnly
+    _PANEL_BUFFERS = ("weight_packed", "weight_scales", "weight_zeros")
+
+    def _panel_layout_applies(self, device) -> bool:
+        return _panels.int4_panel_layout_applies(self.out_features, self.in_features,
+                                                 self.group_size, device)
+
+    def _panels_from_rows(self, bufs: tuple) -> tuple:
+        return _panels.pack_int4(*bufs, self.group_size)
+
+    def _rows_from_panels(self, bufs: tuple) -> tuple:
+        return _panels.unpack_int4(*bufs, self.group_size)
 
     def __init__(self, in_features, out_features, bias=True, group_size=128, symmetric=False,
                  bias_dtype=None, device=None):
@@ -445,7 +458,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         layer.weight_scales.copy_(scales)
         layer.weight_zeros.copy_(zeros)
         layer._copy_bias(linear)
-        return layer
+        return layer._pack_if_fast()
 
     @property
     def config(self):
@@ -474,29 +487,20 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
                 "bytes of the int4 packing (2 codes a byte)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = ("int4_weight_only_mm_panels" if self.weight_layout == "panels"
+              else "int4_weight_only_mm")
         return _ops.call(
-            "int4_weight_only_mm", self._scale_input(x), self.weight_packed, self.weight_scales,
-            self.weight_zeros, self.group_size, self.bias,
+            op, self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
+            self.group_size, self.bias,
         )
 
 
-class Int4DynamicLinear(_PanelLayout, Int4WeightOnlyLinear):
-    """W4A8: int4 group-wise weights (the buffers of Int4WeightOnlyLinear), int8 per-token
-    activations quantized at run time (torch.ops.pyquant.int4_dynamic_mm). On CPUs whose
-    kernels take it, the three weight buffers are kept in the panel layout (``_PanelLayout``)."""
+class Int4DynamicLinear(Int4WeightOnlyLinear):
+    """W4A8: int4 group-wise weights (the buffers of Int4WeightOnlyLinear, in the same
+    layout), int8 per-token activations quantized at run time
+    (torch.ops.pyquant.int4_dynamic_mm)."""
 
     config_cls = Int4Dynamic
-    _PANEL_BUFFERS = ("weight_packed", "weight_scales", "weight_zeros")
-
-    def _panel_layout_applies(self, device) -> bool:
-        return _panels.int4_panel_layout_applies(self.out_features, self.in_features,
-                                                 self.group_size, device)
-
-    def _panels_from_rows(self, bufs: tuple) -> tuple:
-        return _panels.pack_int4(*bufs, self.group_size)
-
-    def _rows_from_panels(self, bufs: tuple) -> tuple:
-        return _panels.unpack_int4(*bufs, self.group_size)
 
     @property
     def config(self):

@@ -34,7 +34,7 @@ from . import _checks, _native, reference
 
 OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dynamic_mm",
        # the dynamic ops on the CPU backend's panel layout of the weight (pyquant/panels.py)
-       "int8_dynamic_mm_panels", "int4_dynamic_mm_panels")
+       "int8_dynamic_mm_panels", "int4_weight_only_mm_panels", "int4_dynamic_mm_panels")
 # Sparse ops (pyquant/sparse_formats.py): native on CPU (csrc/cpu/sparse.cpp), the reference
 # elsewhere; a backend registers an op when it has it (hasattr below).
 SPARSE_OPS = ("sparse24_mm", "sparse_unstructured_mm", "sparse24_int8_mm", "sparse24_int4_mm")
@@ -348,6 +348,28 @@ def int4_dynamic_mm(
 def _(x, w_packed, scales, zeros, group_size, bias):
     _check_int4_dynamic(x, w_packed, scales, zeros, group_size, bias)
     return _out_like(x, w_packed.shape[0])
+
+
+@_custom_op("int4_weight_only_mm_panels")
+def int4_weight_only_mm_panels(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """int4_weight_only_mm with the weight in the CPU panel layout (pyquant/panels.py)."""
+    _checks.check_int4_panels_mm("int4_weight_only_mm_panels", x, codes, scales, zeros,
+                                 group_size, bias)
+    return _run("int4_weight_only_mm_panels", x, codes, scales, zeros, group_size, bias)
+
+
+@int4_weight_only_mm_panels.register_fake
+def _(x, codes, scales, zeros, group_size, bias):
+    _checks.check_int4_panels_mm("int4_weight_only_mm_panels", x, codes, scales, zeros,
+                                 group_size, bias)
+    return _out_like(x, codes.shape[0])
 
 
 @_custom_op("int4_dynamic_mm_panels")

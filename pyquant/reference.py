@@ -66,6 +66,12 @@ def int4_dynamic_mm(x, w_packed, scales, zeros, group_size: int, bias=None):
     return out.to(x.dtype).reshape(*lead, n)
 
 
+def int4_weight_only_mm_panels(x, codes, scales, zeros, group_size: int, bias=None):
+    """int4_weight_only_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
+    return int4_weight_only_mm(x, *_panels.unpack_int4(codes, scales, zeros, group_size),
+                               group_size, bias)
+
+
 def int4_dynamic_mm_panels(x, codes, scales, zeros, group_size: int, bias=None):
     """int4_dynamic_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
     return int4_dynamic_mm(x, *_panels.unpack_int4(codes, scales, zeros, group_size),
@@ -109,7 +115,7 @@ def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:
         return formats.dequantize_int8_per_channel(_panels.unpack_int8(panels), w_scale)
     if op in ("int4_weight_only_mm", "int4_dynamic_mm"):
         return formats.dequantize_int4_groupwise(*wargs)
-    if op == "int4_dynamic_mm_panels":
+    if op in ("int4_weight_only_mm_panels", "int4_dynamic_mm_panels"):
         codes, scales, zeros, group_size = wargs
         return formats.dequantize_int4_groupwise(
             *_panels.unpack_int4(codes, scales, zeros, group_size), group_size)

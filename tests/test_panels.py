@@ -397,6 +397,77 @@ def test_int4_layer_keeps_panels_and_gives_rows_back(tmp_path):
 def _rows_twin_int4(model):
     twin = copy.deepcopy(model)
     for m in twin.modules():
-        if isinstance(m, pyquant.Int4DynamicLinear):
+        if isinstance(m, pyquant.Int4WeightOnlyLinear):  # and Int4DynamicLinear
             m._to_rows()
     return twin
+
+
+# ----------------------------------------------------------- int4 weight-only on the same panels
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 5, 17, 40])
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_int4_weight_only_op_against_the_reference(backend, isa, m, dtype):
+    """Every M (fixed point; bf16 activations from M = 16 on the AVX512-BF16 ISA: one bf16
+    term), 1 and 2 threads, with and without bias, against the reference on the canonical
+    tensors with the op's own tolerance."""
+    n, k, g = 96, 256, 64
+    wp, sc, zp, _ = _int4_weight(n, k, g, seed=m)
+    pw = panels.pack_int4(wp, sc, zp, g)
+    x = activation((m, k), dtype, seed=m)
+    from helpers import assert_close_named, tol_name
+    for bias in (None, make_bias(n, "x", dtype)):
+        expected = reference.int4_weight_only_mm(x, wp, sc, zp, g, bias)
+        for t in (1, 2):
+            with num_threads(t):
+                got = run_op("int4_weight_only_mm_panels", backend, isa, x, (*pw, g), bias)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert_close_named(got, expected, tol_name("int4_weight_only_mm", dtype), f"M={m}")
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_int4_weight_only_op_bf16_rows_equal_the_canonical_kernels(backend, isa):
+    """bf16 activations at M >= 16 run one exact bf16 term on both layouts: the same bits."""
+    n, k, g = 64, 256, 128
+    wp, sc, zp, _ = _int4_weight(n, k, g)
+    x = activation((20, k), torch.bfloat16)
+    got = run_op("int4_weight_only_mm_panels", backend, isa, x,
+                 (*panels.pack_int4(wp, sc, zp, g), g), None)
+    assert torch.equal(got, run_op("int4_weight_only_mm", backend, isa, x, (wp, sc, zp, g), None))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [1, 20])
+def test_int4_weight_only_op_rows_fixed_point_cannot_hold(backend, isa, m):
+    """A NaN or Inf in x (fixed point cannot hold it) runs the canonical tensors: NaN/Inf
+    where float arithmetic puts them, the other rows as the reference."""
+    n, k, g = 32, 128, 32
+    wp, sc, zp, _ = _int4_weight(n, k, g)
+    x = activation((m, k))
+    x[0, 5] = float("nan")
+    x[-1, 7] = float("inf") if m > 1 else float("nan")
+    got = run_op("int4_weight_only_mm_panels", backend, isa, x,
+                 (*panels.pack_int4(wp, sc, zp, g), g), None)
+    expected = run_op("int4_weight_only_mm", backend, isa, x, (wp, sc, zp, g), None)
+    assert torch.equal(got.isnan(), expected.isnan()) and got[0].isnan().all()
+    if m > 2:
+        from helpers import assert_close_named
+        assert_close_named(got[1:-1], reference.int4_weight_only_mm(x[1:-1], wp, sc, zp, g),
+                           "int4_weight_only_mm/float32")
+
+
+@needs_int4_panels
+def test_int4_weight_only_layer_keeps_panels():
+    m = _model(n=128)
+    pyquant.quantize_(m, pyquant.Int4WeightOnly(group_size=64))
+    assert m[0].weight_layout == "panels" and m[2].weight_layout == "rows"
+    x = activation((5, 128))
+    y = m(x)
+    twin = _rows_twin_int4(m)
+    from helpers import assert_close_named
+    assert_close_named(y, twin(x), "int4_weight_only_mm/float32")
+    c, s, z = pyquant.formats.quantize_int4_groupwise(_model(n=128)[0].weight, 64, False)
+    assert torch.equal(m.state_dict()["0.weight_packed"], pyquant.formats.pack_int4(c))
+    xb = activation((16, 128), torch.bfloat16)
+    assert torch.equal(m[0](xb), twin[0](xb))

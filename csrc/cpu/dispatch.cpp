@@ -373,6 +373,38 @@ int pq_int4_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, i
   return PQ_OK;
 }
 
+int64_t pq_int4_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K,
+                                                   int64_t group_size, int n_threads) {
+  if (M < 0 || K <= 0 || group_size <= 0 || K % group_size || too_big(3 * M, K)) return -1;
+  const int64_t fixed = pq::int4wo_panels_work_bytes(M, K, group_size);
+  /* the bf16 panels of the AVX512-BF16 build, for activations that are bf16 values */
+  if (isa != PQ_ISA_AVX512_BF16 || !pq::bf16_panel_applies(M, K, group_size)) return fixed;
+  const int64_t bf16 = bf16_panel_need(M, K, group_size, n_threads);
+  return bf16 < 0 ? -1 : bf16 > fixed ? bf16 : fixed;
+}
+
+int pq_int4_weight_only_mm_panels(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                                  const uint8_t* panels, int64_t N, const float* scales,
+                                  const uint8_t* zeros, int64_t group_size, const float* bias,
+                                  float* out, void* work, int64_t work_bytes, int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t || !t->int4_weight_only_mm_panels) return PQ_ERR_ISA;
+  const int64_t G = group_size;
+  if (bad_x(x, M, K, ldx) || N <= 0 || K <= 0 || K % 64 || N % 32 || G <= 0 || G % 32 ||
+      K % G || too_big(3 * M, K) || too_big(N, K) || too_big(M, N) ||
+      missing(panels, N * K / 2) || ((uintptr_t)panels & 63) || missing(scales, N * (K / G)) ||
+      missing(zeros, N * (K / G)) || ((uintptr_t)scales & 63) || missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0) return PQ_OK;
+  if (!work || ((uintptr_t)work & 63) ||
+      work_bytes < pq_int4_weight_only_panels_workspace_bytes(isa, M, K, G, n_threads))
+    return PQ_ERR_ARG;
+  return t->int4_weight_only_mm_panels(x, M, K, ldx, panels, N, scales, zeros, G, bias, out,
+                                       work, threads(n_threads))
+             ? PQ_OK
+             : PQ_NOT_FIXED_POINT;
+}
+
 int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size) {
   return isa >= PQ_ISA_AVX512_VNNI && table(isa) && group_size > 0 && K > 0 &&
          K % group_size == 0 && pq::int4wo_fixed_applies(M, K, group_size, isa == PQ_ISA_AVX512_AMX);

@@ -265,6 +265,34 @@ void int4_dynamic_mm_panels(const int8_t* xq, const float* x_scale, int64_t M, i
                             void* work, int n_threads) {
   w4a8_panels_mm(xq, x_scale, M, K, panels, N, scales, zeros, G, bias, out, work, n_threads);
 }
+
+/* int4 weight-only on the same panels, at every M: each x row in 24-bit fixed point, its
+ * three term rows in one tile (fx24_panel_store). work: 64-byte aligned,
+ * int4wo_panels_work_bytes(M, K, G). False when a row cannot be written in fixed point
+ * (out is then incomplete; the caller runs the canonical weights). */
+bool int4_weight_only_mm_panels(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                const uint8_t* panels, int64_t N, const float* scales,
+                                const uint8_t* zeros, int64_t G, const float* bias, float* out,
+                                void* work, int n_threads) {
+#if defined(__AVX512BF16__) && !defined(PQ_AMX_BF16)
+  /* bf16 activations: one exact bf16 term, each panel converted from its nibbles */
+  if (pq::bf16_panel_applies(M, K, G) && rows_are_bf16(x, M, K, ldx)) {
+    const int64_t ng = K / G;
+    bf16_panel_wo(x, M, K, ldx, N, G, bias, out, work, n_threads,
+                  [&](uint16_t* pb, float* sp, int64_t n0, int64_t) {
+                    bf16_pack_panel_nibbles(panels + n0 * (K / 2), zeros + n0 * ng, K, G, pb);
+                    memcpy(sp, scales + n0 * ng, ng * kBf16PanelRows * sizeof(float));
+                  });
+    return true;
+  }
+#endif
+  int8_t* xq = (int8_t*)work;
+  float* xs = (float*)(xq + pq::align64(3 * M * K));
+  void* gsum = (uint8_t*)xs + pq::align64(3 * M * 4);
+  if (!split_rows_fixed24(x, M, K, ldx, xq, xs, n_threads)) return false;
+  w4a8_panels_mm<true>(xq, xs, M, K, panels, N, scales, zeros, G, bias, out, gsum, n_threads);
+  return true;
+}
 #endif
 
 void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
@@ -543,9 +571,9 @@ extern const pq::KernelTable kKernels = {
     int8_weight_only_mm, quantize_rows_int8, int8_gemm_s32, int8_dynamic_mm, int4_weight_only_mm,
     int4_dynamic_mm,
 #if defined(PQ_SIMD_AVX512)
-    int8_dynamic_mm_panels, int4_dynamic_mm_panels,
+    int8_dynamic_mm_panels, int4_dynamic_mm_panels, int4_weight_only_mm_panels,
 #else
-    nullptr, nullptr,
+    nullptr, nullptr, nullptr,
 #endif
 };
 

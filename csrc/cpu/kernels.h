@@ -47,6 +47,11 @@ inline int64_t int8_panels_work_bytes(int64_t M) { return align64(M * 4); }
 inline int64_t int4_panels_work_bytes(int64_t M, int64_t K, int64_t G) {
   return align64(M * (K / G) * 4);
 }
+/* int4 weight-only on them: x's fixed-point terms [3M][K] and scales [3M], then the terms'
+ * group sums. */
+inline int64_t int4wo_panels_work_bytes(int64_t M, int64_t K, int64_t G) {
+  return align64(3 * M * K) + align64(3 * M * 4) + int4_panels_work_bytes(3 * M, K, G);
+}
 
 /* int4 and int8 weight-only on the AVX512-BF16 build (no AMX) for activations that are
  * bf16 values (tile_bf16_panel.h): from this many rows, G % 32 == 0 (int8: G = K, one
@@ -264,6 +269,13 @@ struct KernelTable {
                                  const uint8_t* panels, int64_t N, const float* scales,
                                  const uint8_t* zeros, int64_t group_size, const float* bias,
                                  float* out, void* work, int n_threads);
+  /* AVX512 builds (else null): int4_weight_only_mm on those panels (pq.h,
+   * pq_int4_weight_only_mm_panels); work: 64-byte aligned, int4wo_panels_work_bytes. False
+   * when a row of x cannot be written in 24-bit fixed point. */
+  bool (*int4_weight_only_mm_panels)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                     const uint8_t* panels, int64_t N, const float* scales,
+                                     const uint8_t* zeros, int64_t group_size, const float* bias,
+                                     float* out, void* work, int n_threads);
 };
 
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also

@@ -55,6 +55,46 @@ inline void bf16_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* z
     for (int n = 0; n < kBf16PanelRows; ++n) sp[g * kBf16PanelRows + n] = n < nr ? sc[n * ng + g] : 0.0f;
 }
 
+/* A panel packed at swap time (w4a8_nibble_panel_acc's layout: [K/8][2][16][4] bytes, two
+ * codes a byte; zero points zp[K/G][32]) -> the bf16 panel of bf16_pack_panel, 64 K bytes.
+ * Each 64-byte load is 8 k of 16 rows; per pair of k a byte permute spreads the codes into
+ * words, the zero point moves them to an index into the bf16 patterns of -15..15. */
+inline void bf16_pack_panel_nibbles(const uint8_t* pc, const uint8_t* zp, int64_t K, int64_t G,
+                                    uint16_t* pb) {
+  alignas(64) uint16_t tab[32];
+  for (int v = 0; v < 32; ++v) { /* bf16 of v - 15: exact */
+    const float f = (float)(v - 15);
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    tab[v] = (uint16_t)(u >> 16);
+  }
+  const __m512i table = _mm512_load_si512(tab), nib = _mm512_set1_epi8(0x0F);
+  /* word 2i + b of pair s takes byte 4i + 2s + b (row i's codes 2s, 2s + 1 of four) */
+  alignas(64) uint8_t ix[2][64];
+  for (int s = 0; s < 2; ++s)
+    for (int w = 0; w < 32; ++w) ix[s][2 * w] = (uint8_t)(4 * (w / 2) + 2 * s + w % 2), ix[s][2 * w + 1] = 0;
+  const __m512i idx[2] = {_mm512_load_si512(ix[0]), _mm512_load_si512(ix[1])};
+  const __mmask64 even = 0x5555555555555555ull;
+  __m512i zv[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int64_t j = 0; j < K / 8; ++j) {
+    if (8 * j % G == 0) /* a new group: 15 - zero point in both words of each row's dword */
+      for (int h = 0; h < 2; ++h) {
+        const __m512i z = _mm512_sub_epi32(_mm512_set1_epi32(15), _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                              (const __m128i*)(zp + 8 * j / G * kBf16PanelRows + 16 * h))));
+        zv[h] = _mm512_or_si512(z, _mm512_slli_epi32(z, 16));
+      }
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_load_si512(pc + j * 128 + h * 64);
+      const __m512i half[2] = {_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib)};
+      for (int q = 0; q < 2; ++q) /* codes 8j + 4q .. 8j + 4q + 3 */
+        for (int s = 0; s < 2; ++s) {
+          const __m512i words = _mm512_add_epi16(_mm512_maskz_permutexvar_epi8(even, idx[s], half[q]), zv[h]);
+          _mm512_store_si512(pb + ((4 * j + 2 * q + s) * 2 + h) * 32, _mm512_permutexvar_epi16(words, table));
+        }
+    }
+  }
+}
+
 /* Rows [0, nr) of the int8 weight w (row stride K; rows past nr: zeros) -> the bf16 panel
  * pb and the row scales as one group, sp[0][32]. K % 32 == 0. */
 inline void bf16_pack_panel_i8(const int8_t* w, const float* w_scale, int64_t nr, int64_t K,

@@ -274,7 +274,7 @@ inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t
     for (int t = 0; t < T; ++t) iacc[t][0] = iacc[t][1] = _mm512_setzero_si512();
     const int8_t* x = xq + g * G;
     for (int64_t k = 0; k < G; k += 8, p += 128) {
-      if (T <= 2) { /* decode: one stream a thread, which the hardware prefetcher alone
+      if (T <= 3) { /* decode: one stream a thread, which the hardware prefetcher alone
                        * leaves short of the DRAM bandwidth */
         _mm_prefetch((const char*)p + kPanelPrefetch, _MM_HINT_T0);
         _mm_prefetch((const char*)p + kPanelPrefetch + 64, _MM_HINT_T0);
@@ -306,22 +306,31 @@ inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t
 
 /* The whole W4A8 product on panels packed at swap time: codes `panels` (N/32 panels of
  * 16 K bytes), scales sp and zero points zp [N/32][K/G][32]; K % 64 == 0, G % 32 == 0,
- * N % 32 == 0. work: 64-byte aligned, the x rows' group sums [M][K/G] int32. */
+ * N % 32 == 0. work: 64-byte aligned, the code rows' group sums [M'][K/G] int32. kFx24: x
+ * rows in 24-bit fixed point (M x rows of three code rows each, x_scale their xs; see
+ * fx24_panel_store), else M code rows with one scale each (M' the code rows). */
+template <bool kFx24 = false>
 inline void w4a8_panels_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                            const uint8_t* panels, int64_t N, const float* sp, const uint8_t* zp,
                            int64_t G, const float* bias, float* out, void* work, int n_threads) {
+  constexpr int kRows = kFx24 ? 3 : 1; /* code rows an x row */
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
-  for_each_panel<kPanelMaxT>(
+  for_each_panel<kPanelMaxT / kRows>(
       M, N, n_threads, nullptr, 0,
-      [&](int64_t m) { code_group_sums(xq + m * K, K, G, gsum + m * ng); },
+      [&](int64_t m) {
+        for (int64_t r = kRows * m; r < kRows * (m + 1); ++r) code_group_sums(xq + r * K, K, G, gsum + r * ng);
+      },
       [&](uint8_t*, int64_t n0, int64_t) -> const uint8_t* { return panels + n0 * (K / 2); },
       [&](const uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
-        constexpr int T = decltype(T_)::value;
-        __m512 facc[T][2];
-        w4a8_nibble_panel_acc<T>(xq + m * K, gsum + m * ng, K, G, pc, sp + n0 * ng, zp + n0 * ng,
-                                 facc);
-        panel_store<T>(facc, x_scale + m, bias, n0, nr, N, out + m * N);
+        constexpr int T = decltype(T_)::value, R = kRows * T;
+        __m512 facc[R][2];
+        w4a8_nibble_panel_acc<R>(xq + kRows * m * K, gsum + kRows * m * ng, K, G, pc,
+                                 sp + n0 * ng, zp + n0 * ng, facc);
+        if constexpr (kFx24)
+          fx24_panel_store<T>(facc, x_scale + 3 * m, bias, n0, nr, N, out + m * N);
+        else
+          panel_store<T>(facc, x_scale + m, bias, n0, nr, N, out + m * N);
       });
 }
 
