@@ -151,6 +151,22 @@ def _decode_paths() -> dict:
             "sparse24_int4_mm (group size % 32 == 0)": _ranges(sp)}
 
 
+def _panel_layouts() -> dict:
+    """{"layer": "layout"}: whether the CPU layers keep their weight in the 32-row panels of
+    the ISA in use (pyquant/panels.py), asked of the native module itself."""
+    from . import panels
+
+    n, k, g = 4096, 4096, 128
+    yes = "32-row panels, packed once at swap time (N % 32 == 0, K % 64 == 0{})"
+    no = "canonical rows (this ISA's kernels take them)"
+    i8 = panels.panel_layout_applies(n, k, "cpu")
+    i4 = panels.int4_panel_layout_applies(n, k, g, "cpu")
+    return {"Int8DynamicLinear (W8A8)": yes.format("") if i8 else no,
+            "Int4WeightOnlyLinear, Int4DynamicLinear": yes.format(", group size % 32 == 0")
+            if i4 else no,
+            "Int8WeightOnlyLinear, sparse layers": "canonical rows"}
+
+
 def _cuda_section() -> dict:
     import torch
 
@@ -236,6 +252,7 @@ def collect() -> dict:
         "dispatch": _try(ops.backend_table),
         "sparse_dense_from_m": _try(_sparse_break_even),
         "fixed_point_decode_m": _try(_decode_paths),
+        "cpu_weight_layout": _try(_panel_layouts),
     }
 
 
@@ -313,7 +330,7 @@ def format_text(d: dict) -> str:
     if isinstance(table, dict):
         for dev, row in table.items():
             for op, backend in row.items():
-                lines.append(f"  {dev:<5} {op:<24}{backend}")
+                lines.append(f"  {dev:<5} {op:<28}{backend}")
     else:
         lines.append(f"  {table}")
     be = d.get("sparse_dense_from_m")
@@ -330,6 +347,12 @@ def format_text(d: dict) -> str:
                      "terms), int8 dot products, at M =")
         for name, ms in fx.items():
             lines.append(f"  {name:<66}{ms}")
+    lay = d.get("cpu_weight_layout")
+    if isinstance(lay, dict):
+        lines.append("")
+        lines.append("weight layout of the layers on cpu (state_dict and checkpoints: canonical):")
+        for name, how in lay.items():
+            lines.append(f"  {name:<42}{how}")
     return "\n".join(lines)
 
 

@@ -58,7 +58,7 @@ def test_info_text(tmp_path):
     out = r.stdout
     for key in ("pyquant:", "python:", "torch:", "numpy:", "native module _C:", "cpu isa",
                 "PYQUANT_CPU_ISA:", "torch threads:", "cuda:", "native module _C_cuda:",
-                "triton:", "backends:", "backend per op:"):
+                "triton:", "backends:", "backend per op:", "weight layout of the layers"):
         assert key in out, f"{key!r} missing from pyquant info:\n{out}"
     assert torch.__version__ in out
     for name in ("reference", "cpu", "triton", "cuda"):
@@ -94,6 +94,13 @@ def test_info_json(tmp_path):
         assert fx["int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)"] == (
             {"avx512_amx": "1, 16 and up", "avx512_bf16": "1, 12 and up",
              "avx512_vnni": "1, 12 and up"}.get(isa, "none")), fx
+        # the panel layouts of the AVX512 ISAs without AMX (pyquant/panels.py)
+        lay = d["cpu_weight_layout"]
+        panels_here = isa in ("avx512_vnni", "avx512_bf16")
+        assert lay["Int8DynamicLinear (W8A8)"].startswith(
+            "32-row panels" if panels_here else "canonical rows"), lay
+        assert lay["Int4WeightOnlyLinear, Int4DynamicLinear"].startswith(
+            "32-row panels" if panels_here else "canonical rows"), lay
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())
