@@ -146,6 +146,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_panel_layout", &pq_int4_panel_layout, py::arg("isa"), py::arg("K"), py::arg("N"),
         py::arg("group_size"));
 
+  m.def("int8_weight_only_mm_panels",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t panels, int64_t N,
+           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work,
+           int64_t work_bytes) {
+          return pq_int8_weight_only_mm_panels(isa, ptr<const float>(x), M, K, ldx,
+                                               ptr<const uint8_t>(panels), N,
+                                               ptr<const float>(w_scale), ptr<const float>(bias),
+                                               ptr<float>(out), ptr<void>(work), work_bytes,
+                                               n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("panels"), py::arg("N"), py::arg("w_scale"), py::arg("bias"), py::arg("out"),
+        py::arg("n_threads"), py::arg("work"), py::arg("work_bytes"), gil_release());
+  m.def("int8_weight_only_panels_workspace_bytes", &pq_int8_weight_only_panels_workspace_bytes,
+        py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("n_threads"));
+
   m.def("int4_weight_only_mm_panels",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t panels, int64_t N,
            uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,

@@ -186,6 +186,22 @@ int pq_int4_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, i
                               const uint8_t* zeros, int64_t group_size, const float* bias,
                               float* out, void* work, int64_t work_bytes, int n_threads);
 int64_t pq_int4_panels_workspace_bytes(int64_t M, int64_t K, int64_t group_size);
+/* int8 weight-only (pq_int8_weight_only_mm's product) on the W8A8 panels of
+ * pq_int8_dynamic_mm_panels, at every M: each row of x in 24-bit fixed point (three int8
+ * terms, error at most max|x[m,:]| / 8323072 per entry), the three term rows of an x row in
+ * one tile, combined as pq_int8_weight_only_mm's fixed-point paths do: each row's result is
+ * the one it gets there alone at M == 1, bit for bit. On the AVX512-BF16 ISA from M = 24,
+ * activations that are all bf16 values run one exact bf16 term instead (vdpbf16ps; results
+ * those of pq_int8_weight_only_mm's bf16 path). work: 64-byte aligned,
+ * pq_int8_weight_only_panels_workspace_bytes for these sizes. PQ_NOT_FIXED_POINT when a row cannot be
+ * written so (out incomplete: the caller runs the canonical weights). */
+int pq_int8_weight_only_mm_panels(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                                  const uint8_t* panels, int64_t N, const float* w_scale,
+                                  const float* bias, float* out, void* work, int64_t work_bytes,
+                                  int n_threads);
+int64_t pq_int8_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K,
+                                                   int n_threads);
+
 /* int4 weight-only (pq_int4_weight_only_mm's product) on the W4A8 panels above, at every
  * M: each row of x in 24-bit fixed point (three int8 terms, error at most max|x[m,:]| /
  * 8323072 per entry, as pq_int4_weight_only_mm describes), the three term rows of an x row

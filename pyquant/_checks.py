@@ -79,7 +79,7 @@ def check_int8_panels_mm(op: str, x, panels, w_scale, bias) -> None:
     if n % 32 or k % 64 or not n:
         raise ValueError(f"{op}: panels [N={n}, K={k}] need N a multiple of 32 and K a "
                          f"multiple of 64 (whole panels); other sizes keep the canonical int8 "
-                         f"weight and run int8_dynamic_mm")
+                         f"weight and run {op[:-len('_panels')]}")
     check_activation(op, x, k)
     check_tensor(op, "w_scale", w_scale, torch.float32, (n,))
     check_bias(op, bias, n)

@@ -413,6 +413,47 @@ def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
+def _run_int8_weight_only_mm_panels(x, panels, w_scale, bias=None):
+    """int8_weight_only_mm on the panel layout (pyquant/panels.py). The canonical weight,
+    unpacked for the call, runs where the panel kernels do not: an ISA without them, and
+    activations that 24-bit fixed point cannot hold (Inf, NaN, rows below 2^-100), which
+    the canonical kernels' float path takes."""
+    n, k = panels.shape
+    isa = current_isa()
+
+    def rows():
+        from . import panels as _panels
+
+        return _run_int8_weight_only_mm(x, _panels.unpack_int8(panels), w_scale, bias)
+
+    if isa < ISA_NAMES.index("avx512_vnni"):
+        return rows()
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    out = _out(m, n, x.dtype)
+    if m:
+        xf = _rows_f32(x2)
+        if panels.data_ptr() % 64 or not panels.is_contiguous():  # the kernel's aligned loads
+            panels = _aligned_copy(panels)
+        ws, b, nt = w_scale.contiguous(), _bias_f32(bias), _threads()
+        nwork = module().int8_weight_only_panels_workspace_bytes(isa, m, k, nt)
+        work = _work("int8wo", nwork)
+        st = module().int8_weight_only_mm_panels(isa, _ptr(xf), m, k, xf.stride(0), _ptr(panels),
+                                                 n, _ptr(ws), _ptr(b), _ptr(out), nt,
+                                                 _ptr(work), nwork)
+        if st == _NOT_FIXED_POINT:
+            return rows()
+        if st:
+            _raise("int8_weight_only_mm_panels", st, M=m, N=n, K=k)
+    return _finish(out, x, lead, n)
+
+
+def int8_weight_only_mm_panels(x, panels, w_scale, bias=None):
+    _checks.check_int8_panels_mm("int8_weight_only_mm_panels", x, panels, w_scale, bias)
+    _require_cpu("int8_weight_only_mm_panels", x)
+    return _run_int8_weight_only_mm_panels(x, panels, w_scale, bias)
+
+
 def _run_int8_dynamic_mm_panels(x, panels, w_scale, bias=None):
     n, k = panels.shape
     lead, x2 = _flat(x, n)

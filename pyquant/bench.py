@@ -214,14 +214,14 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         return formats.quantize_int8_per_channel(w)
 
     def make_i8_layer(w):
-        # what Int8DynamicLinear keeps: the CPU panel layout where this CPU's kernels take it
+        # what the int8 layers keep: the CPU panel layout where this CPU's kernels take it
         q, s = make_i8(w)
         if panels.panel_layout_applies(*q.shape, q.device):
-            return panels.pack_int8(q), s, "int8_dynamic_mm_panels"
-        return q, s, "int8_dynamic_mm"
+            return panels.pack_int8(q), s, "_panels"
+        return q, s, ""
 
-    def int8_dynamic(s, x):
-        return ops.call(s[2], x, s[0], s[1], None)
+    def int8(op):
+        return lambda s, x: ops.call(op + s[2], x, s[0], s[1], None)
 
     def make_i4(w):
         c, s, z = formats.quantize_int4_groupwise(w, group_size, symmetric=False)
@@ -238,10 +238,9 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         return lambda s, x: ops.call(op + s[3], x, s[0], s[1], s[2], group_size, None)
 
     return [
-        Impl("pyquant.int8_weight_only_mm", "pyquant", make_i8,
-             lambda s, x: ops.call("int8_weight_only_mm", x, s[0], s[1], None),
-             lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
-        Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8_layer, int8_dynamic,
+        Impl("pyquant.int8_weight_only_mm", "pyquant", make_i8_layer,
+             int8("int8_weight_only_mm"), lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm"),
+        Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8_layer, int8("int8_dynamic_mm"),
              lambda s: _tensor_bytes(*s[:2]), "int8_dynamic_mm"),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4_layer,
              int4("int4_weight_only_mm"), lambda s: _tensor_bytes(*s[:3]),
@@ -250,10 +249,9 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
              int4("int4_dynamic_mm"), lambda s: _tensor_bytes(*s[:3]), "int4_dynamic_mm"),
         # A bf16 model's activations (as F.linear[bf16] and int4pack get them): on AMX the
         # weight-only kernels then multiply one bf16 term per activation instead of three.
-        Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8,
-             lambda s, x: ops.call("int8_weight_only_mm", x.to(torch.bfloat16), s[0], s[1],
-                                   None),
-             lambda s: _tensor_bytes(*s), "int8_weight_only_mm"),
+        Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8_layer,
+             lambda s, x: int8("int8_weight_only_mm")(s, x.to(torch.bfloat16)),
+             lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm"),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4_layer,
              lambda s, x: int4("int4_weight_only_mm")(s, x.to(torch.bfloat16)),
              lambda s: _tensor_bytes(*s[:3]), "int4_weight_only_mm"),

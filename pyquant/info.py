@@ -161,10 +161,10 @@ def _panel_layouts() -> dict:
     no = "canonical rows (this ISA's kernels take them)"
     i8 = panels.panel_layout_applies(n, k, "cpu")
     i4 = panels.int4_panel_layout_applies(n, k, g, "cpu")
-    return {"Int8DynamicLinear (W8A8)": yes.format("") if i8 else no,
+    return {"Int8WeightOnlyLinear, Int8DynamicLinear": yes.format("") if i8 else no,
             "Int4WeightOnlyLinear, Int4DynamicLinear": yes.format(", group size % 32 == 0")
             if i4 else no,
-            "Int8WeightOnlyLinear, sparse layers": "canonical rows"}
+            "sparse layers": "their compressed formats (pyquant/sparse_formats.py)"}
 
 
 def _cuda_section() -> dict:

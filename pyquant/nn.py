@@ -229,10 +229,6 @@ class _PanelLayout:
     def _rows_from_panels(self, bufs: tuple) -> tuple:
         raise NotImplementedError
 
-    @classmethod
-    def from_float(cls, *args, **kwargs):
-        return super().from_float(*args, **kwargs)._pack_if_fast()
-
     def canonical(self, name: str) -> torch.Tensor:
         """Buffer ``name`` in its canonical format, whatever the layout it is kept in."""
         if self.weight_layout == "panels" and name in self._PANEL_BUFFERS:
@@ -291,10 +287,21 @@ class _PanelLayout:
         return new._pack_if_fast()
 
 
-class Int8WeightOnlyLinear(_QuantLinearBase):
-    """int8 weights, symmetric per output channel; float activations."""
+class Int8WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
+    """int8 weights, symmetric per output channel; float activations. On CPUs whose kernels
+    take it, ``weight`` is kept in the panel layout (``_PanelLayout``)."""
 
     config_cls = Int8WeightOnly
+    _PANEL_BUFFERS = ("weight",)
+
+    def _panel_layout_applies(self, device) -> bool:
+        return _panels.panel_layout_applies(self.out_features, self.in_features, device)
+
+    def _panels_from_rows(self, bufs: tuple) -> tuple:
+        return (_panels.pack_int8(bufs[0]),)
+
+    def _rows_from_panels(self, bufs: tuple) -> tuple:
+        return (_panels.unpack_int8(bufs[0]),)
 
     def __init__(self, in_features, out_features, bias=True, bias_dtype=None, device=None):
         super().__init__(in_features, out_features, bias, bias_dtype, device)
@@ -327,12 +334,12 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
         layer.weight.copy_(q)
         layer.weight_scale.copy_(s)
         layer._copy_bias(linear)
-        return layer
+        return layer._pack_if_fast()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops.call(
-            "int8_weight_only_mm", self._scale_input(x), self.weight, self.weight_scale, self.bias,
-        )
+        op = ("int8_weight_only_mm_panels" if self.weight_layout == "panels"
+              else "int8_weight_only_mm")
+        return _ops.call(op, self._scale_input(x), self.weight, self.weight_scale, self.bias)
 
 
 def _native_codes(op: str, xq: torch.Tensor) -> bool:
@@ -341,22 +348,12 @@ def _native_codes(op: str, xq: torch.Tensor) -> bool:
     return xq.device.type == "cpu" and _ops.select(op, xq.device).name == "cpu"
 
 
-class Int8DynamicLinear(_PanelLayout, Int8WeightOnlyLinear):
-    """W8A8: int8 per-channel weights, int8 per-token activations quantized at run time.
-    On CPUs whose kernels take it, ``weight`` is kept in the panel layout (``_PanelLayout``)."""
+class Int8DynamicLinear(Int8WeightOnlyLinear):
+    """W8A8: int8 per-channel weights (the buffers of Int8WeightOnlyLinear, in the same
+    layout), int8 per-token activations quantized at run time."""
 
     config_cls = Int8Dynamic
     quantizes_activation_rows = True
-    _PANEL_BUFFERS = ("weight",)
-
-    def _panel_layout_applies(self, device) -> bool:
-        return _panels.panel_layout_applies(self.out_features, self.in_features, device)
-
-    def _panels_from_rows(self, bufs: tuple) -> tuple:
-        return (_panels.pack_int8(bufs[0]),)
-
-    def _rows_from_panels(self, bufs: tuple) -> tuple:
-        return (_panels.unpack_int8(bufs[0]),)
 
     def _codes_mm(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         # Given activation codes (the ops quantize x themselves): exact int32 products through

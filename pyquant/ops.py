@@ -34,7 +34,8 @@ from . import _checks, _native, reference
 
 OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dynamic_mm",
        # the dynamic ops on the CPU backend's panel layout of the weight (pyquant/panels.py)
-       "int8_dynamic_mm_panels", "int4_weight_only_mm_panels", "int4_dynamic_mm_panels")
+       "int8_weight_only_mm_panels", "int8_dynamic_mm_panels", "int4_weight_only_mm_panels",
+       "int4_dynamic_mm_panels")
 # Sparse ops (pyquant/sparse_formats.py): native on CPU (csrc/cpu/sparse.cpp), the reference
 # elsewhere; a backend registers an op when it has it (hasattr below).
 SPARSE_OPS = ("sparse24_mm", "sparse_unstructured_mm", "sparse24_int8_mm", "sparse24_int4_mm")
@@ -286,6 +287,21 @@ def int8_dynamic_mm(
 def _(x, w, w_scale, bias):
     _checks.check_int8_mm("int8_dynamic_mm", x, w, w_scale, bias)
     return _out_like(x, w.shape[0])
+
+
+@_custom_op("int8_weight_only_mm_panels")
+def int8_weight_only_mm_panels(
+    x: torch.Tensor, panels: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """int8_weight_only_mm with the weight in the CPU panel layout (pyquant/panels.py)."""
+    _checks.check_int8_panels_mm("int8_weight_only_mm_panels", x, panels, w_scale, bias)
+    return _run("int8_weight_only_mm_panels", x, panels, w_scale, bias)
+
+
+@int8_weight_only_mm_panels.register_fake
+def _(x, panels, w_scale, bias):
+    _checks.check_int8_panels_mm("int8_weight_only_mm_panels", x, panels, w_scale, bias)
+    return _out_like(x, panels.shape[0])
 
 
 @_custom_op("int8_dynamic_mm_panels")

@@ -36,6 +36,11 @@ def int8_dynamic_mm(x, w_q, w_scale, bias=None):
     return out.to(x.dtype).reshape(*lead, w_q.shape[0])
 
 
+def int8_weight_only_mm_panels(x, panels, w_scale, bias=None):
+    """int8_weight_only_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
+    return int8_weight_only_mm(x, _panels.unpack_int8(panels), w_scale, bias)
+
+
 def int8_dynamic_mm_panels(x, panels, w_scale, bias=None):
     """int8_dynamic_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
     return int8_dynamic_mm(x, _panels.unpack_int8(panels), w_scale, bias)
@@ -110,7 +115,7 @@ def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:
     through, as quantization-aware training does."""
     if op in ("int8_weight_only_mm", "int8_dynamic_mm"):
         return formats.dequantize_int8_per_channel(*wargs)
-    if op == "int8_dynamic_mm_panels":
+    if op in ("int8_weight_only_mm_panels", "int8_dynamic_mm_panels"):
         panels, w_scale = wargs
         return formats.dequantize_int8_per_channel(_panels.unpack_int8(panels), w_scale)
     if op in ("int4_weight_only_mm", "int4_dynamic_mm"):

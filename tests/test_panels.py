@@ -143,10 +143,10 @@ def _model(seed=0, n=96, k=128):
 
 
 def _rows_twin(model):
-    """The same quantized model with every W8A8 layer kept in canonical rows."""
+    """The same quantized model with every int8 layer kept in canonical rows."""
     twin = copy.deepcopy(model)
     for m in twin.modules():
-        if isinstance(m, Int8DynamicLinear):
+        if isinstance(m, pyquant.Int8WeightOnlyLinear):  # and Int8DynamicLinear
             m._to_rows()
     return twin
 
@@ -471,3 +471,87 @@ def test_int4_weight_only_layer_keeps_panels():
     assert torch.equal(m.state_dict()["0.weight_packed"], pyquant.formats.pack_int4(c))
     xb = activation((16, 128), torch.bfloat16)
     assert torch.equal(m[0](xb), twin[0](xb))
+
+
+# ----------------------------------------------------------- int8 weight-only on the W8A8 panels
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 5, 17, 30])
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_int8_weight_only_op_against_the_reference(backend, isa, m, dtype):
+    """Every M (fixed point; bf16 activations from M = 24 on the AVX512-BF16 ISA: one bf16
+    term), 1 and 2 threads, with and without bias, against the reference on the canonical
+    weight with the op's own tolerance; M = 1 bit for bit the canonical op's."""
+    n, k = 96, 192
+    w, s = random_int8_weight(n, k, seed=m)
+    p = panels.pack_int8(w)
+    x = activation((m, k), dtype, seed=m)
+    from helpers import assert_close_named, tol_name
+    for bias in (None, make_bias(n, "x", dtype)):
+        expected = reference.int8_weight_only_mm(x, w, s, bias)
+        for t in (1, 2):
+            with num_threads(t):
+                got = run_op("int8_weight_only_mm_panels", backend, isa, x, (p, s), bias)
+                rows = run_op("int8_weight_only_mm", backend, isa, x, (w, s), bias)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert_close_named(got, expected, tol_name("int8_weight_only_mm", dtype), f"M={m}")
+            if m == 1 or backend == "reference":
+                assert torch.equal(got, rows), (m, t)
+
+
+@pytest.mark.parametrize("backend,isa", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_int8_weight_only_op_rows_equal_their_m1_results(backend, isa):
+    """Each row's result is the one it gets alone at M = 1, bit for bit (the native kernels'
+    fixed point; the reference's F.linear makes no such promise)."""
+    n, k = 64, 128
+    w, s = random_int8_weight(n, k)
+    p = panels.pack_int8(w)
+    x = activation((13, k)) * 3
+    whole = run_op("int8_weight_only_mm_panels", backend, isa, x, (p, s), None)
+    for i in (0, 6, 12):
+        one = run_op("int8_weight_only_mm_panels", backend, isa, x[i:i + 1], (p, s), None)
+        assert torch.equal(whole[i:i + 1], one), i
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_int8_weight_only_op_bf16_rows_equal_the_canonical_kernels(backend, isa):
+    """bf16 activations at M >= 24 run one exact bf16 term on both layouts: the same bits."""
+    n, k = 64, 256
+    w, s = random_int8_weight(n, k)
+    x = activation((30, k), torch.bfloat16)
+    got = run_op("int8_weight_only_mm_panels", backend, isa, x, (panels.pack_int8(w), s), None)
+    assert torch.equal(got, run_op("int8_weight_only_mm", backend, isa, x, (w, s), None))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [1, 20])
+def test_int8_weight_only_op_rows_fixed_point_cannot_hold(backend, isa, m):
+    n, k = 32, 128
+    w, s = random_int8_weight(n, k)
+    x = activation((m, k))
+    x[0, 5] = float("nan")
+    x[-1, 7] = float("inf") if m > 1 else float("nan")
+    got = run_op("int8_weight_only_mm_panels", backend, isa, x, (panels.pack_int8(w), s), None)
+    expected = run_op("int8_weight_only_mm", backend, isa, x, (w, s), None)
+    assert torch.equal(got.isnan(), expected.isnan()) and got[0].isnan().all()
+    if m > 2:
+        from helpers import assert_close_named
+        assert_close_named(got[1:-1], reference.int8_weight_only_mm(x[1:-1], w, s),
+                           "int8_weight_only_mm/float32")
+
+
+@needs_panels
+def test_int8_weight_only_layer_keeps_panels(tmp_path):
+    m = _model()
+    pyquant.quantize_(m, pyquant.Int8WeightOnly())
+    assert m[0].weight_layout == "panels" and m[2].weight_layout == "rows"
+    w, s = pyquant.formats.quantize_int8_per_channel(_model()[0].weight)
+    assert torch.equal(m.state_dict()["0.weight"], w)
+    x = activation((5, 128))
+    y = m(x)
+    from helpers import assert_close_named
+    assert_close_named(y, _rows_twin(m)(x), "int8_weight_only_mm/float32")
+    pyquant.save(m, tmp_path / "w8.safetensors")
+    loaded = pyquant.load(_model(seed=4), tmp_path / "w8.safetensors")
+    assert loaded[0].weight_layout == "panels" and torch.equal(loaded(x), y)

@@ -373,6 +373,36 @@ int pq_int4_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, i
   return PQ_OK;
 }
 
+int64_t pq_int8_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K,
+                                                   int n_threads) {
+  if (M < 0 || K <= 0 || too_big(3 * M, K)) return -1;
+  const int64_t fixed = pq::int8wo_panels_work_bytes(M, K);
+  /* the bf16 panels of the AVX512-BF16 build, for activations that are bf16 values */
+  if (isa != PQ_ISA_AVX512_BF16 || M < pq::kInt8WoPanelsBf16MinM) return fixed;
+  const int64_t bf16 = bf16_panel_need(M, K, K, n_threads);
+  return bf16 < 0 ? -1 : bf16 > fixed ? bf16 : fixed;
+}
+
+int pq_int8_weight_only_mm_panels(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                                  const uint8_t* panels, int64_t N, const float* w_scale,
+                                  const float* bias, float* out, void* work, int64_t work_bytes,
+                                  int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t || !t->int8_weight_only_mm_panels) return PQ_ERR_ISA;
+  if (bad_x(x, M, K, ldx) || N <= 0 || K <= 0 || K % 64 || N % 32 || too_big(3 * M, K) ||
+      too_big(N, K) || too_big(M, N) || missing(panels, N * K) || ((uintptr_t)panels & 63) ||
+      missing(w_scale, N) || missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0) return PQ_OK;
+  if (!work || ((uintptr_t)work & 63) ||
+      work_bytes < pq_int8_weight_only_panels_workspace_bytes(isa, M, K, n_threads))
+    return PQ_ERR_ARG;
+  return t->int8_weight_only_mm_panels(x, M, K, ldx, panels, N, w_scale, bias, out, work,
+                                       threads(n_threads))
+             ? PQ_OK
+             : PQ_NOT_FIXED_POINT;
+}
+
 int64_t pq_int4_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K,
                                                    int64_t group_size, int n_threads) {
   if (M < 0 || K <= 0 || group_size <= 0 || K % group_size || too_big(3 * M, K)) return -1;

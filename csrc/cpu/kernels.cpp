@@ -108,7 +108,8 @@ bool int8_weight_only_panel(const float* x, int64_t M, int64_t K, int64_t ldx, c
   for (int64_t m0 = 0; m0 < M; m0 += S) {
     const int64_t ms = min64(S, M - m0);
     if (!split_rows_fixed24(x + m0 * ldx, ms, K, ldx, xq, xs, n_threads)) return false;
-    w8a8_fx24_panel_mm(xq, xs, ms, K, w, N, w_scale, bias, out + m0 * N, panels, n_threads);
+    w8a8_fx24_panel_mm(xq, xs, ms, K, w, nullptr, N, w_scale, bias, out + m0 * N, panels,
+                       n_threads);
   }
   return true;
 }
@@ -264,6 +265,32 @@ void int4_dynamic_mm_panels(const int8_t* xq, const float* x_scale, int64_t M, i
                             const uint8_t* zeros, int64_t G, const float* bias, float* out,
                             void* work, int n_threads) {
   w4a8_panels_mm(xq, x_scale, M, K, panels, N, scales, zeros, G, bias, out, work, n_threads);
+}
+
+/* int8 weight-only on the W8A8 panels converted at swap time, at every M: each x row in
+ * 24-bit fixed point, its three term rows in one tile (w8a8_fx24_panel_tile). work: 64-byte
+ * aligned, int8wo_panels_work_bytes(M, K). False when a row cannot be written in fixed
+ * point (out is then incomplete; the caller runs the canonical weights). */
+bool int8_weight_only_mm_panels(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                const uint8_t* panels, int64_t N, const float* w_scale,
+                                const float* bias, float* out, void* work, int n_threads) {
+#if defined(__AVX512BF16__) && !defined(PQ_AMX_BF16)
+  /* bf16 activations: one exact bf16 term, each panel converted from its bytes */
+  if (M >= pq::kInt8WoPanelsBf16MinM && rows_are_bf16(x, M, K, ldx)) {
+    bf16_panel_wo(x, M, K, ldx, N, K, bias, out, work, n_threads,
+                  [&](uint16_t* pb, float* sp, int64_t n0, int64_t) {
+                    bf16_pack_panel_u8(panels + n0 * K, K, pb);
+                    memcpy(sp, w_scale + n0, kBf16PanelRows * sizeof(float));
+                  });
+    return true;
+  }
+#endif
+  int8_t* xq = (int8_t*)work;
+  float* xs = (float*)(xq + pq::align64(3 * M * K));
+  void* xsum = (uint8_t*)xs + pq::align64(3 * M * 4);
+  if (!split_rows_fixed24(x, M, K, ldx, xq, xs, n_threads)) return false;
+  w8a8_fx24_panel_mm(xq, xs, M, K, nullptr, panels, N, w_scale, bias, out, xsum, n_threads);
+  return true;
 }
 
 /* int4 weight-only on the same panels, at every M: each x row in 24-bit fixed point, its
@@ -572,8 +599,9 @@ extern const pq::KernelTable kKernels = {
     int4_dynamic_mm,
 #if defined(PQ_SIMD_AVX512)
     int8_dynamic_mm_panels, int4_dynamic_mm_panels, int4_weight_only_mm_panels,
+    int8_weight_only_mm_panels,
 #else
-    nullptr, nullptr, nullptr,
+    nullptr, nullptr, nullptr, nullptr,
 #endif
 };
 

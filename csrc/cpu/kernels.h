@@ -43,6 +43,16 @@ inline int64_t w8a8_panel_work_bytes(int64_t M, int64_t K, int threads) {
 }
 /* The same on panels converted at swap time: the x row sums only. */
 inline int64_t int8_panels_work_bytes(int64_t M) { return align64(M * 4); }
+/* int8 weight-only on them: x's fixed-point terms [3M][K] and scales [3M], then the terms'
+ * sums. Activations that are bf16 values take the bf16 panels (tile_bf16_panel.h) from
+ * this many rows on the AVX512-BF16 build: against the fixed-point terms on the panels
+ * (Zen 4, 2 threads, Llama-2-7B shapes, in one process, both relative to the canonical
+ * bf16 path), M = 16: 1.09-1.11x vs 1.22-1.26x, M = 32: 1.06-1.09x vs 0.97-1.01x,
+ * M = 48: 1.05-1.07x vs 0.87-0.89x. */
+constexpr int64_t kInt8WoPanelsBf16MinM = 24;
+inline int64_t int8wo_panels_work_bytes(int64_t M, int64_t K) {
+  return align64(3 * M * K) + align64(3 * M * 4) + align64(3 * M * 4);
+}
 /* W4A8 on panels converted at swap time: the x rows' group sums only. */
 inline int64_t int4_panels_work_bytes(int64_t M, int64_t K, int64_t G) {
   return align64(M * (K / G) * 4);
@@ -276,6 +286,12 @@ struct KernelTable {
                                      const uint8_t* panels, int64_t N, const float* scales,
                                      const uint8_t* zeros, int64_t group_size, const float* bias,
                                      float* out, void* work, int n_threads);
+  /* AVX512 builds (else null): int8_weight_only_mm on the W8A8 panels (pq.h,
+   * pq_int8_weight_only_mm_panels); work: 64-byte aligned, int8wo_panels_work_bytes. False
+   * when a row of x cannot be written in 24-bit fixed point. */
+  bool (*int8_weight_only_mm_panels)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                     const uint8_t* panels, int64_t N, const float* w_scale,
+                                     const float* bias, float* out, void* work, int n_threads);
 };
 
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also

@@ -95,6 +95,28 @@ inline void bf16_pack_panel_nibbles(const uint8_t* pc, const uint8_t* zp, int64_
   }
 }
 
+/* A W8A8 panel packed at swap time ([K/4][2][16][4] bytes of w + 128, tile_vnni_panel.h)
+ * -> the bf16 panel of bf16_pack_panel_i8 (64 K bytes): per pair of k a byte permute
+ * spreads the codes into words, and w (|w| <= 127) goes to bf16 through fp32, exactly. */
+inline void bf16_pack_panel_u8(const uint8_t* pc, int64_t K, uint16_t* pb) {
+  alignas(64) uint8_t ix[2][64];
+  for (int s = 0; s < 2; ++s)
+    for (int w = 0; w < 32; ++w) ix[s][2 * w] = (uint8_t)(4 * (w / 2) + 2 * s + w % 2), ix[s][2 * w + 1] = 0;
+  const __m512i idx[2] = {_mm512_load_si512(ix[0]), _mm512_load_si512(ix[1])};
+  const __mmask64 even = 0x5555555555555555ull;
+  const __m512i bias = _mm512_set1_epi16(128);
+  for (int64_t j = 0; j < K / 4; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_load_si512(pc + j * 128 + h * 64);
+      for (int s = 0; s < 2; ++s) { /* k = 4j + 2s, 4j + 2s + 1 */
+        const __m512i w = _mm512_sub_epi16(_mm512_maskz_permutexvar_epi8(even, idx[s], v), bias);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1)));
+        _mm512_store_si512(pb + ((2 * j + s) * 2 + h) * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
+}
+
 /* Rows [0, nr) of the int8 weight w (row stride K; rows past nr: zeros) -> the bf16 panel
  * pb and the row scales as one group, sp[0][32]. K % 32 == 0. */
 inline void bf16_pack_panel_i8(const int8_t* w, const float* w_scale, int64_t nr, int64_t K,

@@ -416,18 +416,22 @@ inline void w8a8_fx24_panel_tile(const int8_t* xq, const int32_t* xsum, const fl
   });
 }
 
-/* The whole product for M x rows in fixed point (layout above), K % 64 == 0. work:
- * 64-byte aligned, pq::w8a8_panel_work_bytes(3 M, K, n_threads). */
+/* The whole product for M x rows in fixed point (layout above), K % 64 == 0. The weight
+ * is w, converted into panels per call (work: 64-byte aligned, pq::w8a8_panel_work_bytes(3
+ * M, K, n_threads)), or, when w is null, `panels` converted at swap time (work: the x term
+ * rows' sums, pq::int8_panels_work_bytes(3 M)). */
 inline void w8a8_fx24_panel_mm(const int8_t* xq, const float* xs, int64_t M, int64_t K,
-                               const int8_t* w, int64_t N, const float* w_scale, const float* bias,
-                               float* out, void* work, int n_threads) {
+                               const int8_t* w, const uint8_t* panels, int64_t N,
+                               const float* w_scale, const float* bias, float* out, void* work,
+                               int n_threads) {
   int32_t* xsum = (int32_t*)work;
   for_each_panel<kPanelMaxT / 3>(
-      M, N, n_threads, (uint8_t*)work + pq::align64(3 * M * 4), pq::align64(kPanelRows * K),
+      M, N, n_threads, (uint8_t*)work + pq::align64(3 * M * 4), w ? pq::align64(kPanelRows * K) : 0,
       [&](int64_t m) {
         for (int j = 0; j < 3; ++j) w8a8_row_sum(xq, 3 * m + j, K, xsum);
       },
       [&](uint8_t* pc, int64_t n0, int64_t nr) -> const uint8_t* {
+        if (!w) return panels + n0 * K;
         w8a8_pack_panel(w, n0, nr, K, pc);
         return pc;
       },
