@@ -117,6 +117,15 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(call_times(fn, reps))
 
 
+def _copies(nbytes: int, rotate_bytes: int, sharers: int) -> int:
+    """Weight copies of one make: together more than rotate_bytes (at most 64), and at least
+    two where several impls share them. Impls of one make run back to back in every round:
+    with a single copy the second would find most of what the first just read still in the
+    last-level cache (a 45 MB int8 weight against a 32 MB one read 103-167% of the bandwidth
+    that way)."""
+    return max(2 if sharers > 1 else 1, min(64, -(-rotate_bytes // max(nbytes, 1))))
+
+
 def _time_interleaved(entries: list, x, iters: int, warmup: int = 2) -> list[float]:
     """Median seconds of a call for each (run, states) of ``entries``: ``iters`` rounds of one
     call per entry, the entry that starts a round moving by one each round (no entry always
@@ -302,6 +311,9 @@ def run(
             w = torch.randn(n, k, generator=g) * 0.02
             ready = []  # (impl, weight bytes, rotating copies) of every impl this shape runs
             made = {}  # impls with the same make (e.g. an op and its x-bf16 row) share copies
+            sharers = {}
+            for impl in impls:
+                sharers[impl.make] = sharers.get(impl.make, 0) + 1
             for impl in impls:
                 if impl.make not in made:
                     try:
@@ -309,7 +321,7 @@ def run(
                     except Exception as e:  # a baseline missing on this torch build
                         print(f"skip {impl.name} on {n}x{k}: {e}", file=sys.stderr)
                         continue
-                    copies = max(1, min(64, -(-rotate_bytes // max(impl.nbytes(s0), 1))))
+                    copies = _copies(impl.nbytes(s0), rotate_bytes, sharers[impl.make])
                     made[impl.make] = [s0] + [_clone_state(s0) for _ in range(copies - 1)]
                 states = made[impl.make]
                 ready.append((impl, impl.nbytes(states[0]), states))

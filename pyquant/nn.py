@@ -208,13 +208,13 @@ class _QuantLinearBase(nn.Module):
 
 
 class _PanelLayout:
-    """Mixin of the dynamic layers (W8A8, W4A8) that keep their weight in the CPU backend's
-    panel layout (``pyquant.panels``) where the native kernels run fastest from it (AVX512
-    without AMX, whole 32-row panels): the panels are then converted once, here, instead of
-    on every call. ``weight_layout`` says which: "rows" (the canonical buffers) or "panels"
-    (the same bytes, reordered). The layout never leaves the layer: ``state_dict`` (and so
-    checkpoints), ``shard`` and moves to another device get the canonical buffers, and
-    ``canonical(name)`` returns one."""
+    """Mixin of the int8 and int4 layers that keep their weight in the CPU backend's panel
+    layout (``pyquant.panels``) where the native kernels run fastest from it (AVX512 without
+    AMX, whole 32-row panels): the panels are then converted once, here, instead of on every
+    call. ``weight_layout`` says which: "rows" (the canonical buffers) or "panels" (the same
+    bytes, reordered). The layout never leaves the layer: ``state_dict`` (and so checkpoints),
+    ``shard`` and moves to another device get the canonical buffers, and ``canonical(name)``
+    returns one."""
 
     #: "rows": the buffers of _PANEL_BUFFERS hold the canonical formats; "panels": the layout.
     weight_layout = "rows"
@@ -229,11 +229,15 @@ class _PanelLayout:
     def _rows_from_panels(self, bufs: tuple) -> tuple:
         raise NotImplementedError
 
+    def _unpacked(self) -> dict:
+        """{name: canonical tensor} of the buffers kept in panels (new tensors)."""
+        bufs = self._rows_from_panels(tuple(self._buffers[n] for n in self._PANEL_BUFFERS))
+        return dict(zip(self._PANEL_BUFFERS, bufs))
+
     def canonical(self, name: str) -> torch.Tensor:
         """Buffer ``name`` in its canonical format, whatever the layout it is kept in."""
         if self.weight_layout == "panels" and name in self._PANEL_BUFFERS:
-            bufs = self._rows_from_panels(tuple(self._buffers[n] for n in self._PANEL_BUFFERS))
-            return bufs[self._PANEL_BUFFERS.index(name)]
+            return self._unpacked()[name]
         return getattr(self, name)
 
     def _pack_if_fast(self):
@@ -249,18 +253,14 @@ class _PanelLayout:
         """The canonical buffers in place again; True when they were in panels."""
         if self.weight_layout != "panels":
             return False
-        bufs = self._rows_from_panels(tuple(self._buffers[n] for n in self._PANEL_BUFFERS))
-        for n, t in zip(self._PANEL_BUFFERS, bufs):
-            self._buffers[n] = t
+        self._buffers.update(self._unpacked())
         self.weight_layout = "rows"
         return True
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight_layout == "panels":  # checkpoints hold the canonical formats
-            bufs = self._rows_from_panels(tuple(self._buffers[n] for n in self._PANEL_BUFFERS))
-            for n, t in zip(self._PANEL_BUFFERS, bufs):
-                destination[prefix + n] = t
+            destination.update((prefix + n, t) for n, t in self._unpacked().items())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._to_rows()  # the canonical buffers that the checkpoint's tensors load into

@@ -119,6 +119,15 @@ def test_time_interleaved_shared_copies_never_repeat():
     assert all(a != b for a, b in zip(used, used[1:]))
 
 
+def test_shared_weight_copies_are_never_one():
+    """A list of copies that several impls share holds two or more, whatever their size: with
+    one, the impls that run back to back would read the same bytes from the cache."""
+    assert bench._copies(45 << 20, 40 << 20, sharers=3) == 2
+    assert bench._copies(45 << 20, 40 << 20, sharers=1) == 1
+    assert bench._copies(8 << 20, 40 << 20, sharers=2) == 5
+    assert bench._copies(1, 40 << 20, sharers=1) == 64
+
+
 @pytest.mark.parametrize("args, message", [
     (["--iters", "0"], "--iters 0: give at least 1 timed call"),
     (["--impls", "int9_magic"], "--impls int9_magic matches no impl; the impls: "),
@@ -174,3 +183,25 @@ def test_fixed_point_ab_script_runs(capsys):
     lines = [ln for ln in out if " M=16 " in ln]
     assert len(lines) == 4 and all("x float" in ln and "x fp32" in ln for ln in lines), out
     assert all("does not run here" in ln for ln in lines if ln.startswith("40x96 "))
+
+
+def test_panel_layout_ab_script_runs(capsys):
+    """benchmarks/panel_layout_ab.py on tiny shapes: a line per op, shape and M with the ratio
+    where the panel layout applies, and a line that says so where it does not (N = 40)."""
+    import importlib.util
+    import pathlib
+
+    from pyquant import panels
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "panel_layout_ab.py"
+    spec = importlib.util.spec_from_file_location("panel_layout_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shapes", "64x128,40x128", "--ms", "1,3", "--iters", "1",
+                     "--group-size", "32", "--max-copies", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ran = [ln for ln in out if ln.startswith("64x128 M=")]
+    if panels.panel_layout_applies(64, 128, "cpu"):
+        assert len(ran) == 8 and all(ln.endswith("x") and "panels" in ln for ln in ran), out
+    not_here = [ln for ln in out if "does not apply here" in ln]
+    assert len([ln for ln in not_here if ln.startswith("40x128 ")]) == 4, out
