@@ -351,16 +351,31 @@ def _int8_codes_mm(isa, pxq, pxs, m, k, w, w_scale, bias, out):
         _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
 
 
-def _run_int8_dynamic_mm(x, w, w_scale, bias=None):
-    n, k = w.shape
+def _run_dynamic(x, n: int, k: int, core, *wargs):
+    """A dynamic op: x's rows quantized to int8 into scratch, then core(isa, codes address,
+    scales address, M, K, *wargs, out), the op's int8 core (wargs end with the bias)."""
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     out = _out(m, n, x.dtype)
     if m and n:
         isa = current_isa()
         pxq, pxs, *_keep = _quantize_into(x2, isa)
-        _int8_codes_mm(isa, pxq, pxs, m, k, w, w_scale, bias, out)
+        core(isa, pxq, pxs, m, k, *wargs, out)
     return _finish(out, x, lead, n)
+
+
+def _run_codes(xq, x_scale, n: int, core, *wargs):
+    """core (as _run_dynamic's) on given activation codes and row scales: float32 [M, N]."""
+    m, k = xq.shape
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        xq, xs = xq.contiguous(), x_scale.contiguous()
+        core(current_isa(), _ptr(xq), _ptr(xs), m, k, *wargs, out)
+    return out
+
+
+def _run_int8_dynamic_mm(x, w, w_scale, bias=None):
+    return _run_dynamic(x, *w.shape, _int8_codes_mm, w, w_scale, bias)
 
 
 def int8_dynamic_mm(x, w, w_scale, bias=None):
@@ -375,115 +390,7 @@ def int8_codes_mm(xq, x_scale, w, w_scale, bias=None):
     x with the whole row's scale (pyquant.distributed) and then needs only this product."""
     _checks.check_int8_mm("int8_codes_mm", _check_codes("int8_codes_mm", xq, x_scale), w,
                           w_scale, bias)
-    m, k = xq.shape
-    out = torch.empty((m, w.shape[0]), dtype=torch.float32)
-    if m and w.shape[0]:
-        xq, xs = xq.contiguous(), x_scale.contiguous()
-        _int8_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, w, w_scale, bias, out)
-    return out
-
-
-def _int8_panels_codes_mm(isa, pxq, pxs, m, k, panels, w_scale, bias, out):
-    """_int8_codes_mm on a weight in the CPU panel layout (pyquant/panels.py). An ISA without
-    the panel kernels (AVX2, portable; or a forced one) runs the canonical rows, unpacked for
-    this call: the same result, bit for bit."""
-    n = panels.shape[0]
-    if isa < ISA_NAMES.index("avx512_vnni"):
-        from . import panels as _panels
-
-        return _int8_codes_mm(isa, pxq, pxs, m, k, _panels.unpack_int8(panels), w_scale, bias,
-                              out)
-    if panels.data_ptr() % 64 or not panels.is_contiguous():  # the kernel's aligned loads
-        panels = _aligned_copy(panels)
-    ws = w_scale.contiguous()
-    b = _bias_f32(bias)
-    nwork = module().int8_panels_workspace_bytes(m)
-    work = _work("xsum", nwork)
-    st = module().int8_dynamic_mm_panels(isa, pxq, pxs, m, k, _ptr(panels), n, _ptr(ws), _ptr(b),
-                                         _ptr(out), _threads(), _ptr(work), nwork)
-    if st:
-        _raise("int8_dynamic_mm_panels", st, M=m, N=n, K=k)
-
-
-def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t whose data starts on a 64-byte boundary."""
-    raw = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
-    off = -raw.data_ptr() % 64
-    out = raw[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-    return out.copy_(t)
-
-
-def _run_int8_weight_only_mm_panels(x, panels, w_scale, bias=None):
-    """int8_weight_only_mm on the panel layout (pyquant/panels.py). The canonical weight,
-    unpacked for the call, runs where the panel kernels do not: an ISA without them, and
-    activations that 24-bit fixed point cannot hold (Inf, NaN, rows below 2^-100), which
-    the canonical kernels' float path takes."""
-    n, k = panels.shape
-    isa = current_isa()
-
-    def rows():
-        from . import panels as _panels
-
-        return _run_int8_weight_only_mm(x, _panels.unpack_int8(panels), w_scale, bias)
-
-    if isa < ISA_NAMES.index("avx512_vnni"):
-        return rows()
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
-    out = _out(m, n, x.dtype)
-    if m:
-        xf = _rows_f32(x2)
-        if panels.data_ptr() % 64 or not panels.is_contiguous():  # the kernel's aligned loads
-            panels = _aligned_copy(panels)
-        ws, b, nt = w_scale.contiguous(), _bias_f32(bias), _threads()
-        nwork = module().int8_weight_only_panels_workspace_bytes(isa, m, k, nt)
-        work = _work("int8wo", nwork)
-        st = module().int8_weight_only_mm_panels(isa, _ptr(xf), m, k, xf.stride(0), _ptr(panels),
-                                                 n, _ptr(ws), _ptr(b), _ptr(out), nt,
-                                                 _ptr(work), nwork)
-        if st == _NOT_FIXED_POINT:
-            return rows()
-        if st:
-            _raise("int8_weight_only_mm_panels", st, M=m, N=n, K=k)
-    return _finish(out, x, lead, n)
-
-
-def int8_weight_only_mm_panels(x, panels, w_scale, bias=None):
-    _checks.check_int8_panels_mm("int8_weight_only_mm_panels", x, panels, w_scale, bias)
-    _require_cpu("int8_weight_only_mm_panels", x)
-    return _run_int8_weight_only_mm_panels(x, panels, w_scale, bias)
-
-
-def _run_int8_dynamic_mm_panels(x, panels, w_scale, bias=None):
-    n, k = panels.shape
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
-    out = _out(m, n, x.dtype)
-    if m:
-        isa = current_isa()
-        pxq, pxs, *_keep = _quantize_into(x2, isa)
-        _int8_panels_codes_mm(isa, pxq, pxs, m, k, panels, w_scale, bias, out)
-    return _finish(out, x, lead, n)
-
-
-def int8_dynamic_mm_panels(x, panels, w_scale, bias=None):
-    _checks.check_int8_panels_mm("int8_dynamic_mm_panels", x, panels, w_scale, bias)
-    _require_cpu("int8_dynamic_mm_panels", x)
-    return _run_int8_dynamic_mm_panels(x, panels, w_scale, bias)
-
-
-def int8_codes_mm_panels(xq, x_scale, panels, w_scale, bias=None):
-    """int8_codes_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
-    _checks.check_int8_panels_mm("int8_codes_mm_panels",
-                                 _check_codes("int8_codes_mm_panels", xq, x_scale), panels,
-                                 w_scale, bias)
-    m, k = xq.shape
-    out = torch.empty((m, panels.shape[0]), dtype=torch.float32)
-    if m:
-        xq, xs = xq.contiguous(), x_scale.contiguous()
-        _int8_panels_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, panels, w_scale, bias,
-                              out)
-    return out
+    return _run_codes(xq, x_scale, w.shape[0], _int8_codes_mm, w, w_scale, bias)
 
 
 def _run_int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
@@ -529,119 +436,9 @@ def _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bia
         _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
 
 
-def _run_int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):
-    """int4_weight_only_mm on the panel layout (pyquant/panels.py). The canonical tensors,
-    unpacked for the call, run where the panel kernels do not: an ISA without them, and
-    activations that 24-bit fixed point cannot hold (Inf, NaN, rows below 2^-100), which
-    the canonical kernels' float path takes."""
-    n, k = codes.shape[0], codes.shape[1] * 2
-    isa = current_isa()
-
-    def rows():
-        from . import panels as _panels
-
-        return _run_int4_weight_only_mm(x, *_panels.unpack_int4(codes, scales, zeros,
-                                                                group_size), group_size, bias)
-
-    if isa < ISA_NAMES.index("avx512_vnni"):
-        return rows()
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
-    out = _out(m, n, x.dtype)
-    if m:
-        xf = _rows_f32(x2)
-        if codes.data_ptr() % 64 or not codes.is_contiguous():  # the kernel's aligned loads
-            codes = _aligned_copy(codes)
-        if scales.data_ptr() % 64 or not scales.is_contiguous():
-            scales = _aligned_copy(scales)
-        zp, b, nt = zeros.contiguous(), _bias_f32(bias), _threads()
-        nwork = module().int4_weight_only_panels_workspace_bytes(isa, m, k, group_size, nt)
-        work = _work("int4wo", nwork)
-        st = module().int4_weight_only_mm_panels(
-            isa, _ptr(xf), m, k, xf.stride(0), _ptr(codes), n, _ptr(scales), _ptr(zp),
-            group_size, _ptr(b), _ptr(out), nt, _ptr(work), nwork)
-        if st == _NOT_FIXED_POINT:
-            return rows()
-        if st:
-            _raise("int4_weight_only_mm_panels", st, M=m, N=n, K=k, group_size=group_size)
-    return _finish(out, x, lead, n)
-
-
-def int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):
-    _checks.check_int4_panels_mm("int4_weight_only_mm_panels", x, codes, scales, zeros,
-                                 group_size, bias)
-    _require_cpu("int4_weight_only_mm_panels", x)
-    return _run_int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias)
-
-
-def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size, bias, out):
-    """_int4_codes_mm on a weight in the CPU panel layout (pyquant/panels.py); an ISA
-    without the panel kernels runs the canonical tensors, unpacked for this call."""
-    n = codes.shape[0]
-    if isa < ISA_NAMES.index("avx512_vnni"):
-        from . import panels as _panels
-
-        return _int4_codes_mm(isa, pxq, pxs, m, k,
-                              *_panels.unpack_int4(codes, scales, zeros, group_size), group_size,
-                              bias, out)
-    if codes.data_ptr() % 64 or not codes.is_contiguous():  # the kernel's aligned loads
-        codes = _aligned_copy(codes)
-    if scales.data_ptr() % 64 or not scales.is_contiguous():
-        scales = _aligned_copy(scales)
-    zp = zeros.contiguous()
-    b = _bias_f32(bias)
-    nwork = module().int4_panels_workspace_bytes(m, k, group_size)
-    work = _work("int4dyn", max(nwork, 64))
-    st = module().int4_dynamic_mm_panels(isa, pxq, pxs, m, k, _ptr(codes), n, _ptr(scales),
-                                         _ptr(zp), group_size, _ptr(b), _ptr(out), _threads(),
-                                         _ptr(work), nwork)
-    if st:
-        _raise("int4_dynamic_mm_panels", st, M=m, N=n, K=k, group_size=group_size)
-
-
-def _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias=None):
-    n, k = codes.shape[0], codes.shape[1] * 2
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
-    out = _out(m, n, x.dtype)
-    if m:
-        isa = current_isa()
-        pxq, pxs, *_keep = _quantize_into(x2, isa)
-        _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size, bias, out)
-    return _finish(out, x, lead, n)
-
-
-def int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias=None):
-    _checks.check_int4_panels_mm("int4_dynamic_mm_panels", x, codes, scales, zeros, group_size,
-                                 bias)
-    _require_cpu("int4_dynamic_mm_panels", x)
-    return _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias)
-
-
-def int4_codes_mm_panels(xq, x_scale, codes, scales, zeros, group_size, bias=None):
-    """int4_codes_mm on a weight in the CPU panel layout (pyquant/panels.py)."""
-    _checks.check_int4_panels_mm("int4_codes_mm_panels",
-                                 _check_codes("int4_codes_mm_panels", xq, x_scale), codes,
-                                 scales, zeros, group_size, bias)
-    m, k = xq.shape
-    out = torch.empty((m, codes.shape[0]), dtype=torch.float32)
-    if m:
-        xq, xs = xq.contiguous(), x_scale.contiguous()
-        _int4_panels_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, codes, scales, zeros,
-                              group_size, bias, out)
-    return out
-
-
 def _run_int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
-    n, k = w_packed.shape[0], w_packed.shape[1] * 2
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
-    out = _out(m, n, x.dtype)
-    if m and n:
-        isa = current_isa()
-        pxq, pxs, *_keep = _quantize_into(x2, isa)
-        _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bias, out)
-    return _finish(out, x, lead, n)
+    return _run_dynamic(x, w_packed.shape[0], w_packed.shape[1] * 2, _int4_codes_mm, w_packed,
+                        scales, zeros, group_size, bias)
 
 
 def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
@@ -658,13 +455,8 @@ def int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias=None):
     _checks.check_int4_mm("int4_codes_mm", _check_codes("int4_codes_mm", xq, x_scale),
                           w_packed, scales, zeros, group_size, bias)
     _checks.check_int4_dynamic_group("int4_codes_mm", group_size)
-    m, k = xq.shape
-    out = torch.empty((m, w_packed.shape[0]), dtype=torch.float32)
-    if m and w_packed.shape[0]:
-        xq, xs = xq.contiguous(), x_scale.contiguous()
-        _int4_codes_mm(current_isa(), _ptr(xq), _ptr(xs), m, k, w_packed, scales, zeros,
-                       group_size, bias, out)
-    return out
+    return _run_codes(xq, x_scale, w_packed.shape[0], _int4_codes_mm, w_packed, scales, zeros,
+                      group_size, bias)
 
 
 def stream_read(buf: torch.Tensor, n_threads: Optional[int] = None) -> int:
@@ -940,3 +732,12 @@ def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
                 raise ValueError(f"{op}: inconsistent unstructured sparse weight: {why}")
             _raise(op, st, M=m, N=n, K=k, nnz=v.numel())
     return out.to(x.dtype).reshape(*lead, n)
+
+
+# The ops on the CPU panel layout of the weights (pyquant/panels.py) live in their own module;
+# they are this module's functions as far as the dispatch table (ops.py) is concerned.
+from ._native_panels import (  # noqa: E402
+    _run_int4_dynamic_mm_panels, _run_int4_weight_only_mm_panels, _run_int8_dynamic_mm_panels,
+    _run_int8_weight_only_mm_panels, int4_codes_mm_panels, int4_dynamic_mm_panels,
+    int4_weight_only_mm_panels, int8_codes_mm_panels, int8_dynamic_mm_panels,
+    int8_weight_only_mm_panels)

@@ -1,14 +1,15 @@
 """The CPU backend's own layout of int8 and int4 weights: 32-row panels, packed once at swap
 time.
 
-The W8A8 kernels of the AVX512 ISAs (csrc/cpu/tile_vnni_panel.h) run with their dword
-lanes along N: each step of 4 k multiplies 32 weight rows by one broadcast of 4 x codes.
+The int8 dot-product kernels of the AVX512 ISAs (csrc/cpu/tile_vnni_panel.h) run with their
+dword lanes along N: each step of 4 k multiplies 32 weight rows by one broadcast of 4 x codes.
 From the canonical rows they would convert every 32-row panel on every call, a pass over
 the weights that does not overlap the products (~1.2 ms a call for 11008 x 4096, as much
-as the products of ~10 rows of x). ``Int8DynamicLinear`` therefore keeps its weight in the
-panel layout where the native library says that it runs fastest from it
-(``panel_layout_applies``), and converts back to the canonical rows for ``state_dict``,
-checkpoints, sharding and other devices: the layout never leaves the layer.
+as the products of ~10 rows of x). The int8 and int4 layers (pyquant/nn.py, _PanelLayout)
+therefore keep their weights in the panel layout where the native library says that it runs
+fastest from it (``panel_layout_applies``, ``int4_panel_layout_applies``), and convert back
+to the canonical formats for ``state_dict``, checkpoints, sharding and other devices: the
+layout never leaves the layer. The ``*_panels`` ops (ops.py) take it.
 
 Layout (N % 32 == 0, K % 64 == 0), uint8 [N, K] holding the bytes [N/32][K/4][2][16][4]:
 
@@ -18,8 +19,8 @@ so panel p is rows 32 p .. 32 p + 31 of the [N, K] view (slicing whole panels is
 rows), and within it the 4 codes of k = 4j .. 4j + 3 of 16 rows are one 64-byte vector:
 u8 operands for the u8 x s8 dot product (w >= -127, so w + 128 fits).
 
-``Int4DynamicLinear`` (W4A8) keeps its int4 weight the same way (N % 32 == 0, K % 64 == 0,
-group size G % 32 == 0), in the bytes of the canonical format: codes uint8 [N, K/2] holding
+The int4 layers keep their weight the same way (N % 32 == 0, K % 64 == 0, group size
+G % 32 == 0), in the bytes of the canonical format: codes uint8 [N, K/2] holding
 [N/32][K/8][2][16][4] bytes, and the scales (float32) and zero points (uint8) [N, K/G]
 holding [N/32][K/G][32]:
 
