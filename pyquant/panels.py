@@ -49,8 +49,32 @@ def pack_int8(w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_int8 takes an int8 [N, K] weight with N % {ROWS} == 0 and "
                          f"K % {K_ALIGN} == 0, got {w.dtype} {tuple(w.shape)}")
     n, k = w.shape
-    u = w.contiguous().view(torch.uint8) ^ 0x80  # w + 128 (mod 256): the bits of w, top flipped
+    w = w.contiguous()
+    out = _native_pack(8, w, n, k)
+    if out is not None:
+        return out
+    u = w.view(torch.uint8) ^ 0x80  # w + 128 (mod 256): the bits of w, top flipped
     return u.reshape(n // ROWS, 2, 16, k // 4, 4).permute(0, 3, 1, 2, 4).contiguous().view(n, k)
+
+
+def _native_pack(bits: int, w: torch.Tensor, n: int, k: int):
+    """The native packer (pq_pack_panels) where this ISA has it and the sizes suit it (int4:
+    K % 128 == 0), else None: the same bytes (tests compare both), and quicker when a model is
+    quantized or loaded (11008 x 4096 on a Zen 4: int8 14 ms, int4 9 ms, against 44 and 82 ms
+    for the PyTorch reshuffle)."""
+    from . import _native
+
+    if (not _native.available() or w.device.type != "cpu" or not _use_native
+            or _native.current_isa() < _native.ISA_NAMES.index("avx512_vnni")
+            or (bits == 4 and k % 128)):
+        return None
+    out = torch.empty((n, k * bits // 8), dtype=torch.uint8)
+    st = _native.module().pack_panels(_native.current_isa(), bits, w.data_ptr(), n, k,
+                                      out.data_ptr(), _native._threads())
+    return None if st else out
+
+
+_use_native = True  # tests turn it off to compare the PyTorch packers with the native ones
 
 
 def unpack_int8(panels: torch.Tensor) -> torch.Tensor:
@@ -96,9 +120,12 @@ def pack_int4(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
     _check_int4("pack_int4", w_packed, scales, zeros, group_size)
     n, k = w_packed.shape[0], 2 * w_packed.shape[1]
-    c = formats.unpack_int4(w_packed.contiguous()).reshape(n // ROWS, 2, 16, k // 8, 2, 4)
-    c = c.permute(0, 3, 1, 2, 5, 4)  # (p, j, h, i, c, low/high)
-    codes = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(n, k // 2)
+    w_packed = w_packed.contiguous()
+    codes = _native_pack(4, w_packed, n, k)
+    if codes is None:
+        c = formats.unpack_int4(w_packed).reshape(n // ROWS, 2, 16, k // 8, 2, 4)
+        c = c.permute(0, 3, 1, 2, 5, 4)  # (p, j, h, i, c, low/high)
+        codes = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(n, k // 2)
     return codes, _groups_to_panels(scales), _groups_to_panels(zeros)
 
 

@@ -555,3 +555,29 @@ def test_int8_weight_only_layer_keeps_panels(tmp_path):
     pyquant.save(m, tmp_path / "w8.safetensors")
     loaded = pyquant.load(_model(seed=4), tmp_path / "w8.safetensors")
     assert loaded[0].weight_layout == "panels" and torch.equal(loaded(x), y)
+
+
+@pytest.mark.parametrize("n,k", [(32, 64), (32, 128), (96, 384), (64, 1152)])
+def test_native_packers_equal_the_pytorch_ones(n, k, monkeypatch):
+    """pq_pack_panels (used where the ISA has it) writes the bytes of the PyTorch packers,
+    whose layout test_layout_formula checks entry by entry; int4 at K % 128 == 64 packs in
+    PyTorch."""
+    w, _ = random_int8_weight(n, k, seed=k)
+    wp, sc, zp, _ = _int4_weight(n, k, 32, seed=k)
+    native8, native4 = panels.pack_int8(w), panels.pack_int4(wp, sc, zp, 32)
+    monkeypatch.setattr(panels, "_use_native", False)
+    assert torch.equal(native8, panels.pack_int8(w))
+    assert all(torch.equal(a, b) for a, b in zip(native4, panels.pack_int4(wp, sc, zp, 32)))
+    assert torch.equal(panels.unpack_int8(native8), w)
+    assert all(torch.equal(a, b) for a, b in zip(panels.unpack_int4(*native4, 32), (wp, sc, zp)))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512_vnni", "avx512_bf16"])
+def test_pack_on_every_isa(isa):
+    """A forced ISA without the native packer packs in PyTorch: the same bytes."""
+    if not (_native.available() and _native.module().isa_available(_native.ISA_NAMES.index(isa))):
+        pytest.skip(f"ISA {isa} not available here")
+    w, _ = random_int8_weight(64, 256)
+    expected = panels.pack_int8(w)
+    with _native.use_isa(isa):
+        assert torch.equal(panels.pack_int8(w), expected)

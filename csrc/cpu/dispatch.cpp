@@ -342,6 +342,17 @@ int pq_int8_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, i
   return PQ_OK;
 }
 
+int pq_pack_panels(int isa, int bits, const uint8_t* w, int64_t N, int64_t K, uint8_t* out,
+                   int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t || !t->pack_panels) return PQ_ERR_ISA;
+  if ((bits != 8 && bits != 4) || N <= 0 || K <= 0 || N % 32 || K % (bits == 8 ? 64 : 128) ||
+      too_big(N, K) || missing(w, N * K * bits / 8) || missing(out, N * K * bits / 8))
+    return PQ_ERR_ARG;
+  t->pack_panels(bits, w, N, K, out, threads(n_threads));
+  return PQ_OK;
+}
+
 int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size) {
   return pq_int8_panel_layout(isa, K, N) && table(isa)->int4_dynamic_mm_panels &&
          group_size > 0 && group_size % 32 == 0 && K % group_size == 0;

@@ -322,6 +322,22 @@ bool int4_weight_only_mm_panels(const float* x, int64_t M, int64_t K, int64_t ld
 }
 #endif
 
+#if defined(PQ_SIMD_AVX512)
+/* The panel layouts (pq.h: pq_pack_panels) of a whole weight, a panel a task: int8 rows
+ * (bits 8, w + 128) or canonical int4 codes (bits 4, K % 128 == 0). N % 32 == 0. */
+void pack_panels(int bits, const uint8_t* w, int64_t N, int64_t K, uint8_t* out, int n_threads) {
+  const int64_t panels = N / kPanelRows, bytes = kPanelRows * K * bits / 8;
+  const int threads = panels < n_threads ? (int)panels : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t p = 0; p < panels; ++p) {
+    if (bits == 8)
+      w8a8_pack_panel((const int8_t*)w, p * kPanelRows, kPanelRows, K, out + p * bytes);
+    else
+      w4a8_pack_nibble_panel(w + p * bytes, K, out + p * bytes);
+  }
+}
+#endif
+
 void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                      float* out, void* work, int64_t work_bytes, int n_threads) {
@@ -599,9 +615,9 @@ extern const pq::KernelTable kKernels = {
     int4_dynamic_mm,
 #if defined(PQ_SIMD_AVX512)
     int8_dynamic_mm_panels, int4_dynamic_mm_panels, int4_weight_only_mm_panels,
-    int8_weight_only_mm_panels,
+    int8_weight_only_mm_panels, pack_panels,
 #else
-    nullptr, nullptr, nullptr, nullptr,
+    nullptr, nullptr, nullptr, nullptr, nullptr,
 #endif
 };
 

@@ -358,6 +358,25 @@ inline void w8a8_pack_panel(const int8_t* w, int64_t n0, int64_t nr, int64_t K, 
   });
 }
 
+/* 32 rows of the canonical int4 codes wp (two a byte, row stride K / 2) -> the nibble panel
+ * of w4a8_nibble_panel_acc. Each dword of a row, codes c0..c7 in its nibbles, becomes c0 c4
+ * c1 c5 c2 c6 c3 c7 (the outer perfect shuffle: swap the middle bytes, then the middle
+ * nibbles of each half), so that its low nibbles are k = 8j .. 8j + 3 and its high ones the
+ * next four; the dword transpose then puts 16 rows in a vector. K % 128 == 0. */
+inline void w4a8_pack_nibble_panel(const uint8_t* wp, int64_t K, uint8_t* pc) {
+  const __m512i b12 = _mm512_set1_epi32(0x0000FF00), keep_b = _mm512_set1_epi32((int)0xFF0000FF);
+  const __m512i n12 = _mm512_set1_epi32(0x00F000F0), keep_n = _mm512_set1_epi32((int)0xF00FF00F);
+  pack_panel_dwords(kPanelRows, K / 128, pc, [&](int64_t n, int64_t c) {
+    __m512i x = _mm512_loadu_si512(wp + n * (K / 2) + 64 * c);
+    x = _mm512_or_si512(_mm512_and_si512(x, keep_b),
+                        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(x, b12), 8),
+                                        _mm512_and_si512(_mm512_srli_epi32(x, 8), b12)));
+    return _mm512_or_si512(_mm512_and_si512(x, keep_n),
+                           _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(x, n12), 4),
+                                           _mm512_and_si512(_mm512_srli_epi32(x, 4), n12)));
+  });
+}
+
 /* xsum[m] = the sum of x row m's K codes (the u8 panel's bias correction). */
 inline void w8a8_row_sum(const int8_t* xq, int64_t m, int64_t K, int32_t* xsum) {
   code_group_sums(xq + m * K, K, K, xsum + m);
