@@ -163,12 +163,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("n_threads"));
 
   m.def("pack_panels",
-        [](int isa, int bits, uintptr_t w, int64_t N, int64_t K, uintptr_t out, int n_threads) {
-          return pq_pack_panels(isa, bits, ptr<const uint8_t>(w), N, K, ptr<uint8_t>(out),
-                                n_threads);
+        [](int isa, int bits, int unpack, uintptr_t w, int64_t N, int64_t K, uintptr_t out,
+           int n_threads) {
+          return pq_pack_panels(isa, bits, unpack, ptr<const uint8_t>(w), N, K,
+                                ptr<uint8_t>(out), n_threads);
         },
-        py::arg("isa"), py::arg("bits"), py::arg("w"), py::arg("N"), py::arg("K"), py::arg("out"),
-        py::arg("n_threads"), gil_release());
+        py::arg("isa"), py::arg("bits"), py::arg("unpack"), py::arg("w"), py::arg("N"),
+        py::arg("K"), py::arg("out"), py::arg("n_threads"), gil_release());
   m.def("int4_weight_only_mm_panels",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t panels, int64_t N,
            uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,

@@ -150,10 +150,11 @@ int64_t pq_int8_panels_workspace_bytes(int64_t M);
 /* A whole weight into the panel layouts above, natively (pyquant/panels.py has the same in
  * PyTorch): bits 8, w the int8 rows [N, K] -> pq_int8_dynamic_mm_panels's layout (K % 64 ==
  * 0); bits 4, w the canonical int4 codes [N, K/2] -> pq_int4_dynamic_mm_panels's codes (K %
- * 128 == 0; scales and zeros are reordered by the caller). N % 32 == 0; out holds N K bits / 8
- * bytes. PQ_ERR_ISA on an ISA without the panel kernels. */
-int pq_pack_panels(int isa, int bits, const uint8_t* w, int64_t N, int64_t K, uint8_t* out,
-                   int n_threads);
+ * 128 == 0; scales and zeros are reordered by the caller). With unpack, the other way (w the
+ * panels, 64-byte aligned). N % 32 == 0; out holds N K bits / 8 bytes. PQ_ERR_ISA on an ISA
+ * without the panel kernels. */
+int pq_pack_panels(int isa, int bits, int unpack, const uint8_t* w, int64_t N, int64_t K,
+                   uint8_t* out, int n_threads);
 
 /* 1 when W8A8 layers of these sizes should keep their weight in that layout on this ISA:
  * AVX512-VNNI and AVX512-BF16 (on AMX the canonical rows feed the tiles faster). */

@@ -560,16 +560,22 @@ def test_int8_weight_only_layer_keeps_panels(tmp_path):
 @pytest.mark.parametrize("n,k", [(32, 64), (32, 128), (96, 384), (64, 1152)])
 def test_native_packers_equal_the_pytorch_ones(n, k, monkeypatch):
     """pq_pack_panels (used where the ISA has it) writes the bytes of the PyTorch packers,
-    whose layout test_layout_formula checks entry by entry; int4 at K % 128 == 64 packs in
-    PyTorch."""
+    whose layout test_layout_formula checks entry by entry, and unpacks them back as the
+    PyTorch unpackers do; int4 at K % 128 == 64 runs in PyTorch."""
     w, _ = random_int8_weight(n, k, seed=k)
     wp, sc, zp, _ = _int4_weight(n, k, 32, seed=k)
     native8, native4 = panels.pack_int8(w), panels.pack_int4(wp, sc, zp, 32)
     monkeypatch.setattr(panels, "_use_native", False)
     assert torch.equal(native8, panels.pack_int8(w))
     assert all(torch.equal(a, b) for a, b in zip(native4, panels.pack_int4(wp, sc, zp, 32)))
-    assert torch.equal(panels.unpack_int8(native8), w)
-    assert all(torch.equal(a, b) for a, b in zip(panels.unpack_int4(*native4, 32), (wp, sc, zp)))
+    # and the native unpackers (used by state_dict) against the PyTorch ones
+    torch_rows8 = panels.unpack_int8(native8)
+    torch_rows4 = panels.unpack_int4(*native4, 32)
+    monkeypatch.setattr(panels, "_use_native", True)
+    assert torch.equal(panels.unpack_int8(native8), torch_rows8) and torch.equal(torch_rows8, w)
+    rows4 = panels.unpack_int4(*native4, 32)
+    assert all(torch.equal(a, b) and torch.equal(b, c)
+               for a, b, c in zip(rows4, torch_rows4, (wp, sc, zp)))
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512_vnni", "avx512_bf16"])

@@ -342,14 +342,15 @@ int pq_int8_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, i
   return PQ_OK;
 }
 
-int pq_pack_panels(int isa, int bits, const uint8_t* w, int64_t N, int64_t K, uint8_t* out,
-                   int n_threads) {
+int pq_pack_panels(int isa, int bits, int unpack, const uint8_t* w, int64_t N, int64_t K,
+                   uint8_t* out, int n_threads) {
   const pq::KernelTable* t = table(isa);
   if (!t || !t->pack_panels) return PQ_ERR_ISA;
   if ((bits != 8 && bits != 4) || N <= 0 || K <= 0 || N % 32 || K % (bits == 8 ? 64 : 128) ||
-      too_big(N, K) || missing(w, N * K * bits / 8) || missing(out, N * K * bits / 8))
+      too_big(N, K) || missing(w, N * K * bits / 8) || missing(out, N * K * bits / 8) ||
+      (unpack && ((uintptr_t)w & 63)))
     return PQ_ERR_ARG;
-  t->pack_panels(bits, w, N, K, out, threads(n_threads));
+  t->pack_panels(bits, unpack != 0, w, N, K, out, threads(n_threads));
   return PQ_OK;
 }
 

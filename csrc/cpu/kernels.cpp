@@ -324,16 +324,24 @@ bool int4_weight_only_mm_panels(const float* x, int64_t M, int64_t K, int64_t ld
 
 #if defined(PQ_SIMD_AVX512)
 /* The panel layouts (pq.h: pq_pack_panels) of a whole weight, a panel a task: int8 rows
- * (bits 8, w + 128) or canonical int4 codes (bits 4, K % 128 == 0). N % 32 == 0. */
-void pack_panels(int bits, const uint8_t* w, int64_t N, int64_t K, uint8_t* out, int n_threads) {
+ * (bits 8, w + 128) or canonical int4 codes (bits 4, K % 128 == 0), or back (unpack).
+ * N % 32 == 0. */
+void pack_panels(int bits, bool unpack, const uint8_t* w, int64_t N, int64_t K, uint8_t* out,
+                 int n_threads) {
   const int64_t panels = N / kPanelRows, bytes = kPanelRows * K * bits / 8;
   const int threads = panels < n_threads ? (int)panels : n_threads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t p = 0; p < panels; ++p) {
-    if (bits == 8)
-      w8a8_pack_panel((const int8_t*)w, p * kPanelRows, kPanelRows, K, out + p * bytes);
+    const uint8_t* src = w + p * bytes;
+    uint8_t* dst = out + p * bytes;
+    if (bits == 8 && !unpack)
+      w8a8_pack_panel((const int8_t*)w, p * kPanelRows, kPanelRows, K, dst);
+    else if (bits == 8)
+      w8a8_unpack_panel(src, K, (int8_t*)dst);
+    else if (!unpack)
+      w4a8_pack_nibble_panel(src, K, dst);
     else
-      w4a8_pack_nibble_panel(w + p * bytes, K, out + p * bytes);
+      w4a8_unpack_nibble_panel(src, K, dst);
   }
 }
 #endif

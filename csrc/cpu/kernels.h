@@ -292,9 +292,10 @@ struct KernelTable {
   bool (*int8_weight_only_mm_panels)(const float* x, int64_t M, int64_t K, int64_t ldx,
                                      const uint8_t* panels, int64_t N, const float* w_scale,
                                      const float* bias, float* out, void* work, int n_threads);
-  /* AVX512 builds (else null): a whole weight into its panels (pq.h, pq_pack_panels) */
-  void (*pack_panels)(int bits, const uint8_t* w, int64_t N, int64_t K, uint8_t* out,
-                      int n_threads);
+  /* AVX512 builds (else null): a whole weight into its panels or back (pq.h,
+   * pq_pack_panels) */
+  void (*pack_panels)(int bits, bool unpack, const uint8_t* w, int64_t N, int64_t K,
+                      uint8_t* out, int n_threads);
 };
 
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also

@@ -104,6 +104,19 @@ inline void pack_panel_dwords(int64_t nr, int64_t chunks, uint8_t* dst, Row row)
     }
 }
 
+/* The inverse of pack_panel_dwords for a whole panel: store(n, c, v) gets the 16 dwords of
+ * chunk c of row n (the transpose is its own inverse). */
+template <class Store>
+inline void unpack_panel_dwords(int64_t chunks, const uint8_t* src, Store store) {
+  for (int h = 0; h < 2; ++h)
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_load_si512(src + ((16 * c + j) * 2 + h) * 64);
+      transpose16x16(r); /* r[i]: the 16 dwords of chunk c of row 16h + i */
+      for (int i = 0; i < 16; ++i) store(16 * h + i, c, r[i]);
+    }
+}
+
 /* The panel's codes pc (K * 32 bytes, 64-byte aligned, order above) from row(n, k0): the
  * u8 codes k0..k0+63 of weight row n < nr. K % 64 == 0. */
 template <class Row>
@@ -363,17 +376,35 @@ inline void w8a8_pack_panel(const int8_t* w, int64_t n0, int64_t nr, int64_t K, 
  * c1 c5 c2 c6 c3 c7 (the outer perfect shuffle: swap the middle bytes, then the middle
  * nibbles of each half), so that its low nibbles are k = 8j .. 8j + 3 and its high ones the
  * next four; the dword transpose then puts 16 rows in a vector. K % 128 == 0. */
+/* Swap the two middle bytes of each dword, or (bytes false) the two middle nibbles of each
+ * 16-bit half: each its own inverse. */
+inline __m512i swap_middle(__m512i x, bool bytes) {
+  const int sh = bytes ? 8 : 4;
+  const __m512i mid = _mm512_set1_epi32(bytes ? 0x0000FF00 : 0x00F000F0);
+  const __m512i keep = _mm512_set1_epi32(bytes ? (int)0xFF0000FF : (int)0xF00FF00F);
+  return _mm512_or_si512(_mm512_and_si512(x, keep),
+                         _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(x, mid), sh),
+                                         _mm512_and_si512(_mm512_srli_epi32(x, sh), mid)));
+}
+
 inline void w4a8_pack_nibble_panel(const uint8_t* wp, int64_t K, uint8_t* pc) {
-  const __m512i b12 = _mm512_set1_epi32(0x0000FF00), keep_b = _mm512_set1_epi32((int)0xFF0000FF);
-  const __m512i n12 = _mm512_set1_epi32(0x00F000F0), keep_n = _mm512_set1_epi32((int)0xF00FF00F);
   pack_panel_dwords(kPanelRows, K / 128, pc, [&](int64_t n, int64_t c) {
-    __m512i x = _mm512_loadu_si512(wp + n * (K / 2) + 64 * c);
-    x = _mm512_or_si512(_mm512_and_si512(x, keep_b),
-                        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(x, b12), 8),
-                                        _mm512_and_si512(_mm512_srli_epi32(x, 8), b12)));
-    return _mm512_or_si512(_mm512_and_si512(x, keep_n),
-                           _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(x, n12), 4),
-                                           _mm512_and_si512(_mm512_srli_epi32(x, 4), n12)));
+    return swap_middle(swap_middle(_mm512_loadu_si512(wp + n * (K / 2) + 64 * c), true), false);
+  });
+}
+
+/* Its inverse: the nibble panel pc -> 32 rows of canonical int4 codes (row stride K / 2). */
+inline void w4a8_unpack_nibble_panel(const uint8_t* pc, int64_t K, uint8_t* wp) {
+  unpack_panel_dwords(K / 128, pc, [&](int64_t n, int64_t c, __m512i v) {
+    _mm512_storeu_si512(wp + n * (K / 2) + 64 * c, swap_middle(swap_middle(v, false), true));
+  });
+}
+
+/* The W8A8 panel pc -> its 32 int8 rows (row stride K). */
+inline void w8a8_unpack_panel(const uint8_t* pc, int64_t K, int8_t* w) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  unpack_panel_dwords(K / 64, pc, [&](int64_t n, int64_t c, __m512i v) {
+    _mm512_storeu_si512(w + n * K + 64 * c, _mm512_xor_si512(v, flip));
   });
 }
 
