@@ -351,6 +351,12 @@ def _int8_codes_mm(isa, pxq, pxs, m, k, w, w_scale, bias, out):
         _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
 
 
+def has_panel_kernels(isa: int) -> bool:
+    """True when ISA ``isa``'s kernels take the panel layouts (pyquant/panels.py): the AVX512
+    levels; below them the *_panels ops unpack."""
+    return isa >= ISA_NAMES.index("avx512_vnni")
+
+
 def _run_dynamic(x, n: int, k: int, core, *wargs):
     """A dynamic op: x's rows quantized to int8 into scratch, then core(isa, codes address,
     scales address, M, K, *wargs, out), the op's int8 core (wargs end with the bias)."""

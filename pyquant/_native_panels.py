@@ -11,13 +11,10 @@ import torch
 
 from . import _checks, panels
 from ._native import (
-    ISA_NAMES, _NOT_FIXED_POINT, _bias_f32, _check_codes, _finish, _flat, _int4_codes_mm,
+    _NOT_FIXED_POINT, _bias_f32, _check_codes, _finish, _flat, _int4_codes_mm,
     _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes, _run_dynamic,
-    _run_int4_weight_only_mm, _run_int8_weight_only_mm, _threads, _work, current_isa, module)
-
-
-def _has_panel_kernels(isa: int) -> bool:
-    return isa >= ISA_NAMES.index("avx512_vnni")
+    _run_int4_weight_only_mm, _run_int8_weight_only_mm, _threads, _work, current_isa,
+    has_panel_kernels, module)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -35,7 +32,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def _int8_panels_codes_mm(isa, pxq, pxs, m, k, p, w_scale, bias, out):
     """_int8_codes_mm on panels p: the same result, bit for bit."""
-    if not _has_panel_kernels(isa):
+    if not has_panel_kernels(isa):
         return _int8_codes_mm(isa, pxq, pxs, m, k, panels.unpack_int8(p), w_scale, bias, out)
     n = p.shape[0]
     p, ws, b = _aligned(p), w_scale.contiguous(), _bias_f32(bias)
@@ -47,27 +44,41 @@ def _int8_panels_codes_mm(isa, pxq, pxs, m, k, p, w_scale, bias, out):
         _raise("int8_dynamic_mm_panels", st, M=m, N=n, K=k)
 
 
-def _run_int8_weight_only_mm_panels(x, p, w_scale, bias=None):
-    n, k = p.shape
+def _run_weight_only(op: str, x, n: int, k: int, rows, call):
+    """A weight-only op on panels: call(isa, x rows address, M, ldx, out, threads) runs the
+    native kernel and returns its status; rows() runs the canonical tensors instead, on an
+    ISA without the panel kernels or for rows that fixed point cannot hold."""
     isa = current_isa()
-    if not _has_panel_kernels(isa):
-        return _run_int8_weight_only_mm(x, panels.unpack_int8(p), w_scale, bias)
+    if not has_panel_kernels(isa):
+        return rows()
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     out = _out(m, n, x.dtype)
     if m:
         xf = _rows_f32(x2)
-        ws, b, nt = w_scale.contiguous(), _bias_f32(bias), _threads()
+        st = call(isa, _ptr(xf), m, xf.stride(0), out, _threads())
+        if st == _NOT_FIXED_POINT:
+            return rows()
+        if st:
+            _raise(op, st, M=m, N=n, K=k)
+    return _finish(out, x, lead, n)
+
+
+def _run_int8_weight_only_mm_panels(x, p, w_scale, bias=None):
+    n, k = p.shape
+
+    def call(isa, px, m, ldx, out, nt):
+        # every tensor whose address crosses over is held in a name until the call returns
+        pa, ws, b = _aligned(p), w_scale.contiguous(), _bias_f32(bias)
         nwork = module().int8_weight_only_panels_workspace_bytes(isa, m, k, nt)
         work = _work("int8wo", nwork)
-        st = module().int8_weight_only_mm_panels(isa, _ptr(xf), m, k, xf.stride(0),
-                                                 _ptr(_aligned(p)), n, _ptr(ws), _ptr(b),
-                                                 _ptr(out), nt, _ptr(work), nwork)
-        if st == _NOT_FIXED_POINT:
-            return _run_int8_weight_only_mm(x, panels.unpack_int8(p), w_scale, bias)
-        if st:
-            _raise("int8_weight_only_mm_panels", st, M=m, N=n, K=k)
-    return _finish(out, x, lead, n)
+        return module().int8_weight_only_mm_panels(isa, px, m, k, ldx, _ptr(pa), n, _ptr(ws),
+                                                   _ptr(b), _ptr(out), nt, _ptr(work), nwork)
+
+    def rows():
+        return _run_int8_weight_only_mm(x, panels.unpack_int8(p), w_scale, bias)
+
+    return _run_weight_only("int8_weight_only_mm_panels", x, n, k, rows, call)
 
 
 def int8_weight_only_mm_panels(x, p, w_scale, bias=None):
@@ -99,7 +110,7 @@ def int8_codes_mm_panels(xq, x_scale, p, w_scale, bias=None):
 
 def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size, bias, out):
     """_int4_codes_mm on panels: from M = 8 the same result, bit for bit (pq.h)."""
-    if not _has_panel_kernels(isa):
+    if not has_panel_kernels(isa):
         return _int4_codes_mm(isa, pxq, pxs, m, k,
                               *panels.unpack_int4(codes, scales, zeros, group_size), group_size,
                               bias, out)
@@ -116,30 +127,21 @@ def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size,
 
 def _run_int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):
     n, k = codes.shape[0], codes.shape[1] * 2
-    isa = current_isa()
+
+    def call(isa, px, m, ldx, out, nt):
+        # every tensor whose address crosses over is held in a name until the call returns
+        pc, sc, zp, b = _aligned(codes), _aligned(scales), zeros.contiguous(), _bias_f32(bias)
+        nwork = module().int4_weight_only_panels_workspace_bytes(isa, m, k, group_size, nt)
+        work = _work("int4wo", nwork)
+        return module().int4_weight_only_mm_panels(isa, px, m, k, ldx, _ptr(pc), n, _ptr(sc),
+                                                   _ptr(zp), group_size, _ptr(b), _ptr(out), nt,
+                                                   _ptr(work), nwork)
 
     def rows():
         return _run_int4_weight_only_mm(x, *panels.unpack_int4(codes, scales, zeros, group_size),
                                         group_size, bias)
 
-    if not _has_panel_kernels(isa):
-        return rows()
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
-    out = _out(m, n, x.dtype)
-    if m:
-        xf = _rows_f32(x2)
-        zp, b, nt = zeros.contiguous(), _bias_f32(bias), _threads()
-        nwork = module().int4_weight_only_panels_workspace_bytes(isa, m, k, group_size, nt)
-        work = _work("int4wo", nwork)
-        st = module().int4_weight_only_mm_panels(
-            isa, _ptr(xf), m, k, xf.stride(0), _ptr(_aligned(codes)), n, _ptr(_aligned(scales)),
-            _ptr(zp), group_size, _ptr(b), _ptr(out), nt, _ptr(work), nwork)
-        if st == _NOT_FIXED_POINT:
-            return rows()
-        if st:
-            _raise("int4_weight_only_mm_panels", st, M=m, N=n, K=k, group_size=group_size)
-    return _finish(out, x, lead, n)
+    return _run_weight_only("int4_weight_only_mm_panels", x, n, k, rows, call)
 
 
 def int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):

@@ -145,10 +145,17 @@ def _decode_paths() -> dict:
     # int4 at K = 4096, group size 128: the M <= 4 GEMV needs K % 128 == 0 (the group sizes
     # pyquant makes, 64, 128 and 256, all fit its blocks); else M = 1 and, with AMX, 5-15;
     # without AMX from M = 5 on the W4A8 panel GEMM (K % 64 == 0), open-ended
-    return {"int4_weight_only_mm (group size 64-256, K % 128 == 0)": _ranges(wo, probe[-1]),
-            "int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)": w8s,
-            "sparse24_int8_mm": _ranges(sp),
-            "sparse24_int4_mm (group size % 32 == 0)": _ranges(sp)}
+    paths = {"int4_weight_only_mm (group size 64-256, K % 128 == 0)": _ranges(wo, probe[-1]),
+             "int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)": w8s,
+             "sparse24_int8_mm": _ranges(sp),
+             "sparse24_int4_mm (group size % 32 == 0)": _ranges(sp)}
+    # the ops of the layers kept in panels (pyquant/panels.py) take fixed point at every M;
+    # bf16-valued x takes one bf16 term instead from M = 16 (int4) / 24 (int8) on avx512_bf16
+    from . import panels
+
+    if panels.panel_layout_applies(n, k, "cpu"):
+        paths["int4/int8_weight_only_mm_panels (bf16 x, avx512_bf16: M < 16/24)"] = "1 and up"
+    return paths
 
 
 def _panel_layouts() -> dict:

@@ -176,6 +176,10 @@ class _QuantLinearBase(nn.Module):
                     f"must be a whole multiple of {align} ({self._alignment_reason(dim)})")
         return None
 
+    def _canonical_buffers(self):
+        """(name, tensor) of this layer's buffers in their canonical formats."""
+        return self.named_buffers(recurse=False)
+
     def shard(self, dim: int, rank: int, world: int) -> "_QuantLinearBase":
         """A new layer of this class holding shard ``rank`` of ``world`` along ``dim``."""
         if dim not in (0, 1):
@@ -193,7 +197,7 @@ class _QuantLinearBase(nn.Module):
         new = type(self).empty(k, n, self.bias is not None, self.config,
                                bias_dtype=None if self.bias is None else self.bias.dtype,
                                device=dev)
-        for name, t in self.named_buffers(recurse=False):
+        for name, t in self._canonical_buffers():
             if name not in axes:
                 raise ValueError(f"{type(self).__name__}.shard: no split rule for buffer {name!r}")
             if axes[name] is not None:
@@ -277,14 +281,14 @@ class _PanelLayout:
         super()._apply(fn, recurse)
         return self._pack_if_fast()
 
+    def _canonical_buffers(self):
+        bufs = dict(super()._canonical_buffers())
+        if self.weight_layout == "panels":
+            bufs.update(self._unpacked())
+        return bufs.items()
+
     def shard(self, dim: int, rank: int, world: int):
-        packed = self._to_rows()
-        try:
-            new = super().shard(dim, rank, world)
-        finally:
-            if packed:
-                self._pack_if_fast()
-        return new._pack_if_fast()
+        return super().shard(dim, rank, world)._pack_if_fast()
 
 
 class Int8WeightOnlyLinear(_PanelLayout, _QuantLinearBase):

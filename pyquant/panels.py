@@ -43,11 +43,15 @@ def shape_ok(n: int, k: int) -> bool:
     return n > 0 and k > 0 and n % ROWS == 0 and k % K_ALIGN == 0
 
 
+def _check_int8(what: str, t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if t.dtype != dtype or t.dim() != 2 or not shape_ok(*t.shape):
+        raise ValueError(f"{what} takes {name} [N, K] with N % {ROWS} == 0 and K % {K_ALIGN} "
+                         f"== 0, got {t.dtype} {tuple(t.shape)}")
+
+
 def pack_int8(w: torch.Tensor) -> torch.Tensor:
     """Canonical int8 [N, K] -> the panel layout above, uint8 [N, K]."""
-    if w.dtype != torch.int8 or w.dim() != 2 or not shape_ok(*w.shape):
-        raise ValueError(f"pack_int8 takes an int8 [N, K] weight with N % {ROWS} == 0 and "
-                         f"K % {K_ALIGN} == 0, got {w.dtype} {tuple(w.shape)}")
+    _check_int8("pack_int8", w, torch.int8, "an int8 weight")
     n, k = w.shape
     w = w.contiguous()
     out = _native_pack(8, w, n, k)
@@ -66,7 +70,7 @@ def _native_pack(bits: int, w: torch.Tensor, n: int, k: int, unpack: bool = Fals
     from . import _native
 
     if (not _native.available() or w.device.type != "cpu" or not _use_native
-            or _native.current_isa() < _native.ISA_NAMES.index("avx512_vnni")
+            or not _native.has_panel_kernels(_native.current_isa())
             or (bits == 4 and k % 128) or (unpack and w.data_ptr() % 64)):
         return None
     dtype = torch.int8 if bits == 8 and unpack else torch.uint8
@@ -81,9 +85,7 @@ _use_native = True  # tests turn it off to compare the PyTorch packers with the 
 
 def unpack_int8(panels: torch.Tensor) -> torch.Tensor:
     """The panel layout -> canonical int8 [N, K]; the exact inverse of ``pack_int8``."""
-    if panels.dtype != torch.uint8 or panels.dim() != 2 or not shape_ok(*panels.shape):
-        raise ValueError(f"unpack_int8 takes uint8 panels [N, K] with N % {ROWS} == 0 and "
-                         f"K % {K_ALIGN} == 0, got {panels.dtype} {tuple(panels.shape)}")
+    _check_int8("unpack_int8", panels, torch.uint8, "uint8 panels")
     n, k = panels.shape
     panels = panels.contiguous()
     out = _native_pack(8, panels, n, k, unpack=True)

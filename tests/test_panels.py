@@ -437,24 +437,32 @@ def test_int4_weight_only_op_bf16_rows_equal_the_canonical_kernels(backend, isa)
     assert torch.equal(got, run_op("int4_weight_only_mm", backend, isa, x, (wp, sc, zp, g), None))
 
 
+def _weight_only_args(op: str, n: int, k: int):
+    """(panel weight args, canonical weight args) of an int4 (G = 32) or int8 weight."""
+    if op.startswith("int4"):
+        wp, sc, zp, _ = _int4_weight(n, k, 32)
+        return (*panels.pack_int4(wp, sc, zp, 32), 32), (wp, sc, zp, 32)
+    w, s = random_int8_weight(n, k)
+    return (panels.pack_int8(w), s), (w, s)
+
+
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("m", [1, 20])
-def test_int4_weight_only_op_rows_fixed_point_cannot_hold(backend, isa, m):
+@pytest.mark.parametrize("op", ["int4_weight_only_mm", "int8_weight_only_mm"])
+def test_weight_only_op_rows_fixed_point_cannot_hold(backend, isa, m, op):
     """A NaN or Inf in x (fixed point cannot hold it) runs the canonical tensors: NaN/Inf
     where float arithmetic puts them, the other rows as the reference."""
-    n, k, g = 32, 128, 32
-    wp, sc, zp, _ = _int4_weight(n, k, g)
-    x = activation((m, k))
+    packed, rows = _weight_only_args(op, 32, 128)
+    x = activation((m, 128))
     x[0, 5] = float("nan")
     x[-1, 7] = float("inf") if m > 1 else float("nan")
-    got = run_op("int4_weight_only_mm_panels", backend, isa, x,
-                 (*panels.pack_int4(wp, sc, zp, g), g), None)
-    expected = run_op("int4_weight_only_mm", backend, isa, x, (wp, sc, zp, g), None)
+    got = run_op(op + "_panels", backend, isa, x, packed, None)
+    expected = run_op(op, backend, isa, x, rows, None)
     assert torch.equal(got.isnan(), expected.isnan()) and got[0].isnan().all()
     if m > 2:
         from helpers import assert_close_named
-        assert_close_named(got[1:-1], reference.int4_weight_only_mm(x[1:-1], wp, sc, zp, g),
-                           "int4_weight_only_mm/float32")
+        assert_close_named(got[1:-1], getattr(reference, op)(x[1:-1], *rows),
+                           f"{op}/float32")
 
 
 @needs_int4_panels
@@ -522,23 +530,6 @@ def test_int8_weight_only_op_bf16_rows_equal_the_canonical_kernels(backend, isa)
     x = activation((30, k), torch.bfloat16)
     got = run_op("int8_weight_only_mm_panels", backend, isa, x, (panels.pack_int8(w), s), None)
     assert torch.equal(got, run_op("int8_weight_only_mm", backend, isa, x, (w, s), None))
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("m", [1, 20])
-def test_int8_weight_only_op_rows_fixed_point_cannot_hold(backend, isa, m):
-    n, k = 32, 128
-    w, s = random_int8_weight(n, k)
-    x = activation((m, k))
-    x[0, 5] = float("nan")
-    x[-1, 7] = float("inf") if m > 1 else float("nan")
-    got = run_op("int8_weight_only_mm_panels", backend, isa, x, (panels.pack_int8(w), s), None)
-    expected = run_op("int8_weight_only_mm", backend, isa, x, (w, s), None)
-    assert torch.equal(got.isnan(), expected.isnan()) and got[0].isnan().all()
-    if m > 2:
-        from helpers import assert_close_named
-        assert_close_named(got[1:-1], reference.int8_weight_only_mm(x[1:-1], w, s),
-                           "int8_weight_only_mm/float32")
 
 
 @needs_panels
