@@ -225,6 +225,17 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("data"), py::arg("bytes"), py::arg("n_threads"), gil_release());
 
+  m.def("probe_peak",
+        [](int unit, int64_t iters, int n_threads) {
+          double ops = 0;
+          const int st = pq_probe_peak(unit, iters, n_threads, &ops);
+          return std::make_pair(st, ops);
+        },
+        py::arg("unit"), py::arg("iters"), py::arg("n_threads"), gil_release());
+  m.attr("PEAK_FP32") = static_cast<int>(PQ_PEAK_FP32);
+  m.attr("PEAK_BF16") = static_cast<int>(PQ_PEAK_BF16);
+  m.attr("PEAK_INT8") = static_cast<int>(PQ_PEAK_INT8);
+
   m.attr("DTYPE_F32") = static_cast<int>(PQ_DTYPE_F32);
   m.attr("DTYPE_BF16") = static_cast<int>(PQ_DTYPE_BF16);
   m.attr("DTYPE_F16") = static_cast<int>(PQ_DTYPE_F16);

@@ -273,6 +273,17 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
  * into *checksum: the benchmarks' memory read-bandwidth probe (csrc/cpu/probe.cpp). */
 int pq_stream_read(const void* data, int64_t bytes, int n_threads, uint64_t* checksum);
 
+/* The instruction peak of one vector unit on n_threads threads: ops per second (a multiply or
+ * an add is one op) of `iters` iterations of independent register-only dot products or FMAs,
+ * the widest this CPU has for the unit: the benchmarks' compute ceiling (csrc/cpu/probe_peak.cpp).
+ * PQ_ERR_ISA when the CPU has no vector instruction for the unit (bf16 without AVX512-BF16). */
+enum pq_peak_unit {
+  PQ_PEAK_FP32 = 0, /* fp32 FMA */
+  PQ_PEAK_BF16 = 1, /* bf16 pair dot product into fp32 (VDPBF16PS) */
+  PQ_PEAK_INT8 = 2  /* u8 x s8 dot product into int32 (VPDPBUSD, or AVX2's VPMADDUBSW chain) */
+};
+int pq_probe_peak(int unit, int64_t iters, int n_threads, double* ops_per_s);
+
 /* ---------------------------------------------------------------- sparse
  * Layouts (documented once in pyquant/sparse_formats.py):
  *   2:4 values   [N, K/2] (float32, bfloat16 or float16 per `values_dtype`;

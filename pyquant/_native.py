@@ -20,6 +20,7 @@ ISA_NAMES = ("portable", "avx2", "avx512_vnni", "avx512_bf16", "avx512_amx")
 _ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "vnni": 2,
                 "avx512_bf16": 3, "bf16": 3, "avx512_amx": 4, "amx": 4}
 _STATUS = {1: "invalid argument", 2: "instruction set not available"}
+_ERR_ISA = 2  # PQ_ERR_ISA (pq.h)
 _NOT_FIXED_POINT = 3  # pq.h: PQ_NOT_FIXED_POINT, a row of x that 24-bit fixed point cannot hold
 
 _lock = threading.Lock()
@@ -475,6 +476,28 @@ def stream_read(buf: torch.Tensor, n_threads: Optional[int] = None) -> int:
     if st:
         _raise("stream_read", st, bytes=buf.numel() * buf.element_size())
     return checksum
+
+PEAK_UNITS = ("fp32", "bf16", "int8")
+
+
+def probe_peak(unit: str, n_threads: Optional[int] = None,
+               iters: int = 2_000_000) -> Optional[float]:
+    """Ops per second (multiply and add counted apart) that the vector unit ``unit`` ("fp32":
+    FMA, "bf16": bf16 dot product, "int8": u8 x s8 dot product) retires on ``n_threads``
+    threads (default: torch's), from a register-only loop of independent chains: the
+    benchmarks' instruction peak (pq.h). None when this CPU has no vector instruction for it."""
+    if unit not in PEAK_UNITS:
+        raise ValueError(f"probe_peak: unit {unit!r} is not one of {', '.join(PEAK_UNITS)}")
+    if iters < 1:
+        raise ValueError(f"probe_peak: iters={iters}; give at least 1")
+    m = module()
+    code = {"fp32": m.PEAK_FP32, "bf16": m.PEAK_BF16, "int8": m.PEAK_INT8}[unit]
+    st, ops = m.probe_peak(code, iters, n_threads or _threads())
+    if st == _ERR_ISA:
+        return None
+    if st:
+        _raise("probe_peak", st, unit=unit, iters=iters)
+    return ops
 
 # ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
 

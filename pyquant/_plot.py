@@ -2,7 +2,8 @@
 
 x: arithmetic intensity (ops per weight byte, 2*M*N*K / bytes); y: achieved GOP/s. The
 memory roof is the measured read bandwidth times the intensity, so a memory-bound kernel at the
-limit sits on the slanted line."""
+limit sits on the slanted line; the flat lines are the measured peaks of the vector units (the
+weight-only ops' fixed point needs three int8 products a product: its roof is a third of int8's)."""
 from __future__ import annotations
 
 
@@ -30,6 +31,11 @@ def roofline(result: dict, path: str) -> str:
         lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
         ax.plot([lo, hi], [bw * lo, bw * hi], "k--", lw=1,
                 label=f"memory roof ({bw:.0f} GB/s measured)")
+        # the compute roofs: the vector units' measured peaks (bench.measure_peaks)
+        styles = {"int8": ":", "bf16": "-.", "fp32": "-"}
+        for unit, peak in result["machine"].get("peak_gops", {}).items():
+            ax.plot([lo, hi], [peak, peak], "k", ls=styles.get(unit, ":"), lw=0.8,
+                    label=f"{unit} peak ({peak:.0f} GOP/s measured)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (ops / weight byte)")

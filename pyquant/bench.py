@@ -11,6 +11,12 @@ read bandwidth is measured in the same run; memory-bound rows report the share o
 probe also runs among the impls of each shape and M (the read[probe] row, as many bytes as the
 fp32 weight): "%now" is a row's GB/s over the probe's in the same rounds, the share of what the
 machine gave at those moments, where "%BW" compares with the best pass of the start.
+Compute-bound rows are read against the instruction peak, measured at the start too
+(_native.probe_peak: register-only dot products on every thread): "%peak" is a row's GOP/s
+over the peak of the vector unit its arithmetic runs on, times the unit's operations per
+useful one (three for the weight-only ops' 24-bit fixed point: three int8 products per
+product). Rows whose unit the bench does not know (torch's int4pack, AMX, the sparse ops) leave
+it empty.
 """
 from __future__ import annotations
 
@@ -49,6 +55,9 @@ class Impl:
     run: Callable  # (state, x_fp32 [M,K]) -> y
     nbytes: Callable  # (state) -> bytes of weights read per call
     op: str = ""
+    # (state, M) -> (vector unit of _native.PEAK_UNITS, unit ops per op) the call's products
+    # run on, or None where unknown: the "%peak" column
+    unit: Optional[Callable] = None
 
 
 @dataclass
@@ -69,6 +78,9 @@ class Row:
     # gbps over the read probe's GB/s timed in the same rounds (the "read[probe]" row of this
     # shape and M): the share of the bandwidth the machine gave at those moments
     bw_share_now: float = float("nan")
+    # gops times the unit's ops per op over the unit's measured peak (see Impl.unit)
+    peak_share: float = float("nan")
+    peak_unit: str = ""
     speedup: dict = field(default_factory=dict)
 
 
@@ -98,6 +110,25 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     times = call_times(read, repeats)
     del buf
     return nbytes / min(times) / 1e9
+
+
+def measure_peaks(repeats: int = 5) -> dict:
+    """GOP/s of each vector unit of _native.PEAK_UNITS on torch's thread count, the best of
+    ``repeats`` probes (a ceiling, as the bandwidth); a unit this CPU lacks is left out. Empty
+    without the native module."""
+    if not _native.available():
+        return {}
+    out = {}
+    # AMX tiles (the int8 and bf16 products of that build, and oneDNN's bf16 F.linear) run past
+    # the vector units' peak, and the probe does not time tiles: no ceiling for them there
+    amx = _native.ISA_NAMES[_native.best_isa()] == "avx512_amx"
+    for unit in _native.PEAK_UNITS:
+        if amx and unit != "fp32":
+            continue
+        runs = [_native.probe_peak(unit, torch.get_num_threads()) for _ in range(repeats)]
+        if runs[0] is not None:
+            out[unit] = max(runs) / 1e9
+    return out
 
 
 def call_times(fn, reps: int) -> list[float]:
@@ -165,9 +196,10 @@ def _tensor_bytes(*ts) -> int:
 def baseline_impls() -> list[Impl]:
     impls = [
         Impl("F.linear[fp32]", "baseline", lambda w: w.clone(), lambda s, x: F.linear(x, s),
-             lambda s: _tensor_bytes(s), "linear"),
+             lambda s: _tensor_bytes(s), "linear", lambda s, m: ("fp32", 1)),
         Impl("F.linear[bf16]", "baseline", lambda w: w.to(torch.bfloat16),
-             lambda s, x: F.linear(x.to(torch.bfloat16), s), lambda s: _tensor_bytes(s), "linear"),
+             lambda s, x: F.linear(x.to(torch.bfloat16), s), lambda s: _tensor_bytes(s), "linear",
+             lambda s, m: ("bf16", 1)),
     ]
     try:
         from torch.ao.nn.quantized.dynamic import Linear as DynLinear  # noqa: F401
@@ -181,7 +213,8 @@ def baseline_impls() -> list[Impl]:
             return q[0]
 
         impls.append(Impl("torch.ao.dynamic_int8[fbgemm]", "baseline", make_fbgemm,
-                          lambda s, x: s(x), lambda s: s.weight().numel() + 4, "int8_dynamic"))
+                          lambda s, x: s(x), lambda s: s.weight().numel() + 4, "int8_dynamic",
+                          lambda s, m: ("int8", 1)))
     except Exception:
         pass
     if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
@@ -246,24 +279,43 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
     def int4(op):
         return lambda s, x: ops.call(op + s[3], x, s[0], s[1], s[2], group_size, None)
 
+    def unit(arith, bf16_from_m=None):
+        """The unit of the panel kernels (AVX512-VNNI and -BF16 builds; kernels.h): "int8"
+        (W8A8, W4A8), "fixed" (weight-only: three int8 products of the 24-bit fixed-point
+        terms per product) or "bf16 activations" (the fixed point below bf16_from_m, then bf16
+        panels: kInt8WoPanelsBf16MinM, kBf16PanelMinM). None on other ISAs and rows layouts,
+        whose kernels the bench does not model."""
+        def f(s, m):
+            if s[-1] != "_panels" or _native.ISA_NAMES[_native.current_isa()] not in (
+                    "avx512_vnni", "avx512_bf16"):
+                return None
+            if arith == "int8":
+                return "int8", 1
+            bf16 = (bf16_from_m is not None and m >= bf16_from_m
+                    and _native.ISA_NAMES[_native.current_isa()] == "avx512_bf16")
+            return ("bf16", 1) if bf16 else ("int8", 3)
+        return f
+
     return [
         Impl("pyquant.int8_weight_only_mm", "pyquant", make_i8_layer,
-             int8("int8_weight_only_mm"), lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm"),
+             int8("int8_weight_only_mm"), lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm",
+             unit("fixed")),
         Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8_layer, int8("int8_dynamic_mm"),
-             lambda s: _tensor_bytes(*s[:2]), "int8_dynamic_mm"),
+             lambda s: _tensor_bytes(*s[:2]), "int8_dynamic_mm", unit("int8")),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4_layer,
              int4("int4_weight_only_mm"), lambda s: _tensor_bytes(*s[:3]),
-             "int4_weight_only_mm"),
+             "int4_weight_only_mm", unit("fixed")),
         Impl(f"pyquant.int4_dynamic_mm[g{group_size}]", "pyquant", make_i4_layer,
-             int4("int4_dynamic_mm"), lambda s: _tensor_bytes(*s[:3]), "int4_dynamic_mm"),
+             int4("int4_dynamic_mm"), lambda s: _tensor_bytes(*s[:3]), "int4_dynamic_mm",
+             unit("int8")),
         # A bf16 model's activations (as F.linear[bf16] and int4pack get them): on AMX the
         # weight-only kernels then multiply one bf16 term per activation instead of three.
         Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8_layer,
              lambda s, x: int8("int8_weight_only_mm")(s, x.to(torch.bfloat16)),
-             lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm"),
+             lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm", unit("fixed", 24)),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4_layer,
              lambda s, x: int4("int4_weight_only_mm")(s, x.to(torch.bfloat16)),
-             lambda s: _tensor_bytes(*s[:3]), "int4_weight_only_mm"),
+             lambda s: _tensor_bytes(*s[:3]), "int4_weight_only_mm", unit("fixed", 16)),
     ]
 
 
@@ -303,6 +355,7 @@ def run(
         impls = [i for i in impls if i.kind in ("baseline", "probe")
                  or any(k in i.name for k in keys)]
     bw = measure_read_bandwidth()
+    peaks = measure_peaks()
     rows: list[Row] = []
     g = torch.Generator().manual_seed(seed)
     jobs = [(mname, n, k) for mname in models for (n, k) in SHAPES[mname]]
@@ -334,15 +387,18 @@ def run(
                                           iters=max(iters, most) if m <= 16 else iters)
                 now = [nb / t / 1e9 for (impl, nb, _), t in zip(ready, times)
                        if impl.kind == "probe"]
-                for (impl, nb, _), t in zip(ready, times):
-                    gbps = nb / t / 1e9
+                for (impl, nb, st), t in zip(ready, times):
+                    gbps, gops = nb / t / 1e9, 2 * m * n * k / t / 1e9
+                    u = impl.unit(st[0], m) if impl.unit else None
+                    share = (gops * u[1] / peaks[u[0]]) if u and u[0] in peaks else float("nan")
                     rows.append(Row(mname, torch.get_num_threads(), n, k, m, impl.name, impl.kind,
-                                    impl.op, t * 1e3, nb, gbps, gbps / bw, 2 * m * n * k / t / 1e9,
-                                    gbps / now[0] if now else float("nan")))
+                                    impl.op, t * 1e3, nb, gbps, gbps / bw, gops,
+                                    gbps / now[0] if now else float("nan"), share,
+                                    u[0] if u and u[0] in peaks else ""))
             del ready
     _add_speedups(rows)
     return {
-        "machine": machine_info(bw),
+        "machine": machine_info(bw, peaks),
         "rows": [asdict(r) for r in rows],
     }
 
@@ -470,7 +526,7 @@ def sparse_summary(result: dict, ms) -> list:
     return out
 
 
-def machine_info(bw: float) -> dict:
+def machine_info(bw: float, peaks: Optional[dict] = None) -> dict:
     from . import _native
 
     isa = None
@@ -485,6 +541,8 @@ def machine_info(bw: float) -> dict:
         "torch": torch.__version__,
         "isa": isa,
         "read_bandwidth_gbps": round(bw, 2),
+        # measured instruction peaks, GOP/s per vector unit (measure_peaks)
+        "peak_gops": {u: round(v, 1) for u, v in (peaks or {}).items()},
         "llc_bytes": _llc_bytes(),
         "timing": "interleaved: one call per impl in turn, medians per impl",
     }
@@ -500,12 +558,15 @@ SHORT = {
 
 def format_table(result: dict) -> str:
     mi = result["machine"]
+    peaks = ", ".join(f"{u} {v:.0f}" for u, v in mi.get("peak_gops", {}).items())
     lines = [
         f"machine: {mi['cpu']}, {mi['threads']} threads, torch {mi['torch']}, ISA {mi['isa']}, "
         f"measured read bandwidth {mi['read_bandwidth_gbps']:.1f} GB/s (best pass; %now: share "
         f"of the {PROBE} row's GB/s, timed in the same rounds)",
+        f"measured instruction peaks, GOP/s: {peaks or 'not measured'} (%peak: a row's GOP/s "
+        "over the peak of the unit its products run on, per unit op)",
         f"{'shape':>12} {'M':>5} {'impl':<42} {'ms':>9} {'GB/s':>7} {'%BW':>5} {'%now':>5} "
-        f"{'GOP/s':>8}  "
+        f"{'GOP/s':>8} {'%peak':>5}  "
         "speedup vs " + ", ".join(SHORT.values()),
     ]
     for r in result["rows"]:
@@ -515,9 +576,13 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{r['n']:>5}x{r['k']:<6} {r['m']:>5} {r['impl']:<42} {r['ms']:>9.3f} "
             f"{r['gbps']:>7.1f} {100 * r['bw_share']:>4.0f}% {100 * r['bw_share_now']:>4.0f}% "
-            f"{r['gops']:>8.1f}  {sp}"
+            f"{r['gops']:>8.1f} {_pct(r.get('peak_share', float('nan')))}  {sp}"
         )
     return "\n".join(lines)
+
+
+def _pct(v: float) -> str:
+    return f"{'':>5}" if v != v else f"{100 * v:>4.0f}%"
 
 
 def write_outputs(result: dict, out_dir: str) -> list[str]:
@@ -531,12 +596,13 @@ def write_outputs(result: dict, out_dir: str) -> list[str]:
     with open(cp, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["shape", "threads", "n", "k", "m", "impl", "op", "ms", "weight_bytes", "gbps",
-                     "bw_share", "bw_share_now", "gops"]
+                     "bw_share", "bw_share_now", "gops", "peak_share", "peak_unit"]
                     + [f"speedup_vs_{v}" for v in SHORT.values()])
         for r in result["rows"]:
             wr.writerow([r["shape"], r["threads"], r["n"], r["k"], r["m"], r["impl"], r["op"],
                          f"{r['ms']:.4f}", r["weight_bytes"], f"{r['gbps']:.2f}",
-                         f"{r['bw_share']:.3f}", f"{r['bw_share_now']:.3f}", f"{r['gops']:.1f}"]
+                         f"{r['bw_share']:.3f}", f"{r['bw_share_now']:.3f}", f"{r['gops']:.1f}",
+                         f"{r.get('peak_share', float('nan')):.3f}", r.get("peak_unit", "")]
                         + [f"{r['speedup'].get(b, float('nan')):.3f}" for b in SHORT])
     paths.append(cp)
     try:

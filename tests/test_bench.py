@@ -1,20 +1,26 @@
 """`pyquant bench` end to end on MiniLM's small shapes: every impl gets a row per shape and M,
 the speedups refer to baselines timed in the same run, and the table, CSV and JSON come out.
 Timings are not checked (this is a shared CI machine); the read-bandwidth probe, which reads
-1 GiB, is replaced by a fixed value."""
+1 GiB, and the instruction-peak probe are replaced by fixed values."""
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 
 import pytest
 
 from pyquant import _native, bench
 
 
+PEAKS = {"fp32": 25.0, "bf16": 50.0, "int8": 100.0}
+
+
 @pytest.fixture
 def small_run(monkeypatch):
     monkeypatch.setattr(bench, "measure_read_bandwidth", lambda *a, **k: 10.0)
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: dict(PEAKS))
     return bench.run(models=("minilm",), ms=(1, 3), impl_filter="int8,int4", iters=2,
                      rotate_bytes=1 << 20)
 
@@ -51,12 +57,14 @@ def test_bench_rows_and_outputs(small_run, tmp_path):
             assert r["speedup"]["F.linear[fp32]"] == pytest.approx(fp32["ms"] / r["ms"])
     table = bench.format_table(small_run)
     assert "measured read bandwidth 10.0 GB/s" in table
-    assert len(table.splitlines()) == 2 + len(rows)
+    assert "measured instruction peaks, GOP/s: fp32 25, bf16 50, int8 100" in table
+    assert len(table.splitlines()) == 3 + len(rows)
     paths = bench.write_outputs(small_run, str(tmp_path))
     with open(tmp_path / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     with open(tmp_path / "bench.json") as f:
-        assert json.load(f)["machine"]["read_bandwidth_gbps"] == 10.0
+        machine = json.load(f)["machine"]
+        assert machine["read_bandwidth_gbps"] == 10.0 and machine["peak_gops"] == PEAKS
     assert str(tmp_path / "bench.csv") in paths
 
 
@@ -205,3 +213,57 @@ def test_panel_layout_ab_script_runs(capsys):
         assert len(ran) == 8 and all(ln.endswith("x") and "panels" in ln for ln in ran), out
     not_here = [ln for ln in out if "does not apply here" in ln]
     assert len([ln for ln in not_here if ln.startswith("40x128 ")]) == 4, out
+
+
+def _panel_isa() -> bool:
+    return _native.available() and _native.ISA_NAMES[_native.current_isa()] in (
+        "avx512_vnni", "avx512_bf16")
+
+
+@pytest.mark.skipif(not _native.available(), reason="native module not loaded")
+def test_bench_peak_share_is_per_unit_op(monkeypatch):
+    """%peak: a row's GOP/s over the peak of the unit its products run on, times the unit ops a
+    product costs. fp32 and bf16 F.linear and FBGEMM on their units; the W8A8/W4A8 panels on
+    int8; the weight-only panels' fp32 activations on int8 three times (24-bit fixed point);
+    their bf16 activations on bf16 from M = 24 (int8) and 16 (int4); int4pack unknown."""
+    monkeypatch.setattr(bench, "measure_read_bandwidth", lambda *a, **k: 10.0)
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: dict(PEAKS))
+    res = bench.run(models=("minilm",), ms=(1, 16, 24), impl_filter="weight_only,dynamic",
+                    iters=1, rotate_bytes=1 << 20)
+    bf16_isa = _native.ISA_NAMES[_native.current_isa()] == "avx512_bf16"
+    seen = set()
+    for r in res["rows"]:
+        name, m = r["impl"], r["m"]
+        if name in ("F.linear[fp32]", "F.linear[bf16]", "torch.ao.dynamic_int8[fbgemm]"):
+            unit, cost = {"F.linear[fp32]": "fp32", "F.linear[bf16]": "bf16"}.get(name, "int8"), 1
+        elif name.startswith("pyquant.") and _panel_isa():
+            if "dynamic" in name:
+                unit, cost = "int8", 1
+            elif "x-bf16" in name and bf16_isa and m >= (24 if "int8" in name else 16):
+                unit, cost = "bf16", 1
+            else:
+                unit, cost = "int8", 3
+        else:  # the probe, int4pack, pyquant on other ISAs
+            assert math.isnan(r["peak_share"]) and r["peak_unit"] == "", name
+            continue
+        seen.add((unit, cost))
+        assert r["peak_unit"] == unit, (name, m)
+        assert r["peak_share"] == pytest.approx(r["gops"] * cost / PEAKS[unit]), (name, m)
+    want = {("fp32", 1), ("bf16", 1), ("int8", 1)}
+    if _panel_isa():
+        want.add(("int8", 3))
+    assert want <= seen
+
+
+@pytest.mark.skipif(not _native.available(), reason="native module not loaded")
+def test_measure_peaks_has_a_ceiling_per_unit():
+    """The measured peaks are positive, and per op the int8 dot product retires at least as
+    many as the fp32 FMA (AVX2's three-instruction int8 sequence does 32 multiply-adds where an
+    FMA does 8), on this CPU's units; bf16 only where the CPU has its dot product."""
+    peaks = bench.measure_peaks(repeats=2)
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2 " not in flags:
+        pytest.skip("no AVX2: the probe has no vector loop here")
+    assert peaks["fp32"] > 0 and peaks["int8"] >= peaks["fp32"]
+    amx = _native.ISA_NAMES[_native.best_isa()] == "avx512_amx"
+    assert ("bf16" in peaks) == (" avx512_bf16 " in flags and not amx)

@@ -967,3 +967,27 @@ def test_int8_weight_only_bf16_panel(n_threads, M, N, K):
         want = xx.double() @ wf.T + bias.double()
         tol = 1e-6 * (xx.double().abs() @ wf.abs().T) + 1e-6 * bias.double().abs()
         assert ((out.double() - want).abs() <= tol).all(), (p, n)
+
+
+def test_probe_peak_counts_the_operations_it_times():
+    """The instruction-peak probe: its ops/s times the wall time of the call is the work its
+    loop does (12 chains of 512-bit VPDPBUSD, 64 multiply-adds each, on an AVX512-VNNI CPU),
+    so a miscounted loop shows; bad arguments are rejected."""
+    import time
+
+    from pyquant import _native
+
+    assert _C.probe_peak(7, 10, 1) == (ERR_ARG, 0.0)  # no such unit
+    assert _C.probe_peak(_C.PEAK_INT8, 0, 1)[0] == ERR_ARG
+    assert _C.probe_peak(_C.PEAK_INT8, 10, 0)[0] == ERR_ARG
+    with pytest.raises(ValueError, match="unit 'int4' is not one of fp32, bf16, int8"):
+        _native.probe_peak("int4")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512_vnni " not in flags or " avx512bw " not in flags:
+        pytest.skip("the op count below is the AVX512-VNNI loop's")
+    iters = 20_000_000
+    t0 = time.perf_counter()
+    rate = _native.probe_peak("int8", n_threads=1, iters=iters)
+    wall = time.perf_counter() - t0
+    inside = 2 * 12 * 64 * iters / rate  # seconds the probe says its loop took
+    assert 0.8 * wall <= inside <= wall, (inside, wall)
