@@ -9,8 +9,9 @@
    default), quantizes it and ``pyquant.save``s it: one checkpoint of the whole model.
 2. Every rank builds a skeleton on the meta device (no memory) and ``load_sharded`` reads only
    its slices of the checkpoint: the linear layers' bytes per rank are printed.
-3. Each rank runs forwards of M tokens (gloo on CPU, 1 thread a rank; NCCL on GPUs) and the
-   time per forward is printed: the median over rounds of the slowest rank, split into the
+3. Each rank runs forwards of M tokens (gloo on CPU, 1 thread a rank; NCCL on GPUs), with the
+   logits of the last token as ``generate()`` computes them (``--all-logits``: of every
+   token), and the time per forward is printed: the median over rounds of the slowest rank, split into the
    time inside the wrappers' collectives (``record_collectives``) and the time outside them.
 4. ``--compare`` (one host): rank 0 also runs the whole quantized model with all the threads
    of the ranks together (1 rank x N threads) while the others wait, in alternating rounds, so
@@ -57,6 +58,9 @@ def _args(argv=None):
                    help="checkpoint path (kept; reused if it exists). Default: a temporary "
                         "file on each host, removed at the end")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all-logits", action="store_true",
+                   help="compute the logits of every token, not only of the last one as "
+                        "generate() does")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     return p.parse_args(argv)
 
@@ -81,6 +85,12 @@ def _quant_config(a):
             "int8_weight_only": pyquant.Int8WeightOnly, "int8_dynamic": pyquant.Int8Dynamic,
             "int4_dynamic": lambda: pyquant.Int4Dynamic(group_size=a.group_size),
             "float": lambda: None}[a.config]()
+
+
+def _skeleton_cls():
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM
 
 
 def _skeleton(config, device):
@@ -111,15 +121,28 @@ def _build_and_save(a, config, path):
     return model, time.perf_counter() - t0
 
 
-def _forward(model, ids):
-    return model(input_ids=ids, use_cache=False).logits
+def _forward(model, ids, all_logits=False):
+    """The logits of the last token, as ``generate()`` asks for them in prefill and decode
+    (``logits_to_keep=1``: the vocabulary projection of the other M - 1 tokens is never used
+    there), or of every token with ``all_logits``. With a column-parallel lm_head that is
+    also the size of its all_gather: at M = 64 all the logits are 4 MiB a rank (6.6 ms in
+    gloo on a 2-core VM, more than the four 1 MiB all-reduces of two blocks together)."""
+    if all_logits or not _keeps_logits(model):
+        return model(input_ids=ids, use_cache=False).logits
+    return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
 
 
-def _time(model, ids, iters, sync) -> float:
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _time(model, ids, iters, sync, all_logits) -> float:
     sync()
     t0 = time.perf_counter()
     for _ in range(iters):
-        _forward(model, ids)
+        _forward(model, ids, all_logits)
     sync()
     return (time.perf_counter() - t0) / iters
 
@@ -155,21 +178,21 @@ def _measure(a, model, whole, device, cuda, rank, world, one_host) -> list:
     with torch.inference_mode():
         for m in _ms(a):
             ids = torch.randint(0, a.vocab, (1, m), generator=g).to(device)
-            y_tp = _forward(model, ids)  # warm-up, and the output compared below
-            t1 = torch.tensor([_time(model, ids, 1, sync)])
+            y_tp = _forward(model, ids, a.all_logits)  # warm-up, and the output compared below
+            t1 = torch.tensor([_time(model, ids, 1, sync, a.all_logits)])
             dist.all_reduce(t1, op=dist.ReduceOp.MAX)
             iters = a.iters or max(1, min(50, int(0.5 / max(t1.item(), 1e-6))))
             row = {"m": m, "iters": iters, "tp_all": [], "base_all": [], "comm_all": []}
             if a.compare and rank == 0:
                 torch.set_num_threads(a.threads * world)
-                y_whole = _forward(whole, ids)
+                y_whole = _forward(whole, ids, a.all_logits)
                 torch.set_num_threads(a.threads)
                 row["err"] = ((y_tp - y_whole).abs().max() / y_whole.abs().max()).item()
             for r in range(a.rounds):
                 for which in (("tp", "base") if r % 2 == 0 else ("base", "tp")):
                     if which == "tp":
                         with record_collectives() as log:
-                            t = torch.tensor([_time(model, ids, iters, sync)])
+                            t = torch.tensor([_time(model, ids, iters, sync, a.all_logits)])
                         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time
                         row["tp_all"].append(t.item())
                         row["comm_all"].append(_collective_times(log.calls, iters, one_host))
@@ -177,7 +200,8 @@ def _measure(a, model, whole, device, cuda, rank, world, one_host) -> list:
                         dist.barrier()
                         if rank == 0:
                             torch.set_num_threads(a.threads * world)
-                            row["base_all"].append(_time(whole, ids, iters, local_sync))
+                            row["base_all"].append(_time(whole, ids, iters, local_sync,
+                                                         a.all_logits))
                             torch.set_num_threads(a.threads)
                         dist.barrier()  # the other ranks wait here (idle: gloo does not spin)
             row["tp"] = statistics.median(row["tp_all"])
@@ -226,7 +250,9 @@ def main(argv=None) -> int:
         f"({dist.get_backend()}, {'CUDA' if cuda else f'{a.threads} CPU thread(s) a rank'}), "
         f"Llama-style hidden={a.hidden} intermediate={a.intermediate} heads={a.heads} "
         f"layers={a.layers} vocab={a.vocab}, {a.config}"
-        + (f" group_size={a.group_size}" if a.config.startswith("int4") else ""))
+        + (f" group_size={a.group_size}" if a.config.startswith("int4") else "")
+        + (", logits of every token" if a.all_logits or not _keeps_logits(_skeleton_cls())
+           else ", logits of the last token (as generate())"))
     if local_rank == 0 and not (a.checkpoint and os.path.exists(path)):
         whole, secs = _build_and_save(a, config, path)
         say(f"built, quantized and saved the whole model in {secs:.1f} s: {path} "
