@@ -280,10 +280,11 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         return lambda s, x: ops.call(op + s[3], x, s[0], s[1], s[2], group_size, None)
 
     def unit(arith, bf16_from_m=None):
-        """The unit of the panel kernels (AVX512-VNNI and -BF16 builds; kernels.h): "int8"
-        (W8A8, W4A8), "fixed" (weight-only: three int8 products of the 24-bit fixed-point
-        terms per product) or "bf16 activations" (the fixed point below bf16_from_m, then bf16
-        panels: kInt8WoPanelsBf16MinM, kBf16PanelMinM). None on other ISAs and rows layouts,
+        """The unit of the panel kernels (AVX512-VNNI and -BF16 builds; kernels.h). arith
+        "int8": W8A8 and W4A8, one int8 product a product. "fixed": the weight-only ops,
+        three int8 products a product (the 24-bit fixed-point terms); with bf16_from_m, rows
+        that are bf16 values take one bf16 product from that M on (the AVX512-BF16 build:
+        kInt8WoPanelsBf16MinM, kBf16PanelMinM). None on other ISAs and on the rows layout,
         whose kernels the bench does not model."""
         def f(s, m):
             if s[-1] != "_panels" or _native.ISA_NAMES[_native.current_isa()] not in (
