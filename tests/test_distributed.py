@@ -553,3 +553,19 @@ def test_sparse24_layer_shards_compute_their_part(config, dim):
             got = sum(s(x.narrow(-1, 64 * r, 64)) - s.bias for r, s in enumerate(shards))
             got = got + layer.bias
     torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_forward_computes_the_logits_generation_asks_for():
+    """The demo times what generate() computes: the logits of the last token only
+    (logits_to_keep=1), equal to the last row of the logits of every token, which
+    --all-logits times instead."""
+    from pyquant.distributed import demo
+
+    model = make_model("llama")
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        last = demo._forward(model, ids)
+        every = demo._forward(model, ids, all_logits=True)
+    assert last.shape == (1, 1, 256) and every.shape == (1, 5, 256)
+    torch.testing.assert_close(last[:, 0], every[:, -1], rtol=1e-5, atol=1e-5)
+    assert demo._args(["--all-logits"]).all_logits and not demo._args([]).all_logits
