@@ -333,6 +333,20 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
                         const float* bias, float* out, int n_threads, void* work,
                         int64_t work_bytes);
 
+/* 2:4 bf16 values (values [N, K/2] bf16 bits) against x rows that are bf16 values (fp32
+ * holding bf16, as the op's dense path gets them): the product of the dense weight, through
+ * per-thread bf16 panels decompressed on the fly (csrc/cpu/tile_sparse_bf16_panel.h). Exact
+ * products summed in fp32, bias added in fp32. K % 32 == 0. work: 64-byte aligned,
+ * pq_sparse24_bf16_panels_workspace_bytes bytes (-1: not on this ISA or these sizes).
+ * PQ_ERR_ISA on builds without it (all but AVX512-BF16 without AMX); PQ_ERR_ARG also when
+ * a group's positions are not strictly increasing or a row of x is not bf16 values (out is
+ * then unspecified: the caller runs pq_sparse24_mm). */
+int64_t pq_sparse24_bf16_panels_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
+int pq_sparse24_bf16_panels_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const uint16_t* values, const uint8_t* meta, int64_t N,
+                               const float* bias, float* out, void* work, int64_t work_bytes,
+                               int n_threads);
+
 /* Dense [N, K] (values' element type: elem_bytes 1 for int8 codes, 2 for bf16/fp16, 4 for
  * float32) from 2:4 values and canonical meta: kept values copied bit for bit, zeros
  * elsewhere. PQ_ERR_ARG also when a group's two positions are not strictly increasing (out

@@ -540,15 +540,21 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
                       ("sparse_unstructured_mm", "bf16"): 16,
                       ("sparse_unstructured_mm", "fp32"): 32}
 # Where the break-even of a CPU level differs. avx512_bf16, measured on a 2-core Zen 4 (EPYC), 2
-# threads, 4096 x 4096 / 4096 x 11008 (benchmarks/sparse_break_even.py): without AMX the dense
-# int8/int4 kernels are slower, so the 2:4 + int8/int4 gathers stay ahead up to M = 63:
-#   int8:           0.68 / 0.63 at 8, 0.79 / 0.79 at 16, 0.94 / 0.92 at 32, 1.04 / 1.00 at 64
-#   int4 g128:      0.72 / 0.67 at 8, 0.81 / 0.77 at 16, 0.90 / 0.90 at 32, 1.00 / 0.99 at 64
-#   float, bf16 x:  0.50 / 0.45 at 8, 0.70 / 0.72 at 16, 1.18 / 1.09 at 32 (as above: 32)
-#   unstructured 70%, bf16 x: 0.60 / 1.19 at 8, 2.41 / 1.92 at 16 (as above: 16)
+# threads, 4096 x 4096 / 4096 x 11008 (benchmarks/sparse_break_even.py --ms 12,16,24,32,48),
+# with the dense paths of now: the dense int8/int4 kernels on fixed-point tiles, the 2:4 meta
+# masks in vector registers (VBMI; 2:4 int8 decompression 0.41 ms for 4096 x 4096), and 2:4
+# bf16 decompressed into per-thread bf16 panels instead of a dense copy
+# (pq_sparse24_bf16_panels_mm; 0.95x bf16 F.linear at M = 32, 0.96x at 128, 1.00x at 512,
+# where the dense copy and oneDNN gave 0.76x, 0.89x and 0.97x):
+#   int8:           1.02 / 0.82 at 12, 1.06 / 0.96 at 16, 1.14 / 1.02 at 24, 1.22 / 1.12 at 32
+#   int4 g128:      1.10 / 0.95 at 12, 1.14 / 1.03 at 16, 1.26 / 1.19 at 24
+#   float, bf16 x:  0.94 / 0.91 at 8, 0.99 / 1.13 at 12, 1.17 / 1.28 at 16, 1.49 / 1.65 at 32
+#   unstructured 70%, bf16 x: 0.58 / 1.21 at 8, 2.17 / 1.62 at 12, 2.59 / 2.06 at 16 (as above)
+# (An earlier run, before the fixed-point tiles and the panels, kept the int8/int4 gathers
+# ahead up to M = 63 and the bf16 one up to 31.)
 SPARSE_DENSE_MIN_M_BY_ISA = {
-    "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_int8_mm", "fp32"): 64,
-                    ("sparse24_int4_mm", "fp32"): 64},
+    "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 16,
+                    ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16},
 }
 
 
@@ -633,6 +639,26 @@ def _dense_float_linear(x2: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor
     return torch.nn.functional.linear(x2.float(), w.float(), b).to(x2.dtype)
 
 
+def _sparse24_bf16_panels(x2, values, meta, bias) -> Optional[torch.Tensor]:
+    """The dense bf16 path without a dense copy of the weight (pq_sparse24_bf16_panels_mm:
+    each thread decompresses 32 rows at a time into bf16 panels): float32 [M, N], or None
+    where it does not run (another build, K % 32, a non-canonical meta), and the caller
+    decompresses the whole weight instead."""
+    m, k = x2.shape
+    n = values.shape[0]
+    isa, nt = current_isa(), _threads()
+    nwork = module().sparse24_bf16_panels_workspace_bytes(isa, m, k, nt)
+    if nwork < 0:
+        return None
+    xf = x2.to(torch.float32).contiguous()  # bf16 values widened exactly; narrowed back there
+    v, mt, b = values.contiguous(), meta.contiguous(), _bias_f32(bias)
+    out = torch.empty((m, n), dtype=torch.float32)
+    work = _work("sparse24_bf16", nwork, cap=False)
+    st = module().sparse24_bf16_panels_mm(isa, _ptr(xf), m, k, k, _ptr(v), _ptr(mt), n, _ptr(b),
+                                          _ptr(out), _ptr(work), nwork, nt)
+    return None if st else out
+
+
 def sparse24_mm(x, values, meta, bias=None):
     _checks.check_sparse24_mm("sparse24_mm", x, values, meta, bias)
     _require_cpu("sparse24_mm", x)
@@ -645,6 +671,9 @@ def _run_sparse24_mm(x, values, meta, bias=None):
     m = x2.shape[0]
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
     if m and n and sparse_dense_reason("sparse24_mm", m, kind):
+        y = _sparse24_bf16_panels(x2, values, meta, bias) if kind == "bf16" else None
+        if y is not None:
+            return y.to(x.dtype).reshape(*lead, n)
         w = _decompress_24(values, meta)
         if w is not None:
             return _dense_float_linear(x2, w, bias).reshape(*lead, n)

@@ -365,4 +365,78 @@ def test_break_even_table_follows_the_cpu_level(backend, isa):
         lim = table[("sparse24_int8_mm", "fp32")]
         assert _native.sparse_dense_reason("sparse24_int8_mm", lim - 1) is None
         assert f"M={lim} >= {lim}" in _native.sparse_dense_reason("sparse24_int8_mm", lim)
-    assert _native.SPARSE_DENSE_MIN_M_BY_ISA["avx512_bf16"][("sparse24_int8_mm", "fp32")] == 64
+    own = _native.SPARSE_DENSE_MIN_M_BY_ISA["avx512_bf16"]  # a table of its own, every op in it
+    assert own.keys() == _native.SPARSE_DENSE_MIN_M.keys() and own != _native.SPARSE_DENSE_MIN_M
+
+
+# ------------------------------------ 2:4 bf16 above the break-even: bf16 panels, no dense copy
+
+
+def _panels_here(isa) -> bool:
+    return _native.module().sparse24_bf16_panels_workspace_bytes(
+        _native._parse_isa(isa), 1, 64, 1) >= 0
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("n,k", [(37, 64), (70, 96), (33, 320)])
+@pytest.mark.parametrize("layout", ["contiguous", "col_slice", "row_step"])
+def test_sparse24_bf16_dense_path_through_panels(dense_from_m1, backend, isa, n, k, layout):
+    """bf16 values and activations from the break-even on: each thread decompresses 32 rows at
+    a time into bf16 panels (AVX512-BF16 without AMX; other levels decompress the whole weight).
+    N not a multiple of 32 (a partial last panel), K % 64 != 0 (a tail after the 64-column
+    decompression steps), strided and 3-D x, with and without a bf16 bias: the reference's
+    result, and in fp32 the dense product's up to the order of the fp32 sums."""
+    w, v, meta = dense24(n, k, seed=n + k, dtype=torch.bfloat16)
+    b = torch.randn(n, generator=gen(7)).to(torch.bfloat16)
+    for shape in ((1, k), (17, k), (2, 20, k)):
+        x = activation(shape, torch.bfloat16, seed=len(shape), layout=layout if len(shape) == 2
+                       else "contiguous")
+        for bias in (None, b):
+            _check("sparse24_mm", isa, x, (v, meta), bias)
+    x2 = activation((40, k), torch.bfloat16, seed=9)
+    with _native.use_isa(isa):
+        got = _native._sparse24_bf16_panels(x2, v, meta, b)
+    if not _panels_here(isa):
+        assert got is None
+        return
+    want = torch.nn.functional.linear(x2.float(), w.float(), b.float())
+    assert got.dtype == torch.float32 and got.shape == (40, n)
+    assert_close_named(got, want, "sparse24_mm/float32", f"cpu-{isa}")
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+def test_sparse24_bf16_panels_refuse_what_they_cannot_run(backend, isa):
+    """A duplicate position (the op then runs the gather kernel, which adds both values), x
+    rows that are not bf16 values, K % 32 != 0, a short or misaligned workspace: each an
+    error status, never a wrong product; levels without the panels say PQ_ERR_ISA."""
+    from pyquant import _C
+
+    n, k, m = 40, 64, 33
+    _, v, meta = dense24(n, k, seed=5, dtype=torch.bfloat16)
+    x = activation((m, k), torch.bfloat16, seed=6).float()
+    code = _native._parse_isa(isa)
+    nwork = _C.sparse24_bf16_panels_workspace_bytes(code, m, k, 2)
+    out = torch.empty(m, n)
+    work = torch.empty(max(nwork, 0) + 128, dtype=torch.uint8)
+    wp = work.data_ptr() + (-work.data_ptr() % 64)
+
+    def call(xx=x, mt=meta, kk=k, w=wp, nb=nwork):
+        return _C.sparse24_bf16_panels_mm(code, xx.data_ptr(), m, kk, kk, v.data_ptr(),
+                                          mt.data_ptr(), n, 0, out.data_ptr(), w, nb, 2)
+
+    if not _panels_here(isa):
+        assert nwork == -1 and call() == 2  # PQ_ERR_ISA
+        return
+    assert call() == 0
+    torch.testing.assert_close(out, x @ sf.decompress_24(v.float(), meta).T, rtol=1e-5,
+                               atol=1e-5)
+    bad = meta.clone()
+    bad[7, 3] = (bad[7, 3] & 0xF0) | 0b0101  # positions (1, 1)
+    assert call(mt=bad) == 1
+    assert call(xx=x + 1e-3) == 1  # not bf16 values: narrowing them would round
+    assert _C.sparse24_bf16_panels_workspace_bytes(code, m, 48, 2) == -1  # K % 32
+    assert call(kk=48) == 1
+    assert call(nb=nwork - 1) == 1 and call(w=wp + 8) == 1 and call(w=0) == 1
+    with _native.use_isa(isa):  # the op falls back to the gather kernel on the duplicate
+        got = _native._sparse24_bf16_panels(x.to(torch.bfloat16), v, bad, None)
+    assert got is None

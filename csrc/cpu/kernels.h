@@ -81,6 +81,11 @@ inline int64_t bf16_panel_bytes(int64_t K, int64_t G) {
 inline int64_t bf16_panel_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
   return align64(M * K * 2) + threads * bf16_panel_bytes(K, G);
 }
+/* pq_sparse24_bf16_panels_mm (tile_sparse_bf16_panel.h): the bf16 panels of one group of K,
+ * and per thread the 32 dense bf16 rows a panel is transposed from. */
+inline int64_t sparse24_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
+  return bf16_panel_work_bytes(M, K, K, threads) + threads * align64(32 * K * 2);
+}
 
 /* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
  * the float paths (4096 x 4096, G = 128, weights streamed from memory, 2
@@ -334,6 +339,12 @@ struct SparseKernelTable {
   int (*sparse24_int4_decompress)(const uint8_t* packed, const uint8_t* meta, int64_t N,
                                   int64_t K, const uint8_t* zeros, int64_t group_size,
                                   uint8_t* out, int n_threads);
+  /* 2:4 bf16 values, x rows that are bf16 values, through bf16 panels (null on the builds
+   * without them; pq_sparse24_bf16_panels_mm): 0, 1 for a non-increasing group, 2 for x
+   * rows that are not bf16 values */
+  int (*sparse24_bf16_panels_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                 const uint16_t* values, const uint8_t* meta, int64_t N,
+                                 const float* bias, float* out, void* work, int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

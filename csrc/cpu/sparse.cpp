@@ -10,6 +10,7 @@
 #include "sparse_decompress.h"
 #include "tile_int8.h"
 #include "tile_sparse.h"
+#include "tile_sparse_bf16_panel.h"
 
 namespace PQ_NS {
 namespace {
@@ -253,6 +254,11 @@ extern const pq::SparseKernelTable kSparseKernels = {
     sparse24_mm,          sparse24_int8_mm,    sparse24_int4_mm,
     sparse_unstructured_mm, sparse24_decompress, sparse_unstructured_decompress,
     decompress_24_int4,
+#ifdef PQ_HAVE_SPARSE24_BF16_PANELS
+    sparse24_bf16_panel_mm,
+#else
+    nullptr,
+#endif
 };
 
 }  // namespace PQ_NS

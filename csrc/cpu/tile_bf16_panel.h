@@ -166,17 +166,19 @@ inline void bf16_panel_tile(const uint16_t* xb, int64_t K, int64_t G, const uint
 }
 
 /* The whole product for x rows that are bf16 values (the caller checked rows_are_bf16),
- * with groups of G k; pack(pb, sp, n0, nr) fills a thread's panel and its scales. work:
- * 64-byte aligned, pq::bf16_panel_work_bytes(M, K, G, n_threads). */
+ * with groups of G k; pack(pb, sp, n0, nr) fills a thread's panel and its scales. Each
+ * thread's area is the panel (pq::bf16_panel_bytes(K, G)), then `extra` bytes of its own
+ * for pack. work: 64-byte aligned, pq::bf16_panel_work_bytes(M, K, G, n_threads) plus
+ * n_threads x extra. */
 template <class Pack>
 inline void bf16_panel_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
                           int64_t G, const float* bias, float* out, void* work, int n_threads,
-                          Pack pack) {
+                          Pack pack, int64_t extra = 0) {
   uint16_t* xb = (uint16_t*)work;
   /* a thread's panel: the bf16 weights, then the scales [K/G][32] */
   const int64_t scales_at = pq::align64(kBf16PanelRows * K * 2);
   for_each_panel<kBf16PanelMaxT>(
-      M, N, n_threads, (uint8_t*)work + pq::align64(M * K * 2), pq::bf16_panel_bytes(K, G),
+      M, N, n_threads, (uint8_t*)work + pq::align64(M * K * 2), pq::bf16_panel_bytes(K, G) + extra,
       [&](int64_t m) { /* the high halves of the fp32 words: exact */
         for (int64_t k = 0; k < K; k += 16)
           _mm256_storeu_si256((__m256i*)(xb + m * K + k),
