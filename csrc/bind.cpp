@@ -252,7 +252,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("values"), py::arg("values_dtype"), py::arg("meta"), py::arg("N"),
         py::arg("bias"), py::arg("out"), py::arg("n_threads"), gil_release());
 
-  m.def("sparse24_bf16_panels_workspace_bytes", &pq_sparse24_bf16_panels_workspace_bytes,
+  m.def("sparse_bf16_panels_workspace_bytes", &pq_sparse_bf16_panels_workspace_bytes,
         py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("n_threads"));
   m.def("sparse24_bf16_panels_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values,
@@ -266,6 +266,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("bias"), py::arg("out"),
         py::arg("work"), py::arg("work_bytes"), py::arg("n_threads"), gil_release());
+  m.def("sparse_unstructured_bf16_panels_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bitmask,
+           uintptr_t values, int64_t nnz, uintptr_t row_offsets, int64_t N, uintptr_t bias,
+           uintptr_t out, uintptr_t work, int64_t work_bytes, int n_threads) {
+          return pq_sparse_unstructured_bf16_panels_mm(
+              isa, ptr<const float>(x), M, K, ldx, ptr<const uint8_t>(bitmask),
+              ptr<const uint16_t>(values), nnz, ptr<const int64_t>(row_offsets), N,
+              ptr<const float>(bias), ptr<float>(out), ptr<void>(work), work_bytes, n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("bitmask"), py::arg("values"), py::arg("nnz"), py::arg("row_offsets"),
+        py::arg("N"), py::arg("bias"), py::arg("out"), py::arg("work"), py::arg("work_bytes"),
+        py::arg("n_threads"), gil_release());
   m.def("sparse24_decompress",
         [](int isa, uintptr_t values, int elem_bytes, uintptr_t meta, int64_t N, int64_t K,
            uintptr_t out, int n_threads) {

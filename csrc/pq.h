@@ -337,15 +337,23 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
  * holding bf16, as the op's dense path gets them): the product of the dense weight, through
  * per-thread bf16 panels decompressed on the fly (csrc/cpu/tile_sparse_bf16_panel.h). Exact
  * products summed in fp32, bias added in fp32. K % 32 == 0. work: 64-byte aligned,
- * pq_sparse24_bf16_panels_workspace_bytes bytes (-1: not on this ISA or these sizes).
+ * pq_sparse_bf16_panels_workspace_bytes bytes (-1: not on this ISA or these sizes).
  * PQ_ERR_ISA on builds without it (all but AVX512-BF16 without AMX); PQ_ERR_ARG also when
  * a group's positions are not strictly increasing or a row of x is not bf16 values (out is
  * then unspecified: the caller runs pq_sparse24_mm). */
-int64_t pq_sparse24_bf16_panels_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
+int64_t pq_sparse_bf16_panels_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
 int pq_sparse24_bf16_panels_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                                const uint16_t* values, const uint8_t* meta, int64_t N,
                                const float* bias, float* out, void* work, int64_t work_bytes,
                                int n_threads);
+/* The same for unstructured bf16 values (bitmask, values of nnz, row_offsets as in
+ * pq_sparse_unstructured_mm; the same workspace); PQ_ERR_ARG also for an inconsistent row. */
+int pq_sparse_unstructured_bf16_panels_mm(int isa, const float* x, int64_t M, int64_t K,
+                                          int64_t ldx, const uint8_t* bitmask,
+                                          const uint16_t* values, int64_t nnz,
+                                          const int64_t* row_offsets, int64_t N,
+                                          const float* bias, float* out, void* work,
+                                          int64_t work_bytes, int n_threads);
 
 /* Dense [N, K] (values' element type: elem_bytes 1 for int8 codes, 2 for bf16/fp16, 4 for
  * float32) from 2:4 values and canonical meta: kept values copied bit for bit, zeros

@@ -540,21 +540,24 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
                       ("sparse_unstructured_mm", "bf16"): 16,
                       ("sparse_unstructured_mm", "fp32"): 32}
 # Where the break-even of a CPU level differs. avx512_bf16, measured on a 2-core Zen 4 (EPYC), 2
-# threads, 4096 x 4096 / 4096 x 11008 (benchmarks/sparse_break_even.py --ms 12,16,24,32,48),
-# with the dense paths of now: the dense int8/int4 kernels on fixed-point tiles, the 2:4 meta
-# masks in vector registers (VBMI; 2:4 int8 decompression 0.41 ms for 4096 x 4096), and 2:4
-# bf16 decompressed into per-thread bf16 panels instead of a dense copy
-# (pq_sparse24_bf16_panels_mm; 0.95x bf16 F.linear at M = 32, 0.96x at 128, 1.00x at 512,
-# where the dense copy and oneDNN gave 0.76x, 0.89x and 0.97x):
-#   int8:           1.02 / 0.82 at 12, 1.06 / 0.96 at 16, 1.14 / 1.02 at 24, 1.22 / 1.12 at 32
-#   int4 g128:      1.10 / 0.95 at 12, 1.14 / 1.03 at 16, 1.26 / 1.19 at 24
-#   float, bf16 x:  0.94 / 0.91 at 8, 0.99 / 1.13 at 12, 1.17 / 1.28 at 16, 1.49 / 1.65 at 32
-#   unstructured 70%, bf16 x: 0.58 / 1.21 at 8, 2.17 / 1.62 at 12, 2.59 / 2.06 at 16 (as above)
+# threads, 4096 x 4096 / 4096 x 11008 (benchmarks/sparse_break_even.py --ms 4,8,12,16 and
+# --ms 12,16,24,32,48), with the dense paths of now: the dense int8/int4 kernels on fixed-point
+# tiles, the 2:4 meta masks in vector registers (VBMI; 2:4 int8 decompression 0.41 ms for
+# 4096 x 4096), and the bf16 weights (2:4 and unstructured) decompressed into per-thread bf16
+# panels instead of a dense copy for oneDNN (pq_sparse24_bf16_panels_mm; 4096 x 4096 against
+# bf16 F.linear, M = 32 / 128 / 512: 2:4 0.95x / 0.96x / 1.00x where the dense copy gave
+# 0.76x / 0.89x / 0.97x, unstructured 0.91x / 0.95x / 1.00x where it gave 0.76x / 0.88x /
+# 0.98x):
+#   int8:           0.47 / 0.53 at 8, 0.92 / 0.78 at 12, 1.07 / 0.92 at 16, 1.14 / 1.02 at 24
+#   int4 g128:      0.90 / 0.88 at 8, 1.01 / 0.96 at 12, 1.10 / 1.05 at 16, 1.26 / 1.19 at 24
+#   float, bf16 x:  0.81 / 0.91 at 8, 1.05 / 1.17 at 12, 1.16 / 1.38 at 16
+#   unstructured 70%, bf16 x: 0.52 / 1.38 at 4, 0.91 / 2.21 at 8, 2.80 / 2.92 at 12
 # (An earlier run, before the fixed-point tiles and the panels, kept the int8/int4 gathers
-# ahead up to M = 63 and the bf16 one up to 31.)
+# ahead up to M = 63, the 2:4 bf16 one up to 31 and the unstructured one up to 15.)
 SPARSE_DENSE_MIN_M_BY_ISA = {
-    "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 16,
-                    ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16},
+    "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
+                    ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
+                    ("sparse_unstructured_mm", "bf16"): 8},
 }
 
 
@@ -639,24 +642,40 @@ def _dense_float_linear(x2: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor
     return torch.nn.functional.linear(x2.float(), w.float(), b).to(x2.dtype)
 
 
-def _sparse24_bf16_panels(x2, values, meta, bias) -> Optional[torch.Tensor]:
-    """The dense bf16 path without a dense copy of the weight (pq_sparse24_bf16_panels_mm:
-    each thread decompresses 32 rows at a time into bf16 panels): float32 [M, N], or None
-    where it does not run (another build, K % 32, a non-canonical meta), and the caller
-    decompresses the whole weight instead."""
+def _bf16_panels(x2: torch.Tensor, n: int, bias, run) -> Optional[torch.Tensor]:
+    """The dense bf16 path of a sparse op without a dense copy of the weight (each thread
+    decompresses 32 rows at a time into bf16 panels; pq.h: pq_sparse24_bf16_panels_mm):
+    float32 [M, N], or None where it does not run (another build, K % 32, an inconsistent
+    weight), and the caller decompresses the whole weight instead. run(isa, x, bias, out,
+    work, work bytes, threads) calls the op's native entry with those addresses."""
     m, k = x2.shape
-    n = values.shape[0]
     isa, nt = current_isa(), _threads()
-    nwork = module().sparse24_bf16_panels_workspace_bytes(isa, m, k, nt)
+    nwork = module().sparse_bf16_panels_workspace_bytes(isa, m, k, nt)
     if nwork < 0:
         return None
     xf = x2.to(torch.float32).contiguous()  # bf16 values widened exactly; narrowed back there
-    v, mt, b = values.contiguous(), meta.contiguous(), _bias_f32(bias)
+    b = _bias_f32(bias)
     out = torch.empty((m, n), dtype=torch.float32)
-    work = _work("sparse24_bf16", nwork, cap=False)
-    st = module().sparse24_bf16_panels_mm(isa, _ptr(xf), m, k, k, _ptr(v), _ptr(mt), n, _ptr(b),
-                                          _ptr(out), _ptr(work), nwork, nt)
+    work = _work("sparse_bf16", nwork, cap=False)
+    st = run(isa, _ptr(xf), _ptr(b), _ptr(out), _ptr(work), nwork, nt)
     return None if st else out
+
+
+def _sparse24_bf16_panels(x2, values, meta, bias) -> Optional[torch.Tensor]:
+    n, k = values.shape[0], x2.shape[1]
+    v, mt = values.contiguous(), meta.contiguous()
+    return _bf16_panels(x2, n, bias, lambda isa, px, pb, po, pw, nw, nt: module()
+                        .sparse24_bf16_panels_mm(isa, px, x2.shape[0], k, k, _ptr(v), _ptr(mt),
+                                                 n, pb, po, pw, nw, nt))
+
+
+def _unstructured_bf16_panels(x2, bitmask, values, row_offsets, bias) -> Optional[torch.Tensor]:
+    n, k = bitmask.shape[0], x2.shape[1]
+    bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
+    return _bf16_panels(x2, n, bias, lambda isa, px, pb, po, pw, nw, nt: module()
+                        .sparse_unstructured_bf16_panels_mm(isa, px, x2.shape[0], k, k, _ptr(bm),
+                                                            _ptr(v), v.numel(), _ptr(off), n,
+                                                            pb, po, pw, nw, nt))
 
 
 def sparse24_mm(x, values, meta, bias=None):
@@ -770,6 +789,10 @@ def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
     m = x2.shape[0]
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
     if m and n and sparse_dense_reason(op, m, kind):
+        y = (_unstructured_bf16_panels(x2, bitmask, values, row_offsets, bias)
+             if kind == "bf16" else None)
+        if y is not None:
+            return y.to(x.dtype).reshape(*lead, n)
         dense = _decompress_unstructured(bitmask, values, row_offsets, k)
         if dense is not None:  # else an inconsistent weight: the kernel reports it
             return _dense_float_linear(x2, dense, bias).reshape(*lead, n)

@@ -373,7 +373,7 @@ def test_break_even_table_follows_the_cpu_level(backend, isa):
 
 
 def _panels_here(isa) -> bool:
-    return _native.module().sparse24_bf16_panels_workspace_bytes(
+    return _native.module().sparse_bf16_panels_workspace_bytes(
         _native._parse_isa(isa), 1, 64, 1) >= 0
 
 
@@ -415,7 +415,7 @@ def test_sparse24_bf16_panels_refuse_what_they_cannot_run(backend, isa):
     _, v, meta = dense24(n, k, seed=5, dtype=torch.bfloat16)
     x = activation((m, k), torch.bfloat16, seed=6).float()
     code = _native._parse_isa(isa)
-    nwork = _C.sparse24_bf16_panels_workspace_bytes(code, m, k, 2)
+    nwork = _C.sparse_bf16_panels_workspace_bytes(code, m, k, 2)
     out = torch.empty(m, n)
     work = torch.empty(max(nwork, 0) + 128, dtype=torch.uint8)
     wp = work.data_ptr() + (-work.data_ptr() % 64)
@@ -434,9 +434,36 @@ def test_sparse24_bf16_panels_refuse_what_they_cannot_run(backend, isa):
     bad[7, 3] = (bad[7, 3] & 0xF0) | 0b0101  # positions (1, 1)
     assert call(mt=bad) == 1
     assert call(xx=x + 1e-3) == 1  # not bf16 values: narrowing them would round
-    assert _C.sparse24_bf16_panels_workspace_bytes(code, m, 48, 2) == -1  # K % 32
+    assert _C.sparse_bf16_panels_workspace_bytes(code, m, 48, 2) == -1  # K % 32
     assert call(kk=48) == 1
     assert call(nb=nwork - 1) == 1 and call(w=wp + 8) == 1 and call(w=0) == 1
     with _native.use_isa(isa):  # the op falls back to the gather kernel on the duplicate
         got = _native._sparse24_bf16_panels(x.to(torch.bfloat16), v, bad, None)
     assert got is None
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("n,k,density", [(37, 64, 0.3), (70, 96, 0.5), (33, 320, 0.05)])
+def test_unstructured_bf16_dense_path_through_panels(dense_from_m1, backend, isa, n, k,
+                                                     density):
+    """Unstructured bf16 from the break-even on, through the same per-thread bf16 panels (an
+    empty and a full row, N % 32 != 0, strided and 3-D x, bias); an inconsistent row makes the
+    panel path step aside and the kernel report it."""
+    w, (bm, vals, off) = random_sparse(n, k, density, seed=n, dtype=torch.bfloat16)
+    b = torch.randn(n, generator=gen(8)).to(torch.bfloat16)
+    for shape, layout in (((1, k), "contiguous"), ((17, k), "col_slice"),
+                          ((19, k), "row_step"), ((2, 20, k), "contiguous")):
+        x = activation(shape, torch.bfloat16, seed=len(shape), layout=layout)
+        for bias in (None, b):
+            _check("sparse_unstructured_mm", isa, x, (bm, vals, off), bias)
+    x2 = activation((40, k), torch.bfloat16, seed=9)
+    with _native.use_isa(isa):
+        got = _native._unstructured_bf16_panels(x2, bm, vals, off, b)
+        bad_off = off.clone()
+        bad_off[3] += 1  # row 2 one value short, row 3 one long
+        assert _native._unstructured_bf16_panels(x2, bm, vals, bad_off, b) is None
+    if not _panels_here(isa):
+        assert got is None
+        return
+    want = torch.nn.functional.linear(x2.float(), w.float(), b.float())
+    assert_close_named(got, want, "sparse_unstructured_mm/float32", f"cpu-{isa}")

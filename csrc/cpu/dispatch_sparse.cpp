@@ -46,12 +46,12 @@ int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
   return PQ_OK;
 }
 
-int64_t pq_sparse24_bf16_panels_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads) {
+int64_t pq_sparse_bf16_panels_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t || !t->sparse24_bf16_panels_mm || M < 0 || K <= 0 || K % 32 || too_big(M, 2 * K) ||
       too_big(threads(n_threads), 132 * K + 256))
     return -1;
-  return pq::sparse24_bf16_panel_work_bytes(M, K, threads(n_threads));
+  return pq::sparse_bf16_panel_work_bytes(M, K, threads(n_threads));
 }
 
 int pq_sparse24_bf16_panels_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
@@ -64,10 +64,33 @@ int pq_sparse24_bf16_panels_mm(int isa, const float* x, int64_t M, int64_t K, in
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  const int64_t need = pq_sparse24_bf16_panels_workspace_bytes(isa, M, K, n_threads);
+  const int64_t need = pq_sparse_bf16_panels_workspace_bytes(isa, M, K, n_threads);
   if (need < 0 || !work || ((uintptr_t)work & 63) || work_bytes < need) return PQ_ERR_ARG;
   return t->sparse24_bf16_panels_mm(x, M, K, ldx, values, meta, N, bias, out, work,
                                     threads(n_threads))
+             ? PQ_ERR_ARG
+             : PQ_OK;
+}
+
+int pq_sparse_unstructured_bf16_panels_mm(int isa, const float* x, int64_t M, int64_t K,
+                                          int64_t ldx, const uint8_t* bitmask,
+                                          const uint16_t* values, int64_t nnz,
+                                          const int64_t* row_offsets, int64_t N,
+                                          const float* bias, float* out, void* work,
+                                          int64_t work_bytes, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->sparse_unstructured_bf16_panels_mm) return PQ_ERR_ISA;
+  if (bad_x(x, M, K, ldx) || N < 0 || K % 32 || nnz < 0 || too_big(N, K) || too_big(M, N) ||
+      missing(bitmask, N * ((K + 7) / 8)) || missing(values, nnz) ||
+      missing(row_offsets, N + 1) || missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (row_offsets[0] != 0 || row_offsets[N] != nnz) return PQ_ERR_ARG;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  const int64_t need = pq_sparse_bf16_panels_workspace_bytes(isa, M, K, n_threads);
+  if (need < 0 || !work || ((uintptr_t)work & 63) || work_bytes < need) return PQ_ERR_ARG;
+  return t->sparse_unstructured_bf16_panels_mm(x, M, K, ldx, bitmask, values, nnz, row_offsets,
+                                               N, bias, out, work, threads(n_threads))
              ? PQ_ERR_ARG
              : PQ_OK;
 }

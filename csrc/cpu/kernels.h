@@ -81,9 +81,10 @@ inline int64_t bf16_panel_bytes(int64_t K, int64_t G) {
 inline int64_t bf16_panel_work_bytes(int64_t M, int64_t K, int64_t G, int threads) {
   return align64(M * K * 2) + threads * bf16_panel_bytes(K, G);
 }
-/* pq_sparse24_bf16_panels_mm (tile_sparse_bf16_panel.h): the bf16 panels of one group of K,
- * and per thread the 32 dense bf16 rows a panel is transposed from. */
-inline int64_t sparse24_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
+/* pq_sparse24_bf16_panels_mm and pq_sparse_unstructured_bf16_panels_mm
+ * (tile_sparse_bf16_panel.h): the bf16 panels of one group of K, and per thread the 32 dense
+ * bf16 rows a panel is transposed from. */
+inline int64_t sparse_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
   return bf16_panel_work_bytes(M, K, K, threads) + threads * align64(32 * K * 2);
 }
 
@@ -345,6 +346,13 @@ struct SparseKernelTable {
   int (*sparse24_bf16_panels_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
                                  const uint16_t* values, const uint8_t* meta, int64_t N,
                                  const float* bias, float* out, void* work, int n_threads);
+  /* the same for unstructured bf16 (pq_sparse_unstructured_bf16_panels_mm); 1 for an
+   * inconsistent row */
+  int (*sparse_unstructured_bf16_panels_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                            const uint8_t* bitmask, const uint16_t* values,
+                                            int64_t nnz, const int64_t* row_offsets, int64_t N,
+                                            const float* bias, float* out, void* work,
+                                            int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

@@ -255,9 +255,9 @@ extern const pq::SparseKernelTable kSparseKernels = {
     sparse_unstructured_mm, sparse24_decompress, sparse_unstructured_decompress,
     decompress_24_int4,
 #ifdef PQ_HAVE_SPARSE24_BF16_PANELS
-    sparse24_bf16_panel_mm,
+    sparse24_bf16_panel_mm, sparse_unstructured_bf16_panel_mm,
 #else
-    nullptr,
+    nullptr, nullptr,
 #endif
 };
 

@@ -189,51 +189,55 @@ int decompress_24(const T* v, const uint8_t* meta, int64_t N, int64_t K, T* out,
  * word of the bitmask is counted first, then its values are expanded to their
  * columns (16-bit values need VBMI2's expand), so a row's values are never read
  * past its count. */
+/* One row: its bitmask b, values v[o0, o1) of nnz -> K outputs; nonzero when the row is
+ * inconsistent (as above; the row is then left unwritten). */
+template <class T>
+inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz, int64_t o0,
+                                       int64_t o1, int64_t K, T* row) {
+  const int64_t ldb = (K + 7) / 8;
+  int64_t pop = 0;
+  for (int64_t i = 0; i < ldb; ++i) pop += __builtin_popcount(b[i]);
+  if (o0 < 0 || o1 > nnz || o1 < o0 || pop != o1 - o0 || (K % 8 && (b[ldb - 1] >> (K % 8))))
+    return 1;
+  int64_t o = o0, i = 0;
+#if defined(PQ_SIMD_AVX512)
+  constexpr bool kExpand = sizeof(T) == 4
+#if defined(__AVX512VBMI2__)
+                           || sizeof(T) == 2
+#endif
+      ;
+  if (kExpand)
+    for (; 8 * i + 64 <= K; i += 8) { /* whole words: no column of the next row */
+      uint64_t w;
+      memcpy(&w, b + i, 8);
+      for (int s = 0; s < (int)sizeof(T); ++s) { /* the word's 64-byte slices of output */
+        constexpr int per = 64 / sizeof(T);
+        const uint64_t bits = (w >> (per * s)) & ((1ull << per) - 1);
+        T* dst = row + 8 * i + per * s;
+        if (sizeof(T) == 4)
+          _mm512_storeu_si512(dst, _mm512_maskz_expandloadu_epi32((__mmask16)bits, v + o));
+#if defined(__AVX512VBMI2__)
+        else
+          _mm512_storeu_si512(dst, _mm512_maskz_expandloadu_epi16((__mmask32)bits, v + o));
+#endif
+        o += __builtin_popcountll(bits);
+      }
+    }
+#endif
+  if (i < ldb) memset(row + 8 * i, 0, (size_t)(K - 8 * i) * sizeof(T));
+  for (; i < ldb; ++i)
+    for (unsigned bits = b[i]; bits; bits &= bits - 1) row[8 * i + __builtin_ctz(bits)] = v[o++];
+  return 0;
+}
+
 template <class T>
 int decompress_unstructured(const uint8_t* bm, const T* v, int64_t nnz, const int64_t* off,
                             int64_t N, int64_t K, T* out, int n_threads) {
   const int64_t ldb = (K + 7) / 8;
   int bad = 0;
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* b = bm + n * ldb;
-    T* row = out + n * K;
-    const int64_t o0 = off[n], o1 = off[n + 1];
-    int64_t pop = 0;
-    for (int64_t i = 0; i < ldb; ++i) pop += __builtin_popcount(b[i]);
-    if (o0 < 0 || o1 > nnz || o1 < o0 || pop != o1 - o0 || (K % 8 && (b[ldb - 1] >> (K % 8)))) {
-      bad = 1;
-      continue;
-    }
-    int64_t o = o0, i = 0;
-#if defined(PQ_SIMD_AVX512)
-    constexpr bool kExpand = sizeof(T) == 4
-#if defined(__AVX512VBMI2__)
-                             || sizeof(T) == 2
-#endif
-        ;
-    if (kExpand)
-      for (; 8 * i + 64 <= K; i += 8) { /* whole words: no column of the next row */
-        uint64_t w;
-        memcpy(&w, b + i, 8);
-        for (int s = 0; s < (int)sizeof(T); ++s) { /* the word's 64-byte slices of output */
-          constexpr int per = 64 / sizeof(T);
-          const uint64_t bits = (w >> (per * s)) & ((1ull << per) - 1);
-          T* dst = row + 8 * i + per * s;
-          if (sizeof(T) == 4)
-            _mm512_storeu_si512(dst, _mm512_maskz_expandloadu_epi32((__mmask16)bits, v + o));
-#if defined(__AVX512VBMI2__)
-          else
-            _mm512_storeu_si512(dst, _mm512_maskz_expandloadu_epi16((__mmask32)bits, v + o));
-#endif
-          o += __builtin_popcountll(bits);
-        }
-      }
-#endif
-    if (i < ldb) memset(row + 8 * i, 0, (size_t)(K - 8 * i) * sizeof(T));
-    for (; i < ldb; ++i)
-      for (unsigned bits = b[i]; bits; bits &= bits - 1) row[8 * i + __builtin_ctz(bits)] = v[o++];
-  }
+  for (int64_t n = 0; n < N; ++n)
+    bad |= decompress_unstructured_row(bm + n * ldb, v, nnz, off[n], off[n + 1], K, out + n * K);
   return bad;
 }
 
