@@ -48,8 +48,10 @@ int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
 
 int64_t pq_sparse_bf16_panels_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  int64_t sum;
   if (!t || !t->sparse24_bf16_panels_mm || M < 0 || K <= 0 || K % 32 || too_big(M, 2 * K) ||
-      too_big(threads(n_threads), 132 * K + 256))
+      too_big(threads(n_threads), 132 * K + 256) ||
+      __builtin_add_overflow(2 * M * K + 64, threads(n_threads) * (132 * K + 256), &sum))
     return -1;
   return pq::sparse_bf16_panel_work_bytes(M, K, threads(n_threads));
 }
