@@ -433,3 +433,15 @@ def int8_bad_cases():
         ("bias_meta", x, w, s, b.to(meta), ValueError, r"bias is on meta but x is on cpu"),
         ("x_meta", x.to(meta), w, s, b, ValueError, r"w is on cpu but x is on meta"),
     ]
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
