@@ -234,38 +234,59 @@ inline void fx24_panel_store(__m512 acc[3 * T][2], const float* xs, const float*
   });
 }
 
-/* The whole product; work: 64-byte aligned, pq::w4a8_panel_work_bytes(M', K, G, n_threads)
- * (gsum, then one panel a thread), M' the code rows. kFx24: x rows in 24-bit fixed point
- * (M x rows of three code rows each, x_scale their xs; see fx24_panel_store), else M code
- * rows with one scale each. */
+/* The W4A8 driver shared by the two panel forms below: the code rows' group sums into gsum,
+ * then for_each_panel over pack(scratch, n0, nr) -> panel (scratch: per_thread bytes a thread
+ * at `scratch`), each tile's accumulators from acc(Int<R>, panel, n0, m, facc) (R code rows),
+ * stored once per x row. kFx24: x rows in 24-bit fixed point (M x rows of three code rows
+ * each, x_scale their xs; see fx24_panel_store), else M code rows with one scale each. */
+template <bool kFx24, class Pack, class Acc>
+inline void w4a8_panel_driver(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                              int64_t N, int64_t G, const float* bias, float* out, int32_t* gsum,
+                              uint8_t* scratch, int64_t per_thread, int n_threads, Pack pack,
+                              Acc acc) {
+  constexpr int kRows = kFx24 ? 3 : 1; /* code rows an x row */
+  const int64_t ng = K / G;
+  for_each_panel<kPanelMaxT / kRows>(
+      M, N, n_threads, scratch, per_thread,
+      [&](int64_t m) {
+        for (int64_t r = kRows * m; r < kRows * (m + 1); ++r) code_group_sums(xq + r * K, K, G, gsum + r * ng);
+      },
+      pack,
+      [&](const uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
+        constexpr int T = decltype(T_)::value, R = kRows * T;
+        __m512 facc[R][2];
+        acc(Int<R>{}, pc, n0, kRows * m, facc);
+        if constexpr (kFx24)
+          fx24_panel_store<T>(facc, x_scale + 3 * m, bias, n0, nr, N, out + m * N);
+        else
+          panel_store<T>(facc, x_scale + m, bias, n0, nr, N, out + m * N);
+      });
+}
+
+/* The whole product on the canonical int4 rows wp, each panel converted per call; work:
+ * 64-byte aligned, pq::w4a8_panel_work_bytes(M', K, G, n_threads) (gsum, then one panel a
+ * thread), M' the code rows. kFx24 as in w4a8_panel_driver. */
 template <bool kFx24 = false>
 inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
                           int64_t G, const float* bias, float* out, void* work, int n_threads) {
-  constexpr int kRows = kFx24 ? 3 : 1; /* code rows an x row */
+  constexpr int kRows = kFx24 ? 3 : 1;
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
   /* a thread's panel: codes, then scales and scale x zero point [K/G][32] each */
   const int64_t sp_at = pq::align64(kPanelRows * K), szp_at = sp_at + pq::align64(ng * kPanelRows * 4);
-  for_each_panel<kPanelMaxT / kRows>(
-      M, N, n_threads, (uint8_t*)work + pq::align64(kRows * M * ng * 4), pq::w4a8_panel_bytes(K, G),
-      [&](int64_t m) {
-        for (int64_t r = kRows * m; r < kRows * (m + 1); ++r) code_group_sums(xq + r * K, K, G, gsum + r * ng);
-      },
+  w4a8_panel_driver<kFx24>(
+      xq, x_scale, M, K, N, G, bias, out, gsum, (uint8_t*)work + pq::align64(kRows * M * ng * 4),
+      pq::w4a8_panel_bytes(K, G), n_threads,
       [&](uint8_t* pc, int64_t n0, int64_t nr) -> const uint8_t* {
         w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc,
                         (float*)(pc + sp_at), (float*)(pc + szp_at));
         return pc;
       },
-      [&](const uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
-        constexpr int T = decltype(T_)::value, R = kRows * T;
-        __m512 facc[R][2];
-        w4a8_panel_acc<R>(xq + kRows * m * K, gsum + kRows * m * ng, K, G, pc,
-                          (const float*)(pc + sp_at), (const float*)(pc + szp_at), facc);
-        if constexpr (kFx24)
-          fx24_panel_store<T>(facc, x_scale + 3 * m, bias, n0, nr, N, out + m * N);
-        else
-          panel_store<T>(facc, x_scale + m, bias, n0, nr, N, out + m * N);
+      [&](auto R_, const uint8_t* pc, int64_t, int64_t r0, __m512 facc[][2]) {
+        w4a8_panel_acc<decltype(R_)::value>(xq + r0 * K, gsum + r0 * ng, K, G, pc,
+                                            (const float*)(pc + sp_at),
+                                            (const float*)(pc + szp_at), facc);
       });
 }
 
@@ -319,31 +340,20 @@ inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t
 
 /* The whole W4A8 product on panels packed at swap time: codes `panels` (N/32 panels of
  * 16 K bytes), scales sp and zero points zp [N/32][K/G][32]; K % 64 == 0, G % 32 == 0,
- * N % 32 == 0. work: 64-byte aligned, the code rows' group sums [M'][K/G] int32. kFx24: x
- * rows in 24-bit fixed point (M x rows of three code rows each, x_scale their xs; see
- * fx24_panel_store), else M code rows with one scale each (M' the code rows). */
+ * N % 32 == 0. work: 64-byte aligned, the code rows' group sums [M'][K/G] int32. kFx24 as in
+ * w4a8_panel_driver (M' the code rows). */
 template <bool kFx24 = false>
 inline void w4a8_panels_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                            const uint8_t* panels, int64_t N, const float* sp, const uint8_t* zp,
                            int64_t G, const float* bias, float* out, void* work, int n_threads) {
-  constexpr int kRows = kFx24 ? 3 : 1; /* code rows an x row */
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
-  for_each_panel<kPanelMaxT / kRows>(
-      M, N, n_threads, nullptr, 0,
-      [&](int64_t m) {
-        for (int64_t r = kRows * m; r < kRows * (m + 1); ++r) code_group_sums(xq + r * K, K, G, gsum + r * ng);
-      },
+  w4a8_panel_driver<kFx24>(
+      xq, x_scale, M, K, N, G, bias, out, gsum, nullptr, 0, n_threads,
       [&](uint8_t*, int64_t n0, int64_t) -> const uint8_t* { return panels + n0 * (K / 2); },
-      [&](const uint8_t* pc, int64_t n0, int64_t nr, int64_t m, auto T_) {
-        constexpr int T = decltype(T_)::value, R = kRows * T;
-        __m512 facc[R][2];
-        w4a8_nibble_panel_acc<R>(xq + kRows * m * K, gsum + kRows * m * ng, K, G, pc,
-                                 sp + n0 * ng, zp + n0 * ng, facc);
-        if constexpr (kFx24)
-          fx24_panel_store<T>(facc, x_scale + 3 * m, bias, n0, nr, N, out + m * N);
-        else
-          panel_store<T>(facc, x_scale + m, bias, n0, nr, N, out + m * N);
+      [&](auto R_, const uint8_t* pc, int64_t n0, int64_t r0, __m512 facc[][2]) {
+        w4a8_nibble_panel_acc<decltype(R_)::value>(xq + r0 * K, gsum + r0 * ng, K, G, pc,
+                                                   sp + n0 * ng, zp + n0 * ng, facc);
       });
 }
 

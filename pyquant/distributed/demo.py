@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -127,15 +128,18 @@ def _forward(model, ids, all_logits=False):
     there), or of every token with ``all_logits``. With a column-parallel lm_head that is
     also the size of its all_gather: at M = 64 all the logits are 4 MiB a rank (6.6 ms in
     gloo on a 2-core VM, more than the four 1 MiB all-reduces of two blocks together)."""
-    if all_logits or not _keeps_logits(model):
+    if all_logits or not _keeps_logits(type(model)):
         return model(input_ids=ids, use_cache=False).logits
     return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
 
 
-def _keeps_logits(model) -> bool:
+@functools.lru_cache(maxsize=None)
+def _keeps_logits(cls) -> bool:
+    """Whether the model class takes logits_to_keep (read once a class: inspect.signature
+    costs tens of microseconds, and _forward is what the demo times)."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def _time(model, ids, iters, sync, all_logits) -> float:
