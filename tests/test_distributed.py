@@ -154,6 +154,11 @@ def _scenarios(rank: int, out_dir: str) -> dict:
                 with tp.record_collectives() as log:
                     res[arch, name, "out_all_reduce"] = run(sharded, arch)
                 res[arch, name, "collectives_all_reduce"] = log.calls
+                # the demo times a forward's collectives alone by replaying its log
+                with tp.record_collectives() as replayed:
+                    for call in log.calls:
+                        tp_layers.replay_collective(*call[:2])
+                res[arch, name, "replayed_all_reduce"] = replayed.calls
             finally:
                 tp_layers.GATHER_REDUCE_MAX_NUMEL = saved
             res[arch, name, "bytes"] = (rep.bytes_after, rep.bytes_before,
@@ -275,6 +280,14 @@ def test_a_forward_makes_only_the_collectives_of_the_plan(ranks, arch, config):
             calls = res[arch, config, "collectives" + suffix]
             assert [(n, k) for n, k, _, _ in calls] == want, f"rank {r}, {kind}"
             assert all(0 <= t1 - t0 < 60 for *_, t0, t1 in calls), f"rank {r}: times {calls}"
+            if suffix:  # a replay of the log issues the same collectives through the same path
+                replayed = res[arch, config, "replayed" + suffix]
+                assert [(n, k) for n, k, _, _ in replayed] == want, f"rank {r}, replay"
+
+
+def test_replaying_an_unknown_collective_says_which():
+    with pytest.raises(ValueError, match="unknown collective 'all_to_all_sum'"):
+        tp_layers.replay_collective("all_to_all_sum", 4)
 
 
 @pytest.mark.parametrize("arch,config", CASES)
@@ -531,6 +544,28 @@ def test_torchrun_demo_runs_and_splits_its_time(tmp_path):
         assert 0 <= r["comm"]["after_last_arrival"] <= r["comm"]["inside"] < r["tp"]
         assert 0 < r["outside"] <= r["tp"]
         assert r["err"] < 1e-4  # the sharded logits equal the whole model's
+        # the same collectives alone (both ranks ready) cost something, and bound the ratio
+        assert 0 < r["alone"] < 60
+    assert "the same collectives alone, both ranks ready" in p.stdout, p.stdout
+    assert "could reach" in p.stdout, p.stdout
+
+
+def test_collective_latency_benchmark_runs():
+    """benchmarks/collective_latency.py (quoted in docs/distributed.md), with few repetitions:
+    a row per collective, size and case, each a positive time, and the ratios to the socket."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "collective_latency.py"
+    p = subprocess.run([sys.executable, str(script), "--reps", "3"], capture_output=True,
+                       text=True, timeout=240, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [ln for ln in p.stdout.splitlines() if ln.startswith(("gloo ", "TCP "))
+            and not ln.startswith("gloo all_gather /")]
+    assert len(rows) == 11, p.stdout
+    assert all(float(ln.split()[-1]) > 0 for ln in rows), p.stdout
+    assert sum("/ TCP round trip" in ln for ln in p.stdout.splitlines()) == 2, p.stdout
 
 
 @pytest.mark.parametrize("config", [pyquant.Sparse24(), pyquant.Sparse24Int8WeightOnly()],

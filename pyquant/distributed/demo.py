@@ -16,6 +16,9 @@
 4. ``--compare`` (one host): rank 0 also runs the whole quantized model with all the threads
    of the ranks together (1 rank x N threads) while the others wait, in alternating rounds, so
    the cost of sharding (all-reduces, smaller matrices) is a ratio measured in one run.
+5. For every M the collectives of one forward are replayed alone, right after a barrier (both
+   ranks ready): what the transport costs at the least; with --compare, the best ratio the
+   sharded model could reach if its layers ran as fast as the whole model's.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .layers import record_collectives
+from .layers import record_collectives, replay_collective
 
 CONFIGS = ("int4_weight_only", "int8_weight_only", "int8_dynamic", "int4_dynamic", "float")
 
@@ -169,6 +172,25 @@ def _collective_times(calls, forwards, one_host) -> dict:
     return out
 
 
+def _collectives_alone(calls, repeats=20) -> float:
+    """Seconds a forward's collectives (``calls``: (name, numel) of one forward) take alone:
+    each replayed ``repeats`` times right after a barrier, so both ranks are ready and idle;
+    the sum of the medians, the slowest rank's. What the transport costs at the least, with no
+    rank arriving late and no work around it."""
+    total = 0.0
+    for name, numel in calls:
+        ts = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            replay_collective(name, numel)
+            ts.append(time.perf_counter() - t0)
+        total += statistics.median(ts)
+    t = torch.tensor([total])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def _fmt_mib(n) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -201,6 +223,7 @@ def _measure(a, model, whole, device, cuda, rank, world, one_host) -> list:
                         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time
                         row["tp_all"].append(t.item())
                         row["comm_all"].append(_collective_times(log.calls, iters, one_host))
+                        one_forward = [c[:2] for c in log.calls[:len(log.calls) // iters]]
                     elif a.compare:
                         dist.barrier()
                         if rank == 0:
@@ -210,6 +233,8 @@ def _measure(a, model, whole, device, cuda, rank, world, one_host) -> list:
                             torch.set_num_threads(a.threads)
                         dist.barrier()  # the other ranks wait here (idle: gloo does not spin)
             row["tp"] = statistics.median(row["tp_all"])
+            if not cuda:
+                row["alone"] = _collectives_alone(one_forward)
             row["comm"] = {k: statistics.median(c[k] for c in row["comm_all"])
                            for k in row["comm_all"][0]}
             # the sharded forward's time outside the collectives, per round (slowest rank)
@@ -318,6 +343,15 @@ def main(argv=None) -> int:
         if "base" in row:
             line += f", {row['base'] / row['outside']:.1%} of the whole model's speed"
         say(line)
+        if "alone" in row:
+            line = (f"{'':>11} the same collectives alone, both ranks ready: "
+                    f"{row['alone'] * 1e3:.2f} ms a forward")
+            if "base" in row:
+                # the best sharding can do on this transport: the layers as fast as the whole
+                # model's, and every collective at its cost between idle, ready ranks
+                line += (f"; with the rest as fast as the whole model, sharded/whole could "
+                         f"reach {row['base'] / (row['base'] + row['alone']):.1%} at most")
+            say(line)
     if a.json and rank == 0:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "world": world, "backend": dist.get_backend(),

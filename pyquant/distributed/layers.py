@@ -127,6 +127,51 @@ def _collective(name: str, fn, t: torch.Tensor, *args, **kwargs) -> None:
     _log.calls.append((name, t.numel(), t0, time.perf_counter()))
 
 
+def reduce_over_ranks(y: torch.Tensor, op: str, world: int, group=None) -> torch.Tensor:
+    """The sum ("sum") or maximum ("max") of y over the ``world`` ranks of ``group``. gloo's
+    all_reduce of a small tensor is latency-bound (its ring takes two steps even for two ranks:
+    a 16 KiB fp32 row took ~0.5 ms median on a 2-core VM, an all_gather of it ~0.3 ms), so
+    small tensors on a CPU group are gathered in one step and reduced here, in rank order (the
+    same result on every rank). In the tensor-parallel demo at M = 1 the time spent in the
+    collectives after the last rank arrived fell from 5.9-6.0 to 2.6 ms a forward."""
+    if (y.device.type == "cpu" and y.numel() * world <= GATHER_REDUCE_MAX_NUMEL and
+            dist.get_backend(group) == "gloo"):
+        parts = [torch.empty_like(y) for _ in range(world)]
+        _collective(f"all_gather_{op}", dist.all_gather, y, parts, y, group=group)
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p if op == "sum" else torch.maximum(out, p)
+        return out
+    _collective(f"all_reduce_{op}", dist.all_reduce, y, y,
+                op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return y
+
+
+def gather_last_dim(y: torch.Tensor, world: int, group=None) -> torch.Tensor:
+    """The ranks' y concatenated along the last dim, in rank order."""
+    y = y.contiguous()
+    parts = [torch.empty_like(y) for _ in range(world)]
+    _collective("all_gather", dist.all_gather, y, parts, y, group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def replay_collective(name: str, numel: int, group=None) -> None:
+    """Issue the collective that a ``CollectiveLog`` entry ``(name, numel, ...)`` records, on a
+    zero fp32 tensor of that size, through the same code path as the wrappers (to time it
+    alone)."""
+    kind, _, op = name.rpartition("_")
+    if name != "all_gather" and (kind not in ("all_gather", "all_reduce") or
+                                 op not in ("sum", "max")):
+        raise ValueError(f"unknown collective {name!r}: the wrappers issue all_gather, "
+                         "all_gather_sum, all_gather_max, all_reduce_sum and all_reduce_max")
+    world = dist.get_world_size(group)
+    y = torch.zeros(numel)
+    if name == "all_gather":
+        gather_last_dim(y, world, group)
+    else:
+        reduce_over_ranks(y, op, world, group)
+
+
 class _SharedGroup:
     """Holds a process group: a process group cannot be copied, so copies of a module share it."""
 
@@ -183,10 +228,7 @@ class ColumnParallel(_Parallel):
         y = self.local(x, *args, **kwargs)
         if not self.gather_output or self.world == 1:
             return y
-        y = y.contiguous()
-        parts = [torch.empty_like(y) for _ in range(self.world)]
-        _collective("all_gather", dist.all_gather, y, parts, y, group=self.group)
-        return torch.cat(parts, dim=-1)
+        return gather_last_dim(y, self.world, self.group)
 
 
 class RowParallel(_Parallel):
@@ -225,39 +267,19 @@ class RowParallel(_Parallel):
         if getattr(self.local, "quantizes_activation_rows", False):
             amax = self.local.act_row_amax(x).contiguous()
             if self.world > 1:
-                amax = self._reduce(amax, "max")
+                amax = reduce_over_ranks(amax, "max", self.world, self.group)
             kwargs["act_amax"] = amax
         # pyquant kernels compute in fp32 anyway: sum the partials in fp32, round once
         y = self.local(x.to(torch.float32) if quantized else x, **kwargs).contiguous()
         if self.world > 1:
-            y = self._reduce(y, "sum")
+            y = reduce_over_ranks(y, "sum", self.world, self.group)
         if self.bias is not None:
             y = y + (self.bias.to(y.dtype) if quantized else self.bias)
         return y.to(x.dtype)
 
 
-    def _reduce(self, y: torch.Tensor, op: str) -> torch.Tensor:
-        """The sum ("sum") or maximum ("max") over the ranks of y. gloo's all_reduce of a
-        small tensor is latency-bound (its ring takes two steps even for two ranks: a 16 KiB
-        fp32 row took ~0.5 ms median on a 2-core VM, an all_gather of it ~0.3 ms), so small
-        tensors on a CPU group are gathered in one step and reduced here, in rank order (the
-        same result on every rank). In the tensor-parallel demo at M = 1 the time spent in the
-        collectives after the last rank arrived fell from 5.9-6.0 to 2.6 ms a forward."""
-        if (y.device.type == "cpu" and y.numel() * self.world <= GATHER_REDUCE_MAX_NUMEL and
-                dist.get_backend(self.group) == "gloo"):
-            parts = [torch.empty_like(y) for _ in range(self.world)]
-            _collective(f"all_gather_{op}", dist.all_gather, y, parts, y, group=self.group)
-            out = parts[0]
-            for p in parts[1:]:
-                out = out + p if op == "sum" else torch.maximum(out, p)
-            return out
-        _collective(f"all_reduce_{op}", dist.all_reduce, y, y,
-                    op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
-        return y
-
-
 # RowParallel on gloo: tensors of at most this many elements (times the world size) are
-# all-gathered and reduced locally instead of all-reduced (RowParallel._reduce).
+# all-gathered and reduced locally instead of all-reduced (reduce_over_ranks).
 GATHER_REDUCE_MAX_NUMEL = 1 << 16
 
 PARALLEL_TYPES = (ColumnParallel, RowParallel)
