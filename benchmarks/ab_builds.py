@@ -140,6 +140,30 @@ def _cases(C, torch, formats, nt: int) -> dict:
         run.keep = work
         return run
 
+    def unstructured_bf16(n, k, copies, sparsity=0.7):
+        """Unstructured bf16 values (bitmask, 30% kept) at M = 1 with x of bf16 values (the
+        vdpbf16ps path); `copies` weights in turn, as int4_weight_only."""
+        from pyquant import sparse_formats
+
+        isa = C.best_isa()
+        x = torch.randn(1, k).bfloat16().float()
+        out = torch.empty(1, n)
+        ws = []
+        for i in range(copies):
+            gen = torch.Generator().manual_seed(n + k + i)
+            w = torch.randn(n, k, generator=gen)
+            keep = w.abs() >= w.abs().quantile(sparsity, dim=1, keepdim=True)
+            bm, vals, off = sparse_formats.compress_unstructured(w.bfloat16(), keep)
+            ws.append((bm, vals, off))
+        calls = [0]
+
+        def run():
+            calls[0] += 1
+            bm, v, off = ws[calls[0] % copies]
+            return C.sparse_unstructured_mm(isa, ptr(x), 1, k, k, ptr(bm), ptr(v), C.DTYPE_BF16,
+                                            v.numel(), ptr(off), n, 0, ptr(out), nt)
+        return run
+
     return {
         "int8dyn 2560x384x384": lambda: int8_dynamic(2560, 384, 384),
         "int8dyn 2560x1536x384": lambda: int8_dynamic(2560, 1536, 384),
@@ -176,6 +200,9 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "sparse24 int4 g128 1x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 50),
         "sparse24 int8 1x4096x11008": lambda: sparse24_quant(4096, 11008, 8, 40),
         "sparse24 int8 1x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40),
+        # unstructured 70% bf16: 12 MB a weight (4096 x 4096) in turn; 0.8 MB (in L2)
+        "unstructured bf16 1x4096x4096": lambda: unstructured_bf16(4096, 4096, 30),
+        "unstructured bf16 L2 1x256x4096": lambda: unstructured_bf16(256, 4096, 1),
     }
 
 
