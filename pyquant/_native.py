@@ -150,6 +150,10 @@ def _rows_f32(x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.to(torch.float32)
     if x2.stride(1) != 1 or x2.stride(0) < x2.shape[1] or x2.shape[0] <= 1:
         x2 = x2.contiguous()
+        if x2.shape[0] == 1 and x2.stride(0) != x2.shape[1]:
+            # one row is contiguous whatever its row stride (a [K, 1] tensor transposed has
+            # 1); the kernels never step by it but refuse one below K: give the row K
+            x2 = x2.as_strided(x2.shape, (x2.shape[1], 1))
     return x2
 
 
