@@ -65,6 +65,14 @@ class _QuantLinearBase(nn.Module):
                 self.input_scale = torch.ones(self.in_features, dtype=torch.float32, device=dev)
         return self
 
+    def _call_op(self, op: str, x: torch.Tensor, *args) -> torch.Tensor:
+        """``ops.call`` through this layer's ``ops.LayerCall``, which checks the layer's own
+        tensors once while they stay the same (not part of the module's state)."""
+        c = self.__dict__.get("_layer_call")
+        if c is None:
+            c = self.__dict__["_layer_call"] = _ops.LayerCall()
+        return c(op, x, *args)
+
     def _scale_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.input_scale
         if s is None:
@@ -343,7 +351,7 @@ class Int8WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = ("int8_weight_only_mm_panels" if self.weight_layout == "panels"
               else "int8_weight_only_mm")
-        return _ops.call(op, self._scale_input(x), self.weight, self.weight_scale, self.bias)
+        return self._call_op(op, self._scale_input(x), self.weight, self.weight_scale, self.bias)
 
 
 def _native_codes(op: str, xq: torch.Tensor) -> bool:
@@ -388,7 +396,7 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
         if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
             return self._forward_act_amax(x, act_amax, self._codes_mm)
         op = "int8_dynamic_mm_panels" if self.weight_layout == "panels" else "int8_dynamic_mm"
-        return _ops.call(op, self._scale_input(x), self.weight, self.weight_scale, self.bias)
+        return self._call_op(op, self._scale_input(x), self.weight, self.weight_scale, self.bias)
 
 
 class Int4WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
@@ -490,7 +498,7 @@ class Int4WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = ("int4_weight_only_mm_panels" if self.weight_layout == "panels"
               else "int4_weight_only_mm")
-        return _ops.call(
+        return self._call_op(
             op, self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
             self.group_size, self.bias,
         )
@@ -536,7 +544,7 @@ class Int4DynamicLinear(Int4WeightOnlyLinear):
         if act_amax is not None:  # a row-parallel shard (pyquant.distributed)
             return self._forward_act_amax(x, act_amax, self._codes_mm)
         op = "int4_dynamic_mm_panels" if self.weight_layout == "panels" else "int4_dynamic_mm"
-        return _ops.call(
+        return self._call_op(
             op, self._scale_input(x), self.weight_packed, self.weight_scales, self.weight_zeros,
             self.group_size, self.bias,
         )

@@ -258,6 +258,89 @@ def call(op: str, x: torch.Tensor, *args):
     return _EAGER[op](x, *args)
 
 
+class LayerCall:
+    """``call`` for one layer whose weight tensors stay the same from call to call.
+
+    The first call goes the whole way (dispatcher or body: checks, backend choice). When it
+    ran the op's body on the native CPU backend, this remembers the weight arguments (the
+    tensor objects with their data address, shape and dtype, which is all the checks look
+    at) and the backend's function; the next calls with the same tensors, unchanged, check
+    only x before that function runs (an x the checks would refuse goes the whole way, to
+    the checks' error). The weights' checks and the backend choice cost ~5 us a call in
+    Python, as much as a MiniLM-size layer's kernel at M = 1. Values written in place need
+    nothing: the function reads the tensors as they are. Anything else falls back to
+    ``call`` and remembers again: another tensor object, new storage or another shape or
+    dtype under the same one (``.data =``, ``resize_``, ``set_``), a forced backend, another
+    native module, a tensor subclass, tracing or compiling, autograd. Copies and pickles of
+    a layer start empty."""
+
+    __slots__ = ("op", "args", "keys", "impl", "module", "k")
+
+    def __init__(self):
+        self.op = None
+
+    def __deepcopy__(self, memo):
+        return LayerCall()
+
+    def __reduce__(self):
+        return (LayerCall, ())
+
+    @staticmethod
+    def _key(t):
+        return (t.data_ptr(), t.shape, t.dtype) if isinstance(t, torch.Tensor) else None
+
+    def _same_args(self, args: tuple) -> bool:
+        mine = self.args
+        if len(args) != len(mine):
+            return False
+        for a, b, key in zip(args, mine, self.keys):
+            if a is not b:
+                if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:
+                    return False
+            elif key is not None and (a.data_ptr() != key[0] or a.shape != key[1]
+                                      or a.dtype != key[2]):
+                return False
+        return True
+
+    def _grad(self, x: torch.Tensor) -> bool:
+        return x.requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad
+                                      for a in self.args)
+
+    def __call__(self, op: str, x: torch.Tensor, *args):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return call(op, x, *args)  # first: tracers see one op, not data addresses
+        # x as the op's checks want it (else the whole way, whose checks say what is wrong)
+        if (op is self.op and type(x) is torch.Tensor and x.is_cpu
+                and x.dtype in _checks.ACT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.k
+                and self._same_args(args) and _native._module is self.module
+                and getattr(_state, "forced", None) is None and not _env_forced()
+                and not (torch.is_grad_enabled() and self._grad(x))):
+            return self.impl(x, *args)
+        y = call(op, x, *args)
+        self._remember(op, x, args)
+        return y
+
+    def _remember(self, op: str, x: torch.Tensor, args: tuple) -> None:
+        # only what the call above ran as the op's body on the CPU backend: a native module
+        # loaded, the automatic choice (nothing forced), plain tensors, no autograd
+        self.op = None
+        if (type(x) is not torch.Tensor or not x.is_cpu or _needs_dispatcher(x, args)
+                or _forced() is not None or not _native.available()
+                or any(isinstance(a, torch.Tensor) and (a.requires_grad or type(a) is not
+                                                         torch.Tensor) for a in args)):
+            return
+        b = select(op, x.device)
+        if b.name != "cpu":
+            return
+        self.args, self.keys = args, tuple(self._key(a) for a in args)
+        self.impl, self.module, self.k = b.impls[op], _native._module, x.shape[-1]
+        self.op = op
+
+
+def _env_forced() -> bool:
+    return bool(_native.env_setting("PYQUANT_BACKEND", b"PYQUANT_BACKEND").strip())
+
+
 @_custom_op("int8_weight_only_mm")
 def int8_weight_only_mm(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]

@@ -168,7 +168,7 @@ class Sparse24Linear(_SparseBase):
         return super().pyquant_quantize(config)
 
     def forward(self, x):
-        return _ops.call(
+        return self._call_op(
             "sparse24_mm", self._scale_input(x), self.weight_values, self.weight_meta, self.bias,
         )
 
@@ -226,7 +226,7 @@ class Sparse24Int8Linear(_SparseBase):
         return 8 if dim == 1 else 1
 
     def forward(self, x):
-        return _ops.call(
+        return self._call_op(
             "sparse24_int8_mm", self._scale_input(x), self.weight_values, self.weight_meta,
             self.weight_scale, self.bias,
         )
@@ -297,7 +297,7 @@ class Sparse24Int4Linear(_SparseBase):
                 f"{'symmetric' if self.symmetric else 'asymmetric'}")
 
     def forward(self, x):
-        return _ops.call(
+        return self._call_op(
             "sparse24_int4_mm", self._scale_input(x), self.weight_packed, self.weight_meta,
             self.weight_scales, self.weight_zeros, self.group_size, self.bias,
         )
@@ -372,7 +372,7 @@ class UnstructuredSparseLinear(_SparseBase):
                 f"values={str(self.weight_values.dtype)[6:]}")
 
     def forward(self, x):
-        return _ops.call(
+        return self._call_op(
             "sparse_unstructured_mm", self._scale_input(x), self.weight_bitmask,
             self.weight_values, self.weight_row_offsets, self.bias,
         )

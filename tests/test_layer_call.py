@@ -1,0 +1,189 @@
+"""ops.LayerCall: a layer's calls after the first skip the checks of its own tensors and the
+backend choice, and only while those tensors stay the same. Each test sets up the remembered
+state with a first call and then changes one thing that must make the next call go the whole
+way again (checks, backend choice), so a stale memory would show as a wrong product, a missing
+error or a wrong backend."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import pyquant
+from pyquant import ops
+from helpers import native_available
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="needs the native module")
+
+CONFIGS = [
+    pytest.param(pyquant.Int8WeightOnly(), id="int8_weight_only"),
+    pytest.param(pyquant.Int8Dynamic(), id="int8_dynamic"),
+    pytest.param(pyquant.Int4WeightOnly(group_size=32), id="int4_weight_only"),
+    pytest.param(pyquant.Int4Dynamic(group_size=32), id="int4_dynamic"),
+    pytest.param(pyquant.Sparse24(), id="sparse24"),
+    pytest.param(pyquant.Unstructured(sparsity=0.5), id="unstructured"),
+]
+
+
+def _layer(config, n=64, k=128, bias=True):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(k, n, bias=bias)).eval()
+    if isinstance(config, (pyquant.Sparse24, pyquant.Unstructured)):
+        pyquant.sparsify_(m, config)
+    else:
+        pyquant.quantize_(m, config)
+    return m[0]
+
+
+def _forward_args(layer, x):
+    # run forward with _call_op replaced, to see (op, x, *args)
+    got = {}
+    orig = type(layer)._call_op
+    type(layer)._call_op = lambda self, op, x_, *args: got.setdefault("a", (op, x_, *args))
+    try:
+        layer(x)
+    finally:
+        type(layer)._call_op = orig
+    return got["a"]
+
+
+def _whole_way(layer, x):
+    """The layer's product through ops.call (checks and backend choice every time)."""
+    op, x_, *args = _forward_args(layer, x)
+    return ops.call(op, x_, *args)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_remembered_calls_equal_the_whole_way(config):
+    layer = _layer(config)
+    with torch.inference_mode():
+        for m in (1, 3, 17):
+            x = torch.randn(m, layer.in_features)
+            first, second = layer(x), layer(x)
+            assert layer._layer_call.op is not None  # remembered: the second call was short
+            assert torch.equal(first, second)
+            assert torch.equal(second, _whole_way(layer, x))
+        x3 = torch.randn(2, 5, layer.in_features).to(torch.bfloat16)
+        assert torch.equal(layer(x3), _whole_way(layer, x3))
+
+
+def test_an_in_place_write_to_a_weight_is_seen():
+    layer = _layer(pyquant.Int8WeightOnly())
+    x = torch.randn(3, layer.in_features)
+    with torch.inference_mode():
+        before = layer(x)
+        layer.weight_scale.mul_(2)  # values only: read as they are
+        after = layer(x)
+    assert torch.allclose(after, 2 * (before - layer.bias) + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_buffer_is_checked_again():
+    layer = _layer(pyquant.Int4WeightOnly(group_size=32))
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        layer(x)
+        layer.weight_scales = layer.weight_scales.to(torch.float64)  # wrong dtype: the checks
+        with pytest.raises(TypeError, match="weight_scales|scales"):
+            layer(x)
+
+
+def test_new_storage_under_the_same_tensor_is_seen():
+    layer = _layer(pyquant.Int8WeightOnly())
+    x = torch.randn(2, layer.in_features)
+    with torch.inference_mode():
+        before = layer(x)
+        layer.weight_scale.data = layer.weight_scale.data * 3  # same object, new storage
+        after = layer(x)
+    assert torch.allclose(after - layer.bias, 3 * (before - layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_forced_backend_is_obeyed_after_remembering(monkeypatch):
+    layer = _layer(pyquant.Int4WeightOnly(group_size=32))
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+        op = layer._layer_call.op
+        calls = []
+        real = ops._REGISTRY["reference"].impls[op]
+        monkeypatch.setitem(ops._REGISTRY["reference"].impls, op,
+                            lambda *a: calls.append(1) or real(*a))
+        with pyquant.use_backend("reference"):
+            layer(x)
+        assert calls == [1]
+        monkeypatch.setenv("PYQUANT_BACKEND", "reference")
+        layer(x)
+        assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("bad, err", [
+    (lambda k: torch.randn(2, k + 1), ValueError),
+    (lambda k: torch.randint(0, 3, (2, k)), TypeError),
+    (lambda k: torch.randn(2, k, dtype=torch.float64), TypeError),
+    (lambda k: torch.randn(2, k, device="meta"), ValueError),
+])
+def test_bad_x_after_remembering_gets_the_checks_error(bad, err):
+    layer = _layer(pyquant.Int8Dynamic())
+    with torch.inference_mode():
+        layer(torch.randn(1, layer.in_features))
+        layer(torch.randn(1, layer.in_features))
+        with pytest.raises(err):
+            layer(bad(layer.in_features))
+
+
+def test_autograd_on_x_goes_through_the_dispatcher():
+    layer = _layer(pyquant.Int8WeightOnly())
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    assert y.requires_grad
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_copies_and_pickles_start_empty():
+    layer = _layer(pyquant.Int4WeightOnly(group_size=32))
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        y = layer(x)
+        layer(x)
+        twin = copy.deepcopy(layer)
+        assert twin._layer_call.op is None
+        assert torch.equal(twin(x), y)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back._layer_call.op is None
+    with torch.inference_mode():
+        assert torch.equal(back(x), y)
+    assert pickle.loads(pickle.dumps(ops.LayerCall())).op is None
+
+
+def test_a_resized_weight_is_checked_again():
+    """resize_ keeps the tensor object (and here its storage) but changes the shape, which the
+    checks look at."""
+    layer = _layer(pyquant.Int8WeightOnly())
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+    layer.weight_scale.resize_(layer.out_features - 1)
+    with torch.inference_mode(), pytest.raises(ValueError, match="weight_scale|w_scale"):
+        layer(x)
+
+
+def test_compile_after_remembering_sees_one_op():
+    layer = _layer(pyquant.Int8Dynamic())
+    x = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        y = layer(x)
+        layer(x)
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), y)
