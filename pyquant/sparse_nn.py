@@ -46,6 +46,18 @@ def _float_weight(linear: nn.Module, weight: Optional[torch.Tensor]) -> torch.Te
 
 
 class _SparseBase(_QuantLinearBase):
+    @property
+    def config(self):
+        # float values follow a cast of the model (model.bfloat16(): _FLOAT32_BUFFERS), so
+        # the recorded value dtype is the values' own, or a checkpoint of the cast model
+        # would name the old dtype and its load would refuse the values
+        cfg = super().config
+        v = self._buffers.get("weight_values")
+        if (v is not None and v.is_floating_point() and getattr(cfg, "value_dtype", None)
+                and _DTYPES.get(cfg.value_dtype) != v.dtype):
+            cfg = _with_value_dtype(cfg, v.dtype)
+        return cfg
+
     @classmethod
     def _empty_from_sparse(cls, sp: "Sparse24Linear", config):
         """An empty layer of this class with the shape, bias dtype and device of ``sp``."""

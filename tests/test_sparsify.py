@@ -169,6 +169,26 @@ def test_save_load_roundtrip(tmp_path, cfg):
         assert torch.equal(model(**batch), loaded.eval()(**batch))
 
 
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+@pytest.mark.parametrize("cfg", [pyquant.Sparse24(), pyquant.Unstructured(0.5)], ids=repr)
+def test_a_cast_float_sparse_model_saves_what_it_holds(tmp_path, cfg, cast):
+    """model.bfloat16() casts the float kept values (they follow a cast, as a bias does); the
+    checkpoint then records their new dtype, so that it loads into a skeleton cast alike."""
+    model = models.tiny_model()
+    pyquant.sparsify_(model, cfg)
+    getattr(model, cast)()
+    layer = next(m for m in model.modules() if hasattr(m, "weight_values"))
+    dtype = layer.weight_values.dtype
+    assert dtype == getattr(torch, {"half": "float16"}.get(cast, cast))
+    assert layer.config.value_dtype == str(dtype)[6:]
+    path = tmp_path / "m.safetensors"
+    pyquant.save(model, path)
+    fresh = pyquant.load(getattr(models.tiny_model(seed=5), cast)(), path)
+    batch = models.tiny_inputs(4, seed=3)[0]
+    with torch.no_grad():
+        assert torch.equal(model(**batch), fresh(**batch))
+
+
 @pytest.mark.parametrize("cfg,buf,corrupt,match", [
     (pyquant.Sparse24(), "weight_meta", lambda t: t.__setitem__((0, 0), 0), "not distinct"),
     (pyquant.Unstructured(0.5), "weight_row_offsets", lambda t: t.__setitem__(3, t[3] + 1),
