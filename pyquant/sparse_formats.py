@@ -125,7 +125,7 @@ def unpack_24_meta(meta: torch.Tensor, k: int) -> torch.Tensor:
     n = meta.shape[0]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=meta.device)
     p = (meta[..., None] >> shifts) & 3
-    return p.reshape(n, -1)[:, : k // 2].to(torch.int64)
+    return p.reshape(n, 4 * meta.shape[1])[:, : k // 2].to(torch.int64)  # N = 0 too
 
 
 def compress_24(w: torch.Tensor, mask: Optional[torch.Tensor] = None):
@@ -195,7 +195,7 @@ def unpack_bitmask(bitmask: torch.Tensor, k: int) -> torch.Tensor:
     n = bitmask.shape[0]
     shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
     bits = (bitmask[..., None] >> shifts) & 1
-    return bits.reshape(n, -1)[:, :k].bool()
+    return bits.reshape(n, 8 * bitmask.shape[1])[:, :k].bool()  # N = 0 too
 
 
 def compress_unstructured(w: torch.Tensor, mask: torch.Tensor):

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (ACT_DTYPES, LAYOUTS, activation, assert_close_named, gen, isa_params,
-                     make_bias, run_op, tol_name)
+                     make_bias, run_op, tol_name, native_available)
+import pyquant
 from pyquant import formats, ops, reference
 from pyquant import sparse_formats as sf
 
@@ -243,3 +244,25 @@ def test_meta_problems():
     bad = meta.clone()
     bad[1, -1] |= 0x30  # padding bits of the last half byte (K % 8 == 4)
     assert "padding bits" in sf.sparse24_meta_problem(bad, 100)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_weight_without_rows_gives_an_empty_product(backend):
+    """N = 0 (no output features): every sparse op gives [M, 0], the reference too, whose
+    decompression used to reshape 0 elements to [0, -1]."""
+    if backend == "cpu" and not native_available():
+        pytest.skip("needs the native module")
+    x, meta = torch.randn(3, 8), torch.zeros(0, 1, dtype=torch.uint8)
+    calls = {
+        "sparse24_mm": (torch.zeros(0, 4), meta),
+        "sparse24_int8_mm": (torch.zeros(0, 4, dtype=torch.int8), meta, torch.ones(0)),
+        "sparse24_int4_mm": (torch.zeros(0, 2, dtype=torch.uint8), meta, torch.ones(0, 1),
+                             torch.zeros(0, 1, dtype=torch.uint8), 4),
+        "sparse_unstructured_mm": (torch.zeros(0, 1, dtype=torch.uint8), torch.zeros(0),
+                                   torch.zeros(1, dtype=torch.int64)),
+    }
+    with pyquant.use_backend(backend):
+        for op, wargs in calls.items():
+            assert getattr(torch.ops.pyquant, op)(x, *wargs, None).shape == (3, 0), op
+    assert sf.unpack_24_meta(meta, 8).shape == (0, 4)
+    assert sf.unpack_bitmask(torch.zeros(0, 1, dtype=torch.uint8), 8).shape == (0, 8)
