@@ -69,7 +69,10 @@ def _native_pack(bits: int, w: torch.Tensor, n: int, k: int, unpack: bool = Fals
     unpacking 12 and 7 ms, against 38 and 118 ms)."""
     from . import _native
 
-    if (not _native.available() or w.device.type != "cpu" or not _use_native
+    # a tensor subclass (FakeTensor, FunctionalTensor: torch.compile tracing the autograd
+    # formula) has no data to hand over: the PyTorch reshuffle traces
+    if (type(w) is not torch.Tensor or not _native.available() or w.device.type != "cpu"
+            or not _use_native
             or not _native.has_panel_kernels(_native.current_isa())
             or (bits == 4 and k % 128) or (unpack and w.data_ptr() % 64)):
         return None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pyquant
+from torch import nn
 from helpers import (
     ACT_DTYPES,
     activation,
@@ -233,6 +234,22 @@ def test_layer_compile_autograd_and_reference_backend():
     xr = x.clone().requires_grad_(True)
     _rows_twin(m)(xr).sum().backward()
     assert torch.equal(xg.grad, xr.grad)
+
+
+@needs_panels
+@pytest.mark.parametrize("config", [pyquant.Int8WeightOnly(), pyquant.Int4WeightOnly(
+    group_size=128)], ids=["int8", "int4"])
+def test_compiled_backward_through_a_panel_layer(config):
+    """torch.compile traces the ops' autograd formula, which unpacks the panels with fake
+    tensors: the PyTorch reshuffle then, not the native unpacker (no data to hand it)."""
+    m = nn.Sequential(nn.Linear(256, 64))
+    pyquant.quantize_(m, config)
+    assert m[0].weight_layout == "panels"
+    x = activation((3, 256)).requires_grad_(True)
+    torch.compile(m, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    xe = x.detach().clone().requires_grad_(True)
+    m(xe).sum().backward()
+    assert torch.equal(x.grad, xe.grad)
 
 
 @needs_panels
