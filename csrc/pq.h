@@ -336,7 +336,9 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
 /* 2:4 bf16 values (values [N, K/2] bf16 bits) against x rows that are bf16 values (fp32
  * holding bf16, as the op's dense path gets them): the product of the dense weight, through
  * per-thread bf16 panels decompressed on the fly (csrc/cpu/tile_sparse_bf16_panel.h). Exact
- * products summed in fp32, bias added in fp32. K % 32 == 0. work: 64-byte aligned,
+ * products summed in fp32, bias added in fp32, on vdpbf16ps: a subnormal bf16 value or x
+ * entry is read as zero and a subnormal partial sum is flushed to zero, as in the other bf16
+ * paths (the sparse kernel below the break-even keeps them). K % 32 == 0. work: 64-byte aligned,
  * pq_sparse_bf16_panels_workspace_bytes bytes (-1: not on this ISA or these sizes).
  * PQ_ERR_ISA on builds without it (all but AVX512-BF16 without AMX); PQ_ERR_ARG also when
  * a group's positions are not strictly increasing or a row of x is not bf16 values (out is
