@@ -180,6 +180,9 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "w4a8 g64 2560x384x384": lambda: w4a8(2560, 384, 384, 64),
         "w4a8 g64 2560x1536x384": lambda: w4a8(2560, 1536, 384, 64),
         "w4a8 g64 512x4096x4096": lambda: w4a8(512, 4096, 4096, 64),
+        "w4a8 g128 1x4096x4096": lambda: w4a8(1, 4096, 4096, 128),
+        "w4a8 g128 4x4096x4096": lambda: w4a8(4, 4096, 4096, 128),
+        "w4a8 g128 64x4096x4096": lambda: w4a8(64, 4096, 4096, 128),
         # 40 weights of 8.4 MB in turn: past a 300 MB last-level cache
         "int4wo g128 bf16-x 1x4096x4096": lambda: int4_weight_only(1, 4096, 4096, 128, 40),
         "int4wo g128 bf16-x 4x4096x4096": lambda: int4_weight_only(4, 4096, 4096, 128, 40),

@@ -164,13 +164,14 @@ int pq_int8_panel_layout(int isa, int64_t K, int64_t N);
  *   acc[m,n,g] = sum_{k in g} xq[m,k] * (code[n,k] - zeros[n,g])     (exact int32)
  *   out[m,n]   = x_scale[m] * sum_g scales[n,g] * acc[m,n,g] + bias[n]  (float32)
  * The float sum over groups may be reordered (tolerance: fp32 summation over
- * K/G terms). The portable and AVX2 kernels and the AMX tiles form acc exactly
- * as written; the AVX512 GEMV and panel kernels multiply the codes as they are
- * and take the zero point off in fp32, sum_g scales * zeros * sum_{k in g} xq
- * (the GEMV after the sum over groups, the panels per group), so their rounding
- * is relative to the code term, not to the result: on activations far from zero
- * mean (x = randn + 10, K = 4096-11008) 1-2.3e-5 of max|out|, and up to 4.6e-5
- * on a single group, where the exact form stays near 1e-7. K % G == 0, G % 32 == 0. `work`, 4-byte aligned, must hold at
+ * K/G terms). Every kernel forms acc exactly as written but one: the AVX512
+ * GEMV (M < 8 here; the panel form below has none) multiplies the codes as they
+ * are and takes the zero point off in fp32 after the sum over groups,
+ * sum_g scales * zeros * sum_{k in g} xq, so its rounding is relative to the
+ * code term, not to the result: on activations far from zero mean (x = randn +
+ * 10, K = 4096) ~9e-6 of max|out|, up to 4.6e-5 on a single group, where the
+ * exact form stays near 2e-7. (Forming it per lane cost 0.73-0.81x at M = 1-4.)
+ * K % G == 0, G % 32 == 0. `work`, 4-byte aligned, must hold at
  * least M * (K/G) * 4 + M * K bytes: per call the VNNI kernel stores there the
  * per-group sums of xq and xq reordered per chunk of min(G, 64) codes as
  * [even k | odd k], the order of the nibbles of a byte. With AMX (M >= 9,

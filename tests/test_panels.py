@@ -595,3 +595,33 @@ def test_pack_on_every_isa(isa):
     expected = panels.pack_int8(w)
     with _native.use_isa(isa):
         assert torch.equal(panels.pack_int8(w), expected)
+
+
+@needs_int4_panels
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_w4a8_zero_points_are_exact_per_group(m):
+    """Activations far from zero mean make sum x * code much larger than sum x (code - zero):
+    the panel kernels form the latter in int32 per group, so the result stays at fp32's
+    rounding of the result (taking zero * sum x off in fp32 left ~3e-5 of max|y| here). The
+    row layout's GEMV-shaped kernel (M < 8) still does that (README: numerics at the edges);
+    from M = 8 it runs the panel GEMM."""
+    from pyquant import formats
+
+    n, k, g = 64, 4096, 128
+    gen_ = torch.Generator().manual_seed(0)
+    codes, scales, zeros = formats.quantize_int4_groupwise(torch.randn(n, k, generator=gen_), g,
+                                                           symmetric=False)
+    wp = formats.pack_int4(codes)
+    x = torch.randn(m, k, generator=gen_) + 10.0
+    xq, xs = formats.quantize_rows_int8(x)
+    c = formats.unpack_int4(wp).double().reshape(n, k // g, g) - zeros.double()[..., None]
+    acc = torch.einsum("mgk,ngk->mng", xq.double().reshape(m, k // g, g), c)
+    exact = (acc * scales.double()).sum(-1) * xs.double()[:, None]
+
+    def err(y):
+        return ((y.double() - exact).abs().max() / exact.abs().max()).item()
+
+    assert err(torch.ops.pyquant.int4_dynamic_mm_panels(
+        x, *panels.pack_int4(wp, scales, zeros, g), g, None)) < 1e-6
+    if m >= 8:
+        assert err(torch.ops.pyquant.int4_dynamic_mm(x, wp, scales, zeros, g, None)) < 1e-6

@@ -17,7 +17,7 @@ inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 /* W4A8 at prefill on the AVX512 builds (tile_vnni_panel.h), where AMX tiles do not
  * run it: from this many rows, K % 64 == 0. Scratch, 64-byte aligned: the x rows'
  * group sums [M][K/G] int32, then per thread a 32-row panel of u8 codes [K/4][2][16][4]
- * and its scales and scale x zero point, group-major [K/G][32] floats each.
+ * and its scales (float) and zero points (int32), group-major [K/G][32] each.
  * Crossover with the GEMV-shaped kernel (Zen 4, 2 threads, 11008 x 4096, G = 128):
  * M = 6 1.81-1.87 ms there vs 1.91-2.51 here, M = 8 2.81-2.87 vs 2.24-2.77, M = 12
  * 3.95-3.99 vs 2.56-2.71; expanding the panels costs ~1.2 ms a call at that size. */

@@ -9,12 +9,12 @@
  *
  * Here the lanes run along N, as in a GEMM: each thread expands a panel of 32
  * weight rows once per call into u8 codes in VNNI order, [K/4][2][16][4]
- * (k / 4, 16-row half, row, k % 4), with its group scales and scale x zero
- * point group-major, and then sweeps every row of x over it. A step of 4 k is
+ * (k / 4, 16-row half, row, k % 4), with its group scales and zero points
+ * group-major, and then sweeps every row of x over it. A step of 4 k is
  * two 64-byte loads and, per x row, one 4-byte broadcast and two vpdpbusd
- * (u8 codes x s8 activations: no bias, no saturation). Each group's int32 sums
- * are exact (|sum| <= G * 15 * 128) and enter fp32 once per group:
- *   acc += float(isum) * scale;  acc -= float(gsum) * (scale * zero)
+ * (u8 codes x s8 activations: no bias, no saturation). Each group's int32 sum
+ * of x (code - zero) is exact (|sum| <= G * 15 * 128) and enters fp32 once:
+ *   acc += float(isum - zero * gsum) * scale
  * (gsum: the group's sum of the x codes), G / 4 vpdpbusd per conversion.
  *
  * W8A8 takes the same panels of s8 weights stored as u8 (w + 128): the sum over
@@ -125,9 +125,9 @@ inline void pack_panel_codes(int64_t nr, int64_t K, uint8_t* pc, Row row) {
 }
 
 /* Weight rows [0, nr) of wp (nr <= 32; rows past nr read as code 0, scale 0) -> the
- * panel: codes pc, scales sp[g][32] and sc * zp in szp[g][32]. */
+ * panel: codes pc, scales sp[g][32] and zero points as int32 zi[g][32]. */
 inline void w4a8_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* zp, int64_t nr,
-                            int64_t K, int64_t G, uint8_t* pc, float* sp, float* szp) {
+                            int64_t K, int64_t G, uint8_t* pc, float* sp, int32_t* zi) {
   const int64_t ldw = K / 2, ng = K / G;
   const __m512i lo = _mm512_set1_epi16(0x000F), hi = _mm512_set1_epi16(0x0F00);
   pack_panel_codes(nr, K, pc, [&](int64_t n, int64_t k0) {
@@ -140,7 +140,7 @@ inline void w4a8_pack_panel(const uint8_t* wp, const float* sc, const uint8_t* z
     for (int n = 0; n < kPanelRows; ++n) {
       const float s = n < nr ? sc[n * ng + g] : 0.0f;
       sp[g * kPanelRows + n] = s;
-      szp[g * kPanelRows + n] = s * (float)(n < nr ? zp[n * ng + g] : 0);
+      zi[g * kPanelRows + n] = n < nr ? zp[n * ng + g] : 0;
     }
 }
 
@@ -195,11 +195,19 @@ inline void panel_dots(const int8_t* x, int64_t ldx, int64_t len, const uint8_t*
   }
 }
 
+/* The group's exact sum_k x (code - zero) = iacc - zero * gsum (|.| < 2^24: exact in fp32
+ * too), scaled and added: taking zero * gsum off in fp32 instead rounds relative to the
+ * code term, which activations far from zero mean make much larger than the result. */
+inline __m512 w4a8_group(__m512 facc, __m512i iacc, __m512i z, int32_t gsum, __m512 s) {
+  const __m512i d = _mm512_sub_epi32(iacc, _mm512_mullo_epi32(z, _mm512_set1_epi32(gsum)));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, facc);
+}
+
 /* facc[t][v] = rows m..m+T-1 of x (codes xq, stride K; gsum rows of K/G) against panel rows
  * 16v..16v+15, scaled per group. */
 template <int T>
 inline void w4a8_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t K, int64_t G,
-                           const uint8_t* pc, const float* sp, const float* szp,
+                           const uint8_t* pc, const float* sp, const int32_t* zi,
                            __m512 facc[T][2]) {
   const int64_t ng = K / G;
   for (int t = 0; t < T; ++t) facc[t][0] = facc[t][1] = _mm512_setzero_ps();
@@ -210,11 +218,10 @@ inline void w4a8_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t K, int
     panel_dots<T>(xq + g * G, K, G, p, iacc);
     p += G * kPanelRows;
     const __m512 s0 = _mm512_load_ps(sp + g * kPanelRows), s1 = _mm512_load_ps(sp + g * kPanelRows + 16);
-    const __m512 z0 = _mm512_load_ps(szp + g * kPanelRows), z1 = _mm512_load_ps(szp + g * kPanelRows + 16);
+    const __m512i z0 = _mm512_load_si512(zi + g * kPanelRows), z1 = _mm512_load_si512(zi + g * kPanelRows + 16);
     for (int t = 0; t < T; ++t) {
-      const __m512 gs = _mm512_set1_ps((float)gsum[t * ng + g]);
-      facc[t][0] = _mm512_fnmadd_ps(gs, z0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][0]), s0, facc[t][0]));
-      facc[t][1] = _mm512_fnmadd_ps(gs, z1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][1]), s1, facc[t][1]));
+      facc[t][0] = w4a8_group(facc[t][0], iacc[t][0], z0, gsum[t * ng + g], s0);
+      facc[t][1] = w4a8_group(facc[t][1], iacc[t][1], z1, gsum[t * ng + g], s1);
     }
   }
 }
@@ -273,20 +280,20 @@ inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int
   constexpr int kRows = kFx24 ? 3 : 1;
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
-  /* a thread's panel: codes, then scales and scale x zero point [K/G][32] each */
-  const int64_t sp_at = pq::align64(kPanelRows * K), szp_at = sp_at + pq::align64(ng * kPanelRows * 4);
+  /* a thread's panel: codes, then scales and zero points (int32) [K/G][32] each */
+  const int64_t sp_at = pq::align64(kPanelRows * K), zi_at = sp_at + pq::align64(ng * kPanelRows * 4);
   w4a8_panel_driver<kFx24>(
       xq, x_scale, M, K, N, G, bias, out, gsum, (uint8_t*)work + pq::align64(kRows * M * ng * 4),
       pq::w4a8_panel_bytes(K, G), n_threads,
       [&](uint8_t* pc, int64_t n0, int64_t nr) -> const uint8_t* {
         w4a8_pack_panel(wp + n0 * (K / 2), scales + n0 * ng, zeros + n0 * ng, nr, K, G, pc,
-                        (float*)(pc + sp_at), (float*)(pc + szp_at));
+                        (float*)(pc + sp_at), (int32_t*)(pc + zi_at));
         return pc;
       },
       [&](auto R_, const uint8_t* pc, int64_t, int64_t r0, __m512 facc[][2]) {
         w4a8_panel_acc<decltype(R_)::value>(xq + r0 * K, gsum + r0 * ng, K, G, pc,
                                             (const float*)(pc + sp_at),
-                                            (const float*)(pc + szp_at), facc);
+                                            (const int32_t*)(pc + zi_at), facc);
       });
 }
 
@@ -294,7 +301,7 @@ inline void w4a8_panel_mm(const int8_t* xq, const float* x_scale, int64_t M, int
  * a panel is [K/8][2][16][4] bytes, byte (j, h, i, c) = code(16h + i, 8j + c) | code(16h +
  * i, 8j + 4 + c) << 4, so one 64-byte load holds 8 k of 16 rows and its low and high nibbles
  * are the u8 operands of two vpdpbusd steps; its scales and zero points are [K/G][32]. The
- * arithmetic of w4a8_panel_acc (scale x zero point formed as there), on half the bytes. */
+ * arithmetic of w4a8_panel_acc (w4a8_group), on half the bytes. */
 template <int T>
 inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t K, int64_t G,
                                   const uint8_t* pc, const float* sp, const uint8_t* zp,
@@ -326,14 +333,11 @@ inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t
       }
     }
     const __m512 s0 = _mm512_load_ps(sp + g * kPanelRows), s1 = _mm512_load_ps(sp + g * kPanelRows + 16);
-    const __m512 z0 = _mm512_mul_ps(s0, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                          _mm_loadu_si128((const __m128i*)(zp + g * kPanelRows)))));
-    const __m512 z1 = _mm512_mul_ps(s1, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                          _mm_loadu_si128((const __m128i*)(zp + g * kPanelRows + 16)))));
+    const __m512i z0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zp + g * kPanelRows)));
+    const __m512i z1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zp + g * kPanelRows + 16)));
     for (int t = 0; t < T; ++t) {
-      const __m512 gs = _mm512_set1_ps((float)gsum[t * ng + g]);
-      facc[t][0] = _mm512_fnmadd_ps(gs, z0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][0]), s0, facc[t][0]));
-      facc[t][1] = _mm512_fnmadd_ps(gs, z1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][1]), s1, facc[t][1]));
+      facc[t][0] = w4a8_group(facc[t][0], iacc[t][0], z0, gsum[t * ng + g], s0);
+      facc[t][1] = w4a8_group(facc[t][1], iacc[t][1], z1, gsum[t * ng + g], s1);
     }
   }
 }
