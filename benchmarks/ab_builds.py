@@ -186,6 +186,12 @@ def _cases(C, torch, formats, nt: int) -> dict:
         # 40 weights of 8.4 MB in turn: past a 300 MB last-level cache
         "int4wo g128 bf16-x 1x4096x4096": lambda: int4_weight_only(1, 4096, 4096, 128, 40),
         "int4wo g128 bf16-x 4x4096x4096": lambda: int4_weight_only(4, 4096, 4096, 128, 40),
+        "int4wo g128 fp32-x 1x4096x4096": lambda: int4_weight_only(1, 4096, 4096, 128, 40,
+                                                                  x_fp32=True),
+        "int4wo g128 fp32-x 4x4096x4096": lambda: int4_weight_only(4, 4096, 4096, 128, 40,
+                                                                  x_fp32=True),
+        "int4wo g64 fp32-x 1x11008x4096": lambda: int4_weight_only(1, 11008, 4096, 64, 20,
+                                                                  x_fp32=True),
         "int4wo g128 bf16-x 128x4096x4096": lambda: int4_weight_only(128, 4096, 4096, 128),
         "int4wo g128 bf16-x 512x4096x4096": lambda: int4_weight_only(512, 4096, 4096, 128),
         # MiniLM's layers at a batch of 64 sentences of 20 tokens

@@ -472,8 +472,12 @@ int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
   for (const int64_t ms : slices) {
     if (ms == 0) continue;
     const int64_t rows = 3 * ms;
-    const int64_t dyn = pq_int4_dynamic_workspace_bytes(isa, rows, K, group_size, n_threads);
+    int64_t dyn = pq_int4_dynamic_workspace_bytes(isa, rows, K, group_size, n_threads);
     if (dyn < 0) return -1;
+    /* the M <= 4 GEMV keeps its reordered terms and lane sums there (kernels.cpp) */
+    const int64_t gemv = pq::int4wo_fx24_gemv_applies(ms, K, group_size)
+                             ? pq::align64(3 * ms * K) + ms * K / 2 : 0;
+    if (gemv > dyn) dyn = gemv;
     const int64_t need = pq::align64(rows * K) + pq::align64(rows * 4) +
                          pq::int4wo_fixed_outputs_bytes(rows, K, N, group_size, isa == PQ_ISA_AVX512_AMX) + dyn;
     if (need > fixed) fixed = need;

@@ -517,6 +517,13 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
  * 64 bytes of codes, half the memory speed); here one decode serves three
  * vpdpbusd of 64 products each. Returns false when a row cannot be written in
  * fixed point (out is then incomplete: the caller's float path writes all of it). */
+/* True when every zero point is a nibble (0..15: all the quantizers write). */
+inline bool zeros_fit_nibble(const uint8_t* z, int64_t n) {
+  uint8_t any = 0;
+  for (int64_t i = 0; i < n; ++i) any |= z[i];  /* vectorized: one OR a byte */
+  return any < 16;
+}
+
 bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                             int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                             const float* bias, float* out, int n_threads, void* work) {
@@ -534,19 +541,21 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   float* o3 = xs + pq::align64(rows * 4) / 4; /* sized 0 for the panels (kernels.h) */
   void* dyn = (uint8_t*)o3 + pq::int4wo_fixed_outputs_bytes(rows, K, N, G, kAmxBuild);
   if (!split_rows_fixed24(x, M, K, ldx, xq, xs, n_threads)) return false;
-  if (pq::int4wo_fx24_gemv_applies(M, K, G)) {
-    /* dyn has room for xp (3K bytes a row) and xsum (K/G floats a row): see dispatch.cpp */
+  /* the GEMV's lanes take zero * sum X off in int32, which a nibble zero point keeps in range
+   * (tile_int4_fx24.h); the op takes any uint8 one, and those run W4A8 on the term rows */
+  if (pq::int4wo_fx24_gemv_applies(M, K, G) && zeros_fit_nibble(zeros, N * (K / G))) {
+    /* dyn has room for xp (3K bytes a row) and xl (K/8 int32 a row): see dispatch.cpp */
     const int64_t ng = K / G;
     int8_t* xp = (int8_t*)dyn;
-    float* xsum = (float*)(xp + 3 * K * M);
+    int32_t* xl = (int32_t*)(xp + pq::align64(3 * K * M));
     for (int64_t m = 0; m < M; ++m)
-      fx24_prep_row(xq + 3 * m * K, xq + (3 * m + 1) * K, xq + (3 * m + 2) * K, K, G,
-                    xp + 3 * K * m, xsum + ng * m);
+      fx24_prep_row(xq + 3 * m * K, xq + (3 * m + 1) * K, xq + (3 * m + 2) * K, K,
+                    xp + 3 * K * m, xl + K / 8 * m);
     for_each_tile(M, N, n_threads, [&](int64_t n, int nr, int64_t m, int mt, bool, int32_t*) {
       dispatch_tile<kTileN>(nr, mt, [&](auto R_, auto T_) {
         constexpr int R = decltype(R_)::value, T = decltype(T_)::value;
         float dot[R][T];
-        dot_fx24_u4<R, T>(xp + 3 * K * m, xsum + ng * m, wp + n * (K / 2), scales + n * ng,
+        dot_fx24_u4<R, T>(xp + 3 * K * m, xl + K / 8 * m, wp + n * (K / 2), scales + n * ng,
                           zeros + n * ng, K, G, dot);
         for (int t = 0; t < T; ++t) /* the lo term's scale is X's unit */
           for (int r = 0; r < R; ++r)

@@ -105,7 +105,7 @@ inline int64_t sparse_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
  * the three term rows, at M = 2-4 1.11-1.40x over the float GEMV (Llama-2-7B
  * shapes, 2 threads, weights rotated past the cache). Its scratch: [3M][K] int8
  * terms | [3M] scales | [3M][N] fp32 term outputs | the W4A8 workspace for 3M rows
- * (where the GEMV keeps its reordered terms and group sums), each part 64-byte
+ * (where the GEMV keeps its reordered terms and lane sums of X), each part 64-byte
  * aligned. */
 inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
   /* a 128-code block lies in one group, or (G = 64) in two whole ones */
