@@ -67,7 +67,10 @@ class _QuantLinearBase(nn.Module):
 
     def _call_op(self, op: str, x: torch.Tensor, *args) -> torch.Tensor:
         """``ops.call`` through this layer's ``ops.LayerCall``, which checks the layer's own
-        tensors once while they stay the same (not part of the module's state)."""
+        tensors once while they stay the same (not part of the module's state). Tracers
+        (torch.compile, jit) see the op alone: no attribute written, no data address read."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return _ops.call(op, x, *args)
         c = self.__dict__.get("_layer_call")
         if c is None:
             c = self.__dict__["_layer_call"] = _ops.LayerCall()

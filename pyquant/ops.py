@@ -16,9 +16,11 @@ does not implement an op on that device is an error, never a silent fallback. Wi
 backend, the first available one of ``AUTO_ORDER[device]`` that implements the op runs; when
 that is the reference on a device that should have a native backend, a warning says why, once.
 
-The layers call ``ops.call(op, ...)``: in plain eager inference it runs the op's body (the same
-checks and backend) without the dispatcher's Python wrappers; with autograd, torch.compile,
-tracing or tensor subclasses it goes through ``torch.ops.pyquant.<op>``.
+The layers call ``ops.call(op, ...)`` (through a ``LayerCall`` each, which skips the checks of
+their own unchanged tensors from the second call on): in plain eager inference it runs the
+op's body (the same checks and backend) without the dispatcher's Python wrappers; with
+autograd, torch.compile, tracing or tensor subclasses it goes through
+``torch.ops.pyquant.<op>``.
 """
 from __future__ import annotations
 
@@ -264,20 +266,22 @@ class LayerCall:
     The first call goes the whole way (dispatcher or body: checks, backend choice). When it
     ran the op's body on the native CPU backend, this remembers the weight arguments (the
     tensor objects with their data address, shape and dtype, which is all the checks look
-    at) and the backend's function; the next calls with the same tensors, unchanged, check
-    only x before that function runs (an x the checks would refuse goes the whole way, to
-    the checks' error). The weights' checks and the backend choice cost ~5 us a call in
-    Python, as much as a MiniLM-size layer's kernel at M = 1. Values written in place need
-    nothing: the function reads the tensors as they are. Anything else falls back to
-    ``call`` and remembers again: another tensor object, new storage or another shape or
-    dtype under the same one (``.data =``, ``resize_``, ``set_``), a forced backend, another
-    native module, a tensor subclass, tracing or compiling, autograd. Copies and pickles of
-    a layer start empty."""
+    at; the other arguments with their types) and the backend's function; the next calls
+    with the same arguments, unchanged, check only x before that function runs (an x the
+    checks would refuse goes the whole way, to the checks' error). The weights' checks and
+    the backend choice cost ~5 us a call in Python, as much as a MiniLM-size layer's kernel
+    at M = 1. Values written in place need nothing: the function reads the tensors as they
+    are. Anything else goes the whole way and remembers again, or forgets (so no old weights
+    stay referenced): another tensor object, new storage or another shape or dtype under the
+    same one (``.data =``, ``resize_``, ``set_``), another argument, a forced backend,
+    another native module or CPU function for the op, a tensor subclass, tracing or
+    compiling, autograd. Copies and pickles of a layer start empty."""
 
-    __slots__ = ("op", "args", "keys", "impl", "module", "k")
+    __slots__ = ("state",)
 
     def __init__(self):
-        self.op = None
+        # (op, args, keys, impl, native module, K), or None: read and written whole
+        self.state = None
 
     def __deepcopy__(self, memo):
         return LayerCall()
@@ -286,59 +290,54 @@ class LayerCall:
         return (LayerCall, ())
 
     @staticmethod
-    def _key(t):
-        return (t.data_ptr(), t.shape, t.dtype) if isinstance(t, torch.Tensor) else None
+    def _key(a):
+        if isinstance(a, torch.Tensor):
+            return (a.data_ptr(), a.shape, a.dtype)
+        return type(a)
 
-    def _same_args(self, args: tuple) -> bool:
-        mine = self.args
+    @staticmethod
+    def _same_args(args: tuple, mine: tuple, keys: tuple) -> bool:
         if len(args) != len(mine):
             return False
-        for a, b, key in zip(args, mine, self.keys):
+        for a, b, key in zip(args, mine, keys):
             if a is not b:
-                if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:
+                if (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+                        or type(a) is not key or a != b):
                     return False
-            elif key is not None and (a.data_ptr() != key[0] or a.shape != key[1]
-                                      or a.dtype != key[2]):
+            elif isinstance(key, tuple) and (a.data_ptr() != key[0] or a.shape != key[1]
+                                             or a.dtype != key[2]):
                 return False
         return True
 
-    def _grad(self, x: torch.Tensor) -> bool:
-        return x.requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad
-                                      for a in self.args)
-
     def __call__(self, op: str, x: torch.Tensor, *args):
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return call(op, x, *args)  # first: tracers see one op, not data addresses
+        st = self.state
         # x as the op's checks want it (else the whole way, whose checks say what is wrong)
-        if (op is self.op and type(x) is torch.Tensor and x.is_cpu
-                and x.dtype in _checks.ACT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.k
-                and self._same_args(args) and _native._module is self.module
-                and getattr(_state, "forced", None) is None and not _env_forced()
-                and not (torch.is_grad_enabled() and self._grad(x))):
-            return self.impl(x, *args)
+        if (st is not None and op is st[0] and type(x) is torch.Tensor and x.is_cpu
+                and x.dtype in _checks.ACT_DTYPES and x.dim() >= 1 and x.shape[-1] == st[5]
+                and self._same_args(args, st[1], st[2]) and _native._module is st[4]
+                and _REGISTRY["cpu"].impls.get(op) is st[3] and _forced() is None
+                and not (torch.is_grad_enabled() and (x.requires_grad or any(
+                    isinstance(a, torch.Tensor) and a.requires_grad for a in args)))):
+            return st[3](x, *args)
+        self.state = None  # also when the call raises
         y = call(op, x, *args)
-        self._remember(op, x, args)
+        self.state = self._remember(op, x, args)
         return y
 
-    def _remember(self, op: str, x: torch.Tensor, args: tuple) -> None:
+    @staticmethod
+    def _remember(op: str, x: torch.Tensor, args: tuple):
         # only what the call above ran as the op's body on the CPU backend: a native module
         # loaded, the automatic choice (nothing forced), plain tensors, no autograd
-        self.op = None
         if (type(x) is not torch.Tensor or not x.is_cpu or _needs_dispatcher(x, args)
                 or _forced() is not None or not _native.available()
                 or any(isinstance(a, torch.Tensor) and (a.requires_grad or type(a) is not
                                                          torch.Tensor) for a in args)):
-            return
+            return None
         b = select(op, x.device)
         if b.name != "cpu":
-            return
-        self.args, self.keys = args, tuple(self._key(a) for a in args)
-        self.impl, self.module, self.k = b.impls[op], _native._module, x.shape[-1]
-        self.op = op
-
-
-def _env_forced() -> bool:
-    return bool(_native.env_setting("PYQUANT_BACKEND", b"PYQUANT_BACKEND").strip())
+            return None
+        return (op, args, tuple(LayerCall._key(a) for a in args), b.impls[op], _native._module,
+                x.shape[-1])
 
 
 @_custom_op("int8_weight_only_mm")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import formats
-from . import ops as _ops  # registers torch.ops.pyquant.*; _ops.call runs them
+from . import ops as _ops  # registers torch.ops.pyquant.*; the layers' _call_op runs them
 from . import sparse_formats as sf
 from .config import (Int4WeightOnly, Int8WeightOnly, Sparse24, Sparse24Int4WeightOnly,
                      Sparse24Int8WeightOnly, Unstructured)
@@ -53,8 +53,8 @@ class _SparseBase(_QuantLinearBase):
         # would name the old dtype and its load would refuse the values
         cfg = super().config
         v = self._buffers.get("weight_values")
-        if (v is not None and v.is_floating_point() and getattr(cfg, "value_dtype", None)
-                and _DTYPES.get(cfg.value_dtype) != v.dtype):
+        if (v is not None and v.dtype in _DTYPES.values() and hasattr(cfg, "value_dtype")
+                and _value_dtype(cfg) != v.dtype):
             cfg = _with_value_dtype(cfg, v.dtype)
         return cfg
 

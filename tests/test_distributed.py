@@ -148,6 +148,10 @@ def _scenarios(rank: int, out_dir: str) -> dict:
             with tp.record_collectives() as log:
                 res[arch, name, "out"] = (run(sharded, arch), y_ref)
             res[arch, name, "collectives"] = log.calls
+            with tp.record_collectives() as replayed:  # the demo's replay, gather branch
+                for call in log.calls:
+                    tp_layers.replay_collective(*call[:2])
+            res[arch, name, "replayed"] = replayed.calls
             # the all_reduce path that larger activations take (GATHER_REDUCE_MAX_NUMEL)
             saved, tp_layers.GATHER_REDUCE_MAX_NUMEL = tp_layers.GATHER_REDUCE_MAX_NUMEL, 0
             try:
@@ -280,9 +284,9 @@ def test_a_forward_makes_only_the_collectives_of_the_plan(ranks, arch, config):
             calls = res[arch, config, "collectives" + suffix]
             assert [(n, k) for n, k, _, _ in calls] == want, f"rank {r}, {kind}"
             assert all(0 <= t1 - t0 < 60 for *_, t0, t1 in calls), f"rank {r}: times {calls}"
-            if suffix:  # a replay of the log issues the same collectives through the same path
-                replayed = res[arch, config, "replayed" + suffix]
-                assert [(n, k) for n, k, _, _ in replayed] == want, f"rank {r}, replay"
+            # a replay of the log issues the same collectives through the same path
+            replayed = res[arch, config, "replayed" + suffix]
+            assert [(n, k) for n, k, _, _ in replayed] == want, f"rank {r}, replay"
 
 
 def test_replaying_an_unknown_collective_says_which():

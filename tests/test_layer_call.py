@@ -40,15 +40,22 @@ def _layer(config, n=64, k=128, bias=True):
 
 
 def _forward_args(layer, x):
-    # run forward with _call_op replaced, to see (op, x, *args)
+    """(op, x, *args) that the layer's forward hands to _call_op."""
     got = {}
-    orig = type(layer)._call_op
-    type(layer)._call_op = lambda self, op, x_, *args: got.setdefault("a", (op, x_, *args))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(layer), "_call_op",
+                   lambda self, op, x_, *args: got.setdefault("a", (op, x_, *args)))
         layer(x)
-    finally:
-        type(layer)._call_op = orig
     return got["a"]
+
+
+@pytest.fixture
+def whole_way_calls(monkeypatch):
+    """How many calls went the whole way (ops.call, which runs the checks)."""
+    n = []
+    real = ops.call
+    monkeypatch.setattr(ops, "call", lambda *a: n.append(1) or real(*a))
+    return n
 
 
 def _whole_way(layer, x):
@@ -58,13 +65,15 @@ def _whole_way(layer, x):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_remembered_calls_equal_the_whole_way(config):
+def test_remembered_calls_equal_the_whole_way(config, whole_way_calls):
     layer = _layer(config)
     with torch.inference_mode():
         for m in (1, 3, 17):
             x = torch.randn(m, layer.in_features)
-            first, second = layer(x), layer(x)
-            assert layer._layer_call.op is not None  # remembered: the second call was short
+            first = layer(x)
+            before = len(whole_way_calls)
+            second = layer(x)
+            assert len(whole_way_calls) == before  # the short way: no checks, no choice
             assert torch.equal(first, second)
             assert torch.equal(second, _whole_way(layer, x))
         x3 = torch.randn(2, 5, layer.in_features).to(torch.bfloat16)
@@ -91,14 +100,18 @@ def test_a_replaced_buffer_is_checked_again():
             layer(x)
 
 
-def test_new_storage_under_the_same_tensor_is_seen():
+def test_new_storage_under_the_same_tensor_is_checked_again(whole_way_calls):
     layer = _layer(pyquant.Int8WeightOnly())
     x = torch.randn(2, layer.in_features)
     with torch.inference_mode():
         before = layer(x)
+        layer(x)
+        calls = len(whole_way_calls)
         layer.weight_scale.data = layer.weight_scale.data * 3  # same object, new storage
         after = layer(x)
-    assert torch.allclose(after - layer.bias, 3 * (before - layer.bias), rtol=1e-5, atol=1e-5)
+        assert len(whole_way_calls) == calls + 1
+        assert torch.allclose(after - layer.bias, 3 * (before - layer.bias), rtol=1e-5,
+                              atol=1e-5)
 
 
 def test_a_forced_backend_is_obeyed_after_remembering(monkeypatch):
@@ -107,7 +120,7 @@ def test_a_forced_backend_is_obeyed_after_remembering(monkeypatch):
     with torch.inference_mode():
         layer(x)
         layer(x)
-        op = layer._layer_call.op
+        op = layer._layer_call.state[0]
         calls = []
         real = ops._REGISTRY["reference"].impls[op]
         monkeypatch.setitem(ops._REGISTRY["reference"].impls, op,
@@ -155,16 +168,16 @@ def test_copies_and_pickles_start_empty():
         y = layer(x)
         layer(x)
         twin = copy.deepcopy(layer)
-        assert twin._layer_call.op is None
+        assert twin._layer_call.state is None
         assert torch.equal(twin(x), y)
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
-    assert back._layer_call.op is None
+    assert back._layer_call.state is None
     with torch.inference_mode():
         assert torch.equal(back(x), y)
-    assert pickle.loads(pickle.dumps(ops.LayerCall())).op is None
+    assert pickle.loads(pickle.dumps(ops.LayerCall())).state is None
 
 
 def test_a_resized_weight_is_checked_again():
@@ -187,3 +200,42 @@ def test_compile_after_remembering_sees_one_op():
         y = layer(x)
         layer(x)
         assert torch.equal(torch.compile(layer, fullgraph=True)(x), y)
+
+
+def test_what_it_declines_it_forgets():
+    """A call it does not remember (here: x on the meta device, refused) drops what it
+    remembered, so no weights it no longer uses stay referenced (a model moved to another
+    device runs there without being remembered)."""
+    layer = _layer(pyquant.Int8WeightOnly())
+    with torch.inference_mode():
+        layer(torch.randn(1, layer.in_features))
+        assert layer._layer_call.state is not None
+        with pytest.raises(ValueError):
+            layer(torch.randn(1, layer.in_features, device="meta"))
+    assert layer._layer_call.state is None
+
+
+def test_another_cpu_function_for_the_op_is_used(monkeypatch):
+    layer = _layer(pyquant.Int8WeightOnly())
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+        op = layer._layer_call.state[0]
+        seen = []
+        real = ops._REGISTRY["cpu"].impls[op]
+        monkeypatch.setitem(ops._REGISTRY["cpu"].impls, op, lambda *a: seen.append(1) or real(*a))
+        layer(x)
+        layer(x)
+    assert seen == [1, 1]
+
+
+def test_a_group_size_of_another_type_is_checked_again():
+    layer = _layer(pyquant.Int4WeightOnly(group_size=32))
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+        op, _, *args = _forward_args(layer, x)
+        with pytest.raises(TypeError, match="group_size"):
+            layer._call_op(op, x, *args[:3], 32.0, *args[4:])
