@@ -171,7 +171,7 @@ int pq_int8_panel_layout(int isa, int64_t K, int64_t N);
  * code term, not to the result: on activations far from zero mean (x = randn +
  * 10, K = 4096) ~9e-6 of max|out|, up to 4.6e-5 on a single group, where the
  * exact form stays near 2e-7. (Forming it per lane cost 0.73-0.81x at M = 1-4;
- * int4 weight-only's fixed-point GEMV pays 0.87-1.0x for the same, and does.)
+ * int4 weight-only's fixed-point GEMV pays 0.86-1.04x for the same, and does.)
  * K % G == 0, G % 32 == 0. `work`, 4-byte aligned, must hold at
  * least M * (K/G) * 4 + M * K bytes: per call the VNNI kernel stores there the
  * per-group sums of xq and xq reordered per chunk of min(G, 64) codes as
@@ -259,10 +259,11 @@ int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size);
  *    representation error: ~6e-8 of the row's max, below fp32's own rounding
  *    for all but the row's smallest entries), and each term runs the exact
  *    int8 x int4 group sums of pq_int4_dynamic_mm; out is the fp32 sum of the
- *    three terms' results (smallest first) + bias. At M <= 4 with K % 128 == 0
- *    and G == 64 or G % 128 == 0, the three terms instead share one exact int32
- *    sum per 8 codes of X * (code - zero) (X = 65536*hi + 256*mid + lo), rounded
- *    once to fp32 and scaled per group; out = s * (the fp32 sum of those) + bias.
+ *    three terms' results (smallest first) + bias. At M <= 4 with K % 128 == 0,
+ *    G == 64 or G % 128 == 0 and every zero point <= 15, the three terms instead
+ *    share one exact int32 sum per 8 codes of X * (code - zero) (X = 65536*hi +
+ *    256*mid + lo), rounded once to fp32 and scaled per group; out = s * (the
+ *    fp32 sum of those) + bias.
  *    A row that is not finite,
  *    or whose max is below 2^-100, takes the float32 path. `work` may be null
  *    (the float32 path everywhere).

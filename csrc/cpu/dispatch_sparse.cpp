@@ -17,18 +17,6 @@ bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* me
          missing(meta, N * ((K + 7) / 8)) || missing(out, M * N);
 }
 
-/* 2:4 + int4 takes any uint8 zero point, as the dense int4 ops do, but its
- * decode-size fixed-point path subtracts it in int8 and its decompression writes
- * it in a pruned position's nibble: both need zero points of 0..15, which is all
- * the quantizers write. One OR over the [N, groups] bytes (a few us at 7B sizes),
- * run only by the calls that would take those paths, finds the others, which
- * take the float path (it subtracts in float) and no decompression. */
-bool zeros_fit_nibble(const uint8_t* zeros, int64_t n) {
-  uint8_t any = 0;
-  for (int64_t i = 0; i < n; ++i) any |= zeros[i];
-  return any < 16;
-}
-
 }  // namespace
 
 extern "C" {
@@ -140,7 +128,10 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   /* no workspace: no fixed-point path (the zero points are scanned only where it applies) */
   void* fx = fx_work(isa, M, K, work, work_bytes);
-  if (fx && !zeros_fit_nibble(zeros, groups)) fx = nullptr;
+  /* 2:4 + int4 takes any uint8 zero point, as the dense int4 ops do, but its fixed-point
+   * path subtracts it in int8 and its decompression writes it in a pruned position's
+   * nibble: other zero points take the float path and no decompression */
+  if (fx && !pq::zeros_fit_nibble(zeros, groups)) fx = nullptr;
   t->sparse24_int4_mm(x, M, K, ldx, packed, meta, N, scales, zeros, group_size, bias, out,
                       threads(n_threads), fx);
   return PQ_OK;
@@ -202,7 +193,7 @@ int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* m
   if (N < 0 || K < 0 || K % 4 != 0 || too_big(N, K) || group_size <= 0 || group_size % 2 != 0 ||
       (K / 2) % group_size != 0 || missing(packed, N * K / 4) ||
       missing(meta, N * ((K + 7) / 8)) || missing(zeros, N * (K / 2 / group_size)) ||
-      missing(out, N * K / 2) || !zeros_fit_nibble(zeros, N * (K / 2 / group_size)))
+      missing(out, N * K / 2) || !pq::zeros_fit_nibble(zeros, N * (K / 2 / group_size)))
     return PQ_ERR_ARG;
   return t->sparse24_int4_decompress(packed, meta, N, K, zeros, group_size, out,
                                      threads(n_threads))

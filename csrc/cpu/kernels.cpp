@@ -517,13 +517,6 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
  * 64 bytes of codes, half the memory speed); here one decode serves three
  * vpdpbusd of 64 products each. Returns false when a row cannot be written in
  * fixed point (out is then incomplete: the caller's float path writes all of it). */
-/* True when every zero point is a nibble (0..15: all the quantizers write). */
-inline bool zeros_fit_nibble(const uint8_t* z, int64_t n) {
-  uint8_t any = 0;
-  for (int64_t i = 0; i < n; ++i) any |= z[i];  /* vectorized: one OR a byte */
-  return any < 16;
-}
-
 bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                             int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                             const float* bias, float* out, int n_threads, void* work) {
@@ -543,7 +536,7 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
   if (!split_rows_fixed24(x, M, K, ldx, xq, xs, n_threads)) return false;
   /* the GEMV's lanes take zero * sum X off in int32, which a nibble zero point keeps in range
    * (tile_int4_fx24.h); the op takes any uint8 one, and those run W4A8 on the term rows */
-  if (pq::int4wo_fx24_gemv_applies(M, K, G) && zeros_fit_nibble(zeros, N * (K / G))) {
+  if (pq::int4wo_fx24_gemv_applies(M, K, G) && pq::zeros_fit_nibble(zeros, N * (K / G))) {
     /* dyn has room for xp (3K bytes a row) and xl (K/8 int32 a row): see dispatch.cpp */
     const int64_t ng = K / G;
     int8_t* xp = (int8_t*)dyn;

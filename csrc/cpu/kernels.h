@@ -105,8 +105,18 @@ inline int64_t sparse_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
  * the three term rows, at M = 2-4 1.11-1.40x over the float GEMV (Llama-2-7B
  * shapes, 2 threads, weights rotated past the cache). Its scratch: [3M][K] int8
  * terms | [3M] scales | [3M][N] fp32 term outputs | the W4A8 workspace for 3M rows
- * (where the GEMV keeps its reordered terms and lane sums of X), each part 64-byte
+ * (or, where larger, the GEMV's reordered terms and lane sums of X), each part 64-byte
  * aligned. */
+/* True when every one of the n zero points is a nibble (0..15), all the quantizers write.
+ * The ops take any uint8 zero point; the paths that subtract it in int8 or int32 lanes
+ * (2:4 + int4's fixed point and decompression, int4 weight-only's fixed-point GEMV) need a
+ * nibble, and a call with another takes a path that subtracts it in float. One OR over the
+ * [N, groups] bytes: a few us at 7B sizes, run only by the calls that would take them. */
+inline bool zeros_fit_nibble(const uint8_t* zeros, int64_t n) {
+  uint8_t any = 0;
+  for (int64_t i = 0; i < n; ++i) any |= zeros[i];
+  return any < 16;
+}
 inline bool int4wo_fx24_gemv_applies(int64_t M, int64_t K, int64_t G) {
   /* a 128-code block lies in one group, or (G = 64) in two whole ones */
   return M >= 1 && M <= 4 && K % 128 == 0 && (G == 64 || G % 128 == 0);
