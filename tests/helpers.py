@@ -291,6 +291,30 @@ def check_op(op: str, backend: str, isa: Optional[str], x, wargs: tuple, bias, m
     return actual
 
 
+# ----------------------------------------------------------------------- one quantized layer
+
+#: Every layer config, one pytest param each (the layers' own tests: autograd, LayerCall).
+LAYER_CONFIGS = [
+    pytest.param(pyquant.Int8WeightOnly(), id="int8_weight_only"),
+    pytest.param(pyquant.Int8Dynamic(), id="int8_dynamic"),
+    pytest.param(pyquant.Int4WeightOnly(group_size=32), id="int4_weight_only"),
+    pytest.param(pyquant.Int4Dynamic(group_size=32), id="int4_dynamic"),
+    pytest.param(pyquant.Sparse24(), id="sparse24"),
+    pytest.param(pyquant.Unstructured(0.5), id="unstructured"),
+    pytest.param(pyquant.Sparse24Int8WeightOnly(), id="sparse24_int8"),
+    pytest.param(pyquant.Sparse24Int4WeightOnly(group_size=64), id="sparse24_int4"),
+]
+
+
+def one_layer(config, k: int = 128, n: int = 24, bias: bool = True):
+    """The pyquant layer that ``config`` makes of a seeded nn.Linear(k, n)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=bias))
+    run = pyquant.sparsify_ if isinstance(config, pyquant.SparseConfig) else pyquant.quantize_
+    assert run(model, config).swapped == ["0"]
+    return model[0]
+
+
 # --------------------------------------------------------------------------- generators
 
 

@@ -10,26 +10,7 @@ import torch
 from torch import nn
 
 import pyquant
-
-CONFIGS = [
-    pytest.param(pyquant.Int8WeightOnly(), id="int8_weight_only"),
-    pytest.param(pyquant.Int8Dynamic(), id="int8_dynamic"),
-    pytest.param(pyquant.Int4WeightOnly(group_size=32), id="int4_weight_only"),
-    pytest.param(pyquant.Int4Dynamic(group_size=32), id="int4_dynamic"),
-    pytest.param(pyquant.Sparse24(), id="sparse24"),
-    pytest.param(pyquant.Unstructured(0.5), id="unstructured"),
-    pytest.param(pyquant.Sparse24Int8WeightOnly(), id="sparse24_int8"),
-    pytest.param(pyquant.Sparse24Int4WeightOnly(group_size=64), id="sparse24_int4"),
-]
-
-
-def _layer(config, k=128, n=24):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(k, n))
-    run = pyquant.sparsify_ if isinstance(config, pyquant.SparseConfig) else pyquant.quantize_
-    assert run(model, config).swapped == ["0"]
-    return model[0]
-
+from helpers import LAYER_CONFIGS, one_layer
 
 def _probe_weight(layer, k):
     """W [N, K] from the layer's outputs on the unit vectors e_k (exact codes for the
@@ -41,10 +22,10 @@ def _probe_weight(layer, k):
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3), (1,)], ids=["2d", "3d", "m1"])
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", LAYER_CONFIGS)
 def test_grad_of_x_and_bias(config, shape):
     k = 128
-    layer = _layer(config, k)
+    layer = one_layer(config, k)
     w = _probe_weight(layer, k)
     layer.bias.requires_grad_(True)
     x = torch.randn(*shape, k, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
@@ -56,12 +37,12 @@ def test_grad_of_x_and_bias(config, shape):
     torch.testing.assert_close(layer.bias.grad, g.reshape(-1, g.shape[-1]).sum(0))
 
 
-@pytest.mark.parametrize("config", CONFIGS[:4])
+@pytest.mark.parametrize("config", LAYER_CONFIGS[:4])
 def test_grad_in_bf16_and_through_a_model(config):
     """A bf16 model: the gradient comes back in bf16; and a trainable float layer in front
     of a quantized one learns (its weight gets a gradient, an optimizer step changes it)."""
     k = 128
-    layer = _layer(config, k)
+    layer = one_layer(config, k)
     w = _probe_weight(layer, k)
     x = torch.randn(4, k).bfloat16().requires_grad_(True)
     g = torch.randn(4, layer.out_features).bfloat16()
@@ -70,7 +51,7 @@ def test_grad_in_bf16_and_through_a_model(config):
     torch.testing.assert_close(x.grad.float(), g.float() @ w, rtol=2e-2, atol=2e-2)
 
     front = nn.Linear(16, k)
-    model = nn.Sequential(front, nn.ReLU(), _layer(config, k))
+    model = nn.Sequential(front, nn.ReLU(), one_layer(config, k))
     opt = torch.optim.SGD(front.parameters(), lr=0.1)
     before = front.weight.detach().clone()
     model(torch.randn(8, 16)).square().mean().backward()
@@ -79,7 +60,7 @@ def test_grad_in_bf16_and_through_a_model(config):
     assert not torch.equal(front.weight, before)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", LAYER_CONFIGS)
 def test_grad_by_blocks_of_rows(config, monkeypatch):
     """Every op dequantizes (and decompresses) W for the backward a block of output rows at a
     time (to bound its memory; the unstructured values cut at their row offsets): with blocks
@@ -89,7 +70,7 @@ def test_grad_by_blocks_of_rows(config, monkeypatch):
 
     k = 128
     for n in (24, 20):
-        layer = _layer(config, k, n)
+        layer = one_layer(config, k, n)
         w = _probe_weight(layer, k)
         x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
         g = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(5))

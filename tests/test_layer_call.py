@@ -11,32 +11,29 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
 import pyquant
 from pyquant import ops
-from helpers import native_available
+from helpers import LAYER_CONFIGS, native_available, one_layer
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="needs the native module")
 
-CONFIGS = [
-    pytest.param(pyquant.Int8WeightOnly(), id="int8_weight_only"),
-    pytest.param(pyquant.Int8Dynamic(), id="int8_dynamic"),
-    pytest.param(pyquant.Int4WeightOnly(group_size=32), id="int4_weight_only"),
-    pytest.param(pyquant.Int4Dynamic(group_size=32), id="int4_dynamic"),
-    pytest.param(pyquant.Sparse24(), id="sparse24"),
-    pytest.param(pyquant.Unstructured(sparsity=0.5), id="unstructured"),
-]
+def _layer(config, n=64, k=128):
+    return one_layer(config, k, n)  # N = 64: the panel layout where this CPU has it
 
 
-def _layer(config, n=64, k=128, bias=True):
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(k, n, bias=bias)).eval()
-    if isinstance(config, (pyquant.Sparse24, pyquant.Unstructured)):
-        pyquant.sparsify_(m, config)
-    else:
-        pyquant.quantize_(m, config)
-    return m[0]
+def _remembered(layer, x):
+    """Two calls (the second one the short way); the op remembered."""
+    layer(x)
+    layer(x)
+    return layer._layer_call.state[0]
+
+
+def _spy(monkeypatch, backend: str, op: str) -> list:
+    """A 1 for each call of ``backend``'s function for ``op`` (it still runs)."""
+    seen, real = [], ops._REGISTRY[backend].impls[op]
+    monkeypatch.setitem(ops._REGISTRY[backend].impls, op, lambda *a: seen.append(1) or real(*a))
+    return seen
 
 
 def _forward_args(layer, x):
@@ -64,7 +61,7 @@ def _whole_way(layer, x):
     return ops.call(op, x_, *args)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", LAYER_CONFIGS)
 def test_remembered_calls_equal_the_whole_way(config, whole_way_calls):
     layer = _layer(config)
     with torch.inference_mode():
@@ -118,13 +115,7 @@ def test_a_forced_backend_is_obeyed_after_remembering(monkeypatch):
     layer = _layer(pyquant.Int4WeightOnly(group_size=32))
     x = torch.randn(1, layer.in_features)
     with torch.inference_mode():
-        layer(x)
-        layer(x)
-        op = layer._layer_call.state[0]
-        calls = []
-        real = ops._REGISTRY["reference"].impls[op]
-        monkeypatch.setitem(ops._REGISTRY["reference"].impls, op,
-                            lambda *a: calls.append(1) or real(*a))
+        calls = _spy(monkeypatch, "reference", _remembered(layer, x))
         with pyquant.use_backend("reference"):
             layer(x)
         assert calls == [1]
@@ -219,12 +210,7 @@ def test_another_cpu_function_for_the_op_is_used(monkeypatch):
     layer = _layer(pyquant.Int8WeightOnly())
     x = torch.randn(1, layer.in_features)
     with torch.inference_mode():
-        layer(x)
-        layer(x)
-        op = layer._layer_call.state[0]
-        seen = []
-        real = ops._REGISTRY["cpu"].impls[op]
-        monkeypatch.setitem(ops._REGISTRY["cpu"].impls, op, lambda *a: seen.append(1) or real(*a))
+        seen = _spy(monkeypatch, "cpu", _remembered(layer, x))
         layer(x)
         layer(x)
     assert seen == [1, 1]
