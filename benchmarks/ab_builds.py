@@ -16,7 +16,11 @@ last-level cache.
 
 The cases call the C API directly (raw pointers, the caller's workspace), so the Python
 wrappers' overhead is not in the numbers. One thread by default: the kernel's own speed,
-without the second core's noise.
+without the second core's noise. With --threads 2 on a 2-core machine the two workers'
+OpenMP teams share the cores: run it with OMP_WAIT_POLICY=PASSIVE (else the idle worker's
+threads spin), and still read a build against itself first (it read 1.14-1.83 in a noisy
+hour). Both builds cannot be loaded into one process instead: CPython hands back the first
+extension module loaded under the name pyquant._C, whatever file the second one names.
 """
 from __future__ import annotations
 
@@ -140,27 +144,31 @@ def _cases(C, torch, formats, nt: int) -> dict:
         run.keep = work
         return run
 
-    def unstructured_bf16(n, k, copies, sparsity=0.7):
-        """Unstructured bf16 values (bitmask, 30% kept) at M = 1 with x of bf16 values (the
-        vdpbf16ps path); `copies` weights in turn, as int4_weight_only."""
+    def unstructured(n, k, copies, sparsity=0.7, m=1, values=torch.bfloat16, x_bf16=True):
+        """Unstructured values (bitmask, 30% kept) at batch m; bf16 values with x of bf16
+        values take the vdpbf16ps path, anything else the float loop; `copies` weights in
+        turn, as int4_weight_only."""
         from pyquant import sparse_formats
 
         isa = C.best_isa()
-        x = torch.randn(1, k).bfloat16().float()
-        out = torch.empty(1, n)
+        x = torch.randn(m, k)
+        if x_bf16:
+            x = x.bfloat16().float()
+        out = torch.empty(m, n)
+        code = {torch.bfloat16: C.DTYPE_BF16, torch.float32: C.DTYPE_F32}[values]
         ws = []
         for i in range(copies):
             gen = torch.Generator().manual_seed(n + k + i)
             w = torch.randn(n, k, generator=gen)
             keep = w.abs() >= w.abs().quantile(sparsity, dim=1, keepdim=True)
-            bm, vals, off = sparse_formats.compress_unstructured(w.bfloat16(), keep)
+            bm, vals, off = sparse_formats.compress_unstructured(w.to(values), keep)
             ws.append((bm, vals, off))
         calls = [0]
 
         def run():
             calls[0] += 1
             bm, v, off = ws[calls[0] % copies]
-            return C.sparse_unstructured_mm(isa, ptr(x), 1, k, k, ptr(bm), ptr(v), C.DTYPE_BF16,
+            return C.sparse_unstructured_mm(isa, ptr(x), m, k, k, ptr(bm), ptr(v), code,
                                             v.numel(), ptr(off), n, 0, ptr(out), nt)
         return run
 
@@ -210,8 +218,15 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "sparse24 int8 1x4096x11008": lambda: sparse24_quant(4096, 11008, 8, 40),
         "sparse24 int8 1x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40),
         # unstructured 70% bf16: 12 MB a weight (4096 x 4096) in turn; 0.8 MB (in L2)
-        "unstructured bf16 1x4096x4096": lambda: unstructured_bf16(4096, 4096, 30),
-        "unstructured bf16 L2 1x256x4096": lambda: unstructured_bf16(256, 4096, 1),
+        "unstructured bf16 1x4096x4096": lambda: unstructured(4096, 4096, 30),
+        "unstructured bf16 L2 1x256x4096": lambda: unstructured(256, 4096, 1),
+        # the float loop: fp32 values (an fp32 model's), and bf16 values against fp32 x
+        "unstructured fp32 1x4096x4096": lambda: unstructured(4096, 4096, 15, values=torch.float32,
+                                                              x_bf16=False),
+        "unstructured fp32 L2 1x128x4096": lambda: unstructured(128, 4096, 1, values=torch.float32,
+                                                                x_bf16=False),
+        "unstructured bf16 fp32-x 4x4096x4096": lambda: unstructured(4096, 4096, 30, m=4,
+                                                                     x_bf16=False),
     }
 
 

@@ -45,7 +45,7 @@ typedef enum {
   PQ_ISA_PORTABLE = 0,
   PQ_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
   PQ_ISA_AVX512_VNNI = 2, /* AVX512 F/BW/VL/DQ + VNNI */
-  PQ_ISA_AVX512_BF16 = 3, /* the above + AVX512-BF16/VBMI/VBMI2 + BMI2 (Zen 4 and later) */
+  PQ_ISA_AVX512_BF16 = 3, /* the above + AVX512-BF16/VBMI/VBMI2/BITALG + BMI2 (Zen 4 and later) */
   PQ_ISA_AVX512_AMX = 4,  /* the above + AMX-TILE/INT8/BF16, with the OS permission granted */
 } pq_isa;
 

@@ -46,7 +46,7 @@ def cpu_model_name() -> str:
 
 
 CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                "avx_vnni", "avx512_bf16", "avx512vbmi", "avx512_vbmi2", "amx_int8")
+                "avx_vnni", "avx512_bf16", "avx512vbmi", "avx512_vbmi2", "avx512_bitalg", "amx_int8")
 
 
 def cpu_features() -> list:

@@ -169,6 +169,45 @@ def test_unstructured_tails(backend, isa, k, density):
     _check("sparse_unstructured_mm", isa, activation((2, k)), (bm, vals.clone(), off))
 
 
+def _before_guard_page(t: torch.Tensor):
+    """A copy of `t` whose last byte is the last one before a page the process may not read
+    (PROT_NONE), and the mapping that holds it (keep it alive): a kernel that reads one
+    byte past the tensor faults."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    nbytes = t.numel() * t.element_size()
+    pages = (nbytes + page - 1) // page + 1
+    mm = mmap.mmap(-1, pages * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(base + (pages - 1) * page, page, 0) == 0  # PROT_NONE
+    start = (pages - 1) * page - nbytes
+    out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=start)
+    out.copy_(t.flatten())
+    return out.view(t.shape), mm
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("k", [63, 64, 65, 100, 1000])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unstructured_values_end_before_an_unreadable_page(backend, isa, k, density, vdtype):
+    """The runs of values the SIMD loops load near the end of the buffer are masked to it:
+    with the page after the last value unreadable, every path (bf16 values with bf16 x,
+    the float loop) still gives the reference's answer instead of a fault."""
+    w, (bm, vals, off) = random_sparse(6, k, density, seed=k, dtype=vdtype)
+    guarded, mm = _before_guard_page(vals)
+    for m in (1, 3):
+        for xdtype in (torch.bfloat16, torch.float32):
+            x = activation((m, k), xdtype, seed=m)
+            _check("sparse_unstructured_mm", isa, x, (bm, guarded, off))
+    del guarded
+    mm.close()
+
+
 @pytest.mark.parametrize("backend,isa", isa_params())
 @pytest.mark.parametrize("bf16_m1", [False, True], ids=["fp32", "bf16-m1"])
 def test_unstructured_corrupt_weights(backend, isa, bf16_m1):

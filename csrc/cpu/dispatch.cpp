@@ -17,14 +17,15 @@ namespace {
 /* AMX state is off for a Linux process until it asks (kernel >= 5.16). */
 int g_amx_permitted = -1; /* -1: not asked yet */
 
-/* The AVX512-BF16 build's extras: AVX512-VBMI byte permutes and VBMI2 16-bit expands
- * (leaf 7, ECX bits 1 and 6), BMI2 (EBX bit 8) and AVX512-BF16 (leaf 7, subleaf 1, EAX
- * bit 5). The OS state they need is the AVX512 one that cpu_has checks. */
+/* The AVX512-BF16 build's extras: AVX512-VBMI byte permutes, VBMI2 16-bit expands and
+ * BITALG 16-bit popcounts (leaf 7, ECX bits 1, 6 and 12), BMI2 (EBX bit 8) and
+ * AVX512-BF16 (leaf 7, subleaf 1, EAX bit 5). The OS state they need is the AVX512 one
+ * that cpu_has checks. */
 bool bf16_cpu() {
 #if defined(__x86_64__)
   unsigned a, b, c, d;
   __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-  const bool vbmi = (c & (1u << 1)) && (c & (1u << 6)) && (b & (1u << 8));
+  const bool vbmi = (c & (1u << 1)) && (c & (1u << 6)) && (c & (1u << 12)) && (b & (1u << 8));
   unsigned a1, b1, c1, d1;
   __asm__ volatile("cpuid" : "=a"(a1), "=b"(b1), "=c"(c1), "=d"(d1) : "a"(7), "c"(1));
   return vbmi && (a1 & (1u << 5));

@@ -611,6 +611,16 @@ inline __m512 load_run(const Vals<Kind>& v, int64_t o, unsigned cnt, bool room) 
 template <int Kind>
 inline __m512 expand_run(const Vals<Kind>& v, int64_t o, __mmask16 bits, bool room) {
   const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
+#if defined(__AVX512BITALG__)
+  /* Each lane's rank among the kept columns (a 16-bit popcount of the bits below it; the
+   * high word of each dword is 0), then one vpermps: a vexpandps whose mask changes every
+   * call costs ~5 cycles on Zen 4, a permute ~1 (see dot_unstructured_bf16). */
+  alignas(64) static const uint32_t kBelow[16] = {0,   1,    3,    7,    15,   31,   63,    127,
+                                                  255, 511, 1023, 2047, 4095, 8191, 16383, 32767};
+  const __m512i rank = _mm512_popcnt_epi16(
+      _mm512_and_si512(_mm512_set1_epi32((int)(unsigned)bits), _mm512_load_si512(kBelow)));
+  return _mm512_maskz_permutexvar_ps(bits, rank, load_run(v, o, cnt, room));
+#else
 #if defined(__AVX512VBMI2__) && defined(__BMI2__)
   if constexpr (Kind == kBF16) {
     /* bf16 value j to the high half of the j-th kept column's 32-bit lane: that lane
@@ -625,10 +635,11 @@ inline __m512 expand_run(const Vals<Kind>& v, int64_t o, __mmask16 bits, bool ro
   }
 #endif
   return _mm512_maskz_expand_ps(bits, load_run(v, o, cnt, room));
+#endif
 }
 
-/* AVX512: per 16 columns, load the run of popcount(bits) values and vexpandps
- * them to their columns (zeros elsewhere), then plain FMAs against x. The four
+/* AVX512: per 16 columns, load the run of popcount(bits) values and put them at
+ * their columns (zeros elsewhere: expand_run), then plain FMAs against x. The four
  * 16-column slices of a 64-bit mask word get their value offsets from prefix
  * popcounts, so they do not wait on each other, and each has its own
  * accumulators (a serial chain of 4 cycles per 64 columns instead of 16). */
@@ -656,9 +667,12 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
     const int64_t c1 = __builtin_popcountll(w & 0xFFFFull), c2 = __builtin_popcountll(w & 0xFFFFFFFFull),
                   c3 = __builtin_popcountll(w & 0xFFFFFFFFFFFFull);
     const int64_t k = 8 * i;
-    /* the next row's mask and values, one row ahead (rows follow each other) */
-    PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
-    PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + row_nnz));
+    /* the mask and values two rows ahead (rows follow each other; the next row's offset
+     * stands in for it). One row ahead is ~3 KB at K = 4096 and 70% pruned, less than a
+     * thread has in flight from memory: two rows ahead measured 1.03-1.12x (one and two
+     * threads, 4096 x 4096 from memory), four 0.9x. */
+    PQ_PREFETCH_NEXT_TILE(bm + 2 * ldb + i);
+    PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + 2 * row_nnz));
     slice(0, k, (__mmask16)w, o, full);
     if (full || k + 16 < K) slice(1, k + 16, (__mmask16)(w >> 16), o + c1, full);
     if (full || k + 32 < K) slice(2, k + 32, (__mmask16)(w >> 32), o + c2, full);
@@ -670,57 +684,95 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
                                                 _mm512_add_ps(acc[2][t], acc[3][t])));
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__) && defined(__AVX512BITALG__)
 #define PQ_UNSTRUCTURED_BF16_DOT 1
 /* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per
- * call to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns): per 32
- * columns one 16-bit expand puts the kept values at their columns and one vdpbf16ps
- * multiplies them by x and adds each pair of columns' products into a 32-bit lane, where
- * the fp32 path needs two expands, two bit deposits and two FMAs (the shuffle port bounds
- * both loops). Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16
- * inputs as zero and flushes subnormal sums (pq.h). */
+ * call to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns) in
+ * slice order: in each 32-column slice, 16-bit lane 2i holds column i and lane 2i + 1
+ * column 16 + i. That order lets the slice's 32 mask bits, broadcast to every dword,
+ * give each lane its own column's rank in one AND and one 16-bit popcount: lane 2i
+ * counts the bits of the low half below i (its value among the first 16 loaded at the
+ * slice's offset), lane 2i + 1 the bits of the high half below i (among 16 loaded at the
+ * offset plus the low half's count, the table's upper half). One vpermw then puts the
+ * kept values at their lanes and one vdpbf16ps multiplies them by x and adds each pair
+ * of lanes' products into a 32-bit lane. A vpexpandw did the placement in one
+ * instruction, but on Zen 4 one whose mask changes every call costs ~5 cycles (~2 for
+ * a permute); this loop took ~14 cycles per 64 columns with it and ~9 without (one
+ * thread, in L2). Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal
+ * bf16 inputs as zero and flushes subnormal sums (pq.h). */
 template <int T>
 inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const uint8_t* bm,
                                   int64_t K, int64_t o0, int64_t row_nnz, const uint16_t* xb,
                                   int64_t ldxb, float dot[T]) {
+  alignas(64) static const uint16_t kBelow[32] = {
+      0, 0, 1, 1, 3, 3, 7, 7, 15, 15, 31, 31, 63, 63, 127, 127, 255, 255, 511, 511,
+      1023, 1023, 2047, 2047, 4095, 4095, 8191, 8191, 16383, 16383, 32767, 32767};
+  alignas(64) static const uint16_t kBit[32] = {
+      1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 512, 512,
+      1024, 1024, 2048, 2048, 4096, 4096, 8192, 8192, 16384, 16384, 32768, 32768};
+  const __m512i below = _mm512_load_si512(kBelow), bit = _mm512_load_si512(kBit);
+  const __m512i upper = _mm512_set1_epi32(16 << 16); /* odd lanes index the table's upper half */
   const int64_t ldb = (K + 7) / 8;
   const uint16_t* v = (const uint16_t*)vals.p;
   __m512 acc[2][T];
   for (int s = 0; s < 2; ++s)
     for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
-  int64_t o = o0;
-  auto slice = [&](int s, int64_t k, __mmask32 bits, int64_t os) PQ_ALWAYS_INLINE {
-    const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
-    const __m512i run = os + 32 <= nnz ? _mm512_loadu_si512(v + os)
-                                       : _mm512_maskz_loadu_epi16((__mmask32)((1ull << cnt) - 1), v + os);
-    const __m512bh e = (__m512bh)_mm512_maskz_expand_epi16(bits, run);
+  /* 16 values from flat index o; masked to the `cnt` that are the slice's near the end of
+   * the buffer (room: 80 values remain from the word's first), so nothing past it is read */
+  auto load16 = [&](int64_t o, unsigned cnt, bool room) PQ_ALWAYS_INLINE {
+    return room ? _mm256_loadu_si256((const __m256i*)(v + o))
+                : _mm256_maskz_loadu_epi16((__mmask16)((1u << cnt) - 1), v + o);
+  };
+  /* bits: the slice's 32 mask bits; mp: where they are (room), broadcast from there as
+   * one load where a broadcast from a general register takes a vector uop more */
+  auto slice = [&](int s, int64_t k, uint32_t bits, const uint8_t* mp, int64_t os, bool room) PQ_ALWAYS_INLINE {
+    const unsigned lo = (unsigned)__builtin_popcount(bits & 0xFFFFu), hi = (unsigned)__builtin_popcount(bits >> 16);
+    const __m512i w = room ? _mm512_broadcastd_epi32(_mm_loadu_si32(mp)) : _mm512_set1_epi32((int)bits);
+    const __mmask32 kept = _mm512_test_epi16_mask(w, bit);
+    const __m512i idx = _mm512_or_si512(_mm512_popcnt_epi16(_mm512_and_si512(w, below)), upper);
+    const __m512i table =
+        _mm512_inserti64x4(_mm512_castsi256_si512(load16(os, lo, room)), load16(os + lo, hi, room), 1);
+    const __m512bh e = (__m512bh)_mm512_maskz_permutexvar_epi16(kept, idx, table);
     for (int t = 0; t < T; ++t)
       acc[s][t] = _mm512_dpbf16_ps(acc[s][t], e, (__m512bh)_mm512_loadu_si512(xb + t * ldxb + k));
   };
+  int64_t o = o0;
   for (int64_t i = 0; i < ldb; i += 8) {
     const uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
     const int64_t k = 8 * i;
-    /* the next row's mask and values, one row ahead (as dot_unstructured) */
-    PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
-    PQ_PREFETCH_NEXT_TILE(v + o + row_nnz);
-    slice(0, k, (__mmask32)w, o);
-    if (k + 32 < K) slice(1, k + 32, (__mmask32)(w >> 32), o + __builtin_popcountll(w & 0xFFFFFFFFull));
+    /* the mask and values two rows ahead (as dot_unstructured) */
+    PQ_PREFETCH_NEXT_TILE(bm + 4 * ldb + i);
+    PQ_PREFETCH_NEXT_TILE(v + o + 4 * row_nnz);
+    const int64_t o1 = o + __builtin_popcountll(w & 0xFFFFFFFFull);
+    if (o + 80 <= nnz && k + 64 <= K) {
+      slice(0, k, (uint32_t)w, bm + i, o, true);
+      slice(1, k + 32, (uint32_t)(w >> 32), bm + i + 4, o1, true);
+    } else {
+      slice(0, k, (uint32_t)w, nullptr, o, false);
+      if (k + 32 < K) slice(1, k + 32, (uint32_t)(w >> 32), nullptr, o1, false);
+    }
     o += __builtin_popcountll(w);
   }
   for (int t = 0; t < T; ++t) dot[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
 }
 
-/* Rows x[0..M) (bf16 values) -> bf16 rows of stride ldxb, zeros from K to ldxb. */
+/* Rows x[0..M) (bf16 values) -> bf16 rows of stride ldxb in slice order (see
+ * dot_unstructured_bf16: lane 2i column i, lane 2i + 1 column 16 + i of each 32), zeros
+ * from K to ldxb. */
 inline void narrow_rows_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xb,
                              int64_t ldxb) {
+  alignas(64) static const uint16_t kSliceOrder[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                       21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(kSliceOrder);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < ldxb; k += 32) {
       const __mmask16 lo = (__mmask16)(k + 16 <= K ? 0xFFFF : K > k ? (1u << (K - k)) - 1 : 0);
       const __mmask16 hi = (__mmask16)(k + 32 <= K ? 0xFFFF : K > k + 16 ? (1u << (K - k - 16)) - 1 : 0);
       const float* p = x + m * ldx + k;
-      _mm512_storeu_si512(xb + m * ldxb + k,
-                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + 16),
-                                                       _mm512_maskz_loadu_ps(lo, p)));
+      const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + 16),
+                                                    _mm512_maskz_loadu_ps(lo, p));
+      _mm512_storeu_si512(xb + m * ldxb + k, _mm512_permutexvar_epi16(order, b));
     }
 }
 #endif
