@@ -667,12 +667,11 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
     const int64_t c1 = __builtin_popcountll(w & 0xFFFFull), c2 = __builtin_popcountll(w & 0xFFFFFFFFull),
                   c3 = __builtin_popcountll(w & 0xFFFFFFFFFFFFull);
     const int64_t k = 8 * i;
-    /* the mask and values two rows ahead (rows follow each other; the next row's offset
-     * stands in for it). One row ahead is ~3 KB at K = 4096 and 70% pruned, less than a
-     * thread has in flight from memory: two rows ahead measured 1.03-1.12x (one and two
-     * threads, 4096 x 4096 from memory), four 0.9x. */
-    PQ_PREFETCH_NEXT_TILE(bm + 2 * ldb + i);
-    PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + 2 * row_nnz));
+    /* the next row's mask and values, one row ahead (rows follow each other). Further
+     * ahead measured 1.07-1.12x on one thread (4096 x 4096 from memory), but no better on
+     * two (pyquant bench, bf16 at M = 1: 0.79 against 0.71 ms, medians of 3 runs). */
+    PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
+    PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + row_nnz));
     slice(0, k, (__mmask16)w, o, full);
     if (full || k + 16 < K) slice(1, k + 16, (__mmask16)(w >> 16), o + c1, full);
     if (full || k + 32 < K) slice(2, k + 32, (__mmask16)(w >> 32), o + c2, full);
@@ -740,9 +739,9 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const ui
   for (int64_t i = 0; i < ldb; i += 8) {
     const uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
     const int64_t k = 8 * i;
-    /* the mask and values two rows ahead (as dot_unstructured) */
-    PQ_PREFETCH_NEXT_TILE(bm + 4 * ldb + i);
-    PQ_PREFETCH_NEXT_TILE(v + o + 4 * row_nnz);
+    /* the next row's mask and values, one row ahead (as dot_unstructured) */
+    PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
+    PQ_PREFETCH_NEXT_TILE(v + o + row_nnz);
     const int64_t o1 = o + __builtin_popcountll(w & 0xFFFFFFFFull);
     if (o + 80 <= nnz && k + 64 <= K) {
       slice(0, k, (uint32_t)w, bm + i, o, true);
