@@ -717,7 +717,8 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const ui
   for (int s = 0; s < 2; ++s)
     for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
   /* 16 values from flat index o; masked to the `cnt` that are the slice's near the end of
-   * the buffer (room: 80 values remain from the word's first), so nothing past it is read */
+   * the buffer, so nothing past it is read (room: 64 values remain from the word's first,
+   * enough for its four loads, which start at most 48 past it) */
   auto load16 = [&](int64_t o, unsigned cnt, bool room) PQ_ALWAYS_INLINE {
     return room ? _mm256_loadu_si256((const __m256i*)(v + o))
                 : _mm256_maskz_loadu_epi16((__mmask16)((1u << cnt) - 1), v + o);
@@ -743,7 +744,7 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const ui
     PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
     PQ_PREFETCH_NEXT_TILE(v + o + row_nnz);
     const int64_t o1 = o + __builtin_popcountll(w & 0xFFFFFFFFull);
-    if (o + 80 <= nnz && k + 64 <= K) {
+    if (o + 64 <= nnz && k + 64 <= K) {
       slice(0, k, (uint32_t)w, bm + i, o, true);
       slice(1, k + 32, (uint32_t)(w >> 32), bm + i + 4, o1, true);
     } else {
