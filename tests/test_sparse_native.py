@@ -190,22 +190,43 @@ def _before_guard_page(t: torch.Tensor):
     return out.view(t.shape), mm
 
 
+def _last_row_kept_to(n: int, k: int, kept: int, dtype):
+    """An unstructured weight of random rows whose last row keeps columns 0..kept-1: its
+    values end the buffer mid-word (kept = 48 of a 64-column word: a loop that loads 16
+    values past the word's first 48 without checking reads 16 past the end)."""
+    mask = torch.rand(n, k, generator=gen(k)) < 0.5
+    mask[-1] = False
+    mask[-1, :kept] = True
+    w = (torch.randn(n, k, generator=gen(k + 1)) * mask).to(dtype)
+    return sf.compress_unstructured(w, mask)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs POSIX mmap/mprotect")
 @pytest.mark.parametrize("backend,isa", isa_params())
-@pytest.mark.parametrize("k", [63, 64, 65, 100, 1000])
-@pytest.mark.parametrize("density", [0.3, 1.0])
+@pytest.mark.parametrize("case", ["random 63 0.3", "random 64 1.0", "random 65 0.3",
+                                  "random 100 1.0", "random 1000 0.3", "random 1000 1.0",
+                                  "last 64 48", "last 128 112", "last 100 90"])
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16], ids=str)
-def test_unstructured_values_end_before_an_unreadable_page(backend, isa, k, density, vdtype):
-    """The runs of values the SIMD loops load near the end of the buffer are masked to it:
-    with the page after the last value unreadable, every path (bf16 values with bf16 x,
-    the float loop) still gives the reference's answer instead of a fault."""
-    w, (bm, vals, off) = random_sparse(6, k, density, seed=k, dtype=vdtype)
-    guarded, mm = _before_guard_page(vals)
-    for m in (1, 3):
-        for xdtype in (torch.bfloat16, torch.float32):
-            x = activation((m, k), xdtype, seed=m)
-            _check("sparse_unstructured_mm", isa, x, (bm, guarded, off))
-    del guarded
-    mm.close()
+def test_unstructured_buffers_end_before_an_unreadable_page(backend, isa, case, vdtype):
+    """The loads of the SIMD loops near the end of the values and of the bitmask are masked
+    to them: with the page after the last value (and, separately, after the last mask byte)
+    unreadable, every path (bf16 values with bf16 x, the float loop) still gives the
+    reference's answer instead of a fault."""
+    kind, k, arg = case.split()
+    k = int(k)
+    if kind == "random":
+        _, (bm, vals, off) = random_sparse(6, k, float(arg), seed=k, dtype=vdtype)
+    else:
+        bm, vals, off = _last_row_kept_to(5, k, int(arg), vdtype)
+    guarded_vals, mv = _before_guard_page(vals)
+    guarded_bm, mb = _before_guard_page(bm)
+    for wargs in ((bm, guarded_vals, off), (guarded_bm, vals, off)):
+        for m in (1, 3):
+            for xdtype in (torch.bfloat16, torch.float32):
+                _check("sparse_unstructured_mm", isa, activation((m, k), xdtype, seed=m), wargs)
+    del guarded_vals, guarded_bm, wargs
+    mv.close()
+    mb.close()
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())

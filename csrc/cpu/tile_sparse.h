@@ -614,26 +614,14 @@ inline __m512 expand_run(const Vals<Kind>& v, int64_t o, __mmask16 bits, bool ro
 #if defined(__AVX512BITALG__)
   /* Each lane's rank among the kept columns (a 16-bit popcount of the bits below it; the
    * high word of each dword is 0), then one vpermps: a vexpandps whose mask changes every
-   * call costs ~5 cycles on Zen 4, a permute ~1 (see dot_unstructured_bf16). */
+   * call costs ~5 cycles on Zen 4, a masked permute 1-2 (see dot_unstructured_bf16). The
+   * builds without BITALG (plain AVX512) keep the expand. */
   alignas(64) static const uint32_t kBelow[16] = {0,   1,    3,    7,    15,   31,   63,    127,
                                                   255, 511, 1023, 2047, 4095, 8191, 16383, 32767};
   const __m512i rank = _mm512_popcnt_epi16(
       _mm512_and_si512(_mm512_set1_epi32((int)(unsigned)bits), _mm512_load_si512(kBelow)));
   return _mm512_maskz_permutexvar_ps(bits, rank, load_run(v, o, cnt, room));
 #else
-#if defined(__AVX512VBMI2__) && defined(__BMI2__)
-  if constexpr (Kind == kBF16) {
-    /* bf16 value j to the high half of the j-th kept column's 32-bit lane: that lane
-     * is then the value as fp32. One 16-bit expand does the widening and the
-     * placement, where widening, shifting and a 32-bit expand took three shuffle-port
-     * uops more (the port that bounds this loop). */
-    const uint16_t* p = (const uint16_t*)v.p + o;
-    const __m256i h = room ? _mm256_loadu_si256((const __m256i*)p)
-                           : _mm256_maskz_loadu_epi16((__mmask16)((1u << cnt) - 1), p);
-    const __mmask32 hi = (__mmask32)_pdep_u32((unsigned)bits, 0xAAAAAAAAu);
-    return _mm512_castsi512_ps(_mm512_maskz_expand_epi16(hi, _mm512_castsi256_si512(h)));
-  }
-#endif
   return _mm512_maskz_expand_ps(bits, load_run(v, o, cnt, room));
 #endif
 }
@@ -667,9 +655,10 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
     const int64_t c1 = __builtin_popcountll(w & 0xFFFFull), c2 = __builtin_popcountll(w & 0xFFFFFFFFull),
                   c3 = __builtin_popcountll(w & 0xFFFFFFFFFFFFull);
     const int64_t k = 8 * i;
-    /* the next row's mask and values, one row ahead (rows follow each other). Further
-     * ahead measured 1.07-1.12x on one thread (4096 x 4096 from memory), but no better on
-     * two (pyquant bench, bf16 at M = 1: 0.79 against 0.71 ms, medians of 3 runs). */
+    /* the next row's mask and values, one row ahead (rows follow each other). Four rows
+     * ahead measured 1.07-1.12x on one thread (4096 x 4096 from memory) but slower on two
+     * (pyquant bench, bf16 at M = 1: 0.79 ms against 0.71 ms one row ahead, medians of 3
+     * alternated runs on a noisy machine). */
     PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
     PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + row_nnz));
     slice(0, k, (__mmask16)w, o, full);
@@ -695,8 +684,8 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
  * offset plus the low half's count, the table's upper half). One vpermw then puts the
  * kept values at their lanes and one vdpbf16ps multiplies them by x and adds each pair
  * of lanes' products into a 32-bit lane. A vpexpandw did the placement in one
- * instruction, but on Zen 4 one whose mask changes every call costs ~5 cycles (~2 for
- * a permute); this loop took ~14 cycles per 64 columns with it and ~9 without (one
+ * instruction, but on Zen 4 one whose mask changes every call costs ~5 cycles (1-2 for
+ * a masked permute); this loop took ~14 cycles per 64 columns with it and ~9 without (one
  * thread, in L2). Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal
  * bf16 inputs as zero and flushes subnormal sums (pq.h). */
 template <int T>
@@ -727,7 +716,7 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const ui
    * one load where a broadcast from a general register takes a vector uop more */
   auto slice = [&](int s, int64_t k, uint32_t bits, const uint8_t* mp, int64_t os, bool room) PQ_ALWAYS_INLINE {
     const unsigned lo = (unsigned)__builtin_popcount(bits & 0xFFFFu), hi = (unsigned)__builtin_popcount(bits >> 16);
-    const __m512i w = room ? _mm512_broadcastd_epi32(_mm_loadu_si32(mp)) : _mm512_set1_epi32((int)bits);
+    const __m512i w = _mm512_set1_epi32((int)(room ? load_u32(mp) : bits));
     const __mmask32 kept = _mm512_test_epi16_mask(w, bit);
     const __m512i idx = _mm512_or_si512(_mm512_popcnt_epi16(_mm512_and_si512(w, below)), upper);
     const __m512i table =
