@@ -4,6 +4,8 @@ those it does not), non-canonical 2:4 meta bytes, multi-threaded tiles, and weig
 arguments that are inconsistent: a clear error, never a crash or a read out of bounds."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -201,7 +203,7 @@ def _last_row_kept_to(n: int, k: int, kept: int, dtype):
     return sf.compress_unstructured(w, mask)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs POSIX mmap/mprotect")
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX mmap/mprotect")
 @pytest.mark.parametrize("backend,isa", isa_params())
 @pytest.mark.parametrize("case", ["random 63 0.3", "random 64 1.0", "random 65 0.3",
                                   "random 100 1.0", "random 1000 0.3", "random 1000 1.0",

@@ -695,10 +695,8 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const ui
   alignas(64) static const uint16_t kBelow[32] = {
       0, 0, 1, 1, 3, 3, 7, 7, 15, 15, 31, 31, 63, 63, 127, 127, 255, 255, 511, 511,
       1023, 1023, 2047, 2047, 4095, 4095, 8191, 8191, 16383, 16383, 32767, 32767};
-  alignas(64) static const uint16_t kBit[32] = {
-      1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 512, 512,
-      1024, 1024, 2048, 2048, 4096, 4096, 8192, 8192, 16384, 16384, 32768, 32768};
-  const __m512i below = _mm512_load_si512(kBelow), bit = _mm512_load_si512(kBit);
+  const __m512i below = _mm512_load_si512(kBelow);
+  const __m512i bit = _mm512_add_epi16(below, _mm512_set1_epi16(1)); /* a lane's own column */
   const __m512i upper = _mm512_set1_epi32(16 << 16); /* odd lanes index the table's upper half */
   const int64_t ldb = (K + 7) / 8;
   const uint16_t* v = (const uint16_t*)vals.p;
