@@ -114,33 +114,42 @@ def _cases(C, torch, formats, nt: int) -> dict:
         return lambda: (work, C.int4_dynamic_mm(isa, ptr(xq), ptr(xs), m, k, ptr(p), n, ptr(s),
                                                 ptr(z), g, 0, ptr(out), wa, nb, nt))[1]
 
-    def sparse24_quant(n, k, bits, copies, g=128):
-        """2:4 + int8 (bits 8) or + int4 group g (bits 4) at M = 1, fp32 x (the fixed-point
-        decode path); `copies` weights in turn, as int4_weight_only."""
+    def sparse24_quant(n, k, bits, copies, g=128, m=1, panels=False):
+        """2:4 + int8 (bits 8) or + int4 group g (bits 4) at batch m, fp32 x (the fixed-point
+        decode path); `copies` weights in turn, as int4_weight_only. panels: values and meta
+        in the 4-row panels the layers keep (pyquant/sparse_panels.py; builds that have them)."""
         from pyquant import sparse_formats
         isa = C.best_isa()
-        x = torch.randn(1, k)
-        out = torch.empty(1, n)
-        nb = C.sparse24_workspace_bytes(isa, 1, k)
+        x = torch.randn(m, k)
+        out = torch.empty(m, n)
+        nb = (C.sparse24_panels_workspace_bytes if panels else C.sparse24_workspace_bytes)(
+            isa, m, k)
         work, wa = workspace(nb)
         ws = []
         for i in range(copies):
             gen = torch.Generator().manual_seed(n + k + i)
             vals, meta = sparse_formats.compress_24(torch.randn(n, k, generator=gen))
-            ws.append((sparse_formats.quantize_24_int8(vals) if bits == 8 else
-                       sparse_formats.quantize_24_int4(vals, g)) + (meta,))
+            v, *rest = (sparse_formats.quantize_24_int8(vals) if bits == 8 else
+                        sparse_formats.quantize_24_int4(vals, g))
+            if panels:
+                pv, pm = torch.empty_like(v), torch.empty_like(meta)
+                C.pack_sparse24_panels(isa, bits, 0, ptr(v), ptr(meta), n, k, ptr(pv), ptr(pm), 1)
+                v, meta = pv, pm
+            ws.append((v, *rest, meta))
         calls = [0]
+        mm8 = C.sparse24_int8_panels_mm if panels else C.sparse24_int8_mm
+        mm4 = C.sparse24_int4_panels_mm if panels else C.sparse24_int4_mm
 
         def run():
             calls[0] += 1
             w = ws[calls[0] % copies]
             if bits == 8:
                 q, s, meta = w
-                return C.sparse24_int8_mm(isa, ptr(x), 1, k, k, ptr(q), ptr(meta), n, ptr(s), 0,
-                                          ptr(out), nt, wa, nb)
+                return mm8(isa, ptr(x), m, k, k, ptr(q), ptr(meta), n, ptr(s), 0, ptr(out), nt,
+                           wa, nb)
             p, s, z, meta = w
-            return C.sparse24_int4_mm(isa, ptr(x), 1, k, k, ptr(p), ptr(meta), n, ptr(s),
-                                      ptr(z), g, 0, ptr(out), nt, wa, nb)
+            return mm4(isa, ptr(x), m, k, k, ptr(p), ptr(meta), n, ptr(s), ptr(z), g, 0,
+                       ptr(out), nt, wa, nb)
         run.keep = work
         return run
 
@@ -217,6 +226,19 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "sparse24 int4 g128 1x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 50),
         "sparse24 int8 1x4096x11008": lambda: sparse24_quant(4096, 11008, 8, 40),
         "sparse24 int8 1x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40),
+        # the same on the 4-row panels of the layers (AVX512-BF16 and AMX builds from the
+        # panels' introduction on), at decode and at a small batch
+        "sparse24 int4 panels g128 1x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 50,
+                                                                        panels=True),
+        "sparse24 int8 panels 1x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40, panels=True),
+        "sparse24 int4 panels g128 8x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 50, m=8,
+                                                                        panels=True),
+        "sparse24 int4 panels g128 L2 1x256x4096": lambda: sparse24_quant(256, 4096, 4, 1,
+                                                                          panels=True),
+        # the decode loops alone: 0.4-0.6 MB a weight, in L2
+        "sparse24 int4 g128 L2 1x256x4096": lambda: sparse24_quant(256, 4096, 4, 1),
+        "int4wo g128 fp32-x L2 1x256x4096": lambda: int4_weight_only(1, 256, 4096, 128, 1,
+                                                                    x_fp32=True),
         # unstructured 70% bf16: 12 MB a weight (4096 x 4096) in turn; 0.8 MB (in L2)
         "unstructured bf16 1x4096x4096": lambda: unstructured(4096, 4096, 30),
         "unstructured bf16 L2 1x256x4096": lambda: unstructured(256, 4096, 1),
@@ -284,7 +306,7 @@ def main() -> None:
         p.stdin.flush()
         return float(p.stdout.readline())
 
-    print(f"{'case':34} {'A min/q1 ms':>16} {'B min/q1 ms':>16}  A/B (min, q1)")
+    print(f"{'case':34} {'A min/q1 ms':>18} {'B min/q1 ms':>18}  A/B (min, q1)")
     q = args.reps // 4
     for i, name in enumerate(names):
         ta, tb = [], []
@@ -293,7 +315,7 @@ def main() -> None:
             tb.append(call(procs[1], i))
         ta.sort()
         tb.sort()
-        print(f"{name:34} {ta[0] * 1e3:7.2f}/{ta[q] * 1e3:7.2f}  {tb[0] * 1e3:7.2f}/{tb[q] * 1e3:7.2f}"
+        print(f"{name:34} {ta[0] * 1e3:8.3f}/{ta[q] * 1e3:8.3f}  {tb[0] * 1e3:8.3f}/{tb[q] * 1e3:8.3f}"
               f"  {ta[0] / tb[0]:.2f}, {ta[q] / tb[q]:.2f}", flush=True)
     for p in procs:
         p.stdin.close()

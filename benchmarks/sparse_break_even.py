@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from pyquant import _native
+from pyquant import _native, sparse_panels
 from pyquant.bench import median_ms
 from pyquant import sparse_formats as sf
 
@@ -33,8 +33,12 @@ def weights(n: int, k: int) -> dict:
     p4, s4, z4 = sf.quantize_24_int4(v, 128)
     keep = w.abs() > w.abs().flatten().kthvalue(int(0.7 * w.numel())).values
     bm, vu, off = sf.compress_unstructured((w * keep).bfloat16(), keep)
-    return dict(v=v.bfloat16(), meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, off=off,
-                k=k)
+    d = dict(v=v.bfloat16(), meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, off=off,
+             k=k)
+    if sparse_panels.layout_applies(n, k, "cpu", 128):  # what the int8/int4 layers keep here
+        d["q_pv"], d["q_pm"] = sparse_panels.pack(q, meta, 8)
+        d["p4_pv"], d["p4_pm"] = sparse_panels.pack(p4, meta, 4)
+    return d
 
 
 def decompressions(t: dict) -> dict:
@@ -60,6 +64,13 @@ def ops(t: dict) -> dict:
         "unstructured bf16 x": (("sparse_unstructured_mm", "bf16"),
                                 lambda x: _native.sparse_unstructured_mm(
                                     x.bfloat16(), t["bm"], t["vu"], t["off"])),
+        **({"sparse24_int8_mm_panels": (("sparse24_int8_mm_panels", "fp32"),
+                                         lambda x: _native.sparse24_int8_mm_panels(
+                                             x, t["q_pv"], t["q_pm"], t["s8"])),
+            "sparse24_int4_mm_panels g128": (("sparse24_int4_mm_panels", "fp32"),
+                                             lambda x: _native.sparse24_int4_mm_panels(
+                                                 x, t["p4_pv"], t["p4_pm"], t["s4"], t["z4"],
+                                                 128))} if "q_pv" in t else {}),
     }
 
 
@@ -92,9 +103,10 @@ def main(argv=None) -> int:
             for m in ms:
                 x = torch.randn(m, k)
                 try:
-                    _native.sparse_dense_min_m = lambda: {kk: 1 << 30 for kk in saved}
+                    keys = set(saved) | {key}
+                    _native.sparse_dense_min_m = lambda: {kk: 1 << 30 for kk in keys}
                     sparse = median_ms(lambda: fn(x), a.reps)
-                    _native.sparse_dense_min_m = lambda: {kk: 1 for kk in saved}
+                    _native.sparse_dense_min_m = lambda: {kk: 1 for kk in keys}
                     dense = median_ms(lambda: fn(x), a.reps)
                 finally:
                     _native.sparse_dense_min_m = table

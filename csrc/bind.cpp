@@ -344,6 +344,59 @@ PYBIND11_MODULE(_C, m) {
         py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
         py::arg("work") = 0, py::arg("work_bytes") = 0, gil_release());
 
+  m.def("sparse24_panels_workspace_bytes", &pq_sparse24_panels_workspace_bytes, py::arg("isa"),
+        py::arg("M"), py::arg("K"));
+  m.def("sparse24_int8_panels_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values_q,
+           uintptr_t meta, int64_t N, uintptr_t scale, uintptr_t bias, uintptr_t out,
+           int n_threads, uintptr_t work, int64_t work_bytes) {
+          return pq_sparse24_int8_panels_mm(isa, ptr<const float>(x), M, K, ldx,
+                                            ptr<const int8_t>(values_q), ptr<const uint8_t>(meta),
+                                            N, ptr<const float>(scale), ptr<const float>(bias),
+                                            ptr<float>(out), n_threads, ptr<void>(work),
+                                            work_bytes);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("values_q"), py::arg("meta"), py::arg("N"), py::arg("scale"), py::arg("bias"),
+        py::arg("out"), py::arg("n_threads"), py::arg("work") = 0, py::arg("work_bytes") = 0,
+        gil_release());
+  m.def("sparse24_int4_panels_mm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t codes,
+           uintptr_t meta, int64_t N, uintptr_t scales, uintptr_t zeros, int64_t group_size,
+           uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work, int64_t work_bytes) {
+          return pq_sparse24_int4_panels_mm(isa, ptr<const float>(x), M, K, ldx,
+                                            ptr<const uint8_t>(codes), ptr<const uint8_t>(meta),
+                                            N, ptr<const float>(scales),
+                                            ptr<const uint8_t>(zeros), group_size,
+                                            ptr<const float>(bias), ptr<float>(out), n_threads,
+                                            ptr<void>(work), work_bytes);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("codes"), py::arg("meta"), py::arg("N"), py::arg("scales"), py::arg("zeros"),
+        py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
+        py::arg("work") = 0, py::arg("work_bytes") = 0, gil_release());
+  m.def("sparse24_panels_decompress",
+        [](int isa, int bits, uintptr_t values, uintptr_t meta, int64_t N, int64_t K,
+           uintptr_t zeros, int64_t group_size, uintptr_t out, int n_threads) {
+          return pq_sparse24_panels_decompress(isa, bits, ptr<const uint8_t>(values),
+                                               ptr<const uint8_t>(meta), N, K,
+                                               ptr<const uint8_t>(zeros), group_size,
+                                               ptr<uint8_t>(out), n_threads);
+        },
+        py::arg("isa"), py::arg("bits"), py::arg("values"), py::arg("meta"), py::arg("N"),
+        py::arg("K"), py::arg("zeros"), py::arg("group_size"), py::arg("out"),
+        py::arg("n_threads"), gil_release());
+  m.def("pack_sparse24_panels",
+        [](int isa, int bits, int unpack, uintptr_t values, uintptr_t meta, int64_t N, int64_t K,
+           uintptr_t panel_values, uintptr_t panel_meta, int n_threads) {
+          return pq_pack_sparse24_panels(isa, bits, unpack, ptr<uint8_t>(values),
+                                         ptr<uint8_t>(meta), N, K, ptr<uint8_t>(panel_values),
+                                         ptr<uint8_t>(panel_meta), n_threads);
+        },
+        py::arg("isa"), py::arg("bits"), py::arg("unpack"), py::arg("values"), py::arg("meta"),
+        py::arg("N"), py::arg("K"), py::arg("panel_values"), py::arg("panel_meta"),
+        py::arg("n_threads"), gil_release());
+
   m.def("sparse_unstructured_mm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bitmask,
            uintptr_t values, int values_dtype, int64_t nnz, uintptr_t row_offsets, int64_t N,

@@ -191,6 +191,22 @@ def check_sparse24_int4_mm(op: str, x, packed, meta, scales, zeros, group_size, 
     check_same_device(op, x, packed=packed, meta=meta, scales=scales, zeros=zeros, bias=bias)
 
 
+def check_sparse24_panels(op: str, values, group_size=None) -> None:
+    """A 2:4 + int8 / int4 weight in the CPU 4-row panel layout (pyquant/sparse_panels.py),
+    after the canonical op's checks: N % 4 == 0, K % 128 == 0, K <= 32768, int4 G % 32 == 0."""
+    from . import sparse_panels
+
+    n = values.shape[0]
+    k = values.shape[1] * (2 if values.dtype == torch.int8 else 4)
+    if not sparse_panels.shape_ok(n, k) or (group_size is not None and group_size % 32):
+        raise ValueError(
+            f"{op}: panels [N={n}, K={k}]{'' if group_size is None else f', group_size={group_size}'}"
+            f" need N a multiple of {sparse_panels.ROWS}, K a multiple of "
+            f"{sparse_panels.K_ALIGN} up to {sparse_panels.MAX_K}"
+            f"{'' if group_size is None else ' and group_size a multiple of 32'}; other sizes "
+            f"keep the canonical weight and run {op[:-len('_panels')]}")
+
+
 def check_sparse_unstructured_mm(op: str, x, bitmask, values, row_offsets, bias) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"{op}: x must be a tensor [..., K], got {getattr(x, 'shape', x)!r}")

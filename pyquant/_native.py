@@ -542,7 +542,10 @@ def _value_dtype(values: torch.Tensor) -> int:
 SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
                       ("sparse24_int8_mm", "fp32"): 16, ("sparse24_int4_mm", "fp32"): 16,
                       ("sparse_unstructured_mm", "bf16"): 16,
-                      ("sparse_unstructured_mm", "fp32"): 32}
+                      ("sparse_unstructured_mm", "fp32"): 32,
+                      # the 4-row panels (pyquant/sparse_panels.py; AVX512-BF16 and AMX only)
+                      ("sparse24_int8_mm_panels", "fp32"): 16,
+                      ("sparse24_int4_mm_panels", "fp32"): 16}
 # Where the break-even of a CPU level differs. avx512_bf16, measured on a 2-core Zen 4 (EPYC), 2
 # threads, 4096 x 4096 / 4096 x 11008 (benchmarks/sparse_break_even.py --ms 4,8,12,16 and
 # --ms 12,16,24,32,48), with the dense paths of now: the dense int8/int4 kernels on fixed-point
@@ -558,10 +561,17 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 #   unstructured 70%, bf16 x: 0.52 / 1.38 at 4, 0.91 / 2.21 at 8, 2.80 / 2.92 at 12
 # (An earlier run, before the fixed-point tiles and the panels, kept the int8/int4 gathers
 # ahead up to M = 63, the 2:4 bf16 one up to 31 and the unstructured one up to 15.)
+# The 2:4 + int8 / int4 layers keep 4-row panels on this level (pyquant/sparse_panels.py), whose
+# kernels run fixed-point int8 dot products up to M = 32 and decompress straight from the
+# panels; same script, same machine (sparse / dense, 4096 x 4096 / 4096 x 11008):
+#   int8 panels:    0.87 / 0.45 at 8, 0.85 / 0.71 at 16, 0.92 / 0.95 at 24, 1.01 / 1.03 at 32
+#   int4 g128 panels: 0.87 / 0.69 at 8, 1.01 / 0.91 at 16, 1.07 / 1.00 at 24, 1.15 / 1.15 at 32
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
-                    ("sparse_unstructured_mm", "bf16"): 8},
+                    ("sparse_unstructured_mm", "bf16"): 8,
+                    ("sparse24_int8_mm_panels", "fp32"): 32,
+                    ("sparse24_int4_mm_panels", "fp32"): 24},
 }
 
 
@@ -823,6 +833,7 @@ def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
 # they are this module's functions as far as the dispatch table (ops.py) is concerned.
 from ._native_panels import (  # noqa: E402
     _run_int4_dynamic_mm_panels, _run_int4_weight_only_mm_panels, _run_int8_dynamic_mm_panels,
-    _run_int8_weight_only_mm_panels, int4_codes_mm_panels, int4_dynamic_mm_panels,
-    int4_weight_only_mm_panels, int8_codes_mm_panels, int8_dynamic_mm_panels,
-    int8_weight_only_mm_panels)
+    _run_int8_weight_only_mm_panels, _run_sparse24_int4_mm_panels, _run_sparse24_int8_mm_panels,
+    int4_codes_mm_panels, int4_dynamic_mm_panels, int4_weight_only_mm_panels,
+    int8_codes_mm_panels, int8_dynamic_mm_panels, int8_weight_only_mm_panels,
+    sparse24_int4_mm_panels, sparse24_int8_mm_panels)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, panels
+from . import _checks, panels, sparse_panels
 from ._native import (
     _NOT_FIXED_POINT, _bias_f32, _check_codes, _finish, _flat, _int4_codes_mm,
     _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes, _run_dynamic,
-    _run_int4_weight_only_mm, _run_int8_weight_only_mm, _threads, _work, current_isa,
-    has_panel_kernels, module)
+    _run_int4_weight_only_mm, _run_int8_weight_only_mm, _run_sparse24_int4_mm,
+    _run_sparse24_int8_mm, _scratch, _threads, _work, current_isa, has_panel_kernels,
+    int8_weight_only_mm, module, sparse_dense_reason)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -170,3 +171,123 @@ def int4_codes_mm_panels(xq, x_scale, codes, scales, zeros, group_size, bias=Non
                                  scales, zeros, group_size, bias)
     return _run_codes(xq, x_scale, codes.shape[0], _int4_panels_codes_mm, codes, scales, zeros,
                       group_size, bias)
+
+
+# ------------------------------------------------------------------- 2:4 + int8 / int4
+
+
+def _sparse24_rows(values: torch.Tensor, meta: torch.Tensor, bits: int) -> tuple:
+    """The canonical (values, meta) of 4-row panels, in per-thread scratch where the native
+    unpacker runs (they live for one call), else new tensors (sparse_panels.unpack)."""
+    isa = current_isa()
+    if not sparse_panels.has_kernels(isa):
+        return sparse_panels.unpack(values, meta, bits)
+    n, nb = values.shape[0], values.numel()
+    k = values.shape[1] * (2 if bits == 8 else 4)
+    v, m = values.contiguous(), meta.contiguous()
+    rv = _work(("sparse24_rows", bits), nb, cap=False)[:nb].view(v.dtype).view(v.shape)
+    rm = _work("sparse24_rows_meta", m.numel(), cap=False)[:m.numel()].view(m.shape)
+    st = module().pack_sparse24_panels(isa, bits, 1, _ptr(rv), _ptr(rm), n, k, _ptr(v), _ptr(m),
+                                       _threads())
+    if st:
+        _raise("pack_sparse24_panels", st, N=n, K=k)
+    return rv, rm
+
+
+def _sparse24_dense(values: torch.Tensor, meta: torch.Tensor, bits: int, zeros=None,
+                    group_size: int = 0):
+    """The dense weight of 4-row panels (pq_sparse24_panels_decompress), in scratch: int8 [N, K]
+    (bits 8) or dense int4 codes [N, K/2] (bits 4), or None where it cannot be written (a
+    group's positions not increasing, an int4 zero point past 15)."""
+    n = values.shape[0]
+    k = values.shape[1] * (2 if bits == 8 else 4)
+    v, m = values.contiguous(), meta.contiguous()
+    z = None if zeros is None else zeros.contiguous()
+    out = (_scratch(torch.int8, n, k) if bits == 8 else _scratch(torch.uint8, n, k // 2))
+    st = module().sparse24_panels_decompress(current_isa(), bits, _ptr(v), _ptr(m), n, k,
+                                             _ptr(z), group_size, _ptr(out), _threads())
+    return None if st else out
+
+
+def _run_sparse24_panels(op: str, x, values, meta, bits: int, rows, call, dense):
+    """A 2:4 panels op. Below the op's dense break-even on an ISA with the panel kernels,
+    call(isa, x rows, M, out, work, work bytes) runs the native kernel and returns its status;
+    from it, dense() runs the dense path on the weight decompressed from the panels (None:
+    it cannot be); otherwise rows(values, meta) runs the canonical op on the unpacked weight."""
+    n = values.shape[0]
+    k = values.shape[1] * (2 if bits == 8 else 4)
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    isa = current_isa()
+    if sparse_panels.has_kernels(isa):
+        if m and n and sparse_dense_reason(op, m):
+            y = dense()
+            if y is not None:
+                return y
+        else:
+            out = torch.empty((m, n), dtype=torch.float32)
+            if m and n:
+                xf = _rows_f32(x2)
+                nwork = module().sparse24_panels_workspace_bytes(isa, m, k)
+                work = _work("sparse_fx", max(nwork, 64))
+                st = call(isa, xf, m, out, work, nwork)
+                if st:
+                    _raise(op, st, M=m, N=n, K=k)
+            return out.to(x.dtype).reshape(*lead, n)
+    return rows(*_sparse24_rows(values, meta, bits))
+
+
+def _run_sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
+    n, k = values_q.shape[0], values_q.shape[1] * 2
+
+    def call(isa, xf, m, out, work, nwork):
+        # every tensor whose address crosses over is held in a name until the call returns
+        v, mt, s, b = values_q.contiguous(), meta.contiguous(), scale.contiguous(), _bias_f32(bias)
+        return module().sparse24_int8_panels_mm(isa, _ptr(xf), m, k, xf.stride(0), _ptr(v),
+                                                _ptr(mt), n, _ptr(s), _ptr(b), _ptr(out),
+                                                _threads(), _ptr(work), nwork)
+
+    def dense():
+        wq = _sparse24_dense(values_q, meta, 8)
+        return None if wq is None else int8_weight_only_mm(x, wq, scale, bias)
+
+    return _run_sparse24_panels(
+        "sparse24_int8_mm_panels", x, values_q, meta, 8,
+        lambda v, mt: _run_sparse24_int8_mm(x, v, mt, scale, bias), call, dense)
+
+
+def sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
+    _checks.check_sparse24_int8_mm("sparse24_int8_mm_panels", x, values_q, meta, scale, bias)
+    _checks.check_sparse24_panels("sparse24_int8_mm_panels", values_q)
+    _require_cpu("sparse24_int8_mm_panels", x)
+    return _run_sparse24_int8_mm_panels(x, values_q, meta, scale, bias)
+
+
+def _run_sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bias=None):
+    n, k = packed.shape[0], packed.shape[1] * 4
+
+    def call(isa, xf, m, out, work, nwork):
+        p, mt, b = packed.contiguous(), meta.contiguous(), _bias_f32(bias)
+        sc, zp = scales.contiguous(), zeros.contiguous()
+        return module().sparse24_int4_panels_mm(isa, _ptr(xf), m, k, xf.stride(0), _ptr(p),
+                                                _ptr(mt), n, _ptr(sc), _ptr(zp), group_size,
+                                                _ptr(b), _ptr(out), _threads(), _ptr(work),
+                                                nwork)
+
+    def dense():  # dense int4 codes: the int4 weight-only kernels, group size 2G over K
+        w = _sparse24_dense(packed, meta, 4, zeros, group_size)
+        return None if w is None else _run_int4_weight_only_mm(
+            x, w, scales.contiguous(), zeros.contiguous(), 2 * group_size, bias)
+
+    return _run_sparse24_panels(
+        "sparse24_int4_mm_panels", x, packed, meta, 4,
+        lambda p, mt: _run_sparse24_int4_mm(x, p, mt, scales, zeros, group_size, bias), call,
+        dense)
+
+
+def sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bias=None):
+    _checks.check_sparse24_int4_mm("sparse24_int4_mm_panels", x, packed, meta, scales, zeros,
+                                   group_size, bias)
+    _checks.check_sparse24_panels("sparse24_int4_mm_panels", packed, group_size)
+    _require_cpu("sparse24_int4_mm_panels", x)
+    return _run_sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bias)

@@ -44,7 +44,7 @@ BANDWIDTH_FLOOR = 0.75
 
 
 def _bytes(*ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
 def _unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -59,6 +59,7 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
     are cast to bf16 first where the dense baseline does (F.linear[bf16]), so both sides
     pay the same conversion."""
     from . import ops  # noqa: F401  registers torch.ops.pyquant
+    from . import sparse_panels
     from .bench import Impl
 
     op = torch.ops.pyquant
@@ -67,15 +68,21 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
     def make_24_bf16(w):
         return sf.compress_24(w.to(bf16))
 
+    # what the 2:4 + int8 / int4 layers keep: the CPU 4-row panels where this CPU's kernels
+    # take them (pyquant/sparse_panels.py), and the op that multiplies them (last entry)
     def make_24_int8(w):
         v, meta = sf.compress_24(w)
         q, s = sf.quantize_24_int8(v)
-        return q, meta, s
+        if sparse_panels.layout_applies(*w.shape, w.device):
+            return (*sparse_panels.pack(q, meta, 8), s, op.sparse24_int8_mm_panels)
+        return q, meta, s, op.sparse24_int8_mm
 
     def make_24_int4(w):
         v, meta = sf.compress_24(w)
         p, s, z = sf.quantize_24_int4(v, group_size)
-        return p, meta, s, z
+        if sparse_panels.layout_applies(*w.shape, w.device, group_size):
+            return (*sparse_panels.pack(p, meta, 4), s, z, op.sparse24_int4_mm_panels)
+        return p, meta, s, z, op.sparse24_int4_mm
 
     def make_unstructured(w):
         return sf.compress_unstructured(w.to(bf16), _unstructured_mask(w, sparsity))
@@ -85,10 +92,10 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
              lambda s, x: op.sparse24_mm(x.to(bf16), s[0], s[1], None),
              lambda s: _bytes(*s), "sparse24_mm"),
         Impl("pyquant.sparse24_int8_mm", "pyquant", make_24_int8,
-             lambda s, x: op.sparse24_int8_mm(x, s[0], s[1], s[2], None),
+             lambda s, x: s[3](x, s[0], s[1], s[2], None),
              lambda s: _bytes(*s), "sparse24_int8_mm"),
         Impl(f"pyquant.sparse24_int4_mm[g{group_size}]", "pyquant", make_24_int4,
-             lambda s, x: op.sparse24_int4_mm(x, s[0], s[1], s[2], s[3], group_size, None),
+             lambda s, x: s[4](x, s[0], s[1], s[2], s[3], group_size, None),
              lambda s: _bytes(*s), "sparse24_int4_mm"),
         Impl(f"pyquant.sparse_unstructured_mm[bf16,{round(sparsity * 100)}%]", "pyquant",
              make_unstructured,

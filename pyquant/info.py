@@ -161,17 +161,22 @@ def _decode_paths() -> dict:
 def _panel_layouts() -> dict:
     """{"layer": "layout"}: whether the CPU layers keep their weight in the 32-row panels of
     the ISA in use (pyquant/panels.py), asked of the native module itself."""
-    from . import panels
+    from . import panels, sparse_panels
 
     n, k, g = 4096, 4096, 128
     yes = "32-row panels, packed once at swap time (N % 32 == 0, K % 64 == 0{})"
     no = "canonical rows (this ISA's kernels take them)"
     i8 = panels.panel_layout_applies(n, k, "cpu")
     i4 = panels.int4_panel_layout_applies(n, k, g, "cpu")
+    s24 = sparse_panels.layout_applies(n, k, "cpu", g)
     return {"Int8WeightOnlyLinear, Int8DynamicLinear": yes.format("") if i8 else no,
             "Int4WeightOnlyLinear, Int4DynamicLinear": yes.format(", group size % 32 == 0")
             if i4 else no,
-            "sparse layers": "their compressed formats (pyquant/sparse_formats.py)"}
+            "Sparse24Int8Linear, Sparse24Int4Linear": (
+                "values and meta in 4-row panels, packed once at swap time (N % 4 == 0, "
+                "K % 128 == 0, K <= 32768, int4 group size % 32 == 0; pyquant/sparse_panels.py)"
+                if s24 else "their compressed formats (pyquant/sparse_formats.py)"),
+            "other sparse layers": "their compressed formats (pyquant/sparse_formats.py)"}
 
 
 def _cuda_section() -> dict:

@@ -40,7 +40,9 @@ OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "int4_dy
        "int4_dynamic_mm_panels")
 # Sparse ops (pyquant/sparse_formats.py): native on CPU (csrc/cpu/sparse.cpp), the reference
 # elsewhere; a backend registers an op when it has it (hasattr below).
-SPARSE_OPS = ("sparse24_mm", "sparse_unstructured_mm", "sparse24_int8_mm", "sparse24_int4_mm")
+SPARSE_OPS = ("sparse24_mm", "sparse_unstructured_mm", "sparse24_int8_mm", "sparse24_int4_mm",
+              # 2:4 + int8 / int4 on the CPU backend's 4-row panels (pyquant/sparse_panels.py)
+              "sparse24_int8_mm_panels", "sparse24_int4_mm_panels")
 OPS = OPS + SPARSE_OPS
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -558,6 +560,44 @@ def sparse24_int4_mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor,
 def _(x, packed, meta, scales, zeros, group_size, bias):
     _checks.check_sparse24_int4_mm("sparse24_int4_mm", x, packed, meta, scales, zeros,
                                    group_size, bias)
+    return _out_like(x, packed.shape[0])
+
+
+@_custom_op("sparse24_int8_mm_panels")
+def sparse24_int8_mm_panels(x: torch.Tensor, values_q: torch.Tensor, meta: torch.Tensor,
+                            scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """sparse24_int8_mm with values_q and meta in the CPU 4-row panels (pyquant/
+    sparse_panels.py): the canonical tensors' shapes and bytes, reordered once when the layer
+    was swapped in."""
+    _checks.check_sparse24_int8_mm("sparse24_int8_mm_panels", x, values_q, meta, scale, bias)
+    _checks.check_sparse24_panels("sparse24_int8_mm_panels", values_q)
+    return _run("sparse24_int8_mm_panels", x, values_q, meta, scale, bias)
+
+
+@sparse24_int8_mm_panels.register_fake
+def _(x, values_q, meta, scale, bias):
+    _checks.check_sparse24_int8_mm("sparse24_int8_mm_panels", x, values_q, meta, scale, bias)
+    _checks.check_sparse24_panels("sparse24_int8_mm_panels", values_q)
+    return _out_like(x, values_q.shape[0])
+
+
+@_custom_op("sparse24_int4_mm_panels")
+def sparse24_int4_mm_panels(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor,
+                            scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """sparse24_int4_mm with packed and meta in the CPU 4-row panels (pyquant/
+    sparse_panels.py); scales and zeros canonical."""
+    _checks.check_sparse24_int4_mm("sparse24_int4_mm_panels", x, packed, meta, scales, zeros,
+                                   group_size, bias)
+    _checks.check_sparse24_panels("sparse24_int4_mm_panels", packed, group_size)
+    return _run("sparse24_int4_mm_panels", x, packed, meta, scales, zeros, group_size, bias)
+
+
+@sparse24_int4_mm_panels.register_fake
+def _(x, packed, meta, scales, zeros, group_size, bias):
+    _checks.check_sparse24_int4_mm("sparse24_int4_mm_panels", x, packed, meta, scales, zeros,
+                                   group_size, bias)
+    _checks.check_sparse24_panels("sparse24_int4_mm_panels", packed, group_size)
     return _out_like(x, packed.shape[0])
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import formats
 from . import panels as _panels
+from . import sparse_panels as _sparse_panels
 
 
 def _linear_f32(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -108,6 +109,17 @@ def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size: int, bias=None)
     return _linear_f32(x, w, bias)
 
 
+def sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
+    """sparse24_int8_mm on values and meta in the CPU 4-row panels (pyquant/sparse_panels.py)."""
+    return sparse24_int8_mm(x, *_sparse_panels.unpack(values_q, meta, 8), scale, bias)
+
+
+def sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size: int, bias=None):
+    """sparse24_int4_mm on codes and meta in the CPU 4-row panels (pyquant/sparse_panels.py)."""
+    return sparse24_int4_mm(x, *_sparse_panels.unpack(packed, meta, 4), scales, zeros,
+                            group_size, bias)
+
+
 def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:
     """The dense float32 W [N, K] that ``op`` multiplies x by (``wargs``: the op's arguments
     between x and bias; ``k``: x's last dimension). For the dynamic ops it is the weight the
@@ -124,6 +136,13 @@ def dense_weight(op: str, k: int, *wargs) -> torch.Tensor:
         codes, scales, zeros, group_size = wargs
         return formats.dequantize_int4_groupwise(
             *_panels.unpack_int4(codes, scales, zeros, group_size), group_size)
+    if op == "sparse24_int8_mm_panels":
+        values_q, meta, scale = wargs
+        return dense_weight("sparse24_int8_mm", k, *_sparse_panels.unpack(values_q, meta, 8),
+                            scale)
+    if op == "sparse24_int4_mm_panels":
+        packed, meta, *rest = wargs
+        return dense_weight("sparse24_int4_mm", k, *_sparse_panels.unpack(packed, meta, 4), *rest)
     if op == "sparse24_mm":
         values, meta = wargs
         return _sf.decompress_24(values.to(torch.float32), meta)

@@ -18,9 +18,10 @@ from torch import nn
 from . import formats
 from . import ops as _ops  # registers torch.ops.pyquant.*; the layers' _call_op runs them
 from . import sparse_formats as sf
+from . import sparse_panels
 from .config import (Int4WeightOnly, Int8WeightOnly, Sparse24, Sparse24Int4WeightOnly,
                      Sparse24Int8WeightOnly, Unstructured)
-from .nn import _QuantLinearBase
+from .nn import _PanelLayout, _QuantLinearBase
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -188,11 +189,23 @@ class Sparse24Linear(_SparseBase):
 # ----------------------------------------------------------------------------- 2:4 + int8
 
 
-class Sparse24Int8Linear(_SparseBase):
-    """2:4 sparse, kept values int8 per output channel (scale float32 [N]); float activations."""
+class Sparse24Int8Linear(_PanelLayout, _SparseBase):
+    """2:4 sparse, kept values int8 per output channel (scale float32 [N]); float activations.
+    On CPUs whose kernels take it, values and meta are kept in 4-row panels
+    (pyquant/sparse_panels.py; nn._PanelLayout)."""
 
     config_cls = Sparse24Int8WeightOnly
     scales_span_rows = True
+    _PANEL_BUFFERS = ("weight_values", "weight_meta")
+
+    def _panel_layout_applies(self, device) -> bool:
+        return sparse_panels.layout_applies(self.out_features, self.in_features, device)
+
+    def _panels_from_rows(self, bufs: tuple) -> tuple:
+        return sparse_panels.pack(*bufs, 8)
+
+    def _rows_from_panels(self, bufs: tuple) -> tuple:
+        return sparse_panels.unpack(*bufs, 8)
 
     def __init__(self, in_features, out_features, bias=True, bias_dtype=None, device=None):
         super().__init__(in_features, out_features, bias, bias_dtype, device)
@@ -223,11 +236,11 @@ class Sparse24Int8Linear(_SparseBase):
         q, s = sf.quantize_24_int8(sp.weight_values)
         layer.weight_values.copy_(q)
         layer.weight_scale.copy_(s)
-        return layer._take_sparse(sp)
+        return layer._take_sparse(sp)._pack_if_fast()
 
     def dense_weight(self):
-        v = formats.dequantize_int8_per_channel(self.weight_values, self.weight_scale)
-        return sf.decompress_24(v, self.weight_meta)
+        v = formats.dequantize_int8_per_channel(self.canonical("weight_values"), self.weight_scale)
+        return sf.decompress_24(v, self.canonical("weight_meta"))
 
     def shard_axes(self, dim):
         return {"weight_values": dim, "weight_meta": dim,
@@ -238,19 +251,33 @@ class Sparse24Int8Linear(_SparseBase):
         return 8 if dim == 1 else 1
 
     def forward(self, x):
+        op = "sparse24_int8_mm_panels" if self.weight_layout == "panels" else "sparse24_int8_mm"
         return self._call_op(
-            "sparse24_int8_mm", self._scale_input(x), self.weight_values, self.weight_meta,
-            self.weight_scale, self.bias,
+            op, self._scale_input(x), self.weight_values, self.weight_meta, self.weight_scale,
+            self.bias,
         )
 
 
 # ----------------------------------------------------------------------------- 2:4 + int4
 
 
-class Sparse24Int4Linear(_SparseBase):
-    """2:4 sparse, kept values [N, K/2] int4 group-wise along the compressed axis."""
+class Sparse24Int4Linear(_PanelLayout, _SparseBase):
+    """2:4 sparse, kept values [N, K/2] int4 group-wise along the compressed axis. On CPUs
+    whose kernels take it, codes and meta are kept in 4-row panels (pyquant/sparse_panels.py;
+    nn._PanelLayout)."""
 
     config_cls = Sparse24Int4WeightOnly
+    _PANEL_BUFFERS = ("weight_packed", "weight_meta")
+
+    def _panel_layout_applies(self, device) -> bool:
+        return sparse_panels.layout_applies(self.out_features, self.in_features, device,
+                                            self.group_size)
+
+    def _panels_from_rows(self, bufs: tuple) -> tuple:
+        return sparse_panels.pack(*bufs, 4)
+
+    def _rows_from_panels(self, bufs: tuple) -> tuple:
+        return sparse_panels.unpack(*bufs, 4)
 
     def __init__(self, in_features, out_features, bias=True, group_size=64, symmetric=False,
                  bias_dtype=None, device=None):
@@ -297,21 +324,22 @@ class Sparse24Int4Linear(_SparseBase):
         layer.weight_packed.copy_(packed)
         layer.weight_scales.copy_(scales)
         layer.weight_zeros.copy_(zeros)
-        return layer._take_sparse(sp)
+        return layer._take_sparse(sp)._pack_if_fast()
 
     def dense_weight(self):
-        v = formats.dequantize_int4_groupwise(self.weight_packed, self.weight_scales,
+        v = formats.dequantize_int4_groupwise(self.canonical("weight_packed"), self.weight_scales,
                                               self.weight_zeros, self.group_size)
-        return sf.decompress_24(v, self.weight_meta)
+        return sf.decompress_24(v, self.canonical("weight_meta"))
 
     def _scheme_repr(self):
         return (f"sparse24_int4_weight_only, group_size={self.group_size}, "
                 f"{'symmetric' if self.symmetric else 'asymmetric'}")
 
     def forward(self, x):
+        op = "sparse24_int4_mm_panels" if self.weight_layout == "panels" else "sparse24_int4_mm"
         return self._call_op(
-            "sparse24_int4_mm", self._scale_input(x), self.weight_packed, self.weight_meta,
-            self.weight_scales, self.weight_zeros, self.group_size, self.bias,
+            op, self._scale_input(x), self.weight_packed, self.weight_meta, self.weight_scales,
+            self.weight_zeros, self.group_size, self.bias,
         )
 
 

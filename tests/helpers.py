@@ -119,6 +119,11 @@ TOLERANCES: dict[str, Tol] = {
     "tensor_parallel/float32": Tol(_F32_KERNEL, _F32_KERNEL, "fp32 order of per-rank partials"),
 }
 
+# The ops on the CPU panel layouts: the arithmetic of the canonical op they stand for.
+TOLERANCES.update({f"{op}_panels/{d}": TOLERANCES[f"{op}/{d}"]
+                   for op in ("sparse24_int8_mm", "sparse24_int4_mm")
+                   for d in ("float32", "bfloat16", "float16")})
+
 # Quantization quality floors: SQNR (dB) of dequantized vs float weights, 256 x 1024, seeds
 # 0..2 of this file's generators, torch 2.13 (lowest of the 3 seeds in brackets). Each floor
 # sits ~1 dB below the lowest measurement: a real regression (a wrong rounding mode, a lost zero

@@ -137,6 +137,75 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
   return PQ_OK;
 }
 
+/* The sizes the 4-row panels of 2:4 + int8 / int4 take (pq.h). */
+static bool bad_panel24_sizes(int64_t N, int64_t K) {
+  return N < 0 || K <= 0 || N % 4 || K % 128 || K > 32768;
+}
+
+int64_t pq_sparse24_panels_workspace_bytes(int isa, int64_t M, int64_t K) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (M < 0 || K < 0 || too_big(3 * pq::kPanel24FxMaxM, K + 128)) return -1;
+  return t && t->pack_sparse24_panels && M >= 1 && M <= pq::kPanel24FxMaxM && K > 0
+             ? 3 * M * pq::panel24_x_stride(K)
+             : 0;
+}
+
+/* The panel ops' fixed-point scratch when the caller gave all of it, 64-byte aligned. */
+static void* panels_fx_work(int isa, int64_t M, int64_t K, void* work, int64_t work_bytes) {
+  const int64_t need = pq_sparse24_panels_workspace_bytes(isa, M, K);
+  return work && need > 0 && work_bytes >= need && !((uintptr_t)work & 63) ? work : nullptr;
+}
+
+int pq_sparse24_int8_panels_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const int8_t* values_q, const uint8_t* meta, int64_t N,
+                               const float* scale, const float* bias, float* out, int n_threads,
+                               void* work, int64_t work_bytes) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->sparse24_int8_panels_mm) return PQ_ERR_ISA;
+  if (bad_24(x, M, K, ldx, meta, N, out) || bad_panel24_sizes(N, K) ||
+      missing(values_q, N * K / 2) || missing(scale, N))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  t->sparse24_int8_panels_mm(x, M, K, ldx, values_q, meta, N, scale, bias, out,
+                             threads(n_threads), panels_fx_work(isa, M, K, work, work_bytes));
+  return PQ_OK;
+}
+
+int pq_sparse24_int4_panels_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const uint8_t* codes, const uint8_t* meta, int64_t N,
+                               const float* scales, const uint8_t* zeros, int64_t group_size,
+                               const float* bias, float* out, int n_threads, void* work,
+                               int64_t work_bytes) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->sparse24_int4_panels_mm) return PQ_ERR_ISA;
+  if (bad_24(x, M, K, ldx, meta, N, out) || bad_panel24_sizes(N, K) || group_size <= 0 ||
+      group_size % 32 != 0 || (K / 2) % group_size != 0)
+    return PQ_ERR_ARG;
+  const int64_t groups = N * (K / 2 / group_size);
+  if (missing(codes, N * K / 4) || missing(scales, groups) || missing(zeros, groups))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  void* fx = panels_fx_work(isa, M, K, work, work_bytes);
+  if (fx && !pq::zeros_fit_nibble(zeros, groups)) fx = nullptr; /* as pq_sparse24_int4_mm */
+  t->sparse24_int4_panels_mm(x, M, K, ldx, codes, meta, N, scales, zeros, group_size, bias, out,
+                             threads(n_threads), fx);
+  return PQ_OK;
+}
+
+int pq_pack_sparse24_panels(int isa, int bits, int unpack, uint8_t* values, uint8_t* meta,
+                            int64_t N, int64_t K, uint8_t* panel_values, uint8_t* panel_meta,
+                            int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->pack_sparse24_panels) return PQ_ERR_ISA;
+  const int64_t nv = N * K * bits / 16;
+  if ((bits != 8 && bits != 4) || bad_panel24_sizes(N, K) || missing(values, nv) ||
+      missing(meta, N * K / 8) || missing(panel_values, nv) || missing(panel_meta, N * K / 8))
+    return PQ_ERR_ARG;
+  t->pack_sparse24_panels(bits, unpack != 0, values, meta, N, K, panel_values, panel_meta,
+                          threads(n_threads));
+  return PQ_OK;
+}
+
 int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* bitmask, const void* values, int values_dtype,
                               int64_t nnz, const int64_t* row_offsets, int64_t N,
@@ -197,6 +266,24 @@ int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* m
     return PQ_ERR_ARG;
   return t->sparse24_int4_decompress(packed, meta, N, K, zeros, group_size, out,
                                      threads(n_threads))
+             ? PQ_ERR_ARG
+             : PQ_OK;
+}
+
+int pq_sparse24_panels_decompress(int isa, int bits, const uint8_t* values, const uint8_t* meta,
+                                  int64_t N, int64_t K, const uint8_t* zeros, int64_t group_size,
+                                  uint8_t* out, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->sparse24_panels_decompress) return PQ_ERR_ISA;
+  if ((bits != 8 && bits != 4) || bad_panel24_sizes(N, K) || missing(values, N * K * bits / 16) ||
+      missing(meta, N * K / 8) || missing(out, bits == 8 ? N * K : N * K / 2))
+    return PQ_ERR_ARG;
+  if (bits == 4 && (group_size <= 0 || group_size % 2 || (K / 2) % group_size ||
+                    missing(zeros, N * (K / 2 / group_size)) ||
+                    !pq::zeros_fit_nibble(zeros, N * (K / 2 / group_size))))
+    return PQ_ERR_ARG;
+  return t->sparse24_panels_decompress(bits, values, meta, N, K, zeros, group_size, out,
+                                       threads(n_threads))
              ? PQ_ERR_ARG
              : PQ_OK;
 }

@@ -314,6 +314,13 @@ struct KernelTable {
                       uint8_t* out, int n_threads);
 };
 
+/* The most rows of x that the 2:4 int8/int4 panel ops write in fixed point (their workspace:
+ * pq_sparse24_panels_workspace_bytes); past it, or without the workspace, they run the float
+ * loop. The dense break-even of those layers is 16-24 rows. */
+constexpr int64_t kPanel24FxMaxM = 32;
+/* Bytes between their x term rows (sparse.cpp: run_panels24). */
+inline int64_t panel24_x_stride(int64_t K) { return (K + 127) / 128 * 128 + 64; }
+
 /* The sparse kernels (sparse.cpp, compiled per ISA like kernels.cpp). Also
  * validated by the caller: K % 4 == 0 for 2:4, the int4 group size is even and
  * divides K/2, values_dtype is a pq_dtype, row_offsets[0] == 0 and
@@ -363,6 +370,28 @@ struct SparseKernelTable {
                                             int64_t nnz, const int64_t* row_offsets, int64_t N,
                                             const float* bias, float* out, void* work,
                                             int n_threads);
+  /* 2:4 + int8 / int4 in 4-row panels (tile_sparse24_fx_panel.h; pq_sparse24_int8_panels_mm,
+   * pq_sparse24_int4_panels_mm), and a whole weight into them or back
+   * (pq_pack_sparse24_panels): null on the builds without VBMI. work as the canonical ops'
+   * (int4: null when a zero point is past 15); N % 4 == 0, K % 128 == 0, K <= 32768, int4
+   * G % 32 == 0. */
+  void (*sparse24_int8_panels_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                  const int8_t* values_q, const uint8_t* meta, int64_t N,
+                                  const float* scale, const float* bias, float* out,
+                                  int n_threads, void* work);
+  void (*sparse24_int4_panels_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                  const uint8_t* codes, const uint8_t* meta, int64_t N,
+                                  const float* scales, const uint8_t* zeros, int64_t group_size,
+                                  const float* bias, float* out, int n_threads, void* work);
+  void (*pack_sparse24_panels)(int bits, bool unpack, uint8_t* vals, uint8_t* meta, int64_t N,
+                               int64_t K, uint8_t* panel_vals, uint8_t* panel_meta,
+                               int n_threads);
+  /* panels -> dense int8 rows (bits 8) or dense int4 codes (bits 4; zeros, G)
+   * (pq_sparse24_panels_decompress); nonzero when some group's positions are not strictly
+   * increasing */
+  int (*sparse24_panels_decompress)(int bits, const uint8_t* vals, const uint8_t* meta,
+                                    int64_t N, int64_t K, const uint8_t* zeros, int64_t G,
+                                    uint8_t* out, int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

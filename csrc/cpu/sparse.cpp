@@ -11,6 +11,7 @@
 #include "tile_int8.h"
 #include "tile_sparse.h"
 #include "tile_sparse_bf16_panel.h"
+#include "tile_sparse24_fx_panel.h"
 
 namespace PQ_NS {
 namespace {
@@ -156,6 +157,183 @@ void sparse24_int4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const u
   run24(x, M, K, ldx, v, meta, N, nullptr, bias, out, n_threads);
 }
 
+#if defined(PQ_HAVE_SPARSE24_FX_PANELS)
+/* Each quad of a whole 2:4 + int8 (bits 8) or + int4 (4) weight into its panel, or back
+ * (pq_pack_sparse24_panels). */
+void pack_sparse24_panels(int bits, bool unpack, uint8_t* vals, uint8_t* meta, int64_t N,
+                          int64_t K, uint8_t* panel_vals, uint8_t* panel_meta, int n_threads) {
+  const int64_t quads = N / 4, ldv = K * bits / 16;
+  const int threads = quads < n_threads ? (int)quads : n_threads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t q = 0; q < quads; ++q)
+    panel24_quad(bits, unpack, vals + 4 * q * ldv, ldv, meta + q * K / 2, K / 8, K,
+                 panel_vals + 4 * q * ldv, panel_meta + q * K / 2);
+}
+
+/* The panels ops' driver. With the workspace (M <= kPanel24FxMaxM, pq.h) and every row of x
+ * in fixed point: fx(q, xu, Kp, s3) for each quad q (the x rows' terms at xu, their scales
+ * s3[3 m ..]), the quads split evenly over the threads (one stream each, as for_each_tile
+ * gives at M = 1). Otherwise each quad goes back into canonical rows on the thread's stack
+ * (kPanel24MaxK bounds K) and rows(q, vals, meta) runs the float loop of the canonical op on
+ * them: the same arithmetic, for a reorder of L1-sized data a quad. */
+constexpr int64_t kPanel24MaxK = 32768;
+
+template <class Fx, class Rows>
+void run_panels24(int bits, const float* x, int64_t M, int64_t K, int64_t ldx,
+                  const uint8_t* vals, const uint8_t* meta, int64_t N, int n_threads, void* work,
+                  Fx fx, Rows rows) {
+  const int64_t quads = N / 4, ldv = K * bits / 16;
+  const int threads = quads < n_threads ? (int)quads : n_threads;
+  if (work) {
+    /* The x term rows one line past whole steps apart: at a multiple of 4 KiB the 3 M rows
+     * that a block of x rows reads each step share one L1 set (8 ways), and 4 rows of x took
+     * 1.5x longer (one quad, in L1: 5.4-5.9 against 3.5-3.7 cycles per 64 columns of a weight
+     * row and a row of x). */
+    const int64_t Kp = pq::panel24_x_stride(K);
+    float s3[3 * pq::kPanel24FxMaxM];
+    uint8_t* xu = (uint8_t*)work;
+    bool ok = M <= pq::kPanel24FxMaxM;
+    for (int64_t m = 0; ok && m < M; ++m) ok = fixed24_u8(x + m * ldx, K, Kp, xu + 3 * m * Kp, s3 + 3 * m);
+    if (ok) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+      for (int64_t q = 0; q < quads; ++q) fx(q, (const uint8_t*)xu, Kp, (const float*)s3);
+      return;
+    }
+  }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    alignas(64) uint8_t buf[4 * (kPanel24MaxK / 2 + kPanel24MaxK / 8)]; /* 80 KiB */
+    uint8_t* bmeta = buf + 4 * ldv;
+    /* Contiguous quads a thread, and the next one's panel prefetched while this one's rows
+     * are multiplied: its copy is a burst of reads that does not otherwise overlap the
+     * products (without it, 4096 x 4096 int4 at M = 2-8 took ~0.6 ms a call more than the
+     * canonical op on one thread; the copy alone, in cache, 0.19 ms). */
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < quads; ++q) {
+      panel24_quad(bits, true, buf, ldv, bmeta, K / 8, K, (uint8_t*)vals + 4 * q * ldv,
+                   (uint8_t*)meta + q * K / 2);
+      if (q + 1 < quads) {
+        const char* nv = (const char*)vals + 4 * (q + 1) * ldv;
+        const char* nm = (const char*)meta + (q + 1) * K / 2;
+        for (int64_t b = 0; b < 4 * ldv; b += 64) PQ_PREFETCH_NEXT_TILE(nv + b);
+        for (int64_t b = 0; b < K / 2; b += 64) PQ_PREFETCH_NEXT_TILE(nm + b);
+      }
+      rows(q, buf, bmeta);
+    }
+  }
+}
+
+/* fx's loops over a quad: at M = 1 both pairs at once (dot(Int<2>, Int<1>, p0 = 0, xu, m0 =
+ * 0)); otherwise each pair against blocks of up to 4 rows of x (dot(Int<1>, Int<T>, p0,
+ * xu + 3 m0 Kp, m0)), which read the quad's panel from L1 after the first. */
+template <class Dot>
+inline void panel24_fx_quad(int64_t M, int64_t Kp, const uint8_t* xu, Dot dot) {
+  if (M == 1) return dot(Int<2>{}, Int<1>{}, 0, xu, (int64_t)0);
+  for (int p0 = 0; p0 < 2; ++p0)
+    for (int64_t m = 0; m < M; m += kTileM) {
+      auto block = [&](auto, auto T_) { dot(Int<1>{}, T_, p0, xu + 3 * m * Kp, m); };
+      dispatch_t<1, kTileM>((int)min64(kTileM, M - m), block);
+    }
+}
+
+/* pq_sparse24_panels_decompress: each quad back into canonical rows on the thread's stack,
+ * then each row decompressed into out as pq_sparse24_decompress (int8: dense int8 [N, K]) or
+ * pq_sparse24_int4_decompress (int4: dense codes [N, K/2]) would from the canonical weight;
+ * the same bytes, without a pass of the canonical copy through memory. */
+int sparse24_panels_decompress(int bits, const uint8_t* vals, const uint8_t* meta, int64_t N,
+                               int64_t K, const uint8_t* zeros, int64_t G, uint8_t* out,
+                               int n_threads) {
+  const int64_t quads = N / 4, ldv = K * bits / 16;
+  const int threads = quads < n_threads ? (int)quads : n_threads;
+  int bad = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : bad)
+  {
+    alignas(64) uint8_t buf[4 * (kPanel24MaxK / 2 + kPanel24MaxK / 8)]; /* 80 KiB */
+    uint8_t* bmeta = buf + 4 * ldv;
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < quads; ++q) {
+      panel24_quad(bits, true, buf, ldv, bmeta, K / 8, K, (uint8_t*)vals + 4 * q * ldv,
+                   (uint8_t*)meta + q * K / 2);
+      for (int r = 0; r < 4; ++r) {
+        const int64_t n = 4 * q + r;
+        bad |= bits == 8
+                   ? decompress_24_row(buf + r * ldv, bmeta + r * K / 8, K, out + n * K)
+                   : decompress_24_int4_row(buf + r * ldv, bmeta + r * K / 8,
+                                            zeros + n * (K / 2 / G), K, G, out + n * K / 2);
+      }
+    }
+  }
+  return bad;
+}
+
+/* The float loop of the canonical 2:4 ops over quad q's rows (values v, meta bm), all of x. */
+template <int Kind>
+void rows24(const Vals<Kind>& v, const uint8_t* bm, int64_t q, const float* x, int64_t M,
+            int64_t K, int64_t ldx, int64_t N, const float* scale, const float* bias, float* out) {
+  for (int64_t m = 0; m < M; m += kTileM)
+    dispatch_tile<4>(4, (int)min64(kTileM, M - m), [&](auto, auto T_) {
+      constexpr int T = decltype(T_)::value;
+      float dot[4][T] = {};
+      dot24<4, T>(v, 0, bm, K / 8, x + m * ldx, ldx, K, dot);
+      for (int t = 0; t < T; ++t)
+        for (int r = 0; r < 4; ++r)
+          out[(m + t) * N + 4 * q + r] = epilogue(dot[r][t], scale, bias, 4 * q + r);
+    });
+}
+
+void sparse24_int8_panels_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
+                             const int8_t* values_q, const uint8_t* meta, int64_t N,
+                             const float* scale, const float* bias, float* out, int n_threads,
+                             void* work) {
+  const uint8_t* pv = (const uint8_t*)values_q;
+  run_panels24(
+      8, x, M, K, ldx, pv, meta, N, n_threads, work,
+      [&](int64_t q, const uint8_t* xu, int64_t Kp, const float* s3) {
+        panel24_fx_quad(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
+          constexpr int P = decltype(P_)::value, T = decltype(T_)::value;
+          int32_t d[2 * P][T][3];
+          dot24_i8_panel<P, T>(pv + 2 * q * K, meta + q * K / 2, K, p0, xb, Kp, d);
+          for (int r = 0; r < 2 * P; ++r)
+            for (int t = 0; t < T; ++t) { /* as sparse24_int8_fx */
+              const float* s = s3 + 3 * (m0 + t);
+              const int64_t n = 4 * q + 2 * p0 + r;
+              const float v = (float)d[r][t][0] * s[0] + ((float)d[r][t][1] * s[1] + (float)d[r][t][2] * s[2]);
+              out[(m0 + t) * N + n] = epilogue(v, scale, bias, n);
+            }
+        });
+      },
+      [&](int64_t q, const uint8_t* rv, const uint8_t* rm) {
+        rows24(Vals<kI8>{rv, K / 2}, rm, q, x, M, K, ldx, N, scale, bias, out);
+      });
+}
+
+void sparse24_int4_panels_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
+                             const uint8_t* codes, const uint8_t* meta, int64_t N,
+                             const float* scales, const uint8_t* zeros, int64_t G,
+                             const float* bias, float* out, int n_threads, void* work) {
+  const int64_t ng = K / 2 / G;
+  run_panels24(
+      4, x, M, K, ldx, codes, meta, N, n_threads, work,
+      [&](int64_t q, const uint8_t* xu, int64_t Kp, const float* s3) {
+        panel24_fx_quad(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
+          constexpr int P = decltype(P_)::value, T = decltype(T_)::value;
+          float d[2 * P][T];
+          dot24_i4_panel<P, T>(codes + q * K, meta + q * K / 2, K, p0, scales + 4 * q * ng,
+                               zeros + 4 * q * ng, ng, G, xb, Kp, d);
+          for (int r = 0; r < 2 * P; ++r)
+            for (int t = 0; t < T; ++t) {
+              const int64_t n = 4 * q + 2 * p0 + r;
+              out[(m0 + t) * N + n] = epilogue(d[r][t] * s3[3 * (m0 + t) + 2], nullptr, bias, n);
+            }
+        });
+      },
+      [&](int64_t q, const uint8_t* rc, const uint8_t* rm) {
+        rows24(Vals<kI4>{rc, K / 2, scales + 4 * q * ng, zeros + 4 * q * ng, G, ng}, rm, q, x,
+               M, K, ldx, N, nullptr, bias, out);
+      });
+}
+#endif
+
 /* The vdpbf16ps loop (tile_sparse.h) takes bf16 values with activations that are bf16
  * values, when few enough of them fit a narrowed copy on each thread's stack (kXbElems
  * bf16, 64 KiB); rows are then split evenly over the threads, as for_each_tile does at
@@ -258,6 +436,12 @@ extern const pq::SparseKernelTable kSparseKernels = {
     sparse24_bf16_panel_mm, sparse_unstructured_bf16_panel_mm,
 #else
     nullptr, nullptr,
+#endif
+#ifdef PQ_HAVE_SPARSE24_FX_PANELS
+    sparse24_int8_panels_mm, sparse24_int4_panels_mm, pack_sparse24_panels,
+    sparse24_panels_decompress,
+#else
+    nullptr, nullptr, nullptr, nullptr,
 #endif
 };
 

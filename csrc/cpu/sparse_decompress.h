@@ -266,46 +266,51 @@ inline int decompress_24_int4_groups(const uint8_t* pr, const uint8_t* mr, const
   return bad;
 }
 
-/* AVX512: 32 groups a step as the 16-bit lanes of one vector, the same arithmetic
- * with per-lane shifts, where the step lies in one zero-point group (G % 64 == 0). */
+/* One row: its kept codes pr, meta mr and zero points zr -> its K / 2 dense code bytes; nonzero
+ * when a group's positions are not strictly increasing. AVX512: 32 groups a step as the 16-bit
+ * lanes of one vector, the same arithmetic with per-lane shifts, where the step lies in one
+ * zero-point group (G % 64 == 0). */
+inline int decompress_24_int4_row(const uint8_t* pr, const uint8_t* mr, const uint8_t* zr,
+                                  int64_t K, int64_t G, uint8_t* row) {
+  const int64_t groups = K / 4;
+  int bad = 0;
+  int64_t g = 0;
+#if defined(PQ_SIMD_AVX512)
+  if (G % 64 == 0) {
+    const __m512i f = _mm512_set1_epi16(0xF), three = _mm512_set1_epi16(3);
+    __mmask32 vbad = 0;
+    for (; g + 32 <= groups; g += 32) {
+      const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(pr + g)));
+      /* meta byte i holds groups 2i (low nibble) and 2i + 1: dword i -> words 2i, 2i + 1 */
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(mr + g / 2)));
+      const __m512i m = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
+                                        _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xF0)), 12));
+      const __m512i p0 = _mm512_and_si512(m, three);
+      const __m512i p1 = _mm512_and_si512(_mm512_srli_epi16(m, 2), three);
+      vbad |= _mm512_cmple_epu16_mask(p1, p0);
+      const __m512i s0 = _mm512_slli_epi16(p0, 2), s1 = _mm512_slli_epi16(p1, 2);
+      const __m512i keep = _mm512_or_si512(_mm512_sllv_epi16(f, s0), _mm512_sllv_epi16(f, s1));
+      const __m512i zz = _mm512_set1_epi16((short)((zr[g / (G / 2)] & 15u) * 0x1111u));
+      const __m512i v = _mm512_or_si512(
+          _mm512_andnot_si512(keep, zz),
+          _mm512_or_si512(_mm512_sllv_epi16(_mm512_and_si512(c, f), s0),
+                          _mm512_sllv_epi16(_mm512_srli_epi16(c, 4), s1)));
+      _mm512_storeu_si512(row + 2 * g, v);
+    }
+    bad |= vbad != 0;
+  }
+#endif
+  return bad | decompress_24_int4_groups(pr, mr, zr, G, g, groups, row);
+}
+
 int decompress_24_int4(const uint8_t* packed, const uint8_t* meta, int64_t N, int64_t K,
                        const uint8_t* zeros, int64_t G, uint8_t* out, int n_threads) {
-  const int64_t mc = (K + 7) / 8, ng = K / 2 / G, groups = K / 4;
+  const int64_t mc = (K + 7) / 8, ng = K / 2 / G;
   int bad = 0;
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* pr = packed + n * (K / 4);
-    const uint8_t* mr = meta + n * mc;
-    const uint8_t* zr = zeros + n * ng;
-    uint8_t* row = out + n * (K / 2);
-    int64_t g = 0;
-#if defined(PQ_SIMD_AVX512)
-    if (G % 64 == 0) {
-      const __m512i f = _mm512_set1_epi16(0xF), three = _mm512_set1_epi16(3);
-      __mmask32 vbad = 0;
-      for (; g + 32 <= groups; g += 32) {
-        const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(pr + g)));
-        /* meta byte i holds groups 2i (low nibble) and 2i + 1: dword i -> words 2i, 2i + 1 */
-        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(mr + g / 2)));
-        const __m512i m = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
-                                          _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xF0)), 12));
-        const __m512i p0 = _mm512_and_si512(m, three);
-        const __m512i p1 = _mm512_and_si512(_mm512_srli_epi16(m, 2), three);
-        vbad |= _mm512_cmple_epu16_mask(p1, p0);
-        const __m512i s0 = _mm512_slli_epi16(p0, 2), s1 = _mm512_slli_epi16(p1, 2);
-        const __m512i keep = _mm512_or_si512(_mm512_sllv_epi16(f, s0), _mm512_sllv_epi16(f, s1));
-        const __m512i zz = _mm512_set1_epi16((short)((zr[g / (G / 2)] & 15u) * 0x1111u));
-        const __m512i v = _mm512_or_si512(
-            _mm512_andnot_si512(keep, zz),
-            _mm512_or_si512(_mm512_sllv_epi16(_mm512_and_si512(c, f), s0),
-                            _mm512_sllv_epi16(_mm512_srli_epi16(c, 4), s1)));
-        _mm512_storeu_si512(row + 2 * g, v);
-      }
-      bad |= vbad != 0;
-    }
-#endif
-    bad |= decompress_24_int4_groups(pr, mr, zr, G, g, groups, row);
-  }
+  for (int64_t n = 0; n < N; ++n)
+    bad |= decompress_24_int4_row(packed + n * (K / 4), meta + n * mc, zeros + n * ng, K, G,
+                                  out + n * (K / 2));
   return bad;
 }
 

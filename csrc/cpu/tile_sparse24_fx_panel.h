@@ -1,0 +1,289 @@
+/* 2:4 + int8 and 2:4 + int4 weights in 4-row panels (pyquant/panels.py, "2:4"), and the
+ * M = 1 kernels that read them: the AVX512 builds with VBMI (AVX512-BF16, AMX).
+ *
+ * Why a layout of their own. From the canonical rows, dot24_i8_fx2 and dot24_i4_fx2
+ * (tile_sparse.h) put two rows' values into one register with a masked broadcast, their
+ * meta with another, and (int4) split each code byte with a variable shift: 11 (int8) and
+ * 14 (int4) vector uops per 64 kept values, and each of a tile's 4 rows is two streams
+ * (values, meta) that the prefetchers follow separately. In a panel the values of one
+ * 64-lane step of a row pair are one load, the meta of a step one 16-byte broadcast, and an
+ * int4 code byte holds the same lane of two consecutive steps: 9 and 11.5 uops, and a
+ * 4-row tile is one stream of values and one of meta.
+ *
+ * Layout, for N % 4 == 0 and K % 128 == 0. Quad q is rows 4q .. 4q+3 (pair p: rows 4q + 2p
+ * and 4q + 2p + 1). Its values are the bytes of its four canonical rows, reordered: int8
+ * 2K bytes at values + 2qK, int4 K bytes at codes + qK; its meta K/2 bytes at meta + qK/2.
+ * So [N, K/2] (int8), [N, K/4] (int4) and [N, K/8] keep their shapes, and slicing whole
+ * quads is slicing rows. A step s is 32 kept values of each row (columns 64s .. 64s + 63);
+ * lane L (0..63) of a pair's 64-byte vector holds pair row r = (L / 8) % 2 and kept value k
+ * = 8 (L / 16) + L % 8 of the step, so the rows alternate by qword:
+ *   int8: values[2qK + 128 s + 64 p + L] = value 32s + k of pair row r;
+ *   int4: codes[qK + 128 d + 64 p + L] = code 64d + k (low nibble) | code 64d + 32 + k
+ *         (high nibble) of pair row r: the same lane of steps 2d and 2d + 1;
+ *   meta[qK/2 + 32 s + 8 i ..+8]: the canonical 8 meta bytes of row i's step s.
+ * One 16-byte broadcast of a step's meta (rows 2p, 2p + 1) then puts each lane's row under
+ * it for vpmultishiftqb, and a dword lane (4 bytes) stays in one row, as vpdpbusd needs.
+ *
+ * Measured on a Zen 4 (one thread, 4096 columns, weights in L2), int4 group 128: 6.2 -> 5.0
+ * cycles per 64 columns of a row against dot24_i4_fx2. */
+#ifndef PQ_CPU_TILE_SPARSE24_FX_PANEL_H
+#define PQ_CPU_TILE_SPARSE24_FX_PANEL_H
+#include "common.h"
+#include "tile_sparse.h"
+
+namespace PQ_NS {
+namespace {
+
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
+#define PQ_HAVE_SPARSE24_FX_PANELS 1
+
+/* Lane L's row in its pair (0, 1) and kept value in its step (0..31). */
+constexpr int panel24_row(int L) { return (L / 8) % 2; }
+constexpr int panel24_kept(int L) { return 8 * (L / 16) + L % 8; }
+/* The lane of kept value k of pair row r. */
+constexpr int panel24_lane(int r, int k) { return 16 * (k / 8) + 8 * r + k % 8; }
+
+/* The constant vectors of the layout, built at compile time. */
+struct Panel24Tables {
+  uint8_t ctrl[64];      /* bit offset of lane L's position in its row's step meta: 2k */
+  uint8_t base[64];      /* lane L's group of 4 within the step's 64 columns: 4 (k / 2) */
+  uint8_t i8_pack[64];   /* int8 rows [A|B] (32 values each) -> lanes */
+  uint8_t i8_unpack[64]; /* lanes -> [A|B] */
+  uint8_t i4_pack[2][64];   /* int4: lane L of step half h from the nibbles of [A0|A1|B0|B1] */
+  uint8_t i4_unpack[2][64]; /* lanes -> the even (0) / odd (1) nibble of each byte of it */
+  constexpr Panel24Tables()
+      : ctrl(), base(), i8_pack(), i8_unpack(), i4_pack(), i4_unpack() {
+    for (int L = 0; L < 64; ++L) {
+      const int r = panel24_row(L), k = panel24_kept(L);
+      ctrl[L] = (uint8_t)(2 * k);
+      base[L] = (uint8_t)(4 * (k / 2));
+      i8_pack[L] = (uint8_t)(32 * r + k);
+      i8_unpack[L] = (uint8_t)panel24_lane(L / 32, L % 32);
+      /* [A0|A1|B0|B1]: 16 canonical bytes each (row a / b, step 2d / 2d + 1); byte b of a
+       * chunk holds kept 2b (low nibble: table 0-63) and 2b + 1 (high: table 64-127) */
+      for (int h = 0; h < 2; ++h) i4_pack[h][L] = (uint8_t)(64 * (k % 2) + 16 * (2 * r + h) + k / 2);
+      const int c = L / 16, b = L % 16; /* byte L of [A0|A1|B0|B1]: chunk c, byte b */
+      for (int odd = 0; odd < 2; ++odd)
+        i4_unpack[odd][L] = (uint8_t)(64 * (c % 2) + panel24_lane(c / 2, 2 * b + odd));
+    }
+  }
+};
+constexpr Panel24Tables kPanel24{};
+
+/* One quad: canonical rows (values [4][ldv] bytes, meta [4][ldm]) -> its panel (values at
+ * pv, meta at pm), or back with `unpack`. bits: 8 (ldv >= K/2) or 4 (ldv >= K/4). */
+inline void panel24_quad(int bits, bool unpack, uint8_t* vals, int64_t ldv, uint8_t* meta,
+                         int64_t ldm, int64_t K, uint8_t* pv, uint8_t* pm) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  /* one 64-byte unit of a pair: rows a and b, 32 bytes each, from or into the panel q */
+  auto unit = [&](uint8_t* a, uint8_t* b, uint8_t* q) PQ_ALWAYS_INLINE {
+    const __m512i v = unpack ? _mm512_loadu_si512(q)
+                             : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                                                  _mm256_loadu_si256((const __m256i*)b), 1);
+    __m512i r;
+    if (bits == 8) {
+      r = _mm512_permutexvar_epi8(_mm512_loadu_si512(unpack ? kPanel24.i8_unpack : kPanel24.i8_pack), v);
+    } else {
+      const __m512i t0 = _mm512_loadu_si512(unpack ? kPanel24.i4_unpack[0] : kPanel24.i4_pack[0]);
+      const __m512i t1 = _mm512_loadu_si512(unpack ? kPanel24.i4_unpack[1] : kPanel24.i4_pack[1]);
+      const __m512i lo = _mm512_and_si512(v, nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      /* the low nibbles of the result, then the high ones (values <= 15: the shift by 4
+       * stays inside each byte) */
+      r = _mm512_or_si512(_mm512_permutex2var_epi8(lo, t0, hi),
+                          _mm512_slli_epi16(_mm512_permutex2var_epi8(lo, t1, hi), 4));
+    }
+    if (unpack) {
+      _mm256_storeu_si256((__m256i*)a, _mm512_castsi512_si256(r));
+      _mm256_storeu_si256((__m256i*)b, _mm512_extracti64x4_epi64(r, 1));
+    } else {
+      _mm512_storeu_si512(q, r);
+    }
+  };
+  /* a unit is 32 bytes of each row: one step of int8 values, two of int4 codes */
+  for (int64_t u = 0; u < K / (bits == 8 ? 64 : 128); ++u)
+    for (int p = 0; p < 2; ++p)
+      unit(vals + 2 * p * ldv + 32 * u, vals + (2 * p + 1) * ldv + 32 * u, pv + 128 * u + 64 * p);
+  for (int64_t s = 0; s < K / 64; ++s)
+    for (int i = 0; i < 4; ++i) {
+      uint8_t* m = meta + i * ldm + 8 * s;
+      uint8_t* c = pm + 32 * s + 8 * i;
+      if (unpack)
+        memcpy(m, c, 8);
+      else
+        memcpy(c, m, 8);
+    }
+}
+
+/* The x gather index of step s's pair p: each lane's column in the step's 64 (meta m: the
+ * step's 32 bytes of the quad). */
+PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
+  const __m512i mq = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(m + 16 * p)));
+  return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(_mm512_loadu_si512(kPanel24.ctrl), mq),
+                                   _mm512_set1_epi8(3), _mm512_loadu_si512(kPanel24.base),
+                                   0xEA); /* (a & b) | c */
+}
+
+/* The kernels below take P pairs of a quad from pair p0 (P = 2: the whole quad, at M = 1) and
+ * T rows of x (T > 1 with P = 1, so that the accumulators fit the 32 registers: 3 T + 1 a
+ * pair). x row t's three u8 term rows are Kp bytes apart from xu + 3 t Kp. A pair's rows take
+ * the dword lanes of kPanel24Dw[r] of its accumulators. The calls with p0 == 0 prefetch the
+ * next quad as they go (common.h), those of pair 1 find this one's lines in cache. */
+constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
+
+template <int P, int T>
+struct Panel24Acc {
+  __m512i acc[P][T][3], wsum[P];
+  Panel24Acc() {
+    for (int p = 0; p < P; ++p) {
+      wsum[p] = _mm512_setzero_si512();
+      for (int t = 0; t < T; ++t)
+        for (int j = 0; j < 3; ++j) acc[p][t][j] = _mm512_setzero_si512();
+    }
+  }
+};
+
+/* One step s of pairs p0 .. p0 + P - 1 into a: their 64-byte value vectors at v + 64 p (int4:
+ * HI takes the high nibbles, minus the pair's zero points zb) and meta at m + 16 p. */
+template <bool kInt4, bool HI, int P, int T>
+PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, const uint8_t* xu,
+                                          int64_t Kp, int64_t s, int p0, const __m512i* zb,
+                                          Panel24Acc<P, T>& a) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512i xt[T][3];
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < 3; ++j) xt[t][j] = _mm512_load_si512(xu + (3 * t + j) * Kp + 64 * s);
+  for (int p = 0; p < P; ++p) {
+    __m512i w = _mm512_loadu_si512(v + 64 * (p0 + p));
+    if (kInt4) {
+      if (HI) w = _mm512_srli_epi16(w, 4);
+      w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb[p]);
+    }
+    const __m512i idx = panel24_index(m, p0 + p);
+    a.wsum[p] = _mm512_dpbusd_epi32(a.wsum[p], _mm512_set1_epi8(1), w);
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < 3; ++j)
+        a.acc[p][t][j] = _mm512_dpbusd_epi32(a.acc[p][t][j], _mm512_permutexvar_epi8(idx, xt[t][j]), w);
+  }
+}
+
+/* dot[2 p + r][t][j] (p < P) = the exact int32 sum over pair p0 + p's row r of xterm_j[col] *
+ * value against x row t (as dot24_i8_fx2: x u8-biased, the bias returned as 128 *
+ * sum(values), wrapping unsigned arithmetic). pv, pm: the quad's panel. */
+template <int P, int T>
+inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int p0,
+                           const uint8_t* xu, int64_t Kp, int32_t dot[2 * P][T][3]) {
+  Panel24Acc<P, T> a;
+  for (int64_t s = 0; s < K / 64; ++s) {
+    const uint8_t* v = pv + 128 * s;
+    const uint8_t* m = pm + 32 * s;
+    if (p0 == 0 && s % 2 == 0) { /* the next quad's lines of this step and the next (common.h) */
+      PQ_PREFETCH_NEXT_TILE(v + 2 * K);
+      PQ_PREFETCH_NEXT_TILE(v + 2 * K + 64);
+      PQ_PREFETCH_NEXT_TILE(v + 2 * K + 128);
+      PQ_PREFETCH_NEXT_TILE(v + 2 * K + 192);
+      PQ_PREFETCH_NEXT_TILE(m + K / 2);
+    }
+    panel24_step<false, false, P, T>(v, m, xu, Kp, s, p0, nullptr, a);
+  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t bias = 128u * (uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], a.wsum[p]);
+      for (int t = 0; t < T; ++t)
+        for (int j = 0; j < 3; ++j) /* unsigned: the bias removal wraps, not overflows */
+          dot[2 * p + r][t][j] =
+              (int32_t)((uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], a.acc[p][t][j]) - bias);
+    }
+}
+
+/* dot[2 p + r][t] = sum over pair p0 + p's row r's kept values of x_t[col] * (code - zero) *
+ * scale, in units of x row t's lo-term scale (as dot24_i4_fx2, whose arithmetic this is:
+ * exact int32 sums of the three u8-biased terms per block of at most 4 steps within a group,
+ * combined in int32, one convert and one FMA by the group scale). pc, pm: the quad's panel;
+ * sc, zp: its rows' scales and zero points ([4][ng], canonical); G % 32 == 0, zero points
+ * <= 15.
+ *
+ * A block of 4 (G % 128 == 0) or 2 (G % 64 == 0) steps starting at an even step is unrolled
+ * at compile time: with the step count known only at run time, GCC kept the accumulators in
+ * a chain of register copies and redid the parity arithmetic each step, ~60 instructions a
+ * step where the vector work is ~30 (5.3 cycles per 64 columns of a row in L2). */
+template <int P, int T>
+inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int p0,
+                           const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
+                           const uint8_t* xu, int64_t Kp, float dot[2 * P][T]) {
+  const __m512i bias = _mm512_set1_epi32(128 * 65793);
+  constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
+  if (p0 == 0) prefetch_next_groups<4>(sc, zp, ng);
+  __m512 facc[P][T];
+  for (int p = 0; p < P; ++p)
+    for (int t = 0; t < T; ++t) facc[p][t] = _mm512_setzero_ps();
+  const int64_t steps_g = G / 32;
+  const int64_t unrolled = G % 128 == 0 ? 4 : G % 64 == 0 ? 2 : 0; /* 0: the run-time loop */
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i zb[P];
+    for (int p = 0; p < P; ++p) {
+      const int64_t ra = 2 * (p0 + p) * ng + g;
+      zb[p] = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[ra]), kRowB, (char)zp[ra + ng]);
+    }
+    const int64_t block = unrolled ? unrolled : 4;
+    for (int64_t s0 = g * steps_g; s0 < (g + 1) * steps_g; s0 += block) {
+      Panel24Acc<P, T> a;
+      /* one double step: both halves, and the next quad's lines of it (common.h) */
+      auto dstep = [&](uint64_t d) PQ_ALWAYS_INLINE {
+        const uint8_t* c = pc + 128 * d;
+        const uint8_t* m = pm + 64 * d;
+        if (p0 == 0) {
+          PQ_PREFETCH_NEXT_TILE(c + K);
+          PQ_PREFETCH_NEXT_TILE(c + K + 64);
+          PQ_PREFETCH_NEXT_TILE(m + K / 2);
+        }
+        panel24_step<true, false, P, T>(c, m, xu, Kp, (int64_t)(2 * d), p0, zb, a);
+        panel24_step<true, true, P, T>(c, m + 32, xu, Kp, (int64_t)(2 * d + 1), p0, zb, a);
+      };
+      const uint64_t d0 = (uint64_t)s0 / 2;
+      if (unrolled == 4) {
+        dstep(d0);
+        dstep(d0 + 1);
+      } else if (unrolled == 2) {
+        dstep(d0);
+      } else {
+        const int64_t s1 = s0 + 4 < (g + 1) * steps_g ? s0 + 4 : (g + 1) * steps_g;
+        for (int64_t st = s0; st < s1; ++st) {
+          const uint8_t* c = pc + 128 * (st / 2);
+          const uint8_t* m = pm + 64 * (st / 2) + 32 * (st % 2);
+          if (p0 == 0) {
+            PQ_PREFETCH_NEXT_TILE(c + K);
+            PQ_PREFETCH_NEXT_TILE(c + K + 64);
+            PQ_PREFETCH_NEXT_TILE(pm + 64 * (st / 2) + K / 2);
+          }
+          if (st % 2)
+            panel24_step<true, true, P, T>(c, m, xu, Kp, st, p0, zb, a);
+          else
+            panel24_step<true, false, P, T>(c, m, xu, Kp, st, p0, zb, a);
+        }
+      }
+      for (int p = 0; p < P; ++p) {
+        const int64_t ra = 2 * (p0 + p) * ng + g;
+        const __m512 sv = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[ra]),
+                                               _mm512_set1_ps(sc[ra + ng]));
+        const __m512i b = _mm512_mullo_epi32(a.wsum[p], bias);
+        for (int t = 0; t < T; ++t) {
+          const __m512i sum = _mm512_sub_epi32(
+              _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(a.acc[p][t][0], 16),
+                                                _mm512_slli_epi32(a.acc[p][t][1], 8)),
+                               a.acc[p][t][2]),
+              b);
+          facc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sv, facc[p][t]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < 2; ++r)
+      for (int t = 0; t < T; ++t) dot[2 * p + r][t] = _mm512_mask_reduce_add_ps(kPanel24Dw[r], facc[p][t]);
+}
+#endif
+
+}  // namespace
+}  // namespace PQ_NS
+#endif /* PQ_CPU_TILE_SPARSE24_FX_PANEL_H */
