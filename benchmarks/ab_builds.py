@@ -233,6 +233,8 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "sparse24 int8 panels 1x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40, panels=True),
         "sparse24 int4 panels g128 8x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 50, m=8,
                                                                         panels=True),
+        "sparse24 int8 panels 4x4096x4096": lambda: sparse24_quant(4096, 4096, 8, 40, m=4,
+                                                                   panels=True),
         "sparse24 int4 panels g128 L2 1x256x4096": lambda: sparse24_quant(256, 4096, 4, 1,
                                                                           panels=True),
         # the decode loops alone: 0.4-0.6 MB a weight, in L2

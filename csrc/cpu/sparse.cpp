@@ -223,16 +223,21 @@ void run_panels24(int bits, const float* x, int64_t M, int64_t K, int64_t ldx,
   }
 }
 
-/* fx's loops over a quad: at M = 1 both pairs at once (dot(Int<2>, Int<1>, p0 = 0, xu, m0 =
- * 0)); otherwise each pair against blocks of up to 4 rows of x (dot(Int<1>, Int<T>, p0,
- * xu + 3 m0 Kp, m0)), which read the quad's panel from L1 after the first. */
-template <class Dot>
+/* fx's loops over a quad: each pair against blocks of up to kMaxT rows of x (dot(Int<1>,
+ * Int<T>, p0, xu + 3 m0 Kp, m0)), which read the quad's panel from cache after the first; at
+ * M = 1 with kBothPairs both pairs at once (dot(Int<2>, Int<1>, 0, xu, 0)): a pair alone
+ * reads every other line of the quad, and the two passes at M = 1 took 1.7x as long from
+ * memory (one thread, int8, 4096 x 4096; in L1 a pair alone was 1.2x faster). int8 takes
+ * blocks of 2 rows of x (at M = 4 on one thread, 4096 x 4096: 0.96x the canonical op's float
+ * loop where blocks of 4 gave 0.82x), int4 of 4 (4.0 cycles per 64 columns of a weight row and
+ * a row of x in L1, 4.4 with 2). */
+template <int kMaxT, bool kBothPairs, class Dot>
 inline void panel24_fx_quad(int64_t M, int64_t Kp, const uint8_t* xu, Dot dot) {
-  if (M == 1) return dot(Int<2>{}, Int<1>{}, 0, xu, (int64_t)0);
+  if (kBothPairs && M == 1) return dot(Int<2>{}, Int<1>{}, 0, xu, (int64_t)0);
   for (int p0 = 0; p0 < 2; ++p0)
-    for (int64_t m = 0; m < M; m += kTileM) {
+    for (int64_t m = 0; m < M; m += kMaxT) {
       auto block = [&](auto, auto T_) { dot(Int<1>{}, T_, p0, xu + 3 * m * Kp, m); };
-      dispatch_t<1, kTileM>((int)min64(kTileM, M - m), block);
+      dispatch_t<1, kMaxT>((int)min64(kMaxT, M - m), block);
     }
 }
 
@@ -289,7 +294,7 @@ void sparse24_int8_panels_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
   run_panels24(
       8, x, M, K, ldx, pv, meta, N, n_threads, work,
       [&](int64_t q, const uint8_t* xu, int64_t Kp, const float* s3) {
-        panel24_fx_quad(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
+        panel24_fx_quad<2, true>(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
           constexpr int P = decltype(P_)::value, T = decltype(T_)::value;
           int32_t d[2 * P][T][3];
           dot24_i8_panel<P, T>(pv + 2 * q * K, meta + q * K / 2, K, p0, xb, Kp, d);
@@ -315,7 +320,7 @@ void sparse24_int4_panels_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
   run_panels24(
       4, x, M, K, ldx, codes, meta, N, n_threads, work,
       [&](int64_t q, const uint8_t* xu, int64_t Kp, const float* s3) {
-        panel24_fx_quad(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
+        panel24_fx_quad<4, true>(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
           constexpr int P = decltype(P_)::value, T = decltype(T_)::value;
           float d[2 * P][T];
           dot24_i4_panel<P, T>(codes + q * K, meta + q * K / 2, K, p0, scales + 4 * q * ng,
