@@ -155,6 +155,11 @@ def _decode_paths() -> dict:
 
     if panels.panel_layout_applies(n, k, "cpu"):
         paths["int4/int8_weight_only_mm_panels (bf16 x, avx512_bf16: M < 16/24)"] = "1 and up"
+    # the 2:4 + int8 / int4 panels (pyquant/sparse_panels.py): up to their workspace's rows,
+    # below which the dense break-even lies
+    sp4 = [m for m in probe if mod.sparse24_panels_workspace_bytes(isa, m, k) > 0]
+    if sp4:
+        paths["sparse24_int8/int4_mm_panels (below their dense break-even)"] = _ranges(sp4)
     return paths
 
 
@@ -351,7 +356,7 @@ def format_text(d: dict) -> str:
         lines.append("sparse ops on cpu: dense GEMM from the compressed weight from M rows on "
                      "(decompressing beats the sparse kernel there):")
         for name, m in be.items():
-            lines.append(f"  {name:<30}M >= {m}")
+            lines.append(f"  {name:<32}M >= {m}")
     fx = d.get("fixed_point_decode_m")
     if isinstance(fx, dict):
         lines.append("")
