@@ -343,19 +343,21 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
                         int64_t work_bytes);
 
 /* pq_sparse24_int8_mm and pq_sparse24_int4_mm with values and meta in 4-row panels
- * (csrc/cpu/tile_sparse24_fx_panel.h, pyquant/panels.py): the same bytes as the canonical
- * [N, K/2] int8 or [N, K/4] int4 and [N, K/8] meta, reordered so that the M = 1 path reads
- * one stream of values and one of meta per 4 rows and decodes them with fewer instructions;
- * scales and zeros stay canonical. N % 4 == 0, K % 128 == 0, K <= 32768; int4 G % 32 == 0.
- * Results as the canonical ops' on the same weight: without the fixed-point path bit for bit
- * (the same float loop runs on each quad's rows); with it as the canonical fixed-point path's
- * arithmetic (int8: the same; int4: the fp32 sums in another order), now also at M = 2-16. PQ_ERR_ISA on the builds without them (all but
- * AVX512-BF16 and AMX). */
-/* Their workspace: bytes for M rows of x in fixed point (3 M K rounded up), 0 past 16 rows or on
- * an ISA without them; with it (64-byte aligned) every M up to 16 runs the int8 dot products,
- * each pair of weight rows against blocks of up to 4 rows of x (at M = 1 both pairs of a quad
- * at once); without it, past 16 rows, or for rows of x that fixed point cannot hold, the float
- * loop runs on each quad's canonical rows. */
+ * (csrc/cpu/tile_sparse24_fx_panel.h, pyquant/sparse_panels.py): the same bytes as the
+ * canonical [N, K/2] int8 or [N, K/4] int4 and [N, K/8] meta, reordered so that the kernels
+ * read one stream of values and one of meta per 4 rows and decode them with fewer
+ * instructions; scales and zeros stay canonical. N % 4 == 0, K % 128 == 0, K <= 32768; int4
+ * G % 32 == 0. Results as the canonical ops' on the same weight: without the fixed-point path
+ * bit for bit (the same float loop runs on each quad's rows); with it the canonical M = 1
+ * fixed-point arithmetic (int8: the same; int4: the fp32 sums in another order), now at
+ * every M up to 32, where the canonical ops run the float loop from M = 2. PQ_ERR_ISA on the
+ * builds without them (all but AVX512-BF16 and AMX). */
+/* Their workspace: bytes for M rows of x in fixed point (3 M panel rows of a line past K
+ * rounded up to 128), 0 past 32 rows or on an ISA without them; with it (64-byte aligned)
+ * every M up to 32 runs the int8 dot products, each pair of weight rows against blocks of 2
+ * (int8) or 4 (int4) rows of x (at M = 1 both pairs of a quad at once); without it, past 32
+ * rows, or for rows of x that fixed point cannot hold, the float loop runs on each quad's
+ * canonical rows. */
 int64_t pq_sparse24_panels_workspace_bytes(int isa, int64_t M, int64_t K);
 int pq_sparse24_int8_panels_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                                const int8_t* values_q, const uint8_t* meta, int64_t N,
@@ -368,7 +370,7 @@ int pq_sparse24_int4_panels_mm(int isa, const float* x, int64_t M, int64_t K, in
                                int64_t work_bytes);
 /* Canonical values (bits 8: int8 [N, K/2]; bits 4: int4 codes [N, K/4]) and meta [N, K/8]
  * into those panels, or with unpack the other way (the panels are then read and the
- * canonical buffers written). Sizes as above. */
+ * canonical buffers written). Sizes as above; the two sides must not overlap. */
 int pq_pack_sparse24_panels(int isa, int bits, int unpack, uint8_t* values, uint8_t* meta,
                             int64_t N, int64_t K, uint8_t* panel_values, uint8_t* panel_meta,
                             int n_threads);

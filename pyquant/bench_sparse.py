@@ -44,7 +44,8 @@ BANDWIDTH_FLOOR = 0.75
 
 
 def _runs_on_panels(op: str, n: int, k: int) -> bool:
-    """True when sparse_impls' impl of ``op`` runs the 4-row panels op on an [n, k] weight."""
+    """True when sparse_impls' impl of ``op`` runs the 4-row panels op on an [n, k] weight (at
+    the group size of TARGETS' names, the only impls targets() reads)."""
     from . import sparse_panels
 
     group = {"sparse24_int8_mm": None, "sparse24_int4_mm": GROUP_SIZE}

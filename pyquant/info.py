@@ -159,7 +159,7 @@ def _decode_paths() -> dict:
     # below which the dense break-even lies
     sp4 = [m for m in probe if mod.sparse24_panels_workspace_bytes(isa, m, k) > 0]
     if sp4:
-        paths["sparse24_int8/int4_mm_panels (below their dense break-even)"] = _ranges(sp4)
+        paths["sparse24_int8/int4_mm_panels (up to their dense break-even)"] = _ranges(sp4)
     return paths
 
 

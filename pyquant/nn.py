@@ -223,10 +223,11 @@ class _QuantLinearBase(nn.Module):
 
 
 class _PanelLayout:
-    """Mixin of the int8 and int4 layers that keep their weight in the CPU backend's panel
-    layout (``pyquant.panels``) where the native kernels run fastest from it (AVX512 without
-    AMX, whole 32-row panels): the panels are then converted once, here, instead of on every
-    call. ``weight_layout`` says which: "rows" (the canonical buffers) or "panels" (the same
+    """Mixin of the layers that keep their weight in a CPU backend's panel layout where the
+    native kernels run fastest from it: the int8 and int4 layers in 32-row panels
+    (``pyquant.panels``: AVX512 without AMX), the 2:4 + int8 / int4 layers in 4-row panels
+    (``pyquant.sparse_panels``: AVX512 with VBMI). The panels are then converted once, here,
+    instead of on every call. ``weight_layout`` says which: "rows" (the canonical buffers) or "panels" (the same
     bytes, reordered). The layout never leaves the layer: ``state_dict`` (and so checkpoints),
     ``shard`` and moves to another device get the canonical buffers, and ``canonical(name)``
     returns one."""

@@ -78,6 +78,15 @@ class _SparseBase(_QuantLinearBase):
         """The weight as a dense float32 [N, K] (zeros where pruned; dequantized)."""
         raise NotImplementedError
 
+    def _canonical_24(self) -> tuple:
+        """(values or codes, meta) of a 2:4 + int layer in their canonical formats, unpacked
+        once when the layer keeps them in panels (nn._PanelLayout)."""
+        names = self._PANEL_BUFFERS
+        if getattr(self, "weight_layout", "rows") == "panels":
+            bufs = self._unpacked()
+            return bufs[names[0]], bufs[names[1]]
+        return getattr(self, names[0]), getattr(self, names[1])
+
     def sparsity(self) -> float:
         w = self.dense_weight()
         return float((w == 0).sum()) / max(1, w.numel())
@@ -239,8 +248,9 @@ class Sparse24Int8Linear(_PanelLayout, _SparseBase):
         return layer._take_sparse(sp)._pack_if_fast()
 
     def dense_weight(self):
-        v = formats.dequantize_int8_per_channel(self.canonical("weight_values"), self.weight_scale)
-        return sf.decompress_24(v, self.canonical("weight_meta"))
+        values, meta = self._canonical_24()
+        v = formats.dequantize_int8_per_channel(values, self.weight_scale)
+        return sf.decompress_24(v, meta)
 
     def shard_axes(self, dim):
         return {"weight_values": dim, "weight_meta": dim,
@@ -327,9 +337,10 @@ class Sparse24Int4Linear(_PanelLayout, _SparseBase):
         return layer._take_sparse(sp)._pack_if_fast()
 
     def dense_weight(self):
-        v = formats.dequantize_int4_groupwise(self.canonical("weight_packed"), self.weight_scales,
-                                              self.weight_zeros, self.group_size)
-        return sf.decompress_24(v, self.canonical("weight_meta"))
+        packed, meta = self._canonical_24()
+        v = formats.dequantize_int4_groupwise(packed, self.weight_scales, self.weight_zeros,
+                                              self.group_size)
+        return sf.decompress_24(v, meta)
 
     def _scheme_repr(self):
         return (f"sparse24_int4_weight_only, group_size={self.group_size}, "

@@ -198,6 +198,65 @@ def test_int4_op_zero_points_past_a_nibble_and_x_fixed_point_cannot_hold(backend
         assert torch.equal(got, rows)
 
 
+@pytest.mark.parametrize("backend,isa", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_op_x_fixed_point_cannot_hold_takes_the_float_loop(backend, isa, bits, m):
+    """A row of x with an Inf (fixed point cannot hold it): every row takes the float loop on
+    each quad's rows, the canonical op's result bit for bit (Inf and NaN where it has them)."""
+    n, k = 12, 256
+    v, meta, rest = _weight(n, k, bits)
+    pv, pm = sparse_panels.pack(v, meta, bits)
+    x = activation((m, k), seed=m)
+    x[m - 1, 7] = float("inf")
+    got = run_op(_op(bits) + "_panels", backend, isa, x, (pv, pm, *rest), None)
+    rows = run_op(_op(bits), backend, isa, x, (v, meta, *rest), None)
+    assert torch.equal(got.nan_to_num(), rows.nan_to_num())
+    assert torch.equal(got.isnan(), rows.isnan())
+
+
+@pytest.mark.parametrize("backend,isa", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+def test_op_runs_fixed_point_below_the_break_even(backend, isa, bits, m):
+    """The panels' fixed-point kernels really run at these M: x = 1 at one column and 1e-9
+    elsewhere, which 24-bit fixed point (steps of max|x| / 8323072) writes as exact zeros, so a
+    row that pruned that column gives exactly 0 there, where the float loop gives ~1e-9 w."""
+    if not _fx_path(_op(bits) + "_panels", backend, isa, m, 256):
+        pytest.skip(f"{isa}: no fixed-point panel path at M = {m}")
+    n, k = 16, 256
+    v, meta, rest = _weight(n, k, bits, g=32)
+    pv, pm = sparse_panels.pack(v, meta, bits)
+    x = torch.full((m, k), 1e-9)
+    x[:, 1] = 1.0
+    pruned = reference.dense_weight(_op(bits), k, v, meta, *rest)[:, 1] == 0
+    assert pruned.any()
+    got = run_op(_op(bits) + "_panels", backend, isa, x, (pv, pm, *rest), None)
+    assert torch.equal(got[:, pruned], torch.zeros(m, int(pruned.sum())))
+    expected = getattr(reference, _op(bits))(x, v, meta, *rest, None)
+    assert (expected[:, pruned] != 0).any()  # what the float arithmetic gives there
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 3, 48])
+def test_op_duplicate_positions_add_up(backend, isa, bits, m):
+    """Meta with a group's two positions equal (any meta bytes are safe, pq.h): the products add
+    up as in the reference; at M = 48 the dense path cannot write such a weight, and the call
+    runs the canonical op instead (its sparse kernel): bit for bit."""
+    n, k = 8, 256
+    v, meta, rest = _weight(n, k, bits, g=32)
+    meta = meta.clone()
+    meta[2, 3] = 0x00  # groups 6 and 7 of row 2: positions (0, 0)
+    pv, pm = sparse_panels.pack(v, meta, bits)
+    x = activation((m, k), seed=m)
+    got = run_op(_op(bits) + "_panels", backend, isa, x, (pv, pm, *rest), None)
+    expected = getattr(reference, _op(bits))(x, v, meta, *rest, None)
+    assert_close_named(got, expected, tol_name(_op(bits), x.dtype), f"m={m}")
+    if m == 48:
+        assert torch.equal(got, run_op(_op(bits), backend, isa, x, (v, meta, *rest), None))
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda v, m, s: (v[:2], m[:2], s[:2]), "multiple of 4"),
     (lambda v, m, s: (v[:, :32].contiguous(), m[:, :8].contiguous(), s), "multiple of 128"),
@@ -307,11 +366,12 @@ def test_layer_moves_shards_compiles_and_backprops(config):
     assert_close_named(xg.grad, xr.grad, tol_name(_op(8), x.dtype), "grad")
     layer = m[0]
     name = _values_name(layer)
-    w = layer.canonical(name).clone()
-    for rank in range(2 if isinstance(layer, pyquant.Sparse24Int8Linear) else 0):  # int4: no shards
-        a = layer.shard(0, rank, 2)
-        assert a.weight_layout == "panels"
-        assert torch.equal(a.canonical(name), w[96 * rank:96 * rank + 96])
+    if isinstance(layer, pyquant.Sparse24Int8Linear):  # (the 2:4 + int4 layer has no shards)
+        w = layer.canonical(name).clone()
+        for rank in range(2):
+            a = layer.shard(0, rank, 2)
+            assert a.weight_layout == "panels"
+            assert torch.equal(a.canonical(name), w[96 * rank:96 * rank + 96])
     m.to("meta")  # leaves the CPU: canonical rows go through the move
     assert m[0].weight_layout == "rows"
 

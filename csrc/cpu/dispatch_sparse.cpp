@@ -139,12 +139,12 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
 
 /* The sizes the 4-row panels of 2:4 + int8 / int4 take (pq.h). */
 static bool bad_panel24_sizes(int64_t N, int64_t K) {
-  return N < 0 || K <= 0 || N % 4 || K % 128 || K > 32768;
+  return N < 0 || K <= 0 || N % 4 || K % 128 || K > 32768 || too_big(N, K);
 }
 
 int64_t pq_sparse24_panels_workspace_bytes(int isa, int64_t M, int64_t K) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
-  if (M < 0 || K < 0 || too_big(3 * pq::kPanel24FxMaxM, K + 128)) return -1;
+  if (M < 0 || K < 0 || too_big(3 * pq::kPanel24FxMaxM, K + 256)) return -1;
   return t && t->pack_sparse24_panels && M >= 1 && M <= pq::kPanel24FxMaxM && K > 0
              ? 3 * M * pq::panel24_x_stride(K)
              : 0;
@@ -201,6 +201,7 @@ int pq_pack_sparse24_panels(int isa, int bits, int unpack, uint8_t* values, uint
   if ((bits != 8 && bits != 4) || bad_panel24_sizes(N, K) || missing(values, nv) ||
       missing(meta, N * K / 8) || missing(panel_values, nv) || missing(panel_meta, N * K / 8))
     return PQ_ERR_ARG;
+  if (N == 0) return PQ_OK;
   t->pack_sparse24_panels(bits, unpack != 0, values, meta, N, K, panel_values, panel_meta,
                           threads(n_threads));
   return PQ_OK;
@@ -282,6 +283,7 @@ int pq_sparse24_panels_decompress(int isa, int bits, const uint8_t* values, cons
                     missing(zeros, N * (K / 2 / group_size)) ||
                     !pq::zeros_fit_nibble(zeros, N * (K / 2 / group_size))))
     return PQ_ERR_ARG;
+  if (N == 0) return PQ_OK;
   return t->sparse24_panels_decompress(bits, values, meta, N, K, zeros, group_size, out,
                                        threads(n_threads))
              ? PQ_ERR_ARG

@@ -316,7 +316,7 @@ struct KernelTable {
 
 /* The most rows of x that the 2:4 int8/int4 panel ops write in fixed point (their workspace:
  * pq_sparse24_panels_workspace_bytes); past it, or without the workspace, they run the float
- * loop. The dense break-even of those layers is 16-24 rows. */
+ * loop. The dense break-even of those layers lies below it (24-32 rows on avx512_bf16). */
 constexpr int64_t kPanel24FxMaxM = 32;
 /* Bytes between their x term rows (sparse.cpp: run_panels24). */
 inline int64_t panel24_x_stride(int64_t K) { return (K + 127) / 128 * 128 + 64; }

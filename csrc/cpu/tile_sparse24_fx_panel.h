@@ -1,5 +1,5 @@
-/* 2:4 + int8 and 2:4 + int4 weights in 4-row panels (pyquant/panels.py, "2:4"), and the
- * M = 1 kernels that read them: the AVX512 builds with VBMI (AVX512-BF16, AMX).
+/* 2:4 + int8 and 2:4 + int4 weights in 4-row panels (pyquant/sparse_panels.py), and the
+ * fixed-point kernels that read them: the AVX512 builds with VBMI (AVX512-BF16, AMX).
  *
  * Why a layout of their own. From the canonical rows, dot24_i8_fx2 and dot24_i4_fx2
  * (tile_sparse.h) put two rows' values into one register with a masked broadcast, their
