@@ -178,36 +178,22 @@ void pack_sparse24_panels(int bits, bool unpack, uint8_t* vals, uint8_t* meta, i
  * them: the same arithmetic, for a reorder of L1-sized data a quad. */
 constexpr int64_t kPanel24MaxK = 32768;
 
-template <class Fx, class Rows>
-void run_panels24(int bits, const float* x, int64_t M, int64_t K, int64_t ldx,
-                  const uint8_t* vals, const uint8_t* meta, int64_t N, int n_threads, void* work,
-                  Fx fx, Rows rows) {
+/* Each quad q of a panel weight back into canonical rows (values [4][K bits / 16], meta
+ * [4][K/8]) on the thread's stack (kPanel24MaxK bounds K), then each(q, values, meta), whose
+ * int results are or'ed into the return value. Contiguous quads a thread, and the next one's
+ * panel prefetched while each() runs on this one's rows: the copy is a burst of reads that
+ * does not otherwise overlap the work (without it, 4096 x 4096 int4 at M = 2-8 took ~0.6 ms a
+ * call more than the canonical op on one thread; the copy alone, in cache, 0.19 ms). */
+template <class Each>
+int for_each_quad_rows(int bits, const uint8_t* vals, const uint8_t* meta, int64_t N, int64_t K,
+                       int n_threads, Each each) {
   const int64_t quads = N / 4, ldv = K * bits / 16;
   const int threads = quads < n_threads ? (int)quads : n_threads;
-  if (work) {
-    /* The x term rows one line past whole steps apart: at a multiple of 4 KiB the 3 M rows
-     * that a block of x rows reads each step share one L1 set (8 ways), and 4 rows of x took
-     * 1.5x longer (one quad, in L1: 5.4-5.9 against 3.5-3.7 cycles per 64 columns of a weight
-     * row and a row of x). */
-    const int64_t Kp = pq::panel24_x_stride(K);
-    float s3[3 * pq::kPanel24FxMaxM];
-    uint8_t* xu = (uint8_t*)work;
-    bool ok = M <= pq::kPanel24FxMaxM;
-    for (int64_t m = 0; ok && m < M; ++m) ok = fixed24_u8(x + m * ldx, K, Kp, xu + 3 * m * Kp, s3 + 3 * m);
-    if (ok) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-      for (int64_t q = 0; q < quads; ++q) fx(q, (const uint8_t*)xu, Kp, (const float*)s3);
-      return;
-    }
-  }
-#pragma omp parallel num_threads(threads) if (threads > 1)
+  int bad = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : bad)
   {
     alignas(64) uint8_t buf[4 * (kPanel24MaxK / 2 + kPanel24MaxK / 8)]; /* 80 KiB */
     uint8_t* bmeta = buf + 4 * ldv;
-    /* Contiguous quads a thread, and the next one's panel prefetched while this one's rows
-     * are multiplied: its copy is a burst of reads that does not otherwise overlap the
-     * products (without it, 4096 x 4096 int4 at M = 2-8 took ~0.6 ms a call more than the
-     * canonical op on one thread; the copy alone, in cache, 0.19 ms). */
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < quads; ++q) {
       panel24_quad(bits, true, buf, ldv, bmeta, K / 8, K, (uint8_t*)vals + 4 * q * ldv,
@@ -218,9 +204,40 @@ void run_panels24(int bits, const float* x, int64_t M, int64_t K, int64_t ldx,
         for (int64_t b = 0; b < 4 * ldv; b += 64) PQ_PREFETCH_NEXT_TILE(nv + b);
         for (int64_t b = 0; b < K / 2; b += 64) PQ_PREFETCH_NEXT_TILE(nm + b);
       }
-      rows(q, buf, bmeta);
+      bad |= each(q, (const uint8_t*)buf, (const uint8_t*)bmeta);
     }
   }
+  return bad;
+}
+
+template <class Fx, class Rows>
+void run_panels24(int bits, const float* x, int64_t M, int64_t K, int64_t ldx,
+                  const uint8_t* vals, const uint8_t* meta, int64_t N, int n_threads, void* work,
+                  Fx fx, Rows rows) {
+  const int64_t quads = N / 4;
+  const int threads = quads < n_threads ? (int)quads : n_threads;
+  if (work) {
+    /* The x term rows one line past whole steps apart: at a multiple of 4 KiB the 3 M rows
+     * that a block of x rows reads each step share one L1 set (8 ways), and 4 rows of x took
+     * 1.5x longer (one quad, in L1: 5.4-5.9 against 3.5-3.7 cycles per 64 columns of a weight
+     * row and a row of x). */
+    const int64_t Kp = pq::panel24_x_stride(K);
+    float s3[3 * pq::kPanel24FxMaxM];
+    uint8_t* xu = (uint8_t*)work;
+    bool ok = M <= pq::kPanel24FxMaxM;
+    for (int64_t m = 0; ok && m < M; ++m)
+      ok = fixed24_u8(x + m * ldx, K, Kp, xu + 3 * m * Kp, s3 + 3 * m);
+    if (ok) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+      for (int64_t q = 0; q < quads; ++q) fx(q, (const uint8_t*)xu, Kp, (const float*)s3);
+      return;
+    }
+  }
+  for_each_quad_rows(bits, vals, meta, N, K, n_threads,
+                     [&](int64_t q, const uint8_t* rv, const uint8_t* rm) {
+                       rows(q, rv, rm);
+                       return 0;
+                     });
 }
 
 /* fx's loops over a quad: each pair against blocks of up to kMaxT rows of x (dot(Int<1>,
@@ -248,27 +265,21 @@ inline void panel24_fx_quad(int64_t M, int64_t Kp, const uint8_t* xu, Dot dot) {
 int sparse24_panels_decompress(int bits, const uint8_t* vals, const uint8_t* meta, int64_t N,
                                int64_t K, const uint8_t* zeros, int64_t G, uint8_t* out,
                                int n_threads) {
-  const int64_t quads = N / 4, ldv = K * bits / 16;
-  const int threads = quads < n_threads ? (int)quads : n_threads;
-  int bad = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : bad)
-  {
-    alignas(64) uint8_t buf[4 * (kPanel24MaxK / 2 + kPanel24MaxK / 8)]; /* 80 KiB */
-    uint8_t* bmeta = buf + 4 * ldv;
-#pragma omp for schedule(static)
-    for (int64_t q = 0; q < quads; ++q) {
-      panel24_quad(bits, true, buf, ldv, bmeta, K / 8, K, (uint8_t*)vals + 4 * q * ldv,
-                   (uint8_t*)meta + q * K / 2);
-      for (int r = 0; r < 4; ++r) {
-        const int64_t n = 4 * q + r;
-        bad |= bits == 8
-                   ? decompress_24_row(buf + r * ldv, bmeta + r * K / 8, K, out + n * K)
-                   : decompress_24_int4_row(buf + r * ldv, bmeta + r * K / 8,
-                                            zeros + n * (K / 2 / G), K, G, out + n * K / 2);
-      }
-    }
-  }
-  return bad;
+  const int64_t ldv = K * bits / 16;
+  return for_each_quad_rows(bits, vals, meta, N, K, n_threads,
+                            [&](int64_t q, const uint8_t* rv, const uint8_t* rm) {
+                              int bad = 0;
+                              for (int r = 0; r < 4; ++r) {
+                                const int64_t n = 4 * q + r;
+                                bad |= bits == 8 ? decompress_24_row(rv + r * ldv, rm + r * K / 8,
+                                                                     K, (uint8_t*)out + n * K)
+                                                 : decompress_24_int4_row(
+                                                       rv + r * ldv, rm + r * K / 8,
+                                                       zeros + n * (K / 2 / G), K, G,
+                                                       out + n * K / 2);
+                              }
+                              return bad;
+                            });
 }
 
 /* The float loop of the canonical 2:4 ops over quad q's rows (values v, meta bm), all of x. */
