@@ -10,6 +10,7 @@ layers).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -341,6 +342,23 @@ class Sparse24Int4Linear(_PanelLayout, _SparseBase):
         v = formats.dequantize_int4_groupwise(packed, self.weight_scales, self.weight_zeros,
                                               self.group_size)
         return sf.decompress_24(v, meta)
+
+    def shard_axes(self, dim):
+        # codes, meta, scales and zeros all split along K by whole groups (shard_alignment)
+        return {"weight_packed": dim, "weight_meta": dim, "weight_scales": dim,
+                "weight_zeros": dim, "bias": 0 if dim == 0 else None,
+                **self._input_scale_axes(dim)}
+
+    def shard_alignment(self, dim):
+        # a K shard holds whole meta bytes (8 columns), whole code bytes (4 columns: two kept
+        # codes a byte) and whole groups of kept values (G kept = 2G columns)
+        return math.lcm(8, 2 * self.group_size) if dim == 1 else 1
+
+    def _alignment_reason(self, dim):
+        if dim == 0:
+            return "any size works"
+        return (f"group_size={self.group_size} kept values span {2 * self.group_size} columns: a "
+                "shard must hold whole scale groups and whole meta bytes (8 columns)")
 
     def _scheme_repr(self):
         return (f"sparse24_int4_weight_only, group_size={self.group_size}, "

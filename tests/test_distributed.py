@@ -572,11 +572,12 @@ def test_collective_latency_benchmark_runs():
     assert sum("/ TCP round trip" in ln for ln in p.stdout.splitlines()) == 2, p.stdout
 
 
-@pytest.mark.parametrize("config", [pyquant.Sparse24(), pyquant.Sparse24Int8WeightOnly()],
-                         ids=["sparse24", "sparse24_int8"])
+@pytest.mark.parametrize("config", [pyquant.Sparse24(), pyquant.Sparse24Int8WeightOnly(),
+                                    pyquant.Sparse24Int4WeightOnly(group_size=32)],
+                         ids=["sparse24", "sparse24_int8", "sparse24_int4"])
 @pytest.mark.parametrize("dim", [0, 1])
 def test_sparse24_layer_shards_compute_their_part(config, dim):
-    """The 2:4 layers (float, + int8) shard: a colwise shard computes its slice of the
+    """The 2:4 layers (float, + int8, + int4) shard: a colwise shard computes its slice of the
     output, a rowwise shard its partial sum over its K slice (bias added once, outside)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(_float_linear(64, 128))
@@ -592,6 +593,17 @@ def test_sparse24_layer_shards_compute_their_part(config, dim):
             got = sum(s(x.narrow(-1, 64 * r, 64)) - s.bias for r, s in enumerate(shards))
             got = got + layer.bias
     torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse24_int4_shard_alignment_names_the_sizes():
+    """A K shard of a 2:4 + int4 layer must hold whole groups of kept values (2G columns) and
+    whole meta bytes: 128 columns split 2 ways at group size 64 is refused with the sizes."""
+    model = torch.nn.Sequential(_float_linear(64, 128))
+    pyquant.sparsify_(model, pyquant.Sparse24Int4WeightOnly(group_size=64))
+    layer = model[0]
+    assert layer.shard_sizes_ok(1, 1) is None and layer.shard_sizes_ok(0, 2) is None
+    with pytest.raises(ValueError, match=r"in_features=128 split 2 ways is 64 per shard.*128"):
+        layer.shard(1, 0, 2)
 
 
 def test_demo_forward_computes_the_logits_generation_asks_for():

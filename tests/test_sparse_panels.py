@@ -366,12 +366,12 @@ def test_layer_moves_shards_compiles_and_backprops(config):
     assert_close_named(xg.grad, xr.grad, tol_name(_op(8), x.dtype), "grad")
     layer = m[0]
     name = _values_name(layer)
-    if isinstance(layer, pyquant.Sparse24Int8Linear):  # (the 2:4 + int4 layer has no shards)
-        w = layer.canonical(name).clone()
-        for rank in range(2):
-            a = layer.shard(0, rank, 2)
-            assert a.weight_layout == "panels"
-            assert torch.equal(a.canonical(name), w[96 * rank:96 * rank + 96])
+    w = layer.canonical(name).clone()
+    for rank in range(2):
+        a = layer.shard(0, rank, 2)
+        assert a.weight_layout == "panels"
+        assert torch.equal(a.canonical(name), w[96 * rank:96 * rank + 96])
+        assert torch.equal(a(x), layer(x)[:, 96 * rank:96 * rank + 96])
     m.to("meta")  # leaves the CPU: canonical rows go through the move
     assert m[0].weight_layout == "rows"
 
