@@ -433,7 +433,7 @@ int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* m
  * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
  * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified).
  * On the AVX512-BF16 and AMX builds, bf16 values with rows of x that are all bf16 values (M * K up to
- * about 32768) run on vdpbf16ps: the products are exact as everywhere, but a subnormal
+ * about 131072) run on vdpbf16ps: the products are exact as everywhere, but a subnormal
  * bf16 value or x entry is read as zero and a subnormal partial sum is flushed to zero. */
 int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                               const uint8_t* bitmask, const void* values, int values_dtype,

@@ -171,6 +171,18 @@ def test_unstructured_tails(backend, isa, k, density):
     _check("sparse_unstructured_mm", isa, activation((2, k)), (bm, vals.clone(), off))
 
 
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("m,k", [(2, 9000), (4, 9000), (7, 9000), (7, 20000)])
+def test_unstructured_bf16_rows_of_x_past_the_stack_copy(backend, isa, m, k):
+    """bf16 values against bf16 x: the vdpbf16ps loop narrows x once, on the stack up to 32768
+    values and on the heap up to 131072 (M = 4 and 7 at K = 9000); past that (M = 7 at
+    K = 20000) the float loop runs. All agree with the reference."""
+    mask = torch.rand(6, k, generator=gen(k)) < 0.3
+    w = (torch.randn(6, k, generator=gen(k + 1)) * mask).to(torch.bfloat16)
+    _check("sparse_unstructured_mm", isa, activation((m, k), torch.bfloat16, seed=m),
+           sf.compress_unstructured(w, mask))
+
+
 def _before_guard_page(t: torch.Tensor):
     """A copy of `t` whose last byte is the last one before a page the process may not read
     (PROT_NONE), and the mapping that holds it (keep it alive): a kernel that reads one
