@@ -10,9 +10,12 @@ two neighbours that a variable shift splits; each of the 4 rows of a tile is als
 streams (values, meta). In a panel one load gives a pair's 64 lanes, one 16-byte broadcast
 its meta, and an int4 byte the same lane of two consecutive steps: 9 vector uops per 64
 kept values where the rows take 11 (int8), 11.5 where they take 14 (int4), and a 4-row tile
-is one stream of values and one of meta. Measured on a 2-core Zen 4 (4096 x 4096, M = 1):
-one thread 1.18-1.26x; two threads int4 1.01-1.28x, int8 ~1.0x (its two threads already
-stream at the memory's speed).
+is one stream of values and one of meta. The panel kernels also run the int8 dot products at
+every M below the dense break-even (up to 32 rows of x), where the canonical rows do at M = 1
+only, and the dense path decompresses straight from the panels. Measured on a 2-core Zen 4
+against the same ops on the canonical rows (4096 x 4096 and 11008 x 4096, in one process):
+M = 1 one thread 1.06-1.14x; two threads int4 1.04-1.24x, int8 0.95-1.02x (its two threads
+stream at the memory's speed either way); M = 2-16 int4 1.00-1.24x, int8 0.92-1.18x.
 
 The layers (Sparse24Int8Linear, Sparse24Int4Linear) keep their values and meta in panels where
 ``layout_applies``, and give the canonical formats back for ``state_dict``, checkpoints,
