@@ -167,9 +167,13 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
                      + f"{100 * r['bw_share']:4.0f}% {100 * r['bw_share_now']:4.0f}% "
                      f"{be if be is not None else '-':>12}  "
                      f"{r['vs']}{flag}")
-    if rows:
-        med = statistics.median(r["speedup"] for r in rows if r["speedup"])
-        lines.append(f"median speedup over the dense counterparts: {med:.2f}x")
+    speedups = [r["speedup"] for r in rows if r["speedup"]]
+    if speedups:
+        lines.append(f"median speedup over the dense counterparts: "
+                     f"{statistics.median(speedups):.2f}x")
+    elif rows:  # e.g. --impls that leaves the dense counterparts out
+        missing = sorted({r["vs"] for r in rows})
+        lines.append(f"no speedups: this run has no {', '.join(missing)} (add them to --impls)")
     return "\n".join(lines)
 
 

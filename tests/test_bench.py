@@ -174,6 +174,20 @@ def test_sparse_targets_say_what_a_row_misses():
     assert "below target" not in lines[3]
 
 
+def test_sparse_targets_without_the_dense_counterparts():
+    """A run whose --impls leave the dense counterparts out (pyquant bench --impls sparse24_int)
+    has no speedups: the table says which counterpart is missing instead of failing."""
+    from pyquant.bench_sparse import format_targets
+
+    r = {"impl": "pyquant.sparse24_int8_mm", "shape": "384x1536", "m": 1, "ms": 0.1,
+         "vs": "pyquant.int8_weight_only_mm", "speedup": None, "min_speedup": 1.4,
+         "bw_share": 0.5, "bw_share_now": 0.5, "dense_from_m": 16, "ok": False}
+    text = format_targets([r, dict(r, shape="1536x384")])
+    assert "(below target: speedup < 1.4x, bw% < 75%)" in text
+    assert text.splitlines()[-1] == ("no speedups: this run has no pyquant.int8_weight_only_mm "
+                                     "(add them to --impls)")
+
+
 @pytest.mark.skipif(not _native.available(), reason="needs the native module")
 def test_fixed_point_ab_script_runs(capsys):
     """benchmarks/fixed_point_ab.py on tiny shapes: a line per op and shape, with the ratios;
