@@ -197,7 +197,7 @@ def check_sparse24_panels(op: str, values, group_size=None) -> None:
     from . import sparse_panels
 
     n = values.shape[0]
-    k = values.shape[1] * (2 if values.dtype == torch.int8 else 4)
+    k = sparse_panels.in_features(values, 8 if values.dtype == torch.int8 else 4)
     if not sparse_panels.shape_ok(n, k) or (group_size is not None and group_size % 32):
         raise ValueError(
             f"{op}: panels [N={n}, K={k}]{'' if group_size is None else f', group_size={group_size}'}"

@@ -183,7 +183,7 @@ def _sparse24_rows(values: torch.Tensor, meta: torch.Tensor, bits: int) -> tuple
     if not sparse_panels.has_kernels(isa):
         return sparse_panels.unpack(values, meta, bits)
     n, nb = values.shape[0], values.numel()
-    k = values.shape[1] * (2 if bits == 8 else 4)
+    k = sparse_panels.in_features(values, bits)
     v, m = values.contiguous(), meta.contiguous()
     rv = _work(("sparse24_rows", bits), nb, cap=False)[:nb].view(v.dtype).view(v.shape)
     rm = _work("sparse24_rows_meta", m.numel(), cap=False)[:m.numel()].view(m.shape)
@@ -200,7 +200,7 @@ def _sparse24_dense(values: torch.Tensor, meta: torch.Tensor, bits: int, zeros=N
     (bits 8) or dense int4 codes [N, K/2] (bits 4), or None where it cannot be written (a
     group's positions not increasing, an int4 zero point past 15)."""
     n = values.shape[0]
-    k = values.shape[1] * (2 if bits == 8 else 4)
+    k = sparse_panels.in_features(values, bits)
     v, m = values.contiguous(), meta.contiguous()
     z = None if zeros is None else zeros.contiguous()
     out = (_scratch(torch.int8, n, k) if bits == 8 else _scratch(torch.uint8, n, k // 2))
@@ -215,7 +215,7 @@ def _run_sparse24_panels(op: str, x, values, meta, bits: int, rows, call, dense)
     from it, dense() runs the dense path on the weight decompressed from the panels (None:
     it cannot be); otherwise rows(values, meta) runs the canonical op on the unpacked weight."""
     n = values.shape[0]
-    k = values.shape[1] * (2 if bits == 8 else 4)
+    k = sparse_panels.in_features(values, bits)
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     isa = current_isa()

@@ -49,6 +49,12 @@ MAX_K = 32768  # the kernels' stack copy of a quad's rows (pq.h)
 _use_native = True  # tests turn it off to compare the PyTorch packers with the native ones
 
 
+def in_features(values: torch.Tensor, bits: int) -> int:
+    """K of a 2:4 weight from its values: int8 [N, K/2] (bits 8) or int4 codes [N, K/4] (bits 4),
+    canonical or in panels (the same shapes)."""
+    return values.shape[1] * (2 if bits == 8 else 4)
+
+
 def shape_ok(n: int, k: int) -> bool:
     """True when an [n, k] 2:4 weight has a panel layout (whole quads, whole step pairs)."""
     return n > 0 and 0 < k <= MAX_K and n % ROWS == 0 and k % K_ALIGN == 0
@@ -85,7 +91,7 @@ def layout_applies(n: int, k: int, device, group_size: int | None = None) -> boo
 def _check(what: str, values: torch.Tensor, meta: torch.Tensor, bits: int) -> tuple:
     n = values.shape[0] if values.dim() == 2 else -1
     per = 2 if bits == 8 else 4  # columns of K a byte of values
-    k = values.shape[1] * per if values.dim() == 2 else -1
+    k = in_features(values, bits) if values.dim() == 2 else -1
     dtype = torch.int8 if bits == 8 else torch.uint8
     if (bits not in (4, 8) or values.dtype != dtype or not shape_ok(n, k)
             or meta.dtype != torch.uint8 or tuple(meta.shape) != (n, k // 8)):

@@ -90,10 +90,31 @@ int64_t pq_sparse24_workspace_bytes(int isa, int64_t M, int64_t K) {
   return isa >= PQ_ISA_AVX512_BF16 && M == 1 && K > 0 ? 3 * ((K + 127) / 128 * 128) : 0;
 }
 
-/* The M = 1 path's scratch when the caller gave all of it, 64-byte aligned; else null. */
-static void* fx_work(int isa, int64_t M, int64_t K, void* work, int64_t work_bytes) {
-  const int64_t need = pq_sparse24_workspace_bytes(isa, M, K);
+/* A fixed-point path's scratch when the caller gave all `need` bytes of it (need > 0: the path
+ * applies), 64-byte aligned; else null. */
+static void* aligned_work(int64_t need, void* work, int64_t work_bytes) {
   return work && need > 0 && work_bytes >= need && !((uintptr_t)work & 63) ? work : nullptr;
+}
+
+/* The M = 1 path's scratch (pq_sparse24_workspace_bytes). */
+static void* fx_work(int isa, int64_t M, int64_t K, void* work, int64_t work_bytes) {
+  return aligned_work(pq_sparse24_workspace_bytes(isa, M, K), work, work_bytes);
+}
+
+/* The arguments of 2:4 + int8 (canonical or panels) that the op cannot take. */
+static bool bad_24_int8(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* values_q,
+                        const uint8_t* meta, int64_t N, const float* scale, const float* out) {
+  return bad_24(x, M, K, ldx, meta, N, out) || missing(values_q, N * K / 2) || missing(scale, N);
+}
+
+/* The same for 2:4 + int4 (group size G over the kept values: even, dividing K/2). */
+static bool bad_24_int4(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
+                        const uint8_t* meta, int64_t N, const float* scales,
+                        const uint8_t* zeros, int64_t G, const float* out) {
+  if (bad_24(x, M, K, ldx, meta, N, out) || G <= 0 || G % 2 != 0 || (K / 2) % G != 0)
+    return true;
+  const int64_t groups = N * (K / 2 / G);
+  return missing(packed, N * K / 4) || missing(scales, groups) || missing(zeros, groups);
 }
 
 int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
@@ -102,8 +123,7 @@ int pq_sparse24_int8_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
                         void* work, int64_t work_bytes) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t) return PQ_ERR_ISA;
-  if (bad_24(x, M, K, ldx, meta, N, out) || missing(values_q, N * K / 2) || missing(scale, N))
-    return PQ_ERR_ARG;
+  if (bad_24_int8(x, M, K, ldx, values_q, meta, N, scale, out)) return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   t->sparse24_int8_mm(x, M, K, ldx, values_q, meta, N, scale, bias, out, threads(n_threads),
@@ -118,12 +138,9 @@ int pq_sparse24_int4_mm(int isa, const float* x, int64_t M, int64_t K, int64_t l
                         int64_t work_bytes) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t) return PQ_ERR_ISA;
-  if (bad_24(x, M, K, ldx, meta, N, out) || group_size <= 0 || group_size % 2 != 0 ||
-      (K / 2) % group_size != 0)
+  if (bad_24_int4(x, M, K, ldx, packed, meta, N, scales, zeros, group_size, out))
     return PQ_ERR_ARG;
   const int64_t groups = N * (K / 2 / group_size);
-  if (missing(packed, N * K / 4) || missing(scales, groups) || missing(zeros, groups))
-    return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   /* no workspace: no fixed-point path (the zero points are scanned only where it applies) */
@@ -150,10 +167,9 @@ int64_t pq_sparse24_panels_workspace_bytes(int isa, int64_t M, int64_t K) {
              : 0;
 }
 
-/* The panel ops' fixed-point scratch when the caller gave all of it, 64-byte aligned. */
+/* The panel ops' fixed-point scratch (pq_sparse24_panels_workspace_bytes). */
 static void* panels_fx_work(int isa, int64_t M, int64_t K, void* work, int64_t work_bytes) {
-  const int64_t need = pq_sparse24_panels_workspace_bytes(isa, M, K);
-  return work && need > 0 && work_bytes >= need && !((uintptr_t)work & 63) ? work : nullptr;
+  return aligned_work(pq_sparse24_panels_workspace_bytes(isa, M, K), work, work_bytes);
 }
 
 int pq_sparse24_int8_panels_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
@@ -162,8 +178,7 @@ int pq_sparse24_int8_panels_mm(int isa, const float* x, int64_t M, int64_t K, in
                                void* work, int64_t work_bytes) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t || !t->sparse24_int8_panels_mm) return PQ_ERR_ISA;
-  if (bad_24(x, M, K, ldx, meta, N, out) || bad_panel24_sizes(N, K) ||
-      missing(values_q, N * K / 2) || missing(scale, N))
+  if (bad_24_int8(x, M, K, ldx, values_q, meta, N, scale, out) || bad_panel24_sizes(N, K))
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   t->sparse24_int8_panels_mm(x, M, K, ldx, values_q, meta, N, scale, bias, out,
@@ -178,12 +193,10 @@ int pq_sparse24_int4_panels_mm(int isa, const float* x, int64_t M, int64_t K, in
                                int64_t work_bytes) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t || !t->sparse24_int4_panels_mm) return PQ_ERR_ISA;
-  if (bad_24(x, M, K, ldx, meta, N, out) || bad_panel24_sizes(N, K) || group_size <= 0 ||
-      group_size % 32 != 0 || (K / 2) % group_size != 0)
+  if (bad_24_int4(x, M, K, ldx, codes, meta, N, scales, zeros, group_size, out) ||
+      bad_panel24_sizes(N, K) || group_size % 32 != 0)
     return PQ_ERR_ARG;
   const int64_t groups = N * (K / 2 / group_size);
-  if (missing(codes, N * K / 4) || missing(scales, groups) || missing(zeros, groups))
-    return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   void* fx = panels_fx_work(isa, M, K, work, work_bytes);
   if (fx && !pq::zeros_fit_nibble(zeros, groups)) fx = nullptr; /* as pq_sparse24_int4_mm */
