@@ -67,11 +67,15 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
     """bench.Impl entries of the four sparse ops on magnitude-pruned weights. Activations
     are cast to bf16 first where the dense baseline does (F.linear[bf16]), so both sides
     pay the same conversion."""
-    from . import ops  # noqa: F401  registers torch.ops.pyquant
-    from . import sparse_panels
+    from . import ops, sparse_panels
     from .bench import Impl
 
-    op = torch.ops.pyquant
+    # ops.call, as the dense pyquant impls (bench.pyquant_impls): what the layers run in eager
+    # inference, without the dispatcher's Python wrappers (~30 us a call, which the dense
+    # side does not pay either)
+    def op(name):
+        return lambda *a: ops.call(name, *a)
+
     bf16 = torch.bfloat16
 
     def make_24_bf16(w):
@@ -83,22 +87,22 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
         v, meta = sf.compress_24(w)
         q, s = sf.quantize_24_int8(v)
         if sparse_panels.layout_applies(*w.shape, w.device):
-            return (*sparse_panels.pack(q, meta, 8), s, op.sparse24_int8_mm_panels)
-        return q, meta, s, op.sparse24_int8_mm
+            return (*sparse_panels.pack(q, meta, 8), s, op("sparse24_int8_mm_panels"))
+        return q, meta, s, op("sparse24_int8_mm")
 
     def make_24_int4(w):
         v, meta = sf.compress_24(w)
         p, s, z = sf.quantize_24_int4(v, group_size)
         if sparse_panels.layout_applies(*w.shape, w.device, group_size):
-            return (*sparse_panels.pack(p, meta, 4), s, z, op.sparse24_int4_mm_panels)
-        return p, meta, s, z, op.sparse24_int4_mm
+            return (*sparse_panels.pack(p, meta, 4), s, z, op("sparse24_int4_mm_panels"))
+        return p, meta, s, z, op("sparse24_int4_mm")
 
     def make_unstructured(w):
         return sf.compress_unstructured(w.to(bf16), _unstructured_mask(w, sparsity))
 
     return [
         Impl("pyquant.sparse24_mm[bf16]", "pyquant", make_24_bf16,
-             lambda s, x: op.sparse24_mm(x.to(bf16), s[0], s[1], None),
+             lambda s, x: ops.call("sparse24_mm", x.to(bf16), s[0], s[1], None),
              lambda s: _bytes(*s), "sparse24_mm"),
         Impl("pyquant.sparse24_int8_mm", "pyquant", make_24_int8,
              lambda s, x: s[3](x, s[0], s[1], s[2], None),
@@ -108,7 +112,8 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
              lambda s: _bytes(*s), "sparse24_int4_mm"),
         Impl(f"pyquant.sparse_unstructured_mm[bf16,{round(sparsity * 100)}%]", "pyquant",
              make_unstructured,
-             lambda s, x: op.sparse_unstructured_mm(x.to(bf16), s[0], s[1], s[2], None),
+             lambda s, x: ops.call("sparse_unstructured_mm", x.to(bf16), s[0], s[1], s[2],
+                                        None),
              lambda s: _bytes(*s), "sparse_unstructured_mm"),
     ]
 

@@ -284,3 +284,35 @@ def test_measure_peaks_has_a_ceiling_per_unit():
     assert peaks["fp32"] > 0 and peaks["int8"] >= peaks["fp32"]
     amx = _native.ISA_NAMES[_native.best_isa()] == "avx512_amx"
     assert ("bf16" in peaks) == ("avx512_bf16" in flags and not amx)
+
+
+def test_every_pyquant_impl_runs_without_the_dispatcher(monkeypatch):
+    """The dense and the sparse impls both time what the layers run in eager inference
+    (ops.call: no dispatcher wrappers, ~30 us a call). The sparse ones went through
+    torch.ops.pyquant.* while the dense ones did not, which charged every sparse-over-dense
+    ratio at decode that much more per call."""
+    import torch
+
+    from pyquant import bench_sparse, ops
+
+    called = []
+    real_call = ops.call
+    monkeypatch.setattr(ops, "call", lambda op, *a: called.append(op) or real_call(op, *a))
+    real_ops = torch.ops.pyquant
+    through_dispatcher = []
+
+    class Spy:
+        def __getattr__(self, name):
+            through_dispatcher.append(name)
+            return getattr(real_ops, name)
+
+    monkeypatch.setattr(torch.ops, "pyquant", Spy(), raising=False)
+    w = torch.randn(8, 256)
+    x = torch.randn(1, 256)
+    impls = bench.pyquant_impls(group_size=128) + bench_sparse.sparse_impls(group_size=128)
+    for impl in impls:
+        n = len(called)
+        impl.run(impl.make(w), x)
+        assert len(called) == n + 1, impl.name
+    assert through_dispatcher == []
+    assert any(op.startswith("sparse") for op in called)
