@@ -1,21 +1,24 @@
 """The CPU backend's own layout of 2:4 + int8 and 2:4 + int4 weights: 4-row panels, packed once
 at swap time (the sparse counterpart of ``pyquant.panels``).
 
-The decode kernels of these layers (csrc/cpu/tile_sparse24_fx_panel.h: AVX512 with VBMI, so
-the AVX512-BF16 and AMX levels) multiply two weight rows a register: 64 byte lanes hold 32
-kept values of each, the x bytes under them gathered by one permute per term from the
-positions in the meta. From the canonical rows they first put the two rows' values into one
-register and their meta into another (a masked broadcast each), and an int4 code byte holds
-two neighbours that a variable shift splits; each of the 4 rows of a tile is also two
-streams (values, meta). In a panel one load gives a pair's 64 lanes, one 16-byte broadcast
-its meta, and an int4 byte the same lane of two consecutive steps: 9 vector uops per 64
-kept values where the rows take 11 (int8), 11.5 where they take 14 (int4), and a 4-row tile
-is one stream of values and one of meta. The panel kernels also run the int8 dot products at
-every M below the dense break-even (up to 32 rows of x), where the canonical rows do at M = 1
-only, and the dense path decompresses straight from the panels. Measured on a 2-core Zen 4
-against the same ops on the canonical rows (4096 x 4096 and 11008 x 4096, in one process):
-M = 1 one thread 1.06-1.14x; two threads int4 1.04-1.24x, int8 0.95-1.02x (its two threads
-stream at the memory's speed either way); M = 2-16 int4 1.00-1.24x, int8 0.92-1.18x.
+The decode kernels of these layers (csrc/cpu/tile_sparse24_fx_panel.h: AVX512 with VBMI and
+BMI2, so the AVX512-BF16 and AMX levels) multiply two weight rows a register: 64 byte lanes
+hold 32 kept values of each, the x bytes under them gathered by one in-lane shuffle per term
+from the positions in the meta. From the canonical rows they first put the two rows' values
+into one register and their meta into another (a masked broadcast each), and an int4 code
+byte holds two neighbours that a variable shift splits; each of the 4 rows of a tile is also
+two streams (values, meta). In a panel one load gives a pair's 64 lanes, one 16-byte
+broadcast and one shift its meta (each lane's position sits in the byte lane it needs, at
+bits 2l of 128-bit lane l), and an int4 byte the same lane of two consecutive steps: 9
+vector uops per 64 kept values where the rows take 11 (int8), 11.5 where they take 14
+(int4), and a 4-row tile is one stream of values and one of meta. The panel kernels also
+run the int8 dot products at every M below the dense break-even (up to 32 rows of x), where
+the canonical rows do at M = 1 only, and the dense path decompresses straight from the
+panels. Measured on a 2-core Zen 4 against the same ops on the canonical rows (4096 x 4096
+and 11008 x 4096, in one process), with the first form of the meta bytes (the canonical
+ones reordered, gathered per lane by a byte permute, ~6% slower a call than now): M = 1 one
+thread 1.06-1.14x; two threads int4 1.04-1.24x, int8 0.95-1.02x (its two threads stream at
+the memory's speed either way); M = 2-16 int4 1.00-1.24x, int8 0.92-1.18x.
 
 The layers (Sparse24Int8Linear, Sparse24Int4Linear) keep their values and meta in panels where
 ``layout_applies``, and give the canonical formats back for ``state_dict``, checkpoints,
@@ -32,15 +35,19 @@ of the step, so the rows alternate by 8-byte word:
     int4  codes [N, K/4]:  codes[4q:4q+4].flatten()[128 d + 64 p + L] = code 64 d + k (low
           nibble) | code 64 d + 32 + k (high nibble) of that row: the same lane of steps
           2d and 2d + 1
-    meta  [N, K/8]:        meta[4q:4q+4].flatten()[32 s + 8 i : 32 s + 8 i + 8] = the
-          canonical meta bytes of row 4q + i's step s (its 8 bytes 8 s .. 8 s + 7)
+    meta  [N, K/8]:        bits 2l, 2l + 1 (l < 4) of meta[4q:4q+4].flatten()[32 s + 16 p +
+          8 r + i] (i < 8) = the position of kept value 32 s + 8 l + i of row 4q + 2p + r:
+          byte lane 8 r + i of each 128-bit lane l of a pair's 16 bytes a step, so that one
+          shift by 2l puts a lane's own position in its low bits
 
-so a quad's panel is the bytes of its four canonical rows, reordered, and slicing whole quads
-is slicing rows.
+so a quad's panel holds the same bits as its four canonical rows, reordered, and slicing
+whole quads is slicing rows.
 """
 from __future__ import annotations
 
 import torch
+
+from . import sparse_formats as sf
 
 ROWS = 4  # weight rows a panel
 K_ALIGN = 128  # whole pairs of 32-value steps (an int4 byte holds two steps)
@@ -129,6 +136,30 @@ def _nibbles(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack((codes & 0x0F, codes >> 4), dim=-1)
 
 
+_LANE_SHIFTS = (0, 2, 4, 6)  # a panel meta byte's bits of 128-bit lane l: 2l, 2l + 1
+
+
+def _pack_meta(meta: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Canonical meta [N, K/8] -> its panel bytes (the docstring's formula)."""
+    q, s = n // ROWS, k // 64
+    # kept value 32 s + 8 l + i of row 2 p + r: (quad, pair, row, step, l, i)
+    pos = sf.unpack_24_meta(meta, k).to(torch.uint8).reshape(q, 2, 2, s, 4, 8)
+    pos = pos.permute(0, 3, 1, 2, 5, 4)  # (quad, step, pair, row, i, l)
+    out = torch.zeros(pos.shape[:-1], dtype=torch.uint8)
+    for lane, shift in enumerate(_LANE_SHIFTS):
+        out |= pos[..., lane] << shift
+    return out.contiguous().view(n, k // 8)
+
+
+def _unpack_meta(pm: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Panel meta bytes -> the canonical meta [N, K/8]; the inverse of _pack_meta."""
+    q, s = n // ROWS, k // 64
+    b = pm.reshape(q, s, 2, 2, 8)  # (quad, step, pair, row, i)
+    pos = torch.stack([(b >> shift) & 3 for shift in _LANE_SHIFTS], dim=-1)  # ..., l
+    pos = pos.permute(0, 2, 3, 1, 5, 4).reshape(n, k // 2)  # (quad, pair, row, step, l, i)
+    return sf.pack_24_meta(pos)
+
+
 def pack(values: torch.Tensor, meta: torch.Tensor, bits: int) -> tuple:
     """Canonical 2:4 + int8 (bits 8: values int8 [N, K/2]) or + int4 (bits 4: codes uint8
     [N, K/4]) and meta [N, K/8] -> their panels (same dtypes and shapes)."""
@@ -144,8 +175,7 @@ def pack(values: torch.Tensor, meta: torch.Tensor, bits: int) -> tuple:
         c = _nibbles(values).reshape(q, 2, 2, s // 2, 2, 4, 8)
         c = c.permute(0, 3, 1, 5, 2, 6, 4)  # (quad, d, pair, k // 8, row, k % 8, h)
         pv = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(n, k // 4)
-    pm = meta.reshape(q, ROWS, s, 8).permute(0, 2, 1, 3).contiguous().view(n, k // 8)
-    return pv, pm
+    return pv, _pack_meta(meta, n, k)
 
 
 def unpack(values: torch.Tensor, meta: torch.Tensor, bits: int) -> tuple:
@@ -163,5 +193,4 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, bits: int) -> tuple:
         c = c.permute(0, 2, 4, 1, 6, 3, 5).reshape(n, k // 2)  # kept order along the row
         c = c.view(n, k // 4, 2)
         rv = (c[..., 0] | (c[..., 1] << 4)).contiguous()
-    rm = meta.reshape(q, s, ROWS, 8).permute(0, 2, 1, 3).contiguous().view(n, k // 8)
-    return rv, rm
+    return rv, _unpack_meta(meta, n, k)

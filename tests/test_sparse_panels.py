@@ -77,6 +77,7 @@ def test_layout_formula(bits, packer):
         kept = torch.stack((v & 15, v >> 4), dim=-1).reshape(n, k // 2).to(torch.int64)
     flat_v = pv.view(torch.uint8).reshape(n // 4, -1).to(torch.int64)
     flat_m = pm.reshape(n // 4, -1)
+    pos = sf.unpack_24_meta(meta, k)  # position of each kept value, row by row
     for q in range(n // 4):
         for s in range(k // 64):
             for p in range(2):
@@ -90,9 +91,13 @@ def test_layout_formula(bits, packer):
                         d = s // 2
                         want = int(kept[row, 64 * d + kk]) | int(kept[row, 64 * d + 32 + kk]) << 4
                         assert int(flat_v[q, 128 * d + 64 * p + lane]) == want
-            for i in range(4):
-                assert torch.equal(flat_m[q, 32 * s + 8 * i:32 * s + 8 * i + 8],
-                                   meta[4 * q + i, 8 * s:8 * s + 8])
+            for p in range(2):
+                for r in range(2):
+                    for i in range(8):
+                        byte = int(flat_m[q, 32 * s + 16 * p + 8 * r + i])
+                        for lane in range(4):
+                            want = int(pos[4 * q + 2 * p + r, 32 * s + 8 * lane + i])
+                            assert (byte >> (2 * lane)) & 3 == want
 
 
 @pytest.mark.parametrize("bits", [8, 4])

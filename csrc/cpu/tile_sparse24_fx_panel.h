@@ -1,5 +1,6 @@
 /* 2:4 + int8 and 2:4 + int4 weights in 4-row panels (pyquant/sparse_panels.py), and the
- * fixed-point kernels that read them: the AVX512 builds with VBMI (AVX512-BF16, AMX).
+ * fixed-point kernels that read them: the AVX512 builds with VBMI and BMI2 (AVX512-BF16,
+ * AMX), whose packer permutes bytes (vpermb) and moves the meta bits (pext, pdep).
  *
  * Why a layout of their own. From the canonical rows, dot24_i8_fx2 and dot24_i4_fx2
  * (tile_sparse.h) put two rows' values into one register with a masked broadcast, their
@@ -20,12 +21,20 @@
  *   int8: values[2qK + 128 s + 64 p + L] = value 32s + k of pair row r;
  *   int4: codes[qK + 128 d + 64 p + L] = code 64d + k (low nibble) | code 64d + 32 + k
  *         (high nibble) of pair row r: the same lane of steps 2d and 2d + 1;
- *   meta[qK/2 + 32 s + 8 i ..+8]: the canonical 8 meta bytes of row i's step s.
- * One 16-byte broadcast of a step's meta (rows 2p, 2p + 1) then puts each lane's row under
- * it for vpmultishiftqb, and a dword lane (4 bytes) stays in one row, as vpdpbusd needs.
+ *   meta[qK/2 + 32 s + 16 p + b] (b = 8 r + i, i < 8): bits 2l, 2l + 1 (l < 4) hold the
+ *         position of kept value 8 l + i of the step in pair row r,
+ * the byte lane b of each 128-bit lane l. One 16-byte broadcast of a pair's step meta and one
+ * shift by 2 l in lane l (vpsrlvd) then put each lane's position in its low two bits, and the
+ * lane's x candidates lie in its own 128-bit lane (columns 16 l .. 16 l + 15), so vpshufb
+ * gathers them. A dword lane (4 bytes) stays in one row, as vpdpbusd needs. Each step and
+ * pair costs 3 vpdpbusd, 3 vpshufb, 1 vpdpbusd for the bias and 3 simple ops for the index.
  *
- * Measured on a Zen 4 (one thread, 4096 columns, weights in L2), int4 group 128: 6.2 -> 5.0
- * cycles per 64 columns of a row against dot24_i4_fx2. */
+ * Measured on a Zen 4 (one thread, 4096 columns), int4 group 128, cycles per 64 columns of a
+ * row: 6.2 for dot24_i4_fx2 on the canonical rows in L2; 5.0 for the first panel layout, whose
+ * meta bytes were the canonical ones reordered, put under each lane by vpmultishiftqb (a
+ * shuffle-unit op, where vpsrlvd is a plain shift) and gathered by vpermb; 4.6 now in L1
+ * (4.9 the first layout there; group 64: 5.5 and 5.9), and 6% less time a call in L2
+ * (benchmarks/ab_builds.py, both orders). */
 #ifndef PQ_CPU_TILE_SPARSE24_FX_PANEL_H
 #define PQ_CPU_TILE_SPARSE24_FX_PANEL_H
 #include "common.h"
@@ -34,7 +43,7 @@
 namespace PQ_NS {
 namespace {
 
-#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__) && defined(__BMI2__)
 #define PQ_HAVE_SPARSE24_FX_PANELS 1
 
 /* Lane L's row in its pair (0, 1) and kept value in its step (0..31). */
@@ -45,18 +54,16 @@ constexpr int panel24_lane(int r, int k) { return 16 * (k / 8) + 8 * r + k % 8; 
 
 /* The constant vectors of the layout, built at compile time. */
 struct Panel24Tables {
-  uint8_t ctrl[64];      /* bit offset of lane L's position in its row's step meta: 2k */
-  uint8_t base[64];      /* lane L's group of 4 within the step's 64 columns: 4 (k / 2) */
+  uint8_t base[64];      /* lane L's group of 4 within its 128-bit lane of x: 4 (k % 8 / 2) */
   uint8_t i8_pack[64];   /* int8 rows [A|B] (32 values each) -> lanes */
   uint8_t i8_unpack[64]; /* lanes -> [A|B] */
   uint8_t i4_pack[2][64];   /* int4: lane L of step half h from the nibbles of [A0|A1|B0|B1] */
   uint8_t i4_unpack[2][64]; /* lanes -> the even (0) / odd (1) nibble of each byte of it */
   constexpr Panel24Tables()
-      : ctrl(), base(), i8_pack(), i8_unpack(), i4_pack(), i4_unpack() {
+      : base(), i8_pack(), i8_unpack(), i4_pack(), i4_unpack() {
     for (int L = 0; L < 64; ++L) {
       const int r = panel24_row(L), k = panel24_kept(L);
-      ctrl[L] = (uint8_t)(2 * k);
-      base[L] = (uint8_t)(4 * (k / 2));
+      base[L] = (uint8_t)(4 * (k % 8 / 2));
       i8_pack[L] = (uint8_t)(32 * r + k);
       i8_unpack[L] = (uint8_t)panel24_lane(L / 32, L % 32);
       /* [A0|A1|B0|B1]: 16 canonical bytes each (row a / b, step 2d / 2d + 1); byte b of a
@@ -104,24 +111,33 @@ inline void panel24_quad(int bits, bool unpack, uint8_t* vals, int64_t ldv, uint
   for (int64_t u = 0; u < K / (bits == 8 ? 64 : 128); ++u)
     for (int p = 0; p < 2; ++p)
       unit(vals + 2 * p * ldv + 32 * u, vals + (2 * p + 1) * ldv + 32 * u, pv + 128 * u + 64 * p);
+  /* a row's step meta is one little-endian qword, kept value k at bits 2k; panel byte i of the
+   * row takes kept values i, 8 + i, 16 + i, 24 + i: the bits of kMetaLane << 2i */
+  constexpr uint64_t kMetaLane = 0x0003000300030003ull;
   for (int64_t s = 0; s < K / 64; ++s)
-    for (int i = 0; i < 4; ++i) {
-      uint8_t* m = meta + i * ldm + 8 * s;
-      uint8_t* c = pm + 32 * s + 8 * i;
-      if (unpack)
-        memcpy(m, c, 8);
-      else
-        memcpy(c, m, 8);
+    for (int row = 0; row < 4; ++row) {
+      uint8_t* m = meta + row * ldm + 8 * s;
+      uint8_t* c = pm + 32 * s + 8 * row; /* pair row / 2, byte 8 (row % 2) + i */
+      if (unpack) {
+        uint64_t q = 0;
+        for (int i = 0; i < 8; ++i) q |= _pdep_u64(c[i], kMetaLane << (2 * i));
+        memcpy(m, &q, 8);
+      } else {
+        uint64_t q;
+        memcpy(&q, m, 8);
+        for (int i = 0; i < 8; ++i) c[i] = (uint8_t)_pext_u64(q, kMetaLane << (2 * i));
+      }
     }
 }
 
-/* The x gather index of step s's pair p: each lane's column in the step's 64 (meta m: the
- * step's 32 bytes of the quad). */
+/* The x gather index of step s's pair p for vpshufb: each lane's column within its 128-bit
+ * lane of the step's 64 (meta m: the step's 32 bytes of the quad). Bits 2 .. 7 of a shifted
+ * byte are other lanes' positions, which the AND takes off (bit 7 clear: no zeroing). */
 PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
   const __m512i mq = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(m + 16 * p)));
-  return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(_mm512_loadu_si512(kPanel24.ctrl), mq),
-                                   _mm512_set1_epi8(3), _mm512_loadu_si512(kPanel24.base),
-                                   0xEA); /* (a & b) | c */
+  const __m512i by_lane = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(mq, by_lane), _mm512_set1_epi8(3),
+                                   _mm512_loadu_si512(kPanel24.base), 0xEA); /* (a & b) | c */
 }
 
 /* The kernels below take P pairs of a quad from pair p0 (P = 2: the whole quad, at M = 1) and
@@ -160,16 +176,17 @@ PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, co
       w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb[p]);
     }
     const __m512i idx = panel24_index(m, p0 + p);
-    a.wsum[p] = _mm512_dpbusd_epi32(a.wsum[p], _mm512_set1_epi8(1), w);
+    /* 128 x the values' sum: the bias of each u8 term's sum (x + 128) */
+    a.wsum[p] = _mm512_dpbusd_epi32(a.wsum[p], _mm512_set1_epi8((char)128), w);
     for (int t = 0; t < T; ++t)
       for (int j = 0; j < 3; ++j)
-        a.acc[p][t][j] = _mm512_dpbusd_epi32(a.acc[p][t][j], _mm512_permutexvar_epi8(idx, xt[t][j]), w);
+        a.acc[p][t][j] = _mm512_dpbusd_epi32(a.acc[p][t][j], _mm512_shuffle_epi8(xt[t][j], idx), w);
   }
 }
 
 /* dot[2 p + r][t][j] (p < P) = the exact int32 sum over pair p0 + p's row r of xterm_j[col] *
- * value against x row t (as dot24_i8_fx2: x u8-biased, the bias returned as 128 *
- * sum(values), wrapping unsigned arithmetic). pv, pm: the quad's panel. */
+ * value against x row t (as dot24_i8_fx2: x u8-biased, the bias 128 * sum(values) taken off,
+ * wrapping unsigned arithmetic). pv, pm: the quad's panel. */
 template <int P, int T>
 inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int p0,
                            const uint8_t* xu, int64_t Kp, int32_t dot[2 * P][T][3]) {
@@ -188,7 +205,7 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
   }
   for (int p = 0; p < P; ++p)
     for (int r = 0; r < 2; ++r) {
-      const uint32_t bias = 128u * (uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], a.wsum[p]);
+      const uint32_t bias = (uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], a.wsum[p]);
       for (int t = 0; t < T; ++t)
         for (int j = 0; j < 3; ++j) /* unsigned: the bias removal wraps, not overflows */
           dot[2 * p + r][t][j] =
@@ -199,7 +216,9 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
 /* dot[2 p + r][t] = sum over pair p0 + p's row r's kept values of x_t[col] * (code - zero) *
  * scale, in units of x row t's lo-term scale (as dot24_i4_fx2, whose arithmetic this is:
  * exact int32 sums of the three u8-biased terms per block of at most 4 steps within a group,
- * combined in int32, one convert and one FMA by the group scale). pc, pm: the quad's panel;
+ * their bias taken off and the terms combined in int32, one convert and one FMA by the group
+ * scale; at one x row the bias comes off each term, 3 ops a block where 65793 times it took
+ * 6: 5-7% of the decode loop). pc, pm: the quad's panel;
  * sc, zp: its rows' scales and zero points ([4][ng], canonical); G % 32 == 0, zero points
  * <= 15.
  *
@@ -211,7 +230,6 @@ template <int P, int T>
 inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int p0,
                            const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
                            const uint8_t* xu, int64_t Kp, float dot[2 * P][T]) {
-  const __m512i bias = _mm512_set1_epi32(128 * 65793);
   constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
   if (p0 == 0) prefetch_next_groups<4>(sc, zp, ng);
   __m512 facc[P][T];
@@ -266,13 +284,23 @@ inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int 
         const int64_t ra = 2 * (p0 + p) * ng + g;
         const __m512 sv = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[ra]),
                                                _mm512_set1_ps(sc[ra + ng]));
-        const __m512i b = _mm512_mullo_epi32(a.wsum[p], bias);
+        /* each term's sum carries the bias b: one x row takes it off each term before they
+         * combine (3 subtractions), more rows the combined bias 65793 b once (wrapping
+         * arithmetic: the same int32 either way) */
+        const __m512i b = a.wsum[p];
+        const __m512i b3 = T == 1 ? b : _mm512_add_epi32(_mm512_slli_epi32(b, 16),
+                                                         _mm512_add_epi32(_mm512_slli_epi32(b, 8), b));
         for (int t = 0; t < T; ++t) {
-          const __m512i sum = _mm512_sub_epi32(
-              _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(a.acc[p][t][0], 16),
-                                                _mm512_slli_epi32(a.acc[p][t][1], 8)),
-                               a.acc[p][t][2]),
-              b);
+          const __m512i sum =
+              T == 1 ? _mm512_add_epi32(
+                           _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(a.acc[p][t][0], b), 16),
+                                            _mm512_slli_epi32(_mm512_sub_epi32(a.acc[p][t][1], b), 8)),
+                           _mm512_sub_epi32(a.acc[p][t][2], b))
+                     : _mm512_sub_epi32(
+                           _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(a.acc[p][t][0], 16),
+                                                             _mm512_slli_epi32(a.acc[p][t][1], 8)),
+                                            a.acc[p][t][2]),
+                           b3);
           facc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sv, facc[p][t]);
         }
       }
