@@ -713,7 +713,7 @@ def _run_sparse24_mm(x, values, meta, bias=None):
         w = _decompress_24(values, meta)
         if w is not None:
             return _dense_float_linear(x2, w, bias).reshape(*lead, n)
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = _out(m, n, x.dtype)
     if m and n:
         xf = _rows_f32(x2)
         v, mt = values.contiguous(), meta.contiguous()
@@ -724,7 +724,7 @@ def _run_sparse24_mm(x, values, meta, bias=None):
         )
         if st:
             _raise("sparse24_mm", st, M=m, N=n, K=k, values=v.dtype)
-    return out.to(x.dtype).reshape(*lead, n)
+    return _finish(out, x, lead, n)
 
 
 def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
@@ -741,7 +741,7 @@ def _run_sparse24_int8_mm(x, values_q, meta, scale, bias=None):
         wq = _decompress_24(values_q, meta)
         if wq is not None:  # dense int8 codes: the int8 weight-only kernels (AMX tiles)
             return int8_weight_only_mm(x, wq, scale, bias)
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = _out(m, n, x.dtype)
     if m and n:
         xf = _rows_f32(x2)
         v, mt, s = values_q.contiguous(), meta.contiguous(), scale.contiguous()
@@ -754,7 +754,7 @@ def _run_sparse24_int8_mm(x, values_q, meta, scale, bias=None):
         )
         if st:
             _raise("sparse24_int8_mm", st, M=m, N=n, K=k)
-    return out.to(x.dtype).reshape(*lead, n)
+    return _finish(out, x, lead, n)
 
 
 def sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None):
@@ -773,7 +773,7 @@ def _run_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None)
         if dense is not None:  # dense int4 codes: the int4 weight-only kernels (AMX tiles)
             return _run_int4_weight_only_mm(x, dense, scales.contiguous(), zeros.contiguous(),
                                             2 * group_size, bias)
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = _out(m, n, x.dtype)
     if m and n:
         xf = _rows_f32(x2)
         p, mt = packed.contiguous(), meta.contiguous()
@@ -787,7 +787,7 @@ def _run_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None)
         )
         if st:
             _raise("sparse24_int4_mm", st, M=m, N=n, K=k, group_size=group_size)
-    return out.to(x.dtype).reshape(*lead, n)
+    return _finish(out, x, lead, n)
 
 
 def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
@@ -813,7 +813,7 @@ def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
         dense = _decompress_unstructured(bitmask, values, row_offsets, k)
         if dense is not None:  # else an inconsistent weight: the kernel reports it
             return _dense_float_linear(x2, dense, bias).reshape(*lead, n)
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = _out(m, n, x.dtype)
     if m and n:
         xf = _rows_f32(x2)
         bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
@@ -829,7 +829,7 @@ def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
             if why:
                 raise ValueError(f"{op}: inconsistent unstructured sparse weight: {why}")
             _raise(op, st, M=m, N=n, K=k, nnz=v.numel())
-    return out.to(x.dtype).reshape(*lead, n)
+    return _finish(out, x, lead, n)
 
 
 # The ops on the CPU panel layout of the weights (pyquant/panels.py) live in their own module;

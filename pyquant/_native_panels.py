@@ -225,7 +225,7 @@ def _run_sparse24_panels(op: str, x, values, meta, bits: int, rows, call, dense)
             if y is not None:
                 return y
         else:
-            out = torch.empty((m, n), dtype=torch.float32)
+            out = _out(m, n, x.dtype)
             if m and n:
                 xf = _rows_f32(x2)
                 nwork = module().sparse24_panels_workspace_bytes(isa, m, k)
@@ -233,7 +233,7 @@ def _run_sparse24_panels(op: str, x, values, meta, bits: int, rows, call, dense)
                 st = call(isa, xf, m, out, work, nwork)
                 if st:
                     _raise(op, st, M=m, N=n, K=k)
-            return out.to(x.dtype).reshape(*lead, n)
+            return _finish(out, x, lead, n)
     return rows(*_sparse24_rows(values, meta, bits))
 
 
