@@ -145,7 +145,7 @@ def _pack_meta(meta: torch.Tensor, n: int, k: int) -> torch.Tensor:
     # kept value 32 s + 8 l + i of row 2 p + r: (quad, pair, row, step, l, i)
     pos = sf.unpack_24_meta(meta, k).to(torch.uint8).reshape(q, 2, 2, s, 4, 8)
     pos = pos.permute(0, 3, 1, 2, 5, 4)  # (quad, step, pair, row, i, l)
-    out = torch.zeros(pos.shape[:-1], dtype=torch.uint8)
+    out = torch.zeros(pos.shape[:-1], dtype=torch.uint8, device=meta.device)
     for lane, shift in enumerate(_LANE_SHIFTS):
         out |= pos[..., lane] << shift
     return out.contiguous().view(n, k // 8)
