@@ -218,7 +218,7 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
  * exact int32 sums of the three u8-biased terms per block of at most 4 steps within a group,
  * their bias taken off and the terms combined in int32, one convert and one FMA by the group
  * scale; at one x row the bias comes off each term, 3 ops a block where 65793 times it took
- * 6: 5-7% of the decode loop). pc, pm: the quad's panel;
+ * 6: 3-5% of the decode loop in L1). pc, pm: the quad's panel;
  * sc, zp: its rows' scales and zero points ([4][ng], canonical); G % 32 == 0, zero points
  * <= 15.
  *
