@@ -316,3 +316,24 @@ def test_every_pyquant_impl_runs_without_the_dispatcher(monkeypatch):
         assert len(called) == n + 1, impl.name
     assert through_dispatcher == []
     assert any(op.startswith("sparse") for op in called)
+
+
+def test_sparse24_panel_loop_benchmark_builds_and_runs(capsys):
+    """benchmarks/sparse24_panel_loop.py compiles the panel kernels' loops against the headers
+    as they are and prints cycles for every loop and the instruction-mix floor (a few calls:
+    the numbers are not checked, only that every line comes out finite)."""
+    import importlib.util
+    import math as _math
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "sparse24_panel_loop.py"
+    spec = importlib.util.spec_from_file_location("sparse24_panel_loop", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.compiler() is None or not mod.cpu_runs_it():
+        pytest.skip("no C++ compiler or no AVX512-BF16-level CPU here")
+    assert mod.main(["--reps", "4", "--passes", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    values = [float(ln.split()[-1]) for ln in out if ln.startswith("  ")]
+    assert len(values) == 8 and all(_math.isfinite(v) and v > 0 for v in values), out
+    assert out[0].startswith("core clock")

@@ -147,7 +147,7 @@ def test_layout_applies_only_where_it_can():
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m", [0, 1, 2, 3, 5, 8, 16, 17, 32, 33, 48])
-@pytest.mark.parametrize("n,k,g", [(4, 128, 32), (12, 384, 64), (20, 256, 128)])
+@pytest.mark.parametrize("n,k,g", [(4, 128, 32), (12, 384, 64), (20, 256, 128), (8, 384, 192)])
 def test_op_against_the_canonical_op(backend, isa, bits, m, n, k, g):
     """Within the canonical op's tolerance of the reference; bit for bit the canonical op's
     result where the same arithmetic runs: the unpacked canonical op (no panel kernels on the

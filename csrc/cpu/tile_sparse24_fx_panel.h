@@ -29,12 +29,17 @@
  * gathers them. A dword lane (4 bytes) stays in one row, as vpdpbusd needs. Each step and
  * pair costs 3 vpdpbusd, 3 vpshufb, 1 vpdpbusd for the bias and 3 simple ops for the index.
  *
- * Measured on a Zen 4 (one thread, 4096 columns), int4 group 128, cycles per 64 columns of a
- * row: 6.2 for dot24_i4_fx2 on the canonical rows in L2; 5.0 for the first panel layout, whose
- * meta bytes were the canonical ones reordered, put under each lane by vpmultishiftqb (a
- * shuffle-unit op, where vpsrlvd is a plain shift) and gathered by vpermb; 4.6 now in L1
- * (4.9 the first layout there; group 64: 5.5 and 5.9), and 6% less time a call in L2
- * (benchmarks/ab_builds.py, both orders). */
+ * Measured on a Zen 4, one thread, one quad of 4096 columns in L1
+ * (benchmarks/sparse24_panel_loop.py), cycles per 64 columns of a weight row at decode:
+ *                                     int8   int4 g128   int4 g64
+ *   first layout, generic loops        4.9-5.7   5.6       7.3-7.6
+ *   (its meta bytes the canonical ones reordered, put under each lane by vpmultishiftqb,
+ *   a shuffle-unit op where vpsrlvd is a plain shift, and x gathered by vpermb)
+ *   this layout, the quad loops below   3.4      4.6       5.6
+ *   the first layout's index in them    4.0      4.8       5.7
+ *   the step's instructions alone       3.1      3.4   (from registers: no flush, no memory)
+ * The rest of int4's gap to its floor is the group flush (3 terms combined, converted and
+ * scaled once per 4 steps) and the zero point and scale broadcasts of each group. */
 #ifndef PQ_CPU_TILE_SPARSE24_FX_PANEL_H
 #define PQ_CPU_TILE_SPARSE24_FX_PANEL_H
 #include "common.h"
@@ -184,12 +189,69 @@ PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, co
   }
 }
 
+/* dot24_i8_panel<2, 1> (decode: the whole quad against one row of x) with every accumulator,
+ * constant and x term in a named register and two steps a loop turn. The generic loop's
+ * accumulators went through an array in a struct, which GCC kept in a chain of register
+ * copies and stored to the stack every step: 4.9-6.3 cycles per 64 columns of a row in L1
+ * where this takes 3.4. */
+inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
+                                const uint8_t* xu, int64_t Kp, int32_t dot[4][1][3]) {
+  const __m512i base = _mm512_loadu_si512(kPanel24.base);
+  const __m512i by_lane = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i three = _mm512_set1_epi8(3), b128 = _mm512_set1_epi8((char)128);
+  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, w0s = a00;
+  __m512i a10 = a00, a11 = a00, a12 = a00, w1s = a00;
+  const uint8_t* x0 = xu;
+  const uint8_t* x1 = xu + Kp;
+  const uint8_t* x2 = xu + 2 * Kp;
+  auto step = [&](const uint8_t* v, const uint8_t* m, int64_t s) PQ_ALWAYS_INLINE {
+    const __m512i t0 = _mm512_load_si512(x0 + 64 * s), t1 = _mm512_load_si512(x1 + 64 * s),
+                  t2 = _mm512_load_si512(x2 + 64 * s);
+    const __m512i w0 = _mm512_loadu_si512(v), w1 = _mm512_loadu_si512(v + 64);
+    const __m512i i0 = _mm512_ternarylogic_epi32(
+        _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)m)), by_lane), three, base, 0xEA);
+    const __m512i i1 = _mm512_ternarylogic_epi32(
+        _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(m + 16))), by_lane), three, base, 0xEA);
+    w0s = _mm512_dpbusd_epi32(w0s, b128, w0);
+    w1s = _mm512_dpbusd_epi32(w1s, b128, w1);
+    a00 = _mm512_dpbusd_epi32(a00, _mm512_shuffle_epi8(t0, i0), w0);
+    a10 = _mm512_dpbusd_epi32(a10, _mm512_shuffle_epi8(t0, i1), w1);
+    a01 = _mm512_dpbusd_epi32(a01, _mm512_shuffle_epi8(t1, i0), w0);
+    a11 = _mm512_dpbusd_epi32(a11, _mm512_shuffle_epi8(t1, i1), w1);
+    a02 = _mm512_dpbusd_epi32(a02, _mm512_shuffle_epi8(t2, i0), w0);
+    a12 = _mm512_dpbusd_epi32(a12, _mm512_shuffle_epi8(t2, i1), w1);
+  };
+  for (int64_t s = 0; s < K / 64; s += 2) {
+    const uint8_t* v = pv + 128 * s;
+    const uint8_t* m = pm + 32 * s;
+    PQ_PREFETCH_NEXT_TILE(v + 2 * K);
+    PQ_PREFETCH_NEXT_TILE(v + 2 * K + 64);
+    PQ_PREFETCH_NEXT_TILE(v + 2 * K + 128);
+    PQ_PREFETCH_NEXT_TILE(v + 2 * K + 192);
+    PQ_PREFETCH_NEXT_TILE(m + K / 2);
+    step(v, m, s);
+    step(v + 128, m + 32, s + 1);
+  }
+  const __m512i ws[2] = {w0s, w1s};
+  const __m512i acc[2][3] = {{a00, a01, a02}, {a10, a11, a12}};
+  for (int p = 0; p < 2; ++p)
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t bias = (uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], ws[p]);
+      for (int j = 0; j < 3; ++j)
+        dot[2 * p + r][0][j] = (int32_t)((uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], acc[p][j]) - bias);
+    }
+}
+
 /* dot[2 p + r][t][j] (p < P) = the exact int32 sum over pair p0 + p's row r of xterm_j[col] *
  * value against x row t (as dot24_i8_fx2: x u8-biased, the bias 128 * sum(values) taken off,
  * wrapping unsigned arithmetic). pv, pm: the quad's panel. */
 template <int P, int T>
 inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int p0,
                            const uint8_t* xu, int64_t Kp, int32_t dot[2 * P][T][3]) {
+  if constexpr (P == 2 && T == 1) {
+    dot24_i8_panel_quad(pv, pm, K, xu, Kp, (int32_t(*)[1][3])dot);
+    return;
+  }
   Panel24Acc<P, T> a;
   for (int64_t s = 0; s < K / 64; ++s) {
     const uint8_t* v = pv + 128 * s;
@@ -226,10 +288,89 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
  * at compile time: with the step count known only at run time, GCC kept the accumulators in
  * a chain of register copies and redid the parity arithmetic each step, ~60 instructions a
  * step where the vector work is ~30 (5.3 cycles per 64 columns of a row in L2). */
+/* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
+ * every accumulator, constant and x term in a named register and a block of kBlock steps
+ * unrolled (the arithmetic and order of the generic loop, so the same floats): 5.3-5.5 ->
+ * 4.6 cycles per 64 columns of a row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. */
+template <int kBlock>
+inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
+                                const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
+                                int64_t Kp, float dot[4][1]) {
+  constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
+  const __m512i base = _mm512_loadu_si512(kPanel24.base);
+  const __m512i by_lane = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i three = _mm512_set1_epi8(3), nib = _mm512_set1_epi8(0x0F),
+                b128 = _mm512_set1_epi8((char)128);
+  const uint8_t* x0 = xu;
+  const uint8_t* x1 = xu + Kp;
+  const uint8_t* x2 = xu + 2 * Kp;
+  prefetch_next_groups<4>(sc, zp, ng);
+  __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+  const int64_t blocks_g = G / 32 / kBlock;
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512i z0 = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[g]), kRowB, (char)zp[ng + g]);
+    const __m512i z1 = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[2 * ng + g]), kRowB, (char)zp[3 * ng + g]);
+    const __m512 s0 = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[g]), _mm512_set1_ps(sc[ng + g]));
+    const __m512 s1 = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[2 * ng + g]), _mm512_set1_ps(sc[3 * ng + g]));
+    for (int64_t b = 0; b < blocks_g; ++b) {
+      const int64_t d0 = (g * blocks_g + b) * kBlock / 2; /* the block's first double step */
+      __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, ws0 = a00;
+      __m512i a10 = a00, a11 = a00, a12 = a00, ws1 = a00;
+      auto half = [&](__m512i r0, __m512i r1, const uint8_t* m, int64_t s) PQ_ALWAYS_INLINE {
+        const __m512i t0 = _mm512_load_si512(x0 + 64 * s), t1 = _mm512_load_si512(x1 + 64 * s),
+                      t2 = _mm512_load_si512(x2 + 64 * s);
+        const __m512i w0 = _mm512_sub_epi8(_mm512_and_si512(r0, nib), z0);
+        const __m512i w1 = _mm512_sub_epi8(_mm512_and_si512(r1, nib), z1);
+        const __m512i i0 = _mm512_ternarylogic_epi32(
+            _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)m)), by_lane), three, base, 0xEA);
+        const __m512i i1 = _mm512_ternarylogic_epi32(
+            _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(m + 16))), by_lane), three, base, 0xEA);
+        ws0 = _mm512_dpbusd_epi32(ws0, b128, w0);
+        ws1 = _mm512_dpbusd_epi32(ws1, b128, w1);
+        a00 = _mm512_dpbusd_epi32(a00, _mm512_shuffle_epi8(t0, i0), w0);
+        a10 = _mm512_dpbusd_epi32(a10, _mm512_shuffle_epi8(t0, i1), w1);
+        a01 = _mm512_dpbusd_epi32(a01, _mm512_shuffle_epi8(t1, i0), w0);
+        a11 = _mm512_dpbusd_epi32(a11, _mm512_shuffle_epi8(t1, i1), w1);
+        a02 = _mm512_dpbusd_epi32(a02, _mm512_shuffle_epi8(t2, i0), w0);
+        a12 = _mm512_dpbusd_epi32(a12, _mm512_shuffle_epi8(t2, i1), w1);
+      };
+      for (int e = 0; e < kBlock / 2; ++e) {
+        const int64_t d = d0 + e;
+        const uint8_t* c = pc + 128 * d;
+        const uint8_t* m = pm + 64 * d;
+        PQ_PREFETCH_NEXT_TILE(c + K);
+        PQ_PREFETCH_NEXT_TILE(c + K + 64);
+        PQ_PREFETCH_NEXT_TILE(m + K / 2);
+        const __m512i r0 = _mm512_loadu_si512(c), r1 = _mm512_loadu_si512(c + 64);
+        half(r0, r1, m, 2 * d);
+        half(_mm512_srli_epi16(r0, 4), _mm512_srli_epi16(r1, 4), m + 32, 2 * d + 1);
+      }
+      const __m512i q0 = _mm512_add_epi32(
+          _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(a00, ws0), 16),
+                           _mm512_slli_epi32(_mm512_sub_epi32(a01, ws0), 8)),
+          _mm512_sub_epi32(a02, ws0));
+      const __m512i q1 = _mm512_add_epi32(
+          _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(a10, ws1), 16),
+                           _mm512_slli_epi32(_mm512_sub_epi32(a11, ws1), 8)),
+          _mm512_sub_epi32(a12, ws1));
+      f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q0), s0, f0);
+      f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), s1, f1);
+    }
+  }
+  dot[0][0] = _mm512_mask_reduce_add_ps(kPanel24Dw[0], f0);
+  dot[1][0] = _mm512_mask_reduce_add_ps(kPanel24Dw[1], f0);
+  dot[2][0] = _mm512_mask_reduce_add_ps(kPanel24Dw[0], f1);
+  dot[3][0] = _mm512_mask_reduce_add_ps(kPanel24Dw[1], f1);
+}
+
 template <int P, int T>
 inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int p0,
                            const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
                            const uint8_t* xu, int64_t Kp, float dot[2 * P][T]) {
+  if constexpr (P == 2 && T == 1) {
+    if (G % 128 == 0) return dot24_i4_panel_quad<4>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+    if (G % 64 == 0) return dot24_i4_panel_quad<2>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+  }
   constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
   if (p0 == 0) prefetch_next_groups<4>(sc, zp, ng);
   __m512 facc[P][T];

@@ -1,0 +1,167 @@
+/* The 2:4 + int8 / int4 panel kernels' inner loops alone (csrc/cpu/tile_sparse24_fx_panel.h),
+ * on one quad whose panel sits in L1, one thread: cycles per 64 columns of a weight row and
+ * row of x, next to the same instruction mix from registers (no loads past the first level,
+ * no group flush), which is how far the loop could go on this core.
+ *
+ * Built and run by benchmarks/sparse24_panel_loop.py (the flags of the AVX512-BF16 build).
+ * The core clock is measured here (a chain of dependent adds retires one a cycle), so the
+ * cycles do not depend on the time-stamp counter's rate. Every result feeds a sum that is
+ * printed, so that the compiler cannot drop the work. */
+#define PQ_NS bench
+#include "tile_sparse24_fx_panel.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+using namespace bench;
+
+namespace {
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/* Best seconds a call of f over `passes` passes of `reps` calls. The memory clobber before
+ * each call makes the compiler assume the inputs changed, so that it cannot compute a call
+ * once and reuse it (the kernels are inline and have no other side effect). */
+template <class F>
+double best_seconds(F f, int reps, int passes) {
+  double best = 1e30;
+  for (int r = 0; r < passes; ++r) {
+    const double t0 = now();
+    for (int i = 0; i < reps; ++i) {
+      __asm__ volatile("" ::: "memory");
+      f();
+    }
+    const double t = now() - t0;
+    if (t < best) best = t;
+  }
+  return best / reps;
+}
+
+/* Core cycles a second: a chain of dependent 64-bit adds, one a cycle (ten an iteration, so
+ * that the loop's own branch does not set the pace). */
+double core_hz(int passes) {
+  const long n = 2000000;
+  volatile long sink = 0;
+  const double t = best_seconds([&] {
+    long a = sink;
+    for (long i = 0; i < n; ++i)
+      __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+                       "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0"
+                       : "+r"(a));
+    sink = a;
+  }, 1, passes);
+  return 10.0 * n / t;
+}
+
+/* The decode step's instructions from registers: both pairs of a quad, three x terms, the
+ * index (broadcast, shift, AND/OR), the bias, and (int4) the nibble unpack; no flush. Cycles
+ * a step (4 weight rows x 64 columns). */
+double mix_cycles(bool int4, double hz, int passes) {
+  alignas(64) static uint8_t buf[1 << 15];
+  for (int i = 0; i < (1 << 15); ++i) buf[i] = (uint8_t)(i * 7);
+  const int steps = 200000;
+  long long sink = 0;
+  const double t = best_seconds([&] {
+    __m512i acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_epi32(i);
+    const __m512i three = _mm512_set1_epi8(3), nib = _mm512_set1_epi8(0x0F),
+                  zb = _mm512_set1_epi8(8), b128 = _mm512_set1_epi8((char)128);
+    const __m512i base = _mm512_loadu_si512(kPanel24.base);
+    const __m512i by_lane = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+    for (int it = 0; it < steps; ++it) {
+      const uint8_t* p = buf + (it & 31) * 256;
+      __m512i xt[3];
+      for (int j = 0; j < 3; ++j) xt[j] = _mm512_load_si512(buf + 16384 + 4096 * j + (it & 31) * 64);
+      for (int pp = 0; pp < 2; ++pp) {
+        __m512i w = _mm512_load_si512(p + 64 * pp);
+        if (int4) {
+          if (it & 1) w = _mm512_srli_epi16(w, 4);
+          w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb);
+        }
+        const __m512i mq = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(p + 128 + 16 * pp)));
+        const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(mq, by_lane), three, base, 0xEA);
+        acc[4 * pp] = _mm512_dpbusd_epi32(acc[4 * pp], b128, w);
+        for (int j = 0; j < 3; ++j)
+          acc[4 * pp + 1 + j] = _mm512_dpbusd_epi32(acc[4 * pp + 1 + j], _mm512_shuffle_epi8(xt[j], idx), w);
+      }
+    }
+    __m512i s = acc[0];
+    for (int i = 1; i < 8; ++i) s = _mm512_add_epi32(s, acc[i]);
+    sink += _mm512_reduce_add_epi32(s);
+  }, 1, passes);
+  if (sink == 1) std::printf(" ");
+  return t * hz / steps;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  /* group sizes in kept values, as the op's group_size (a group spans twice the columns) */
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 2000;
+  const int passes = argc > 2 ? std::atoi(argv[2]) : 25;
+  const int64_t K = 4096, Kp = K + 64; /* x term rows a line past whole steps (as the op) */
+  std::vector<uint8_t> pv(2 * K + 4096), pm(K / 2 + 4096), zp(4 * K);
+  std::vector<float> sc(4 * K, 0.01f);
+  for (auto& b : pv) b = (uint8_t)std::rand();
+  for (auto& b : pm) b = (uint8_t)std::rand();
+  for (auto& z : zp) z = (uint8_t)(std::rand() & 15);
+  std::vector<uint8_t> xu_buf(4 * 3 * Kp + 64);
+  uint8_t* xu = (uint8_t*)(((uintptr_t)xu_buf.data() + 63) / 64 * 64);
+  for (int64_t i = 0; i < 4 * 3 * Kp; ++i) xu[i] = (uint8_t)std::rand();
+
+  const double hz = core_hz(passes);
+  const double row64 = 4.0 * K / 64; /* 64-column blocks of the quad's 4 rows */
+  double sink = 0;
+  std::printf("core clock %.2f GHz (measured); one quad of K = %lld in L1, one thread\n", hz / 1e9,
+              (long long)K);
+  std::printf("cycles per 64 columns of a weight row and row of x:\n");
+  {
+    int32_t d[4][1][3];
+    const double t = best_seconds([&] {
+      dot24_i8_panel<2, 1>(pv.data(), pm.data(), K, 0, xu, Kp, (int32_t(*)[1][3])d);
+      for (auto& r : d) sink += r[0][0] + r[0][1] + r[0][2];
+    }, reps, passes);
+    std::printf("  %-44s %5.2f\n", "int8 decode (both pairs, 1 x row)", t * hz / row64);
+  }
+  {
+    int32_t d[2][4][3];
+    const double t = best_seconds([&] {
+      for (int p = 0; p < 2; ++p) {
+        dot24_i8_panel<1, 4>(pv.data(), pm.data(), K, p, xu, Kp, d);
+        for (auto& r : d)
+          for (auto& u : r) sink += u[0] + u[1] + u[2];
+      }
+    }, reps / 2, passes);
+    std::printf("  %-44s %5.2f\n", "int8, 4 x rows a pass", t * hz / row64 / 4);
+  }
+  for (int64_t G : {128, 64}) {
+    const int64_t ng = K / 2 / G; /* group size in kept values, as the op's group_size */
+    float d[4][1];
+    const double t = best_seconds([&] {
+      dot24_i4_panel<2, 1>(pv.data(), pm.data(), K, 0, sc.data(), zp.data(), ng, G, xu, Kp,
+                           (float(*)[1])d);
+      for (auto& r : d) sink += r[0];
+    }, reps, passes);
+    float e[2][4];
+    const double t4 = best_seconds([&] {
+      for (int p = 0; p < 2; ++p) {
+        dot24_i4_panel<1, 4>(pv.data(), pm.data(), K, p, sc.data(), zp.data(), ng, G, xu, Kp, e);
+        for (auto& r : e) sink += r[0] + r[1] + r[2] + r[3];
+      }
+    }, reps / 2, passes);
+    char name[64];
+    std::snprintf(name, sizeof name, "int4 group %lld decode (both pairs, 1 x row)", (long long)G);
+    std::printf("  %-44s %5.2f\n", name, t * hz / row64);
+    std::snprintf(name, sizeof name, "int4 group %lld, 4 x rows a pass", (long long)G);
+    std::printf("  %-44s %5.2f\n", name, t4 * hz / row64 / 4);
+  }
+  std::printf("the decode step's instruction mix from registers (no flush, no memory):\n");
+  std::printf("  %-44s %5.2f\n  %-44s %5.2f\n", "int8", mix_cycles(false, hz, passes) / 4, "int4",
+              mix_cycles(true, hz, passes) / 4);
+  std::printf("(checksum %g)\n", sink);
+  return 0;
+}
