@@ -59,38 +59,45 @@ double core_hz(int passes) {
 
 /* The decode step's instructions from registers: both pairs of a quad, three x terms, the
  * index (broadcast, shift, AND/OR), the bias, and (int4) the nibble unpack; no flush. Cycles
- * a step (4 weight rows x 64 columns). */
+ * a step (4 weight rows x 64 columns). Named accumulators: in an array GCC keeps them on the
+ * stack, which this would then time too. */
 double mix_cycles(bool int4, double hz, int passes) {
   alignas(64) static uint8_t buf[1 << 15];
   for (int i = 0; i < (1 << 15); ++i) buf[i] = (uint8_t)(i * 7);
   const int steps = 200000;
   long long sink = 0;
   const double t = best_seconds([&] {
-    __m512i acc[8];
-    for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_epi32(i);
+    __m512i a0 = _mm512_set1_epi32(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     const __m512i three = _mm512_set1_epi8(3), nib = _mm512_set1_epi8(0x0F),
                   zb = _mm512_set1_epi8(8), b128 = _mm512_set1_epi8((char)128);
     const __m512i base = _mm512_loadu_si512(kPanel24.base);
     const __m512i by_lane = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
-    for (int it = 0; it < steps; ++it) {
+    auto pair = [&](const uint8_t* p, const __m512i* xt, bool hi, __m512i& ws, __m512i& c0,
+                    __m512i& c1, __m512i& c2) PQ_ALWAYS_INLINE {
+      __m512i w = _mm512_load_si512(p);
+      if (int4) {
+        if (hi) w = _mm512_srli_epi16(w, 4);
+        w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb);
+      }
+      const __m512i mq = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(p + 128)));
+      const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(mq, by_lane), three, base, 0xEA);
+      ws = _mm512_dpbusd_epi32(ws, b128, w);
+      c0 = _mm512_dpbusd_epi32(c0, _mm512_shuffle_epi8(xt[0], idx), w);
+      c1 = _mm512_dpbusd_epi32(c1, _mm512_shuffle_epi8(xt[1], idx), w);
+      c2 = _mm512_dpbusd_epi32(c2, _mm512_shuffle_epi8(xt[2], idx), w);
+    };
+    for (int it = 0; it < steps; it += 2) {
       const uint8_t* p = buf + (it & 31) * 256;
-      __m512i xt[3];
-      for (int j = 0; j < 3; ++j) xt[j] = _mm512_load_si512(buf + 16384 + 4096 * j + (it & 31) * 64);
-      for (int pp = 0; pp < 2; ++pp) {
-        __m512i w = _mm512_load_si512(p + 64 * pp);
-        if (int4) {
-          if (it & 1) w = _mm512_srli_epi16(w, 4);
-          w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb);
-        }
-        const __m512i mq = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(p + 128 + 16 * pp)));
-        const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(mq, by_lane), three, base, 0xEA);
-        acc[4 * pp] = _mm512_dpbusd_epi32(acc[4 * pp], b128, w);
+      for (int h = 0; h < 2; ++h) {
+        __m512i xt[3];
         for (int j = 0; j < 3; ++j)
-          acc[4 * pp + 1 + j] = _mm512_dpbusd_epi32(acc[4 * pp + 1 + j], _mm512_shuffle_epi8(xt[j], idx), w);
+          xt[j] = _mm512_load_si512(buf + 16384 + 4096 * j + ((it + h) & 31) * 64);
+        pair(p, xt, h, a0, a1, a2, a3);
+        pair(p + 64, xt, h, a4, a5, a6, a7);
       }
     }
-    __m512i s = acc[0];
-    for (int i = 1; i < 8; ++i) s = _mm512_add_epi32(s, acc[i]);
+    __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
+                                 _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7)));
     sink += _mm512_reduce_add_epi32(s);
   }, 1, passes);
   if (sink == 1) std::printf(" ");
