@@ -190,6 +190,33 @@ PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, co
   }
 }
 
+/* The decode loops' accumulators, named (an array of them went through the stack, see
+ * dot24_i8_panel_quad): the three terms' sums and the bias of each pair. */
+struct QuadAcc {
+  __m512i a00, a01, a02, ws0, a10, a11, a12, ws1;
+  QuadAcc() : a00(_mm512_setzero_si512()), a01(a00), a02(a00), ws0(a00), a10(a00), a11(a00),
+              a12(a00), ws1(a00) {}
+};
+
+/* One step s of both pairs at one row of x: their values w0, w1 (int4: code - zero), the
+ * step's meta m (pair 0 at m, pair 1 at m + 16), x's three term rows at x0, x1, x2. */
+PQ_ALWAYS_INLINE inline void quad_step(QuadAcc& q, __m512i w0, __m512i w1, const uint8_t* m,
+                                       const uint8_t* x0, const uint8_t* x1, const uint8_t* x2,
+                                       int64_t s) {
+  const __m512i t0 = _mm512_load_si512(x0 + 64 * s), t1 = _mm512_load_si512(x1 + 64 * s),
+                t2 = _mm512_load_si512(x2 + 64 * s);
+  const __m512i i0 = panel24_index(m, 0), i1 = panel24_index(m, 1);
+  const __m512i b128 = _mm512_set1_epi8((char)128);
+  q.ws0 = _mm512_dpbusd_epi32(q.ws0, b128, w0);
+  q.ws1 = _mm512_dpbusd_epi32(q.ws1, b128, w1);
+  q.a00 = _mm512_dpbusd_epi32(q.a00, _mm512_shuffle_epi8(t0, i0), w0);
+  q.a10 = _mm512_dpbusd_epi32(q.a10, _mm512_shuffle_epi8(t0, i1), w1);
+  q.a01 = _mm512_dpbusd_epi32(q.a01, _mm512_shuffle_epi8(t1, i0), w0);
+  q.a11 = _mm512_dpbusd_epi32(q.a11, _mm512_shuffle_epi8(t1, i1), w1);
+  q.a02 = _mm512_dpbusd_epi32(q.a02, _mm512_shuffle_epi8(t2, i0), w0);
+  q.a12 = _mm512_dpbusd_epi32(q.a12, _mm512_shuffle_epi8(t2, i1), w1);
+}
+
 /* dot24_i8_panel<2, 1> (decode: the whole quad against one row of x) with every accumulator,
  * constant and x term in a named register and two steps a loop turn. The generic loop's
  * accumulators went through an array in a struct, which GCC kept in a chain of register
@@ -197,31 +224,7 @@ PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, co
  * where this takes 3.4. */
 inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
                                 const uint8_t* xu, int64_t Kp, int32_t dot[4][1][3]) {
-  const __m512i base = _mm512_loadu_si512(kPanel24.base);
-  const __m512i by_lane = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
-  const __m512i three = _mm512_set1_epi8(3), b128 = _mm512_set1_epi8((char)128);
-  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, w0s = a00;
-  __m512i a10 = a00, a11 = a00, a12 = a00, w1s = a00;
-  const uint8_t* x0 = xu;
-  const uint8_t* x1 = xu + Kp;
-  const uint8_t* x2 = xu + 2 * Kp;
-  auto step = [&](const uint8_t* v, const uint8_t* m, int64_t s) PQ_ALWAYS_INLINE {
-    const __m512i t0 = _mm512_load_si512(x0 + 64 * s), t1 = _mm512_load_si512(x1 + 64 * s),
-                  t2 = _mm512_load_si512(x2 + 64 * s);
-    const __m512i w0 = _mm512_loadu_si512(v), w1 = _mm512_loadu_si512(v + 64);
-    const __m512i i0 = _mm512_ternarylogic_epi32(
-        _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)m)), by_lane), three, base, 0xEA);
-    const __m512i i1 = _mm512_ternarylogic_epi32(
-        _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(m + 16))), by_lane), three, base, 0xEA);
-    w0s = _mm512_dpbusd_epi32(w0s, b128, w0);
-    w1s = _mm512_dpbusd_epi32(w1s, b128, w1);
-    a00 = _mm512_dpbusd_epi32(a00, _mm512_shuffle_epi8(t0, i0), w0);
-    a10 = _mm512_dpbusd_epi32(a10, _mm512_shuffle_epi8(t0, i1), w1);
-    a01 = _mm512_dpbusd_epi32(a01, _mm512_shuffle_epi8(t1, i0), w0);
-    a11 = _mm512_dpbusd_epi32(a11, _mm512_shuffle_epi8(t1, i1), w1);
-    a02 = _mm512_dpbusd_epi32(a02, _mm512_shuffle_epi8(t2, i0), w0);
-    a12 = _mm512_dpbusd_epi32(a12, _mm512_shuffle_epi8(t2, i1), w1);
-  };
+  QuadAcc q;
   for (int64_t s = 0; s < K / 64; s += 2) {
     const uint8_t* v = pv + 128 * s;
     const uint8_t* m = pm + 32 * s;
@@ -230,11 +233,12 @@ inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
     PQ_PREFETCH_NEXT_TILE(v + 2 * K + 128);
     PQ_PREFETCH_NEXT_TILE(v + 2 * K + 192);
     PQ_PREFETCH_NEXT_TILE(m + K / 2);
-    step(v, m, s);
-    step(v + 128, m + 32, s + 1);
+    quad_step(q, _mm512_loadu_si512(v), _mm512_loadu_si512(v + 64), m, xu, xu + Kp, xu + 2 * Kp, s);
+    quad_step(q, _mm512_loadu_si512(v + 128), _mm512_loadu_si512(v + 192), m + 32, xu, xu + Kp,
+              xu + 2 * Kp, s + 1);
   }
-  const __m512i ws[2] = {w0s, w1s};
-  const __m512i acc[2][3] = {{a00, a01, a02}, {a10, a11, a12}};
+  const __m512i ws[2] = {q.ws0, q.ws1};
+  const __m512i acc[2][3] = {{q.a00, q.a01, q.a02}, {q.a10, q.a11, q.a12}};
   for (int p = 0; p < 2; ++p)
     for (int r = 0; r < 2; ++r) {
       const uint32_t bias = (uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], ws[p]);
@@ -298,13 +302,7 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
                                 const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
                                 int64_t Kp, float dot[4][1]) {
   constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
-  const __m512i base = _mm512_loadu_si512(kPanel24.base);
-  const __m512i by_lane = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
-  const __m512i three = _mm512_set1_epi8(3), nib = _mm512_set1_epi8(0x0F),
-                b128 = _mm512_set1_epi8((char)128);
-  const uint8_t* x0 = xu;
-  const uint8_t* x1 = xu + Kp;
-  const uint8_t* x2 = xu + 2 * Kp;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
   prefetch_next_groups<4>(sc, zp, ng);
   __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
   const int64_t blocks_g = G / 32 / kBlock;
@@ -315,25 +313,10 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
     const __m512 s1 = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[2 * ng + g]), _mm512_set1_ps(sc[3 * ng + g]));
     for (int64_t b = 0; b < blocks_g; ++b) {
       const int64_t d0 = (g * blocks_g + b) * kBlock / 2; /* the block's first double step */
-      __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, ws0 = a00;
-      __m512i a10 = a00, a11 = a00, a12 = a00, ws1 = a00;
+      QuadAcc q;
       auto half = [&](__m512i r0, __m512i r1, const uint8_t* m, int64_t s) PQ_ALWAYS_INLINE {
-        const __m512i t0 = _mm512_load_si512(x0 + 64 * s), t1 = _mm512_load_si512(x1 + 64 * s),
-                      t2 = _mm512_load_si512(x2 + 64 * s);
-        const __m512i w0 = _mm512_sub_epi8(_mm512_and_si512(r0, nib), z0);
-        const __m512i w1 = _mm512_sub_epi8(_mm512_and_si512(r1, nib), z1);
-        const __m512i i0 = _mm512_ternarylogic_epi32(
-            _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)m)), by_lane), three, base, 0xEA);
-        const __m512i i1 = _mm512_ternarylogic_epi32(
-            _mm512_srlv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(m + 16))), by_lane), three, base, 0xEA);
-        ws0 = _mm512_dpbusd_epi32(ws0, b128, w0);
-        ws1 = _mm512_dpbusd_epi32(ws1, b128, w1);
-        a00 = _mm512_dpbusd_epi32(a00, _mm512_shuffle_epi8(t0, i0), w0);
-        a10 = _mm512_dpbusd_epi32(a10, _mm512_shuffle_epi8(t0, i1), w1);
-        a01 = _mm512_dpbusd_epi32(a01, _mm512_shuffle_epi8(t1, i0), w0);
-        a11 = _mm512_dpbusd_epi32(a11, _mm512_shuffle_epi8(t1, i1), w1);
-        a02 = _mm512_dpbusd_epi32(a02, _mm512_shuffle_epi8(t2, i0), w0);
-        a12 = _mm512_dpbusd_epi32(a12, _mm512_shuffle_epi8(t2, i1), w1);
+        quad_step(q, _mm512_sub_epi8(_mm512_and_si512(r0, nib), z0),
+                  _mm512_sub_epi8(_mm512_and_si512(r1, nib), z1), m, xu, xu + Kp, xu + 2 * Kp, s);
       };
       for (int e = 0; e < kBlock / 2; ++e) {
         const int64_t d = d0 + e;
@@ -347,13 +330,13 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
         half(_mm512_srli_epi16(r0, 4), _mm512_srli_epi16(r1, 4), m + 32, 2 * d + 1);
       }
       const __m512i q0 = _mm512_add_epi32(
-          _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(a00, ws0), 16),
-                           _mm512_slli_epi32(_mm512_sub_epi32(a01, ws0), 8)),
-          _mm512_sub_epi32(a02, ws0));
+          _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(q.a00, q.ws0), 16),
+                           _mm512_slli_epi32(_mm512_sub_epi32(q.a01, q.ws0), 8)),
+          _mm512_sub_epi32(q.a02, q.ws0));
       const __m512i q1 = _mm512_add_epi32(
-          _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(a10, ws1), 16),
-                           _mm512_slli_epi32(_mm512_sub_epi32(a11, ws1), 8)),
-          _mm512_sub_epi32(a12, ws1));
+          _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(q.a10, q.ws1), 16),
+                           _mm512_slli_epi32(_mm512_sub_epi32(q.a11, q.ws1), 8)),
+          _mm512_sub_epi32(q.a12, q.ws1));
       f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q0), s0, f0);
       f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), s1, f1);
     }
