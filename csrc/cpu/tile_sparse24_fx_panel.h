@@ -217,8 +217,8 @@ PQ_ALWAYS_INLINE inline void quad_step(QuadAcc& q, __m512i w0, __m512i w1, const
   q.a12 = _mm512_dpbusd_epi32(q.a12, _mm512_shuffle_epi8(t2, i1), w1);
 }
 
-/* dot24_i8_panel<2, 1> (decode: the whole quad against one row of x) with every accumulator,
- * constant and x term in a named register and two steps a loop turn. The generic loop's
+/* dot24_i8_panel<2, 1> (decode: the whole quad against one row of x) with its accumulators
+ * named (QuadAcc: fields, not an array) and two steps a loop turn. The generic loop's
  * accumulators went through an array in a struct, which GCC kept in a chain of register
  * copies and stored to the stack every step: 4.9-6.3 cycles per 64 columns of a row in L1
  * where this takes 3.4. */
@@ -280,23 +280,10 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
     }
 }
 
-/* dot[2 p + r][t] = sum over pair p0 + p's row r's kept values of x_t[col] * (code - zero) *
- * scale, in units of x row t's lo-term scale (as dot24_i4_fx2, whose arithmetic this is:
- * exact int32 sums of the three u8-biased terms per block of at most 4 steps within a group,
- * their bias taken off and the terms combined in int32, one convert and one FMA by the group
- * scale; at one x row the bias comes off each term, 3 ops a block where 65793 times it took
- * 6: 3-5% of the decode loop in L1). pc, pm: the quad's panel;
- * sc, zp: its rows' scales and zero points ([4][ng], canonical); G % 32 == 0, zero points
- * <= 15.
- *
- * A block of 4 (G % 128 == 0) or 2 (G % 64 == 0) steps starting at an even step is unrolled
- * at compile time: with the step count known only at run time, GCC kept the accumulators in
- * a chain of register copies and redid the parity arithmetic each step, ~60 instructions a
- * step where the vector work is ~30 (5.3 cycles per 64 columns of a row in L2). */
 /* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
- * every accumulator, constant and x term in a named register and a block of kBlock steps
- * unrolled (the arithmetic and order of the generic loop, so the same floats): 5.3-5.5 ->
- * 4.6 cycles per 64 columns of a row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. */
+ * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
+ * order of the generic loop, so the same floats): 5.3-5.5 -> 4.6 cycles per 64 columns of a
+ * row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. */
 template <int kBlock>
 inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
                                 const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
@@ -347,6 +334,19 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
   dot[3][0] = _mm512_mask_reduce_add_ps(kPanel24Dw[1], f1);
 }
 
+/* dot[2 p + r][t] = sum over pair p0 + p's row r's kept values of x_t[col] * (code - zero) *
+ * scale, in units of x row t's lo-term scale (as dot24_i4_fx2, whose arithmetic this is:
+ * exact int32 sums of the three u8-biased terms per block of at most 4 steps within a group,
+ * their bias taken off and the terms combined in int32, one convert and one FMA by the group
+ * scale; at one x row the bias comes off each term, 3 ops a block where 65793 times it took
+ * 6: 3-5% of the decode loop in L1). pc, pm: the quad's panel;
+ * sc, zp: its rows' scales and zero points ([4][ng], canonical); G % 32 == 0, zero points
+ * <= 15.
+ *
+ * A block of 4 (G % 128 == 0) or 2 (G % 64 == 0) steps starting at an even step is unrolled
+ * at compile time: with the step count known only at run time, GCC kept the accumulators in
+ * a chain of register copies and redid the parity arithmetic each step, ~60 instructions a
+ * step where the vector work is ~30 (5.3 cycles per 64 columns of a row in L2). */
 template <int P, int T>
 inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int p0,
                            const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
