@@ -112,8 +112,7 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
              lambda s: _bytes(*s), "sparse24_int4_mm"),
         Impl(f"pyquant.sparse_unstructured_mm[bf16,{round(sparsity * 100)}%]", "pyquant",
              make_unstructured,
-             lambda s, x: ops.call("sparse_unstructured_mm", x.to(bf16), s[0], s[1], s[2],
-                                        None),
+             lambda s, x: ops.call("sparse_unstructured_mm", x.to(bf16), *s, None),
              lambda s: _bytes(*s), "sparse_unstructured_mm"),
     ]
 

@@ -323,7 +323,6 @@ def test_sparse24_panel_loop_benchmark_builds_and_runs(capsys):
     as they are and prints cycles for every loop and the instruction-mix floor (a few calls:
     the numbers are not checked, only that every line comes out finite)."""
     import importlib.util
-    import math as _math
     import pathlib
 
     path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "sparse24_panel_loop.py"
@@ -335,5 +334,5 @@ def test_sparse24_panel_loop_benchmark_builds_and_runs(capsys):
     assert mod.main(["--reps", "4", "--passes", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     values = [float(ln.split()[-1]) for ln in out if ln.startswith("  ")]
-    assert len(values) == 8 and all(_math.isfinite(v) and v > 0 for v in values), out
+    assert len(values) == 8 and all(math.isfinite(v) and v > 0 for v in values), out
     assert out[0].startswith("core clock")
