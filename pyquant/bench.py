@@ -3,7 +3,7 @@ on the linear shapes of real models, measured side by side in one run.
 
 Every timing rotates through copies of the weights that together exceed the last-level cache,
 so decode (memory-bound) numbers are DRAM numbers, and reports medians. The impls of one shape
-and M are timed interleaved, one call each in turn (the first of each round rotating), so that
+and M are timed interleaved, one call each in turn (each round in a fresh random order), so that
 every ratio compares calls made at the same moments: on a shared or virtual machine the same
 call moves by 30-50% over a minute, more than most of the differences measured. The machine's
 read bandwidth is measured in the same run; memory-bound rows report the share of it reached
@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -157,12 +158,23 @@ def _copies(nbytes: int, rotate_bytes: int, sharers: int) -> int:
     return max(2 if sharers > 1 else 1, min(64, -(-rotate_bytes // max(nbytes, 1))))
 
 
-def _time_interleaved(entries: list, x, iters: int, warmup: int = 2) -> list[float]:
+def _time_interleaved(entries: list, x, iters: int, warmup: int = 2,
+                      seed: int = 0) -> list[float]:
     """Median seconds of a call for each (run, states) of ``entries``: ``iters`` rounds of one
-    call per entry, the entry that starts a round moving by one each round (no entry always
-    follows the same other one). Entries may share one list of rotating weight copies (an op
-    and its x-bf16 row): every call takes the list's next copy, whoever makes it, so no call
-    finds the copy that the call before it just left in the cache."""
+    call per entry, each round in a fresh random order (seeded: the same orders every run).
+
+    Why random. A call's time depends on the call before it (benchmarks/call_order.py): on a
+    2-core Zen 4 VM, pyquant's int4 weight-only at 4096 x 4096, M = 1, took 0.367 ms after
+    another int4 call, 0.380 after pyquant's int8, 0.404 after fbgemm's, 0.472 after fp32
+    F.linear and 0.485 after a 64 MB read (medians of 60, weights rotated); torch's int4pack
+    1.00-1.18x of its own time after itself. In a fixed order every entry follows the same
+    other one, and each ratio carries its two predecessors' bias (a fixed order whose start
+    moved by one each round changed the predecessor only for the round's first call). In
+    random order every entry follows every other about equally often.
+
+    Entries may share one list of rotating weight copies (an op and its x-bf16 row): every
+    call takes the list's next copy, whoever makes it, so no call finds the copy that the
+    call before it just left in the cache."""
     cursor = {}  # id(states) -> calls made on that list so far
 
     def next_copy(states):
@@ -173,11 +185,12 @@ def _time_interleaved(entries: list, x, iters: int, warmup: int = 2) -> list[flo
     for run, states in entries:
         for _ in range(warmup):
             run(next_copy(states), x)
-    n = len(entries)
+    rng = random.Random(seed)
+    order = list(range(len(entries)))
     ts = [[] for _ in entries]
-    for i in range(iters):
-        for j in range(n):
-            e = (i + j) % n
+    for _ in range(iters):
+        rng.shuffle(order)
+        for e in order:
             run, states = entries[e]
             s = next_copy(states)
             t0 = time.perf_counter()

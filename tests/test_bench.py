@@ -91,8 +91,8 @@ def test_bench_prints_sparse_ratios_with_break_even(small_run, capsys):
 
 
 def test_time_interleaved_alternates_and_rotates():
-    """One call per impl in turn, the round's first impl moving by one each round, each impl on
-    the next of its weight copies; each median belongs to its own impl."""
+    """One call per impl each round, each impl on the next of its weight copies; each median
+    belongs to its own impl."""
     import time
 
     calls = []
@@ -106,10 +106,27 @@ def test_time_interleaved_alternates_and_rotates():
     entries = [(make_run("a", 0.0), ["a0", "a1"]), (make_run("b", 0.004), ["b0"]),
                (make_run("c", 0.0), ["c0", "c1", "c2"])]
     times = bench._time_interleaved(entries, None, iters=4, warmup=0)
-    assert [c[0] for c in calls] == list("abc" "bca" "cab" "abc")
+    rounds = ["".join(c[0] for c in calls[3 * i:3 * i + 3]) for i in range(4)]
+    assert all(sorted(r) == list("abc") for r in rounds)  # each round calls each entry once
     assert [s for name, s in calls if name == "a"] == ["a0", "a1", "a0", "a1"]
     assert [s for name, s in calls if name == "c"] == ["c0", "c1", "c2", "c0"]
     assert times[1] >= 0.004 > max(times[0], times[2])
+
+
+def test_time_interleaved_varies_the_call_before_each_entry():
+    """A call's time depends on the call before it (bench._time_interleaved), so no entry
+    may always follow the same other one: over the rounds each entry follows every other,
+    and the orders are the same from run to run (seeded)."""
+    def orders():
+        calls = []
+        entries = [((lambda name: lambda s, x: calls.append(name))(n), [n]) for n in "abcd"]
+        bench._time_interleaved(entries, None, iters=40, warmup=0)
+        return "".join(calls)
+
+    seq = orders()
+    assert seq == orders()
+    follows = {(a, b) for a, b in zip(seq, seq[1:]) if a != b}
+    assert follows == {(a, b) for a in "abcd" for b in "abcd" if a != b}
 
 
 def test_time_interleaved_shared_copies_never_repeat():
@@ -336,3 +353,21 @@ def test_sparse24_panel_loop_benchmark_builds_and_runs(capsys):
     values = [float(ln.split()[-1]) for ln in out if ln.startswith("  ")]
     assert len(values) == 8 and all(math.isfinite(v) and v > 0 for v in values), out
     assert out[0].startswith("core clock")
+
+
+def test_call_order_benchmark_runs(capsys):
+    """benchmarks/call_order.py times an impl after each kind of previous call (a small shape
+    and two rounds: the numbers are not checked, only that every line comes out)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "call_order.py"
+    spec = importlib.util.spec_from_file_location("call_order", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--n", "256", "--k", "256", "--rounds", "2", "--copies", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "itself (another copy)" in out and "F.linear[fp32]" in out
+    assert "main thread sleeping 2 ms" in out
+    with pytest.raises(SystemExit):
+        mod.main(["--impl", "no.such.impl"])
