@@ -66,6 +66,32 @@ def _cases(C, torch, formats, nt: int) -> dict:
         run.keep = work
         return run
 
+    def int4_weight_only_panels(m, n, k, g, copies):
+        """int4 weight-only on the 32-row panels the layers keep (pyquant/panels.py; builds
+        that have them), fp32 x, `copies` weights in turn as int4_weight_only."""
+        isa = C.best_isa()
+        ws = []
+        for p, s, z in (int4(n, k, g) for _ in range(copies)):
+            pc = torch.empty_like(p)
+            if C.pack_panels(isa, 4, 0, ptr(p), n, k, ptr(pc), 1):
+                raise SystemExit("this build has no panel packer for int4")
+            sp = s.reshape(n // 32, 32, k // g).transpose(1, 2).contiguous()
+            zp = z.reshape(n // 32, 32, k // g).transpose(1, 2).contiguous()
+            ws.append((pc, sp, zp))
+        x = torch.randn(m, k)
+        out = torch.empty(m, n)
+        nb = C.int4_weight_only_panels_workspace_bytes(isa, m, k, g, nt)
+        work, wa = workspace(nb)
+        calls = [0]
+
+        def run():
+            calls[0] += 1
+            p, s, z = ws[calls[0] % copies]
+            return C.int4_weight_only_mm_panels(isa, ptr(x), m, k, k, ptr(p), n, ptr(s), ptr(z),
+                                                g, 0, ptr(out), nt, wa, nb)
+        run.keep = work
+        return run
+
     def int8_weight_only(m, n, k):
         isa = C.best_isa()
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -222,6 +248,9 @@ def _cases(C, torch, formats, nt: int) -> dict:
         "int8wo bf16-x 128x4096x4096": lambda: int8_weight_only(128, 4096, 4096),
         "int8wo bf16-x 512x4096x4096": lambda: int8_weight_only(512, 4096, 4096),
         # 2:4 + int: weights of 6.4-28 MB (values, meta, scales) in turn, over 300 MB in all
+        "int4wo panels g128 1x4096x4096": lambda: int4_weight_only_panels(1, 4096, 4096, 128, 40),
+        "int4wo panels g128 1x4096x11008": lambda: int4_weight_only_panels(1, 4096, 11008, 128,
+                                                                           16),
         "sparse24 int4 g128 1x4096x11008": lambda: sparse24_quant(4096, 11008, 4, 40),
         "sparse24 int4 g128 1x4096x4096": lambda: sparse24_quant(4096, 4096, 4, 50),
         "sparse24 int8 1x4096x11008": lambda: sparse24_quant(4096, 11008, 8, 40),
