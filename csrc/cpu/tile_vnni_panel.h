@@ -34,11 +34,19 @@ namespace {
 
 #if defined(PQ_SIMD_AVX512)
 constexpr int kPanelRows = 32;
-/* Bytes ahead that the decode-size W4A8 panel sweep prefetches (w4a8_nibble_panel_acc): M = 1
- * on panels packed at swap time, in-process against the GEMV on canonical rows (Zen 4, 2
- * threads, Llama-2-7B shapes, two runs each): no prefetch 0.88-0.99x, 1024 B 0.85-1.05x,
- * 2048 B 0.96-1.13x, 4096 B 0.97-1.21x. */
-constexpr int kPanelPrefetch = 4096;
+/* Bytes ahead that the decode-size W4A8 panel sweep prefetches (w4a8_nibble_panel_acc): into
+ * L1 (T0) a little ahead, into L2 (T1) further on. First measured alone, M = 1 on panels packed
+ * at swap time, in-process against the GEMV on canonical rows (Zen 4, 2 threads, Llama-2-7B
+ * shapes, two runs each): no prefetch 0.88-0.99x, T0 at 1024 B 0.85-1.05x, 2048 B 0.96-1.13x,
+ * 4096 B 0.97-1.21x. Then, in one process with the hint chosen per call (seeded random order
+ * among fp32 F.linear, int4pack and the read probe, weights rotated; 21 runs of the three
+ * shapes on a noisy VM), against T0 at 4096 B: T0 at 1024 B plus T1 at 8192 B 0.97-1.17x,
+ * median 1.05 (17 of 21 above 1); T1 instead of T0 at 4096 B 0.96-1.04x; T1 at 8192 B 0.95-1.09x;
+ * none 0.85-0.94x; NTA 0.89-1.21x. (The int8 panel sweep, whose bytes take half the work
+ * each, read 0.82-1.03x with these, 16 of 18 runs below 1: it keeps the hardware prefetcher
+ * alone.) */
+constexpr int kPanelPrefetchL1 = 1024;
+constexpr int kPanelPrefetchL2 = 8192;
 constexpr int kPanelMaxT = 6; /* x rows a tile: 12 int32 + 12 fp32 accumulators */
 
 /* sums[g] = the sum of the codes x[g * G .. (g + 1) * G), K / G groups; G % 32 == 0. One
@@ -317,8 +325,10 @@ inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t
     for (int64_t k = 0; k < G; k += 8, p += 128) {
       if (T <= 3) { /* decode: one stream a thread, which the hardware prefetcher alone
                        * leaves short of the DRAM bandwidth */
-        _mm_prefetch((const char*)p + kPanelPrefetch, _MM_HINT_T0);
-        _mm_prefetch((const char*)p + kPanelPrefetch + 64, _MM_HINT_T0);
+        _mm_prefetch((const char*)p + kPanelPrefetchL1, _MM_HINT_T0);
+        _mm_prefetch((const char*)p + kPanelPrefetchL1 + 64, _MM_HINT_T0);
+        _mm_prefetch((const char*)p + kPanelPrefetchL2, _MM_HINT_T1);
+        _mm_prefetch((const char*)p + kPanelPrefetchL2 + 64, _MM_HINT_T1);
       }
       const __m512i v0 = _mm512_load_si512(p), v1 = _mm512_load_si512(p + 64);
       const __m512i a0 = _mm512_and_si512(v0, nib), b0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), nib);
