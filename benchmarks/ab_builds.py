@@ -19,8 +19,8 @@ wrappers' overhead is not in the numbers. One thread by default: the kernel's ow
 without the second core's noise. With --threads 2 on a 2-core machine the two workers'
 OpenMP teams share the cores: run it with OMP_WAIT_POLICY=PASSIVE (else the idle worker's
 threads spin), and still read a build against itself first (it read 1.14-1.83 in a noisy
-hour). Both builds cannot be loaded into one process instead: CPython hands back the first
-extension module loaded under the name pyquant._C, whatever file the second one names.
+hour). benchmarks/ab_inprocess.py loads both builds into one process (each under a name of
+its own) and times them through the ops the layers run: no worker placement between them.
 """
 from __future__ import annotations
 

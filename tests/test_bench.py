@@ -371,3 +371,25 @@ def test_call_order_benchmark_runs(capsys):
     assert "main thread sleeping 2 ms" in out
     with pytest.raises(SystemExit):
         mod.main(["--impl", "no.such.impl"])
+
+
+@pytest.mark.skipif(not _native.available(), reason="needs the native module")
+def test_ab_inprocess_loads_two_builds_and_compares(capsys):
+    """benchmarks/ab_inprocess.py loads a build twice beside pyquant._C (two libraries in one
+    process) and times an impl with each; pyquant is pointed back at its own build after."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "ab_inprocess.py"
+    spec = importlib.util.spec_from_file_location("ab_inprocess", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    so = _native.module().__file__
+    before = _native.module()
+    assert mod.main([so, so, "--shapes", "256x256", "--iters", "2", "--runs", "1",
+                     "--rotate-mb", "1"]) == 0
+    assert _native.module() is before
+    out = capsys.readouterr().out
+    assert "A/B" in out and "int4_weight_only_mm" in out
+    b = mod.load_build(so, "t")
+    assert b is not before and b.best_isa() == before.best_isa()
