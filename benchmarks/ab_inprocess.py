@@ -16,7 +16,8 @@ impl and shape, the medians of A and B and their ratio; then the ratios of all r
 Why: benchmarks/ab_builds.py runs each build in its own worker process, and on a 2-core VM
 the two workers' placement alone moved a build against itself by up to 1.2x. Here a build
 against a copy of itself read medians of 1.008-1.025 over two runs (single runs 0.96-1.08;
-check it with a.so a.so first, and run both orders). Measured with it: the W4A8 panel
+check it with a.so a.so first). Run both orders and take the geometric mean of the two: in
+some pairs build B came out 2-5% ahead whichever build it was. Measured with it: the W4A8 panel
 decode's two-level prefetch (csrc/cpu/tile_vnni_panel.h) against the one before it, int4
 weight-only at M = 1, four runs each way: old/new medians 1.02, 1.13 and 1.18 and new/old
 0.90, 0.92 and 0.97 on 4096x4096, 11008x4096 and 4096x11008. Both builds must read the same
