@@ -17,12 +17,12 @@ Why: benchmarks/ab_builds.py runs each build in its own worker process, and on a
 the two workers' placement alone moved a build against itself by up to 1.2x. Here a build
 against a copy of itself read medians of 1.008-1.025 over two runs (single runs 0.96-1.08;
 check it with a.so a.so first). Run both orders and take the geometric mean of the two: in
-some pairs build B came out 2-5% ahead whichever build it was. Measured with it: the W4A8 panel
-decode's two-level prefetch (csrc/cpu/tile_vnni_panel.h) against the one before it, int4
-weight-only at M = 1, four runs each way: old/new medians 1.02, 1.13 and 1.18 and new/old
-0.90, 0.92 and 0.97 on 4096x4096, 11008x4096 and 4096x11008. Both builds must read the same
-weight layouts (the packers of the build pyquant imports made them): for kernel experiments,
-not for format changes.
+some pairs build B came out 2-5% ahead whichever build it was (the runs also alternate which
+build's weight copies are made first). Measured with it: the W4A8 panel decode's two-level
+prefetch (csrc/cpu/tile_vnni_panel.h) against the one before it, int4 weight-only at M = 1,
+three sets at different times: 1.00-1.06x on 4096x4096, 1.00-1.11x on 11008x4096 and
+1.00-1.10x on 4096x11008. Both builds must read the same weight layouts (the packers of the
+build pyquant imports made them): for kernel experiments, not for format changes.
 """
 from __future__ import annotations
 
@@ -106,7 +106,9 @@ def main(argv=None) -> int:
                     for im in impls:
                         s0 = im.make(w)
                         copies = max(2, -(-(a.rotate_mb << 20) // max(im.nbytes(s0), 1)))
-                        for tag, build in builds.items():
+                        # which build's copies come first alternates from run to run
+                        for tag in ("A", "B") if r % 2 == 0 else ("B", "A"):
+                            build = builds[tag]
                             entries.append((on(build, im.run),
                                             [bench._clone_state(s0) for _ in range(copies)]))
                             names.append((im.name, tag))
