@@ -3,9 +3,11 @@ on the linear shapes of real models, measured side by side in one run.
 
 Every timing rotates through copies of the weights that together exceed the last-level cache,
 so decode (memory-bound) numbers are DRAM numbers, and reports medians. The impls of one shape
-and M are timed interleaved, one call each in turn (each round in a fresh random order), so that
-every ratio compares calls made at the same moments: on a shared or virtual machine the same
-call moves by 30-50% over a minute, more than most of the differences measured. The machine's
+and M are timed interleaved, one call each in turn (each round in a fresh random order; at decode
+sizes a run of calls each, of which those that follow a call of their own kind count, as the
+layers of a model run), so that every ratio compares calls made at the same moments: on a
+shared or virtual machine the same call moves by 30-50% over a minute, more than most of the
+differences measured. The machine's
 read bandwidth is measured in the same run; memory-bound rows report the share of it reached
 (weight bytes incl. scales and zeros / time / bandwidth), compute-bound rows the GOP/s. The read
 probe also runs among the impls of each shape and M (the read[probe] row, as many bytes as the
@@ -46,6 +48,10 @@ SHAPES = {
     "minilm": [(384, 384), (1536, 384), (384, 1536)],
 }
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+# Decode sizes (M <= DECODE_MAX_M) are timed in runs of DECODE_BURST calls of one impl, the
+# first not counted (_time_interleaved): as the layers of a model run, one kind back to back
+DECODE_MAX_M = 16
+DECODE_BURST = 3
 
 
 @dataclass
@@ -149,28 +155,33 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(call_times(fn, reps))
 
 
-def _copies(nbytes: int, rotate_bytes: int, sharers: int) -> int:
-    """Weight copies of one make: together more than rotate_bytes (at most 64), and at least
-    two where several impls share them. Impls of one make run back to back in every round:
-    with a single copy the second would find most of what the first just read still in the
+def _copies(nbytes: int, rotate_bytes: int, sharers: int, burst: int = 1) -> int:
+    """Weight copies of one make: together more than rotate_bytes (at most 64), at least
+    two where several impls share them, and at least burst (a run of calls reads each copy
+    once: a 56 MB weight read three times in a row against a 32 MB last-level cache came out
+    at 103-105% of the read probe). Impls of one make run back to back in every round: with a
+    single copy the second would find most of what the first just read still in the
     last-level cache (a 45 MB int8 weight against a 32 MB one read 103-167% of the bandwidth
     that way)."""
-    return max(2 if sharers > 1 else 1, min(64, -(-rotate_bytes // max(nbytes, 1))))
+    n = max(2 if sharers > 1 else 1, min(64, -(-rotate_bytes // max(nbytes, 1))))
+    return max(n, burst)
 
 
 def _time_interleaved(entries: list, x, iters: int, warmup: int = 2,
-                      seed: int = 0) -> list[float]:
-    """Median seconds of a call for each (run, states) of ``entries``: ``iters`` rounds of one
-    call per entry, each round in a fresh random order (seeded: the same orders every run).
+                      seed: int = 0, burst: int = 1) -> list[float]:
+    """Median seconds of a call for each (run, states) of ``entries``: ``iters`` rounds of
+    ``burst`` calls per entry back to back, each round in a fresh random order (seeded: the
+    same orders every run). With burst > 1 the first call of each run is not counted.
 
-    Why random. A call's time depends on the call before it (benchmarks/call_order.py): on a
-    2-core Zen 4 VM, pyquant's int4 weight-only at 4096 x 4096, M = 1, took 0.367 ms after
-    another int4 call, 0.380 after pyquant's int8, 0.404 after fbgemm's, 0.472 after fp32
-    F.linear and 0.485 after a 64 MB read (medians of 60, weights rotated); torch's int4pack
-    1.00-1.18x of its own time after itself. In a fixed order every entry follows the same
-    other one, and each ratio carries its two predecessors' bias (a fixed order whose start
-    moved by one each round changed the predecessor only for the round's first call). In
-    random order every entry follows every other about equally often.
+    Why. A call's time depends on the call before it (benchmarks/call_order.py): on a 2-core
+    Zen 4 VM, pyquant's int4 weight-only at 4096 x 4096, M = 1, took 0.367 ms after another
+    int4 call, 0.380 after pyquant's int8, 0.404 after fbgemm's, 0.472 after fp32 F.linear
+    and 0.485 after a 64 MB read (medians of 60, weights rotated); torch's int4pack 1.00-1.18x
+    of its own time after itself. Most of it is the Python of the call running from cold
+    caches after another code path and a long stream. In a model the layers of one kind run
+    back to back, so the decode sizes take runs of calls (burst, on successive weight copies)
+    and count the calls that follow one of their own kind. Random order: in a fixed order
+    every entry follows the same other one and carries its bias.
 
     Entries may share one list of rotating weight copies (an op and its x-bf16 row): every
     call takes the list's next copy, whoever makes it, so no call finds the copy that the
@@ -192,10 +203,12 @@ def _time_interleaved(entries: list, x, iters: int, warmup: int = 2,
         rng.shuffle(order)
         for e in order:
             run, states = entries[e]
-            s = next_copy(states)
-            t0 = time.perf_counter()
-            run(s, x)
-            ts[e].append(time.perf_counter() - t0)
+            for j in range(burst):
+                s = next_copy(states)
+                t0 = time.perf_counter()
+                run(s, x)
+                if j or burst == 1:
+                    ts[e].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in ts]
 
 
@@ -357,10 +370,12 @@ def run(
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    # Each impl rotates through copies of more bytes than the LLC holds; between two calls of
-    # one impl, the others' calls stream their own copies as well. All impls of a shape are
-    # resident at once: 7-8 GB at Llama-2-7B sizes with every impl and a 300 MB LLC.
-    rotate_bytes = rotate_bytes or _llc_bytes() * 5 // 4
+    # Each impl rotates through copies of four times the bytes the LLC holds: at decode sizes
+    # an impl's calls come in runs (_time_interleaved), so between two reads of one copy only
+    # its other copies may stream. With 1.25x the LLC (one 32 MB), 4096 x 4096 int8 read
+    # 94-101% of the read probe in the same rounds and 2:4 + int8 85-88%, against 90-94% and
+    # 77-78% with 300 MB (two runs each). All impls of a shape are resident at once.
+    rotate_bytes = rotate_bytes or _llc_bytes() * 4
     from .bench_sparse import sparse_impls  # sparse rows live in their own module
 
     impls = probe_impls() + baseline_impls() + pyquant_impls() + sparse_impls()
@@ -388,7 +403,8 @@ def run(
                     except Exception as e:  # a baseline missing on this torch build
                         print(f"skip {impl.name} on {n}x{k}: {e}", file=sys.stderr)
                         continue
-                    copies = _copies(impl.nbytes(s0), rotate_bytes, sharers[impl.make])
+                    copies = _copies(impl.nbytes(s0), rotate_bytes, sharers[impl.make],
+                                     DECODE_BURST if min(ms) <= DECODE_MAX_M else 1)
                     made[impl.make] = [s0] + [_clone_state(s0) for _ in range(copies - 1)]
                 states = made[impl.make]
                 ready.append((impl, impl.nbytes(states[0]), states))
@@ -397,8 +413,10 @@ def run(
             for m in ms:
                 x = torch.randn(m, k, generator=g)
                 # decode sizes are short calls: enough rounds to visit every weight copy
+                decode = m <= DECODE_MAX_M
                 times = _time_interleaved([(impl.run, st) for impl, _, st in ready], x,
-                                          iters=max(iters, most) if m <= 16 else iters)
+                                          iters=max(iters, most) if decode else iters,
+                                          burst=DECODE_BURST if decode else 1)
                 now = [nb / t / 1e9 for (impl, nb, _), t in zip(ready, times)
                        if impl.kind == "probe"]
                 for (impl, nb, st), t in zip(ready, times):

@@ -113,6 +113,40 @@ def test_time_interleaved_alternates_and_rotates():
     assert times[1] >= 0.004 > max(times[0], times[2])
 
 
+def test_time_interleaved_runs_of_calls_count_all_but_the_first():
+    """With burst, each entry makes a run of calls on successive copies each round; the first
+    call of a run (after another entry's) is not in its median."""
+    import time
+
+    calls = []
+
+    def make_run(name, first_pause):
+        def run(state, x):
+            calls.append((name, state))
+            # the first call of each run of "a" is slow: it must not reach a's median
+            if name == "a" and (len(calls) < 2 or calls[-2][0] != "a"):
+                time.sleep(first_pause)
+        return run
+
+    entries = [(make_run("a", 0.01), ["a0", "a1", "a2", "a3"]),
+               (make_run("b", 0.0), ["b0", "b1", "b2", "b3"])]
+    times = bench._time_interleaved(entries, None, iters=3, warmup=0, burst=3)
+    names = "".join(c[0] for c in calls)
+    assert len(names) == 18 and all(names[i:i + 3] in ("aaa", "bbb") for i in range(0, 18, 3))
+    assert [s for n, s in calls if n == "a"][:5] == ["a0", "a1", "a2", "a3", "a0"]
+    assert times[0] < 0.005
+
+
+def test_decode_runs_never_read_a_copy_twice():
+    """A run of DECODE_BURST calls never comes back to a copy it read, whatever the copies'
+    size (three reads of one 56 MB copy in a row found part of it in a 32 MB cache)."""
+    b = bench.DECODE_BURST
+    for nbytes in (1 << 20, 20 << 20, 64 << 20, 512 << 20):
+        for sharers in (1, 2):
+            assert bench._copies(nbytes, 40 << 20, sharers, burst=b) >= b
+    assert bench._copies(64 << 20, 40 << 20, sharers=1) == 1  # no runs: as before
+
+
 def test_time_interleaved_varies_the_call_before_each_entry():
     """A call's time depends on the call before it (bench._time_interleaved), so no entry
     may always follow the same other one: over the rounds each entry follows every other,
