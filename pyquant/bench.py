@@ -374,8 +374,11 @@ def run(
     # an impl's calls come in runs (_time_interleaved), so between two reads of one copy only
     # its other copies may stream. With 1.25x the LLC (one 32 MB), 4096 x 4096 int8 read
     # 94-101% of the read probe in the same rounds and 2:4 + int8 85-88%, against 90-94% and
-    # 77-78% with 300 MB (two runs each). All impls of a shape are resident at once.
-    rotate_bytes = rotate_bytes or _llc_bytes() * 4
+    # 77-78% with 300 MB (two runs each). All impls of a shape are resident at once, so past
+    # a 128 MB LLC it is 512 MB an impl (a VM that reports a 300 MB LLC: 7-8 GB in all),
+    # and never under 1.25x the LLC.
+    llc = _llc_bytes()
+    rotate_bytes = rotate_bytes or max(llc * 5 // 4, min(llc * 4, 512 << 20))
     from .bench_sparse import sparse_impls  # sparse rows live in their own module
 
     impls = probe_impls() + baseline_impls() + pyquant_impls() + sparse_impls()
