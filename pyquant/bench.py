@@ -7,10 +7,9 @@ and M are timed interleaved, one call each in turn (each round in a fresh random
 sizes a run of calls each, of which those that follow a call of their own kind count, as the
 layers of a model run), so that every ratio compares calls made at the same moments: on a
 shared or virtual machine the same call moves by 30-50% over a minute, more than most of the
-differences measured. The machine's
-read bandwidth is measured in the same run; memory-bound rows report the share of it reached
-(weight bytes incl. scales and zeros / time / bandwidth), compute-bound rows the GOP/s. The read
-probe also runs among the impls of each shape and M (the read[probe] row, as many bytes as the
+differences measured. The machine's read bandwidth is measured in the same run; memory-bound
+rows report the share of it reached (weight bytes incl. scales and zeros / time / bandwidth),
+compute-bound rows the GOP/s. The read probe also runs among the impls of each shape and M (the read[probe] row, as many bytes as the
 fp32 weight): "%now" is a row's GB/s over the probe's in the same rounds, the share of what the
 machine gave at those moments, where "%BW" compares with the best pass of the start.
 Compute-bound rows are read against the instruction peak, measured at the start too
@@ -374,7 +373,8 @@ def run(
     # an impl's calls come in runs (_time_interleaved), so between two reads of one copy only
     # its other copies may stream. With 1.25x the LLC (one 32 MB), 4096 x 4096 int8 read
     # 94-101% of the read probe in the same rounds and 2:4 + int8 85-88%, against 90-94% and
-    # 77-78% with 300 MB (two runs each). All impls of a shape are resident at once, so past
+    # 77-78% with 300 MB; with four times (128 MB) 98-100% and 77-82%, against 84-104% and
+    # 81-82% with 300 MB (two runs each). All impls of a shape are resident at once, so past
     # a 128 MB LLC it is 512 MB an impl (a VM that reports a 300 MB LLC: 7-8 GB in all),
     # and never under 1.25x the LLC.
     llc = _llc_bytes()
