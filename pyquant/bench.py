@@ -9,9 +9,10 @@ layers of a model run), so that every ratio compares calls made at the same mome
 shared or virtual machine the same call moves by 30-50% over a minute, more than most of the
 differences measured. The machine's read bandwidth is measured in the same run; memory-bound
 rows report the share of it reached (weight bytes incl. scales and zeros / time / bandwidth),
-compute-bound rows the GOP/s. The read probe also runs among the impls of each shape and M (the read[probe] row, as many bytes as the
-fp32 weight): "%now" is a row's GB/s over the probe's in the same rounds, the share of what the
-machine gave at those moments, where "%BW" compares with the best pass of the start.
+compute-bound rows the GOP/s. The read probe also runs among the impls of each shape and M
+(the read[probe] row, as many bytes as the fp32 weight): "%now" is a row's GB/s over the
+probe's in the same rounds, the share of what the machine gave at those moments, where "%BW"
+compares with the best pass of the start.
 Compute-bound rows are read against the instruction peak, measured at the start too
 (_native.probe_peak: register-only dot products on every thread): "%peak" is a row's GOP/s
 over the peak of the vector unit its arithmetic runs on, times the unit's operations per
