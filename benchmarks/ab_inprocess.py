@@ -6,7 +6,8 @@ Python side of pyquant is pointed at that call's build (pyquant._native._module)
 builds run the same Python path, the same threads and the same weights' layout. The calls of
 A, B and a few baselines (fp32 F.linear, int4pack, the read probe: other traffic between two
 calls, as in `pyquant bench`) are interleaved in a fresh random order every round
-(bench._time_interleaved), each on its own rotating weight copies. Every run prints, per
+(bench._time_interleaved; at decode sizes in runs of calls of one kind, as the bench times
+them), each on its own rotating weight copies. Every run prints, per
 impl and shape, the medians of A and B and their ratio; then the ratios of all runs.
 
     cp pyquant/_C*.so /tmp/a.so     # build A; then change, rebuild, and
@@ -15,14 +16,15 @@ impl and shape, the medians of A and B and their ratio; then the ratios of all r
 
 Why: benchmarks/ab_builds.py runs each build in its own worker process, and on a 2-core VM
 the two workers' placement alone moved a build against itself by up to 1.2x. Here a build
-against a copy of itself read medians of 1.008-1.025 over two runs (single runs 0.96-1.08;
-check it with a.so a.so first). Run both orders and take the geometric mean of the two: in
-some pairs build B came out 2-5% ahead whichever build it was (the runs also alternate which
-build's weight copies are made first). Measured with it: the W4A8 panel decode's two-level
-prefetch (csrc/cpu/tile_vnni_panel.h) against the one before it, int4 weight-only at M = 1,
-three sets at different times: 1.00-1.06x on 4096x4096, 1.00-1.11x on 11008x4096 and
-1.00-1.10x on 4096x11008. Both builds must read the same weight layouts (the packers of the
-build pyquant imports made them): for kernel experiments, not for format changes.
+against a copy of itself read medians of 0.997-1.036 over four runs (single runs 0.92-1.21:
+the machine, not the tool; check it with a.so a.so first, and take several runs). Run both
+orders and take the geometric mean of the two: in some pairs build B came out 2-5% ahead
+whichever build it was (the runs also alternate which build's weight copies are made first).
+Measured with it: the W4A8 panel decode's two-level prefetch (csrc/cpu/tile_vnni_panel.h)
+against the one before it, int4 weight-only at M = 1, four sets at different times:
+1.00-1.06x on 4096x4096, 0.99-1.11x on 11008x4096 and 1.00-1.10x on 4096x11008. Both builds
+must read the same weight layouts (the packers of the build pyquant imports made them): for
+kernel experiments, not for format changes.
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
                             "torch._weight_int4pack_mm_for_cpu[g128]")]
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",") if s]
     default = _native._load()
+    # as `pyquant bench` times decode sizes: runs of calls of one kind, the first not counted
+    burst = bench.DECODE_BURST if a.m <= bench.DECODE_MAX_M else 1
 
     def on(build, run):
         def f(s, x):
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
                     entries, names = [], []
                     for im in impls:
                         s0 = im.make(w)
-                        copies = max(2, -(-(a.rotate_mb << 20) // max(im.nbytes(s0), 1)))
+                        copies = max(burst, -(-(a.rotate_mb << 20) // max(im.nbytes(s0), 1)))
                         # which build's copies come first alternates from run to run
                         for tag in ("A", "B") if r % 2 == 0 else ("B", "A"):
                             build = builds[tag]
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
                             names.append((im.name, tag))
                     for o in others:
                         entries.append((o.run, [o.make(w)]))
-                    times = bench._time_interleaved(entries, x, iters=a.iters, seed=r)
+                    times = bench._time_interleaved(entries, x, iters=a.iters, seed=r,
+                                                    burst=burst)
                     by = dict(zip(names, times))
                     for im in impls:
                         ta, tb = by[(im.name, "A")], by[(im.name, "B")]

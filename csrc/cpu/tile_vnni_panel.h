@@ -43,8 +43,8 @@ constexpr int kPanelRows = 32;
  * shapes on a noisy VM), against T0 at 4096 B: T0 at 1024 B plus T1 at 8192 B 0.97-1.17x,
  * median 1.05 (17 of 21 above 1); T1 instead of T0 at 4096 B 0.96-1.04x; T1 at 8192 B 0.95-1.09x;
  * none 0.85-0.94x; NTA 0.89-1.21x. The two builds against each other in one process
- * (benchmarks/ab_inprocess.py, geometric means of both orders, three sets of 4-6 runs at
- * different times): int4 weight-only (three code rows) 1.00-1.06x on 4096x4096, 1.00-1.11x on
+ * (benchmarks/ab_inprocess.py, geometric means of both orders, four sets of 4-6 runs at
+ * different times): int4 weight-only (three code rows) 1.00-1.06x on 4096x4096, 0.99-1.11x on
  * 11008x4096 and 1.00-1.10x on 4096x11008; W4A8 at M = 1 (one code row, a third of the work
  * a byte) 0.99-1.04x, one set. (The int8 panel sweep, whose bytes take half the work
  * each, read 0.82-1.03x with these, 16 of 18 runs below 1: it keeps the hardware prefetcher
