@@ -68,16 +68,17 @@ def _cases(C, torch, formats, nt: int) -> dict:
 
     def int4_weight_only_panels(m, n, k, g, copies):
         """int4 weight-only on the 32-row panels the layers keep (pyquant/panels.py; builds
-        that have them), fp32 x, `copies` weights in turn as int4_weight_only."""
+        that have them), fp32 x, `copies` weights in turn as int4_weight_only. The codes are
+        packed by build C's own packer, the groups' scales and zeros by pyquant's."""
+        from pyquant import panels
+
         isa = C.best_isa()
         ws = []
         for p, s, z in (int4(n, k, g) for _ in range(copies)):
             pc = torch.empty_like(p)
             if C.pack_panels(isa, 4, 0, ptr(p), n, k, ptr(pc), 1):
                 raise SystemExit("this build has no panel packer for int4")
-            sp = s.reshape(n // 32, 32, k // g).transpose(1, 2).contiguous()
-            zp = z.reshape(n // 32, 32, k // g).transpose(1, 2).contiguous()
-            ws.append((pc, sp, zp))
+            ws.append((pc, panels._groups_to_panels(s), panels._groups_to_panels(z)))
         x = torch.randn(m, k)
         out = torch.empty(m, n)
         nb = C.int4_weight_only_panels_workspace_bytes(isa, m, k, g, nt)

@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=1, help="rows of x")
     ap.add_argument("--iters", type=int, default=80, help="rounds a run")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--rotate-mb", type=int, default=48,
-                    help="each timed impl's weight copies together (MB)")
+    ap.add_argument("--rotate-mb", type=int, default=None,
+                    help="each timed impl's weight copies together (MB; default: as "
+                         "`pyquant bench`, bench.default_rotate_bytes)")
     a = ap.parse_args(argv)
     if not _native.available():
         print(f"pyquant's native module is not loaded ({_native.load_error()})", file=sys.stderr)
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     default = _native._load()
     # as `pyquant bench` times decode sizes: runs of calls of one kind, the first not counted
     burst = bench.DECODE_BURST if a.m <= bench.DECODE_MAX_M else 1
+    rotate = (a.rotate_mb << 20) if a.rotate_mb else bench.default_rotate_bytes()
 
     def on(build, run):
         def f(s, x):
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
                     entries, names = [], []
                     for im in impls:
                         s0 = im.make(w)
-                        copies = max(burst, -(-(a.rotate_mb << 20) // max(im.nbytes(s0), 1)))
+                        copies = bench._copies(im.nbytes(s0), rotate, 1, burst)
                         # which build's copies come first alternates from run to run
                         for tag in ("A", "B") if r % 2 == 0 else ("B", "A"):
                             build = builds[tag]

@@ -155,6 +155,19 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(call_times(fn, reps))
 
 
+def default_rotate_bytes() -> int:
+    """Bytes of the weight copies each impl rotates through: four times what the LLC holds.
+    At decode sizes an impl's calls come in runs (_time_interleaved), so between two reads of
+    one copy only its other copies may stream. With 1.25x the LLC (one 32 MB), 4096 x 4096
+    int8 read 94-101% of the read probe in the same rounds and 2:4 + int8 85-88%, against
+    90-94% and 77-78% with 300 MB; with four times (128 MB) 98-100% and 77-82%, against
+    84-104% and 81-82% with 300 MB (two runs each). All impls of a shape are resident at
+    once, so past a 128 MB LLC it is 512 MB an impl (a VM that reports a 300 MB LLC: 7-8 GB
+    in all), and never under 1.25x the LLC."""
+    llc = _llc_bytes()
+    return max(llc * 5 // 4, min(llc * 4, 512 << 20))
+
+
 def _copies(nbytes: int, rotate_bytes: int, sharers: int, burst: int = 1) -> int:
     """Weight copies of one make: together more than rotate_bytes (at most 64), at least
     two where several impls share them, and at least burst (a run of calls reads each copy
@@ -370,16 +383,7 @@ def run(
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    # Each impl rotates through copies of four times the bytes the LLC holds: at decode sizes
-    # an impl's calls come in runs (_time_interleaved), so between two reads of one copy only
-    # its other copies may stream. With 1.25x the LLC (one 32 MB), 4096 x 4096 int8 read
-    # 94-101% of the read probe in the same rounds and 2:4 + int8 85-88%, against 90-94% and
-    # 77-78% with 300 MB; with four times (128 MB) 98-100% and 77-82%, against 84-104% and
-    # 81-82% with 300 MB (two runs each). All impls of a shape are resident at once, so past
-    # a 128 MB LLC it is 512 MB an impl (a VM that reports a 300 MB LLC: 7-8 GB in all),
-    # and never under 1.25x the LLC.
-    llc = _llc_bytes()
-    rotate_bytes = rotate_bytes or max(llc * 5 // 4, min(llc * 4, 512 << 20))
+    rotate_bytes = rotate_bytes or default_rotate_bytes()
     from .bench_sparse import sparse_impls  # sparse rows live in their own module
 
     impls = probe_impls() + baseline_impls() + pyquant_impls() + sparse_impls()
