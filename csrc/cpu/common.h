@@ -47,8 +47,10 @@
  * of a T1 one two tiles ahead bought nothing more. */
 #if defined(PQ_SIMD_AVX512) && !defined(PQ_NO_PREFETCH)
 #define PQ_PREFETCH_NEXT_TILE(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
+#define PQ_PREFETCH_NEXT_TILE_L1(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 #else
 #define PQ_PREFETCH_NEXT_TILE(p) ((void)0)
+#define PQ_PREFETCH_NEXT_TILE_L1(p) ((void)0)
 #endif
 
 namespace PQ_NS {

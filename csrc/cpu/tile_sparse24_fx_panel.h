@@ -284,7 +284,20 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
  * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
  * order of the generic loop, so the same floats): 5.3-5.5 -> 4.6 cycles per 64 columns of a
  * row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. */
-template <int kBlock>
+/* x's three term rows up to this many bytes in all (3 Kp) leave room in a 32 KiB L1 for the
+ * int4 quad loop to prefetch the codes and meta 4 KiB (2 KiB of meta) ahead into L1 itself.
+ * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where the
+ * memory takes ~5.2 at 34 GB/s), and its loads waited on L2: in-process A/B at M = 1, 2
+ * threads, both orders, against the L2 hint one quad ahead (which the longer rows keep):
+ * 4096 x 4096 1.12x, 11008 x 4096 1.08x; 4096 x 11008 (33 KiB of x terms) 0.94x, and the L1
+ * hint one quad ahead there 0.96x. The int8 quad loop is bound by memory, not by its loads:
+ * the L1 hint made it slower (one thread, 4096 x 4096). */
+constexpr int64_t kPanel24L1XBytes = 16 << 10;
+constexpr int64_t kPanel24L1Ahead = 4096;
+
+/* kL1: prefetch into L1 kPanel24L1Ahead bytes ahead (3 Kp <= kPanel24L1XBytes), else into L2
+ * one quad ahead (PQ_PREFETCH_NEXT_TILE). */
+template <int kBlock, bool kL1>
 inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
                                 const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
                                 int64_t Kp, float dot[4][1]) {
@@ -309,9 +322,15 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
         const int64_t d = d0 + e;
         const uint8_t* c = pc + 128 * d;
         const uint8_t* m = pm + 64 * d;
-        PQ_PREFETCH_NEXT_TILE(c + K);
-        PQ_PREFETCH_NEXT_TILE(c + K + 64);
-        PQ_PREFETCH_NEXT_TILE(m + K / 2);
+        if (kL1) {
+          PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead);
+          PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead + 64);
+          PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead / 2);
+        } else {
+          PQ_PREFETCH_NEXT_TILE(c + K);
+          PQ_PREFETCH_NEXT_TILE(c + K + 64);
+          PQ_PREFETCH_NEXT_TILE(m + K / 2);
+        }
         const __m512i r0 = _mm512_loadu_si512(c), r1 = _mm512_loadu_si512(c + 64);
         half(r0, r1, m, 2 * d);
         half(_mm512_srli_epi16(r0, 4), _mm512_srli_epi16(r1, 4), m + 32, 2 * d + 1);
@@ -352,8 +371,13 @@ inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int 
                            const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
                            const uint8_t* xu, int64_t Kp, float dot[2 * P][T]) {
   if constexpr (P == 2 && T == 1) {
-    if (G % 128 == 0) return dot24_i4_panel_quad<4>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
-    if (G % 64 == 0) return dot24_i4_panel_quad<2>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+    const bool l1 = 3 * Kp <= kPanel24L1XBytes;
+    if (G % 128 == 0)
+      return l1 ? dot24_i4_panel_quad<4, true>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot)
+                : dot24_i4_panel_quad<4, false>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+    if (G % 64 == 0)
+      return l1 ? dot24_i4_panel_quad<2, true>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot)
+                : dot24_i4_panel_quad<2, false>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
   }
   constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
   if (p0 == 0) prefetch_next_groups<4>(sc, zp, ng);
