@@ -280,23 +280,26 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
     }
 }
 
-/* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
- * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
- * order of the generic loop, so the same floats): 5.3-5.5 -> 4.6 cycles per 64 columns of a
- * row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. */
 /* x's three term rows up to this many bytes in all (3 Kp) leave room in a 32 KiB L1 for the
- * int4 quad loop to prefetch the codes and meta 4 KiB (2 KiB of meta) ahead into L1 itself.
- * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where the
- * memory takes ~5.2 at 34 GB/s), and its loads waited on L2: in-process A/B at M = 1, 2
- * threads, both orders, against the L2 hint one quad ahead (which the longer rows keep):
- * 4096 x 4096 1.12x, 11008 x 4096 1.08x; 4096 x 11008 (33 KiB of x terms) 0.94x, and the L1
- * hint one quad ahead there 0.96x. The int8 quad loop is bound by memory, not by its loads:
- * the L1 hint made it slower (one thread, 4096 x 4096). */
+ * int4 quad loop to prefetch its codes and meta 4 KiB (2 KiB of meta) ahead into L1 itself.
+ * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where memory
+ * takes ~5.2 at 34 GB/s), and its loads waited on L2. In-process A/B at M = 1, 2 threads,
+ * geometric mean of both orders, against the L2 hint one quad ahead:
+ *                                        4096 x 4096   11008 x 4096   4096 x 11008
+ *   L1 hint 4 KiB ahead at every K          1.12x          1.08x          0.94x
+ *   L1 hint one quad ahead                  1.08x          1.10x          0.96x
+ *   as kept (L2 hint where x is larger)     1.11x          1.10x          0.99x (unchanged)
+ * At K = 11008 the 33 KiB of x terms do not fit L1 beside the prefetched lines. The int8 quad
+ * loop is bound by memory, not by its loads: the L1 hint made it slower (one thread). */
 constexpr int64_t kPanel24L1XBytes = 16 << 10;
 constexpr int64_t kPanel24L1Ahead = 4096;
 
-/* kL1: prefetch into L1 kPanel24L1Ahead bytes ahead (3 Kp <= kPanel24L1XBytes), else into L2
- * one quad ahead (PQ_PREFETCH_NEXT_TILE). */
+/* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
+ * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
+ * order of the generic loop, so the same floats): 5.3-5.5 -> 4.6 cycles per 64 columns of a
+ * row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. kL1: the codes and meta prefetched
+ * into L1 kPanel24L1Ahead bytes ahead (where 3 Kp <= kPanel24L1XBytes), else into L2 one quad
+ * ahead (PQ_PREFETCH_NEXT_TILE). */
 template <int kBlock, bool kL1>
 inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
                                 const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
