@@ -281,18 +281,20 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
 }
 
 /* x's three term rows up to this many bytes in all (3 Kp) leave room in a 32 KiB L1 for the
- * int4 quad loop to prefetch its codes and meta 4 KiB (2 KiB of meta) ahead into L1 itself.
+ * int4 quad loop to prefetch its codes and meta 2 KiB (1 KiB of meta) ahead into L1 itself.
  * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where memory
  * takes ~5.2 at 34 GB/s), and its loads waited on L2. In-process A/B at M = 1, 2 threads,
  * geometric mean of both orders, against the L2 hint one quad ahead:
  *                                        4096 x 4096   11008 x 4096   4096 x 11008
  *   L1 hint 4 KiB ahead at every K          1.12x          1.08x          0.94x
  *   L1 hint one quad ahead                  1.08x          1.10x          0.96x
- *   as kept (L2 hint where x is larger)     1.11x          1.10x          0.99x (unchanged)
- * At K = 11008 the 33 KiB of x terms do not fit L1 beside the prefetched lines. The int8 quad
- * loop is bound by memory, not by its loads: the L1 hint made it slower (one thread). */
+ *   L1 hint 4 KiB ahead where x fits        1.11x          1.10x          0.99x (L2 hint)
+ * and against the last: 2 KiB ahead 1.04x and 1.02x (at K = 11008 too: 0.95x), 8 KiB 0.95x
+ * and 0.96x, 1 KiB as 2. At K = 11008 the 33 KiB of x terms do not fit L1 beside the
+ * prefetched lines. The int8 quad loop is bound by memory, not by its loads: the L1 hint made
+ * it slower (one thread). */
 constexpr int64_t kPanel24L1XBytes = 16 << 10;
-constexpr int64_t kPanel24L1Ahead = 4096;
+constexpr int64_t kPanel24L1Ahead = 2048;
 
 /* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
  * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
