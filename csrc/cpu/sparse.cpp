@@ -61,13 +61,22 @@ void sparse24_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* 
 }
 
 #if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
-/* x row 0 in 24-bit fixed point, u8-biased and padded to whole 128-column
- * steps, into the caller's 3 * Kp bytes; false when x is not finite or too
- * small for fixed point (split_row_fixed24). */
-bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3]) {
-  if (!split_row_fixed24(x, K, (int8_t*)xu, (int8_t*)xu + Kp, (int8_t*)xu + 2 * Kp, s3))
-    return false;
-  for (int t = 0; t < 3; ++t) memset(xu + t * Kp + K, 0, (size_t)(Kp - K)); /* the padding */
+/* x row 0 in 24-bit fixed point as three u8 term rows, padded to whole 128-column
+ * steps (the padding is x = 0), into the caller's 3 * Kp bytes; false when x is not
+ * finite or too small for fixed point (split_row_fixed24). Each balanced term + 128 (the
+ * int8 kernels, which take 128 sum(w) off each term's sum), or with offset_digits the
+ * digits of X + 2^23 (the int4 kernels, which take it off the hi term's alone). */
+bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3],
+                bool offset_digits) {
+  int8_t* t[3] = {(int8_t*)xu, (int8_t*)xu + Kp, (int8_t*)xu + 2 * Kp};
+  if (offset_digits) {
+    if (!split_row_fixed24<true>(x, K, t[0], t[1], t[2], s3)) return false;
+    memset(xu + K, 128, (size_t)(Kp - K)); /* X + 2^23 = 128 * 65536 */
+    for (int j = 1; j < 3; ++j) memset(xu + j * Kp + K, 0, (size_t)(Kp - K));
+    return true;
+  }
+  if (!split_row_fixed24(x, K, t[0], t[1], t[2], s3)) return false;
+  for (int j = 0; j < 3; ++j) memset(xu + j * Kp + K, 0, (size_t)(Kp - K)); /* the padding */
   const __m512i bias8 = _mm512_set1_epi8((char)0x80);
   for (int64_t i = 0; i < 3 * Kp; i += 64)
     _mm512_store_si512(xu + i, _mm512_xor_si512(_mm512_load_si512(xu + i), bias8));
@@ -78,11 +87,12 @@ bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3])
  * tile(n, R-tag, xu, Kp, s3) over the weight-row tiles of for_each_tile.
  * False (nothing written) when x cannot be written in fixed point. */
 template <class Tile>
-bool run_fx(const float* x, int64_t K, int64_t N, int n_threads, void* work, Tile tile) {
+bool run_fx(const float* x, int64_t K, int64_t N, int n_threads, void* work, bool offset_digits,
+            Tile tile) {
   const int64_t Kp = (K + 127) / 128 * 128;
   float s3[3];
   uint8_t* xu = (uint8_t*)work;
-  if (!fixed24_u8(x, K, Kp, xu, s3)) return false;
+  if (!fixed24_u8(x, K, Kp, xu, s3, offset_digits)) return false;
   for_each_tile(1, N, n_threads, [&](int64_t n, int nr, int64_t, int, bool, int32_t*) {
     dispatch_tile<kTileN>(nr, 1, [&](auto R_, auto) { tile(n, R_, xu, Kp, s3); });
   });
@@ -98,8 +108,8 @@ bool sparse24_int8_fx(const float* x, int64_t K, const int8_t* values_q, const u
                       int n_threads, void* work) {
   const int64_t H = K / 2, ldm = (K + 7) / 8;
   const bool pairs = H % 32 == 0; /* dot24_i8_fx2's whole steps */
-  return run_fx(x, K, N, n_threads, work, [&](int64_t n, auto R_, const uint8_t* xu, int64_t Kp,
-                                              const float* s3) {
+  return run_fx(x, K, N, n_threads, work, false, [&](int64_t n, auto R_, const uint8_t* xu,
+                                                     int64_t Kp, const float* s3) {
     constexpr int R = decltype(R_)::value;
     int32_t d[R][3];
     if (pairs)
@@ -133,8 +143,8 @@ bool sparse24_int4_fx(const float* x, int64_t K, const uint8_t* packed, const ui
                       int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                       const float* bias, float* out, int n_threads, void* work) {
   const int64_t ldm = (K + 7) / 8, ldp = K / 4, ng = K / 2 / G;
-  return run_fx(x, K, N, n_threads, work, [&](int64_t n, auto R_, const uint8_t* xu, int64_t Kp,
-                                              const float* s3) {
+  return run_fx(x, K, N, n_threads, work, true, [&](int64_t n, auto R_, const uint8_t* xu,
+                                                    int64_t Kp, const float* s3) {
     constexpr int R = decltype(R_)::value;
     float d[R];
     dot24_i4_fx2<R>(packed + n * ldp, ldp, meta + n * ldm, ldm, scales + n * ng, zeros + n * ng,
@@ -227,7 +237,7 @@ void run_panels24(int bits, const float* x, int64_t M, int64_t K, int64_t ldx,
     uint8_t* xu = (uint8_t*)work;
     bool ok = M <= pq::kPanel24FxMaxM;
     for (int64_t m = 0; ok && m < M; ++m)
-      ok = fixed24_u8(x + m * ldx, K, Kp, xu + 3 * m * Kp, s3 + 3 * m);
+      ok = fixed24_u8(x + m * ldx, K, Kp, xu + 3 * m * Kp, s3 + 3 * m, bits == 4);
     if (ok) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
       for (int64_t q = 0; q < quads; ++q) fx(q, (const uint8_t*)xu, Kp, (const float*)s3);

@@ -286,7 +286,14 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
  * Writes the terms to t0 (hi), t1 (mid), t2 (lo) and their scales s * 65536,
  * s * 256, s (exact: powers of two). Returns false, writing nothing useful,
  * when the row is not finite or its max is below 2^-100 (s would lose bits
- * to subnormals): the caller then takes the float path. */
+ * to subnormals): the caller then takes the float path.
+ *
+ * kOffsetDigits: the bytes are instead the base-256 digits of X + 2^23 (in
+ * [65536, 16711680]: hi in [1, 255], mid and lo in [0, 255]), read as uint8:
+ * X = 65536 * (hi - 128) + 256 * mid + lo, the same scales. A u8 x u8-biased
+ * dot product then carries 2^23 sum(w) = 65536 * 128 sum(w) in all, taken off
+ * the hi term alone (the 2:4 + int4 kernels, tile_sparse24_fx_panel.h). */
+template <bool kOffsetDigits = false>
 inline bool split_row_fixed24(const float* x, int64_t K, int8_t* t0, int8_t* t1, int8_t* t2,
                               float* s3) {
   const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
@@ -304,6 +311,12 @@ inline bool split_row_fixed24(const float* x, int64_t K, int8_t* t0, int8_t* t1,
   auto split = [&](__m512 v, __m512i& hi, __m512i& mid, __m512i& lo) {
     nan_probe = _mm512_add_ps(nan_probe, _mm512_mul_ps(v, _mm512_setzero_ps()));
     const __m512i X = _mm512_cvtps_epi32(_mm512_div_ps(v, sv));
+    if constexpr (kOffsetDigits) { /* the stores below keep each dword's low byte */
+      lo = _mm512_add_epi32(X, _mm512_set1_epi32(1 << 23));
+      mid = _mm512_srli_epi32(lo, 8);
+      hi = _mm512_srli_epi32(lo, 16);
+      return;
+    }
     const __m512i q = _mm512_srai_epi32(_mm512_add_epi32(X, r128), 8);
     lo = _mm512_sub_epi32(X, _mm512_slli_epi32(q, 8));
     hi = _mm512_srai_epi32(_mm512_add_epi32(q, r128), 8);

@@ -376,15 +376,15 @@ inline void dot24_i8_fx2(const int8_t* v, int64_t ldv, const uint8_t* meta, int6
  * row a, 16-31 row b, 32-47 row a, 48-63 row b; the low 256 bits hold the even
  * kept values (low nibbles of the 16 code bytes), the high 256 the odd ones.
  * The three terms' sums are combined in int32 (hi << 16 + mid << 8 + lo, minus
- * the u8 bias 128 * 65793 * sum(code - zero)) with wrapping arithmetic, exact
- * because the true sum of at most 4 steps is below 2^31 (4 values a dword lane
- * a step, |x term| <= 128, |code - zero| <= 15: 65793 * 16 * 128 * 15 < 2^31);
+ * 2^23 sum(code - zero): the terms are the digits of X + 2^23, split_row_fixed24's
+ * kOffsetDigits) with wrapping arithmetic, exact because the true sum of at most 4
+ * steps is below 2^31 (16 products a dword lane, |X| <= 8323072, |code - zero| <= 15:
+ * 16 * 8323072 * 15 < 2^31);
  * one convert and one FMA by the two rows' scales then follow, per group or
  * per 4 steps. About 14 vector uops per 64 row values, where one row a
  * register took ~20 plus a per-group epilogue per row (1.2-1.3x slower from
  * memory on two threads). The weights are signed (code - zero, -15..15) and x
- * u8-biased (x + 128), as in dot24_i8_fx. dot[r] is in units of the lo term's
- * scale. */
+ * the u8 digits of X + 2^23. dot[r] is in units of the lo term's scale. */
 template <int R>
 inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta, int64_t ldm,
                          const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
@@ -398,7 +398,6 @@ inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta
   const __m512i ctrl = _mm512_load_si512(kCtrl), base = _mm512_load_si512(kBase);
   const __m512i ones = _mm512_set1_epi8(1), nib = _mm512_set1_epi8(0x0F);
   const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const __m512i bias = _mm512_set1_epi32(128 * 65793);
   constexpr __mmask64 kRowB = 0xFFFF0000FFFF0000ull;
   prefetch_next_groups<R>(sc, zp, ng);
   const RowPairs<R> rows;
@@ -446,7 +445,7 @@ inline void dot24_i4_fx2(const uint8_t* packed, int64_t ldp, const uint8_t* meta
         const __m512i s = _mm512_sub_epi32(
             _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc[p][0], 16), _mm512_slli_epi32(acc[p][1], 8)),
                              acc[p][2]),
-            _mm512_mullo_epi32(wsum[p], bias));
+            _mm512_slli_epi32(wsum[p], 23)); /* 2^23 sum(code - zero) */
         facc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, facc[p]);
       }
     }
