@@ -37,10 +37,14 @@
  *   a shuffle-unit op where vpsrlvd is a plain shift, and x gathered by vpermb)
  *   this layout, the quad loops below   3.4      4.6       5.6
  *   the first layout's index in them    4.0      4.8       5.7
+ *   int4's x as the digits of X + 2^23           4.5       5.3   (i4_combine)
  *   the step's instructions alone       2.9      3.0-3.1   (from registers: no flush, no memory)
  * The rest of int4's gap to its floor is the group flush (3 terms combined, converted and
- * scaled once per 4 steps: without it 4.0 at group 128, 4.6 at 64) and the zero point and
- * scale broadcasts of each group (hoisted out, which a real group cannot be: 4.3 and 5.0). */
+ * scaled once per 4 steps: without it 4.0 at group 128, 4.6 at 64, before i4_combine) and the
+ * zero point and scale broadcasts of each group (hoisted out, which a real group cannot be:
+ * 4.3 and 5.0; from a per-quad transposed copy, one broadcast and two permutes each, 4.6 and
+ * 5.55: not worth the copy). Replacing the bias's vpdpbusd a step by byte adds and one
+ * vpdpbusd a block changed nothing (4.62 and 5.6x either way). */
 #ifndef PQ_CPU_TILE_SPARSE24_FX_PANEL_H
 #define PQ_CPU_TILE_SPARSE24_FX_PANEL_H
 #include "common.h"
