@@ -19,7 +19,7 @@ and 11008 x 4096, in one process), with the first form of the meta bytes (the ca
 ones reordered, gathered per lane by a byte permute) and the generic loops at M = 1: M = 1
 one thread 1.06-1.14x; two threads int4 1.04-1.24x, int8 0.95-1.02x (its two threads stream
 at the memory's speed either way); M = 2-16 int4 1.00-1.24x, int8 0.92-1.18x. The decode
-loops alone have since gone from 5.6 to 4.6 cycles per 64 columns of a row (int4, group 128)
+loops alone have since gone from 5.6 to 4.5 cycles per 64 columns of a row (int4, group 128)
 and from 4.9-5.7 to 3.4 (int8): benchmarks/sparse24_panel_loop.py.
 
 The layers (Sparse24Int8Linear, Sparse24Int4Linear) keep their values and meta in panels where

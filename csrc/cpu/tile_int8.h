@@ -290,9 +290,9 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
  *
  * kOffsetDigits: the bytes are instead the base-256 digits of X + 2^23 (in
  * [65536, 16711680]: hi in [1, 255], mid and lo in [0, 255]), read as uint8:
- * X = 65536 * (hi - 128) + 256 * mid + lo, the same scales. A u8 x u8-biased
- * dot product then carries 2^23 sum(w) = 65536 * 128 sum(w) in all, taken off
- * the hi term alone (the 2:4 + int4 kernels, tile_sparse24_fx_panel.h). */
+ * X = 65536 * (hi - 128) + 256 * mid + lo, the same scales. Their dot products
+ * with signed weights w then carry 2^23 sum(w) = 65536 * 128 sum(w) in all,
+ * taken off the hi term's alone (the 2:4 + int4 kernels, tile_sparse24_fx_panel.h). */
 template <bool kOffsetDigits = false>
 inline bool split_row_fixed24(const float* x, int64_t K, int8_t* t0, int8_t* t1, int8_t* t2,
                               float* s3) {

@@ -299,7 +299,7 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
 
 /* x's three term rows up to this many bytes in all (3 Kp) leave room in a 32 KiB L1 for the
  * int4 quad loop to prefetch its codes and meta 2 KiB (1 KiB of meta) ahead into L1 itself.
- * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where memory
+ * That loop does much work a byte (4.5 cycles per 64 columns of a row in L1, where memory
  * takes ~5.2 at 34 GB/s), and its loads waited on L2. In-process A/B at M = 1, 2 threads,
  * geometric mean of both orders, against the L2 hint one quad ahead:
  *                                        4096 x 4096   11008 x 4096   4096 x 11008
