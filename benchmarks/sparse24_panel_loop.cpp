@@ -1,7 +1,9 @@
 /* The 2:4 + int8 / int4 panel kernels' inner loops alone (csrc/cpu/tile_sparse24_fx_panel.h),
  * on one quad whose panel sits in L1, one thread: cycles per 64 columns of a weight row and
  * row of x, next to the same instruction mix from registers (no loads past the first level,
- * no group flush), which is how far the loop could go on this core.
+ * no group flush), which is how far the loop could go on this core. Then the decode loops
+ * over a weight of 4096 x 4096 streamed from memory (copies rotated through 256 MB, one
+ * thread): where their cycles exceed the L1 ones, the loads wait on memory.
  *
  * Built and run by benchmarks/sparse24_panel_loop.py (the flags of the AVX512-BF16 build).
  * The core clock is measured here (a chain of dependent adds retires one a cycle), so the
@@ -12,6 +14,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <vector>
 
@@ -165,6 +168,41 @@ int main(int argc, char** argv) {
     std::printf("  %-44s %5.2f\n", name, t * hz / row64);
     std::snprintf(name, sizeof name, "int4 group %lld, 4 x rows a pass (M > 1)", (long long)G);
     std::printf("  %-44s %5.2f\n", name, t4 * hz / row64 / 4);
+  }
+  {
+    /* from memory: 4096 rows (1024 quads) a copy, copies past 256 MB in all */
+    const int64_t N = 4096, quads = N / 4, ng = K / 2 / 128;
+    const int64_t i8_bytes = quads * (2 * K + K / 2), i4_bytes = quads * (K + K / 2);
+    const int copies = (int)((256ll << 20) / i4_bytes + 1);
+    std::vector<uint8_t> big((size_t)copies * i8_bytes + 4096);
+    for (size_t i = 0; i < big.size(); i += 64) big[i] = (uint8_t)std::rand();
+    std::vector<float> bsc(N * ng, 0.01f);
+    std::vector<uint8_t> bzp(N * ng, 8);
+    std::printf("decode from memory (4096 x 4096, %d copies rotated, one thread):\n", copies);
+    for (int bits : {8, 4}) {
+      const int64_t bytes = bits == 8 ? i8_bytes : i4_bytes, vq = bits == 8 ? 2 * K : K;
+      int c = 0;
+      const double t = best_seconds([&] {
+        const uint8_t* v = big.data() + (size_t)(c++ % copies) * bytes;
+        const uint8_t* m = v + quads * vq;
+        for (int64_t q = 0; q < quads; ++q) {
+          if (bits == 8) {
+            int32_t d[4][1][3];
+            dot24_i8_panel<2, 1>(v + q * vq, m + q * K / 2, K, 0, xu, Kp, d);
+            sink += d[0][0][0];
+          } else {
+            float d[4][1];
+            dot24_i4_panel<2, 1>(v + q * vq, m + q * K / 2, K, 0, bsc.data() + 4 * q * ng,
+                                 bzp.data() + 4 * q * ng, ng, 128, xu, Kp, d);
+            sink += d[0][0];
+          }
+        }
+      }, copies, std::max(3, passes / 5));
+      char name[64];
+      std::snprintf(name, sizeof name, "%s (%.1f GB/s)", bits == 8 ? "int8" : "int4 group 128",
+                    bytes / t / 1e9);
+      std::printf("  %-44s %5.2f\n", name, t * hz / (N * K / 64.0));
+    }
   }
   std::printf("the decode step's instruction mix from registers (no flush, no memory):\n");
   std::printf("  %-44s %5.2f\n  %-44s %5.2f\n", "int8", mix_cycles(false, hz, passes) / 4, "int4",

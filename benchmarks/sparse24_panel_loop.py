@@ -4,7 +4,10 @@ Compiles benchmarks/sparse24_panel_loop.cpp with the flags of the AVX512-BF16 bu
 kernels' headers as they are in csrc/cpu) and runs it: one quad in L1, one thread, cycles per
 64 columns of a weight row and row of x, against the decode step's instruction mix from
 registers, the most the loop could do on this core. A kernel change shows here without the
-memory system's noise; `pyquant bench` shows what it does for a whole call.
+memory system's noise; `pyquant bench` shows what it does for a whole call. In between, the
+decode loops over a 4096 x 4096 weight streamed from memory (one thread, copies rotated
+through 256 MB): cycles above the L1 ones are loads waiting on memory (the int4 loop's L1
+prefetch came from there).
 
     python benchmarks/sparse24_panel_loop.py [--reps 2000] [--passes 25]
 
