@@ -306,10 +306,13 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int 
  *   L1 hint 4 KiB ahead at every K          1.12x          1.08x          0.94x
  *   L1 hint one quad ahead                  1.08x          1.10x          0.96x
  *   L1 hint 4 KiB ahead where x fits        1.11x          1.10x          0.99x (L2 hint)
- * and against the last: 2 KiB ahead 1.04x and 1.02x (at K = 11008 too: 0.95x), 8 KiB 0.95x
+ * and against the last: 2 KiB ahead 1.04x and 1.02x (at K = 11008 too: 0.97x), 8 KiB 0.97x
  * and 0.96x, 1 KiB as 2. At K = 11008 the 33 KiB of x terms do not fit L1 beside the
- * prefetched lines. The int8 quad loop is bound by memory, not by its loads: the L1 hint made
- * it slower (one thread). */
+ * prefetched lines. The int8 quad loop is bound by memory, not by its loads: the L1 hint 4 KiB
+ * ahead made it slower (0.96x, 0.94x and 0.84x on the three shapes), its L2 hint two quads
+ * ahead changed nothing (0.97-1.00x). On top of the L1 hint, an L2 hint 16 KiB ahead ran the
+ * int4 loop faster from memory on one thread (benchmarks/sparse24_panel_loop.py) but not on
+ * two (0.95-1.03x). */
 constexpr int64_t kPanel24L1XBytes = 16 << 10;
 constexpr int64_t kPanel24L1Ahead = 2048;
 
