@@ -329,10 +329,10 @@ inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t
     for (int64_t k = 0; k < G; k += 8, p += 128) {
       if (T <= 3) { /* decode: one stream a thread, which the hardware prefetcher alone
                        * leaves short of the DRAM bandwidth */
-        _mm_prefetch((const char*)p + kPanelPrefetchL1, _MM_HINT_T0);
-        _mm_prefetch((const char*)p + kPanelPrefetchL1 + 64, _MM_HINT_T0);
-        _mm_prefetch((const char*)p + kPanelPrefetchL2, _MM_HINT_T1);
-        _mm_prefetch((const char*)p + kPanelPrefetchL2 + 64, _MM_HINT_T1);
+        PQ_PREFETCH_NEXT_TILE_L1(p + kPanelPrefetchL1);
+        PQ_PREFETCH_NEXT_TILE_L1(p + kPanelPrefetchL1 + 64);
+        PQ_PREFETCH_NEXT_TILE(p + kPanelPrefetchL2);
+        PQ_PREFETCH_NEXT_TILE(p + kPanelPrefetchL2 + 64);
       }
       const __m512i v0 = _mm512_load_si512(p), v1 = _mm512_load_si512(p + 64);
       const __m512i a0 = _mm512_and_si512(v0, nib), b0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), nib);
