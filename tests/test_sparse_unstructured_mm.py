@@ -61,11 +61,13 @@ def test_strided_3d_density(backend, isa, layout, density):
 
 
 @pytest.mark.parametrize("backend,isa", backends(OP))
-@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("n,k", SHAPES + [(7, 1000), (3, 2080)])
 @pytest.mark.parametrize("m", MS)
 def test_bf16_values_and_activations(backend, isa, m, n, k):
-    """bf16 values with bf16 activations: on AMX builds the vdpbf16ps loop (x narrowed to
-    bf16 once per call), every K tail, and a strided 3-D batch."""
+    """bf16 values with bf16 activations: on AVX512-BF16 builds the vdpbf16ps loop (x narrowed
+    to bf16 once per call), every K tail, and a strided 3-D batch. K = 1000 and 2080 run its
+    two-word steps, then a whole word and a partial one (1000), or a last word whose upper
+    half lies past K (2080)."""
     w, wargs = random_sparse(n, k, seed=n + k, dtype=torch.bfloat16)
     check(OP, backend, isa, activation((m, k), torch.bfloat16, seed=m), wargs,
           make_bias(n, "x", torch.bfloat16), w)

@@ -671,86 +671,92 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
                                                 _mm512_add_ps(acc[2][t], acc[3][t])));
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__) && defined(__AVX512BITALG__)
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
 #define PQ_UNSTRUCTURED_BF16_DOT 1
-/* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per
- * call to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns) in
- * slice order: in each 32-column slice, 16-bit lane 2i holds column i and lane 2i + 1
- * column 16 + i. That order lets the slice's 32 mask bits, broadcast to every dword,
- * give each lane its own column's rank in one AND and one 16-bit popcount: lane 2i
- * counts the bits of the low half below i (its value among the first 16 loaded at the
- * slice's offset), lane 2i + 1 the bits of the high half below i (among 16 loaded at the
- * offset plus the low half's count, the table's upper half). One vpermw then puts the
- * kept values at their lanes and one vdpbf16ps multiplies them by x and adds each pair
- * of lanes' products into a 32-bit lane. A vpexpandw did the placement in one
- * instruction, but on Zen 4 one whose mask changes every call costs ~5 cycles (1-2 for
- * a masked permute); this loop took ~14 cycles per 64 columns with it and ~9 without (one
- * thread, in L2). Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal
- * bf16 inputs as zero and flushes subnormal sums (pq.h). */
+/* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per call
+ * to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns). Per 32
+ * columns, one vpexpandw load puts the slice's popcount(bits) kept values at their columns
+ * (zeros elsewhere) and one vdpbf16ps multiplies them by x and adds each pair of lanes'
+ * products into a 32-bit lane. The expand load reads exactly the kept values, so no load
+ * passes the row's end. Two 64-bit mask words a step, four accumulators a row of x.
+ *
+ * Why this form: it took 6.5 cycles per 64 columns (one thread, 4096 columns at 30% kept,
+ * in L2) where the vpermw placement before it (each lane's rank by a 16-bit popcount of the
+ * bits below it, a vptestmw for the kept lanes, two half loads) took 11-12: that one's
+ * mask test and rank arithmetic, not the expand, were the cost. At 70% sparsity memory
+ * delivers those 46 bytes in about 7 cycles a core, so the loop is now below it.
+ * Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16 inputs as zero
+ * and flushes subnormal sums (pq.h). */
+/* How far ahead (values) the bf16 loop prefetches into L1 where rows are longer than
+ * kUnstructuredL1MinK columns; the mask a quarter as far (at 30% kept, 2 bytes of values go
+ * with 0.4 bytes of mask). Measured in-process on two threads at M = 1, 70% sparse, N = 4096,
+ * against the L2 hint one row ahead alone (the geometric mean of both orders): 4 KB ahead,
+ * 1.20-1.29x at K = 5120, 6144, 8192, 11008 and 14336, but 0.89x and 0.94x at K = 3072 and
+ * 4096 (3 KB ahead: 0.92x and 0.96x there), so shorter rows keep the L2 hint alone. */
+constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 4096;
+
 template <int T>
-inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t nnz, const uint8_t* bm,
-                                  int64_t K, int64_t o0, int64_t row_nnz, const uint16_t* xb,
-                                  int64_t ldxb, float dot[T]) {
-  alignas(64) static const uint16_t kBelow[32] = {
-      0, 0, 1, 1, 3, 3, 7, 7, 15, 15, 31, 31, 63, 63, 127, 127, 255, 255, 511, 511,
-      1023, 1023, 2047, 2047, 4095, 4095, 8191, 8191, 16383, 16383, 32767, 32767};
-  const __m512i below = _mm512_load_si512(kBelow);
-  const __m512i bit = _mm512_add_epi16(below, _mm512_set1_epi16(1)); /* a lane's own column */
-  const __m512i upper = _mm512_set1_epi32(16 << 16); /* odd lanes index the table's upper half */
+inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t, const uint8_t* bm, int64_t K,
+                                  int64_t o0, int64_t row_nnz, const uint16_t* xb, int64_t ldxb,
+                                  float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   const uint16_t* v = (const uint16_t*)vals.p;
-  __m512 acc[2][T];
-  for (int s = 0; s < 2; ++s)
+  __m512 acc[4][T];
+  for (int s = 0; s < 4; ++s)
     for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
-  /* 16 values from flat index o; masked to the `cnt` that are the slice's near the end of
-   * the buffer, so nothing past it is read (room: 64 values remain from the word's first,
-   * enough for its four loads, which start at most 48 past it) */
-  auto load16 = [&](int64_t o, unsigned cnt, bool room) PQ_ALWAYS_INLINE {
-    return room ? _mm256_loadu_si256((const __m256i*)(v + o))
-                : _mm256_maskz_loadu_epi16((__mmask16)((1u << cnt) - 1), v + o);
+  auto expand = [&](uint32_t bits, int64_t os) PQ_ALWAYS_INLINE {
+    return (__m512bh)_mm512_maskz_expandloadu_epi16((__mmask32)bits, v + os);
   };
-  /* bits: the slice's 32 mask bits; mp: where they are (room), broadcast from there as
-   * one load where a broadcast from a general register takes a vector uop more */
-  auto slice = [&](int s, int64_t k, uint32_t bits, const uint8_t* mp, int64_t os, bool room) PQ_ALWAYS_INLINE {
-    const unsigned lo = (unsigned)__builtin_popcount(bits & 0xFFFFu), hi = (unsigned)__builtin_popcount(bits >> 16);
-    const __m512i w = _mm512_set1_epi32((int)(room ? load_u32(mp) : bits));
-    const __mmask32 kept = _mm512_test_epi16_mask(w, bit);
-    const __m512i idx = _mm512_or_si512(_mm512_popcnt_epi16(_mm512_and_si512(w, below)), upper);
-    const __m512i table =
-        _mm512_inserti64x4(_mm512_castsi256_si512(load16(os, lo, room)), load16(os + lo, hi, room), 1);
-    const __m512bh e = (__m512bh)_mm512_maskz_permutexvar_epi16(kept, idx, table);
+  auto fma = [&](int s, int64_t k, __m512bh e) PQ_ALWAYS_INLINE {
     for (int t = 0; t < T; ++t)
       acc[s][t] = _mm512_dpbf16_ps(acc[s][t], e, (__m512bh)_mm512_loadu_si512(xb + t * ldxb + k));
   };
-  int64_t o = o0;
-  for (int64_t i = 0; i < ldb; i += 8) {
-    const uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
-    const int64_t k = 8 * i;
-    /* the next row's mask and values, one row ahead (as dot_unstructured) */
+  const bool l1_ahead = K > kUnstructuredL1MinK;
+  int64_t o = o0, i = 0;
+  /* Whole steps: every slice starts before K (the row's last byte holds column K - 1). The
+   * offsets come from popcounts of the words as loaded: where the compiler took the counts
+   * from the mask registers instead (kmov k -> r), or where each expand wrote the register
+   * the previous slice's vdpbf16ps had read (Zen 4's vpexpandw waits on its destination),
+   * the loop ran at 13 cycles: the four expands are issued first, to four registers. */
+  for (; i + 16 <= ldb; i += 16) {
+    /* the next row's mask and values, one row ahead (rows follow each other), into L2;
+     * and on long rows the values kUnstructuredL1Ahead on, into L1 */
     PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
     PQ_PREFETCH_NEXT_TILE(v + o + row_nnz);
-    const int64_t o1 = o + __builtin_popcountll(w & 0xFFFFFFFFull);
-    if (o + 64 <= nnz && k + 64 <= K) {
-      slice(0, k, (uint32_t)w, bm + i, o, true);
-      slice(1, k + 32, (uint32_t)(w >> 32), bm + i + 4, o1, true);
-    } else {
-      slice(0, k, (uint32_t)w, nullptr, o, false);
-      if (k + 32 < K) slice(1, k + 32, (uint32_t)(w >> 32), nullptr, o1, false);
+    if (l1_ahead) {
+      PQ_PREFETCH_NEXT_TILE_L1(bm + i + kUnstructuredL1Ahead / 4);
+      PQ_PREFETCH_NEXT_TILE_L1(v + o + kUnstructuredL1Ahead);
     }
+    const uint64_t w0 = load_u64(bm + i), w1 = load_u64(bm + i + 8);
+    const int64_t k = 8 * i, o1 = o + __builtin_popcountll(w0);
+    const __m512bh e0 = expand((uint32_t)w0, o),
+                   e1 = expand((uint32_t)(w0 >> 32), o + __builtin_popcount((uint32_t)w0)),
+                   e2 = expand((uint32_t)w1, o1),
+                   e3 = expand((uint32_t)(w1 >> 32), o1 + __builtin_popcount((uint32_t)w1));
+    fma(0, k, e0);
+    fma(1, k + 32, e1);
+    fma(2, k + 64, e2);
+    fma(3, k + 96, e3);
+    o = o1 + __builtin_popcountll(w1);
+  }
+  /* the rest a word at a time; a slice from K on has no bits and is skipped (its x would
+   * lie past ldxb) */
+  for (; i < ldb; i += 8) {
+    const uint64_t w = i + 8 <= ldb ? load_u64(bm + i) : load_tail_u64(bm + i, ldb - i);
+    const int64_t k = 8 * i;
+    fma(0, k, expand((uint32_t)w, o));
+    if (k + 32 < K) fma(1, k + 32, expand((uint32_t)(w >> 32), o + __builtin_popcount((uint32_t)w)));
     o += __builtin_popcountll(w);
   }
-  for (int t = 0; t < T; ++t) dot[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
+  for (int t = 0; t < T; ++t)
+    dot[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]),
+                                                _mm512_add_ps(acc[2][t], acc[3][t])));
 }
 
-/* Rows x[0..M) (bf16 values) -> bf16 rows of stride ldxb in slice order (see
- * dot_unstructured_bf16: lane 2i column i, lane 2i + 1 column 16 + i of each 32), zeros
- * from K to ldxb. */
+/* Rows x[0..M) (bf16 values) -> bf16 rows of stride ldxb (a multiple of 32), zeros from K
+ * to ldxb: each float's high half (the values are bf16, so nothing is rounded). */
 inline void narrow_rows_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xb,
                              int64_t ldxb) {
-  alignas(64) static const uint16_t kSliceOrder[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                       21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i order = _mm512_load_si512(kSliceOrder);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < ldxb; k += 32) {
       const __mmask16 lo = (__mmask16)(k + 16 <= K ? 0xFFFF : K > k ? (1u << (K - k)) - 1 : 0);
@@ -758,7 +764,7 @@ inline void narrow_rows_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, 
       const float* p = x + m * ldx + k;
       const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + 16),
                                                     _mm512_maskz_loadu_ps(lo, p));
-      _mm512_storeu_si512(xb + m * ldxb + k, _mm512_permutexvar_epi16(order, b));
+      _mm512_storeu_si512(xb + m * ldxb + k, b);
     }
 }
 #endif
