@@ -606,23 +606,26 @@ inline __m512 load_run(const Vals<Kind>& v, int64_t o, unsigned cnt, bool room) 
 }
 
 /* The run of popcount(bits) values from flat index o, as fp32 at the set lanes of bits
- * (zeros elsewhere); room: 16 values remain in the buffer (see load_run). */
+ * (zeros elsewhere). An expand load reads exactly the run, so nothing past the buffer is
+ * touched; without VBMI2 (no 16-bit expand) 16-bit values are loaded as a run (room: 16
+ * values remain in the buffer, see load_run) and expanded in registers. Zen 4's expands
+ * wait on their destination register (5.2 cycles a call where every call writes the same
+ * one, 1.8 where four calls write four), so callers issue several before using them. */
 template <int Kind>
 inline __m512 expand_run(const Vals<Kind>& v, int64_t o, __mmask16 bits, bool room) {
-  const unsigned cnt = (unsigned)__builtin_popcount((unsigned)bits);
-#if defined(__AVX512BITALG__)
-  /* Each lane's rank among the kept columns (a 16-bit popcount of the bits below it; the
-   * high word of each dword is 0), then one vpermps: a vexpandps whose mask changes every
-   * call costs ~5 cycles on Zen 4, a masked permute 1-2 (see dot_unstructured_bf16). The
-   * builds without BITALG (plain AVX512) keep the expand. */
-  alignas(64) static const uint32_t kBelow[16] = {0,   1,    3,    7,    15,   31,   63,    127,
-                                                  255, 511, 1023, 2047, 4095, 8191, 16383, 32767};
-  const __m512i rank = _mm512_popcnt_epi16(
-      _mm512_and_si512(_mm512_set1_epi32((int)(unsigned)bits), _mm512_load_si512(kBelow)));
-  return _mm512_maskz_permutexvar_ps(bits, rank, load_run(v, o, cnt, room));
+  if constexpr (Kind == kF32) {
+    (void)room;
+    return _mm512_maskz_expandloadu_ps(bits, (const float*)v.p + o);
+  } else {
+#if defined(__AVX512VBMI2__)
+    (void)room;
+    const __m256i h = _mm256_maskz_expandloadu_epi16(bits, (const uint16_t*)v.p + o);
+    if constexpr (Kind == kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 #else
-  return _mm512_maskz_expand_ps(bits, load_run(v, o, cnt, room));
+    return _mm512_maskz_expand_ps(bits, load_run(v, o, (unsigned)__builtin_popcount(bits), room));
 #endif
+  }
 }
 
 /* AVX512: per 16 columns, load the run of popcount(bits) values and put them at
@@ -639,8 +642,10 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
   for (int s = 0; s < 4; ++s)
     for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
   int64_t o = o0;
-  auto slice = [&](int s, int64_t k, __mmask16 bits, int64_t os, bool full) PQ_ALWAYS_INLINE {
-    const __m512 e = expand_run(vals, os, bits, os + 16 <= nnz);
+  auto expand = [&](__mmask16 bits, int64_t os) PQ_ALWAYS_INLINE {
+    return expand_run(vals, os, bits, os + 16 <= nnz);
+  };
+  auto fma = [&](int s, int64_t k, __mmask16 bits, __m512 e, bool full) PQ_ALWAYS_INLINE {
     for (int t = 0; t < T; ++t) {
       /* In the last word only set bits are loaded: no column >= K is touched. */
       const float* p = x + t * ldx + k;
@@ -660,10 +665,21 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
      * alternated runs on a noisy machine). */
     PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
     PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + row_nnz));
-    slice(0, k, (__mmask16)w, o, full);
-    if (full || k + 16 < K) slice(1, k + 16, (__mmask16)(w >> 16), o + c1, full);
-    if (full || k + 32 < K) slice(2, k + 32, (__mmask16)(w >> 32), o + c2, full);
-    if (full || k + 48 < K) slice(3, k + 48, (__mmask16)(w >> 48), o + c3, full);
+    const __mmask16 b0 = (__mmask16)w, b1 = (__mmask16)(w >> 16), b2 = (__mmask16)(w >> 32),
+                    b3 = (__mmask16)(w >> 48);
+    if (full) { /* the four expands first, to four registers (see expand_run) */
+      const __m512 e0 = expand(b0, o), e1 = expand(b1, o + c1), e2 = expand(b2, o + c2),
+                   e3 = expand(b3, o + c3);
+      fma(0, k, b0, e0, true);
+      fma(1, k + 16, b1, e1, true);
+      fma(2, k + 32, b2, e2, true);
+      fma(3, k + 48, b3, e3, true);
+    } else {
+      fma(0, k, b0, expand(b0, o), false);
+      if (k + 16 < K) fma(1, k + 16, b1, expand(b1, o + c1), false);
+      if (k + 32 < K) fma(2, k + 32, b2, expand(b2, o + c2), false);
+      if (k + 48 < K) fma(3, k + 48, b3, expand(b3, o + c3), false);
+    }
     o += __builtin_popcountll(w);
   }
   for (int t = 0; t < T; ++t)
