@@ -33,8 +33,9 @@ def weights(n: int, k: int) -> dict:
     p4, s4, z4 = sf.quantize_24_int4(v, 128)
     keep = w.abs() > w.abs().flatten().kthvalue(int(0.7 * w.numel())).values
     bm, vu, off = sf.compress_unstructured((w * keep).bfloat16(), keep)
-    d = dict(v=v.bfloat16(), meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, off=off,
-             k=k)
+    _, vf, _ = sf.compress_unstructured(w * keep, keep)  # fp32 values: what an fp32 model keeps
+    d = dict(v=v.bfloat16(), meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, vf=vf,
+             off=off, k=k)
     if sparse_panels.layout_applies(n, k, "cpu", 128):  # what the int8/int4 layers keep here
         d["q_pv"], d["q_pm"] = sparse_panels.pack(q, meta, 8)
         d["p4_pv"], d["p4_pm"] = sparse_panels.pack(p4, meta, 4)
@@ -64,6 +65,9 @@ def ops(t: dict) -> dict:
         "unstructured bf16 x": (("sparse_unstructured_mm", "bf16"),
                                 lambda x: _native.sparse_unstructured_mm(
                                     x.bfloat16(), t["bm"], t["vu"], t["off"])),
+        "unstructured fp32": (("sparse_unstructured_mm", "fp32"),
+                              lambda x: _native.sparse_unstructured_mm(
+                                  x, t["bm"], t["vf"], t["off"])),
         **({"sparse24_int8_mm_panels": (("sparse24_int8_mm_panels", "fp32"),
                                          lambda x: _native.sparse24_int8_mm_panels(
                                              x, t["q_pv"], t["q_pm"], t["s8"])),
