@@ -570,13 +570,16 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # unstructured decompression a word at a time (its dense path 1.15x faster at M = 16), same
 # machine, two threads, sparse / dense (4096 x 4096 / 4096 x 11008):
 #   0.50 / 0.73 at 4, 0.92 / 1.00 at 6, 1.05 / 1.07 at 8, 1.17 / 1.31 at 10
-# (before those changes: 0.85 / 0.87 at 8, 0.83 / 1.03 at 10, 1.09 at 12 on 4096 x 4096). The
-# fp32 row of the default table still holds there: 0.53 / 0.56 at 12, 0.66 / 0.76 at 16,
-# 0.72 / 0.89 at 24, 0.78 / 0.95 at 28, 1.06 / 1.14 at 32 (fp32 values, float32 x).
+# (before those changes: 0.85 / 0.87 at 8, 0.83 / 1.03 at 10, 1.09 at 12 on 4096 x 4096).
+# Unstructured fp32 values with float32 x, the float loop's expand loads (its four expands of a
+# word to four registers, two accumulator sets from two rows of x on), same script:
+#   0.68 / 0.71 at 24, 0.79 / 0.83 at 32, 0.93 / 0.92 at 40, 1.01 / 1.06 at 48
+# (with four accumulator sets at every M: 1.06 / 1.14 at 32).
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
                     ("sparse_unstructured_mm", "bf16"): 8,
+                    ("sparse_unstructured_mm", "fp32"): 48,
                     ("sparse24_int8_mm_panels", "fp32"): 32,
                     ("sparse24_int4_mm_panels", "fp32"): 24},
 }
