@@ -694,20 +694,6 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
 
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
 #define PQ_UNSTRUCTURED_BF16_DOT 1
-/* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per call
- * to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns). Per 32
- * columns, one vpexpandw load puts the slice's popcount(bits) kept values at their columns
- * (zeros elsewhere) and one vdpbf16ps multiplies them by x and adds each pair of lanes'
- * products into a 32-bit lane. The expand load reads exactly the kept values, so no load
- * passes the row's end. Two 64-bit mask words a step, four accumulators a row of x.
- *
- * Why this form: it took 6.5 cycles per 64 columns (one thread, 4096 columns at 30% kept,
- * in L2) where the vpermw placement before it (each lane's rank by a 16-bit popcount of the
- * bits below it, a vptestmw for the kept lanes, two half loads) took 11-12: that one's
- * mask test and rank arithmetic, not the expand, were the cost. At 70% sparsity memory
- * delivers those 46 bytes in about 7 cycles a core, so the loop is now below it.
- * Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16 inputs as zero
- * and flushes subnormal sums (pq.h). */
 /* How far ahead (values) the bf16 loop prefetches into L1 where rows are longer than
  * kUnstructuredL1MinK columns; the mask a quarter as far (at 30% kept, 2 bytes of values go
  * with 0.4 bytes of mask). Measured in-process on two threads at M = 1, 70% sparse, N = 4096,
@@ -716,6 +702,21 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
  * 4096 (3 KB ahead: 0.92x and 0.96x there), so shorter rows keep the L2 hint alone. */
 constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 4096;
 
+/* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per call
+ * to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns). Per 32
+ * columns, one vpexpandw load puts the slice's popcount(bits) kept values at their columns
+ * (zeros elsewhere) and one vdpbf16ps multiplies them by x and adds each pair of lanes'
+ * products into a 32-bit lane. The expand load reads exactly the kept values, so no load
+ * passes the row's end. Two 64-bit mask words a step.
+ *
+ * Why this form: it takes 6.5 cycles per 64 columns (one thread, 4096 columns at 30% kept,
+ * in L2) where the vpermw placement before it (each lane's rank by a 16-bit popcount of the
+ * bits below it, a vptestmw for the kept lanes, two half loads) took 11-12. An expand had
+ * measured slower than that placement only because each call wrote the register the
+ * previous one had (Zen 4's expands wait on their destination: expand_run). At 70%
+ * sparsity memory delivers a row's 46 bytes of 64 columns in about 7 cycles a core.
+ * Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16 inputs as zero
+ * and flushes subnormal sums (pq.h). */
 template <int T>
 inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t, const uint8_t* bm, int64_t K,
                                   int64_t o0, int64_t row_nnz, const uint16_t* xb, int64_t ldxb,
