@@ -222,7 +222,8 @@ inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz
     memcpy(w, b + i, 8 * words);
     __m512i e[slices];
     for (int s = 0; s < slices; ++s) {
-      const uint64_t bits = (w[s / (int)sizeof(T)] >> (per * (s % (int)sizeof(T)))) & ((1ull << per) - 1);
+      const uint64_t bits =
+          (w[s / (int)sizeof(T)] >> (per * (s % (int)sizeof(T)))) & ((1ull << per) - 1);
       if (sizeof(T) == 4)
         e[s] = _mm512_maskz_expandloadu_epi32((__mmask16)bits, v + o);
 #if defined(__AVX512VBMI2__)
