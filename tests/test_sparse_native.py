@@ -439,8 +439,9 @@ def test_break_even_table_follows_the_cpu_level(backend, isa):
         lim = table[("sparse24_int8_mm", "fp32")]
         assert _native.sparse_dense_reason("sparse24_int8_mm", lim - 1) is None
         assert f"M={lim} >= {lim}" in _native.sparse_dense_reason("sparse24_int8_mm", lim)
-    own = _native.SPARSE_DENSE_MIN_M_BY_ISA["avx512_bf16"]  # a table of its own, every op in it
-    assert own.keys() == _native.SPARSE_DENSE_MIN_M.keys() and own != _native.SPARSE_DENSE_MIN_M
+    for level in ("avx2", "avx512_bf16"):  # tables of their own, every op in them
+        own = _native.SPARSE_DENSE_MIN_M_BY_ISA[level]
+        assert own.keys() == _native.SPARSE_DENSE_MIN_M.keys() and own != _native.SPARSE_DENSE_MIN_M
 
 
 # ------------------------------------ 2:4 bf16 above the break-even: bf16 panels, no dense copy

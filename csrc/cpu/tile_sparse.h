@@ -797,8 +797,74 @@ inline void narrow_rows_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, 
     }
 }
 #endif
+#elif defined(PQ_SIMD_AVX2)
+/* AVX2 has no expand instruction. Per 8 columns (one byte of the mask) a table gives each
+ * lane its column's rank among the byte's set bits (the sign bit set where the bit is not),
+ * so one vpermps puts the run of up to 8 values from the byte's offset at their columns and
+ * one blendv zeroes the other lanes; then FMAs against x. 256 entries of 32 bytes (8 KB,
+ * made at compile time). Against the set-bit walk it replaced (4096 x 4096, 70% sparse,
+ * float32 x, a Zen 4 running this build, three alternated runs): fp32 values 2.2-2.3x at
+ * M = 1 and 1.9-2.2x at M = 4, bf16 values 3.0-3.1x and 2.5-2.7x. */
+struct UnstructuredRankLut {
+  int32_t lane[256][8];
+};
+constexpr UnstructuredRankLut make_unstructured_rank_lut() {
+  UnstructuredRankLut t{};
+  for (int b = 0; b < 256; ++b)
+    for (int i = 0, r = 0; i < 8; ++i) t.lane[b][i] = (b >> i) & 1 ? r++ : INT32_MIN;
+  return t;
+}
+alignas(32) constexpr UnstructuredRankLut kUnstructuredRankLut = make_unstructured_rank_lut();
+
+/* The 8 values from flat index o as fp32 (the caller keeps o + 8 <= nnz). */
+template <int Kind>
+inline __m256 load_run8(const Vals<Kind>& v, int64_t o) {
+  if constexpr (Kind == kF32) return _mm256_loadu_ps((const float*)v.p + o);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)v.p + o));
+  if constexpr (Kind == kF16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <int T, int Kind>
+inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
+                             int64_t o0, int64_t, const float* x, int64_t ldx, float dot[T]) {
+  const int64_t ldb = (K + 7) / 8;
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc[2][T]; /* two sets: a byte's FMAs do not wait on the previous byte's */
+  for (int s = 0; s < 2; ++s)
+    for (int t = 0; t < T; ++t) acc[s][t] = zero;
+  auto byte = [&](int s, int64_t i, unsigned b, int64_t o) PQ_ALWAYS_INLINE {
+    const __m256i idx = _mm256_load_si256((const __m256i*)kUnstructuredRankLut.lane[b]);
+    const __m256 e = _mm256_blendv_ps(_mm256_permutevar8x32_ps(load_run8(vals, o), idx), zero,
+                                      _mm256_castsi256_ps(idx));
+    for (int t = 0; t < T; ++t)
+      acc[s][t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * ldx + 8 * i), e, acc[s][t]);
+  };
+  int64_t o = o0, i = 0;
+  /* Two bytes a step while their columns lie before K (x is read 8 columns at a time) and
+   * 16 values remain in the buffer (each run reads 8); the rest by the set-bit walk. */
+  for (; 8 * i + 16 <= K && o + 16 <= nnz; i += 2) {
+    const unsigned b0 = bm[i], b1 = bm[i + 1];
+    const int64_t o1 = o + __builtin_popcount(b0);
+    byte(0, i, b0, o);
+    byte(1, i + 1, b1, o1);
+    o = o1 + __builtin_popcount(b1);
+  }
+  float rest[T] = {};
+  for (; i < ldb; ++i)
+    for (unsigned b = bm[i]; b; b &= b - 1) {
+      const float v = vals.flat(o++);
+      for (int t = 0; t < T; ++t) rest[t] += x[t * ldx + 8 * i + __builtin_ctz(b)] * v;
+    }
+  for (int t = 0; t < T; ++t) {
+    const __m256 a = _mm256_add_ps(acc[0][t], acc[1][t]);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    dot[t] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q))) + rest[t];
+  }
+}
 #else
-/* AVX2 has no expand instruction; the set-bit walk is the path there. */
+/* The portable build: the set-bit walk. */
 template <int T, int Kind>
 inline void dot_unstructured(const Vals<Kind>& vals, int64_t, const uint8_t* bm, int64_t K,
                              int64_t o0, int64_t, const float* x, int64_t ldx, float dot[T]) {
