@@ -575,16 +575,20 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # word to four registers, two accumulator sets from two rows of x on), same script:
 #   0.68 / 0.71 at 24, 0.79 / 0.83 at 32, 0.93 / 0.92 at 40, 1.01 / 1.06 at 48
 # (with four accumulator sets at every M: 1.06 / 1.14 at 32).
-# avx2: the unstructured kernel's table-driven placement (tile_sparse.h; it was a set-bit walk),
-# measured on the same Zen 4 running the avx2 build (PYQUANT_CPU_ISA=avx2), sparse / dense,
-# 4096 x 4096 / 4096 x 11008:
-#   bf16 x:  0.83 / 0.76 at 16, 1.02 / 0.84 at 20, 1.15 / 1.07 at 24, 1.49 / 1.38 at 32
-#   fp32:    0.78 / 0.78 at 32, 0.78 / 0.91 at 40, 0.81 / 1.02 at 48, 1.27 / 1.18 at 64
-# The dense GEMM there is torch's, which ran its AVX512 kernels: on a CPU with AVX2 only the
-# dense side is slower, so these are the lowest the break-evens can be there.
+# avx2 and avx512_vnni: the unstructured kernels' table-driven placement on AVX2 (tile_sparse.h;
+# it was a set-bit walk), the float loop's expand loads on AVX512, and the unstructured
+# decompression through tables where no 16-bit expand exists (4096 x 4096 bf16: 7.8 -> 1.4 ms
+# on avx2, 8.2 -> 1.3 ms on avx512_vnni). Measured on the same Zen 4 running those builds
+# (PYQUANT_CPU_ISA), fp32 values and float32 x, sparse / dense, 4096 x 4096 / 4096 x 11008:
+#   avx2:         0.84 / 0.94 at 32, 1.08 / 1.16 at 48
+#   avx512_vnni:  0.78 / 0.88 at 48, 0.95 / 1.22 at 64, 0.88 / 1.33 at 96
+# The dense GEMM there is torch's, on this CPU's AVX512 kernels: on a CPU with AVX2 only it is
+# slower, so these are the lowest the break-evens can be there. bf16 x keeps the default
+# table: torch's bf16 GEMM ran on AVX512-BF16 units that those CPUs lack (sparse / dense came
+# out 1.2-1.4 at M = 8 on avx2 here), so this machine cannot say where it lies on them.
 SPARSE_DENSE_MIN_M_BY_ISA = {
-    "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "bf16"): 20,
-             ("sparse_unstructured_mm", "fp32"): 48},
+    "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48},
+    "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64},
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
                     ("sparse_unstructured_mm", "bf16"): 8,

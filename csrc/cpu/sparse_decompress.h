@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "unstructured_lut.h"
 
 namespace PQ_NS {
 namespace {
@@ -188,7 +189,8 @@ int decompress_24(const T* v, const uint8_t* meta, int64_t N, int64_t K, T* out,
  * (the op then runs the kernel, which reports the weight). AVX512: each 64-column
  * word of the bitmask is counted first, then its values are expanded to their
  * columns (16-bit values need VBMI2's expand), so a row's values are never read
- * past its count. */
+ * past its count. Elsewhere (AVX2, and 16-bit values without VBMI2) a table per
+ * byte of the bitmask places them (below). */
 /* One row: its bitmask b, values v[o0, o1) of nnz -> K outputs; nonzero when the row is
  * inconsistent (as above; the row is then left unwritten). */
 template <class T>
@@ -238,6 +240,29 @@ inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz
   if (kExpand) { /* whole words: no column of the next row */
     while (8 * i + 128 <= K) step(Int<2>{});
     if (8 * i + 64 <= K) step(Int<1>{});
+  }
+#endif
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
+  /* Byte by byte (8 columns) through a table (unstructured_lut.h) where no expand ran: 16-bit
+   * values by one pshufb (AVX2, AVX512 without VBMI2), 32-bit ones by a vpermps and a blend
+   * (AVX2); on every build also the whole bytes after the last whole word. Each reads the run
+   * of 8 values at the byte's offset, so it stops 8 values before the buffer's end. */
+  for (; 8 * i + 8 <= K && o + 8 <= nnz; ++i) {
+    const unsigned bits = b[i];
+    if (sizeof(T) == 2) {
+      const __m128i sh = _mm_load_si128((const __m128i*)kUnstructuredShuffleLut.byte[bits]);
+      _mm_storeu_si128((__m128i*)(row + 8 * i),
+                       _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)(v + o)), sh));
+    } else if (sizeof(T) == 4) {
+      const __m256i idx = _mm256_load_si256((const __m256i*)kUnstructuredRankLut.lane[bits]);
+      const __m256 run = _mm256_loadu_ps((const float*)(v + o));
+      _mm256_storeu_ps((float*)(row + 8 * i),
+                       _mm256_blendv_ps(_mm256_permutevar8x32_ps(run, idx), _mm256_setzero_ps(),
+                                        _mm256_castsi256_ps(idx)));
+    } else {
+      break;
+    }
+    o += __builtin_popcount(bits);
   }
 #endif
   if (i < ldb) memset(row + 8 * i, 0, (size_t)(K - 8 * i) * sizeof(T));

@@ -13,6 +13,7 @@
 #define PQ_CPU_TILE_SPARSE_H
 #include <string.h>
 #include "common.h"
+#include "unstructured_lut.h"
 
 /* The per-step lambdas below must be inlined into their loops: called out of
  * line (GCC's heuristics do so for bodies this size) their accumulators live
@@ -801,20 +802,10 @@ inline void narrow_rows_bf16(const float* x, int64_t M, int64_t K, int64_t ldx, 
 /* AVX2 has no expand instruction. Per 8 columns (one byte of the mask) a table gives each
  * lane its column's rank among the byte's set bits (the sign bit set where the bit is not),
  * so one vpermps puts the run of up to 8 values from the byte's offset at their columns and
- * one blendv zeroes the other lanes; then FMAs against x. 256 entries of 32 bytes (8 KB,
- * made at compile time). Against the set-bit walk it replaced (4096 x 4096, 70% sparse,
- * float32 x, a Zen 4 running this build, three alternated runs): fp32 values 2.2-2.3x at
- * M = 1 and 1.9-2.2x at M = 4, bf16 values 3.0-3.1x and 2.5-2.7x. */
-struct UnstructuredRankLut {
-  int32_t lane[256][8];
-};
-constexpr UnstructuredRankLut make_unstructured_rank_lut() {
-  UnstructuredRankLut t{};
-  for (int b = 0; b < 256; ++b)
-    for (int i = 0, r = 0; i < 8; ++i) t.lane[b][i] = (b >> i) & 1 ? r++ : INT32_MIN;
-  return t;
-}
-alignas(32) constexpr UnstructuredRankLut kUnstructuredRankLut = make_unstructured_rank_lut();
+ * one blendv zeroes the other lanes (unstructured_lut.h); then FMAs against x. Against the
+ * set-bit walk it replaced (4096 x 4096, 70% sparse, float32 x, a Zen 4 running this build,
+ * three alternated runs): fp32 values 2.2-2.3x at M = 1 and 1.9-2.2x at M = 4, bf16 values
+ * 3.0-3.1x and 2.5-2.7x. */
 
 /* The 8 values from flat index o as fp32 (the caller keeps o + 8 <= nnz). */
 template <int Kind>
