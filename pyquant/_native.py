@@ -586,9 +586,19 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # slower, so these are the lowest the break-evens can be there. bf16 x keeps the default
 # table: torch's bf16 GEMM ran on AVX512-BF16 units that those CPUs lack (sparse / dense came
 # out 1.2-1.4 at M = 8 on avx2 here), so this machine cannot say where it lies on them.
+# 2:4 + int8 / int4, whose dense side is pyquant's own int8 / int4 weight-only kernels of the
+# same level (so these hold there), with the 2:4 decompression through kLut24
+# (sparse_decompress.h; int8 3.0 -> 0.6 ms for 4096 x 4096 on both levels):
+#   avx2 int8:         0.82 / 0.62 at 2, 1.03 / 0.90 at 4, 1.17 / 1.08 at 6, 1.31 / 1.26 at 8
+#   avx2 int4 g128:    0.85 / 0.85 at 32, 0.93 / 0.93 at 48, 0.98 / 1.01 at 64, 1.03 / 1.04 at 96
+#                      (the 2:4 + int4 decompression is still scalar on AVX2: 4.7 ms)
+#   avx512_vnni int8:  0.99 / 0.83 at 16, 1.07 / 0.97 at 24, 1.16 / 1.10 at 32
+#   avx512_vnni int4:  0.98 / 0.78 at 8, 1.15 / 0.99 at 16 (the default 16 holds)
 SPARSE_DENSE_MIN_M_BY_ISA = {
-    "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48},
-    "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64},
+    "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
+             ("sparse24_int8_mm", "fp32"): 5, ("sparse24_int4_mm", "fp32"): 64},
+    "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64,
+                    ("sparse24_int8_mm", "fp32"): 24},
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
                     ("sparse_unstructured_mm", "bf16"): 8,
