@@ -590,13 +590,14 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # same level (so these hold there), with the 2:4 decompression through kLut24
 # (sparse_decompress.h; int8 3.0 -> 0.6 ms for 4096 x 4096 on both levels):
 #   avx2 int8:         0.82 / 0.62 at 2, 1.03 / 0.90 at 4, 1.17 / 1.08 at 6, 1.31 / 1.26 at 8
-#   avx2 int4 g128:    0.85 / 0.85 at 32, 0.93 / 0.93 at 48, 0.98 / 1.01 at 64, 1.03 / 1.04 at 96
-#                      (the 2:4 + int4 decompression is still scalar on AVX2: 4.7 ms)
+#   avx2 int4 g128:    0.85 / 0.87 at 4, 0.98 / 1.00 at 8, 1.02 / 1.04 at 12, 1.06 / 1.07 at 16
+#                      (with the AVX2 2:4 + int4 decompression, 4.7 -> 0.6 ms; when it was
+#                      scalar the sparse kernel stayed ahead up to M = 64)
 #   avx512_vnni int8:  0.99 / 0.83 at 16, 1.07 / 0.97 at 24, 1.16 / 1.10 at 32
 #   avx512_vnni int4:  0.98 / 0.78 at 8, 1.15 / 0.99 at 16 (the default 16 holds)
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
-             ("sparse24_int8_mm", "fp32"): 5, ("sparse24_int4_mm", "fp32"): 64},
+             ("sparse24_int8_mm", "fp32"): 5, ("sparse24_int4_mm", "fp32"): 12},
     "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64,
                     ("sparse24_int8_mm", "fp32"): 24},
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,

