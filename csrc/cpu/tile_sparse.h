@@ -699,7 +699,7 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
  * kUnstructuredL1MinK columns; the mask a quarter as far (at 30% kept, 2 bytes of values go
  * with 0.4 bytes of mask). Measured in-process on two threads at M = 1, 70% sparse, N = 4096,
  * against the L2 hint one row ahead alone (the geometric mean of both orders): 4 KB ahead,
- * 1.20-1.29x at K = 5120, 6144, 8192, 11008 and 14336, but 0.89x and 0.94x at K = 3072 and
+ * 1.20-1.26x at K = 5120, 6144, 8192, 11008 and 14336, but 0.89x and 0.94x at K = 3072 and
  * 4096 (3 KB ahead: 0.92x and 0.96x there), so shorter rows keep the L2 hint alone. */
 constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 4096;
 
