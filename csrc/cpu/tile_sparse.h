@@ -700,7 +700,7 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
  * with 0.4 bytes of mask). Measured in-process on two threads at M = 1, 70% sparse, N = 4096,
  * against the L2 hint one row ahead alone (the geometric mean of both orders): 4 KB ahead,
  * 1.20-1.26x at K = 5120, 6144, 8192, 11008 and 14336, but 0.89x and 0.94x at K = 3072 and
- * 4096 (3 KB ahead: 0.92x and 0.96x there), so shorter rows keep the L2 hint alone. */
+ * 4096 (3 KB ahead: 0.91x and 0.96x there), so shorter rows keep the L2 hint alone. */
 constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 4096;
 
 /* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per call
