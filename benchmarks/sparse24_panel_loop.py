@@ -15,56 +15,16 @@ Needs a C++ compiler (CXX or g++) and a CPU with AVX512-VBMI, VBMI2, BITALG, BF1
 """
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
-import shutil
-import subprocess
 import sys
-import tempfile
 
-HERE = pathlib.Path(__file__).resolve().parent
-FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-         "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2", "-mavx512bitalg",
-         "-mbmi2", "-mfma"]  # PQ_AVX512BF16_FLAGS of CMakeLists.txt
-
-
-def compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-
-
-def cpu_runs_it() -> bool:
-    """True when this CPU has what the AVX512-BF16 build needs (Linux: /proc/cpuinfo)."""
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    need = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
-            "avx512_vbmi2", "avx512_bitalg", "bmi2")
-    return all(f in flags for f in need)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _loop_build  # noqa: E402
+from _loop_build import compiler, cpu_runs_it  # noqa: E402,F401  (for the tests)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=2000, help="calls a timed pass")
-    ap.add_argument("--passes", type=int, default=25, help="timed passes (the best is kept)")
-    args = ap.parse_args(argv)
-    cxx = compiler()
-    if cxx is None:
-        print("no C++ compiler (set CXX)", file=sys.stderr)
-        return 2
-    if not cpu_runs_it():
-        print("this CPU lacks the AVX512-BF16 build's instructions (VBMI, VBMI2, BITALG, BF16, "
-              "BMI2): nothing to measure", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = pathlib.Path(tmp) / "sparse24_panel_loop"
-        subprocess.run([cxx, *FLAGS, "-I", str(HERE.parent / "csrc" / "cpu"),
-                        str(HERE / "sparse24_panel_loop.cpp"), "-o", str(exe)], check=True)
-        out = subprocess.run([str(exe), str(args.reps), str(args.passes)], check=True,
-                             capture_output=True, text=True).stdout
-    print(out, end="")
-    return 0
+    return _loop_build.main("sparse24_panel_loop", __doc__, 2000, argv)
 
 
 if __name__ == "__main__":

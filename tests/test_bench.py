@@ -369,16 +369,17 @@ def test_every_pyquant_impl_runs_without_the_dispatcher(monkeypatch):
     assert any(op.startswith("sparse") for op in called)
 
 
-def test_sparse24_panel_loop_benchmark_builds_and_runs(capsys):
-    """benchmarks/sparse24_panel_loop.py compiles the panel kernels' loops against the headers
-    as they are and prints cycles for every loop, in L1 and from memory, and the
-    instruction-mix floor (a few calls: the numbers are not checked, only that every line
-    comes out finite)."""
+@pytest.mark.parametrize("script,lines", [("sparse24_panel_loop", 10), ("unstructured_loop", 8)])
+def test_loop_benchmark_builds_and_runs(capsys, script, lines):
+    """benchmarks/sparse24_panel_loop.py and unstructured_loop.py compile the kernels' loops
+    against the headers as they are and print cycles for every loop (in cache and from
+    memory), the 2:4 instruction-mix floor and the expand probe (a few calls: the numbers are
+    not checked, only that every line comes out finite)."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "sparse24_panel_loop.py"
-    spec = importlib.util.spec_from_file_location("sparse24_panel_loop", path)
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(script, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if mod.compiler() is None or not mod.cpu_runs_it():
@@ -386,7 +387,7 @@ def test_sparse24_panel_loop_benchmark_builds_and_runs(capsys):
     assert mod.main(["--reps", "4", "--passes", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     values = [float(ln.split()[-1]) for ln in out if ln.startswith("  ")]
-    assert len(values) == 10 and all(math.isfinite(v) and v > 0 for v in values), out
+    assert len(values) == lines and all(math.isfinite(v) and v > 0 for v in values), out
     assert out[0].startswith("core clock")
 
 

@@ -610,8 +610,9 @@ inline __m512 load_run(const Vals<Kind>& v, int64_t o, unsigned cnt, bool room) 
  * (zeros elsewhere). An expand load reads exactly the run, so nothing past the buffer is
  * touched; without VBMI2 (no 16-bit expand) 16-bit values are loaded as a run (room: 16
  * values remain in the buffer, see load_run) and expanded in registers. Zen 4's expands
- * wait on their destination register (5.2 cycles a call where every call writes the same
- * one, 1.8 where four calls write four), so callers issue several before using them. */
+ * wait on their destination register (5.0-5.2 cycles a call where every call writes the
+ * same one, 1.7-1.8 where four calls write four: benchmarks/unstructured_loop.py), so
+ * callers issue several before using them. */
 template <int Kind>
 inline __m512 expand_run(const Vals<Kind>& v, int64_t o, __mmask16 bits, bool room) {
   if constexpr (Kind == kF32) {
@@ -710,12 +711,13 @@ constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 4096;
  * products into a 32-bit lane. The expand load reads exactly the kept values, so no load
  * passes the row's end. Two 64-bit mask words a step.
  *
- * Why this form: it takes 6.5 cycles per 64 columns (one thread, 4096 columns at 30% kept,
- * in L2) where the vpermw placement before it (each lane's rank by a 16-bit popcount of the
- * bits below it, a vptestmw for the kept lanes, two half loads) took 11-12. An expand had
- * measured slower than that placement only because each call wrote the register the
- * previous one had (Zen 4's expands wait on their destination: expand_run). At 70%
- * sparsity memory delivers a row's 46 bytes of 64 columns in about 7 cycles a core.
+ * Why this form: it takes 6.5-6.8 cycles per 64 columns (one thread, 4096 columns at 30%
+ * kept, in L2; benchmarks/unstructured_loop.py) where the vpermw placement before it (each
+ * lane's rank by a 16-bit popcount of the bits below it, a vptestmw for the kept lanes, two
+ * half loads) took 11-12. An expand had measured slower than that placement only because
+ * each call wrote the register the previous one had (Zen 4's expands wait on their
+ * destination: expand_run). At 70% sparsity memory delivers a row's 46 bytes of 64 columns
+ * in about 7 cycles a core.
  * Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16 inputs as zero
  * and flushes subnormal sums (pq.h). */
 template <int T>
