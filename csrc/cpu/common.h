@@ -125,6 +125,15 @@ constexpr int64_t kBlockM = 64;
 /* At most this many weight rows per task (64 x K bytes of int8 weights). */
 constexpr int64_t kMaxBlockN = 64;
 
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
+/* The sum of a ymm's 8 floats (the AVX2 tiles' epilogues). */
+inline float hsum256(__m256 a) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#endif
+
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

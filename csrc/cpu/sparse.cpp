@@ -381,7 +381,7 @@ bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
   /* Row n against activation rows m..m+mt-1: dot(T_, bm, dot) fills dot[T]. */
   auto row = [&](int64_t n, int64_t m, int mt, auto&& dot_of) {
     const uint8_t* bm = bitmask + n * ldb;
-    if (!row_ok(bm, K, off, n, nnz)) {
+    if (!unstructured_row_ok(bm, K, off[n], off[n + 1], nnz)) { /* sparse_decompress.h */
       __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
       return;
     }

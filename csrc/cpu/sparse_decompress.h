@@ -254,10 +254,13 @@ int decompress_24(const T* v, const uint8_t* meta, int64_t N, int64_t K, T* out,
  * byte of the bitmask places them (below). */
 /* One row: its bitmask b, values v[o0, o1) of nnz -> K outputs; nonzero when the row is
  * inconsistent (as above; the row is then left unwritten). */
-template <class T>
-inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz, int64_t o0,
-                                       int64_t o1, int64_t K, T* row) {
+/* A row of an unstructured weight is consistent: its offsets [o0, o1) stay inside [0, nnz]
+ * and step by the popcount of its bitmask row b, and no bit at k >= K is set (the kernels
+ * and the decompression check it before reading any of its values). */
+inline bool unstructured_row_ok(const uint8_t* b, int64_t K, int64_t o0, int64_t o1,
+                                int64_t nnz) {
   const int64_t ldb = (K + 7) / 8;
+  if (K % 8 && (b[ldb - 1] >> (K % 8))) return false;
   int64_t pop = 0, j = 0;
   for (; j + 8 <= ldb; j += 8) { /* a word at a time: a byte at a time took ~8 cycles a word */
     uint64_t w;
@@ -265,8 +268,14 @@ inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz
     pop += __builtin_popcountll(w);
   }
   for (; j < ldb; ++j) pop += __builtin_popcount(b[j]);
-  if (o0 < 0 || o1 > nnz || o1 < o0 || pop != o1 - o0 || (K % 8 && (b[ldb - 1] >> (K % 8))))
-    return 1;
+  return o0 >= 0 && o1 <= nnz && o1 - o0 == pop;
+}
+
+template <class T>
+inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz, int64_t o0,
+                                       int64_t o1, int64_t K, T* row) {
+  const int64_t ldb = (K + 7) / 8;
+  if (!unstructured_row_ok(b, K, o0, o1, nnz)) return 1;
   int64_t o = o0, i = 0;
 #if defined(PQ_SIMD_AVX512)
   constexpr bool kExpand = sizeof(T) == 4

@@ -123,9 +123,7 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      dot[r][t] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q))) + tail[r][t];
+      dot[r][t] = hsum256(acc[r][t]) + tail[r][t];
     }
 #else
   /* One byte = two codes (low nibble first), so k advances in pairs and the

@@ -51,9 +51,7 @@ inline void dot_f32_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, 
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      float s = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+      float s = hsum256(acc[r][t]);
       for (int64_t j = k; j < K; ++j) s += x[t * ldx + j] * (float)w[r * K + j];
       dot[r][t] = s;
     }

@@ -533,9 +533,7 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
   dot24_scalar<R, T>(vals, n, meta, ldm, x, ldx, j, H, tail);
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      dot[r][t] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q))) + tail[r][t];
+      dot[r][t] = hsum256(acc[r][t]) + tail[r][t];
     }
 }
 #endif
@@ -553,19 +551,6 @@ inline bool simd24(const Vals<Kind>& v) {
 }
 
 /* ------------------------------------------------------------ unstructured */
-
-/* Row n of an unstructured weight is consistent: its offsets step by the
- * popcount of its bitmask row, stay inside [0, nnz], and no bit at k >= K is
- * set. Checked before any of its values is read. */
-inline bool row_ok(const uint8_t* bm, int64_t K, const int64_t* off, int64_t n, int64_t nnz) {
-  const int64_t ldb = (K + 7) / 8;
-  if (K % 8 && (bm[ldb - 1] >> (K % 8))) return false;
-  int64_t pop = 0, i = 0;
-  for (; i + 8 <= ldb; i += 8) pop += __builtin_popcountll(load_u64(bm + i));
-  if (i < ldb) pop += __builtin_popcountll(load_tail_u64(bm + i, ldb - i));
-  const int64_t o0 = off[n], o1 = off[n + 1];
-  return o0 >= 0 && o1 <= nnz && o1 - o0 == pop;
-}
 
 /* dot[t] = sum over set bits k of the row of x[t, k] * values[o0 + rank(k)].
  * Scalar: walk the set bits of each 64-bit word. */
@@ -849,12 +834,7 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
       const float v = vals.flat(o++);
       for (int t = 0; t < T; ++t) rest[t] += x[t * ldx + 8 * i + __builtin_ctz(b)] * v;
     }
-  for (int t = 0; t < T; ++t) {
-    const __m256 a = _mm256_add_ps(acc[0][t], acc[1][t]);
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    dot[t] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q))) + rest[t];
-  }
+  for (int t = 0; t < T; ++t) dot[t] = hsum256(_mm256_add_ps(acc[0][t], acc[1][t])) + rest[t];
 }
 #else
 /* The portable build: the set-bit walk. */
