@@ -209,7 +209,7 @@ inline int decompress_24_row(const T* vr, const uint8_t* mr, int64_t K, T* row) 
   for (; g + 4 <= groups; g += sizeof(T) == 1 ? 4 : 2) {
     const unsigned m0 = mr[g / 2];
     tbad |= kMeta24.e[m0];
-    if (sizeof(T) == 1) {
+    if constexpr (sizeof(T) == 1) {
       const unsigned m1 = mr[g / 2 + 1];
       tbad |= kMeta24.e[m1];
       const __m128i ctl = _mm_unpacklo_epi64(
@@ -217,7 +217,7 @@ inline int decompress_24_row(const T* vr, const uint8_t* mr, int64_t K, T* row) 
           _mm_add_epi8(_mm_loadl_epi64((const __m128i*)kLut24.b8[m1]), _mm_set1_epi8(4)));
       _mm_storeu_si128((__m128i*)(row + 4 * g),
                        _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i*)(vr + 2 * g)), ctl));
-    } else if (sizeof(T) == 2) {
+    } else if constexpr (sizeof(T) == 2) {
       _mm_storeu_si128((__m128i*)(row + 4 * g),
                        _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)(vr + 2 * g)),
                                         _mm_load_si128((const __m128i*)kLut24.b16[m0])));
@@ -274,6 +274,7 @@ inline bool unstructured_row_ok(const uint8_t* b, int64_t K, int64_t o0, int64_t
 template <class T>
 inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz, int64_t o0,
                                        int64_t o1, int64_t K, T* row) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "unstructured values are 16 or 32 bits");
   const int64_t ldb = (K + 7) / 8;
   if (!unstructured_row_ok(b, K, o0, o1, nnz)) return 1;
   int64_t o = o0, i = 0;
@@ -319,18 +320,16 @@ inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz
    * of 8 values at the byte's offset, so it stops 8 values before the buffer's end. */
   for (; 8 * i + 8 <= K && o + 8 <= nnz; ++i) {
     const unsigned bits = b[i];
-    if (sizeof(T) == 2) {
+    if constexpr (sizeof(T) == 2) {
       const __m128i sh = _mm_load_si128((const __m128i*)kUnstructuredShuffleLut.byte[bits]);
       _mm_storeu_si128((__m128i*)(row + 8 * i),
                        _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)(v + o)), sh));
-    } else if (sizeof(T) == 4) {
+    } else { /* 32-bit values (the op's values are 16 or 32 bits wide) */
       const __m256i idx = _mm256_load_si256((const __m256i*)kUnstructuredRankLut.lane[bits]);
       const __m256 run = _mm256_loadu_ps((const float*)(v + o));
       _mm256_storeu_ps((float*)(row + 8 * i),
                        _mm256_blendv_ps(_mm256_permutevar8x32_ps(run, idx), _mm256_setzero_ps(),
                                         _mm256_castsi256_ps(idx)));
-    } else {
-      break;
     }
     o += __builtin_popcount(bits);
   }
