@@ -595,6 +595,20 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 #                      scalar the sparse kernel stayed ahead up to M = 64)
 #   avx512_vnni int8:  0.99 / 0.83 at 16, 1.07 / 0.97 at 24, 1.16 / 1.10 at 32
 #   avx512_vnni int4:  0.98 / 0.78 at 8, 1.15 / 0.99 at 16 (the default 16 holds)
+# avx512_amx, measured on a 2-core Intel Xeon with AMX (Granite Rapids), 2 threads, same script
+# (--ms 4..48, then --ms 6,8,10,12,14,16,20,24 --reps 9 twice), sparse / dense, 4096 x 4096 /
+# 4096 x 11008 (the dense side: bf16 on AMX tiles, int8/int4 pyquant's AMX kernels):
+#   2:4 bf16, bf16 x:  0.96-0.99 / 0.76-0.77 at 16, 1.10-1.14 / 0.90-0.91 at 20, 1.30-1.34 /
+#                      1.14-1.15 at 24 (the default 32 ran 1.3x slower than dense at 24-31)
+#   int4 g128 panels:  0.95-1.03 / 0.84-0.90 at 12, 1.18-1.21 / 1.01-1.02 at 14, 1.25-1.31 /
+#                      0.95-1.05 at 16
+#   int4 g128 rows:    0.64 / 0.67 at 4, 0.96-1.07 at 6, 1.12-1.30 at 8 (the rows layout runs
+#                      only where the panels do not apply)
+#   unstructured 70%, bf16 x: 0.75-0.82 / 0.58-0.60 at 8, 0.98-1.03 / 0.78-0.79 at 10,
+#                      1.08-1.17 / 1.11-1.16 at 12
+# and the default entries hold: int8 panels 0.60-0.67 / 0.58-0.61 at 14, 1.45 / 1.22-1.31 at 16;
+# int8 rows 0.81 / 0.74-0.77 at 14, 1.9 / 1.8 at 16; unstructured fp32 0.95 / 0.74 at 24,
+# 1.16 / 0.93 at 32, 1.45 / 1.40 at 48.
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
              ("sparse24_int8_mm", "fp32"): 5, ("sparse24_int4_mm", "fp32"): 12},
@@ -606,6 +620,9 @@ SPARSE_DENSE_MIN_M_BY_ISA = {
                     ("sparse_unstructured_mm", "fp32"): 48,
                     ("sparse24_int8_mm_panels", "fp32"): 32,
                     ("sparse24_int4_mm_panels", "fp32"): 24},
+    "avx512_amx": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 20,
+                   ("sparse24_int4_mm", "fp32"): 6, ("sparse_unstructured_mm", "bf16"): 12,
+                   ("sparse24_int4_mm_panels", "fp32"): 14},
 }
 
 

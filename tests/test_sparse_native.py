@@ -439,7 +439,7 @@ def test_break_even_table_follows_the_cpu_level(backend, isa):
         lim = table[("sparse24_int8_mm", "fp32")]
         assert _native.sparse_dense_reason("sparse24_int8_mm", lim - 1) is None
         assert f"M={lim} >= {lim}" in _native.sparse_dense_reason("sparse24_int8_mm", lim)
-    for level in ("avx2", "avx512_vnni", "avx512_bf16"):  # tables of their own, every op in them
+    for level in ("avx2", "avx512_vnni", "avx512_bf16", "avx512_amx"):  # tables of their own, every op in them
         own = _native.SPARSE_DENSE_MIN_M_BY_ISA[level]
         assert own.keys() == _native.SPARSE_DENSE_MIN_M.keys() and own != _native.SPARSE_DENSE_MIN_M
 
