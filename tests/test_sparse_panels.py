@@ -224,9 +224,13 @@ def test_int4_op_zero_points_past_a_nibble_and_x_fixed_point_cannot_hold(backend
 @pytest.mark.parametrize("backend,isa", [p for p in BACKENDS if p.values[0] == "cpu"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m", [1, 3, 6])
-def test_op_x_fixed_point_cannot_hold_takes_the_float_loop(backend, isa, bits, m):
+def test_op_x_fixed_point_cannot_hold_takes_the_float_loop(backend, isa, bits, m, monkeypatch):
     """A row of x with an Inf (fixed point cannot hold it): every row takes the float loop on
-    each quad's rows, the canonical op's result bit for bit (Inf and NaN where it has them)."""
+    each quad's rows, the canonical op's result bit for bit (Inf and NaN where it has them).
+    Both ops run their sparse kernels at every m here: a level whose break-even for one of
+    them lies at or below m would compare the float loop with the dense path."""
+    never = {key: 1 << 30 for key in _native.SPARSE_DENSE_MIN_M}
+    monkeypatch.setattr(_native, "sparse_dense_min_m", lambda: never)
     n, k = 12, 256
     v, meta, rest = _weight(n, k, bits)
     pv, pm = sparse_panels.pack(v, meta, bits)
