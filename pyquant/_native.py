@@ -593,6 +593,11 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 #   avx2 int4 g128:    0.85 / 0.87 at 4, 0.98 / 1.00 at 8, 1.02 / 1.04 at 12, 1.06 / 1.07 at 16
 #                      (with the AVX2 2:4 + int4 decompression, 4.7 -> 0.6 ms; when it was
 #                      scalar the sparse kernel stayed ahead up to M = 64)
+#   (then the AVX2 2:4 kernels took their x gather controls from a table, kGather24 in
+#   tile_sparse.h: 1.06-1.26x at M = 1 and 1.26-1.39x at M = 4; re-measured on a Granite
+#   Rapids running the avx2 build:
+#   avx2 int8:         1.03 / 0.90 at 6, 1.09 / 0.99 at 8, 1.24 / 1.16 at 12
+#   avx2 int4 g128:    0.93 / 0.88 at 8, 0.88 / 0.98 at 12, 0.94 / 1.04 at 16)
 #   avx512_vnni int8:  0.99 / 0.83 at 16, 1.07 / 0.97 at 24, 1.16 / 1.10 at 32
 #   avx512_vnni int4:  0.98 / 0.78 at 8, 1.15 / 0.99 at 16 (the default 16 holds)
 # avx512_amx, measured on a 2-core Intel Xeon with AMX (Granite Rapids), 2 threads, same script
@@ -611,7 +616,7 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # 1.16 / 0.93 at 32, 1.45 / 1.40 at 48.
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
-             ("sparse24_int8_mm", "fp32"): 5, ("sparse24_int4_mm", "fp32"): 12},
+             ("sparse24_int8_mm", "fp32"): 8, ("sparse24_int4_mm", "fp32"): 16},
     "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64,
                     ("sparse24_int8_mm", "fp32"): 24},
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,

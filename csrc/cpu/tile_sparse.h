@@ -482,16 +482,28 @@ inline __m256 load8(const Vals<Kind>& v, int64_t n, int64_t j, __m256 zero, __m2
   }
 }
 
-/* As the AVX512 dot24, 8 kept values (16 columns) a step: vpermps reaches 8
- * floats, so x is gathered from both halves and blended on index bit 3. The
- * tail (< 8 kept values) runs the scalar loop. */
+/* kGather24[b]: for a meta byte b (two groups of 4 columns, four 2-bit positions), the
+ * columns (0..7) of its four kept values, one per 32-bit lane: the vpermps control that
+ * gathers their x from the byte's 8 columns. */
+struct Gather24Table {
+  alignas(16) int32_t c[256][4];
+  constexpr Gather24Table() : c() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 4; ++i) c[b][i] = 4 * (i / 2) + ((b >> (2 * i)) & 3);
+  }
+};
+alignas(64) constexpr Gather24Table kGather24{};
+
+/* As the AVX512 dot24, 8 kept values (16 columns) a step: the first four kept values
+ * lie in the step's first 8 columns and the last four in the next 8, so one vpermps
+ * over each half of x, controlled by the two meta bytes' table rows (kGather24), and a
+ * blend by lane put every kept value's x in its lane. It computed each control from the
+ * meta bits (a broadcast, a variable shift, a mask, an add) and blended on its bit 3: 6
+ * vector uops more per row and step. The tail (< 8 kept values) runs the scalar loop. */
 template <int R, int T, int Kind>
 inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_t ldm,
                   const float* x, int64_t ldx, int64_t K, float dot[R][T]) {
   const int64_t H = K / 2;
-  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
-  const __m256i three = _mm256_set1_epi32(3);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -517,14 +529,13 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
     }
     for (int r = 0; r < R; ++r) {
       const uint8_t* mp = meta + (n + r) * ldm + j / 4;
-      const int m16 = mp[0] | (mp[1] << 8);
-      const __m256i idx = _mm256_add_epi32(
-          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m16), shift), three), base);
-      const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign = bit 3 */
+      const __m256i idx = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_load_si128((const __m128i*)kGather24.c[mp[0]])),
+          _mm_load_si128((const __m128i*)kGather24.c[mp[1]]), 1);
       const __m256 w = load8<Kind>(vals, n + r, j, zero[r], scale[r]);
       for (int t = 0; t < T; ++t) {
-        const __m256 g = _mm256_blendv_ps(_mm256_permutevar8x32_ps(xlo[t], idx),
-                                          _mm256_permutevar8x32_ps(xhi[t], idx), sel);
+        const __m256 g = _mm256_blend_ps(_mm256_permutevar8x32_ps(xlo[t], idx),
+                                         _mm256_permutevar8x32_ps(xhi[t], idx), 0xF0);
         acc[r][t] = _mm256_fmadd_ps(g, w, acc[r][t]);
       }
     }
