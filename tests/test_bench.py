@@ -332,9 +332,13 @@ def test_measure_peaks_has_a_ceiling_per_unit():
     flags = cpu_flags()
     if "avx2" not in flags:
         pytest.skip("no AVX2: the probe has no vector loop here")
-    assert peaks["fp32"] > 0 and peaks["int8"] >= peaks["fp32"]
-    amx = _native.ISA_NAMES[_native.best_isa()] == "avx512_amx"
-    assert ("bf16" in peaks) == ("avx512_bf16" in flags and not amx)
+    assert peaks["fp32"] > 0
+    if _native.ISA_NAMES[_native.best_isa()] == "avx512_amx":
+        # the int8 and bf16 products run on tiles there, past the vector units' peak
+        assert set(peaks) == {"fp32"}
+        return
+    assert peaks["int8"] >= peaks["fp32"]
+    assert ("bf16" in peaks) == ("avx512_bf16" in flags)
 
 
 def test_every_pyquant_impl_runs_without_the_dispatcher(monkeypatch):
