@@ -225,6 +225,23 @@ def test_sparse_targets_say_what_a_row_misses():
     assert "below target" not in lines[3]
 
 
+def test_sparse_row_without_a_target():
+    """The fp32 unstructured row has no target: its table line shows '-' for 'need' and no
+    verdict, and targets() gives it ok None (neither met nor missed), from a bench result."""
+    from pyquant.bench_sparse import TARGETS, format_targets, targets
+
+    name = next(t[0] for t in TARGETS if t[2] is None)
+    result = {"rows": [
+        {"shape": "minilm", "n": 1536, "k": 384, "m": 1, "impl": name, "ms": 0.02,
+         "bw_share": 0.3, "bw_share_now": 0.3},
+        {"shape": "minilm", "n": 1536, "k": 384, "m": 1, "impl": "F.linear[fp32]", "ms": 0.05,
+         "bw_share": 0.9, "bw_share_now": 0.9}]}
+    rows = targets(result)
+    assert len(rows) == 1 and rows[0]["ok"] is None and rows[0]["speedup"] == pytest.approx(2.5)
+    line = format_targets(rows).splitlines()[2]
+    assert " 2.50x     - " in line and "below target" not in line and line.endswith("F.linear[fp32]")
+
+
 def test_sparse_targets_without_the_dense_counterparts():
     """A run whose --impls leave the dense counterparts out (pyquant bench --impls sparse24_int)
     has no speedups: the table says which counterpart is missing instead of failing."""
