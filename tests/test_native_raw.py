@@ -483,6 +483,24 @@ def _amx_wo_call(op, x, work, nb, n_threads):
 
 
 @needs_amx
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("M,N", [(40, 256), (150, 256), (150, 64), (33, 96)])
+def test_amx_int8_gemm_task_shapes(M, N, n_threads):
+    """The AMX int8 GEMM's tasks: one weight strip x all activation rows where there are two
+    strips a thread or more (N = 256), 64 rows a task where there are fewer (N = 64, 96 on
+    two threads), odd M on both: exact int32 sums either way. K = 640: past the short rows'
+    order (kAmxRowsFirstMaxK), and the activations fit L2 (no K chunks)."""
+    K = 640
+    g = gen(M + N + n_threads)
+    xq, w = rand_i8((M, K), g), rand_i8((N, K), g)
+    work, nb = int8_work(AMX, M, K, N, n_threads)
+    acc = torch.full((M, N), 12345, dtype=torch.int32)
+    assert _C.int8_gemm_s32(AMX, ptr(xq), M, K, ptr(w), N, ptr(acc), n_threads, ptr(work),
+                            nb) == OK
+    assert torch.equal(acc.long(), xq.long() @ w.long().T)
+
+
+@needs_amx
 @pytest.mark.parametrize("op", ["int8", "int4"])
 @pytest.mark.parametrize("n_threads", THREADS)
 def test_amx_bf16_paths_run_on_the_callers_scratch(op, n_threads):
