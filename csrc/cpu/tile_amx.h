@@ -154,9 +154,9 @@ inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int
  * while the rows stream from L2, and comes from memory once. With 64 rows a task the two
  * threads took the two halves of one strip at once, each from memory: at M = 128 one strip
  * a task ran 1.13-1.17x faster (4096 x 4096, 11008 x 4096; in-process A/B, both orders,
- * Granite Rapids, two threads), 1.09x at M = 256, the same at M = 32. Past that, sweeping every strip
- * over all the activations re-read them from L3 once per strip (512 x 11008: 5.6 MB a
- * strip, 344 strips), so a task becomes (kAmxMc activation rows) x (kAmxNc weight rows)
+ * Granite Rapids, two threads), 1.09x at M = 256, the same at M = 32. Past L2, sweeping
+ * every strip over all the activations re-read them from L3 once per strip (512 x 11008:
+ * 5.6 MB a strip, 344 strips), so a task becomes (kAmxMc activation rows) x (kAmxNc weight rows)
  * with K in chunks of kAmxKc: per chunk the task's activation tiles (1 MiB) stay in L2
  * while each weight strip's chunk (128 KiB) meets all of them. Between chunks the int32
  * sums of each 32 x 32 block wait in the caller's output block of that place (cpart:
