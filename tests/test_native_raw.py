@@ -426,15 +426,16 @@ def w8a8_panel_bytes(M, K, n_threads):
 
 
 @needs_amx
-@pytest.mark.parametrize("M", [9, 16, 17, 33, 64, 150, 272, 300])
+@pytest.mark.parametrize("M", [9, 16, 17, 33, 64, 150, 272, 300, 400, 410])
 @pytest.mark.parametrize("N,K", [(32, 64), (96, 256), (64, 4096), (288, 4160)])
 @pytest.mark.parametrize("n_threads", THREADS)
 def test_amx_int8_gemm_s32_exact(M, N, K, n_threads):
     """The tile path (activations repacked into the caller's scratch, M tails zero-padded) is
-    exact for every int8 input, -128 included. Packed activations over 1 MiB (M 272 / 300
+    exact for every int8 input, -128 included. Packed activations over 1.5 MiB (M 400 / 410
     at K = 4160) run in K chunks of 4096 (64 + 1 tiles) whose partial sums wait in the
     output (tile_amx.h), with a second M / N cache block (M > 256, N 288), a lone last tile
-    (272 = 17 tiles) and a partial one (300), which never chunk."""
+    (400 = 25 tiles) and a partial one (410), which never chunk; M 272 / 300 there fit L2
+    and take one strip a task over all their rows."""
     g = gen(M * 7 + N + K)
     xq, w = rand_i8((M, K), g, lo=-128), rand_i8((N, K), g, lo=-128)
     work, nb = int8_work(AMX, M, K, N, n_threads)
@@ -445,7 +446,8 @@ def test_amx_int8_gemm_s32_exact(M, N, K, n_threads):
 
 
 @needs_amx
-@pytest.mark.parametrize("M,N,K", [(33, 64, 128), (150, 96, 256), (300, 288, 4160)])
+@pytest.mark.parametrize("M,N,K", [(33, 64, 128), (150, 96, 256), (300, 288, 4160),
+                                   (410, 288, 4160)])
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_amx_int8_dynamic_bit_exact(M, N, K, has_bias):
     g = gen(M + N + K)

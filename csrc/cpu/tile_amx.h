@@ -163,8 +163,11 @@ inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int
  * int32 [M][ldc], the C tiles stored as they are, n-major). Two threads, int8 MACs a
  * cycle a core at M = 512: 4096 x 11008 250-300 -> 380-390; 11008 x 4096 330-350 ->
  * 380-410 (no chunk at K = 4096: chunks of 2048 there ran at 160, the partial sums'
- * round trip through the output costing more than it saved). */
-constexpr int64_t kAmxL2Bytes = 1 << 20, kAmxMc = 256, kAmxNc = 256, kAmxKc = 4096;
+ * round trip through the output costing more than it saved). The L2 bound was 1 MiB; at
+ * 1.5 MiB (every AMX CPU has 2 MiB of L2 a core) M = 96 and 128 at K = 11008 take the
+ * unchunked order: 1.21x and 1.06x (int8 dynamic, 4096 x 11008, in-process A/B, both
+ * orders; Granite Rapids, two threads). */
+constexpr int64_t kAmxL2Bytes = 3 << 19, kAmxMc = 256, kAmxNc = 256, kAmxKc = 4096;
 
 /* Short K (MiniLM's 384): an output gets only K MACs, and writing the float outputs is
  * most of the work; with 32-row weight strips swept over all of M, each thread wrote two
@@ -172,15 +175,17 @@ constexpr int64_t kAmxL2Bytes = 1 << 20, kAmxMc = 256, kAmxNc = 256, kAmxKc = 40
  * is instead 32 activation rows x all N, so that a thread fills its rows' lines in order.
  * Measured (M = 2560, two threads, one process, alternated with the strip order): N x K
  * 1536 x 384 1.6-1.8x, 384 x 384 1.2-1.4x; at K = 768 no change either way, and at
- * K = 1536 or 4096 (Llama) 0.8-0.95x, so it stops at 512. */
-constexpr int64_t kAmxRowsFirstMaxK = 512;
+ * K = 1536 or 4096 (Llama) 0.8-0.95x, so it stops at 512 (and at a weight of 1 MiB, where
+ * it was measured). */
+constexpr int64_t kAmxRowsFirstMaxK = 512, kAmxRowsFirstMaxWeightBytes = 1 << 20;
 
 template <class Epi>
 void amx_gemm(int64_t M, int64_t K, const int8_t* w, int64_t N, const int8_t* xp,
               int32_t* cpart, int64_t ldc, int n_threads, Epi epi) {
   const int64_t Mt = ceil_div(M, 16), KB = K / 64;
   const bool chunk = cpart && Mt * 16 * K > kAmxL2Bytes;
-  const bool rows_first = !chunk && K <= kAmxRowsFirstMaxK && N * K <= kAmxL2Bytes &&
+  const bool rows_first = !chunk && K <= kAmxRowsFirstMaxK &&
+                          N * K <= kAmxRowsFirstMaxWeightBytes &&
                           ceil_div(Mt, 2) >= 2 * n_threads;
   const int64_t kc_kb = chunk ? kAmxKc / 64 : KB;
   const int64_t nc = chunk ? kAmxNc : rows_first ? N : 32;
