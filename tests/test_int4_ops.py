@@ -170,13 +170,13 @@ def test_amx_shapes(op, backend, isa, m, n, k, group, dtype):
     check_op(op, backend, isa, x, weights(n, k, group, seed=n), make_bias(n, "fp32", dtype))
 
 
-# Past 1 MiB of packed activations the AMX strip GEMM blocks K in chunks of whole groups
-# (1 KiB of a weight row) over 256 x 256 tasks (csrc/cpu/kernels.h): W4A8 at M = 300, K = 4160
+# Past 1.5 MiB of packed activations the AMX strip GEMM blocks K in chunks of whole groups
+# (1 KiB of a weight row) over 256 x 256 tasks (csrc/cpu/kernels.h): W4A8 at M = 410, K = 4160
 # (65 groups of 64: chunks of 16, 16, 16, 16, 1) and weight-only with fp32 activations (three
-# bf16 terms) at M = 40, K = 4224 (33 groups of 128: chunks of 4); N = 288 makes a second,
-# partial task column, M = 300 a partial last tile.
-AMX_CHUNKED = [("int4_dynamic_mm", 300, 288, 4160, 64),
-               ("int4_weight_only_mm", 40, 288, 4224, 128)]
+# bf16 terms) at M = 70, K = 4224 (33 groups of 128: chunks of 4); N = 288 makes a second,
+# partial task column, M = 410 and 70 a partial last tile.
+AMX_CHUNKED = [("int4_dynamic_mm", 410, 288, 4160, 64),
+               ("int4_weight_only_mm", 70, 288, 4224, 128)]
 # When all rows' packed activations fit in L2 (W4A8 at K = 1024, weight-only with bf16
 # activations at K = 512: one term), a task takes every activation row if there are at least
 # two weight strips of 32 rows per thread (N = 160, or N = 96 at one thread), else at most

@@ -565,11 +565,11 @@ def test_amx_int8_weight_only_fixed_point(n_threads):
 def test_amx_bf16_int8_weight_only_chunks_k(K):
     """int8 weight-only with bf16-valued activations on the AMX-BF16 tiles runs K in
     unscaled groups of 512, .., 32 k (the largest dividing K), their fp32 sum then times the
-    row scale, plus the bias. From 160 rows of K = 4096 on, the packed activations pass
-    1 MiB and K is cut in chunks across tasks (tile_amx_grouped.h): the result stays the
-    exact products summed in fp32, the row scale applied once."""
+    row scale, plus the bias. At 200 rows of K = 4096 the packed activations pass 1.5 MiB
+    and K is cut in chunks across tasks (tile_amx_grouped.h): the result stays the exact
+    products summed in fp32, the row scale applied once."""
     g = gen(K)
-    M, N = 160, 64
+    M, N = 200, 64
     x = torch.randn(M, K, generator=g).bfloat16().float()
     w = rand_i8((N, K), g)
     ws = torch.rand(N, generator=g) * 0.01 + 1e-3

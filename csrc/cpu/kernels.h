@@ -165,8 +165,11 @@ constexpr int64_t kAmxInt4DynMinM = 9, kAmxBf16MinM = 16;
  * (1.04-1.10x on W4A8 and int4 weight-only there, 4096 x 4096, in-process A/B).
  * When all rows' packed activations fit in L2, a task takes every row if there are
  * strips enough for the threads (W4A8 at MiniLM's 2560 x 384 x 384: 1.03-1.06x
- * over 512-row tasks). */
-constexpr int64_t kAmxGroupedKcBytes = 1024, kAmxGroupedL2Bytes = 1 << 20,
+ * over 512-row tasks). That L2 bound was 1 MiB; at 1.5 MiB (2 MiB of L2 a core on every
+ * AMX CPU) W4A8 at 128 x 4096 x 11008 takes the unchunked order, 1.21x (in-process A/B,
+ * both orders, Granite Rapids), and int4 weight-only with bf16 activations at M = 160,
+ * 4096 x 4096, 1.02x. */
+constexpr int64_t kAmxGroupedKcBytes = 1024, kAmxGroupedL2Bytes = 3 << 19,
                   kAmxGroupedNc = 256, kAmxGroupedMc = 512;
 inline int64_t amx_strip_bytes(int64_t row_bytes, int64_t n_groups) {
   const int64_t acc = kAmxGroupedMc * kAmxGroupedNc * 4; /* 512 KiB */
