@@ -189,8 +189,8 @@ void amx_gemm(int64_t M, int64_t K, const int8_t* w, int64_t N, const int8_t* xp
                           ceil_div(Mt, 2) >= 2 * n_threads;
   const int64_t kc_kb = chunk ? kAmxKc / 64 : KB;
   const int64_t nc = chunk ? kAmxNc : rows_first ? N : 32;
-  const bool sweep_all = !chunk && !rows_first && ceil_div(N, nc) >= 2 * n_threads;
   const int64_t n_nblk = ceil_div(N, nc);
+  const bool sweep_all = !chunk && !rows_first && n_nblk >= 2 * n_threads;
   const int64_t mt_blk = chunk ? kAmxMc / 16 : rows_first ? 2 : sweep_all ? Mt : 4;
   const int64_t n_mblk = ceil_div(Mt, mt_blk);
   const int64_t tasks = n_nblk * n_mblk;
