@@ -5,14 +5,18 @@
 #      --no-index) -- in the background, then check that the installed package finds its
 #      kernels; the tests and the benchmark run from the source tree (PYTHONPATH), which needs
 #      no native module;
-#   2. the GPU tests of the Triton backend:  pytest -m gpu tests/test_triton.py tests/test_triton_sparse.py;
-#   3. the CUDA benchmark (pyquant bench --device cuda, i.e. python -m pyquant.bench_cuda) with whatever time is left.
+#   2. the GPU tests of the Triton backend:  pytest -m gpu tests/test_triton.py tests/test_triton_sparse.py,
+#      while PRECOMPILE processes (default 8) compile every autotuning candidate of the
+#      benchmark into Triton's cache (python -m pyquant.bench_cuda --precompile-part i/P);
+#   3. the CUDA benchmark (pyquant bench --device cuda, i.e. python -m pyquant.bench_cuda
+#      $BENCH_ARGS) with whatever time is left.
 # Everything lands in $OUT (or ./gpu_results): gpu_check.log (all output), install.log,
 # junit.xml, bench_cuda.csv/.json and triton_autotune.json. Whole run: under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh                 # BUDGET_S=470 by default
 #   PYQUANT_CUDA=ON bash benchmarks/gpu_check.sh # also build the CUDA native module
 #   SKIP_INSTALL=1 bash benchmarks/gpu_check.sh   # source tree only
+#   BENCH_ARGS="--ms 1,16 --shapes 7b" bash benchmarks/gpu_check.sh
 set -euo pipefail
 
 START=$(date +%s)
@@ -21,6 +25,8 @@ OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
+BENCH_ARGS=${BENCH_ARGS:---ms 1,16,128,1024,4096}
+PRECOMPILE=${PRECOMPILE:-8}
 export PYTHONUNBUFFERED=1
 # The tuned configs of this run come back with the results (and warm later runs there).
 export PYQUANT_CACHE_DIR="$OUT"
@@ -75,11 +81,21 @@ set +e
 # it is single-threaded per process: spread the tests over processes when pytest-xdist is there.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 6"
+PRE_PIDS=""
+if [ "$PRECOMPILE" -gt 0 ]; then
+    for i in $(seq 0 $((PRECOMPILE - 1))); do
+        ( PYQUANT_TRITON_AUTOTUNE=0 timeout "$T" "$PY" -m pyquant.bench_cuda $BENCH_ARGS \
+              --precompile-part "$i/$PRECOMPILE" >>"$OUT/precompile.log" 2>&1 ) &
+        PRE_PIDS="$PRE_PIDS $!"
+    done
+fi
 timeout "$T" "$PY" -m pytest -m gpu tests/test_triton.py tests/test_triton_sparse.py -q -rs --durations=15 $XDIST \
     -p no:cacheprovider --junitxml="$OUT/junit.xml"
 TEST_RC=$?
-set -e
 log "GPU tests exit code $TEST_RC"
+for p in $PRE_PIDS; do wait "$p"; done
+log "precompile done: $(grep -h '^# precompile' "$OUT/precompile.log" 2>/dev/null | tr '\n' ' ')"
+set -e
 
 INSTALL_RC=skipped
 if [ -n "$INSTALL_PID" ]; then
@@ -104,7 +120,7 @@ if [ "$B" -gt 30 ]; then
     log "CUDA benchmark (time box ${B} s; shapes not started within it are skipped)"
     set +e
     TB=$(( B - 70 )); [ "$TB" -lt 10 ] && TB=10
-    timeout "$B" "$PY" -m pyquant.bench_cuda --out "$OUT" --time-budget "$TB"
+    timeout "$B" "$PY" -m pyquant.bench_cuda --out "$OUT" --time-budget "$TB" $BENCH_ARGS
     BENCH_RC=$?
     set -e
     log "benchmark exit code $BENCH_RC"

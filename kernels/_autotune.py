@@ -14,7 +14,7 @@ tune ahead of serving. Here:
 * ``PYQUANT_TRITON_AUTOTUNE=0`` turns tuning off (the per-op heuristic config runs), and
   nothing is tuned while a CUDA graph is being captured (benchmarking synchronizes).
 
-A config is a plain dict: ``path`` ("gemv" or "tiled"), block sizes, ``num_warps``,
+A config is a plain dict: ``path`` ("gemv", "gemv32" or "tiled"), block sizes, ``num_warps``,
 ``num_stages``. Every config of an op is valid for every M, N, K it is offered for (the kernels
 mask their edges), so a config tuned at one M serves its whole bucket.
 """
@@ -41,6 +41,13 @@ def m_bucket(m: int) -> int:
     while b < m and b < M_BUCKET_MAX:
         b *= 2
     return b
+
+
+# Swapped-operand MMA tiles (BLOCK_N, BLOCK_K, num_warps, num_stages) of the int8 ops at every
+# M up to 64, and the extra ones tried at decode (M <= 16): narrower and deeper, so that more
+# programs, each with more loads in flight, share the few output rows.
+SWAP_TILES = ((64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3))
+DECODE_SWAP_TILES = ((32, 256, 4, 4), (64, 256, 4, 5), (128, 256, 8, 4))
 
 
 def split_k(tiles: int, k_tiles: int, sms: int, per_sm: int = 2) -> int:
@@ -160,12 +167,21 @@ _FLUSH: dict = {}
 
 
 def _flush_buffer(device) -> torch.Tensor:
-    """256 MB, written before every timed call: evicts the L2 (50-60 MB on H100/H200), so the
+    """256 MB, read before every timed call: evicts the L2 (50-60 MB on H100/H200), so the
     weights come from HBM as they do in serving."""
     key = str(device)
     if key not in _FLUSH:
-        _FLUSH[key] = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        _FLUSH[key] = torch.zeros(256 << 18, dtype=torch.int32, device=device)
     return _FLUSH[key]
+
+
+def flush_l2(buf: torch.Tensor) -> None:
+    """Evict the L2 by *reading* ``buf``. Writing it (``zero_()``, what many benchmarks do)
+    leaves the L2 full of dirty lines, and the timed kernel then pays for writing them back
+    to HBM while it streams its own weights in, which inflates every memory-bound time, the
+    bf16 baseline's included (``python -m pyquant.bench_cuda`` prints both on its first
+    shape)."""
+    torch.amax(buf)
 
 
 def device_time_us(fn: Callable[[], object], budget_ms: float = 10.0, max_reps: int = 100,
@@ -202,7 +218,7 @@ def device_time_us(fn: Callable[[], object], budget_ms: float = 10.0, max_reps: 
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(n)]
         for a, b in ev:
-            flush.zero_()
+            flush_l2(flush)
             a.record()
             call()
             b.record()
@@ -213,6 +229,34 @@ def device_time_us(fn: Callable[[], object], budget_ms: float = 10.0, max_reps: 
     est = sorted(first)[1]
     reps = int(max(5, min(max_reps, budget_ms * 1e3 / (est + 70.0))))  # ~70 us per flush
     return float(statistics.median(first + timed(reps)))
+
+
+def rotated_time_us(fns: list, reps: int = 25) -> float:
+    """Median device time of one call, in microseconds, when ``fns`` -- the same call over
+    different copies of the weights, more bytes together than the L2 holds -- run back to back
+    in one CUDA graph: what a served model's consecutive layers see. Each call finds its
+    weights evicted by the others, no flush kernel runs between them (so no write-back or
+    launch gap of ours is timed), and one graph launch is shared by ``len(fns)`` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(max(3, reps))]
+    for a, b in ev:
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return float(statistics.median(1e3 * a.elapsed_time(b) for a, b in ev)) / len(fns)
 
 
 def _bench(fn: Callable[[], object]) -> float:
@@ -232,6 +276,16 @@ def _same(y: torch.Tensor, ref: torch.Tensor) -> bool:
     scale = ref[fin].abs().max() if fin.any() else ref.new_tensor(0.0)
     err = (y[fin] - ref[fin]).abs().max() if fin.any() else ref.new_tensor(0.0)
     return bool(err <= 1e-2 * scale + 1e-6)
+
+
+def _brief(c: dict) -> str:
+    """A config in one short string, e.g. 'tiled swap 16x64x128 s4 w4 st3'."""
+    if str(c.get("path")).startswith("gemv"):
+        return f"{c['path']} n{c.get('BLOCK_N')} k{c.get('BLOCK_K')} s{c.get('SPLIT_K', 1)} " \
+               f"w{c.get('num_warps')} st{c.get('num_stages')}"
+    return (f"{c.get('path')}{' swap' if c.get('SWAP_AB') else ''} {c.get('BLOCK_M')}x"
+            f"{c.get('BLOCK_N')}x{c.get('BLOCK_K')} s{c.get('SPLIT_K', 1)} w{c.get('num_warps')} "
+            f"st{c.get('num_stages')}")
 
 
 def tune(device: torch.device, key: str, candidates: list, run: Callable[[dict], None],
@@ -263,6 +317,9 @@ def tune(device: torch.device, key: str, candidates: list, run: Callable[[dict],
     entry = {
         "config": best,
         "us": best_us,
+        # every candidate's time, fastest first: what the next change of the config space
+        # should be judged against
+        "timings": [[round(us, 2), _brief(c)] for us, c in sorted(ok, key=lambda r: r[0])],
         "rejected": [r[1] for r in results if r[0] == float("inf")],
         "tuned_s": round(time.perf_counter() - t0, 3),
         "candidates": len(candidates),

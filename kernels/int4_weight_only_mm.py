@@ -20,6 +20,11 @@ stays large for small groups (group 32: 4 x 32).
 
 Paths (chosen per (M bucket, N, K, group) by the autotuner):
 
+gemv32 decode, M <= 4, where the packed rows can be read as int32 words (``words_unfit``):
+       like gemv, with the codes converted in place inside each word (``_gemv32_kernel``),
+       about a third of gemv's integer work per code. It won the tuning at M = 1 on every
+       shape of pyquant.bench_cuda on an H200 (1.04-1.23x gemv), and is the untuned default
+       there; from M = 2 the swapped MMA tiles win.
 gemv   decode, M <= 16 (and any M when the group size has no factor 32: the MMA needs
        SUB_K >= 32). One program per (row m, BLOCK_N outputs, K split); fp32 FMA on CUDA cores.
        The packed tile is [BLOCK_N, SUB_K/2] bytes, contiguous along K per row; x's even and
@@ -147,6 +152,87 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, 
         store_partial(y, m1, offs_n, M, N, part_ptr, pid_k)
 
 
+@triton.jit
+def _nib(w, MASK: tl.constexpr):
+    """The nibble under MASK (0xF << 4j, j <= 3) of each int32 word, left in place, as the
+    float ``2^23 + code * 16^j`` (exact): one AND-OR, no shift, no conversion."""
+    return ((w & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, GROUP,
+                   stride_xm, stride_xk, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
+                   stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SUB_K: tl.constexpr, N_SUB: tl.constexpr):
+    """Decode GEMV on the packed bytes read as int32 words (8 codes each, code 8i+j in bits
+    4j..4j+3). Codes 0-3 of a word are converted in place (``_nib``), codes 4-7 likewise after
+    one shift by 16, against x pre-scaled by 16^-j (exact: powers of two), so a code costs one
+    AND-OR, one FADD taking off ``2^23 + zero * 16^j`` (exact for any uint8 zero) and one FFMA,
+    and the product is that of (code - zero) * x, rounded once. The byte-wise unpacking of
+    ``_gemv_kernel`` costs several times that in integer work, which bounds it, not memory."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    GW: tl.constexpr = SUB_K // 8  # words per row of a sub-tile
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + rn[:, None] * stride_wn
+    s_rows = s_ptr + rn * stride_sn
+    z_rows = z_ptr + rn * stride_zn
+    offs_w = tl.arange(0, GW)
+    n_iter = K // (SUB_K * N_SUB)
+    acc = tl.full((BLOCK_N, GW), 0, dtype=tl.float32)
+    for it in range(pid_k, n_iter, SPLIT_K):
+        for j in tl.static_range(N_SUB):
+            k0 = (it * N_SUB + j) * SUB_K
+            g = k0 // GROUP
+            w = tl.load(w_rows + (k0 // 8 + offs_w)[None, :])
+            sc = tl.load(s_rows + g * stride_sg)
+            z = tl.load(z_rows + g * stride_zg).to(tl.int32)
+            w4 = w >> 16  # codes 4-7 to bits 0-15 (the sign bits above are masked off)
+            # 2^23 + zero * 16^j, j = 0..3, as floats: exact for any uint8 zero (< 2^23)
+            z0 = (z | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
+            z1 = ((z << 4) | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
+            z2 = ((z << 8) | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
+            z3 = ((z << 12) | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
+            # x of the sub-tile in one contiguous load, then x_j = x[8i + j] by splitting
+            # j = 4a + 2b + c off the innermost dimension (c first)
+            xv = tl.load(x_row + (k0 + tl.arange(0, SUB_K)) * stride_xk).to(tl.float32)
+            xe, xo = tl.split(tl.reshape(xv, (GW, 2, 2, 2)))  # c = 0, 1: [GW, 2(a), 2(b)]
+            xe0, xe1 = tl.split(xe)  # b = 0, 1: [GW, 2(a)]
+            xo0, xo1 = tl.split(xo)
+            x0, x4 = tl.split(xe0)  # j = 0, 4
+            x2, x6 = tl.split(xe1)  # j = 2, 6
+            x1, x5 = tl.split(xo0)  # j = 1, 5
+            x3, x7 = tl.split(xo1)  # j = 3, 7
+            x0 = x0[None, :]
+            x4 = x4[None, :]
+            x1 = (x1 * 0.0625)[None, :]
+            x5 = (x5 * 0.0625)[None, :]
+            x2 = (x2 * 0.00390625)[None, :]
+            x6 = (x6 * 0.00390625)[None, :]
+            x3 = (x3 * 0.000244140625)[None, :]
+            x7 = (x7 * 0.000244140625)[None, :]
+            t = (_nib(w, 0xF) - z0) * x0
+            t += (_nib(w, 0xF0) - z1) * x1
+            t += (_nib(w, 0xF00) - z2) * x2
+            t += (_nib(w, 0xF000) - z3) * x3
+            t += (_nib(w4, 0xF) - z0) * x4
+            t += (_nib(w4, 0xF0) - z1) * x5
+            t += (_nib(w4, 0xF00) - z2) * x6
+            t += (_nib(w4, 0xF000) - z3) * x7
+            acc += t * sc[:, None]
+    y = row_sum(acc)
+    m1 = tl.full((BLOCK_N,), 0, dtype=tl.int32) + m
+    if SPLIT_K == 1:
+        epilogue_store(y, m1, offs_n, M, N, out_ptr, stride_om, stride_on, b_ptr, b_ptr, b_ptr,
+                       False, False, HAS_BIAS)
+    else:
+        store_partial(y, m1, offs_n, M, N, part_ptr, pid_k)
+
+
 # ------------------------------------------------------------------------------ host side
 
 
@@ -160,6 +246,17 @@ def sub_tiles(block_k: int, k: int, group: int) -> tuple[int, int]:
     while total % n_sub:
         n_sub -= 1
     return sub, n_sub
+
+
+def words_unfit(w_packed: torch.Tensor, group: int, sub: int = 8) -> str | None:
+    """Why the packed bytes cannot be read as int32 words by ``_gemv32_kernel`` (None: they
+    can): rows contiguous, 4-byte aligned, K a multiple of 8 and sub-tiles of >= 8 codes."""
+    if sub % 8 or group % 8:
+        return f"needs groups and sub-tiles of a multiple of 8 codes (group_size={group})"
+    if w_packed.shape[1] % 4 or w_packed.stride(1) != 1 or w_packed.stride(0) % 4 \
+            or w_packed.data_ptr() % 4:
+        return "needs contiguous, 4-byte aligned rows of a multiple of 8 codes"
+    return None
 
 
 def tiled_ok(group: int, block_k: int = 1 << 30) -> bool:
@@ -182,6 +279,16 @@ def launch(x2, w_packed, scales, zeros, group: int, bias, out, config: dict) -> 
     if config["path"] == "gemv":
         bn = config["BLOCK_N"]
         _gemv_kernel[(m, triton.cdiv(n, bn), s)](*args, BLOCK_N=bn, **common)
+    elif config["path"] == "gemv32":
+        why = words_unfit(w_packed, group, sub)
+        if why:
+            raise ValueError(f"int4_weight_only_mm: the gemv32 path {why}; use the gemv path")
+        w32 = w_packed.view(torch.int32)
+        bn = config["BLOCK_N"]
+        _gemv32_kernel[(m, triton.cdiv(n, bn), s)](
+            x2, w32, scales, zeros, b, out, part, m, n, k, group, x2.stride(0), x2.stride(1),
+            w32.stride(0), scales.stride(0), scales.stride(1), zeros.stride(0),
+            zeros.stride(1), out.stride(0), out.stride(1), BLOCK_N=bn, **common)
     else:
         if sub < MIN_TILED_SUB_K:
             raise ValueError(
@@ -214,16 +321,22 @@ def _tiled(m, n, k, group, bm, bn, bk, w, st, swap, sms, split=True) -> dict:
                 SPLIT_K=s, num_warps=w, num_stages=st)
 
 
-def default_config(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int) -> dict:
-    """gemv for M <= 4 (and for group sizes the MMA path cannot take), swapped MMA tiles
-    above: see the module docstring for why swapped is the default."""
-    if m <= 4 or not tiled_ok(group):
+def default_config(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int,
+                   words: bool = False) -> dict:
+    """The heuristic config (no tuning), from what the tuner picked on an H200 (Triton 3.6,
+    the seven shapes of pyquant.bench_cuda): at M = 1 gemv32 where the weight can be read as
+    words (``words``), else gemv; from M = 2, swapped MMA tiles 16-64 x 64 x 128 with 4 stages
+    (they won every shape at M = 4 and 16); fp32 activations and group sizes the MMA path
+    cannot take stay on the gemv paths up to M = 4."""
+    if m == 1 and words and group % 8 == 0 and dtype != torch.float32:
+        return _gemv32(m, n, k, group, 64, 256, sms, None)
+    if (m <= 4 and dtype == torch.float32) or m == 1 or not tiled_ok(group):
         return _gemv(m, n, k, group, 32, 256, sms)
     if dtype == torch.float32:
         return _tiled(m, n, k, group, *F32_TILES[0], sms)
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
-        return _tiled(m, n, k, group, bm, 64, 128, 4, 3, True, sms)
+        return _tiled(m, n, k, group, bm, 64, 128, 4, 4, True, sms)
     return _tiled(m, n, k, group, 128, 128, 64, 8, 3, True, sms, split=False)
 
 
@@ -233,9 +346,21 @@ F32_TILES = ((32, 64, 32, 4, 3, True), (64, 64, 32, 4, 3, True), (16, 64, 32, 4,
              (64, 32, 32, 4, 3, False))
 
 
-def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int) -> list:
+def _gemv32(m, n, k, group, bn, bk, sms, split) -> dict:
+    return dict(_gemv(m, n, k, group, bn, bk, sms, split=split), path="gemv32")
+
+
+def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int,
+               words: bool = True) -> list:
+    """The autotuning space; ``words``: the packed weight can be read as int32 words (see
+    ``words_unfit``), which the gemv32 path needs."""
     mb = _autotune.m_bucket(m)
     out = []
+    if mb <= 4 and words and group % 8 == 0:
+        for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128), (128, 256)):
+            sub, n_sub = sub_tiles(bk, k, group)
+            for s in _autotune.split_choices(m * triton.cdiv(n, bn), k // (sub * n_sub), sms):
+                out.append(_gemv32(m, n, k, group, bn, bk, sms, s))
     if mb <= 16 or not tiled_ok(group):
         for bn, bk in ((16, 256), (32, 256), (32, 512), (32, 1024), (64, 512)):
             sub, n_sub = sub_tiles(bk, k, group)
@@ -247,32 +372,38 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
         if mb >= 2:
             out += [_tiled(m, n, k, group, *t, sms) for t in F32_TILES]
     else:
-        if mb >= 2:
-            bm = max(16, min(mb, 64))
-            for bn, bk, w, st in ((64, 128, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)):
-                out.append(_tiled(m, n, k, group, bm, bn, bk, w, st, True, sms))
+        bm = max(16, min(mb, 64))
+        tiles = ((64, 128, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3))
+        for bn, bk, w, st in tiles + (_autotune.DECODE_SWAP_TILES if mb <= 16 else ()):
+            out.append(_tiled(m, n, k, group, bm, bn, bk, w, st, True, sms))
         if mb >= 64:
             for bm, bn, bk, w, st, swap in ((128, 128, 64, 8, 3, True), (64, 128, 64, 4, 4, True),
                                             (128, 64, 128, 4, 3, True), (64, 256, 64, 8, 3, True),
                                             (128, 128, 64, 8, 3, False),
                                             (64, 128, 64, 4, 4, False)):
                 out.append(_tiled(m, n, k, group, bm, bn, bk, w, st, swap, sms, split=False))
-    return [c for c in out if c["path"] == "gemv" or tiled_ok(group, c["BLOCK_K"])]
+            # Few output tiles (small N, M in the hundreds): split K so that every SM has work.
+            c = _tiled(m, n, k, group, 128, 64, 128, 4, 3, True, sms)
+            if c["SPLIT_K"] > 1:
+                out.append(c)
+    return [c for c in out if c["path"] != "tiled" or tiled_ok(group, c["BLOCK_K"])]
 
 
 def _interpreted() -> bool:
     return type(_tiled_kernel).__name__ == "InterpretedFunction"
 
 
-def choose(x2, n: int, k: int, group: int, run) -> dict:
+def choose(x2, n: int, k: int, group: int, run, words: bool = True) -> dict:
     m = x2.shape[0]
     sms = _autotune.sm_count(x2.device)
-    default = default_config(m, n, k, group, x2.dtype, sms)
+    default = default_config(m, n, k, group, x2.dtype, sms, words=words)
     if x2.device.type != "cuda" or _interpreted():
         return default
-    key = _autotune.make_key(OP, x2.dtype, m, n, k, g=group)
-    return _autotune.tune(x2.device, key, candidates(m, n, k, group, x2.dtype, sms), run,
-                          default)
+    # A weight whose bytes cannot be read as words gets its own key: a cached gemv32 config
+    # of the same shape must not reach it.
+    key = _autotune.make_key(OP, x2.dtype, m, n, k, g=group, **({} if words else {"bytes": 1}))
+    return _autotune.tune(x2.device, key,
+                          candidates(m, n, k, group, x2.dtype, sms, words=words), run, default)
 
 
 def int4_weight_only_mm(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
@@ -283,4 +414,5 @@ def int4_weight_only_mm(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.T
     return run_linear(
         x, n, k, bias,
         lambda x2, out, c: launch(x2, w_packed, scales, zeros, group_size, bias, out, c),
-        lambda x2, run: choose(x2, n, k, group_size, run), config)
+        lambda x2, run: choose(x2, n, k, group_size, run,
+                               words=words_unfit(w_packed, group_size) is None), config)

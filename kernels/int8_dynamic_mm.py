@@ -227,18 +227,25 @@ def candidates(m: int, n: int, k: int, sms: int) -> list:
             for s in _autotune.split_choices(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                 out.append(dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=4,
                                 num_stages=2))
-    if mb >= 2:
-        bm = max(16, min(mb, 64))
-        for bn, bk, w, st in ((64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)):
-            s = _autotune.split_k(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
-            out.append(dict(path="tiled", SWAP_AB=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                            GROUP_M=8, SPLIT_K=s, num_warps=w, num_stages=st))
+    bm = max(16, min(mb, 64))
+    # Swapped MMA tiles at M = 1 too (see int8_weight_only_mm.candidates).
+    for bn, bk, w, st in _autotune.SWAP_TILES + (_autotune.DECODE_SWAP_TILES if mb <= 16 else ()):
+        s = _autotune.split_k(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
+        out.append(dict(path="tiled", SWAP_AB=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                        GROUP_M=8, SPLIT_K=s, num_warps=w, num_stages=st))
     if mb >= 64:
         for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
                                   (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
                                   (256, 128, 128, 8, 3), (128, 128, 64, 8, 4)):
             out.append(dict(path="tiled", SWAP_AB=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                             GROUP_M=8, SPLIT_K=1, num_warps=w, num_stages=st))
+        # Few output tiles (small N, M in the hundreds): split K so that every SM has work.
+        for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4)):
+            s = _autotune.split_k(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk),
+                                  sms)
+            if s > 1:
+                out.append(dict(path="tiled", SWAP_AB=False, BLOCK_M=bm, BLOCK_N=bn,
+                                BLOCK_K=bk, GROUP_M=8, SPLIT_K=s, num_warps=w, num_stages=st))
     return out
 
 

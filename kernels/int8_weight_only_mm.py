@@ -188,16 +188,21 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list:
         if mb >= 2:
             out += [_tiled(m, n, k, *t, sms) for t in F32_TILES]
         return out
-    if mb >= 2:
-        bm = max(16, min(mb, 64))
-        for bn, bk, w, st in ((64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)):
-            out.append(_tiled(m, n, k, bm, bn, bk, w, st, True, sms))
+    bm = max(16, min(mb, 64))
+    # Swapped MMA tiles at M = 1 too: the tensor cores take the multiply-adds off the CUDA
+    # cores, and loads that feed a tl.dot are software-pipelined (those of gemv are not).
+    for bn, bk, w, st in _autotune.SWAP_TILES + (_autotune.DECODE_SWAP_TILES if mb <= 16 else ()):
+        out.append(_tiled(m, n, k, bm, bn, bk, w, st, True, sms))
     if mb >= 64:
         for bm, bn, bk, w, st, swap in ((128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
                                         (64, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False),
                                         (128, 128, 64, 8, 3, True)):
             # (256, 128, 64, 8 warps, swapped) gave wrong results on an H200 with Triton 3.6.
             out.append(_tiled(m, n, k, bm, bn, bk, w, st, swap, sms, split=False))
+        # Few output tiles (small N, M in the hundreds): split K so that every SM has work.
+        c = _tiled(m, n, k, 128, 128, 64, 8, 3, False, sms)
+        if c["SPLIT_K"] > 1:
+            out.append(c)
     return out
 
 

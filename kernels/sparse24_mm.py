@@ -205,10 +205,11 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list:
         if mb >= 2:
             out += [_tiled(m, n, k, *t, sms) for t in F32_TILES]
         return out
-    if mb >= 2:
-        bm = max(16, min(mb, 64))
-        for bn, bk, w, st in ((64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 3)):
-            out.append(_tiled(m, n, k, bm, bn, bk, w, st, True, sms))
+    bm = max(16, min(mb, 64))
+    # Swapped MMA tiles at M = 1 too (see int8_weight_only_mm.candidates).
+    tiles = ((64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 3))
+    for bn, bk, w, st in tiles + (_autotune.DECODE_SWAP_TILES if mb <= 16 else ()):
+        out.append(_tiled(m, n, k, bm, bn, bk, w, st, True, sms))
     if mb >= 64:
         for bm, bn, bk, w, st, swap in ((128, 128, 64, 8, 3, False), (64, 128, 64, 4, 4, False),
                                         (128, 64, 64, 4, 4, False), (128, 128, 64, 8, 3, True)):

@@ -45,13 +45,22 @@ MIN_TRITON = (3, 0)
 MIN_CAPABILITY = (8, 0)  # bf16 MMA and the int8 MMA shapes used here need Ampere or newer
 
 # {op: M_min}: at M >= M_min the triton backend runs the dense path (dequantize the weight to
-# the activation dtype once per call, then torch.matmul / cuBLAS; for int8_dynamic the exact
-# torch._int_mm on the per-token int8 codes) instead of its kernel. Filled from the GPU
-# benchmark (benchmarks/bench_cuda.py prints the M from which the kernel loses to bf16
-# torch.matmul on every shape it ran). Empty: the Triton kernel always runs, which is what the
-# numerics of the tests assume (the dense weight-only path rounds the dequantized weight to
-# the activation dtype).
-DENSE_FALLBACK_MIN_M: dict[str, int] = {}
+# the activation dtype once per call with kernels/dequant.py, then torch.matmul / cuBLAS; for
+# int8_dynamic the exact torch._int_mm on the per-token int8 codes) instead of its kernel.
+# Filled from the GPU benchmark: ``python -m pyquant.bench_cuda`` prints the M from which the
+# dense path beats the kernel on every shape it ran. Measured on an H200 (Triton 3.6,
+# benchmarks/results/h200): from M = 1024 for both weight-only ops and both 2:4 ops (the dense
+# path 0.63-0.97x of bf16 there, the kernels 0.46-0.61x and 0.04-0.09x); never for
+# int8_dynamic (its kernel beats torch._int_mm at every M measured). M = 256 and 512 were not
+# measured. The dense path rounds the dequantized weight to the activation dtype once (the
+# kernels multiply exact integers and scale in fp32): tests/test_triton.py bounds the
+# difference.
+DENSE_FALLBACK_MIN_M: dict[str, int] = {
+    "int8_weight_only_mm": 1024,
+    "int4_weight_only_mm": 1024,
+    "sparse24_mm": 1024,
+    "sparse24_int8_mm": 1024,
+}
 
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "kernels"/"interpret": namespaces, "registered", "available": bool
@@ -159,6 +168,7 @@ def _load_package(name: str, interpret: bool) -> SimpleNamespace:
         if spec is not None:  # an installed wheel, or an editable install's redirect
             for op in OPS:
                 mods[op] = importlib.import_module(f"{name}.{MODULES[op]}")
+            mods["dequant"] = importlib.import_module(f"{name}.dequant")
             return SimpleNamespace(**mods, package=sys.modules[name])
     d = kernels_dir()
     if d is None:
@@ -179,6 +189,7 @@ def _load_package(name: str, interpret: bool) -> SimpleNamespace:
                 raise
         for op in OPS:
             mods[op] = importlib.import_module(f"{name}.{MODULES[op]}")
+        mods["dequant"] = importlib.import_module(f"{name}.dequant")
         mods["_autotune"] = importlib.import_module(f"{name}._autotune")
     return SimpleNamespace(**mods, package=sys.modules[name])
 
@@ -225,7 +236,7 @@ def dense_fallback_reason(op: str, m: int) -> Optional[str]:
     lim = DENSE_FALLBACK_MIN_M.get(op)
     if lim is not None and m >= lim:
         return (f"M={m} >= {lim}: dequantize + dense matmul beat the {op} kernel in "
-                f"benchmarks/bench_cuda.py on this class of GPU")
+                f"pyquant.bench_cuda on an H200")
     return None
 
 
@@ -250,7 +261,7 @@ def _dense_linear(x, w_dense, bias):
 
 def int8_weight_only_mm(x, w, w_scale, bias=None):
     if dense_fallback_reason("int8_weight_only_mm", _rows(x)):
-        return _dense_linear(x, w.to(torch.float32) * w_scale[:, None], bias)
+        return _dense_linear(x, kernels().dequant.dequantize_int8(w, w_scale, x.dtype), bias)
     return kernels().int8_weight_only_mm.int8_weight_only_mm(x, w, w_scale, bias)
 
 
@@ -272,19 +283,22 @@ def int8_dynamic_mm(x, w, w_scale, bias=None):
 
 def int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
     if dense_fallback_reason("int4_weight_only_mm", _rows(x)):
-        from . import formats
-
-        w = formats.dequantize_int4_groupwise(w_packed, scales, zeros, group_size)
+        w = kernels().dequant.dequantize_int4(w_packed, scales, zeros, group_size, x.dtype)
         return _dense_linear(x, w, bias)
     return kernels().int4_weight_only_mm.int4_weight_only_mm(
         x, w_packed, scales, zeros, group_size, bias)
 
 
 def sparse24_mm(x, values, meta, bias=None):
+    if dense_fallback_reason("sparse24_mm", _rows(x)):
+        return _dense_linear(x, kernels().dequant.densify_24(values, meta, None, x.dtype), bias)
     return kernels().sparse24_mm.sparse24_mm(x, values, meta, bias)
 
 
 def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
+    if dense_fallback_reason("sparse24_int8_mm", _rows(x)):
+        w = kernels().dequant.densify_24(values_q, meta, scale, x.dtype)
+        return _dense_linear(x, w, bias)
     return kernels().sparse24_int8_mm.sparse24_int8_mm(x, values_q, meta, scale, bias)
 
 

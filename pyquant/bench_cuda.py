@@ -6,20 +6,29 @@ real models, every number a ratio measured in the same run (DESIGN.md, "Measurin
 Per shape [N, K] (out_features, in_features) and batch M (tokens):
     bf16 / fp16   F.linear (cuBLAS)                         the baselines; speedups are vs bf16
     int_mm        torch._int_mm int8 x int8 -> int32        cuBLASLt int8 (no quantization cost)
-    pyquant.*     torch.ops.pyquant.<op>, triton backend forced, tuned before timing
-    dense         the triton backend's dense fallback (dequantize + cuBLAS), M >= 256 only:
-                  what DENSE_FALLBACK_MIN_M in pyquant/_triton.py would switch to
+    pyquant.*     torch.ops.pyquant.<op>, triton backend forced, tuned before timing: what a
+                  user gets, the dense path where DENSE_FALLBACK_MIN_M sends the call there
+    kernel.*      the op's Triton kernel forced, at the M where pyquant.* runs the dense path
+    dense         the triton backend's dense path (dequantize with kernels/dequant.py, then
+                  cuBLAS) forced: from M = 128 (2:4 ops: every M); where it beats the kernel
+                  at some M and every larger one on every shape, the run suggests that M for
+                  DENSE_FALLBACK_MIN_M in pyquant/_triton.py
     torchao.*     / bnb.*  where installed (their own formats: a peer, not the same numerics)
     torch.sparse24  PyTorch's own 2:4 (to_sparse_semi_structured: cuSPARSELt or CUTLASS) on
                   the same 2:4-pruned bf16 weight as pyquant.sparse24_mm, the peer of the
                   2:4 rows (pyquant.sparse24_mm / sparse24_int8_mm, Triton); their speedup
                   column is against the dense bf16 F.linear of the unpruned weight
 
-Timing: every implementation is captured in a CUDA graph and replayed between CUDA events,
-median of N; before every replay a 256 MB buffer is written, which evicts the L2 (50-60 MB on
-H100/H200), so weights come from HBM as in serving. These are device times: what a server
-that replays CUDA graphs (torch.compile mode="reduce-overhead", vLLM, SGLang) pays. The
-``eager_us`` column of the CSV times plain eager calls of pyquant's ops, host launch path
+Timing: every implementation runs over R copies of the weights (R chosen so that the smallest
+format's copies hold 4x the L2), back to back in one CUDA graph that is replayed between CUDA
+events; a call's time is the median replay over R. Each call finds its weights in HBM, as a
+served model's consecutive layers do, and no flush kernel or graph launch of ours sits between
+the events and the kernels. (A first version flushed the L2 before each call by *writing* 256
+MB: the timed kernel then also paid for writing the flush's dirty lines back. The run prints
+bf16 at M = 1 timed that way, with a read flush, and rotated: 18.5, 15.5 and 13.2 us on an
+H200.) These are device times: what a server that replays CUDA graphs
+(torch.compile mode="reduce-overhead", vLLM, SGLang) pays. The ``eager_us`` column of the CSV
+times plain eager calls of pyquant's ops (L2 flushed by a read before each), host launch path
 included, for callers without graphs.
 
 Reported beside each time: weight + activation bytes per second and their share of the copy
@@ -57,6 +66,7 @@ DENSE_OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm")
 SPARSE_OPS = ("sparse24_mm", "sparse24_int8_mm")
 OPS = DENSE_OPS + SPARSE_OPS
 GROUP = 128
+ROTATE_MAX = 64  # copies of a shape's weights at most (the smallest shapes' int4 need ~60)
 # Dense tensor-core peaks (no sparsity), TFLOP/s bf16 and TOPS int8, by device-name substring.
 PEAKS = {"H200": (989.4, 1978.9), "H100 SXM": (989.4, 1978.9), "H100 NVL": (835.0, 1670.0),
          "H100 PCIe": (756.0, 1513.0), "H100": (989.4, 1978.9), "A100": (312.0, 624.0),
@@ -71,18 +81,62 @@ def _peaks(name: str):
 
 
 class Timer:
-    """Device time of one call, L2 flushed before each: the call is captured in a CUDA graph
-    and replayed (see kernels/_autotune.device_time_us), for every implementation alike, so
-    the numbers compare kernels, not Python launch paths. ``eager`` times plain calls instead:
-    what a caller without CUDA graphs sees, host overhead included."""
+    """Device time of one call. ``rotated``: the call over every copy of the weights, back to
+    back in one CUDA graph (kernels/_autotune.rotated_time_us), for every implementation
+    alike, so the numbers compare kernels, not Python launch paths or a flush. ``eager`` times
+    plain calls of the first copy instead, L2 flushed before each: what a caller without CUDA
+    graphs sees, host overhead included."""
 
     def __init__(self):
         from pyquant import _triton
 
         self.at = _triton.kernels()._autotune
 
-    def __call__(self, fn: Callable[[], object], iters: int, eager: bool = False) -> float:
-        return self.at.device_time_us(fn, budget_ms=1e9, max_reps=iters, graph=not eager)
+    def rotated(self, fns: list, iters: int) -> float:
+        return self.at.rotated_time_us(fns, reps=iters)
+
+    def eager(self, fn: Callable[[], object], iters: int) -> float:
+        return self.at.device_time_us(fn, budget_ms=1e9, max_reps=iters, graph=False)
+
+
+def rotation_count(weight_bytes: int) -> int:
+    """Copies of the weights so that the smallest format's copies together hold 4x the L2:
+    each call then finds its weights in HBM, as a served model's layers do."""
+    l2 = getattr(torch.cuda.get_device_properties(DEVICE), "L2_cache_size", 0) or (60 << 20)
+    return int(min(ROTATE_MAX, max(2, -(-4 * l2 // max(1, weight_bytes)))))
+
+
+def timing_check(timer: "Timer", w_copies: list, k: int) -> dict:
+    """bf16 F.linear at M = 1 on the first shape, timed three ways: after a flush that *writes*
+    256 MB (what this benchmark did first, and what many do), after one that reads it, and
+    rotated. The first times the write-back of the flush's dirty lines too."""
+    at = timer.at
+    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
+    w0 = w_copies[0]["bf16"]
+    buf = at._flush_buffer(torch.device(DEVICE, torch.cuda.current_device()))
+
+    def single(flush):
+        g = torch.cuda.CUDAGraph()
+        F.linear(x, w0)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            F.linear(x, w0)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(30)]
+        for a, b in ev:
+            flush()
+            a.record()
+            g.replay()
+            b.record()
+        torch.cuda.synchronize()
+        return sorted(1e3 * a.elapsed_time(b) for a, b in ev)[len(ev) // 2]
+
+    out = dict(write_flush_us=single(buf.zero_), read_flush_us=single(lambda: at.flush_l2(buf)),
+               rotated_us=timer.rotated([lambda w=w["bf16"]: F.linear(x, w) for w in w_copies],
+                                        30))
+    print("# timing check, bf16 F.linear M=1 on the first shape: "
+          + ", ".join(f"{key} {v:.1f}" for key, v in out.items()))
+    return {key: round(v, 2) for key, v in out.items()}
 
 
 def copy_bandwidth(gib: float = 1.0) -> float:
@@ -216,75 +270,101 @@ def run(args) -> list:
     t_start = time.perf_counter()
     shapes = {name: nk for name, nk in SHAPES.items()
               if not args.shapes or any(s in name for s in args.shapes)}
+    check = None
     for sname, (n, k) in shapes.items():
         if args.time_budget and time.perf_counter() - t_start > args.time_budget:
             print(f"# time budget of {args.time_budget} s spent: stopping before {sname}")
             break
-        W = _weights(n, k)
-        peers = _peer_impls(n, k, W["bf16"]) if args.peers else {}
-        ts24 = _torch_sparse24(W["bf16_24"]) if any(o in SPARSE_OPS for o in args.ops) else None
-        if isinstance(ts24, str):
-            print(f"# {sname}: torch.sparse24 skipped: {ts24}")
-        for name, p in peers.items():
+        smallest = min(_weight_bytes(f"pyquant.{op}", n, k) for op in args.ops) \
+            if args.ops else 2 * n * k
+        copies = [_weights(n, k, seed=i) for i in range(rotation_count(smallest))]
+        print(f"# {sname}: {len(copies)} copies of the weights rotate")
+        if check is None:
+            check = timing_check(timer, copies, k)
+            _write.meta_extra["timing_check_bf16_m1"] = dict(shape=sname, **check)
+        peers = [_peer_impls(n, k, W["bf16"]) for W in copies] if args.peers else [{}]
+        want24 = any(o in SPARSE_OPS for o in args.ops)
+        ts24 = [_torch_sparse24(W["bf16_24"]) for W in copies] if want24 else [None]
+        if isinstance(ts24[0], str):
+            print(f"# {sname}: torch.sparse24 skipped: {ts24[0]}")
+        for name, p in peers[0].items():
             if isinstance(p, str):
                 print(f"# {sname}: {name} skipped: {p}")
         for m in args.ms:
             xb = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
             xh = xb.to(torch.float16)
             iters = args.iters if m <= 256 else max(5, args.iters // 2)
-            impls: dict = {
-                "bf16": lambda: F.linear(xb, W["bf16"]),
-                "fp16": lambda: F.linear(xh, W["fp16"]),
+            # impl name -> factory: weights of one copy -> a call over them
+            makers: dict = {
+                "bf16": lambda W: (lambda: F.linear(xb, W["bf16"])),
+                "fp16": lambda W: (lambda: F.linear(xh, W["fp16"])),
             }
             xq = torch.randint(-127, 128, (m, k), device=DEVICE, dtype=torch.int8)
-            wq_t = W["int8_dynamic_mm"][0].t()
             try:
-                torch._int_mm(xq, wq_t)
-                impls["int_mm"] = lambda: torch._int_mm(xq, wq_t)
+                torch._int_mm(xq, copies[0]["int8_dynamic_mm"][0].t())
+                makers["int_mm"] = lambda W: (lambda wt=W["int8_dynamic_mm"][0].t():
+                                              torch._int_mm(xq, wt))
             except Exception as e:
                 rows.append(dict(shape=sname, n=n, k=k, m=m, impl="int_mm", us=None,
                                  note=f"{type(e).__name__}: {str(e)[:80]}"))
             for op in args.ops:
-                wargs = W[op]
                 fn = getattr(torch.ops.pyquant, op)
 
-                def call(fn=fn, wargs=wargs):
-                    with pyquant.use_backend("triton"):
-                        return fn(xb, *wargs, None)
+                def make(W, fn=fn, op=op):
+                    def call(wargs=W[op]):
+                        with pyquant.use_backend("triton"):
+                            return fn(xb, *wargs, None)
+                    return call
 
                 t0 = time.perf_counter()
-                call()  # tunes (or reads the cache) outside the timing
+                make(copies[0])()  # tunes (or reads the cache) outside the timing
                 torch.cuda.synchronize()
                 tune_s = time.perf_counter() - t0
                 if tune_s > 1:
                     print(f"#   tuned {op} N={n} K={k} M={m} in {tune_s:.1f} s")
-                impls[f"pyquant.{op}"] = call
-                if m >= 256 and args.dense and op in DENSE_OPS:
+                makers[f"pyquant.{op}"] = make
+                if args.dense and (m >= 128 or op in SPARSE_OPS):
                     impl_fn = getattr(_triton, op)
 
-                    def dense(impl_fn=impl_fn, wargs=wargs, op=op):
-                        old = _triton.DENSE_FALLBACK_MIN_M.get(op)
-                        _triton.DENSE_FALLBACK_MIN_M[op] = 1
-                        try:
-                            return impl_fn(xb, *wargs, None)
-                        finally:
-                            if old is None:
-                                _triton.DENSE_FALLBACK_MIN_M.pop(op)
-                            else:
-                                _triton.DENSE_FALLBACK_MIN_M[op] = old
+                    def dense_maker(W, impl_fn=impl_fn, op=op):
+                        def dense(wargs=W[op]):
+                            old = _triton.DENSE_FALLBACK_MIN_M.get(op)
+                            _triton.DENSE_FALLBACK_MIN_M[op] = 1
+                            try:
+                                return impl_fn(xb, *wargs, None)
+                            finally:
+                                if old is None:
+                                    _triton.DENSE_FALLBACK_MIN_M.pop(op)
+                                else:
+                                    _triton.DENSE_FALLBACK_MIN_M[op] = old
+                        return dense
 
-                    impls[f"dense.{op}"] = dense
-            for name, p in peers.items():
+                    makers[f"dense.{op}"] = dense_maker
+                if _triton.dense_fallback_reason(op, m):  # pyquant.<op> runs dense here
+                    impl_fn = getattr(_triton, op)
+
+                    def kernel_maker(W, impl_fn=impl_fn, op=op):
+                        def kernel(wargs=W[op]):
+                            old = _triton.DENSE_FALLBACK_MIN_M.pop(op)
+                            try:
+                                return impl_fn(xb, *wargs, None)
+                            finally:
+                                _triton.DENSE_FALLBACK_MIN_M[op] = old
+                        return kernel
+
+                    makers[f"kernel.{op}"] = kernel_maker
+            for name, p in peers[0].items():
                 if not isinstance(p, str):
-                    impls[name] = lambda p=p: p(xb)
-            if ts24 is not None and not isinstance(ts24, str):
-                impls["torch.sparse24"] = lambda: F.linear(xb, ts24)
+                    makers[name] = lambda W, i=[0], name=name: _next_peer(peers, name, i, x=xb)
+            if ts24[0] is not None and not isinstance(ts24[0], str):
+                makers["torch.sparse24"] = lambda W, i=[0]: _next_peer(
+                    [{"s": t} for t in ts24], "s", i, x=xb, linear=True)
             base = None
-            for impl, fn in impls.items():
+            for impl, maker in makers.items():
                 try:
-                    us = timer(fn, iters)
-                    eager_us = timer(fn, iters, eager=True) if impl.startswith("pyquant.") \
-                        else None
+                    us = timer.rotated([maker(W) for W in copies], iters)
+                    eager_us = timer.eager(maker(copies[0]), iters) \
+                        if impl.startswith("pyquant.") else None
                 except Exception as e:
                     rows.append(dict(shape=sname, n=n, k=k, m=m, impl=impl, us=None,
                                      note=f"{type(e).__name__}: {str(e)[:80]}"))
@@ -320,6 +400,16 @@ def _short(impl: str) -> str:
     return impl.replace("pyquant.", "pq.")[-24:]
 
 
+def _next_peer(per_copy: list, name: str, counter: list, x=None, linear=False):
+    """A call of the next copy's peer module (torchao / bitsandbytes linears, or torch's 2:4
+    weight for F.linear): the makers get the pyquant weights, the peers hold their own."""
+    p = per_copy[counter[0] % len(per_copy)][name]
+    counter[0] += 1
+    if linear:
+        return lambda: F.linear(x, p)
+    return lambda: p(x)
+
+
 def _print_table(rows: list, sname: str, n: int, k: int) -> None:
     impls = []
     for r in rows:
@@ -344,15 +434,18 @@ def suggest_dense_fallback(rows: list) -> dict:
     """{op: M_min} where the dense path beats the kernel at M_min and every larger measured M
     on every shape (the conservative reading), else nothing for that op."""
     out = {}
-    for op in DENSE_OPS:
+    for op in OPS:
         ms = sorted({r["m"] for r in rows if r["impl"] == f"dense.{op}" and r.get("us")})
         wins = []
         for m in ms:
             ok = True
             for r in rows:
                 if r["impl"] == f"dense.{op}" and r["m"] == m and r.get("us"):
-                    kern = next((q for q in rows if q["impl"] == f"pyquant.{op}" and
-                                 q["m"] == m and q["shape"] == r["shape"] and q.get("us")), None)
+                    same = [q for q in rows if q["m"] == m and q["shape"] == r["shape"]
+                            and q.get("us")]
+                    # the kernel: forced where the dispatch already runs the dense path
+                    kern = next((q for q in same if q["impl"] == f"kernel.{op}"),
+                                next((q for q in same if q["impl"] == f"pyquant.{op}"), None))
                     if kern is None or r["us"] >= kern["us"]:
                         ok = False
             wins.append(ok)
@@ -374,7 +467,8 @@ def _write(out_dir: str, rows: list, dev: str, bw: float, peaks) -> None:
             w.writerow(r)
     meta = dict(device=dev, torch=torch.__version__, python=platform.python_version(),
                 copy_bandwidth_gb_s=round(bw, 1), peaks_bf16_tflops_int8_tops=peaks,
-                suggested_DENSE_FALLBACK_MIN_M=suggest_dense_fallback(rows))
+                suggested_DENSE_FALLBACK_MIN_M=suggest_dense_fallback(rows),
+                timing="rotated weights, CUDA-graph replay (see Timer)", **_write.meta_extra)
     try:
         import triton
 
@@ -383,6 +477,75 @@ def _write(out_dir: str, rows: list, dev: str, bw: float, peaks) -> None:
         pass
     with open(os.path.join(out_dir, "bench_cuda.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+_write.meta_extra = {}
+
+
+def _candidate_calls(op: str, W: dict, x: torch.Tensor, n: int, k: int, sms: int):
+    """(config, call) for every autotuning candidate (and the heuristic default) of ``op`` at
+    this shape and x's batch: the kernels the tuner will compile."""
+    from pyquant import _triton
+
+    mod = getattr(_triton.kernels(), _triton.MODULES[op])
+    launcher = getattr(mod, op)
+    m, dt = x.shape[0], x.dtype
+    wargs = W[op]
+    if op == "int4_weight_only_mm":
+        g = wargs[3]
+        cands = [mod.default_config(m, n, k, g, dt, sms)] + mod.candidates(m, n, k, g, dt, sms)
+    elif op == "int8_dynamic_mm":
+        cands = [mod.default_config(m, n, k, sms)] + mod.candidates(m, n, k, sms)
+    else:
+        cands = [mod.default_config(m, n, k, dt, sms)] + mod.candidates(m, n, k, dt, sms)
+    for c in cands:
+        yield c, (lambda c=c: launcher(x, *wargs, None, config=c))
+
+
+def precompile(args, part: int, parts: int) -> int:
+    """Compile (launch once, untimed) every candidate of every (shape, M, op) in job slice
+    ``part`` of ``parts``: run as parallel processes before the timed run, they fill Triton's
+    on-disk cache, so the tuner then spends its time timing, not compiling."""
+    from pyquant import _triton
+
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    jobs = [(sname, nk, m) for sname, nk in SHAPES.items()
+            if not args.shapes or any(s in sname for s in args.shapes) for m in args.ms]
+    done = failed = 0
+    for sname, (n, k), m in jobs[part::parts]:
+        W = _weights(n, k)
+        x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+        for op in args.ops:
+            for _c, call in _candidate_calls(op, W, x, n, k, sms):
+                try:
+                    call()
+                    done += 1
+                except Exception:
+                    failed += 1
+            dq, w = _triton.kernels().dequant, W[op]
+            if op == "int8_weight_only_mm":
+                dq.dequantize_int8(*w, x.dtype)
+            elif op == "int4_weight_only_mm":
+                dq.dequantize_int4(*w, x.dtype)
+            elif op in SPARSE_OPS:
+                dq.densify_24(w[0], w[1], w[2] if len(w) == 3 else None, x.dtype)
+        torch.cuda.synchronize()
+    print(f"# precompile part {part}/{parts}: {done} launches, {failed} failed")
+    return 0
+
+
+def precompile_parallel(args, workers: int) -> None:
+    import subprocess
+
+    t0 = time.perf_counter()
+    argv = [sys.executable, "-m", "pyquant.bench_cuda", "--ms", ",".join(map(str, args.ms)),
+            "--ops", *args.ops] + (["--shapes", *args.shapes] if args.shapes else [])
+    env = dict(os.environ, PYQUANT_TRITON_AUTOTUNE="0")
+    procs = [subprocess.Popen(argv + ["--precompile-part", f"{i}/{workers}"], env=env)
+             for i in range(workers)]
+    rcs = [p.wait() for p in procs]
+    print(f"# precompiled in {workers} processes in {time.perf_counter() - t0:.0f} s "
+          f"(exit codes {sorted(set(rcs))})")
 
 
 def parse_args(argv: Optional[list] = None):
@@ -401,6 +564,9 @@ def parse_args(argv: Optional[list] = None):
                    help="skip timing the dense fallback path at M >= 256")
     p.add_argument("--quick", action="store_true",
                    help="M in 1,16,128,2048 on the Llama-2-7B shapes only")
+    p.add_argument("--precompile", type=int, default=0, metavar="P",
+                   help="first compile every candidate kernel in P parallel processes")
+    p.add_argument("--precompile-part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--time-budget", type=float, default=0,
                    help="stop starting new shapes after this many seconds (0: no limit)")
     a = p.parse_args(argv)
@@ -415,7 +581,12 @@ def main(argv: Optional[list] = None) -> int:
         print("bench_cuda: no CUDA device visible to torch", file=sys.stderr)
         return 2
     args = parse_args(argv)
+    if args.precompile_part:
+        part, parts = (int(v) for v in args.precompile_part.split("/"))
+        return precompile(args, part, parts)
     t0 = time.perf_counter()
+    if args.precompile:
+        precompile_parallel(args, args.precompile)
     rows = run(args)
     sug = suggest_dense_fallback(rows)
     print(f"\n# suggested pyquant/_triton.py DENSE_FALLBACK_MIN_M = {sug}  "

@@ -217,7 +217,10 @@ def _triton_section() -> dict:
     def get():
         if importlib.util.find_spec("triton") is None:
             return {"installed": False}
-        return {"installed": True, "version": _version("triton")}
+        from . import _triton  # imports no Triton: the plan is a table
+
+        return {"installed": True, "version": _version("triton"),
+                "dispatch": _triton.dispatch_plan()}
     return _try(get)
 
 
@@ -364,6 +367,12 @@ def format_text(d: dict) -> str:
                      "terms), int8 dot products, at M =")
         for name, ms in fx.items():
             lines.append(f"  {name:<66}{ms}")
+    plan = tr.get("dispatch") if isinstance(tr, dict) else None
+    if isinstance(plan, dict):
+        lines.append("")
+        lines.append("triton backend on cuda (what runs, by batch size M):")
+        for op, how in plan.items():
+            lines.append(f"  {op:<22}{how}")
     lay = d.get("cpu_weight_layout")
     if isinstance(lay, dict):
         lines.append("")

@@ -130,6 +130,53 @@ def test_int4_interpreted(interp, path, m, group, dtype, bias):
     _check(interp[op](x, *wargs, b, config=_int4_config(path, group)), x, op, wargs, b, path)
 
 
+GEMV32 = dict(path="gemv32", BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("dtype,bias", DTYPE_BIAS, ids=DTYPE_BIAS_IDS)
+@pytest.mark.parametrize("group", INT4_GROUPS)
+@pytest.mark.parametrize("split,m", [(1, 1), (1, 3), (1, 17), (3, 1), (2, 3)])
+def test_int4_gemv32_interpreted(interp, split, m, group, dtype, bias):
+    """The word-wise decode GEMV: odd N, one or two sub-tiles per iteration and per group,
+    split K."""
+    op = "int4_weight_only_mm"
+    n, k = _n_for(m), 4 * group
+    x = activation((m, k), dtype, seed=m)
+    wargs = (*random_int4_weight(n, k, group, seed=n), group)
+    b = make_bias(n, bias, dtype)
+    cfg = dict(GEMV32, BLOCK_K=64 if split == 1 else 32, SPLIT_K=split)
+    _check(interp[op](x, *wargs, b, config=cfg), x, op, wargs, b, f"gemv32 {cfg}")
+
+
+def test_int4_gemv32_any_zero_and_strided_x(interp):
+    """Zero points past 15 (the op takes any uint8; 2^23 + zero * 16^3 must stay exact),
+    activations far from zero mean, a strided and a 3-D x."""
+    op, group = "int4_weight_only_mm", 32
+    n, k = 13, 4 * group
+    p, s, _ = random_int4_weight(n, k, group, seed=3)
+    z = torch.randint(0, 256, s.shape, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.uint8)
+    wargs = (p, s, z, group)
+    cfg = dict(GEMV32, BLOCK_K=64, SPLIT_K=2)
+    x = (activation((3, 2 * k), torch.float32, seed=5) + 10)[:, ::2]
+    _check(interp[op](x, *wargs, None, config=cfg), x, op, wargs, None, "strided, zero<=255")
+    x3 = activation((2, 2, k), torch.float16, seed=6)
+    _check(interp[op](x3, *wargs, None, config=cfg), x3, op, wargs, None, "3-D")
+
+
+def test_int4_gemv32_refuses_unfit_weights(interp):
+    op, group = "int4_weight_only_mm", 32
+    p, s, z = random_int4_weight(5, 64, group)
+    x = activation((1, 64), torch.float32)
+    wide = torch.zeros(5, 33, dtype=torch.uint8)
+    wide[:, 1:] = p  # rows start at an odd byte
+    with pytest.raises(ValueError, match="gemv32 path needs contiguous, 4-byte aligned"):
+        interp[op](x, wide[:, 1:], s, z, group, None, config=GEMV32)
+    p6, s6, z6 = random_int4_weight(5, 12, 6)
+    with pytest.raises(ValueError, match="multiple of 8 codes"):
+        interp[op](activation((1, 12), torch.float32), p6, s6, z6, 6, None, config=GEMV32)
+
+
 @pytest.mark.parametrize("path", ["gemv", "tiled", "tiled_swap_splitk"])
 def test_int4_several_subtiles_per_iteration(interp, path):
     """BLOCK_K = 2 groups of 32: N_SUB = 2 sub-tiles per iteration, each with its own scale."""
@@ -186,11 +233,11 @@ def test_3d_and_empty(interp, op):
     assert y0.shape == (0, n) and y0.dtype == torch.float16
 
 
-@pytest.mark.parametrize("m", [2, 20])
+@pytest.mark.parametrize("m", [1, 2, 20])
 @pytest.mark.parametrize("op", OPS)
 def test_default_config(interp, op, m):
-    """The heuristic config (what runs untuned, or under CUDA-graph capture): gemv at M=2,
-    swapped tiles with split-K at M=20."""
+    """The heuristic config (what runs untuned, or under CUDA-graph capture): gemv (int4:
+    gemv32) at M=1, gemv or swapped tiles at M=2, swapped tiles with split-K at M=20."""
     n, k = 33, 256
     x = activation((m, k), torch.float16, seed=m)
     wargs = _op_args(op, n, k)
@@ -282,17 +329,23 @@ def test_candidate_spaces_are_sane():
                     ("int4_weight_only_mm",
                      ks.int4_weight_only_mm.candidates(mb, n, k, 32, dt, 132)),
                 ):
-                    assert 1 <= len(cands) <= 24, (op, mb, n, k, len(cands))
+                    assert 1 <= len(cands) <= 40, (op, mb, n, k, len(cands))
                     for c in cands:
-                        assert c["path"] in ("gemv", "tiled")
+                        assert c["path"] in ("gemv", "tiled", "gemv32")
                         assert c["SPLIT_K"] >= 1 and c["num_warps"] in (1, 2, 4, 8)
                         if c["path"] == "gemv":
                             assert mb <= 16
+                        if c["path"] == "gemv32":
+                            assert op == "int4_weight_only_mm" and mb <= 4
                         elif op == "int4_weight_only_mm":
                             assert ks.int4_weight_only_mm.tiled_ok(32, c["BLOCK_K"])
-    # group 48 has no factor 32: the gemv path only, at every M
+    # a weight that cannot be read as words gets no gemv32 candidate
+    assert not [c for c in ks.int4_weight_only_mm.candidates(1, 4096, 4096, 128, torch.bfloat16,
+                                                              132, words=False)
+                if c["path"] == "gemv32"]
+    # group 48 has no factor 32: the gemv paths only, at every M
     c = ks.int4_weight_only_mm.candidates(4096, 4096, 4800, 48, torch.bfloat16, 132)
-    assert c and all(x["path"] == "gemv" for x in c)
+    assert c and all(x["path"] in ("gemv", "gemv32") for x in c)
 
 
 @needs_triton
@@ -390,12 +443,64 @@ def test_loading_registers_all_ops(monkeypatch):
 
 
 def test_dense_fallback_hook(monkeypatch):
-    assert _triton.DENSE_FALLBACK_MIN_M == {}, "filled from GPU benchmarks only"
-    assert all(v == "Triton kernel at every M" for v in _triton.dispatch_plan().values())
+    # what the H200 measured (pyquant.bench_cuda): the dense path from M = 1024, except W8A8
+    assert _triton.DENSE_FALLBACK_MIN_M == {"int8_weight_only_mm": 1024,
+                                            "int4_weight_only_mm": 1024, "sparse24_mm": 1024,
+                                            "sparse24_int8_mm": 1024}
+    plan = _triton.dispatch_plan()
+    assert plan["int8_dynamic_mm"] == "Triton kernel at every M"
+    assert plan["sparse24_mm"] == ("Triton kernel for M < 1024, dequantize + dense matmul for "
+                                   "M >= 1024")
+    assert "pyquant.bench_cuda" in _triton.dense_fallback_reason("sparse24_int8_mm", 4096)
     monkeypatch.setitem(_triton.DENSE_FALLBACK_MIN_M, "int4_weight_only_mm", 256)
     assert _triton.dense_fallback_reason("int4_weight_only_mm", 255) is None
     assert "M=256 >= 256" in _triton.dense_fallback_reason("int4_weight_only_mm", 256)
     assert "M >= 256" in _triton.dispatch_plan()["int4_weight_only_mm"]
+
+
+def _dequant_cases():
+    # (kind, N, K, group): N no multiple of BLOCK_N, K no multiple of BLOCK_K (256)
+    return [("int8", 13, 100, None), ("int8", 33, 300, None), ("int4", 13, 96, 32),
+            ("int4", 33, 384, 128), ("int4", 5, 600, 200)]
+
+
+def _dequant_pair(kind, n, k, group, dq, seed=0, device="cpu", strided=False, words=True):
+    """(kernel's, formats') dense weight; ``strided``: the quantized tensors are column
+    slices of wider ones; ``words=False``: the int4 kernel that reads bytes."""
+    if kind == "int8":
+        q, s = random_int8_weight(n, 2 * k if strided else k, seed=seed)
+        q = q[:, ::2] if strided else q
+        q, s = q.to(device), s.to(device)
+        return (lambda dt: dq.dequantize_int8(q, s, dt)), formats.dequantize_int8_per_channel(q, s)
+    p, sc, z = random_int4_weight(n, k, group, seed=seed)
+    if strided:  # same values, row stride doubled
+        p = torch.cat([p, torch.zeros_like(p)], 1)[:, : p.shape[1]]
+        sc = torch.cat([sc, sc], 1)[:, : sc.shape[1]]
+        z = torch.cat([z, z], 1)[:, : z.shape[1]]
+    p, sc, z = p.to(device), sc.to(device), z.to(device)
+    return ((lambda dt: dq.dequantize_int4(p, sc, z, group, dt, words=words)),
+            formats.dequantize_int4_groupwise(p, sc, z, group))
+
+
+@needs_triton
+@pytest.mark.parametrize("words", [True, False], ids=["words", "bytes"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("case", _dequant_cases(), ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
+def test_dequant_interpreted_bit_exact(case, strided, words):
+    """The dense path's one-pass dequantization equals formats.dequantize_* rounded once to the
+    activation dtype, bit for bit, on odd shapes and strided weights, int4 read as words and
+    as bytes."""
+    if case[0] == "int8" and not words:
+        pytest.skip("int8 has one kernel")
+    dq = _triton.kernels(interpret=True).dequant
+    kind, n, k, group = case
+    run, want = _dequant_pair(kind, n, k, group, dq, seed=n, strided=strided, words=words)
+    with _triton._env("TRITON_INTERPRET", "1"):
+        for dt in CPU_DTYPES:
+            got = run(dt)
+            assert got.dtype == dt and got.shape == (n, k) and got.is_contiguous()
+            assert torch.equal(got, want.to(dt)), (case, dt)
+        assert run(torch.float32).shape == (n, k)
 
 
 @needs_triton
@@ -461,6 +566,7 @@ def test_gpu_ops_vs_reference(op, dtype, monkeypatch):
     """Odd shapes through torch.ops.pyquant with the triton backend forced, heuristic configs
     (tuning is tested separately; it would compile every candidate here)."""
     monkeypatch.setenv("PYQUANT_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(_triton, "DENSE_FALLBACK_MIN_M", {})  # the kernels, at every M
     n, k = 33, 384  # N: no multiple of any block; K: 3 groups of 128
     wargs = _gpu_args(op, n, k, group=128)
     for m in (1, 3, 17, 64, 300):
@@ -508,6 +614,44 @@ def test_gpu_every_candidate(op):
             except AssertionError as e:  # every broken config in one report, not the first
                 failures.append(str(e).splitlines()[0][:400])
     assert not failures, f"{len(failures)} configs wrong:\n" + "\n".join(failures)
+
+
+@gpu
+@needs_gpu
+def test_gpu_dequant_and_dense_path(monkeypatch):
+    """The compiled dequantization is bit-exact (bf16 too), and the dense path it feeds
+    (DENSE_FALLBACK_MIN_M reached) matches the reference within the op's tolerance."""
+    dq = _triton.kernels().dequant
+    for case in _dequant_cases():
+        kind, n, k, group = case
+        for words in (True, False):
+            run, want = _dequant_pair(kind, n, k, group, dq, seed=n, device="cuda", words=words)
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                assert torch.equal(run(dt), want.to(dt)), (case, dt, words)
+    monkeypatch.setenv("PYQUANT_TRITON_AUTOTUNE", "0")
+    for op in ("int8_weight_only_mm", "int4_weight_only_mm"):
+        monkeypatch.setitem(_triton.DENSE_FALLBACK_MIN_M, op, 2)
+        wargs = _gpu_args(op, 33, 384)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = activation((1, 384), dtype, seed=1).cuda()  # below the bound: the kernel
+            _check(_run_triton(op, x, wargs, None), x, op, wargs, None, f"{op} M=1")
+            x = activation((300, 384), dtype, seed=3).cuda()
+            b = make_bias(33, "x", dtype).cuda()
+            _check_dense_path(_run_triton(op, x, wargs, b), x, op, wargs, b)
+
+
+def _check_dense_path(y, x, op, wargs, bias):
+    """The dense path rounds the dequantized weight to x's dtype (then cuBLAS, which may also
+    reduce in 16 bits): its error against the fp32 reference is bounded by a few roundings of
+    each |x| |w| product, not by the kernels' fp32-order tolerance."""
+    want = getattr(reference, op)(x, *wargs, bias).float()
+    w = (formats.dequantize_int8_per_channel(*wargs) if op == "int8_weight_only_mm"
+         else formats.dequantize_int4_groupwise(*wargs))
+    mag = x.float().abs() @ w.abs().t()
+    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -22}[x.dtype]
+    bound = 4 * u * mag + 2 * u * want.abs() + 1e-6
+    err = (y.float() - want).abs()
+    assert y.dtype == x.dtype and bool((err <= bound).all()), (op, x.dtype, float((err / bound).max()))
 
 
 @gpu

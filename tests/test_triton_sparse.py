@@ -200,13 +200,66 @@ def test_registered_as_the_cuda_backend_of_the_sparse_ops(monkeypatch):
         ops._REGISTRY["triton"].impls.update(saved)
 
 
+def _dense_weight(op, wargs):
+    w = sf.decompress_24(wargs[0].float(), wargs[1])
+    return w if op == "sparse24_mm" else w * wargs[2][:, None]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("n,k", [(13, 100), (33, 64), (5, 1000)])
+@pytest.mark.parametrize("op", SPARSE_OPS)
+def test_densify_interpreted_bit_exact(op, n, k):
+    """The dense path's one-pass densification equals decompress_24 (times the int8 values'
+    scale) rounded once to the activation dtype, on odd shapes and strided values."""
+    dq = _triton.kernels(interpret=True).dequant
+    for dtype in (torch.float16, torch.float32):
+        wargs = _weights(op, n, k, dtype, seed=n)
+        wide = torch.cat([wargs[0], wargs[0]], 1)[:, : wargs[0].shape[1]]  # row stride doubled
+        for values in (wargs[0], wide):
+            with _triton._env("TRITON_INTERPRET", "1"):
+                got = dq.densify_24(values, wargs[1], wargs[2] if len(wargs) == 3 else None,
+                                    dtype)
+            want = _dense_weight(op, wargs).to(dtype)
+            assert got.shape == (n, k) and torch.equal(got, want), (op, n, k, dtype)
+
+
+def _check_dense_path(y, x, op, wargs, bias):
+    """As test_triton._check_dense_path: the dense path rounds the weight to x's dtype."""
+    want = getattr(reference, op)(x, *wargs, bias).float()
+    mag = x.float().abs() @ _dense_weight(op, wargs).abs().t()
+    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -22}[x.dtype]
+    err = (y.float() - want).abs()
+    bound = 4 * u * mag + 2 * u * want.abs() + 1e-6
+    assert bool((err <= bound).all()), (op, x.dtype, float((err / bound).max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAVE_TRITON and HAVE_CUDA and _triton.why_unavailable() is None),
+                    reason="needs the Triton backend on a CUDA GPU")
+@pytest.mark.parametrize("op", SPARSE_OPS)
+def test_gpu_densify_and_dense_path(op, monkeypatch):
+    dq = _triton.kernels().dequant
+    n, k = 333, 1000
+    monkeypatch.setitem(_triton.DENSE_FALLBACK_MIN_M, op, 2)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        wargs = tuple(t.cuda() for t in _weights(op, n, k, dtype, seed=2))
+        got = dq.densify_24(wargs[0], wargs[1], wargs[2] if len(wargs) == 3 else None, dtype)
+        assert torch.equal(got, _dense_weight(op, wargs).to(dtype))
+        x = activation((64, k), dtype, seed=4).cuda()
+        b = make_bias(n, "x", dtype).cuda()
+        with ops.use_backend("triton"):
+            y = getattr(torch.ops.pyquant, op)(x, *wargs, b)
+        _check_dense_path(y, x, op, wargs, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAVE_TRITON and HAVE_CUDA and _triton.why_unavailable() is None),
                     reason="needs the Triton backend on a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3, 17, 300])
 @pytest.mark.parametrize("op", SPARSE_OPS)
-def test_gpu_compiled(op, m, dtype):
+def test_gpu_compiled(op, m, dtype, monkeypatch):
+    monkeypatch.setattr(_triton, "DENSE_FALLBACK_MIN_M", {})  # the kernels, at every M
     n, k = 333, 1000
     x = activation((m, k), dtype, seed=m).cuda()
     wargs = tuple(t.cuda() for t in _weights(op, n, k, dtype, seed=1))
