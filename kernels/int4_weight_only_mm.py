@@ -112,23 +112,31 @@ def _tiled_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K,
 
 
 @triton.jit
+def _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_zn,
+                  BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, N_SUB: tl.constexpr):
+    """What a GEMV program (row m, BLOCK_N outputs, K split) works on: (m, its split, its
+    outputs, x's row, the weight / scale / zero rows of its outputs, the K iterations). Edge
+    outputs wrap around (loads stay in bounds and unmasked; the store masks)."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)
+    return (m, tl.program_id(2), offs_n, x_ptr + m.to(tl.int64) * stride_xm,
+            w_ptr + rn * stride_wn, s_ptr + rn * stride_sn, z_ptr + rn * stride_zn,
+            K // (SUB_K * N_SUB))
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, GROUP,
                  stride_xm, stride_xk, stride_pn, stride_pk, stride_sn, stride_sg,
                  stride_zn, stride_zg, stride_om, stride_on,
                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
                  SUB_K: tl.constexpr, N_SUB: tl.constexpr):
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
     HALF: tl.constexpr = SUB_K // 2
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = (offs_n % N).to(tl.int64)
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
-    p_rows = p_ptr + rn[:, None] * stride_pn
-    s_rows = s_ptr + rn * stride_sn
-    z_rows = z_ptr + rn * stride_zn
+    m, pid_k, offs_n, x_row, p_rows, s_rows, z_rows, n_iter = _gemv_program(
+        x_ptr, p_ptr, s_ptr, z_ptr, N, K, stride_xm, stride_pn, stride_sn, stride_zn, BLOCK_N,
+        SUB_K, N_SUB)
+    p_rows = p_rows[:, None]
     offs_h = tl.arange(0, HALF)
-    n_iter = K // (SUB_K * N_SUB)
     acc = tl.full((BLOCK_N, HALF), 0, dtype=tl.float32)
     for it in range(pid_k, n_iter, SPLIT_K):
         for j in tl.static_range(N_SUB):
@@ -171,18 +179,12 @@ def _gemv32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K
     AND-OR, one FADD taking off ``2^23 + zero * 16^j`` (exact for any uint8 zero) and one FFMA,
     and the product is that of (code - zero) * x, rounded once. The byte-wise unpacking of
     ``_gemv_kernel`` costs several times that in integer work, which bounds it, not memory."""
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
     GW: tl.constexpr = SUB_K // 8  # words per row of a sub-tile
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = (offs_n % N).to(tl.int64)
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
-    w_rows = w_ptr + rn[:, None] * stride_wn
-    s_rows = s_ptr + rn * stride_sn
-    z_rows = z_ptr + rn * stride_zn
+    m, pid_k, offs_n, x_row, w_rows, s_rows, z_rows, n_iter = _gemv_program(
+        x_ptr, w_ptr, s_ptr, z_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_zn, BLOCK_N,
+        SUB_K, N_SUB)
+    w_rows = w_rows[:, None]
     offs_w = tl.arange(0, GW)
-    n_iter = K // (SUB_K * N_SUB)
     acc = tl.full((BLOCK_N, GW), 0, dtype=tl.float32)
     for it in range(pid_k, n_iter, SPLIT_K):
         for j in tl.static_range(N_SUB):
