@@ -145,6 +145,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("K"), py::arg("group_size"));
   m.def("int4_panel_layout", &pq_int4_panel_layout, py::arg("isa"), py::arg("K"), py::arg("N"),
         py::arg("group_size"));
+  m.def("int4_weight_only_panel_layout", &pq_int4_weight_only_panel_layout, py::arg("isa"),
+        py::arg("K"), py::arg("N"), py::arg("group_size"));
 
   m.def("int8_weight_only_mm_panels",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t panels, int64_t N,

@@ -237,6 +237,11 @@ int64_t pq_int4_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K
 /* 1 when W4A8 layers of these sizes should keep their weight in that layout on this ISA
  * (as pq_int8_panel_layout). */
 int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size);
+/* 1 when int4 weight-only layers should: as pq_int4_panel_layout, and on the AMX ISA, where
+ * pq_int4_weight_only_mm_panels runs AMX-BF16 tiles from M = 16 (each weight strip converted
+ * from its panel; the products those of pq_int4_weight_only_mm's AMX path, bit for bit) and
+ * the panels' fixed-point GEMV below. */
+int pq_int4_weight_only_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size);
 
 /* out[m,n] = sum_k x[m,k] * scales[n,k/G] * (code[n,k] - zeros[n,k/G]) + bias[n]
  * K % G == 0, G % 2 == 0 (G in {32, 64, 128, 256} from Python). Each weight is

@@ -308,12 +308,15 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         c, s, z = formats.quantize_int4_groupwise(w, group_size, symmetric=False)
         return formats.pack_int4(c), s, z
 
-    def make_i4_layer(w):
+    def make_i4_layer(w, applies=panels.int4_panel_layout_applies):
         # what the int4 layers keep: the CPU panel layout where this CPU's kernels take it
         wp, sc, zp = make_i4(w)
-        if panels.int4_panel_layout_applies(*w.shape, group_size, w.device):
+        if applies(*w.shape, group_size, w.device):
             return (*panels.pack_int4(wp, sc, zp, group_size), "_panels")
         return wp, sc, zp, ""
+
+    def make_i4wo_layer(w):  # int4 weight-only layers keep panels on AMX too
+        return make_i4_layer(w, panels.int4_weight_only_panel_layout_applies)
 
     def int4(op):
         return lambda s, x: ops.call(op + s[3], x, s[0], s[1], s[2], group_size, None)
@@ -342,7 +345,7 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
              unit("fixed")),
         Impl("pyquant.int8_dynamic_mm", "pyquant", make_i8_layer, int8("int8_dynamic_mm"),
              lambda s: _tensor_bytes(*s[:2]), "int8_dynamic_mm", unit("int8")),
-        Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4_layer,
+        Impl(f"pyquant.int4_weight_only_mm[g{group_size}]", "pyquant", make_i4wo_layer,
              int4("int4_weight_only_mm"), lambda s: _tensor_bytes(*s[:3]),
              "int4_weight_only_mm", unit("fixed")),
         Impl(f"pyquant.int4_dynamic_mm[g{group_size}]", "pyquant", make_i4_layer,
@@ -353,7 +356,7 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8_layer,
              lambda s, x: int8("int8_weight_only_mm")(s, x.to(torch.bfloat16)),
              lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm", unit("fixed", 24)),
-        Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4_layer,
+        Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4wo_layer,
              lambda s, x: int4("int4_weight_only_mm")(s, x.to(torch.bfloat16)),
              lambda s: _tensor_bytes(*s[:3]), "int4_weight_only_mm", unit("fixed", 16)),
     ]

@@ -173,10 +173,11 @@ def _panel_layouts() -> dict:
     no = "canonical rows (this ISA's kernels take them)"
     i8 = panels.panel_layout_applies(n, k, "cpu")
     i4 = panels.int4_panel_layout_applies(n, k, g, "cpu")
+    i4wo = panels.int4_weight_only_panel_layout_applies(n, k, g, "cpu")
     s24 = sparse_panels.layout_applies(n, k, "cpu", g)
     return {"Int8WeightOnlyLinear, Int8DynamicLinear": yes.format("") if i8 else no,
-            "Int4WeightOnlyLinear, Int4DynamicLinear": yes.format(", group size % 32 == 0")
-            if i4 else no,
+            "Int4WeightOnlyLinear": yes.format(", group size % 32 == 0") if i4wo else no,
+            "Int4DynamicLinear": yes.format(", group size % 32 == 0") if i4 else no,
             "Sparse24Int8Linear, Sparse24Int4Linear": (
                 "values and meta in 4-row panels, packed once at swap time (N % 4 == 0, "
                 "K % 128 == 0, K <= 32768, int4 group size % 32 == 0; pyquant/sparse_panels.py)"

@@ -412,8 +412,9 @@ class Int4WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
     _PANEL_BUFFERS = ("weight_packed", "weight_scales", "weight_zeros")
 
     def _panel_layout_applies(self, device) -> bool:
-        return _panels.int4_panel_layout_applies(self.out_features, self.in_features,
-                                                 self.group_size, device)
+        return _panels.int4_weight_only_panel_layout_applies(self.out_features,
+                                                             self.in_features, self.group_size,
+                                                             device)
 
     def _panels_from_rows(self, bufs: tuple) -> tuple:
         return _panels.pack_int4(*bufs, self.group_size)
@@ -514,6 +515,11 @@ class Int4DynamicLinear(Int4WeightOnlyLinear):
     (torch.ops.pyquant.int4_dynamic_mm)."""
 
     config_cls = Int4Dynamic
+
+    def _panel_layout_applies(self, device) -> bool:
+        # not on AMX: its W4A8 prefill runs int8 tiles converted from the canonical rows
+        return _panels.int4_panel_layout_applies(self.out_features, self.in_features,
+                                                 self.group_size, device)
 
     @property
     def config(self):

@@ -29,6 +29,13 @@ holding [N/32][K/G][32]:
 
 One 64-byte load then holds 8 k of 16 rows, its low nibbles k = 8j .. 8j + 3 and its high
 ones 8j + 4 .. 8j + 7, and a group's 32 scales are two vectors.
+
+On AMX CPUs only the int4 weight-only layers keep panels
+(``int4_weight_only_panel_layout_applies``): their decode runs the panels' GEMV, and from
+M = 16 the AMX-BF16 tiles convert each 32-row strip from its panel
+(csrc/cpu/tile_amx_bf16.h) into the same bytes as from the rows (0.8-0.9x as fast at
+M = 16, even from M = 128). The other AMX layers keep rows, which their int8 tiles convert
+from.
 """
 from __future__ import annotations
 
@@ -174,3 +181,15 @@ def int4_panel_layout_applies(n: int, k: int, group_size: int, device) -> bool:
     if torch.device(device).type != "cpu" or not shape_ok(n, k) or not _native.available():
         return False
     return bool(_native.module().int4_panel_layout(_native.current_isa(), k, n, group_size))
+
+
+def int4_weight_only_panel_layout_applies(n: int, k: int, group_size: int, device) -> bool:
+    """As int4_panel_layout_applies, for an int4 weight-only layer: on AMX CPUs too, whose
+    prefill converts its tile strips from the panels as it would from the rows (pq.h,
+    pq_int4_weight_only_panel_layout)."""
+    from . import _native
+
+    if torch.device(device).type != "cpu" or not shape_ok(n, k) or not _native.available():
+        return False
+    return bool(_native.module().int4_weight_only_panel_layout(_native.current_isa(), k, n,
+                                                               group_size))

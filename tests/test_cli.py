@@ -94,13 +94,16 @@ def test_info_json(tmp_path):
         assert fx["int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)"] == (
             {"avx512_amx": "1, 16 and up", "avx512_bf16": "1, 12 and up",
              "avx512_vnni": "1, 12 and up"}.get(isa, "none")), fx
-        # the panel layouts of the AVX512 ISAs without AMX (pyquant/panels.py)
+        # the panel layouts of the AVX512 ISAs without AMX (pyquant/panels.py), and int4
+        # weight-only's on AMX too (its tiles convert their strips from the panels)
         lay = d["cpu_weight_layout"]
         panels_here = isa in ("avx512_vnni", "avx512_bf16")
         assert lay["Int8WeightOnlyLinear, Int8DynamicLinear"].startswith(
             "32-row panels" if panels_here else "canonical rows"), lay
-        assert lay["Int4WeightOnlyLinear, Int4DynamicLinear"].startswith(
+        assert lay["Int4DynamicLinear"].startswith(
             "32-row panels" if panels_here else "canonical rows"), lay
+        assert lay["Int4WeightOnlyLinear"].startswith(
+            "32-row panels" if panels_here or isa == "avx512_amx" else "canonical rows"), lay
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

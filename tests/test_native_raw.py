@@ -521,7 +521,8 @@ def test_amx_bf16_paths_run_on_the_callers_scratch(op, n_threads):
     # the fp32 sums of a 512 x 256 task (kernels.h)
     a64 = lambda n: -(-n // 64) * 64  # noqa: E731
     # (int8's scale is per row, but its strips run as groups of 256 k here: kernels.h)
-    strip = a64(32 * 2 * K) + a64(128 * (K // (256 if op == "int8" else 64))) + (1 << 19)
+    # (a strip's rows are padded by 64 bytes: kernels.h, kAmxStripPad)
+    strip = a64(32 * (2 * K + 64)) + a64(128 * (K // (256 if op == "int8" else 64))) + (1 << 19)
     assert nb == 3 * 48 * K * 2 + n_threads * strip
     buf = torch.zeros(nb + 64, dtype=torch.uint8)
     assert torch.all(_amx_wo_call(op, x, ptr(buf), nb, n_threads) == 0)  # the tiles ran
@@ -709,7 +710,8 @@ def test_amx_int4_dynamic_scratch(n_threads):
     sc = torch.rand(N, K // G, generator=g) + 0.5
     zp = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
     base = M * (K // G) * 4 + M * K
-    amx = 48 * K + n_threads * (32 * K + 128 * (K // G) + (1 << 19))
+    # (a strip's rows are padded by 64 bytes: kernels.h, kAmxStripPad)
+    amx = 48 * K + n_threads * (32 * (K + 64) + 128 * (K // G) + (1 << 19))
     panel = lambda m: m * (K // G) * 4 + n_threads * (32 * K + 2 * 128 * (K // G))  # noqa: E731
     nb = _C.int4_dynamic_workspace_bytes(AMX, M, K, G, n_threads)
     assert nb == max(base, amx, panel(M))

@@ -482,7 +482,56 @@ def test_weight_only_op_rows_fixed_point_cannot_hold(backend, isa, m, op):
                            f"{op}/float32")
 
 
-@needs_int4_panels
+needs_int4wo_panels = pytest.mark.skipif(
+    not (_native.available() and
+         panels.int4_weight_only_panel_layout_applies(32, 64, 32, "cpu")),
+    reason="this CPU's kernels keep int4 weight-only weights in rows")
+needs_amx = pytest.mark.skipif(
+    not (_native.available() and
+         _native.ISA_NAMES[_native.current_isa()] == "avx512_amx"),
+    reason="needs the avx512_amx level")
+
+
+@needs_amx
+def test_amx_int4_weight_only_keeps_panels_w4a8_keeps_rows():
+    """On AMX the int4 weight-only layers keep panels (decode runs the panels' GEMV, prefill
+    the AMX tiles converting strips from them); W4A8 layers keep rows (their int8 tiles
+    convert from the rows)."""
+    a = _model(n=128)
+    pyquant.quantize_(a, pyquant.Int4WeightOnly(group_size=64))
+    b = _model(n=128)
+    pyquant.quantize_(b, pyquant.Int4Dynamic(group_size=64))
+    assert a[0].weight_layout == "panels" and b[0].weight_layout == "rows"
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,k,g", [(64, 128, 32), (96, 384, 128), (32, 512, 256),
+                                   (160, 640, 64)])
+def test_amx_int4_weight_only_from_panels_equals_rows(n, k, g, dtype):
+    """From M = 16 the AMX tiles convert each weight strip from its panel
+    (amx_bf16_convert_u4_panels): the same strip as from the rows, so the same results bit
+    for bit, zero points past 15 (which the op takes) included; strided and 3-D x, and x with
+    Inf (which the tiles refuse: both layouts then take their fp32 paths) too."""
+    wp, sc, zp, _ = _int4_weight(n, k, g, seed=n)
+    zp = zp.clone()
+    zp[::3] = torch.randint(16, 256, zp[::3].shape, generator=torch.Generator().manual_seed(2),
+                            dtype=torch.uint8)
+    pc, ps, pz = panels.pack_int4(wp, sc, zp, g)
+    xs = [activation((m, k), dtype, seed=m) for m in (16, 17, 40, 100)]
+    xs.append(activation((20, 2 * k), dtype, seed=5)[:, ::2])
+    xs.append(activation((2, 9, k), dtype, seed=6))
+    xi = activation((16, k), dtype, seed=7)
+    xi[3, 5] = float("inf")
+    xs.append(xi)
+    for x in xs:
+        want = pyquant.ops.call("int4_weight_only_mm", x, wp, sc, zp, g, None)
+        got = pyquant.ops.call("int4_weight_only_mm_panels", x, pc, ps, pz, g, None)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda e: f"{tuple(x.shape)}: {e}")
+
+
+@needs_int4wo_panels
 def test_int4_weight_only_layer_keeps_panels():
     m = _model(n=128)
     pyquant.quantize_(m, pyquant.Int4WeightOnly(group_size=64))

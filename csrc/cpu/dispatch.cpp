@@ -360,6 +360,16 @@ int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size) {
          group_size > 0 && group_size % 32 == 0 && K % group_size == 0;
 }
 
+int pq_int4_weight_only_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size) {
+  /* AMX too: its prefill converts each strip from the panels as fast as from the rows, and
+   * its decode runs the panels' fixed-point GEMV */
+  const bool shape = K > 0 && N > 0 && K % 64 == 0 && N % 32 == 0 && group_size > 0 &&
+                     group_size % 32 == 0 && K % group_size == 0;
+  if (isa == PQ_ISA_AVX512_AMX)
+    return shape && table(isa) && table(isa)->int4_weight_only_mm_panels;
+  return pq_int4_panel_layout(isa, K, N, group_size);
+}
+
 int64_t pq_int4_panels_workspace_bytes(int64_t M, int64_t K, int64_t group_size) {
   if (M < 0 || K <= 0 || group_size <= 0 || K % group_size || too_big(M, K)) return -1;
   return pq::int4_panels_work_bytes(M, K, group_size);
@@ -420,6 +430,9 @@ int64_t pq_int4_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K
                                                    int64_t group_size, int n_threads) {
   if (M < 0 || K <= 0 || group_size <= 0 || K % group_size || too_big(3 * M, K)) return -1;
   const int64_t fixed = pq::int4wo_panels_work_bytes(M, K, group_size);
+  /* the AMX-BF16 tiles from M = 16 (N does not size them: any multiple of 32 will do) */
+  const int64_t amx = amx_bf16_need(isa, M, K, 32, group_size, n_threads);
+  if (amx) return amx < 0 ? -1 : amx > fixed ? amx : fixed;
   /* the bf16 panels of the AVX512-BF16 build, for activations that are bf16 values */
   if (isa != PQ_ISA_AVX512_BF16 || !pq::bf16_panel_applies(M, K, group_size)) return fixed;
   const int64_t bf16 = bf16_panel_need(M, K, group_size, n_threads);

@@ -301,6 +301,20 @@ bool int4_weight_only_mm_panels(const float* x, int64_t M, int64_t K, int64_t ld
                                 const uint8_t* panels, int64_t N, const float* scales,
                                 const uint8_t* zeros, int64_t G, const float* bias, float* out,
                                 void* work, int n_threads) {
+#if defined(PQ_AMX_BF16)
+  /* from M = 16 the AMX-BF16 tiles, each strip converted from its panel (dispatch.cpp sized
+   * work for them); x with Inf/NaN takes the fixed-point path below, which refuses it */
+  if (pq::amx_bf16_applies(M, K, N, G)) {
+    const int64_t ng = K / G;
+    if (amx_bf16_wo(x, M, K, ldx, N, scales, G, nullptr, bias, out, n_threads, work,
+                    [&](int64_t n0, int64_t g0, int64_t g1, uint16_t* wb, int64_t ld) {
+                      amx_bf16_convert_u4_panels(panels + n0 * (K / 2), zeros + n0 * ng, K, G,
+                                                 g0, g1, wb, ld);
+                    },
+                    true))
+      return true;
+  }
+#endif
 #if defined(__AVX512BF16__) && !defined(PQ_AMX_BF16)
   /* bf16 activations: one exact bf16 term, each panel converted from its nibbles */
   if (pq::bf16_panel_applies(M, K, G) && rows_are_bf16(x, M, K, ldx)) {

@@ -171,9 +171,13 @@ constexpr int64_t kAmxInt4DynMinM = 9, kAmxBf16MinM = 16;
  * 4096 x 4096, 1.02x. */
 constexpr int64_t kAmxGroupedKcBytes = 1024, kAmxGroupedL2Bytes = 3 << 19,
                   kAmxGroupedNc = 256, kAmxGroupedMc = 512;
+/* A converted strip's rows lie kAmxStripPad bytes further apart than their length: at a
+ * stride that is a multiple of 4 KiB, the 16 rows a tile load or a panel's conversion touches
+ * at once would all fall in one set of the 12-way L1. */
+constexpr int64_t kAmxStripPad = 64;
 inline int64_t amx_strip_bytes(int64_t row_bytes, int64_t n_groups) {
   const int64_t acc = kAmxGroupedMc * kAmxGroupedNc * 4; /* 512 KiB */
-  return align64(32 * row_bytes) + align64(128 * n_groups) + acc;
+  return align64(32 * (row_bytes + kAmxStripPad)) + align64(128 * n_groups) + acc;
 }
 inline bool amx_int4dyn_applies(int64_t M, int64_t K, int64_t N, int64_t G) {
   return M >= kAmxInt4DynMinM && G % 64 == 0 && K % G == 0 && N % 32 == 0;

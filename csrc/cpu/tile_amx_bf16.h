@@ -158,6 +158,71 @@ inline void amx_bf16_convert_u4(const uint8_t* wp, const uint8_t* zp, int64_t K,
     }
 }
 
+/* As amx_bf16_convert_u4, from the int4 panel layout (pyquant/panels.py): panel holds the
+ * 32 rows' codes as [K/8][2][16][4] bytes, byte c of (j, h, i) = code[16h + i][8j + c] |
+ * code[16h + i][8j + 4 + c] << 4; pz the panel's zero points [K/G][32]. Per half panel and
+ * 32 k (4 j), four 64-byte loads hold the 16 rows' dwords; a 4 x 4 dword transpose in each
+ * 128-bit lane gives every row its 4 dwords in one lane, and then, as from the rows, one
+ * vpermb (the row's lane, bytes to words in k order), one vpsrlvw (high nibbles down) and one
+ * vpermw by table make its 32 bf16 values. The rows' converter and this one write the same
+ * strip, so the products are those of the canonical layout, bit for bit. */
+inline void amx_bf16_convert_u4_panels(const uint8_t* panel, const uint8_t* pz, int64_t K,
+                                       int64_t G, int64_t g0, int64_t g1, uint16_t* wb,
+                                       int64_t ld) {
+  __m512i tab[16];
+  const __m512i code = _mm512_and_si512(
+      _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
+                       12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi16(15));
+  for (int z = 0; z < 16; ++z)
+    tab[z] = bf16_from_i16(_mm512_sub_epi16(code, _mm512_set1_epi16((short)z)));
+  /* word w = k - k0 (both of its bytes): byte 16 l + 4 (w / 8) + w % 4 of lane l; the words
+   * with w % 8 >= 4 take the high nibble */
+  alignas(64) uint8_t spread[4][64];
+  alignas(64) uint16_t shift[32];
+  for (int w = 0; w < 32; ++w) {
+    for (int l = 0; l < 4; ++l)
+      spread[l][2 * w] = spread[l][2 * w + 1] = (uint8_t)(16 * l + 4 * (w / 8) + w % 4);
+    shift[w] = w % 8 >= 4 ? 4 : 0;
+  }
+  __m512i sp[4];
+  for (int l = 0; l < 4; ++l) sp[l] = _mm512_load_si512(spread[l]);
+  const __m512i sh = _mm512_load_si512(shift);
+  const __m512i low4 = _mm512_set1_epi16(15);
+  for (int h = 0; h < 2; ++h)
+    for (int64_t g = g0; g < g1; ++g) {
+      /* the half's 16 zero points of the group: their tables, once */
+      const uint8_t* zg = pz + g * 32 + 16 * h;
+      bool small = true;
+      for (int i = 0; i < 16; ++i) small &= zg[i] < 16;
+      __m512i t16[16];
+      if (small)
+        for (int i = 0; i < 16; ++i) t16[i] = tab[zg[i]];
+      uint16_t* dst = wb + 16 * h * ld - g0 * G;
+      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+        const uint8_t* src = panel + (k / 8 * 2 + h) * 64;
+        const __m512i a0 = _mm512_load_si512(src), a1 = _mm512_load_si512(src + 128);
+        const __m512i a2 = _mm512_load_si512(src + 256), a3 = _mm512_load_si512(src + 384);
+        const __m512i t0 = _mm512_unpacklo_epi32(a0, a1), t1 = _mm512_unpackhi_epi32(a0, a1);
+        const __m512i t2 = _mm512_unpacklo_epi32(a2, a3), t3 = _mm512_unpackhi_epi32(a2, a3);
+        /* u[q], lane l: the 4 dwords (j = k/8 .. k/8 + 3) of row 4 l + q of the half */
+        const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        for (int q = 0; q < 4; ++q)
+          for (int l = 0; l < 4; ++l) {
+            const int i = 4 * l + q;
+            const __m512i idx = _mm512_srlv_epi16(_mm512_permutexvar_epi8(sp[l], u[q]), sh);
+            if (small)
+              _mm512_storeu_si512(dst + i * ld + k, _mm512_permutexvar_epi16(idx, t16[i]));
+            else /* nothing the quantizers write, but the op takes any uint8 zero point */
+              _mm512_storeu_si512(dst + i * ld + k,
+                                  bf16_from_i16(_mm512_sub_epi16(_mm512_and_si512(idx, low4),
+                                                                 _mm512_set1_epi16(zg[i]))));
+          }
+      }
+    }
+}
+
 /* out = sum (* row_scale, where given) + bias: int8's order, dot * scale + bias */
 struct AmxStoreF32 {
   float* out;
@@ -184,7 +249,8 @@ struct AmxBf16Op {
 /* Weight-only GEMM on AMX-BF16: out[m, n] = sum_g scales[n, g] * sum_{k in g}
  * x[m, k] * wb[n, k] + bias[n], where convert(n0, g0, g1, wb, ld) writes groups
  * g0..g1-1 of 32 weight rows from n0 as bf16, row stride ld values (exact integer
- * values). int8: scales null and row_scale the per-channel w_scale, so out =
+ * values); scales_panels: scales in the panel layout. int8: scales null and row_scale the
+ * per-channel w_scale, so out =
  * (sum_g sum_{k in g} ..) * w_scale + bias, the order pq.h says.
  * Returns false (nothing done) when x holds Inf/NaN. The caller checked
  * pq::amx_bf16_applies; work: 64-byte aligned pq::amx_bf16_work_bytes(M, K, G,
@@ -192,7 +258,8 @@ struct AmxBf16Op {
 template <class Convert>
 bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
                  const float* scales, int64_t G, const float* row_scale, const float* bias,
-                 float* out, int n_threads, void* work, Convert convert) {
+                 float* out, int n_threads, void* work, Convert convert,
+                 bool scales_panels = false) {
   const int64_t term_stride = ceil_div(M, 16) * (K / 32) * 512; /* bf16 */
   uint16_t* xp = (uint16_t*)work;
   const int terms = amx_bf16_pack_x(x, M, K, ldx, xp, n_threads);
@@ -204,7 +271,7 @@ bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
       [&](int64_t n0, int64_t g0, int64_t g1, uint8_t* wb, int64_t ld) {
         convert(n0, g0, g1, (uint16_t*)wb, ld / 2);
       },
-      AmxStoreF32{out, N, row_scale, bias}, n_threads);
+      AmxStoreF32{out, N, row_scale, bias}, n_threads, scales_panels);
   return true;
 }
 

@@ -118,7 +118,8 @@ constexpr int64_t kAmxGroupedRowsFirstMaxBytes = 512;
  * `static constexpr bool kInt` (int32 sums). Epi: as amx_store_tile's, given
  * the fp32 accumulators' bits. group_bytes: the group size in bytes of a weight
  * row. scales [N][ng], or null: the groups' sums are added unscaled (a scale per row,
- * the same for every group, is then the epilogue's to apply, once, to their sum).
+ * the same for every group, is then the epilogue's to apply, once, to their sum);
+ * scales_panels: scales in the panel layout (group_scale).
  * convert(n0, g0, g1, wb, ld) writes groups g0..g1-1 of the 32 weight rows
  * from n0 to wb (row stride ld bytes). strips: n_threads x pq::amx_strip_bytes
  * (row_bytes, ng) bytes, 64-byte aligned: each thread's converted strip (chunk),
@@ -132,16 +133,25 @@ constexpr int64_t kAmxGroupedRowsFirstMaxBytes = 512;
  * row): per chunk the task's activation tiles stay in L2 while each strip's
  * converted chunk (32 rows, in L1) meets all of them, and the fp32 sums of the
  * task's blocks wait in the thread's accumulators. Short rows: see above. */
+/* The scale of row n0 + r (n0 a multiple of 32), group g: scales [N][ng], or, with panels,
+ * the panel layout's [N/32][ng][32] (pyquant/panels.py). */
+inline float group_scale(const float* scales, int64_t n0, int r, int64_t g, int64_t ng,
+                         bool panels) {
+  return panels ? scales[(n0 / 32 * ng + g) * 32 + r] : scales[(n0 + r) * ng + g];
+}
+
 template <class Op, class Convert, class Epi>
 void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_bytes,
                       const uint8_t* xp, int terms, int64_t term_bytes, const float* scales,
-                      uint8_t* strips, Convert convert, const Epi& epi, int n_threads) {
+                      uint8_t* strips, Convert convert, const Epi& epi, int n_threads,
+                      bool scales_panels = false) {
   const int64_t Mt = ceil_div(M, 16), KB = row_bytes / 64, gkb = group_bytes / 64;
   const int64_t ng = row_bytes / group_bytes;
   const bool fits_l2 = terms * Mt * 16 * row_bytes <= pq::kAmxGroupedL2Bytes;
   const bool chunk = group_bytes <= pq::kAmxGroupedKcBytes && !fits_l2;
   const int64_t strip_bytes = pq::amx_strip_bytes(row_bytes, ng);
-  const int64_t acc_off = pq::align64(32 * row_bytes) + pq::align64(128 * ng);
+  const int64_t conv_off = pq::align64(32 * (row_bytes + pq::kAmxStripPad));
+  const int64_t acc_off = conv_off + pq::align64(128 * ng);
 
   /* short rows: each thread's share of the strips, converted, after its first 4 KiB of
    * accumulators (those of one block) */
@@ -169,7 +179,7 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
           convert(s * 32, 0, ng, wb, row_bytes);
           if (scales)
             for (int r = 0; r < 32; ++r)
-              for (int64_t g = 0; g < ng; ++g) sb[g * 32 + r] = scales[(s * 32 + r) * ng + g];
+              for (int64_t g = 0; g < ng; ++g) sb[g * 32 + r] = group_scale(scales, s * 32, r, g, ng, scales_panels);
         }
         for (int64_t mt = 0; mt < Mt; mt += 2) {
           const bool two = mt + 1 < Mt;
@@ -203,7 +213,7 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
   {
     /* the strip (chunk), its scales group-major sb[g - g0][32], the accumulators */
     uint8_t* wb = strips + (threads > 1 ? omp_get_thread_num() : 0) * strip_bytes;
-    float* sb = (float*)(wb + pq::align64(32 * row_bytes));
+    float* sb = (float*)(wb + conv_off);
     float* accs = (float*)(wb + acc_off);
     amx_config_tiles();
     alignas(64) int32_t cbuf[16 * 16];
@@ -212,12 +222,14 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
       const int64_t n_lo = task / n_mblk * nc, n_hi = min64(n_lo + nc, N);
       const int64_t mt_lo = task % n_mblk * kMtBlock, mt_hi = min64(mt_lo + kMtBlock, Mt);
       for (int64_t g0 = 0; g0 < ng; g0 += kc_groups) {
-        const int64_t g1 = min64(g0 + kc_groups, ng), ld = (g1 - g0) * group_bytes;
+        const int64_t g1 = min64(g0 + kc_groups, ng);
+        const int64_t ld = (g1 - g0) * group_bytes + pq::kAmxStripPad;
         for (int64_t n0 = n_lo; n0 < n_hi; n0 += 32) {
           convert(n0, g0, g1, wb, ld);
           if (scales)
             for (int r = 0; r < 32; ++r)
-              for (int64_t g = g0; g < g1; ++g) sb[(g - g0) * 32 + r] = scales[(n0 + r) * ng + g];
+              for (int64_t g = g0; g < g1; ++g)
+                sb[(g - g0) * 32 + r] = group_scale(scales, n0, r, g, ng, scales_panels);
           const uint8_t* w0 = wb - g0 * group_bytes; /* indexed by kb * 64 from here */
           const uint8_t* w1 = w0 + 16 * ld;
           for (int64_t mt = mt_lo; mt < mt_hi; mt += 2) {
