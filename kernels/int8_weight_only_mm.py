@@ -149,15 +149,19 @@ def launch(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias, out: 
 
 
 def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> dict:
-    """The heuristic config (no tuning): gemv for M <= 4, swapped MMA tiles up to M = 64,
-    128 x 128 tiles above (fp32: 64 x 64, see ``F32_TILES``)."""
-    if m <= 4:
+    """The heuristic config (no tuning): gemv at M = 1 (fp32 activations: up to M = 4),
+    swapped MMA tiles up to M = 64 (16 x 32 x 256 with 4 stages up to M = 16: what the tuner
+    picked at M = 4 and 16 on all seven shapes of pyquant.bench_cuda on an H200), 128 x 128
+    tiles above (fp32: 64 x 64, see ``F32_TILES``)."""
+    if m == 1 or (m <= 4 and dtype == torch.float32):
         bn, bk = 16, 256
         return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=2,
                     SPLIT_K=_autotune.split_k(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms,
                                               per_sm=4))
     if dtype == torch.float32:
         return _tiled(m, n, k, *F32_TILES[0], sms)
+    if m <= 16:
+        return _tiled(m, n, k, 16, 32, 256, 4, 4, True, sms)
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         return _tiled(m, n, k, bm, 64, 128, 4, 3, True, sms)
