@@ -1,7 +1,7 @@
 """In-process A/B of the CPU panel layout (pyquant/panels.py) against the canonical rows.
 
-The layers of AVX512 CPUs without AMX keep their weights in 32-row panels packed once at swap
-time; with the canonical rows the same kernels convert every panel on every call (or, at small
+The layers of AVX512 CPUs without AMX (and the int4 weight-only layers of AMX CPUs) keep their
+weights in 32-row panels packed once at swap time; with the canonical rows the same kernels convert every panel on every call (or, at small
 M, run the GEMV-shaped kernels on the rows). Each op runs both ways, the calls interleaved in
 one process, each on the next of several weight copies that together exceed the last-level
 cache (so decode sizes read DRAM, as a model's layers do).
@@ -64,8 +64,10 @@ def main(argv=None) -> int:
             if op not in OPS:
                 ap.error(f"unknown op {op!r}; use {', '.join(OPS)}")
             g = a.group_size
-            applies = (panels.panel_layout_applies(n, k, "cpu") if op.startswith("int8")
-                       else panels.int4_panel_layout_applies(n, k, g, "cpu"))
+            applies = (panels.panel_layout_applies(n, k, "cpu") if op.startswith("int8") else
+                       panels.int4_weight_only_panel_layout_applies(n, k, g, "cpu")
+                       if op == "int4_weight_only_mm" else
+                       panels.int4_panel_layout_applies(n, k, g, "cpu"))
             if not applies:
                 print(f"{n}x{k} {op}: the panel layout does not apply here (ISA {isa}, "
                       f"N % 32, K % 64, group size % 32)")
