@@ -190,6 +190,21 @@ def nibble_to_float(c, DT: tl.constexpr):
 
 
 @triton.jit
+def nibble_in_place(w, MASK: tl.constexpr):
+    """The code under MASK (0xF << 4j, j <= 3) of each int32 word, left in place, as the fp32
+    ``2^23 + code * 16^j`` (exact): one AND-OR, no shift, no conversion. Paired with
+    ``zero_in_place(zero, 4j)``: their difference is (code - zero) * 16^j, exact."""
+    return ((w & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def zero_in_place(z, SHIFT: tl.constexpr):
+    """``2^23 + zero * 2^SHIFT`` as fp32, for int32 zero points (exact for any uint8 zero
+    with SHIFT <= 12: below 2^23)."""
+    return ((z << SHIFT) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def round_half_even(v):
     """rint for |v| < 2^22 in fp32: adding 1.5 * 2^23 pushes the fraction out of the mantissa
     with the FPU's round-to-nearest-even, subtracting it back is exact. Used instead of

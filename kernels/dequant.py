@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import nibble_in_place, zero_in_place
 from .sparse24_mm import _expand
 
 BLOCK_N = 32
@@ -87,21 +88,21 @@ def _int4_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP, stride_wn, str
     z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :] * stride_zg, mask=mask,
                 other=0).to(tl.int32)
     w4 = w >> 16
-    z0 = (z | 0x4B000000).to(tl.float32, bitcast=True)
-    z1 = ((z << 4) | 0x4B000000).to(tl.float32, bitcast=True)
-    z2 = ((z << 8) | 0x4B000000).to(tl.float32, bitcast=True)
-    z3 = ((z << 12) | 0x4B000000).to(tl.float32, bitcast=True)
+    z0 = zero_in_place(z, 0)
+    z1 = zero_in_place(z, 4)
+    z2 = zero_in_place(z, 8)
+    z3 = zero_in_place(z, 12)
     s1 = s * 0.0625
     s2 = s * 0.00390625
     s3 = s * 0.000244140625
-    o0 = (((w & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - z0) * s
-    o1 = (((w & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) - z1) * s1
-    o2 = (((w & 0xF00) | 0x4B000000).to(tl.float32, bitcast=True) - z2) * s2
-    o3 = (((w & 0xF000) | 0x4B000000).to(tl.float32, bitcast=True) - z3) * s3
-    o4 = (((w4 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - z0) * s
-    o5 = (((w4 & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) - z1) * s1
-    o6 = (((w4 & 0xF00) | 0x4B000000).to(tl.float32, bitcast=True) - z2) * s2
-    o7 = (((w4 & 0xF000) | 0x4B000000).to(tl.float32, bitcast=True) - z3) * s3
+    o0 = (nibble_in_place(w, 0xF) - z0) * s
+    o1 = (nibble_in_place(w, 0xF0) - z1) * s1
+    o2 = (nibble_in_place(w, 0xF00) - z2) * s2
+    o3 = (nibble_in_place(w, 0xF000) - z3) * s3
+    o4 = (nibble_in_place(w4, 0xF) - z0) * s
+    o5 = (nibble_in_place(w4, 0xF0) - z1) * s1
+    o6 = (nibble_in_place(w4, 0xF00) - z2) * s2
+    o7 = (nibble_in_place(w4, 0xF000) - z3) * s3
     # [..., a, b, c] = o[4a + 2b + c]: the innermost join is c
     v = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)),
                 tl.join(tl.join(o1, o5), tl.join(o3, o7)))

@@ -51,8 +51,9 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (dot_precision, epilogue_store, finish_tile, nibble_to_float, row_sum,
-                      run_linear, splitk_reduce, store_partial, tile_ids)
+from ._common import (dot_precision, epilogue_store, finish_tile, nibble_in_place,
+                      nibble_to_float, row_sum, run_linear, splitk_reduce, store_partial, tile_ids,
+                      zero_in_place)
 
 OP = "int4_weight_only_mm"
 MIN_TILED_SUB_K = 32  # the MMA's K per sub-tile: x_even/x_odd halves must be >= 16
@@ -161,20 +162,13 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, 
 
 
 @triton.jit
-def _nib(w, MASK: tl.constexpr):
-    """The nibble under MASK (0xF << 4j, j <= 3) of each int32 word, left in place, as the
-    float ``2^23 + code * 16^j`` (exact): one AND-OR, no shift, no conversion."""
-    return ((w & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _gemv32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, GROUP,
                    stride_xm, stride_xk, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
                    stride_om, stride_on,
                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    SUB_K: tl.constexpr, N_SUB: tl.constexpr):
     """Decode GEMV on the packed bytes read as int32 words (8 codes each, code 8i+j in bits
-    4j..4j+3). Codes 0-3 of a word are converted in place (``_nib``), codes 4-7 likewise after
+    4j..4j+3). Codes 0-3 of a word are converted in place (``nibble_in_place``), codes 4-7 likewise after
     one shift by 16, against x pre-scaled by 16^-j (exact: powers of two), so a code costs one
     AND-OR, one FADD taking off ``2^23 + zero * 16^j`` (exact for any uint8 zero) and one FFMA,
     and the product is that of (code - zero) * x, rounded once. The byte-wise unpacking of
@@ -195,10 +189,10 @@ def _gemv32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K
             z = tl.load(z_rows + g * stride_zg).to(tl.int32)
             w4 = w >> 16  # codes 4-7 to bits 0-15 (the sign bits above are masked off)
             # 2^23 + zero * 16^j, j = 0..3, as floats: exact for any uint8 zero (< 2^23)
-            z0 = (z | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
-            z1 = ((z << 4) | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
-            z2 = ((z << 8) | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
-            z3 = ((z << 12) | 0x4B000000).to(tl.float32, bitcast=True)[:, None]
+            z0 = zero_in_place(z, 0)[:, None]
+            z1 = zero_in_place(z, 4)[:, None]
+            z2 = zero_in_place(z, 8)[:, None]
+            z3 = zero_in_place(z, 12)[:, None]
             # x of the sub-tile in one contiguous load, then x_j = x[8i + j] by splitting
             # j = 4a + 2b + c off the innermost dimension (c first)
             xv = tl.load(x_row + (k0 + tl.arange(0, SUB_K)) * stride_xk).to(tl.float32)
@@ -217,14 +211,14 @@ def _gemv32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K
             x6 = (x6 * 0.00390625)[None, :]
             x3 = (x3 * 0.000244140625)[None, :]
             x7 = (x7 * 0.000244140625)[None, :]
-            t = (_nib(w, 0xF) - z0) * x0
-            t += (_nib(w, 0xF0) - z1) * x1
-            t += (_nib(w, 0xF00) - z2) * x2
-            t += (_nib(w, 0xF000) - z3) * x3
-            t += (_nib(w4, 0xF) - z0) * x4
-            t += (_nib(w4, 0xF0) - z1) * x5
-            t += (_nib(w4, 0xF00) - z2) * x6
-            t += (_nib(w4, 0xF000) - z3) * x7
+            t = (nibble_in_place(w, 0xF) - z0) * x0
+            t += (nibble_in_place(w, 0xF0) - z1) * x1
+            t += (nibble_in_place(w, 0xF00) - z2) * x2
+            t += (nibble_in_place(w, 0xF000) - z3) * x3
+            t += (nibble_in_place(w4, 0xF) - z0) * x4
+            t += (nibble_in_place(w4, 0xF0) - z1) * x5
+            t += (nibble_in_place(w4, 0xF00) - z2) * x6
+            t += (nibble_in_place(w4, 0xF000) - z3) * x7
             acc += t * sc[:, None]
     y = row_sum(acc)
     m1 = tl.full((BLOCK_N,), 0, dtype=tl.int32) + m

@@ -282,12 +282,15 @@ def run(args) -> list:
         if check is None:
             check = timing_check(timer, copies, k)
             _write.meta_extra["timing_check_bf16_m1"] = dict(shape=sname, **check)
-        peers = [_peer_impls(n, k, W["bf16"]) for W in copies] if args.peers else [{}]
+        # each copy also holds its peers' modules and torch's 2:4 weight, built from its weights
         want24 = any(o in SPARSE_OPS for o in args.ops)
-        ts24 = [_torch_sparse24(W["bf16_24"]) for W in copies] if want24 else [None]
-        if isinstance(ts24[0], str):
-            print(f"# {sname}: torch.sparse24 skipped: {ts24[0]}")
-        for name, p in peers[0].items():
+        for W in copies:
+            W["peers"] = _peer_impls(n, k, W["bf16"]) if args.peers else {}
+            W["ts24"] = _torch_sparse24(W["bf16_24"]) if want24 else None
+        peers, ts24 = copies[0]["peers"], copies[0]["ts24"]
+        if isinstance(ts24, str):
+            print(f"# {sname}: torch.sparse24 skipped: {ts24}")
+        for name, p in peers.items():
             if isinstance(p, str):
                 print(f"# {sname}: {name} skipped: {p}")
         for m in args.ms:
@@ -353,12 +356,11 @@ def run(args) -> list:
                         return kernel
 
                     makers[f"kernel.{op}"] = kernel_maker
-            for name, p in peers[0].items():
+            for name, p in peers.items():
                 if not isinstance(p, str):
-                    makers[name] = lambda W, i=[0], name=name: _next_peer(peers, name, i, x=xb)
-            if ts24[0] is not None and not isinstance(ts24[0], str):
-                makers["torch.sparse24"] = lambda W, i=[0]: _next_peer(
-                    [{"s": t} for t in ts24], "s", i, x=xb, linear=True)
+                    makers[name] = lambda W, name=name: (lambda p=W["peers"][name]: p(xb))
+            if ts24 is not None and not isinstance(ts24, str):
+                makers["torch.sparse24"] = lambda W: (lambda t=W["ts24"]: F.linear(xb, t))
             base = None
             for impl, maker in makers.items():
                 try:
@@ -398,16 +400,6 @@ def _short(impl: str) -> str:
     for op, short in SHORT.items():
         impl = impl.replace(op, short)
     return impl.replace("pyquant.", "pq.")[-24:]
-
-
-def _next_peer(per_copy: list, name: str, counter: list, x=None, linear=False):
-    """A call of the next copy's peer module (torchao / bitsandbytes linears, or torch's 2:4
-    weight for F.linear): the makers get the pyquant weights, the peers hold their own."""
-    p = per_copy[counter[0] % len(per_copy)][name]
-    counter[0] += 1
-    if linear:
-        return lambda: F.linear(x, p)
-    return lambda: p(x)
 
 
 def _print_table(rows: list, sname: str, n: int, k: int) -> None:

@@ -29,6 +29,7 @@ import torch
 from helpers import (
     activation,
     assert_close_named,
+    assert_dense_path_close,
     make_bias,
     random_int4_weight,
     random_int8_weight,
@@ -641,17 +642,10 @@ def test_gpu_dequant_and_dense_path(monkeypatch):
 
 
 def _check_dense_path(y, x, op, wargs, bias):
-    """The dense path rounds the dequantized weight to x's dtype (then cuBLAS, which may also
-    reduce in 16 bits): its error against the fp32 reference is bounded by a few roundings of
-    each |x| |w| product, not by the kernels' fp32-order tolerance."""
-    want = getattr(reference, op)(x, *wargs, bias).float()
     w = (formats.dequantize_int8_per_channel(*wargs) if op == "int8_weight_only_mm"
          else formats.dequantize_int4_groupwise(*wargs))
-    mag = x.float().abs() @ w.abs().t()
-    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -22}[x.dtype]
-    bound = 4 * u * mag + 2 * u * want.abs() + 1e-6
-    err = (y.float() - want).abs()
-    assert y.dtype == x.dtype and bool((err <= bound).all()), (op, x.dtype, float((err / bound).max()))
+    assert_dense_path_close(y, getattr(reference, op)(x, *wargs, bias),
+                            x.float().abs() @ w.abs().t(), x.dtype)
 
 
 @gpu

@@ -13,7 +13,8 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import activation, assert_close_named, gen, make_bias, tol_name
+from helpers import (activation, assert_close_named, assert_dense_path_close, gen, make_bias,
+                     tol_name)
 from pyquant import _triton, ops, reference
 from pyquant import sparse_formats as sf
 
@@ -224,13 +225,8 @@ def test_densify_interpreted_bit_exact(op, n, k):
 
 
 def _check_dense_path(y, x, op, wargs, bias):
-    """As test_triton._check_dense_path: the dense path rounds the weight to x's dtype."""
-    want = getattr(reference, op)(x, *wargs, bias).float()
-    mag = x.float().abs() @ _dense_weight(op, wargs).abs().t()
-    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -22}[x.dtype]
-    err = (y.float() - want).abs()
-    bound = 4 * u * mag + 2 * u * want.abs() + 1e-6
-    assert bool((err <= bound).all()), (op, x.dtype, float((err / bound).max()))
+    assert_dense_path_close(y, getattr(reference, op)(x, *wargs, bias),
+                            x.float().abs() @ _dense_weight(op, wargs).abs().t(), x.dtype)
 
 
 @pytest.mark.gpu
