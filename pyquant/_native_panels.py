@@ -47,11 +47,11 @@ def _int8_panels_codes_mm(isa, pxq, pxs, m, k, p, w_scale, bias, out):
 
 def _run_weight_only(op: str, x, n: int, k: int, rows, call):
     """A weight-only op on panels: call(isa, x rows address, M, ldx, out, threads) runs the
-    native kernel and returns its status; rows() runs the canonical tensors instead, on an
+    native kernel and returns its status; rows(x) runs the canonical tensors instead, on an
     ISA without the panel kernels or for rows that fixed point cannot hold."""
     isa = current_isa()
     if not has_panel_kernels(isa):
-        return rows()
+        return rows(x)
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     out = _out(m, n, x.dtype)
@@ -59,27 +59,84 @@ def _run_weight_only(op: str, x, n: int, k: int, rows, call):
         xf = _rows_f32(x2)
         st = call(isa, _ptr(xf), m, xf.stride(0), out, _threads())
         if st == _NOT_FIXED_POINT:
-            return rows()
+            return rows(x)
         if st:
             _raise(op, st, M=m, N=n, K=k)
     return _finish(out, x, lead, n)
 
 
-def _run_int8_weight_only_mm_panels(x, p, w_scale, bias=None):
+def _weight_only_binder(op: str, prepare, rows):
+    """run(x, *w), the op, with run.bind(*w). prepare(*w) -> (n, k, call, copied) holds the
+    weight tensors as the kernel takes them (copied: some of them are aligned or float32
+    copies) and gives the call of _run_weight_only; rows(x, *w) runs the canonical tensors.
+    bind(*w) is that call prepared once, for weights that stay the same (ops.LayerCall, which
+    checks that they do), or None where it would hold a copy, which a write in place to the
+    weights would leave stale. Why: at decode a call's Python runs from caches that the
+    weight stream has just flushed, so each step skipped counts (int4 weight-only, 4096 x
+    4096, M = 1, 2-core Xeon: ~70 us of Python around a 0.34 ms kernel through ops.call,
+    ~30 us bound)."""
+    def run(x, *w):
+        n, k, call, _ = prepare(*w)
+        return _run_weight_only(op, x, n, k, lambda x: rows(x, *w), call)
+
+    def bind(*w):
+        n, k, call, copied = prepare(*w)
+        if copied:
+            return None
+
+        def rows_x(x):
+            return rows(x, *w)
+
+        def bound(x):
+            # contiguous float32 rows of x, the decode call of an fp32 model, straight to the
+            # kernel; a status other than 0 (rows fixed point cannot hold) or any other x
+            # takes the general path
+            if x.dtype is torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[0]:
+                isa = current_isa()
+                if has_panel_kernels(isa):
+                    out = torch.empty(x.shape[0], n)
+                    if call(isa, x.data_ptr(), x.shape[0], k, out, _threads()) == 0:
+                        return out
+            return _run_weight_only(op, x, n, k, rows_x, call)
+        return bound
+
+    run.bind = bind
+    return run
+
+
+def _workspace_sizes(fn, *fixed):
+    """fn(isa, m, *fixed, threads) kept per (isa, m, threads): the native workspace query."""
+    sizes = {}
+
+    def get(isa, m, nt):
+        key = (isa, m, nt)
+        v = sizes.get(key)
+        if v is None:
+            v = sizes[key] = fn(isa, m, *fixed, nt)
+        return v
+    return get
+
+
+def _int8_weight_only_prepare(p, w_scale, bias=None):
     n, k = p.shape
+    # every tensor whose address crosses over is held by the call until it returns
+    pa, ws, b = _aligned(p), w_scale.contiguous(), _bias_f32(bias)
+    ptrs = (_ptr(pa), _ptr(ws), _ptr(b))
+    mod = module()
+    nwork = _workspace_sizes(mod.int8_weight_only_panels_workspace_bytes, k)
 
-    def call(isa, px, m, ldx, out, nt):
-        # every tensor whose address crosses over is held in a name until the call returns
-        pa, ws, b = _aligned(p), w_scale.contiguous(), _bias_f32(bias)
-        nwork = module().int8_weight_only_panels_workspace_bytes(isa, m, k, nt)
-        work = _work("int8wo", nwork)
-        return module().int8_weight_only_mm_panels(isa, px, m, k, ldx, _ptr(pa), n, _ptr(ws),
-                                                   _ptr(b), _ptr(out), nt, _ptr(work), nwork)
+    def call(isa, px, m, ldx, out, nt, _hold=(pa, ws, b)):
+        size = nwork(isa, m, nt)
+        work = _work("int8wo", size)
+        return mod.int8_weight_only_mm_panels(isa, px, m, k, ldx, ptrs[0], n, ptrs[1], ptrs[2],
+                                              _ptr(out), nt, _ptr(work), size)
+    return n, k, call, not (pa is p and ws is w_scale and b is bias)
 
-    def rows():
-        return _run_int8_weight_only_mm(x, panels.unpack_int8(p), w_scale, bias)
 
-    return _run_weight_only("int8_weight_only_mm_panels", x, n, k, rows, call)
+_run_int8_weight_only_mm_panels = _weight_only_binder(
+    "int8_weight_only_mm_panels", _int8_weight_only_prepare,
+    lambda x, p, w_scale, bias=None: _run_int8_weight_only_mm(x, panels.unpack_int8(p), w_scale,
+                                                              bias))
 
 
 def int8_weight_only_mm_panels(x, p, w_scale, bias=None):
@@ -126,23 +183,26 @@ def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size,
         _raise("int4_dynamic_mm_panels", st, M=m, N=n, K=k, group_size=group_size)
 
 
-def _run_int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):
+def _int4_weight_only_prepare(codes, scales, zeros, group_size, bias=None):
     n, k = codes.shape[0], codes.shape[1] * 2
+    pc, sc, zp, b = _aligned(codes), _aligned(scales), zeros.contiguous(), _bias_f32(bias)
+    ptrs = (_ptr(pc), _ptr(sc), _ptr(zp), _ptr(b))
+    mod = module()
+    nwork = _workspace_sizes(mod.int4_weight_only_panels_workspace_bytes, k, group_size)
 
-    def call(isa, px, m, ldx, out, nt):
-        # every tensor whose address crosses over is held in a name until the call returns
-        pc, sc, zp, b = _aligned(codes), _aligned(scales), zeros.contiguous(), _bias_f32(bias)
-        nwork = module().int4_weight_only_panels_workspace_bytes(isa, m, k, group_size, nt)
-        work = _work("int4wo", nwork)
-        return module().int4_weight_only_mm_panels(isa, px, m, k, ldx, _ptr(pc), n, _ptr(sc),
-                                                   _ptr(zp), group_size, _ptr(b), _ptr(out), nt,
-                                                   _ptr(work), nwork)
+    def call(isa, px, m, ldx, out, nt, _hold=(pc, sc, zp, b)):
+        size = nwork(isa, m, nt)
+        work = _work("int4wo", size)
+        return mod.int4_weight_only_mm_panels(isa, px, m, k, ldx, ptrs[0], n, ptrs[1], ptrs[2],
+                                              group_size, ptrs[3], _ptr(out), nt, _ptr(work),
+                                              size)
+    return n, k, call, not (pc is codes and sc is scales and zp is zeros and b is bias)
 
-    def rows():
-        return _run_int4_weight_only_mm(x, *panels.unpack_int4(codes, scales, zeros, group_size),
-                                        group_size, bias)
 
-    return _run_weight_only("int4_weight_only_mm_panels", x, n, k, rows, call)
+_run_int4_weight_only_mm_panels = _weight_only_binder(
+    "int4_weight_only_mm_panels", _int4_weight_only_prepare,
+    lambda x, codes, scales, zeros, group_size, bias=None: _run_int4_weight_only_mm(
+        x, *panels.unpack_int4(codes, scales, zeros, group_size), group_size, bias))
 
 
 def int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):

@@ -41,6 +41,14 @@ class SwapReport:
 
 
 def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Puts ``new`` at ``fqn``; the large CPU weights of the pyquant layers in it go onto huge
+    pages first (_hugepages: decode streams them faster)."""
+    from ._hugepages import place_module
+    from .nn import _QuantLinearBase
+
+    for m in new.modules():
+        if isinstance(m, _QuantLinearBase):
+            place_module(m)
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

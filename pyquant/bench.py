@@ -12,7 +12,11 @@ rows report the share of it reached (weight bytes incl. scales and zeros / time 
 compute-bound rows the GOP/s. The read probe also runs among the impls of each shape and M
 (the read[probe] row, as many bytes as the fp32 weight): "%now" is a row's GB/s over the
 probe's in the same rounds, the share of what the machine gave at those moments, where "%BW"
-compares with the best pass of the start.
+compares with the best pass of the start. The probe reads from huge pages where the layers
+keep their weights there (_hugepages: the fastest way memory can be read here, so the ceiling),
+and the pyquant rows' weights are placed as the layers place theirs; F.linear[fp32 hugepages]
+is fp32 F.linear on the same placement, beside the plain one, so that a reader can tell what
+the placement gives from what the kernels give.
 Compute-bound rows are read against the instruction peak, measured at the start too
 (_native.probe_peak: register-only dot products on every thread): "%peak" is a row's GOP/s
 over the peak of the vector unit its arithmetic runs on, times the unit's operations per
@@ -38,8 +42,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _native, formats, panels
+from . import _hugepages, _native, formats, panels
 from ._progress import progress
+from .ops import LayerCall
 
 # [N, K] of the linear layers of real models (out_features, in_features).
 SHAPES = {
@@ -109,7 +114,7 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     torch's sum, which understates the ceiling (its float adds cost more than the loads)."""
     nbytes = max(nbytes, 2 * _llc_bytes())
     if _native.available():
-        buf = torch.ones(nbytes // 8, dtype=torch.int64)
+        buf = _probe_buffer(nbytes)
         read = lambda: _native.stream_read(buf)  # noqa: E731
     else:
         buf = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -117,6 +122,15 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     times = call_times(read, repeats)
     del buf
     return nbytes / min(times) / 1e9
+
+
+def _probe_buffer(nbytes: int) -> torch.Tensor:
+    """The read probe's int64 buffer of about nbytes, on huge pages where the layers' weights go
+    there too (_hugepages): the probe is the ceiling, so it reads memory the fastest way it can
+    be read (on 4 KiB pages one stream a thread read ~20-30% slower on a 2-core Xeon VM)."""
+    n = max(nbytes // 8, 1)
+    buf = _hugepages.empty((n,), torch.int64) if _hugepages.enabled() else None
+    return (torch.empty(n, dtype=torch.int64) if buf is None else buf).fill_(1)
 
 
 def measure_peaks(repeats: int = 5) -> dict:
@@ -232,10 +246,18 @@ def _tensor_bytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+FP32_HUGE = "F.linear[fp32 hugepages]"
+
+
 def baseline_impls() -> list[Impl]:
     impls = [
         Impl("F.linear[fp32]", "baseline", lambda w: w.clone(), lambda s, x: F.linear(x, s),
              lambda s: _tensor_bytes(s), "linear", lambda s, m: ("fp32", 1)),
+        # the same weight where pyquant's layers keep theirs (huge pages, _hugepages): what the
+        # placement alone gives a float GEMV, beside the rows of pyquant's kernels placed so
+        Impl(f"{FP32_HUGE}", "baseline", lambda w: _hugepages.place(w.clone()),
+             lambda s, x: F.linear(x, s), lambda s: _tensor_bytes(s), "linear",
+             lambda s, m: ("fp32", 1)),
         Impl("F.linear[bf16]", "baseline", lambda w: w.to(torch.bfloat16),
              lambda s, x: F.linear(x.to(torch.bfloat16), s), lambda s: _tensor_bytes(s), "linear",
              lambda s, m: ("bf16", 1)),
@@ -281,14 +303,16 @@ def probe_impls() -> list[Impl]:
     interleaved with the impls like one of them (kind "probe": no speedups against it)."""
     if not _native.available():
         return []
-    return [Impl(PROBE, "probe", lambda w: torch.ones(w.numel() // 2, dtype=torch.int64),
+    return [Impl(PROBE, "probe", lambda w: _probe_buffer(w.numel() * 4),
                  lambda s, x: _native.stream_read(s), lambda s: _tensor_bytes(s))]
 
 
 def pyquant_impls(group_size: int = 128) -> list[Impl]:
-    # ops.call: what the layers run in eager inference (the op's checks and backend without
-    # the dispatcher's Python wrappers, ~30 us a call here; torch.compile and autograd take
-    # torch.ops.pyquant.* instead)
+    # What the layers run in eager inference: the op through an ops.LayerCall, one per weight
+    # copy (the last entry of each state; _clone_state gives each copy its own), which checks
+    # the weights once and, for the weight-only panel ops, prepares the call once. No
+    # dispatcher (its Python wrappers cost ~30 us a call; torch.compile and autograd take
+    # torch.ops.pyquant.* instead).
     from . import ops
 
     def make_i8(w):
@@ -298,11 +322,11 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         # what the int8 layers keep: the CPU panel layout where this CPU's kernels take it
         q, s = make_i8(w)
         if panels.panel_layout_applies(*q.shape, q.device):
-            return panels.pack_int8(q), s, "_panels"
-        return q, s, ""
+            return panels.pack_int8(q), s, "_panels", ops.LayerCall()
+        return q, s, "", ops.LayerCall()
 
     def int8(op):
-        return lambda s, x: ops.call(op + s[2], x, s[0], s[1], None)
+        return lambda s, x: s[3](op + s[2], x, s[0], s[1], None)
 
     def make_i4(w):
         c, s, z = formats.quantize_int4_groupwise(w, group_size, symmetric=False)
@@ -312,14 +336,14 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         # what the int4 layers keep: the CPU panel layout where this CPU's kernels take it
         wp, sc, zp = make_i4(w)
         if applies(*w.shape, group_size, w.device):
-            return (*panels.pack_int4(wp, sc, zp, group_size), "_panels")
-        return wp, sc, zp, ""
+            return (*panels.pack_int4(wp, sc, zp, group_size), "_panels", ops.LayerCall())
+        return wp, sc, zp, "", ops.LayerCall()
 
     def make_i4wo_layer(w):  # int4 weight-only layers keep panels on AMX too
         return make_i4_layer(w, panels.int4_weight_only_panel_layout_applies)
 
     def int4(op):
-        return lambda s, x: ops.call(op + s[3], x, s[0], s[1], s[2], group_size, None)
+        return lambda s, x: s[4](op + s[3], x, s[0], s[1], s[2], group_size, None)
 
     def unit(arith, bf16_from_m=None):
         """The unit of the panel kernels (AVX512-VNNI and -BF16 builds; kernels.h). arith
@@ -329,7 +353,7 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         kInt8WoPanelsBf16MinM, kBf16PanelMinM). None on other ISAs and on the rows layout,
         whose kernels the bench does not model."""
         def f(s, m):
-            if s[-1] != "_panels" or _native.ISA_NAMES[_native.current_isa()] not in (
+            if s[-2] != "_panels" or _native.ISA_NAMES[_native.current_isa()] not in (
                     "avx512_vnni", "avx512_bf16"):
                 return None
             if arith == "int8":
@@ -362,14 +386,26 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
     ]
 
 
-def _clone_state(s):
+def _clone_state(s, huge: bool = False):
+    """A copy of a prepared weight state; huge: its large tensors on huge pages, where the
+    layers keep theirs (the pyquant impls and FP32_HUGE; _hugepages)."""
     if isinstance(s, torch.Tensor):
-        return s.clone()
+        return _hugepages.place(s.clone()) if huge else s.clone()
     if isinstance(s, tuple):
-        return tuple(_clone_state(t) for t in s)
+        return tuple(_clone_state(t, huge) for t in s)
+    if isinstance(s, LayerCall):  # each copy remembers its own weights
+        return LayerCall()
     if isinstance(s, torch.nn.Module):
-        return copy.deepcopy(s)
+        c = copy.deepcopy(s)
+        if huge:
+            for m in c.modules():
+                _hugepages.place_module(m)
+        return c
     return s
+
+
+def _placed(impl: Impl) -> bool:
+    return impl.kind == "pyquant" or impl.name == FP32_HUGE
 
 
 # ------------------------------------------------------------------ the run
@@ -411,12 +447,15 @@ def run(
                 if impl.make not in made:
                     try:
                         s0 = impl.make(w)
+                        if impl.kind == "pyquant":  # as the layers keep it
+                            s0 = _clone_state(s0, huge=True)
                     except Exception as e:  # a baseline missing on this torch build
                         print(f"skip {impl.name} on {n}x{k}: {e}", file=sys.stderr)
                         continue
                     copies = _copies(impl.nbytes(s0), rotate_bytes, sharers[impl.make],
                                      DECODE_BURST if min(ms) <= DECODE_MAX_M else 1)
-                    made[impl.make] = [s0] + [_clone_state(s0) for _ in range(copies - 1)]
+                    made[impl.make] = [s0] + [_clone_state(s0, _placed(impl))
+                                              for _ in range(copies - 1)]
                 states = made[impl.make]
                 ready.append((impl, impl.nbytes(states[0]), states))
             del w, made
@@ -593,6 +632,7 @@ def machine_info(bw: float, peaks: Optional[dict] = None) -> dict:
 
 SHORT = {
     "F.linear[fp32]": "fp32",
+    FP32_HUGE: "fp32-hp",
     "F.linear[bf16]": "bf16",
     "torch.ao.dynamic_int8[fbgemm]": "fbgemm",
     "torch._weight_int4pack_mm_for_cpu[g128]": "int4pack",

@@ -74,16 +74,13 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
     from . import ops, sparse_panels
     from .bench import Impl
 
-    # ops.call, as the dense pyquant impls (bench.pyquant_impls): what the layers run in eager
-    # inference, without the dispatcher's Python wrappers (~30 us a call, which the dense
-    # side does not pay either)
-    def op(name):
-        return lambda *a: ops.call(name, *a)
-
+    # as the dense pyquant impls (bench.pyquant_impls): what the layers run in eager inference,
+    # the op through the ops.LayerCall that ends each state (one per weight copy), without the
+    # dispatcher's Python wrappers (~30 us a call, which the dense side does not pay either)
     bf16 = torch.bfloat16
 
     def make_24_bf16(w):
-        return sf.compress_24(w.to(bf16))
+        return (*sf.compress_24(w.to(bf16)), ops.LayerCall())
 
     # what the 2:4 + int8 / int4 layers keep: the CPU 4-row panels where this CPU's kernels
     # take them (pyquant/sparse_panels.py), and the op that multiplies them (last entry)
@@ -91,39 +88,42 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
         v, meta = sf.compress_24(w)
         q, s = sf.quantize_24_int8(v)
         if sparse_panels.layout_applies(*w.shape, w.device):
-            return (*sparse_panels.pack(q, meta, 8), s, op("sparse24_int8_mm_panels"))
-        return q, meta, s, op("sparse24_int8_mm")
+            return (*sparse_panels.pack(q, meta, 8), s, "sparse24_int8_mm_panels",
+                    ops.LayerCall())
+        return q, meta, s, "sparse24_int8_mm", ops.LayerCall()
 
     def make_24_int4(w):
         v, meta = sf.compress_24(w)
         p, s, z = sf.quantize_24_int4(v, group_size)
         if sparse_panels.layout_applies(*w.shape, w.device, group_size):
-            return (*sparse_panels.pack(p, meta, 4), s, z, op("sparse24_int4_mm_panels"))
-        return p, meta, s, z, op("sparse24_int4_mm")
+            return (*sparse_panels.pack(p, meta, 4), s, z, "sparse24_int4_mm_panels",
+                    ops.LayerCall())
+        return p, meta, s, z, "sparse24_int4_mm", ops.LayerCall()
 
     def make_unstructured(w):
-        return sf.compress_unstructured(w.to(bf16), _unstructured_mask(w, sparsity))
+        return (*sf.compress_unstructured(w.to(bf16), _unstructured_mask(w, sparsity)),
+                ops.LayerCall())
 
     def make_unstructured_fp32(w):
-        return sf.compress_unstructured(w, _unstructured_mask(w, sparsity))
+        return (*sf.compress_unstructured(w, _unstructured_mask(w, sparsity)), ops.LayerCall())
 
     return [
         Impl("pyquant.sparse24_mm[bf16]", "pyquant", make_24_bf16,
-             lambda s, x: ops.call("sparse24_mm", x.to(bf16), s[0], s[1], None),
+             lambda s, x: s[2]("sparse24_mm", x.to(bf16), s[0], s[1], None),
              lambda s: _bytes(*s), "sparse24_mm"),
         Impl("pyquant.sparse24_int8_mm", "pyquant", make_24_int8,
-             lambda s, x: s[3](x, s[0], s[1], s[2], None),
+             lambda s, x: s[4](s[3], x, s[0], s[1], s[2], None),
              lambda s: _bytes(*s), "sparse24_int8_mm"),
         Impl(f"pyquant.sparse24_int4_mm[g{group_size}]", "pyquant", make_24_int4,
-             lambda s, x: s[4](x, s[0], s[1], s[2], s[3], group_size, None),
+             lambda s, x: s[5](s[4], x, s[0], s[1], s[2], s[3], group_size, None),
              lambda s: _bytes(*s), "sparse24_int4_mm"),
         Impl(f"pyquant.sparse_unstructured_mm[bf16,{round(sparsity * 100)}%]", "pyquant",
              make_unstructured,
-             lambda s, x: ops.call("sparse_unstructured_mm", x.to(bf16), *s, None),
+             lambda s, x: s[3]("sparse_unstructured_mm", x.to(bf16), *s[:3], None),
              lambda s: _bytes(*s), "sparse_unstructured_mm"),
         Impl(f"pyquant.sparse_unstructured_mm[fp32,{round(sparsity * 100)}%]", "pyquant",
              make_unstructured_fp32,
-             lambda s, x: ops.call("sparse_unstructured_mm", x, *s, None),
+             lambda s, x: s[3]("sparse_unstructured_mm", x, *s[:3], None),
              lambda s: _bytes(*s), "sparse_unstructured_mm"),
     ]
 

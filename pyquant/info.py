@@ -185,6 +185,19 @@ def _panel_layouts() -> dict:
             "other sparse layers": "their compressed formats (pyquant/sparse_formats.py)"}
 
 
+def _hugepages_status() -> str:
+    """Where the CPU layers keep their large weights (pyquant/_hugepages.py)."""
+    from . import _hugepages
+
+    mode = _hugepages.thp_mode()
+    if _hugepages.enabled():
+        return (f"weight buffers of {_hugepages.MIN_BYTES >> 20} MiB or more on huge pages "
+                f"(transparent huge pages: {mode}; PYQUANT_HUGEPAGES=0 turns it off)")
+    why = ("PYQUANT_HUGEPAGES=0" if os.environ.get("PYQUANT_HUGEPAGES") else
+           f"transparent huge pages: {mode}" if mode else "no transparent huge pages here")
+    return f"off ({why}): weights on the allocator's pages"
+
+
 def _cuda_section() -> dict:
     import torch
 
@@ -266,7 +279,8 @@ def collect() -> dict:
         "threads": _try(torch_threads),
         "cuda": _try(_cuda_section),
         "triton": _triton_section(),
-        "env": {k: os.environ[k] for k in ("PYQUANT_BACKEND", "PYQUANT_CPU_ISA", "PYQUANT_QUIET")
+        "env": {k: os.environ[k] for k in ("PYQUANT_BACKEND", "PYQUANT_CPU_ISA", "PYQUANT_QUIET",
+                                                "PYQUANT_HUGEPAGES")
                 if k in os.environ},
         "backends": _try(lambda: {n: ("available" if why is None else why)
                                   for n, why in ops.backend_status().items()}),
@@ -274,6 +288,7 @@ def collect() -> dict:
         "sparse_dense_from_m": _try(_sparse_break_even),
         "fixed_point_decode_m": _try(_decode_paths),
         "cpu_weight_layout": _try(_panel_layouts),
+        "cpu_weight_pages": _try(_hugepages_status),
     }
 
 
@@ -380,6 +395,8 @@ def format_text(d: dict) -> str:
         lines.append("weight layout of the layers on cpu (state_dict and checkpoints: canonical):")
         for name, how in lay.items():
             lines.append(f"  {name:<42}{how}")
+    if d.get("cpu_weight_pages"):
+        lines.append(f"  {'pages':<42}{d['cpu_weight_pages']}")
     return "\n".join(lines)
 
 

@@ -206,6 +206,10 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
         model.load_state_dict(sd, strict=strict, assign=assign)
     except RuntimeError as e:
         raise _err(path, f"could not load into the model: {e}") from e
+    from ._hugepages import place_module
+
+    for layer in swapped.values():  # their weights as decode streams them fastest
+        place_module(layer)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         warnings.warn(f"pyquant.load({path}): {len(left)} tensor(s) are still on the meta device "

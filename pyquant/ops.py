@@ -272,8 +272,10 @@ class LayerCall:
     with the same arguments, unchanged, check only x before that function runs (an x the
     checks would refuse goes the whole way, to the checks' error). The weights' checks and
     the backend choice cost ~5 us a call in Python, as much as a MiniLM-size layer's kernel
-    at M = 1. Values written in place need nothing: the function reads the tensors as they
-    are. Anything else goes the whole way and remembers again, or forgets (so no old weights
+    at M = 1. Where the backend's function has a ``bind`` (the weight-only panel ops), the
+    call is also prepared once: the weights' kernel addresses and workspace sizes. Values
+    written in place need nothing: the function reads the tensors as they are (bind declines
+    weights it would have to copy). Anything else goes the whole way and remembers again, or forgets (so no old weights
     stay referenced): another tensor object, new storage or another shape or dtype under the
     same one (``.data =``, ``resize_``, ``set_``), another argument, a forced backend,
     another native module or CPU function for the op, a tensor subclass, tracing or
@@ -282,7 +284,8 @@ class LayerCall:
     __slots__ = ("state",)
 
     def __init__(self):
-        # (op, args, keys, impl, native module, K), or None: read and written whole
+        # (op, args, keys, impl, native module, K, bound call or None), or None: read and
+        # written whole
         self.state = None
 
     def __deepcopy__(self, memo):
@@ -320,7 +323,7 @@ class LayerCall:
                 and _REGISTRY["cpu"].impls.get(op) is st[3] and _forced() is None
                 and not (torch.is_grad_enabled() and (x.requires_grad or any(
                     isinstance(a, torch.Tensor) and a.requires_grad for a in args)))):
-            return st[3](x, *args)
+            return st[3](x, *args) if st[6] is None else st[6](x)
         self.state = None  # also when the call raises
         y = call(op, x, *args)
         self.state = self._remember(op, x, args)
@@ -338,8 +341,12 @@ class LayerCall:
         b = select(op, x.device)
         if b.name != "cpu":
             return None
-        return (op, args, tuple(LayerCall._key(a) for a in args), b.impls[op], _native._module,
-                x.shape[-1])
+        fn = b.impls[op]
+        # the backend's call prepared once for these weights, where it has one (bind: the
+        # weight-only panel ops, _native_panels.py), else its function
+        bind = getattr(fn, "bind", None)
+        return (op, args, tuple(LayerCall._key(a) for a in args), fn, _native._module,
+                x.shape[-1], bind(*args) if bind is not None else None)
 
 
 @_custom_op("int8_weight_only_mm")

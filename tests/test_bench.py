@@ -317,8 +317,10 @@ def test_bench_peak_share_is_per_unit_op(monkeypatch):
     seen = set()
     for r in res["rows"]:
         name, m = r["impl"], r["m"]
-        if name in ("F.linear[fp32]", "F.linear[bf16]", "torch.ao.dynamic_int8[fbgemm]"):
-            unit, cost = {"F.linear[fp32]": "fp32", "F.linear[bf16]": "bf16"}.get(name, "int8"), 1
+        if name in ("F.linear[fp32]", bench.FP32_HUGE, "F.linear[bf16]",
+                    "torch.ao.dynamic_int8[fbgemm]"):
+            unit, cost = {"F.linear[fp32]": "fp32", bench.FP32_HUGE: "fp32",
+                          "F.linear[bf16]": "bf16"}.get(name, "int8"), 1
         elif name.startswith("pyquant.") and _panel_isa():
             if "dynamic" in name:
                 unit, cost = "int8", 1

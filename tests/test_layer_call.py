@@ -225,3 +225,87 @@ def test_a_group_size_of_another_type_is_checked_again():
         op, _, *args = _forward_args(layer, x)
         with pytest.raises(TypeError, match="group_size"):
             layer._call_op(op, x, *args[:3], 32.0, *args[4:])
+
+
+# ------------------------------------------------- the weight-only panel ops' prepared call
+
+
+def _panel_isas():
+    from pyquant import _native
+
+    return [n for n in ("avx512_amx", "avx512_bf16", "avx512_vnni")
+            if n in _native.ISA_NAMES and _native.module().isa_available(
+                _native.ISA_NAMES.index(n)) and _native.has_panel_kernels(
+                _native.ISA_NAMES.index(n))]
+
+
+def _panel_weights(op: str, n=64, k=256, g=64):
+    from pyquant import formats, panels
+
+    torch.manual_seed(1)
+    w = torch.randn(n, k)
+    if op.startswith("int8"):
+        q, s = formats.quantize_int8_per_channel(w)
+        return (panels.pack_int8(q), s, torch.randn(n))
+    c, s, z = formats.quantize_int4_groupwise(w, g, symmetric=False)
+    return (*panels.pack_int4(formats.pack_int4(c), s, z, g), g, torch.randn(n))
+
+
+@pytest.mark.parametrize("op", ["int8_weight_only_mm_panels", "int4_weight_only_mm_panels"])
+def test_bound_weight_only_panel_calls_equal_the_whole_way(op):
+    """bind(*weights)(x) against ops.call on every panel ISA: odd M, 3-D, strided and bf16 x,
+    an x with Inf (fixed point cannot hold it: the canonical rows run), an empty batch; then a
+    write in place to the scales, which the prepared call must see."""
+    from pyquant import _native
+
+    isas = _panel_isas()
+    if not isas:
+        pytest.skip("no panel kernels on this CPU")
+    args = _panel_weights(op)
+    bind = ops._REGISTRY["cpu"].impls[op].bind
+    for isa in isas:
+        with _native.use_isa(isa), torch.inference_mode():
+            run = bind(*args)
+            assert run is not None
+            xs = [torch.randn(m, 256) for m in (1, 3, 17)]
+            xs += [torch.randn(2, 5, 256), torch.randn(3, 512)[:, ::2],
+                   torch.randn(3, 256).to(torch.bfloat16), torch.randn(0, 256)]
+            inf = torch.randn(2, 256)
+            inf[1, 7] = float("inf")
+            xs.append(inf)
+            for x in xs:
+                want = ops.call(op, x, *args)  # bit for bit, NaN where Inf meets both signs
+                torch.testing.assert_close(run(x), want, rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{isa} {tuple(x.shape)} {x.dtype}")
+    scales = args[1]
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        before = run(x)
+        scales.mul_(2)
+        after = run(x)
+    assert torch.allclose(after, 2 * (before - args[-1]) + args[-1], rtol=1e-5, atol=1e-4)
+
+
+def test_bind_declines_weights_it_would_copy():
+    """A weight that is not 64-byte aligned (or a bias not in float32) would be copied for the
+    kernel; a prepared call holding that copy would miss writes in place, so bind declines and
+    the layer's calls take the function, which copies each time."""
+    if not _panel_isas():
+        pytest.skip("no panel kernels on this CPU")
+    op = "int4_weight_only_mm_panels"
+    codes, scales, zeros, g, bias = _panel_weights(op)
+    raw = torch.empty(codes.numel() + 64, dtype=torch.uint8)
+    off = (-raw.data_ptr() % 64) + 1  # one byte past a 64-byte boundary
+    odd = raw[off:off + codes.numel()].view(codes.shape).copy_(codes)
+    bind = ops._REGISTRY["cpu"].impls[op].bind
+    assert bind(odd, scales, zeros, g, bias) is None
+    assert bind(codes, scales, zeros, g, bias.to(torch.bfloat16)) is None
+    assert bind(codes, scales, zeros, g, bias) is not None
+    lc, x = ops.LayerCall(), torch.randn(1, 256)
+    with torch.inference_mode():
+        lc(op, x, odd, scales, zeros, g, bias)
+        assert lc.state is not None and lc.state[6] is None
+        odd[0].bitwise_xor_(0x11)  # in place: seen
+        codes[0].bitwise_xor_(0x11)
+        assert torch.equal(lc(op, x, odd, scales, zeros, g, bias),
+                           ops.call(op, x, codes, scales, zeros, g, bias))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import formats
+from ..api import _set_child
 from .._progress import progress
 from . import report as _report
 from ._quant import QuantizedWeight, QuantSpec, rtn
@@ -586,12 +587,6 @@ def _make_layer(linear: nn.Linear, config, qw: QuantizedWeight) -> nn.Module:
         sd["bias"] = linear.bias.detach()
     layer.load_state_dict(sd, strict=True)
     return layer
-
-
-def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _tensor_bytes(m: nn.Module) -> int:

@@ -61,11 +61,6 @@ def rank_and_world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _apply(model: nn.Module, plan: Plan, rank: int, world: int, group) -> dict:
     """Cut and wrap every layer of the (already checked) plan; divide attention attributes."""
     done: dict[int, nn.Module] = {}  # a module shared under two names is cut once
@@ -74,7 +69,7 @@ def _apply(model: nn.Module, plan: Plan, rank: int, world: int, group) -> dict:
         new = done.get(id(m))
         if new is None:
             new = done[id(m)] = wrap(m, style, rank, world, group)
-        _set_child(model, fqn, new)
+        _api._set_child(model, fqn, new)
     for attn, attrs in plan.attention.items():
         mod = model.get_submodule(attn)
         for a, v in attrs.items():

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import io as _io
-from . import _apply, _set_child, rank_and_world, TensorParallelReport
+from ..api import _set_child
+from . import _apply, rank_and_world, TensorParallelReport
 from . import plan as _plan
 from .layers import PARALLEL_TYPES, linear_bytes
 
