@@ -297,15 +297,52 @@ def _run_sparse24_panels(op: str, x, values, meta, bits: int, rows, call, dense)
     return rows(*_sparse24_rows(values, meta, bits))
 
 
-def _run_sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
+def _sparse24_binder(op: str, prepare, run):
+    """run(x, *w), the op, with run.bind(*w) as in _weight_only_binder: prepare(*w) -> (n, k,
+    native, copied), native(isa, x rows address, M, ldx, out, threads, work, work bytes)
+    the kernel's call on the weights as prepared. The bound call sends contiguous fp32 rows
+    below the op's dense break-even straight to it, anything else to run."""
+    def bind(*w):
+        n, k, native, copied = prepare(*w)
+        if copied:
+            return None
+        sizes = _workspace_sizes(lambda isa, m, nt: module().sparse24_panels_workspace_bytes(
+            isa, m, k))
+
+        def bound(x):
+            if x.dtype is torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[0]:
+                m, isa = x.shape[0], current_isa()
+                if sparse_panels.has_kernels(isa) and not sparse_dense_reason(op, m):
+                    out, nt = torch.empty(m, n), _threads()
+                    nwork = sizes(isa, m, nt)
+                    work = _work("sparse_fx", max(nwork, 64))
+                    if native(isa, x.data_ptr(), m, k, out, nt, work, nwork) == 0:
+                        return out
+            return run(x, *w)
+        return bound
+
+    run.bind = bind
+    return run
+
+
+def _sparse24_int8_prepare(values_q, meta, scale, bias=None):
     n, k = values_q.shape[0], values_q.shape[1] * 2
+    # every tensor whose address crosses over is held by the call until it returns
+    v, mt, s, b = values_q.contiguous(), meta.contiguous(), scale.contiguous(), _bias_f32(bias)
+    ptrs = (_ptr(v), _ptr(mt), _ptr(s), _ptr(b))
+
+    def native(isa, px, m, ldx, out, nt, work, nwork, _hold=(v, mt, s, b)):
+        return module().sparse24_int8_panels_mm(isa, px, m, k, ldx, ptrs[0], ptrs[1], n,
+                                                ptrs[2], ptrs[3], _ptr(out), nt, _ptr(work),
+                                                nwork)
+    return n, k, native, not (v is values_q and mt is meta and s is scale and b is bias)
+
+
+def _run_sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
+    native = _sparse24_int8_prepare(values_q, meta, scale, bias)[2]
 
     def call(isa, xf, m, out, work, nwork):
-        # every tensor whose address crosses over is held in a name until the call returns
-        v, mt, s, b = values_q.contiguous(), meta.contiguous(), scale.contiguous(), _bias_f32(bias)
-        return module().sparse24_int8_panels_mm(isa, _ptr(xf), m, k, xf.stride(0), _ptr(v),
-                                                _ptr(mt), n, _ptr(s), _ptr(b), _ptr(out),
-                                                _threads(), _ptr(work), nwork)
+        return native(isa, _ptr(xf), m, xf.stride(0), out, _threads(), work, nwork)
 
     def dense():
         wq = _sparse24_dense(values_q, meta, 8)
@@ -316,6 +353,10 @@ def _run_sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
         lambda v, mt: _run_sparse24_int8_mm(x, v, mt, scale, bias), call, dense)
 
 
+_run_sparse24_int8_mm_panels = _sparse24_binder(
+    "sparse24_int8_mm_panels", _sparse24_int8_prepare, _run_sparse24_int8_mm_panels)
+
+
 def sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
     _checks.check_sparse24_int8_mm("sparse24_int8_mm_panels", x, values_q, meta, scale, bias)
     _checks.check_sparse24_panels("sparse24_int8_mm_panels", values_q)
@@ -323,16 +364,25 @@ def sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
     return _run_sparse24_int8_mm_panels(x, values_q, meta, scale, bias)
 
 
-def _run_sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bias=None):
+def _sparse24_int4_prepare(packed, meta, scales, zeros, group_size, bias=None):
     n, k = packed.shape[0], packed.shape[1] * 4
+    p, mt, b = packed.contiguous(), meta.contiguous(), _bias_f32(bias)
+    sc, zp = scales.contiguous(), zeros.contiguous()
+    ptrs = (_ptr(p), _ptr(mt), _ptr(sc), _ptr(zp), _ptr(b))
+
+    def native(isa, px, m, ldx, out, nt, work, nwork, _hold=(p, mt, sc, zp, b)):
+        return module().sparse24_int4_panels_mm(isa, px, m, k, ldx, ptrs[0], ptrs[1], n,
+                                                ptrs[2], ptrs[3], group_size, ptrs[4],
+                                                _ptr(out), nt, _ptr(work), nwork)
+    return n, k, native, not (p is packed and mt is meta and sc is scales and zp is zeros
+                              and b is bias)
+
+
+def _run_sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bias=None):
+    native = _sparse24_int4_prepare(packed, meta, scales, zeros, group_size, bias)[2]
 
     def call(isa, xf, m, out, work, nwork):
-        p, mt, b = packed.contiguous(), meta.contiguous(), _bias_f32(bias)
-        sc, zp = scales.contiguous(), zeros.contiguous()
-        return module().sparse24_int4_panels_mm(isa, _ptr(xf), m, k, xf.stride(0), _ptr(p),
-                                                _ptr(mt), n, _ptr(sc), _ptr(zp), group_size,
-                                                _ptr(b), _ptr(out), _threads(), _ptr(work),
-                                                nwork)
+        return native(isa, _ptr(xf), m, xf.stride(0), out, _threads(), work, nwork)
 
     def dense():  # dense int4 codes: the int4 weight-only kernels, group size 2G over K
         w = _sparse24_dense(packed, meta, 4, zeros, group_size)
@@ -343,6 +393,10 @@ def _run_sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bia
         "sparse24_int4_mm_panels", x, packed, meta, 4,
         lambda p, mt: _run_sparse24_int4_mm(x, p, mt, scales, zeros, group_size, bias), call,
         dense)
+
+
+_run_sparse24_int4_mm_panels = _sparse24_binder(
+    "sparse24_int4_mm_panels", _sparse24_int4_prepare, _run_sparse24_int4_mm_panels)
 
 
 def sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bias=None):

@@ -247,18 +247,31 @@ def _panel_weights(op: str, n=64, k=256, g=64):
     if op.startswith("int8"):
         q, s = formats.quantize_int8_per_channel(w)
         return (panels.pack_int8(q), s, torch.randn(n))
-    c, s, z = formats.quantize_int4_groupwise(w, g, symmetric=False)
-    return (*panels.pack_int4(formats.pack_int4(c), s, z, g), g, torch.randn(n))
+    if op.startswith("int4"):
+        c, s, z = formats.quantize_int4_groupwise(w, g, symmetric=False)
+        return (*panels.pack_int4(formats.pack_int4(c), s, z, g), g, torch.randn(n))
+    from pyquant import sparse_formats as sf, sparse_panels
+
+    v, meta = sf.compress_24(w)
+    if op.startswith("sparse24_int8"):
+        q, s = sf.quantize_24_int8(v)
+        return (*sparse_panels.pack(q, meta, 8), s, torch.randn(n))
+    p, s, z = sf.quantize_24_int4(v, g)
+    return (*sparse_panels.pack(p, meta, 4), s, z, g, torch.randn(n))
 
 
-@pytest.mark.parametrize("op", ["int8_weight_only_mm_panels", "int4_weight_only_mm_panels"])
-def test_bound_weight_only_panel_calls_equal_the_whole_way(op):
-    """bind(*weights)(x) against ops.call on every panel ISA: odd M, 3-D, strided and bf16 x,
-    an x with Inf (fixed point cannot hold it: the canonical rows run), an empty batch; then a
-    write in place to the scales, which the prepared call must see."""
-    from pyquant import _native
+@pytest.mark.parametrize("op", ["int8_weight_only_mm_panels", "int4_weight_only_mm_panels",
+                                "sparse24_int8_mm_panels", "sparse24_int4_mm_panels"])
+def test_bound_panel_calls_equal_the_whole_way(op):
+    """bind(*weights)(x) against ops.call on every panel ISA: odd M (17: the 2:4 ops' dense
+    path), 3-D, strided and bf16 x, an x with Inf (the weight-only ops' fixed point cannot
+    hold it: the canonical rows run), an empty batch; then a write in place to the scales,
+    which the prepared call must see."""
+    from pyquant import _native, sparse_panels
 
     isas = _panel_isas()
+    if op.startswith("sparse"):
+        isas = [i for i in isas if sparse_panels.has_kernels(_native.ISA_NAMES.index(i))]
     if not isas:
         pytest.skip("no panel kernels on this CPU")
     args = _panel_weights(op)
@@ -277,7 +290,7 @@ def test_bound_weight_only_panel_calls_equal_the_whole_way(op):
                 want = ops.call(op, x, *args)  # bit for bit, NaN where Inf meets both signs
                 torch.testing.assert_close(run(x), want, rtol=0, atol=0, equal_nan=True,
                                            msg=f"{isa} {tuple(x.shape)} {x.dtype}")
-    scales = args[1]
+    scales = args[2] if op.startswith("sparse") else args[1]
     x = torch.randn(1, 256)
     with torch.inference_mode():
         before = run(x)
