@@ -276,10 +276,10 @@ class LayerCall:
     ops), the call is also prepared once: the weights' kernel addresses and workspace sizes.
     Values written in place need nothing: the function reads the tensors as they are (bind
     declines weights it would have to copy). Anything else goes the whole way and remembers
-    again, or forgets (so no old weights stay referenced): another tensor object, new storage or another shape or dtype under the
-    same one (``.data =``, ``resize_``, ``set_``), another argument, a forced backend,
-    another native module or CPU function for the op, a tensor subclass, tracing or
-    compiling, autograd. Copies and pickles of a layer start empty."""
+    again, or forgets (so no old weights stay referenced): another tensor object, new
+    storage or another shape or dtype under the same one (``.data =``, ``resize_``,
+    ``set_``), another argument, a forced backend, another native module or CPU function for
+    the op, a tensor subclass, tracing or compiling, autograd. Copies and pickles of a layer start empty."""
 
     __slots__ = ("state",)
 
