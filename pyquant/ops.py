@@ -279,7 +279,8 @@ class LayerCall:
     again, or forgets (so no old weights stay referenced): another tensor object, new
     storage or another shape or dtype under the same one (``.data =``, ``resize_``,
     ``set_``), another argument, a forced backend, another native module or CPU function for
-    the op, a tensor subclass, tracing or compiling, autograd. Copies and pickles of a layer start empty."""
+    the op, a tensor subclass, tracing or compiling, autograd. Copies and pickles of a layer
+    start empty."""
 
     __slots__ = ("state",)
 
