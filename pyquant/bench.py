@@ -310,7 +310,7 @@ def probe_impls() -> list[Impl]:
 def pyquant_impls(group_size: int = 128) -> list[Impl]:
     # What the layers run in eager inference: the op through an ops.LayerCall, one per weight
     # copy (the last entry of each state; _clone_state gives each copy its own), which checks
-    # the weights once and, for the weight-only and 2:4 panel ops, prepares the call once. No
+    # the weights once and, for the weight-only and sparse ops, prepares the call once. No
     # dispatcher (its Python wrappers cost ~30 us a call; torch.compile and autograd take
     # torch.ops.pyquant.* instead).
     from . import ops

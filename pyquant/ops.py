@@ -273,7 +273,7 @@ class LayerCall:
     checks would refuse goes the whole way, to the checks' error). The weights' checks and
     the backend choice cost ~5 us a call in Python, as much as a MiniLM-size layer's kernel
     at M = 1. Where the backend's function has a ``bind`` (the weight-only and 2:4 panel
-    ops), the call is also prepared once: the weights' kernel addresses and workspace sizes.
+    ops, 2:4 and unstructured float), the call is also prepared once: the weights' kernel addresses and workspace sizes.
     Values written in place need nothing: the function reads the tensors as they are (bind
     declines weights it would have to copy). Anything else goes the whole way and remembers
     again, or forgets (so no old weights stay referenced): another tensor object, new
@@ -344,7 +344,7 @@ class LayerCall:
             return None
         fn = b.impls[op]
         # the backend's call prepared once for these weights, where it has one (bind: the
-        # weight-only and 2:4 panel ops, _native_panels.py), else its function
+        # weight-only and 2:4 panel ops, the float sparse ops), else its function
         bind = getattr(fn, "bind", None)
         return (op, args, tuple(LayerCall._key(a) for a in args), fn, _native._module,
                 x.shape[-1], bind(*args) if bind is not None else None)

@@ -322,3 +322,46 @@ def test_bind_declines_weights_it_would_copy():
         codes[0].bitwise_xor_(0x11)
         assert torch.equal(lc(op, x, odd, scales, zeros, g, bias),
                            ops.call(op, x, codes, scales, zeros, g, bias))
+
+
+@pytest.mark.parametrize("op", ["sparse24_mm", "sparse_unstructured_mm"])
+@pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_bound_sparse_float_calls_equal_the_whole_way(op, vdtype):
+    """The 2:4 and unstructured float ops' prepared call against ops.call on every ISA: bf16
+    and fp32 x at odd M (17: past some dense break-evens), 3-D, strided and fp16 x, an empty
+    batch; a write in place to the values is seen; a bias that would be converted declines."""
+    from pyquant import _native, sparse_formats as sf
+
+    torch.manual_seed(2)
+    n, k = 40, 256
+    w = torch.randn(n, k).to(vdtype)
+    if op == "sparse24_mm":
+        weights = sf.compress_24(w)
+    else:
+        mask = torch.rand(n, k) < 0.3
+        weights = sf.compress_unstructured(w, mask)
+    bias = torch.randn(n).to(vdtype)
+    args = (*weights, bias)
+    bind = ops._REGISTRY["cpu"].impls[op].bind
+    f32_bias = args[:-1] + (bias.float(),)
+    assert (bind(*args) is None) == (vdtype != torch.float32)  # a bf16 bias would be copied
+    for isa in [i for i in _native.ISA_NAMES if _native.module().isa_available(
+            _native.ISA_NAMES.index(i))]:
+        with _native.use_isa(isa), torch.inference_mode():
+            run = bind(*f32_bias)
+            assert run is not None
+            xs = [torch.randn(m, k).to(dt) for m in (1, 3, 17)
+                  for dt in (torch.float32, torch.bfloat16)]
+            xs += [torch.randn(2, 5, k), torch.randn(3, 2 * k)[:, ::2],
+                   torch.randn(2, k).to(torch.float16), torch.randn(0, k)]
+            for x in xs:
+                torch.testing.assert_close(run(x), ops.call(op, x, *f32_bias), rtol=0, atol=0,
+                                           msg=f"{isa} {tuple(x.shape)} {x.dtype}")
+    values = f32_bias[1] if op == "sparse_unstructured_mm" else f32_bias[0]
+    x = torch.randn(1, k)
+    with torch.inference_mode():
+        before = run(x)
+        values.mul_(2)
+        after = run(x)
+    torch.testing.assert_close(after, 2 * (before - f32_bias[-1]) + f32_bias[-1],
+                               rtol=1e-5, atol=1e-4)
