@@ -265,22 +265,21 @@ def call(op: str, x: torch.Tensor, *args):
 class LayerCall:
     """``call`` for one layer whose weight tensors stay the same from call to call.
 
-    The first call goes the whole way (dispatcher or body: checks, backend choice). When it
-    ran the op's body on the native CPU backend, this remembers the weight arguments (the
-    tensor objects with their data address, shape and dtype, which is all the checks look
-    at; the other arguments with their types) and the backend's function; the next calls
-    with the same arguments, unchanged, check only x before that function runs (an x the
-    checks would refuse goes the whole way, to the checks' error). The weights' checks and
-    the backend choice cost ~5 us a call in Python, as much as a MiniLM-size layer's kernel
-    at M = 1. Where the backend's function has a ``bind`` (the weight-only and 2:4 panel
-    ops, 2:4 and unstructured float), the call is also prepared once: the weights' kernel
-    addresses and workspace sizes. Values written in place need nothing: the function reads the tensors as they are (bind
+    The first call goes the whole way (dispatcher or body: checks, backend choice). When it ran
+    the op's body on the native CPU backend, this remembers the weight arguments (the tensor
+    objects with their data address, shape and dtype, which is all the checks look at; the other
+    arguments with their types) and the backend's function; the next calls with the same
+    arguments, unchanged, check only x before that function runs (an x the checks would refuse
+    goes the whole way, to the checks' error). The weights' checks and the backend choice cost
+    ~5 us a call in Python, as much as a MiniLM-size layer's kernel at M = 1. Where the
+    backend's function has a ``bind`` (the weight-only and 2:4 panel ops, 2:4 and unstructured
+    float), the call is also prepared once: the weights' kernel addresses and workspace sizes.
+    Values written in place need nothing: the function reads the tensors as they are (bind
     declines weights it would have to copy). Anything else goes the whole way and remembers
-    again, or forgets (so no old weights stay referenced): another tensor object, new
-    storage or another shape or dtype under the same one (``.data =``, ``resize_``,
-    ``set_``), another argument, a forced backend, another native module or CPU function for
-    the op, a tensor subclass, tracing or compiling, autograd. Copies and pickles of a layer
-    start empty."""
+    again, or forgets (so no old weights stay referenced): another tensor object, new storage or
+    another shape or dtype under the same one (``.data =``, ``resize_``, ``set_``), another
+    argument, a forced backend, another native module or CPU function for the op, a tensor
+    subclass, tracing or compiling, autograd. Copies and pickles of a layer start empty."""
 
     __slots__ = ("state",)
 
