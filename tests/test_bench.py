@@ -298,6 +298,32 @@ def test_panel_layout_ab_script_runs(capsys):
     assert len([ln for ln in not_here if ln.startswith("40x128 ")]) == 4, out
 
 
+@pytest.mark.skipif(not _native.available(), reason="native module not loaded")
+@pytest.mark.parametrize("op", ["int4_weight_only", "sparse24_int8", "sparse24_bf16"])
+def test_decode_call_ab_script_runs(capsys, op):
+    """benchmarks/decode_call_ab.py on a tiny shape: a line per way (two, or four where huge
+    pages are on) with finite times, and the ratios between them."""
+    import importlib.util
+    import math
+    import pathlib
+
+    from pyquant import _hugepages
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "decode_call_ab.py"
+    spec = importlib.util.spec_from_file_location("decode_call_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # 1024 x 4096 int4: 2 MiB of codes, the smallest weight the placement moves
+    assert mod.main(["--op", op, "--shape", "1024x4096", "--rounds", "2",
+                     "--max-copies", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ways = [ln for ln in out if ln.strip().endswith("GB/s")]
+    assert len(ways) == (4 if _hugepages.enabled() else 2), out
+    assert all(math.isfinite(float(ln.split()[-4])) for ln in ways), out
+    ratios = [ln for ln in out if ln.rstrip().endswith("x")]
+    assert len(ratios) == (5 if _hugepages.enabled() else 1), out
+
+
 def _panel_isa() -> bool:
     return _native.available() and _native.ISA_NAMES[_native.current_isa()] in (
         "avx512_vnni", "avx512_bf16")
