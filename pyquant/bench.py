@@ -255,7 +255,7 @@ def baseline_impls() -> list[Impl]:
              lambda s: _tensor_bytes(s), "linear", lambda s, m: ("fp32", 1)),
         # the same weight where pyquant's layers keep theirs (huge pages, _hugepages): what the
         # placement alone gives a float GEMV, beside the rows of pyquant's kernels placed so
-        Impl(f"{FP32_HUGE}", "baseline", lambda w: _hugepages.place(w.clone()),
+        Impl(FP32_HUGE, "baseline", lambda w: _hugepages.place(w.clone()),
              lambda s, x: F.linear(x, s), lambda s: _tensor_bytes(s), "linear",
              lambda s, m: ("fp32", 1)),
         Impl("F.linear[bf16]", "baseline", lambda w: w.to(torch.bfloat16),
