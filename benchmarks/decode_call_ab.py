@@ -7,6 +7,7 @@ cache. Prints the median ms of each way and the ratios that isolate each change.
 
     python benchmarks/decode_call_ab.py                                  # int4 weight-only
     python benchmarks/decode_call_ab.py --op sparse24_int8 --shape 11008x4096 --rounds 120
+    python benchmarks/decode_call_ab.py --probe        # and the read probe on both page kinds
 
 Why: at M = 1 a call's Python runs from caches that the previous call's weight stream has just
 flushed, so it costs several times what it costs in a hot loop, and a 4096 x 4096 int4 weight
@@ -49,16 +50,41 @@ def _place(args):
     return tuple(_hugepages.place(a) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def probe_pages(nbytes: int = 1 << 30, passes: int = 5) -> None:
+    """The read probe (_native.stream_read: eight streams a thread) over nbytes on the
+    allocator's pages and on huge pages, on one and on all threads: best pass, GB/s."""
+    from pyquant import _native
+
+    bufs = {"4k": torch.ones(nbytes // 8, dtype=torch.int64)}
+    huge = _hugepages.empty((nbytes // 8,), torch.int64)
+    if huge is not None:
+        bufs["huge"] = huge.fill_(1)
+    for threads in sorted({1, torch.get_num_threads()}):
+        line = []
+        for pages, buf in bufs.items():
+            best = float("inf")
+            for _ in range(passes):
+                t0 = time.perf_counter()
+                _native.stream_read(buf, threads)
+                best = min(best, time.perf_counter() - t0)
+            line.append(f"{pages} {nbytes / best / 1e9:.1f} GB/s")
+        print(f"read probe, {threads} thread(s): " + ", ".join(line))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=OPS, default=OPS[0])
     ap.add_argument("--shape", default="4096x4096", help="N x K")
     ap.add_argument("--m", type=int, default=1, help="rows of x")
     ap.add_argument("--rounds", type=int, default=80)
+    ap.add_argument("--probe", action="store_true",
+                    help="also the read probe on both kinds of pages, 1 GB, 1 and all threads")
     ap.add_argument("--max-copies", type=int, default=128,
                     help="at most this many weight copies (small shapes stay in cache anyway)")
     a = ap.parse_args(argv)
     n, k = (int(v) for v in a.shape.lower().split("x"))
+    if a.probe:
+        probe_pages()
     torch.manual_seed(0)
     name, probe = _weights(a.op, n, k)
     nbytes = sum(t.numel() * t.element_size() for t in probe if isinstance(t, torch.Tensor))

@@ -2,10 +2,11 @@
 
 Why: at decode sizes a layer streams its whole weight from memory once per call, and a core
 keeps only so many misses in flight. With 4 KiB pages a stream's prefetching starts over at
-every page and each page costs a TLB walk; on 2 MiB pages one core read a sequential stream at
-16.9 GB/s against 12.5, and two cores 32.5 GB/s against 22.9 (a 2-core Granite Rapids VM,
-1 GB buffers, one stream a thread). The int4 weight-only panel kernel at M = 1, 11008 x 4096,
-two threads, went from 24.5-25.4 to 26.1-27.3 GB/s (weights rotated through 1.2 GB).
+every page and each page costs a TLB walk. On a 2-core Granite Rapids VM the read probe (eight
+streams a thread, 1 GB) read 13.9 GB/s on one core and 28.7 on two from 4 KiB pages, 15.5 and
+30.8 from 2 MiB ones; the int4 weight-only panel kernel at M = 1, 4096 x 4096, ran 1.10x as
+fast from huge pages, the 2:4 + int8 one 1.10x and 2:4 bf16 1.20x (in one process, weights
+rotated past the cache: python benchmarks/decode_call_ab.py [--op ...] --probe).
 
 Linux gives an anonymous private mapping huge pages when it is marked with madvise(MADV_HUGEPAGE)
 before its pages are touched, where /sys/kernel/mm/transparent_hugepage/enabled is "always" or

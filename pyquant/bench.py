@@ -127,7 +127,8 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
 def _probe_buffer(nbytes: int) -> torch.Tensor:
     """The read probe's int64 buffer of about nbytes, on huge pages where the layers' weights go
     there too (_hugepages): the probe is the ceiling, so it reads memory the fastest way it can
-    be read (on 4 KiB pages one stream a thread read ~20-30% slower on a 2-core Xeon VM)."""
+    be read (from 4 KiB pages it read 7-12% slower on a 2-core Xeon VM:
+    benchmarks/decode_call_ab.py --probe)."""
     n = max(nbytes // 8, 1)
     buf = _hugepages.empty((n,), torch.int64) if _hugepages.enabled() else None
     return (torch.empty(n, dtype=torch.int64) if buf is None else buf).fill_(1)
