@@ -25,7 +25,7 @@ import torch
 from pyquant import _hugepages, formats, ops, panels, sparse_formats, sparse_panels
 from pyquant.bench import _llc_bytes
 
-OPS = ("int4_weight_only", "sparse24_int8", "sparse24_bf16")
+OPS = ("int4_weight_only", "int8_dynamic", "sparse24_int8", "sparse24_bf16")
 
 
 def _weights(op: str, n: int, k: int):
@@ -37,6 +37,11 @@ def _weights(op: str, n: int, k: int):
         if panels.int4_weight_only_panel_layout_applies(n, k, 128, "cpu"):
             return "int4_weight_only_mm_panels", (*panels.pack_int4(wp, s, z, 128), 128, None)
         return "int4_weight_only_mm", (wp, s, z, 128, None)
+    if op == "int8_dynamic":
+        q, s = formats.quantize_int8_per_channel(w)
+        if panels.panel_layout_applies(n, k, "cpu"):
+            return "int8_dynamic_mm_panels", (panels.pack_int8(q), s, None)
+        return "int8_dynamic_mm", (q, s, None)
     if op == "sparse24_int8":
         v, meta = sparse_formats.compress_24(w)
         q, s = sparse_formats.quantize_24_int8(v)

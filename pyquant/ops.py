@@ -272,14 +272,14 @@ class LayerCall:
     arguments, unchanged, check only x before that function runs (an x the checks would refuse
     goes the whole way, to the checks' error). The weights' checks and the backend choice cost
     ~5 us a call in Python, as much as a MiniLM-size layer's kernel at M = 1. Where the
-    backend's function has a ``bind`` (the weight-only and 2:4 panel ops, 2:4 and unstructured
-    float), the call is also prepared once: the weights' kernel addresses and workspace sizes.
-    Values written in place need nothing: the function reads the tensors as they are (bind
-    declines weights it would have to copy). Anything else goes the whole way and remembers
-    again, or forgets (so no old weights stay referenced): another tensor object, new storage or
-    another shape or dtype under the same one (``.data =``, ``resize_``, ``set_``), another
-    argument, a forced backend, another native module or CPU function for the op, a tensor
-    subclass, tracing or compiling, autograd. Copies and pickles of a layer start empty."""
+    backend's function has a ``bind`` (the weight-only and 2:4 panel ops, int8 dynamic, 2:4 and
+    unstructured float), the call is also prepared once: the weights' kernel addresses and
+    workspace sizes. Values written in place need nothing: the function reads the tensors as
+    they are (bind declines weights it would have to copy). Anything else goes the whole way and
+    remembers again, or forgets (so no old weights stay referenced): another tensor object, new
+    storage or another shape or dtype under the same one (``.data =``, ``resize_``, ``set_``),
+    another argument, a forced backend, another native module or CPU function for the op, a
+    tensor subclass, tracing or compiling, autograd. Copies and pickles of a layer start empty."""
 
     __slots__ = ("state",)
 
@@ -343,7 +343,7 @@ class LayerCall:
             return None
         fn = b.impls[op]
         # the backend's call prepared once for these weights, where it has one (bind: the
-        # weight-only and 2:4 panel ops, the float sparse ops), else its function
+        # weight-only and 2:4 panel ops, int8 dynamic, the float sparse ops), else its function
         bind = getattr(fn, "bind", None)
         return (op, args, tuple(LayerCall._key(a) for a in args), fn, _native._module,
                 x.shape[-1], bind(*args) if bind is not None else None)

@@ -299,7 +299,8 @@ def test_panel_layout_ab_script_runs(capsys):
 
 
 @pytest.mark.skipif(not _native.available(), reason="native module not loaded")
-@pytest.mark.parametrize("op", ["int4_weight_only", "sparse24_int8", "sparse24_bf16"])
+@pytest.mark.parametrize("op", ["int4_weight_only", "int8_dynamic", "sparse24_int8",
+                                "sparse24_bf16"])
 def test_decode_call_ab_script_runs(capsys, op):
     """benchmarks/decode_call_ab.py on a tiny shape: a line per way (two, or four where huge
     pages are on) with finite times, and the ratios between them."""

@@ -365,3 +365,38 @@ def test_bound_sparse_float_calls_equal_the_whole_way(op, vdtype):
         after = run(x)
     torch.testing.assert_close(after, 2 * (before - f32_bias[-1]) + f32_bias[-1],
                                rtol=1e-5, atol=1e-4)
+
+
+def test_bound_int8_dynamic_calls_equal_the_whole_way():
+    """int8_dynamic_mm (canonical rows)'s prepared call against ops.call on every ISA: odd M,
+    3-D, strided, bf16 and fp16 x, an empty batch, an x with Inf; a write in place to the
+    scales is seen; a bias that would be converted declines."""
+    from pyquant import _native, formats
+
+    torch.manual_seed(3)
+    n, k = 40, 256
+    q, s = formats.quantize_int8_per_channel(torch.randn(n, k))
+    bias = torch.randn(n)
+    bind = ops._REGISTRY["cpu"].impls["int8_dynamic_mm"].bind
+    assert bind(q, s, bias.to(torch.bfloat16)) is None
+    for isa in [i for i in _native.ISA_NAMES if _native.module().isa_available(
+            _native.ISA_NAMES.index(i))]:
+        with _native.use_isa(isa), torch.inference_mode():
+            run = bind(q, s, bias)
+            xs = [torch.randn(m, k) for m in (1, 3, 17)]
+            xs += [torch.randn(2, 5, k), torch.randn(3, 2 * k)[:, ::2],
+                   torch.randn(2, k).to(torch.bfloat16), torch.randn(2, k).to(torch.float16),
+                   torch.randn(0, k)]
+            inf = torch.randn(2, k)
+            inf[0, 3] = float("inf")
+            xs.append(inf)
+            for x in xs:
+                torch.testing.assert_close(run(x), ops.call("int8_dynamic_mm", x, q, s, bias),
+                                           rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{isa} {tuple(x.shape)} {x.dtype}")
+    x = torch.randn(1, k)
+    with torch.inference_mode():
+        before = run(x)
+        s.mul_(2)
+        after = run(x)
+    torch.testing.assert_close(after, 2 * (before - bias) + bias, rtol=1e-5, atol=1e-4)
