@@ -389,6 +389,14 @@ def _run_int8_dynamic_mm(x, w, w_scale, bias=None):
     return _run_dynamic(x, *w.shape, _int8_codes_mm, w, w_scale, bias)
 
 
+def _contiguous_rows(x: torch.Tensor) -> int:
+    """The rows M of a contiguous x of two or more dims (a model's [batch, tokens, K] too), or 0
+    for any other x (and an empty one): the case the bound calls send straight to a kernel."""
+    if x.dim() >= 2 and x.is_contiguous() and x.shape[-1]:
+        return x.numel() // x.shape[-1]
+    return 0
+
+
 def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     """_run_int8_dynamic_mm prepared once for weights that stay the same (ops.LayerCall; see
     _sparse_float_binder): contiguous float32 rows are quantized and multiplied with no other
@@ -403,14 +411,15 @@ def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     ptrs, mod, sizes = (_ptr(wc), _ptr(ws), _ptr(b)), module(), {}
 
     def bound(x):
-        if x.dtype is torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[0]:
-            m, isa, nt = x.shape[0], current_isa(), _threads()
+        m = _contiguous_rows(x) if x.dtype is torch.float32 else 0
+        if m:
+            isa, nt = current_isa(), _threads()
             nwork = sizes.get((isa, m, nt))
             if nwork is None:
                 nwork = sizes[(isa, m, nt)] = max(mod.int8_workspace_bytes(isa, m, k, n, nt), 0)
             xq, xs = _work("xq", m * k), _work("xs", m * 4)
             work = _work("amx", nwork) if nwork else None
-            out = torch.empty(m, n)
+            out = torch.empty(x.shape[:-1] + (n,))
             if (mod.quantize_rows_int8_amax(isa, x.data_ptr(), m, k, k, 0, _ptr(xq), _ptr(xs),
                                             nt) == 0
                     and mod.int8_dynamic_mm(isa, _ptr(xq), _ptr(xs), m, k, ptrs[0], n, ptrs[1],
@@ -805,14 +814,13 @@ def _sparse_float_binder(op: str, prepare, run):
 
         def bound(x):
             dt = x.dtype
-            if ((dt is torch.float32 or dt is torch.bfloat16) and x.dim() == 2
-                    and x.is_contiguous() and x.shape[0]):
-                m = x.shape[0]
+            m = _contiguous_rows(x) if dt is torch.float32 or dt is torch.bfloat16 else 0
+            if m:
                 if not sparse_dense_reason(op, m, "bf16" if bf16 and dt is torch.bfloat16
                                            else "fp32"):
                     xf = x if dt is torch.float32 else x.float()
-                    out = torch.empty(m, n)
-                    if native(current_isa(), xf.data_ptr(), m, x.shape[1], out, _threads()) == 0:
+                    out = torch.empty(x.shape[:-1] + (n,))
+                    if native(current_isa(), xf.data_ptr(), m, x.shape[-1], out, _threads()) == 0:
                         return out if dt is torch.float32 else out.to(dt)
             return run(x, *w)
         return bound

@@ -400,3 +400,27 @@ def test_bound_int8_dynamic_calls_equal_the_whole_way():
         s.mul_(2)
         after = run(x)
     torch.testing.assert_close(after, 2 * (before - bias) + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_a_models_3d_rows_take_the_prepared_call(monkeypatch):
+    """A transformer's layers get [batch, tokens, K]: contiguous rows of any rank go straight
+    to the kernel (the general path, which flattens them, is not called), with the shape and
+    values the general path gives."""
+    from pyquant import _native_panels
+
+    if not _panel_isas():
+        pytest.skip("no panel kernels on this CPU")
+    op = "int4_weight_only_mm_panels"
+    args = _panel_weights(op)
+    run = ops._REGISTRY["cpu"].impls[op].bind(*args)
+    x = torch.randn(2, 3, 256)
+    with torch.inference_mode():
+        want = ops.call(op, x, *args)
+        general = []
+        real = _native_panels._run_weight_only
+        monkeypatch.setattr(_native_panels, "_run_weight_only",
+                            lambda *a: general.append(1) or real(*a))
+        got = run(x)
+        assert general == [] and got.shape == (2, 3, 64) and torch.equal(got, want)
+        run(x.transpose(0, 1))  # not contiguous: the general path
+        assert general == [1]
