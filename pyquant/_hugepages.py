@@ -4,8 +4,8 @@ Why: at decode sizes a layer streams its whole weight from memory once per call,
 keeps only so many misses in flight. With 4 KiB pages a stream's prefetching starts over at
 every page and each page costs a TLB walk. On a 2-core Granite Rapids VM the read probe (eight
 streams a thread, 1 GB) read 13.9 GB/s on one core and 28.7 on two from 4 KiB pages, 15.5 and
-30.8 from 2 MiB ones; the int4 weight-only panel kernel at M = 1, 4096 x 4096, ran 1.10x as
-fast from huge pages, the 2:4 + int8 one 1.10x and 2:4 bf16 1.20x (in one process, weights
+30.8 from 2 MiB ones; the int4 weight-only panel kernel at M = 1, 4096 x 4096, ran 1.06-1.12x
+as fast from huge pages, the 2:4 + int8 one 1.10x and 2:4 bf16 1.20x (in one process, weights
 rotated past the cache: python benchmarks/decode_call_ab.py [--op ...] --probe).
 
 Linux gives an anonymous private mapping huge pages when it is marked with madvise(MADV_HUGEPAGE)
