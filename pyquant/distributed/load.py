@@ -125,6 +125,12 @@ def load_sharded(model: nn.Module, path: Union[str, "os.PathLike[str]"],
         model.load_state_dict(sd, strict=strict, assign=True)
     except RuntimeError as e:
         raise _io._err(path, f"could not load into the model: {e}") from e
+    from .._hugepages import place_module
+    from ..nn import _QuantLinearBase
+
+    for m in model.modules():  # the assigned weights as decode streams them fastest
+        if isinstance(m, _QuantLinearBase):
+            place_module(m)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         warnings.warn(f"load_sharded({path}): {len(left)} tensor(s) are still on the meta device "
