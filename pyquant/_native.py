@@ -389,6 +389,19 @@ def _run_int8_dynamic_mm(x, w, w_scale, bias=None):
     return _run_dynamic(x, *w.shape, _int8_codes_mm, w, w_scale, bias)
 
 
+def _workspace_sizes(fn, *fixed):
+    """fn(isa, m, *fixed, threads) kept per (isa, m, threads): the native workspace query."""
+    sizes = {}
+
+    def get(isa, m, nt):
+        key = (isa, m, nt)
+        v = sizes.get(key)
+        if v is None:
+            v = sizes[key] = fn(isa, m, *fixed, nt)
+        return v
+    return get
+
+
 def _contiguous_rows(x: torch.Tensor) -> int:
     """The rows M of a contiguous x of two or more dims (a model's [batch, tokens, K] too), or 0
     for any other x (and an empty one): the case the bound calls send straight to a kernel."""
@@ -408,15 +421,14 @@ def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
     if not (wc is w and ws is w_scale and b is bias):
         return None
-    ptrs, mod, sizes = (_ptr(wc), _ptr(ws), _ptr(b)), module(), {}
+    ptrs, mod = (_ptr(wc), _ptr(ws), _ptr(b)), module()
+    sizes = _workspace_sizes(mod.int8_workspace_bytes, k, n)
 
     def bound(x):
         m = _contiguous_rows(x) if x.dtype is torch.float32 else 0
         if m:
             isa, nt = current_isa(), _threads()
-            nwork = sizes.get((isa, m, nt))
-            if nwork is None:
-                nwork = sizes[(isa, m, nt)] = max(mod.int8_workspace_bytes(isa, m, k, n, nt), 0)
+            nwork = max(sizes(isa, m, nt), 0)
             xq, xs = _work("xq", m * k), _work("xs", m * 4)
             work = _work("amx", nwork) if nwork else None
             out = torch.empty(x.shape[:-1] + (n,))

@@ -14,8 +14,8 @@ from ._native import (
     _NOT_FIXED_POINT, _bias_f32, _check_codes, _contiguous_rows, _finish, _flat, _int4_codes_mm,
     _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes, _run_dynamic,
     _run_int4_weight_only_mm, _run_int8_weight_only_mm, _run_sparse24_int4_mm,
-    _run_sparse24_int8_mm, _scratch, _threads, _work, current_isa, has_panel_kernels,
-    int8_weight_only_mm, module, sparse_dense_reason)
+    _run_sparse24_int8_mm, _scratch, _threads, _work, _workspace_sizes, current_isa,
+    has_panel_kernels, int8_weight_only_mm, module, sparse_dense_reason)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -103,19 +103,6 @@ def _weight_only_binder(op: str, prepare, rows):
 
     run.bind = bind
     return run
-
-
-def _workspace_sizes(fn, *fixed):
-    """fn(isa, m, *fixed, threads) kept per (isa, m, threads): the native workspace query."""
-    sizes = {}
-
-    def get(isa, m, nt):
-        key = (isa, m, nt)
-        v = sizes.get(key)
-        if v is None:
-            v = sizes[key] = fn(isa, m, *fixed, nt)
-        return v
-    return get
 
 
 def _int8_weight_only_prepare(p, w_scale, bias=None):
@@ -355,8 +342,7 @@ def _run_sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
         lambda v, mt: _run_sparse24_int8_mm(x, v, mt, scale, bias), call, dense)
 
 
-_run_sparse24_int8_mm_panels = _sparse24_binder(
-    "sparse24_int8_mm_panels", _sparse24_int8_prepare, _run_sparse24_int8_mm_panels)
+_sparse24_binder("sparse24_int8_mm_panels", _sparse24_int8_prepare, _run_sparse24_int8_mm_panels)
 
 
 def sparse24_int8_mm_panels(x, values_q, meta, scale, bias=None):
@@ -397,8 +383,7 @@ def _run_sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bia
         dense)
 
 
-_run_sparse24_int4_mm_panels = _sparse24_binder(
-    "sparse24_int4_mm_panels", _sparse24_int4_prepare, _run_sparse24_int4_mm_panels)
+_sparse24_binder("sparse24_int4_mm_panels", _sparse24_int4_prepare, _run_sparse24_int4_mm_panels)
 
 
 def sparse24_int4_mm_panels(x, packed, meta, scales, zeros, group_size, bias=None):
