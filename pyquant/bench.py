@@ -326,8 +326,13 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
             return panels.pack_int8(q), s, "_panels", ops.LayerCall()
         return q, s, "", ops.LayerCall()
 
+    # the op's name for each layout, made once: the timed call does not build it
+    def names(op):
+        return {"": op, "_panels": op + "_panels"}
+
     def int8(op):
-        return lambda s, x: s[3](op + s[2], x, s[0], s[1], None)
+        name = names(op)
+        return lambda s, x: s[3](name[s[2]], x, s[0], s[1], None)
 
     def make_i4(w):
         c, s, z = formats.quantize_int4_groupwise(w, group_size, symmetric=False)
@@ -344,7 +349,8 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         return make_i4_layer(w, panels.int4_weight_only_panel_layout_applies)
 
     def int4(op):
-        return lambda s, x: s[4](op + s[3], x, s[0], s[1], s[2], group_size, None)
+        name = names(op)
+        return lambda s, x: s[4](name[s[3]], x, s[0], s[1], s[2], group_size, None)
 
     def unit(arith, bf16_from_m=None):
         """The unit of the panel kernels (AVX512-VNNI and -BF16 builds; kernels.h). arith
@@ -379,10 +385,10 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         # A bf16 model's activations (as F.linear[bf16] and int4pack get them): on AMX the
         # weight-only kernels then multiply one bf16 term per activation instead of three.
         Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8_layer,
-             lambda s, x: int8("int8_weight_only_mm")(s, x.to(torch.bfloat16)),
+             lambda s, x, run=int8("int8_weight_only_mm"): run(s, x.to(torch.bfloat16)),
              lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm", unit("fixed", 24)),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4wo_layer,
-             lambda s, x: int4("int4_weight_only_mm")(s, x.to(torch.bfloat16)),
+             lambda s, x, run=int4("int4_weight_only_mm"): run(s, x.to(torch.bfloat16)),
              lambda s: _tensor_bytes(*s[:3]), "int4_weight_only_mm", unit("fixed", 16)),
     ]
 

@@ -419,6 +419,31 @@ def test_every_pyquant_impl_runs_without_the_dispatcher(monkeypatch):
     assert any(op.startswith("sparse") for op in called)
 
 
+@pytest.mark.skipif(not _native.available(), reason="needs the native module")
+def test_every_pyquant_impl_takes_the_remembered_call_after_the_first(monkeypatch):
+    """A layer's LayerCall checks its weights and prepares its call once; so must the bench's
+    calls, or they time a path no layer takes. The dense impls built their op's name per
+    call ("int4_weight_only_mm" + "_panels"), a new string each time, which LayerCall compared
+    by identity: every timed call on panels went the whole way and prepared its call again
+    (~80 us a call at 4096 x 4096, M = 1)."""
+    import torch
+
+    from pyquant import bench_sparse, ops
+
+    called = []
+    real_call = ops.call
+    monkeypatch.setattr(ops, "call", lambda op, *a: called.append(op) or real_call(op, *a))
+    w = torch.randn(64, 256)  # N = 64: the panel layouts, where this CPU has them
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        for impl in bench.pyquant_impls(group_size=128) + bench_sparse.sparse_impls(128):
+            state = impl.make(w)
+            n = len(called)
+            for _ in range(3):
+                impl.run(state, x)
+            assert len(called) == n + 1, (impl.name, called[n:])
+
+
 @pytest.mark.parametrize("script,lines", [("sparse24_panel_loop", 10), ("unstructured_loop", 8)])
 def test_loop_benchmark_builds_and_runs(capsys, script, lines):
     """benchmarks/sparse24_panel_loop.py and unstructured_loop.py compile the kernels' loops

@@ -77,6 +77,22 @@ def test_remembered_calls_equal_the_whole_way(config, whole_way_calls):
         assert torch.equal(layer(x3), _whole_way(layer, x3))
 
 
+def test_an_op_name_built_at_run_time_is_remembered(whole_way_calls):
+    """The op's name compared by value: a name built per call (a new string object each time)
+    takes the remembered way as a literal one does."""
+    layer = _layer(pyquant.Int4WeightOnly(group_size=64))
+    op, x, *args = _forward_args(layer, torch.randn(3, 128))
+    head, tail = op[:4], op[4:]
+    call = ops.LayerCall()
+    want = ops.call(op, x, *args)
+    n = len(whole_way_calls)
+    for _ in range(3):
+        built = head + tail
+        assert built == op and built is not op
+        torch.testing.assert_close(call(built, x, *args), want, rtol=0, atol=0)
+    assert len(whole_way_calls) == n + 1 and call.state is not None
+
+
 def test_an_in_place_write_to_a_weight_is_seen():
     layer = _layer(pyquant.Int8WeightOnly())
     x = torch.randn(3, layer.in_features)
