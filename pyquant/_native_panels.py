@@ -11,10 +11,10 @@ import torch
 
 from . import _checks, panels, sparse_panels
 from ._native import (
-    _NOT_FIXED_POINT, _bias_f32, _check_codes, _contiguous_rows, _finish, _flat, _int4_codes_mm,
+    _NOT_FIXED_POINT, _bias_f32, _check_codes, _finish, _flat, _int4_codes_mm,
     _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes, _run_dynamic,
     _run_int4_weight_only_mm, _run_int8_weight_only_mm, _run_sparse24_int4_mm,
-    _run_sparse24_int8_mm, _scratch, _threads, _work, _workspace_sizes, current_isa,
+    _run_sparse24_int8_mm, _rows_out, _scratch, _threads, _work, _workspace_sizes, current_isa,
     has_panel_kernels, int8_weight_only_mm, module, sparse_dense_reason)
 
 
@@ -91,11 +91,10 @@ def _weight_only_binder(op: str, prepare, rows):
             # contiguous float32 rows of x (2-D or more), the decode call of an fp32 model, to the
             # kernel; a status other than 0 (rows fixed point cannot hold) or any other x
             # takes the general path
-            m = _contiguous_rows(x) if x.dtype is torch.float32 else 0
+            m, out = _rows_out(x, n) if x.dtype is torch.float32 else (0, None)
             if m:
                 isa = current_isa()
                 if has_panel_kernels(isa):
-                    out = torch.empty(x.shape[:-1] + (n,))
                     if call(isa, x.data_ptr(), m, k, out, _threads()) == 0:
                         return out
             return _run_weight_only(op, x, n, k, rows_x, call)
@@ -298,11 +297,11 @@ def _sparse24_binder(op: str, prepare, run):
             isa, m, k))
 
         def bound(x):
-            m = _contiguous_rows(x) if x.dtype is torch.float32 else 0
+            m, out = _rows_out(x, n) if x.dtype is torch.float32 else (0, None)
             if m:
                 isa = current_isa()
                 if sparse_panels.has_kernels(isa) and not sparse_dense_reason(op, m):
-                    out, nt = torch.empty(x.shape[:-1] + (n,)), _threads()
+                    nt = _threads()
                     nwork = sizes(isa, m, nt)
                     work = _work("sparse_fx", max(nwork, 64))
                     if native(isa, x.data_ptr(), m, k, out, nt, work, nwork) == 0:

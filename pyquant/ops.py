@@ -99,7 +99,17 @@ _state = threading.local()
 _warned: set = set()
 
 
+# use_backend blocks open on any thread: while there are none and PYQUANT_BACKEND is unset,
+# _forced answers without the thread-local and string steps, which at decode (caches the weight
+# stream has just flushed) cost ~10 us of a layer's call (2-core Xeon)
+_forcing = 0
+_forcing_lock = threading.Lock()
+
+
 def _forced() -> Optional[str]:
+    env = _native._ENV_BYTES
+    if not _forcing and type(env) is dict and b"PYQUANT_BACKEND" not in env:
+        return None
     name = getattr(_state, "forced", None)
     if name is None:
         name = _native.env_setting("PYQUANT_BACKEND", b"PYQUANT_BACKEND").strip().lower() or None
@@ -118,12 +128,17 @@ def use_backend(name: str):
         name = name.strip().lower()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    global _forcing
     prev = getattr(_state, "forced", None)
     _state.forced = name
+    with _forcing_lock:
+        _forcing += 1
     try:
         yield
     finally:
         _state.forced = prev
+        with _forcing_lock:
+            _forcing -= 1
 
 
 def _supports(b: Backend, op: str, device: str) -> Optional[str]:

@@ -325,6 +325,30 @@ def test_decode_call_ab_script_runs(capsys, op):
     assert len(ratios) == (5 if _hugepages.enabled() else 1), out
 
 
+@pytest.mark.skipif(not _native.available(), reason="native module not loaded")
+def test_cold_call_script_runs(capsys):
+    """benchmarks/cold_call.py: a line per op with a cold and a warm time for 2-D and 3-D x,
+    the cold ones no shorter than a microsecond (a flush that did nothing would not show it,
+    but a call that did nothing would)."""
+    import importlib.util
+    import pathlib
+    import re
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "cold_call.py"
+    spec = importlib.util.spec_from_file_location("cold_call", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--calls", "3", "--flush-mb", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in out if "cold" in ln and "warm" in ln]
+    assert len(lines) == 3, out
+    for ln in lines:
+        cold = [float(v) for v in re.findall(r"cold +([0-9.]+) us", ln)]
+        assert len(cold) == 2 and min(cold) >= 1.0, ln
+    with pytest.raises(SystemExit):
+        mod.main(["--ops", "int3"])
+
+
 def _panel_isa() -> bool:
     return _native.available() and _native.ISA_NAMES[_native.current_isa()] in (
         "avx512_vnni", "avx512_bf16")

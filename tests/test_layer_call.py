@@ -440,3 +440,53 @@ def test_a_models_3d_rows_take_the_prepared_call(monkeypatch):
         assert general == [] and got.shape == (2, 3, 64) and torch.equal(got, want)
         run(x.transpose(0, 1))  # not contiguous: the general path
         assert general == [1]
+
+
+@pytest.mark.parametrize("shape, m", [((1, 40), 1), ((3, 40), 3), ((2, 3, 40), 6),
+                                      ((2, 1, 3, 40), 6), ((40,), 0), ((0, 40), 0),
+                                      ((2, 0, 40), 0), ((3, 0), 0), ((1, 2, 0, 40), 0)])
+def test_rows_out_gives_rows_and_the_output_of_every_rank(shape, m):
+    """The bound calls' first step: contiguous x of two or more dims -> (rows, a new float32
+    output of x's leading shape and N columns); 1-D and empty x -> (0, None), the general
+    path's to handle."""
+    from pyquant import _native
+
+    got_m, out = _native._rows_out(torch.randn(*shape), 7)
+    assert got_m == m
+    if m:
+        assert out.shape == shape[:-1] + (7,) and out.dtype == torch.float32
+        assert out.is_contiguous()
+    else:
+        assert out is None
+
+
+def test_rows_out_refuses_strided_x():
+    from pyquant import _native
+
+    x = torch.randn(4, 80)[:, ::2]
+    assert _native._rows_out(x, 7) == (0, None)
+    assert _native._rows_out(torch.randn(3, 2, 40).transpose(0, 1), 7) == (0, None)
+
+
+def test_a_backend_forced_on_another_thread_leaves_this_one_alone():
+    """use_backend is per thread: while one thread is inside it (the fast check of _forced
+    then steps aside), another thread's calls still choose their backend themselves."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with pyquant.use_backend("reference"):
+            assert ops._forced() == "reference"
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert inside.wait(10)
+        assert ops._forcing == 1 and ops._forced() is None
+    finally:
+        release.set()
+        t.join()
+    assert ops._forcing == 0 and ops._forced() is None

@@ -1,0 +1,91 @@
+"""What the Python around one layer call costs at decode: a small layer (64 x 4096, so that
+its kernel takes a few microseconds) called through an ops.LayerCall, as the layers call, right
+after a 64 MB read has flushed the caches, as a real layer's weight stream does. Median
+microseconds per call, 2-D x [1, K] and a model's 3-D x [1, 1, K]; the same calls from warm
+caches beside them.
+
+    python benchmarks/cold_call.py
+    python benchmarks/cold_call.py --ops int4_weight_only,sparse24_int8 --calls 600
+
+Why: from warm caches a call's Python takes a few microseconds, from the caches a 4096 x 4096
+weight stream leaves behind several times that: each attribute read of a tensor ~4 us, a tensor
+allocation ~21 us (2-core Xeon VM). A change to the call path is judged by this script run on
+both versions (the numbers move by 5-10% from run to run: take several runs of each).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pyquant import _native, formats, ops, panels, sparse_formats, sparse_panels
+from pyquant.bench import _probe_buffer
+
+OPS = ("int4_weight_only", "int8_dynamic", "sparse24_int8")
+
+
+def _layer(op: str, n: int, k: int):
+    """(op name, weight args) as the layers keep them on this CPU."""
+    w = torch.randn(n, k) * 0.05
+    if op == "int4_weight_only":
+        c, s, z = formats.quantize_int4_groupwise(w, 128, symmetric=False)
+        wp = formats.pack_int4(c)
+        if panels.int4_weight_only_panel_layout_applies(n, k, 128, "cpu"):
+            return "int4_weight_only_mm_panels", (*panels.pack_int4(wp, s, z, 128), 128, None)
+        return "int4_weight_only_mm", (wp, s, z, 128, None)
+    if op == "int8_dynamic":
+        q, s = formats.quantize_int8_per_channel(w)
+        if panels.panel_layout_applies(n, k, "cpu"):
+            return "int8_dynamic_mm_panels", (panels.pack_int8(q), s, None)
+        return "int8_dynamic_mm", (q, s, None)
+    v, meta = sparse_formats.compress_24(w)
+    q, s = sparse_formats.quantize_24_int8(v)
+    if sparse_panels.layout_applies(n, k, "cpu"):
+        return "sparse24_int8_mm_panels", (*sparse_panels.pack(q, meta, 8), s, None)
+    return "sparse24_int8_mm", (q, meta, s, None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
+    ap.add_argument("--calls", type=int, default=400, help="timed calls per op and x")
+    ap.add_argument("--flush-mb", type=int, default=64, help="bytes read before each cold call")
+    a = ap.parse_args(argv)
+    ops_ = [o.strip() for o in a.ops.split(",") if o.strip()]
+    bad = [o for o in ops_ if o not in OPS]
+    if bad:
+        ap.error(f"unknown op(s) {bad}; use {', '.join(OPS)}")
+    if not _native.available():
+        ap.error("needs the native module")
+    bufs = [_probe_buffer(a.flush_mb << 20) for _ in range(2)]
+    torch.manual_seed(0)
+    n, k = 64, 4096
+    print(f"one call through ops.LayerCall, {n} x {k} layers, median us of {a.calls} calls; "
+          f"cold: after a {a.flush_mb} MB read")
+    with torch.inference_mode():
+        for op in ops_:
+            name, args = _layer(op, n, k)
+            call = ops.LayerCall()
+            line = []
+            for shape in ((1, k), (1, 1, k)):
+                x = torch.randn(*shape)
+                call(name, x, *args)
+                cold, hot = [], []
+                for i in range(a.calls):
+                    _native.stream_read(bufs[i % 2])
+                    t0 = time.perf_counter()
+                    call(name, x, *args)
+                    cold.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    call(name, x, *args)
+                    hot.append(time.perf_counter() - t0)
+                line.append(f"{len(shape)}-D x: cold {1e6 * statistics.median(cold):6.1f} us, "
+                            f"warm {1e6 * statistics.median(hot):5.1f} us")
+            print(f"  {name:28s} " + "; ".join(line))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
