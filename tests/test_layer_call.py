@@ -490,3 +490,18 @@ def test_a_backend_forced_on_another_thread_leaves_this_one_alone():
         release.set()
         t.join()
     assert ops._forcing == 0 and ops._forced() is None
+
+
+def test_current_isa_before_anything_is_loaded_asks_the_module(monkeypatch):
+    """The fast answer of current_isa is for a module already asked; before that (a fresh
+    process, or another module) it asks, never answers the ISA of nothing (portable)."""
+    from pyquant import _native
+
+    monkeypatch.setattr(_native, "_best_isa", (None, 0))
+    assert _native.current_isa() == _native.module().best_isa()
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_loaded", True)
+    monkeypatch.setattr(_native, "_load_error", "ImportError: gone")
+    monkeypatch.setattr(_native, "_best_isa", (None, 0))
+    with pytest.raises(RuntimeError, match="not loaded"):
+        _native.current_isa()
