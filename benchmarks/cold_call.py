@@ -1,8 +1,8 @@
 """What the Python around one layer call costs at decode: a small layer (64 x 4096, so that
 its kernel takes a few microseconds) called through an ops.LayerCall, as the layers call, right
 after a 64 MB read has flushed the caches, as a real layer's weight stream does. Median
-microseconds per call, 2-D x [1, K] and a model's 3-D x [1, 1, K]; the same calls from warm
-caches beside them.
+microseconds per call, 2-D x [1, K] and a model's 3-D x [1, 1, K], fp32 and bf16 (a bf16
+model's); the same calls from warm caches beside them.
 
     python benchmarks/cold_call.py
     python benchmarks/cold_call.py --ops int4_weight_only,sparse24_int8 --calls 600
@@ -69,8 +69,9 @@ def main(argv=None) -> int:
             name, args = _layer(op, n, k)
             call = ops.LayerCall()
             line = []
-            for shape in ((1, k), (1, 1, k)):
-                x = torch.randn(*shape)
+            for shape, dt in (((1, k), torch.float32), ((1, 1, k), torch.float32),
+                              ((1, 1, k), torch.bfloat16)):
+                x = torch.randn(*shape).to(dt)
                 call(name, x, *args)
                 cold, hot = [], []
                 for i in range(a.calls):
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     call(name, x, *args)
                     hot.append(time.perf_counter() - t0)
-                line.append(f"{len(shape)}-D x: cold {1e6 * statistics.median(cold):6.1f} us, "
+                kind = f"{len(shape)}-D" + (" bf16" if dt is torch.bfloat16 else "")
+                line.append(f"{kind} x: cold {1e6 * statistics.median(cold):6.1f} us, "
                             f"warm {1e6 * statistics.median(hot):5.1f} us")
             print(f"  {name:28s} " + "; ".join(line))
     return 0

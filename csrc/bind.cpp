@@ -218,6 +218,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
         py::arg("work") = 0, py::arg("work_bytes") = 0, gil_release());
 
+  m.def("bf16_to_f32_rows",
+        [](uintptr_t src, int64_t M, int64_t K, int64_t ld, uintptr_t dst) {
+          return pq_bf16_to_f32_rows(ptr<const uint16_t>(src), M, K, ld, ptr<float>(dst));
+        },
+        py::arg("src"), py::arg("M"), py::arg("K"), py::arg("ld"), py::arg("dst"),
+        gil_release());
+  m.def("f32_to_bf16",
+        [](uintptr_t src, int64_t n, uintptr_t dst) {
+          return pq_f32_to_bf16(ptr<const float>(src), n, ptr<uint16_t>(dst));
+        },
+        py::arg("src"), py::arg("n"), py::arg("dst"), gil_release());
+
   m.def("stream_read",
         [](uintptr_t data, int64_t bytes, int n_threads) {
           // A C++ pair, not a Python tuple: the GIL is released while this body runs.

@@ -283,6 +283,12 @@ int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
                            const uint8_t* zeros, int64_t group_size, const float* bias,
                            float* out, int n_threads, void* work, int64_t work_bytes);
 
+/* bf16 rows (M of K values, row stride ld >= K) -> fp32 [M, K] at dst, exactly; and n fp32
+ * values -> bf16, rounded to nearest even as torch rounds (a NaN becomes 0x7FC0): the bound
+ * calls of bf16 layers convert into buffers they keep (csrc/cpu/convert_bf16.cpp). */
+int pq_bf16_to_f32_rows(const uint16_t* src, int64_t M, int64_t K, int64_t ld, float* dst);
+int pq_f32_to_bf16(const float* src, int64_t n, uint16_t* dst);
+
 /* Reads `bytes` bytes at `data` on n_threads threads (contiguous chunks), XOR-folding them
  * into *checksum: the benchmarks' memory read-bandwidth probe (csrc/cpu/probe.cpp). */
 int pq_stream_read(const void* data, int64_t bytes, int n_threads, uint64_t* checksum);

@@ -409,9 +409,9 @@ def _workspace_sizes(fn, *fixed):
     return get
 
 
-def _rows_out(x: torch.Tensor, n: int):
+def _rows_out(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32):
     """(M, out) for a contiguous x of two or more dims (a model's [batch, tokens, K] too): its
-    rows M and a new float32 output of x's leading shape and n columns; (0, None) for any other
+    rows M and a new output (float32, or dtype) of x's leading shape and n columns; (0, None) for any other
     x (and an empty one): the case the bound calls send straight to a kernel. One function, and
     the output's shape given as ints where x has 2 or 3 dims, because at decode this runs from
     caches that the weight stream has just flushed: there finding M (x.dim(), x.numel()) and
@@ -423,22 +423,63 @@ def _rows_out(x: torch.Tensor, n: int):
         if d == 2:
             m, k = s
             if m and k:
-                return m, torch.empty(m, n)
+                return m, torch.empty(m, n, dtype=dtype)
         elif d == 3:
             a, b, k = s
             if a and b and k:
-                return a * b, torch.empty(a, b, n)
+                return a * b, torch.empty(a, b, n, dtype=dtype)
         elif d > 3 and s[-1]:
             m = x.numel() // s[-1]
             if m:
-                return m, torch.empty(s[:-1] + (n,))
+                return m, torch.empty(s[:-1] + (n,), dtype=dtype)
     return 0, None
+
+
+def _bf16_rows(x: torch.Tensor, n: int, k: int):
+    """A bound call's bf16 rows: (M, x as fp32 rows, the kernel's fp32 output, the call's bf16
+    output) for contiguous bf16 rows of two or more dims, the first two in this thread's
+    scratch; (0, None, None, None) for any other x. The caller runs its kernel from the fp32
+    rows into the fp32 output and then _bf16_finish. Why scratch and native conversions rather
+    than x.float() and out.to(bfloat16): at decode each tensor torch makes costs ~20 us of
+    caches the weight stream has just flushed; a 64 x 4096 int4 weight-only layer took 105-119
+    us a call with bf16 x, 59-64 us with fp32 x (2-core Xeon, benchmarks/cold_call.py). The
+    results are those of the fp32 path rounded to bf16 as torch rounds (pq_f32_to_bf16)."""
+    m, y = _rows_out(x, n, torch.bfloat16)
+    if not m:
+        return 0, None, None, None
+    xf, out = _work("bf16_rows_x", m * k * 4), _work("bf16_rows_out", m * n * 4)
+    module().bf16_to_f32_rows(x.data_ptr(), m, k, k, xf.data_ptr())
+    return m, xf, out, y
+
+
+def _bf16_finish(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y (bf16) from the kernel's fp32 output out (_bf16_rows), rounded as torch rounds."""
+    module().f32_to_bf16(out.data_ptr(), y.numel(), y.data_ptr())
+    return y
+
+
+def _bound_rows(x: torch.Tensor, n: int, k: int):
+    """What a bound call sends straight to its kernel: (M, fp32 rows, fp32 output, bf16 output
+    or None) for contiguous fp32 rows (x itself, a new output) or bf16 rows (_bf16_rows), of
+    two or more dims; M = 0 for any other x, which takes the op's general path."""
+    dt = x.dtype
+    if dt is torch.float32:
+        m, out = _rows_out(x, n)
+        return m, x, out, None
+    if dt is torch.bfloat16:
+        return _bf16_rows(x, n, k)
+    return 0, None, None, None
+
+
+def _bound_result(out: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+    """The bound call's result: the fp32 output, or the bf16 one made from it (_bound_rows)."""
+    return out if y is None else _bf16_finish(out, y)
 
 
 def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     """_run_int8_dynamic_mm prepared once for weights that stay the same (ops.LayerCall; see
-    _sparse_float_binder): contiguous float32 rows are quantized and multiplied with no other
-    step, anything else (and a status other than 0) takes the op's general path. None where
+    _sparse_float_binder): contiguous float32 or bfloat16 rows (_bound_rows) are quantized and
+    multiplied with no other step, anything else (and a status other than 0) takes the op's general path. None where
     the weights would need a copy. Int8DynamicLinear on AMX keeps the canonical rows, so its
     decode comes here: 4096 x 4096, M = 1, through a LayerCall 1.04x as fast as through
     ops.call (benchmarks/decode_call_ab.py --op int8_dynamic)."""
@@ -450,17 +491,17 @@ def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     sizes = _workspace_sizes(mod.int8_workspace_bytes, k, n)
 
     def bound(x):
-        m, out = _rows_out(x, n) if x.dtype is torch.float32 else (0, None)
+        m, xf, out, y = _bound_rows(x, n, k)
         if m:
             isa, nt = current_isa(), _threads()
             nwork = max(sizes(isa, m, nt), 0)
             xq, xs = _work("xq", m * k), _work("xs", m * 4)
             work = _work("amx", nwork) if nwork else None
-            if (mod.quantize_rows_int8_amax(isa, x.data_ptr(), m, k, k, 0, _ptr(xq), _ptr(xs),
+            if (mod.quantize_rows_int8_amax(isa, xf.data_ptr(), m, k, k, 0, _ptr(xq), _ptr(xs),
                                             nt) == 0
                     and mod.int8_dynamic_mm(isa, _ptr(xq), _ptr(xs), m, k, ptrs[0], n, ptrs[1],
                                             ptrs[2], _ptr(out), nt, _ptr(work), nwork) == 0):
-                return out
+                return _bound_result(out, y)
         return _run_int8_dynamic_mm(x, w, w_scale, bias)
     return bound
 
@@ -838,9 +879,9 @@ def _sparse_float_binder(op: str, prepare, run):
     that stay the same). prepare(*w) -> (n, value dtype, bias, native, copied): native(isa, x
     rows address, M, K, out, threads) the kernel's call on the weights as prepared, copied
     whether any of them is a copy (bind then declines: a write in place to the weights would
-    miss it). The bound call sends 2-D contiguous float32 or bfloat16 rows below the op's dense
-    break-even straight to the kernel (bf16 rows as float32, as the general path), anything
-    else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall 1.05-1.06x as fast as
+    miss it). The bound call sends contiguous float32 or bfloat16 rows below the op's dense
+    break-even straight to the kernel (bf16 rows as float32, as the general path:
+    _bound_rows), anything else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall 1.05-1.06x as fast as
     through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16)."""
     def bind(*w):
         n, vdtype, bias, native, copied = prepare(*w)
@@ -849,15 +890,11 @@ def _sparse_float_binder(op: str, prepare, run):
         bf16 = vdtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
 
         def bound(x):
-            dt = x.dtype
-            m, out = (_rows_out(x, n) if dt is torch.float32 or dt is torch.bfloat16
-                      else (0, None))
+            m, xf, out, y = _bound_rows(x, n, x.shape[-1])
             if m:
-                if not sparse_dense_reason(op, m, "bf16" if bf16 and dt is torch.bfloat16
-                                           else "fp32"):
-                    xf = x if dt is torch.float32 else x.float()
+                if not sparse_dense_reason(op, m, "bf16" if bf16 and y is not None else "fp32"):
                     if native(current_isa(), xf.data_ptr(), m, x.shape[-1], out, _threads()) == 0:
-                        return out if dt is torch.float32 else out.to(dt)
+                        return _bound_result(out, y)
             return run(x, *w)
         return bound
 

@@ -11,10 +11,10 @@ import torch
 
 from . import _checks, panels, sparse_panels
 from ._native import (
-    _NOT_FIXED_POINT, _bias_f32, _check_codes, _finish, _flat, _int4_codes_mm,
-    _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes, _run_dynamic,
-    _run_int4_weight_only_mm, _run_int8_weight_only_mm, _run_sparse24_int4_mm,
-    _run_sparse24_int8_mm, _rows_out, _scratch, _threads, _work, _workspace_sizes, current_isa,
+    _NOT_FIXED_POINT, _bias_f32, _bound_result, _bound_rows, _check_codes, _finish, _flat,
+    _int4_codes_mm, _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes,
+    _run_dynamic, _run_int4_weight_only_mm, _run_int8_weight_only_mm, _run_sparse24_int4_mm,
+    _run_sparse24_int8_mm, _scratch, _threads, _work, _workspace_sizes, current_isa,
     has_panel_kernels, int8_weight_only_mm, module, sparse_dense_reason)
 
 
@@ -88,15 +88,15 @@ def _weight_only_binder(op: str, prepare, rows):
             return rows(x, *w)
 
         def bound(x):
-            # contiguous float32 rows of x (2-D or more), the decode call of an fp32 model, to the
-            # kernel; a status other than 0 (rows fixed point cannot hold) or any other x
-            # takes the general path
-            m, out = _rows_out(x, n) if x.dtype is torch.float32 else (0, None)
+            # contiguous float32 or bfloat16 rows of x (2-D or more), the decode call of a
+            # model, to the kernel; a status other than 0 (rows fixed point cannot hold) or any
+            # other x takes the general path
+            m, xf, out, y = _bound_rows(x, n, k)
             if m:
                 isa = current_isa()
                 if has_panel_kernels(isa):
-                    if call(isa, x.data_ptr(), m, k, out, _threads()) == 0:
-                        return out
+                    if call(isa, xf.data_ptr(), m, k, out, _threads()) == 0:
+                        return _bound_result(out, y)
             return _run_weight_only(op, x, n, k, rows_x, call)
         return bound
 
@@ -287,8 +287,8 @@ def _run_sparse24_panels(op: str, x, values, meta, bits: int, rows, call, dense)
 def _sparse24_binder(op: str, prepare, run):
     """run(x, *w), the op, with run.bind(*w) as in _weight_only_binder: prepare(*w) -> (n, k,
     native, copied), native(isa, x rows address, M, ldx, out, threads, work, work bytes)
-    the kernel's call on the weights as prepared. The bound call sends contiguous fp32 rows
-    below the op's dense break-even straight to it, anything else to run."""
+    the kernel's call on the weights as prepared. The bound call sends contiguous fp32 or bf16
+    rows (_bound_rows) below the op's dense break-even straight to it, anything else to run."""
     def bind(*w):
         n, k, native, copied = prepare(*w)
         if copied:
@@ -297,15 +297,15 @@ def _sparse24_binder(op: str, prepare, run):
             isa, m, k))
 
         def bound(x):
-            m, out = _rows_out(x, n) if x.dtype is torch.float32 else (0, None)
+            m, xf, out, y = _bound_rows(x, n, k)
             if m:
                 isa = current_isa()
                 if sparse_panels.has_kernels(isa) and not sparse_dense_reason(op, m):
                     nt = _threads()
                     nwork = sizes(isa, m, nt)
                     work = _work("sparse_fx", max(nwork, 64))
-                    if native(isa, x.data_ptr(), m, k, out, nt, work, nwork) == 0:
-                        return out
+                    if native(isa, xf.data_ptr(), m, k, out, nt, work, nwork) == 0:
+                        return _bound_result(out, y)
             return run(x, *w)
         return bound
 

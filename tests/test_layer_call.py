@@ -297,11 +297,13 @@ def test_bound_panel_calls_equal_the_whole_way(op):
             run = bind(*args)
             assert run is not None
             xs = [torch.randn(m, 256) for m in (1, 3, 17)]
-            xs += [torch.randn(2, 5, 256), torch.randn(3, 512)[:, ::2],
-                   torch.randn(3, 256).to(torch.bfloat16), torch.randn(0, 256)]
+            xs += [torch.randn(2, 5, 256), torch.randn(3, 512)[:, ::2], torch.randn(0, 256)]
+            # a bf16 model's rows: converted in the thread's scratch, the output rounded natively
+            xs += [torch.randn(*shape).to(torch.bfloat16)
+                   for shape in ((1, 256), (3, 256), (17, 256), (2, 5, 256), (0, 256))]
             inf = torch.randn(2, 256)
             inf[1, 7] = float("inf")
-            xs.append(inf)
+            xs += [inf, inf.to(torch.bfloat16)]
             for x in xs:
                 want = ops.call(op, x, *args)  # bit for bit, NaN where Inf meets both signs
                 torch.testing.assert_close(run(x), want, rtol=0, atol=0, equal_nan=True,
@@ -369,6 +371,7 @@ def test_bound_sparse_float_calls_equal_the_whole_way(op, vdtype):
             xs = [torch.randn(m, k).to(dt) for m in (1, 3, 17)
                   for dt in (torch.float32, torch.bfloat16)]
             xs += [torch.randn(2, 5, k), torch.randn(3, 2 * k)[:, ::2],
+                   torch.randn(2, 5, k).to(torch.bfloat16),
                    torch.randn(2, k).to(torch.float16), torch.randn(0, k)]
             for x in xs:
                 torch.testing.assert_close(run(x), ops.call(op, x, *f32_bias), rtol=0, atol=0,
@@ -401,11 +404,12 @@ def test_bound_int8_dynamic_calls_equal_the_whole_way():
             run = bind(q, s, bias)
             xs = [torch.randn(m, k) for m in (1, 3, 17)]
             xs += [torch.randn(2, 5, k), torch.randn(3, 2 * k)[:, ::2],
-                   torch.randn(2, k).to(torch.bfloat16), torch.randn(2, k).to(torch.float16),
-                   torch.randn(0, k)]
+                   torch.randn(2, k).to(torch.float16), torch.randn(0, k)]
+            xs += [torch.randn(*shape).to(torch.bfloat16)
+                   for shape in ((1, k), (2, k), (17, k), (2, 5, k))]
             inf = torch.randn(2, k)
             inf[0, 3] = float("inf")
-            xs.append(inf)
+            xs += [inf, inf.to(torch.bfloat16)]
             for x in xs:
                 torch.testing.assert_close(run(x), ops.call("int8_dynamic_mm", x, q, s, bias),
                                            rtol=0, atol=0, equal_nan=True,
@@ -505,3 +509,54 @@ def test_current_isa_before_anything_is_loaded_asks_the_module(monkeypatch):
     monkeypatch.setattr(_native, "_best_isa", (None, 0))
     with pytest.raises(RuntimeError, match="not loaded"):
         _native.current_isa()
+
+
+def test_native_bf16_conversions_round_as_torch():
+    """The bound calls' bf16 conversions (csrc/cpu/convert_bf16.cpp) against torch's own: rows
+    with a stride past K to fp32 exactly; fp32 to bf16 at nearest, ties to even, bit for bit
+    on finite values (ties, subnormals, the largest finite that rounds up to Inf) and
+    infinities, NaN to NaN; bad arguments refused."""
+    from pyquant import _native
+
+    mod = _native.module()
+    src = torch.randn(3, 40).to(torch.bfloat16)
+    dst = torch.empty(3, 33)
+    assert mod.bf16_to_f32_rows(src.data_ptr(), 3, 33, 40, dst.data_ptr()) == 0
+    assert torch.equal(dst, src[:, :33].float())
+    special = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 2 ** -130,
+                            -(2 ** -133), 3.3895313892515355e38, 3.4028234663852886e38,
+                            float("inf"), -float("inf"), 0.0, -0.0, 65504.0],
+                           dtype=torch.float32)
+    x = torch.cat([special, torch.randn(4000) * 10.0 ** torch.randint(-40, 38, (4000,))])
+    y = torch.empty(x.numel(), dtype=torch.bfloat16)
+    assert mod.f32_to_bf16(x.data_ptr(), x.numel(), y.data_ptr()) == 0
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    nan = torch.tensor([float("nan"), -float("nan")])
+    yn = torch.empty(2, dtype=torch.bfloat16)
+    assert mod.f32_to_bf16(nan.data_ptr(), 2, yn.data_ptr()) == 0 and yn.isnan().all()
+    assert mod.f32_to_bf16(x.data_ptr(), -1, y.data_ptr()) != 0
+    assert mod.bf16_to_f32_rows(src.data_ptr(), 3, 41, 40, dst.data_ptr()) != 0
+    assert mod.bf16_to_f32_rows(0, 3, 33, 40, dst.data_ptr()) != 0
+
+
+def test_bf16_rows_take_the_prepared_call(monkeypatch):
+    """A bf16 model's decode rows go straight to the kernel as fp32 ones do (the general path,
+    which allocates their fp32 copy and the rounded output with torch, is not called), with the
+    values the general path gives."""
+    from pyquant import _native_panels
+
+    if not _panel_isas():
+        pytest.skip("no panel kernels on this CPU")
+    op = "int4_weight_only_mm_panels"
+    args = _panel_weights(op)
+    run = ops._REGISTRY["cpu"].impls[op].bind(*args)
+    x = torch.randn(2, 1, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = ops.call(op, x, *args)
+        general = []
+        real = _native_panels._run_weight_only
+        monkeypatch.setattr(_native_panels, "_run_weight_only",
+                            lambda *a: general.append(1) or real(*a))
+        got = run(x)
+        assert general == [] and got.dtype == torch.bfloat16 and got.shape == (2, 1, 64)
+        assert torch.equal(got, want)
