@@ -411,12 +411,13 @@ def _workspace_sizes(fn, *fixed):
 
 def _rows_out(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32):
     """(M, out) for a contiguous x of two or more dims (a model's [batch, tokens, K] too): its
-    rows M and a new output (float32, or dtype) of x's leading shape and n columns; (0, None) for any other
-    x (and an empty one): the case the bound calls send straight to a kernel. One function, and
-    the output's shape given as ints where x has 2 or 3 dims, because at decode this runs from
-    caches that the weight stream has just flushed: there finding M (x.dim(), x.numel()) and
-    building the shape as x.shape[:-1] + (n,) cost ~12 us of the ~38 us it took with the
-    allocation, 2-D and 3-D x alike (2-core Xeon; the allocation itself ~21 us)."""
+    rows M and a new output (float32, or dtype) of x's leading shape and n columns; (0, None)
+    for any other x (and an empty one): the case the bound calls send straight to a kernel.
+    One function, and the output's shape given as ints where x has 2 or 3 dims, because at
+    decode this runs from caches that the weight stream has just flushed: there finding M
+    (x.dim(), x.numel()) and building the shape as x.shape[:-1] + (n,) cost ~12 us of the
+    ~38 us it took with the allocation, 2-D and 3-D x alike (2-core Xeon; the allocation
+    itself ~21 us)."""
     if x.is_contiguous():
         s = x.shape
         d = len(s)
@@ -479,10 +480,10 @@ def _bound_result(out: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
 def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     """_run_int8_dynamic_mm prepared once for weights that stay the same (ops.LayerCall; see
     _sparse_float_binder): contiguous float32 or bfloat16 rows (_bound_rows) are quantized and
-    multiplied with no other step, anything else (and a status other than 0) takes the op's general path. None where
-    the weights would need a copy. Int8DynamicLinear on AMX keeps the canonical rows, so its
-    decode comes here: 4096 x 4096, M = 1, through a LayerCall 1.04x as fast as through
-    ops.call (benchmarks/decode_call_ab.py --op int8_dynamic)."""
+    multiplied with no other step, anything else (and a status other than 0) takes the op's
+    general path. None where the weights would need a copy. Int8DynamicLinear on AMX keeps the
+    canonical rows, so its decode comes here: 4096 x 4096, M = 1, through a LayerCall 1.04x as
+    fast as through ops.call (benchmarks/decode_call_ab.py --op int8_dynamic)."""
     n, k = w.shape
     wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
     if not (wc is w and ws is w_scale and b is bias):
@@ -881,8 +882,8 @@ def _sparse_float_binder(op: str, prepare, run):
     whether any of them is a copy (bind then declines: a write in place to the weights would
     miss it). The bound call sends contiguous float32 or bfloat16 rows below the op's dense
     break-even straight to the kernel (bf16 rows as float32, as the general path:
-    _bound_rows), anything else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall 1.05-1.06x as fast as
-    through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16)."""
+    _bound_rows), anything else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall
+    1.05-1.06x as fast as through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16)."""
     def bind(*w):
         n, vdtype, bias, native, copied = prepare(*w)
         if copied:

@@ -336,8 +336,9 @@ class LayerCall:
         # is a new string object each call, and by identity alone every such call went the
         # whole way and prepared its call again
         if (st is not None and (op is st[0] or op == st[0]) and type(x) is torch.Tensor
-                and x.is_cpu and x.dtype in _checks.ACT_DTYPES and x.dim() >= 1 and x.shape[-1] == st[5]
-                and self._same_args(args, st[1], st[2]) and _native._module is st[4]
+                and x.is_cpu and x.dtype in _checks.ACT_DTYPES and x.dim() >= 1
+                and x.shape[-1] == st[5] and self._same_args(args, st[1], st[2])
+                and _native._module is st[4]
                 and _REGISTRY["cpu"].impls.get(op) is st[3] and _forced() is None
                 and not (torch.is_grad_enabled() and (x.requires_grad or any(
                     isinstance(a, torch.Tensor) and a.requires_grad for a in args)))):
