@@ -15,36 +15,20 @@ both versions (the numbers move by 5-10% from run to run: take several runs of e
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from pyquant import _native, formats, ops, panels, sparse_formats, sparse_panels
+from pyquant import _native, ops
 from pyquant.bench import _probe_buffer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_call_ab import _weights  # noqa: E402  (the layers' weights, as that script makes them)
+
 OPS = ("int4_weight_only", "int8_dynamic", "sparse24_int8")
-
-
-def _layer(op: str, n: int, k: int):
-    """(op name, weight args) as the layers keep them on this CPU."""
-    w = torch.randn(n, k) * 0.05
-    if op == "int4_weight_only":
-        c, s, z = formats.quantize_int4_groupwise(w, 128, symmetric=False)
-        wp = formats.pack_int4(c)
-        if panels.int4_weight_only_panel_layout_applies(n, k, 128, "cpu"):
-            return "int4_weight_only_mm_panels", (*panels.pack_int4(wp, s, z, 128), 128, None)
-        return "int4_weight_only_mm", (wp, s, z, 128, None)
-    if op == "int8_dynamic":
-        q, s = formats.quantize_int8_per_channel(w)
-        if panels.panel_layout_applies(n, k, "cpu"):
-            return "int8_dynamic_mm_panels", (panels.pack_int8(q), s, None)
-        return "int8_dynamic_mm", (q, s, None)
-    v, meta = sparse_formats.compress_24(w)
-    q, s = sparse_formats.quantize_24_int8(v)
-    if sparse_panels.layout_applies(n, k, "cpu"):
-        return "sparse24_int8_mm_panels", (*sparse_panels.pack(q, meta, 8), s, None)
-    return "sparse24_int8_mm", (q, meta, s, None)
 
 
 def main(argv=None) -> int:
@@ -66,7 +50,7 @@ def main(argv=None) -> int:
           f"cold: after a {a.flush_mb} MB read")
     with torch.inference_mode():
         for op in ops_:
-            name, args = _layer(op, n, k)
+            name, args = _weights(op, n, k)
             call = ops.LayerCall()
             line = []
             for shape, dt in (((1, k), torch.float32), ((1, 1, k), torch.float32),

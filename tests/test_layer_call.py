@@ -422,10 +422,12 @@ def test_bound_int8_dynamic_calls_equal_the_whole_way():
     torch.testing.assert_close(after, 2 * (before - bias) + bias, rtol=1e-5, atol=1e-4)
 
 
-def test_a_models_3d_rows_take_the_prepared_call(monkeypatch):
-    """A transformer's layers get [batch, tokens, K]: contiguous rows of any rank go straight
-    to the kernel (the general path, which flattens them, is not called), with the shape and
-    values the general path gives."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_models_3d_rows_take_the_prepared_call(monkeypatch, dtype):
+    """A transformer's layers get [batch, tokens, K], fp32 or (a bf16 model's) bf16: contiguous
+    rows of any rank go straight to the kernel (the general path, which flattens them and, for
+    bf16, makes their fp32 copy and the rounded output with torch, is not called), with the
+    dtype, shape and values the general path gives."""
     from pyquant import _native_panels
 
     if not _panel_isas():
@@ -433,7 +435,7 @@ def test_a_models_3d_rows_take_the_prepared_call(monkeypatch):
     op = "int4_weight_only_mm_panels"
     args = _panel_weights(op)
     run = ops._REGISTRY["cpu"].impls[op].bind(*args)
-    x = torch.randn(2, 3, 256)
+    x = torch.randn(2, 3, 256).to(dtype)
     with torch.inference_mode():
         want = ops.call(op, x, *args)
         general = []
@@ -441,7 +443,8 @@ def test_a_models_3d_rows_take_the_prepared_call(monkeypatch):
         monkeypatch.setattr(_native_panels, "_run_weight_only",
                             lambda *a: general.append(1) or real(*a))
         got = run(x)
-        assert general == [] and got.shape == (2, 3, 64) and torch.equal(got, want)
+        assert general == [] and got.dtype == dtype and got.shape == (2, 3, 64)
+        assert torch.equal(got, want)
         run(x.transpose(0, 1))  # not contiguous: the general path
         assert general == [1]
 
@@ -537,26 +540,3 @@ def test_native_bf16_conversions_round_as_torch():
     assert mod.f32_to_bf16(x.data_ptr(), -1, y.data_ptr()) != 0
     assert mod.bf16_to_f32_rows(src.data_ptr(), 3, 41, 40, dst.data_ptr()) != 0
     assert mod.bf16_to_f32_rows(0, 3, 33, 40, dst.data_ptr()) != 0
-
-
-def test_bf16_rows_take_the_prepared_call(monkeypatch):
-    """A bf16 model's decode rows go straight to the kernel as fp32 ones do (the general path,
-    which allocates their fp32 copy and the rounded output with torch, is not called), with the
-    values the general path gives."""
-    from pyquant import _native_panels
-
-    if not _panel_isas():
-        pytest.skip("no panel kernels on this CPU")
-    op = "int4_weight_only_mm_panels"
-    args = _panel_weights(op)
-    run = ops._REGISTRY["cpu"].impls[op].bind(*args)
-    x = torch.randn(2, 1, 256).to(torch.bfloat16)
-    with torch.inference_mode():
-        want = ops.call(op, x, *args)
-        general = []
-        real = _native_panels._run_weight_only
-        monkeypatch.setattr(_native_panels, "_run_weight_only",
-                            lambda *a: general.append(1) or real(*a))
-        got = run(x)
-        assert general == [] and got.dtype == torch.bfloat16 and got.shape == (2, 1, 64)
-        assert torch.equal(got, want)
