@@ -409,7 +409,8 @@ def _workspace_sizes(fn, *fixed):
     return get
 
 
-def _rows_out(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32):
+def _rows_out(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
+              max_m: Optional[int] = None):
     """(M, out) for a contiguous x of two or more dims (a model's [batch, tokens, K] too): its
     rows M and a new output (float32, or dtype) of x's leading shape and n columns; (0, None)
     for any other x (and an empty one): the case the bound calls send straight to a kernel.
@@ -417,35 +418,43 @@ def _rows_out(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32):
     decode this runs from caches that the weight stream has just flushed: there finding M
     (x.dim(), x.numel()) and building the shape as x.shape[:-1] + (n,) cost ~12 us of the
     ~38 us it took with the allocation, 2-D and 3-D x alike (2-core Xeon; the allocation
-    itself ~21 us)."""
+    itself ~21 us). max_m: (0, None) for more rows than that too, before anything is
+    allocated."""
     if x.is_contiguous():
         s = x.shape
         d = len(s)
         if d == 2:
             m, k = s
-            if m and k:
+            if m and k and (max_m is None or m <= max_m):
                 return m, torch.empty(m, n, dtype=dtype)
         elif d == 3:
             a, b, k = s
-            if a and b and k:
+            if a and b and k and (max_m is None or a * b <= max_m):
                 return a * b, torch.empty(a, b, n, dtype=dtype)
         elif d > 3 and s[-1]:
             m = x.numel() // s[-1]
-            if m:
+            if m and (max_m is None or m <= max_m):
                 return m, torch.empty(s[:-1] + (n,), dtype=dtype)
     return 0, None
 
 
+# Rows up to which bf16 x takes _bf16_rows. The native conversions run on one thread, torch's
+# on all: int4 weight-only, 4096 x 4096, bf16 x, 2-core Xeon, hot, against the general path:
+# 0.88x the time at M = 4, 0.95x at 32, 1.08x at 64, 1.09x at 128, 1.11x at 1024.
+_BF16_BOUND_MAX_M = 32
+
+
 def _bf16_rows(x: torch.Tensor, n: int, k: int):
     """A bound call's bf16 rows: (M, x as fp32 rows, the kernel's fp32 output, the call's bf16
-    output) for contiguous bf16 rows of two or more dims, the first two in this thread's
-    scratch; (0, None, None, None) for any other x. The caller runs its kernel from the fp32
-    rows into the fp32 output and then _bf16_finish. Why scratch and native conversions rather
-    than x.float() and out.to(bfloat16): at decode each tensor torch makes costs ~20 us of
-    caches the weight stream has just flushed; a 64 x 4096 int4 weight-only layer took 105-119
-    us a call with bf16 x, 59-64 us with fp32 x (2-core Xeon, benchmarks/cold_call.py). The
-    results are those of the fp32 path rounded to bf16 as torch rounds (pq_f32_to_bf16)."""
-    m, y = _rows_out(x, n, torch.bfloat16)
+    output) for contiguous bf16 rows of two or more dims, up to _BF16_BOUND_MAX_M of them, the
+    first two in this thread's scratch; (0, None, None, None) for any other x. The caller runs
+    its kernel from the fp32 rows into the fp32 output and then _bf16_finish. Why scratch and
+    native conversions rather than x.float() and out.to(bfloat16): at decode each tensor torch
+    makes costs ~20 us of caches the weight stream has just flushed; a 64 x 4096 int4
+    weight-only layer took 105-119 us a call with bf16 x, 59-64 us with fp32 x (2-core Xeon,
+    benchmarks/cold_call.py). The results are those of the fp32 path rounded to bf16 as torch
+    rounds (pq_f32_to_bf16)."""
+    m, y = _rows_out(x, n, torch.bfloat16, _BF16_BOUND_MAX_M)
     if not m:
         return 0, None, None, None
     xf, out = _work("bf16_rows_x", m * k * 4), _work("bf16_rows_out", m * n * 4)

@@ -540,3 +540,29 @@ def test_native_bf16_conversions_round_as_torch():
     assert mod.f32_to_bf16(x.data_ptr(), -1, y.data_ptr()) != 0
     assert mod.bf16_to_f32_rows(src.data_ptr(), 3, 41, 40, dst.data_ptr()) != 0
     assert mod.bf16_to_f32_rows(0, 3, 33, 40, dst.data_ptr()) != 0
+
+
+def test_bf16_rows_past_the_threshold_take_torchs_conversions(monkeypatch):
+    """bf16 rows up to _BF16_BOUND_MAX_M take the native conversions (one thread: faster at
+    decode, where the Python around the call dominates); more rows take the general path,
+    whose torch conversions use every thread; nothing is allocated for them first."""
+    from pyquant import _native, _native_panels
+
+    if not _panel_isas():
+        pytest.skip("no panel kernels on this CPU")
+    op = "int4_weight_only_mm_panels"
+    args = _panel_weights(op)
+    run = ops._REGISTRY["cpu"].impls[op].bind(*args)
+    top = _native._BF16_BOUND_MAX_M
+    assert _native._rows_out(torch.randn(2, top, 8), 5, max_m=top)[0] == 0
+    assert _native._rows_out(torch.randn(top, 8), 5, max_m=top)[0] == top
+    xs = [torch.randn(m, 256).to(torch.bfloat16) for m in (top, top + 1)]
+    with torch.inference_mode():
+        wants = [ops.call(op, x, *args) for x in xs]
+        general = []
+        real = _native_panels._run_weight_only
+        monkeypatch.setattr(_native_panels, "_run_weight_only",
+                            lambda *a: general.append(a[1].shape[0]) or real(*a))
+        for x, want in zip(xs, wants):
+            assert torch.equal(run(x), want)
+    assert general == [top + 1]
