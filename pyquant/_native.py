@@ -440,7 +440,7 @@ def _rows_out(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
 
 # Rows up to which bf16 x takes _bf16_rows. The native conversions run on one thread, torch's
 # on all: int4 weight-only, 4096 x 4096, bf16 x, 2-core Xeon, hot, against the general path:
-# 0.88x the time at M = 4, 0.95x at 32, 1.08x at 64, 1.09x at 128, 1.11x at 1024.
+# 0.86-0.88x the time at M = 4, 0.95-1.03x at 32, 1.08x at 64, 1.09x at 128, 1.11x at 1024.
 _BF16_BOUND_MAX_M = 32
 
 
