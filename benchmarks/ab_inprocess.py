@@ -116,10 +116,11 @@ def main(argv=None) -> int:
                         for tag in ("A", "B") if r % 2 == 0 else ("B", "A"):
                             build = builds[tag]
                             entries.append((on(build, im.run),
-                                            [bench._clone_state(s0) for _ in range(copies)]))
+                                            [bench._clone_state(s0) for _ in range(copies)],
+                                            im.take(x)))
                             names.append((im.name, tag))
                     for o in others:
-                        entries.append((o.run, [o.make(w)]))
+                        entries.append((o.run, [o.make(w)], o.take(x)))
                     times = bench._time_interleaved(entries, x, iters=a.iters, seed=r,
                                                     burst=burst)
                     by = dict(zip(names, times))

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     w = torch.randn(a.n, a.k, generator=g) * 0.02
     x = torch.randn(1, a.k, generator=g)
     target = impls[a.impl]
+    xt = target.take(x)  # x as the target's call takes it (a bf16 row's: bf16)
     s0 = target.make(w)
     copies = [bench._clone_state(s0) for _ in range(a.copies)]
     turn = [0]
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
     def impl_call(name):
         im = impls[name]
         st = [im.make(w) for _ in range(2)]
-        return lambda i: im.run(st[i % 2], x)
+        xi = im.take(x)
+        return lambda i: im.run(st[i % 2], xi)
 
     def idle(seconds, spin):
         def f(i):
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
                 pass
         return f
 
-    before = {"itself (another copy)": lambda i: target.run(timed_copy(), x)}
+    before = {"itself (another copy)": lambda i: target.run(timed_copy(), xt)}
     for name in ("F.linear[fp32]", "torch.ao.dynamic_int8[fbgemm]",
                  "pyquant.int8_weight_only_mm"):
         if name in impls and name != a.impl:
@@ -88,14 +90,14 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for k in keys:  # warm every path once
             before[k](0)
-            target.run(timed_copy(), x)
+            target.run(timed_copy(), xt)
         for r in range(a.rounds):
             rng.shuffle(keys)
             for k in keys:
                 before[k](r)
                 s = timed_copy()
                 t0 = time.perf_counter()
-                target.run(s, x)
+                target.run(s, xt)
                 times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["itself (another copy)"])
     print(f"{a.impl} at {a.n}x{a.k}, M = 1, {torch.get_num_threads()} threads, "

@@ -64,12 +64,21 @@ class Impl:
     name: str  # e.g. "pyquant.int4_weight_only_mm[g128]" or "F.linear[fp32]"
     kind: str  # "pyquant" or "baseline"
     make: Callable  # (w_fp32 [N,K]) -> opaque prepared weight state
-    run: Callable  # (state, x_fp32 [M,K]) -> y
+    run: Callable  # (state, x [M,K] of x_dtype: Impl.take) -> y
     nbytes: Callable  # (state) -> bytes of weights read per call
     op: str = ""
     # (state, M) -> (vector unit of _native.PEAK_UNITS, unit ops per op) the call's products
     # run on, or None where unknown: the "%peak" column
     unit: Optional[Callable] = None
+    # The activations the call takes: None for float32, torch.bfloat16 for a bf16 model's. The
+    # bench converts x once per batch size, outside the timed calls: a bf16 model hands its
+    # layers bf16 activations, and a conversion in the call (a tensor made from cold caches,
+    # ~20-30 us at decode) charged every bf16 row, pyquant's and the baselines', for it.
+    x_dtype: Optional[torch.dtype] = None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """x as this impl's call takes it (x_dtype)."""
+        return x if self.x_dtype is None else x.to(self.x_dtype)
 
 
 @dataclass
@@ -197,7 +206,8 @@ def _copies(nbytes: int, rotate_bytes: int, sharers: int, burst: int = 1) -> int
 
 def _time_interleaved(entries: list, x, iters: int, warmup: int = 2,
                       seed: int = 0, burst: int = 1) -> list[float]:
-    """Median seconds of a call for each (run, states) of ``entries``: ``iters`` rounds of
+    """Median seconds of a call for each (run, states) or (run, states, x of its own) of
+    ``entries`` (else x): ``iters`` rounds of
     ``burst`` calls per entry back to back, each round in a fresh random order (seeded: the
     same orders every run). With burst > 1 the first call of each run is not counted.
 
@@ -221,20 +231,22 @@ def _time_interleaved(entries: list, x, iters: int, warmup: int = 2,
         cursor[id(states)] = i + 1
         return states[i % len(states)]
 
-    for run, states in entries:
+    # an entry may bring its own x (run, states, x): the activations its call takes
+    xs = [e[2] if len(e) > 2 else x for e in entries]
+    for (run, states, *_), xe in zip(entries, xs):
         for _ in range(warmup):
-            run(next_copy(states), x)
+            run(next_copy(states), xe)
     rng = random.Random(seed)
     order = list(range(len(entries)))
     ts = [[] for _ in entries]
     for _ in range(iters):
         rng.shuffle(order)
         for e in order:
-            run, states = entries[e]
+            run, states, xe = entries[e][0], entries[e][1], xs[e]
             for j in range(burst):
                 s = next_copy(states)
                 t0 = time.perf_counter()
-                run(s, x)
+                run(s, xe)
                 if j or burst == 1:
                     ts[e].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in ts]
@@ -260,8 +272,8 @@ def baseline_impls() -> list[Impl]:
              lambda s, x: F.linear(x, s), lambda s: _tensor_bytes(s), "linear",
              lambda s, m: ("fp32", 1)),
         Impl("F.linear[bf16]", "baseline", lambda w: w.to(torch.bfloat16),
-             lambda s, x: F.linear(x.to(torch.bfloat16), s), lambda s: _tensor_bytes(s), "linear",
-             lambda s, m: ("bf16", 1)),
+             lambda s, x: F.linear(x, s), lambda s: _tensor_bytes(s), "linear",
+             lambda s, m: ("bf16", 1), torch.bfloat16),
     ]
     try:
         from torch.ao.nn.quantized.dynamic import Linear as DynLinear  # noqa: F401
@@ -291,8 +303,8 @@ def baseline_impls() -> list[Impl]:
 
         impls.append(Impl(
             "torch._weight_int4pack_mm_for_cpu[g128]", "baseline", make_int4pack,
-            lambda s, x: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), s[0], s[2], s[1]),
-            lambda s: _tensor_bytes(s[0], s[1]), "int4_weight_only_mm"))
+            lambda s, x: torch._weight_int4pack_mm_for_cpu(x, s[0], s[2], s[1]),
+            lambda s: _tensor_bytes(s[0], s[1]), "int4_weight_only_mm", x_dtype=torch.bfloat16))
     return impls
 
 
@@ -385,11 +397,11 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         # A bf16 model's activations (as F.linear[bf16] and int4pack get them): on AMX the
         # weight-only kernels then multiply one bf16 term per activation instead of three.
         Impl("pyquant.int8_weight_only_mm[x-bf16]", "pyquant", make_i8_layer,
-             lambda s, x, run=int8("int8_weight_only_mm"): run(s, x.to(torch.bfloat16)),
-             lambda s: _tensor_bytes(*s[:2]), "int8_weight_only_mm", unit("fixed", 24)),
+             int8("int8_weight_only_mm"), lambda s: _tensor_bytes(*s[:2]),
+             "int8_weight_only_mm", unit("fixed", 24), torch.bfloat16),
         Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4wo_layer,
-             lambda s, x, run=int4("int4_weight_only_mm"): run(s, x.to(torch.bfloat16)),
-             lambda s: _tensor_bytes(*s[:3]), "int4_weight_only_mm", unit("fixed", 16)),
+             int4("int4_weight_only_mm"), lambda s: _tensor_bytes(*s[:3]),
+             "int4_weight_only_mm", unit("fixed", 16), torch.bfloat16),
     ]
 
 
@@ -471,7 +483,8 @@ def run(
                 x = torch.randn(m, k, generator=g)
                 # decode sizes are short calls: enough rounds to visit every weight copy
                 decode = m <= DECODE_MAX_M
-                times = _time_interleaved([(impl.run, st) for impl, _, st in ready], x,
+                entries = [(impl.run, st, impl.take(x)) for impl, _, st in ready]
+                times = _time_interleaved(entries, x,
                                           iters=max(iters, most) if decode else iters,
                                           burst=DECODE_BURST if decode else 1)
                 now = [nb / t / 1e9 for (impl, nb, _), t in zip(ready, times)

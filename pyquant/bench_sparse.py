@@ -109,8 +109,8 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
 
     return [
         Impl("pyquant.sparse24_mm[bf16]", "pyquant", make_24_bf16,
-             lambda s, x: s[2]("sparse24_mm", x.to(bf16), s[0], s[1], None),
-             lambda s: _bytes(*s), "sparse24_mm"),
+             lambda s, x: s[2]("sparse24_mm", x, s[0], s[1], None),
+             lambda s: _bytes(*s), "sparse24_mm", x_dtype=bf16),
         Impl("pyquant.sparse24_int8_mm", "pyquant", make_24_int8,
              lambda s, x: s[4](s[3], x, s[0], s[1], s[2], None),
              lambda s: _bytes(*s), "sparse24_int8_mm"),
@@ -119,8 +119,8 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
              lambda s: _bytes(*s), "sparse24_int4_mm"),
         Impl(f"pyquant.sparse_unstructured_mm[bf16,{round(sparsity * 100)}%]", "pyquant",
              make_unstructured,
-             lambda s, x: s[3]("sparse_unstructured_mm", x.to(bf16), *s[:3], None),
-             lambda s: _bytes(*s), "sparse_unstructured_mm"),
+             lambda s, x: s[3]("sparse_unstructured_mm", x, *s[:3], None),
+             lambda s: _bytes(*s), "sparse_unstructured_mm", x_dtype=bf16),
         Impl(f"pyquant.sparse_unstructured_mm[fp32,{round(sparsity * 100)}%]", "pyquant",
              make_unstructured_fp32,
              lambda s, x: s[3]("sparse_unstructured_mm", x, *s[:3], None),

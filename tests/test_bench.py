@@ -437,10 +437,43 @@ def test_every_pyquant_impl_runs_without_the_dispatcher(monkeypatch):
     impls = bench.pyquant_impls(group_size=128) + bench_sparse.sparse_impls(group_size=128)
     for impl in impls:
         n = len(called)
-        impl.run(impl.make(w), x)
+        impl.run(impl.make(w), impl.take(x))
         assert len(called) == n + 1, impl.name
     assert through_dispatcher == []
     assert any(op.startswith("sparse") for op in called)
+
+
+def test_bf16_rows_get_bf16_x_made_outside_the_timed_calls(monkeypatch):
+    """The bf16 rows (bf16 F.linear, int4pack, pyquant's x-bf16 and bf16 sparse rows) take the
+    activations a bf16 model hands its layers, converted once per batch size before the timed
+    calls; the others take x as it is."""
+    import torch
+
+    from pyquant import bench_sparse
+
+    seen = []
+    real = bench._time_interleaved
+
+    def spy(entries, x, **kw):
+        seen.append([(e[2].dtype, e[2].shape) for e in entries])
+        return real(entries, x, **kw)
+
+    monkeypatch.setattr(bench, "_time_interleaved", spy)
+    monkeypatch.setattr(bench, "measure_read_bandwidth", lambda *a, **k: 10.0)
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: {})
+    res = bench.run(models=("minilm",), ms=(1,), impl_filter="x-bf16,sparse24_mm", iters=1,
+                    rotate_bytes=1 << 20)
+    impls = bench.probe_impls() + bench.baseline_impls() + bench.pyquant_impls() + \
+        bench_sparse.sparse_impls()
+    bf16 = {i.name for i in impls if i.x_dtype is torch.bfloat16}
+    assert {"F.linear[bf16]", "pyquant.int8_weight_only_mm[x-bf16]",
+            "pyquant.sparse24_mm[bf16]"} <= bf16
+    names = list(dict.fromkeys(r["impl"] for r in res["rows"]))
+    assert seen and all(len(s) == len(names) for s in seen)
+    for s in seen:
+        for name, (dtype, shape) in zip(names, s):
+            assert dtype == (torch.bfloat16 if name in bf16 else torch.float32), name
+            assert shape[0] == 1
 
 
 @pytest.mark.skipif(not _native.available(), reason="needs the native module")
@@ -464,7 +497,7 @@ def test_every_pyquant_impl_takes_the_remembered_call_after_the_first(monkeypatc
             state = impl.make(w)
             n = len(called)
             for _ in range(3):
-                impl.run(state, x)
+                impl.run(state, impl.take(x))
             assert len(called) == n + 1, (impl.name, called[n:])
 
 
