@@ -483,8 +483,10 @@ def run(
                 x = torch.randn(m, k, generator=g)
                 # decode sizes are short calls: enough rounds to visit every weight copy
                 decode = m <= DECODE_MAX_M
-                entries = [(impl.run, st, impl.take(x)) for impl, _, st in ready]
-                times = _time_interleaved(entries, x,
+                # (not kept in a name: that would hold this shape's weight copies while the
+                # next shape's are made)
+                times = _time_interleaved([(impl.run, st, impl.take(x)) for impl, _, st in ready],
+                                          x,
                                           iters=max(iters, most) if decode else iters,
                                           burst=DECODE_BURST if decode else 1)
                 now = [nb / t / 1e9 for (impl, nb, _), t in zip(ready, times)
@@ -497,7 +499,8 @@ def run(
                                     impl.op, t * 1e3, nb, gbps, gbps / bw, gops,
                                     gbps / now[0] if now else float("nan"), share,
                                     u[0] if u and u[0] in peaks else ""))
-            del ready
+            # nothing may hold this shape's copies while the next shape's are made
+            ready = st = s0 = states = None
     _add_speedups(rows)
     return {
         "machine": machine_info(bw, peaks),

@@ -476,6 +476,43 @@ def test_bf16_rows_get_bf16_x_made_outside_the_timed_calls(monkeypatch):
             assert shape[0] == 1
 
 
+def test_a_shapes_weight_copies_are_gone_before_the_next_shape_is_timed(monkeypatch):
+    """All impls of a shape hold their weight copies at once (GBs at Llama sizes), so those of
+    one shape must be freed before the next shape's are made: a name left holding the timed
+    entries kept them alive, and a Llama-2-7B run at M = 1 grew past 21 GB on a 24 GB machine
+    where it had peaked at ~14."""
+    import gc
+    import weakref
+
+    import torch
+
+    alive = []  # (shape, weak references to one tensor of every impl's first copy)
+    real = bench._time_interleaved
+
+    def first_tensor(state):
+        if isinstance(state, torch.Tensor):
+            return state
+        if isinstance(state, tuple):
+            return next((t for t in map(first_tensor, state) if t is not None), None)
+        return None
+
+    def spy(entries, x, **kw):
+        gc.collect()
+        for shape, refs in alive:
+            if shape != x.shape[1:]:
+                assert all(r() is None for r in refs), f"copies of K = {shape} still alive"
+        refs = [weakref.ref(t) for t in (first_tensor(e[1][0]) for e in entries)
+                if t is not None]
+        alive.append((x.shape[1:], refs))
+        return real(entries, x, **kw)
+
+    monkeypatch.setattr(bench, "_time_interleaved", spy)
+    monkeypatch.setattr(bench, "measure_read_bandwidth", lambda *a, **k: 10.0)
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: {})
+    bench.run(models=("minilm",), ms=(1,), impl_filter="int8", iters=1, rotate_bytes=1 << 20)
+    assert len({shape for shape, _ in alive}) >= 2 and all(refs for _, refs in alive)
+
+
 @pytest.mark.skipif(not _native.available(), reason="needs the native module")
 def test_every_pyquant_impl_takes_the_remembered_call_after_the_first(monkeypatch):
     """A layer's LayerCall checks its weights and prepares its call once; so must the bench's
