@@ -448,7 +448,7 @@ def _bf16_rows(x: torch.Tensor, n: int, k: int):
     """A bound call's bf16 rows: (M, x as fp32 rows, the kernel's fp32 output, the call's bf16
     output) for contiguous bf16 rows of two or more dims, up to _BF16_BOUND_MAX_M of them, the
     first two in this thread's scratch; (0, None, None, None) for any other x. The caller runs
-    its kernel from the fp32 rows into the fp32 output and then _bf16_finish. Why scratch and
+    its kernel from the fp32 rows into the fp32 output and then _bound_result. Why scratch and
     native conversions rather than x.float() and out.to(bfloat16): at decode each tensor torch
     makes costs ~20 us of caches the weight stream has just flushed; a 64 x 4096 int4
     weight-only layer took 105-119 us a call with bf16 x, 59-64 us with fp32 x (2-core Xeon,
@@ -460,12 +460,6 @@ def _bf16_rows(x: torch.Tensor, n: int, k: int):
     xf, out = _work("bf16_rows_x", m * k * 4), _work("bf16_rows_out", m * n * 4)
     module().bf16_to_f32_rows(x.data_ptr(), m, k, k, xf.data_ptr())
     return m, xf, out, y
-
-
-def _bf16_finish(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y (bf16) from the kernel's fp32 output out (_bf16_rows), rounded as torch rounds."""
-    module().f32_to_bf16(out.data_ptr(), y.numel(), y.data_ptr())
-    return y
 
 
 def _bound_rows(x: torch.Tensor, n: int, k: int):
@@ -482,8 +476,12 @@ def _bound_rows(x: torch.Tensor, n: int, k: int):
 
 
 def _bound_result(out: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-    """The bound call's result: the fp32 output, or the bf16 one made from it (_bound_rows)."""
-    return out if y is None else _bf16_finish(out, y)
+    """The bound call's result: the fp32 output, or the bf16 one (_bound_rows) rounded from it
+    as torch rounds."""
+    if y is None:
+        return out
+    module().f32_to_bf16(out.data_ptr(), y.numel(), y.data_ptr())
+    return y
 
 
 def _bind_int8_dynamic_mm(w, w_scale, bias=None):

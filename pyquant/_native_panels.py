@@ -94,9 +94,8 @@ def _weight_only_binder(op: str, prepare, rows):
             m, xf, out, y = _bound_rows(x, n, k)
             if m:
                 isa = current_isa()
-                if has_panel_kernels(isa):
-                    if call(isa, xf.data_ptr(), m, k, out, _threads()) == 0:
-                        return _bound_result(out, y)
+                if has_panel_kernels(isa) and call(isa, xf.data_ptr(), m, k, out, _threads()) == 0:
+                    return _bound_result(out, y)
             return _run_weight_only(op, x, n, k, rows_x, call)
         return bound
 
