@@ -6,9 +6,13 @@ that choice rests on, on the Llama-2-7B shapes 4096x4096 and 4096x11008:
 
   1. the decompression of each sparse format on every instruction set here (ms a call);
   2. each op forced onto its sparse kernel and onto the dense path at several batch sizes:
-     sparse time / dense time (below 1 the sparse kernel is faster).
+     sparse time / dense time (below 1 the sparse kernel is faster);
+  3. unstructured with float32 activations on the unstructured GEMM (only the kept products;
+     pyquant._native.unstructured_gemm_from_m), against the row kernel and the dense path:
+     GEMM time / row kernel time and GEMM time / dense path time. --kept sets the share of each
+     unstructured weight kept (0.3: 70% pruned), on which the GEMM's break-even depends.
 
-    python benchmarks/sparse_break_even.py [--ms 8,16,32,64] [--reps 7] [--threads 2]
+    python benchmarks/sparse_break_even.py [--ms 8,16,32,64] [--reps 7] [--threads 2] [--kept 0.3]
 
 Median of --reps calls; the machine should be otherwise idle, and the ratios, measured side
 by side, are what to compare across runs.
@@ -16,6 +20,7 @@ by side, are what to compare across runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -26,12 +31,12 @@ from pyquant import sparse_formats as sf
 SHAPES = ((4096, 4096), (4096, 11008))
 
 
-def weights(n: int, k: int) -> dict:
+def weights(n: int, k: int, kept: float = 0.3) -> dict:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
     v, meta = sf.compress_24(w)
     q, s8 = sf.quantize_24_int8(v)
     p4, s4, z4 = sf.quantize_24_int4(v, 128)
-    keep = w.abs() > w.abs().flatten().kthvalue(int(0.7 * w.numel())).values
+    keep = w.abs() > w.abs().flatten().kthvalue(int((1 - kept) * w.numel())).values
     bm, vu, off = sf.compress_unstructured((w * keep).bfloat16(), keep)
     _, vf, _ = sf.compress_unstructured(w * keep, keep)  # fp32 values: what an fp32 model keeps
     d = dict(v=v.bfloat16(), meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, vf=vf,
@@ -42,12 +47,12 @@ def weights(n: int, k: int) -> dict:
     return d
 
 
-def decompressions(t: dict) -> dict:
+def decompressions(t: dict, kept: float) -> dict:
     return {
         "2:4 int8": lambda: _native._decompress_24(t["q"], t["meta"]),
         "2:4 bf16": lambda: _native._decompress_24(t["v"], t["meta"]),
         "2:4 int4 g128": lambda: _native._decompress_24_int4(t["p4"], t["meta"], t["z4"], 128),
-        "unstructured 70% bf16": lambda: _native._decompress_unstructured(
+        f"unstructured {1 - kept:.0%} bf16": lambda: _native._decompress_unstructured(
             t["bm"], t["vu"], t["off"], t["k"]),
     }
 
@@ -83,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="8,16,32,64")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kept", type=float, default=0.3)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -93,9 +99,9 @@ def main(argv=None) -> int:
     table = _native.sparse_dense_min_m
     saved = table()
     for n, k in SHAPES:
-        t = weights(n, k)
+        t = weights(n, k, a.kept)
         print(f"{n}x{k}: decompression, ms a call")
-        for name, fn in decompressions(t).items():
+        for name, fn in decompressions(t, a.kept).items():
             row = []
             for isa in isas:
                 with _native.use_isa(isa):
@@ -104,19 +110,43 @@ def main(argv=None) -> int:
         print(f"{n}x{k}: sparse kernel time / dense path time (now dense from M = ...)")
         for name, (key, fn) in ops(t).items():
             row = []
+            gemm_row = []
             for m in ms:
                 x = torch.randn(m, k)
                 try:
                     keys = set(saved) | {key}
-                    _native.sparse_dense_min_m = lambda: {kk: 1 << 30 for kk in keys}
-                    sparse = median_ms(lambda: fn(x), a.reps)
-                    _native.sparse_dense_min_m = lambda: {kk: 1 for kk in keys}
-                    dense = median_ms(lambda: fn(x), a.reps)
+                    with unstructured_gemm(False):
+                        _native.sparse_dense_min_m = lambda: {kk: 1 << 30 for kk in keys}
+                        sparse = median_ms(lambda: fn(x), a.reps)
+                        _native.sparse_dense_min_m = lambda: {kk: 1 for kk in keys}
+                        dense = median_ms(lambda: fn(x), a.reps)
+                    if name == "unstructured fp32":
+                        with unstructured_gemm(True):
+                            gemm = median_ms(lambda: fn(x), a.reps)
+                        gemm_row.append(f"M={m} {gemm / sparse:5.2f} {gemm / dense:5.2f}")
                 finally:
                     _native.sparse_dense_min_m = table
                 row.append(f"M={m} {sparse / dense:5.2f}")
             print(f"  {name:22s} " + "  ".join(row) + f"   ({saved.get(key)})")
+            if gemm_row and gemm_row[0]:
+                print(f"  {'  GEMM / rows, / dense':22s} " + "  ".join(gemm_row) +
+                      f"   (GEMM from M = {_native.unstructured_gemm_from_m(a.kept)})")
     return 0
+
+
+@contextlib.contextmanager
+def unstructured_gemm(on: bool):
+    """The unstructured GEMM at every M (on) or at none (off), whatever the weight's share."""
+    names = ("UNSTRUCTURED_GEMM_MAX_KEPT", "UNSTRUCTURED_GEMM_M_PER_KEPT",
+             "UNSTRUCTURED_GEMM_MIN_M")
+    saved = [getattr(_native, nm) for nm in names]
+    for nm, v in zip(names, (1.0, 0, 1) if on else (-1.0, 0, 1)):
+        setattr(_native, nm, v)
+    try:
+        yield
+    finally:
+        for nm, v in zip(names, saved):
+            setattr(_native, nm, v)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ typedef enum {
   PQ_ERR_ISA = 2,   /* the requested ISA is not compiled in or not supported by this CPU */
   PQ_NOT_FIXED_POINT = 3, /* a row of x cannot be written in 24-bit fixed point (Inf, NaN,
                            * max below 2^-100): the call's other path must run it */
+  PQ_NOT_FINITE = 4,      /* x holds an Inf or NaN, which a path that skips pruned weights
+                           * cannot multiply as a dense product would: the other path runs it */
 } pq_status;
 
 typedef enum {
@@ -450,6 +452,21 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
                               const uint8_t* bitmask, const void* values, int values_dtype,
                               int64_t nnz, const int64_t* row_offsets, int64_t N,
                               const float* bias, float* out, int n_threads);
+
+/* pq_sparse_unstructured_mm for many rows of x (the prefill sizes), forming only the kept
+ * products: each output is the sum over kept k, in k order, of values * x by fused
+ * multiply-add in fp32, then + bias. The same checks of the weight (PQ_ERR_ARG; out is then
+ * unspecified). PQ_NOT_FINITE when x holds an Inf or NaN (nothing written: a dense product
+ * would turn 0 * Inf into NaN, which this path never forms). work: 64-byte aligned,
+ * pq_sparse_unstructured_gemm_workspace_bytes(isa, M, K, n_threads) bytes, which is -1
+ * where the path does not exist (PQ_ERR_ISA: the builds without AVX512). */
+int64_t pq_sparse_unstructured_gemm_workspace_bytes(int isa, int64_t M, int64_t K,
+                                                    int n_threads);
+int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                                const uint8_t* bitmask, const void* values, int values_dtype,
+                                int64_t nnz, const int64_t* row_offsets, int64_t N,
+                                const float* bias, float* out, void* work, int64_t work_bytes,
+                                int n_threads);
 
 #ifdef __cplusplus
 }

@@ -22,6 +22,7 @@ _ISA_ALIASES = {"portable": 0, "generic": 0, "avx2": 1, "avx512_vnni": 2, "avx51
 _STATUS = {1: "invalid argument", 2: "instruction set not available"}
 _ERR_ISA = 2  # PQ_ERR_ISA (pq.h)
 _NOT_FIXED_POINT = 3  # pq.h: PQ_NOT_FIXED_POINT, a row of x that 24-bit fixed point cannot hold
+_NOT_FINITE = 4  # pq.h: PQ_NOT_FINITE, x with an Inf or NaN (a path that skips pruned weights)
 
 _lock = threading.Lock()
 _module = None
@@ -882,7 +883,7 @@ def sparse24_mm(x, values, meta, bias=None):
     return _run_sparse24_mm(x, values, meta, bias)
 
 
-def _sparse_float_binder(op: str, prepare, run):
+def _sparse_float_binder(op: str, prepare, run, other_path=None):
     """run(x, *w), the op, with run.bind(*w) (ops.LayerCall: a call prepared once for weights
     that stay the same). prepare(*w) -> (n, value dtype, bias, native, copied): native(isa, x
     rows address, M, K, out, threads) the kernel's call on the weights as prepared, copied
@@ -890,7 +891,8 @@ def _sparse_float_binder(op: str, prepare, run):
     miss it). The bound call sends contiguous float32 or bfloat16 rows below the op's dense
     break-even straight to the kernel (bf16 rows as float32, as the general path:
     _bound_rows), anything else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall
-    1.05-1.06x as fast as through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16)."""
+    1.05-1.06x as fast as through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16).
+    other_path(m, kind, *w), where given, sends more sizes to run (the unstructured GEMM's)."""
     def bind(*w):
         n, vdtype, bias, native, copied = prepare(*w)
         if copied:
@@ -900,7 +902,9 @@ def _sparse_float_binder(op: str, prepare, run):
         def bound(x):
             m, xf, out, y = _bound_rows(x, n, x.shape[-1])
             if m:
-                if not sparse_dense_reason(op, m, "bf16" if bf16 and y is not None else "fp32"):
+                kind = "bf16" if bf16 and y is not None else "fp32"
+                if not sparse_dense_reason(op, m, kind) and not (
+                        other_path and other_path(m, kind, *w)):
                     if native(current_isa(), xf.data_ptr(), m, x.shape[-1], out, _threads()) == 0:
                         return _bound_result(out, y)
             return run(x, *w)
@@ -1023,12 +1027,74 @@ def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
     return _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias)
 
 
+# The unstructured GEMM (pq_sparse_unstructured_gemm, csrc/cpu/tile_sparse_outer.h; AVX512
+# builds): only the kept products, float32 sums, for any stored float values against float32
+# rows of x (kind "fp32"). Measured on a 2-core Xeon with AMX (Granite Rapids), 2 threads,
+# against the row kernels, decompression + F.linear and fp32 F.linear on the dense weight
+# (times over the GEMM's, 4096 x 4096 / 4096 x 11008):
+#   30% kept: rows 0.95 / 0.90 at M = 12, 1.23 / 1.24 at 16; dense 2.6 / 2.5 at 16, 1.9 / 1.9 at
+#             128, 1.6 / 1.5 at 1024 (F.linear alone 1.8 / 1.5 at 16, 1.9 / 1.9 at 128, 1.5 /
+#             1.4 at 1024)
+#   50% kept: rows 0.88 / 0.99 at 16; dense 1.6 / 1.65 at 128, 1.03 / 0.99 at 1024
+#   70% kept: rows 0.60 / 0.43 at 16; dense 1.08 / 1.14 at 128 (F.linear alone 0.85 / 0.91)
+# The GEMM's time grows with the kept values, the row kernels' with M: they break even near
+# M = 44 x the kept share (13 at 30%, 20 at 50%, 30 at 70%). So it runs from that M (at least
+# 14, the smallest measured) on weights at most half kept; denser ones keep the table above.
+UNSTRUCTURED_GEMM_MAX_KEPT = 0.5
+UNSTRUCTURED_GEMM_M_PER_KEPT = 44
+UNSTRUCTURED_GEMM_MIN_M = 14
+_gemm_isas: dict = {}
+
+
+def unstructured_gemm_from_m(kept: float) -> Optional[int]:
+    """The batch size from which an unstructured weight with this share of its values kept,
+    against float32 activations, runs the unstructured GEMM on the CPU level in use (None:
+    never, a weight over half kept or a build without the GEMM)."""
+    isa = current_isa()
+    has = _gemm_isas.get(isa)
+    if has is None:
+        has = _gemm_isas[isa] = (
+            available() and module().sparse_unstructured_gemm_workspace_bytes(isa, 1, 1, 1) >= 0)
+    if not has or kept > UNSTRUCTURED_GEMM_MAX_KEPT:
+        return None
+    return max(UNSTRUCTURED_GEMM_MIN_M, -int(-UNSTRUCTURED_GEMM_M_PER_KEPT * kept // 1))
+
+
+def _unstructured_gemm_applies(m: int, kind: str, bitmask, values, *_) -> bool:
+    if kind != "fp32" or m < UNSTRUCTURED_GEMM_MIN_M:
+        return False
+    n, k = bitmask.shape[0], bitmask.shape[1] * 8
+    lim = unstructured_gemm_from_m(values.numel() / max(n * k, 1))
+    return lim is not None and m >= lim
+
+
+def _unstructured_gemm(x2, bitmask, values, row_offsets, bias, out) -> int:
+    """pq_sparse_unstructured_gemm into out (float32 [M, N]); its status."""
+    m, k = x2.shape
+    xf = _rows_f32(x2)
+    bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
+    b, isa, nt = _bias_f32(bias), current_isa(), _threads()
+    nwork = module().sparse_unstructured_gemm_workspace_bytes(isa, m, k, nt)
+    # kept past _SCRATCH_MAX_BYTES, as the dense path's scratch: x's size in floats, where the
+    # dense path it replaces kept the whole weight's
+    work = _work("unstructured_gemm", nwork, cap=False)
+    return module().sparse_unstructured_gemm(
+        isa, _ptr(xf), m, k, xf.stride(0), _ptr(bm), _ptr(v), _value_dtype(v), v.numel(),
+        _ptr(off), bitmask.shape[0], _ptr(b), _ptr(out), _ptr(work), nwork, nt)
+
+
 def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
     op = "sparse_unstructured_mm"
     n, k = bitmask.shape[0], x.shape[-1]
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
+    if m and n and k and _unstructured_gemm_applies(m, kind, bitmask, values):
+        out = _out(m, n, x.dtype)
+        # else x holds an Inf or NaN (0 * Inf where a weight is pruned: the paths below form
+        # it), or the weight is inconsistent (the row kernel reports it)
+        if _unstructured_gemm(x2, bitmask, values, row_offsets, bias, out) == 0:
+            return _finish(out, x, lead, n)
     if m and n and sparse_dense_reason(op, m, kind):
         y = (_unstructured_bf16_panels(x2, bitmask, values, row_offsets, bias)
              if kind == "bf16" else None)
@@ -1069,7 +1135,8 @@ def _unstructured_prepare(bitmask, values, row_offsets, bias=None):
                                                 off is row_offsets and b is bias)
 
 
-_sparse_float_binder("sparse_unstructured_mm", _unstructured_prepare, _run_sparse_unstructured_mm)
+_sparse_float_binder("sparse_unstructured_mm", _unstructured_prepare, _run_sparse_unstructured_mm,
+                     _unstructured_gemm_applies)
 
 
 # The ops on the CPU panel layout of the weights (pyquant/panels.py) live in their own module;

@@ -44,6 +44,17 @@ def dense_from_m(key: tuple) -> Optional[int]:
     from . import _native
 
     return _native.sparse_dense_min_m().get(key) if _native.available() else None
+
+
+def gemm_from_m(key: tuple, kept: float) -> Optional[int]:
+    """The batch size from which the op of ``key`` runs the unstructured GEMM (only the kept
+    products: sparse_unstructured_mm with float32 activations, a weight at most half kept) on
+    a weight with this share kept; None where it does not."""
+    from . import _native
+
+    if key != ("sparse_unstructured_mm", "fp32") or not _native.available():
+        return None
+    return _native.unstructured_gemm_from_m(kept)
 BANDWIDTH_FLOOR = 0.75
 
 
@@ -141,11 +152,15 @@ def targets(result: dict, m: int = 1) -> list[dict]:
             speedup = d["ms"] / r["ms"] if d else None
             # the break-even of the op the impl runs (sparse_impls: the layers' layout)
             runs = (key[0] + "_panels", key[1]) if _runs_on_panels(key[0], n, k) else key
+            # the bench's unstructured weights keep the same count in every row
+            gemm_m = gemm_from_m(runs, sf.unstructured_kept(k, SPARSITY) / k)
             out.append({
                 "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
                 "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
                 "bw_share_now": r.get("bw_share_now", float("nan")),
-                "dense_from_m": dense_from_m(runs),
+                # a weight that takes the GEMM never runs dense (pyquant._native)
+                "dense_from_m": None if gemm_m is not None else dense_from_m(runs),
+                "gemm_from_m": gemm_m,
                 # no target (min_speedup None): shown, neither met nor missed
                 "ok": None if min_speedup is None else (
                     speedup is not None and speedup >= min_speedup
@@ -177,8 +192,11 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         be = r["dense_from_m"]
+        gm = r.get("gemm_from_m")
         flag = ("" if r["ok"] is not False else f"  (below target: {_short_of(r)})") if decode \
-            else ("  (runs dense: decompressed weight)" if be is not None and m >= be else "")
+            else ("  (runs dense: decompressed weight)" if be is not None and m >= be else
+                  "  (runs the unstructured GEMM: kept products only)"
+                  if gm is not None and m >= gm else "")
         need = "-" if r["min_speedup"] is None else f"{r['min_speedup']:.1f}x"
         lines.append(f"{r['impl']:44s} {r['shape']:>11s} {r['ms']:8.3f} {sp:>8s} "
                      + (f"{need:>5s} " if decode else "")

@@ -114,6 +114,21 @@ def _sparse_break_even() -> dict:
     return {f"{op} ({kind})": m for (op, kind), m in _native.sparse_dense_min_m().items()}
 
 
+def _unstructured_gemm() -> Optional[str]:
+    """From which M sparse_unstructured_mm with float32 activations runs the unstructured GEMM
+    (only the kept products; pyquant/_native.py), or None on a CPU level without it."""
+    from . import _native
+
+    at = {kept: _native.unstructured_gemm_from_m(kept) for kept in (0.1, 0.3, 0.5)}
+    if at[0.5] is None:
+        return None
+    return (f"M >= max({_native.UNSTRUCTURED_GEMM_MIN_M}, "
+            f"{_native.UNSTRUCTURED_GEMM_M_PER_KEPT} x kept share) for weights at most "
+            f"{_native.UNSTRUCTURED_GEMM_MAX_KEPT:.0%} kept (" +
+            ", ".join(f"{kept:.0%} kept: {m}" for kept, m in at.items()) +
+            "); denser weights as the table above")
+
+
 def _ranges(ms: list, open_end: Optional[int] = None) -> str:
     """[1, 5, 6, 7] -> "1, 5-7"; with open_end=7 (the probe's last M, which a run reaching it
     goes on past) -> "1, 5 and up"."""
@@ -286,6 +301,7 @@ def collect() -> dict:
                                   for n, why in ops.backend_status().items()}),
         "dispatch": _try(ops.backend_table),
         "sparse_dense_from_m": _try(_sparse_break_even),
+        "sparse_unstructured_gemm": _try(_unstructured_gemm),
         "fixed_point_decode_m": _try(_decode_paths),
         "cpu_weight_layout": _try(_panel_layouts),
         "cpu_weight_pages": _try(_hugepages_status),
@@ -376,6 +392,11 @@ def format_text(d: dict) -> str:
                      "(decompressing beats the sparse kernel there):")
         for name, m in be.items():
             lines.append(f"  {name:<32}M >= {m}")
+    ug = d.get("sparse_unstructured_gemm")
+    if isinstance(ug, str):
+        lines.append("sparse_unstructured_mm with float32 activations: the unstructured GEMM "
+                     "(only the kept products) at")
+        lines.append(f"  {ug}")
     fx = d.get("fixed_point_decode_m")
     if isinstance(fx, dict):
         lines.append("")

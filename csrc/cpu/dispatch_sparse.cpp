@@ -239,6 +239,40 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
              : PQ_ERR_ARG;
 }
 
+int64_t pq_sparse_unstructured_gemm_workspace_bytes(int isa, int64_t M, int64_t K,
+                                                    int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  int64_t xt;
+  if (!t || !t->sparse_unstructured_gemm || M < 0 || K < 0 || M > (int64_t)1 << 40 ||
+      __builtin_mul_overflow(K, M + pq::kOuterMb, &xt) || too_big(xt, 4))
+    return -1;
+  return pq::outer_work_bytes(M, K, threads(n_threads));
+}
+
+int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                                const uint8_t* bitmask, const void* values, int values_dtype,
+                                int64_t nnz, const int64_t* row_offsets, int64_t N,
+                                const float* bias, float* out, void* work, int64_t work_bytes,
+                                int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->sparse_unstructured_gemm) return PQ_ERR_ISA;
+  if (bad_x(x, M, K, ldx) || N < 0 || nnz < 0 || bad_dtype(values_dtype) || too_big(N, K) ||
+      too_big(M, N) || missing(bitmask, N * ((K + 7) / 8)) || missing(values, nnz) ||
+      row_offsets == nullptr || missing(out, M * N))
+    return PQ_ERR_ARG;
+  if (row_offsets[0] != 0 || row_offsets[N] != nnz) return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  const int64_t need = pq_sparse_unstructured_gemm_workspace_bytes(isa, M, K, n_threads);
+  if (need < 0 || !work || ((uintptr_t)work & 63) || work_bytes < need) return PQ_ERR_ARG;
+  switch (t->sparse_unstructured_gemm(x, M, K, ldx, bitmask, values, values_dtype, nnz,
+                                      row_offsets, N, bias, out, work, threads(n_threads))) {
+    case 0: return PQ_OK;
+    case 2: return PQ_NOT_FINITE;
+    default: return PQ_ERR_ARG;
+  }
+}
+
 int pq_sparse_unstructured_decompress(int isa, const uint8_t* bitmask, const void* values,
                                       int elem_bytes, int64_t nnz, const int64_t* row_offsets,
                                       int64_t N, int64_t K, void* out, int n_threads) {

@@ -87,6 +87,17 @@ inline int64_t bf16_panel_work_bytes(int64_t M, int64_t K, int64_t G, int thread
 inline int64_t sparse_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
   return bf16_panel_work_bytes(M, K, K, threads) + threads * align64(32 * K * 2);
 }
+/* pq_sparse_unstructured_gemm (tile_sparse_outer.h): x packed transposed in blocks of
+ * kOuterMb rows (the last one's width rounded up to 16), then per thread the sums of
+ * kOuterRows weight rows over a block and the rows' value offsets. */
+constexpr int64_t kOuterMb = 128, kOuterRows = 256;
+inline int64_t outer_xt_floats(int64_t M, int64_t K) {
+  return K * (M / kOuterMb * kOuterMb + (M % kOuterMb + 15) / 16 * 16);
+}
+inline int64_t outer_thread_bytes() { return kOuterRows * kOuterMb * 4 + kOuterRows * 8; }
+inline int64_t outer_work_bytes(int64_t M, int64_t K, int threads) {
+  return align64(outer_xt_floats(M, K) * 4) + threads * outer_thread_bytes();
+}
 
 /* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
  * the float paths (4096 x 4096, G = 128, weights streamed from memory, 2
@@ -399,6 +410,13 @@ struct SparseKernelTable {
   int (*sparse24_panels_decompress)(int bits, const uint8_t* vals, const uint8_t* meta,
                                     int64_t N, int64_t K, const uint8_t* zeros, int64_t G,
                                     uint8_t* out, int n_threads);
+  /* unstructured weights against many rows of fp32 x, only the kept products
+   * (tile_sparse_outer.h; pq_sparse_unstructured_gemm): 0, 1 for an inconsistent row, 2 for x
+   * with an Inf or NaN. work: pq::outer_work_bytes, 64-byte aligned. Null without AVX512. */
+  int (*sparse_unstructured_gemm)(const float* x, int64_t M, int64_t K, int64_t ldx,
+                                  const uint8_t* bitmask, const void* values, int values_dtype,
+                                  int64_t nnz, const int64_t* row_offsets, int64_t N,
+                                  const float* bias, float* out, void* work, int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

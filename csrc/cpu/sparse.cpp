@@ -13,6 +13,7 @@
 #include "tile_sparse.h"
 #include "tile_sparse_bf16_panel.h"
 #include "tile_sparse24_fx_panel.h"
+#include "tile_sparse_outer.h"
 
 namespace PQ_NS {
 namespace {
@@ -441,6 +442,22 @@ bool sparse_unstructured_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
                           n_threads);
 }
 
+#if defined(PQ_HAVE_UNSTRUCTURED_OUTER)
+int sparse_unstructured_gemm(const float* x, int64_t M, int64_t K, int64_t ldx,
+                             const uint8_t* bitmask, const void* values, int values_dtype,
+                             int64_t nnz, const int64_t* off, int64_t N, const float* bias,
+                             float* out, void* work, int n_threads) {
+  if (values_dtype == PQ_DTYPE_BF16)
+    return outer_unstructured<kBF16>(x, M, K, ldx, bitmask, values, nnz, off, N, bias, out, work,
+                                     n_threads);
+  if (values_dtype == PQ_DTYPE_F16)
+    return outer_unstructured<kF16>(x, M, K, ldx, bitmask, values, nnz, off, N, bias, out, work,
+                                    n_threads);
+  return outer_unstructured<kF32>(x, M, K, ldx, bitmask, values, nnz, off, N, bias, out, work,
+                                  n_threads);
+}
+#endif
+
 int sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
                          int64_t K, void* out, int n_threads) {
   if (elem_bytes == 1)
@@ -476,6 +493,11 @@ extern const pq::SparseKernelTable kSparseKernels = {
     sparse24_panels_decompress,
 #else
     nullptr, nullptr, nullptr, nullptr,
+#endif
+#if defined(PQ_HAVE_UNSTRUCTURED_OUTER)
+    sparse_unstructured_gemm,
+#else
+    nullptr,
 #endif
 };
 
