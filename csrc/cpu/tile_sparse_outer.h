@@ -33,7 +33,6 @@
 
 #if defined(PQ_SIMD_AVX512)
 #define PQ_HAVE_UNSTRUCTURED_OUTER 1
-#define PQ_OUTER_TWO_MAX_W 4
 
 
 namespace PQ_NS {
@@ -85,17 +84,24 @@ inline __m512 outer_value(const void* p, int64_t o) {
 }
 
 /* One chunk of one weight row: the kept values of bits `word` (columns kc + bit) into the row's
- * W x 16 sums at acc; o: the row's next value. Two kept values a step, into two sets of sums:
- * with one set each sum waits on its previous FMA (4 cycles), which held a step to ~8 cycles
- * (4096 x 4096, 70% pruned, M = 128). An odd count pairs its last value with a zero, whose
- * products are zeros: x is finite here. */
+ * W x 16 sums at acc; o: the row's next value. Up to kOuterTwoSetsMaxW zmm of sums, two kept
+ * values a step, into two sets of sums: with one set each sum waits on its previous FMA (4
+ * cycles), and at M = 16 (4096 x 4096, 70% pruned, 2 threads) the GEMM took 7.4 ms where two
+ * sets take 4.4. An odd count pairs its last value with a zero, whose products are zeros: x is
+ * finite here. With 8 zmm the eight FMAs of a value keep the FMA units busy; two sets there
+ * ran 1.04-1.11x slower (M = 128 to 1024). Also measured and not kept, against this one
+ * (in-process A/B, both shapes, M = 16 to 1024): chunks of 32 columns 1.04-1.31x slower (the
+ * per-row cost of a chunk), and chunks of 8 / W words, so 32 KiB of xt each, with the sums in
+ * registers across a row's words, 1.06-1.67x slower (the larger L1 footprint at small M). */
+constexpr int kOuterTwoSetsMaxW = 4;
+
 template <int W, int Kind>
 PQ_ALWAYS_INLINE inline void outer_chunk(uint64_t word, const void* vals, int64_t& o,
                                          const float* xc, int64_t w, float* acc) {
   __m512 a[W];
   for (int j = 0; j < W; ++j) a[j] = _mm512_load_ps(acc + 16 * j);
   int64_t oo = o;
-  if constexpr (W <= PQ_OUTER_TWO_MAX_W) {
+  if constexpr (W <= kOuterTwoSetsMaxW) {
     __m512 b[W];
     for (int j = 0; j < W; ++j) b[j] = _mm512_setzero_ps();
     do {
@@ -147,6 +153,8 @@ bool outer_task(const float* xt_b, int64_t m0, int64_t M, int64_t K, const uint8
       const uint8_t* bm = bitmask + (n_lo + r) * ldb + byte;
       const uint64_t word = left >= 8 ? load_u64(bm) : load_tail_u64(bm, left);
       if (word) outer_chunk<W, Kind>(word, vals, o[r], xc, w, acc + r * w);
+      /* the row's values a line on, into L2: a task walks 256 rows' values at once, more
+       * streams than the prefetchers follow (0.93-0.96x the time at M = 128 and 1024) */
       _mm_prefetch((const char*)vals + (o[r] + 16) * (Kind == kF32 ? 4 : 2), _MM_HINT_T1);
     }
   }
