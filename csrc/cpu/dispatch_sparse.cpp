@@ -17,6 +17,17 @@ bool bad_24(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* me
          missing(meta, N * ((K + 7) / 8)) || missing(out, M * N);
 }
 
+/* Shared by the unstructured ops: x [M, K], bitmask [N, ceil(K/8)], values of nnz, offsets
+ * [N + 1] from 0 to nnz, out [M, N]. */
+bool bad_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* bitmask,
+                      const void* values, int values_dtype, int64_t nnz,
+                      const int64_t* row_offsets, int64_t N, const float* out) {
+  return bad_x(x, M, K, ldx) || N < 0 || nnz < 0 || bad_dtype(values_dtype) || too_big(N, K) ||
+         too_big(M, N) || missing(bitmask, N * ((K + 7) / 8)) || missing(values, nnz) ||
+         row_offsets == nullptr || missing(out, M * N) || row_offsets[0] != 0 ||
+         row_offsets[N] != nnz;
+}
+
 }  // namespace
 
 extern "C" {
@@ -226,11 +237,8 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
                               const float* bias, float* out, int n_threads) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t) return PQ_ERR_ISA;
-  if (bad_x(x, M, K, ldx) || N < 0 || nnz < 0 || bad_dtype(values_dtype) || too_big(N, K) ||
-      too_big(M, N) || missing(bitmask, N * ((K + 7) / 8)) || missing(values, nnz) ||
-      row_offsets == nullptr || missing(out, M * N))
+  if (bad_unstructured(x, M, K, ldx, bitmask, values, values_dtype, nnz, row_offsets, N, out))
     return PQ_ERR_ARG;
-  if (row_offsets[0] != 0 || row_offsets[N] != nnz) return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   return t->sparse_unstructured_mm(x, M, K, ldx, bitmask, values, values_dtype, nnz, row_offsets,
@@ -256,11 +264,8 @@ int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, i
                                 int n_threads) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   if (!t || !t->sparse_unstructured_gemm) return PQ_ERR_ISA;
-  if (bad_x(x, M, K, ldx) || N < 0 || nnz < 0 || bad_dtype(values_dtype) || too_big(N, K) ||
-      too_big(M, N) || missing(bitmask, N * ((K + 7) / 8)) || missing(values, nnz) ||
-      row_offsets == nullptr || missing(out, M * N))
+  if (bad_unstructured(x, M, K, ldx, bitmask, values, values_dtype, nnz, row_offsets, N, out))
     return PQ_ERR_ARG;
-  if (row_offsets[0] != 0 || row_offsets[N] != nnz) return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
   const int64_t need = pq_sparse_unstructured_gemm_workspace_bytes(isa, M, K, n_threads);
