@@ -7,10 +7,11 @@ that choice rests on, on the Llama-2-7B shapes 4096x4096 and 4096x11008:
   1. the decompression of each sparse format on every instruction set here (ms a call);
   2. each op forced onto its sparse kernel and onto the dense path at several batch sizes:
      sparse time / dense time (below 1 the sparse kernel is faster);
-  3. unstructured with float32 activations on the unstructured GEMM (only the kept products;
-     pyquant._native.unstructured_gemm_from_m), against the row kernel and the dense path:
-     GEMM time / row kernel time and GEMM time / dense path time. --kept sets the share of each
-     unstructured weight kept (0.3: 70% pruned), on which the GEMM's break-even depends.
+  3. unstructured and 2:4 with float32 activations on the sparse GEMMs (only the kept products;
+     pyquant._native.unstructured_gemm_from_m, SPARSE24_GEMM_MIN_M), against the row kernel and
+     the dense path: GEMM time / row kernel time and GEMM time / dense path time. --kept sets
+     the share of each unstructured weight kept (0.3: 70% pruned), on which the unstructured
+     GEMM's break-even depends.
 
     python benchmarks/sparse_break_even.py [--ms 8,16,32,64] [--reps 7] [--threads 2] [--kept 0.3]
 
@@ -39,7 +40,7 @@ def weights(n: int, k: int, kept: float = 0.3) -> dict:
     keep = w.abs() > w.abs().flatten().kthvalue(int((1 - kept) * w.numel())).values
     bm, vu, off = sf.compress_unstructured((w * keep).bfloat16(), keep)
     _, vf, _ = sf.compress_unstructured(w * keep, keep)  # fp32 values: what an fp32 model keeps
-    d = dict(v=v.bfloat16(), meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, vf=vf,
+    d = dict(v=v.bfloat16(), vf24=v, meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, vf=vf,
              off=off, k=k)
     if sparse_panels.layout_applies(n, k, "cpu", 128):  # what the int8/int4 layers keep here
         d["q_pv"], d["q_pm"] = sparse_panels.pack(q, meta, 8)
@@ -67,6 +68,8 @@ def ops(t: dict) -> dict:
         "sparse24_int4_mm g128": (("sparse24_int4_mm", "fp32"),
                                   lambda x: _native.sparse24_int4_mm(x, t["p4"], t["meta"],
                                                                      t["s4"], t["z4"], 128)),
+        "sparse24_mm fp32": (("sparse24_mm", "fp32"),
+                             lambda x: _native.sparse24_mm(x, t["vf24"], t["meta"])),
         "unstructured bf16 x": (("sparse_unstructured_mm", "bf16"),
                                 lambda x: _native.sparse_unstructured_mm(
                                     x.bfloat16(), t["bm"], t["vu"], t["off"])),
@@ -115,32 +118,38 @@ def main(argv=None) -> int:
                 x = torch.randn(m, k)
                 try:
                     keys = set(saved) | {key}
-                    with unstructured_gemm(False):
+                    with sparse_gemms(False):
                         _native.sparse_dense_min_m = lambda: {kk: 1 << 30 for kk in keys}
                         sparse = median_ms(lambda: fn(x), a.reps)
                         _native.sparse_dense_min_m = lambda: {kk: 1 for kk in keys}
                         dense = median_ms(lambda: fn(x), a.reps)
-                    if name == "unstructured fp32":
-                        with unstructured_gemm(True):
+                    if name in GEMM_FROM:
+                        _native.sparse_dense_min_m = lambda: {kk: 1 << 30 for kk in keys}
+                        with sparse_gemms(True):
                             gemm = median_ms(lambda: fn(x), a.reps)
                         gemm_row.append(f"M={m} {gemm / sparse:5.2f} {gemm / dense:5.2f}")
                 finally:
                     _native.sparse_dense_min_m = table
                 row.append(f"M={m} {sparse / dense:5.2f}")
             print(f"  {name:22s} " + "  ".join(row) + f"   ({saved.get(key)})")
-            if gemm_row and gemm_row[0]:
+            if gemm_row:
                 print(f"  {'  GEMM / rows, / dense':22s} " + "  ".join(gemm_row) +
-                      f"   (GEMM from M = {_native.unstructured_gemm_from_m(a.kept)})")
+                      f"   (GEMM from M = {GEMM_FROM[name](a.kept)})")
     return 0
 
 
+# the ops with a sparse GEMM: the M it runs from, given the unstructured weights' kept share
+GEMM_FROM = {"unstructured fp32": lambda kept: _native.unstructured_gemm_from_m(kept),
+             "sparse24_mm fp32": lambda kept: _native.SPARSE24_GEMM_MIN_M}
+
+
 @contextlib.contextmanager
-def unstructured_gemm(on: bool):
-    """The unstructured GEMM at every M (on) or at none (off), whatever the weight's share."""
+def sparse_gemms(on: bool):
+    """The sparse GEMMs at every M (on) or at none (off), whatever the weight's share."""
     names = ("UNSTRUCTURED_GEMM_MAX_KEPT", "UNSTRUCTURED_GEMM_M_PER_KEPT",
-             "UNSTRUCTURED_GEMM_MIN_M")
+             "UNSTRUCTURED_GEMM_MIN_M", "SPARSE24_GEMM_MIN_M")
     saved = [getattr(_native, nm) for nm in names]
-    for nm, v in zip(names, (1.0, 0, 1) if on else (-1.0, 0, 1)):
+    for nm, v in zip(names, (1.0, 0, 1, 1) if on else (-1.0, 0, 1, 1 << 30)):
         setattr(_native, nm, v)
     try:
         yield

@@ -411,9 +411,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("N"), py::arg("K"), py::arg("panel_values"), py::arg("panel_meta"),
         py::arg("n_threads"), gil_release());
 
-  m.def("sparse_unstructured_gemm_workspace_bytes",
-        &pq_sparse_unstructured_gemm_workspace_bytes, py::arg("isa"), py::arg("M"), py::arg("K"),
-        py::arg("n_threads"));
+  m.def("sparse_gemm_workspace_bytes", &pq_sparse_gemm_workspace_bytes, py::arg("isa"),
+        py::arg("M"), py::arg("K"), py::arg("n_threads"));
+  m.def("sparse24_gemm",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values,
+           int values_dtype, uintptr_t meta, int64_t N, uintptr_t bias, uintptr_t out,
+           uintptr_t work, int64_t work_bytes, int n_threads) {
+          return pq_sparse24_gemm(isa, ptr<const float>(x), M, K, ldx, ptr<const void>(values),
+                                  values_dtype, ptr<const uint8_t>(meta), N,
+                                  ptr<const float>(bias), ptr<float>(out), ptr<void>(work),
+                                  work_bytes, n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("values"), py::arg("values_dtype"), py::arg("meta"), py::arg("N"),
+        py::arg("bias"), py::arg("out"), py::arg("work"), py::arg("work_bytes"),
+        py::arg("n_threads"), gil_release());
   m.def("sparse_unstructured_gemm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bitmask,
            uintptr_t values, int values_dtype, int64_t nnz, uintptr_t row_offsets, int64_t N,

@@ -453,20 +453,26 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
                               int64_t nnz, const int64_t* row_offsets, int64_t N,
                               const float* bias, float* out, int n_threads);
 
-/* pq_sparse_unstructured_mm for many rows of x (the prefill sizes), forming only the kept
- * products: each output is the sum over kept k, in k order, of values * x by fused
- * multiply-add in fp32, then + bias. The same checks of the weight (PQ_ERR_ARG; out is then
- * unspecified). PQ_NOT_FINITE when x holds an Inf or NaN (nothing written: a dense product
- * would turn 0 * Inf into NaN, which this path never forms). work: 64-byte aligned,
- * pq_sparse_unstructured_gemm_workspace_bytes(isa, M, K, n_threads) bytes, which is -1
- * where the path does not exist (PQ_ERR_ISA: the builds without AVX512). */
-int64_t pq_sparse_unstructured_gemm_workspace_bytes(int isa, int64_t M, int64_t K,
-                                                    int n_threads);
+/* The sparse GEMMs: the sparse ops for many rows of x (the prefill sizes), forming only the
+ * kept products (AVX512 builds: PQ_ERR_ISA elsewhere). Each output is the sum over kept k, in
+ * k order, of values * x by fused multiply-add in fp32, then + bias. PQ_NOT_FINITE when x
+ * holds an Inf or NaN (nothing written: a dense product would turn 0 * Inf into NaN, which
+ * these paths never form). work: 64-byte aligned, pq_sparse_gemm_workspace_bytes(isa, M, K,
+ * n_threads) bytes, which is -1 where the GEMMs do not exist.
+ *
+ * pq_sparse_unstructured_gemm: pq_sparse_unstructured_mm's arguments, and the same checks of
+ * the weight (PQ_ERR_ARG; out is then unspecified). pq_sparse24_gemm: pq_sparse24_mm's; meta
+ * that is not canonical is taken as that op takes it (repeated positions add up). */
+int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
 int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                                 const uint8_t* bitmask, const void* values, int values_dtype,
                                 int64_t nnz, const int64_t* row_offsets, int64_t N,
                                 const float* bias, float* out, void* work, int64_t work_bytes,
                                 int n_threads);
+int pq_sparse24_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                     const void* values, int values_dtype, const uint8_t* meta, int64_t N,
+                     const float* bias, float* out, void* work, int64_t work_bytes,
+                     int n_threads);
 
 #ifdef __cplusplus
 }

@@ -926,11 +926,50 @@ def _sparse24_float_prepare(values, meta, bias=None):
     return n, values.dtype, bias, native, not (v is values and mt is meta and b is bias)
 
 
+# 2:4 float weights against float32 rows of x take the 2:4 GEMM (pq_sparse24_gemm, only the
+# kept products; AVX512 builds) from SPARSE24_GEMM_MIN_M up to the dense break-even above.
+# Measured as the unstructured GEMM (times over the GEMM's, 4096 x 4096 / 4096 x 11008): rows
+# 0.95-0.96 at M = 32, 0.93 / 1.03 at 40, 1.13 / 1.29 at 48, 1.43 / 2.28 at 128, 1.55 / 2.5 at
+# 256-384; dense 1.5 / 1.5 at 64 and 128, 1.16 / 1.18 at 256, 1.08 / 1.05 at 384, 1.03 / 0.99
+# at 512, 0.94 / 0.96 at 1024; fp32 F.linear on the dense weight 1.1 / 1.2 at 128, 1.0 at 256,
+# 0.96 at 384.
+SPARSE24_GEMM_MIN_M = 44
+
+
+def sparse24_gemm_applies(m: int, kind: str = "fp32") -> bool:
+    """2:4 float weights at M = m with activations of ``kind`` run the 2:4 GEMM."""
+    return (kind == "fp32" and m >= SPARSE24_GEMM_MIN_M and _has_sparse_gemm()
+            and not sparse_dense_reason("sparse24_mm", m, kind))
+
+
+def _sparse_gemm_work(m: int, k: int):
+    isa, nt = current_isa(), _threads()
+    nwork = module().sparse_gemm_workspace_bytes(isa, m, k, nt)
+    # kept past _SCRATCH_MAX_BYTES, as the dense path's scratch: x's size in floats, where the
+    # dense path it replaces kept the whole weight's
+    return isa, nt, _work("sparse_gemm", nwork, cap=False), nwork
+
+
+def _sparse24_gemm(x2, values, meta, bias, out) -> int:
+    """pq_sparse24_gemm into out (float32 [M, N]); its status."""
+    m, k = x2.shape
+    xf, v, mt, b = _rows_f32(x2), values.contiguous(), meta.contiguous(), _bias_f32(bias)
+    isa, nt, work, nwork = _sparse_gemm_work(m, k)
+    return module().sparse24_gemm(isa, _ptr(xf), m, k, xf.stride(0), _ptr(v), _value_dtype(v),
+                                  _ptr(mt), values.shape[0], _ptr(b), _ptr(out), _ptr(work),
+                                  nwork, nt)
+
+
 def _run_sparse24_mm(x, values, meta, bias=None):
     n, k = values.shape[0], values.shape[1] * 2
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
+    if m and n and k and sparse24_gemm_applies(m, kind):
+        out = _out(m, n, x.dtype)
+        # else x holds an Inf or NaN (0 * Inf where a weight is pruned: the paths below form it)
+        if _sparse24_gemm(x2, values, meta, bias, out) == 0:
+            return _finish(out, x, lead, n)
     if m and n and sparse_dense_reason("sparse24_mm", m, kind):
         y = _sparse24_bf16_panels(x2, values, meta, bias) if kind == "bf16" else None
         if y is not None:
@@ -952,7 +991,8 @@ def _run_sparse24_mm(x, values, meta, bias=None):
     return _finish(out, x, lead, n)
 
 
-_sparse_float_binder("sparse24_mm", _sparse24_float_prepare, _run_sparse24_mm)
+_sparse_float_binder("sparse24_mm", _sparse24_float_prepare, _run_sparse24_mm,
+                     lambda m, kind, *w: sparse24_gemm_applies(m, kind))
 
 
 def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
@@ -1046,16 +1086,21 @@ UNSTRUCTURED_GEMM_MIN_M = 14
 _gemm_isas: dict = {}
 
 
-def unstructured_gemm_from_m(kept: float) -> Optional[int]:
-    """The batch size from which an unstructured weight with this share of its values kept,
-    against float32 activations, runs the unstructured GEMM on the CPU level in use (None:
-    never, a weight over half kept or a build without the GEMM)."""
+def _has_sparse_gemm() -> bool:
+    """The CPU level in use has the sparse GEMMs (pq_sparse_gemm_workspace_bytes >= 0)."""
     isa = current_isa()
     has = _gemm_isas.get(isa)
     if has is None:
         has = _gemm_isas[isa] = (
-            available() and module().sparse_unstructured_gemm_workspace_bytes(isa, 1, 1, 1) >= 0)
-    if not has or kept > UNSTRUCTURED_GEMM_MAX_KEPT:
+            available() and module().sparse_gemm_workspace_bytes(isa, 1, 1, 1) >= 0)
+    return has
+
+
+def unstructured_gemm_from_m(kept: float) -> Optional[int]:
+    """The batch size from which an unstructured weight with this share of its values kept,
+    against float32 activations, runs the unstructured GEMM on the CPU level in use (None:
+    never, a weight over half kept or a build without the GEMM)."""
+    if not _has_sparse_gemm() or kept > UNSTRUCTURED_GEMM_MAX_KEPT:
         return None
     return max(UNSTRUCTURED_GEMM_MIN_M, -int(-UNSTRUCTURED_GEMM_M_PER_KEPT * kept // 1))
 
@@ -1073,11 +1118,8 @@ def _unstructured_gemm(x2, bitmask, values, row_offsets, bias, out) -> int:
     m, k = x2.shape
     xf = _rows_f32(x2)
     bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
-    b, isa, nt = _bias_f32(bias), current_isa(), _threads()
-    nwork = module().sparse_unstructured_gemm_workspace_bytes(isa, m, k, nt)
-    # kept past _SCRATCH_MAX_BYTES, as the dense path's scratch: x's size in floats, where the
-    # dense path it replaces kept the whole weight's
-    work = _work("unstructured_gemm", nwork, cap=False)
+    b = _bias_f32(bias)
+    isa, nt, work, nwork = _sparse_gemm_work(m, k)
     return module().sparse_unstructured_gemm(
         isa, _ptr(xf), m, k, xf.stride(0), _ptr(bm), _ptr(v), _value_dtype(v), v.numel(),
         _ptr(off), bitmask.shape[0], _ptr(b), _ptr(out), _ptr(work), nwork, nt)

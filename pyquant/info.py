@@ -129,6 +129,18 @@ def _unstructured_gemm() -> Optional[str]:
             "); denser weights as the table above")
 
 
+def _sparse24_gemm() -> Optional[str]:
+    """From which M sparse24_mm with float32 activations runs the 2:4 GEMM (only the kept
+    products; pyquant/_native.py), or None on a CPU level without it."""
+    from . import _native
+
+    if not _native._has_sparse_gemm():
+        return None
+    dense = _native.sparse_dense_min_m().get(("sparse24_mm", "fp32"))
+    return (f"M >= {_native.SPARSE24_GEMM_MIN_M}" +
+            (f" and below {dense} (the dense break-even above)" if dense else ""))
+
+
 def _ranges(ms: list, open_end: Optional[int] = None) -> str:
     """[1, 5, 6, 7] -> "1, 5-7"; with open_end=7 (the probe's last M, which a run reaching it
     goes on past) -> "1, 5 and up"."""
@@ -302,6 +314,7 @@ def collect() -> dict:
         "dispatch": _try(ops.backend_table),
         "sparse_dense_from_m": _try(_sparse_break_even),
         "sparse_unstructured_gemm": _try(_unstructured_gemm),
+        "sparse24_gemm": _try(_sparse24_gemm),
         "fixed_point_decode_m": _try(_decode_paths),
         "cpu_weight_layout": _try(_panel_layouts),
         "cpu_weight_pages": _try(_hugepages_status),
@@ -397,6 +410,10 @@ def format_text(d: dict) -> str:
         lines.append("sparse_unstructured_mm with float32 activations: the unstructured GEMM "
                      "(only the kept products) at")
         lines.append(f"  {ug}")
+    g24 = d.get("sparse24_gemm")
+    if isinstance(g24, str):
+        lines.append("sparse24_mm with float32 activations: the 2:4 GEMM (only the kept "
+                     f"products) at {g24}")
     fx = d.get("fixed_point_decode_m")
     if isinstance(fx, dict):
         lines.append("")

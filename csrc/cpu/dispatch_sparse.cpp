@@ -30,6 +30,16 @@ bool bad_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
 
 }  // namespace
 
+extern "C" int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
+
+namespace {
+bool bad_gemm_work(int isa, int64_t M, int64_t K, int n_threads, const void* work,
+                   int64_t work_bytes) {
+  const int64_t need = pq_sparse_gemm_workspace_bytes(isa, M, K, n_threads);
+  return need < 0 || !work || ((uintptr_t)work & 63) || work_bytes < need;
+}
+}  // namespace
+
 extern "C" {
 
 int pq_sparse24_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
@@ -247,8 +257,7 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
              : PQ_ERR_ARG;
 }
 
-int64_t pq_sparse_unstructured_gemm_workspace_bytes(int isa, int64_t M, int64_t K,
-                                                    int n_threads) {
+int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
   int64_t xt;
   if (!t || !t->sparse_unstructured_gemm || M < 0 || K < 0 || M > (int64_t)1 << 40 ||
@@ -268,14 +277,30 @@ int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, i
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  const int64_t need = pq_sparse_unstructured_gemm_workspace_bytes(isa, M, K, n_threads);
-  if (need < 0 || !work || ((uintptr_t)work & 63) || work_bytes < need) return PQ_ERR_ARG;
+  if (bad_gemm_work(isa, M, K, n_threads, work, work_bytes)) return PQ_ERR_ARG;
   switch (t->sparse_unstructured_gemm(x, M, K, ldx, bitmask, values, values_dtype, nnz,
                                       row_offsets, N, bias, out, work, threads(n_threads))) {
     case 0: return PQ_OK;
     case 2: return PQ_NOT_FINITE;
     default: return PQ_ERR_ARG;
   }
+}
+
+int pq_sparse24_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
+                     const void* values, int values_dtype, const uint8_t* meta, int64_t N,
+                     const float* bias, float* out, void* work, int64_t work_bytes,
+                     int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->sparse24_gemm) return PQ_ERR_ISA;
+  if (bad_24(x, M, K, ldx, meta, N, out) || bad_dtype(values_dtype) || missing(values, N * K / 2))
+    return PQ_ERR_ARG;
+  if (M == 0 || N == 0) return PQ_OK;
+  if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
+  if (bad_gemm_work(isa, M, K, n_threads, work, work_bytes)) return PQ_ERR_ARG;
+  return t->sparse24_gemm(x, M, K, ldx, values, values_dtype, meta, N, bias, out, work,
+                          threads(n_threads))
+             ? PQ_NOT_FINITE
+             : PQ_OK;
 }
 
 int pq_sparse_unstructured_decompress(int isa, const uint8_t* bitmask, const void* values,

@@ -87,7 +87,7 @@ inline int64_t bf16_panel_work_bytes(int64_t M, int64_t K, int64_t G, int thread
 inline int64_t sparse_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
   return bf16_panel_work_bytes(M, K, K, threads) + threads * align64(32 * K * 2);
 }
-/* pq_sparse_unstructured_gemm (tile_sparse_outer.h): x packed transposed in blocks of
+/* pq_sparse_unstructured_gemm and pq_sparse24_gemm (tile_sparse_outer.h): x packed transposed in blocks of
  * kOuterMb rows (the last one's width rounded up to 16), then per thread the sums of
  * kOuterRows weight rows over a block and the rows' value offsets. */
 constexpr int64_t kOuterMb = 128, kOuterRows = 256;
@@ -417,6 +417,10 @@ struct SparseKernelTable {
                                   const uint8_t* bitmask, const void* values, int values_dtype,
                                   int64_t nnz, const int64_t* row_offsets, int64_t N,
                                   const float* bias, float* out, void* work, int n_threads);
+  /* the same for 2:4 weights (pq_sparse24_gemm): 0, or 2 for x with an Inf or NaN */
+  int (*sparse24_gemm)(const float* x, int64_t M, int64_t K, int64_t ldx, const void* values,
+                       int values_dtype, const uint8_t* meta, int64_t N, const float* bias,
+                       float* out, void* work, int n_threads);
 };
 
 /* The sparse table of an ISA that is compiled in and supported here, else null. */

@@ -456,6 +456,16 @@ int sparse_unstructured_gemm(const float* x, int64_t M, int64_t K, int64_t ldx,
   return outer_unstructured<kF32>(x, M, K, ldx, bitmask, values, nnz, off, N, bias, out, work,
                                   n_threads);
 }
+
+int sparse24_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* values,
+                  int values_dtype, const uint8_t* meta, int64_t N, const float* bias, float* out,
+                  void* work, int n_threads) {
+  if (values_dtype == PQ_DTYPE_BF16)
+    return outer_24<kBF16>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
+  if (values_dtype == PQ_DTYPE_F16)
+    return outer_24<kF16>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
+  return outer_24<kF32>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
+}
 #endif
 
 int sparse24_decompress(const void* values, int elem_bytes, const uint8_t* meta, int64_t N,
@@ -495,9 +505,9 @@ extern const pq::SparseKernelTable kSparseKernels = {
     nullptr, nullptr, nullptr, nullptr,
 #endif
 #if defined(PQ_HAVE_UNSTRUCTURED_OUTER)
-    sparse_unstructured_gemm,
+    sparse_unstructured_gemm, sparse24_gemm,
 #else
-    nullptr,
+    nullptr, nullptr,
 #endif
 };
 

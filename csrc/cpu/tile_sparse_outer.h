@@ -24,8 +24,6 @@
 #ifndef PQ_CPU_TILE_SPARSE_OUTER_H
 #define PQ_CPU_TILE_SPARSE_OUTER_H
 #include <omp.h>
-#include <string.h>
-
 #include "common.h"
 #include "kernels.h"
 #include "sparse_decompress.h"
@@ -134,29 +132,19 @@ PQ_ALWAYS_INLINE inline void outer_chunk(uint64_t word, const void* vals, int64_
   for (int j = 0; j < W; ++j) _mm512_store_ps(acc + 16 * j, a[j]);
 }
 
-/* Rows n_lo..n_hi-1 of the output for activation block b (rows m0.. of width w): sums over
- * every chunk, then out = sum + bias, transposed back 16 x 16. false: an inconsistent row. */
-template <int W, int Kind>
-bool outer_task(const float* xt_b, int64_t m0, int64_t M, int64_t K, const uint8_t* bitmask,
-                const void* vals, int64_t nnz, const int64_t* off, int64_t n_lo, int64_t n_hi,
-                int64_t N, const float* bias, float* out, float* acc, int64_t* o) {
+/* Rows n_lo..n_hi-1 of the output for activation block b (rows m0.. of width w = 16 W): per
+ * chunk of kOuterKc columns, chunk(r, kc, xc, acc + r * w) adds row n_lo + r's kept products
+ * of the chunk (xc: its xt rows) to the row's sums; then out = sum + bias, transposed back
+ * 16 x 16. */
+template <int W, class Chunk>
+void outer_rows(const float* xt_b, int64_t m0, int64_t M, int64_t K, int64_t n_lo, int64_t n_hi,
+                int64_t N, const float* bias, float* out, float* acc, Chunk&& chunk) {
   constexpr int64_t w = W * 16;
-  const int64_t ldb = (K + 7) / 8, rows = n_hi - n_lo;
-  for (int64_t n = n_lo; n < n_hi; ++n)
-    if (!unstructured_row_ok(bitmask + n * ldb, K, off[n], off[n + 1], nnz)) return false;
-  for (int64_t r = 0; r < rows; ++r) o[r] = off[n_lo + r];
-  memset(acc, 0, (size_t)(rows * w * 4));
+  const int64_t rows = n_hi - n_lo;
+  for (int64_t i = 0; i < rows * w; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
   for (int64_t kc = 0; kc < K; kc += kOuterKc) {
     const float* xc = xt_b + kc * w;
-    const int64_t byte = kc / 8, left = ldb - byte;
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* bm = bitmask + (n_lo + r) * ldb + byte;
-      const uint64_t word = left >= 8 ? load_u64(bm) : load_tail_u64(bm, left);
-      if (word) outer_chunk<W, Kind>(word, vals, o[r], xc, w, acc + r * w);
-      /* the row's values a line on, into L2: a task walks 256 rows' values at once, more
-       * streams than the prefetchers follow (0.93-0.96x the time at M = 128 and 1024) */
-      _mm_prefetch((const char*)vals + (o[r] + 16) * (Kind == kF32 ? 4 : 2), _MM_HINT_T1);
-    }
+    for (int64_t r = 0; r < rows; ++r) chunk(r, kc, xc, acc + r * w);
   }
   /* 16 weight rows x 16 activation rows at a time: rows of acc -> rows of out */
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
@@ -175,15 +163,15 @@ bool outer_task(const float* xt_b, int64_t m0, int64_t M, int64_t K, const uint8
       }
     }
   }
-  return true;
 }
 
-/* The whole product (see above). work: 64-byte aligned, outer_work_bytes(M, K, n_threads).
- * Returns 0, 1 for an inconsistent row, 2 for x with an Inf or NaN (nothing written). */
-template <int Kind>
-int outer_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* bitmask,
-                       const void* vals, int64_t nnz, const int64_t* off, int64_t N,
-                       const float* bias, float* out, void* work, int n_threads) {
+/* Packs x, then runs task(Int<W>, xt_b, m0, n_lo, n_hi, acc, o) -> bool over (activation
+ * block, kOuterRows weight rows) in block-major order. work: 64-byte aligned,
+ * outer_work_bytes(M, K, n_threads). Returns 0, 1 when a task returned false, 2 for x with an
+ * Inf or NaN (nothing written). */
+template <class Task>
+int outer_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, void* work,
+               int n_threads, Task&& task) {
   float* xt = (float*)work;
   if (!outer_pack_x(x, M, K, ldx, xt, n_threads)) return 2;
   uint8_t* per_thread = (uint8_t*)work + pq::align64(outer_xt_floats(M, K) * 4);
@@ -201,17 +189,92 @@ int outer_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const 
       const int64_t b = t / row_tasks, n_lo = t % row_tasks * kOuterRows;
       const int64_t n_hi = min64(n_lo + kOuterRows, N), m0 = b * kOuterMb;
       const int W = (int)min64(kOuterMb / 16, ceil_div(M - m0, 16));
-      const float* xt_b = xt + m0 * K;
       bool ok = true;
-      auto run = [&](auto, auto W_) {
-        ok = outer_task<decltype(W_)::value, Kind>(xt_b, m0, M, K, bitmask, vals, nnz, off, n_lo,
-                                                  n_hi, N, bias, out, acc, o);
-      };
+      auto run = [&](auto, auto W_) { ok = task(W_, xt + m0 * K, m0, n_lo, n_hi, acc, o); };
       dispatch_t<1, kOuterMb / 16>(W, run);
       bad |= !ok;
     }
   }
   return bad ? 1 : 0;
+}
+
+/* Unstructured weights (see above). */
+template <int Kind>
+int outer_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* bitmask,
+                       const void* vals, int64_t nnz, const int64_t* off, int64_t N,
+                       const float* bias, float* out, void* work, int n_threads) {
+  const int64_t ldb = (K + 7) / 8;
+  return outer_gemm(x, M, K, ldx, N, work, n_threads,
+                    [&](auto W_, const float* xt_b, int64_t m0, int64_t n_lo, int64_t n_hi,
+                        float* acc, int64_t* o) {
+    constexpr int W = decltype(W_)::value;
+    for (int64_t n = n_lo; n < n_hi; ++n)
+      if (!unstructured_row_ok(bitmask + n * ldb, K, off[n], off[n + 1], nnz)) return false;
+    for (int64_t n = n_lo; n < n_hi; ++n) o[n - n_lo] = off[n];
+    outer_rows<W>(xt_b, m0, M, K, n_lo, n_hi, N, bias, out, acc,
+                  [&](int64_t r, int64_t kc, const float* xc, float* ar) PQ_ALWAYS_INLINE {
+      const int64_t byte = kc / 8, left = ldb - byte;
+      const uint8_t* bm = bitmask + (n_lo + r) * ldb + byte;
+      const uint64_t word = left >= 8 ? load_u64(bm) : load_tail_u64(bm, left);
+      if (word) outer_chunk<W, Kind>(word, vals, o[r], xc, W * 16, ar);
+      /* the row's values a line on, into L2: a task walks 256 rows' values at once, more
+       * streams than the prefetchers follow (0.93-0.96x the time at M = 128 and 1024) */
+      _mm_prefetch((const char*)vals + (o[r] + 16) * (Kind == kF32 ? 4 : 2), _MM_HINT_T1);
+    });
+    return true;
+  });
+}
+
+/* 2:4 weights: values [N, K/2] and meta [N, ceil(K/8)] (pq.h), K % 4 == 0. A chunk of 64
+ * columns is 32 kept values, their positions one 64-bit word of meta: value j sits at column
+ * kc + 4 (j / 2) + the 2 bits at 2 j. No branch on the data: every chunk has its 32 values.
+ * Positions that repeat in a group (meta that is not canonical) add up, as in the row
+ * kernels. Two sets of sums up to kOuterTwoSetsMaxW zmm, as outer_chunk. */
+template <int W, int Kind>
+PQ_ALWAYS_INLINE inline void outer24_chunk(uint64_t mw, int nk, const void* vals, int64_t o,
+                                           const float* xc, float* acc) {
+  constexpr int64_t w = W * 16;
+  __m512 a[W], b[W];
+  for (int j = 0; j < W; ++j) {
+    a[j] = _mm512_load_ps(acc + 16 * j);
+    b[j] = _mm512_setzero_ps();
+  }
+  for (int i = 0; i < nk; i += 2) { /* nk is even: K % 4 == 0 */
+    const int c0 = 2 * i + (int)((mw >> (2 * i)) & 3), c1 = 2 * i + (int)((mw >> (2 * i + 2)) & 3);
+    const __m512 v0 = outer_value<Kind>(vals, o + i), v1 = outer_value<Kind>(vals, o + i + 1);
+    const float* x0 = xc + c0 * w;
+    const float* x1 = xc + c1 * w;
+    for (int j = 0; j < W; ++j) {
+      a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16 * j), a[j]);
+      if constexpr (W <= kOuterTwoSetsMaxW)
+        b[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1 + 16 * j), b[j]);
+      else
+        a[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1 + 16 * j), a[j]);
+    }
+  }
+  for (int j = 0; j < W; ++j)
+    _mm512_store_ps(acc + 16 * j, W <= kOuterTwoSetsMaxW ? _mm512_add_ps(a[j], b[j]) : a[j]);
+}
+
+template <int Kind>
+int outer_24(const float* x, int64_t M, int64_t K, int64_t ldx, const void* vals,
+             const uint8_t* meta, int64_t N, const float* bias, float* out, void* work,
+             int n_threads) {
+  const int64_t ldm = (K + 7) / 8, ldv = K / 2;
+  return outer_gemm(x, M, K, ldx, N, work, n_threads,
+                    [&](auto W_, const float* xt_b, int64_t m0, int64_t n_lo, int64_t n_hi,
+                        float* acc, int64_t*) {
+    constexpr int W = decltype(W_)::value;
+    outer_rows<W>(xt_b, m0, M, K, n_lo, n_hi, N, bias, out, acc,
+                  [&](int64_t r, int64_t kc, const float* xc, float* ar) PQ_ALWAYS_INLINE {
+      const int64_t byte = kc / 8, left = ldm - byte;
+      const uint8_t* mp = meta + (n_lo + r) * ldm + byte;
+      const uint64_t mw = left >= 8 ? load_u64(mp) : load_tail_u64(mp, left);
+      const int nk = (int)min64(32, (K - kc) / 2);
+      outer24_chunk<W, Kind>(mw, nk, vals, (n_lo + r) * ldv + kc / 2, xc, ar);
+    });
+    return true;
+  });
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
-"""The unstructured GEMM (pq_sparse_unstructured_gemm: only the kept products, AVX512 builds)
-against the reference, through the C API and through torch.ops.pyquant.sparse_unstructured_mm,
-which takes it for float32 activations at prefill sizes on weights at most half kept."""
+"""The sparse GEMMs (pq_sparse_unstructured_gemm and pq_sparse24_gemm: only the kept products,
+AVX512 builds) against the reference, through the C API and through the ops, which take them
+for float32 activations at prefill sizes (unstructured: on weights at most half kept)."""
 from __future__ import annotations
 
 import pytest
@@ -24,27 +24,32 @@ def sparse(n, k, kept=0.3, seed=0, dtype=torch.float32):
 
 
 def has_gemm(isa: str) -> bool:
-    return _native.module().sparse_unstructured_gemm_workspace_bytes(
+    return _native.module().sparse_gemm_workspace_bytes(
         _native.ISA_NAMES.index(isa), 1, 1, 1) >= 0
 
 
-def gemm(isa: str, x, wargs, bias=None, threads=2, work_bytes=None, misalign=0):
-    """The C API on float32 x [M, K] (any row stride); (status, out)."""
-    bm, v, off = wargs
+def call_c(fn: str, isa: str, x, n: int, *wargs, bias=None, threads=2, work_bytes=None,
+           misalign=0):
+    """_C.<fn>(isa, x, M, K, ldx, *wargs, N, bias, out, work, work_bytes, threads) on float32
+    x [M, K] (any row stride), with a workspace of the size it asks for (or work_bytes), at
+    64 bytes + misalign; (status, out)."""
     m, k = x.shape
-    n = bm.shape[0]
     i = _native.ISA_NAMES.index(isa)
     C = _native.module()
-    need = C.sparse_unstructured_gemm_workspace_bytes(i, m, k, threads)
+    need = C.sparse_gemm_workspace_bytes(i, m, k, threads)
     work = torch.empty(max(need, 0) + 128, dtype=torch.uint8)
-    base = work.data_ptr() + (-work.data_ptr() % 64) + misalign
     out = torch.full((m, n), float("nan"))
-    b = bias.data_ptr() if bias is not None else 0
-    st = C.sparse_unstructured_gemm(i, x.data_ptr(), m, k, x.stride(0), bm.data_ptr(),
-                                    v.data_ptr(), _native._value_dtype(v), v.numel(),
-                                    off.data_ptr(), n, b, out.data_ptr(), base,
-                                    need if work_bytes is None else work_bytes, threads)
+    st = getattr(C, fn)(i, x.data_ptr(), m, k, x.stride(0), *wargs, n,
+                        bias.data_ptr() if bias is not None else 0, out.data_ptr(),
+                        work.data_ptr() + (-work.data_ptr() % 64) + misalign,
+                        need if work_bytes is None else work_bytes, threads)
     return st, out
+
+
+def gemm(isa: str, x, wargs, bias=None, **kw):
+    bm, v, off = wargs
+    return call_c("sparse_unstructured_gemm", isa, x, bm.shape[0], bm.data_ptr(), v.data_ptr(),
+                  _native._value_dtype(v), v.numel(), off.data_ptr(), bias=bias, **kw)
 
 
 def expected(x, wargs, bias=None):
@@ -92,7 +97,7 @@ def test_c_api_refuses_what_it_cannot_take(backend, isa):
     if not has_gemm(isa):
         assert gemm(isa, x, wargs)[0] == 2
         return
-    need = _native.module().sparse_unstructured_gemm_workspace_bytes(
+    need = _native.module().sparse_gemm_workspace_bytes(
         _native.ISA_NAMES.index(isa), 16, 70, 2)
     assert gemm(isa, x, wargs, work_bytes=need - 1)[0] == 1
     assert gemm(isa, x, wargs, misalign=8)[0] == 1
@@ -201,4 +206,109 @@ def test_bound_layer_call_takes_the_gemm(monkeypatch):
     for m, n_calls in ((1, 0), (13, 0), (14, 1), (200, 2)):
         x = activation((m, 96), seed=m)
         assert_close_named(bound(x), expected(x, wargs), tol_name(OP, torch.float32))
+        assert len(calls) == n_calls, m
+
+
+# ----------------------------------------------------------------------------------- 2:4
+
+
+def gemm24(isa: str, x, v, meta, bias=None):
+    return call_c("sparse24_gemm", isa, x, v.shape[0], v.data_ptr(), _native._value_dtype(v),
+                  meta.data_ptr(), bias=bias)
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("m,n,k", [(1, 5, 4), (3, 17, 68), (17, 33, 132), (130, 300, 200),
+                                   (257, 40, 64), (44, 7, 1000)])
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_24_c_api_matches_reference(backend, isa, m, n, k, vdtype):
+    """K past 64 by 4..60 columns (the last chunk's values and meta), every stored float type,
+    rows of x with a stride past K, with and without bias."""
+    if not has_gemm(isa):
+        assert gemm24(isa, activation((2, 8)), *sf.compress_24(torch.randn(3, 8)))[0] == 2
+        return
+    v, meta = sf.compress_24(torch.randn(n, k, generator=gen(m + k)).to(vdtype))
+    x = activation((m, k + 4), seed=m)[:, :k]
+    for b in (None, torch.randn(n, generator=gen(1))):
+        st, out = gemm24(isa, x, v, meta, b)
+        assert st == 0
+        assert_close_named(out, reference.sparse24_mm(x, v, meta, b), tol_name("sparse24_mm",
+                                                                                torch.float32))
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+def test_24_meta_that_is_not_canonical_adds_up(backend, isa):
+    """Any meta bytes: repeated positions in a group add up, as the reference's scatter_add and
+    the row kernels have them."""
+    if not has_gemm(isa):
+        pytest.skip(f"no sparse GEMM on {isa}")
+    n, k = 20, 136
+    v = torch.randn(n, k // 2, generator=gen(2))
+    meta = torch.randint(0, 256, (n, k // 8), generator=gen(3), dtype=torch.uint8)
+    x = activation((50, k), seed=4)
+    st, out = gemm24(isa, x, v, meta)
+    assert st == 0
+    assert_close_named(out, reference.sparse24_mm(x, v, meta, None),
+                       tol_name("sparse24_mm", torch.float32))
+    xb = x.clone()
+    xb[3, 7] = float("nan")
+    assert gemm24(isa, xb, v, meta)[0] == _native._NOT_FINITE
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16], ids=str)
+def test_24_op_takes_the_gemm_from_its_break_even(monkeypatch, backend, isa, xdtype):
+    """float32 (or fp16) activations, 2-D and 3-D: the GEMM from SPARSE24_GEMM_MIN_M up to the
+    dense break-even; bf16 on bf16 values never (that pair runs bf16 dot products). Inf in x
+    runs the row kernel, as before the GEMM (which, like the GEMM, gathers the kept columns
+    only: no 0 * Inf there, where the reference's dense product has NaN)."""
+    calls = []
+    real = _native._sparse24_gemm
+    monkeypatch.setattr(_native, "_sparse24_gemm",
+                        lambda *a: calls.append(real(*a)) or calls[-1])
+    n, k = 40, 136
+    v, meta = sf.compress_24(torch.randn(n, k, generator=gen(5)))
+    lim = _native.SPARSE24_GEMM_MIN_M
+    with on_backend("cpu", isa):
+        dense_from = _native.sparse_dense_min_m()[("sparse24_mm", "fp32")]
+        for shape in ((lim - 1, k), (lim, k), (3, 30, k), (dense_from, k)):
+            x = activation(shape, xdtype, seed=len(shape))
+            before = len(calls)
+            out = torch.ops.pyquant.sparse24_mm(x, v, meta, None)
+            assert_close_named(out, reference.sparse24_mm(x, v, meta, None),
+                               tol_name("sparse24_mm", xdtype))
+            rows = x.numel() // k
+            want = has_gemm(isa) and lim <= rows < dense_from
+            assert len(calls) - before == int(want), shape
+        x = activation((64, k), torch.bfloat16)
+        before = len(calls)
+        torch.ops.pyquant.sparse24_mm(x, v.bfloat16(), meta, None)
+        assert len(calls) == before
+        x = activation((64, k), seed=9)
+        x[2, 0] = float("inf")
+        before = len(calls)
+        out = torch.ops.pyquant.sparse24_mm(x, v, meta, None)
+        rows = torch.empty(64, n)
+        assert _native.module().sparse24_mm(_native.ISA_NAMES.index(isa), x.data_ptr(), 64, k, k,
+                                            v.data_ptr(), 0, meta.data_ptr(), n, 0,
+                                            rows.data_ptr(), 2) == 0
+        assert torch.equal(out, rows) and out[2].isinf().any()
+        assert calls[before:] == ([_native._NOT_FINITE] if has_gemm(isa) else [])
+
+
+def test_24_bound_layer_call_takes_the_gemm(monkeypatch):
+    if not _native._has_sparse_gemm():
+        pytest.skip("no sparse GEMM on this CPU level")
+    calls = []
+    real = _native._sparse24_gemm
+    monkeypatch.setattr(_native, "_sparse24_gemm",
+                        lambda *a: calls.append(real(*a)) or calls[-1])
+    v, meta = sf.compress_24(torch.randn(30, 64, generator=gen(6)))
+    bound = _native._run_sparse24_mm.bind(v, meta)
+    assert bound is not None
+    lim = _native.SPARSE24_GEMM_MIN_M
+    for m, n_calls in ((1, 0), (lim - 1, 0), (lim, 1)):
+        x = activation((m, 64), seed=m)
+        assert_close_named(bound(x), reference.sparse24_mm(x, v, meta, None),
+                           tol_name("sparse24_mm", torch.float32))
         assert len(calls) == n_calls, m
