@@ -31,8 +31,9 @@ TARGETS = (
      1.3, ("sparse24_int4_mm", "fp32")),
     (f"pyquant.sparse_unstructured_mm[bf16,{round(SPARSITY * 100)}%]", "F.linear[bf16]", 2.5,
      ("sparse_unstructured_mm", "bf16")),
-    # an fp32 model's pruned layer (fp32 values and activations) against fp32 F.linear: no
+    # an fp32 model's pruned layers (fp32 values and activations) against fp32 F.linear: no
     # target (None), shown so that fp32 users see what they get
+    ("pyquant.sparse24_mm[fp32]", "F.linear[fp32]", None, ("sparse24_mm", "fp32")),
     (f"pyquant.sparse_unstructured_mm[fp32,{round(SPARSITY * 100)}%]", "F.linear[fp32]", None,
      ("sparse_unstructured_mm", "fp32")),
 )
@@ -47,14 +48,18 @@ def dense_from_m(key: tuple) -> Optional[int]:
 
 
 def gemm_from_m(key: tuple, kept: float) -> Optional[int]:
-    """The batch size from which the op of ``key`` runs the unstructured GEMM (only the kept
-    products: sparse_unstructured_mm with float32 activations, a weight at most half kept) on
-    a weight with this share kept; None where it does not."""
+    """The batch size from which the op of ``key`` runs a sparse GEMM (only the kept products:
+    sparse24_mm and sparse_unstructured_mm with float32 activations, the unstructured one on a
+    weight at most half kept, with this share kept); None where it does not."""
     from . import _native
 
-    if key != ("sparse_unstructured_mm", "fp32") or not _native.available():
+    if not _native.available() or key[1] != "fp32":
         return None
-    return _native.unstructured_gemm_from_m(kept)
+    if key[0] == "sparse24_mm":
+        return _native.SPARSE24_GEMM_MIN_M if _native._has_sparse_gemm() else None
+    if key[0] == "sparse_unstructured_mm":
+        return _native.unstructured_gemm_from_m(kept)
+    return None
 BANDWIDTH_FLOOR = 0.75
 
 
@@ -79,7 +84,7 @@ def _unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> list:
-    """bench.Impl entries of the four sparse ops on magnitude-pruned weights. Activations
+    """bench.Impl entries of the sparse ops on magnitude-pruned weights. Activations
     are cast to bf16 first where the dense baseline does (F.linear[bf16]), so both sides
     pay the same conversion."""
     from . import ops, sparse_panels
@@ -92,6 +97,9 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
 
     def make_24_bf16(w):
         return (*sf.compress_24(w.to(bf16)), ops.LayerCall())
+
+    def make_24_fp32(w):
+        return (*sf.compress_24(w), ops.LayerCall())
 
     # what the 2:4 + int8 / int4 layers keep: the CPU 4-row panels where this CPU's kernels
     # take them (pyquant/sparse_panels.py), and the op that multiplies them (last entry)
@@ -122,6 +130,9 @@ def sparse_impls(group_size: int = GROUP_SIZE, sparsity: float = SPARSITY) -> li
         Impl("pyquant.sparse24_mm[bf16]", "pyquant", make_24_bf16,
              lambda s, x: s[2]("sparse24_mm", x, s[0], s[1], None),
              lambda s: _bytes(*s), "sparse24_mm", x_dtype=bf16),
+        Impl("pyquant.sparse24_mm[fp32]", "pyquant", make_24_fp32,
+             lambda s, x: s[2]("sparse24_mm", x, s[0], s[1], None),
+             lambda s: _bytes(*s), "sparse24_mm"),
         Impl("pyquant.sparse24_int8_mm", "pyquant", make_24_int8,
              lambda s, x: s[4](s[3], x, s[0], s[1], s[2], None),
              lambda s: _bytes(*s), "sparse24_int8_mm"),
@@ -158,8 +169,10 @@ def targets(result: dict, m: int = 1) -> list[dict]:
                 "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
                 "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
                 "bw_share_now": r.get("bw_share_now", float("nan")),
-                # a weight that takes the GEMM never runs dense (pyquant._native)
-                "dense_from_m": None if gemm_m is not None else dense_from_m(runs),
+                # an unstructured weight that takes the GEMM never runs dense
+                # (pyquant._native); 2:4 takes it up to the dense break-even
+                "dense_from_m": None if gemm_m is not None and key[0] != "sparse24_mm"
+                else dense_from_m(runs),
                 "gemm_from_m": gemm_m,
                 # no target (min_speedup None): shown, neither met nor missed
                 "ok": None if min_speedup is None else (
@@ -195,7 +208,7 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
         gm = r.get("gemm_from_m")
         flag = ("" if r["ok"] is not False else f"  (below target: {_short_of(r)})") if decode \
             else ("  (runs dense: decompressed weight)" if be is not None and m >= be else
-                  "  (runs the unstructured GEMM: kept products only)"
+                  "  (runs the sparse GEMM: kept products only)"
                   if gm is not None and m >= gm else "")
         need = "-" if r["min_speedup"] is None else f"{r['min_speedup']:.1f}x"
         lines.append(f"{r['impl']:44s} {r['shape']:>11s} {r['ms']:8.3f} {sp:>8s} "
