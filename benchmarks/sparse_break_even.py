@@ -40,8 +40,8 @@ def weights(n: int, k: int, kept: float = 0.3) -> dict:
     keep = w.abs() > w.abs().flatten().kthvalue(int((1 - kept) * w.numel())).values
     bm, vu, off = sf.compress_unstructured((w * keep).bfloat16(), keep)
     _, vf, _ = sf.compress_unstructured(w * keep, keep)  # fp32 values: what an fp32 model keeps
-    d = dict(v=v.bfloat16(), vf24=v, meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu, vf=vf,
-             off=off, k=k)
+    d = dict(v=v.bfloat16(), vf24=v, meta=meta, q=q, s8=s8, p4=p4, s4=s4, z4=z4, bm=bm, vu=vu,
+             vf=vf, off=off, k=k)
     if sparse_panels.layout_applies(n, k, "cpu", 128):  # what the int8/int4 layers keep here
         d["q_pv"], d["q_pm"] = sparse_panels.pack(q, meta, 8)
         d["p4_pv"], d["p4_pm"] = sparse_panels.pack(p4, meta, 4)

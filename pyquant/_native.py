@@ -892,7 +892,7 @@ def _sparse_float_binder(op: str, prepare, run, other_path=None):
     break-even straight to the kernel (bf16 rows as float32, as the general path:
     _bound_rows), anything else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall
     1.05-1.06x as fast as through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16).
-    other_path(m, kind, *w), where given, sends more sizes to run (the unstructured GEMM's)."""
+    other_path(m, kind, *w), where given, sends more sizes to run (the sparse GEMMs')."""
     def bind(*w):
         n, vdtype, bias, native, copied = prepare(*w)
         if copied:
@@ -928,7 +928,7 @@ def _sparse24_float_prepare(values, meta, bias=None):
 
 # 2:4 float weights against float32 rows of x take the 2:4 GEMM (pq_sparse24_gemm, only the
 # kept products; AVX512 builds) from SPARSE24_GEMM_MIN_M up to the dense break-even above.
-# Measured as the unstructured GEMM (times over the GEMM's, 4096 x 4096 / 4096 x 11008): rows
+# Measured as the unstructured GEMM below (times over the GEMM's, 4096 x 4096 / 4096 x 11008): rows
 # 0.95-0.96 at M = 32, 0.93 / 1.03 at 40, 1.13 / 1.29 at 48, 1.43 / 2.28 at 128, 1.55 / 2.5 at
 # 256-384; dense 1.5 / 1.5 at 64 and 128, 1.16 / 1.18 at 256, 1.08 / 1.05 at 384, 1.03 / 0.99
 # at 512, 0.94 / 0.96 at 1024; fp32 F.linear on the dense weight 1.1 / 1.2 at 128, 1.0 at 256,
@@ -967,7 +967,8 @@ def _run_sparse24_mm(x, values, meta, bias=None):
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
     if m and n and k and sparse24_gemm_applies(m, kind):
         out = _out(m, n, x.dtype)
-        # else x holds an Inf or NaN (0 * Inf where a weight is pruned: the paths below form it)
+        # else x holds an Inf or NaN: the paths that ran these sizes before the GEMM take it
+        # (the row kernel, which forms no 0 * Inf either, or the dense path, which does)
         if _sparse24_gemm(x2, values, meta, bias, out) == 0:
             return _finish(out, x, lead, n)
     if m and n and sparse_dense_reason("sparse24_mm", m, kind):
