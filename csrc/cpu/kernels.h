@@ -87,9 +87,9 @@ inline int64_t bf16_panel_work_bytes(int64_t M, int64_t K, int64_t G, int thread
 inline int64_t sparse_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
   return bf16_panel_work_bytes(M, K, K, threads) + threads * align64(32 * K * 2);
 }
-/* pq_sparse_unstructured_gemm and pq_sparse24_gemm (tile_sparse_outer.h): x packed transposed in blocks of
- * kOuterMb rows (the last one's width rounded up to 16), then per thread the sums of
- * kOuterRows weight rows over a block and the rows' value offsets. */
+/* pq_sparse_unstructured_gemm and pq_sparse24_gemm (tile_sparse_outer.h): x packed
+ * transposed in blocks of kOuterMb rows (the last one's width rounded up to 16), then per
+ * thread the sums of kOuterRows weight rows over a block and the rows' value offsets. */
 constexpr int64_t kOuterMb = 128, kOuterRows = 256;
 inline int64_t outer_xt_floats(int64_t M, int64_t K) {
   return K * (M / kOuterMb * kOuterMb + (M % kOuterMb + 15) / 16 * 16);
