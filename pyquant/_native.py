@@ -942,22 +942,36 @@ def sparse24_gemm_applies(m: int, kind: str = "fp32") -> bool:
             and not sparse_dense_reason("sparse24_mm", m, kind))
 
 
-def _sparse_gemm_work(m: int, k: int):
+# Rows of x per sparse GEMM call: the workspace holds the call's x transposed, kept per thread
+# past _SCRATCH_MAX_BYTES (as the dense path's copy of the weight, which it replaces), so a long
+# prompt runs in slabs of this many rows and leaves at most 1024 x K floats behind (45 MB at
+# K = 11008), not its whole size. Each slab reads the weight once per 128 rows, as one call does.
+SPARSE_GEMM_MAX_ROWS = 1024
+
+
+def _sparse_gemm_slabs(x2, out, call) -> int:
+    """call(isa, x rows (float32), m, k, out rows, work, work_bytes, threads) over slabs of
+    SPARSE_GEMM_MAX_ROWS rows of x2 and out; the first nonzero status, or 0."""
+    m, k = x2.shape
     isa, nt = current_isa(), _threads()
-    nwork = module().sparse_gemm_workspace_bytes(isa, m, k, nt)
-    # kept past _SCRATCH_MAX_BYTES, as the dense path's scratch: x's size in floats, where the
-    # dense path it replaces kept the whole weight's
-    return isa, nt, _work("sparse_gemm", nwork, cap=False), nwork
+    rows = min(m, SPARSE_GEMM_MAX_ROWS)
+    nwork = module().sparse_gemm_workspace_bytes(isa, rows, k, nt)
+    work = _work("sparse_gemm", nwork, cap=False)
+    for m0 in range(0, m, rows):
+        xs = _rows_f32(x2[m0:m0 + rows])
+        st = call(isa, xs, xs.shape[0], k, out[m0:m0 + rows], work, nwork, nt)
+        if st:
+            return st
+    return 0
 
 
 def _sparse24_gemm(x2, values, meta, bias, out) -> int:
     """pq_sparse24_gemm into out (float32 [M, N]); its status."""
-    m, k = x2.shape
-    xf, v, mt, b = _rows_f32(x2), values.contiguous(), meta.contiguous(), _bias_f32(bias)
-    isa, nt, work, nwork = _sparse_gemm_work(m, k)
-    return module().sparse24_gemm(isa, _ptr(xf), m, k, xf.stride(0), _ptr(v), _value_dtype(v),
-                                  _ptr(mt), values.shape[0], _ptr(b), _ptr(out), _ptr(work),
-                                  nwork, nt)
+    v, mt, b = values.contiguous(), meta.contiguous(), _bias_f32(bias)
+    return _sparse_gemm_slabs(x2, out, lambda isa, xs, m, k, o, work, nwork, nt: (
+        module().sparse24_gemm(isa, _ptr(xs), m, k, xs.stride(0), _ptr(v), _value_dtype(v),
+                               _ptr(mt), values.shape[0], _ptr(b), _ptr(o), _ptr(work), nwork,
+                               nt)))
 
 
 def _run_sparse24_mm(x, values, meta, bias=None):
@@ -1116,14 +1130,12 @@ def _unstructured_gemm_applies(m: int, kind: str, bitmask, values, *_) -> bool:
 
 def _unstructured_gemm(x2, bitmask, values, row_offsets, bias, out) -> int:
     """pq_sparse_unstructured_gemm into out (float32 [M, N]); its status."""
-    m, k = x2.shape
-    xf = _rows_f32(x2)
     bm, v, off = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
     b = _bias_f32(bias)
-    isa, nt, work, nwork = _sparse_gemm_work(m, k)
-    return module().sparse_unstructured_gemm(
-        isa, _ptr(xf), m, k, xf.stride(0), _ptr(bm), _ptr(v), _value_dtype(v), v.numel(),
-        _ptr(off), bitmask.shape[0], _ptr(b), _ptr(out), _ptr(work), nwork, nt)
+    return _sparse_gemm_slabs(x2, out, lambda isa, xs, m, k, o, work, nwork, nt: (
+        module().sparse_unstructured_gemm(
+            isa, _ptr(xs), m, k, xs.stride(0), _ptr(bm), _ptr(v), _value_dtype(v), v.numel(),
+            _ptr(off), bitmask.shape[0], _ptr(b), _ptr(o), _ptr(work), nwork, nt)))
 
 
 def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):

@@ -312,3 +312,42 @@ def test_24_bound_layer_call_takes_the_gemm(monkeypatch):
         assert_close_named(bound(x), reference.sparse24_mm(x, v, meta, None),
                            tol_name("sparse24_mm", torch.float32))
         assert len(calls) == n_calls, m
+
+
+def test_long_prompts_run_in_slabs(monkeypatch):
+    """x past SPARSE_GEMM_MAX_ROWS rows runs in slabs (a workspace of one slab's size, not the
+    whole x's): the same result, and an Inf in a later slab still sends the call to the other
+    path."""
+    if not _native._has_sparse_gemm():
+        pytest.skip("no sparse GEMM on this CPU level")
+    monkeypatch.setattr(_native, "SPARSE_GEMM_MAX_ROWS", 16)
+    sizes = []
+    real = _native.module().sparse_gemm_workspace_bytes
+    monkeypatch.setattr(_native, "module", lambda: _Spy(sizes, real))
+    wargs = sparse(40, 96, seed=11)
+    v, meta = sf.compress_24(torch.randn(40, 96, generator=gen(12)))
+    x = activation((2, 25, 96), seed=13)
+    for op, w, ref in (("sparse_unstructured_mm", wargs, expected(x, wargs)),
+                       ("sparse24_mm", (v, meta), reference.sparse24_mm(x, v, meta, None))):
+        sizes.clear()
+        out = getattr(torch.ops.pyquant, op)(x, *w, None)
+        assert_close_named(out, ref, tol_name(op, torch.float32))
+        assert sizes and all(m == 16 for m in sizes), sizes
+    xb = x.clone()
+    xb[1, 20, 0] = float("inf")  # row 45: the last slab
+    assert_close_named(torch.ops.pyquant.sparse_unstructured_mm(xb, *wargs, None),
+                       expected(xb, wargs), tol_name(OP, torch.float32))
+
+
+class _Spy:
+    """The native module, recording the M of each sparse GEMM workspace query."""
+
+    def __init__(self, sizes, real):
+        self._sizes, self._real, self._mod = sizes, real, _native._module
+
+    def sparse_gemm_workspace_bytes(self, isa, m, k, nt):
+        self._sizes.append(m)
+        return self._real(isa, m, k, nt)
+
+    def __getattr__(self, name):
+        return getattr(self._mod, name)
