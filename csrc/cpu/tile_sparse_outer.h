@@ -90,7 +90,12 @@ inline __m512 outer_value(const void* p, int64_t o) {
  * ran 1.04-1.11x slower (M = 128 to 1024). Also measured and not kept, against this one
  * (in-process A/B, both shapes, M = 16 to 1024): chunks of 32 columns 1.04-1.31x slower (the
  * per-row cost of a chunk), and chunks of 8 / W words, so 32 KiB of xt each, with the sums in
- * registers across a row's words, 1.06-1.67x slower (the larger L1 footprint at small M). */
+ * registers across a row's words, 1.06-1.67x slower (the larger L1 footprint at small M);
+ * 64 weight rows a task 1.05-1.11x slower, 512 or 1024 no faster (0.98-1.08x); blocks of 64
+ * activation rows with 64 weight rows a task (x chunk and sums both in L1) 1.33-1.40x slower at
+ * M = 128 and 1024; an L1 prefetch of the next row's sums no faster (0.95-1.07x). With a
+ * bitmask word that repeats (predictable trip counts) the loop runs 0.92-0.95x the time at
+ * M = 128 and 0.77x at M = 16: the exit mispredicts are not what is left at eight zmm. */
 constexpr int kOuterTwoSetsMaxW = 4;
 
 template <int W, int Kind>
