@@ -454,8 +454,11 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
                               const float* bias, float* out, int n_threads);
 
 /* The sparse GEMMs: the sparse ops for many rows of x (the prefill sizes), forming only the
- * kept products (AVX512 builds: PQ_ERR_ISA elsewhere). Each output is the sum over kept k, in
- * k order, of values * x by fused multiply-add in fp32, then + bias. PQ_NOT_FINITE when x
+ * kept products (AVX512 builds: PQ_ERR_ISA elsewhere). Each output is the sum over kept k of
+ * values * x by fused multiply-add in fp32, then + bias: in k order where M is past 64 in the
+ * output's block of 128 rows, else as two interleaved partial sums per 64 columns, so the same
+ * row of x can round differently in calls of different M (any thread count gives the same
+ * bits). PQ_NOT_FINITE when x
  * holds an Inf or NaN (nothing written: a dense product would turn 0 * Inf into NaN, which
  * these paths never form). work: 64-byte aligned, pq_sparse_gemm_workspace_bytes(isa, M, K,
  * n_threads) bytes, which is -1 where the GEMMs do not exist.

@@ -892,7 +892,7 @@ def _sparse_float_binder(op: str, prepare, run, other_path=None):
     break-even straight to the kernel (bf16 rows as float32, as the general path:
     _bound_rows), anything else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall
     1.05-1.06x as fast as through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16).
-    other_path(m, kind, *w), where given, sends more sizes to run (the sparse GEMMs')."""
+    other_path(m, kind, K, *w), where given, sends more sizes to run (the sparse GEMMs')."""
     def bind(*w):
         n, vdtype, bias, native, copied = prepare(*w)
         if copied:
@@ -904,7 +904,7 @@ def _sparse_float_binder(op: str, prepare, run, other_path=None):
             if m:
                 kind = "bf16" if bf16 and y is not None else "fp32"
                 if not sparse_dense_reason(op, m, kind) and not (
-                        other_path and other_path(m, kind, *w)):
+                        other_path and other_path(m, kind, x.shape[-1], *w)):
                     if native(current_isa(), xf.data_ptr(), m, x.shape[-1], out, _threads()) == 0:
                         return _bound_result(out, y)
             return run(x, *w)
@@ -1007,7 +1007,7 @@ def _run_sparse24_mm(x, values, meta, bias=None):
 
 
 _sparse_float_binder("sparse24_mm", _sparse24_float_prepare, _run_sparse24_mm,
-                     lambda m, kind, *w: sparse24_gemm_applies(m, kind))
+                     lambda m, kind, k, *w: sparse24_gemm_applies(m, kind))
 
 
 def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
@@ -1120,11 +1120,10 @@ def unstructured_gemm_from_m(kept: float) -> Optional[int]:
     return max(UNSTRUCTURED_GEMM_MIN_M, -int(-UNSTRUCTURED_GEMM_M_PER_KEPT * kept // 1))
 
 
-def _unstructured_gemm_applies(m: int, kind: str, bitmask, values, *_) -> bool:
+def _unstructured_gemm_applies(m: int, kind: str, k: int, bitmask, values, *_) -> bool:
     if kind != "fp32" or m < UNSTRUCTURED_GEMM_MIN_M:
         return False
-    n, k = bitmask.shape[0], bitmask.shape[1] * 8
-    lim = unstructured_gemm_from_m(values.numel() / max(n * k, 1))
+    lim = unstructured_gemm_from_m(values.numel() / max(bitmask.shape[0] * k, 1))
     return lim is not None and m >= lim
 
 
@@ -1144,7 +1143,7 @@ def _run_sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
-    if m and n and k and _unstructured_gemm_applies(m, kind, bitmask, values):
+    if m and n and k and _unstructured_gemm_applies(m, kind, k, bitmask, values):
         out = _out(m, n, x.dtype)
         # else x holds an Inf or NaN (0 * Inf where a weight is pruned: the paths below form
         # it), or the weight is inconsistent (the row kernel reports it)

@@ -23,6 +23,15 @@ def sparse(n, k, kept=0.3, seed=0, dtype=torch.float32):
     return sf.compress_unstructured(w, mask)
 
 
+def exact(n, k, kept_per_row, seed=0):
+    """(bitmask, values, row_offsets) keeping exactly kept_per_row columns of every row (the
+    share the break-even reads, with no sampling margin)."""
+    scores = torch.rand(n, k, generator=gen(seed))
+    mask = torch.zeros(n, k, dtype=torch.bool).scatter_(
+        1, scores.topk(kept_per_row, dim=1).indices, True)
+    return sf.compress_unstructured(torch.randn(n, k, generator=gen(seed + 1)) * mask, mask)
+
+
 def has_gemm(isa: str) -> bool:
     return _native.module().sparse_gemm_workspace_bytes(
         _native.ISA_NAMES.index(isa), 1, 1, 1) >= 0
@@ -77,7 +86,8 @@ def test_c_api_matches_reference(backend, isa, m, n, k, vdtype):
 @pytest.mark.parametrize("backend,isa", isa_params())
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_give_the_same_result(backend, isa, threads):
-    """Each output is summed in k order by one thread: any thread count, the same bits."""
+    """Each output is summed by one thread in an order the shapes fix: any thread count, the
+    same bits."""
     if not has_gemm(isa):
         pytest.skip(f"no unstructured GEMM on {isa}")
     wargs = sparse(600, 300, seed=4)
@@ -186,12 +196,15 @@ def test_break_even_follows_the_kept_share():
     assert _native.unstructured_gemm_from_m(0.3) == _native.UNSTRUCTURED_GEMM_MIN_M
     assert _native.unstructured_gemm_from_m(0.5) == 22
     assert _native.unstructured_gemm_from_m(0.51) is None
-    wargs = sparse(40, 64, kept=0.3)
-    assert _native._unstructured_gemm_applies(14, "fp32", *wargs)
-    assert not _native._unstructured_gemm_applies(13, "fp32", *wargs)
-    assert not _native._unstructured_gemm_applies(1000, "bf16", *wargs)  # bf16 on bf16: dense
-    dense = sparse(40, 64, kept=0.8)
-    assert not _native._unstructured_gemm_applies(1000, "fp32", *dense)
+    wargs = exact(40, 60, 18)  # 30% kept (the share counts K = 60, not the bitmask's 64)
+    assert _native._unstructured_gemm_applies(14, "fp32", 60, *wargs)
+    assert not _native._unstructured_gemm_applies(13, "fp32", 60, *wargs)
+    assert not _native._unstructured_gemm_applies(1000, "bf16", 60, *wargs)  # bf16 on bf16
+    half = exact(40, 60, 30)
+    assert not _native._unstructured_gemm_applies(21, "fp32", 60, *half)
+    assert _native._unstructured_gemm_applies(22, "fp32", 60, *half)
+    dense = exact(40, 60, 31)  # past half kept: never
+    assert not _native._unstructured_gemm_applies(1000, "fp32", 60, *dense)
 
 
 def test_bound_layer_call_takes_the_gemm(monkeypatch):
@@ -200,7 +213,7 @@ def test_bound_layer_call_takes_the_gemm(monkeypatch):
     if _native.unstructured_gemm_from_m(0.3) is None:
         pytest.skip("no unstructured GEMM on this CPU level")
     calls = _count_gemm(monkeypatch)
-    wargs = sparse(50, 96, seed=10)
+    wargs = exact(50, 96, 29)  # 30% kept: the GEMM from M = 14
     bound = _native._run_sparse_unstructured_mm.bind(*wargs)
     assert bound is not None
     for m, n_calls in ((1, 0), (13, 0), (14, 1), (200, 2)):
@@ -334,7 +347,7 @@ def test_long_prompts_run_in_slabs(monkeypatch):
         assert_close_named(out, ref, tol_name(op, torch.float32))
         assert sizes and all(m == 16 for m in sizes), sizes
     xb = x.clone()
-    xb[1, 20, 0] = float("inf")  # row 45: the last slab
+    xb[1, 20, 0] = float("inf")  # row 45: the third slab of four
     assert_close_named(torch.ops.pyquant.sparse_unstructured_mm(xb, *wargs, None),
                        expected(xb, wargs), tol_name(OP, torch.float32))
 

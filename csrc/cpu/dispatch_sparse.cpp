@@ -259,9 +259,11 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
 
 int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads) {
   const pq::SparseKernelTable* t = pq::sparse_table(isa);
-  int64_t xt;
+  int64_t xt, per_thread, sum;
   if (!t || !t->sparse_unstructured_gemm || M < 0 || K < 0 || M > (int64_t)1 << 40 ||
-      __builtin_mul_overflow(K, M + pq::kOuterMb, &xt) || too_big(xt, 4))
+      __builtin_mul_overflow(K, M + pq::kOuterMb, &xt) || too_big(xt, 4) ||
+      __builtin_mul_overflow((int64_t)threads(n_threads), pq::outer_thread_bytes(), &per_thread) ||
+      __builtin_add_overflow(xt * 4 + 64, per_thread, &sum))
     return -1;
   return pq::outer_work_bytes(M, K, threads(n_threads));
 }

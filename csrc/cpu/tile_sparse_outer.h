@@ -17,8 +17,9 @@
  * Tasks: a block of activation rows x kOuterRows weight rows, block-major, so that both
  * threads sweep the same packed block while their weights stream.
  *
- * Arithmetic: each output is sum over kept k, in k order, of w * x by fused multiply-add in
- * fp32, then + bias. A product that the row kernels or a dense GEMM would form with a pruned
+ * Arithmetic: each output is the sum over kept k of w * x by fused multiply-add in fp32, then
+ * + bias: in k order in blocks wider than 64 rows, else (two sets of sums, outer_chunk) as two
+ * interleaved partial sums per 64 columns, added at the chunk's end. A product that the row kernels or a dense GEMM would form with a pruned
  * weight is 0 * x, which is NaN for an infinite or NaN x; this kernel forms no such product,
  * so x with an Inf or NaN is not taken (the packing says so; the caller runs the other path). */
 #ifndef PQ_CPU_TILE_SPARSE_OUTER_H
