@@ -883,7 +883,7 @@ def sparse24_mm(x, values, meta, bias=None):
     return _run_sparse24_mm(x, values, meta, bias)
 
 
-def _sparse_float_binder(op: str, prepare, run, other_path=None):
+def _sparse_float_binder(op: str, prepare, run, other_path=None, other_min_m: int = 1 << 62):
     """run(x, *w), the op, with run.bind(*w) (ops.LayerCall: a call prepared once for weights
     that stay the same). prepare(*w) -> (n, value dtype, bias, native, copied): native(isa, x
     rows address, M, K, out, threads) the kernel's call on the weights as prepared, copied
@@ -892,7 +892,8 @@ def _sparse_float_binder(op: str, prepare, run, other_path=None):
     break-even straight to the kernel (bf16 rows as float32, as the general path:
     _bound_rows), anything else to run. 2:4 bf16 at 4096 x 4096, M = 1: through a LayerCall
     1.05-1.06x as fast as through ops.call (benchmarks/decode_call_ab.py --op sparse24_bf16).
-    other_path(m, kind, K, *w), where given, sends more sizes to run (the sparse GEMMs')."""
+    other_path(m, kind, K, *w), where given, sends more sizes from other_min_m rows on to run
+    (the sparse GEMMs'); below that (decode) it is not called."""
     def bind(*w):
         n, vdtype, bias, native, copied = prepare(*w)
         if copied:
@@ -903,8 +904,8 @@ def _sparse_float_binder(op: str, prepare, run, other_path=None):
             m, xf, out, y = _bound_rows(x, n, x.shape[-1])
             if m:
                 kind = "bf16" if bf16 and y is not None else "fp32"
-                if not sparse_dense_reason(op, m, kind) and not (
-                        other_path and other_path(m, kind, x.shape[-1], *w)):
+                if not sparse_dense_reason(op, m, kind) and (
+                        m < other_min_m or not other_path(m, kind, x.shape[-1], *w)):
                     if native(current_isa(), xf.data_ptr(), m, x.shape[-1], out, _threads()) == 0:
                         return _bound_result(out, y)
             return run(x, *w)
@@ -1007,7 +1008,8 @@ def _run_sparse24_mm(x, values, meta, bias=None):
 
 
 _sparse_float_binder("sparse24_mm", _sparse24_float_prepare, _run_sparse24_mm,
-                     lambda m, kind, k, *w: sparse24_gemm_applies(m, kind))
+                     lambda m, kind, k, *w: sparse24_gemm_applies(m, kind),
+                     SPARSE24_GEMM_MIN_M)
 
 
 def sparse24_int8_mm(x, values_q, meta, scale, bias=None):
@@ -1190,7 +1192,7 @@ def _unstructured_prepare(bitmask, values, row_offsets, bias=None):
 
 
 _sparse_float_binder("sparse_unstructured_mm", _unstructured_prepare, _run_sparse_unstructured_mm,
-                     _unstructured_gemm_applies)
+                     _unstructured_gemm_applies, UNSTRUCTURED_GEMM_MIN_M)
 
 
 # The ops on the CPU panel layout of the weights (pyquant/panels.py) live in their own module;
