@@ -929,8 +929,8 @@ def _sparse24_float_prepare(values, meta, bias=None):
 
 # 2:4 float weights against float32 rows of x take the 2:4 GEMM (pq_sparse24_gemm, only the
 # kept products; AVX512 builds) from SPARSE24_GEMM_MIN_M up to the dense break-even above.
-# Measured as the unstructured GEMM below (times over the GEMM's, 4096 x 4096 / 4096 x 11008): rows
-# 0.95-0.96 at M = 32, 0.93 / 1.03 at 40, 1.13 / 1.29 at 48, 1.43 / 2.28 at 128, 1.55 / 2.5 at
+# Measured as the unstructured GEMM below (times over the GEMM's, 4096 x 4096 / 4096 x 11008):
+# rows 0.95-0.96 at M = 32, 0.93 / 1.03 at 40, 1.13 / 1.29 at 48, 1.43 / 2.28 at 128, 1.55 / 2.5 at
 # 256-384; dense 1.5 / 1.5 at 64 and 128, 1.16 / 1.18 at 256, 1.08 / 1.05 at 384, 1.03 / 0.99
 # at 512, 0.94 / 0.96 at 1024; fp32 F.linear on the dense weight 1.1 / 1.2 at 128, 1.0 at 256,
 # 0.96 at 384.
@@ -938,9 +938,9 @@ SPARSE24_GEMM_MIN_M = 44
 
 
 def sparse24_gemm_applies(m: int, kind: str = "fp32") -> bool:
-    """2:4 float weights at M = m with activations of ``kind`` run the 2:4 GEMM."""
-    return (kind == "fp32" and m >= SPARSE24_GEMM_MIN_M and _has_sparse_gemm()
-            and not sparse_dense_reason("sparse24_mm", m, kind))
+    """2:4 float weights at M = m with activations of ``kind`` run the 2:4 GEMM, where the op
+    does not run dense (sparse_dense_reason, which the callers have already asked)."""
+    return kind == "fp32" and m >= SPARSE24_GEMM_MIN_M and _has_sparse_gemm()
 
 
 # Rows of x per sparse GEMM call: the workspace holds the call's x transposed, kept per thread
@@ -980,13 +980,14 @@ def _run_sparse24_mm(x, values, meta, bias=None):
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
-    if m and n and k and sparse24_gemm_applies(m, kind):
+    dense = sparse_dense_reason("sparse24_mm", m, kind) if m and n else None
+    if m and n and k and not dense and sparse24_gemm_applies(m, kind):
         out = _out(m, n, x.dtype)
-        # else x holds an Inf or NaN: the paths that ran these sizes before the GEMM take it
-        # (the row kernel, which forms no 0 * Inf either, or the dense path, which does)
+        # else x holds an Inf or NaN: the path that ran these sizes before the GEMM takes it
+        # (the row kernel, which forms no 0 * Inf either)
         if _sparse24_gemm(x2, values, meta, bias, out) == 0:
             return _finish(out, x, lead, n)
-    if m and n and sparse_dense_reason("sparse24_mm", m, kind):
+    if dense:
         y = _sparse24_bf16_panels(x2, values, meta, bias) if kind == "bf16" else None
         if y is not None:
             return y.to(x.dtype).reshape(*lead, n)

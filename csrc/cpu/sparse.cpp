@@ -442,7 +442,7 @@ bool sparse_unstructured_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
                           n_threads);
 }
 
-#if defined(PQ_HAVE_UNSTRUCTURED_OUTER)
+#if defined(PQ_HAVE_SPARSE_OUTER)
 int sparse_unstructured_gemm(const float* x, int64_t M, int64_t K, int64_t ldx,
                              const uint8_t* bitmask, const void* values, int values_dtype,
                              int64_t nnz, const int64_t* off, int64_t N, const float* bias,
@@ -504,7 +504,7 @@ extern const pq::SparseKernelTable kSparseKernels = {
 #else
     nullptr, nullptr, nullptr, nullptr,
 #endif
-#if defined(PQ_HAVE_UNSTRUCTURED_OUTER)
+#if defined(PQ_HAVE_SPARSE_OUTER)
     sparse_unstructured_gemm, sparse24_gemm,
 #else
     nullptr, nullptr,

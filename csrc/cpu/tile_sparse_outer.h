@@ -1,5 +1,6 @@
-/* Unstructured sparse weights against many rows of fp32 x: a GEMM that does only the kept
- * multiply-adds (AVX512 builds).
+/* Unstructured and 2:4 sparse weights against many rows of fp32 x: GEMMs that do only the
+ * kept multiply-adds (AVX512 builds). Written for unstructured weights first; 2:4 (outer_24)
+ * shares the packing, the tasks and the epilogue.
  *
  * Why: the row kernels of tile_sparse.h place the kept values at their columns and multiply
  * them with x as a dense row would, so their cost grows with M like a dense FMA loop's, and
@@ -19,9 +20,10 @@
  *
  * Arithmetic: each output is the sum over kept k of w * x by fused multiply-add in fp32, then
  * + bias: in k order in blocks wider than 64 rows, else (two sets of sums, outer_chunk) as two
- * interleaved partial sums per 64 columns, added at the chunk's end. A product that the row kernels or a dense GEMM would form with a pruned
- * weight is 0 * x, which is NaN for an infinite or NaN x; this kernel forms no such product,
- * so x with an Inf or NaN is not taken (the packing says so; the caller runs the other path). */
+ * interleaved partial sums per 64 columns, added at the chunk's end. A product that the row
+ * kernels or a dense GEMM would form with a pruned weight is 0 * x, which is NaN for an
+ * infinite or NaN x; these kernels form no such product, so x with an Inf or NaN is not taken
+ * (the packing says so; the caller runs the other path). */
 #ifndef PQ_CPU_TILE_SPARSE_OUTER_H
 #define PQ_CPU_TILE_SPARSE_OUTER_H
 #include <omp.h>
@@ -31,8 +33,7 @@
 #include "tile_sparse.h"
 
 #if defined(PQ_SIMD_AVX512)
-#define PQ_HAVE_UNSTRUCTURED_OUTER 1
-
+#define PQ_HAVE_SPARSE_OUTER 1
 
 namespace PQ_NS {
 namespace {
@@ -101,7 +102,8 @@ constexpr int kOuterTwoSetsMaxW = 4;
 
 template <int W, int Kind>
 PQ_ALWAYS_INLINE inline void outer_chunk(uint64_t word, const void* vals, int64_t& o,
-                                         const float* xc, int64_t w, float* acc) {
+                                         const float* xc, float* acc) {
+  constexpr int64_t w = W * 16;
   __m512 a[W];
   for (int j = 0; j < W; ++j) a[j] = _mm512_load_ps(acc + 16 * j);
   int64_t oo = o;
@@ -222,7 +224,7 @@ int outer_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const 
       const int64_t byte = kc / 8, left = ldb - byte;
       const uint8_t* bm = bitmask + (n_lo + r) * ldb + byte;
       const uint64_t word = left >= 8 ? load_u64(bm) : load_tail_u64(bm, left);
-      if (word) outer_chunk<W, Kind>(word, vals, o[r], xc, W * 16, ar);
+      if (word) outer_chunk<W, Kind>(word, vals, o[r], xc, ar);
       /* the row's values a line on, into L2: a task walks 256 rows' values at once, more
        * streams than the prefetchers follow (0.93-0.96x the time at M = 128 and 1024) */
       _mm_prefetch((const char*)vals + (o[r] + 16) * (Kind == kF32 ? 4 : 2), _MM_HINT_T1);
