@@ -455,13 +455,15 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
 
 /* The sparse GEMMs: the sparse ops for many rows of x (the prefill sizes), forming only the
  * kept products (AVX512 builds: PQ_ERR_ISA elsewhere). Each output is the sum over kept k of
- * values * x by fused multiply-add in fp32, then + bias: in k order where M is past 64 in the
- * output's block of 128 rows, else as two interleaved partial sums per 64 columns, so the same
- * row of x can round differently in calls of different M (any thread count gives the same
- * bits). PQ_NOT_FINITE when x
- * holds an Inf or NaN (nothing written: a dense product would turn 0 * Inf into NaN, which
- * these paths never form). work: 64-byte aligned, pq_sparse_gemm_workspace_bytes(isa, M, K,
- * n_threads) bytes, which is -1 where the GEMMs do not exist.
+ * values * x by fused multiply-add in fp32, then + bias, and any thread count gives the same
+ * bits. The order: pq_sparse_unstructured_gemm sums in k order where M is past 64 in the
+ * output's block of 128 rows, else as two interleaved partial sums per 64 columns, so the
+ * same row of x can round differently in calls of different M; pq_sparse24_gemm sums in k
+ * order at every M (a group's first kept value before its second), so a row of x gives the
+ * same bits in any call. PQ_NOT_FINITE when x holds an Inf or NaN (nothing written: a dense
+ * product would turn 0 * Inf into NaN, which these paths never form). work: 64-byte aligned,
+ * pq_sparse_gemm_workspace_bytes(isa, M, K, n_threads) bytes (enough for either), which is -1
+ * where the GEMMs do not exist.
  *
  * pq_sparse_unstructured_gemm: pq_sparse_unstructured_mm's arguments, and the same checks of
  * the weight (PQ_ERR_ARG; out is then unspecified). pq_sparse24_gemm: pq_sparse24_mm's; meta

@@ -928,18 +928,23 @@ def _sparse24_float_prepare(values, meta, bias=None):
 
 
 # 2:4 float weights against float32 rows of x take the 2:4 GEMM (pq_sparse24_gemm, only the
-# kept products; AVX512 builds) from SPARSE24_GEMM_MIN_M up to the dense break-even above.
-# Measured as the unstructured GEMM below (times over the GEMM's, 4096 x 4096 / 4096 x 11008):
-# rows 0.95-0.96 at M = 32, 0.93 / 1.03 at 40, 1.13 / 1.29 at 48, 1.43 / 2.28 at 128, 1.55 / 2.5 at
-# 256-384; dense 1.5 / 1.5 at 64 and 128, 1.16 / 1.18 at 256, 1.08 / 1.05 at 384, 1.03 / 0.99
-# at 512, 0.94 / 0.96 at 1024; fp32 F.linear on the dense weight 1.1 / 1.2 at 128, 1.0 at 256,
-# 0.96 at 384.
-SPARSE24_GEMM_MIN_M = 44
+# kept products; AVX512 builds; csrc/cpu/tile_sparse24_gemm.h) from SPARSE24_GEMM_MIN_M on, at
+# every M: there it beats both the row kernel and the dense path (decompress, fp32 F.linear),
+# so the dense break-even above is left only to x that the GEMM hands back (Inf or NaN).
+# Measured (benchmarks/sparse_break_even.py, 2 threads, Granite Rapids; time of the GEMM over
+# the row kernel's, 4096 x 4096 / 4096 x 11008): 1.00 / 1.15 at M = 12, 0.98 / 1.01 at 16,
+# 0.88 / 0.91 at 18, 0.83 / 0.91 at 20, 0.80 / 0.82 at 24; on the avx512_vnni and avx512_bf16
+# builds forced on the same CPU 0.95 / 1.09 and 1.03 / 0.92 at 18, 0.89-0.93 at 20. Over the
+# dense path 0.3-0.4 at M = 16-28. Against fp32 F.linear on the dense weight (same process,
+# calls alternated): 1.41-1.50x at M = 64, 1.24-1.28x at 128, 1.08-1.16x at 512, 1.03-1.16x at
+# 1024 (1.01-1.14x on the other two builds at 1024), where the dense path ran 0.86-0.99x.
+SPARSE24_GEMM_MIN_M = 20
 
 
 def sparse24_gemm_applies(m: int, kind: str = "fp32") -> bool:
-    """2:4 float weights at M = m with activations of ``kind`` run the 2:4 GEMM, where the op
-    does not run dense (sparse_dense_reason, which the callers have already asked)."""
+    """2:4 float weights at M = m with activations of ``kind`` run the 2:4 GEMM (at every M
+    from SPARSE24_GEMM_MIN_M: where it exists, the op's dense break-even is only for x that
+    the GEMM hands back)."""
     return kind == "fp32" and m >= SPARSE24_GEMM_MIN_M and _has_sparse_gemm()
 
 
@@ -980,13 +985,13 @@ def _run_sparse24_mm(x, values, meta, bias=None):
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     kind = "bf16" if _bf16_path(x2, values, bias) else "fp32"
-    dense = sparse_dense_reason("sparse24_mm", m, kind) if m and n else None
-    if m and n and k and not dense and sparse24_gemm_applies(m, kind):
+    if m and n and k and sparse24_gemm_applies(m, kind):
         out = _out(m, n, x.dtype)
-        # else x holds an Inf or NaN: the path that ran these sizes before the GEMM takes it
-        # (the row kernel, which forms no 0 * Inf either)
+        # else x holds an Inf or NaN: the paths that ran these sizes before the GEMM take it
+        # (the row kernel, which forms no 0 * Inf either, and the dense path from its break-even)
         if _sparse24_gemm(x2, values, meta, bias, out) == 0:
             return _finish(out, x, lead, n)
+    dense = sparse_dense_reason("sparse24_mm", m, kind) if m and n else None
     if dense:
         y = _sparse24_bf16_panels(x2, values, meta, bias) if kind == "bf16" else None
         if y is not None:

@@ -169,10 +169,9 @@ def targets(result: dict, m: int = 1) -> list[dict]:
                 "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
                 "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
                 "bw_share_now": r.get("bw_share_now", float("nan")),
-                # an unstructured weight that takes the GEMM never runs dense
-                # (pyquant._native); 2:4 takes it up to the dense break-even
-                "dense_from_m": None if gemm_m is not None and key[0] != "sparse24_mm"
-                else dense_from_m(runs),
+                # a weight that takes a GEMM never runs dense (pyquant._native), but x with an
+                # Inf or NaN, which the bench does not send
+                "dense_from_m": None if gemm_m is not None else dense_from_m(runs),
                 "gemm_from_m": gemm_m,
                 # no target (min_speedup None): shown, neither met nor missed
                 "ok": None if min_speedup is None else (

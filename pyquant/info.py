@@ -136,9 +136,8 @@ def _sparse24_gemm() -> Optional[str]:
 
     if not _native._has_sparse_gemm():
         return None
-    dense = _native.sparse_dense_min_m().get(("sparse24_mm", "fp32"))
-    return (f"M >= {_native.SPARSE24_GEMM_MIN_M}" +
-            (f" and below {dense} (the dense break-even above)" if dense else ""))
+    return (f"M >= {_native.SPARSE24_GEMM_MIN_M}, at every M from there (the dense break-even "
+            "above only for x with an Inf or NaN, which the GEMM hands back)")
 
 
 def _ranges(ms: list, open_end: Optional[int] = None) -> str:

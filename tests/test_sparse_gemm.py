@@ -232,11 +232,13 @@ def gemm24(isa: str, x, v, meta, bias=None):
 
 @pytest.mark.parametrize("backend,isa", isa_params())
 @pytest.mark.parametrize("m,n,k", [(1, 5, 4), (3, 17, 68), (17, 33, 132), (130, 300, 200),
-                                   (257, 40, 64), (44, 7, 1000)])
+                                   (257, 40, 64), (44, 7, 1000), (5, 19, 2052), (1000, 33, 68)])
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_24_c_api_matches_reference(backend, isa, m, n, k, vdtype):
-    """K past 64 by 4..60 columns (the last chunk's values and meta), every stored float type,
-    rows of x with a stride past K, with and without bias."""
+    """K past 64 by 4..60 columns (the last chunk's values and meta) and past a 512-column chunk
+    by one group (2052), every stored float type, M in tiles of 12 with tails and in blocks
+    split evenly (1000 rows), N past a panel of 16 and a task of 256 rows, rows of x with a
+    stride past K, with and without bias."""
     if not has_gemm(isa):
         assert gemm24(isa, activation((2, 8)), *sf.compress_24(torch.randn(3, 8)))[0] == 2
         return
@@ -269,12 +271,33 @@ def test_24_meta_that_is_not_canonical_adds_up(backend, isa):
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())
+def test_24_same_bits_at_every_m_and_thread_count(backend, isa):
+    """Each output of the 2:4 GEMM is one fused multiply-add chain in k order: a row of x gives
+    the same bits alone, among other rows, and on any number of threads."""
+    if not has_gemm(isa):
+        pytest.skip(f"no 2:4 GEMM on {isa}")
+    v, meta = sf.compress_24(torch.randn(45, 1032, generator=gen(3)))
+    b = torch.randn(45, generator=gen(4))
+    x = activation((300, 1040), seed=6)[:, :1032]
+    st, full = gemm24(isa, x, v, meta, b)
+    assert st == 0
+    for threads in (1, 3):
+        st, out = call_c("sparse24_gemm", isa, x, 45, v.data_ptr(), _native._value_dtype(v),
+                         meta.data_ptr(), bias=b, threads=threads)
+        assert st == 0 and torch.equal(out, full), threads
+    for lo, hi in ((0, 1), (100, 113), (299, 300)):
+        st, part = gemm24(isa, x[lo:hi], v, meta, b)
+        assert st == 0 and torch.equal(part, full[lo:hi]), (lo, hi)
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float16], ids=str)
 def test_24_op_takes_the_gemm_from_its_break_even(monkeypatch, backend, isa, xdtype):
-    """float32 (or fp16) activations, 2-D and 3-D: the GEMM from SPARSE24_GEMM_MIN_M up to the
-    dense break-even; bf16 on bf16 values never (that pair runs bf16 dot products). Inf in x
-    runs the row kernel, as before the GEMM (which, like the GEMM, gathers the kept columns
-    only: no 0 * Inf there, where the reference's dense product has NaN)."""
+    """float32 (or fp16) activations, 2-D and 3-D: the GEMM from SPARSE24_GEMM_MIN_M on, past
+    the dense break-even too; bf16 on bf16 values never (that pair runs bf16 dot products). Inf
+    in x runs the row kernel, as before the GEMM (which, like the GEMM, gathers the kept columns
+    only: no 0 * Inf there, where the reference's dense product has NaN), and from the dense
+    break-even on the dense path (NaN as the reference)."""
     calls = []
     real = _native._sparse24_gemm
     monkeypatch.setattr(_native, "_sparse24_gemm",
@@ -291,7 +314,7 @@ def test_24_op_takes_the_gemm_from_its_break_even(monkeypatch, backend, isa, xdt
             assert_close_named(out, reference.sparse24_mm(x, v, meta, None),
                                tol_name("sparse24_mm", xdtype))
             rows = x.numel() // k
-            want = has_gemm(isa) and lim <= rows < dense_from
+            want = has_gemm(isa) and lim <= rows
             assert len(calls) - before == int(want), shape
         x = activation((64, k), torch.bfloat16)
         before = len(calls)
@@ -307,6 +330,14 @@ def test_24_op_takes_the_gemm_from_its_break_even(monkeypatch, backend, isa, xdt
                                             rows.data_ptr(), 2) == 0
         assert torch.equal(out, rows) and out[2].isinf().any()
         assert calls[before:] == ([_native._NOT_FINITE] if has_gemm(isa) else [])
+        x = activation((dense_from, k), seed=10)
+        x[3, 0] = float("inf")
+        before = len(calls)
+        out = torch.ops.pyquant.sparse24_mm(x, v, meta, None)
+        ref = reference.sparse24_mm(x, v, meta, None)
+        assert out[3].isnan().any() and torch.equal(out[3].isnan(), ref[3].isnan())
+        assert_close_named(out[4:], ref[4:], tol_name("sparse24_mm", xdtype))
+        assert calls[before:] == ([_native._NOT_FINITE] if has_gemm(isa) else [])
 
 
 def test_24_bound_layer_call_takes_the_gemm(monkeypatch):
@@ -320,7 +351,8 @@ def test_24_bound_layer_call_takes_the_gemm(monkeypatch):
     bound = _native._run_sparse24_mm.bind(v, meta)
     assert bound is not None
     lim = _native.SPARSE24_GEMM_MIN_M
-    for m, n_calls in ((1, 0), (lim - 1, 0), (lim, 1)):
+    dense_from = _native.sparse_dense_min_m()[("sparse24_mm", "fp32")]
+    for m, n_calls in ((1, 0), (lim - 1, 0), (lim, 1), (dense_from, 2)):
         x = activation((m, 64), seed=m)
         assert_close_named(bound(x), reference.sparse24_mm(x, v, meta, None),
                            tol_name("sparse24_mm", torch.float32))

@@ -265,7 +265,7 @@ int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_thre
       __builtin_mul_overflow((int64_t)threads(n_threads), pq::outer_thread_bytes(), &per_thread) ||
       __builtin_add_overflow(xt * 4 + 64, per_thread, &sum))
     return -1;
-  return pq::outer_work_bytes(M, K, threads(n_threads));
+  return pq::sparse_gemm_work_bytes(M, K, threads(n_threads));
 }
 
 int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,

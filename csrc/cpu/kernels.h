@@ -98,6 +98,16 @@ inline int64_t outer_thread_bytes() { return kOuterRows * kOuterMb * 4 + kOuterR
 inline int64_t outer_work_bytes(int64_t M, int64_t K, int threads) {
   return align64(outer_xt_floats(M, K) * 4) + threads * outer_thread_bytes();
 }
+/* pq_sparse24_gemm (tile_sparse24_gemm.h): tasks of up to kS24Mb rows of x (split evenly) x
+ * kS24Nb weight rows, K in chunks of kS24Kc columns; per thread the task's panels of one chunk
+ * (256 bytes a group of 4 columns and 16 rows). */
+constexpr int64_t kS24Mb = 960, kS24Nb = 256, kS24Kc = 512;
+inline int64_t s24_thread_bytes() { return kS24Nb / 16 * (kS24Kc / 4) * 256; }
+/* what both sparse GEMMs need (pq_sparse_gemm_workspace_bytes) */
+inline int64_t sparse_gemm_work_bytes(int64_t M, int64_t K, int threads) {
+  const int64_t a = outer_work_bytes(M, K, threads), b = threads * s24_thread_bytes();
+  return a > b ? a : b;
+}
 
 /* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
  * the float paths (4096 x 4096, G = 128, weights streamed from memory, 2

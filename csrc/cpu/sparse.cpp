@@ -14,6 +14,7 @@
 #include "tile_sparse_bf16_panel.h"
 #include "tile_sparse24_fx_panel.h"
 #include "tile_sparse_outer.h"
+#include "tile_sparse24_gemm.h"
 
 namespace PQ_NS {
 namespace {
@@ -461,10 +462,10 @@ int sparse24_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const void*
                   int values_dtype, const uint8_t* meta, int64_t N, const float* bias, float* out,
                   void* work, int n_threads) {
   if (values_dtype == PQ_DTYPE_BF16)
-    return outer_24<kBF16>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
+    return s24_gemm<kBF16>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
   if (values_dtype == PQ_DTYPE_F16)
-    return outer_24<kF16>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
-  return outer_24<kF32>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
+    return s24_gemm<kF16>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
+  return s24_gemm<kF32>(x, M, K, ldx, values, meta, N, bias, out, work, n_threads);
 }
 #endif
 

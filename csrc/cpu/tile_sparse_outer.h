@@ -1,6 +1,7 @@
-/* Unstructured and 2:4 sparse weights against many rows of fp32 x: GEMMs that do only the
- * kept multiply-adds (AVX512 builds). Written for unstructured weights first; 2:4 (outer_24)
- * shares the packing, the tasks and the epilogue.
+/* Unstructured sparse weights against many rows of fp32 x: a GEMM that does only the kept
+ * multiply-adds (AVX512 builds). 2:4 weights ran this way too (one meta word a chunk, 32 kept
+ * values, no branch on the data) until the panel GEMM of tile_sparse24_gemm.h replaced it:
+ * that one is 1.1-1.3x as fast at M = 128 and past the dense path from M = 512.
  *
  * Why: the row kernels of tile_sparse.h place the kept values at their columns and multiply
  * them with x as a dense row would, so their cost grows with M like a dense FMA loop's, and
@@ -228,59 +229,6 @@ int outer_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const 
       /* the row's values a line on, into L2: a task walks 256 rows' values at once, more
        * streams than the prefetchers follow (0.93-0.96x the time at M = 128 and 1024) */
       _mm_prefetch((const char*)vals + (o[r] + 16) * (Kind == kF32 ? 4 : 2), _MM_HINT_T1);
-    });
-    return true;
-  });
-}
-
-/* 2:4 weights: values [N, K/2] and meta [N, ceil(K/8)] (pq.h), K % 4 == 0. A chunk of 64
- * columns is 32 kept values, their positions one 64-bit word of meta: value j sits at column
- * kc + 4 (j / 2) + the 2 bits at 2 j. No branch on the data: every chunk has its 32 values.
- * Positions that repeat in a group (meta that is not canonical) add up, as in the row
- * kernels. Two sets of sums up to kOuterTwoSetsMaxW zmm, as outer_chunk (two sets with 8 zmm
- * too: 0.98-1.03x the time at M = 128 and 512, in-process A/B; not kept). */
-template <int W, int Kind>
-PQ_ALWAYS_INLINE inline void outer24_chunk(uint64_t mw, int nk, const void* vals, int64_t o,
-                                           const float* xc, float* acc) {
-  constexpr int64_t w = W * 16;
-  __m512 a[W], b[W];
-  for (int j = 0; j < W; ++j) {
-    a[j] = _mm512_load_ps(acc + 16 * j);
-    b[j] = _mm512_setzero_ps();
-  }
-  for (int i = 0; i < nk; i += 2) { /* nk is even: K % 4 == 0 */
-    const int c0 = 2 * i + (int)((mw >> (2 * i)) & 3), c1 = 2 * i + (int)((mw >> (2 * i + 2)) & 3);
-    const __m512 v0 = outer_value<Kind>(vals, o + i), v1 = outer_value<Kind>(vals, o + i + 1);
-    const float* x0 = xc + c0 * w;
-    const float* x1 = xc + c1 * w;
-    for (int j = 0; j < W; ++j) {
-      a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16 * j), a[j]);
-      if constexpr (W <= kOuterTwoSetsMaxW)
-        b[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1 + 16 * j), b[j]);
-      else
-        a[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1 + 16 * j), a[j]);
-    }
-  }
-  for (int j = 0; j < W; ++j)
-    _mm512_store_ps(acc + 16 * j, W <= kOuterTwoSetsMaxW ? _mm512_add_ps(a[j], b[j]) : a[j]);
-}
-
-template <int Kind>
-int outer_24(const float* x, int64_t M, int64_t K, int64_t ldx, const void* vals,
-             const uint8_t* meta, int64_t N, const float* bias, float* out, void* work,
-             int n_threads) {
-  const int64_t ldm = (K + 7) / 8, ldv = K / 2;
-  return outer_gemm(x, M, K, ldx, N, work, n_threads,
-                    [&](auto W_, const float* xt_b, int64_t m0, int64_t n_lo, int64_t n_hi,
-                        float* acc, int64_t*) {
-    constexpr int W = decltype(W_)::value;
-    outer_rows<W>(xt_b, m0, M, K, n_lo, n_hi, N, bias, out, acc,
-                  [&](int64_t r, int64_t kc, const float* xc, float* ar) PQ_ALWAYS_INLINE {
-      const int64_t byte = kc / 8, left = ldm - byte;
-      const uint8_t* mp = meta + (n_lo + r) * ldm + byte;
-      const uint64_t mw = left >= 8 ? load_u64(mp) : load_tail_u64(mp, left);
-      const int nk = (int)min64(32, (K - kc) / 2);
-      outer24_chunk<W, Kind>(mw, nk, vals, (n_lo + r) * ldv + kc / 2, xc, ar);
     });
     return true;
   });
