@@ -153,8 +153,13 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _rows_f32(x2: torch.Tensor) -> torch.Tensor:
-    """float32 rows with unit element stride; a row stride > K is passed through as ldx."""
+    """float32 rows with unit element stride; a row stride > K is passed through as ldx. Rows
+    of another dtype are converted, from 1 MiB of float32 on into this thread's scratch (they
+    never leave the call; _SCRATCH_MAX_BYTES says why)."""
     if x2.dtype != torch.float32:
+        nbytes = x2.numel() * 4
+        if _SCRATCH_MIN_BYTES <= nbytes <= _SCRATCH_MAX_BYTES:
+            return _work("rows_f32", nbytes)[:nbytes].view(torch.float32).view(x2.shape).copy_(x2)
         x2 = x2.to(torch.float32)
     if x2.stride(1) != 1 or x2.stride(0) < x2.shape[1] or x2.shape[0] <= 1:
         x2 = x2.contiguous()
@@ -208,7 +213,16 @@ def _flat(x: torch.Tensor, n: int):
 # int8 codes, row scales and kernel workspace live in per-thread scratch buffers (they never
 # leave the call); only the returned output is a fresh tensor.
 _SCRATCH = threading.local()
-_SCRATCH_MAX_BYTES = 8 << 20  # above this a call allocates: the kernel dwarfs the allocation
+# Above this a call allocates (PYQUANT_SCRATCH_MB, default 128 MiB). It was 8 MiB ("the kernel
+# dwarfs the allocation"), but a buffer that large comes fresh from the kernel each time and
+# its first touch faults every page in: 40 MiB took 12 ms to allocate and fill where a kept
+# one took 1.1 ms (2-core Xeon), and int4 weight-only with bf16 x at M = 1024 (4096 x 4096, its
+# 24 MiB of packed activations) ran 26 ms where it had run 42 (bf16 F.linear: 20-21 ms). 128 MiB
+# holds 1024 rows of x at K = 11008 as the three bf16 terms of the AMX paths (68 MiB).
+_SCRATCH_MAX_BYTES = max(int(os.environ.get("PYQUANT_SCRATCH_MB", "128")), 0) << 20
+# Rows converted to float32 (_rows_f32) go to scratch from this size on; below it one .to()
+# costs less than the views of a buffer.
+_SCRATCH_MIN_BYTES = 1 << 20
 
 
 def _work(key, nbytes: int, cap: bool = True) -> torch.Tensor:
