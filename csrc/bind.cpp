@@ -413,6 +413,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("sparse_gemm_workspace_bytes", &pq_sparse_gemm_workspace_bytes, py::arg("isa"),
         py::arg("M"), py::arg("K"), py::arg("n_threads"));
+  m.def("sparse24_gemm_workspace_bytes", &pq_sparse24_gemm_workspace_bytes, py::arg("isa"),
+        py::arg("M"), py::arg("K"), py::arg("n_threads"));
   m.def("sparse24_gemm",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t values,
            int values_dtype, uintptr_t meta, int64_t N, uintptr_t bias, uintptr_t out,

@@ -462,13 +462,15 @@ int pq_sparse_unstructured_mm(int isa, const float* x, int64_t M, int64_t K, int
  * order at every M (a group's first kept value before its second), so a row of x gives the
  * same bits in any call. PQ_NOT_FINITE when x holds an Inf or NaN (nothing written: a dense
  * product would turn 0 * Inf into NaN, which these paths never form). work: 64-byte aligned,
- * pq_sparse_gemm_workspace_bytes(isa, M, K, n_threads) bytes (enough for either), which is -1
- * where the GEMMs do not exist.
+ * pq_sparse_gemm_workspace_bytes(isa, M, K, n_threads) bytes for the unstructured GEMM (x
+ * transposed, then per thread a block's sums) and pq_sparse24_gemm_workspace_bytes for the
+ * 2:4 one (per thread 512 KiB, whatever M and K); each is -1 where its GEMM does not exist.
  *
  * pq_sparse_unstructured_gemm: pq_sparse_unstructured_mm's arguments, and the same checks of
  * the weight (PQ_ERR_ARG; out is then unspecified). pq_sparse24_gemm: pq_sparse24_mm's; meta
  * that is not canonical is taken as that op takes it (repeated positions add up). */
 int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
+int64_t pq_sparse24_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
 int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                                 const uint8_t* bitmask, const void* values, int values_dtype,
                                 int64_t nnz, const int64_t* row_offsets, int64_t N,

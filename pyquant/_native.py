@@ -219,7 +219,19 @@ _SCRATCH = threading.local()
 # one took 1.1 ms (2-core Xeon), and int4 weight-only with bf16 x at M = 1024 (4096 x 4096, its
 # 24 MiB of packed activations) ran 26 ms where it had run 42 (bf16 F.linear: 20-21 ms). 128 MiB
 # holds 1024 rows of x at K = 11008 as the three bf16 terms of the AMX paths (68 MiB).
-_SCRATCH_MAX_BYTES = max(int(os.environ.get("PYQUANT_SCRATCH_MB", "128")), 0) << 20
+def _scratch_max_bytes() -> int:
+    v = os.environ.get("PYQUANT_SCRATCH_MB", "").strip()
+    try:
+        return max(int(v), 0) << 20 if v else 128 << 20
+    except ValueError:
+        import warnings
+
+        warnings.warn(f"PYQUANT_SCRATCH_MB={v!r} is not a whole number of MiB: keeping 128",
+                      stacklevel=2)
+        return 128 << 20
+
+
+_SCRATCH_MAX_BYTES = _scratch_max_bytes()
 # Rows converted to float32 (_rows_f32) go to scratch from this size on; below it one .to()
 # costs less than the views of a buffer.
 _SCRATCH_MIN_BYTES = 1 << 20
@@ -962,21 +974,25 @@ def sparse24_gemm_applies(m: int, kind: str = "fp32") -> bool:
     return kind == "fp32" and m >= SPARSE24_GEMM_MIN_M and _has_sparse_gemm()
 
 
-# Rows of x per sparse GEMM call: the workspace holds the call's x transposed, kept per thread
-# past _SCRATCH_MAX_BYTES (as the dense path's copy of the weight, which it replaces), so a long
-# prompt runs in slabs of this many rows and leaves at most 1024 x K floats behind (45 MB at
-# K = 11008), not its whole size. Each slab reads the weight once per 128 rows, as one call does.
+# Rows of x per sparse GEMM call: the unstructured GEMM's workspace holds the call's x
+# transposed, kept per thread past _SCRATCH_MAX_BYTES (as the dense path's copy of the weight,
+# which it replaces), so a long prompt runs in slabs of this many rows and leaves at most
+# 1024 x K floats behind (45 MB at K = 11008), not its whole size. Each slab reads the weight
+# once per 128 rows, as one call does. (The 2:4 GEMM's workspace is 512 KiB a thread whatever
+# the rows; it runs in the same slabs, each reading the weight once per block of up to 960 rows.)
 SPARSE_GEMM_MAX_ROWS = 1024
 
 
-def _sparse_gemm_slabs(x2, out, call) -> int:
+def _sparse_gemm_slabs(x2, out, call, query: str = "sparse_gemm_workspace_bytes") -> int:
     """call(isa, x rows (float32), m, k, out rows, work, work_bytes, threads) over slabs of
-    SPARSE_GEMM_MAX_ROWS rows of x2 and out; the first nonzero status, or 0."""
+    SPARSE_GEMM_MAX_ROWS rows of x2 and out, with the workspace the native ``query`` asks for
+    (the unstructured GEMM's, or sparse24_gemm_workspace_bytes); the first nonzero status, or
+    0."""
     m, k = x2.shape
     isa, nt = current_isa(), _threads()
     rows = min(m, SPARSE_GEMM_MAX_ROWS)
-    nwork = module().sparse_gemm_workspace_bytes(isa, rows, k, nt)
-    work = _work("sparse_gemm", nwork, cap=False)
+    nwork = getattr(module(), query)(isa, rows, k, nt)
+    work = _work(query, nwork, cap=False)
     for m0 in range(0, m, rows):
         xs = _rows_f32(x2[m0:m0 + rows])
         st = call(isa, xs, xs.shape[0], k, out[m0:m0 + rows], work, nwork, nt)
@@ -991,7 +1007,7 @@ def _sparse24_gemm(x2, values, meta, bias, out) -> int:
     return _sparse_gemm_slabs(x2, out, lambda isa, xs, m, k, o, work, nwork, nt: (
         module().sparse24_gemm(isa, _ptr(xs), m, k, xs.stride(0), _ptr(v), _value_dtype(v),
                                _ptr(mt), values.shape[0], _ptr(b), _ptr(o), _ptr(work), nwork,
-                               nt)))
+                               nt)), "sparse24_gemm_workspace_bytes")
 
 
 def _run_sparse24_mm(x, values, meta, bias=None):

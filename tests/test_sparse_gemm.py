@@ -45,7 +45,9 @@ def call_c(fn: str, isa: str, x, n: int, *wargs, bias=None, threads=2, work_byte
     m, k = x.shape
     i = _native.ISA_NAMES.index(isa)
     C = _native.module()
-    need = C.sparse_gemm_workspace_bytes(i, m, k, threads)
+    query = "sparse24_gemm_workspace_bytes" if fn == "sparse24_gemm" else \
+        "sparse_gemm_workspace_bytes"
+    need = getattr(C, query)(i, m, k, threads)
     work = torch.empty(max(need, 0) + 128, dtype=torch.uint8)
     out = torch.full((m, n), float("nan"))
     st = getattr(C, fn)(i, x.data_ptr(), m, k, x.stride(0), *wargs, n,
@@ -271,21 +273,40 @@ def test_24_meta_that_is_not_canonical_adds_up(backend, isa):
 
 
 @pytest.mark.parametrize("backend,isa", isa_params())
+def test_24_workspace_is_its_own(backend, isa):
+    """The 2:4 GEMM asks for its own workspace: 512 KiB a thread whatever M and K (-1 where it
+    does not exist); one byte short or misaligned is PQ_ERR_ARG."""
+    C, i = _native.module(), _native.ISA_NAMES.index(isa)
+    need = C.sparse24_gemm_workspace_bytes(i, 100, 64, 2)
+    if not has_gemm(isa):
+        assert need == -1
+        return
+    assert need == 2 * 512 * 1024 == C.sparse24_gemm_workspace_bytes(i, 5000, 11008, 2)
+    v, meta = sf.compress_24(torch.randn(20, 64, generator=gen(1)))
+    x = activation((30, 64))
+    wargs = (v.data_ptr(), _native._value_dtype(v), meta.data_ptr())
+    assert call_c("sparse24_gemm", isa, x, 20, *wargs, work_bytes=need - 1)[0] == 1
+    assert call_c("sparse24_gemm", isa, x, 20, *wargs, misalign=8)[0] == 1
+    assert call_c("sparse24_gemm", isa, x, 20, *wargs)[0] == 0
+
+
+@pytest.mark.parametrize("backend,isa", isa_params())
 def test_24_same_bits_at_every_m_and_thread_count(backend, isa):
     """Each output of the 2:4 GEMM is one fused multiply-add chain in k order: a row of x gives
-    the same bits alone, among other rows, and on any number of threads."""
+    the same bits alone, among other rows, and on any number of threads (1, 2 and 3 threads
+    split these 1000 x 300 outputs into 2 x 4, 2 x 7 and 2 x 10 tasks)."""
     if not has_gemm(isa):
         pytest.skip(f"no 2:4 GEMM on {isa}")
-    v, meta = sf.compress_24(torch.randn(45, 1032, generator=gen(3)))
-    b = torch.randn(45, generator=gen(4))
-    x = activation((300, 1040), seed=6)[:, :1032]
+    v, meta = sf.compress_24(torch.randn(300, 1032, generator=gen(3)))
+    b = torch.randn(300, generator=gen(4))
+    x = activation((1000, 1040), seed=6)[:, :1032]
     st, full = gemm24(isa, x, v, meta, b)
     assert st == 0
     for threads in (1, 3):
-        st, out = call_c("sparse24_gemm", isa, x, 45, v.data_ptr(), _native._value_dtype(v),
+        st, out = call_c("sparse24_gemm", isa, x, 300, v.data_ptr(), _native._value_dtype(v),
                          meta.data_ptr(), bias=b, threads=threads)
         assert st == 0 and torch.equal(out, full), threads
-    for lo, hi in ((0, 1), (100, 113), (299, 300)):
+    for lo, hi in ((0, 1), (100, 113), (999, 1000)):
         st, part = gemm24(isa, x[lo:hi], v, meta, b)
         assert st == 0 and torch.equal(part, full[lo:hi]), (lo, hi)
 
@@ -367,7 +388,7 @@ def test_long_prompts_run_in_slabs(monkeypatch):
         pytest.skip("no sparse GEMM on this CPU level")
     monkeypatch.setattr(_native, "SPARSE_GEMM_MAX_ROWS", 16)
     sizes = []
-    real = _native.module().sparse_gemm_workspace_bytes
+    real = _native.module()
     monkeypatch.setattr(_native, "module", lambda: _Spy(sizes, real))
     wargs = sparse(40, 96, seed=11)
     v, meta = sf.compress_24(torch.randn(40, 96, generator=gen(12)))
@@ -384,15 +405,51 @@ def test_long_prompts_run_in_slabs(monkeypatch):
                        expected(xb, wargs), tol_name(OP, torch.float32))
 
 
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_copies_of_x_in_scratch(monkeypatch, xdtype):
+    """Rows of x that are not float32 are converted into a scratch buffer (_rows_f32) from
+    _SCRATCH_MIN_BYTES on: the same results as fresh copies, slab after slab of a sparse GEMM
+    (an Inf in a later slab sends the call to the other path, which converts again) and in the
+    weight-only ops, and nothing returned is the buffer."""
+    from pyquant import formats
+
+    monkeypatch.setattr(_native, "SPARSE_GEMM_MAX_ROWS", 16)
+    wargs = sparse(40, 96, seed=11)
+    v, meta = sf.compress_24(torch.randn(40, 96, generator=gen(12)))
+    c, s, z = formats.quantize_int4_groupwise(torch.randn(48, 256, generator=gen(14)), 64,
+                                              symmetric=False)
+    x = activation((2, 25, 96), seed=13).to(xdtype)
+    xb = x.clone()
+    xb[1, 20, 0] = float("inf")  # row 45: the third slab of four
+    x4 = activation((40, 256), seed=15).to(xdtype)
+    calls = (("sparse_unstructured_mm", x, (*wargs, None)), ("sparse24_mm", x, (v, meta, None)),
+             ("sparse24_mm", xb, (v, meta, None)),
+             ("int4_weight_only_mm", x4, (formats.pack_int4(c), s, z, 64, None)))
+    outs = {}
+    for min_bytes in (1 << 62, 0):
+        monkeypatch.setattr(_native, "_SCRATCH_MIN_BYTES", min_bytes)
+        outs[min_bytes] = [getattr(torch.ops.pyquant, op)(xx, *w) for op, xx, w in calls]
+    kept = _native._SCRATCH.__dict__.get("rows_f32")
+    assert kept is not None  # the scratch path ran
+    for (op, _, _), fresh, scratch in zip(calls, outs[1 << 62], outs[0]):
+        assert torch.equal(fresh.isnan(), scratch.isnan()), op
+        assert torch.equal(fresh.nan_to_num(), scratch.nan_to_num()), op
+        assert scratch.untyped_storage().data_ptr() != kept.untyped_storage().data_ptr()
+
+
 class _Spy:
     """The native module, recording the M of each sparse GEMM workspace query."""
 
     def __init__(self, sizes, real):
-        self._sizes, self._real, self._mod = sizes, real, _native._module
+        self._sizes, self._mod = sizes, real
 
     def sparse_gemm_workspace_bytes(self, isa, m, k, nt):
         self._sizes.append(m)
-        return self._real(isa, m, k, nt)
+        return self._mod.sparse_gemm_workspace_bytes(isa, m, k, nt)
+
+    def sparse24_gemm_workspace_bytes(self, isa, m, k, nt):
+        self._sizes.append(m)
+        return self._mod.sparse24_gemm_workspace_bytes(isa, m, k, nt)
 
     def __getattr__(self, name):
         return getattr(self._mod, name)

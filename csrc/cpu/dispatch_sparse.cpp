@@ -31,11 +31,11 @@ bool bad_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
 }  // namespace
 
 extern "C" int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
+extern "C" int64_t pq_sparse24_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads);
 
 namespace {
-bool bad_gemm_work(int isa, int64_t M, int64_t K, int n_threads, const void* work,
-                   int64_t work_bytes) {
-  const int64_t need = pq_sparse_gemm_workspace_bytes(isa, M, K, n_threads);
+/* need: the GEMM's workspace query (-1: no GEMM here) */
+bool bad_gemm_work(int64_t need, const void* work, int64_t work_bytes) {
   return need < 0 || !work || ((uintptr_t)work & 63) || work_bytes < need;
 }
 }  // namespace
@@ -265,7 +265,13 @@ int64_t pq_sparse_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_thre
       __builtin_mul_overflow((int64_t)threads(n_threads), pq::outer_thread_bytes(), &per_thread) ||
       __builtin_add_overflow(xt * 4 + 64, per_thread, &sum))
     return -1;
-  return pq::sparse_gemm_work_bytes(M, K, threads(n_threads));
+  return pq::outer_work_bytes(M, K, threads(n_threads));
+}
+
+int64_t pq_sparse24_gemm_workspace_bytes(int isa, int64_t M, int64_t K, int n_threads) {
+  const pq::SparseKernelTable* t = pq::sparse_table(isa);
+  if (!t || !t->sparse24_gemm || M < 0 || K < 0) return -1;
+  return threads(n_threads) * pq::s24_thread_bytes();
 }
 
 int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
@@ -279,7 +285,8 @@ int pq_sparse_unstructured_gemm(int isa, const float* x, int64_t M, int64_t K, i
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  if (bad_gemm_work(isa, M, K, n_threads, work, work_bytes)) return PQ_ERR_ARG;
+  if (bad_gemm_work(pq_sparse_gemm_workspace_bytes(isa, M, K, n_threads), work, work_bytes))
+    return PQ_ERR_ARG;
   switch (t->sparse_unstructured_gemm(x, M, K, ldx, bitmask, values, values_dtype, nnz,
                                       row_offsets, N, bias, out, work, threads(n_threads))) {
     case 0: return PQ_OK;
@@ -298,7 +305,8 @@ int pq_sparse24_gemm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
     return PQ_ERR_ARG;
   if (M == 0 || N == 0) return PQ_OK;
   if (K == 0) return fill_bias(out, M, N, bias), PQ_OK;
-  if (bad_gemm_work(isa, M, K, n_threads, work, work_bytes)) return PQ_ERR_ARG;
+  if (bad_gemm_work(pq_sparse24_gemm_workspace_bytes(isa, M, K, n_threads), work, work_bytes))
+    return PQ_ERR_ARG;
   return t->sparse24_gemm(x, M, K, ldx, values, values_dtype, meta, N, bias, out, work,
                           threads(n_threads))
              ? PQ_NOT_FINITE

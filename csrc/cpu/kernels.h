@@ -87,7 +87,7 @@ inline int64_t bf16_panel_work_bytes(int64_t M, int64_t K, int64_t G, int thread
 inline int64_t sparse_bf16_panel_work_bytes(int64_t M, int64_t K, int threads) {
   return bf16_panel_work_bytes(M, K, K, threads) + threads * align64(32 * K * 2);
 }
-/* pq_sparse_unstructured_gemm and pq_sparse24_gemm (tile_sparse_outer.h): x packed
+/* pq_sparse_unstructured_gemm (tile_sparse_outer.h): x packed
  * transposed in blocks of kOuterMb rows (the last one's width rounded up to 16), then per
  * thread the sums of kOuterRows weight rows over a block and the rows' value offsets. */
 constexpr int64_t kOuterMb = 128, kOuterRows = 256;
@@ -99,15 +99,11 @@ inline int64_t outer_work_bytes(int64_t M, int64_t K, int threads) {
   return align64(outer_xt_floats(M, K) * 4) + threads * outer_thread_bytes();
 }
 /* pq_sparse24_gemm (tile_sparse24_gemm.h): tasks of up to kS24Mb rows of x (split evenly) x
- * kS24Nb weight rows, K in chunks of kS24Kc columns; per thread the task's panels of one chunk
- * (256 bytes a group of 4 columns and 16 rows). */
+ * up to kS24Nb weight rows, K in chunks of kS24Kc columns; per thread the task's panels of one
+ * chunk (256 bytes a group of 4 columns and 16 rows), whatever M and K
+ * (pq_sparse24_gemm_workspace_bytes). */
 constexpr int64_t kS24Mb = 960, kS24Nb = 256, kS24Kc = 512;
 inline int64_t s24_thread_bytes() { return kS24Nb / 16 * (kS24Kc / 4) * 256; }
-/* what both sparse GEMMs need (pq_sparse_gemm_workspace_bytes) */
-inline int64_t sparse_gemm_work_bytes(int64_t M, int64_t K, int threads) {
-  const int64_t a = outer_work_bytes(M, K, threads), b = threads * s24_thread_bytes();
-  return a > b ? a : b;
-}
 
 /* Where the int4 weight-only fixed-point path (pq.h) runs. Measured against
  * the float paths (4096 x 4096, G = 128, weights streamed from memory, 2
@@ -427,7 +423,8 @@ struct SparseKernelTable {
                                   const uint8_t* bitmask, const void* values, int values_dtype,
                                   int64_t nnz, const int64_t* row_offsets, int64_t N,
                                   const float* bias, float* out, void* work, int n_threads);
-  /* the same for 2:4 weights (pq_sparse24_gemm): 0, or 2 for x with an Inf or NaN */
+  /* the same for 2:4 weights (pq_sparse24_gemm, tile_sparse24_gemm.h): 0, or 2 for x with an
+   * Inf or NaN. work: threads x pq::s24_thread_bytes(), 64-byte aligned. */
   int (*sparse24_gemm)(const float* x, int64_t M, int64_t K, int64_t ldx, const void* values,
                        int values_dtype, const uint8_t* meta, int64_t N, const float* bias,
                        float* out, void* work, int n_threads);

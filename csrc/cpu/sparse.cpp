@@ -457,7 +457,9 @@ int sparse_unstructured_gemm(const float* x, int64_t M, int64_t K, int64_t ldx,
   return outer_unstructured<kF32>(x, M, K, ldx, bitmask, values, nnz, off, N, bias, out, work,
                                   n_threads);
 }
+#endif
 
+#if defined(PQ_HAVE_SPARSE24_GEMM)
 int sparse24_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* values,
                   int values_dtype, const uint8_t* meta, int64_t N, const float* bias, float* out,
                   void* work, int n_threads) {
@@ -506,9 +508,14 @@ extern const pq::SparseKernelTable kSparseKernels = {
     nullptr, nullptr, nullptr, nullptr,
 #endif
 #if defined(PQ_HAVE_SPARSE_OUTER)
-    sparse_unstructured_gemm, sparse24_gemm,
+    sparse_unstructured_gemm,
 #else
-    nullptr, nullptr,
+    nullptr,
+#endif
+#if defined(PQ_HAVE_SPARSE24_GEMM)
+    sparse24_gemm,
+#else
+    nullptr,
 #endif
 };
 

@@ -16,8 +16,9 @@
  * so the loop's floor is 2 cycles per (m, g), the speed of a dense FMA loop at its peak: in
  * L1 (T = 12 rows of x, one thread, Granite Rapids) it ran 2.01-2.06 cycles per (m, g).
  *
- * Tasks: up to kS24Mb rows of x (blocks as even as the tiles of 12 rows allow) x kS24Nb
- * weight rows, x-block-major, so both threads read the same rows of x while their weights
+ * Tasks: up to kS24Mb rows of x (blocks as even as the tiles of 12 rows allow) x up to
+ * kS24Nb weight rows (fewer, then smaller blocks of x, where that leaves under four tasks a
+ * thread), x-block-major, so the threads read the same rows of x while their weights
  * stream. Per task and chunk of kS24Kc columns the task's panels are packed into the thread's
  * buffer (values converted to fp32, 16 x 16 transposes); then for each tile of T rows of x
  * (in L1 across the panels) every panel runs its T x 16 outputs, whose sums wait in out
@@ -153,10 +154,17 @@ int s24_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* vals
              int n_threads) {
   if (!s24_x_finite(x, M, K, ldx, n_threads)) return 2;
   const int64_t ldm = (K + 7) / 8, G = K / 4;
-  /* blocks of x rows as even as tiles allow: 1024 rows run as 2 x 512, not 960 + 64 */
-  const int64_t m_blocks = ceil_div(M, kS24Mb);
+  /* About four tasks a thread where the shape allows: weight rows a task down to one panel,
+   * then more blocks of x rows (two threads keep 256 rows and blocks of up to 960 rows). The
+   * blocks of x rows are as even as tiles allow: 1024 rows run as 2 x 512, not 960 + 64. The
+   * sums do not depend on the split. */
+  const int64_t want = 4 * (int64_t)n_threads;
+  const int64_t nb = max64(16, min64(kS24Nb, ceil_div(ceil_div(N, want), (int64_t)16) * 16));
+  const int64_t n_tasks = ceil_div(N, nb);
+  const int64_t m_blocks = max64(ceil_div(M, kS24Mb),
+                                 min64(ceil_div(M, (int64_t)kS24T), ceil_div(want, n_tasks)));
   const int64_t mb = ceil_div(ceil_div(M, m_blocks), (int64_t)kS24T) * kS24T;
-  const int64_t n_tasks = ceil_div(N, kS24Nb), tasks = ceil_div(M, mb) * n_tasks;
+  const int64_t tasks = ceil_div(M, mb) * n_tasks;
   const int threads = tasks < n_threads ? (int)tasks : n_threads;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -165,7 +173,7 @@ int s24_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* vals
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t m_lo = task / n_tasks * mb, m_hi = min64(m_lo + mb, M);
-      const int64_t n_lo = task % n_tasks * kS24Nb, n_hi = min64(n_lo + kS24Nb, N);
+      const int64_t n_lo = task % n_tasks * nb, n_hi = min64(n_lo + nb, N);
       const int64_t panels = ceil_div(n_hi - n_lo, 16);
       for (int64_t g0 = 0; g0 < G; g0 += kS24Kc / 4) {
         const int64_t ng = min64(kS24Kc / 4, G - g0);

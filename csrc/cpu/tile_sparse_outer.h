@@ -1,7 +1,8 @@
 /* Unstructured sparse weights against many rows of fp32 x: a GEMM that does only the kept
  * multiply-adds (AVX512 builds). 2:4 weights ran this way too (one meta word a chunk, 32 kept
  * values, no branch on the data) until the panel GEMM of tile_sparse24_gemm.h replaced it:
- * that one is 1.1-1.3x as fast at M = 128 and past the dense path from M = 512.
+ * that one is 1.04-1.12x as fast at M = 128 and 1.10-1.16x at 1024 (in-process A/B), where
+ * this one was only even with the dense path.
  *
  * Why: the row kernels of tile_sparse.h place the kept values at their columns and multiply
  * them with x as a dense row would, so their cost grows with M like a dense FMA loop's, and
