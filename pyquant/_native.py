@@ -216,9 +216,10 @@ _SCRATCH = threading.local()
 # Above this a call allocates (PYQUANT_SCRATCH_MB, default 128 MiB). It was 8 MiB ("the kernel
 # dwarfs the allocation"), but a buffer that large comes fresh from the kernel each time and
 # its first touch faults every page in: 40 MiB took 12 ms to allocate and fill where a kept
-# one took 1.1 ms (2-core Xeon), and int4 weight-only with bf16 x at M = 1024 (4096 x 4096, its
-# 24 MiB of packed activations) ran 26 ms where it had run 42 (bf16 F.linear: 20-21 ms). 128 MiB
-# holds 1024 rows of x at K = 11008 as the three bf16 terms of the AMX paths (68 MiB).
+# one took 1.1 ms (2-core Xeon), and int4 weight-only with bf16 x at M = 1024 (its 24 MiB of
+# packed activations at K = 4096) ran 1.50-1.54x as fast with its buffers kept
+# (benchmarks/scratch_ab.py). 128 MiB holds 1024 rows of x at K = 11008 as the three bf16 terms
+# of the AMX paths (68 MiB).
 def _scratch_max_bytes() -> int:
     v = os.environ.get("PYQUANT_SCRATCH_MB", "").strip()
     try:
@@ -961,9 +962,10 @@ def _sparse24_float_prepare(values, meta, bias=None):
 # the row kernel's, 4096 x 4096 / 4096 x 11008): 1.00 / 1.15 at M = 12, 0.98 / 1.01 at 16,
 # 0.88 / 0.91 at 18, 0.83 / 0.91 at 20, 0.80 / 0.82 at 24; on the avx512_vnni and avx512_bf16
 # builds forced on the same CPU 0.95 / 1.09 and 1.03 / 0.92 at 18, 0.89-0.93 at 20. Over the
-# dense path 0.3-0.4 at M = 16-28. Against fp32 F.linear on the dense weight (same process,
-# calls alternated): 1.41-1.50x at M = 64, 1.24-1.28x at 128, 1.08-1.16x at 512, 1.03-1.16x at
-# 1024 (1.01-1.14x on the other two builds at 1024), where the dense path ran 0.86-0.99x.
+# dense path 0.3-0.4 at M = 16-28. Against fp32 F.linear on the dense weight (pyquant bench
+# --ms 64 and --ms 128,512,1024): 1.26-1.42x at M = 64, 1.16-1.23x at 128, 1.07-1.13x at 512,
+# 1.01-1.08x at 1024, where the dense path ran 0.86-0.99x (same process without rotation, the
+# other two builds at 1024: 1.01-1.14x).
 SPARSE24_GEMM_MIN_M = 20
 
 

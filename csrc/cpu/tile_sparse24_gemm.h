@@ -24,9 +24,9 @@
  * (in L1 across the panels) every panel runs its T x 16 outputs, whose sums wait in out
  * between chunks. x is read where it lies.
  *
- * Measured (2 threads, Granite Rapids, against fp32 F.linear on the dense weight, calls
- * alternated in one process): 1.41-1.50x at M = 64, 1.24-1.28x at 128, 1.08-1.16x at 512,
- * 1.03-1.16x at 1024; in-process A/B against the outer-product GEMM it replaced, geometric
+ * Measured (2 threads, Granite Rapids, against fp32 F.linear on the dense weight, pyquant
+ * bench): 1.26-1.42x at M = 64, 1.16-1.23x at 128, 1.07-1.13x at 512, 1.01-1.08x at 1024;
+ * in-process A/B against the outer-product GEMM it replaced, geometric
  * mean of both orders, 1.04-1.12x at M = 128 and 1.10-1.16x at 1024. One thread at M = 960:
  * the packing is ~8% of the call (a call without it: 93% of the in-L1 loop's speed). Tried
  * and not kept: chunks of 256 or 1024 columns (within noise), the panels outer and the tiles
