@@ -26,7 +26,7 @@ from pyquant import _native, ops
 from pyquant.bench import _probe_buffer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_call_ab import _weights  # noqa: E402  (the layers' weights, as that script makes them)
+from decode_call_ab import _weights, ops_arg  # noqa: E402  (the layers' weights, as that script makes them)
 
 OPS = ("int4_weight_only", "int8_dynamic", "sparse24_int8")
 
@@ -37,12 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=400, help="timed calls per op and x")
     ap.add_argument("--flush-mb", type=int, default=64, help="bytes read before each cold call")
     a = ap.parse_args(argv)
-    ops_ = [o.strip() for o in a.ops.split(",") if o.strip()]
-    bad = [o for o in ops_ if o not in OPS]
-    if bad:
-        ap.error(f"unknown op(s) {bad}; use {', '.join(OPS)}")
-    if not _native.available():
-        ap.error("needs the native module")
+    ops_ = ops_arg(ap, a.ops, OPS)
     bufs = [_probe_buffer(a.flush_mb << 20) for _ in range(2)]
     torch.manual_seed(0)
     n, k = 64, 4096

@@ -51,6 +51,20 @@ def _weights(op: str, n: int, k: int):
     return "sparse24_mm", (*sparse_formats.compress_24(w.to(torch.bfloat16)), None)
 
 
+def ops_arg(ap, text: str, allowed) -> list:
+    """The op names of a comma-separated --ops value, each one of ``allowed``; an argparse
+    error for any other, or where the native module is not loaded (the scripts time it)."""
+    from pyquant import _native
+
+    ops_ = [o.strip() for o in text.split(",") if o.strip()]
+    bad = [o for o in ops_ if o not in allowed]
+    if bad:
+        ap.error(f"unknown op(s) {bad}; use {', '.join(allowed)}")
+    if not _native.available():
+        ap.error("needs the native module")
+    return ops_
+
+
 def _place(args):
     return tuple(_hugepages.place(a) if isinstance(a, torch.Tensor) else a for a in args)
 

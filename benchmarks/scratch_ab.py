@@ -26,7 +26,7 @@ import torch
 from pyquant import _native, ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_call_ab import _weights  # noqa: E402  (the layers' weights, as that script makes them)
+from decode_call_ab import _weights, ops_arg  # noqa: E402  (the layers' weights, as that script makes them)
 
 OPS = ("int4_weight_only", "int8_dynamic")
 OLD_CAP = 8 << 20
@@ -45,12 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="128,1024", help="comma-separated rows of x")
     ap.add_argument("--rounds", type=int, default=6, help="timed calls of each setting")
     a = ap.parse_args(argv)
-    ops_ = [o.strip() for o in a.ops.split(",") if o.strip()]
-    bad = [o for o in ops_ if o not in OPS]
-    if bad:
-        ap.error(f"unknown op(s) {bad}; use {', '.join(OPS)}")
-    if not _native.available():
-        ap.error("needs the native module")
+    ops_ = ops_arg(ap, a.ops, OPS)
     cap, min_bytes = _native._SCRATCH_MAX_BYTES, _native._SCRATCH_MIN_BYTES
     rng = random.Random(0)
     torch.manual_seed(0)
