@@ -89,6 +89,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("amax"),
         py::arg("xq"), py::arg("x_scale"), py::arg("n_threads"), gil_release());
 
+  m.def("quantize_rows_int8_bf16",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t xq, uintptr_t x_scale,
+           int n_threads, uintptr_t work, int64_t work_bytes) {
+          return pq_quantize_rows_int8_bf16(isa, ptr<const uint16_t>(x), M, K, ldx,
+                                            ptr<int8_t>(xq), ptr<float>(x_scale), n_threads,
+                                            ptr<void>(work), work_bytes);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("xq"),
+        py::arg("x_scale"), py::arg("n_threads"), py::arg("work"), py::arg("work_bytes"),
+        gil_release());
+  m.def("quantize_rows_int8_bf16_workspace_bytes", &pq_quantize_rows_int8_bf16_workspace_bytes,
+        py::arg("M"), py::arg("K"), py::arg("n_threads"));
+
   m.def("int8_gemm_s32",
         [](int isa, uintptr_t xq, int64_t M, int64_t K, uintptr_t w, int64_t N, uintptr_t acc,
            int n_threads, uintptr_t work, int64_t work_bytes) {

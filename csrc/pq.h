@@ -116,6 +116,16 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
  * shard holds a slice of each row and quantizes it with the whole row's scale. */
 int pq_quantize_rows_int8_amax(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                                const float* amax, int8_t* xq, float* x_scale, int n_threads);
+/* The same for bf16 rows x (row stride ldx >= K): the codes and scales of their fp32 values,
+ * bit for bit. Each thread converts a block of its rows into its part of `work` (4-byte
+ * aligned, pq_quantize_rows_int8_bf16_workspace_bytes(M, K, n_threads) bytes, at most 64 KiB
+ * a thread while K <= 16384, one row a thread above) and quantizes them from there: a bf16
+ * model's dynamic layers no longer convert the whole of x to fp32 first. The query returns
+ * -1 on sizes it refuses. */
+int64_t pq_quantize_rows_int8_bf16_workspace_bytes(int64_t M, int64_t K, int n_threads);
+int pq_quantize_rows_int8_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                               int8_t* xq, float* x_scale, int n_threads, void* work,
+                               int64_t work_bytes);
 
 /* Bytes of scratch (`work`) the int8 GEMMs below can use for this call with
  * n_threads; 0 when the chosen path needs none. With AMX (K % 64 == 0, N % 32 == 0,

@@ -272,13 +272,25 @@ def _int8_work(isa: int, m: int, k: int, n: int):
 
 
 def _quantize_into(x2: torch.Tensor, isa: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """x2's rows quantized to int8 into scratch: (codes address, scales address, keep-alives)."""
+    """x2's rows quantized to int8 into scratch: (codes address, scales address, keep-alives).
+    bf16 rows are quantized from bf16 (pq_quantize_rows_int8_bf16: the same codes and scales
+    as their fp32 values, without a float32 copy of x: int8 dynamic, 4096 x 4096, M = 1024,
+    bf16 x, went from ~1.17x to ~1.0x the time of float32 x)."""
     m, k = x2.shape
-    xf = _rows_f32(x2)
     xq = _work("xq", m * k)
     xs = _work("xs", m * 4)
-    st = module().quantize_rows_int8_amax(isa, _ptr(xf), m, k, xf.stride(0), 0, _ptr(xq),
-                                          _ptr(xs), _threads())
+    mod = module()
+    if x2.dtype is torch.bfloat16 and x2.stride(-1) == 1 and (m <= 1 or x2.stride(0) >= k):
+        nwork = mod.quantize_rows_int8_bf16_workspace_bytes(m, k, _threads())
+        work = _work("xq_bf16_rows", nwork)
+        st = mod.quantize_rows_int8_bf16(isa, x2.data_ptr(), m, k, max(x2.stride(0), k),
+                                         _ptr(xq), _ptr(xs), _threads(), _ptr(work), nwork)
+        if st:
+            _raise("quantize_rows_int8", st, M=m, K=k)
+        return _ptr(xq), _ptr(xs), xq, xs
+    xf = _rows_f32(x2)
+    st = mod.quantize_rows_int8_amax(isa, _ptr(xf), m, k, xf.stride(0), 0, _ptr(xq),
+                                     _ptr(xs), _threads())
     if st:
         _raise("quantize_rows_int8", st, M=m, K=k)
     return _ptr(xq), _ptr(xs), xq, xs

@@ -402,6 +402,9 @@ def pyquant_impls(group_size: int = 128) -> list[Impl]:
         Impl(f"pyquant.int4_weight_only_mm[g{group_size} x-bf16]", "pyquant", make_i4wo_layer,
              int4("int4_weight_only_mm"), lambda s: _tensor_bytes(*s[:3]),
              "int4_weight_only_mm", unit("fixed", 16), torch.bfloat16),
+        # int8 dynamic quantizes bf16 rows as they are (no float32 copy of x) and returns bf16
+        Impl("pyquant.int8_dynamic_mm[x-bf16]", "pyquant", make_i8_layer, int8("int8_dynamic_mm"),
+             lambda s: _tensor_bytes(*s[:2]), "int8_dynamic_mm", unit("int8"), torch.bfloat16),
     ]
 
 

@@ -28,10 +28,11 @@ def small_run(monkeypatch):
 def test_bench_rows_and_outputs(small_run, tmp_path):
     rows = small_run["rows"]
     impls = {r["impl"] for r in rows}
-    # the bf16-activation rows of the weight-only ops run beside the fp32 ones
+    # the bf16-activation rows of the weight-only ops and int8 dynamic run beside the fp32 ones
     assert {"pyquant.int8_weight_only_mm", "pyquant.int8_weight_only_mm[x-bf16]",
             "pyquant.int4_weight_only_mm[g128]", "pyquant.int4_weight_only_mm[g128 x-bf16]",
-            "pyquant.int8_dynamic_mm", "pyquant.int4_dynamic_mm[g128]",
+            "pyquant.int8_dynamic_mm", "pyquant.int8_dynamic_mm[x-bf16]",
+            "pyquant.int4_dynamic_mm[g128]",
             "F.linear[fp32]", "F.linear[bf16]"} <= impls
     shapes = {(r["n"], r["k"]) for r in rows}
     assert shapes == set(bench.SHAPES["minilm"])

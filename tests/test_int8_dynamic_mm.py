@@ -243,3 +243,35 @@ def test_quantize_rows_int8_near_ties_stress(backend, isa):
         q, s = _native.quantize_rows_int8(x)
     assert torch.equal(s, want_s)
     assert torch.equal(q, want_q), f"{int((q != want_q).sum())} codes differ"
+
+
+# bf16 rows are quantized from bf16 (pq_quantize_rows_int8_bf16), not from a float32 copy:
+# the results must be those of the float32 path, rounded to bf16
+@pytest.mark.parametrize("backend,isa", ISAS)
+@pytest.mark.parametrize("op", ["int8_dynamic_mm", "int4_dynamic_mm"])
+@pytest.mark.parametrize("m,layout", [(1, "contiguous"), (3, "strided"), (17, "3d"),
+                                      (130, "contiguous"), (64, "strided")])
+def test_bf16_rows_are_the_fp32_path(backend, isa, op, m, layout):
+    n, k = 40, 192
+    g = gen(m * 13 + len(layout))
+    w = torch.randn(n, k, generator=g) * 0.05
+    if op == "int8_dynamic_mm":
+        wargs = formats.quantize_int8_per_channel(w)
+    else:
+        c, s, z = formats.quantize_int4_groupwise(w, 64, symmetric=False)
+        wargs = (formats.pack_int4(c), s, z, 64)
+    x = torch.randn(m, k + 5, generator=g).to(torch.bfloat16)
+    x[m // 2, 3] = float("nan") if m > 1 else x[0, 3]
+    if layout == "strided":
+        x = x[:, :k]  # row stride k + 5
+    elif layout == "3d":
+        x = x[:, :k].contiguous().view(1, m, k)
+    else:
+        x = x[:, :k].contiguous()
+    bias = make_bias(n, "fp32", torch.bfloat16, seed=m)
+    with num_threads(2):
+        got = run_op(op, backend, isa, x, wargs, bias)
+        want = run_op(op, backend, isa, x.float(), wargs, bias).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())

@@ -142,6 +142,80 @@ def test_quantize_rows_int8(isa, M, K, ldx, n_threads):
     assert torch.equal(xq, q_ref)
 
 
+def _quantize_bf16_rows(isa, full, M, K, ldx, n_threads, work_bytes=None, offset=0):
+    """pq_quantize_rows_int8_bf16 on bf16 rows `full` (row stride ldx): (status, codes,
+    scales); work_bytes: the workspace handed over (default: what the query asks for)."""
+    need = _C.quantize_rows_int8_bf16_workspace_bytes(M, K, n_threads)
+    nbytes = need if work_bytes is None else work_bytes
+    work = torch.zeros(max(nbytes, 0) + 64, dtype=torch.uint8)
+    xq = torch.full((M, K), 99, dtype=torch.int8)
+    xs = torch.full((M,), -1.0)
+    st = _C.quantize_rows_int8_bf16(isa, ptr(full), M, K, ldx, ptr(xq), ptr(xs), n_threads,
+                                    ptr(work) + offset if nbytes else 0, nbytes)
+    return st, xq, xs
+
+
+# K = 4100 and 9000: several rows a thread's block, and one; K = 20000: one row past the
+# block size (16384 fp32 values)
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("M", MS + [130])
+@pytest.mark.parametrize("K,ldx", [(100, 100), (100, 131), (1, 3), (4100, 4100), (9000, 9001),
+                                   (20000, 20000), (17, 17)])
+@pytest.mark.parametrize("n_threads", THREADS + [3])
+def test_quantize_rows_int8_bf16_is_the_fp32_path(isa, M, K, ldx, n_threads):
+    """bf16 rows quantize to the codes and scales of their fp32 values, bit for bit, on
+    every ISA, row stride and thread count; the padding past K (NaN) is never read."""
+    if M * K > 1_000_000 and (M, n_threads) != (130, 2):
+        pytest.skip("large sizes once")
+    g = gen(M * 37 + K + ldx + n_threads)
+    full = torch.full((M, ldx), float("nan")).to(torch.bfloat16)
+    x = full[:, :K]
+    x.copy_(torch.randn(M, K, generator=g) * (torch.rand(M, 1, generator=g) * 10))
+    if M > 2:
+        x[1] = 0.0
+        x[2, : min(K, 8)] = -0.0
+    st, xq, xs = _quantize_bf16_rows(isa, full, M, K, ldx, n_threads)
+    assert st == OK
+    q_ref, s_ref = quantize_ref(x.float())
+    assert torch.equal(xs, s_ref)
+    assert torch.equal(xq, q_ref)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_quantize_rows_int8_bf16_non_finite_rows(isa):
+    """A bf16 row with an Inf or NaN gets scale NaN and codes 0, as an fp32 one does."""
+    x = torch.randn(5, 300).to(torch.bfloat16)
+    x[0, 5] = float("nan")
+    x[2, 299] = float("inf")
+    x[3, :] = float("-inf")
+    st, xq, xs = _quantize_bf16_rows(isa, x, 5, 300, 300, 2)
+    assert st == OK
+    assert torch.isnan(xs[[0, 2, 3]]).all() and not torch.isnan(xs[[1, 4]]).any()
+    assert (xq[[0, 2, 3]] == 0).all()
+    q_ref, s_ref = quantize_ref(x[[1, 4]].float())
+    assert torch.equal(xq[[1, 4]], q_ref) and torch.equal(xs[[1, 4]], s_ref)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_quantize_rows_int8_bf16_refusals(isa):
+    """A workspace short by one byte or misaligned, a row stride below K and bad sizes are
+    refused (PQ_ERR_ARG) without writing; the query sizes what the call asks for."""
+    M, K = 40, 1000
+    x = torch.randn(M, K).to(torch.bfloat16)
+    need = _C.quantize_rows_int8_bf16_workspace_bytes(M, K, 2)
+    assert need == 2 * 16 * K * 4  # two threads, 16 rows of 1000 fp32 values each
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(M, K, 1) == 16 * K * 4
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(3, K, 8) == 3 * K * 4  # one block
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(0, K, 2) == 0
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(-1, K, 2) == -1
+    for work_bytes, offset in ((need - 1, 0), (need, 2)):
+        st, xq, xs = _quantize_bf16_rows(isa, x, M, K, K, 2, work_bytes, offset)
+        assert st == ERR_ARG
+        assert (xq == 99).all() and (xs == -1.0).all()
+    assert _quantize_bf16_rows(isa, x, M, K, K - 1, 2)[0] == ERR_ARG
+    assert _quantize_bf16_rows(isa, x, 0, K, K, 2)[0] == OK
+
+
 @pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
 def test_quantize_rows_int8_ties(isa):
     """amax = 127 gives s = 1 exactly, so x + 0.5 hits every rounding tie:

@@ -5,6 +5,7 @@
 #include "kernels.h"
 #include "arg_checks.h"
 
+#include <omp.h>
 #include <atomic>
 
 #if defined(__linux__) && defined(__x86_64__)
@@ -269,6 +270,46 @@ int pq_quantize_rows_int8_amax(int isa, const float* x, int64_t M, int64_t K, in
 int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                           int8_t* xq, float* x_scale, int n_threads) {
   return pq_quantize_rows_int8_amax(isa, x, M, K, ldx, nullptr, xq, x_scale, n_threads);
+}
+
+/* bf16 rows: each thread converts a block of its rows (up to 64 KiB of fp32, which stays in
+ * its L1/L2) into its part of `work` and quantizes them from there. */
+static int64_t bf16_quant_rows_a_block(int64_t K) { return K >= 16384 ? 1 : 16384 / K; }
+static int bf16_quant_threads(int64_t M, int64_t K, int n_threads) {
+  const int64_t blocks = (M + bf16_quant_rows_a_block(K) - 1) / bf16_quant_rows_a_block(K);
+  return blocks < threads(n_threads) ? (int)(blocks > 0 ? blocks : 1) : threads(n_threads);
+}
+
+int64_t pq_quantize_rows_int8_bf16_workspace_bytes(int64_t M, int64_t K, int n_threads) {
+  if (M < 0 || K < 0 || too_big(M, K)) return -1;
+  if (M == 0 || K == 0) return 0;
+  const int64_t rows = bf16_quant_rows_a_block(K) < M ? bf16_quant_rows_a_block(K) : M;
+  return (int64_t)bf16_quant_threads(M, K, n_threads) * rows * K * 4;
+}
+
+int pq_quantize_rows_int8_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                               int8_t* xq, float* x_scale, int n_threads, void* work,
+                               int64_t work_bytes) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  if (M < 0 || K < 0 || ldx < K || too_big(M, ldx) || missing(x, M * K) ||
+      missing(xq, M * K) || missing(x_scale, M))
+    return PQ_ERR_ARG;
+  const int64_t need = pq_quantize_rows_int8_bf16_workspace_bytes(M, K, n_threads);
+  if (need < 0 || (need > 0 && (!work || work_bytes < need || ((uintptr_t)work & 3))))
+    return PQ_ERR_ARG;
+  if (M == 0) return PQ_OK;
+  if (K == 0) return pq_quantize_rows_int8_amax(isa, nullptr, M, 0, 0, nullptr, xq, x_scale, 1);
+  const int64_t rows = bf16_quant_rows_a_block(K), blocks = (M + rows - 1) / rows;
+  const int nt = bf16_quant_threads(M, K, n_threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* buf = (float*)work + (int64_t)omp_get_thread_num() * (rows < M ? rows : M) * K;
+    const int64_t m0 = b * rows, mr = M - m0 < rows ? M - m0 : rows;
+    pq_bf16_to_f32_rows(x + m0 * ldx, mr, K, ldx, buf); /* exact */
+    t->quantize_rows_int8(buf, mr, K, K, nullptr, xq + m0 * K, x_scale + m0, 1);
+  }
+  return PQ_OK;
 }
 
 int64_t pq_int8_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N, int n_threads) {
