@@ -89,6 +89,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("amax"),
         py::arg("xq"), py::arg("x_scale"), py::arg("n_threads"), gil_release());
 
+  m.def("int8_dynamic_mm_bf16",
+        [](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w, int64_t N,
+           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work,
+           int64_t work_bytes) {
+          return pq_int8_dynamic_mm_bf16(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M,
+                                         K, ptr<const int8_t>(w), N, ptr<const float>(w_scale),
+                                         ptr<const float>(bias), ptr<uint16_t>(out),
+                                         ptr<void>(work), work_bytes, n_threads);
+        },
+        py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"),
+        py::arg("w"), py::arg("N"), py::arg("w_scale"), py::arg("bias"), py::arg("out"),
+        py::arg("n_threads"), py::arg("work"), py::arg("work_bytes"), gil_release());
+  m.def("int8_dynamic_mm_bf16_workspace_bytes", &pq_int8_dynamic_mm_bf16_workspace_bytes,
+        py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("n_threads"));
   m.def("quantize_rows_int8_bf16",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t xq, uintptr_t x_scale,
            int n_threads, uintptr_t work, int64_t work_bytes) {

@@ -147,6 +147,18 @@ int pq_int8_gemm_s32(int isa, const int8_t* xq, int64_t M, int64_t K, const int8
 int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                        const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                        float* out, void* work, int64_t work_bytes, int n_threads);
+/* pq_int8_dynamic_mm with bf16 outputs out[M, N], each the float result rounded to nearest,
+ * ties to even, as torch rounds (a NaN becomes 0x7FC0; pq_f32_to_bf16): a bf16 model's layer
+ * writes half the bytes and skips a conversion pass. Only on the AMX tiles (M >= 9, K % 64 ==
+ * 0, N % 32 == 0); the workspace query returns -1 for any other ISA or sizes, and the call
+ * PQ_ERR_ISA. work: 64-byte aligned, pq_int8_dynamic_mm_bf16_workspace_bytes bytes (the
+ * packed activations, and past 1.5 MiB of them at K > 4096 the int32 sums of M x N). */
+int64_t pq_int8_dynamic_mm_bf16_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
+                                                int n_threads);
+int pq_int8_dynamic_mm_bf16(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                            int64_t K, const int8_t* w, int64_t N, const float* w_scale,
+                            const float* bias, uint16_t* out, void* work, int64_t work_bytes,
+                            int n_threads);
 
 /* The same product on the weight's panels, converted once when a layer is swapped in
  * instead of on every call (AVX512 ISAs; K % 64 == 0, N % 32 == 0). Layout, bytes

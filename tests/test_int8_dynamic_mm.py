@@ -275,3 +275,85 @@ def test_bf16_rows_are_the_fp32_path(backend, isa, op, m, layout):
     assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def _amx_params():
+    return [p for p in ISAS if p.values[1] == "avx512_amx"] or [
+        pytest.param("cpu", "avx512_amx", marks=pytest.mark.skip(reason="no AMX on this CPU"))]
+
+
+# bf16 x on the AMX tiles writes bf16 outputs itself (pq_int8_dynamic_mm_bf16): each the float
+# path's result rounded as torch rounds it. M = 9 is the first on the tiles; M = 200 at K = 8192
+# keeps int32 sums between two K chunks in its scratch (kernels.h); N % 32 == 0 throughout.
+@pytest.mark.parametrize("backend,isa", _amx_params())
+@pytest.mark.parametrize("m,k,n,layout", [(9, 128, 32, "contiguous"), (8, 128, 32, "contiguous"),
+                                          (17, 192, 64, "3d"), (130, 256, 96, "strided"),
+                                          (200, 8192, 96, "contiguous")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(backend, isa, m, k, n, layout, with_bias):
+    g = gen(m + k + n)
+    q, s = formats.quantize_int8_per_channel(torch.randn(n, k, generator=g) * 0.05)
+    s[: n // 4] *= 1e-37  # outputs in the subnormal range, which bf16 keeps
+    x = torch.randn(m, k + 3, generator=g).to(torch.bfloat16)
+    x[m // 2, 1] = float("nan")
+    x = {"contiguous": lambda: x[:, :k].contiguous(), "strided": lambda: x[:, :k],
+         "3d": lambda: x[:, :k].contiguous().view(1, m, k)}[layout]()
+    bias = make_bias(n, "fp32", torch.bfloat16, seed=m) if with_bias else None
+    with num_threads(2):
+        got = run_op(OP, backend, isa, x, (q, s), bias)
+        f32 = run_op(OP, backend, isa, x.float(), (q, s), bias)
+    want = torch.empty_like(f32, dtype=torch.bfloat16)
+    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
+    assert (want.view(torch.int16) != 0).sum() > want.numel() // 2
+    if bias is None:
+        assert (f32[..., : n // 4].abs() < torch.finfo(torch.float32).tiny).any()  # subnormal
+    # NaN rows: NaN (torch's own conversion, which M = 8 takes, may keep other NaN bits)
+    nan = want.isnan()
+    assert nan.any() and torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+def test_bf16_output_call_refusals():
+    """The native bf16-output call: -1 from the query (and PQ_ERR_ISA) off AMX or at sizes the
+    tiles do not take; PQ_ERR_ARG for a workspace short by a byte or not 64-byte aligned."""
+    mod = _native.module()
+    for name in _native.ISA_NAMES:
+        isa = _native.ISA_NAMES.index(name)
+        if name != "avx512_amx":
+            assert mod.int8_dynamic_mm_bf16_workspace_bytes(isa, 64, 128, 32, 2) == -1
+    amx = _native.ISA_NAMES.index("avx512_amx")
+    if not mod.isa_available(amx):
+        pytest.skip("no AMX on this CPU")
+    for bad in ((8, 128, 32), (64, 100, 32), (64, 128, 40)):
+        assert mod.int8_dynamic_mm_bf16_workspace_bytes(amx, *bad, 2) == -1
+    m, k, n = 200, 8192, 32
+    need = mod.int8_dynamic_mm_bf16_workspace_bytes(amx, m, k, n, 2)
+    assert need == 208 * k + m * n * 4  # the packed activations, then the chunks' int32 sums
+    assert mod.int8_dynamic_mm_bf16_workspace_bytes(amx, 64, 4096, n, 2) == 64 * 4096
+    xq = torch.zeros(m, k, dtype=torch.int8)
+    xs, w, ws = torch.ones(m), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
+    out = torch.zeros(m, n, dtype=torch.bfloat16)
+    work = torch.empty(need + 128, dtype=torch.uint8)
+    base = work.data_ptr() + (-work.data_ptr() % 64)
+    args = (amx, xq.data_ptr(), xs.data_ptr(), m, k, w.data_ptr(), n, ws.data_ptr(), 0,
+            out.data_ptr(), 2)
+    assert mod.int8_dynamic_mm_bf16(*args, base, need - 1) == 1
+    assert mod.int8_dynamic_mm_bf16(*args, base + 32, need) == 1
+    assert mod.int8_dynamic_mm_bf16(*args, base, need) == 0
+    assert mod.int8_dynamic_mm_bf16(0, *args[1:], base, need) == 2  # portable: ERR_ISA
+
+
+@pytest.mark.parametrize("backend,isa", _amx_params())
+def test_bf16_outputs_on_amx_round_ties_to_even(backend, isa):
+    """Outputs 257 and 259 lie halfway between bf16 neighbours: 256 and 260 (to even), as
+    torch rounds; 258 stays. x rows of amax 127 have scale 1, so the outputs are exact sums."""
+    m, k, n = 9, 128, 32
+    x = torch.zeros(m, k)
+    x[:, :2] = 127.0
+    x[:, 2] = torch.tensor([3.0, 5.0, 4.0] * 3)
+    w = torch.zeros(n, k, dtype=torch.int8)
+    w[:, :3] = 1
+    got = run_op(OP, backend, isa, x.to(torch.bfloat16), (w, torch.ones(n)), None)
+    assert got[:3, 0].tolist() == [256.0, 260.0, 258.0]
+    assert torch.equal(got, x.sum(1, keepdim=True).expand(m, n).to(torch.bfloat16))

@@ -355,6 +355,31 @@ int pq_int8_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
   return PQ_OK;
 }
 
+int64_t pq_int8_dynamic_mm_bf16_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
+                                                int n_threads) {
+  (void)n_threads;
+  const pq::KernelTable* t = table(isa);
+  if (!t || !t->int8_dynamic_mm_bf16 || M < 9 || K <= 0 || N <= 0 || K % 64 || N % 32 ||
+      too_big((M + 15) / 16 * 16, K) || too_big(M, N))
+    return -1;
+  return pq::amx_int8_bf16_out_work_bytes(M, K, N);
+}
+
+int pq_int8_dynamic_mm_bf16(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                            int64_t K, const int8_t* w, int64_t N, const float* w_scale,
+                            const float* bias, uint16_t* out, void* work, int64_t work_bytes,
+                            int n_threads) {
+  const pq::KernelTable* t = table(isa);
+  if (!t) return PQ_ERR_ISA;
+  const int64_t need = pq_int8_dynamic_mm_bf16_workspace_bytes(isa, M, K, N, n_threads);
+  if (need < 0) return PQ_ERR_ISA;
+  if (missing(xq, M * K) || missing(x_scale, M) || missing(w, N * K) || missing(w_scale, N) ||
+      missing(out, M * N) || !work || !aligned64(work) || work_bytes < need)
+    return PQ_ERR_ARG;
+  t->int8_dynamic_mm_bf16(xq, x_scale, M, K, w, N, w_scale, bias, out, work, threads(n_threads));
+  return PQ_OK;
+}
+
 int pq_int8_panel_layout(int isa, int64_t K, int64_t N) {
   /* AMX tiles multiply the canonical rows faster at prefill: there the layout is not kept */
   return (isa == PQ_ISA_AVX512_VNNI || isa == PQ_ISA_AVX512_BF16) && table(isa) &&

@@ -383,6 +383,19 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
   });
 }
 
+#if defined(PQ_AMX)
+/* int8_dynamic_mm on the AMX tiles into bf16 outputs (the caller checked amx_usable's sizes).
+ * work: the packed activations, then the K chunks' int32 sums (kernels.h). */
+void int8_dynamic_mm_bf16(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                          const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                          uint16_t* out, void* work, int n_threads) {
+  amx_pack_x(xq, M, K, (int8_t*)work, n_threads);
+  int32_t* cpart = (int32_t*)((uint8_t*)work + pq::align64(ceil_div(M, 16) * 16 * K));
+  amx_gemm(M, K, w, N, (const int8_t*)work, cpart, N, n_threads,
+           AmxStoreDynBf16{out, N, x_scale, w_scale, bias});
+}
+#endif
+
 /* work: gsum int32 [M, K/G], then (AVX512) xq reordered [M, K] (see tile_int4dyn.h). */
 void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
@@ -642,6 +655,11 @@ extern const pq::KernelTable kKernels = {
     int8_weight_only_mm_panels, pack_panels,
 #else
     nullptr, nullptr, nullptr, nullptr, nullptr,
+#endif
+#if defined(PQ_AMX)
+    int8_dynamic_mm_bf16,
+#else
+    nullptr,
 #endif
 };
 

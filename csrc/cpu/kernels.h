@@ -336,7 +336,23 @@ struct KernelTable {
    * pq_pack_panels) */
   void (*pack_panels)(int bits, bool unpack, const uint8_t* w, int64_t N, int64_t K,
                       uint8_t* out, int n_threads);
+  /* AMX builds (else null): int8_dynamic_mm with bf16 outputs (pq.h,
+   * pq_int8_dynamic_mm_bf16), on the AMX tiles only; work: 64-byte aligned,
+   * amx_int8_bf16_out_work_bytes(M, K, N). */
+  void (*int8_dynamic_mm_bf16)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                               const int8_t* w, int64_t N, const float* w_scale,
+                               const float* bias, uint16_t* out, void* work, int n_threads);
 };
+
+/* The AMX int8 GEMM (tile_amx.h) keeps the int32 sums of a K chunk in its caller's output
+ * while the next chunk runs: once the packed activations pass kAmxInt8L2Bytes, over chunks
+ * of kAmxInt8Kc. A bf16 output has no room for them, so its scratch holds them after the
+ * activation tiles. */
+constexpr int64_t kAmxInt8L2Bytes = 3 << 19, kAmxInt8Kc = 4096;
+inline int64_t amx_int8_bf16_out_work_bytes(int64_t M, int64_t K, int64_t N) {
+  const int64_t tiles = (M + 15) / 16 * 16 * K;
+  return align64(tiles) + (tiles > kAmxInt8L2Bytes && K > kAmxInt8Kc ? M * N * 4 : 0);
+}
 
 /* The most rows of x that the 2:4 int8/int4 panel ops write in fixed point (their workspace:
  * pq_sparse24_panels_workspace_bytes); past it, or without the workspace, they run the float

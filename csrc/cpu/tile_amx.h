@@ -93,6 +93,29 @@ struct AmxStoreDyn {
   }
 };
 
+/* AmxStoreDyn's value rounded to bf16 as torch rounds (nearest, ties to even; a NaN becomes
+ * 0x7FC0: pq_f32_to_bf16). Not vcvtneps2bf16, which flushes subnormal inputs and outputs to
+ * zero where torch keeps them. */
+struct AmxStoreDynBf16 {
+  uint16_t* out;
+  int64_t N;
+  const float* xs;
+  const float* ws;
+  const float* bias;
+  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
+    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs[m]), _mm512_loadu_ps(ws + n0));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    const __m512i b = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256((__m256i*)(out + m * N + n0), _mm512_cvtepi32_epi16(b));
+  }
+};
+
 /* A stored C tile (rows n0.., lanes m0..) -> the epilogue, one output row at a time. */
 template <class Epi>
 inline void amx_store_tile(const int32_t* buf, int64_t n0, int64_t m0, int64_t M, const Epi& epi) {
@@ -167,7 +190,8 @@ inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int
  * 1.5 MiB (every AMX CPU has 2 MiB of L2 a core) M = 96 and 128 at K = 11008 take the
  * unchunked order: 1.21x and 1.06x (int8 dynamic, 4096 x 11008, in-process A/B, both
  * orders; Granite Rapids, two threads). */
-constexpr int64_t kAmxL2Bytes = 3 << 19, kAmxMc = 256, kAmxNc = 256, kAmxKc = 4096;
+constexpr int64_t kAmxL2Bytes = pq::kAmxInt8L2Bytes, kAmxMc = 256, kAmxNc = 256,
+                  kAmxKc = pq::kAmxInt8Kc; /* kernels.h: the bf16 output sizes by them */
 
 /* Short K (MiniLM's 384): an output gets only K MACs, and writing the float outputs is
  * most of the work; with 32-row weight strips swept over all of M, each thread wrote two
