@@ -300,6 +300,20 @@ int pq_int4_weight_only_panel_layout(int isa, int64_t K, int64_t N, int64_t grou
  * these paths apply to the sizes and n_threads (the larger; 0: none). */
 int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,
                                             int64_t group_size, int n_threads);
+/* pq_int4_weight_only_mm_panels for bf16 rows x (row stride ldx >= K) into bf16 outputs
+ * out[M, N], each the float result rounded to nearest, ties to even, as torch rounds (a NaN
+ * becomes 0x7FC0): on the AMX-BF16 tiles, where x is one exact bf16 term, without a float32
+ * copy of x or a float32 output. The _applies query is 1 for the ISA and sizes it runs (the
+ * AMX build, from M = 16); elsewhere the call returns PQ_ERR_ISA. PQ_NOT_FINITE, out
+ * untouched, when x holds an Inf or NaN (the float path propagates them). work as for
+ * pq_int4_weight_only_mm_panels. */
+int pq_int4_weight_only_panels_bf16_applies(int isa, int64_t M, int64_t K, int64_t N,
+                                            int64_t group_size);
+int pq_int4_weight_only_mm_panels_bf16(int isa, const uint16_t* x, int64_t M, int64_t K,
+                                       int64_t ldx, const uint8_t* panels, int64_t N,
+                                       const float* scales, const uint8_t* zeros,
+                                       int64_t group_size, const float* bias, uint16_t* out,
+                                       void* work, int64_t work_bytes, int n_threads);
 /* 1 when the 24-bit fixed-point path above is the one for these sizes on this ISA. */
 int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size);
 int pq_int4_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,

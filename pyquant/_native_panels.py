@@ -45,15 +45,21 @@ def _int8_panels_codes_mm(isa, pxq, pxs, m, k, p, w_scale, bias, out):
         _raise("int8_dynamic_mm_panels", st, M=m, N=n, K=k)
 
 
-def _run_weight_only(op: str, x, n: int, k: int, rows, call):
+def _run_weight_only(op: str, x, n: int, k: int, rows, call, bf16=None):
     """A weight-only op on panels: call(isa, x rows address, M, ldx, out, threads) runs the
     native kernel and returns its status; rows(x) runs the canonical tensors instead, on an
-    ISA without the panel kernels or for rows that fixed point cannot hold."""
+    ISA without the panel kernels or for rows that fixed point cannot hold. bf16(isa, x rows
+    address, M, ldx, out, threads), where given, runs bf16 rows into a bf16 output where the
+    ISA and sizes have that path (_bf16_out_rows)."""
     isa = current_isa()
     if not has_panel_kernels(isa):
         return rows(x)
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
+    if bf16 is not None and x.dtype is torch.bfloat16:
+        y = _bf16_out_rows(isa, x2, m, n, k, bf16)
+        if y is not None:
+            return y.reshape(*lead, n) if len(lead) != 1 else y
     out = _out(m, n, x.dtype)
     if m:
         xf = _rows_f32(x2)
@@ -65,10 +71,22 @@ def _run_weight_only(op: str, x, n: int, k: int, rows, call):
     return _finish(out, x, lead, n)
 
 
+def _bf16_out_rows(isa, x2, m: int, n: int, k: int, bf16):
+    """bf16 rows x2 [M, K] (unit element stride) through bf16(isa, address, M, ldx, out,
+    threads) into a new bf16 [M, N], or None where that call does not run them (its ISA or
+    sizes: PQ_ERR_ISA; an Inf or NaN in x: PQ_NOT_FINITE), for the float path to take."""
+    if not m or x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
+        return None
+    out = torch.empty((m, n), dtype=torch.bfloat16)
+    st = bf16(isa, x2.data_ptr(), m, max(x2.stride(0), k), out, _threads())
+    return out if st == 0 else None
+
+
 def _weight_only_binder(op: str, prepare, rows):
-    """run(x, *w), the op, with run.bind(*w). prepare(*w) -> (n, k, call, copied) holds the
-    weight tensors as the kernel takes them (copied: some of them are aligned or float32
-    copies) and gives the call of _run_weight_only; rows(x, *w) runs the canonical tensors.
+    """run(x, *w), the op, with run.bind(*w). prepare(*w) -> (n, k, call, copied, bf16) holds
+    the weight tensors as the kernel takes them (copied: some of them are aligned or float32
+    copies) and gives the calls of _run_weight_only (bf16: None where the op has no
+    bf16-output call); rows(x, *w) runs the canonical tensors.
     bind(*w) is that call prepared once, for weights that stay the same (ops.LayerCall, which
     checks that they do), or None where it would hold a copy, which a write in place to the
     weights would leave stale. Why: at decode a call's Python runs from caches that the
@@ -76,11 +94,11 @@ def _weight_only_binder(op: str, prepare, rows):
     4096, M = 1, on a 2-core Xeon, through a LayerCall 1.06-1.10x as fast as through ops.call
     (benchmarks/decode_call_ab.py)."""
     def run(x, *w):
-        n, k, call, _ = prepare(*w)
-        return _run_weight_only(op, x, n, k, lambda x: rows(x, *w), call)
+        n, k, call, _, bf16 = prepare(*w)
+        return _run_weight_only(op, x, n, k, lambda x: rows(x, *w), call, bf16)
 
     def bind(*w):
-        n, k, call, copied = prepare(*w)
+        n, k, call, copied, bf16 = prepare(*w)
         if copied:
             return None
 
@@ -90,13 +108,14 @@ def _weight_only_binder(op: str, prepare, rows):
         def bound(x):
             # contiguous float32 or bfloat16 rows of x (2-D or more), the decode call of a
             # model, to the kernel; a status other than 0 (rows fixed point cannot hold) or any
-            # other x takes the general path
+            # other x (bf16 rows past _BF16_BOUND_MAX_M too) takes the general path, with its
+            # bf16-output call
             m, xf, out, y = _bound_rows(x, n, k)
             if m:
                 isa = current_isa()
                 if has_panel_kernels(isa) and call(isa, xf.data_ptr(), m, k, out, _threads()) == 0:
                     return _bound_result(out, y)
-            return _run_weight_only(op, x, n, k, rows_x, call)
+            return _run_weight_only(op, x, n, k, rows_x, call, bf16)
         return bound
 
     run.bind = bind
@@ -116,7 +135,7 @@ def _int8_weight_only_prepare(p, w_scale, bias=None):
         work = _work("int8wo", size)
         return mod.int8_weight_only_mm_panels(isa, px, m, k, ldx, ptrs[0], n, ptrs[1], ptrs[2],
                                               _ptr(out), nt, _ptr(work), size)
-    return n, k, call, not (pa is p and ws is w_scale and b is bias)
+    return n, k, call, not (pa is p and ws is w_scale and b is bias), None
 
 
 _run_int8_weight_only_mm_panels = _weight_only_binder(
@@ -182,7 +201,17 @@ def _int4_weight_only_prepare(codes, scales, zeros, group_size, bias=None):
         return mod.int4_weight_only_mm_panels(isa, px, m, k, ldx, ptrs[0], n, ptrs[1], ptrs[2],
                                               group_size, ptrs[3], _ptr(out), nt, _ptr(work),
                                               size)
-    return n, k, call, not (pc is codes and sc is scales and zp is zeros and b is bias)
+
+    def bf16(isa, px, m, ldx, out, nt, _hold=(pc, sc, zp, b)):
+        # AMX: bf16 x as one exact term, bf16 out (pq_int4_weight_only_mm_panels_bf16)
+        if not mod.int4_weight_only_panels_bf16_applies(isa, m, k, n, group_size):
+            return -1
+        size = nwork(isa, m, nt)
+        work = _work("int4wo", size)
+        return mod.int4_weight_only_mm_panels_bf16(isa, px, m, k, ldx, ptrs[0], n, ptrs[1],
+                                                   ptrs[2], group_size, ptrs[3], _ptr(out), nt,
+                                                   _ptr(work), size)
+    return n, k, call, not (pc is codes and sc is scales and zp is zeros and b is bias), bf16
 
 
 _run_int4_weight_only_mm_panels = _weight_only_binder(

@@ -454,6 +454,73 @@ def test_int4_weight_only_op_bf16_rows_equal_the_canonical_kernels(backend, isa)
     assert torch.equal(got, run_op("int4_weight_only_mm", backend, isa, x, (wp, sc, zp, g), None))
 
 
+def _amx_isa():
+    return [p for p in BACKENDS if p.values[1] == "avx512_amx"] or [
+        pytest.param("cpu", "avx512_amx", marks=pytest.mark.skip(reason="no AMX on this CPU"))]
+
+
+# bf16 rows on the AMX tiles go in and come out as bf16 (pq_int4_weight_only_mm_panels_bf16):
+# the float path's results on the same values, rounded as torch rounds. M = 16 is the first
+# on the tiles (15 the float path); M = 200 at K = 4096 takes the K-chunked order; an Inf in
+# x sends the call to the float path, which propagates it.
+@pytest.mark.parametrize("backend,isa", _amx_isa())
+@pytest.mark.parametrize("m,k,layout", [(15, 256, "contiguous"), (16, 256, "contiguous"),
+                                        (17, 384, "3d"), (40, 256, "strided"),
+                                        (200, 4096, "contiguous"), (33, 256, "inf")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int4_weight_only_bf16_outputs_on_amx(backend, isa, m, k, layout, with_bias):
+    n, g = 64, 128
+    wp, sc, zp, _ = _int4_weight(n, k, g, seed=m)
+    pw = panels.pack_int4(wp, sc, zp, g)
+    x = activation((m, k + 6), torch.bfloat16, seed=m)
+    if layout == "inf":
+        x[3, 5] = float("inf")
+    x = {"strided": lambda: x[:, :k], "3d": lambda: x[:, :k].contiguous().view(1, m, k)}.get(
+        layout, lambda: x[:, :k].contiguous())()
+    bias = make_bias(n, "x", torch.bfloat16) if with_bias else None
+    with num_threads(2):
+        got = run_op("int4_weight_only_mm_panels", backend, isa, x, (*pw, g), bias)
+        f32 = run_op("int4_weight_only_mm_panels", backend, isa, x.float(), (*pw, g), bias)
+    want = torch.empty_like(f32, dtype=torch.bfloat16)
+    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and nan.any() == (layout == "inf")
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+def test_int4_weight_only_bf16_output_call_refusals():
+    """The native bf16 call: 0 from its query and PQ_ERR_ISA off AMX and below M = 16;
+    PQ_ERR_ARG for a row stride below K or a workspace short by a byte; PQ_NOT_FINITE, the
+    output untouched, for x with an Inf."""
+    mod = _native.module()
+    amx = _native.ISA_NAMES.index("avx512_amx")
+    for isa in range(amx):
+        assert mod.int4_weight_only_panels_bf16_applies(isa, 64, 256, 64, 128) == 0
+    if not mod.isa_available(amx):
+        pytest.skip("no AMX on this CPU")
+    assert mod.int4_weight_only_panels_bf16_applies(amx, 15, 256, 64, 128) == 0
+    assert mod.int4_weight_only_panels_bf16_applies(amx, 16, 256, 64, 128) == 1
+    m, n, k, g = 32, 64, 256, 128
+    wp, sc, zp, _ = _int4_weight(n, k, g)
+    pc, ps, pz = panels.pack_int4(wp, sc, zp, g)
+    x = activation((m, k), torch.bfloat16)
+    out = torch.full((m, n), 7.0, dtype=torch.bfloat16)
+    need = mod.int4_weight_only_panels_workspace_bytes(amx, m, k, g, 2)
+    work = torch.empty(need + 64, dtype=torch.uint8)
+    base = work.data_ptr() + (-work.data_ptr() % 64)
+
+    def call(isa=amx, ldx=k, nbytes=need, xx=x):
+        return mod.int4_weight_only_mm_panels_bf16(isa, xx.data_ptr(), m, k, ldx, pc.data_ptr(), n,
+                                                   ps.data_ptr(), pz.data_ptr(), g, 0,
+                                                   out.data_ptr(), 2, base, nbytes)
+    assert call(isa=amx - 1) == 2 and call(ldx=k - 1) == 1 and call(nbytes=need - 1) == 1
+    x_inf = x.clone()
+    x_inf[m - 1, k - 1] = float("-inf")
+    assert call(xx=x_inf) == 4 and (out == 7.0).all()
+    assert call() == 0 and not (out == 7.0).all()
+
+
 def _weight_only_args(op: str, n: int, k: int):
     """(panel weight args, canonical weight args) of an int4 (G = 32) or int8 weight."""
     if op.startswith("int4"):

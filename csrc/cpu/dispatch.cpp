@@ -527,6 +527,33 @@ int pq_int4_weight_only_mm_panels(int isa, const float* x, int64_t M, int64_t K,
              : PQ_NOT_FIXED_POINT;
 }
 
+int pq_int4_weight_only_panels_bf16_applies(int isa, int64_t M, int64_t K, int64_t N,
+                                            int64_t group_size) {
+  const pq::KernelTable* t = table(isa);
+  return t && t->int4_weight_only_mm_panels_bf16 && M > 0 && K > 0 && N > 0 && K % 64 == 0 &&
+         N % 32 == 0 && group_size > 0 && group_size % 32 == 0 && K % group_size == 0 &&
+         !too_big(3 * M, K) && !too_big(N, K) && !too_big(M, N) &&
+         pq::amx_bf16_applies(M, K, N, group_size);
+}
+
+int pq_int4_weight_only_mm_panels_bf16(int isa, const uint16_t* x, int64_t M, int64_t K,
+                                       int64_t ldx, const uint8_t* panels, int64_t N,
+                                       const float* scales, const uint8_t* zeros,
+                                       int64_t group_size, const float* bias, uint16_t* out,
+                                       void* work, int64_t work_bytes, int n_threads) {
+  if (!pq_int4_weight_only_panels_bf16_applies(isa, M, K, N, group_size)) return PQ_ERR_ISA;
+  const int64_t G = group_size;
+  if (ldx < K || too_big(M, ldx) || missing(x, M * K) || missing(panels, N * K / 2) ||
+      ((uintptr_t)panels & 63) || missing(scales, N * (K / G)) || missing(zeros, N * (K / G)) ||
+      ((uintptr_t)scales & 63) || missing(out, M * N) || !work || ((uintptr_t)work & 63) ||
+      work_bytes < pq_int4_weight_only_panels_workspace_bytes(isa, M, K, G, n_threads))
+    return PQ_ERR_ARG;
+  return table(isa)->int4_weight_only_mm_panels_bf16(x, M, K, ldx, panels, N, scales, zeros, G,
+                                                     bias, out, work, threads(n_threads))
+             ? PQ_OK
+             : PQ_NOT_FINITE;
+}
+
 int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size) {
   return isa >= PQ_ISA_AVX512_VNNI && table(isa) && group_size > 0 && K > 0 &&
          K % group_size == 0 && pq::int4wo_fixed_applies(M, K, group_size, isa == PQ_ISA_AVX512_AMX);

@@ -336,6 +336,24 @@ bool int4_weight_only_mm_panels(const float* x, int64_t M, int64_t K, int64_t ld
 }
 #endif
 
+#if defined(PQ_AMX_BF16)
+/* int4 weight-only on the panels for bf16 rows x into bf16 outputs (pq.h,
+ * pq_int4_weight_only_mm_panels_bf16; the caller checked amx_bf16_applies). False, out
+ * untouched, when x holds an Inf or NaN. */
+bool int4_weight_only_mm_panels_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                     const uint8_t* panels, int64_t N, const float* scales,
+                                     const uint8_t* zeros, int64_t G, const float* bias,
+                                     uint16_t* out, void* work, int n_threads) {
+  const int64_t ng = K / G;
+  return amx_bf16_wo_bf16(x, M, K, ldx, N, scales, G, nullptr, bias, out, n_threads, work,
+                          [&](int64_t n0, int64_t g0, int64_t g1, uint16_t* wb, int64_t ld) {
+                            amx_bf16_convert_u4_panels(panels + n0 * (K / 2), zeros + n0 * ng,
+                                                       K, G, g0, g1, wb, ld);
+                          },
+                          true);
+}
+#endif
+
 #if defined(PQ_SIMD_AVX512)
 /* The panel layouts (pq.h: pq_pack_panels) of a whole weight, a panel a task: int8 rows
  * (bits 8, w + 128) or canonical int4 codes (bits 4, K % 128 == 0), or back (unpack).
@@ -658,6 +676,11 @@ extern const pq::KernelTable kKernels = {
 #endif
 #if defined(PQ_AMX)
     int8_dynamic_mm_bf16,
+#else
+    nullptr,
+#endif
+#if defined(PQ_AMX_BF16)
+    int4_weight_only_mm_panels_bf16,
 #else
     nullptr,
 #endif

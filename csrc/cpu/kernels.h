@@ -342,6 +342,14 @@ struct KernelTable {
   void (*int8_dynamic_mm_bf16)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                                const int8_t* w, int64_t N, const float* w_scale,
                                const float* bias, uint16_t* out, void* work, int n_threads);
+  /* AMX builds (else null): int4_weight_only_mm_panels for bf16 x into bf16 outputs on the
+   * AMX-BF16 tiles (pq.h, pq_int4_weight_only_mm_panels_bf16; amx_bf16_applies); work as
+   * there. False, out untouched, when x holds an Inf or NaN. */
+  bool (*int4_weight_only_mm_panels_bf16)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                          const uint8_t* panels, int64_t N, const float* scales,
+                                          const uint8_t* zeros, int64_t group_size,
+                                          const float* bias, uint16_t* out, void* work,
+                                          int n_threads);
 };
 
 /* The AMX int8 GEMM (tile_amx.h) keeps the int32 sums of a K chunk in its caller's output

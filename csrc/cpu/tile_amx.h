@@ -93,9 +93,19 @@ struct AmxStoreDyn {
   }
 };
 
-/* AmxStoreDyn's value rounded to bf16 as torch rounds (nearest, ties to even; a NaN becomes
- * 0x7FC0: pq_f32_to_bf16). Not vcvtneps2bf16, which flushes subnormal inputs and outputs to
- * zero where torch keeps them. */
+/* 16 floats rounded to bf16 as torch rounds (nearest, ties to even; a NaN becomes 0x7FC0:
+ * pq_f32_to_bf16). Not vcvtneps2bf16, which flushes subnormal inputs and outputs to zero
+ * where torch keeps them. */
+inline __m256i bf16_round_like_torch(__m512 y) {
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)));
+}
+
+/* AmxStoreDyn's value as bf16 (bf16_round_like_torch). */
 struct AmxStoreDynBf16 {
   uint16_t* out;
   int64_t N;
@@ -106,13 +116,7 @@ struct AmxStoreDynBf16 {
     const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs[m]), _mm512_loadu_ps(ws + n0));
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
     if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
-    const __m512i u = _mm512_castps_si512(y);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-    const __m512i b = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256((__m256i*)(out + m * N + n0), _mm512_cvtepi32_epi16(b));
+    _mm256_storeu_si256((__m256i*)(out + m * N + n0), bf16_round_like_torch(y));
   }
 };
 

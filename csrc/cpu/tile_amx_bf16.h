@@ -237,6 +237,20 @@ struct AmxStoreF32 {
   }
 };
 
+/* AmxStoreF32's value as bf16 (bf16_round_like_torch): the bf16-in, bf16-out calls. */
+struct AmxStoreBf16 {
+  uint16_t* out;
+  int64_t N;
+  const float* row_scale;
+  const float* bias;
+  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
+    __m512 y = _mm512_castsi512_ps(v);
+    if (row_scale) y = _mm512_mul_ps(y, _mm512_loadu_ps(row_scale + n0));
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
+    _mm256_storeu_si256((__m256i*)(out + m * N + n0), bf16_round_like_torch(y));
+  }
+};
+
 struct AmxBf16Op {
   static constexpr bool kInt = false;
   /* tile numbers are literals: GCC's tile intrinsics paste them into the asm */
@@ -255,6 +269,32 @@ struct AmxBf16Op {
  * Returns false (nothing done) when x holds Inf/NaN. The caller checked
  * pq::amx_bf16_applies; work: 64-byte aligned pq::amx_bf16_work_bytes(M, K, G,
  * n_threads) (the packed terms, then the threads' strips). */
+/* bf16 rows x -> the one-term tiles of amx_bf16_pack_x, which a bf16 row's fp32 values
+ * split into (the pairs of a row are its 32-bit words as they lie in memory): the same bytes
+ * without the fp32 copy. False (xp incomplete) when x holds an Inf or NaN, as there. */
+inline bool amx_bf16_pack_x_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                 uint16_t* xp, int n_threads) {
+  const int64_t Mt = ceil_div(M, 16), KB = K / 32, tiles = Mt * KB;
+  const int threads = tiles < n_threads ? (int)tiles : n_threads;
+  const __m512i expo = _mm512_set1_epi16(0x7F80);
+  int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1) \
+    reduction(| : bad)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t mt = tile / KB, kb = tile % KB;
+    __m512i pair[16];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t m = mt * 16 + j;
+      pair[j] = m < M ? _mm512_loadu_si512(x + m * ldx + kb * 32) : _mm512_setzero_si512();
+      bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(pair[j], expo), expo) != 0;
+    }
+    transpose16x16(pair);
+    uint16_t* dst = xp + tile * 512;
+    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 32, pair[r]);
+  }
+  return !bad;
+}
+
 template <class Convert>
 bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
                  const float* scales, int64_t G, const float* row_scale, const float* bias,
@@ -272,6 +312,25 @@ bool amx_bf16_wo(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
         convert(n0, g0, g1, (uint16_t*)wb, ld / 2);
       },
       AmxStoreF32{out, N, row_scale, bias}, n_threads, scales_panels);
+  return true;
+}
+
+/* amx_bf16_wo for bf16 rows x into bf16 outputs (AmxStoreBf16): one term, packed from the
+ * rows as they are. False, out untouched, when x holds an Inf or NaN. */
+template <class Convert>
+bool amx_bf16_wo_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N,
+                      const float* scales, int64_t G, const float* row_scale, const float* bias,
+                      uint16_t* out, int n_threads, void* work, Convert convert,
+                      bool scales_panels = false) {
+  uint16_t* xp = (uint16_t*)work;
+  if (!amx_bf16_pack_x_bf16(x, M, K, ldx, xp, n_threads)) return false;
+  amx_grouped_gemm<AmxBf16Op>(
+      M, N, 2 * K, 2 * G, (const uint8_t*)xp, 1, 0, scales,
+      (uint8_t*)work + pq::amx_bf16_terms_bytes(M, K),
+      [&](int64_t n0, int64_t g0, int64_t g1, uint8_t* wb, int64_t ld) {
+        convert(n0, g0, g1, (uint16_t*)wb, ld / 2);
+      },
+      AmxStoreBf16{out, N, row_scale, bias}, n_threads, scales_panels);
   return true;
 }
 
