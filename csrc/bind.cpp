@@ -89,6 +89,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("amax"),
         py::arg("xq"), py::arg("x_scale"), py::arg("n_threads"), gil_release());
 
+  m.def("int8_weight_only_mm_bf16",
+        [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t N,
+           uintptr_t w_scale, uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work,
+           int64_t work_bytes) {
+          return pq_int8_weight_only_mm_bf16(isa, ptr<const uint16_t>(x), M, K, ldx,
+                                             ptr<const int8_t>(w), N, ptr<const float>(w_scale),
+                                             ptr<const float>(bias), ptr<uint16_t>(out),
+                                             ptr<void>(work), work_bytes, n_threads);
+        },
+        py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"),
+        py::arg("N"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("n_threads"),
+        py::arg("work"), py::arg("work_bytes"), gil_release());
+  m.def("int8_weight_only_bf16_applies", &pq_int8_weight_only_bf16_applies, py::arg("isa"),
+        py::arg("M"), py::arg("K"), py::arg("N"));
   m.def("int4_weight_only_mm_panels_bf16",
         [](int isa, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t panels, int64_t N,
            uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,

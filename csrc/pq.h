@@ -103,6 +103,17 @@ int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_
                            const int8_t* w, int64_t N, const float* w_scale,
                            const float* bias, float* out, int n_threads, void* work,
                            int64_t work_bytes);
+/* pq_int8_weight_only_mm for bf16 rows x (row stride ldx >= K) into bf16 outputs out[M, N],
+ * rounded as torch rounds (a NaN becomes 0x7FC0), on the AMX-BF16 tiles, where x is one exact
+ * bf16 term: no float32 copy of x, no float32 output. The _applies query is 1 for the ISA and
+ * sizes it runs (the AMX build, from M = 16); elsewhere the call returns PQ_ERR_ISA.
+ * PQ_NOT_FINITE, out untouched, when x holds an Inf or NaN. work: 64-byte aligned,
+ * pq_int8_weight_only_workspace_bytes. */
+int pq_int8_weight_only_bf16_applies(int isa, int64_t M, int64_t K, int64_t N);
+int pq_int8_weight_only_mm_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                const int8_t* w, int64_t N, const float* w_scale,
+                                const float* bias, uint16_t* out, void* work,
+                                int64_t work_bytes, int n_threads);
 
 /* Per-row symmetric int8 quantization:
  *   amax = max_k |x[m,k]|; s = amax / 127 in float32, then s = 1 if s == 0

@@ -300,6 +300,10 @@ def _run_int8_weight_only_mm(x, w, w_scale, bias=None):
     n, k = w.shape
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
+    if x.dtype is torch.bfloat16:
+        y = _int8_weight_only_bf16_out(x2, w, w_scale, bias)
+        if y is not None:
+            return y.reshape(*lead, n) if len(lead) != 1 else y
     out = _out(m, n, x.dtype)
     if m and n:
         xf = _rows_f32(x2)
@@ -599,6 +603,26 @@ def int8_codes_mm(xq, x_scale, w, w_scale, bias=None):
     _checks.check_int8_mm("int8_codes_mm", _check_codes("int8_codes_mm", xq, x_scale), w,
                           w_scale, bias)
     return _run_codes(xq, x_scale, w.shape[0], _int8_codes_mm, w, w_scale, bias)
+
+
+def _int8_weight_only_bf16_out(x2, w, w_scale, bias):
+    """bf16 rows x2 on the AMX-BF16 tiles straight into a bf16 output
+    (pq_int8_weight_only_mm_bf16), or None where that path does not run them (other ISAs and
+    sizes, rows that are not unit-stride, an Inf or NaN in x): no float32 copy of x and no
+    float32 output converted afterwards, as for int4 weight-only (_native_panels.py)."""
+    n, k = w.shape
+    m = x2.shape[0]
+    isa, nt, mod = current_isa(), _threads(), module()
+    if (not m or x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k)
+            or not mod.int8_weight_only_bf16_applies(isa, m, k, n)):
+        return None
+    wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
+    nwork = mod.int8_weight_only_workspace_bytes(isa, m, k, n, nt)
+    work = _work("amx_wo", nwork)
+    out = torch.empty((m, n), dtype=torch.bfloat16)
+    st = mod.int8_weight_only_mm_bf16(isa, x2.data_ptr(), m, k, max(x2.stride(0), k), _ptr(wc),
+                                      n, _ptr(ws), _ptr(b), _ptr(out), nt, _ptr(work), nwork)
+    return out if st == 0 else None
 
 
 def _run_int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):

@@ -181,3 +181,71 @@ def test_weight_only_amx_bf16_nonfinite_like_fp32(backend, isa):
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
     fin = want.isfinite()
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+
+
+def _amx_only():
+    return [p for p in BACKENDS if p.values[1] == "avx512_amx"] or [
+        pytest.param("cpu", "avx512_amx", marks=pytest.mark.skip(reason="no AMX on this CPU"))]
+
+
+# int8 weight-only with bf16 rows on the AMX tiles reads them as bf16 and writes bf16 outputs
+# (pq_int8_weight_only_mm_bf16): the float path's results on the same values, rounded as torch
+# rounds. M = 1 and 15 take the float path; M = 200 at K = 4096 the K-chunked order; an Inf in
+# x the float path too.
+@pytest.mark.parametrize("backend,isa", _amx_only())
+@pytest.mark.parametrize("m,k,n,layout", [(1, 256, 64, "contiguous"), (15, 256, 64, "contiguous"),
+                                          (16, 256, 64, "contiguous"), (17, 384, 96, "3d"),
+                                          (40, 256, 64, "strided"), (200, 4096, 64, "contiguous"),
+                                          (33, 256, 64, "inf")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_weight_only_bf16_outputs_on_amx(backend, isa, m, k, n, layout, with_bias):
+    from pyquant import _native
+
+    w = random_int8_weight(n, k)
+    x = torch.randn(m, k + 6, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    if layout == "inf":
+        x[3, 5] = float("-inf")
+    x = {"strided": lambda: x[:, :k], "3d": lambda: x[:, :k].contiguous().view(1, m, k)}.get(
+        layout, lambda: x[:, :k].contiguous())()
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    with num_threads(2):
+        got = run_op("int8_weight_only_mm", backend, isa, x, w, bias)
+        f32 = run_op("int8_weight_only_mm", backend, isa, x.float(), w, bias)
+    want = torch.empty_like(f32, dtype=torch.bfloat16)
+    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+def test_weight_only_bf16_output_call_refusals():
+    """The native bf16 call: 0 from its query and PQ_ERR_ISA off AMX and below M = 16;
+    PQ_ERR_ARG for a row stride below K or a workspace short by a byte; PQ_NOT_FINITE, the
+    output untouched, for x with a NaN."""
+    from pyquant import _native
+
+    mod = _native.module()
+    amx = _native.ISA_NAMES.index("avx512_amx")
+    for isa in range(amx):
+        assert mod.int8_weight_only_bf16_applies(isa, 64, 256, 64) == 0
+    if not mod.isa_available(amx):
+        pytest.skip("no AMX on this CPU")
+    assert mod.int8_weight_only_bf16_applies(amx, 15, 256, 64) == 0
+    assert mod.int8_weight_only_bf16_applies(amx, 16, 256, 64) == 1
+    m, n, k = 32, 64, 256
+    wq, ws = random_int8_weight(n, k)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    out = torch.full((m, n), 7.0, dtype=torch.bfloat16)
+    need = mod.int8_weight_only_workspace_bytes(amx, m, k, n, 2)
+    work = torch.empty(need + 64, dtype=torch.uint8)
+    base = work.data_ptr() + (-work.data_ptr() % 64)
+
+    def call(isa=amx, ldx=k, nbytes=need, xx=x):
+        return mod.int8_weight_only_mm_bf16(isa, xx.data_ptr(), m, k, ldx, wq.data_ptr(), n,
+                                            ws.data_ptr(), 0, out.data_ptr(), 2, base, nbytes)
+    assert call(isa=amx - 1) == 2 and call(ldx=k - 1) == 1 and call(nbytes=need - 1) == 1
+    x_nan = x.clone()
+    x_nan[0, 0] = float("nan")
+    assert call(xx=x_nan) == 4 and (out == 7.0).all()
+    assert call() == 0 and not (out == 7.0).all()

@@ -232,6 +232,27 @@ int64_t pq_int8_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64
   return fixed > bf16 ? fixed : bf16;
 }
 
+int pq_int8_weight_only_bf16_applies(int isa, int64_t M, int64_t K, int64_t N) {
+  const pq::KernelTable* t = table(isa);
+  return t && t->int8_weight_only_mm_bf16 && !too_big(N, K) && !too_big(M, N) &&
+         amx_bf16_need(isa, M, K, N, pq::int8wo_bf16_group(K), 1) > 0;
+}
+
+int pq_int8_weight_only_mm_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                const int8_t* w, int64_t N, const float* w_scale,
+                                const float* bias, uint16_t* out, void* work,
+                                int64_t work_bytes, int n_threads) {
+  if (!pq_int8_weight_only_bf16_applies(isa, M, K, N)) return PQ_ERR_ISA;
+  if (ldx < K || too_big(M, ldx) || missing(x, M * K) || missing(w, N * K) ||
+      missing(w_scale, N) || missing(out, M * N) || !work || !aligned64(work) ||
+      work_bytes < pq_int8_weight_only_workspace_bytes(isa, M, K, N, n_threads))
+    return PQ_ERR_ARG;
+  return table(isa)->int8_weight_only_mm_bf16(x, M, K, ldx, w, N, w_scale, bias, out, work,
+                                              threads(n_threads))
+             ? PQ_OK
+             : PQ_NOT_FINITE;
+}
+
 int pq_int8_weight_only_mm(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                            const int8_t* w, int64_t N, const float* w_scale, const float* bias,
                            float* out, int n_threads, void* work, int64_t work_bytes) {

@@ -337,6 +337,19 @@ bool int4_weight_only_mm_panels(const float* x, int64_t M, int64_t K, int64_t ld
 #endif
 
 #if defined(PQ_AMX_BF16)
+/* int8 weight-only for bf16 rows x into bf16 outputs (pq.h, pq_int8_weight_only_mm_bf16; the
+ * caller checked that the AMX-BF16 path applies): unscaled groups, then the row scale, as
+ * int8_weight_only_mm's AMX-BF16 path. False, out untouched, when x holds an Inf or NaN. */
+bool int8_weight_only_mm_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                              const int8_t* w, int64_t N, const float* w_scale, const float* bias,
+                              uint16_t* out, void* work, int n_threads) {
+  const int64_t Gb = pq::int8wo_bf16_group(K);
+  return amx_bf16_wo_bf16(x, M, K, ldx, N, nullptr, Gb, w_scale, bias, out, n_threads, work,
+                          [&](int64_t n0, int64_t g0, int64_t g1, uint16_t* wb, int64_t ld) {
+                            amx_bf16_convert_i8(w + n0 * K, K, g0 * Gb, g1 * Gb, wb, ld);
+                          });
+}
+
 /* int4 weight-only on the panels for bf16 rows x into bf16 outputs (pq.h,
  * pq_int4_weight_only_mm_panels_bf16; the caller checked amx_bf16_applies). False, out
  * untouched, when x holds an Inf or NaN. */
@@ -680,9 +693,9 @@ extern const pq::KernelTable kKernels = {
     nullptr,
 #endif
 #if defined(PQ_AMX_BF16)
-    int4_weight_only_mm_panels_bf16,
+    int4_weight_only_mm_panels_bf16, int8_weight_only_mm_bf16,
 #else
-    nullptr,
+    nullptr, nullptr,
 #endif
 };
 

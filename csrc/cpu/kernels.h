@@ -350,6 +350,12 @@ struct KernelTable {
                                           const uint8_t* zeros, int64_t group_size,
                                           const float* bias, uint16_t* out, void* work,
                                           int n_threads);
+  /* AMX builds (else null): int8_weight_only_mm for bf16 x into bf16 outputs on the
+   * AMX-BF16 tiles (pq.h, pq_int8_weight_only_mm_bf16); work as there. False, out
+   * untouched, when x holds an Inf or NaN. */
+  bool (*int8_weight_only_mm_bf16)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                   const int8_t* w, int64_t N, const float* w_scale,
+                                   const float* bias, uint16_t* out, void* work, int n_threads);
 };
 
 /* The AMX int8 GEMM (tile_amx.h) keeps the int32 sums of a K chunk in its caller's output
