@@ -34,7 +34,10 @@ struct alignas(64) TileCfg {
   uint8_t rows[16];
 };
 
-/* Every AMX path here uses 8 tiles of 16 rows x 64 bytes. */
+/* Every AMX path here uses 8 tiles of 16 rows x 64 bytes. ldtilecfg is written out with the
+ * whole 64-byte config as its operand: GCC 12's _tile_loadconfig tells the compiler that it
+ * reads 8 bytes, so where this function was not inlined GCC dropped the stores of the tile
+ * shapes as dead, and the first tile instruction raised SIGILL (tiles left unconfigured). */
 inline void amx_config_tiles() {
   TileCfg cfg;
   memset(&cfg, 0, sizeof cfg);
@@ -43,7 +46,7 @@ inline void amx_config_tiles() {
     cfg.colsb[i] = 64;
     cfg.rows[i] = 16;
   }
-  _tile_loadconfig(&cfg);
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 inline bool amx_usable(int64_t M, int64_t K, int64_t N, const void* work, int64_t work_bytes) {
