@@ -223,6 +223,17 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
                        const uint8_t* w_packed, int64_t N, const float* scales,
                        const uint8_t* zeros, int64_t group_size, const float* bias, float* out,
                        void* work, int64_t work_bytes, int n_threads);
+/* pq_int4_dynamic_mm into bf16 outputs out[M, N], rounded as torch rounds (a NaN becomes
+ * 0x7FC0), on the AMX tiles: a bf16 model's layer writes no float32 output to convert. The
+ * _applies query is 1 for the ISA and sizes it runs (the AMX build, M >= 9, N % 32 == 0,
+ * group_size % 64 == 0); elsewhere the call returns PQ_ERR_ISA. PQ_NOT_FIXED_POINT, out
+ * untouched, when a zero point is above 15 (the tiles take code - zero as int8; the other
+ * paths take any). work: 64-byte aligned, pq_int4_dynamic_workspace_bytes. */
+int pq_int4_dynamic_bf16_applies(int isa, int64_t M, int64_t K, int64_t N, int64_t group_size);
+int pq_int4_dynamic_mm_bf16(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                            int64_t K, const uint8_t* w_packed, int64_t N, const float* scales,
+                            const uint8_t* zeros, int64_t group_size, const float* bias,
+                            uint16_t* out, void* work, int64_t work_bytes, int n_threads);
 
 /* The same product on the weight's panels, converted once when a layer is swapped in
  * (AVX512 ISAs; K % 64 == 0, N % 32 == 0, group_size % 32 == 0). Layout, per panel p of

@@ -669,8 +669,34 @@ def _int4_codes_mm(isa, pxq, pxs, m, k, w_packed, scales, zeros, group_size, bia
 
 
 def _run_int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    if x.dtype is torch.bfloat16:
+        y = _int4_dynamic_bf16_out(x, w_packed, scales, zeros, group_size, bias)
+        if y is not None:
+            return y
     return _run_dynamic(x, w_packed.shape[0], w_packed.shape[1] * 2, _int4_codes_mm, w_packed,
                         scales, zeros, group_size, bias)
+
+
+def _int4_dynamic_bf16_out(x, w_packed, scales, zeros, group_size, bias):
+    """bf16 x on the AMX tiles straight into a bf16 output (pq_int4_dynamic_mm_bf16), as
+    _int8_dynamic_bf16_out; None where that path does not run (other ISAs and sizes, a zero
+    point above 15)."""
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    lead, x2 = _flat(x, n)
+    m = x2.shape[0]
+    isa, nt, mod = current_isa(), _threads(), module()
+    if not mod.int4_dynamic_bf16_applies(isa, m, k, n, group_size):
+        return None
+    pxq, pxs, *_keep = _quantize_into(x2, isa)
+    wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    b = _bias_f32(bias)
+    nwork = mod.int4_dynamic_workspace_bytes(isa, m, k, group_size, nt)
+    work = _work("int4dyn", nwork)
+    out = torch.empty((m, n), dtype=torch.bfloat16)
+    if mod.int4_dynamic_mm_bf16(isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp), group_size,
+                                _ptr(b), _ptr(out), nt, _ptr(work), nwork):
+        return None
+    return out.reshape(*lead, n) if len(lead) != 1 else out
 
 
 def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):

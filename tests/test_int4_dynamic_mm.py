@@ -53,3 +53,79 @@ def test_layer_quality_and_save_load(tmp_path, symmetric):
     pyquant.load(fresh, path)
     assert isinstance(fresh[0], pyquant.Int4DynamicLinear) and fresh[0].config == cfg
     assert torch.equal(fresh(x), y)
+
+
+# bf16 x on the AMX tiles writes bf16 outputs itself (pq_int4_dynamic_mm_bf16): the float
+# path's results rounded as torch rounds. M = 8 and group 32 take the float path, and so do
+# zero points above 15 (the tiles take code - zero as int8).
+@pytest.mark.parametrize("m,k,n,g,layout", [(8, 256, 64, 64, "contiguous"),
+                                            (9, 256, 64, 64, "contiguous"),
+                                            (17, 384, 96, 128, "3d"),
+                                            (130, 256, 64, 128, "strided"),
+                                            (40, 256, 64, 32, "contiguous"),
+                                            (40, 256, 64, 64, "zero 20"),
+                                            (200, 4096, 64, 128, "contiguous")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_bias):
+    from helpers import available_isas, num_threads, run_op
+    from pyquant import _native, formats
+
+    if not _native.available() or "avx512_amx" not in available_isas():
+        pytest.skip("no AMX on this CPU")
+    gen = torch.Generator().manual_seed(m + k)
+    c, s, z = formats.quantize_int4_groupwise(torch.randn(n, k, generator=gen) * 0.05, g,
+                                              symmetric=False)
+    if layout == "zero 20":
+        z[5, 1] = 20
+    wargs = (formats.pack_int4(c), s, z, g)
+    x = torch.randn(m, k + 5, generator=gen).to(torch.bfloat16)
+    x[m // 2, 2] = float("nan")
+    x = {"strided": lambda: x[:, :k], "3d": lambda: x[:, :k].contiguous().view(1, m, k)}.get(
+        layout, lambda: x[:, :k].contiguous())()
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    with num_threads(2):
+        got = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x, wargs, bias)
+        f32 = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x.float(), wargs, bias)
+    want = torch.empty_like(f32, dtype=torch.bfloat16)
+    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
+    nan = want.isnan()
+    assert nan.any() and torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+def test_bf16_output_call_refusals():
+    """The native call: 0 from its query off AMX, below M = 9 and at group 32; PQ_ERR_ARG for a
+    workspace short by a byte; PQ_NOT_FIXED_POINT, the output untouched, for a zero point above
+    15."""
+    from pyquant import _native, formats
+
+    if not _native.available():
+        pytest.skip("native module not loaded")
+    mod = _native.module()
+    amx = _native.ISA_NAMES.index("avx512_amx")
+    for isa in range(amx):
+        assert mod.int4_dynamic_bf16_applies(isa, 64, 256, 64, 64) == 0
+    if not mod.isa_available(amx):
+        pytest.skip("no AMX on this CPU")
+    assert mod.int4_dynamic_bf16_applies(amx, 8, 256, 64, 64) == 0
+    assert mod.int4_dynamic_bf16_applies(amx, 9, 256, 64, 32) == 0
+    assert mod.int4_dynamic_bf16_applies(amx, 9, 256, 64, 64) == 1
+    m, k, n, g = 16, 256, 64, 64
+    c, s, z = formats.quantize_int4_groupwise(torch.randn(n, k), g, symmetric=False)
+    p = formats.pack_int4(c)
+    xq, xs = torch.ones(m, k, dtype=torch.int8), torch.ones(m)
+    out = torch.full((m, n), 7.0, dtype=torch.bfloat16)
+    need = mod.int4_dynamic_workspace_bytes(amx, m, k, g, 2)
+    work = torch.empty(need + 64, dtype=torch.uint8)
+    base = work.data_ptr() + (-work.data_ptr() % 64)
+
+    def call(zeros=z, nbytes=need):
+        return mod.int4_dynamic_mm_bf16(amx, xq.data_ptr(), xs.data_ptr(), m, k, p.data_ptr(), n,
+                                        s.data_ptr(), zeros.data_ptr(), g, 0, out.data_ptr(), 2,
+                                        base, nbytes)
+    assert call(nbytes=need - 1) == 1
+    z_big = z.clone()
+    z_big[0, 0] = 16
+    assert call(zeros=z_big) == 3 and (out == 7.0).all()
+    assert call() == 0 and not (out == 7.0).all()

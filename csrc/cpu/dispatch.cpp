@@ -698,4 +698,28 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
   return PQ_OK;
 }
 
+int pq_int4_dynamic_bf16_applies(int isa, int64_t M, int64_t K, int64_t N, int64_t group_size) {
+  const pq::KernelTable* t = table(isa);
+  return t && t->int4_dynamic_mm_bf16 && group_size > 0 && group_size % 32 == 0 && K > 0 &&
+         K % group_size == 0 && !too_big(N, K) && !too_big(M, N) &&
+         pq::amx_int4dyn_applies(M, K, N, group_size) &&
+         int4_dynamic_amx_bytes(isa, M, K, group_size, 1) > 0;
+}
+
+int pq_int4_dynamic_mm_bf16(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                            int64_t K, const uint8_t* w_packed, int64_t N, const float* scales,
+                            const uint8_t* zeros, int64_t group_size, const float* bias,
+                            uint16_t* out, void* work, int64_t work_bytes, int n_threads) {
+  if (!pq_int4_dynamic_bf16_applies(isa, M, K, N, group_size)) return PQ_ERR_ISA;
+  const int64_t groups = N * (K / group_size);
+  if (missing(xq, M * K) || missing(x_scale, M) || missing(w_packed, N * K / 2) ||
+      missing(scales, groups) || missing(zeros, groups) || missing(out, M * N) || !work ||
+      !aligned64(work) || work_bytes < int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads))
+    return PQ_ERR_ARG;
+  return table(isa)->int4_dynamic_mm_bf16(xq, x_scale, M, K, w_packed, N, scales, zeros,
+                                          group_size, bias, out, work, threads(n_threads))
+             ? PQ_OK
+             : PQ_NOT_FIXED_POINT;
+}
+
 }  // extern "C"

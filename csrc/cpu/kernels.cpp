@@ -414,6 +414,17 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
   });
 }
 
+#if defined(PQ_AMX_INT4DYN)
+/* int4_dynamic_mm on the AMX tiles into bf16 outputs (pq.h, pq_int4_dynamic_mm_bf16; the
+ * caller checked amx_int4dyn_applies). False, out untouched, when a zero point is above 15. */
+bool int4_dynamic_mm_bf16(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                          const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
+                          int64_t G, const float* bias, uint16_t* out, void* work, int n_threads) {
+  return amx_int4_dynamic(xq, M, K, wp, N, scales, zeros, G,
+                          AmxStoreInt4DynBf16{out, N, x_scale, bias}, work, n_threads);
+}
+#endif
+
 #if defined(PQ_AMX)
 /* int8_dynamic_mm on the AMX tiles into bf16 outputs (the caller checked amx_usable's sizes).
  * work: the packed activations, then the K chunks' int32 sums (kernels.h). */
@@ -433,8 +444,8 @@ void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
                      int64_t G, const float* bias, float* out, void* work, bool amx,
                      bool panel, int n_threads) {
 #if defined(PQ_AMX_INT4DYN)
-  if (amx && amx_int4_dynamic(xq, x_scale, M, K, wp, N, scales, zeros, G, bias, out, work,
-                              n_threads))
+  if (amx && amx_int4_dynamic(xq, M, K, wp, N, scales, zeros, G,
+                              AmxStoreInt4Dyn{out, N, x_scale, bias}, work, n_threads))
     return;
 #else
   (void)amx;
@@ -696,6 +707,11 @@ extern const pq::KernelTable kKernels = {
     int4_weight_only_mm_panels_bf16, int8_weight_only_mm_bf16,
 #else
     nullptr, nullptr,
+#endif
+#if defined(PQ_AMX_INT4DYN)
+    int4_dynamic_mm_bf16,
+#else
+    nullptr,
 #endif
 };
 

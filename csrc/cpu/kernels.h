@@ -356,6 +356,13 @@ struct KernelTable {
   bool (*int8_weight_only_mm_bf16)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
                                    const int8_t* w, int64_t N, const float* w_scale,
                                    const float* bias, uint16_t* out, void* work, int n_threads);
+  /* AMX builds (else null): int4_dynamic_mm into bf16 outputs on the AMX tiles (pq.h,
+   * pq_int4_dynamic_mm_bf16); work: 64-byte aligned, the AMX path's scratch. False, out
+   * untouched, when a zero point is above 15. */
+  bool (*int4_dynamic_mm_bf16)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
+                               const uint8_t* w_packed, int64_t N, const float* scales,
+                               const uint8_t* zeros, int64_t group_size, const float* bias,
+                               uint16_t* out, void* work, int n_threads);
 };
 
 /* The AMX int8 GEMM (tile_amx.h) keeps the int32 sums of a K chunk in its caller's output

@@ -47,6 +47,19 @@ struct AmxStoreInt4Dyn {
   }
 };
 
+/* AmxStoreInt4Dyn's value as bf16 (bf16_round_like_torch): bf16 models' calls. */
+struct AmxStoreInt4DynBf16 {
+  uint16_t* out;
+  int64_t N;
+  const float* xs;
+  const float* bias;
+  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
+    __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(v), _mm512_set1_ps(xs[m]));
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
+    _mm256_storeu_si256((__m256i*)(out + m * N + n0), bf16_round_like_torch(y));
+  }
+};
+
 struct AmxInt8Op {
   static constexpr bool kInt = true;
   /* tile numbers are literals: GCC's tile intrinsics paste them into the asm */
@@ -60,10 +73,10 @@ struct AmxInt8Op {
  * leave int8). The caller checked pq::amx_int4dyn_applies; work: 64-byte aligned
  * pq::amx_int4dyn_work_bytes(M, K, G, n_threads) (the packed activations, then
  * the threads' strips). */
-inline bool amx_int4_dynamic(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
-                             const uint8_t* wp, int64_t N, const float* scales,
-                             const uint8_t* zeros, int64_t G, const float* bias, float* out,
-                             void* work, int n_threads) {
+template <class Epi>
+inline bool amx_int4_dynamic(const int8_t* xq, int64_t M, int64_t K, const uint8_t* wp,
+                             int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
+                             const Epi& epi, void* work, int n_threads) {
   for (int64_t i = 0; i < N * (K / G); ++i)
     if (zeros[i] > 15) return false; /* the VNNI kernel takes any uint8 zero point */
   int8_t* xp = (int8_t*)work;
@@ -75,7 +88,7 @@ inline bool amx_int4_dynamic(const int8_t* xq, const float* x_scale, int64_t M, 
       [&](int64_t n0, int64_t g0, int64_t g1, uint8_t* wb, int64_t ld) {
         amx_int4dyn_convert(wp + n0 * (K / 2), zeros + n0 * ng, K, G, g0, g1, (int8_t*)wb, ld);
       },
-      AmxStoreInt4Dyn{out, N, x_scale, bias}, n_threads);
+      epi, n_threads);
   return true;
 }
 
