@@ -189,6 +189,27 @@ def _decode_paths() -> dict:
     return paths
 
 
+def _bf16_paths() -> dict:
+    """{"op": "M values"}: where bf16 activations are read as bf16 and the outputs written as
+    bf16 by the kernels themselves (the AMX paths: csrc/pq.h, the *_bf16 calls), asked of the
+    native module at K = N = 4096, group size 128; elsewhere x is copied to float32 and the
+    float32 output converted."""
+    from . import _native
+
+    mod, isa = _native.module(), _native.current_isa()
+    k, n, g, probe = 4096, 4096, 128, range(1, 65)
+    ms = {
+        "int8_dynamic_mm (K % 64 == 0, N % 32 == 0)":
+            [m for m in probe if mod.int8_dynamic_mm_bf16_workspace_bytes(isa, m, k, n, 1) >= 0],
+        "int4_dynamic_mm (group size % 64 == 0, zero points <= 15)":
+            [m for m in probe if mod.int4_dynamic_bf16_applies(isa, m, k, n, g)],
+        "int8_weight_only_mm": [m for m in probe if mod.int8_weight_only_bf16_applies(isa, m, k, n)],
+        "int4_weight_only_mm_panels": [m for m in probe if mod.int4_weight_only_panels_bf16_applies(
+            isa, m, k, n, g)],
+    }
+    return {name: _ranges(v, open_end=probe[-1]) for name, v in ms.items()}
+
+
 def _panel_layouts() -> dict:
     """{"layer": "layout"}: whether the CPU layers keep their weight in the 32-row panels of
     the ISA in use (pyquant/panels.py), asked of the native module itself."""
@@ -315,6 +336,7 @@ def collect() -> dict:
         "sparse_unstructured_gemm": _try(_unstructured_gemm),
         "sparse24_gemm": _try(_sparse24_gemm),
         "fixed_point_decode_m": _try(_decode_paths),
+        "bf16_in_out_m": _try(_bf16_paths),
         "cpu_weight_layout": _try(_panel_layouts),
         "cpu_weight_pages": _try(_hugepages_status),
     }
@@ -419,6 +441,13 @@ def format_text(d: dict) -> str:
         lines.append("fixed-point paths on cpu: activations in 24-bit fixed point (three int8 "
                      "terms), int8 dot products, at M =")
         for name, ms in fx.items():
+            lines.append(f"  {name:<66}{ms}")
+    b16 = d.get("bf16_in_out_m")
+    if isinstance(b16, dict):
+        lines.append("")
+        lines.append("bf16 activations on cpu read as bf16, outputs written as bf16 (no float32 "
+                     "copies), at M =")
+        for name, ms in b16.items():
             lines.append(f"  {name:<66}{ms}")
     plan = tr.get("dispatch") if isinstance(tr, dict) else None
     if isinstance(plan, dict):

@@ -94,6 +94,11 @@ def test_info_json(tmp_path):
         assert fx["int8_weight_only_mm (M > 1: x not bf16 values, K % 64 == 0)"] == (
             {"avx512_amx": "1, 16 and up", "avx512_bf16": "1, 12 and up",
              "avx512_vnni": "1, 12 and up"}.get(isa, "none")), fx
+        # bf16 in, bf16 out: the AMX paths only (from M = 9 on the int8 tiles, 16 on bf16)
+        b16 = d["bf16_in_out_m"]
+        amx = isa == "avx512_amx"
+        assert list(b16.values()) == (["9 and up"] * 2 + ["16 and up"] * 2 if amx
+                                      else ["none"] * 4), b16
         # the panel layouts of the AVX512 ISAs without AMX (pyquant/panels.py), and int4
         # weight-only's on AMX too (its tiles convert their strips from the panels)
         lay = d["cpu_weight_layout"]
