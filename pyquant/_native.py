@@ -622,7 +622,11 @@ def _int8_weight_only_bf16_out(x2, w, w_scale, bias):
     out = torch.empty((m, n), dtype=torch.bfloat16)
     st = mod.int8_weight_only_mm_bf16(isa, x2.data_ptr(), m, k, max(x2.stride(0), k), _ptr(wc),
                                       n, _ptr(ws), _ptr(b), _ptr(out), nt, _ptr(work), nwork)
-    return out if st == 0 else None
+    if st == _NOT_FINITE:  # an Inf or NaN in x: the float path propagates it
+        return None
+    if st:
+        _raise("int8_weight_only_mm", st, M=m, N=n, K=k)
+    return out
 
 
 def _run_int4_weight_only_mm(x, w_packed, scales, zeros, group_size, bias=None):
@@ -693,9 +697,12 @@ def _int4_dynamic_bf16_out(x, w_packed, scales, zeros, group_size, bias):
     nwork = mod.int4_dynamic_workspace_bytes(isa, m, k, group_size, nt)
     work = _work("int4dyn", nwork)
     out = torch.empty((m, n), dtype=torch.bfloat16)
-    if mod.int4_dynamic_mm_bf16(isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp), group_size,
-                                _ptr(b), _ptr(out), nt, _ptr(work), nwork):
+    st = mod.int4_dynamic_mm_bf16(isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp),
+                                  group_size, _ptr(b), _ptr(out), nt, _ptr(work), nwork)
+    if st == _NOT_FIXED_POINT:  # a zero point above 15: the float path takes any
         return None
+    if st:
+        _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
     return out.reshape(*lead, n) if len(lead) != 1 else out
 
 

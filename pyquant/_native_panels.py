@@ -11,8 +11,8 @@ import torch
 
 from . import _checks, panels, sparse_panels
 from ._native import (
-    _NOT_FIXED_POINT, _bias_f32, _bound_result, _bound_rows, _check_codes, _finish, _flat,
-    _int4_codes_mm, _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes,
+    _NOT_FINITE, _NOT_FIXED_POINT, _bias_f32, _bound_result, _bound_rows, _check_codes, _finish,
+    _flat, _int4_codes_mm, _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes,
     _run_dynamic, _run_int4_weight_only_mm, _run_int8_weight_only_mm, _run_sparse24_int4_mm,
     _run_sparse24_int8_mm, _scratch, _threads, _work, _workspace_sizes, current_isa,
     has_panel_kernels, int8_weight_only_mm, module, sparse_dense_reason)
@@ -57,7 +57,7 @@ def _run_weight_only(op: str, x, n: int, k: int, rows, call, bf16=None):
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
     if bf16 is not None and x.dtype is torch.bfloat16:
-        y = _bf16_out_rows(isa, x2, m, n, k, bf16)
+        y = _bf16_out_rows(isa, x2, m, n, k, bf16, op)
         if y is not None:
             return y.reshape(*lead, n) if len(lead) != 1 else y
     out = _out(m, n, x.dtype)
@@ -71,15 +71,20 @@ def _run_weight_only(op: str, x, n: int, k: int, rows, call, bf16=None):
     return _finish(out, x, lead, n)
 
 
-def _bf16_out_rows(isa, x2, m: int, n: int, k: int, bf16):
+def _bf16_out_rows(isa, x2, m: int, n: int, k: int, bf16, op: str = ""):
     """bf16 rows x2 [M, K] (unit element stride) through bf16(isa, address, M, ldx, out,
-    threads) into a new bf16 [M, N], or None where that call does not run them (its ISA or
-    sizes: PQ_ERR_ISA; an Inf or NaN in x: PQ_NOT_FINITE), for the float path to take."""
+    threads) into a new bf16 [M, N], or None where that call does not run them (-1: not on
+    this ISA or at these sizes; PQ_NOT_FINITE: an Inf or NaN in x), for the float path to
+    take; any other status raises."""
     if not m or x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
         return None
     out = torch.empty((m, n), dtype=torch.bfloat16)
     st = bf16(isa, x2.data_ptr(), m, max(x2.stride(0), k), out, _threads())
-    return out if st == 0 else None
+    if st in (-1, _NOT_FINITE):
+        return None
+    if st:
+        _raise(op, st, M=m, N=n, K=k)
+    return out
 
 
 def _weight_only_binder(op: str, prepare, rows):

@@ -487,3 +487,29 @@ def assert_dense_path_close(y: torch.Tensor, want: torch.Tensor, mag: torch.Tens
     err = (y.float() - want).abs()
     bound = 4 * u * mag + 2 * u * want.abs() + 1e-6
     assert y.dtype == dtype and bool((err <= bound).all()), (dtype, float((err / bound).max()))
+
+
+@contextlib.contextmanager
+def native_calls():
+    """The names of pyquant._C's functions called inside the block, in order: a recording
+    proxy stands in for the loaded module (tests that a path really ran, not a fallback that
+    gives the same result)."""
+    real = _native._load()
+    names: list = []
+
+    class Spy:
+        def __getattr__(self, name):
+            f = getattr(real, name)
+            if not callable(f):
+                return f
+
+            def call(*a, **k):
+                names.append(name)
+                return f(*a, **k)
+            return call
+
+    _native._module = Spy()
+    try:
+        yield names
+    finally:
+        _native._module = real

@@ -67,7 +67,7 @@ def test_layer_quality_and_save_load(tmp_path, symmetric):
                                             (200, 4096, 64, 128, "contiguous")])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_bias):
-    from helpers import available_isas, num_threads, run_op
+    from helpers import available_isas, native_calls, num_threads, run_op
     from pyquant import _native, formats
 
     if not _native.available() or "avx512_amx" not in available_isas():
@@ -84,8 +84,10 @@ def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_
         layout, lambda: x[:, :k].contiguous())()
     bias = torch.randn(n, generator=gen) if with_bias else None
     with num_threads(2):
-        got = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x, wargs, bias)
+        with native_calls() as calls:
+            got = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x, wargs, bias)
         f32 = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x.float(), wargs, bias)
+    assert ("int4_dynamic_mm_bf16" in calls) == (m >= 9 and g % 64 == 0), calls
     want = torch.empty_like(f32, dtype=torch.bfloat16)
     _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
     assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)

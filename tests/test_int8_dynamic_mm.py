@@ -16,6 +16,7 @@ from helpers import (
     gen,
     isa_params,
     make_bias,
+    native_calls,
     num_threads,
     random_int8_weight,
     reference_op,
@@ -270,8 +271,10 @@ def test_bf16_rows_are_the_fp32_path(backend, isa, op, m, layout):
         x = x[:, :k].contiguous()
     bias = make_bias(n, "fp32", torch.bfloat16, seed=m)
     with num_threads(2):
-        got = run_op(op, backend, isa, x, wargs, bias)
+        with native_calls() as calls:
+            got = run_op(op, backend, isa, x, wargs, bias)
         want = run_op(op, backend, isa, x.float(), wargs, bias).to(torch.bfloat16)
+    assert "quantize_rows_int8_bf16" in calls, calls
     assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
@@ -300,8 +303,10 @@ def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(backend, isa, m, k, n, la
          "3d": lambda: x[:, :k].contiguous().view(1, m, k)}[layout]()
     bias = make_bias(n, "fp32", torch.bfloat16, seed=m) if with_bias else None
     with num_threads(2):
-        got = run_op(OP, backend, isa, x, (q, s), bias)
+        with native_calls() as calls:
+            got = run_op(OP, backend, isa, x, (q, s), bias)
         f32 = run_op(OP, backend, isa, x.float(), (q, s), bias)
+    assert ("int8_dynamic_mm_bf16" in calls) == (m >= 9), calls
     want = torch.empty_like(f32, dtype=torch.bfloat16)
     _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
     assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
@@ -357,3 +362,40 @@ def test_bf16_outputs_on_amx_round_ties_to_even(backend, isa):
     got = run_op(OP, backend, isa, x.to(torch.bfloat16), (w, torch.ones(n)), None)
     assert got[:3, 0].tolist() == [256.0, 260.0, 258.0]
     assert torch.equal(got, x.sum(1, keepdim=True).expand(m, n).to(torch.bfloat16))
+
+
+def test_bf16_calls_stay_inside_their_workspace():
+    """The bf16 quantizer and the bf16-output GEMM (with its K chunks' int32 sums) given
+    exactly the bytes their queries ask for, followed by guard bytes: the guard stays as it
+    was, and the results are right."""
+    mod = _native.module()
+    isa = _native.current_isa()
+    m, k, n, nt = 200, 8192, 96, 2
+    g = gen(5)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    xq, xs = torch.empty(m, k, dtype=torch.int8), torch.empty(m)
+
+    def guarded(need):
+        buf = torch.full((need + 64 + 4096,), 0xAB, dtype=torch.uint8)
+        off = -buf.data_ptr() % 64
+        return buf, off
+
+    need = mod.quantize_rows_int8_bf16_workspace_bytes(m, k, nt)
+    buf, off = guarded(need)
+    assert mod.quantize_rows_int8_bf16(isa, x.data_ptr(), m, k, k, xq.data_ptr(), xs.data_ptr(),
+                                       nt, buf.data_ptr() + off, need) == 0
+    assert (buf[off + need:] == 0xAB).all()
+    q_ref, s_ref = formats.quantize_rows_int8(x.float())
+    assert torch.equal(xq, q_ref) and torch.equal(xs, s_ref)
+    need = mod.int8_dynamic_mm_bf16_workspace_bytes(isa, m, k, n, nt)
+    if need < 0:
+        pytest.skip("no bf16-output GEMM on this ISA")
+    w, ws = random_int8_weight(n, k)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    buf, off = guarded(need)
+    assert mod.int8_dynamic_mm_bf16(isa, xq.data_ptr(), xs.data_ptr(), m, k, w.data_ptr(), n,
+                                    ws.data_ptr(), 0, out.data_ptr(), nt, buf.data_ptr() + off,
+                                    need) == 0
+    assert (buf[off + need:] == 0xAB).all()
+    want = (xs[:, None] * ws[None, :] * (xq.double() @ w.double().T)).float()
+    torch.testing.assert_close(out.float(), want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)

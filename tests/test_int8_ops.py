@@ -16,6 +16,7 @@ from helpers import (
     check_op,
     int8_bad_cases,
     make_bias,
+    native_calls,
     num_threads,
     random_int8_weight,
     reference_op,
@@ -209,8 +210,10 @@ def test_weight_only_bf16_outputs_on_amx(backend, isa, m, k, n, layout, with_bia
         layout, lambda: x[:, :k].contiguous())()
     bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
     with num_threads(2):
-        got = run_op("int8_weight_only_mm", backend, isa, x, w, bias)
+        with native_calls() as calls:
+            got = run_op("int8_weight_only_mm", backend, isa, x, w, bias)
         f32 = run_op("int8_weight_only_mm", backend, isa, x.float(), w, bias)
+    assert ("int8_weight_only_mm_bf16" in calls) == (m >= 16), calls
     want = torch.empty_like(f32, dtype=torch.bfloat16)
     _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
     assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)

@@ -205,7 +205,10 @@ def test_quantize_rows_int8_bf16_refusals(isa):
     need = _C.quantize_rows_int8_bf16_workspace_bytes(M, K, 2)
     assert need == 2 * 16 * K * 4  # two threads, 16 rows of 1000 fp32 values each
     assert _C.quantize_rows_int8_bf16_workspace_bytes(M, K, 1) == 16 * K * 4
-    assert _C.quantize_rows_int8_bf16_workspace_bytes(3, K, 8) == 3 * K * 4  # one block
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(3, K, 8) == 3 * K * 4  # a row a thread
+    # every thread gets rows: 64 rows of 4096 on 64 threads, a row each (4 a block would leave
+    # 48 threads idle)
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(64, 4096, 64) == 64 * 4096 * 4
     assert _C.quantize_rows_int8_bf16_workspace_bytes(0, K, 2) == 0
     assert _C.quantize_rows_int8_bf16_workspace_bytes(-1, K, 2) == -1
     for work_bytes, offset in ((need - 1, 0), (need, 2)):

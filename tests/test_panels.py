@@ -16,6 +16,7 @@ from helpers import (
     activation,
     backend_isa_params,
     make_bias,
+    native_calls,
     num_threads,
     on_backend,
     random_int8_weight,
@@ -479,8 +480,10 @@ def test_int4_weight_only_bf16_outputs_on_amx(backend, isa, m, k, layout, with_b
         layout, lambda: x[:, :k].contiguous())()
     bias = make_bias(n, "x", torch.bfloat16) if with_bias else None
     with num_threads(2):
-        got = run_op("int4_weight_only_mm_panels", backend, isa, x, (*pw, g), bias)
+        with native_calls() as calls:
+            got = run_op("int4_weight_only_mm_panels", backend, isa, x, (*pw, g), bias)
         f32 = run_op("int4_weight_only_mm_panels", backend, isa, x.float(), (*pw, g), bias)
+    assert ("int4_weight_only_mm_panels_bf16" in calls) == (m >= 16), calls
     want = torch.empty_like(f32, dtype=torch.bfloat16)
     _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
     assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)

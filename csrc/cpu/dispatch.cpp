@@ -244,9 +244,10 @@ int pq_int8_weight_only_mm_bf16(int isa, const uint16_t* x, int64_t M, int64_t K
                                 int64_t work_bytes, int n_threads) {
   if (!pq_int8_weight_only_bf16_applies(isa, M, K, N)) return PQ_ERR_ISA;
   if (ldx < K || too_big(M, ldx) || missing(x, M * K) || missing(w, N * K) ||
-      missing(w_scale, N) || missing(out, M * N) || !work || !aligned64(work) ||
-      work_bytes < pq_int8_weight_only_workspace_bytes(isa, M, K, N, n_threads))
+      missing(w_scale, N) || missing(out, M * N) || !work || !aligned64(work))
     return PQ_ERR_ARG;
+  const int64_t need = pq_int8_weight_only_workspace_bytes(isa, M, K, N, n_threads);
+  if (need < 0 || work_bytes < need) return PQ_ERR_ARG;
   return table(isa)->int8_weight_only_mm_bf16(x, M, K, ldx, w, N, w_scale, bias, out, work,
                                               threads(n_threads))
              ? PQ_OK
@@ -295,17 +296,23 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
 
 /* bf16 rows: each thread converts a block of its rows (up to 64 KiB of fp32, which stays in
  * its L1/L2) into its part of `work` and quantizes them from there. */
-static int64_t bf16_quant_rows_a_block(int64_t K) { return K >= 16384 ? 1 : 16384 / K; }
+/* Rows a block: at most 64 KiB of fp32 (16384 values), and few enough that every thread
+ * gets a block (the fp32 quantizer ran a row a thread: at K = 4096, M = 64, blocks of 4 rows
+ * would have left 48 of 64 threads idle). */
+static int64_t bf16_quant_rows_a_block(int64_t M, int64_t K, int n_threads) {
+  const int64_t cap = K >= 16384 ? 1 : 16384 / K, share = (M + threads(n_threads) - 1) / threads(n_threads);
+  return cap < share ? cap : share > 0 ? share : 1;
+}
 static int bf16_quant_threads(int64_t M, int64_t K, int n_threads) {
-  const int64_t blocks = (M + bf16_quant_rows_a_block(K) - 1) / bf16_quant_rows_a_block(K);
+  const int64_t rows = bf16_quant_rows_a_block(M, K, n_threads), blocks = (M + rows - 1) / rows;
   return blocks < threads(n_threads) ? (int)(blocks > 0 ? blocks : 1) : threads(n_threads);
 }
 
 int64_t pq_quantize_rows_int8_bf16_workspace_bytes(int64_t M, int64_t K, int n_threads) {
   if (M < 0 || K < 0 || too_big(M, K)) return -1;
   if (M == 0 || K == 0) return 0;
-  const int64_t rows = bf16_quant_rows_a_block(K) < M ? bf16_quant_rows_a_block(K) : M;
-  return (int64_t)bf16_quant_threads(M, K, n_threads) * rows * K * 4;
+  return (int64_t)bf16_quant_threads(M, K, n_threads) * bf16_quant_rows_a_block(M, K, n_threads) *
+         K * 4;
 }
 
 int pq_quantize_rows_int8_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
@@ -321,11 +328,11 @@ int pq_quantize_rows_int8_bf16(int isa, const uint16_t* x, int64_t M, int64_t K,
     return PQ_ERR_ARG;
   if (M == 0) return PQ_OK;
   if (K == 0) return pq_quantize_rows_int8_amax(isa, nullptr, M, 0, 0, nullptr, xq, x_scale, 1);
-  const int64_t rows = bf16_quant_rows_a_block(K), blocks = (M + rows - 1) / rows;
+  const int64_t rows = bf16_quant_rows_a_block(M, K, n_threads), blocks = (M + rows - 1) / rows;
   const int nt = bf16_quant_threads(M, K, n_threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
-    float* buf = (float*)work + (int64_t)omp_get_thread_num() * (rows < M ? rows : M) * K;
+    float* buf = (float*)work + (int64_t)omp_get_thread_num() * rows * K;
     const int64_t m0 = b * rows, mr = M - m0 < rows ? M - m0 : rows;
     pq_bf16_to_f32_rows(x + m0 * ldx, mr, K, ldx, buf); /* exact */
     t->quantize_rows_int8(buf, mr, K, K, nullptr, xq + m0 * K, x_scale + m0, 1);
@@ -381,7 +388,7 @@ int64_t pq_int8_dynamic_mm_bf16_workspace_bytes(int isa, int64_t M, int64_t K, i
   (void)n_threads;
   const pq::KernelTable* t = table(isa);
   if (!t || !t->int8_dynamic_mm_bf16 || M < 9 || K <= 0 || N <= 0 || K % 64 || N % 32 ||
-      too_big((M + 15) / 16 * 16, K) || too_big(M, N))
+      too_big((M + 15) / 16 * 16, K) || too_big(M, N) || too_big(N, K))
     return -1;
   return pq::amx_int8_bf16_out_work_bytes(M, K, N);
 }
@@ -566,9 +573,10 @@ int pq_int4_weight_only_mm_panels_bf16(int isa, const uint16_t* x, int64_t M, in
   const int64_t G = group_size;
   if (ldx < K || too_big(M, ldx) || missing(x, M * K) || missing(panels, N * K / 2) ||
       ((uintptr_t)panels & 63) || missing(scales, N * (K / G)) || missing(zeros, N * (K / G)) ||
-      ((uintptr_t)scales & 63) || missing(out, M * N) || !work || ((uintptr_t)work & 63) ||
-      work_bytes < pq_int4_weight_only_panels_workspace_bytes(isa, M, K, G, n_threads))
+      ((uintptr_t)scales & 63) || missing(out, M * N) || !work || ((uintptr_t)work & 63))
     return PQ_ERR_ARG;
+  const int64_t need = pq_int4_weight_only_panels_workspace_bytes(isa, M, K, G, n_threads);
+  if (need < 0 || work_bytes < need) return PQ_ERR_ARG;
   return table(isa)->int4_weight_only_mm_panels_bf16(x, M, K, ldx, panels, N, scales, zeros, G,
                                                      bias, out, work, threads(n_threads))
              ? PQ_OK
@@ -700,7 +708,7 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
 
 int pq_int4_dynamic_bf16_applies(int isa, int64_t M, int64_t K, int64_t N, int64_t group_size) {
   const pq::KernelTable* t = table(isa);
-  return t && t->int4_dynamic_mm_bf16 && group_size > 0 && group_size % 32 == 0 && K > 0 &&
+  return t && t->int4_dynamic_mm_bf16 && group_size > 0 && group_size % 32 == 0 && K > 0 && N > 0 &&
          K % group_size == 0 && !too_big(N, K) && !too_big(M, N) &&
          pq::amx_int4dyn_applies(M, K, N, group_size) &&
          int4_dynamic_amx_bytes(isa, M, K, group_size, 1) > 0;
@@ -714,8 +722,10 @@ int pq_int4_dynamic_mm_bf16(int isa, const int8_t* xq, const float* x_scale, int
   const int64_t groups = N * (K / group_size);
   if (missing(xq, M * K) || missing(x_scale, M) || missing(w_packed, N * K / 2) ||
       missing(scales, groups) || missing(zeros, groups) || missing(out, M * N) || !work ||
-      !aligned64(work) || work_bytes < int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads))
+      !aligned64(work))
     return PQ_ERR_ARG;
+  const int64_t need = int4_dynamic_amx_bytes(isa, M, K, group_size, n_threads);
+  if (need < 0 || work_bytes < need) return PQ_ERR_ARG;
   return table(isa)->int4_dynamic_mm_bf16(xq, x_scale, M, K, w_packed, N, scales, zeros,
                                           group_size, bias, out, work, threads(n_threads))
              ? PQ_OK
