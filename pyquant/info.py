@@ -435,20 +435,16 @@ def format_text(d: dict) -> str:
     if isinstance(g24, str):
         lines.append("sparse24_mm with float32 activations: the 2:4 GEMM (only the kept "
                      f"products) at {g24}")
-    fx = d.get("fixed_point_decode_m")
-    if isinstance(fx, dict):
-        lines.append("")
-        lines.append("fixed-point paths on cpu: activations in 24-bit fixed point (three int8 "
-                     "terms), int8 dot products, at M =")
-        for name, ms in fx.items():
-            lines.append(f"  {name:<66}{ms}")
-    b16 = d.get("bf16_in_out_m")
-    if isinstance(b16, dict):
-        lines.append("")
-        lines.append("bf16 activations on cpu read as bf16, outputs written as bf16 (no float32 "
-                     "copies), at M =")
-        for name, ms in b16.items():
-            lines.append(f"  {name:<66}{ms}")
+    for key, title in (("fixed_point_decode_m", "fixed-point paths on cpu: activations in "
+                         "24-bit fixed point (three int8 terms), int8 dot products, at M ="),
+                       ("bf16_in_out_m", "bf16 activations on cpu read as bf16, outputs "
+                        "written as bf16 (no float32 copies), at M =")):
+        ms_of = d.get(key)
+        if isinstance(ms_of, dict):
+            lines.append("")
+            lines.append(title)
+            for name, ms in ms_of.items():
+                lines.append(f"  {name:<66}{ms}")
     plan = tr.get("dispatch") if isinstance(tr, dict) else None
     if isinstance(plan, dict):
         lines.append("")

@@ -513,3 +513,30 @@ def native_calls():
         yield names
     finally:
         _native._module = real
+
+
+def assert_bf16_of_fp32(got: torch.Tensor, f32: torch.Tensor, shape) -> torch.Tensor:
+    """got: a bf16 result of the given shape whose every non-NaN value has the bits of the
+    float32 result f32 rounded as torch rounds (pq_f32_to_bf16: nearest, ties to even), and
+    NaN exactly where f32 rounds to NaN (the payload may differ: torch's own conversion keeps
+    other bits). Returns the NaN mask."""
+    want = torch.empty_like(f32, dtype=torch.bfloat16)
+    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
+    assert got.dtype == torch.bfloat16 and tuple(got.shape) == tuple(shape)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    return nan
+
+
+def amx_only_query(query, first_m: int, *sizes) -> int:
+    """A native query of the AMX-only bf16 calls, query(isa, M, *sizes): off (0 or -1) on every
+    ISA below AMX, and on AMX off at first_m - 1 and on (> 0) at first_m. Returns the AMX ISA's
+    number; skips the test on a CPU without AMX."""
+    amx = _native.ISA_NAMES.index("avx512_amx")
+    for isa in range(amx):
+        assert query(isa, max(first_m, 64), *sizes) <= 0, isa
+    if not _native.module().isa_available(amx):
+        pytest.skip("no AMX on this CPU")
+    assert query(amx, first_m - 1, *sizes) <= 0 and query(amx, first_m, *sizes) > 0
+    return amx

@@ -67,7 +67,7 @@ def test_layer_quality_and_save_load(tmp_path, symmetric):
                                             (200, 4096, 64, 128, "contiguous")])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_bias):
-    from helpers import available_isas, native_calls, num_threads, run_op
+    from helpers import assert_bf16_of_fp32, available_isas, native_calls, num_threads, run_op
     from pyquant import _native, formats
 
     if not _native.available() or "avx512_amx" not in available_isas():
@@ -88,12 +88,7 @@ def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_
             got = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x, wargs, bias)
         f32 = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x.float(), wargs, bias)
     assert ("int4_dynamic_mm_bf16" in calls) == (m >= 9 and g % 64 == 0), calls
-    want = torch.empty_like(f32, dtype=torch.bfloat16)
-    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
-    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
-    nan = want.isnan()
-    assert nan.any() and torch.equal(got.isnan(), nan)
-    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert assert_bf16_of_fp32(got, f32, x.shape[:-1] + (n,)).any()
 
 
 def test_bf16_output_call_refusals():
@@ -104,15 +99,11 @@ def test_bf16_output_call_refusals():
 
     if not _native.available():
         pytest.skip("native module not loaded")
+    from helpers import amx_only_query
+
     mod = _native.module()
-    amx = _native.ISA_NAMES.index("avx512_amx")
-    for isa in range(amx):
-        assert mod.int4_dynamic_bf16_applies(isa, 64, 256, 64, 64) == 0
-    if not mod.isa_available(amx):
-        pytest.skip("no AMX on this CPU")
-    assert mod.int4_dynamic_bf16_applies(amx, 8, 256, 64, 64) == 0
+    amx = amx_only_query(mod.int4_dynamic_bf16_applies, 9, 256, 64, 64)
     assert mod.int4_dynamic_bf16_applies(amx, 9, 256, 64, 32) == 0
-    assert mod.int4_dynamic_bf16_applies(amx, 9, 256, 64, 64) == 1
     m, k, n, g = 16, 256, 64, 64
     c, s, z = formats.quantize_int4_groupwise(torch.randn(n, k), g, symmetric=False)
     p = formats.pack_int4(c)

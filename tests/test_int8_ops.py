@@ -12,6 +12,8 @@ from helpers import (
     ACT_DTYPES,
     LAYOUTS,
     activation,
+    amx_only_query,
+    assert_bf16_of_fp32,
     backend_isa_params,
     check_op,
     int8_bad_cases,
@@ -214,12 +216,7 @@ def test_weight_only_bf16_outputs_on_amx(backend, isa, m, k, n, layout, with_bia
             got = run_op("int8_weight_only_mm", backend, isa, x, w, bias)
         f32 = run_op("int8_weight_only_mm", backend, isa, x.float(), w, bias)
     assert ("int8_weight_only_mm_bf16" in calls) == (m >= 16), calls
-    want = torch.empty_like(f32, dtype=torch.bfloat16)
-    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
-    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan)
-    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert_bf16_of_fp32(got, f32, x.shape[:-1] + (n,))
 
 
 def test_weight_only_bf16_output_call_refusals():
@@ -229,13 +226,7 @@ def test_weight_only_bf16_output_call_refusals():
     from pyquant import _native
 
     mod = _native.module()
-    amx = _native.ISA_NAMES.index("avx512_amx")
-    for isa in range(amx):
-        assert mod.int8_weight_only_bf16_applies(isa, 64, 256, 64) == 0
-    if not mod.isa_available(amx):
-        pytest.skip("no AMX on this CPU")
-    assert mod.int8_weight_only_bf16_applies(amx, 15, 256, 64) == 0
-    assert mod.int8_weight_only_bf16_applies(amx, 16, 256, 64) == 1
+    amx = amx_only_query(mod.int8_weight_only_bf16_applies, 16, 256, 64)
     m, n, k = 32, 64, 256
     wq, ws = random_int8_weight(n, k)
     x = torch.randn(m, k).to(torch.bfloat16)

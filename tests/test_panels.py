@@ -14,6 +14,8 @@ from torch import nn
 from helpers import (
     ACT_DTYPES,
     activation,
+    amx_only_query,
+    assert_bf16_of_fp32,
     backend_isa_params,
     make_bias,
     native_calls,
@@ -484,12 +486,8 @@ def test_int4_weight_only_bf16_outputs_on_amx(backend, isa, m, k, layout, with_b
             got = run_op("int4_weight_only_mm_panels", backend, isa, x, (*pw, g), bias)
         f32 = run_op("int4_weight_only_mm_panels", backend, isa, x.float(), (*pw, g), bias)
     assert ("int4_weight_only_mm_panels_bf16" in calls) == (m >= 16), calls
-    want = torch.empty_like(f32, dtype=torch.bfloat16)
-    _native.module().f32_to_bf16(f32.data_ptr(), f32.numel(), want.data_ptr())
-    assert got.dtype == torch.bfloat16 and got.shape == x.shape[:-1] + (n,)
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan) and nan.any() == (layout == "inf")
-    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    nan = assert_bf16_of_fp32(got, f32, x.shape[:-1] + (n,))
+    assert nan.any() == (layout == "inf")
 
 
 def test_int4_weight_only_bf16_output_call_refusals():
@@ -497,13 +495,7 @@ def test_int4_weight_only_bf16_output_call_refusals():
     PQ_ERR_ARG for a row stride below K or a workspace short by a byte; PQ_NOT_FINITE, the
     output untouched, for x with an Inf."""
     mod = _native.module()
-    amx = _native.ISA_NAMES.index("avx512_amx")
-    for isa in range(amx):
-        assert mod.int4_weight_only_panels_bf16_applies(isa, 64, 256, 64, 128) == 0
-    if not mod.isa_available(amx):
-        pytest.skip("no AMX on this CPU")
-    assert mod.int4_weight_only_panels_bf16_applies(amx, 15, 256, 64, 128) == 0
-    assert mod.int4_weight_only_panels_bf16_applies(amx, 16, 256, 64, 128) == 1
+    amx = amx_only_query(mod.int4_weight_only_panels_bf16_applies, 16, 256, 64, 128)
     m, n, k, g = 32, 64, 256, 128
     wp, sc, zp, _ = _int4_weight(n, k, g)
     pc, ps, pz = panels.pack_int4(wp, sc, zp, g)

@@ -54,22 +54,37 @@ inline bool amx_usable(int64_t M, int64_t K, int64_t N, const void* work, int64_
          work_bytes >= ceil_div(M, 16) * 16 * K;
 }
 
-inline void amx_pack_x(const int8_t* xq, int64_t M, int64_t K, int8_t* xp, int n_threads) {
-  const int64_t Mt = ceil_div(M, 16), KB = K / 64, tiles = Mt * KB;
+/* Rows of M x KB * 64 bytes (row m at x + m * ld bytes) -> B tiles, one 1 KiB tile per (16
+ * rows, 64 bytes): tile (mt, kb) at xp + (mt * KB + kb) * 1024, dword (r, j) = bytes 4r ..
+ * 4r + 3 of row 16 mt + j's 64 (the transpose of 16 rows of 16 dwords), zero rows past M.
+ * bad(v) is called with every loaded 64 bytes; false if it returned true for any of them. */
+template <class Bad>
+inline bool amx_pack_tiles(const uint8_t* x, int64_t M, int64_t KB, int64_t ld, uint8_t* xp,
+                           int n_threads, Bad bad) {
+  const int64_t Mt = ceil_div(M, 16), tiles = Mt * KB;
   const int threads = tiles < n_threads ? (int)tiles : n_threads;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  int any = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1) \
+    reduction(| : any)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t mt = tile / KB, kb = tile % KB;
-    /* B[r][j] (4 bytes) = x[m0 + j, k0 + 4r .. 4r + 3]: the transpose of 16 rows of 64 bytes */
     __m512i rows[16];
     for (int j = 0; j < 16; ++j) {
       const int64_t m = mt * 16 + j;
-      rows[j] = m < M ? _mm512_loadu_si512(xq + m * K + kb * 64) : _mm512_setzero_si512();
+      rows[j] = m < M ? _mm512_loadu_si512(x + m * ld + kb * 64) : _mm512_setzero_si512();
+      any |= bad(rows[j]);
     }
     transpose16x16(rows);
-    int8_t* dst = xp + tile * 1024;
+    uint8_t* dst = xp + tile * 1024;
     for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 64, rows[r]);
   }
+  return !any;
+}
+
+/* int8 codes [M][K]: B[r][j] (4 bytes) = x[m0 + j, k0 + 4r .. 4r + 3]. */
+inline void amx_pack_x(const int8_t* xq, int64_t M, int64_t K, int8_t* xp, int n_threads) {
+  amx_pack_tiles((const uint8_t*)xq, M, K / 64, K, (uint8_t*)xp, n_threads,
+                 [](__m512i) { return false; });
 }
 
 /* Epilogues get one output row m and the 16 outputs n0..n0+15 of the C tile
@@ -81,21 +96,6 @@ struct AmxStoreS32 {
     _mm512_storeu_si512(acc + m * N + n0, v);
   }
 };
-struct AmxStoreDyn {
-  float* out;
-  int64_t N;
-  const float* xs;
-  const float* ws;
-  const float* bias;
-  /* (float)acc * (x_scale[m] * w_scale[n]) + bias[n]: the order of pq.h. */
-  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
-    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs[m]), _mm512_loadu_ps(ws + n0));
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
-    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
-    _mm512_storeu_ps(out + m * N + n0, y);
-  }
-};
-
 /* 16 floats rounded to bf16 as torch rounds (nearest, ties to even; a NaN becomes 0x7FC0:
  * pq_f32_to_bf16). Not vcvtneps2bf16, which flushes subnormal inputs and outputs to zero
  * where torch keeps them. */
@@ -108,20 +108,30 @@ inline __m256i bf16_round_like_torch(__m512 y) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)));
 }
 
-/* AmxStoreDyn's value as bf16 (bf16_round_like_torch). */
-struct AmxStoreDynBf16 {
-  uint16_t* out;
+/* 16 outputs stored as float32, or as bf16 (bf16_round_like_torch): the epilogues below take
+ * the output's type (Out: float or uint16_t), so a bf16 model's calls write bf16 themselves. */
+inline void store16(float* p, __m512 y) { _mm512_storeu_ps(p, y); }
+inline void store16(uint16_t* p, __m512 y) {
+  _mm256_storeu_si256((__m256i*)p, bf16_round_like_torch(y));
+}
+
+template <class Out>
+struct AmxStoreDynTo {
+  Out* out;
   int64_t N;
   const float* xs;
   const float* ws;
   const float* bias;
+  /* (float)acc * (x_scale[m] * w_scale[n]) + bias[n]: the order of pq.h. */
   inline void operator()(int64_t m, int64_t n0, __m512i v) const {
     const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs[m]), _mm512_loadu_ps(ws + n0));
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
     if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
-    _mm256_storeu_si256((__m256i*)(out + m * N + n0), bf16_round_like_torch(y));
+    store16(out + m * N + n0, y);
   }
 };
+using AmxStoreDyn = AmxStoreDynTo<float>;
+using AmxStoreDynBf16 = AmxStoreDynTo<uint16_t>;
 
 /* A stored C tile (rows n0.., lanes m0..) -> the epilogue, one output row at a time. */
 template <class Epi>

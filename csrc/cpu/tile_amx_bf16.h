@@ -224,8 +224,9 @@ inline void amx_bf16_convert_u4_panels(const uint8_t* panel, const uint8_t* pz, 
 }
 
 /* out = sum (* row_scale, where given) + bias: int8's order, dot * scale + bias */
-struct AmxStoreF32 {
-  float* out;
+template <class Out>
+struct AmxStoreRowScaled {
+  Out* out;
   int64_t N;
   const float* row_scale;
   const float* bias;
@@ -233,23 +234,12 @@ struct AmxStoreF32 {
     __m512 y = _mm512_castsi512_ps(v);
     if (row_scale) y = _mm512_mul_ps(y, _mm512_loadu_ps(row_scale + n0));
     if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
-    _mm512_storeu_ps(out + m * N + n0, y);
+    store16(out + m * N + n0, y);
   }
 };
-
-/* AmxStoreF32's value as bf16 (bf16_round_like_torch): the bf16-in, bf16-out calls. */
-struct AmxStoreBf16 {
-  uint16_t* out;
-  int64_t N;
-  const float* row_scale;
-  const float* bias;
-  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
-    __m512 y = _mm512_castsi512_ps(v);
-    if (row_scale) y = _mm512_mul_ps(y, _mm512_loadu_ps(row_scale + n0));
-    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
-    _mm256_storeu_si256((__m256i*)(out + m * N + n0), bf16_round_like_torch(y));
-  }
-};
+using AmxStoreF32 = AmxStoreRowScaled<float>;
+/* the bf16-in, bf16-out calls (store16) */
+using AmxStoreBf16 = AmxStoreRowScaled<uint16_t>;
 
 struct AmxBf16Op {
   static constexpr bool kInt = false;
@@ -274,25 +264,11 @@ struct AmxBf16Op {
  * without the fp32 copy. False (xp incomplete) when x holds an Inf or NaN, as there. */
 inline bool amx_bf16_pack_x_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
                                  uint16_t* xp, int n_threads) {
-  const int64_t Mt = ceil_div(M, 16), KB = K / 32, tiles = Mt * KB;
-  const int threads = tiles < n_threads ? (int)tiles : n_threads;
-  const __m512i expo = _mm512_set1_epi16(0x7F80);
-  int bad = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1) \
-    reduction(| : bad)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int64_t mt = tile / KB, kb = tile % KB;
-    __m512i pair[16];
-    for (int j = 0; j < 16; ++j) {
-      const int64_t m = mt * 16 + j;
-      pair[j] = m < M ? _mm512_loadu_si512(x + m * ldx + kb * 32) : _mm512_setzero_si512();
-      bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(pair[j], expo), expo) != 0;
-    }
-    transpose16x16(pair);
-    uint16_t* dst = xp + tile * 512;
-    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 32, pair[r]);
-  }
-  return !bad;
+  const __m512i expo = _mm512_set1_epi16(0x7F80); /* all ones: an Inf or NaN */
+  return amx_pack_tiles((const uint8_t*)x, M, K / 32, 2 * ldx, (uint8_t*)xp, n_threads,
+                        [&](__m512i v) {
+                          return _mm512_cmpeq_epi16_mask(_mm512_and_si512(v, expo), expo) != 0;
+                        });
 }
 
 template <class Convert>

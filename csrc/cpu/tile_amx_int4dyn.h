@@ -35,30 +35,21 @@ inline void amx_int4dyn_convert(const uint8_t* wp, const uint8_t* zp, int64_t K,
     }
 }
 
-struct AmxStoreInt4Dyn {
-  float* out;
+/* Out: float, or uint16_t for bf16 outputs (store16, tile_amx.h). */
+template <class Out>
+struct AmxStoreInt4DynTo {
+  Out* out;
   int64_t N;
   const float* xs;
   const float* bias;
   inline void operator()(int64_t m, int64_t n0, __m512i v) const {
     __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(v), _mm512_set1_ps(xs[m]));
     if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
-    _mm512_storeu_ps(out + m * N + n0, y);
+    store16(out + m * N + n0, y);
   }
 };
-
-/* AmxStoreInt4Dyn's value as bf16 (bf16_round_like_torch): bf16 models' calls. */
-struct AmxStoreInt4DynBf16 {
-  uint16_t* out;
-  int64_t N;
-  const float* xs;
-  const float* bias;
-  inline void operator()(int64_t m, int64_t n0, __m512i v) const {
-    __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(v), _mm512_set1_ps(xs[m]));
-    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n0));
-    _mm256_storeu_si256((__m256i*)(out + m * N + n0), bf16_round_like_torch(y));
-  }
-};
+using AmxStoreInt4Dyn = AmxStoreInt4DynTo<float>;
+using AmxStoreInt4DynBf16 = AmxStoreInt4DynTo<uint16_t>;
 
 struct AmxInt8Op {
   static constexpr bool kInt = true;
