@@ -599,3 +599,27 @@ def test_ab_inprocess_loads_two_builds_and_compares(capsys):
     assert "A/B" in out and "int4_weight_only_mm" in out
     b = mod.load_build(so, "t")
     assert b is not before and b.best_isa() == before.best_isa()
+
+
+def test_bf16_io_ab_script_runs(capsys):
+    """benchmarks/bf16_io_ab.py on a tiny shape: a line per op with both medians and their
+    ratio on AMX; an argparse error elsewhere and for an unknown op."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bf16_io_ab.py"
+    spec = importlib.util.spec_from_file_location("bf16_io_ab", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.main(["--ops", "int3_magic"])
+    amx = _native.available() and _native.ISA_NAMES[_native.current_isa()] == "avx512_amx"
+    if not amx:
+        with pytest.raises(SystemExit):
+            script.main(["--shapes", "64x256", "--ms", "16", "--rounds", "1"])
+        return
+    capsys.readouterr()
+    assert script.main(["--shapes", "64x256", "--ms", "16", "--rounds", "2"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    assert [ln.split()[0] for ln in lines] == list(script.OPS)
+    assert all(ln.rstrip().endswith("x") for ln in lines)
