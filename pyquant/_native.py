@@ -274,8 +274,8 @@ def _int8_work(isa: int, m: int, k: int, n: int):
 def _quantize_into(x2: torch.Tensor, isa: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """x2's rows quantized to int8 into scratch: (codes address, scales address, keep-alives).
     bf16 rows are quantized from bf16 (pq_quantize_rows_int8_bf16: the same codes and scales
-    as their fp32 values, without a float32 copy of x: int8 dynamic, 4096 x 4096, M = 1024,
-    bf16 x, went from ~1.17x to ~1.0x the time of float32 x)."""
+    as their fp32 values, without a float32 copy of x: int8 and int4 dynamic with bf16 x ran
+    1.01-1.09x faster at M = 128 and 1.04-1.17x at M = 1024, Llama-2-7B shapes, 2-core Xeon)."""
     m, k = x2.shape
     xq = _work("xq", m * k)
     xs = _work("xs", m * 4)
@@ -448,9 +448,9 @@ def _int8_dynamic_bf16_out(x, w, w_scale, bias):
     """bf16 x on the AMX tiles straight into a bf16 output (pq_int8_dynamic_mm_bf16: the float
     results rounded as torch rounds them), or None where that path does not run (other ISAs,
     M < 9, K % 64 or N % 32): no float32 output written and converted. Against the float32
-    output, two in-process runs on a 2-core Xeon with AMX, Llama-2-7B shapes: 1.02-1.18x at
-    M = 128, 1.01-1.19x at M = 1024 except 4096 x 11008 (0.98-1.03x: its K chunks' int32 sums
-    make the same round trip through memory either way)."""
+    output, in-process runs on a 2-core Xeon with AMX (benchmarks/bf16_io_ab.py), Llama-2-7B
+    shapes: 1.02-1.18x at M = 128, 1.01-1.24x at M = 1024 except 4096 x 11008 (0.98-1.03x: its
+    K chunks' int32 sums make the same round trip through memory either way)."""
     n, k = w.shape
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
