@@ -452,20 +452,36 @@ def _int8_dynamic_bf16_out(x, w, w_scale, bias):
     shapes: 1.02-1.18x at M = 128, 1.01-1.24x at M = 1024 except 4096 x 11008 (0.98-1.03x: its
     K chunks' int32 sums make the same round trip through memory either way)."""
     n, k = w.shape
+    mod = module()
+    wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
+    return _dynamic_bf16_out(
+        "int8_dynamic_mm", x, n, k, "amx",
+        lambda isa, m, nt: mod.int8_dynamic_mm_bf16_workspace_bytes(isa, m, k, n, nt),
+        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int8_dynamic_mm_bf16(
+            isa, pxq, pxs, m, k, _ptr(wc), n, _ptr(ws), _ptr(b), _ptr(out), nt, _ptr(work),
+            nwork))
+
+
+def _dynamic_bf16_out(op: str, x, n: int, k: int, key: str, need, call, fallback=None, **shape):
+    """The bf16-output call of a dynamic op (_int8_dynamic_bf16_out, _int4_dynamic_bf16_out):
+    need(isa, M, threads) -> its workspace bytes, or < 0 where it does not run (None is
+    returned before anything is done); x's rows quantized from bf16 (_quantize_into), then
+    call(isa, codes address, scales address, M, bf16 out, threads, work, work bytes) -> status
+    into a new bf16 output of x's leading shape. The status `fallback` returns None (the float
+    path takes the call); any other but 0 raises."""
     lead, x2 = _flat(x, n)
     m = x2.shape[0]
-    isa, nt, mod = current_isa(), _threads(), module()
-    nwork = mod.int8_dynamic_mm_bf16_workspace_bytes(isa, m, k, n, nt)
+    isa, nt = current_isa(), _threads()
+    nwork = need(isa, m, nt)
     if nwork < 0:
         return None
     pxq, pxs, *_keep = _quantize_into(x2, isa)
-    wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
     out = torch.empty((m, n), dtype=torch.bfloat16)
-    work = _work("amx", nwork)
-    st = mod.int8_dynamic_mm_bf16(isa, pxq, pxs, m, k, _ptr(wc), n, _ptr(ws), _ptr(b), _ptr(out),
-                                  nt, _ptr(work), nwork)
+    st = call(isa, pxq, pxs, m, out, nt, _work(key, nwork), nwork)
+    if fallback is not None and st == fallback:
+        return None
     if st:
-        _raise("int8_dynamic_mm", st, M=m, N=n, K=k)
+        _raise(op, st, M=m, N=n, K=k, **shape)
     return out.reshape(*lead, n) if len(lead) != 1 else out
 
 
@@ -686,24 +702,21 @@ def _int4_dynamic_bf16_out(x, w_packed, scales, zeros, group_size, bias):
     _int8_dynamic_bf16_out; None where that path does not run (other ISAs and sizes, a zero
     point above 15)."""
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
-    lead, x2 = _flat(x, n)
-    m = x2.shape[0]
-    isa, nt, mod = current_isa(), _threads(), module()
-    if not mod.int4_dynamic_bf16_applies(isa, m, k, n, group_size):
-        return None
-    pxq, pxs, *_keep = _quantize_into(x2, isa)
+    mod = module()
     wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
     b = _bias_f32(bias)
-    nwork = mod.int4_dynamic_workspace_bytes(isa, m, k, group_size, nt)
-    work = _work("int4dyn", nwork)
-    out = torch.empty((m, n), dtype=torch.bfloat16)
-    st = mod.int4_dynamic_mm_bf16(isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp),
-                                  group_size, _ptr(b), _ptr(out), nt, _ptr(work), nwork)
-    if st == _NOT_FIXED_POINT:  # a zero point above 15: the float path takes any
-        return None
-    if st:
-        _raise("int4_dynamic_mm", st, M=m, N=n, K=k, group_size=group_size)
-    return out.reshape(*lead, n) if len(lead) != 1 else out
+
+    def need(isa, m, nt):
+        if not mod.int4_dynamic_bf16_applies(isa, m, k, n, group_size):
+            return -1
+        return mod.int4_dynamic_workspace_bytes(isa, m, k, group_size, nt)
+    # PQ_NOT_FIXED_POINT: a zero point above 15, which the float path takes
+    return _dynamic_bf16_out(
+        "int4_dynamic_mm", x, n, k, "int4dyn", need,
+        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int4_dynamic_mm_bf16(
+            isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp), group_size, _ptr(b), _ptr(out),
+            nt, _ptr(work), nwork),
+        _NOT_FIXED_POINT, group_size=group_size)
 
 
 def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):

@@ -540,3 +540,10 @@ def amx_only_query(query, first_m: int, *sizes) -> int:
         pytest.skip("no AMX on this CPU")
     assert query(amx, first_m - 1, *sizes) <= 0 and query(amx, first_m, *sizes) > 0
     return amx
+
+
+def aligned_work(nbytes: int) -> tuple:
+    """(buffer, address): nbytes of scratch starting on a 64-byte boundary, as the native
+    calls' workspaces must (keep the buffer alive while the address is used)."""
+    buf = torch.empty(nbytes + 64, dtype=torch.uint8)
+    return buf, buf.data_ptr() + (-buf.data_ptr() % 64)

@@ -99,7 +99,7 @@ def test_bf16_output_call_refusals():
 
     if not _native.available():
         pytest.skip("native module not loaded")
-    from helpers import amx_only_query
+    from helpers import aligned_work, amx_only_query
 
     mod = _native.module()
     amx = amx_only_query(mod.int4_dynamic_bf16_applies, 9, 256, 64, 64)
@@ -110,8 +110,7 @@ def test_bf16_output_call_refusals():
     xq, xs = torch.ones(m, k, dtype=torch.int8), torch.ones(m)
     out = torch.full((m, n), 7.0, dtype=torch.bfloat16)
     need = mod.int4_dynamic_workspace_bytes(amx, m, k, g, 2)
-    work = torch.empty(need + 64, dtype=torch.uint8)
-    base = work.data_ptr() + (-work.data_ptr() % 64)
+    work, base = aligned_work(need)
 
     def call(zeros=z, nbytes=need):
         return mod.int4_dynamic_mm_bf16(amx, xq.data_ptr(), xs.data_ptr(), m, k, p.data_ptr(), n,

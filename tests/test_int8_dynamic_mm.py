@@ -11,6 +11,7 @@ from helpers import (
     ACT_DTYPES,
     LAYOUTS,
     activation,
+    aligned_work,
     amx_only_query,
     assert_bf16_of_fp32,
     backend_isa_params,
@@ -331,8 +332,7 @@ def test_bf16_output_call_refusals():
     xq = torch.zeros(m, k, dtype=torch.int8)
     xs, w, ws = torch.ones(m), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
     out = torch.zeros(m, n, dtype=torch.bfloat16)
-    work = torch.empty(need + 128, dtype=torch.uint8)
-    base = work.data_ptr() + (-work.data_ptr() % 64)
+    work, base = aligned_work(need + 64)
     args = (amx, xq.data_ptr(), xs.data_ptr(), m, k, w.data_ptr(), n, ws.data_ptr(), 0,
             out.data_ptr(), 2)
     assert mod.int8_dynamic_mm_bf16(*args, base, need - 1) == 1

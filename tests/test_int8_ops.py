@@ -12,6 +12,7 @@ from helpers import (
     ACT_DTYPES,
     LAYOUTS,
     activation,
+    aligned_work,
     amx_only_query,
     assert_bf16_of_fp32,
     backend_isa_params,
@@ -232,8 +233,7 @@ def test_weight_only_bf16_output_call_refusals():
     x = torch.randn(m, k).to(torch.bfloat16)
     out = torch.full((m, n), 7.0, dtype=torch.bfloat16)
     need = mod.int8_weight_only_workspace_bytes(amx, m, k, n, 2)
-    work = torch.empty(need + 64, dtype=torch.uint8)
-    base = work.data_ptr() + (-work.data_ptr() % 64)
+    work, base = aligned_work(need)
 
     def call(isa=amx, ldx=k, nbytes=need, xx=x):
         return mod.int8_weight_only_mm_bf16(isa, xx.data_ptr(), m, k, ldx, wq.data_ptr(), n,

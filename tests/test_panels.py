@@ -14,6 +14,7 @@ from torch import nn
 from helpers import (
     ACT_DTYPES,
     activation,
+    aligned_work,
     amx_only_query,
     assert_bf16_of_fp32,
     backend_isa_params,
@@ -502,8 +503,7 @@ def test_int4_weight_only_bf16_output_call_refusals():
     x = activation((m, k), torch.bfloat16)
     out = torch.full((m, n), 7.0, dtype=torch.bfloat16)
     need = mod.int4_weight_only_panels_workspace_bytes(amx, m, k, g, 2)
-    work = torch.empty(need + 64, dtype=torch.uint8)
-    base = work.data_ptr() + (-work.data_ptr() % 64)
+    work, base = aligned_work(need)
 
     def call(isa=amx, ldx=k, nbytes=need, xx=x):
         return mod.int4_weight_only_mm_panels_bf16(isa, xx.data_ptr(), m, k, ldx, pc.data_ptr(), n,
