@@ -227,10 +227,14 @@ def test_quantize_rows_int8_subnormal(backend, isa):
 def test_quantize_rows_int8_near_ties_stress(backend, isa):
     """x / s within a few ulps of a half-integer, over many inexact scales and both signs,
     where x * (1 / s) rounds differently from the true division: the codes must still be
-    torch.round(x / s) bit for bit (a multiply by 1/s fails this test)."""
+    torch.round(x / s) bit for bit (a multiply by 1/s fails this test). The scales span
+    2^-110 .. 2^100: the kernels divide by a reciprocal and correct the quotient (Markstein)
+    where s >= 2^-100, and divide below it, so both sides of that bound are here."""
     g = gen(11)
     rows = []
-    for amax in torch.rand(64, generator=g) * 100 + 1e-3:
+    spread = torch.cat([torch.linspace(-110, 100, 40), torch.full((8,), -100.0)])
+    wide = 127 * torch.exp2(spread) * (1 + (torch.rand(48, generator=g) - 0.5) * 1e-3)
+    for amax in torch.cat([torch.rand(64, generator=g) * 100 + 1e-3, wide]):
         s = amax / 127
         j = torch.arange(-127, 127, dtype=torch.float32)
         near = (j + 0.5) * s

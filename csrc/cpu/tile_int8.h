@@ -183,9 +183,32 @@ inline bool row_is_finite(const float* x, int64_t K) {
   return probe == 0.0f;
 }
 
-/* Per-row symmetric quantization (see pq.h). The division is a true IEEE
- * division, not a multiply by 1/s, and rounding is to nearest-even (the MXCSR
- * default for cvtps2dq, nearbyint in the default mode), so results match
+/* x / s rounded as an IEEE division rounds it, from y = 1 / s (one true division a row) and
+ * two FMAs (Markstein): q = x * y is within an ulp or two of x / s, the remainder x - q * s
+ * is then exact in one FMA, and q + remainder * y rounds to the correctly rounded quotient.
+ * That needs the remainder normal: where s >= kQuantMulMinScale (else the caller divides),
+ * it is whenever |x / s| >= 0.5, and below that both round to the integer 0. vdivps zmm
+ * issues once per ~10 cycles on the AVX512 CPUs here; the quantizer ran 1.2-1.5x faster
+ * (pyquant._C.quantize_rows_int8 at M x K = 2560 x 384 to 1024 x 4096, two threads). Checked
+ * against vdivps on 9.6e8 (x, s) pairs (s over 2^-100 .. 2^100, x at and around every
+ * half-integer multiple of s, uniform and random bits): the integers agreed every time, the
+ * quotients everywhere but at subnormal x. */
+constexpr float kQuantMulMinScale = 0x1p-100f;
+#if defined(PQ_SIMD_AVX512)
+inline __m512 div_by_reciprocal(__m512 x, __m512 s, __m512 y) {
+  const __m512 q = _mm512_mul_ps(x, y);
+  return _mm512_fmadd_ps(_mm512_fnmadd_ps(q, s, x), y, q);
+}
+#elif defined(PQ_SIMD_AVX2)
+inline __m256 div_by_reciprocal(__m256 x, __m256 s, __m256 y) {
+  const __m256 q = _mm256_mul_ps(x, y);
+  return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, s, x), y, q);
+}
+#endif
+
+/* Per-row symmetric quantization (see pq.h). The quotient is that of a true IEEE division
+ * (div_by_reciprocal, or a division where s is tiny), and rounding is to nearest-even (the
+ * MXCSR default for cvtps2dq, nearbyint in the default mode), so results match
  * torch.round(x / s) bit for bit. */
 inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
                          const float* given_amax) {
@@ -247,8 +270,14 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
 
   k = 0;
 #if defined(PQ_SIMD_AVX512)
-  const __m512 sv = _mm512_set1_ps(s);
+  const __m512 sv = _mm512_set1_ps(s), yv = _mm512_set1_ps(1.0f / s);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  if (s >= kQuantMulMinScale) {
+    for (; k + 16 <= K; k += 16) {
+      const __m512i v = _mm512_cvtps_epi32(div_by_reciprocal(_mm512_loadu_ps(x + k), sv, yv));
+      _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(v, hi), lo)));
+    }
+  }
   for (; k + 16 <= K; k += 16) {
     const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + k), sv));
     _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(v, hi), lo)));
@@ -259,10 +288,12 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale,
     k = K;
   }
 #elif defined(PQ_SIMD_AVX2)
-  const __m256 sv = _mm256_set1_ps(s);
+  const __m256 sv = _mm256_set1_ps(s), yv = _mm256_set1_ps(1.0f / s);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  const bool by_mul = s >= kQuantMulMinScale;
   for (; k + 8 <= K; k += 8) {
-    __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k), sv));
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    __m256i v = _mm256_cvtps_epi32(by_mul ? div_by_reciprocal(xv, sv, yv) : _mm256_div_ps(xv, sv));
     v = _mm256_max_epi32(_mm256_min_epi32(v, hi), lo);
     const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(p16, p16));
