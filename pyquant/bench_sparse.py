@@ -161,13 +161,17 @@ def targets(result: dict, m: int = 1) -> list[dict]:
                 continue
             d = ms.get((shape, n, k, m, dense))
             speedup = d["ms"] / r["ms"] if d else None
+            # the speedup at the dense op's own bandwidth: its bytes over the sparse op's
+            wb, dwb = r.get("weight_bytes"), d.get("weight_bytes") if d else None
+            bytes_ratio = dwb / wb if wb and dwb else None
             # the break-even of the op the impl runs (sparse_impls: the layers' layout)
             runs = (key[0] + "_panels", key[1]) if _runs_on_panels(key[0], n, k) else key
             # the bench's unstructured weights keep the same count in every row
             gemm_m = gemm_from_m(runs, sf.unstructured_kept(k, SPARSITY) / k)
             out.append({
                 "impl": sparse, "shape": f"{n}x{k}", "m": m, "ms": r["ms"], "vs": dense,
-                "speedup": speedup, "min_speedup": min_speedup, "bw_share": r["bw_share"],
+                "speedup": speedup, "min_speedup": min_speedup, "bytes_ratio": bytes_ratio,
+                "bw_share": r["bw_share"],
                 "bw_share_now": r.get("bw_share_now", float("nan")),
                 # a weight that takes a GEMM never runs dense (pyquant._native), but x with an
                 # Inf or NaN, which the bench does not send
@@ -182,13 +186,19 @@ def targets(result: dict, m: int = 1) -> list[dict]:
 
 
 def _short_of(r: dict) -> str:
-    """Which of a decode target's two parts a row misses."""
+    """Which of a decode target's two parts a row misses; and, for a missed speedup whose
+    target is above the byte ratio, that the sparse op would have to read memory faster than
+    its dense counterpart does to meet it."""
     why = []
     if r["speedup"] is None or r["speedup"] < r["min_speedup"]:
         why.append(f"speedup < {r['min_speedup']:.1f}x")
     if r["bw_share"] < BANDWIDTH_FLOOR:
         why.append(f"bw% < {100 * BANDWIDTH_FLOOR:.0f}%")
-    return ", ".join(why)
+    text = ", ".join(why)
+    ratio = r.get("bytes_ratio")
+    if why and why[0].startswith("speedup") and ratio and r["min_speedup"] > ratio:
+        text += f"; {r['min_speedup']:.1f}x is above the byte ratio {ratio:.2f}x"
+    return text
 
 
 def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> str:
@@ -197,10 +207,11 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
     bw_note = f" (read bandwidth {bw:.1f} GB/s measured in this run)" if bw else ""
     decode = m == 1
     lines = [("sparse decode targets, M = 1" if decode
-              else f"sparse layers at M = {m} against their dense counterparts") + bw_note]
+              else f"sparse layers at M = {m} against their dense counterparts") + bw_note
+             + "; bytes: the dense op's bytes over the sparse op's, its speedup at equal GB/s"]
     lines.append(f"{'impl':44s} {'shape':>11s} {'ms':>8s} {'speedup':>8s} "
                  + (f"{'need':>5s} " if decode else "")
-                 + f"{'bw%':>5s} {'now%':>5s} {'dense from M':>12s}  vs")
+                 + f"{'bytes':>6s} {'bw%':>5s} {'now%':>5s} {'dense from M':>12s}  vs")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         be = r["dense_from_m"]
@@ -210,9 +221,11 @@ def format_targets(rows: list[dict], bw: Optional[float] = None, m: int = 1) -> 
                   "  (runs the sparse GEMM: kept products only)"
                   if gm is not None and m >= gm else "")
         need = "-" if r["min_speedup"] is None else f"{r['min_speedup']:.1f}x"
+        ratio = r.get("bytes_ratio")
+        by = f"{ratio:.2f}x" if ratio else "-"
         lines.append(f"{r['impl']:44s} {r['shape']:>11s} {r['ms']:8.3f} {sp:>8s} "
                      + (f"{need:>5s} " if decode else "")
-                     + f"{100 * r['bw_share']:4.0f}% {100 * r['bw_share_now']:4.0f}% "
+                     + f"{by:>6s} {100 * r['bw_share']:4.0f}% {100 * r['bw_share_now']:4.0f}% "
                      f"{be if be is not None else '-':>12}  "
                      f"{r['vs']}{flag}")
     speedups = [r["speedup"] for r in rows if r["speedup"]]

@@ -226,6 +226,32 @@ def test_sparse_targets_say_what_a_row_misses():
     assert "below target" not in lines[3]
 
 
+def test_sparse_targets_bytes_ratio():
+    """targets() gives each row the dense op's weight bytes over the sparse op's (its speedup at
+    equal GB/s), the table prints it, and a missed speedup whose target is above that ratio
+    says so: meeting it would take reading memory faster than the dense op does."""
+    from pyquant.bench_sparse import TARGETS, format_targets, targets
+
+    sparse, dense, need = next((t[0], t[1], t[2]) for t in TARGETS if t[2] == 1.3)
+
+    def result(dense_bytes):
+        return {"rows": [
+            {"shape": "llama", "n": 4096, "k": 4096, "m": 1, "impl": sparse, "ms": 0.4,
+             "weight_bytes": 1000, "bw_share": 0.6, "bw_share_now": 0.6},
+            {"shape": "llama", "n": 4096, "k": 4096, "m": 1, "impl": dense, "ms": 0.44,
+             "weight_bytes": dense_bytes, "bw_share": 0.7, "bw_share_now": 0.7}]}
+
+    low = targets(result(1286))
+    assert len(low) == 1 and low[0]["bytes_ratio"] == pytest.approx(1.286)
+    line = format_targets(low).splitlines()[2]
+    assert " 1.29x " in line
+    assert line.endswith(f"(below target: speedup < {need:.1f}x, bw% < 75%; "
+                         f"{need:.1f}x is above the byte ratio 1.29x)")
+    high = targets(result(1500))
+    line = format_targets(high).splitlines()[2]
+    assert " 1.50x " in line and line.endswith(f"(below target: speedup < {need:.1f}x, bw% < 75%)")
+
+
 def test_sparse_row_without_a_target():
     """The fp32 unstructured row has no target: its table line shows '-' for 'need' and no
     verdict, and targets() gives it ok None (neither met nor missed), from a bench result."""
