@@ -627,6 +627,30 @@ def test_ab_inprocess_loads_two_builds_and_compares(capsys):
     assert b is not before and b.best_isa() == before.best_isa()
 
 
+@pytest.mark.skipif(not _native.available(), reason="needs the native module")
+def test_quantizer_ab_script_runs(capsys):
+    """benchmarks/quantizer_ab.py times pq_quantize_rows_int8 of two builds (here one build
+    twice) on tiny sizes: a line per size with both medians and the ratio, and the check that
+    both wrote the same codes; bad --sizes are an argparse error."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "quantizer_ab.py"
+    spec = importlib.util.spec_from_file_location("quantizer_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    so = _native.module().__file__
+    for bad in ("17", "0x64", "axb"):
+        with pytest.raises(SystemExit):
+            mod.main([so, so, "--sizes", bad])
+    capsys.readouterr()
+    assert mod.main([so, so, "--sizes", "3x17,17x100", "--calls", "2", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in out if " A/B " in ln]
+    assert len(rows) == 2 and rows[0].split()[:3] == ["3", "x", "17"]
+    assert out[-1] == "both builds wrote the same codes and scales"
+
+
 def test_bf16_io_ab_script_runs(capsys):
     """benchmarks/bf16_io_ab.py on a tiny shape: a line per op with both medians and their
     ratio on AMX; an argparse error elsewhere and for an unknown op."""

@@ -188,9 +188,10 @@ inline bool row_is_finite(const float* x, int64_t K) {
  * is then exact in one FMA, and q + remainder * y rounds to the correctly rounded quotient.
  * That needs the remainder normal: where s >= kQuantMulMinScale (else the caller divides),
  * it is whenever |x / s| >= 0.5, and below that both round to the integer 0. Against vdivps
- * the quantizer ran 1.24-1.62x faster (pyquant._C.quantize_rows_int8, M x K = 2560 x 384,
- * 2560 x 1536, 1024 x 4096 and 128 x 4096, two threads, Granite Rapids), about what a plain
- * multiply by 1/s gave (1.25-1.6x), so the two FMAs cost next to nothing there. Checked
+ * the quantizer ran 1.20-1.63x faster on the AVX512 levels and 1.05-1.18x on AVX2
+ * (benchmarks/quantizer_ab.py, M x K = 2560 x 384 .. 128 x 11008, two threads, Granite
+ * Rapids), about what a plain multiply by 1/s gave (1.25-1.6x): the two FMAs cost next to
+ * nothing there. Checked
  * against vdivps on 9.6e8 (x, s) pairs (s over 2^-100 .. 2^100, x at and around every
  * half-integer multiple of s, uniform and random bits): the integers agreed every time, the
  * quotients everywhere but at subnormal x. */
