@@ -183,18 +183,17 @@ inline bool row_is_finite(const float* x, int64_t K) {
   return probe == 0.0f;
 }
 
-/* x / s rounded as an IEEE division rounds it, from y = 1 / s (one true division a row) and
- * two FMAs (Markstein): q = x * y is within an ulp or two of x / s, the remainder x - q * s
- * is then exact in one FMA, and q + remainder * y rounds to the correctly rounded quotient.
- * That needs the remainder normal: where s >= kQuantMulMinScale (else the caller divides),
- * it is whenever |x / s| >= 0.5, and below that both round to the integer 0. Against vdivps
- * the quantizer ran 1.20-1.63x faster on the AVX512 levels and 1.05-1.18x on AVX2
+/* x / s rounded as an IEEE division rounds it, from y = 1 / s (one true division a row, so
+ * correctly rounded) and two FMAs (Markstein's correction): q = x * y is within about an ulp
+ * of x / s, the remainder x - q * s is exact in one FMA, and q + remainder * y rounds to the
+ * correctly rounded quotient. That needs the remainder normal: where s >= kQuantMulMinScale
+ * (else the caller divides) it is whenever |x / s| >= 0.5, and below that both round to the
+ * integer 0. Checked against vdivps on 9.6e8 (x, s) pairs (s over 2^-100 .. 2^100; x within
+ * 4 ulps of integer and half-integer multiples of s, uniform, and random bits): the integers
+ * agreed every time, the quotients everywhere but at subnormal x. Against vdivps the
+ * quantizer ran 1.20-1.63x faster on the AVX512 levels and 1.05-1.18x on AVX2
  * (benchmarks/quantizer_ab.py, M x K = 2560 x 384 .. 128 x 11008, two threads, Granite
- * Rapids), about what a plain multiply by 1/s gave (1.25-1.6x): the two FMAs cost next to
- * nothing there. Checked
- * against vdivps on 9.6e8 (x, s) pairs (s over 2^-100 .. 2^100, x at and around every
- * half-integer multiple of s, uniform and random bits): the integers agreed every time, the
- * quotients everywhere but at subnormal x. */
+ * Rapids), about what a plain multiply by 1/s gave (1.25-1.6x). */
 constexpr float kQuantMulMinScale = 0x1p-100f;
 #if defined(PQ_SIMD_AVX512)
 inline __m512 div_by_reciprocal(__m512 x, __m512 s, __m512 y) {
