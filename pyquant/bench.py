@@ -23,6 +23,14 @@ over the peak of the vector unit its arithmetic runs on, times the unit's operat
 useful one (three for the weight-only ops' 24-bit fixed point: three int8 products per
 product). Rows whose unit the bench does not know (torch's int4pack, AMX, the sparse ops) leave
 it empty.
+`pyquant bench` keeps freed memory of every size in its process first
+(runtime.keep_freed_memory(large_blocks=True); --no-malloc-tuning not): glibc maps a block
+above 32 MB afresh, faulting in every page, whenever the heap's free top cannot hold it, so an
+op whose output passes that (float32 at M = 1024 and 11008 columns: 45 MB) paid ~10 ms a call
+or nothing depending on what the run had freed before (int8 dynamic, 11008 x 4096, M = 1024:
+36.3 and 45.0 ms in two runs where its bf16-output row took 24.5 and 29.6; 27.4-27.9 ms with
+and without the setting in a run whose heap held it), where bf16 outputs (22 MB) never did.
+The setting applies to every impl alike and the machine line says so.
 """
 from __future__ import annotations
 
@@ -441,6 +449,7 @@ def run(
     iters: int = 20,
     rotate_bytes: Optional[int] = None,
     seed: int = 0,
+    malloc_kept: bool = False,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -506,7 +515,7 @@ def run(
             ready = st = s0 = states = None
     _add_speedups(rows)
     return {
-        "machine": machine_info(bw, peaks),
+        "machine": machine_info(bw, peaks, malloc_kept),
         "rows": [asdict(r) for r in rows],
     }
 
@@ -570,6 +579,12 @@ def main(argv=None) -> int:
                     help="timed calls per point (median; default 20)")
     ap.add_argument("--out", default="./bench_results",
                     help="output directory (default ./bench_results)")
+    ap.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                    help="leave glibc's malloc as it is: by default the bench keeps freed "
+                         "memory of every size in the process "
+                         "(pyquant.runtime.keep_freed_memory(large_blocks=True)), so that an "
+                         "output above 32 MB (11008 float32 columns at M = 1024) is not mapped "
+                         "and faulted in again on every timed call, for every impl alike")
     a = ap.parse_args(argv)
     if a.iters < 1:
         ap.error(f"--iters {a.iters}: give at least 1 timed call per point")
@@ -599,9 +614,15 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if any(m < 1 for m in ms) or any(t is not None and t < 1 for t in threads):
         ap.error("--ms and --threads take positive integers")
+    malloc_kept = False
+    if a.malloc_tuning:  # before anything is timed: the baselines run under it too
+        from . import runtime
+
+        malloc_kept = runtime.keep_freed_memory(large_blocks=True)
     results = []
     for t in threads:
-        res = run(models=models, ms=ms, impl_filter=a.impls, threads=t, iters=a.iters)
+        res = run(models=models, ms=ms, impl_filter=a.impls, threads=t, iters=a.iters,
+                  malloc_kept=malloc_kept)
         print(format_table(res))
         sparse = sparse_summary(res, ms)
         if sparse:
@@ -634,7 +655,7 @@ def sparse_summary(result: dict, ms) -> list:
     return out
 
 
-def machine_info(bw: float, peaks: Optional[dict] = None) -> dict:
+def machine_info(bw: float, peaks: Optional[dict] = None, malloc_kept: bool = False) -> dict:
     from . import _native
 
     isa = None
@@ -653,6 +674,10 @@ def machine_info(bw: float, peaks: Optional[dict] = None) -> dict:
         "peak_gops": {u: round(v, 1) for u, v in (peaks or {}).items()},
         "llc_bytes": _llc_bytes(),
         "timing": "interleaved: one call per impl in turn, medians per impl",
+        # True: freed blocks of every size stay in the process (main applies
+        # runtime.keep_freed_memory(large_blocks=True) before the run; the caller's run()
+        # says whether it did)
+        "malloc_tuning": malloc_kept,
     }
 
 
@@ -674,6 +699,10 @@ def format_table(result: dict) -> str:
         f"of the {PROBE} row's GB/s, timed in the same rounds)",
         f"measured instruction peaks, GOP/s: {peaks or 'not measured'} (%peak: a row's GOP/s "
         "over the peak of the unit its products run on, per unit op)",
+        "allocator: " + ("freed memory of every size kept in the process "
+                         "(pyquant.runtime.keep_freed_memory(large_blocks=True))"
+                         if mi.get("malloc_tuning") else "malloc as configured (large outputs "
+                         "are mapped and faulted in on every call)"),
         f"{'shape':>12} {'M':>5} {'impl':<42} {'ms':>9} {'GB/s':>7} {'%BW':>5} {'%now':>5} "
         f"{'GOP/s':>8} {'%peak':>5}  "
         "speedup vs " + ", ".join(SHORT.values()),

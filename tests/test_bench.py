@@ -58,7 +58,8 @@ def test_bench_rows_and_outputs(small_run, tmp_path):
     table = bench.format_table(small_run)
     assert "measured read bandwidth 10.0 GB/s" in table
     assert "measured instruction peaks, GOP/s: fp32 25, bf16 50, int8 100" in table
-    assert len(table.splitlines()) == 3 + len(rows)
+    assert len(table.splitlines()) == 4 + len(rows)
+    assert "allocator: malloc as configured" in table  # run() alone leaves malloc be
     paths = bench.write_outputs(small_run, str(tmp_path))
     with open(tmp_path / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
@@ -205,6 +206,31 @@ def test_bench_arguments_fail_before_the_run_in_one_line(args, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_bench_keeps_freed_memory_unless_told(monkeypatch, tmp_path, capsys):
+    """pyquant bench applies runtime.keep_freed_memory(large_blocks=True) before it times
+    anything, hands run() the outcome (recorded as the machine's malloc_tuning) and prints the
+    allocator it ran under; --no-malloc-tuning leaves malloc alone and says so."""
+    from pyquant import bench, runtime
+
+    calls, runs = [], []
+    monkeypatch.setattr(runtime, "keep_freed_memory",
+                        lambda **kw: calls.append(kw) or True)
+
+    def fake_run(**kw):
+        runs.append(kw)
+        return {"machine": bench.machine_info(30.0, {}, kw["malloc_kept"]), "rows": []}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert bench.main(["--ms", "1", "--out", str(tmp_path)]) == 0
+    assert calls == [{"large_blocks": True}] and runs[-1]["malloc_kept"] is True
+    out = capsys.readouterr().out
+    assert "allocator: freed memory of every size kept in the process" in out
+    assert bench.main(["--ms", "1", "--out", str(tmp_path), "--no-malloc-tuning"]) == 0
+    assert len(calls) == 1 and runs[-1]["malloc_kept"] is False
+    out = capsys.readouterr().out
+    assert "allocator: malloc as configured" in out
 
 
 def test_sparse_targets_say_what_a_row_misses():

@@ -15,6 +15,12 @@ def test_bad_threshold_is_a_clear_error(bad):
         runtime.keep_freed_memory(bad)
 
 
+@pytest.mark.parametrize("bad", [1, None, "yes"])
+def test_bad_large_blocks_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="large_blocks must be True or False"):
+        runtime.keep_freed_memory(large_blocks=bad)
+
+
 _CHILD = """
 import ctypes, resource, sys, torch
 from pyquant import runtime
@@ -54,3 +60,38 @@ def test_freed_blocks_come_back_without_page_faults():
 def test_returns_false_off_glibc(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert runtime.keep_freed_memory() is False
+
+
+_CHILD_LARGE = """
+import resource, sys, torch
+from pyquant import runtime
+if sys.argv[1] != "default":
+    assert runtime.keep_freed_memory(large_blocks=sys.argv[1] == "large")
+def faults_of_one_round():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        t = torch.empty(12 << 20, dtype=torch.float32)  # 48 MB: above any mmap threshold
+        t.fill_(1.0)
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_round(), faults_of_one_round()
+print(sum(faults_of_one_round() for _ in range(4)))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc is what the "
+                    "setting tunes")
+def test_large_blocks_come_back_without_page_faults():
+    """A 48 MB block is above the largest mmap threshold glibc takes (32 MB): with glibc's
+    settings, and with keep_freed_memory() alone, each is mapped afresh and faulted in page by
+    page (four rounds of three: >= 12 x 12288 faults); with large_blocks=True they come from
+    the heap and back to it, fewer faults than one block has pages."""
+    def faults(mode):
+        r = subprocess.run([sys.executable, "-c", _CHILD_LARGE, mode], capture_output=True,
+                           text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.strip().splitlines()[-1])
+    pages = (48 << 20) // 4096
+    assert faults("default") >= 12 * pages
+    assert faults("kept") >= 12 * pages
+    assert faults("large") < pages
