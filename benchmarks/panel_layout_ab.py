@@ -1,6 +1,6 @@
 """In-process A/B of the CPU panel layout (pyquant/panels.py) against the canonical rows.
 
-The layers of AVX512 CPUs without AMX (and the int4 weight-only layers of AMX CPUs) keep their
+The layers of AVX512 CPUs without AMX (and the int4 layers of AMX CPUs) keep their
 weights in 32-row panels packed once at swap time; with the canonical rows the same kernels convert every panel on every call (or, at small
 M, run the GEMV-shaped kernels on the rows). Each op runs both ways, the calls interleaved in
 one process, each on the next of several weight copies that together exceed the last-level

@@ -103,6 +103,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w"), py::arg("N"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
         py::arg("bias"), py::arg("out"), py::arg("n_threads"), py::arg("work"),
         py::arg("work_bytes"), gil_release());
+  m.def("int4_dynamic_mm_panels_bf16",
+        [](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w, int64_t N,
+           uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,
+           int n_threads, uintptr_t work, int64_t work_bytes) {
+          return pq_int4_dynamic_mm_panels_bf16(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M,
+                                         K, ptr<const uint8_t>(w), N, ptr<const float>(scales),
+                                         ptr<const uint8_t>(zeros), group_size,
+                                         ptr<const float>(bias), ptr<uint16_t>(out),
+                                         ptr<void>(work), work_bytes, n_threads);
+        },
+        py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"),
+        py::arg("w"), py::arg("N"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("bias"), py::arg("out"), py::arg("n_threads"), py::arg("work"),
+        py::arg("work_bytes"), gil_release());
   m.def("int4_dynamic_bf16_applies", &pq_int4_dynamic_bf16_applies, py::arg("isa"), py::arg("M"),
         py::arg("K"), py::arg("N"), py::arg("group_size"));
   m.def("int8_weight_only_mm_bf16",
@@ -215,6 +229,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("work"), py::arg("work_bytes"), gil_release());
   m.def("int4_panels_workspace_bytes", &pq_int4_panels_workspace_bytes, py::arg("M"),
         py::arg("K"), py::arg("group_size"));
+  m.def("int4_dynamic_panels_workspace_bytes", &pq_int4_dynamic_panels_workspace_bytes,
+        py::arg("isa"), py::arg("M"), py::arg("K"), py::arg("group_size"),
+        py::arg("n_threads"));
   m.def("int4_panel_layout", &pq_int4_panel_layout, py::arg("isa"), py::arg("K"), py::arg("N"),
         py::arg("group_size"));
   m.def("int4_weight_only_panel_layout", &pq_int4_weight_only_panel_layout, py::arg("isa"),

@@ -234,6 +234,13 @@ int pq_int4_dynamic_mm_bf16(int isa, const int8_t* xq, const float* x_scale, int
                             int64_t K, const uint8_t* w_packed, int64_t N, const float* scales,
                             const uint8_t* zeros, int64_t group_size, const float* bias,
                             uint16_t* out, void* work, int64_t work_bytes, int n_threads);
+/* The same on the panels of pq_int4_dynamic_mm_panels (codes and scales 64-byte aligned):
+ * each weight strip converted from its panel into the same int8 strip, so the same bits. */
+int pq_int4_dynamic_mm_panels_bf16(int isa, const int8_t* xq, const float* x_scale, int64_t M,
+                                   int64_t K, const uint8_t* panels, int64_t N,
+                                   const float* scales, const uint8_t* zeros, int64_t group_size,
+                                   const float* bias, uint16_t* out, void* work,
+                                   int64_t work_bytes, int n_threads);
 
 /* The same product on the weight's panels, converted once when a layer is swapped in
  * (AVX512 ISAs; K % 64 == 0, N % 32 == 0, group_size % 32 == 0). Layout, per panel p of
@@ -241,14 +248,21 @@ int pq_int4_dynamic_mm_bf16(int isa, const int8_t* xq, const float* x_scale, int
  * code[n, 8 j + 4 + c] << 4 with n = 32 p + 16 h + i (64-byte aligned); scales (float32,
  * 64-byte aligned) and zeros (uint8), [N/32][K/G][32]: entry (p, g, r) is row 32 p + r's
  * (pyquant/panels.py packs and unpacks them). work: 64-byte aligned,
- * pq_int4_panels_workspace_bytes(M, K, group_size). Returns PQ_ERR_ISA on an ISA without
- * these kernels. From M = 8 the results equal pq_int4_dynamic_mm's bit for bit (the same
- * panel arithmetic); below, its GEMV sums the groups in another order. */
+ * pq_int4_panels_workspace_bytes(M, K, group_size) at least; on AMX, with
+ * pq_int4_dynamic_panels_workspace_bytes (which adds the int8 tiles' scratch) prefill sizes
+ * run the tiles, each weight strip converted from its panel (else the VNNI kernels). Returns
+ * PQ_ERR_ISA on an ISA without these kernels. From M = 8 the results equal
+ * pq_int4_dynamic_mm's bit for bit (the same panel arithmetic, or the same tiles); below, its
+ * GEMV sums the groups in another order. */
 int pq_int4_dynamic_mm_panels(int isa, const int8_t* xq, const float* x_scale, int64_t M,
                               int64_t K, const uint8_t* panels, int64_t N, const float* scales,
                               const uint8_t* zeros, int64_t group_size, const float* bias,
                               float* out, void* work, int64_t work_bytes, int n_threads);
 int64_t pq_int4_panels_workspace_bytes(int64_t M, int64_t K, int64_t group_size);
+/* The whole scratch of pq_int4_dynamic_mm_panels on this ISA and thread count (-1: the sizes
+ * overflow). */
+int64_t pq_int4_dynamic_panels_workspace_bytes(int isa, int64_t M, int64_t K,
+                                               int64_t group_size, int n_threads);
 /* int8 weight-only (pq_int8_weight_only_mm's product) on the W8A8 panels of
  * pq_int8_dynamic_mm_panels, at every M: each row of x in 24-bit fixed point (three int8
  * terms, error at most max|x[m,:]| / 8323072 per entry), the three term rows of an x row in
@@ -280,8 +294,10 @@ int pq_int4_weight_only_mm_panels(int isa, const float* x, int64_t M, int64_t K,
                                   float* out, void* work, int64_t work_bytes, int n_threads);
 int64_t pq_int4_weight_only_panels_workspace_bytes(int isa, int64_t M, int64_t K,
                                                    int64_t group_size, int n_threads);
-/* 1 when W4A8 layers of these sizes should keep their weight in that layout on this ISA
- * (as pq_int8_panel_layout). */
+/* 1 when W4A8 layers of these sizes should keep their weight in that layout on this ISA:
+ * as pq_int8_panel_layout, and on the AMX ISA, where pq_int4_dynamic_mm_panels runs the int8
+ * tiles from M = 9 (each weight strip converted from its panel; the products those of
+ * pq_int4_dynamic_mm's AMX path, bit for bit) and the panels' VNNI GEMV below. */
 int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size);
 /* 1 when int4 weight-only layers should: as pq_int4_panel_layout, and on the AMX ISA, where
  * pq_int4_weight_only_mm_panels runs AMX-BF16 tiles from M = 16 (each weight strip converted

@@ -697,14 +697,16 @@ def _run_int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
                         scales, zeros, group_size, bias)
 
 
-def _int4_dynamic_bf16_out(x, w_packed, scales, zeros, group_size, bias):
-    """bf16 x on the AMX tiles straight into a bf16 output (pq_int4_dynamic_mm_bf16), as
+def _int4_dynamic_bf16_out(x, w_packed, scales, zeros, group_size, bias, panels=False):
+    """bf16 x on the AMX tiles straight into a bf16 output (pq_int4_dynamic_mm_bf16; with
+    panels, codes and scales in the panel layout, 64-byte aligned: ..._panels_bf16), as
     _int8_dynamic_bf16_out; None where that path does not run (other ISAs and sizes, a zero
     point above 15)."""
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     mod = module()
     wp, sc, zp = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
     b = _bias_f32(bias)
+    run = mod.int4_dynamic_mm_panels_bf16 if panels else mod.int4_dynamic_mm_bf16
 
     def need(isa, m, nt):
         if not mod.int4_dynamic_bf16_applies(isa, m, k, n, group_size):
@@ -713,7 +715,7 @@ def _int4_dynamic_bf16_out(x, w_packed, scales, zeros, group_size, bias):
     # PQ_NOT_FIXED_POINT: a zero point above 15, which the float path takes
     return _dynamic_bf16_out(
         "int4_dynamic_mm", x, n, k, "int4dyn", need,
-        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int4_dynamic_mm_bf16(
+        lambda isa, pxq, pxs, m, out, nt, work, nwork: run(
             isa, pxq, pxs, m, k, _ptr(wp), n, _ptr(sc), _ptr(zp), group_size, _ptr(b), _ptr(out),
             nt, _ptr(work), nwork),
         _NOT_FIXED_POINT, group_size=group_size)

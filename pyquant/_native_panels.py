@@ -12,10 +12,11 @@ import torch
 from . import _checks, panels, sparse_panels
 from ._native import (
     _NOT_FINITE, _NOT_FIXED_POINT, _bias_f32, _bound_result, _bound_rows, _check_codes, _finish,
-    _flat, _int4_codes_mm, _int8_codes_mm, _out, _ptr, _raise, _require_cpu, _rows_f32, _run_codes,
-    _run_dynamic, _run_int4_weight_only_mm, _run_int8_weight_only_mm, _run_sparse24_int4_mm,
-    _run_sparse24_int8_mm, _scratch, _threads, _work, _workspace_sizes, current_isa,
-    has_panel_kernels, int8_weight_only_mm, module, sparse_dense_reason)
+    _flat, _int4_codes_mm, _int4_dynamic_bf16_out, _int8_codes_mm, _out, _ptr, _raise,
+    _require_cpu, _rows_f32, _run_codes, _run_dynamic, _run_int4_weight_only_mm,
+    _run_int8_weight_only_mm, _run_sparse24_int4_mm, _run_sparse24_int8_mm, _scratch, _threads,
+    _work, _workspace_sizes, current_isa, has_panel_kernels, int8_weight_only_mm, module,
+    sparse_dense_reason)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,10 @@ def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size,
                               bias, out)
     n = codes.shape[0]
     codes, scales, zp, b = _aligned(codes), _aligned(scales), zeros.contiguous(), _bias_f32(bias)
-    nwork = module().int4_panels_workspace_bytes(m, k, group_size)
+    # on AMX with the int8 tiles' scratch: prefill runs them from the panels
+    nwork = module().int4_dynamic_panels_workspace_bytes(isa, m, k, group_size, _threads())
+    if nwork < 0:
+        _raise("int4_dynamic_mm_panels", -1, M=m, N=n, K=k, group_size=group_size)
     work = _work("int4dyn", max(nwork, 64))
     st = module().int4_dynamic_mm_panels(isa, pxq, pxs, m, k, _ptr(codes), n, _ptr(scales),
                                          _ptr(zp), group_size, _ptr(b), _ptr(out), _threads(),
@@ -233,6 +237,11 @@ def int4_weight_only_mm_panels(x, codes, scales, zeros, group_size, bias=None):
 
 
 def _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias=None):
+    if x.dtype is torch.bfloat16:  # AMX: bf16 out from the tiles, as the rows' op
+        y = _int4_dynamic_bf16_out(x, _aligned(codes), _aligned(scales), zeros, group_size,
+                                   bias, panels=True)
+        if y is not None:
+            return y
     return _run_dynamic(x, codes.shape[0], codes.shape[1] * 2, _int4_panels_codes_mm, codes,
                         scales, zeros, group_size, bias)
 

@@ -517,7 +517,7 @@ class Int4DynamicLinear(Int4WeightOnlyLinear):
     config_cls = Int4Dynamic
 
     def _panel_layout_applies(self, device) -> bool:
-        # not on AMX: its W4A8 prefill runs int8 tiles converted from the canonical rows
+        # on AMX too: decode runs the panels' GEMV, prefill int8 tiles converted from them
         return _panels.int4_panel_layout_applies(self.out_features, self.in_features,
                                                  self.group_size, device)
 

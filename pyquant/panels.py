@@ -30,12 +30,15 @@ holding [N/32][K/G][32]:
 One 64-byte load then holds 8 k of 16 rows, its low nibbles k = 8j .. 8j + 3 and its high
 ones 8j + 4 .. 8j + 7, and a group's 32 scales are two vectors.
 
-On AMX CPUs only the int4 weight-only layers keep panels
-(``int4_weight_only_panel_layout_applies``): their decode runs the panels' GEMV, and from
-M = 16 the AMX-BF16 tiles convert each 32-row strip from its panel
-(csrc/cpu/tile_amx_bf16.h) into the same bytes as from the rows (0.8-0.9x as fast at
-M = 16, even from M = 128). The other AMX layers keep rows, which their int8 tiles convert
-from.
+On AMX CPUs the int4 layers keep panels too. Weight-only
+(``int4_weight_only_panel_layout_applies``): decode runs the panels' GEMV, and from M = 16
+the AMX-BF16 tiles convert each 32-row strip from its panel (csrc/cpu/tile_amx_bf16.h) into
+the same bytes as from the rows (0.8-0.9x as fast at M = 16, even from M = 128). W4A8
+(``int4_panel_layout_applies``): decode runs the panels' VNNI GEMV, and from M = 9 the int8
+tiles convert each strip from its panel (amx_int4dyn_convert_panels,
+csrc/cpu/tile_amx_int4dyn.h), faster than from the rows: 1.02-1.21x at M = 1, 1.23-1.77x at
+M = 8-32, 1.06-1.13x from M = 128 (benchmarks/panel_layout_ab.py, Llama-2-7B shapes). The
+int8 layers keep rows, which their int8 tiles load as they are.
 """
 from __future__ import annotations
 
@@ -175,7 +178,8 @@ def panel_layout_applies(n: int, k: int, device) -> bool:
 
 
 def int4_panel_layout_applies(n: int, k: int, group_size: int, device) -> bool:
-    """As panel_layout_applies, for a W4A8 layer of group size ``group_size``."""
+    """As panel_layout_applies, for a W4A8 layer of group size ``group_size``: on AMX CPUs too
+    (pq.h, pq_int4_panel_layout)."""
     from . import _native
 
     if torch.device(device).type != "cpu" or not shape_ok(n, k) or not _native.available():

@@ -99,16 +99,15 @@ def test_info_json(tmp_path):
         amx = isa == "avx512_amx"
         assert list(b16.values()) == (["9 and up"] * 2 + ["16 and up"] * 2 if amx
                                       else ["none"] * 4), b16
-        # the panel layouts of the AVX512 ISAs without AMX (pyquant/panels.py), and int4
-        # weight-only's on AMX too (its tiles convert their strips from the panels)
+        # the panel layouts of the AVX512 ISAs without AMX (pyquant/panels.py), and the int4
+        # layers' on AMX too (its tiles convert their strips from the panels)
         lay = d["cpu_weight_layout"]
         panels_here = isa in ("avx512_vnni", "avx512_bf16")
         assert lay["Int8WeightOnlyLinear, Int8DynamicLinear"].startswith(
             "32-row panels" if panels_here else "canonical rows"), lay
-        assert lay["Int4DynamicLinear"].startswith(
-            "32-row panels" if panels_here else "canonical rows"), lay
-        assert lay["Int4WeightOnlyLinear"].startswith(
-            "32-row panels" if panels_here or isa == "avx512_amx" else "canonical rows"), lay
+        for name in ("Int4DynamicLinear", "Int4WeightOnlyLinear"):
+            assert lay[name].startswith(
+                "32-row panels" if panels_here or amx else "canonical rows"), lay
     else:
         assert d["cpu_isa"]["in_use"] is None
         assert all(v == "reference" for v in d["dispatch"]["cpu"].values())

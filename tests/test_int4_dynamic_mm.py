@@ -66,9 +66,12 @@ def test_layer_quality_and_save_load(tmp_path, symmetric):
                                             (40, 256, 64, 64, "zero 20"),
                                             (200, 4096, 64, 128, "contiguous")])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_bias):
+@pytest.mark.parametrize("weights", ["rows", "panels"])
+def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_bias, weights):
+    """The rows' call (pq_int4_dynamic_mm_bf16) and the panels' (..._panels_bf16, each strip
+    converted from its panel): the fp32 path rounded, and the panels' the rows' bit for bit."""
     from helpers import assert_bf16_of_fp32, available_isas, native_calls, num_threads, run_op
-    from pyquant import _native, formats
+    from pyquant import _native, formats, panels
 
     if not _native.available() or "avx512_amx" not in available_isas():
         pytest.skip("no AMX on this CPU")
@@ -83,11 +86,20 @@ def test_bf16_outputs_on_amx_are_the_fp32_path_rounded(m, k, n, g, layout, with_
     x = {"strided": lambda: x[:, :k], "3d": lambda: x[:, :k].contiguous().view(1, m, k)}.get(
         layout, lambda: x[:, :k].contiguous())()
     bias = torch.randn(n, generator=gen) if with_bias else None
+    op, call = "int4_dynamic_mm", "int4_dynamic_mm_bf16"
+    if weights == "panels":
+        op, call = "int4_dynamic_mm_panels", "int4_dynamic_mm_panels_bf16"
+        wargs = (*panels.pack_int4(*wargs), g)
     with num_threads(2):
         with native_calls() as calls:
-            got = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x, wargs, bias)
-        f32 = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x.float(), wargs, bias)
-    assert ("int4_dynamic_mm_bf16" in calls) == (m >= 9 and g % 64 == 0), calls
+            got = run_op(op, "cpu", "avx512_amx", x, wargs, bias)
+        f32 = run_op(op, "cpu", "avx512_amx", x.float(), wargs, bias)
+        if weights == "panels":
+            rows = run_op("int4_dynamic_mm", "cpu", "avx512_amx", x,
+                          (*panels.unpack_int4(*wargs), g), bias)
+            assert torch.equal(got.view(torch.int16), rows.view(torch.int16))
+    # the tiles from M = 9, at whole 64-byte groups, all zero points <= 15 (else declined)
+    assert (call in calls) == (m >= 9 and g % 64 == 0), calls
     assert assert_bf16_of_fp32(got, f32, x.shape[:-1] + (n,)).any()
 
 
@@ -121,3 +133,25 @@ def test_bf16_output_call_refusals():
     z_big[0, 0] = 16
     assert call(zeros=z_big) == 3 and (out == 7.0).all()
     assert call() == 0 and not (out == 7.0).all()
+    # the panels' call: the same refusals, and codes or scales off a 64-byte boundary
+    from helpers import aligned_work as _aligned
+    from pyquant import panels
+    pc, ps, pz = panels.pack_int4(p, s, z, g)
+    cbuf, caddr = _aligned(pc.numel() + 1)
+    sbuf, saddr = _aligned(ps.numel() * 4 + 4)
+    cbuf[caddr - cbuf.data_ptr():][:pc.numel()].copy_(pc.view(-1))
+    sbuf[saddr - sbuf.data_ptr():][:ps.numel() * 4].copy_(ps.view(-1).view(torch.uint8))
+
+    def pcall(codes=caddr, scales=saddr, nbytes=need):
+        out.fill_(7.0)
+        return mod.int4_dynamic_mm_panels_bf16(amx, xq.data_ptr(), xs.data_ptr(), m, k, codes, n,
+                                               scales, pz.data_ptr(), g, 0, out.data_ptr(), 2,
+                                               base, nbytes)
+    assert pcall(nbytes=need - 1) == 1 and (out == 7.0).all()
+    assert pcall(codes=caddr + 1) == 1 and pcall(scales=saddr + 4) == 1
+    assert mod.int4_dynamic_mm_panels_bf16(0, xq.data_ptr(), xs.data_ptr(), m, k, caddr, n,
+                                           saddr, pz.data_ptr(), g, 0, out.data_ptr(), 2, base,
+                                           need) == 2
+    assert pcall() == 0
+    from_panels = out.clone()
+    assert call() == 0 and torch.equal(out.view(torch.int16), from_panels.view(torch.int16))

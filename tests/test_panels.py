@@ -555,15 +555,91 @@ needs_amx = pytest.mark.skipif(
 
 
 @needs_amx
-def test_amx_int4_weight_only_keeps_panels_w4a8_keeps_rows():
-    """On AMX the int4 weight-only layers keep panels (decode runs the panels' GEMV, prefill
-    the AMX tiles converting strips from them); W4A8 layers keep rows (their int8 tiles
-    convert from the rows)."""
+def test_amx_int4_layers_keep_panels():
+    """On AMX the int4 weight-only and W4A8 layers keep panels: decode runs the panels'
+    GEMVs, prefill the AMX tiles converting each strip from its panel (bf16 tiles for
+    weight-only, int8 tiles for W4A8). The int8 layers keep rows."""
     a = _model(n=128)
     pyquant.quantize_(a, pyquant.Int4WeightOnly(group_size=64))
     b = _model(n=128)
     pyquant.quantize_(b, pyquant.Int4Dynamic(group_size=64))
-    assert a[0].weight_layout == "panels" and b[0].weight_layout == "rows"
+    c = _model(n=128)
+    pyquant.quantize_(c, pyquant.Int8Dynamic())
+    assert a[0].weight_layout == "panels" and b[0].weight_layout == "panels"
+    assert c[0].weight_layout == "rows"
+
+
+def _w4a8_panels_raw(isa, xq, xs, pw, n, k, g, work_bytes):
+    """pq_int4_dynamic_mm_panels with a workspace of work_bytes (fp32 out)."""
+    out = torch.full((xq.shape[0], n), float("nan"))
+    work = torch.zeros(work_bytes + 64, dtype=torch.uint8)
+    base = work.data_ptr() + (-work.data_ptr()) % 64
+    st = _native.module().int4_dynamic_mm_panels(
+        isa, xq.data_ptr(), xs.data_ptr(), xq.shape[0], k, pw[0].data_ptr(), n,
+        pw[1].data_ptr(), pw[2].data_ptr(), g, 0, out.data_ptr(), 2, base, work_bytes)
+    assert st == 0
+    return out
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k,g", [(64, 128, 64), (96, 384, 128), (32, 512, 256),
+                                   (160, 640, 64)])
+def test_amx_w4a8_from_panels_equals_rows(n, k, g):
+    """From the AMX tiles' first M the W4A8 tiles convert each weight strip from its panel
+    (amx_int4dyn_convert_panels): the same int8 strip as from the rows, so the results equal
+    the rows' bit for bit; and equal those of the panels' VNNI kernels, which run when the
+    workspace holds only their part (pq_int4_panels_workspace_bytes), so the tiles really
+    ran where the whole workspace was given. Zero points past 15, which the tiles refuse:
+    each layout then takes its VNNI kernel (the rows' generic one sums in another order, so
+    against the rows within the op's tolerance), and the two panel calls agree."""
+    from helpers import assert_close_named
+    amx = _native.ISA_NAMES.index("avx512_amx")
+    mod = _native.module()
+    for big_zero in (False, True):
+        wp, sc, zp, _ = _int4_weight(n, k, g, seed=n)
+        if big_zero:
+            zp = zp.clone()
+            zp[1, 0] = 20
+        pw = panels.pack_int4(wp, sc, zp, g)
+        for m in (9, 16, 17, 40, 100):
+            x = activation((m, k), seed=m)
+            want = pyquant.ops.call("int4_dynamic_mm", x, wp, sc, zp, g, None)
+            got = pyquant.ops.call("int4_dynamic_mm_panels", x, *pw, g, None)
+            if big_zero:
+                assert_close_named(got, want, "int4_dynamic_mm/float32")
+            else:
+                assert torch.equal(got, want), m
+            xq, xs = _native.quantize_rows_int8(x)
+            whole = mod.int4_dynamic_panels_workspace_bytes(amx, m, k, g, 2)
+            part = mod.int4_panels_workspace_bytes(m, k, g)
+            assert whole > part  # the tiles' scratch is there to run them
+            tiles = _w4a8_panels_raw(amx, xq, xs, pw, n, k, g, whole)
+            vnni = _w4a8_panels_raw(amx, xq, xs, pw, n, k, g, part)
+            assert torch.equal(tiles, vnni), (m, big_zero)
+    wp, sc, zp, _ = _int4_weight(n, k, g, seed=n)  # zero points <= 15: the tiles run
+    pw = panels.pack_int4(wp, sc, zp, g)
+    for x in (activation((20, 2 * k), seed=5)[:, ::2], activation((2, 9, k), seed=6),
+              activation((17, k), torch.bfloat16, seed=7)):
+        want = pyquant.ops.call("int4_dynamic_mm", x, wp, sc, zp, g, None)
+        got = pyquant.ops.call("int4_dynamic_mm_panels", x, *pw, g, None)
+        assert torch.equal(got, want), tuple(x.shape)
+
+
+@needs_amx
+def test_amx_w4a8_panels_workspace_query():
+    """pq_int4_dynamic_panels_workspace_bytes: the panels' VNNI part below the tiles' first M
+    and on other ISAs, the tiles' scratch from it on AMX, -1 for sizes that overflow."""
+    mod = _native.module()
+    amx = _native.ISA_NAMES.index("avx512_amx")
+    bf16 = _native.ISA_NAMES.index("avx512_bf16")
+    part = mod.int4_panels_workspace_bytes
+    assert mod.int4_dynamic_panels_workspace_bytes(amx, 1, 256, 64, 2) == part(1, 256, 64)
+    assert mod.int4_dynamic_panels_workspace_bytes(bf16, 64, 256, 64, 2) == part(64, 256, 64)
+    assert mod.int4_dynamic_panels_workspace_bytes(amx, 64, 256, 64, 2) > part(64, 256, 64)
+    assert mod.int4_dynamic_panels_workspace_bytes(amx, 64, 256, 64, 2) > \
+        mod.int4_dynamic_panels_workspace_bytes(amx, 64, 256, 64, 1)
+    assert mod.int4_dynamic_panels_workspace_bytes(amx, 1 << 40, 1 << 30, 64, 2) == -1
+    assert mod.int4_dynamic_panels_workspace_bytes(amx, 16, 100, 64, 2) == -1  # K % g
 
 
 @needs_amx

@@ -259,11 +259,20 @@ void int8_dynamic_mm_panels(const int8_t* xq, const float* x_scale, int64_t M, i
 
 #if defined(PQ_SIMD_AVX512)
 /* int4_dynamic_mm on panels packed at swap time (pq.h), at every M. work: 64-byte aligned,
- * the x rows' group sums. */
+ * the x rows' group sums; with amx (AMX build, prefill sizes) the AMX tiles' scratch, their
+ * strips converted from the panels (amx_int4dyn_convert_panels), unless a zero point is
+ * above 15. */
 void int4_dynamic_mm_panels(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                             const uint8_t* panels, int64_t N, const float* scales,
                             const uint8_t* zeros, int64_t G, const float* bias, float* out,
-                            void* work, int n_threads) {
+                            void* work, bool amx, int n_threads) {
+#if defined(PQ_AMX_INT4DYN)
+  if (amx && amx_int4_dynamic(xq, M, K, panels, N, scales, zeros, G,
+                              AmxStoreInt4Dyn{out, N, x_scale, bias}, work, n_threads, true))
+    return;
+#else
+  (void)amx;
+#endif
   w4a8_panels_mm(xq, x_scale, M, K, panels, N, scales, zeros, G, bias, out, work, n_threads);
 }
 
@@ -419,9 +428,10 @@ void int8_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
  * caller checked amx_int4dyn_applies). False, out untouched, when a zero point is above 15. */
 bool int4_dynamic_mm_bf16(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                           const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
-                          int64_t G, const float* bias, uint16_t* out, void* work, int n_threads) {
+                          int64_t G, const float* bias, uint16_t* out, void* work, int n_threads,
+                          bool panels) {
   return amx_int4_dynamic(xq, M, K, wp, N, scales, zeros, G,
-                          AmxStoreInt4DynBf16{out, N, x_scale, bias}, work, n_threads);
+                          AmxStoreInt4DynBf16{out, N, x_scale, bias}, work, n_threads, panels);
 }
 #endif
 

@@ -314,11 +314,12 @@ struct KernelTable {
                                  const uint8_t* panels, int64_t N, const float* w_scale,
                                  const float* bias, float* out, void* work, int n_threads);
   /* AVX512 builds (else null): int4_dynamic_mm on the weight's panels (pq.h,
-   * pq_int4_dynamic_mm_panels); work: 64-byte aligned, int4_panels_work_bytes(M, K, G) */
+   * pq_int4_dynamic_mm_panels); work: 64-byte aligned, int4_panels_work_bytes(M, K, G), and
+   * with amx (AMX builds: the caller checked amx_int4dyn_applies) amx_int4dyn_work_bytes */
   void (*int4_dynamic_mm_panels)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                                  const uint8_t* panels, int64_t N, const float* scales,
                                  const uint8_t* zeros, int64_t group_size, const float* bias,
-                                 float* out, void* work, int n_threads);
+                                 float* out, void* work, bool amx, int n_threads);
   /* AVX512 builds (else null): int4_weight_only_mm on those panels (pq.h,
    * pq_int4_weight_only_mm_panels); work: 64-byte aligned, int4wo_panels_work_bytes. False
    * when a row of x cannot be written in 24-bit fixed point. */
@@ -357,12 +358,13 @@ struct KernelTable {
                                    const int8_t* w, int64_t N, const float* w_scale,
                                    const float* bias, uint16_t* out, void* work, int n_threads);
   /* AMX builds (else null): int4_dynamic_mm into bf16 outputs on the AMX tiles (pq.h,
-   * pq_int4_dynamic_mm_bf16); work: 64-byte aligned, the AMX path's scratch. False, out
-   * untouched, when a zero point is above 15. */
+   * pq_int4_dynamic_mm_bf16; panels: the weight in the panel layout,
+   * pq_int4_dynamic_mm_panels_bf16); work: 64-byte aligned, the AMX path's scratch. False,
+   * out untouched, when a zero point is above 15. */
   bool (*int4_dynamic_mm_bf16)(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                                const uint8_t* w_packed, int64_t N, const float* scales,
                                const uint8_t* zeros, int64_t group_size, const float* bias,
-                               uint16_t* out, void* work, int n_threads);
+                               uint16_t* out, void* work, int n_threads, bool panels);
 };
 
 /* The AMX int8 GEMM (tile_amx.h) keeps the int32 sums of a K chunk in its caller's output
