@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pq.h"
@@ -89,34 +90,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("amax"),
         py::arg("xq"), py::arg("x_scale"), py::arg("n_threads"), gil_release());
 
-  m.def("int4_dynamic_mm_bf16",
-        [](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w, int64_t N,
-           uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,
-           int n_threads, uintptr_t work, int64_t work_bytes) {
-          return pq_int4_dynamic_mm_bf16(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M,
-                                         K, ptr<const uint8_t>(w), N, ptr<const float>(scales),
-                                         ptr<const uint8_t>(zeros), group_size,
-                                         ptr<const float>(bias), ptr<uint16_t>(out),
-                                         ptr<void>(work), work_bytes, n_threads);
-        },
-        py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"),
-        py::arg("w"), py::arg("N"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
-        py::arg("bias"), py::arg("out"), py::arg("n_threads"), py::arg("work"),
-        py::arg("work_bytes"), gil_release());
-  m.def("int4_dynamic_mm_panels_bf16",
-        [](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w, int64_t N,
-           uintptr_t scales, uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t out,
-           int n_threads, uintptr_t work, int64_t work_bytes) {
-          return pq_int4_dynamic_mm_panels_bf16(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M,
-                                         K, ptr<const uint8_t>(w), N, ptr<const float>(scales),
-                                         ptr<const uint8_t>(zeros), group_size,
-                                         ptr<const float>(bias), ptr<uint16_t>(out),
-                                         ptr<void>(work), work_bytes, n_threads);
-        },
-        py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"),
-        py::arg("w"), py::arg("N"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
-        py::arg("bias"), py::arg("out"), py::arg("n_threads"), py::arg("work"),
-        py::arg("work_bytes"), gil_release());
+  /* the rows' and the panels' bf16-output W4A8 calls take the same arguments */
+  for (auto [name, fn] : {std::pair{"int4_dynamic_mm_bf16", &pq_int4_dynamic_mm_bf16},
+                          std::pair{"int4_dynamic_mm_panels_bf16", &pq_int4_dynamic_mm_panels_bf16}})
+    m.def(name,
+          [fn = fn](int isa, uintptr_t xq, uintptr_t x_scale, int64_t M, int64_t K, uintptr_t w,
+                    int64_t N, uintptr_t scales, uintptr_t zeros, int64_t group_size,
+                    uintptr_t bias, uintptr_t out, int n_threads, uintptr_t work,
+                    int64_t work_bytes) {
+            return fn(isa, ptr<const int8_t>(xq), ptr<const float>(x_scale), M, K,
+                      ptr<const uint8_t>(w), N, ptr<const float>(scales),
+                      ptr<const uint8_t>(zeros), group_size, ptr<const float>(bias),
+                      ptr<uint16_t>(out), ptr<void>(work), work_bytes, n_threads);
+          },
+          py::arg("isa"), py::arg("xq"), py::arg("x_scale"), py::arg("M"), py::arg("K"),
+          py::arg("w"), py::arg("N"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+          py::arg("bias"), py::arg("out"), py::arg("n_threads"), py::arg("work"),
+          py::arg("work_bytes"), gil_release());
   m.def("int4_dynamic_bf16_applies", &pq_int4_dynamic_bf16_applies, py::arg("isa"), py::arg("M"),
         py::arg("K"), py::arg("N"), py::arg("group_size"));
   m.def("int8_weight_only_mm_bf16",

@@ -200,14 +200,9 @@ inline void amx_bf16_convert_u4_panels(const uint8_t* panel, const uint8_t* pz, 
         for (int i = 0; i < 16; ++i) t16[i] = tab[zg[i]];
       uint16_t* dst = wb + 16 * h * ld - g0 * G;
       for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        const uint8_t* src = panel + (k / 8 * 2 + h) * 64;
-        const __m512i a0 = _mm512_load_si512(src), a1 = _mm512_load_si512(src + 128);
-        const __m512i a2 = _mm512_load_si512(src + 256), a3 = _mm512_load_si512(src + 384);
-        const __m512i t0 = _mm512_unpacklo_epi32(a0, a1), t1 = _mm512_unpackhi_epi32(a0, a1);
-        const __m512i t2 = _mm512_unpacklo_epi32(a2, a3), t3 = _mm512_unpackhi_epi32(a2, a3);
         /* u[q], lane l: the 4 dwords (j = k/8 .. k/8 + 3) of row 4 l + q of the half */
-        const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        __m512i u[4];
+        panel_half_rows(panel + (k / 8 * 2 + h) * 64, u);
         for (int q = 0; q < 4; ++q)
           for (int l = 0; l < 4; ++l) {
             const int i = 4 * l + q;

@@ -249,6 +249,21 @@ void amx_grouped_gemm(int64_t M, int64_t N, int64_t row_bytes, int64_t group_byt
   }
 }
 
+/* The int4 panel layout (pyquant/panels.py) read for the tiles' strips: from src, the
+ * 64-byte vectors of 4 consecutive j of one half panel (128 bytes apart, 16 rows' dwords
+ * each), transposed 4 x 4 by dwords in each 128-bit lane, so that u[q], lane l, holds the 4
+ * dwords (codes 8j .. 8j + 31) of row 4 l + q of the half. */
+inline void panel_half_rows(const uint8_t* src, __m512i u[4]) {
+  const __m512i a0 = _mm512_load_si512(src), a1 = _mm512_load_si512(src + 128);
+  const __m512i a2 = _mm512_load_si512(src + 256), a3 = _mm512_load_si512(src + 384);
+  const __m512i t0 = _mm512_unpacklo_epi32(a0, a1), t1 = _mm512_unpackhi_epi32(a0, a1);
+  const __m512i t2 = _mm512_unpacklo_epi32(a2, a3), t3 = _mm512_unpackhi_epi32(a2, a3);
+  u[0] = _mm512_unpacklo_epi64(t0, t2);
+  u[1] = _mm512_unpackhi_epi64(t0, t2);
+  u[2] = _mm512_unpacklo_epi64(t1, t3);
+  u[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
 /* The 32 int4 codes of 16 packed bytes at p, in k order, minus the zero point
  * z, as 16-bit lanes (-255..15: exact in int8 when z < 16, and in bf16). */
 inline __m512i u4_codes_minus_zero(const uint8_t* p, __m512i z) {

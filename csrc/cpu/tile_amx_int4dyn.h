@@ -38,9 +38,8 @@ inline void amx_int4dyn_convert(const uint8_t* wp, const uint8_t* zp, int64_t K,
 /* As amx_int4dyn_convert, from the int4 panel layout (pyquant/panels.py): panel holds the
  * 32 rows' codes as [K/8][2][16][4] bytes, byte c of (j, h, i) = code[16h + i][8j + c] |
  * code[16h + i][8j + 4 + c] << 4; pz the panel's zero points [K/G][32], all <= 15 (the
- * caller checked). Per half panel and 32 k (4 j), four 64-byte loads hold the 16 rows'
- * dwords, and a 4 x 4 dword transpose in each 128-bit lane gives row 4l + q its 4 dwords in
- * lane l of u[q] (as amx_bf16_convert_u4_panels). Split into low and high nibbles, the dword
+ * caller checked). Per half panel and 32 k (4 j), panel_half_rows gives row 4l + q its 4
+ * dwords in lane l of u[q] (as in amx_bf16_convert_u4_panels). Split into low and high nibbles, the dword
  * interleave of the two puts each row's codes in k order (dword j: its 4 low nibbles are
  * codes 8j .. 8j + 3, its 4 high ones 8j + 4 .. 8j + 7): 16 in lane l of one vector, the
  * next 16 in the other. The same strip as from the rows, so the same products bit for bit. */
@@ -59,13 +58,8 @@ inline void amx_int4dyn_convert_panels(const uint8_t* panel, const uint8_t* pz, 
       for (int q = 0; q < 4; ++q) zq[q] = _mm512_permutexvar_epi8(_mm512_load_si512(lanes[q]), zh);
       int8_t* dst = wb + 16 * h * ld - g0 * G;
       for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        const uint8_t* src = panel + (k / 8 * 2 + h) * 64;
-        const __m512i a0 = _mm512_load_si512(src), a1 = _mm512_load_si512(src + 128);
-        const __m512i a2 = _mm512_load_si512(src + 256), a3 = _mm512_load_si512(src + 384);
-        const __m512i t0 = _mm512_unpacklo_epi32(a0, a1), t1 = _mm512_unpackhi_epi32(a0, a1);
-        const __m512i t2 = _mm512_unpacklo_epi32(a2, a3), t3 = _mm512_unpackhi_epi32(a2, a3);
-        const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        __m512i u[4];
+        panel_half_rows(panel + (k / 8 * 2 + h) * 64, u);
         for (int q = 0; q < 4; ++q) {
           const __m512i lo = _mm512_and_si512(u[q], nib);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(u[q], 4), nib);
