@@ -323,6 +323,37 @@ def _run_int8_weight_only_mm(x, w, w_scale, bias=None):
     return _finish(out, x, lead, n)
 
 
+def _bind_int8_weight_only_mm(w, w_scale, bias=None):
+    """_run_int8_weight_only_mm prepared once for weights that stay the same (ops.LayerCall),
+    as _bind_int8_dynamic_mm: contiguous float32 rows, and bf16 rows where the bf16-output
+    tiles do not take them, go straight to the kernel; anything else (and a status other than
+    0) takes the op's general path. None where the weights would need a copy. The int8
+    weight-only layers keep the canonical rows on AMX, so their decode comes here."""
+    n, k = w.shape
+    wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
+    if not (wc is w and ws is w_scale and b is bias):
+        return None
+    ptrs, mod = (_ptr(wc), _ptr(ws), _ptr(b)), module()
+    sizes = _workspace_sizes(mod.int8_weight_only_workspace_bytes, k, n)
+
+    def bound(x):
+        m, xf, out, y = _bound_rows(x, n, k)
+        if m:
+            isa, nt = current_isa(), _threads()
+            if y is None or not mod.int8_weight_only_bf16_applies(isa, m, k, n):
+                nwork = sizes(isa, m, nt)
+                work = _work("amx_wo", nwork) if nwork > 0 else None
+                if mod.int8_weight_only_mm(isa, xf.data_ptr(), m, k, k, ptrs[0], n, ptrs[1],
+                                           ptrs[2], _ptr(out), nt, _ptr(work),
+                                           max(nwork, 0)) == 0:
+                    return _bound_result(out, y)
+        return _run_int8_weight_only_mm(x, w, w_scale, bias)
+    return bound
+
+
+_run_int8_weight_only_mm.bind = _bind_int8_weight_only_mm
+
+
 def int8_weight_only_mm(x, w, w_scale, bias=None):
     _checks.check_int8_mm("int8_weight_only_mm", x, w, w_scale, bias)
     _require_cpu("int8_weight_only_mm", x)

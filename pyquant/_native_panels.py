@@ -246,6 +246,42 @@ def _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias=None):
                         scales, zeros, group_size, bias)
 
 
+def _bind_int4_dynamic_mm_panels(codes, scales, zeros, group_size, bias=None):
+    """_run_int4_dynamic_mm_panels prepared once for weights that stay the same (ops.LayerCall),
+    as _native._bind_int8_dynamic_mm: contiguous float32 rows, and bf16 rows where the AMX
+    tiles' bf16 output does not take them, are quantized and multiplied with no other step on
+    an ISA with the panel kernels; anything else (and a status other than 0) takes the op's
+    general path. None where the weights would need a copy (or realignment)."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    pc, sc, zp, b = _aligned(codes), _aligned(scales), zeros.contiguous(), _bias_f32(bias)
+    if not (pc is codes and sc is scales and zp is zeros and b is bias):
+        return None
+    ptrs, mod = (_ptr(pc), _ptr(sc), _ptr(zp), _ptr(b)), module()
+    sizes = _workspace_sizes(mod.int4_dynamic_panels_workspace_bytes, k, group_size)
+
+    def bound(x):
+        m, xf, out, y = _bound_rows(x, n, k)
+        if m:
+            isa, nt = current_isa(), _threads()
+            if has_panel_kernels(isa) and (
+                    y is None or not mod.int4_dynamic_bf16_applies(isa, m, k, n, group_size)):
+                nwork = sizes(isa, m, nt)
+                xq, xs = _work("xq", m * k), _work("xs", m * 4)
+                work = _work("int4dyn", max(nwork, 64))
+                if (nwork >= 0
+                        and mod.quantize_rows_int8_amax(isa, xf.data_ptr(), m, k, k, 0, _ptr(xq),
+                                                        _ptr(xs), nt) == 0
+                        and mod.int4_dynamic_mm_panels(isa, _ptr(xq), _ptr(xs), m, k, ptrs[0], n,
+                                                       ptrs[1], ptrs[2], group_size, ptrs[3],
+                                                       _ptr(out), nt, _ptr(work), nwork) == 0):
+                    return _bound_result(out, y)
+        return _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias)
+    return bound
+
+
+_run_int4_dynamic_mm_panels.bind = _bind_int4_dynamic_mm_panels
+
+
 def int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias=None):
     _checks.check_int4_panels_mm("int4_dynamic_mm_panels", x, codes, scales, zeros, group_size,
                                  bias)

@@ -277,7 +277,8 @@ def _panel_weights(op: str, n=64, k=256, g=64):
 
 
 @pytest.mark.parametrize("op", ["int8_weight_only_mm_panels", "int4_weight_only_mm_panels",
-                                "sparse24_int8_mm_panels", "sparse24_int4_mm_panels"])
+                                "int4_dynamic_mm_panels", "sparse24_int8_mm_panels",
+                                "sparse24_int4_mm_panels"])
 def test_bound_panel_calls_equal_the_whole_way(op):
     """bind(*weights)(x) against ops.call on every panel ISA: odd M (17: the 2:4 ops' dense
     path), 3-D, strided and bf16 x, an x with Inf (the weight-only ops' fixed point cannot
@@ -386,17 +387,52 @@ def test_bound_sparse_float_calls_equal_the_whole_way(op, vdtype):
                                rtol=1e-5, atol=1e-4)
 
 
-def test_bound_int8_dynamic_calls_equal_the_whole_way():
-    """int8_dynamic_mm (canonical rows)'s prepared call against ops.call on every ISA: odd M,
-    3-D, strided, bf16 and fp16 x, an empty batch, an x with Inf; a write in place to the
-    scales is seen; a bias that would be converted declines."""
+@pytest.mark.parametrize("op,general", [("int8_dynamic_mm", "_run_int8_dynamic_mm"),
+                                        ("int8_weight_only_mm", "_run_int8_weight_only_mm"),
+                                        ("int4_dynamic_mm_panels",
+                                         "_run_int4_dynamic_mm_panels")])
+def test_bound_calls_skip_the_general_path(op, general, monkeypatch):
+    """The prepared call of float32 rows goes straight to the kernel: with the op's general
+    path made to fail, it still answers (and its answer is the general path's)."""
+    from pyquant import _native, _native_panels, formats, panels
+
+    if not _native.has_panel_kernels(_native.current_isa()) and op.endswith("_panels"):
+        pytest.skip("no panel kernels on this CPU")
+    torch.manual_seed(4)
+    n, k, g = 64, 256, 64
+    w = torch.randn(n, k)
+    if op.startswith("int8"):
+        args = (*formats.quantize_int8_per_channel(w), torch.randn(n))
+    else:
+        c, s, z = formats.quantize_int4_groupwise(w, g, symmetric=False)
+        args = (*panels.pack_int4(formats.pack_int4(c), s, z, g), g, torch.randn(n))
+    x = torch.randn(3, k)
+    with torch.inference_mode():
+        want = ops.call(op, x, *args)
+        run = ops._REGISTRY["cpu"].impls[op].bind(*args)
+        mod = _native_panels if op.endswith("_panels") else _native
+
+        def fail(*a, **kw):
+            raise AssertionError("the general path ran")
+        monkeypatch.setattr(mod, general, fail)
+        assert torch.equal(run(x), want)
+
+
+@pytest.mark.parametrize("n", [40, 64])
+@pytest.mark.parametrize("op", ["int8_dynamic_mm", "int8_weight_only_mm"])
+def test_bound_int8_calls_equal_the_whole_way(op, n):
+    """int8_dynamic_mm's and int8_weight_only_mm's (canonical rows) prepared calls against
+    ops.call on every ISA: odd M, 3-D, strided, bf16 (M = 17 and 10: the AMX tiles' bf16
+    output, which the prepared call leaves to the general path) and fp16 x, an empty batch,
+    an x with Inf; a write in place to the scales is seen; a bias that would be converted
+    declines."""
     from pyquant import _native, formats
 
     torch.manual_seed(3)
-    n, k = 40, 256
+    k = 256
     q, s = formats.quantize_int8_per_channel(torch.randn(n, k))
     bias = torch.randn(n)
-    bind = ops._REGISTRY["cpu"].impls["int8_dynamic_mm"].bind
+    bind = ops._REGISTRY["cpu"].impls[op].bind
     assert bind(q, s, bias.to(torch.bfloat16)) is None
     for isa in [i for i in _native.ISA_NAMES if _native.module().isa_available(
             _native.ISA_NAMES.index(i))]:
@@ -411,7 +447,7 @@ def test_bound_int8_dynamic_calls_equal_the_whole_way():
             inf[0, 3] = float("inf")
             xs += [inf, inf.to(torch.bfloat16)]
             for x in xs:
-                torch.testing.assert_close(run(x), ops.call("int8_dynamic_mm", x, q, s, bias),
+                torch.testing.assert_close(run(x), ops.call(op, x, q, s, bias),
                                            rtol=0, atol=0, equal_nan=True,
                                            msg=f"{isa} {tuple(x.shape)} {x.dtype}")
     x = torch.randn(1, k)
