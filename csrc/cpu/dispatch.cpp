@@ -451,9 +451,11 @@ int pq_pack_panels(int isa, int bits, int unpack, const uint8_t* w, int64_t N, i
 
 int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size) {
   const bool groups = group_size > 0 && group_size % 32 == 0 && K % group_size == 0;
-  /* AMX too (where the int8 layers keep rows): W4A8 decode runs the panels' GEMV, 1.12-1.33x
-   * as fast as the rows' at M = 1 (Llama-2-7B shapes, 2-core Granite Rapids), and prefill
-   * the int8 tiles converting each strip from its panel (amx_int4dyn_convert_panels) */
+  /* AMX too (where the int8 layers keep rows): W4A8 decode runs the panels' GEMV and prefill
+   * the int8 tiles converting each strip from its panel (amx_int4dyn_convert_panels).
+   * Against the rows (benchmarks/panel_layout_ab.py, Llama-2-7B shapes, 2-core Granite
+   * Rapids): 1.02-1.21x at M = 1, 0.94-1.07x at M = 4, 1.23-1.77x at M = 8-32, 1.06-1.13x
+   * from M = 128 */
   if (isa == PQ_ISA_AVX512_AMX)
     return groups && K > 0 && N > 0 && K % 64 == 0 && N % 32 == 0 && table(isa) &&
            table(isa)->int4_dynamic_mm_panels;
