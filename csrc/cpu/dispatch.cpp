@@ -454,7 +454,7 @@ int pq_int4_panel_layout(int isa, int64_t K, int64_t N, int64_t group_size) {
   /* AMX too (where the int8 layers keep rows): W4A8 decode runs the panels' GEMV and prefill
    * the int8 tiles converting each strip from its panel (amx_int4dyn_convert_panels).
    * Against the rows (benchmarks/panel_layout_ab.py, Llama-2-7B shapes, 2-core Granite
-   * Rapids): 1.02-1.21x at M = 1, 0.94-1.07x at M = 4, 1.23-1.77x at M = 8-32, 1.06-1.13x
+   * Rapids): 1.02-1.21x at M = 1, 0.94-1.31x at M = 2-6, 1.23-1.77x at M = 8-32, 1.06-1.13x
    * from M = 128 */
   if (isa == PQ_ISA_AVX512_AMX)
     return groups && K > 0 && N > 0 && K % 64 == 0 && N % 32 == 0 && table(isa) &&
