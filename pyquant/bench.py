@@ -624,6 +624,9 @@ def main(argv=None) -> int:
         res = run(models=models, ms=ms, impl_filter=a.impls, threads=t, iters=a.iters,
                   malloc_kept=malloc_kept)
         print(format_table(res))
+        decode = decode_summary(res)
+        if decode:
+            res["decode_targets"] = decode
         sparse = sparse_summary(res, ms)
         if sparse:
             res["sparse_targets"] = sparse
@@ -638,6 +641,18 @@ def main(argv=None) -> int:
     for p in write_outputs(result, a.out):
         print(f"wrote {p}")
     return 0
+
+
+def decode_summary(result: dict) -> list:
+    """Prints the dense ops' decode targets at M = 1 (pyquant.bench_targets) where the run
+    timed them, and returns their rows."""
+    from . import bench_targets
+
+    rows = bench_targets.decode_targets(result)
+    if rows:
+        print(bench_targets.format_decode_targets(
+            rows, result["machine"].get("read_bandwidth_gbps")))
+    return rows
 
 
 def sparse_summary(result: dict, ms) -> list:

@@ -220,17 +220,53 @@ def test_bench_keeps_freed_memory_unless_told(monkeypatch, tmp_path, capsys):
 
     def fake_run(**kw):
         runs.append(kw)
-        return {"machine": bench.machine_info(30.0, {}, kw["malloc_kept"]), "rows": []}
+        row = {"shape": "llama2-7b", "n": 64, "k": 64, "m": 1, "impl": "pyquant.int8_dynamic_mm",
+               "ms": 0.01, "bw_share": 0.5, "bw_share_now": 0.5, "speedup": {}, "gbps": 1.0,
+               "gops": 1.0}
+        return {"machine": bench.machine_info(30.0, {}, kw["malloc_kept"]), "rows": [row]}
 
     monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "write_outputs", lambda result, out: [])  # rows are partial
     assert bench.main(["--ms", "1", "--out", str(tmp_path)]) == 0
     assert calls == [{"large_blocks": True}] and runs[-1]["malloc_kept"] is True
     out = capsys.readouterr().out
     assert "allocator: freed memory of every size kept in the process" in out
+    assert "dense decode targets, M = 1" in out and "(below target: bw% < 80%)" in out
     assert bench.main(["--ms", "1", "--out", str(tmp_path), "--no-malloc-tuning"]) == 0
     assert len(calls) == 1 and runs[-1]["malloc_kept"] is False
     out = capsys.readouterr().out
     assert "allocator: malloc as configured" in out
+
+
+def test_decode_targets_say_what_a_row_misses():
+    """The dense decode targets at M = 1 (pyquant.bench_targets): a row per target impl and
+    Llama-2-7B shape, its speedups over the target's baselines, and which parts it misses (the
+    share of the bandwidth, a speedup); rows at other M, of other impls or of MiniLM's shapes
+    are left out, and a baseline the run lacks shows '-' without a verdict of its own."""
+    from pyquant import bench_targets as bt
+
+    def row(impl, m, bw, model="llama2-7b", **sp):
+        return {"shape": model, "n": 4096, "k": 4096, "m": m, "impl": impl, "ms": 0.5,
+                "bw_share": bw, "bw_share_now": bw, "speedup": sp}
+
+    i4, i8 = "pyquant.int4_weight_only_mm[g128]", "pyquant.int8_dynamic_mm"
+    result = {"rows": [
+        row(i4, 1, 0.85, **{bt.INT4PACK: 1.7, bt.FP32: 5.5}),
+        row(i4, 16, 0.10, **{bt.INT4PACK: 0.1}),
+        row(i8, 1, 0.79, **{bt.FBGEMM: 1.02}),
+        row("pyquant.int8_weight_only_mm", 1, 0.9),
+        row("pyquant.int8_weight_only_mm", 1, 0.1, model="minilm"),  # no targets set there
+        row("F.linear[fp32]", 1, 0.9)]}
+    rows = bt.decode_targets(result)
+    assert [r["impl"] for r in rows] == [i4, i8, "pyquant.int8_weight_only_mm"]
+    assert rows[0]["misses"] == ["fp32 < 6.0x"]
+    assert rows[1]["misses"] == ["bw% < 80%"]
+    assert rows[2]["misses"] == [] and rows[2]["speedup"] == {bt.FBGEMM: None}
+    lines = bt.format_decode_targets(rows, 30.0).splitlines()
+    assert "read bandwidth 30.0 GB/s" in lines[0]
+    assert lines[2].endswith("int4pack 1.70x/1.6x  fp32 5.50x/6.0x  (below target: fp32 < 6.0x)")
+    assert lines[3].endswith("fbgemm 1.02x/1.0x  (below target: bw% < 80%)")
+    assert lines[4].endswith("fbgemm -/1.0x")
 
 
 def test_sparse_targets_say_what_a_row_misses():
