@@ -323,18 +323,30 @@ def _run_int8_weight_only_mm(x, w, w_scale, bias=None):
     return _finish(out, x, lead, n)
 
 
+def _int8_bind_setup(w, w_scale, bias, workspace: str):
+    """What an int8 bind prepares: (N, K, the addresses of weight, scales and bias, the native
+    module, its ``workspace`` query cached per (ISA, M, threads)), or None where the kernel
+    would need a copy of a weight tensor (a prepared call holding a copy would miss writes in
+    place): the weights as they are or not at all."""
+    wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
+    if not (wc is w and ws is w_scale and b is bias):
+        return None
+    n, k = w.shape
+    mod = module()
+    return (n, k, (_ptr(wc), _ptr(ws), _ptr(b)), mod,
+            _workspace_sizes(getattr(mod, workspace), k, n))
+
+
 def _bind_int8_weight_only_mm(w, w_scale, bias=None):
     """_run_int8_weight_only_mm prepared once for weights that stay the same (ops.LayerCall),
     as _bind_int8_dynamic_mm: contiguous float32 rows, and bf16 rows where the bf16-output
     tiles do not take them, go straight to the kernel; anything else (and a status other than
     0) takes the op's general path. None where the weights would need a copy. The int8
     weight-only layers keep the canonical rows on AMX, so their decode comes here."""
-    n, k = w.shape
-    wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
-    if not (wc is w and ws is w_scale and b is bias):
+    setup = _int8_bind_setup(w, w_scale, bias, "int8_weight_only_workspace_bytes")
+    if setup is None:
         return None
-    ptrs, mod = (_ptr(wc), _ptr(ws), _ptr(b)), module()
-    sizes = _workspace_sizes(mod.int8_weight_only_workspace_bytes, k, n)
+    n, k, ptrs, mod, sizes = setup
 
     def bound(x):
         m, xf, out, y = _bound_rows(x, n, k)
@@ -611,12 +623,10 @@ def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     general path. None where the weights would need a copy. Int8DynamicLinear on AMX keeps the
     canonical rows, so its decode comes here: 4096 x 4096, M = 1, through a LayerCall 1.04x as
     fast as through ops.call (benchmarks/decode_call_ab.py --op int8_dynamic)."""
-    n, k = w.shape
-    wc, ws, b = w.contiguous(), w_scale.contiguous(), _bias_f32(bias)
-    if not (wc is w and ws is w_scale and b is bias):
+    setup = _int8_bind_setup(w, w_scale, bias, "int8_workspace_bytes")
+    if setup is None:
         return None
-    ptrs, mod = (_ptr(wc), _ptr(ws), _ptr(b)), module()
-    sizes = _workspace_sizes(mod.int8_workspace_bytes, k, n)
+    n, k, ptrs, mod, sizes = setup
 
     def bound(x):
         m, xf, out, y = _bound_rows(x, n, k)
