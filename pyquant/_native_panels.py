@@ -186,12 +186,13 @@ def _int4_panels_codes_mm(isa, pxq, pxs, m, k, codes, scales, zeros, group_size,
     n = codes.shape[0]
     codes, scales, zp, b = _aligned(codes), _aligned(scales), zeros.contiguous(), _bias_f32(bias)
     # on AMX with the int8 tiles' scratch: prefill runs them from the panels
-    nwork = module().int4_dynamic_panels_workspace_bytes(isa, m, k, group_size, _threads())
+    nt = _threads()  # the workspace is sized for the call's thread count
+    nwork = module().int4_dynamic_panels_workspace_bytes(isa, m, k, group_size, nt)
     if nwork < 0:
         _raise("int4_dynamic_mm_panels", -1, M=m, N=n, K=k, group_size=group_size)
     work = _work("int4dyn", max(nwork, 64))
     st = module().int4_dynamic_mm_panels(isa, pxq, pxs, m, k, _ptr(codes), n, _ptr(scales),
-                                         _ptr(zp), group_size, _ptr(b), _ptr(out), _threads(),
+                                         _ptr(zp), group_size, _ptr(b), _ptr(out), nt,
                                          _ptr(work), nwork)
     if st:
         _raise("int4_dynamic_mm_panels", st, M=m, N=n, K=k, group_size=group_size)

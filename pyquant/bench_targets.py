@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .bench import SHORT  # the baselines' short names, as the main table prints them
+
 BANDWIDTH_FLOOR = 0.80
 FP32 = "F.linear[fp32]"
 FBGEMM = "torch.ao.dynamic_int8[fbgemm]"
@@ -22,7 +24,6 @@ TARGETS = (
     ("pyquant.int8_weight_only_mm", {FBGEMM: 1.0}),
     ("pyquant.int8_dynamic_mm", {FBGEMM: 1.0}),
 )
-SHORT = {FP32: "fp32", FBGEMM: "fbgemm", INT4PACK: "int4pack"}
 MODELS = ("llama2-7b",)  # pyquant.bench.SHAPES names whose shapes the targets are set on
 
 

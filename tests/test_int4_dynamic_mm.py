@@ -134,13 +134,11 @@ def test_bf16_output_call_refusals():
     assert call(zeros=z_big) == 3 and (out == 7.0).all()
     assert call() == 0 and not (out == 7.0).all()
     # the panels' call: the same refusals, and codes or scales off a 64-byte boundary
-    from helpers import aligned_work as _aligned
     from pyquant import panels
+    from pyquant._native_panels import _aligned
     pc, ps, pz = panels.pack_int4(p, s, z, g)
-    cbuf, caddr = _aligned(pc.numel() + 1)
-    sbuf, saddr = _aligned(ps.numel() * 4 + 4)
-    cbuf[caddr - cbuf.data_ptr():][:pc.numel()].copy_(pc.view(-1))
-    sbuf[saddr - sbuf.data_ptr():][:ps.numel() * 4].copy_(ps.view(-1).view(torch.uint8))
+    pc, ps = _aligned(pc), _aligned(ps)
+    caddr, saddr = pc.data_ptr(), ps.data_ptr()
 
     def pcall(codes=caddr, scales=saddr, nbytes=need):
         out.fill_(7.0)
