@@ -160,6 +160,41 @@ def _run_int8_dynamic_mm_panels(x, p, w_scale, bias=None):
     return _run_dynamic(x, *p.shape, _int8_panels_codes_mm, p, w_scale, bias)
 
 
+def _bind_int8_dynamic_mm_panels(p, w_scale, bias=None):
+    """_run_int8_dynamic_mm_panels prepared once for weights that stay the same (ops.LayerCall),
+    as _native._bind_int8_dynamic_mm: contiguous float32 or bfloat16 rows (_bound_rows) are
+    quantized and multiplied with no other step on an ISA with the panel kernels; anything
+    else (and a status other than 0) takes the op's general path. None where the weights would
+    need a copy (or realignment). Int8DynamicLinear keeps panels on the AVX512-VNNI and -BF16
+    ISAs, so its decode there comes here."""
+    ws, b = w_scale.contiguous(), _bias_f32(bias)
+    if not (_aligned(p) is p and ws is w_scale and b is bias):
+        return None
+    n, k = p.shape
+    ptrs, mod = (_ptr(p), _ptr(ws), _ptr(b)), module()
+
+    def bound(x):
+        m, xf, out, y = _bound_rows(x, n, k)
+        if m:
+            isa, nt = current_isa(), _threads()
+            if has_panel_kernels(isa):
+                nwork = mod.int8_panels_workspace_bytes(m)
+                xq, xs = _work("xq", m * k), _work("xs", m * 4)
+                work = _work("xsum", max(nwork, 64))
+                if (nwork >= 0
+                        and mod.quantize_rows_int8_amax(isa, xf.data_ptr(), m, k, k, 0, _ptr(xq),
+                                                        _ptr(xs), nt) == 0
+                        and mod.int8_dynamic_mm_panels(isa, _ptr(xq), _ptr(xs), m, k, ptrs[0], n,
+                                                       ptrs[1], ptrs[2], _ptr(out), nt,
+                                                       _ptr(work), nwork) == 0):
+                    return _bound_result(out, y)
+        return _run_int8_dynamic_mm_panels(x, p, w_scale, bias)
+    return bound
+
+
+_run_int8_dynamic_mm_panels.bind = _bind_int8_dynamic_mm_panels
+
+
 def int8_dynamic_mm_panels(x, p, w_scale, bias=None):
     _checks.check_int8_panels_mm("int8_dynamic_mm_panels", x, p, w_scale, bias)
     _require_cpu("int8_dynamic_mm_panels", x)

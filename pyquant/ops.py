@@ -287,8 +287,8 @@ class LayerCall:
     arguments, unchanged, check only x before that function runs (an x the checks would refuse
     goes the whole way, to the checks' error). The weights' checks and the backend choice cost
     ~5 us a call in Python, as much as a MiniLM-size layer's kernel at M = 1. Where the
-    backend's function has a ``bind`` (the weight-only and 2:4 panel ops, int8 dynamic, 2:4 and
-    unstructured float), the call is also prepared once: the weights' kernel addresses and
+    backend's function has a ``bind`` (int8 weight-only and dynamic, on rows and panels, the
+    other weight-only and 2:4 panel ops, W4A8 on panels, 2:4 and unstructured float), the call is also prepared once: the weights' kernel addresses and
     workspace sizes. Values written in place need nothing: the function reads the tensors as
     they are (bind declines weights it would have to copy). Anything else goes the whole way and
     remembers again, or forgets (so no old weights stay referenced): another tensor object, new

@@ -276,9 +276,9 @@ def _panel_weights(op: str, n=64, k=256, g=64):
     return (*sparse_panels.pack(p, meta, 4), s, z, g, torch.randn(n))
 
 
-@pytest.mark.parametrize("op", ["int8_weight_only_mm_panels", "int4_weight_only_mm_panels",
-                                "int4_dynamic_mm_panels", "sparse24_int8_mm_panels",
-                                "sparse24_int4_mm_panels"])
+@pytest.mark.parametrize("op", ["int8_weight_only_mm_panels", "int8_dynamic_mm_panels",
+                                "int4_weight_only_mm_panels", "int4_dynamic_mm_panels",
+                                "sparse24_int8_mm_panels", "sparse24_int4_mm_panels"])
 def test_bound_panel_calls_equal_the_whole_way(op):
     """bind(*weights)(x) against ops.call on every panel ISA: odd M (17: the 2:4 ops' dense
     path), 3-D, strided and bf16 x, an x with Inf (the weight-only ops' fixed point cannot
@@ -389,6 +389,8 @@ def test_bound_sparse_float_calls_equal_the_whole_way(op, vdtype):
 
 @pytest.mark.parametrize("op,general", [("int8_dynamic_mm", "_run_int8_dynamic_mm"),
                                         ("int8_weight_only_mm", "_run_int8_weight_only_mm"),
+                                        ("int8_dynamic_mm_panels",
+                                         "_run_int8_dynamic_mm_panels"),
                                         ("int4_dynamic_mm_panels",
                                          "_run_int4_dynamic_mm_panels")])
 def test_bound_calls_skip_the_general_path(op, general, monkeypatch):
@@ -402,7 +404,8 @@ def test_bound_calls_skip_the_general_path(op, general, monkeypatch):
     n, k, g = 64, 256, 64
     w = torch.randn(n, k)
     if op.startswith("int8"):
-        args = (*formats.quantize_int8_per_channel(w), torch.randn(n))
+        q, s = formats.quantize_int8_per_channel(w)
+        args = (panels.pack_int8(q) if op.endswith("_panels") else q, s, torch.randn(n))
     else:
         c, s, z = formats.quantize_int4_groupwise(w, g, symmetric=False)
         args = (*panels.pack_int4(formats.pack_int4(c), s, z, g), g, torch.randn(n))

@@ -12,7 +12,18 @@
  * Register blocking 2 x 2: tiles 4,5 hold two 16-row weight slices, 6,7 two
  * 16-row activation slices, 0..3 the four 16x16 int32 accumulators, so every
  * tile loaded feeds two tdpbssd. Tasks are (32 weight rows) x (64 activation
- * rows): the 32 x K weight strip stays in L2 while its M block is swept. */
+ * rows): the 32 x K weight strip stays in L2 while its M block is swept.
+ *
+ * Tried, not kept: the roles swapped, the weights kept in the int8 panels of
+ * pyquant/panels.py (already B tiles: 16 rows of 64 bytes at a stride of 128),
+ * the activation rows loaded as A as they are, tdpbsud with 128 * sum(x) taken
+ * off in the epilogue: no pack and no transposes, results bit for bit these.
+ * In one process against this (benchmarks/panel_layout_ab.py, Llama-2-7B shapes,
+ * Granite Rapids, two threads) it ran 0.81-0.97x at M = 9-128 and 0.97-1.01x at
+ * M = 1024; with the panel prefetched 4 KiB ahead (one stream that crosses a
+ * page every two steps, where 32 weight rows are 32 streams) 0.89-1.04x. The
+ * loop is bound by its tile loads from L2 either way (the pack took ~1% of a
+ * call at M = 1024), so the int8 layers keep rows on AMX. */
 #ifndef PQ_CPU_TILE_AMX_H
 #define PQ_CPU_TILE_AMX_H
 #include "common.h"
