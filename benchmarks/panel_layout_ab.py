@@ -52,6 +52,9 @@ def main(argv=None) -> int:
                     help="at most this many weight copies (small shapes stay in cache anyway)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="activation dtype")
+    ap.add_argument("--force", action="store_true",
+                    help="time the panels also where the layers of this ISA keep rows (the "
+                         "panel ops run wherever the ISA has the panel kernels)")
     a = ap.parse_args(argv)
     if not _native.available():
         ap.error(f"the native module is not loaded ({_native.load_error()})")
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
                        panels.int4_weight_only_panel_layout_applies(n, k, g, "cpu")
                        if op == "int4_weight_only_mm" else
                        panels.int4_panel_layout_applies(n, k, g, "cpu"))
-            if not applies:
+            if not applies and not (a.force and panels.shape_ok(n, k)):
                 print(f"{n}x{k} {op}: the panel layout does not apply here (ISA {isa}, "
                       f"N % 32, K % 64, group size % 32)")
                 continue

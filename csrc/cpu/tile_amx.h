@@ -208,7 +208,7 @@ inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int
  * Granite Rapids, two threads), 1.09x at M = 256, the same at M = 32. Past L2, sweeping
  * every strip over all the activations re-read them from L3 once per strip (512 x 11008:
  * 5.6 MB a strip, 344 strips), so a task becomes (kAmxMc activation rows) x (kAmxNc weight rows)
- * with K in chunks of kAmxKc: per chunk the task's activation tiles (1 MiB) stay in L2
+ * with K in chunks of kAmxKc: per chunk the task's activation tiles stay in L2
  * while each weight strip's chunk (128 KiB) meets all of them. Between chunks the int32
  * sums of each 32 x 32 block wait in the caller's output block of that place (cpart:
  * int32 [M][ldc], the C tiles stored as they are, n-major). Two threads, int8 MACs a
@@ -217,8 +217,13 @@ inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int
  * round trip through the output costing more than it saved). The L2 bound was 1 MiB; at
  * 1.5 MiB (every AMX CPU has 2 MiB of L2 a core) M = 96 and 128 at K = 11008 take the
  * unchunked order: 1.21x and 1.06x (int8 dynamic, 4096 x 11008, in-process A/B, both
- * orders; Granite Rapids, two threads). */
-constexpr int64_t kAmxL2Bytes = pq::kAmxInt8L2Bytes, kAmxMc = 256, kAmxNc = 256,
+ * orders; Granite Rapids, two threads). Tasks of 128 activation rows (512 KiB of tiles a
+ * chunk) x 512 weight rows instead of 256 x 256: each activation chunk is then read from L3
+ * half as often and each weight strip twice as often; at M = 1024, Llama-2-7B shapes, fp32
+ * and bf16 x, 1.04-1.10x (geometric means of both orders, benchmarks/ab_inprocess.py, two
+ * runs each); at M = 256 and 512 0.97-1.03x, noise. 128 x 1024 was no different, 64 x 512
+ * 0.83-0.97x, 512 x 128 0.72-0.89x, K chunks of 2048 0.86-0.94x and of 16384 0.74-1.04x. */
+constexpr int64_t kAmxL2Bytes = pq::kAmxInt8L2Bytes, kAmxMc = 128, kAmxNc = 512,
                   kAmxKc = pq::kAmxInt8Kc; /* kernels.h: the bf16 output sizes by them */
 
 /* Short K (MiniLM's 384): an output gets only K MACs, and writing the float outputs is

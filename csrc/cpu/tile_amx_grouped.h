@@ -13,7 +13,17 @@
  * The strip keeps its rows one after the other. Written in the tiles' order instead (per
  * 64 bytes of K, the 32 rows' 64 bytes, so that each A tile is 1 KiB in one piece, which an
  * in-cache tile loop ran 1.16x faster), W4A8 and the bf16 weight-only paths ran 0.92-1.01x
- * at M = 1024 (4096 x 4096, in-process A/B, both orders; Granite Rapids): not kept. */
+ * at M = 1024 (4096 x 4096, in-process A/B, both orders; Granite Rapids): not kept.
+ *
+ * Also tried, for int4 weight-only with bf16 activations: no groups at all, each weight
+ * dequantized once per strip in fp32 and written as two bf16 terms (hi = bf16(w), lo =
+ * bf16(w - hi), w to ~2^-17), both multiplied by the same activation tiles and the sums
+ * flushed once per 512 k. It ran 0.66-0.69x as fast at M = 1024 (Llama-2-7B shapes,
+ * benchmarks/ab_inprocess.py, two runs): per 64 bytes of K the block then loads 6 tiles for
+ * 8 products where the grouped loop loads 4 for 4, and that is the ratio measured. So this
+ * loop is bound by its tile loads from L2, not by the group flush (as a microbenchmark
+ * whose tiles came from L1 had suggested), and that is where the bf16 path stands against
+ * oneDNN's bf16 GEMM (0.83-0.91x at M = 1024). */
 #ifndef PQ_CPU_TILE_AMX_GROUPED_H
 #define PQ_CPU_TILE_AMX_GROUPED_H
 #include <omp.h>
