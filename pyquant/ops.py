@@ -288,13 +288,14 @@ class LayerCall:
     goes the whole way, to the checks' error). The weights' checks and the backend choice cost
     ~5 us a call in Python, as much as a MiniLM-size layer's kernel at M = 1. Where the
     backend's function has a ``bind`` (int8 weight-only and dynamic, on rows and panels, the
-    other weight-only and 2:4 panel ops, W4A8 on panels, 2:4 and unstructured float), the call is also prepared once: the weights' kernel addresses and
-    workspace sizes. Values written in place need nothing: the function reads the tensors as
-    they are (bind declines weights it would have to copy). Anything else goes the whole way and
-    remembers again, or forgets (so no old weights stay referenced): another tensor object, new
-    storage or another shape or dtype under the same one (``.data =``, ``resize_``, ``set_``),
-    another argument, a forced backend, another native module or CPU function for the op, a
-    tensor subclass, tracing or compiling, autograd. Copies and pickles of a layer start empty."""
+    other weight-only and 2:4 panel ops, W4A8 on panels, 2:4 and unstructured float), the call
+    is also prepared once: the weights' kernel addresses and workspace sizes. Values written in
+    place need nothing: the function reads the tensors as they are (bind declines weights it
+    would have to copy). Anything else goes the whole way and remembers again, or forgets (so no
+    old weights stay referenced): another tensor object, new storage or another shape or dtype
+    under the same one (``.data =``, ``resize_``, ``set_``), another argument, a forced backend,
+    another native module or CPU function for the op, a tensor subclass, tracing or compiling,
+    autograd. Copies and pickles of a layer start empty."""
 
     __slots__ = ("state",)
 
