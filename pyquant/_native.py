@@ -348,19 +348,47 @@ def _bind_int8_weight_only_mm(w, w_scale, bias=None):
         return None
     n, k, ptrs, mod, sizes = setup
 
+    def call(isa, xf, m, out, nt):
+        nwork = sizes(isa, m, nt)
+        work = _work("amx_wo", nwork) if nwork > 0 else None
+        return mod.int8_weight_only_mm(isa, xf.data_ptr(), m, k, k, ptrs[0], n, ptrs[1], ptrs[2],
+                                       _ptr(out), nt, _ptr(work), max(nwork, 0))
+    return _prepared_call(
+        n, k, call, lambda x: _run_int8_weight_only_mm(x, w, w_scale, bias),
+        # bf16 rows that the bf16-output tiles take go the general way, to them
+        lambda isa, m, y: y is None or not mod.int8_weight_only_bf16_applies(isa, m, k, n))
+
+
+def _prepared_call(n: int, k: int, call, general, applies=None):
+    """A bind's prepared call: rows that _bound_rows sends straight to a kernel (where
+    applies(isa, M, bf16 output or None), if given) run call(isa, fp32 rows, M, fp32 out,
+    threads) -> status; anything else, and a status other than 0, takes general(x)."""
     def bound(x):
         m, xf, out, y = _bound_rows(x, n, k)
         if m:
             isa, nt = current_isa(), _threads()
-            if y is None or not mod.int8_weight_only_bf16_applies(isa, m, k, n):
-                nwork = sizes(isa, m, nt)
-                work = _work("amx_wo", nwork) if nwork > 0 else None
-                if mod.int8_weight_only_mm(isa, xf.data_ptr(), m, k, k, ptrs[0], n, ptrs[1],
-                                           ptrs[2], _ptr(out), nt, _ptr(work),
-                                           max(nwork, 0)) == 0:
-                    return _bound_result(out, y)
-        return _run_int8_weight_only_mm(x, w, w_scale, bias)
+            if (applies is None or applies(isa, m, y)) and call(isa, xf, m, out, nt) == 0:
+                return _bound_result(out, y)
+        return general(x)
     return bound
+
+
+def _quantized_call(k: int, key: str, size, run):
+    """The call of _prepared_call for a dynamic op: the rows quantized to int8 into this
+    thread's scratch, then run(isa, codes address, scales address, M, out, threads, work, work
+    bytes) -> status with size(isa, M, threads) bytes of scratch `key` (none at 0; a size
+    below 0 declines)."""
+    mod = module()
+
+    def call(isa, xf, m, out, nt):
+        nwork = size(isa, m, nt)
+        if nwork < 0:
+            return -1
+        xq, xs = _work("xq", m * k), _work("xs", m * 4)
+        work = _work(key, nwork) if nwork > 0 else None
+        st = mod.quantize_rows_int8_amax(isa, xf.data_ptr(), m, k, k, 0, _ptr(xq), _ptr(xs), nt)
+        return st or run(isa, _ptr(xq), _ptr(xs), m, out, nt, work, nwork)
+    return call
 
 
 _run_int8_weight_only_mm.bind = _bind_int8_weight_only_mm
@@ -627,21 +655,13 @@ def _bind_int8_dynamic_mm(w, w_scale, bias=None):
     if setup is None:
         return None
     n, k, ptrs, mod, sizes = setup
-
-    def bound(x):
-        m, xf, out, y = _bound_rows(x, n, k)
-        if m:
-            isa, nt = current_isa(), _threads()
-            nwork = max(sizes(isa, m, nt), 0)
-            xq, xs = _work("xq", m * k), _work("xs", m * 4)
-            work = _work("amx", nwork) if nwork else None
-            if (mod.quantize_rows_int8_amax(isa, xf.data_ptr(), m, k, k, 0, _ptr(xq), _ptr(xs),
-                                            nt) == 0
-                    and mod.int8_dynamic_mm(isa, _ptr(xq), _ptr(xs), m, k, ptrs[0], n, ptrs[1],
-                                            ptrs[2], _ptr(out), nt, _ptr(work), nwork) == 0):
-                return _bound_result(out, y)
-        return _run_int8_dynamic_mm(x, w, w_scale, bias)
-    return bound
+    return _prepared_call(
+        n, k,
+        _quantized_call(k, "amx", lambda isa, m, nt: max(sizes(isa, m, nt), 0),
+                        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int8_dynamic_mm(
+                            isa, pxq, pxs, m, k, ptrs[0], n, ptrs[1], ptrs[2], _ptr(out), nt,
+                            _ptr(work), nwork)),
+        lambda x: _run_int8_dynamic_mm(x, w, w_scale, bias))
 
 
 _run_int8_dynamic_mm.bind = _bind_int8_dynamic_mm

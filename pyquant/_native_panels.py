@@ -12,8 +12,8 @@ import torch
 from . import _checks, panels, sparse_panels
 from ._native import (
     _NOT_FINITE, _NOT_FIXED_POINT, _bias_f32, _bound_result, _bound_rows, _check_codes, _finish,
-    _flat, _int4_codes_mm, _int4_dynamic_bf16_out, _int8_codes_mm, _out, _ptr, _raise,
-    _require_cpu, _rows_f32, _run_codes, _run_dynamic, _run_int4_weight_only_mm,
+    _flat, _int4_codes_mm, _int4_dynamic_bf16_out, _int8_codes_mm, _out, _prepared_call, _ptr,
+    _quantized_call, _raise, _require_cpu, _rows_f32, _run_codes, _run_dynamic, _run_int4_weight_only_mm,
     _run_int8_weight_only_mm, _run_sparse24_int4_mm, _run_sparse24_int8_mm, _scratch, _threads,
     _work, _workspace_sizes, current_isa, has_panel_kernels, int8_weight_only_mm, module,
     sparse_dense_reason)
@@ -174,38 +174,14 @@ def _bind_int8_dynamic_mm_panels(p, w_scale, bias=None):
         return None
     n, k = p.shape
     ptrs, mod = (_ptr(p), _ptr(ws), _ptr(b)), module()
-    return _dynamic_panels_bound(
-        n, k, "xsum", lambda isa, m, y: True,
-        lambda isa, m, nt: mod.int8_panels_workspace_bytes(m),
-        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int8_dynamic_mm_panels(
-            isa, pxq, pxs, m, k, ptrs[0], n, ptrs[1], ptrs[2], _ptr(out), nt, _ptr(work), nwork),
-        lambda x: _run_int8_dynamic_mm_panels(x, p, w_scale, bias))
-
-
-def _dynamic_panels_bound(n: int, k: int, key: str, applies, size, call, general):
-    """The prepared call of a dynamic op on panels (the int8 and W4A8 binds): rows that
-    _bound_rows sends straight to a kernel, on an ISA with the panel kernels and where
-    applies(isa, M, bf16 output or None), are quantized into this thread's scratch and run by
-    call(isa, codes address, scales address, M, fp32 out, threads, work, work bytes) -> status,
-    its workspace size(isa, M, threads) bytes (scratch `key`); anything else, and a status
-    other than 0, takes general(x)."""
-    mod = module()
-
-    def bound(x):
-        m, xf, out, y = _bound_rows(x, n, k)
-        if m:
-            isa, nt = current_isa(), _threads()
-            if has_panel_kernels(isa) and applies(isa, m, y):
-                nwork = size(isa, m, nt)
-                xq, xs = _work("xq", m * k), _work("xs", m * 4)
-                work = _work(key, max(nwork, 64))
-                if (nwork >= 0
-                        and mod.quantize_rows_int8_amax(isa, xf.data_ptr(), m, k, k, 0, _ptr(xq),
-                                                        _ptr(xs), nt) == 0
-                        and call(isa, _ptr(xq), _ptr(xs), m, out, nt, work, nwork) == 0):
-                    return _bound_result(out, y)
-        return general(x)
-    return bound
+    return _prepared_call(
+        n, k,
+        _quantized_call(k, "xsum", lambda isa, m, nt: mod.int8_panels_workspace_bytes(m),
+                        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int8_dynamic_mm_panels(
+                            isa, pxq, pxs, m, k, ptrs[0], n, ptrs[1], ptrs[2], _ptr(out), nt,
+                            _ptr(work), nwork)),
+        lambda x: _run_int8_dynamic_mm_panels(x, p, w_scale, bias),
+        lambda isa, m, y: has_panel_kernels(isa))
 
 
 _run_int8_dynamic_mm_panels.bind = _bind_int8_dynamic_mm_panels
@@ -310,15 +286,16 @@ def _bind_int4_dynamic_mm_panels(codes, scales, zeros, group_size, bias=None):
         return None
     ptrs, mod = (_ptr(pc), _ptr(sc), _ptr(zp), _ptr(b)), module()
     sizes = _workspace_sizes(mod.int4_dynamic_panels_workspace_bytes, k, group_size)
-    return _dynamic_panels_bound(
-        n, k, "int4dyn",
+    return _prepared_call(
+        n, k,
+        _quantized_call(k, "int4dyn", sizes,
+                        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int4_dynamic_mm_panels(
+                            isa, pxq, pxs, m, k, ptrs[0], n, ptrs[1], ptrs[2], group_size,
+                            ptrs[3], _ptr(out), nt, _ptr(work), nwork)),
+        lambda x: _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias),
         # bf16 rows that the AMX tiles' bf16 output takes go the general way, to it
-        lambda isa, m, y: y is None or not mod.int4_dynamic_bf16_applies(isa, m, k, n, group_size),
-        sizes,
-        lambda isa, pxq, pxs, m, out, nt, work, nwork: mod.int4_dynamic_mm_panels(
-            isa, pxq, pxs, m, k, ptrs[0], n, ptrs[1], ptrs[2], group_size, ptrs[3], _ptr(out), nt,
-            _ptr(work), nwork),
-        lambda x: _run_int4_dynamic_mm_panels(x, codes, scales, zeros, group_size, bias))
+        lambda isa, m, y: has_panel_kernels(isa) and (
+            y is None or not mod.int4_dynamic_bf16_applies(isa, m, k, n, group_size)))
 
 
 _run_int4_dynamic_mm_panels.bind = _bind_int4_dynamic_mm_panels

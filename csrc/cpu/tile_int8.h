@@ -73,6 +73,13 @@ inline void dot_f32_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, 
 #endif
 }
 
+/* Bytes ahead in its own row that dot_i8_i8 also prefetches into L1, on top of the next
+ * tile's line into L2 (common.h): at M = 1, int8 weight-only and dynamic, Llama-2-7B
+ * shapes, 1.00-1.04x (geometric means of both orders, benchmarks/ab_inprocess.py, two runs
+ * each; Granite Rapids, two threads), 0.98-1.04x at M = 4; 512 bytes ahead 0.99-1.05x in
+ * one order. */
+constexpr int kInt8RowPrefetchL1 = 1024;
+
 /* dot[r][t] = sum_k x[t*K + k] * w[r*K + k], exact in int32 (wrapping mod 2^32
  * only if the true sum does not fit).
  *
@@ -86,13 +93,6 @@ inline void dot_f32_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, 
  * w * sign(x). With x, w in [-127, 127] a pair sum is at most 2 * 127 * 127 and
  * never saturates; w == -128 gives a wrong but defined result. vpmaddwd with
  * ones then widens the pairs to int32. */
-/* Bytes ahead in its own row that dot_i8_i8 also prefetches into L1, on top of the next
- * tile's line into L2 (common.h): at M = 1, int8 weight-only and dynamic, Llama-2-7B
- * shapes, 1.00-1.04x (geometric means of both orders, benchmarks/ab_inprocess.py, two runs
- * each; Granite Rapids, two threads), 0.98-1.04x at M = 4; 512 bytes ahead 0.99-1.05x in
- * one order. */
-constexpr int kInt8RowPrefetchL1 = 1024;
-
 template <int R, int T, bool kWithSum>
 inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R][T],
                       int32_t wsum[R]) {
