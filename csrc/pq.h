@@ -207,7 +207,7 @@ int pq_int8_panel_layout(int isa, int64_t K, int64_t N);
  * 10, K = 4096) ~9e-6 of max|out|, up to 4.6e-5 on a single group, where the
  * exact form stays near 2e-7. (Forming it per lane cost 0.73-0.81x at M = 1-4;
  * int4 weight-only's fixed-point GEMV pays 0.86-1.04x for the same, and does.)
- * K % G == 0, G % 32 == 0. `work`, 4-byte aligned, must hold at
+ * K % G == 0, G == 32 or G % 64 == 0. `work`, 4-byte aligned, must hold at
  * least M * (K/G) * 4 + M * K bytes: per call the VNNI kernel stores there the
  * per-group sums of xq and xq reordered per chunk of min(G, 64) codes as
  * [even k | odd k], the order of the nibbles of a byte. With AMX (M >= 9,

@@ -130,6 +130,17 @@ def check_int4_dynamic_group(op: str, group_size: int) -> None:
         )
 
 
+def check_w4a8_rows_group(op: str, group_size: int) -> None:
+    """The W4A8 row kernels step through a group 64 codes (32 bytes) at a time, or take a group
+    of 32 in one step (pq.h: pq_int4_dynamic_mm)."""
+    check_int4_dynamic_group(op, group_size)
+    if group_size != 32 and group_size % 64:
+        raise ValueError(
+            f"{op}: group_size={group_size} must be 32 or a multiple of 64 (use 32, 64, 128 "
+            f"or 256)"
+        )
+
+
 # ------------------------------------------------------- sparse ops (layouts: sparse_formats.py)
 
 

@@ -786,7 +786,7 @@ def int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias=None):
     """W4A8: x quantized per row to int8 (as int8_dynamic_mm), exact int32 dot products per
     weight group, combined in float32 (pq.h: pq_int4_dynamic_mm)."""
     _checks.check_int4_mm("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
-    _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
+    _checks.check_w4a8_rows_group("int4_dynamic_mm", group_size)
     _require_cpu("int4_dynamic_mm", x)
     return _run_int4_dynamic_mm(x, w_packed, scales, zeros, group_size, bias)
 
@@ -795,7 +795,7 @@ def int4_codes_mm(xq, x_scale, w_packed, scales, zeros, group_size, bias=None):
     """int4_dynamic_mm on activations already quantized (see int8_codes_mm): float32 [M, N]."""
     _checks.check_int4_mm("int4_codes_mm", _check_codes("int4_codes_mm", xq, x_scale),
                           w_packed, scales, zeros, group_size, bias)
-    _checks.check_int4_dynamic_group("int4_codes_mm", group_size)
+    _checks.check_w4a8_rows_group("int4_codes_mm", group_size)
     return _run_codes(xq, x_scale, w_packed.shape[0], _int4_codes_mm, w_packed, scales, zeros,
                       group_size, bias)
 

@@ -453,7 +453,7 @@ def _(x, w_packed, scales, zeros, group_size, bias):
 
 def _check_int4_dynamic(x, w_packed, scales, zeros, group_size, bias):
     _checks.check_int4_mm("int4_dynamic_mm", x, w_packed, scales, zeros, group_size, bias)
-    _checks.check_int4_dynamic_group("int4_dynamic_mm", group_size)
+    _checks.check_w4a8_rows_group("int4_dynamic_mm", group_size)
 
 
 @_custom_op("int4_dynamic_mm")

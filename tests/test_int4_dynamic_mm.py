@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import pyquant
+from helpers import backend_isa_params, check_op
 
 
 @pytest.mark.parametrize("g,match", [(33, r"group_size=33 must be a positive even number"),
-                                     (16, r"group_size=16 must be a multiple of 32")])
+                                     (16, r"group_size=16 must be a multiple of 32"),
+                                     (96, r"group_size=96 must be 32 or a multiple of 64")])
 def test_bad_group(g, match):
     n, k = 13, 96
     p = torch.zeros(n, k // 2, dtype=torch.uint8)
@@ -153,3 +155,18 @@ def test_bf16_output_call_refusals():
     assert pcall() == 0
     from_panels = out.clone()
     assert call() == 0 and torch.equal(out.view(torch.int16), from_panels.view(torch.int16))
+
+
+@pytest.mark.parametrize("backend,isa", backend_isa_params())
+@pytest.mark.parametrize("k,g", [(256, 256), (1024, 512), (384, 192), (64, 32)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_largest_group_sums(backend, isa, k, g, sign):
+    """Every code 15, zero point 0, every activation code +-127: the largest per-group sums
+    (g * 15 * 127). The AVX2 kernel adds up to four 64-code steps in int16 lanes before it
+    widens them, so a group of 512 takes two widenings; a missed one overflows."""
+    n = 5
+    codes = torch.full((n, k), 15, dtype=torch.uint8)
+    scales, zeros = torch.ones(n, k // g), torch.zeros(n, k // g, dtype=torch.uint8)
+    x = torch.full((3, k), sign)
+    check_op("int4_dynamic_mm", backend, isa, x,
+             (pyquant.formats.pack_int4(codes), scales, zeros, g), None)

@@ -856,6 +856,26 @@ def test_int4_dynamic_bad_arguments(isa):
     assert call(work_p=ptr(work) + 1) == ERR_ARG  # misaligned
 
 
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+def test_int4_dynamic_groups_of_96_are_refused(isa):
+    """The row kernels step 64 codes at a time through a group (or take a group of 32 whole):
+    a group of 96 is refused with whole, correctly sized buffers, where 64 and 192 run."""
+    M, N, K = 3, 4, 192
+
+    def call(G):
+        xq, xs = torch.zeros(M, K, dtype=torch.int8), torch.ones(M)
+        wp = torch.zeros(N, K // 2, dtype=torch.uint8)
+        sc, zp = torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.uint8)
+        out = torch.empty(M, N)
+        nb = _C.int4_dynamic_workspace_bytes(isa, M, K, G, 1)
+        work = torch.empty(nb, dtype=torch.uint8)
+        return _C.int4_dynamic_mm(isa, ptr(xq), ptr(xs), M, K, ptr(wp), N, ptr(sc), ptr(zp), G, 0,
+                                  ptr(out), ptr(work), nb, 1)
+
+    assert call(64) == OK and call(192) == OK
+    assert call(96) == ERR_ARG
+
+
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 1000, 4097])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_stream_read_folds_every_word(n, threads):

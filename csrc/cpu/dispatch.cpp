@@ -705,8 +705,9 @@ int pq_int4_dynamic_mm(int isa, const int8_t* xq, const float* x_scale, int64_t 
                        void* work, int64_t work_bytes, int n_threads) {
   const pq::KernelTable* t = table(isa);
   if (!t) return PQ_ERR_ISA;
-  if (group_size <= 0 || group_size % 32 != 0 || M < 0 || K < 0 || K % group_size != 0 ||
-      N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N))
+  /* the row kernels step 64 codes at a time through a group, or take a group of 32 whole */
+  if (group_size <= 0 || (group_size != 32 && group_size % 64 != 0) || M < 0 || K < 0 ||
+      K % group_size != 0 || N < 0 || too_big(M, K) || too_big(N, K) || too_big(M, N))
     return PQ_ERR_ARG;
   const int64_t groups = N * (K / group_size);
   const int64_t need = int4_dynamic_base_bytes(M, K, group_size);

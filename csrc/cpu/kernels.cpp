@@ -448,7 +448,7 @@ void int8_dynamic_mm_bf16(const int8_t* xq, const float* x_scale, int64_t M, int
 }
 #endif
 
-/* work: gsum int32 [M, K/G], then (AVX512) xq reordered [M, K] (see tile_int4dyn.h). */
+/* work: gsum int32 [M, K/G], then (AVX512, AVX2) xq reordered [M, K] (see tile_int4dyn.h). */
 void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t K,
                      const uint8_t* wp, int64_t N, const float* scales, const uint8_t* zeros,
                      int64_t G, const float* bias, float* out, void* work, bool amx,
@@ -469,7 +469,7 @@ void int4_dynamic_mm(const int8_t* xq, const float* x_scale, int64_t M, int64_t 
   const int64_t ng = K / G;
   int32_t* gsum = (int32_t*)work;
   const int8_t* xk = xq;
-#if defined(PQ_SIMD_AVX512)
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
   int8_t* xp = (int8_t*)(gsum + M * ng);
   {
     const int threads = M < n_threads ? (int)M : n_threads;

@@ -37,7 +37,7 @@ inline void int4dyn_prep_row(const int8_t* xq, int64_t K, int64_t G, int8_t* xp,
 
 /* dot[r][t] = sum_g sc[r,g] * sum_{k in g} x[t,k] * (code[r,k] - zp[r,g]) in
  * fp32, the inner sums exact. x: xq rows (natural order, generic path) or xp
- * rows (reordered, AVX512 path), row stride K; gsum rows of K/G. */
+ * rows (reordered, AVX512 and AVX2 paths), row stride K; gsum rows of K/G. */
 template <int R, int T>
 inline void dot_i8_u4(const int8_t* x, const int32_t* gsum, const uint8_t* wp, const float* sc,
                       const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
@@ -100,6 +100,63 @@ inline void dot_i8_u4(const int8_t* x, const int32_t* gsum, const uint8_t* wp, c
       }
       dot[r][t] = _mm512_reduce_add_ps(facc[r][t]) - _mm512_reduce_add_ps(corr);
     }
+#elif defined(PQ_SIMD_AVX2)
+  /* vpmaddubsw multiplies the codes (0..15, the unsigned operand as they are) by
+   * the reordered xq (signed) into int16 pair sums of at most 2 * 15 * 128 =
+   * 3840 in magnitude, so a lane can add four 64-code steps' two products
+   * (30720) before vpmaddwd widens it to int32: no saturation for any int8 x.
+   * The zero point is taken off each group's exact int32 sum as z * gsum, in
+   * integers, so acc is formed exactly as pq.h writes it. S = 64 codes a step
+   * (32 bytes: low nibbles the even codes, high the odd, as xp is ordered), or,
+   * for G == 32, 16 bytes broadcast to both halves, the high half shifted by 4. */
+  prefetch_next_groups<R>(sc, zp, ng);
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i half_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  __m256 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t k0 = g * G, k1 = k0 + G;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = wp + r * ldw;
+      __m256i acc32[T];
+      for (int t = 0; t < T; ++t) acc32[t] = _mm256_setzero_si256();
+      if (G == 32) {
+        PQ_PREFETCH_NEXT_TILE(wr + R * ldw + k0 / 2);
+        const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(wr + k0 / 2)));
+        const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(b, half_shift), nib);
+        for (int t = 0; t < T; ++t) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + t * K + k0));
+          acc32[t] = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones);
+        }
+      } else {
+        for (int64_t k = k0; k < k1;) {
+          __m256i acc16[T];
+          for (int t = 0; t < T; ++t) acc16[t] = _mm256_setzero_si256();
+          for (int s = 0; s < 4 && k < k1; ++s, k += 64) {
+            PQ_PREFETCH_NEXT_TILE(wr + R * ldw + k / 2);
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + k / 2));
+            const __m256i lo = _mm256_and_si256(b, nib);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+            for (int t = 0; t < T; ++t) {
+              const int8_t* xr = x + t * K + k;
+              acc16[t] = _mm256_add_epi16(acc16[t], _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xr)));
+              acc16[t] = _mm256_add_epi16(acc16[t], _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xr + 32))));
+            }
+          }
+          for (int t = 0; t < T; ++t) acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
+        }
+      }
+      const __m256 s = _mm256_set1_ps(sc[r * ng + g]);
+      const int32_t z = zp[r * ng + g];
+      for (int t = 0; t < T; ++t) {
+        const __m256i zs = _mm256_setr_epi32(z * gsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
+        facc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc32[t], zs)), s, facc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) dot[r][t] = hsum256(facc[r][t]);
 #else
   (void)gsum;
   /* Exact int32 per group (|sum| <= G * 15 * 128), then one fp32 multiply-add
