@@ -85,6 +85,7 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
    * widen to int32, subtract the zero point (any uint8: the op takes zero
    * points past 15, where an int8 difference would wrap), convert and scale.
    * Group tails are scalar. */
+  prefetch_next_groups<R>(sc, zp, ng);
   const __m128i nib = _mm_set1_epi8(0x0F);
   __m256 acc[R][T];
   float tail[R][T] = {};
@@ -100,6 +101,7 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
         xb[t] = _mm256_loadu_ps(x + t * ldx + k + 8);
       }
       for (int r = 0; r < R; ++r) {
+        if ((k & 127) == 0) PQ_PREFETCH_NEXT_TILE(wp + (r + R) * ldw + k / 2);
         const __m128i b = _mm_loadl_epi64((const __m128i*)(wp + r * ldw + k / 2));
         const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
         const __m256i z = _mm256_set1_epi32(zp[r * ng + g]);

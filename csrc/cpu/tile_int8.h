@@ -44,6 +44,7 @@ inline void dot_f32_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, 
     __m256 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + k);
     for (int r = 0; r < R; ++r) {
+      if ((k & 63) == 0) PQ_PREFETCH_NEXT_TILE(w + (r + R) * K + k);
       const __m128i b = _mm_loadl_epi64((const __m128i*)(w + r * K + k));
       const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(xv[t], wv, acc[r][t]);
@@ -142,6 +143,7 @@ inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R
       xa[t] = _mm256_abs_epi8(xv[t]);
     }
     for (int r = 0; r < R; ++r) {
+      PQ_PREFETCH_NEXT_TILE(w + (r + R) * K + k);
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
       for (int t = 0; t < T; ++t) {
         const __m256i p = _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(wv, xv[t]));
