@@ -318,7 +318,9 @@ int pq_int4_weight_only_panel_layout(int isa, int64_t K, int64_t N, int64_t grou
  *    zero, subnormal sums flushed) and scaled once;
  *  - at decode sizes (G % 64 == 0; M == 1 on AVX512-VNNI, and M <= 4 when
  *    K % 128 == 0 and G == 64 or G % 128 == 0; also 5 <= M <= 15 on AMX, and
- *    M >= 5 on the AVX512 ISAs without AMX when K % 64 == 0 and G % 32 == 0:
+ *    M >= 5 on the AVX512 ISAs without AMX when K % 64 == 0 and G % 32 == 0;
+ *    on AVX2 only M <= 4 with K % 128 == 0, G == 64 or G % 128 == 0 and every
+ *    zero point <= 15, the GEMV below, other zero points there the float path:
  *    where pq_int4_weight_only_fixed_point says so;
  *    given that many bytes of 64-byte aligned `work`), where each row
  *    of x is written in 24-bit fixed point, x = s * (65536*hi + 256*mid + lo)

@@ -92,15 +92,16 @@ def test_amx_bf16_nonfinite(backend, isa):
 # K % 128 == 0 and G == 64 or G % 128 == 0) on AVX512-VNNI, plus 5 <= M <= 15 on AMX and M >= 5
 # on the AVX512 ISAs without AMX (K % 64 == 0, G % 32 == 0: the W4A8 panel GEMM), each row of
 # x is written in 24-bit fixed point (three int8 terms, |error| <= s = max|x_row| / 8323072 per
-# entry) and runs exact int8 x int4 sums.
+# entry) and runs exact int8 x int4 sums. AVX2 has that M <= 4 GEMV only (GEMV_ISAS).
 FIXED_ISAS = [p for p in isa_params() if p.values[1] in ("avx512_vnni", "avx512_bf16", "avx512_amx")]
+GEMV_ISAS = FIXED_ISAS + [p for p in isa_params() if p.values[1] == "avx2"]
 
 
 def _fixed_path_runs(isa: str, m: int, k: int, n: int, g: int) -> bool:
     return bool(_native.module().int4_weight_only_fixed_point(_native._parse_isa(isa), m, k, g))
 
 
-@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("backend,isa", GEMV_ISAS)
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 15, 16])
 @pytest.mark.parametrize("g", [64, 128, 256])
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
@@ -108,8 +109,9 @@ def test_fixed_point_path(backend, isa, m, g, dtype):
     n, k = 37, 3 * g
     amx_range = isa == "avx512_amx" and 5 <= m <= 15
     gemv = m <= 4 and k % 128 == 0  # the fixed-point GEMV (G here is 64, 128 or 256)
-    panel = isa != "avx512_amx" and m >= 5  # the W4A8 panel GEMM (K = 3G: K % 64 == 0)
-    assert _fixed_path_runs(isa, m, k, n, g) == (m == 1 or gemv or amx_range or panel)
+    panel = isa not in ("avx512_amx", "avx2") and m >= 5  # the W4A8 panel GEMM (K % 64 == 0)
+    w4a8 = isa != "avx2" and m == 1  # the W4A8 kernel on the three term rows
+    assert _fixed_path_runs(isa, m, k, n, g) == (w4a8 or gemv or amx_range or panel)
     assert not _fixed_path_runs(isa, m, 3 * 32, n, 32)  # G = 32: the float path
     x = activation((m, k), dtype, seed=m + g)
     x[0, 5] = 300.0  # an outlier entry: the row's scale grows with it
@@ -140,13 +142,13 @@ def test_fixed_point_slices(backend, isa, m, n, k, g):
 # scale vector of two halves for G = 64, zero points 16 groups a vector (18 groups here), each x
 # row with its own scale. G = 192 straddles blocks: M = 1 runs the W4A8 kernel, M = 2, 4 the
 # float GEMV.
-@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("backend,isa", GEMV_ISAS)
 @pytest.mark.parametrize("n,k,g", [(37, 256, 64), (5, 128, 64), (61, 640, 128), (19, 512, 256),
                                    (9, 1152, 64), (23, 384, 192)])
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_fixed_point_gemv_blocks(backend, isa, n, k, g, m, dtype):
-    assert _fixed_path_runs(isa, m, k, n, g) == (g != 192 or m == 1)
+    assert _fixed_path_runs(isa, m, k, n, g) == (g != 192 or (m == 1 and isa != "avx2"))
     x = activation((m, k), dtype, seed=n + k + m)
     x[0, 7] = -300.0  # rows of different scales
     x[-1] *= 1e-3
@@ -156,7 +158,7 @@ def test_fixed_point_gemv_blocks(backend, isa, n, k, g, m, dtype):
     check_op(OP, backend, isa, x, (p, s, z, g), make_bias(n, "x", dtype))
 
 
-@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("backend,isa", GEMV_ISAS)
 @pytest.mark.parametrize("g", [64, 128])
 @pytest.mark.parametrize("m", [1, 4])
 def test_fixed_point_gemv_zero_points_are_exact(backend, isa, g, m):
@@ -173,7 +175,7 @@ def test_fixed_point_gemv_zero_points_are_exact(backend, isa, g, m):
     assert ((got - exact).abs().max() / exact.abs().max()).item() < 1e-6
 
 
-@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("backend,isa", GEMV_ISAS)
 def test_fixed_point_error_bound(backend, isa):
     """The documented bound, on a row whose entries span 7 decades (the small ones keep only a
     few bits): |out - exact| <= s * sum_k |w[n,k]| plus fp32 rounding of the sums."""
@@ -190,7 +192,7 @@ def test_fixed_point_error_bound(backend, isa):
     assert ((got - exact).abs() <= bound).all(), ((got - exact).abs() / bound).max()
 
 
-@pytest.mark.parametrize("backend,isa", FIXED_ISAS)
+@pytest.mark.parametrize("backend,isa", GEMV_ISAS)
 def test_fixed_point_fallbacks(backend, isa):
     """Rows that fixed point cannot hold run the float path: non-finite ones (with the float
     path's Inf/NaN results) and ones whose max is below 2^-100 (s would be subnormal)."""

@@ -606,8 +606,10 @@ int pq_int4_weight_only_mm_panels_bf16(int isa, const uint16_t* x, int64_t M, in
 }
 
 int pq_int4_weight_only_fixed_point(int isa, int64_t M, int64_t K, int64_t group_size) {
-  return isa >= PQ_ISA_AVX512_VNNI && table(isa) && group_size > 0 && K > 0 &&
-         K % group_size == 0 && pq::int4wo_fixed_applies(M, K, group_size, isa == PQ_ISA_AVX512_AMX);
+  if (!table(isa) || group_size <= 0 || K <= 0 || K % group_size != 0) return 0;
+  if (isa == PQ_ISA_AVX2) return pq::int4wo_fx24_gemv_applies(M, K, group_size); /* its only one */
+  return isa >= PQ_ISA_AVX512_VNNI &&
+         pq::int4wo_fixed_applies(M, K, group_size, isa == PQ_ISA_AVX512_AMX);
 }
 
 int64_t pq_int4_weight_only_workspace_bytes(int isa, int64_t M, int64_t K, int64_t N,

@@ -28,7 +28,7 @@ inline float scale_bias(float dot, float scale, const float* bias, int64_t n) {
   return bias ? v + bias[n] : v;
 }
 
-#if defined(PQ_SIMD_AVX512)
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
 /* The 24-bit fixed-point paths (pq.h) of int4 and int8 weight-only share these two
  * steps around their exact int8-activation kernel.
  * Rows x[0..M) -> term rows xq[3m + t] (t: hi, mid, lo) with scales xs[3m + t];
@@ -589,13 +589,17 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
 }
 #endif
 
-#if defined(PQ_SIMD_AVX512)
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
 /* The decode-size path of pq.h: x in 24-bit fixed point (three int8 terms per
  * row), each term through the exact W4A8 kernel. At M = 1 the float path is
  * bound by decoding (a table permute and an FMA per 16 weights, ~15 cycles per
  * 64 bytes of codes, half the memory speed); here one decode serves three
  * vpdpbusd of 64 products each. Returns false when a row cannot be written in
- * fixed point (out is then incomplete: the caller's float path writes all of it). */
+ * fixed point (out is then incomplete: the caller's float path writes all of it).
+ * AVX2 has only the M <= 4 GEMV (dispatch.cpp says so; other zero points than
+ * nibbles return false there): its float GEMV spends ~13 uops per 8 bytes of codes
+ * (two widens and an interleave on the shuffle port, then a zero subtract, a convert
+ * and a scale per 8 weights), where this one spends ~12 per 16 bytes. */
 bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                             int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
                             const float* bias, float* out, int n_threads, void* work) {
@@ -636,6 +640,9 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
     });
     return true;
   }
+#if defined(PQ_SIMD_AVX2)
+  return false;
+#else
   /* dyn holds the W4A8 workspace for these rows (dispatch.cpp): the AMX or the panel one;
    * the panels take the three term rows of each x row in one tile */
   if (pq::int4wo_fixed_on_panels(rows, K, N, G, kAmxBuild)) {
@@ -647,6 +654,7 @@ bool int4_weight_only_fixed(const float* x, int64_t M, int64_t K, int64_t ldx, c
                   n_threads);
   sum_fixed24_terms(o3, M, N, bias, out, n_threads);
   return true;
+#endif
 }
 #endif
 
@@ -659,7 +667,7 @@ void int4_weight_only_mm(const float* x, int64_t M, int64_t K, int64_t ldx, cons
   if (work && pq::bf16_panel_applies(M, K, G) && rows_are_bf16(x, M, K, ldx))
     return bf16_panel_int4_wo(x, M, K, ldx, wp, N, scales, zeros, G, bias, out, work, n_threads);
 #endif
-#if defined(PQ_SIMD_AVX512)
+#if defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)
   /* work is non-null only when dispatch.cpp sized it for the path that applies: this
    * one (M, G) or, from M = 16 on AMX, the AMX-BF16 one below */
   if (work && pq::int4wo_fixed_applies(M, K, G, kAmxBuild) &&

@@ -109,6 +109,86 @@ inline void dot_fx24_u4(const int8_t* xp, const int32_t* xl, const uint8_t* wp, 
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) dot[r][t] = _mm512_reduce_add_ps(facc[r][t]);
 }
+#elif defined(PQ_SIMD_AVX2)
+/* The same GEMV in 32-byte halves of a block, on vpmaddubsw (codes 0..15 as the unsigned
+ * operand) and vpmaddwd: the even and odd codes' int16 pair sums of a term (each at most
+ * 2 * 15 * 128 in magnitude) are added in int16, then widened, so a dword lane again sums
+ * 8 codes and lane L of half h is the AVX512 kernel's lane 8h + L: the same xp and xl
+ * layouts, the same exact int32 lanes, the same converts. Against the float GEMV
+ * (dot_f32_u4), the AVX2 path forced on a Xeon, 2 threads, G = 128, Llama-2-7B shapes
+ * (benchmarks/ab_inprocess.py, both orders, two runs each): 1.40-1.68x at M = 1,
+ * 1.25-1.33x at M = 4. */
+constexpr int64_t kFx24Block = 128;
+
+inline void fx24_prep_row(const int8_t* t0, const int8_t* t1, const int8_t* t2, int64_t K,
+                          int8_t* xp, int32_t* xl) {
+  const int8_t* terms[3] = {t0, t1, t2};
+  /* per 128-bit lane: the 8 even bytes, then the 8 odd ones; then the lanes' evens together */
+  const __m256i deint = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < K; k += kFx24Block) {
+    int8_t* b = xp + 3 * k;
+    for (int t = 0; t < 3; ++t)
+      for (int q = 0; q < 4; ++q) { /* bytes k + 32q .. + 31: 16 even, 16 odd */
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(terms[t] + k + 32 * q));
+        const __m256i e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, deint), 0xD8);
+        _mm_storeu_si128((__m128i*)(b + 128 * t + 16 * q), _mm256_castsi256_si128(e));
+        _mm_storeu_si128((__m128i*)(b + 128 * t + 64 + 16 * q), _mm256_extracti128_si256(e, 1));
+      }
+    for (int h = 0; h < 2; ++h) { /* dot_fx24_u4's lanes of this half, with every code 1 */
+      __m256i a = _mm256_setzero_si256();
+      for (int t = 0; t < 3; ++t) {
+        const int8_t* e = b + 128 * t + 32 * h;
+        const __m256i p = _mm256_add_epi16(
+            _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i*)e)),
+            _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i*)(e + 64))));
+        a = _mm256_add_epi32(t ? _mm256_slli_epi32(a, 8) : a, _mm256_madd_epi16(p, ones16));
+      }
+      _mm256_storeu_si256((__m256i*)(xl + k / 8 + 8 * h), a);
+    }
+  }
+}
+
+template <int R, int T>
+inline void dot_fx24_u4(const int8_t* xp, const int32_t* xl, const uint8_t* wp, const float* sc,
+                        const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
+  const int64_t ng = K / G, ldw = K / 2;
+  prefetch_next_groups<R>(sc, zp, ng);
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
+  __m256 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += kFx24Block) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = wp + r * ldw + k / 2;
+      PQ_PREFETCH_NEXT_TILE(p + R * ldw);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i w = _mm256_loadu_si256((const __m256i*)(p + 32 * h));
+        const __m256i ce = _mm256_and_si256(w, nib);
+        const __m256i co = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+        const int64_t g = (k + 64 * h) / G;
+        const __m256 sv = _mm256_set1_ps(sc[r * ng + g]);
+        const __m256i zv = _mm256_set1_epi32(zp[r * ng + g]);
+        for (int t = 0; t < T; ++t) {
+          const int8_t* b = xp + 3 * K * t + 3 * k + 32 * h;
+          __m256i a = _mm256_setzero_si256();
+          for (int u = 0; u < 3; ++u) { /* hi, mid, lo: a = 256 * a + this term's lanes */
+            const __m256i pr = _mm256_add_epi16(
+                _mm256_maddubs_epi16(ce, _mm256_loadu_si256((const __m256i*)(b + 128 * u))),
+                _mm256_maddubs_epi16(co, _mm256_loadu_si256((const __m256i*)(b + 128 * u + 64))));
+            a = _mm256_add_epi32(u ? _mm256_slli_epi32(a, 8) : a, _mm256_madd_epi16(pr, ones16));
+          }
+          a = _mm256_sub_epi32(
+              a, _mm256_mullo_epi32(zv, _mm256_loadu_si256((const __m256i*)(xl + K / 8 * t + k / 8 + 8 * h))));
+          facc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sv, facc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) dot[r][t] = hsum256(facc[r][t]);
+}
 #endif
 
 }  // namespace

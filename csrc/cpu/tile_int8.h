@@ -381,6 +381,61 @@ inline bool split_row_fixed24(const float* x, int64_t K, int8_t* t0, int8_t* t1,
   s3[2] = s;
   return true;
 }
+#elif defined(PQ_SIMD_AVX2)
+/* split_row_fixed24 above (the plain digits only), 8 entries a step and a scalar
+ * tail, with the same arithmetic: the IEEE quotient x / s rounded to nearest even, split
+ * by the same integer shifts, so each row's terms and scales are the AVX512 ISAs'. */
+inline bool split_row_fixed24(const float* x, int64_t K, int8_t* t0, int8_t* t1, int8_t* t2,
+                              float* s3) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 mx = _mm256_setzero_ps();
+  float amax_tail = 0.0f, nan_tail = 0.0f;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), abs_mask));
+  for (int64_t j = k; j < K; ++j) amax_tail = fabsf(x[j]) > amax_tail ? fabsf(x[j]) : amax_tail;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float amax = _mm_cvtss_f32(m4) > amax_tail ? _mm_cvtss_f32(m4) : amax_tail;
+  if (!(amax >= 0x1p-100f && amax <= 3.0e38f)) return false; /* a NaN may be dropped: below */
+  const float s = amax / 8323072.0f;
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i r128 = _mm256_set1_epi32(128);
+  /* byte 0 of each dword to the low 4 bytes of each 128-bit lane, then both lanes' together */
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i join = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+  auto store8 = [&](int8_t* dst, __m256i v) {
+    v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, pick), join);
+    _mm_storel_epi64((__m128i*)dst, _mm256_castsi256_si128(v));
+  };
+  __m256 nan_probe = _mm256_setzero_ps();
+  for (k = 0; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    nan_probe = _mm256_add_ps(nan_probe, _mm256_mul_ps(v, _mm256_setzero_ps()));
+    const __m256i X = _mm256_cvtps_epi32(_mm256_div_ps(v, sv));
+    const __m256i q = _mm256_srai_epi32(_mm256_add_epi32(X, r128), 8);
+    const __m256i lo = _mm256_sub_epi32(X, _mm256_slli_epi32(q, 8));
+    const __m256i hi = _mm256_srai_epi32(_mm256_add_epi32(q, r128), 8);
+    const __m256i mid = _mm256_sub_epi32(q, _mm256_slli_epi32(hi, 8));
+    store8(t0 + k, hi);
+    store8(t1 + k, mid);
+    store8(t2 + k, lo);
+  }
+  for (; k < K; ++k) {
+    nan_tail += x[k] * 0.0f;
+    const int32_t X = (int32_t)nearbyintf(x[k] / s); /* the default mode: to nearest even */
+    const int32_t q = (X + 128) >> 8, hi = (q + 128) >> 8;
+    t0[k] = (int8_t)hi;
+    t1[k] = (int8_t)(q - hi * 256);
+    t2[k] = (int8_t)(X - q * 256);
+  }
+  if (hsum256(nan_probe) + nan_tail != 0.0f) return false; /* 0 * NaN is NaN */
+  s3[0] = s * 65536.0f;
+  s3[1] = s * 256.0f;
+  s3[2] = s;
+  return true;
+}
 #endif
 
 }  // namespace
