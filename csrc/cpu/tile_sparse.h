@@ -511,7 +511,19 @@ inline void dot24(const Vals<Kind>& vals, int64_t n, const uint8_t* meta, int64_
   for (int r = 0; r < R; ++r) zero[r] = scale[r] = _mm256_setzero_ps();
   int64_t next_group = 0;
   int64_t j = 0;
+  /* the next tile's rows, as in the dense kernels (common.h): a line of values every
+   * kPfValues kept values, a line of meta every 256. M = 1, 2 threads, the AVX2 path
+   * forced on a Xeon, Llama-2-7B shapes, in-process A/B both orders: fp32 1.03-1.07x,
+   * bf16 1.06-1.15x (one set 0.87x on 4096x4096, 1.13x in three runs after), int8
+   * 1.05-1.30x, int4 1.00-1.07x. */
+  constexpr int64_t kPfValues = Kind == kF32 ? 16 : (Kind == kBF16 || Kind == kF16) ? 32
+                              : Kind == kI8 ? 64 : 128;
+  if constexpr (Kind == kI4) prefetch_next_groups<R>(vals.scales + n * vals.ng, vals.zeros + n * vals.ng, vals.ng);
   for (; j + kChunk24 <= H; j += kChunk24) {
+    if (j % kPfValues == 0)
+      for (int r = 0; r < R; ++r) PQ_PREFETCH_NEXT_TILE(vals.addr(n + r + R, j));
+    if (j % 256 == 0)
+      for (int r = 0; r < R; ++r) PQ_PREFETCH_NEXT_TILE(meta + (n + r + R) * ldm + j / 4);
     if constexpr (Kind == kI4) {
       if (j == next_group) {
         for (int r = 0; r < R; ++r) {
