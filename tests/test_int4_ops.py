@@ -265,3 +265,15 @@ def test_amx_short_rows_with_fewer_omp_threads_than_asked():
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "bad []", r.stdout
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("m", [8, 12, 70])
+@pytest.mark.parametrize("n,k,group", [(7, 2112, 64), (13, 1280, 128), (37, 1024, 32)])
+def test_dequantized_tiles(backend, isa, m, n, k, group):
+    """int4 weight-only from M = 8 on AVX2 (12 on AVX512) dequantizes 6 (AVX2) or 4 weight
+    rows at a time in chunks of 1024 codes: N leaves a partial row tile, K a partial chunk
+    (2112 = 2 x 1024 + 64), M = 70 two activation blocks."""
+    x = activation((m, k), seed=m + n)
+    check_op("int4_weight_only_mm", backend, isa, x, weights(n, k, group, seed=k),
+             make_bias(n, "fp32", x.dtype))
