@@ -927,7 +927,13 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 #   tile_sparse.h: 1.06-1.26x at M = 1 and 1.26-1.39x at M = 4; re-measured on a Granite
 #   Rapids running the avx2 build:
 #   avx2 int8:         1.03 / 0.90 at 6, 1.09 / 0.99 at 8, 1.24 / 1.16 at 12
-#   avx2 int4 g128:    0.93 / 0.88 at 8, 0.88 / 0.98 at 12, 0.94 / 1.04 at 16)
+#   avx2 int4 g128:    0.93 / 0.88 at 8, 0.88 / 0.98 at 12, 0.94 / 1.04 at 16;
+#   then AVX2 int4 weight-only dequantized its weight per chunk from M = 8 (kernels.cpp) and
+#   the 2:4 kernels prefetched, on a Xeon with AMX running the avx2 build, two runs of
+#   --ms 8,9,10,11,12,14:
+#   avx2 int4 g128:    0.98 / 0.82-0.85 at 8, 1.12-1.13 / 0.90-0.98 at 9, 1.10-1.12 /
+#                      0.95-0.98 at 10, 1.24-1.25 / 1.00-1.07 at 11, 1.22-1.24 / 1.04 at 12
+#   avx2 int8:         1.09-1.15 / 1.09 at 8: its 8 holds)
 #   avx512_vnni int8:  0.99 / 0.83 at 16, 1.07 / 0.97 at 24, 1.16 / 1.10 at 32
 #   avx512_vnni int4:  0.98 / 0.78 at 8, 1.15 / 0.99 at 16 (the default 16 holds)
 # avx512_amx, measured on a 2-core Intel Xeon with AMX (Granite Rapids), 2 threads, same script
@@ -946,7 +952,7 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # 1.16 / 0.93 at 32, 1.45 / 1.40 at 48.
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
-             ("sparse24_int8_mm", "fp32"): 8, ("sparse24_int4_mm", "fp32"): 16},
+             ("sparse24_int8_mm", "fp32"): 8, ("sparse24_int4_mm", "fp32"): 10},
     "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64,
                     ("sparse24_int8_mm", "fp32"): 24},
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
