@@ -516,25 +516,18 @@ constexpr int kU4DqTileN = kTileN;
 #endif
 
 #if defined(PQ_SIMD_AVX2)
-/* 16 codes (8 bytes) a step, as dot_f32_u4's AVX2 body decodes them: the same
- * (float)(code - zero) * scale. */
+/* 16 codes a step, decoded as dot_f32_u4's AVX2 body decodes them (u4_decode16). */
 template <int R>
 inline void u4_dequant(const uint8_t* wp, const float* sc, const uint8_t* zp, int64_t K, int64_t G,
                        int64_t k0, int64_t len, float* w) {
   const int64_t ng = K / G, ldw = K / 2;
-  const __m128i nib = _mm_set1_epi8(0x0F);
   for (int r = 0; r < R; ++r)
     for (int64_t j = 0; j < len; j += 16) {
       const int64_t k = k0 + j, g = k / G;
-      const __m128i b = _mm_loadl_epi64((const __m128i*)(wp + r * ldw + k / 2));
-      const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-      const __m256i z = _mm256_set1_epi32(zp[r * ng + g]);
-      const __m256 sv = _mm256_set1_ps(sc[r * ng + g]);
-      _mm256_store_ps(w + r * kU4Chunk + j,
-                      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(c), z)), sv));
-      _mm256_store_ps(w + r * kU4Chunk + j + 8,
-                      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(
-                                        _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), z)), sv));
+      __m256 w0, w1;
+      u4_decode16(wp + r * ldw + k / 2, zp[r * ng + g], sc[r * ng + g], w0, w1);
+      _mm256_store_ps(w + r * kU4Chunk + j, w0);
+      _mm256_store_ps(w + r * kU4Chunk + j + 8, w1);
     }
 }
 #else
@@ -565,6 +558,27 @@ inline void u4_dequant(const uint8_t* wp, const float* sc, const uint8_t* zp, in
   }
 }
 #endif
+
+/* The fp32 vector of this build for the FMA loop below. */
+struct DqVec {
+#if defined(PQ_SIMD_AVX2)
+  using Reg = __m256;
+  static constexpr int kLanes = 8;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg load(const float* p) { return _mm256_load_ps(p); }
+  static Reg loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(Reg a) { return hsum256(a); }
+#else
+  using Reg = __m512;
+  static constexpr int kLanes = 16;
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg load(const float* p) { return _mm512_load_ps(p); }
+  static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(Reg a) { return _mm512_reduce_add_ps(a); }
+#endif
+};
 
 void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* wp,
                               int64_t N, const float* scales, const uint8_t* zeros, int64_t G,
@@ -597,41 +611,23 @@ void int4_weight_only_dequant(const float* x, int64_t M, int64_t K, int64_t ldx,
         for (int64_t m = m0; m < m1; m += kTileM) {
           dispatch_tile<kU4DqTileN>(nr, (int)min64(kTileM, m1 - m), [&](auto R_, auto T_) {
             constexpr int R = decltype(R_)::value, T = decltype(T_)::value;
-#if defined(PQ_SIMD_AVX2)
-            __m256 acc[R][T];
+            using V = DqVec;
+            typename V::Reg acc[R][T];
             for (int r = 0; r < R; ++r)
-              for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+              for (int t = 0; t < T; ++t) acc[r][t] = V::zero();
             const float* xk = x + m * ldx + k0;
-            for (int64_t j = 0; j < len; j += 8) {
-              __m256 wv[R];
-              for (int r = 0; r < R; ++r) wv[r] = _mm256_load_ps(w + r * kU4Chunk + j);
+            for (int64_t j = 0; j < len; j += V::kLanes) {
+              typename V::Reg wv[R];
+              for (int r = 0; r < R; ++r) wv[r] = V::load(w + r * kU4Chunk + j);
               for (int t = 0; t < T; ++t) {
-                const __m256 xv = _mm256_loadu_ps(xk + t * ldx + j);
-                for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(xv, wv[r], acc[r][t]);
+                const typename V::Reg xv = V::loadu(xk + t * ldx + j);
+                for (int r = 0; r < R; ++r) acc[r][t] = V::fma(xv, wv[r], acc[r][t]);
               }
             }
-#else
-            __m512 acc[R][T];
-            for (int r = 0; r < R; ++r)
-              for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-            const float* xk = x + m * ldx + k0;
-            for (int64_t j = 0; j < len; j += 16) {
-              __m512 wv[R];
-              for (int r = 0; r < R; ++r) wv[r] = _mm512_load_ps(w + r * kU4Chunk + j);
-              for (int t = 0; t < T; ++t) {
-                const __m512 xv = _mm512_loadu_ps(xk + t * ldx + j);
-                for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(xv, wv[r], acc[r][t]);
-              }
-            }
-#endif
             for (int t = 0; t < T; ++t)
               for (int r = 0; r < R; ++r) {
                 float* o = out + (m + t) * N + n + r;
-#if defined(PQ_SIMD_AVX2)
-                float v = hsum256(acc[r][t]);
-#else
-                float v = _mm512_reduce_add_ps(acc[r][t]);
-#endif
+                float v = V::sum(acc[r][t]);
                 if (!first) v = *o + v;
                 if (last && bias) v = v + bias[n + r];
                 *o = v;

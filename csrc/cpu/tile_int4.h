@@ -10,6 +10,22 @@
 namespace PQ_NS {
 namespace {
 
+#if defined(PQ_SIMD_AVX2)
+/* 16 codes (the 8 bytes at p, low nibble first) as (float)(code - zero) * scale, in k
+ * order: w0 codes 0..7, w1 codes 8..15. The nibbles are split and interleaved back, widened
+ * to int32 and the zero point subtracted there (any uint8: the ops take zero points past
+ * 15, where an int8 difference would wrap), then converted and scaled. */
+inline void u4_decode16(const uint8_t* p, uint8_t zero, float scale, __m256& w0, __m256& w1) {
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i b = _mm_loadl_epi64((const __m128i*)p);
+  const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+  const __m256i z = _mm256_set1_epi32(zero);
+  const __m256 s = _mm256_set1_ps(scale);
+  w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(c), z)), s);
+  w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), z)), s);
+}
+#endif
+
 /* dot[r][t] = sum_k x[t*ldx + k] * w[r, k], with row r of the packed weights at
  * wp + r*K/2 and its group scales/zeros at sc/zp + r*(K/G). */
 template <int R, int T>
@@ -81,12 +97,8 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) dot[r][t] = _mm512_reduce_add_ps(acc[r][t]);
 #elif defined(PQ_SIMD_AVX2)
-  /* 16 codes (8 bytes) per step: split nibbles, interleave back into k order,
-   * widen to int32, subtract the zero point (any uint8: the op takes zero
-   * points past 15, where an int8 difference would wrap), convert and scale.
-   * Group tails are scalar. */
+  /* 16 codes (8 bytes) per step (u4_decode16). Group tails are scalar. */
   prefetch_next_groups<R>(sc, zp, ng);
-  const __m128i nib = _mm_set1_epi8(0x0F);
   __m256 acc[R][T];
   float tail[R][T] = {};
   for (int r = 0; r < R; ++r)
@@ -102,14 +114,8 @@ inline void dot_f32_u4(const float* x, int64_t ldx, const uint8_t* wp, const flo
       }
       for (int r = 0; r < R; ++r) {
         if ((k & 127) == 0) PQ_PREFETCH_NEXT_TILE(wp + (r + R) * ldw + k / 2);
-        const __m128i b = _mm_loadl_epi64((const __m128i*)(wp + r * ldw + k / 2));
-        const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-        const __m256i z = _mm256_set1_epi32(zp[r * ng + g]);
-        const __m256 s = _mm256_set1_ps(sc[r * ng + g]);
-        const __m256i d0 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(c), z);
-        const __m256i d1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), z);
-        const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(d0), s);
-        const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(d1), s);
+        __m256 w0, w1;
+        u4_decode16(wp + r * ldw + k / 2, zp[r * ng + g], sc[r * ng + g], w0, w1);
         for (int t = 0; t < T; ++t) {
           acc[r][t] = _mm256_fmadd_ps(xa[t], w0, acc[r][t]);
           acc[r][t] = _mm256_fmadd_ps(xb[t], w1, acc[r][t]);
