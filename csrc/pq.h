@@ -128,9 +128,9 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
 int pq_quantize_rows_int8_amax(int isa, const float* x, int64_t M, int64_t K, int64_t ldx,
                                const float* amax, int8_t* xq, float* x_scale, int n_threads);
 /* The same for bf16 rows x (row stride ldx >= K): the codes and scales of their fp32 values,
- * bit for bit. Each thread converts a block of its rows into its part of `work` (4-byte
- * aligned, pq_quantize_rows_int8_bf16_workspace_bytes(M, K, n_threads) bytes, at most 64 KiB
- * a thread while K <= 16384, one row a thread above) and quantizes them from there: a bf16
+ * bit for bit. Each thread widens the rows of its block one at a time into its part of
+ * `work` (4-byte aligned, pq_quantize_rows_int8_bf16_workspace_bytes(M, K, n_threads) bytes:
+ * one row of K floats a thread) and quantizes each from there: a bf16
  * model's dynamic layers no longer convert the whole of x to fp32 first. The query returns
  * -1 on sizes it refuses. */
 int64_t pq_quantize_rows_int8_bf16_workspace_bytes(int64_t M, int64_t K, int n_threads);

@@ -203,9 +203,9 @@ def test_quantize_rows_int8_bf16_refusals(isa):
     M, K = 40, 1000
     x = torch.randn(M, K).to(torch.bfloat16)
     need = _C.quantize_rows_int8_bf16_workspace_bytes(M, K, 2)
-    assert need == 2 * 16 * K * 4  # two threads, 16 rows of 1000 fp32 values each
-    assert _C.quantize_rows_int8_bf16_workspace_bytes(M, K, 1) == 16 * K * 4
-    assert _C.quantize_rows_int8_bf16_workspace_bytes(3, K, 8) == 3 * K * 4  # a row a thread
+    assert need == 2 * K * 4  # two threads, one row of 1000 fp32 values each
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(M, K, 1) == K * 4
+    assert _C.quantize_rows_int8_bf16_workspace_bytes(3, K, 8) == 3 * K * 4  # 3 rows, 3 threads
     # every thread gets rows: 64 rows of 4096 on 64 threads, a row each (4 a block would leave
     # 48 threads idle)
     assert _C.quantize_rows_int8_bf16_workspace_bytes(64, 4096, 64) == 64 * 4096 * 4

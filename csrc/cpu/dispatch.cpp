@@ -294,8 +294,12 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
   return pq_quantize_rows_int8_amax(isa, x, M, K, ldx, nullptr, xq, x_scale, n_threads);
 }
 
-/* bf16 rows: each thread converts a block of its rows (up to 64 KiB of fp32, which stays in
- * its L1/L2) into its part of `work` and quantizes them from there. */
+/* bf16 rows: each thread takes a block of rows and widens them one at a time into its part
+ * of `work` (K floats, in its L1 at K = 4096), with its ISA's vectors, quantizing each from
+ * there (KernelTable::quantize_rows_int8_bf16). Against a block of rows (up to 64 KiB)
+ * widened first by the baseline build's loop (pq_bf16_to_f32_rows), the quantizer ran
+ * 1.17-1.24x faster on the AVX512/AMX build and 1.04-1.13x on AVX2 (M x K = 16..1024 x 4096
+ * and 1024 x 11008, two threads, calls of both builds alternated in one process). */
 /* Rows a block: at most 64 KiB of fp32 (16384 values), and few enough that every thread
  * gets a block (the fp32 quantizer ran a row a thread: at K = 4096, M = 64, blocks of 4 rows
  * would have left 48 of 64 threads idle). */
@@ -311,8 +315,7 @@ static int bf16_quant_threads(int64_t M, int64_t K, int n_threads) {
 int64_t pq_quantize_rows_int8_bf16_workspace_bytes(int64_t M, int64_t K, int n_threads) {
   if (M < 0 || K < 0 || too_big(M, K)) return -1;
   if (M == 0 || K == 0) return 0;
-  return (int64_t)bf16_quant_threads(M, K, n_threads) * bf16_quant_rows_a_block(M, K, n_threads) *
-         K * 4;
+  return (int64_t)bf16_quant_threads(M, K, n_threads) * K * 4;
 }
 
 int pq_quantize_rows_int8_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
@@ -332,10 +335,9 @@ int pq_quantize_rows_int8_bf16(int isa, const uint16_t* x, int64_t M, int64_t K,
   const int nt = bf16_quant_threads(M, K, n_threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
-    float* buf = (float*)work + (int64_t)omp_get_thread_num() * rows * K;
+    float* buf = (float*)work + (int64_t)omp_get_thread_num() * K;
     const int64_t m0 = b * rows, mr = M - m0 < rows ? M - m0 : rows;
-    pq_bf16_to_f32_rows(x + m0 * ldx, mr, K, ldx, buf); /* exact */
-    t->quantize_rows_int8(buf, mr, K, K, nullptr, xq + m0 * K, x_scale + m0, 1);
+    t->quantize_rows_int8_bf16(x + m0 * ldx, mr, K, ldx, xq + m0 * K, x_scale + m0, buf);
   }
   return PQ_OK;
 }

@@ -365,6 +365,11 @@ struct KernelTable {
                                const uint8_t* w_packed, int64_t N, const float* scales,
                                const uint8_t* zeros, int64_t group_size, const float* bias,
                                uint16_t* out, void* work, int n_threads, bool panels);
+  /* quantize_rows_int8 of M rows of bf16 values, on the calling thread: each row widened
+   * (exactly) into buf (K floats, 4-byte aligned) with this build's vectors, then quantized
+   * from there, so the codes and scales are those of the fp32 rows bit for bit. */
+  void (*quantize_rows_int8_bf16)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                  int8_t* xq, float* x_scale, float* buf);
 };
 
 /* The AMX int8 GEMM (tile_amx.h) keeps the int32 sums of a K chunk in its caller's output
