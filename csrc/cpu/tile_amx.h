@@ -184,7 +184,7 @@ inline void amx_finish_block(int32_t* buf, int64_t n0, int64_t mt, bool two, int
  * (the loop: 71% of the call). So the tiles' path from L2 and L3 bounds it, not the TMUL.
  * Measured and not kept: weights packed so that a strip's tiles are contiguous (1.00-1.07x
  * in the standalone loop); K chunks of 512 or 1024 so that a strip's chunk stays in L1, the
- * C tiles stored and reloaded between chunks (0.9-1.0x there); tileloaddt1 (no L1 fill) for
+ * C tiles stored and reloaded between chunks (0.93-1.03x there); tileloaddt1 (no L1 fill) for
  * the activation tiles in amx_grouped_block (W4A8 and int4 weight-only with bf16 x at
  * M = 1024: 0.95-1.06x, benchmarks/ab_inprocess.py, both orders). */
 inline void amx_kb_loop(const int8_t* w0, const int8_t* w1, int64_t K, const int8_t* b0,
