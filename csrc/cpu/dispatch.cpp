@@ -300,9 +300,9 @@ int pq_quantize_rows_int8(int isa, const float* x, int64_t M, int64_t K, int64_t
  * widened first by the baseline build's loop (pq_bf16_to_f32_rows), the quantizer ran
  * 1.17-1.24x faster on the AVX512/AMX build and 1.04-1.13x on AVX2 (M x K = 16..1024 x 4096
  * and 1024 x 11008, two threads, calls of both builds alternated in one process). */
-/* Rows a block: at most 64 KiB of fp32 (16384 values), and few enough that every thread
- * gets a block (the fp32 quantizer ran a row a thread: at K = 4096, M = 64, blocks of 4 rows
- * would have left 48 of 64 threads idle). */
+/* Rows a block: at most 16384 values, and few enough that every thread gets a block (the
+ * fp32 quantizer ran a row a thread: at K = 4096, M = 64, blocks of 4 rows would have left
+ * 48 of 64 threads idle). */
 static int64_t bf16_quant_rows_a_block(int64_t M, int64_t K, int n_threads) {
   const int64_t cap = K >= 16384 ? 1 : 16384 / K, share = (M + threads(n_threads) - 1) / threads(n_threads);
   return cap < share ? cap : share > 0 ? share : 1;
