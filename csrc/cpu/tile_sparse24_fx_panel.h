@@ -156,6 +156,17 @@ PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
  * the dword lanes of kPanel24Dw[r] of its accumulators. The calls with p0 == 0 prefetch the
  * next quad as they go (common.h), those of pair 1 find this one's lines in cache. */
 constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
+/* The decode quad loops' L2 hints run this many bytes of values (int4: codes) ahead in the
+ * panel, whose quads lie back to back, rather than at the same offset of the next quad (2K
+ * bytes ahead for int8, K for int4: 22 and 11 KiB at K = 11008). In-process A/B at M = 1, two
+ * threads, geometric mean of both orders, against the next-quad hint:
+ *                       4096 x 4096   11008 x 4096   4096 x 11008
+ *   int8, 4 KiB ahead      1.02x          1.01x          1.07x
+ *   int4 (L2 loop)           -              -            1.05x   (the others take the L1 loop)
+ * and int8 at 4 KiB against 2 KiB: 1.05-1.07x, against 8 KiB: 1.03-1.07x. On one thread from
+ * memory (benchmarks/sparse24_panel_loop.py with K = 11008) the next-quad hint read 23.5-23.9
+ * GB/s and 4 KiB ahead 25.8-27.1. */
+constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
 
 template <int P, int T>
 struct Panel24Acc {
@@ -245,11 +256,11 @@ inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
   for (int64_t s = 0; s < K / 64; s += 2) {
     const uint8_t* v = pv + 128 * s;
     const uint8_t* m = pm + 32 * s;
-    PQ_PREFETCH_NEXT_TILE(v + 2 * K);
-    PQ_PREFETCH_NEXT_TILE(v + 2 * K + 64);
-    PQ_PREFETCH_NEXT_TILE(v + 2 * K + 128);
-    PQ_PREFETCH_NEXT_TILE(v + 2 * K + 192);
-    PQ_PREFETCH_NEXT_TILE(m + K / 2);
+    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead);
+    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 64);
+    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 128);
+    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 192);
+    PQ_PREFETCH_NEXT_TILE(m + kPanel24I8Ahead / 4);
     quad_step(q, _mm512_loadu_si512(v), _mm512_loadu_si512(v + 64), m, xu, xu + Kp, xu + 2 * Kp, s);
     quad_step(q, _mm512_loadu_si512(v + 128), _mm512_loadu_si512(v + 192), m + 32, xu, xu + Kp,
               xu + 2 * Kp, s + 1);
@@ -320,8 +331,8 @@ constexpr int64_t kPanel24L1Ahead = 2048;
  * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
  * order of the generic loop, so the same floats): 5.3-5.5 -> 4.6 cycles per 64 columns of a
  * row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. kL1: the codes and meta prefetched
- * into L1 kPanel24L1Ahead bytes ahead (where 3 Kp <= kPanel24L1XBytes), else into L2 one quad
- * ahead (PQ_PREFETCH_NEXT_TILE). */
+ * into L1 kPanel24L1Ahead bytes ahead (where 3 Kp <= kPanel24L1XBytes), else into L2
+ * kPanel24I4Ahead bytes ahead (PQ_PREFETCH_NEXT_TILE). */
 template <int kBlock, bool kL1>
 inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
                                 const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
@@ -352,9 +363,9 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
           PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead + 64);
           PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead / 2);
         } else {
-          PQ_PREFETCH_NEXT_TILE(c + K);
-          PQ_PREFETCH_NEXT_TILE(c + K + 64);
-          PQ_PREFETCH_NEXT_TILE(m + K / 2);
+          PQ_PREFETCH_NEXT_TILE(c + kPanel24I4Ahead);
+          PQ_PREFETCH_NEXT_TILE(c + kPanel24I4Ahead + 64);
+          PQ_PREFETCH_NEXT_TILE(m + kPanel24I4Ahead / 2);
         }
         const __m512i r0 = _mm512_loadu_si512(c), r1 = _mm512_loadu_si512(c + 64);
         half(r0, r1, m, 2 * d);
