@@ -15,10 +15,6 @@
 #include "common.h"
 #include "unstructured_lut.h"
 
-/* The per-step lambdas below must be inlined into their loops: called out of
- * line (GCC's heuristics do so for bodies this size) their accumulators live
- * in memory and each step pays a call and a vzeroupper, ~2.5x slower. */
-#define PQ_ALWAYS_INLINE __attribute__((always_inline))
 
 namespace PQ_NS {
 namespace {
