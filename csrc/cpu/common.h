@@ -54,6 +54,9 @@
  * (GCC's heuristics do so for bodies this size) their accumulators live in memory and each
  * step pays a call and a vzeroupper, ~2.5x slower (the sparse loops, tile_sparse.h). */
 #define PQ_ALWAYS_INLINE __attribute__((always_inline))
+/* A compiler barrier on the array at p: its values are in memory here, so between two of
+ * these GCC keeps them there instead of in registers that a hot loop needs. */
+#define PQ_KEEP_IN_MEMORY(p) asm volatile("" : : "r"(p) : "memory")
 
 #if (defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)) && !defined(PQ_NO_PREFETCH)
 #define PQ_PREFETCH_NEXT_TILE(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
