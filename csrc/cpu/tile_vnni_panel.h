@@ -193,7 +193,7 @@ inline void panel_store(__m512 acc[T][2], const float* x_scale, const float* bia
  * nesting a row. As an array (__m512i acc[T][2]) GCC 12 carried them through the k loop in a
  * chain of register copies, two vmovdqa a vpdpbusd (T = 6: 24 copies beside the 12 products of
  * a step): the loop ran at 49-66% of the VNNI peak on a Zen 4 core, in L1, where these fields
- * give 86-92% (the same loop with T = 6, K = 4096, 1020 x rows: 74-87 against 116-123 products
+ * give 86-92% (the same loop with T = 6, K = 4096, 1020 x rows: 66-89 against 116-123 products
  * of 4 bytes a cycle, three passes). In-process A/B of the library, both orders: int8 dynamic
  * 1.3-1.4x at M = 128 and 1024. The nibble loop (w4a8_nibble_panel_acc) runs its two vpdpbusd
  * a row as two steps here: chained on one accumulator in one expression, GCC still copied
