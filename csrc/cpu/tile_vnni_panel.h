@@ -197,8 +197,9 @@ inline void panel_store(__m512 acc[T][2], const float* x_scale, const float* bia
  * of 4 bytes a cycle, three passes). In-process A/B of the library, both orders: int8 dynamic
  * 1.3-1.4x at M = 128 and 1024. The nibble loop (w4a8_nibble_panel_acc) runs its two vpdpbusd
  * a row as two steps here: chained on one accumulator in one expression, GCC still copied
- * each accumulator twice a step (24 copies to 24 products; 6 this way), 1.08-1.14x at M = 128
- * and 1.19x at M = 1024 (4096 x 4096, W4A8), unchanged at M = 1. */
+ * each accumulator twice a step (24 copies to 24 products; 6 this way, none with the register
+ * constraint in step), 1.08-1.14x at M = 128 and 1.19x at M = 1024 (4096 x 4096, W4A8),
+ * unchanged at M = 1. tests/test_codegen.py counts the copies of both loops. */
 template <int T>
 struct PanelRows {
   __m512i a0, a1;
@@ -211,6 +212,11 @@ struct PanelRows {
     const __m512i xb = _mm512_set1_epi32(x4);
     a0 = _mm512_dpbusd_epi32(a0, w0, xb);
     a1 = _mm512_dpbusd_epi32(a1, w1, xb);
+    /* each accumulator stays in its register from step to step: without this, where a loop
+     * takes two steps an iteration (the nibble loop) and the kernel is not inlined into its
+     * driver, GCC 12 copied each accumulator twice an iteration again (23 copies to 24
+     * products; tests/test_codegen.py) */
+    asm("" : "+v"(a0), "+v"(a1));
     rest.step(x + ldx, ldx, w0, w1);
   }
   PQ_ALWAYS_INLINE void store(__m512i (*acc)[2]) const {

@@ -1,0 +1,85 @@
+"""The VNNI panel loops' code as the compiler emits it for the AVX512-BF16 build.
+
+Why a test of generated code: written over an array (`__m512i acc[T][2]`), GCC 12 carried the
+tile's accumulators through the k loop in a chain of register copies, two `vmovdqa` for every
+`vpdpbusd`, and int8 dynamic ran 1.3-1.4x slower at prefill on a Zen 4 for it; the results were
+the same bit for bit, so no other test saw it. `PanelRows` (csrc/cpu/tile_vnni_panel.h) keeps
+them in registers. This compiles csrc/cpu/kernels.cpp as the build does for AVX512-BF16 (its
+flags, OpenMP, `-S`: nothing runs, so any x86-64 machine with g++ checks it) and counts, in
+every innermost loop of the W8A8 and W4A8 panel drivers, the register-to-register vector copies
+against the products. Skipped without a C++ compiler that takes the flags."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COPY = re.compile(r"\bvmovdq[au](32|64)\s+%zmm\d+,\s*%zmm\d+")
+LABEL = re.compile(r"^([\w.$]+):$", re.M)
+
+
+def _loop_build():
+    spec = importlib.util.spec_from_file_location("_loop_build", ROOT / "benchmarks" / "_loop_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def functions(asm: str, *parts: str) -> dict[str, list[str]]:
+    """The bodies (lines) of the functions of GCC's assembly whose mangled name holds every one
+    of `parts`."""
+    out = {}
+    for m in LABEL.finditer(asm):
+        name = m.group(1)
+        if name.startswith(".") or not all(p in name for p in parts):
+            continue
+        out[name] = asm[m.end():].split(".cfi_endproc", 1)[0].splitlines()
+    return out
+
+
+def innermost_loops(body: list[str]) -> list[tuple[int, int]]:
+    """(products, copies) of each loop that holds no other loop: the lines from a label back
+    to the last jump to it."""
+    where = {line.strip()[:-1]: i for i, line in enumerate(body) if re.match(r"\.L\w+:$", line.strip())}
+    spans = []
+    for i, line in enumerate(body):
+        jump = re.match(r"\s+j\w+\s+(\.L\w+)$", line)
+        if jump and where.get(jump.group(1), i) < i:
+            spans.append((where[jump.group(1)], i))
+    inner = [(a, b) for a, b in spans
+             if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [(sum("vpdpbusd" in s for s in body[a:b + 1]),
+             sum(bool(COPY.search(s)) for s in body[a:b + 1])) for a, b in inner]
+
+
+@pytest.fixture(scope="module")
+def kernels_asm(tmp_path_factory):
+    lb = _loop_build()
+    cxx = lb.compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (set CXX)")
+    out = tmp_path_factory.mktemp("codegen") / "kernels.s"
+    cmd = [cxx, "-DPQ_NS=pq_avx512bf16", "-O3", "-DNDEBUG", "-ffp-contract=off", "-fopenmp",
+           *lb.FLAGS, "-S", str(ROOT / "csrc" / "cpu" / "kernels.cpp"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"{cxx} does not take the AVX512-BF16 build's flags: {proc.stderr[-300:]}")
+    return out.read_text()
+
+
+@pytest.mark.parametrize("driver", ["w8a8_panel_gemm", "w8a8_fx24_panel_mm", "w4a8_panel_driver"])
+def test_panel_loops_keep_their_accumulators_in_registers(kernels_asm, driver):
+    """Every innermost loop of the driver's tiles that holds 12 products or more (a 6-row W8A8
+    tile takes 12 a step, W4A8's nibble loop 24): at most one copy per four products (the array
+    form had two per product)."""
+    bodies = functions(kernels_asm, "for_each_panel", driver)
+    assert bodies, f"no for_each_panel function of {driver} in kernels.cpp's assembly"
+    loops = [(name, lp) for name, body in bodies.items() for lp in innermost_loops(body)
+             if lp[0] >= 12]
+    assert loops, driver
+    bad = [(name[:80], n, copies) for name, (n, copies) in loops if copies * 4 > n]
+    assert not bad, bad
