@@ -25,6 +25,11 @@
 #include <immintrin.h>
 #endif
 
+/* Per-step lambdas and helpers that must be inlined into their loops: called out of line
+ * (GCC's heuristics do so for bodies this size) their accumulators live in memory and each
+ * step pays a call and a vzeroupper, ~2.5x slower (the sparse loops, tile_sparse.h). */
+#define PQ_ALWAYS_INLINE __attribute__((always_inline))
+
 /* The dot-product loops stream kTileN weight rows at a time, each only K or
  * K/2 bytes long: too short for the hardware prefetchers to ramp up before the
  * tile moves on, so at M = 1 a thread waited on memory for about half of its
@@ -50,14 +55,6 @@
  * both orders, 2 threads, M = 1, the AVX2 path forced on a Xeon): int8
  * weight-only 1.03-1.22x, int8 dynamic 1.08-1.14x, int4 weight-only
  * 1.03-1.24x, W4A8 1.17-1.50x on the three Llama-2-7B shapes. */
-/* Per-step lambdas and helpers that must be inlined into their loops: called out of line
- * (GCC's heuristics do so for bodies this size) their accumulators live in memory and each
- * step pays a call and a vzeroupper, ~2.5x slower (the sparse loops, tile_sparse.h). */
-#define PQ_ALWAYS_INLINE __attribute__((always_inline))
-/* A compiler barrier on the array at p: its values are in memory here, so between two of
- * these GCC keeps them there instead of in registers that a hot loop needs. */
-#define PQ_KEEP_IN_MEMORY(p) asm volatile("" : : "r"(p) : "memory")
-
 #if (defined(PQ_SIMD_AVX512) || defined(PQ_SIMD_AVX2)) && !defined(PQ_NO_PREFETCH)
 #define PQ_PREFETCH_NEXT_TILE(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
 #define PQ_PREFETCH_NEXT_TILE_L1(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)

@@ -15,7 +15,6 @@
 #include "common.h"
 #include "unstructured_lut.h"
 
-
 namespace PQ_NS {
 namespace {
 

@@ -163,9 +163,9 @@ constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
  *                       4096 x 4096   11008 x 4096   4096 x 11008
  *   int8, 4 KiB ahead      1.02x          1.01x          1.07x
  *   int4 (L2 loop)           -              -            1.05x   (the others take the L1 loop)
- * and int8 at 4 KiB against 2 KiB: 1.05-1.07x, against 8 KiB: 1.03-1.07x. On one thread from
- * memory (benchmarks/sparse24_panel_loop.py with K = 11008) the next-quad hint read 23.5-23.9
- * GB/s and 4 KiB ahead 25.8-27.1. */
+ * and int8 at 4 KiB against 2 KiB: 1.05-1.06x, against 8 KiB: 1.03-1.08x. On one thread from
+ * memory (the from-memory loop of benchmarks/sparse24_panel_loop.cpp with its K set to 11008)
+ * the next-quad hint read 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1. */
 constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
 
 template <int P, int T>

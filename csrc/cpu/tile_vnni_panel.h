@@ -382,12 +382,10 @@ inline void w4a8_nibble_panel_acc(const int8_t* xq, const int32_t* gsum, int64_t
     const __m512 s0 = _mm512_load_ps(sp + g * kPanelRows), s1 = _mm512_load_ps(sp + g * kPanelRows + 16);
     const __m512i z0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zp + g * kPanelRows)));
     const __m512i z1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zp + g * kPanelRows + 16)));
-    PQ_KEEP_IN_MEMORY(facc); /* the int loop above needs the registers */
     for (int t = 0; t < T; ++t) {
       facc[t][0] = w4a8_group(facc[t][0], iacc[t][0], z0, gsum[t * ng + g], s0);
       facc[t][1] = w4a8_group(facc[t][1], iacc[t][1], z1, gsum[t * ng + g], s1);
     }
-    PQ_KEEP_IN_MEMORY(facc);
   }
 }
 
