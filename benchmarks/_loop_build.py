@@ -33,10 +33,13 @@ def cpu_runs_it() -> bool:
 
 
 def main(stem: str, doc: str, default_reps: int, argv=None) -> int:
-    """Compiles benchmarks/<stem>.cpp and prints what it prints (its arguments: reps, passes)."""
+    """Compiles benchmarks/<stem>.cpp and prints what it prints (its arguments: reps, passes and,
+    where given, K)."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--reps", type=int, default=default_reps, help="calls a timed pass")
     ap.add_argument("--passes", type=int, default=25, help="timed passes (the best is kept)")
+    ap.add_argument("--k", type=int, default=None,
+                    help="the weight's columns, where the loop takes them (a multiple of 128)")
     args = ap.parse_args(argv)
     cxx = compiler()
     if cxx is None:
@@ -50,7 +53,8 @@ def main(stem: str, doc: str, default_reps: int, argv=None) -> int:
         exe = pathlib.Path(tmp) / stem
         subprocess.run([cxx, *FLAGS, "-I", str(HERE.parent / "csrc" / "cpu"),
                         str(HERE / f"{stem}.cpp"), "-o", str(exe)], check=True)
-        out = subprocess.run([str(exe), str(args.reps), str(args.passes)], check=True,
+        extra = [] if args.k is None else [str(args.k)]
+        out = subprocess.run([str(exe), str(args.reps), str(args.passes), *extra], check=True,
                              capture_output=True, text=True).stdout
     print(out, end="")
     return 0

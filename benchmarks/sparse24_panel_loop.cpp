@@ -77,7 +77,9 @@ int main(int argc, char** argv) {
   /* group sizes in kept values, as the op's group_size (a group spans twice the columns) */
   const int reps = argc > 1 ? std::atoi(argv[1]) : 2000;
   const int passes = argc > 2 ? std::atoi(argv[2]) : 25;
-  const int64_t K = 4096, Kp = K + 64; /* x term rows a line past whole steps (as the op) */
+  /* K: 4096, or the third argument (a multiple of 128; 11008 puts x's terms past a 32 KiB L1) */
+  const int64_t K = argc > 3 ? std::atoll(argv[3]) / 128 * 128 : 4096;
+  const int64_t Kp = K + 64; /* x term rows a line past whole steps (as the op) */
   std::vector<uint8_t> pv(2 * K + 4096), pm(K / 2 + 4096), zp(4 * K);
   std::vector<float> sc(4 * K, 0.01f);
   for (auto& b : pv) b = (uint8_t)std::rand();
@@ -90,7 +92,7 @@ int main(int argc, char** argv) {
   const double hz = core_hz(passes);
   const double row64 = 4.0 * K / 64; /* 64-column blocks of the quad's 4 rows */
   double sink = 0;
-  std::printf("core clock %.2f GHz (measured); one quad of K = %lld in L1, one thread\n", hz / 1e9,
+  std::printf("core clock %.2f GHz (measured); one quad of K = %lld, one thread\n", hz / 1e9,
               (long long)K);
   std::printf("cycles per 64 columns of a weight row and row of x:\n");
   {
@@ -142,7 +144,8 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < big.size(); i += 64) big[i] = (uint8_t)std::rand();
     std::vector<float> bsc(N * ng, 0.01f);
     std::vector<uint8_t> bzp(N * ng, 8);
-    std::printf("decode from memory (4096 x 4096, %d copies rotated, one thread):\n", copies);
+    std::printf("decode from memory (4096 x %lld, %d copies rotated, one thread):\n", (long long)K,
+                copies);
     for (int bits : {8, 4}) {
       const int64_t bytes = bits == 8 ? i8_bytes : i4_bytes, vq = bits == 8 ? 2 * K : K;
       int c = 0;

@@ -873,7 +873,7 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
                       ("sparse24_int8_mm", "fp32"): 16, ("sparse24_int4_mm", "fp32"): 16,
                       ("sparse_unstructured_mm", "bf16"): 16,
                       ("sparse_unstructured_mm", "fp32"): 32,
-                      # the 4-row panels (pyquant/sparse_panels.py; AVX512-BF16 and AMX only)
+                      # the 4-row panels (pyquant/sparse_panels.py; the AVX512 levels only)
                       ("sparse24_int8_mm_panels", "fp32"): 16,
                       ("sparse24_int4_mm_panels", "fp32"): 16}
 # Where the break-even of a CPU level differs. avx512_bf16, measured on a 2-core Zen 4 (EPYC), 2
@@ -950,11 +950,16 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # and the default entries hold: int8 panels 0.60-0.67 / 0.58-0.61 at 14, 1.45 / 1.22-1.31 at 16;
 # int8 rows 0.81 / 0.74-0.77 at 14, 1.9 / 1.8 at 16; unstructured fp32 0.95 / 0.74 at 24,
 # 1.16 / 0.93 at 32, 1.45 / 1.40 at 48.
+# avx512_vnni's 4-row panels (the kernels of avx512_bf16, built without VBMI), measured on a
+# 2-core Zen 5 (EPYC) running that level (PYQUANT_CPU_ISA=avx512_vnni), 2 threads, same script,
+# --ms 10,12,16,20 --reps 9, sparse / dense, 4096 x 4096 / 4096 x 11008:
+#   int8 panels:       0.75 / 0.57 at 10, 0.86 / 0.87 at 12, 1.00 / 0.95 at 16, 1.11 / 1.06 at 20
+#   int4 g128 panels:  0.94 / 0.75 at 10, 1.13 / 1.01 at 12, 1.17 / 1.11 at 16, 1.54 / 1.24 at 20
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
              ("sparse24_int8_mm", "fp32"): 8, ("sparse24_int4_mm", "fp32"): 10},
     "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64,
-                    ("sparse24_int8_mm", "fp32"): 24},
+                    ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm_panels", "fp32"): 12},
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
                     ("sparse_unstructured_mm", "bf16"): 8,

@@ -226,7 +226,7 @@ class _PanelLayout:
     """Mixin of the layers that keep their weight in a CPU backend's panel layout where the
     native kernels run fastest from it: the int8 and int4 layers in 32-row panels
     (``pyquant.panels``: AVX512 without AMX), the 2:4 + int8 / int4 layers in 4-row panels
-    (``pyquant.sparse_panels``: AVX512 with VBMI). The panels are then converted once, here,
+    (``pyquant.sparse_panels``: AVX512 with VNNI). The panels are then converted once, here,
     instead of on every call. ``weight_layout`` says which: "rows" (the canonical buffers) or "panels" (the same
     bytes, reordered). The layout never leaves the layer: ``state_dict`` (and so checkpoints),
     ``shard`` and moves to another device get the canonical buffers, and ``canonical(name)``

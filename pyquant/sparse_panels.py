@@ -1,8 +1,8 @@
 """The CPU backend's own layout of 2:4 + int8 and 2:4 + int4 weights: 4-row panels, packed once
 at swap time (the sparse counterpart of ``pyquant.panels``).
 
-The decode kernels of these layers (csrc/cpu/tile_sparse24_fx_panel.h: AVX512 with VBMI and
-BMI2, so the AVX512-BF16 and AMX levels) multiply two weight rows a register: 64 byte lanes
+The decode kernels of these layers (csrc/cpu/tile_sparse24_fx_panel.h: every AVX512 level,
+AVX512-VNNI, AVX512-BF16 and AMX) multiply two weight rows a register: 64 byte lanes
 hold 32 kept values of each, the x bytes under them gathered by one in-lane shuffle per term
 from the positions in the meta. From the canonical rows they first put the two rows' values
 into one register and their meta into another (a masked broadcast each), and an int4 code
@@ -20,7 +20,12 @@ ones reordered, gathered per lane by a byte permute) and the generic loops at M 
 one thread 1.06-1.14x; two threads int4 1.04-1.24x, int8 0.95-1.02x (its two threads stream
 at the memory's speed either way); M = 2-16 int4 1.00-1.24x, int8 0.92-1.18x. The decode
 loops alone have since gone from 5.6 to 4.5 cycles per 64 columns of a row (int4, group 128)
-and from 4.9-5.7 to 3.4 (int8): benchmarks/sparse24_panel_loop.py.
+and from 4.9-5.7 to 3.4 (int8): benchmarks/sparse24_panel_loop.py. On AVX512 without VBMI
+(Cascade Lake; the AVX512-VNNI level) the canonical rows have no fixed-point kernels at all, and
+the panels are what keeps these layers ahead of dense: at M = 1, two threads, 2:4 + int4 ran
+0.52-0.59x pyquant's dense int4 on the rows and 1.22-1.33x on the panels, 2:4 + int8 1.13-1.23x
+dense int8 on the rows and 1.15-1.47x on the panels (a 2-core Zen 5 forced to that level,
+`PYQUANT_CPU_ISA=avx512_vnni pyquant bench --ms 1`, Llama-2-7B shapes).
 
 The layers (Sparse24Int8Linear, Sparse24Int4Linear) keep their values and meta in panels where
 ``layout_applies``, and give the canonical formats back for ``state_dict``, checkpoints,
@@ -74,7 +79,7 @@ _HAS_KERNELS: dict = {}
 
 def has_kernels(isa: int) -> bool:
     """True when ISA ``isa``'s native library has the 2:4 panel kernels (its sparse table has
-    them: AVX512-BF16 and AMX)."""
+    them: the AVX512 levels)."""
     from . import _native
 
     if isa not in _HAS_KERNELS:

@@ -21,7 +21,7 @@ from pyquant import sparse_formats as sf
 BACKENDS = backend_isa_params()
 HERE = _native.available() and sparse_panels.layout_applies(4, 128, "cpu")
 needs_panels = pytest.mark.skipif(
-    not HERE, reason="this CPU's kernels keep 2:4 int8/int4 weights in rows (no VBMI panels)")
+    not HERE, reason="this CPU's kernels keep 2:4 int8/int4 weights in rows (no AVX512 panels)")
 
 
 def _weight(n, k, bits, g=64, seed=0):
@@ -113,13 +113,21 @@ def test_round_trip_exact(bits, n, k, packer):
 
 
 @needs_panels
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx512_bf16", "avx512_amx"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_native_and_torch_packers_agree(bits, monkeypatch):
+def test_native_and_torch_packers_agree(bits, isa, monkeypatch):
+    """Every level's native packer (each its own build of the qword moves) gives the PyTorch
+    packer's bytes, and unpacks them back."""
+    if not _panel_kernels(isa):
+        pytest.skip(f"{isa}: not on this CPU or not built")
     v, meta, _ = _weight(12, 640, bits, seed=3)
-    native = sparse_panels.pack(v, meta, bits)
+    with _native.use_isa(isa):
+        native = sparse_panels.pack(v, meta, bits)
+        back = sparse_panels.unpack(*native, bits)
     monkeypatch.setattr(sparse_panels, "_use_native", False)
     torch_ = sparse_panels.pack(v, meta, bits)
     assert all(torch.equal(a, b) for a, b in zip(native, torch_))
+    assert torch.equal(back[0], v) and torch.equal(back[1], meta)
 
 
 @pytest.mark.parametrize("n,k,bits,dtype", [
@@ -151,22 +159,39 @@ def test_layout_applies_only_where_it_can():
 def test_op_against_the_canonical_op(backend, isa, bits, m, n, k, g):
     """Within the canonical op's tolerance of the reference; bit for bit the canonical op's
     result where the same arithmetic runs: the unpacked canonical op (no panel kernels on the
-    ISA), the dense path, and int8's fixed point at M = 1 (exact int32 sums both). The panels'
-    fixed-point path sums int4's groups in another fp32 order, and at M > 1 it is fixed-point
-    arithmetic where the canonical op runs the float loop. On 1 and 2 threads, with and
+    ISA), the dense path, and int8's fixed point at M = 1 (exact int32 sums both) on the levels
+    whose canonical op has it (VBMI: AVX512-BF16, AMX). The panels' fixed-point path sums
+    int4's groups in another fp32 order, and at M > 1 it is fixed-point arithmetic where the
+    canonical op runs the float loop. The AVX512-VNNI level runs the panel kernels of the
+    AVX512-BF16 one (no VBMI in them): bit for bit its results where both run them. On 1 and 2
+    threads, with and
     without bias."""
     v, meta, rest = _weight(n, k, bits, g, seed=m)
     pv, pm = sparse_panels.pack(v, meta, bits)
     x = activation((m, k), seed=m)
+    fx = _fx_path(_op(bits) + "_panels", backend, isa, m, k)
+    canonical_fx = isa in ("avx512_bf16", "avx512_amx")
+    # without the panels' fixed point, both ops run the canonical arithmetic where they take
+    # the same route: both dense from the weight, or both the canonical kernels
+    same_route = True
+    if backend == "cpu":
+        with _native.use_isa(isa):
+            same_route = ((_native.sparse_dense_reason(_op(bits), m) is None)
+                          == (_native.sparse_dense_reason(_op(bits) + "_panels", m) is None))
+    twin = ("avx512_bf16" if isa == "avx512_vnni" and fx and _panel_kernels("avx512_bf16")
+            and _fx_path(_op(bits) + "_panels", backend, "avx512_bf16", m, k) else None)
     for bias in (None, make_bias(n, "fp32", torch.float32)):
         expected = getattr(reference, _op(bits))(x, v, meta, *rest, bias)
         for t in (1, 2):
             with num_threads(t):
                 got = run_op(_op(bits) + "_panels", backend, isa, x, (pv, pm, *rest), bias)
                 rows = run_op(_op(bits), backend, isa, x, (v, meta, *rest), bias)
+                same = twin and run_op(_op(bits) + "_panels", backend, twin, x, (pv, pm, *rest), bias)
             assert_close_named(got, expected, tol_name(_op(bits), x.dtype), f"m={m} t={t}")
-            if not _fx_path(_op(bits) + "_panels", backend, isa, m, k) or (bits == 8 and m == 1):
+            if (not fx and same_route) or (bits == 8 and m == 1 and canonical_fx):
                 assert torch.equal(got, rows), (m, t, bias is None)
+            if twin:
+                assert torch.equal(got, same), (m, t, bias is None)
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
@@ -405,13 +430,22 @@ def test_layer_moves_shards_compiles_and_backprops(config):
 
 @needs_panels
 def test_layer_on_an_isa_without_panels():
-    """A layer packed here and run on a forced ISA without the panel kernels unpacks for the
-    call: the canonical result, bit for bit."""
+    """A layer packed here and run on a forced ISA without the panel kernels (AVX2, portable)
+    unpacks for the call: the canonical result, bit for bit. On AVX512-VNNI (the panel kernels
+    without VBMI) it runs them: AVX512-BF16's result, bit for bit."""
+    assert _panel_kernels("avx512_vnni") == _native.module().isa_available(
+        _native.ISA_NAMES.index("avx512_vnni"))
     for config in (pyquant.Sparse24Int8WeightOnly(), pyquant.Sparse24Int4WeightOnly(group_size=32)):
         m = _sparse_model(config)
         x = activation((5, 256))
         twin = _rows_twin(m)
-        for isa in ("avx512_vnni", "avx2", "portable"):
+        for isa in ("avx2", "portable"):
+            assert not _panel_kernels(isa)
             if _native.module().isa_available(_native.ISA_NAMES.index(isa)):
                 with _native.use_isa(isa):
                     assert torch.equal(m(x), twin(x)), isa
+        if _panel_kernels("avx512_vnni") and _panel_kernels("avx512_bf16"):
+            with _native.use_isa("avx512_vnni"):
+                y = m(x)
+            with _native.use_isa("avx512_bf16"):
+                assert torch.equal(y, m(x))

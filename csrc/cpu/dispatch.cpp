@@ -74,7 +74,7 @@ bool probe_cpu(int isa) {
   if (isa == PQ_ISA_AVX512_VNNI)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2");
   if (isa == PQ_ISA_AVX512_BF16) return cpu_has(PQ_ISA_AVX512_VNNI) && bf16_cpu();
   if (isa == PQ_ISA_AVX512_AMX) return cpu_has(PQ_ISA_AVX512_BF16) && amx_request();
 #endif

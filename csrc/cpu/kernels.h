@@ -440,7 +440,7 @@ struct SparseKernelTable {
                                             int n_threads);
   /* 2:4 + int8 / int4 in 4-row panels (tile_sparse24_fx_panel.h; pq_sparse24_int8_panels_mm,
    * pq_sparse24_int4_panels_mm), and a whole weight into them or back
-   * (pq_pack_sparse24_panels): null on the builds without VBMI. work as the canonical ops'
+   * (pq_pack_sparse24_panels): null on the builds without AVX512. work as the canonical ops'
    * (int4: null when a zero point is past 15); N % 4 == 0, K % 128 == 0, K <= 32768, int4
    * G % 32 == 0. */
   void (*sparse24_int8_panels_mm)(const float* x, int64_t M, int64_t K, int64_t ldx,

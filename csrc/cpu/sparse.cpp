@@ -62,7 +62,7 @@ void sparse24_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const void* 
     run24(x, M, K, ldx, Vals<kF32>{values, ld}, meta, N, nullptr, bias, out, n_threads);
 }
 
-#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
+#if defined(PQ_SIMD_AVX512)
 /* x row 0 in 24-bit fixed point as three u8 term rows, padded to whole 128-column
  * steps (the padding is x = 0), into the caller's 3 * Kp bytes; false when x is not
  * finite or too small for fixed point (split_row_fixed24). Each balanced term + 128 (the
@@ -84,7 +84,9 @@ bool fixed24_u8(const float* x, int64_t K, int64_t Kp, uint8_t* xu, float s3[3],
     _mm512_store_si512(xu + i, _mm512_xor_si512(_mm512_load_si512(xu + i), bias8));
   return true;
 }
+#endif
 
+#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__)
 /* The M = 1 decode path's driver: x into the scratch in fixed point, then
  * tile(n, R-tag, xu, Kp, s3) over the weight-row tiles of for_each_tile.
  * False (nothing written) when x cannot be written in fixed point. */

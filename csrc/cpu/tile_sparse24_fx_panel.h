@@ -1,6 +1,7 @@
 /* 2:4 + int8 and 2:4 + int4 weights in 4-row panels (pyquant/sparse_panels.py), and the
- * fixed-point kernels that read them: the AVX512 builds with VBMI and BMI2 (AVX512-BF16,
- * AMX), whose packer permutes bytes (vpermb) and moves the meta bits (pext, pdep).
+ * fixed-point kernels that read them: every AVX512 build (AVX512-VNNI, AVX512-BF16, AMX).
+ * The kernels need AVX512-BW and VNNI; the packer moves qwords (vpermq) and the meta bits
+ * (BMI2 pext, pdep), so CPUs without VBMI (Cascade Lake) take these layers too.
  *
  * Why a layout of their own. From the canonical rows, dot24_i8_fx2 and dot24_i4_fx2
  * (tile_sparse.h) put two rows' values into one register with a masked broadcast, their
@@ -53,42 +54,32 @@
 namespace PQ_NS {
 namespace {
 
-#if defined(PQ_SIMD_AVX512) && defined(__AVX512VBMI__) && defined(__BMI2__)
+#if defined(PQ_SIMD_AVX512) && defined(__BMI2__)
 #define PQ_HAVE_SPARSE24_FX_PANELS 1
 
-/* Lane L's row in its pair (0, 1) and kept value in its step (0..31). */
-constexpr int panel24_row(int L) { return (L / 8) % 2; }
+/* Lane L's kept value in its step (0..31); its row in the pair is (L / 8) % 2. */
 constexpr int panel24_kept(int L) { return 8 * (L / 16) + L % 8; }
-/* The lane of kept value k of pair row r. */
-constexpr int panel24_lane(int r, int k) { return 16 * (k / 8) + 8 * r + k % 8; }
 
 /* The constant vectors of the layout, built at compile time. */
 struct Panel24Tables {
-  uint8_t base[64];      /* lane L's group of 4 within its 128-bit lane of x: 4 (k % 8 / 2) */
-  uint8_t i8_pack[64];   /* int8 rows [A|B] (32 values each) -> lanes */
-  uint8_t i8_unpack[64]; /* lanes -> [A|B] */
-  uint8_t i4_pack[2][64];   /* int4: lane L of step half h from the nibbles of [A0|A1|B0|B1] */
-  uint8_t i4_unpack[2][64]; /* lanes -> the even (0) / odd (1) nibble of each byte of it */
-  constexpr Panel24Tables()
-      : base(), i8_pack(), i8_unpack(), i4_pack(), i4_unpack() {
-    for (int L = 0; L < 64; ++L) {
-      const int r = panel24_row(L), k = panel24_kept(L);
-      base[L] = (uint8_t)(4 * (k % 8 / 2));
-      i8_pack[L] = (uint8_t)(32 * r + k);
-      i8_unpack[L] = (uint8_t)panel24_lane(L / 32, L % 32);
-      /* [A0|A1|B0|B1]: 16 canonical bytes each (row a / b, step 2d / 2d + 1); byte b of a
-       * chunk holds kept 2b (low nibble: table 0-63) and 2b + 1 (high: table 64-127) */
-      for (int h = 0; h < 2; ++h) i4_pack[h][L] = (uint8_t)(64 * (k % 2) + 16 * (2 * r + h) + k / 2);
-      const int c = L / 16, b = L % 16; /* byte L of [A0|A1|B0|B1]: chunk c, byte b */
-      for (int odd = 0; odd < 2; ++odd)
-        i4_unpack[odd][L] = (uint8_t)(64 * (c % 2) + panel24_lane(c / 2, 2 * b + odd));
-    }
+  uint8_t base[64]; /* lane L's group of 4 within its 128-bit lane of x: 4 (k % 8 / 2) */
+  constexpr Panel24Tables() : base() {
+    for (int L = 0; L < 64; ++L) base[L] = (uint8_t)(4 * (panel24_kept(L) % 8 / 2));
   }
 };
 constexpr Panel24Tables kPanel24{};
 
 /* One quad: canonical rows (values [4][ldv] bytes, meta [4][ldm]) -> its panel (values at
- * pv, meta at pm), or back with `unpack`. bits: 8 (ldv >= K/2) or 4 (ldv >= K/4). */
+ * pv, meta at pm), or back with `unpack`. bits: 8 (ldv >= K/2) or 4 (ldv >= K/4).
+ *
+ * Qword moves only (AVX512F vpermq / vpermt2q, and AVX512BW byte unpacks), so that the
+ * AVX512-VNNI build without VBMI packs and reads panels too: a lane's kept values come in
+ * runs of 8 (k % 8), so each qword of a pair's vector is one qword of the rows'.
+ *   int8: qword 2c + r of the panel = qword c of row r's 32 bytes (c = k / 8).
+ *   int4: the rows' nibbles are first spread to bytes in value order (an unpack of each
+ *   128-bit lane's low and high nibbles: chunk ch = 2 r + h, the 16 bytes of row r's step
+ *   2d + h, gives values 0-15 in U0 and 16-31 in U1, 8 a qword); then the panel's low
+ *   nibbles (h = 0) and high ones (h = 1) are each one two-source qword permute of them. */
 inline void panel24_quad(int bits, bool unpack, uint8_t* vals, int64_t ldv, uint8_t* meta,
                          int64_t ldm, int64_t K, uint8_t* pv, uint8_t* pm) {
   const __m512i nib = _mm512_set1_epi8(0x0F);
@@ -97,18 +88,25 @@ inline void panel24_quad(int bits, bool unpack, uint8_t* vals, int64_t ldv, uint
     const __m512i v = unpack ? _mm512_loadu_si512(q)
                              : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
                                                   _mm256_loadu_si256((const __m256i*)b), 1);
+    const __m512i lo = _mm512_and_si512(v, nib);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
     __m512i r;
-    if (bits == 8) {
-      r = _mm512_permutexvar_epi8(_mm512_loadu_si512(unpack ? kPanel24.i8_unpack : kPanel24.i8_pack), v);
+    if (bits == 8 && !unpack) {
+      r = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), v);
+    } else if (bits == 8) {
+      r = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), v);
+    } else if (!unpack) {
+      const __m512i u0 = _mm512_unpacklo_epi8(lo, hi), u1 = _mm512_unpackhi_epi8(lo, hi);
+      const __m512i h0 = _mm512_permutex2var_epi64(u0, _mm512_setr_epi64(0, 4, 1, 5, 8, 12, 9, 13), u1);
+      const __m512i h1 = _mm512_permutex2var_epi64(u0, _mm512_setr_epi64(2, 6, 3, 7, 10, 14, 11, 15), u1);
+      r = _mm512_or_si512(h0, _mm512_slli_epi16(h1, 4)); /* h0, h1 <= 15 a byte */
     } else {
-      const __m512i t0 = _mm512_loadu_si512(unpack ? kPanel24.i4_unpack[0] : kPanel24.i4_pack[0]);
-      const __m512i t1 = _mm512_loadu_si512(unpack ? kPanel24.i4_unpack[1] : kPanel24.i4_pack[1]);
-      const __m512i lo = _mm512_and_si512(v, nib);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-      /* the low nibbles of the result, then the high ones (values <= 15: the shift by 4
-       * stays inside each byte) */
-      r = _mm512_or_si512(_mm512_permutex2var_epi8(lo, t0, hi),
-                          _mm512_slli_epi16(_mm512_permutex2var_epi8(lo, t1, hi), 4));
+      const __m512i u0 = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 2, 8, 10, 1, 3, 9, 11), hi);
+      const __m512i u1 = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 6, 12, 14, 5, 7, 13, 15), hi);
+      /* each word's two values (v, w) -> the byte v | w << 4, then the words' low bytes */
+      const __m512i low = _mm512_set1_epi16(0x00FF);
+      r = _mm512_packus_epi16(_mm512_and_si512(_mm512_or_si512(u0, _mm512_srli_epi16(u0, 4)), low),
+                              _mm512_and_si512(_mm512_or_si512(u1, _mm512_srli_epi16(u1, 4)), low));
     }
     if (unpack) {
       _mm256_storeu_si256((__m256i*)a, _mm512_castsi512_si256(r));
