@@ -98,21 +98,19 @@ int main(int argc, char** argv) {
   {
     int32_t d[4][1][3];
     const double t = best_seconds([&] {
-      dot24_i8_panel<2, 1>(pv.data(), pm.data(), K, 0, xu, Kp, (int32_t(*)[1][3])d);
+      dot24_i8_panel<1>(pv.data(), pm.data(), K, xu, Kp, d);
       for (auto& r : d) sink += r[0][0] + r[0][1] + r[0][2];
     }, reps, passes);
     std::printf("  %-44s %5.2f\n", "int8 decode (both pairs, 1 x row)", t * hz / row64);
   }
   {
-    int32_t d[2][2][3]; /* int8 takes blocks of 2 rows of x (sparse.cpp, panel24_fx_quad) */
+    int32_t d[4][2][3]; /* int8 takes blocks of 2 rows of x (sparse.cpp, panel24_fx_quad) */
     const double t = best_seconds([&] {
-      for (int p = 0; p < 2; ++p) {
-        dot24_i8_panel<1, 2>(pv.data(), pm.data(), K, p, xu, Kp, d);
-        for (auto& r : d)
-          for (auto& u : r) sink += u[0] + u[1] + u[2];
-      }
+      dot24_i8_panel<2>(pv.data(), pm.data(), K, xu, Kp, d);
+      for (auto& r : d)
+        for (auto& u : r) sink += u[0] + u[1] + u[2];
     }, reps / 2, passes);
-    std::printf("  %-44s %5.2f\n", "int8, 2 x rows a pass (M > 1)", t * hz / row64 / 2);
+    std::printf("  %-44s %5.2f\n", "int8 both pairs, 2 x rows a pass (M > 1)", t * hz / row64 / 2);
   }
   for (int64_t G : {128, 64}) {
     const int64_t ng = K / 2 / G; /* group size in kept values, as the op's group_size */
@@ -155,7 +153,7 @@ int main(int argc, char** argv) {
         for (int64_t q = 0; q < quads; ++q) {
           if (bits == 8) {
             int32_t d[4][1][3];
-            dot24_i8_panel<2, 1>(v + q * vq, m + q * K / 2, K, 0, xu, Kp, d);
+            dot24_i8_panel<1>(v + q * vq, m + q * K / 2, K, xu, Kp, d);
             sink += d[0][0][0];
           } else {
             float d[4][1];

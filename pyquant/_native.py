@@ -950,6 +950,11 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # and the default entries hold: int8 panels 0.60-0.67 / 0.58-0.61 at 14, 1.45 / 1.22-1.31 at 16;
 # int8 rows 0.81 / 0.74-0.77 at 14, 1.9 / 1.8 at 16; unstructured fp32 0.95 / 0.74 at 24,
 # 1.16 / 0.93 at 32, 1.45 / 1.40 at 48.
+# The int8 panels then took both pairs of a quad a pass at M > 1 (sparse.cpp, panel24_fx_quad;
+# 1.24-1.70x at M = 2-16), and on a 2-core Zen 5 (EPYC), same script, --ms 16,24,32, ran
+#   int8 panels:       0.57 / 0.69 at 16, 0.69 / 0.83 at 24, 0.87 / 0.89 at 32
+# so they keep the sparse kernel up to the 32 rows of x their workspace takes (33: never dense
+# below it).
 # avx512_vnni's 4-row panels (the kernels of avx512_bf16, built without VBMI), measured on a
 # 2-core Zen 5 (EPYC) running that level (PYQUANT_CPU_ISA=avx512_vnni), 2 threads, same script,
 # --ms 10,12,16,20 --reps 9, sparse / dense, 4096 x 4096 / 4096 x 11008:
@@ -964,7 +969,7 @@ SPARSE_DENSE_MIN_M_BY_ISA = {
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
                     ("sparse_unstructured_mm", "bf16"): 8,
                     ("sparse_unstructured_mm", "fp32"): 48,
-                    ("sparse24_int8_mm_panels", "fp32"): 32,
+                    ("sparse24_int8_mm_panels", "fp32"): 33,
                     ("sparse24_int4_mm_panels", "fp32"): 24},
     "avx512_amx": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 20,
                    ("sparse24_int4_mm", "fp32"): 6, ("sparse_unstructured_mm", "bf16"): 12,

@@ -4,10 +4,10 @@ Why a test of generated code: written over an array (`__m512i acc[T][2]`), GCC 1
 tile's accumulators through the k loop in a chain of register copies, two `vmovdqa` for every
 `vpdpbusd`, and int8 dynamic ran 1.3-1.4x slower at prefill on a Zen 4 for it; the results were
 the same bit for bit, so no other test saw it. `PanelRows` (csrc/cpu/tile_vnni_panel.h) keeps
-them in registers. This compiles csrc/cpu/kernels.cpp as the build does for AVX512-BF16 (its
-flags, OpenMP, `-S`: nothing runs, so any x86-64 machine with g++ checks it) and counts, in
-every innermost loop of the W8A8 and W4A8 panel drivers, the register-to-register vector copies
-against the products. Skipped without a C++ compiler that takes the flags."""
+them in registers. This compiles csrc/cpu/kernels.cpp (and sparse.cpp) as the build does for
+AVX512-BF16 (its flags, OpenMP, `-S`: nothing runs, so any x86-64 machine with g++ checks it)
+and counts, in every innermost loop of the W8A8 and W4A8 panel drivers (and of the 2:4 + int8
+panels at M > 1), the register-to-register vector copies against the products. Skipped without a C++ compiler that takes the flags."""
 from __future__ import annotations
 
 import importlib.util
@@ -41,9 +41,12 @@ def functions(asm: str, *parts: str) -> dict[str, list[str]]:
     return out
 
 
-def innermost_loops(body: list[str]) -> list[tuple[int, int]]:
-    """(products, copies) of each loop that holds no other loop: the lines from a label back
-    to the last jump to it."""
+STACK = re.compile(r"\bvmov\w+\s+(%zmm\d+,\s*)?-?\w*\(%r[sb]p\)(,\s*%zmm\d+)?")
+
+
+def innermost_loops(body: list[str]) -> list[tuple[int, int, int]]:
+    """(products, copies, stack moves) of each loop that holds no other loop: the lines from a
+    label back to the last jump to it."""
     where = {line.strip()[:-1]: i for i, line in enumerate(body) if re.match(r"\.L\w+:$", line.strip())}
     spans = []
     for i, line in enumerate(body):
@@ -53,22 +56,28 @@ def innermost_loops(body: list[str]) -> list[tuple[int, int]]:
     inner = [(a, b) for a, b in spans
              if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
     return [(sum("vpdpbusd" in s for s in body[a:b + 1]),
-             sum(bool(COPY.search(s)) for s in body[a:b + 1])) for a, b in inner]
+             sum(bool(COPY.search(s)) for s in body[a:b + 1]),
+             sum(bool(STACK.search(s)) and "zmm" in s for s in body[a:b + 1])) for a, b in inner]
 
 
-@pytest.fixture(scope="module")
-def kernels_asm(tmp_path_factory):
+def _asm(tmp_path_factory, source: str) -> str:
+    """csrc/cpu/<source> compiled to assembly as the AVX512-BF16 build compiles it."""
     lb = _loop_build()
     cxx = lb.compiler()
     if cxx is None:
         pytest.skip("no C++ compiler (set CXX)")
-    out = tmp_path_factory.mktemp("codegen") / "kernels.s"
+    out = tmp_path_factory.mktemp("codegen") / (source + ".s")
     cmd = [cxx, "-DPQ_NS=pq_avx512bf16", "-O3", "-DNDEBUG", "-ffp-contract=off", "-fopenmp",
-           *lb.FLAGS, "-S", str(ROOT / "csrc" / "cpu" / "kernels.cpp"), "-o", str(out)]
+           *lb.FLAGS, "-S", str(ROOT / "csrc" / "cpu" / source), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         pytest.skip(f"{cxx} does not take the AVX512-BF16 build's flags: {proc.stderr[-300:]}")
     return out.read_text()
+
+
+@pytest.fixture(scope="module")
+def kernels_asm(tmp_path_factory):
+    return _asm(tmp_path_factory, "kernels.cpp")
 
 
 @pytest.mark.parametrize("driver", ["w8a8_panel_gemm", "w8a8_fx24_panel_mm", "w4a8_panel_driver"])
@@ -81,5 +90,22 @@ def test_panel_loops_keep_their_accumulators_in_registers(kernels_asm, driver):
     loops = [(name, lp) for name, body in bodies.items() for lp in innermost_loops(body)
              if lp[0] >= 12]
     assert loops, driver
-    bad = [(name[:80], n, copies) for name, (n, copies) in loops if copies * 4 > n]
+    bad = [(name[:80], n, copies) for name, (n, copies, _) in loops if copies * 4 > n]
     assert not bad, bad
+
+
+def test_sparse24_int8_panel_loop_at_m_above_1_keeps_its_accumulators_in_registers(
+        tmp_path_factory):
+    """The 2:4 + int8 panel loop of two rows of x, both pairs a pass (dot24_i8_panel<2>: 12
+    products and 2 biases a step), in sparse.cpp's build: no accumulator on the stack and at
+    most one copy per four products. Its accumulators as arrays went through copy chains (40
+    copies to 7 products, a pair at a time), and picked by a reference chosen at run time
+    through the stack (23-41 moves a turn); 1.3-1.7x slower at M = 2-16 either way."""
+    asm = _asm(tmp_path_factory, "sparse.cpp")
+    # inlined into the op's driver, or out of line
+    bodies = {**functions(asm, "run_panels24", "sparse24_int8_panels_mm"),
+              **functions(asm, "dot24_i8_panel")}
+    loops = [lp for body in bodies.values() for lp in innermost_loops(body) if lp[0] == 14]
+    assert loops, "no loop of 14 products in sparse24_int8_panels_mm's driver or dot24_i8_panel"
+    assert all(stack == 0 and copies * 4 <= n for n, copies, stack in loops), loops
+

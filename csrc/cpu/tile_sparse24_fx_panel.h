@@ -148,11 +148,12 @@ PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
                                    _mm512_loadu_si512(kPanel24.base), 0xEA); /* (a & b) | c */
 }
 
-/* The kernels below take P pairs of a quad from pair p0 (P = 2: the whole quad, at M = 1) and
- * T rows of x (T > 1 with P = 1, so that the accumulators fit the 32 registers: 3 T + 1 a
- * pair). x row t's three u8 term rows are Kp bytes apart from xu + 3 t Kp. A pair's rows take
- * the dword lanes of kPanel24Dw[r] of its accumulators. The calls with p0 == 0 prefetch the
- * next quad as they go (common.h), those of pair 1 find this one's lines in cache. */
+/* The kernels below take P pairs of a quad from pair p0 (P = 2: the whole quad) and T rows of
+ * x (int4: T > 1 with P = 1; int8: both pairs at every T <= 2, so that the accumulators fit
+ * the 32 registers: 3 T + 1 a pair). x row t's three u8 term rows are Kp bytes apart from
+ * xu + 3 t Kp. A pair's rows take the dword lanes of kPanel24Dw[r] of its accumulators. The
+ * calls with p0 == 0 prefetch the next quad as they go (common.h), those of pair 1 find this
+ * one's lines in cache. */
 constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
 /* The decode quad loops' L2 hints run this many bytes of values (int4: codes) ahead in the
  * panel, whose quads lie back to back, rather than at the same offset of the next quad (2K
@@ -178,9 +179,9 @@ struct Panel24Acc {
   }
 };
 
-/* One step s of pairs p0 .. p0 + P - 1 into a: their 64-byte value vectors at v + 64 p (int4:
- * HI takes the high nibbles, minus the pair's zero points zb) and meta at m + 16 p. */
-template <bool kInt4, bool HI, int P, int T>
+/* One int4 step s of pairs p0 .. p0 + P - 1 into a: their 64-byte code vectors at v + 64 p (HI
+ * takes the high nibbles), minus the pair's zero points zb, and meta at m + 16 p. */
+template <bool HI, int P, int T>
 PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, const uint8_t* xu,
                                           int64_t Kp, int64_t s, int p0, const __m512i* zb,
                                           Panel24Acc<P, T>& a) {
@@ -190,13 +191,11 @@ PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, co
     for (int j = 0; j < 3; ++j) xt[t][j] = _mm512_load_si512(xu + (3 * t + j) * Kp + 64 * s);
   for (int p = 0; p < P; ++p) {
     __m512i w = _mm512_loadu_si512(v + 64 * (p0 + p));
-    if (kInt4) {
-      if (HI) w = _mm512_srli_epi16(w, 4);
-      w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb[p]);
-    }
+    if (HI) w = _mm512_srli_epi16(w, 4);
+    w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb[p]);
     const __m512i idx = panel24_index(m, p0 + p);
-    /* 128 x the values' sum: int8's bias of each u8 term's sum (each term + 128), int4's of
-     * the hi term's (the digits of X + 2^23: i4_combine) */
+    /* 128 x the values' sum: the bias of the hi term's sum (the digits of X + 2^23:
+     * i4_combine) */
     a.wsum[p] = _mm512_dpbusd_epi32(a.wsum[p], _mm512_set1_epi8((char)128), w);
     for (int t = 0; t < T; ++t)
       for (int j = 0; j < 3; ++j)
@@ -229,6 +228,9 @@ PQ_ALWAYS_INLINE inline void quad_step(QuadAcc& q, __m512i w0, __m512i w1, const
   q.a11 = _mm512_dpbusd_epi32(q.a11, _mm512_shuffle_epi8(t1, i1), w1);
   q.a02 = _mm512_dpbusd_epi32(q.a02, _mm512_shuffle_epi8(t2, i0), w0);
   q.a12 = _mm512_dpbusd_epi32(q.a12, _mm512_shuffle_epi8(t2, i1), w1);
+  /* In sparse.cpp's build GCC copies 13 accumulators a turn of 16 products here (int8); tied
+   * to their registers (as PanelRows::step) none, but the decode ran no faster for it (in-process
+   * A/B at M = 1, both orders: 0.97-1.02x): the loop waits on memory. */
 }
 
 /* The int4 kernels' block sum: x's term rows are the digits of X + 2^23 (fixed24_u8 with
@@ -242,6 +244,40 @@ PQ_ALWAYS_INLINE inline __m512i i4_combine(__m512i hi, __m512i mid, __m512i lo, 
                                            _mm512_slli_epi32(mid, 8)),
                           lo);
 }
+
+/* The int8 accumulators of one pair against T rows of x (M > 1), named and nested one level
+ * per row as PanelRows (tile_vnni_panel.h), each tied to its register a step: as arrays
+ * (Panel24Acc) GCC carried them through the loop in chains of register copies (2 rows: 40
+ * copies to 7 products). a0..a2: the three terms' sums. (The int4 loop of 4 rows, named the
+ * same way, ran 1.15x faster in L1 at group 128 but 0.92-1.11x in the op at M = 2-8, and
+ * slower at group 64 and inlined beside the generic loop: it keeps its arrays.) */
+template <int T>
+struct Pair24Rows {
+  __m512i a0, a1, a2;
+  Pair24Rows<T - 1> rest;
+  Pair24Rows() : a0(_mm512_setzero_si512()), a1(a0), a2(a0) {}
+  /* one step: x points at this row's term 0 at the step's columns, its terms Kp apart and the
+   * next row's 3 Kp further */
+  PQ_ALWAYS_INLINE void step(const uint8_t* x, int64_t Kp, __m512i idx, __m512i w) {
+    a0 = _mm512_dpbusd_epi32(a0, _mm512_shuffle_epi8(_mm512_load_si512(x), idx), w);
+    a1 = _mm512_dpbusd_epi32(a1, _mm512_shuffle_epi8(_mm512_load_si512(x + Kp), idx), w);
+    a2 = _mm512_dpbusd_epi32(a2, _mm512_shuffle_epi8(_mm512_load_si512(x + 2 * Kp), idx), w);
+    asm("" : "+v"(a0), "+v"(a1), "+v"(a2));
+    rest.step(x + 3 * Kp, Kp, idx, w);
+  }
+  /* fn(t, a0, a1, a2) for each row t */
+  template <class Fn>
+  PQ_ALWAYS_INLINE void each(Fn fn, int t = 0) const {
+    fn(t, a0, a1, a2);
+    rest.each(fn, t + 1);
+  }
+};
+template <>
+struct Pair24Rows<0> {
+  PQ_ALWAYS_INLINE void step(const uint8_t*, int64_t, __m512i, __m512i) {}
+  template <class Fn>
+  PQ_ALWAYS_INLINE void each(Fn, int = 0) const {}
+};
 
 /* dot24_i8_panel<2, 1> (decode: the whole quad against one row of x) with its accumulators
  * named (QuadAcc: fields, not an array) and two steps a loop turn. The generic loop's
@@ -273,37 +309,54 @@ inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
     }
 }
 
-/* dot[2 p + r][t][j] (p < P) = the exact int32 sum over pair p0 + p's row r of xterm_j[col] *
- * value against x row t (as dot24_i8_fx2: x u8-biased, the bias 128 * sum(values) taken off,
- * wrapping unsigned arithmetic). pv, pm: the quad's panel. */
-template <int P, int T>
-inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, int p0,
-                           const uint8_t* xu, int64_t Kp, int32_t dot[2 * P][T][3]) {
-  if constexpr (P == 2 && T == 1) {
-    dot24_i8_panel_quad(pv, pm, K, xu, Kp, (int32_t(*)[1][3])dot);
-    return;
-  }
-  Panel24Acc<P, T> a;
-  for (int64_t s = 0; s < K / 64; ++s) {
-    const uint8_t* v = pv + 128 * s;
-    const uint8_t* m = pm + 32 * s;
-    if (p0 == 0 && s % 2 == 0) { /* the next quad's lines of this step and the next (common.h) */
-      PQ_PREFETCH_NEXT_TILE(v + 2 * K);
-      PQ_PREFETCH_NEXT_TILE(v + 2 * K + 64);
-      PQ_PREFETCH_NEXT_TILE(v + 2 * K + 128);
-      PQ_PREFETCH_NEXT_TILE(v + 2 * K + 192);
-      PQ_PREFETCH_NEXT_TILE(m + K / 2);
+/* dot[2 p + r][t][j] = the exact int32 sum over pair p's row r of xterm_j[col] * value against
+ * x row t (as dot24_i8_fx2: x u8-biased, the bias 128 * sum(values) taken off, wrapping
+ * unsigned arithmetic), both pairs of the quad (pv, pm: its panel) a pass (sparse.cpp,
+ * panel24_fx_quad). T = 1: dot24_i8_panel_quad; T > 1: each pair its own named accumulators
+ * (Pair24Rows; as an array, Panel24Acc, GCC carried them in chains of register copies: 3.96
+ * cycles per 64 columns of a weight row and a row of x in L1 at T = 2, one pair a pass; named,
+ * 1.8-2.0, and both pairs a pass 1.5-1.7: benchmarks/sparse24_panel_loop.py). */
+template <int T>
+inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, const uint8_t* xu,
+                           int64_t Kp, int32_t dot[4][T][3]) {
+  if constexpr (T == 1) {
+    dot24_i8_panel_quad(pv, pm, K, xu, Kp, dot);
+  } else {
+    Pair24Rows<T> rows0, rows1;
+    __m512i ws0 = _mm512_setzero_si512(), ws1 = ws0;
+    for (int64_t s = 0; s < K / 64; ++s) {
+      const uint8_t* v = pv + 128 * s;
+      const uint8_t* m = pm + 32 * s;
+      if (s % 2 == 0) { /* as dot24_i8_panel_quad */
+        PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead);
+        PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 64);
+        PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 128);
+        PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 192);
+        PQ_PREFETCH_NEXT_TILE(m + kPanel24I8Ahead / 4);
+      }
+      const __m512i w0 = _mm512_loadu_si512(v), w1 = _mm512_loadu_si512(v + 64);
+      ws0 = _mm512_dpbusd_epi32(ws0, _mm512_set1_epi8((char)128), w0);
+      ws1 = _mm512_dpbusd_epi32(ws1, _mm512_set1_epi8((char)128), w1);
+      asm("" : "+v"(ws0), "+v"(ws1));
+      rows0.step(xu + 64 * s, Kp, panel24_index(m, 0), w0);
+      rows1.step(xu + 64 * s, Kp, panel24_index(m, 1), w1);
     }
-    panel24_step<false, false, P, T>(v, m, xu, Kp, s, p0, nullptr, a);
+    /* each pair's rows by name: a reference chosen at run time (p ? rows1 : rows0) put both
+     * accumulator sets on the stack, loop and all */
+    auto reduce = [&](const Pair24Rows<T>& rows, __m512i ws, int p) PQ_ALWAYS_INLINE {
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t bias = (uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], ws);
+        rows.each([&](int t, __m512i a0, __m512i a1, __m512i a2) {
+          const __m512i a[3] = {a0, a1, a2};
+          for (int j = 0; j < 3; ++j) /* unsigned: the bias removal wraps, not overflows */
+            dot[2 * p + r][t][j] =
+                (int32_t)((uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], a[j]) - bias);
+        });
+      }
+    };
+    reduce(rows0, ws0, 0);
+    reduce(rows1, ws1, 1);
   }
-  for (int p = 0; p < P; ++p)
-    for (int r = 0; r < 2; ++r) {
-      const uint32_t bias = (uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], a.wsum[p]);
-      for (int t = 0; t < T; ++t)
-        for (int j = 0; j < 3; ++j) /* unsigned: the bias removal wraps, not overflows */
-          dot[2 * p + r][t][j] =
-              (int32_t)((uint32_t)_mm512_mask_reduce_add_epi32(kPanel24Dw[r], a.acc[p][t][j]) - bias);
-    }
 }
 
 /* x's three term rows up to this many bytes in all (3 Kp) leave room in a 32 KiB L1 for the
@@ -431,8 +484,8 @@ inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int 
           PQ_PREFETCH_NEXT_TILE(c + K + 64);
           PQ_PREFETCH_NEXT_TILE(m + K / 2);
         }
-        panel24_step<true, false, P, T>(c, m, xu, Kp, (int64_t)(2 * d), p0, zb, a);
-        panel24_step<true, true, P, T>(c, m + 32, xu, Kp, (int64_t)(2 * d + 1), p0, zb, a);
+        panel24_step<false, P, T>(c, m, xu, Kp, (int64_t)(2 * d), p0, zb, a);
+        panel24_step<true, P, T>(c, m + 32, xu, Kp, (int64_t)(2 * d + 1), p0, zb, a);
       };
       const uint64_t d0 = (uint64_t)s0 / 2;
       if (unrolled == 4) {
@@ -451,9 +504,9 @@ inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int 
             PQ_PREFETCH_NEXT_TILE(pm + 64 * (st / 2) + K / 2);
           }
           if (st % 2)
-            panel24_step<true, true, P, T>(c, m, xu, Kp, st, p0, zb, a);
+            panel24_step<true, P, T>(c, m, xu, Kp, st, p0, zb, a);
           else
-            panel24_step<true, false, P, T>(c, m, xu, Kp, st, p0, zb, a);
+            panel24_step<false, P, T>(c, m, xu, Kp, st, p0, zb, a);
         }
       }
       for (int p = 0; p < P; ++p) {
