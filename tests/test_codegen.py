@@ -94,18 +94,26 @@ def test_panel_loops_keep_their_accumulators_in_registers(kernels_asm, driver):
     assert not bad, bad
 
 
-def test_sparse24_int8_panel_loop_at_m_above_1_keeps_its_accumulators_in_registers(
-        tmp_path_factory):
-    """The 2:4 + int8 panel loop of two rows of x, both pairs a pass (dot24_i8_panel<2>: 12
-    products and 2 biases a step), in sparse.cpp's build: no accumulator on the stack and at
-    most one copy per four products. Its accumulators as arrays went through copy chains (40
-    copies to 7 products, a pair at a time), and picked by a reference chosen at run time
-    through the stack (23-41 moves a turn); 1.3-1.7x slower at M = 2-16 either way."""
-    asm = _asm(tmp_path_factory, "sparse.cpp")
-    # inlined into the op's driver, or out of line
-    bodies = {**functions(asm, "run_panels24", "sparse24_int8_panels_mm"),
-              **functions(asm, "dot24_i8_panel")}
-    loops = [lp for body in bodies.values() for lp in innermost_loops(body) if lp[0] == 14]
-    assert loops, "no loop of 14 products in sparse24_int8_panels_mm's driver or dot24_i8_panel"
-    assert all(stack == 0 and copies * 4 <= n for n, copies, stack in loops), loops
+@pytest.fixture(scope="module")
+def sparse_asm(tmp_path_factory):
+    return _asm(tmp_path_factory, "sparse.cpp")
 
+
+@pytest.mark.parametrize("op,products,per", [("sparse24_int8_panels_mm", 14, 3),
+                                             ("sparse24_int4_panels_mm", 56, 4)])
+def test_sparse24_panel_loops_at_m_above_1_keep_their_accumulators_in_registers(
+        sparse_asm, op, products, per):
+    """The 2:4 panel loops of two rows of x, both pairs a pass (dot24_i8_panel<2>: 12 products
+    and 2 biases a step; dot24_i4_quad_rows<2, 4>: 14 a step, a block of 4 steps unrolled, its
+    14 accumulators cleared a block), in sparse.cpp's build: no accumulator on the stack and at
+    most one copy per `per` products. With their accumulators in arrays they went through copy
+    chains (int8: 40 copies to 7 products, a pair at a time), and picked by a reference chosen
+    at run time through the stack (23-41 moves a turn); 1.3-1.7x slower at M = 2-16 either
+    way."""
+    # inlined into the op's driver, or out of line
+    kernel = "dot24_i8_panel" if "int8" in op else "dot24_i4_quad_rows"
+    bodies = {**functions(sparse_asm, "run_panels24", op), **functions(sparse_asm, kernel)}
+    loops = [lp for body in bodies.values() for lp in innermost_loops(body)
+             if lp[0] >= products and lp[0] % 14 == 0]
+    assert loops, f"no loop of {products}+ products in {op}'s driver or {kernel}"
+    assert all(stack == 0 and copies * per <= n for n, copies, stack in loops), loops

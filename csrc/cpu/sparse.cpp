@@ -255,32 +255,25 @@ void run_panels24(int bits, const float* x, int64_t M, int64_t K, int64_t ldx,
                      });
 }
 
-/* fx's loops over a quad: at M = 1 both pairs at once (dot(Int<2>, Int<1>, 0, xu, 0)): a pair
- * alone reads every other line of the quad, and the two passes at M = 1 took 1.7x as long from
- * memory (one thread, int8, 4096 x 4096; in L1 a pair alone was 1.2x faster). Above, with
- * kBothPairs both pairs against blocks of up to kMaxT rows of x (dot(Int<2>, Int<T>, 0,
- * xu + 3 m0 Kp, m0)), else each pair (dot(Int<1>, Int<T>, p0, ...)), whose second pass reads
- * the quad's panel from cache. int8 takes both pairs and blocks of 2 rows (with its accumulators
- * named: dot24_i8_panel): against a pair at a time (a 2-core Zen 5, 2 threads, in-process A/B
- * of the builds, geometric mean of both orders, 4096 x 4096 / 4096 x 11008) 1.70x / 1.54x at
- * M = 2, 1.24x / 1.46x at 4, 1.48x / 1.44x at 8, 1.55x / 1.39x at 16. Blocks of 1 row (the
- * quad loop of M = 1 for each) were within the noise of 2 at 4096 x 4096 and 0.7-1.0x at
- * 11008; blocks of 4 (a pair at a time) took 2.6-2.7 cycles per 64 columns of a weight row
- * and a row of x in L1 where 2 take 1.8-1.9. int4 takes a pair at a time, blocks of 4 rows
- * (4.0 cycles per 64 columns of a weight row and a row of x in L1 on a Zen 4, 4.4 with 2). */
-template <int kMaxT, bool kBothPairs, class Dot>
+/* fx's loops over a quad: both pairs at once, against blocks of up to 2 rows of x
+ * (dot(Int<T>, xu + 3 m0 Kp, m0); at M = 1 the quad loops). A pair alone reads every other
+ * line of the quad: the two passes at M = 1 took 1.7x as long from memory (one thread, int8,
+ * 4096 x 4096). At M > 1 a pair a pass, 2 (int8) or 4 (int4) rows of x at a time with their
+ * accumulators in arrays, then both pairs and 2 rows, named (a 2-core Zen 5, 2 threads,
+ * in-process A/B of the builds, geometric mean of both orders, 4096 x 4096 / 4096 x 11008):
+ *   int8: 1.70x / 1.54x at M = 2, 1.24x / 1.46x at 4, 1.48x / 1.44x at 8, 1.55x / 1.39x at 16
+ *   int4 group 128: 1.40x / 1.42x at 2, 1.32x / 1.28x at 4, 1.37x / 1.27x at 8, 1.57x / 1.47x
+ *   at 16.
+ * int8 blocks of 1 row (the quad loop for each) were within the noise of 2 at 4096 x 4096 and
+ * 0.7-1.0x at 11008. */
+template <class Dot>
 inline void panel24_fx_quad(int64_t M, int64_t Kp, const uint8_t* xu, Dot dot) {
-  if (M == 1) return dot(Int<2>{}, Int<1>{}, 0, xu, (int64_t)0);
-  for (int p0 = 0; p0 < (kBothPairs ? 1 : 2); ++p0)
-    for (int64_t m = 0; m < M; m += kMaxT) {
-      auto block = [&](auto, auto T_) {
-        if constexpr (kBothPairs)
-          dot(Int<2>{}, T_, 0, xu + 3 * m * Kp, m);
-        else
-          dot(Int<1>{}, T_, p0, xu + 3 * m * Kp, m);
-      };
-      dispatch_t<1, kMaxT>((int)min64(kMaxT, M - m), block);
-    }
+  for (int64_t m = 0; m < M; m += 2) {
+    if (M - m >= 2)
+      dot(Int<2>{}, xu + 3 * m * Kp, m);
+    else
+      dot(Int<1>{}, xu + 3 * m * Kp, m);
+  }
 }
 
 /* pq_sparse24_panels_decompress: each quad back into canonical rows on the thread's stack,
@@ -330,15 +323,14 @@ void sparse24_int8_panels_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
   run_panels24(
       8, x, M, K, ldx, pv, meta, N, n_threads, work,
       [&](int64_t q, const uint8_t* xu, int64_t Kp, const float* s3) {
-        panel24_fx_quad<2, true>(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
-          constexpr int P = decltype(P_)::value, T = decltype(T_)::value;
-          static_assert(P == 2, "int8 takes both pairs a pass");
-          int32_t d[2 * P][T][3];
+        panel24_fx_quad(M, Kp, xu, [&](auto T_, const uint8_t* xb, int64_t m0) {
+          constexpr int T = decltype(T_)::value;
+          int32_t d[4][T][3];
           dot24_i8_panel<T>(pv + 2 * q * K, meta + q * K / 2, K, xb, Kp, d);
-          for (int r = 0; r < 2 * P; ++r)
+          for (int r = 0; r < 4; ++r)
             for (int t = 0; t < T; ++t) { /* as sparse24_int8_fx */
               const float* s = s3 + 3 * (m0 + t);
-              const int64_t n = 4 * q + 2 * p0 + r;
+              const int64_t n = 4 * q + r;
               const float v = (float)d[r][t][0] * s[0] + ((float)d[r][t][1] * s[1] + (float)d[r][t][2] * s[2]);
               out[(m0 + t) * N + n] = epilogue(v, scale, bias, n);
             }
@@ -357,14 +349,14 @@ void sparse24_int4_panels_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
   run_panels24(
       4, x, M, K, ldx, codes, meta, N, n_threads, work,
       [&](int64_t q, const uint8_t* xu, int64_t Kp, const float* s3) {
-        panel24_fx_quad<4, false>(M, Kp, xu, [&](auto P_, auto T_, int p0, const uint8_t* xb, int64_t m0) {
-          constexpr int P = decltype(P_)::value, T = decltype(T_)::value;
-          float d[2 * P][T];
-          dot24_i4_panel<P, T>(codes + q * K, meta + q * K / 2, K, p0, scales + 4 * q * ng,
-                               zeros + 4 * q * ng, ng, G, xb, Kp, d);
-          for (int r = 0; r < 2 * P; ++r)
+        panel24_fx_quad(M, Kp, xu, [&](auto T_, const uint8_t* xb, int64_t m0) {
+          constexpr int T = decltype(T_)::value;
+          float d[4][T];
+          dot24_i4_panel<T>(codes + q * K, meta + q * K / 2, K, scales + 4 * q * ng,
+                            zeros + 4 * q * ng, ng, G, xb, Kp, d);
+          for (int r = 0; r < 4; ++r)
             for (int t = 0; t < T; ++t) {
-              const int64_t n = 4 * q + 2 * p0 + r;
+              const int64_t n = 4 * q + r;
               out[(m0 + t) * N + n] = epilogue(d[r][t] * s3[3 * (m0 + t) + 2], nullptr, bias, n);
             }
         });

@@ -148,12 +148,10 @@ PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
                                    _mm512_loadu_si512(kPanel24.base), 0xEA); /* (a & b) | c */
 }
 
-/* The kernels below take P pairs of a quad from pair p0 (P = 2: the whole quad) and T rows of
- * x (int4: T > 1 with P = 1; int8: both pairs at every T <= 2, so that the accumulators fit
- * the 32 registers: 3 T + 1 a pair). x row t's three u8 term rows are Kp bytes apart from
- * xu + 3 t Kp. A pair's rows take the dword lanes of kPanel24Dw[r] of its accumulators. The
- * calls with p0 == 0 prefetch the next quad as they go (common.h), those of pair 1 find this
- * one's lines in cache. */
+/* The kernels below take both pairs of a quad and T <= 2 rows of x (so that the accumulators
+ * fit the 32 registers: 3 T + 1 a pair). x row t's three u8 term rows are Kp bytes apart from
+ * xu + 3 t Kp. A pair's rows take the dword lanes of kPanel24Dw[r] of its accumulators. They
+ * prefetch ahead in the panel as they go (common.h). */
 constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
 /* The decode quad loops' L2 hints run this many bytes of values (int4: codes) ahead in the
  * panel, whose quads lie back to back, rather than at the same offset of the next quad (2K
@@ -166,42 +164,6 @@ constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
  * memory (the from-memory loop of benchmarks/sparse24_panel_loop.cpp with its K set to 11008)
  * the next-quad hint read 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1. */
 constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
-
-template <int P, int T>
-struct Panel24Acc {
-  __m512i acc[P][T][3], wsum[P];
-  Panel24Acc() {
-    for (int p = 0; p < P; ++p) {
-      wsum[p] = _mm512_setzero_si512();
-      for (int t = 0; t < T; ++t)
-        for (int j = 0; j < 3; ++j) acc[p][t][j] = _mm512_setzero_si512();
-    }
-  }
-};
-
-/* One int4 step s of pairs p0 .. p0 + P - 1 into a: their 64-byte code vectors at v + 64 p (HI
- * takes the high nibbles), minus the pair's zero points zb, and meta at m + 16 p. */
-template <bool HI, int P, int T>
-PQ_ALWAYS_INLINE inline void panel24_step(const uint8_t* v, const uint8_t* m, const uint8_t* xu,
-                                          int64_t Kp, int64_t s, int p0, const __m512i* zb,
-                                          Panel24Acc<P, T>& a) {
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  __m512i xt[T][3];
-  for (int t = 0; t < T; ++t)
-    for (int j = 0; j < 3; ++j) xt[t][j] = _mm512_load_si512(xu + (3 * t + j) * Kp + 64 * s);
-  for (int p = 0; p < P; ++p) {
-    __m512i w = _mm512_loadu_si512(v + 64 * (p0 + p));
-    if (HI) w = _mm512_srli_epi16(w, 4);
-    w = _mm512_sub_epi8(_mm512_and_si512(w, nib), zb[p]);
-    const __m512i idx = panel24_index(m, p0 + p);
-    /* 128 x the values' sum: the bias of the hi term's sum (the digits of X + 2^23:
-     * i4_combine) */
-    a.wsum[p] = _mm512_dpbusd_epi32(a.wsum[p], _mm512_set1_epi8((char)128), w);
-    for (int t = 0; t < T; ++t)
-      for (int j = 0; j < 3; ++j)
-        a.acc[p][t][j] = _mm512_dpbusd_epi32(a.acc[p][t][j], _mm512_shuffle_epi8(xt[t][j], idx), w);
-  }
-}
 
 /* The decode loops' accumulators, named (an array of them went through the stack, see
  * dot24_i8_panel_quad): the three terms' sums and the bias of each pair. */
@@ -245,17 +207,19 @@ PQ_ALWAYS_INLINE inline __m512i i4_combine(__m512i hi, __m512i mid, __m512i lo, 
                           lo);
 }
 
-/* The int8 accumulators of one pair against T rows of x (M > 1), named and nested one level
- * per row as PanelRows (tile_vnni_panel.h), each tied to its register a step: as arrays
- * (Panel24Acc) GCC carried them through the loop in chains of register copies (2 rows: 40
- * copies to 7 products). a0..a2: the three terms' sums. (The int4 loop of 4 rows, named the
- * same way, ran 1.15x faster in L1 at group 128 but 0.92-1.11x in the op at M = 2-8, and
- * slower at group 64 and inlined beside the generic loop: it keeps its arrays.) */
+/* The accumulators of one pair against T rows of x (M > 1), named and nested one level per
+ * row as PanelRows (tile_vnni_panel.h), each tied to its register a step: as arrays GCC
+ * carried them through the loop in chains of register copies (int8, 2 rows: 40 copies to 7
+ * products). a0..a2: the three terms' sums. */
 template <int T>
 struct Pair24Rows {
   __m512i a0, a1, a2;
   Pair24Rows<T - 1> rest;
   Pair24Rows() : a0(_mm512_setzero_si512()), a1(a0), a2(a0) {}
+  PQ_ALWAYS_INLINE void clear() {
+    a0 = a1 = a2 = _mm512_setzero_si512();
+    rest.clear();
+  }
   /* one step: x points at this row's term 0 at the step's columns, its terms Kp apart and the
    * next row's 3 Kp further */
   PQ_ALWAYS_INLINE void step(const uint8_t* x, int64_t Kp, __m512i idx, __m512i w) {
@@ -274,6 +238,7 @@ struct Pair24Rows {
 };
 template <>
 struct Pair24Rows<0> {
+  PQ_ALWAYS_INLINE void clear() {}
   PQ_ALWAYS_INLINE void step(const uint8_t*, int64_t, __m512i, __m512i) {}
   template <class Fn>
   PQ_ALWAYS_INLINE void each(Fn, int = 0) const {}
@@ -313,7 +278,7 @@ inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
  * x row t (as dot24_i8_fx2: x u8-biased, the bias 128 * sum(values) taken off, wrapping
  * unsigned arithmetic), both pairs of the quad (pv, pm: its panel) a pass (sparse.cpp,
  * panel24_fx_quad). T = 1: dot24_i8_panel_quad; T > 1: each pair its own named accumulators
- * (Pair24Rows; as an array, Panel24Acc, GCC carried them in chains of register copies: 3.96
+ * (Pair24Rows; as an array GCC carried them in chains of register copies: 3.96
  * cycles per 64 columns of a weight row and a row of x in L1 at T = 2, one pair a pass; named,
  * 1.8-2.0, and both pairs a pass 1.5-1.7: benchmarks/sparse24_panel_loop.py). */
 template <int T>
@@ -434,23 +399,93 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
   dot[3][0] = _mm512_mask_reduce_add_ps(kPanel24Dw[1], f1);
 }
 
-/* dot[2 p + r][t] = sum over pair p0 + p's row r's kept values of x_t[col] * (code - zero) *
+/* dot24_i4_panel for T > 1 (M > 1; and T = 1 where G % 64 != 0): both pairs a pass against T
+ * rows of x, each pair's accumulators named (Pair24Rows), blocks of kBlock steps (4, 2
+ * unrolled; 0: up to 4 counted at run time). */
+template <int T, int kBlock>
+inline void dot24_i4_quad_rows(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
+                               const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
+                               int64_t Kp, float dot[4][T]) {
+  constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  prefetch_next_groups<4>(sc, zp, ng);
+  Pair24Rows<T> rows0, rows1;
+  __m512 f[2][T];
+  for (int p = 0; p < 2; ++p)
+    for (int t = 0; t < T; ++t) f[p][t] = _mm512_setzero_ps();
+  const int64_t steps_g = G / 32;
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512i z0 = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[g]), kRowB, (char)zp[ng + g]);
+    const __m512i z1 = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[2 * ng + g]), kRowB, (char)zp[3 * ng + g]);
+    const __m512 s0 = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[g]), _mm512_set1_ps(sc[ng + g]));
+    const __m512 s1 = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[2 * ng + g]), _mm512_set1_ps(sc[3 * ng + g]));
+    for (int64_t st0 = g * steps_g; st0 < (g + 1) * steps_g; st0 += kBlock ? kBlock : 4) {
+      rows0.clear();
+      rows1.clear();
+      __m512i ws0 = _mm512_setzero_si512(), ws1 = ws0;
+      /* step st: its half (the high nibbles at odd steps) of double step st / 2 */
+      auto one = [&](int64_t st, bool hi) PQ_ALWAYS_INLINE {
+        const uint8_t* c = pc + 128 * (st / 2);
+        const uint8_t* m = pm + 64 * (st / 2) + 32 * (st % 2);
+        if (!hi) {
+          PQ_PREFETCH_NEXT_TILE(c + kPanel24I4Ahead);
+          PQ_PREFETCH_NEXT_TILE(c + kPanel24I4Ahead + 64);
+          PQ_PREFETCH_NEXT_TILE(pm + 64 * (st / 2) + kPanel24I4Ahead / 2);
+        }
+        __m512i w0 = _mm512_loadu_si512(c), w1 = _mm512_loadu_si512(c + 64);
+        if (hi) w0 = _mm512_srli_epi16(w0, 4), w1 = _mm512_srli_epi16(w1, 4);
+        w0 = _mm512_sub_epi8(_mm512_and_si512(w0, nib), z0);
+        w1 = _mm512_sub_epi8(_mm512_and_si512(w1, nib), z1);
+        ws0 = _mm512_dpbusd_epi32(ws0, _mm512_set1_epi8((char)128), w0);
+        ws1 = _mm512_dpbusd_epi32(ws1, _mm512_set1_epi8((char)128), w1);
+        asm("" : "+v"(ws0), "+v"(ws1));
+        rows0.step(xu + 64 * st, Kp, panel24_index(m, 0), w0);
+        rows1.step(xu + 64 * st, Kp, panel24_index(m, 1), w1);
+      };
+      if constexpr (kBlock > 0) {
+        one(st0, false);
+        one(st0 + 1, true);
+        if constexpr (kBlock == 4) {
+          one(st0 + 2, false);
+          one(st0 + 3, true);
+        }
+      } else {
+        const int64_t st1 = st0 + 4 < (g + 1) * steps_g ? st0 + 4 : (g + 1) * steps_g;
+        for (int64_t st = st0; st < st1; ++st) one(st, st % 2 != 0);
+      }
+      rows0.each([&](int t, __m512i a0, __m512i a1, __m512i a2) {
+        f[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_combine(a0, a1, a2, ws0)), s0, f[0][t]);
+      });
+      rows1.each([&](int t, __m512i a0, __m512i a1, __m512i a2) {
+        f[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_combine(a0, a1, a2, ws1)), s1, f[1][t]);
+      });
+    }
+  }
+  for (int p = 0; p < 2; ++p)
+    for (int r = 0; r < 2; ++r)
+      for (int t = 0; t < T; ++t) dot[2 * p + r][t] = _mm512_mask_reduce_add_ps(kPanel24Dw[r], f[p][t]);
+}
+
+/* dot[2 p + r][t] = sum over pair p's row r's kept values of x_t[col] * (code - zero) *
  * scale, in units of x row t's lo-term scale (as dot24_i4_fx2, whose arithmetic this is:
  * exact int32 sums of the three terms per block of at most 4 steps within a group, combined
  * in int32 with the bias taken off the hi term (i4_combine), one convert and one FMA by the
- * group scale). pc, pm: the quad's panel;
- * sc, zp: its rows' scales and zero points ([4][ng], canonical); G % 32 == 0, zero points
- * <= 15.
+ * group scale), both pairs of the quad a pass (sparse.cpp, panel24_fx_quad). pc, pm: the
+ * quad's panel; sc, zp: its rows' scales and zero points ([4][ng], canonical); G % 32 == 0,
+ * zero points <= 15.
  *
  * A block of 4 (G % 128 == 0) or 2 (G % 64 == 0) steps starting at an even step is unrolled
  * at compile time: with the step count known only at run time, GCC kept the accumulators in
  * a chain of register copies and redid the parity arithmetic each step, ~60 instructions a
- * step where the vector work is ~30 (5.3 cycles per 64 columns of a row in L2). */
-template <int P, int T>
-inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int p0,
-                           const float* sc, const uint8_t* zp, int64_t ng, int64_t G,
-                           const uint8_t* xu, int64_t Kp, float dot[2 * P][T]) {
-  if constexpr (P == 2 && T == 1) {
+ * step where the vector work is ~30 (5.3 cycles per 64 columns of a row in L2). At T > 1 the
+ * loop took one pair a pass, 4 rows of x, its accumulators in arrays; both pairs and 2 rows,
+ * named, ran 1.27-1.57x faster at M = 2-16 (in-process A/B, 2-core Zen 5, 4096 x 4096 and
+ * 4096 x 11008, geometric mean of both orders). */
+template <int T>
+inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
+                           const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
+                           int64_t Kp, float dot[4][T]) {
+  if constexpr (T == 1) {
     const bool l1 = 3 * Kp <= kPanel24L1XBytes;
     if (G % 128 == 0)
       return l1 ? dot24_i4_panel_quad<4, true>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot)
@@ -459,70 +494,9 @@ inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, int 
       return l1 ? dot24_i4_panel_quad<2, true>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot)
                 : dot24_i4_panel_quad<2, false>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
   }
-  constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
-  if (p0 == 0) prefetch_next_groups<4>(sc, zp, ng);
-  __m512 facc[P][T];
-  for (int p = 0; p < P; ++p)
-    for (int t = 0; t < T; ++t) facc[p][t] = _mm512_setzero_ps();
-  const int64_t steps_g = G / 32;
-  const int64_t unrolled = G % 128 == 0 ? 4 : G % 64 == 0 ? 2 : 0; /* 0: the run-time loop */
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512i zb[P];
-    for (int p = 0; p < P; ++p) {
-      const int64_t ra = 2 * (p0 + p) * ng + g;
-      zb[p] = _mm512_mask_set1_epi8(_mm512_set1_epi8((char)zp[ra]), kRowB, (char)zp[ra + ng]);
-    }
-    const int64_t block = unrolled ? unrolled : 4;
-    for (int64_t s0 = g * steps_g; s0 < (g + 1) * steps_g; s0 += block) {
-      Panel24Acc<P, T> a;
-      /* one double step: both halves, and the next quad's lines of it (common.h) */
-      auto dstep = [&](uint64_t d) PQ_ALWAYS_INLINE {
-        const uint8_t* c = pc + 128 * d;
-        const uint8_t* m = pm + 64 * d;
-        if (p0 == 0) {
-          PQ_PREFETCH_NEXT_TILE(c + K);
-          PQ_PREFETCH_NEXT_TILE(c + K + 64);
-          PQ_PREFETCH_NEXT_TILE(m + K / 2);
-        }
-        panel24_step<false, P, T>(c, m, xu, Kp, (int64_t)(2 * d), p0, zb, a);
-        panel24_step<true, P, T>(c, m + 32, xu, Kp, (int64_t)(2 * d + 1), p0, zb, a);
-      };
-      const uint64_t d0 = (uint64_t)s0 / 2;
-      if (unrolled == 4) {
-        dstep(d0);
-        dstep(d0 + 1);
-      } else if (unrolled == 2) {
-        dstep(d0);
-      } else {
-        const int64_t s1 = s0 + 4 < (g + 1) * steps_g ? s0 + 4 : (g + 1) * steps_g;
-        for (int64_t st = s0; st < s1; ++st) {
-          const uint8_t* c = pc + 128 * (st / 2);
-          const uint8_t* m = pm + 64 * (st / 2) + 32 * (st % 2);
-          if (p0 == 0) {
-            PQ_PREFETCH_NEXT_TILE(c + K);
-            PQ_PREFETCH_NEXT_TILE(c + K + 64);
-            PQ_PREFETCH_NEXT_TILE(pm + 64 * (st / 2) + K / 2);
-          }
-          if (st % 2)
-            panel24_step<true, P, T>(c, m, xu, Kp, st, p0, zb, a);
-          else
-            panel24_step<false, P, T>(c, m, xu, Kp, st, p0, zb, a);
-        }
-      }
-      for (int p = 0; p < P; ++p) {
-        const int64_t ra = 2 * (p0 + p) * ng + g;
-        const __m512 sv = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[ra]),
-                                               _mm512_set1_ps(sc[ra + ng]));
-        for (int t = 0; t < T; ++t) {
-          const __m512i sum = i4_combine(a.acc[p][t][0], a.acc[p][t][1], a.acc[p][t][2], a.wsum[p]);
-          facc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sv, facc[p][t]);
-        }
-      }
-    }
-  }
-  for (int p = 0; p < P; ++p)
-    for (int r = 0; r < 2; ++r)
-      for (int t = 0; t < T; ++t) dot[2 * p + r][t] = _mm512_mask_reduce_add_ps(kPanel24Dw[r], facc[p][t]);
+  if (G % 128 == 0) return dot24_i4_quad_rows<T, 4>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+  if (G % 64 == 0) return dot24_i4_quad_rows<T, 2>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+  dot24_i4_quad_rows<T, 0>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
 }
 #endif
 
