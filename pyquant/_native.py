@@ -962,18 +962,22 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 #   int4 g128 panels:  0.94 / 0.75 at 10, 1.13 / 1.01 at 12, 1.17 / 1.11 at 16, 1.54 / 1.24 at 20
 # and with the int8 panels' both-pairs loop (--ms 16,24,32):
 #   int8 panels:       0.59 / 0.60 at 16, 0.70 / 0.70 at 24, 0.89 / 0.85 at 32 (as avx512_bf16)
+# and with the int4 panels' both-pairs loop too (--ms 12,16,24,32), avx512_vnni / avx512_bf16:
+#   int4 g128 panels:  0.64 / 0.63 at 12, 0.75 / 0.70 at 16, 0.86 / 0.86 at 24, 0.92 / 1.02 at 32
+#                      / 0.81 / 0.71 at 16, 0.94 / 0.87 at 24, 0.99 / 0.87 at 32
+# so both keep the sparse kernel up to their workspace's 32 rows there too.
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
              ("sparse24_int8_mm", "fp32"): 8, ("sparse24_int4_mm", "fp32"): 10},
     "avx512_vnni": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 64,
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int8_mm_panels", "fp32"): 33,
-                    ("sparse24_int4_mm_panels", "fp32"): 12},
+                    ("sparse24_int4_mm_panels", "fp32"): 33},
     "avx512_bf16": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 12,
                     ("sparse24_int8_mm", "fp32"): 24, ("sparse24_int4_mm", "fp32"): 16,
                     ("sparse_unstructured_mm", "bf16"): 8,
                     ("sparse_unstructured_mm", "fp32"): 48,
                     ("sparse24_int8_mm_panels", "fp32"): 33,
-                    ("sparse24_int4_mm_panels", "fp32"): 24},
+                    ("sparse24_int4_mm_panels", "fp32"): 33},
     "avx512_amx": {**SPARSE_DENSE_MIN_M, ("sparse24_mm", "bf16"): 20,
                    ("sparse24_int4_mm", "fp32"): 6, ("sparse_unstructured_mm", "bf16"): 12,
                    ("sparse24_int4_mm_panels", "fp32"): 14},
