@@ -9,7 +9,7 @@ decode loops over a 4096 x 4096 weight streamed from memory (one thread, copies 
 through 256 MB): cycles above the L1 ones are loads waiting on memory (the int4 loop's L1
 prefetch came from there).
 
-    python benchmarks/sparse24_panel_loop.py [--reps 2000] [--passes 25]
+    python benchmarks/sparse24_panel_loop.py [--reps 2000] [--passes 25] [--k 11008]
 
 Needs a C++ compiler (CXX or g++) and a CPU with AVX512-VBMI, VBMI2, BITALG, BF16 and BMI2.
 """
