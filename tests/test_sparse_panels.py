@@ -164,8 +164,7 @@ def test_op_against_the_canonical_op(backend, isa, bits, m, n, k, g):
     int4's groups in another fp32 order, and at M > 1 it is fixed-point arithmetic where the
     canonical op runs the float loop. The AVX512-VNNI level runs the panel kernels of the
     AVX512-BF16 one (no VBMI in them): bit for bit its results where both run them. On 1 and 2
-    threads, with and
-    without bias."""
+    threads, with and without bias."""
     v, meta, rest = _weight(n, k, bits, g, seed=m)
     pv, pm = sparse_panels.pack(v, meta, bits)
     x = activation((m, k), seed=m)
