@@ -244,6 +244,30 @@ struct Pair24Rows<0> {
   PQ_ALWAYS_INLINE void each(Fn, int = 0) const {}
 };
 
+/* Both pairs of a quad against T rows of x: each pair's Pair24Rows and its bias sum (128 x the
+ * values' sum: int8's bias of each u8 term's sum, int4's of the hi term's). */
+template <int T>
+struct QuadRows {
+  Pair24Rows<T> r0, r1;
+  __m512i ws0, ws1;
+  QuadRows() : ws0(_mm512_setzero_si512()), ws1(ws0) {}
+  PQ_ALWAYS_INLINE void clear() {
+    r0.clear();
+    r1.clear();
+    ws0 = ws1 = _mm512_setzero_si512();
+  }
+  /* one step: the pairs' values w0, w1 (int4: code - zero), the step's meta m, x's term 0 at
+   * the step's columns */
+  PQ_ALWAYS_INLINE void step(__m512i w0, __m512i w1, const uint8_t* m, const uint8_t* x,
+                             int64_t Kp) {
+    ws0 = _mm512_dpbusd_epi32(ws0, _mm512_set1_epi8((char)128), w0);
+    ws1 = _mm512_dpbusd_epi32(ws1, _mm512_set1_epi8((char)128), w1);
+    asm("" : "+v"(ws0), "+v"(ws1));
+    r0.step(x, Kp, panel24_index(m, 0), w0);
+    r1.step(x, Kp, panel24_index(m, 1), w1);
+  }
+};
+
 /* dot24_i8_panel<2, 1> (decode: the whole quad against one row of x) with its accumulators
  * named (QuadAcc: fields, not an array) and two steps a loop turn. The generic loop's
  * accumulators went through an array in a struct, which GCC kept in a chain of register
@@ -287,8 +311,7 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, cons
   if constexpr (T == 1) {
     dot24_i8_panel_quad(pv, pm, K, xu, Kp, dot);
   } else {
-    Pair24Rows<T> rows0, rows1;
-    __m512i ws0 = _mm512_setzero_si512(), ws1 = ws0;
+    QuadRows<T> q;
     for (int64_t s = 0; s < K / 64; ++s) {
       const uint8_t* v = pv + 128 * s;
       const uint8_t* m = pm + 32 * s;
@@ -299,14 +322,9 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, cons
         PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 192);
         PQ_PREFETCH_NEXT_TILE(m + kPanel24I8Ahead / 4);
       }
-      const __m512i w0 = _mm512_loadu_si512(v), w1 = _mm512_loadu_si512(v + 64);
-      ws0 = _mm512_dpbusd_epi32(ws0, _mm512_set1_epi8((char)128), w0);
-      ws1 = _mm512_dpbusd_epi32(ws1, _mm512_set1_epi8((char)128), w1);
-      asm("" : "+v"(ws0), "+v"(ws1));
-      rows0.step(xu + 64 * s, Kp, panel24_index(m, 0), w0);
-      rows1.step(xu + 64 * s, Kp, panel24_index(m, 1), w1);
+      q.step(_mm512_loadu_si512(v), _mm512_loadu_si512(v + 64), m, xu + 64 * s, Kp);
     }
-    /* each pair's rows by name: a reference chosen at run time (p ? rows1 : rows0) put both
+    /* each pair's rows by name: a reference chosen at run time (p ? q.r1 : q.r0) put both
      * accumulator sets on the stack, loop and all */
     auto reduce = [&](const Pair24Rows<T>& rows, __m512i ws, int p) PQ_ALWAYS_INLINE {
       for (int r = 0; r < 2; ++r) {
@@ -319,8 +337,8 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, cons
         });
       }
     };
-    reduce(rows0, ws0, 0);
-    reduce(rows1, ws1, 1);
+    reduce(q.r0, q.ws0, 0);
+    reduce(q.r1, q.ws1, 1);
   }
 }
 
@@ -409,7 +427,7 @@ inline void dot24_i4_quad_rows(const uint8_t* pc, const uint8_t* pm, int64_t K, 
   constexpr __mmask64 kRowB = 0xFF00FF00FF00FF00ull; /* odd qwords */
   const __m512i nib = _mm512_set1_epi8(0x0F);
   prefetch_next_groups<4>(sc, zp, ng);
-  Pair24Rows<T> rows0, rows1;
+  QuadRows<T> q;
   __m512 f[2][T];
   for (int p = 0; p < 2; ++p)
     for (int t = 0; t < T; ++t) f[p][t] = _mm512_setzero_ps();
@@ -420,9 +438,7 @@ inline void dot24_i4_quad_rows(const uint8_t* pc, const uint8_t* pm, int64_t K, 
     const __m512 s0 = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[g]), _mm512_set1_ps(sc[ng + g]));
     const __m512 s1 = _mm512_mask_blend_ps(kPanel24Dw[1], _mm512_set1_ps(sc[2 * ng + g]), _mm512_set1_ps(sc[3 * ng + g]));
     for (int64_t st0 = g * steps_g; st0 < (g + 1) * steps_g; st0 += kBlock ? kBlock : 4) {
-      rows0.clear();
-      rows1.clear();
-      __m512i ws0 = _mm512_setzero_si512(), ws1 = ws0;
+      q.clear();
       /* step st: its half (the high nibbles at odd steps) of double step st / 2 */
       auto one = [&](int64_t st, bool hi) PQ_ALWAYS_INLINE {
         const uint8_t* c = pc + 128 * (st / 2);
@@ -434,13 +450,8 @@ inline void dot24_i4_quad_rows(const uint8_t* pc, const uint8_t* pm, int64_t K, 
         }
         __m512i w0 = _mm512_loadu_si512(c), w1 = _mm512_loadu_si512(c + 64);
         if (hi) w0 = _mm512_srli_epi16(w0, 4), w1 = _mm512_srli_epi16(w1, 4);
-        w0 = _mm512_sub_epi8(_mm512_and_si512(w0, nib), z0);
-        w1 = _mm512_sub_epi8(_mm512_and_si512(w1, nib), z1);
-        ws0 = _mm512_dpbusd_epi32(ws0, _mm512_set1_epi8((char)128), w0);
-        ws1 = _mm512_dpbusd_epi32(ws1, _mm512_set1_epi8((char)128), w1);
-        asm("" : "+v"(ws0), "+v"(ws1));
-        rows0.step(xu + 64 * st, Kp, panel24_index(m, 0), w0);
-        rows1.step(xu + 64 * st, Kp, panel24_index(m, 1), w1);
+        q.step(_mm512_sub_epi8(_mm512_and_si512(w0, nib), z0),
+               _mm512_sub_epi8(_mm512_and_si512(w1, nib), z1), m, xu + 64 * st, Kp);
       };
       if constexpr (kBlock > 0) {
         one(st0, false);
@@ -453,11 +464,11 @@ inline void dot24_i4_quad_rows(const uint8_t* pc, const uint8_t* pm, int64_t K, 
         const int64_t st1 = st0 + 4 < (g + 1) * steps_g ? st0 + 4 : (g + 1) * steps_g;
         for (int64_t st = st0; st < st1; ++st) one(st, st % 2 != 0);
       }
-      rows0.each([&](int t, __m512i a0, __m512i a1, __m512i a2) {
-        f[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_combine(a0, a1, a2, ws0)), s0, f[0][t]);
+      q.r0.each([&](int t, __m512i a0, __m512i a1, __m512i a2) {
+        f[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_combine(a0, a1, a2, q.ws0)), s0, f[0][t]);
       });
-      rows1.each([&](int t, __m512i a0, __m512i a1, __m512i a2) {
-        f[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_combine(a0, a1, a2, ws1)), s1, f[1][t]);
+      q.r1.each([&](int t, __m512i a0, __m512i a1, __m512i a2) {
+        f[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_combine(a0, a1, a2, q.ws1)), s1, f[1][t]);
       });
     }
   }
