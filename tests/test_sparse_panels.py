@@ -194,24 +194,6 @@ def test_op_against_the_canonical_op(backend, isa, bits, m, n, k, g):
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
-@pytest.mark.parametrize("k", [5376, 5632])
-def test_int4_decode_on_both_sides_of_the_l1_prefetch(backend, isa, k):
-    """int4's M = 1 quad loop prefetches into L1 while x's three term rows take at most 16 KiB
-    (kPanel24L1XBytes: K = 5376 here), else into L2 (K = 5632): the same arithmetic either
-    way, so the same result as the reference within the op's tolerance, on 1 and 2 threads."""
-    v, meta, rest = _weight(8, k, 4, 128, seed=k)
-    pv, pm = sparse_panels.pack(v, meta, 4)
-    x = activation((1, k), seed=k)
-    expected = reference.sparse24_int4_mm(x, v, meta, *rest, None)
-    outs = []
-    for t in (1, 2):
-        with num_threads(t):
-            outs.append(run_op("sparse24_int4_mm_panels", backend, isa, x, (pv, pm, *rest), None))
-        assert_close_named(outs[-1], expected, tol_name("sparse24_int4_mm", x.dtype), f"t={t}")
-    assert torch.equal(outs[0], outs[1])
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["col_slice", "transposed", "row_step", "3d", "decode"])

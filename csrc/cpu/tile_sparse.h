@@ -704,8 +704,11 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
  * with 0.4 bytes of mask). Measured in-process on two threads at M = 1, 70% sparse, N = 4096,
  * against the L2 hint one row ahead alone (the geometric mean of both orders): 4 KB ahead,
  * 1.20-1.26x at K = 5120, 6144, 8192, 11008 and 14336, but 0.89x and 0.94x at K = 3072 and
- * 4096 (3 KB ahead: 0.91x and 0.96x there), so shorter rows keep the L2 hint alone. */
-constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 4096;
+ * 4096 (3 KB ahead: 0.91x and 0.96x there), so shorter rows kept the L2 hint alone. Later, 2 KB
+ * ahead on a 2-core Zen 4 reading 29 GB/s, where the L2 hint alone left the loop at 68-75% of
+ * the bandwidth at K = 4096: 1.06x (4096 x 4096) and 1.09x (11008 x 4096), four runs of each
+ * order; so K = 4096 takes it too, K = 3072 not. */
+constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 3072;
 
 /* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per call
  * to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns). Per 32

@@ -153,16 +153,18 @@ PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
  * xu + 3 t Kp. A pair's rows take the dword lanes of kPanel24Dw[r] of its accumulators. They
  * prefetch ahead in the panel as they go (common.h). */
 constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
-/* The decode quad loops' L2 hints run this many bytes of values (int4: codes) ahead in the
- * panel, whose quads lie back to back, rather than at the same offset of the next quad (2K
- * bytes ahead for int8, K for int4: 22 and 11 KiB at K = 11008). In-process A/B at M = 1, two
- * threads, geometric mean of both orders, against the next-quad hint:
+/* The int8 loops' and the int4 M > 1 loop's L2 hints run this many bytes of values (int4:
+ * codes) ahead in the panel, whose quads lie back to back, rather than at the same offset of
+ * the next quad (2K bytes ahead for int8, K for int4: 22 and 11 KiB at K = 11008). In-process
+ * A/B at M = 1, two threads, geometric mean of both orders, against the next-quad hint (Zen 5):
  *                       4096 x 4096   11008 x 4096   4096 x 11008
  *   int8, 4 KiB ahead      1.02x          1.01x          1.07x
- *   int4 (L2 loop)           -              -            1.05x   (the others take the L1 loop)
- * and int8 at 4 KiB against 2 KiB: 1.05-1.06x, against 8 KiB: 1.03-1.08x. On one thread from
- * memory (the from-memory loop of benchmarks/sparse24_panel_loop.cpp with its K set to 11008)
- * the next-quad hint read 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1. */
+ *   int4 decode            -              -            1.05x   (since: kPanel24L2Ahead)
+ * and int8 at 4 KiB against 2 KiB: 1.05-1.06x, against 8 KiB: 1.03-1.08x (on a Zen 4 8 KiB
+ * read 1.01x / 1.06x / 1.03x against 4, 16 KiB 0.98-1.01x against 8: within the noise of either
+ * machine, so 4 stays). On one thread from memory (the from-memory loop of
+ * benchmarks/sparse24_panel_loop.cpp with its K set to 11008) the next-quad hint read
+ * 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1. */
 constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
 
 /* The decode loops' accumulators, named (an array of them went through the stack, see
@@ -345,32 +347,26 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, cons
   }
 }
 
-/* x's three term rows up to this many bytes in all (3 Kp) leave room in a 32 KiB L1 for the
- * int4 quad loop to prefetch its codes and meta 2 KiB (1 KiB of meta) ahead into L1 itself.
- * That loop does much work a byte (4.5 cycles per 64 columns of a row in L1, where memory
- * takes ~5.2 at 34 GB/s), and its loads waited on L2. In-process A/B at M = 1, 2 threads,
- * geometric mean of both orders, against the L2 hint one quad ahead:
- *                                        4096 x 4096   11008 x 4096   4096 x 11008
- *   L1 hint 4 KiB ahead at every K          1.12x          1.08x          0.94x
- *   L1 hint one quad ahead                  1.08x          1.10x          0.96x
- *   L1 hint 4 KiB ahead where x fits        1.11x          1.10x          0.99x (L2 hint)
- * and against the last: 2 KiB ahead 1.04x and 1.02x (at K = 11008 too: 0.97x), 8 KiB 0.97x
- * and 0.96x, 1 KiB as 2. At K = 11008 the 33 KiB of x terms do not fit L1 beside the
- * prefetched lines. The int8 quad loop is bound by memory, not by its loads: the L1 hint 4 KiB
- * ahead made it slower (0.96x, 0.94x and 0.84x on the three shapes), its L2 hint two quads
- * ahead changed nothing (0.97-1.00x). On top of the L1 hint, an L2 hint 16 KiB ahead ran the
- * int4 loop faster from memory on one thread (benchmarks/sparse24_panel_loop.py) but not on
- * two (0.95-1.03x). */
-constexpr int64_t kPanel24L1XBytes = 16 << 10;
-constexpr int64_t kPanel24L1Ahead = 2048;
+/* The int4 decode quad loop prefetches its codes and meta into L1 kPanel24L1Ahead bytes ahead
+ * and into L2 kPanel24L2Ahead bytes ahead, as the dense W4A8 panel sweep does (tile_vnni_panel.h).
+ * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where memory takes
+ * ~6.4 at 29 GB/s on two cores), so its loads must not wait. History (in-process A/B at M = 1,
+ * 2 threads, geometric mean of both orders; 4096 x 4096 / 11008 x 4096 / 4096 x 11008):
+ *  - a 2-core Zen 5, against an L2 hint one quad ahead: an L1 hint 2 KiB ahead where x's three
+ *    term rows took at most 16 KiB (1.11x / 1.10x; at K = 11008 they do not fit L1 beside the
+ *    prefetched lines, and there an L2 hint 4 KiB ahead: 0.99x); 1 KiB as 2, 8 KiB 0.97x;
+ *  - a 2-core Zen 4 (32 KiB L1, 29 GB/s), against that: L1 at 1 KiB plus L2 at 8 KiB 1.04x /
+ *    1.15x, and then the same at every K 1.03x on 4096 x 11008 (L2 at 16 KiB instead: 1.01-1.03x
+ *    on the three). The int8 quad loop is bound by memory, not by its loads: an L1 hint 4 KiB
+ *    ahead made it slower there (0.96x, 0.94x and 0.84x on Zen 5), and with no hint at all it
+ *    ran 0.66x (Zen 4). */
+constexpr int64_t kPanel24L1Ahead = 1024, kPanel24L2Ahead = 8192;
 
 /* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
  * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
  * order of the generic loop, so the same floats): 5.3-5.5 -> 4.6 cycles per 64 columns of a
- * row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. kL1: the codes and meta prefetched
- * into L1 kPanel24L1Ahead bytes ahead (where 3 Kp <= kPanel24L1XBytes), else into L2
- * kPanel24I4Ahead bytes ahead (PQ_PREFETCH_NEXT_TILE). */
-template <int kBlock, bool kL1>
+ * row at group 128, 7.2-7.7 -> 5.6 at group 64, in L1. */
+template <int kBlock>
 inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K, const float* sc,
                                 const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
                                 int64_t Kp, float dot[4][1]) {
@@ -395,15 +391,12 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
         const int64_t d = d0 + e;
         const uint8_t* c = pc + 128 * d;
         const uint8_t* m = pm + 64 * d;
-        if (kL1) {
-          PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead);
-          PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead + 64);
-          PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead / 2);
-        } else {
-          PQ_PREFETCH_NEXT_TILE(c + kPanel24I4Ahead);
-          PQ_PREFETCH_NEXT_TILE(c + kPanel24I4Ahead + 64);
-          PQ_PREFETCH_NEXT_TILE(m + kPanel24I4Ahead / 2);
-        }
+        PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead);
+        PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead + 64);
+        PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead / 2);
+        PQ_PREFETCH_NEXT_TILE(c + kPanel24L2Ahead);
+        PQ_PREFETCH_NEXT_TILE(c + kPanel24L2Ahead + 64);
+        PQ_PREFETCH_NEXT_TILE(m + kPanel24L2Ahead / 2);
         const __m512i r0 = _mm512_loadu_si512(c), r1 = _mm512_loadu_si512(c + 64);
         half(r0, r1, m, 2 * d);
         half(_mm512_srli_epi16(r0, 4), _mm512_srli_epi16(r1, 4), m + 32, 2 * d + 1);
@@ -500,13 +493,8 @@ inline void dot24_i4_panel(const uint8_t* pc, const uint8_t* pm, int64_t K, cons
                            const uint8_t* zp, int64_t ng, int64_t G, const uint8_t* xu,
                            int64_t Kp, float dot[4][T]) {
   if constexpr (T == 1) {
-    const bool l1 = 3 * Kp <= kPanel24L1XBytes;
-    if (G % 128 == 0)
-      return l1 ? dot24_i4_panel_quad<4, true>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot)
-                : dot24_i4_panel_quad<4, false>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
-    if (G % 64 == 0)
-      return l1 ? dot24_i4_panel_quad<2, true>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot)
-                : dot24_i4_panel_quad<2, false>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+    if (G % 128 == 0) return dot24_i4_panel_quad<4>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
+    if (G % 64 == 0) return dot24_i4_panel_quad<2>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
   }
   if (G % 128 == 0) return dot24_i4_quad_rows<T, 4>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
   if (G % 64 == 0) return dot24_i4_quad_rows<T, 2>(pc, pm, K, sc, zp, ng, G, xu, Kp, dot);
