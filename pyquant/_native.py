@@ -965,7 +965,12 @@ SPARSE_DENSE_MIN_M = {("sparse24_mm", "bf16"): 32, ("sparse24_mm", "fp32"): 512,
 # and with the int4 panels' both-pairs loop too (--ms 12,16,24,32), avx512_vnni / avx512_bf16:
 #   int4 g128 panels:  0.64 / 0.63 at 12, 0.75 / 0.70 at 16, 0.86 / 0.86 at 24, 0.92 / 1.02 at 32
 #                      / 0.81 / 0.71 at 16, 0.94 / 0.87 at 24, 0.99 / 0.87 at 32
-# so both keep the sparse kernel up to their workspace's 32 rows there too.
+# so both keep the sparse kernel up to their workspace's 32 rows there too. On a 2-core Zen 4
+# (avx512_bf16, double-pumped 512-bit units), same script, --ms 8,16,24,32 --reps 5:
+#   int8 panels:       0.36 / 0.38 at 8, 0.58 / 0.56 at 16, 0.67 / 0.66 at 24, 0.76 / 0.79 at 32
+#   int4 g128 panels:  0.61 / 0.54 at 8, 0.80 / 0.76 at 16, 0.95 / 0.88 at 24, 1.04 / 1.05 at 32
+# int4 crosses near 30 there: 5% at most lost at M = 30-32, against 1-13% won at 32 on the Zen 5,
+# so the one table of this level keeps 33.
 SPARSE_DENSE_MIN_M_BY_ISA = {
     "avx2": {**SPARSE_DENSE_MIN_M, ("sparse_unstructured_mm", "fp32"): 48,
              ("sparse24_int8_mm", "fp32"): 8, ("sparse24_int4_mm", "fp32"): 10},
