@@ -194,6 +194,25 @@ def test_op_against_the_canonical_op(backend, isa, bits, m, n, k, g):
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS)
+@pytest.mark.parametrize("g", [64, 128])
+def test_int4_decode_of_long_rows(backend, isa, g):
+    """int4's M = 1 quad loop on rows longer than its prefetch distances (K = 5632: x's three
+    term rows past 16 KiB, 2.75 KiB of codes a row): within the op's tolerance of the
+    reference, and the same bits on 1 and 2 threads."""
+    k = 5632
+    v, meta, rest = _weight(8, k, 4, g, seed=g)
+    pv, pm = sparse_panels.pack(v, meta, 4)
+    x = activation((1, k), seed=k)
+    expected = reference.sparse24_int4_mm(x, v, meta, *rest, None)
+    outs = []
+    for t in (1, 2):
+        with num_threads(t):
+            outs.append(run_op("sparse24_int4_mm_panels", backend, isa, x, (pv, pm, *rest), None))
+        assert_close_named(outs[-1], expected, tol_name("sparse24_int4_mm", x.dtype), f"t={t}")
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["col_slice", "transposed", "row_step", "3d", "decode"])
