@@ -156,13 +156,13 @@ constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
 /* The int8 loops' and the int4 M > 1 loop's L2 hints run this many bytes of values (int4:
  * codes) ahead in the panel, whose quads lie back to back, rather than at the same offset of
  * the next quad (2K bytes ahead for int8, K for int4: 22 and 11 KiB at K = 11008). In-process
- * A/B at M = 1, two threads, geometric mean of both orders, against the next-quad hint (Zen 5):
+ * A/B at M = 1, two threads, geometric mean of both orders, against the next-quad hint:
  *                       4096 x 4096   11008 x 4096   4096 x 11008
  *   int8, 4 KiB ahead      1.02x          1.01x          1.07x
- *   int4 decode            -              -            1.05x   (since: kPanel24L2Ahead)
+ *   int4 decode            -              -            1.05x   (now kPanel24L2Ahead, below)
  * and int8 at 4 KiB against 2 KiB: 1.05-1.06x, against 8 KiB: 1.03-1.08x (on a Zen 4 8 KiB
- * read 1.01x / 1.06x / 1.03x against 4, 16 KiB 0.98-1.01x against 8: within the noise of either
- * machine, so 4 stays). On one thread from memory (the from-memory loop of
+ * read 1.01x / 1.06x / 1.03x against 4, 16 KiB 0.98-1.01x against 8: within the noise of both
+ * measurements, so 4 stays). On one thread from memory (the from-memory loop of
  * benchmarks/sparse24_panel_loop.cpp with its K set to 11008) the next-quad hint read
  * 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1. */
 constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
@@ -352,14 +352,15 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, cons
  * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where memory takes
  * ~6.4 at 29 GB/s on two cores), so its loads must not wait. History (in-process A/B at M = 1,
  * 2 threads, geometric mean of both orders; 4096 x 4096 / 11008 x 4096 / 4096 x 11008):
- *  - a 2-core Zen 5, against an L2 hint one quad ahead: an L1 hint 2 KiB ahead where x's three
- *    term rows took at most 16 KiB (1.11x / 1.10x; at K = 11008 they do not fit L1 beside the
- *    prefetched lines, and there an L2 hint 4 KiB ahead: 0.99x); 1 KiB as 2, 8 KiB 0.97x;
- *  - a 2-core Zen 4 (32 KiB L1, 29 GB/s), against that: L1 at 1 KiB plus L2 at 8 KiB 1.04x /
- *    1.15x, and then the same at every K 1.03x on 4096 x 11008 (L2 at 16 KiB instead: 1.01-1.03x
- *    on the three). The int8 quad loop is bound by memory, not by its loads: an L1 hint 4 KiB
- *    ahead made it slower there (0.96x, 0.94x and 0.84x on Zen 5), and with no hint at all it
- *    ran 0.66x (Zen 4). */
+ *  - a 2-core Zen 4 reading ~34 GB/s, against an L2 hint one quad ahead: an L1 hint 2 KiB ahead
+ *    where x's three term rows took at most 16 KiB (1.11x / 1.10x; at K = 11008 they do not fit
+ *    L1 beside the prefetched lines, and there an L2 hint 4 KiB ahead: 0.99x); 1 KiB as 2,
+ *    8 KiB 0.97x;
+ *  - another 2-core Zen 4 (32 KiB L1, 29 GB/s), against that: L1 at 1 KiB plus L2 at 8 KiB
+ *    1.04x / 1.15x, and then the same at every K 1.03x on 4096 x 11008 (L2 at 16 KiB instead:
+ *    1.01-1.03x on the three).
+ * The int8 quad loop is bound by memory, not by its loads: an L1 hint 4 KiB ahead made it slower
+ * on the first (0.96x, 0.94x and 0.84x), and with no hint at all it ran 0.66x on the second. */
 constexpr int64_t kPanel24L1Ahead = 1024, kPanel24L2Ahead = 8192;
 
 /* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
