@@ -196,9 +196,10 @@ def test_op_against_the_canonical_op(backend, isa, bits, m, n, k, g):
 @pytest.mark.parametrize("backend,isa", BACKENDS)
 @pytest.mark.parametrize("g", [64, 128])
 def test_int4_decode_of_long_rows(backend, isa, g):
-    """int4's M = 1 quad loop on rows longer than its prefetch distances (K = 5632: x's three
-    term rows past 16 KiB, 2.75 KiB of codes a row): within the op's tolerance of the
-    reference, and the same bits on 1 and 2 threads."""
+    """int4's M = 1 quad loop on long rows (K = 5632: x's three term rows past 16 KiB, 5.5 KiB
+    of codes a quad, so its L1 hints run within a quad and its L2 hints into the next one and
+    past the panel's end): within the op's tolerance of the reference, and the same bits on 1
+    and 2 threads."""
     k = 5632
     v, meta, rest = _weight(8, k, 4, g, seed=g)
     pv, pm = sparse_panels.pack(v, meta, 4)
