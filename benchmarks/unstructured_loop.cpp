@@ -1,7 +1,7 @@
 /* The unstructured kernels' loops alone (csrc/cpu/tile_sparse.h, sparse_decompress.h), one
  * thread, rows of K = 4096 at 30% kept: cycles per 64 columns of a weight row, with 16 rows
- * in cache (their values and masks, 80 KB, in L2), and the bf16 decode loop over a 4096 x
- * 4096 weight streamed from memory (copies rotated through 256 MB). First, the fact the
+ * in cache (their values and masks, 80 KB, in L2), and the bf16 and fp32 decode loops over a
+ * 4096 x 4096 weight streamed from memory (copies rotated through 256 MB). First, the fact the
  * loops are built around: a vpexpandw load waits on its destination register on Zen 4, so
  * a chain of expands into one register is much slower than expands into several.
  *
@@ -161,6 +161,26 @@ int main(int argc, char** argv) {
   char name[64];
   std::snprintf(name, sizeof name, "1 x row (%.1f GB/s)", bytes / t / 1e9);
   std::printf("  %-52s %5.2f\n", name, t * hz / (big.rows * per_row));
+  vs.clear();
+  /* fp32 values against float32 x: twice the value bytes */
+  const int64_t bytes32 = big.nnz * 4 + big.rows * big.ldb;
+  const int copies32 = (int)((256ll << 20) / bytes32 + 1);
+  std::vector<std::vector<float>> v32s(copies32, big.v32);
+  bms.resize(copies32, big.bm);
+  c = 0;
+  const double t32 = best_seconds([&] {
+    const int i = c++ % copies32;
+    const Vals<kF32> v{v32s[i].data(), 0};
+    for (int64_t n = 0; n < big.rows; ++n) {
+      float d[1];
+      dot_unstructured<1>(v, big.nnz, bms[i].data() + n * big.ldb, K, big.off[n],
+                          big.off[n + 1] - big.off[n], x.data(), K, d);
+      sink += d[0];
+    }
+  }, copies32, std::max(3, passes / 5));
+  std::printf("fp32 decode from memory (4096 x 4096, %d copies rotated):\n", copies32);
+  std::snprintf(name, sizeof name, "1 x row (%.1f GB/s)", bytes32 / t32 / 1e9);
+  std::printf("  %-52s %5.2f\n", name, t32 * hz / (big.rows * per_row));
   std::printf("(checksum %g)\n", sink);
   return 0;
 }

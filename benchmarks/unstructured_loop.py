@@ -4,7 +4,8 @@ Zen 4 behaviour they are built around: a vpexpandw load waits on its destination
 Compiles benchmarks/unstructured_loop.cpp with the flags of the AVX512-BF16 build (the
 kernels' headers as they are in csrc/cpu) and runs it, one thread: cycles a vpexpandw into one
 register against four, cycles per 64 columns of a row for each loop with 16 rows of K = 4096
-(30% kept) in cache, and the bf16 decode loop over a 4096 x 4096 weight streamed from memory.
+(30% kept) in cache, and the bf16 and fp32 decode loops over a 4096 x 4096 weight streamed from
+memory.
 A kernel change shows here without the memory system's noise; `pyquant bench` shows what it
 does for a whole call.
 

@@ -633,6 +633,23 @@ inline __m512 expand_run(const Vals<Kind>& v, int64_t o, __mmask16 bits, bool ro
   }
 }
 
+/* How far ahead (bytes of values) the unstructured loops prefetch into L1 where rows are
+ * longer than kUnstructuredL1MinK columns; the mask a quarter as many bytes on (at 30% kept, 2
+ * bytes of bf16 values go with 0.4 bytes of mask). First measured for the bf16 loop
+ * (dot_unstructured_bf16) in-process on two threads at M = 1, 70% sparse, N = 4096, against
+ * the L2 hint one row ahead alone (the geometric mean of both orders): 4 KB ahead, 1.20-1.26x
+ * at K = 5120, 6144, 8192, 11008 and 14336, but 0.89x and 0.94x at K = 3072 and 4096 (3 KB
+ * ahead: 0.91x and 0.96x there), so shorter rows kept the L2 hint alone. Later, 4 KB ahead on
+ * a 2-core Zen 4 reading 29 GB/s, where the L2 hint alone left the loop at 68-75% of the
+ * bandwidth at K = 4096: 1.06x (4096 x 4096) and 1.09x (11008 x 4096), four runs of each
+ * order; so K = 4096 takes it too, K = 3072 not.
+ * The float-x loop (dot_unstructured: fp32, or bf16/fp16 values against float32 x) had the
+ * L2 hint alone until its fp32 form, one thread streaming a 4096 x 4096 weight from memory
+ * (benchmarks/unstructured_loop.py), was seen at 34-38 cycles per 64 columns and 8-9 GB/s
+ * where its loop takes 15 in cache: with one line 4 KB ahead, 22-32 (2 KB: 23-30, and a
+ * second line a step no better). */
+constexpr int64_t kUnstructuredL1AheadBytes = 4096, kUnstructuredL1MinK = 3072;
+
 /* AVX512: per 16 columns, load the run of popcount(bits) values and put them at
  * their columns (zeros elsewhere: expand_run), then plain FMAs against x. The four
  * 16-column slices of a 64-bit mask word get their value offsets from prefix
@@ -650,6 +667,8 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
   for (int s = 0; s < S; ++s)
     for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
   int64_t o = o0;
+  const bool l1_ahead = K > kUnstructuredL1MinK;
+  constexpr int64_t kAhead = kUnstructuredL1AheadBytes / (Kind == kF32 ? 4 : 2); /* values */
   auto expand = [&](__mmask16 bits, int64_t os) PQ_ALWAYS_INLINE {
     return expand_run(vals, os, bits, os + 16 <= nnz);
   };
@@ -673,6 +692,10 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
      * alternated runs on a noisy machine). */
     PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
     PQ_PREFETCH_NEXT_TILE(vals.addr(0, o + row_nnz));
+    if (l1_ahead) { /* into L1 further on (kUnstructuredL1AheadBytes) */
+      PQ_PREFETCH_NEXT_TILE_L1(bm + i + kAhead / 4);
+      PQ_PREFETCH_NEXT_TILE_L1(vals.addr(0, o + kAhead));
+    }
     const __mmask16 b0 = (__mmask16)w, b1 = (__mmask16)(w >> 16), b2 = (__mmask16)(w >> 32),
                     b3 = (__mmask16)(w >> 48);
     if (full) { /* the four expands first, to four registers (see expand_run) */
@@ -699,17 +722,6 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
 
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
 #define PQ_UNSTRUCTURED_BF16_DOT 1
-/* How far ahead (values) the bf16 loop prefetches into L1 where rows are longer than
- * kUnstructuredL1MinK columns; the mask a quarter as far (at 30% kept, 2 bytes of values go
- * with 0.4 bytes of mask). Measured in-process on two threads at M = 1, 70% sparse, N = 4096,
- * against the L2 hint one row ahead alone (the geometric mean of both orders): 4 KB ahead,
- * 1.20-1.26x at K = 5120, 6144, 8192, 11008 and 14336, but 0.89x and 0.94x at K = 3072 and
- * 4096 (3 KB ahead: 0.91x and 0.96x there), so shorter rows kept the L2 hint alone. Later, 2 KB
- * ahead on a 2-core Zen 4 reading 29 GB/s, where the L2 hint alone left the loop at 68-75% of
- * the bandwidth at K = 4096: 1.06x (4096 x 4096) and 1.09x (11008 x 4096), four runs of each
- * order; so K = 4096 takes it too, K = 3072 not. */
-constexpr int64_t kUnstructuredL1Ahead = 2048, kUnstructuredL1MinK = 3072;
-
 /* bf16 values and activations that are bf16 values (rows_are_bf16), narrowed once per call
  * to bf16 rows xb (row stride ldxb, zero-padded to a multiple of 32 columns). Per 32
  * columns, one vpexpandw load puts the slice's popcount(bits) kept values at their columns
@@ -753,6 +765,7 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t, const uint8_
                                        (__m512bh)_mm512_loadu_si512(xb + t * ldxb + k));
   };
   const bool l1_ahead = K > kUnstructuredL1MinK;
+  constexpr int64_t kAhead = kUnstructuredL1AheadBytes / 2; /* values */
   int64_t o = o0, i = 0;
   /* Whole steps: every slice starts before K (the row's last byte holds column K - 1). The
    * offsets come from popcounts of the words as loaded: where the compiler took the counts
@@ -761,12 +774,12 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t, const uint8_
    * the loop ran at 13 cycles: the four expands are issued first, to four registers. */
   for (; i + 16 <= ldb; i += 16) {
     /* the next row's mask and values, one row ahead (rows follow each other), into L2;
-     * and on long rows the values kUnstructuredL1Ahead on, into L1 */
+     * and on long rows the values kUnstructuredL1AheadBytes on, into L1 */
     PQ_PREFETCH_NEXT_TILE(bm + ldb + i);
     PQ_PREFETCH_NEXT_TILE(v + o + row_nnz);
     if (l1_ahead) {
-      PQ_PREFETCH_NEXT_TILE_L1(bm + i + kUnstructuredL1Ahead / 4);
-      PQ_PREFETCH_NEXT_TILE_L1(v + o + kUnstructuredL1Ahead);
+      PQ_PREFETCH_NEXT_TILE_L1(bm + i + kAhead / 4);
+      PQ_PREFETCH_NEXT_TILE_L1(v + o + kAhead);
     }
     const uint64_t w0 = load_u64(bm + i), w1 = load_u64(bm + i + 8);
     const int64_t k = 8 * i, o1 = o + __builtin_popcountll(w0);
