@@ -153,10 +153,11 @@ PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
  * xu + 3 t Kp. A pair's rows take the dword lanes of kPanel24Dw[r] of its accumulators. They
  * prefetch ahead in the panel as they go (common.h). */
 constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
-/* The int8 loops' and the int4 M > 1 loop's L2 hints run this many bytes of values (int4:
+/* The int8 M > 1 loop's and the int4 M > 1 loop's L2 hints run this many bytes of values (int4:
  * codes) ahead in the panel, whose quads lie back to back, rather than at the same offset of
- * the next quad (2K bytes ahead for int8, K for int4: 22 and 11 KiB at K = 11008). In-process
- * A/B at M = 1, two threads, geometric mean of both orders, against the next-quad hint:
+ * the next quad (2K bytes ahead for int8, K for int4: 22 and 11 KiB at K = 11008); so did the
+ * int8 decode loop until it took the two hints below. In-process A/B at M = 1, two
+ * threads, geometric mean of both orders, against the next-quad hint:
  *                       4096 x 4096   11008 x 4096   4096 x 11008
  *   int8, 4 KiB ahead      1.02x          1.01x          1.07x
  *   int4 decode            -              -            1.05x   (now kPanel24L2Ahead, below)
@@ -166,6 +167,26 @@ constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
  * benchmarks/sparse24_panel_loop.cpp with its K set to 11008) the next-quad hint read
  * 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1. */
 constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
+
+/* The decode quad loops (M = 1, int4 and int8) prefetch their values and meta into L1
+ * kPanel24L1Ahead bytes ahead and into L2 kPanel24L2Ahead bytes ahead, as the dense W4A8 panel
+ * sweep does (tile_vnni_panel.h). The int4 loop does much work a byte (4.6 cycles per 64
+ * columns of a row in L1, where memory takes ~6.4 at 29 GB/s on two cores), so its loads must
+ * not wait. History (in-process A/B at M = 1,
+ * 2 threads, geometric mean of both orders; 4096 x 4096 / 11008 x 4096 / 4096 x 11008):
+ *  - a 2-core Zen 4 reading ~34 GB/s, against an L2 hint one quad ahead: an L1 hint 2 KiB ahead
+ *    where x's three term rows took at most 16 KiB (1.11x / 1.10x; at K = 11008 they do not fit
+ *    L1 beside the prefetched lines, and there an L2 hint 4 KiB ahead: 0.99x); 1 KiB as 2,
+ *    8 KiB 0.97x;
+ *  - another 2-core Zen 4 (32 KiB L1, 29 GB/s), against that: L1 at 1 KiB plus L2 at 8 KiB
+ *    1.04x / 1.15x, and then the same at every K 1.03x on 4096 x 11008 (L2 at 16 KiB instead:
+ *    1.01-1.03x on the three).
+ * The int8 quad loop, which does less work a byte, had an L2 hint kPanel24I8Ahead ahead alone:
+ * an L1 hint 4 KiB ahead made it slower on the first (0.96x, 0.94x and 0.84x), with no hint at
+ * all it ran 0.66x on the second, and an L2 hint 8 or 16 KiB ahead read as noise there. Both
+ * hints as int4's, on a third (32 KiB L1, 29-51 GB/s), against the L2 hint 4 KiB ahead alone, two
+ * sets of three runs each order: 1.04-1.06x / 1.06-1.08x / 1.10-1.11x. */
+constexpr int64_t kPanel24L1Ahead = 1024, kPanel24L2Ahead = 8192;
 
 /* The decode loops' accumulators, named (an array of them went through the stack, see
  * dot24_i8_panel_quad): the three terms' sums and the bias of each pair. QuadRows<1> (below)
@@ -284,11 +305,11 @@ inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
   for (int64_t s = 0; s < K / 64; s += 2) {
     const uint8_t* v = pv + 128 * s;
     const uint8_t* m = pm + 32 * s;
-    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead);
-    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 64);
-    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 128);
-    PQ_PREFETCH_NEXT_TILE(v + kPanel24I8Ahead + 192);
-    PQ_PREFETCH_NEXT_TILE(m + kPanel24I8Ahead / 4);
+    /* the two steps' 256 bytes of values and 64 of meta (kPanel24L1Ahead) */
+    for (int l = 0; l < 256; l += 64) PQ_PREFETCH_NEXT_TILE_L1(v + kPanel24L1Ahead + l);
+    PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead / 4);
+    for (int l = 0; l < 256; l += 64) PQ_PREFETCH_NEXT_TILE(v + kPanel24L2Ahead + l);
+    PQ_PREFETCH_NEXT_TILE(m + kPanel24L2Ahead / 4);
     quad_step(q, _mm512_loadu_si512(v), _mm512_loadu_si512(v + 64), m, xu, xu + Kp, xu + 2 * Kp, s);
     quad_step(q, _mm512_loadu_si512(v + 128), _mm512_loadu_si512(v + 192), m + 32, xu, xu + Kp,
               xu + 2 * Kp, s + 1);
@@ -347,21 +368,6 @@ inline void dot24_i8_panel(const uint8_t* pv, const uint8_t* pm, int64_t K, cons
   }
 }
 
-/* The int4 decode quad loop prefetches its codes and meta into L1 kPanel24L1Ahead bytes ahead
- * and into L2 kPanel24L2Ahead bytes ahead, as the dense W4A8 panel sweep does (tile_vnni_panel.h).
- * That loop does much work a byte (4.6 cycles per 64 columns of a row in L1, where memory takes
- * ~6.4 at 29 GB/s on two cores), so its loads must not wait. History (in-process A/B at M = 1,
- * 2 threads, geometric mean of both orders; 4096 x 4096 / 11008 x 4096 / 4096 x 11008):
- *  - a 2-core Zen 4 reading ~34 GB/s, against an L2 hint one quad ahead: an L1 hint 2 KiB ahead
- *    where x's three term rows took at most 16 KiB (1.11x / 1.10x; at K = 11008 they do not fit
- *    L1 beside the prefetched lines, and there an L2 hint 4 KiB ahead: 0.99x); 1 KiB as 2,
- *    8 KiB 0.97x;
- *  - another 2-core Zen 4 (32 KiB L1, 29 GB/s), against that: L1 at 1 KiB plus L2 at 8 KiB
- *    1.04x / 1.15x, and then the same at every K 1.03x on 4096 x 11008 (L2 at 16 KiB instead:
- *    1.01-1.03x on the three).
- * The int8 quad loop is bound by memory, not by its loads: an L1 hint 4 KiB ahead made it slower
- * on the first (0.96x, 0.94x and 0.84x), and with no hint at all it ran 0.66x on the second. */
-constexpr int64_t kPanel24L1Ahead = 1024, kPanel24L2Ahead = 8192;
 
 /* dot24_i4_panel<2, 1> (decode: the whole quad against one row of x) for G % 64 == 0, with
  * its accumulators named (QuadAcc) and a block of kBlock steps unrolled (the arithmetic and
