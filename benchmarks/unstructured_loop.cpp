@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 using namespace bench;
@@ -140,47 +141,38 @@ int main(int argc, char** argv) {
     return (double)bad + dense[n];
   });
 
-  /* from memory: 4096 rows a copy, copies past 256 MB in all */
+  /* from memory: 4096 rows a copy, copies past 256 MB in all; dot(values, mask, n) runs row n
+   * of a copy */
   const Weight big(4096, K);
-  const int64_t bytes = big.nnz * 2 + big.rows * big.ldb;
-  const int copies = (int)((256ll << 20) / bytes + 1);
-  std::vector<std::vector<uint16_t>> vs(copies, big.v16);
-  std::vector<std::vector<uint8_t>> bms(copies, big.bm);
-  int c = 0;
-  const double t = best_seconds([&] {
-    const int i = c++ % copies;
-    const Vals<kBF16> v{vs[i].data(), 0};
-    for (int64_t n = 0; n < big.rows; ++n) {
-      float d[1];
-      dot_unstructured_bf16<1>(v, big.nnz, bms[i].data() + n * big.ldb, K, big.off[n],
-                               big.off[n + 1] - big.off[n], xb.data(), ldxb, d);
-      sink += d[0];
-    }
-  }, copies, std::max(3, passes / 5));
-  std::printf("bf16 decode from memory (4096 x 4096, %d copies rotated):\n", copies);
-  char name[64];
-  std::snprintf(name, sizeof name, "1 x row (%.1f GB/s)", bytes / t / 1e9);
-  std::printf("  %-52s %5.2f\n", name, t * hz / (big.rows * per_row));
-  vs.clear();
+  auto from_memory = [&](const char* what, const auto& values, auto&& dot) {
+    using Vec = std::decay_t<decltype(values)>;
+    const int64_t bytes = big.nnz * (int64_t)sizeof(typename Vec::value_type) + big.rows * big.ldb;
+    const int copies = (int)((256ll << 20) / bytes + 1);
+    std::vector<Vec> vs(copies, values);
+    std::vector<std::vector<uint8_t>> bms(copies, big.bm);
+    int c = 0;
+    const double t = best_seconds([&] {
+      const int i = c++ % copies;
+      for (int64_t n = 0; n < big.rows; ++n) sink += dot(vs[i].data(), bms[i].data() + n * big.ldb, n);
+    }, copies, std::max(3, passes / 5));
+    std::printf("%s decode from memory (4096 x 4096, %d copies rotated):\n", what, copies);
+    char name[64];
+    std::snprintf(name, sizeof name, "1 x row (%.1f GB/s)", bytes / t / 1e9);
+    std::printf("  %-52s %5.2f\n", name, t * hz / (big.rows * per_row));
+  };
+  from_memory("bf16", big.v16, [&](const uint16_t* v, const uint8_t* bm, int64_t n) {
+    float d[1];
+    dot_unstructured_bf16<1>(Vals<kBF16>{v, 0}, big.nnz, bm, K, big.off[n],
+                             big.off[n + 1] - big.off[n], xb.data(), ldxb, d);
+    return d[0];
+  });
   /* fp32 values against float32 x: twice the value bytes */
-  const int64_t bytes32 = big.nnz * 4 + big.rows * big.ldb;
-  const int copies32 = (int)((256ll << 20) / bytes32 + 1);
-  std::vector<std::vector<float>> v32s(copies32, big.v32);
-  bms.resize(copies32, big.bm);
-  c = 0;
-  const double t32 = best_seconds([&] {
-    const int i = c++ % copies32;
-    const Vals<kF32> v{v32s[i].data(), 0};
-    for (int64_t n = 0; n < big.rows; ++n) {
-      float d[1];
-      dot_unstructured<1>(v, big.nnz, bms[i].data() + n * big.ldb, K, big.off[n],
-                          big.off[n + 1] - big.off[n], x.data(), K, d);
-      sink += d[0];
-    }
-  }, copies32, std::max(3, passes / 5));
-  std::printf("fp32 decode from memory (4096 x 4096, %d copies rotated):\n", copies32);
-  std::snprintf(name, sizeof name, "1 x row (%.1f GB/s)", bytes32 / t32 / 1e9);
-  std::printf("  %-52s %5.2f\n", name, t32 * hz / (big.rows * per_row));
+  from_memory("fp32", big.v32, [&](const float* v, const uint8_t* bm, int64_t n) {
+    float d[1];
+    dot_unstructured<1>(Vals<kF32>{v, 0}, big.nnz, bm, K, big.off[n], big.off[n + 1] - big.off[n],
+                        x.data(), K, d);
+    return d[0];
+  });
   std::printf("(checksum %g)\n", sink);
   return 0;
 }
