@@ -245,11 +245,13 @@ def test_unstructured_buffers_end_before_an_unreadable_page(backend, isa, case, 
 
 @pytest.mark.parametrize("backend,isa", isa_params())
 @pytest.mark.parametrize("bf16_m1", [False, True], ids=["fp32", "bf16-m1"])
-def test_unstructured_corrupt_weights(backend, isa, bf16_m1):
-    """Every kind of inconsistency is caught by the kernel before it reads a row's values and
-    reported with sparse_formats' diagnosis (bf16-m1: bf16 values and one bf16 row of x, the
-    vdpbf16ps path of AMX builds)."""
-    k = 100
+@pytest.mark.parametrize("k", [100, 4096])
+def test_unstructured_corrupt_weights(backend, isa, bf16_m1, k):
+    """Every kind of inconsistency is caught by the kernel and reported with sparse_formats'
+    diagnosis: before it reads a row's values where a wrong bitmask could take it past them,
+    else from the offset the row's values ended at (row 0 below, whose bitmask claims more
+    or fewer values than its offsets hold; K = 4096 also runs the long-row prefetch). bf16-m1:
+    bf16 values and one bf16 row of x, the vdpbf16ps path of AVX512-BF16 builds."""
     _, (bm, v, off) = random_sparse(13, k, 0.5, seed=5)
     x = activation((2, k))
     if bf16_m1:
@@ -262,11 +264,15 @@ def test_unstructured_corrupt_weights(backend, isa, bf16_m1):
     bad[-1] += 1  # ends past the values
     cases.append((bm, v, bad))
     b2 = bm.clone()
-    b2[3, -1] |= 0x80  # a bit at k = 103 >= K
+    b2[3, -1] |= 0x80  # K = 100: a bit at k = 103 >= K; K = 4096: one more bit than counted
+    if k % 8 == 0 and int(bm[3, -1]) & 0x80:
+        b2[3, -1] &= 0x7F
     cases.append((b2, v, off))
-    b3 = bm.clone()
-    b3[0, 0] ^= 0xFF  # popcount no longer matches
-    cases.append((b3, v, off))
+    for more in (True, False):  # row 0's bitmask claims more, or fewer, values than it holds
+        b3 = bm.clone()
+        b3[0, 0] = 0xFF if more else 0
+        if int(bm[0, 0]) != int(b3[0, 0]):
+            cases.append((b3, v, off))
     for c in cases:
         with pytest.raises(ValueError, match="inconsistent unstructured sparse weight"):
             run_op("sparse_unstructured_mm", "cpu", isa, x, c, None)

@@ -377,25 +377,32 @@ void sparse24_int4_panels_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
  * and the dense path 4.5 ms. */
 constexpr int64_t kXbStackElems = 32768, kXbElems = 131072;
 
-/* One weight row at a time (its consistency is checked before its values are
- * read), against up to kTileM rows of x. */
+/* One weight row at a time, against up to kTileM rows of x. A row's consistency is checked
+ * before its values are read where a wrong bitmask could take a loop past the values
+ * (unstructured_row_ok), else after the loop, from the offset its values ended at
+ * (unstructured_row_bounded); an inconsistent row fails the op either way. */
 template <int Kind>
 bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* bitmask,
                       const Vals<Kind>& vals, int64_t nnz, const int64_t* off, int64_t N,
                       const float* bias, float* out, int n_threads) {
   const int64_t ldb = (K + 7) / 8;
   int bad = 0;
-  /* Row n against activation rows m..m+mt-1: dot(T_, bm, dot) fills dot[T]. */
+  /* Row n against activation rows m..m+mt-1: dot(T_, bm, dot) fills dot[T] and returns the
+   * offset the row's values ended at. */
   auto row = [&](int64_t n, int64_t m, int mt, auto&& dot_of) {
     const uint8_t* bm = bitmask + n * ldb;
-    if (!unstructured_row_ok(bm, K, off[n], off[n + 1], nnz)) { /* sparse_decompress.h */
+    if (!unstructured_row_bounded(bm, K, off[n], off[n + 1], nnz) &&
+        !unstructured_row_ok(bm, K, off[n], off[n + 1], nnz)) { /* sparse_decompress.h */
       __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
       return;
     }
     dispatch_tile<1>(1, mt, [&](auto, auto T_) {
       constexpr int T = decltype(T_)::value;
       float dot[T];
-      dot_of(T_, bm, dot);
+      if (dot_of(T_, bm, dot) != off[n + 1]) {
+        __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);
+        return;
+      }
       for (int t = 0; t < T; ++t) out[(m + t) * N + n] = epilogue(dot[t], nullptr, bias, n);
     });
   };
@@ -415,9 +422,8 @@ bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
       for (int64_t n = 0; n < N; ++n)
         for (int64_t m = 0; m < M; m += kTileM)
           row(n, m, (int)min64(kTileM, M - m), [&](auto T_, const uint8_t* bm, float* dot) {
-            dot_unstructured_bf16<decltype(T_)::value>(vals, nnz, bm, K, off[n],
-                                                       off[n + 1] - off[n], xb + m * ldxb, ldxb,
-                                                       dot);
+            return dot_unstructured_bf16<decltype(T_)::value>(
+                vals, nnz, bm, K, off[n], off[n + 1] - off[n], xb + m * ldxb, ldxb, dot);
           });
       free(heap);
       return !bad;
@@ -427,8 +433,8 @@ bool run_unstructured(const float* x, int64_t M, int64_t K, int64_t ldx, const u
   for_each_tile(M, N, n_threads, [&](int64_t n0, int nr, int64_t m, int mt, bool, int32_t*) {
     for (int64_t n = n0; n < n0 + nr; ++n)
       row(n, m, mt, [&](auto T_, const uint8_t* bm, float* dot) {
-        dot_unstructured<decltype(T_)::value>(vals, nnz, bm, K, off[n], off[n + 1] - off[n],
-                                              x + m * ldx, ldx, dot);
+        return dot_unstructured<decltype(T_)::value>(vals, nnz, bm, K, off[n],
+                                                     off[n + 1] - off[n], x + m * ldx, ldx, dot);
       });
   });
   return !bad;

@@ -271,6 +271,21 @@ inline bool unstructured_row_ok(const uint8_t* b, int64_t K, int64_t o0, int64_t
   return o0 >= 0 && o1 <= nnz && o1 - o0 == pop;
 }
 
+/* What unstructured_row_ok checks without counting the bitmask row, where counting can wait:
+ * no bit at k >= K, offsets inside [0, nnz], and K values from o0 on inside the buffer too,
+ * so that no bitmask, however wrong its count, makes a loop read past the values. The row
+ * loops (tile_sparse.h) then return the offset their values ended at, which must be o1.
+ * Counting first is a pass over the row's bitmask before the loop's own: checking after
+ * instead ran the decode 1.16-1.20x faster with bf16 values and 1.01-1.05x with fp32 (M = 1,
+ * 70% sparse, Llama-2-7B shapes, 2 threads of a Zen 4, benchmarks/ab_inprocess.py, both
+ * orders). */
+inline bool unstructured_row_bounded(const uint8_t* b, int64_t K, int64_t o0, int64_t o1,
+                                     int64_t nnz) {
+  const int64_t ldb = (K + 7) / 8;
+  if (K % 8 && (b[ldb - 1] >> (K % 8))) return false;
+  return o0 >= 0 && o0 <= o1 && o1 <= nnz && K <= nnz - o0;
+}
+
 template <class T>
 inline int decompress_unstructured_row(const uint8_t* b, const T* v, int64_t nnz, int64_t o0,
                                        int64_t o1, int64_t K, T* row) {

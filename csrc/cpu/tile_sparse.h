@@ -570,10 +570,12 @@ inline bool simd24(const Vals<Kind>& v) {
 
 /* ------------------------------------------------------------ unstructured */
 
-/* dot[t] = sum over set bits k of the row of x[t, k] * values[o0 + rank(k)].
+/* dot[t] = sum over set bits k of the row of x[t, k] * values[o0 + rank(k)]; returns o0
+ * plus the row's set bits (the offset its values end at, which the caller checks against
+ * the next row's: sparse.cpp, run_unstructured), as the loops below do.
  * Scalar: walk the set bits of each 64-bit word. */
 template <int T, int Kind>
-inline void dot_unstructured_scalar(const Vals<Kind>& vals, const uint8_t* bm, int64_t K,
+inline int64_t dot_unstructured_scalar(const Vals<Kind>& vals, const uint8_t* bm, int64_t K,
                                     int64_t o0, const float* x, int64_t ldx, float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   float acc[T] = {};
@@ -588,6 +590,7 @@ inline void dot_unstructured_scalar(const Vals<Kind>& vals, const uint8_t* bm, i
     }
   }
   for (int t = 0; t < T; ++t) dot[t] = acc[t];
+  return o;
 }
 
 #if defined(PQ_SIMD_AVX512)
@@ -656,9 +659,9 @@ constexpr int64_t kUnstructuredL1AheadBytes = 4096, kUnstructuredL1MinK = 3072;
  * popcounts, so they do not wait on each other, and (one row of x) each has its own
  * accumulators (a serial chain of 4 cycles per 64 columns instead of 16). */
 template <int T, int Kind>
-inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
-                             int64_t o0, int64_t row_nnz, const float* x, int64_t ldx,
-                             float dot[T]) {
+inline int64_t dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
+                                int64_t o0, int64_t row_nnz, const float* x, int64_t ldx,
+                                float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   /* four accumulator sets for one row of x, two from two rows on: four sets of four rows
    * (16 registers, with the four expands in flight) ran M = 4 at 0.81-0.88x */
@@ -718,6 +721,7 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
     for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][t]);
     dot[t] = _mm512_reduce_add_ps(sum);
   }
+  return o;
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
@@ -744,9 +748,9 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
  * Products of bf16 values are exact in fp32; vdpbf16ps reads subnormal bf16 inputs as zero
  * and flushes subnormal sums (pq.h). */
 template <int T>
-inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t, const uint8_t* bm, int64_t K,
-                                  int64_t o0, int64_t row_nnz, const uint16_t* xb, int64_t ldxb,
-                                  float dot[T]) {
+inline int64_t dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t, const uint8_t* bm,
+                                     int64_t K, int64_t o0, int64_t row_nnz, const uint16_t* xb,
+                                     int64_t ldxb, float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   const uint16_t* v = (const uint16_t*)vals.p;
   /* Accumulator sets: four for one row of x (vdpbf16ps has a latency of 6 cycles), two from
@@ -807,6 +811,7 @@ inline void dot_unstructured_bf16(const Vals<kBF16>& vals, int64_t, const uint8_
     for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][t]);
     dot[t] = _mm512_reduce_add_ps(sum);
   }
+  return o;
 }
 
 /* Rows x[0..M) (bf16 values) -> bf16 rows of stride ldxb (a multiple of 32), zeros from K
@@ -850,8 +855,9 @@ inline __m256 load_run8(const Vals<Kind>& v, int64_t o) {
 }
 
 template <int T, int Kind>
-inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
-                             int64_t o0, int64_t row_nnz, const float* x, int64_t ldx, float dot[T]) {
+inline int64_t dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t* bm, int64_t K,
+                                int64_t o0, int64_t row_nnz, const float* x, int64_t ldx,
+                                float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   const __m256 zero = _mm256_setzero_ps();
   __m256 acc[2][T]; /* two sets: a byte's FMAs do not wait on the previous byte's */
@@ -892,13 +898,14 @@ inline void dot_unstructured(const Vals<Kind>& vals, int64_t nnz, const uint8_t*
       for (int t = 0; t < T; ++t) rest[t] += x[t * ldx + 8 * i + __builtin_ctz(b)] * v;
     }
   for (int t = 0; t < T; ++t) dot[t] = hsum256(_mm256_add_ps(acc[0][t], acc[1][t])) + rest[t];
+  return o;
 }
 #else
 /* The portable build: the set-bit walk. */
 template <int T, int Kind>
-inline void dot_unstructured(const Vals<Kind>& vals, int64_t, const uint8_t* bm, int64_t K,
-                             int64_t o0, int64_t, const float* x, int64_t ldx, float dot[T]) {
-  dot_unstructured_scalar<T>(vals, bm, K, o0, x, ldx, dot);
+inline int64_t dot_unstructured(const Vals<Kind>& vals, int64_t, const uint8_t* bm, int64_t K,
+                                int64_t o0, int64_t, const float* x, int64_t ldx, float dot[T]) {
+  return dot_unstructured_scalar<T>(vals, bm, K, o0, x, ldx, dot);
 }
 #endif
 
