@@ -517,10 +517,12 @@ int pq_sparse24_int4_decompress(int isa, const uint8_t* packed, const uint8_t* m
                                 uint8_t* out, int n_threads);
 
 /* out[m,n] = sum over set bits k of row n of x[m,k] * values[row_offsets[n] + rank]
- * + bias[n]. The kernel checks, per row and before reading its values, that
- * the offsets step by the row's popcount and stay inside [0, nnz], that
- * row_offsets[0] == 0 and row_offsets[N] == nnz, and that no bit at k >= K is
- * set; an inconsistent weight returns PQ_ERR_ARG (out is then unspecified).
+ * + bias[n]. The kernel checks, per row, that the offsets step by the row's
+ * popcount and stay inside [0, nnz], that row_offsets[0] == 0 and
+ * row_offsets[N] == nnz, and that no bit at k >= K is set: before reading the
+ * row's values, or, where the K values from its first offset lie inside the
+ * buffer (so that no bitmask can take a read past it), its count right after;
+ * an inconsistent weight returns PQ_ERR_ARG (out is then unspecified).
  * On the AVX512-BF16 and AMX builds, bf16 values with rows of x that are all bf16 values (M * K up to
  * about 131072) run on vdpbf16ps: the products are exact as everywhere, but a subnormal
  * bf16 value or x entry is read as zero and a subnormal partial sum is flushed to zero. */

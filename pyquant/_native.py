@@ -1316,8 +1316,9 @@ def _run_sparse24_int4_mm(x, packed, meta, scales, zeros, group_size, bias=None)
 
 
 def sparse_unstructured_mm(x, bitmask, values, row_offsets, bias=None):
-    """The kernel checks each row's offsets against its bitmask before reading its values
-    (pq.h); an inconsistent weight is reported with sparse_formats' diagnosis."""
+    """The kernel checks each row's offsets against its bitmask, before reading its values
+    or, where no bitmask could take a read past the values, right after (pq.h); an
+    inconsistent weight is reported with sparse_formats' diagnosis."""
     op = "sparse_unstructured_mm"
     _checks.check_sparse_unstructured_mm(op, x, bitmask, values, row_offsets, bias)
     _require_cpu(op, x)
