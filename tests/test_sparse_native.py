@@ -367,6 +367,9 @@ def test_unstructured_decompress_is_exact_and_refuses_inconsistent_weights(dense
         bad = off.clone()
         bad[4] += 1  # rows 3 and 4 disagree with their popcounts
         assert _native._decompress_unstructured(bm, v, bad, k) is None
+        b3 = bm.clone()  # row 1's bitmask claims other values than its offsets hold
+        b3[1, 0] = 0 if int(bm[1, 0]) == 0xFF else 0xFF
+        assert _native._decompress_unstructured(b3, v, off, k) is None
         if k % 8:
             b2 = bm.clone()
             b2[0, -1] |= 0x80  # a bit at a column >= K
