@@ -254,13 +254,19 @@ int decompress_24(const T* v, const uint8_t* meta, int64_t N, int64_t K, T* out,
  * byte of the bitmask places them (below). */
 /* One row: its bitmask b, values v[o0, o1) of nnz -> K outputs; nonzero when the row is
  * inconsistent (as above; the row is then left unwritten). */
+/* No bit of bitmask row b at a column k >= K. */
+inline bool unstructured_tail_clear(const uint8_t* b, int64_t K) {
+  return K % 8 == 0 || (b[(K + 7) / 8 - 1] >> (K % 8)) == 0;
+}
+
 /* A row of an unstructured weight is consistent: its offsets [o0, o1) stay inside [0, nnz]
- * and step by the popcount of its bitmask row b, and no bit at k >= K is set (the kernels
- * and the decompression check it before reading any of its values). */
+ * and step by the popcount of its bitmask row b, and no bit at k >= K is set (the
+ * decompression checks it before reading any of its values, the row loops before or right
+ * after: unstructured_row_bounded). */
 inline bool unstructured_row_ok(const uint8_t* b, int64_t K, int64_t o0, int64_t o1,
                                 int64_t nnz) {
   const int64_t ldb = (K + 7) / 8;
-  if (K % 8 && (b[ldb - 1] >> (K % 8))) return false;
+  if (!unstructured_tail_clear(b, K)) return false;
   int64_t pop = 0, j = 0;
   for (; j + 8 <= ldb; j += 8) { /* a word at a time: a byte at a time took ~8 cycles a word */
     uint64_t w;
@@ -281,9 +287,7 @@ inline bool unstructured_row_ok(const uint8_t* b, int64_t K, int64_t o0, int64_t
  * orders). */
 inline bool unstructured_row_bounded(const uint8_t* b, int64_t K, int64_t o0, int64_t o1,
                                      int64_t nnz) {
-  const int64_t ldb = (K + 7) / 8;
-  if (K % 8 && (b[ldb - 1] >> (K % 8))) return false;
-  return o0 >= 0 && o0 <= o1 && o1 <= nnz && K <= nnz - o0;
+  return unstructured_tail_clear(b, K) && o0 >= 0 && o0 <= o1 && o1 <= nnz && K <= nnz - o0;
 }
 
 template <class T>

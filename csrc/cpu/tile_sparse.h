@@ -576,7 +576,7 @@ inline bool simd24(const Vals<Kind>& v) {
  * Scalar: walk the set bits of each 64-bit word. */
 template <int T, int Kind>
 inline int64_t dot_unstructured_scalar(const Vals<Kind>& vals, const uint8_t* bm, int64_t K,
-                                    int64_t o0, const float* x, int64_t ldx, float dot[T]) {
+                                       int64_t o0, const float* x, int64_t ldx, float dot[T]) {
   const int64_t ldb = (K + 7) / 8;
   float acc[T] = {};
   int64_t o = o0;

@@ -153,11 +153,10 @@ PQ_ALWAYS_INLINE inline __m512i panel24_index(const uint8_t* m, int p) {
  * xu + 3 t Kp. A pair's rows take the dword lanes of kPanel24Dw[r] of its accumulators. They
  * prefetch ahead in the panel as they go (common.h). */
 constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
-/* The int8 M > 1 loop's and the int4 M > 1 loop's L2 hints run this many bytes of values (int4:
- * codes) ahead in the panel, whose quads lie back to back, rather than at the same offset of
+/* The M > 1 loops' L2 hints (int8 and int4) run this many bytes of values (int4: codes) ahead in the panel, whose quads lie back to back, rather than at the same offset of
  * the next quad (2K bytes ahead for int8, K for int4: 22 and 11 KiB at K = 11008); so did the
- * int8 decode loop until it took the two hints below. In-process A/B at M = 1, two
- * threads, geometric mean of both orders, against the next-quad hint:
+ * int8 decode loop until it took the two hints below. In-process A/B at M = 1, two threads, geometric
+ * mean of both orders, against the next-quad hint:
  *                       4096 x 4096   11008 x 4096   4096 x 11008
  *   int8, 4 KiB ahead      1.02x          1.01x          1.07x
  *   int4 decode            -              -            1.05x   (now kPanel24L2Ahead, below)
@@ -170,10 +169,10 @@ constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
 
 /* The decode quad loops (M = 1, int4 and int8) prefetch their values and meta into L1
  * kPanel24L1Ahead bytes ahead and into L2 kPanel24L2Ahead bytes ahead, as the dense W4A8 panel
- * sweep does (tile_vnni_panel.h). The int4 loop does much work a byte (4.6 cycles per 64
- * columns of a row in L1, where memory takes ~6.4 at 29 GB/s on two cores), so its loads must
- * not wait. History (in-process A/B at M = 1,
- * 2 threads, geometric mean of both orders; 4096 x 4096 / 11008 x 4096 / 4096 x 11008):
+ * sweep does (tile_vnni_panel.h; panel24_decode_prefetch). The int4 loop does much work a byte
+ * (4.6 cycles per 64 columns of a row in L1, where memory takes ~6.4 at 29 GB/s on two cores),
+ * so its loads must not wait. History (in-process A/B at M = 1, 2 threads, geometric mean of
+ * both orders; 4096 x 4096 / 11008 x 4096 / 4096 x 11008):
  *  - a 2-core Zen 4 reading ~34 GB/s, against an L2 hint one quad ahead: an L1 hint 2 KiB ahead
  *    where x's three term rows took at most 16 KiB (1.11x / 1.10x; at K = 11008 they do not fit
  *    L1 beside the prefetched lines, and there an L2 hint 4 KiB ahead: 0.99x); 1 KiB as 2,
@@ -187,6 +186,17 @@ constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
  * hints as int4's, on a third (32 KiB L1, 29-51 GB/s), against the L2 hint 4 KiB ahead alone, two
  * sets of three runs each order: 1.04-1.06x / 1.06-1.08x / 1.10-1.11x. */
 constexpr int64_t kPanel24L1Ahead = 1024, kPanel24L2Ahead = 8192;
+
+/* A decode loop turn's prefetch: its kVBytes of values (int8 values or int4 codes) at v and
+ * its 64 bytes of meta at m, kPanel24L1Ahead bytes of values on into L1 and kPanel24L2Ahead
+ * into L2, the meta as many turns on. */
+template <int kVBytes>
+PQ_ALWAYS_INLINE inline void panel24_decode_prefetch(const uint8_t* v, const uint8_t* m) {
+  for (int l = 0; l < kVBytes; l += 64) PQ_PREFETCH_NEXT_TILE_L1(v + kPanel24L1Ahead + l);
+  PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead * 64 / kVBytes);
+  for (int l = 0; l < kVBytes; l += 64) PQ_PREFETCH_NEXT_TILE(v + kPanel24L2Ahead + l);
+  PQ_PREFETCH_NEXT_TILE(m + kPanel24L2Ahead * 64 / kVBytes);
+}
 
 /* The decode loops' accumulators, named (an array of them went through the stack, see
  * dot24_i8_panel_quad): the three terms' sums and the bias of each pair. QuadRows<1> (below)
@@ -305,11 +315,7 @@ inline void dot24_i8_panel_quad(const uint8_t* pv, const uint8_t* pm, int64_t K,
   for (int64_t s = 0; s < K / 64; s += 2) {
     const uint8_t* v = pv + 128 * s;
     const uint8_t* m = pm + 32 * s;
-    /* the two steps' 256 bytes of values and 64 of meta (kPanel24L1Ahead) */
-    for (int l = 0; l < 256; l += 64) PQ_PREFETCH_NEXT_TILE_L1(v + kPanel24L1Ahead + l);
-    PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead / 4);
-    for (int l = 0; l < 256; l += 64) PQ_PREFETCH_NEXT_TILE(v + kPanel24L2Ahead + l);
-    PQ_PREFETCH_NEXT_TILE(m + kPanel24L2Ahead / 4);
+    panel24_decode_prefetch<256>(v, m); /* the two steps' values and meta */
     quad_step(q, _mm512_loadu_si512(v), _mm512_loadu_si512(v + 64), m, xu, xu + Kp, xu + 2 * Kp, s);
     quad_step(q, _mm512_loadu_si512(v + 128), _mm512_loadu_si512(v + 192), m + 32, xu, xu + Kp,
               xu + 2 * Kp, s + 1);
@@ -398,12 +404,7 @@ inline void dot24_i4_panel_quad(const uint8_t* pc, const uint8_t* pm, int64_t K,
         const int64_t d = d0 + e;
         const uint8_t* c = pc + 128 * d;
         const uint8_t* m = pm + 64 * d;
-        PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead);
-        PQ_PREFETCH_NEXT_TILE_L1(c + kPanel24L1Ahead + 64);
-        PQ_PREFETCH_NEXT_TILE_L1(m + kPanel24L1Ahead / 2);
-        PQ_PREFETCH_NEXT_TILE(c + kPanel24L2Ahead);
-        PQ_PREFETCH_NEXT_TILE(c + kPanel24L2Ahead + 64);
-        PQ_PREFETCH_NEXT_TILE(m + kPanel24L2Ahead / 2);
+        panel24_decode_prefetch<128>(c, m);
         const __m512i r0 = _mm512_loadu_si512(c), r1 = _mm512_loadu_si512(c + 64);
         half(r0, r1, m, 2 * d);
         half(_mm512_srli_epi16(r0, 4), _mm512_srli_epi16(r1, 4), m + 32, 2 * d + 1);
