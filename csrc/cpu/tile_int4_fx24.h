@@ -150,9 +150,64 @@ inline void fx24_prep_row(const int8_t* t0, const int8_t* t1, const int8_t* t2, 
   }
 }
 
+/* G % 128 == 0: a block lies in one group, so its two halves' int16 pair sums of a term are
+ * added in int16 too (each at most 4 * 15 * 128 = 7680, the two 15360), then widened once:
+ * a dword lane sums 16 codes, the codes of lanes L and 8 + L of the AVX512 kernel, whose xl
+ * lanes are added for the zero point (|sum X (code - zero)| <= 16 * 8323072 * 15 < 2^31: still
+ * exact). One widening, combine, zero point, convert and FMA a block of a row instead of two. */
+template <int R, int T>
+inline void dot_fx24_u4_g128(const int8_t* xp, const int32_t* xl, const uint8_t* wp,
+                             const float* sc, const uint8_t* zp, int64_t K, int64_t G,
+                             float dot[R][T]) {
+  const int64_t ng = K / G, ldw = K / 2;
+  prefetch_next_groups<R>(sc, zp, ng);
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
+  __m256 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += kFx24Block) {
+    const int64_t g = k / G;
+#pragma GCC unroll 4 /* the rows then load the block's x vectors once */
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = wp + r * ldw + k / 2;
+      PQ_PREFETCH_NEXT_TILE(p + R * ldw);
+      const __m256i w0 = _mm256_loadu_si256((const __m256i*)p);
+      const __m256i w1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+      const __m256i ce0 = _mm256_and_si256(w0, nib), co0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), nib);
+      const __m256i ce1 = _mm256_and_si256(w1, nib), co1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), nib);
+      const __m256 sv = _mm256_set1_ps(sc[r * ng + g]);
+      const __m256i zv = _mm256_set1_epi32(zp[r * ng + g]);
+      for (int t = 0; t < T; ++t) {
+        const int8_t* b = xp + 3 * K * t + 3 * k;
+        auto term = [&](int u) PQ_ALWAYS_INLINE { /* both halves' pair sums of term u, widened */
+          const int8_t* e = b + 128 * u;
+          const __m256i h0 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(ce0, _mm256_loadu_si256((const __m256i*)e)),
+              _mm256_maddubs_epi16(co0, _mm256_loadu_si256((const __m256i*)(e + 64))));
+          const __m256i h1 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(ce1, _mm256_loadu_si256((const __m256i*)(e + 32))),
+              _mm256_maddubs_epi16(co1, _mm256_loadu_si256((const __m256i*)(e + 96))));
+          return _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones16);
+        };
+        __m256i a = term(0);
+        a = _mm256_add_epi32(_mm256_slli_epi32(a, 8), term(1));
+        a = _mm256_add_epi32(_mm256_slli_epi32(a, 8), term(2));
+        const int32_t* l = xl + K / 8 * t + k / 8;
+        const __m256i xs = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)l),
+                                            _mm256_loadu_si256((const __m256i*)(l + 8)));
+        a = _mm256_sub_epi32(a, _mm256_mullo_epi32(zv, xs));
+        facc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sv, facc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) dot[r][t] = hsum256(facc[r][t]);
+}
+
 template <int R, int T>
 inline void dot_fx24_u4(const int8_t* xp, const int32_t* xl, const uint8_t* wp, const float* sc,
                         const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
+  if (G % 128 == 0) return dot_fx24_u4_g128<R, T>(xp, xl, wp, sc, zp, K, G, dot);
   const int64_t ng = K / G, ldw = K / 2;
   prefetch_next_groups<R>(sc, zp, ng);
   const __m256i nib = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
