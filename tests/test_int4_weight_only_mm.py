@@ -176,6 +176,27 @@ def test_fixed_point_gemv_zero_points_are_exact(backend, isa, g, m):
 
 
 @pytest.mark.parametrize("backend,isa", GEMV_ISAS)
+@pytest.mark.parametrize("g", [128, 256])
+@pytest.mark.parametrize("code,zero", [(15, 0), (0, 15)])
+@pytest.mark.parametrize("m", [1, 2])
+def test_fixed_point_gemv_lanes_at_their_bound(backend, isa, g, code, zero, m):
+    """Every x at the row's largest magnitude (X = -8323072) and |code - zero| = 15 everywhere
+    put each int32 lane at its bound: the AVX2 GEMV at G % 128 == 0 adds a block's two halves in
+    int16 and sums 16 codes a lane, 16 * 8323072 * 15 < 2^31. A lane of more codes (two blocks)
+    would wrap, and so would int16 sums of the hi term past 32767."""
+    n, k = 24, 1024
+    p = torch.full((n, k // 2), code | code << 4, dtype=torch.uint8)
+    z = torch.full((n, k // g), zero, dtype=torch.uint8)
+    s = torch.linspace(0.5, 2.0, n * (k // g), dtype=torch.float32).reshape(n, k // g)
+    x = torch.full((m, k), -3.0)
+    x[-1] *= 1e-3  # another row scale
+    assert _fixed_path_runs(isa, m, k, n, g)
+    got = run_op(OP, backend, isa, x, (p, s, z, g), None).double()
+    exact = x.double() @ formats.dequantize_int4_groupwise(p, s, z, g).double().T
+    assert ((got - exact).abs() / exact.abs()).max().item() < 1e-6
+
+
+@pytest.mark.parametrize("backend,isa", GEMV_ISAS)
 def test_fixed_point_error_bound(backend, isa):
     """The documented bound, on a row whose entries span 7 decades (the small ones keep only a
     few bits): |out - exact| <= s * sum_k |w[n,k]| plus fp32 rounding of the sums."""
