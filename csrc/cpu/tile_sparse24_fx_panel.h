@@ -164,7 +164,9 @@ constexpr __mmask16 kPanel24Dw[2] = {0x3333, 0xCCCC};
  * read 1.01x / 1.06x / 1.03x against 4, 16 KiB 0.98-1.01x against 8: within the noise of both
  * measurements, so 4 stays). On one thread from memory (the from-memory loop of
  * benchmarks/sparse24_panel_loop.cpp with its K set to 11008) the next-quad hint read
- * 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1. */
+ * 23.5-23.9 GB/s and 4 KiB ahead 25.8-27.1; that loop then summed one output of each quad,
+ * so the compiler dropped the products of the other outputs and those GB/s are of a lighter
+ * loop than this one (the in-process A/B above times the op itself). */
 constexpr int64_t kPanel24I8Ahead = 4096, kPanel24I4Ahead = 4096;
 
 /* The decode quad loops (M = 1, int4 and int8) prefetch their values and meta into L1
