@@ -160,15 +160,11 @@ inline void fx24_prep_row(const int8_t* t0, const int8_t* t1, const int8_t* t2, 
  * 1.19x at M = 1, 1.24x / 1.29x / 1.29x at M = 4. An L1 hint 512 or 1024 bytes on in the row
  * read 0.95-0.97x at M = 1, not kept. */
 template <int R, int T>
-inline void dot_fx24_u4_g128(const int8_t* xp, const int32_t* xl, const uint8_t* wp,
-                             const float* sc, const uint8_t* zp, int64_t K, int64_t G,
-                             float dot[R][T]) {
+inline void fx24_u4_blocks_g128(const int8_t* xp, const int32_t* xl, const uint8_t* wp,
+                                const float* sc, const uint8_t* zp, int64_t K, int64_t G,
+                                __m256 facc[R][T]) {
   const int64_t ng = K / G, ldw = K / 2;
-  prefetch_next_groups<R>(sc, zp, ng);
   const __m256i nib = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
-  __m256 facc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) facc[r][t] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += kFx24Block) {
     const int64_t g = k / G;
 #pragma GCC unroll 4 /* the rows then load the block's x vectors once */
@@ -204,20 +200,15 @@ inline void dot_fx24_u4_g128(const int8_t* xp, const int32_t* xl, const uint8_t*
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) dot[r][t] = hsum256(facc[r][t]);
 }
 
+/* G = 64: each half of a block is a group of its own, widened, scaled and added alone. */
 template <int R, int T>
-inline void dot_fx24_u4(const int8_t* xp, const int32_t* xl, const uint8_t* wp, const float* sc,
-                        const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
-  if (G % 128 == 0) return dot_fx24_u4_g128<R, T>(xp, xl, wp, sc, zp, K, G, dot);
+inline void fx24_u4_blocks_g64(const int8_t* xp, const int32_t* xl, const uint8_t* wp,
+                               const float* sc, const uint8_t* zp, int64_t K, int64_t G,
+                               __m256 facc[R][T]) {
   const int64_t ng = K / G, ldw = K / 2;
-  prefetch_next_groups<R>(sc, zp, ng);
   const __m256i nib = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
-  __m256 facc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) facc[r][t] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += kFx24Block) {
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = wp + r * ldw + k / 2;
@@ -245,6 +236,19 @@ inline void dot_fx24_u4(const int8_t* xp, const int32_t* xl, const uint8_t* wp, 
       }
     }
   }
+}
+
+template <int R, int T>
+inline void dot_fx24_u4(const int8_t* xp, const int32_t* xl, const uint8_t* wp, const float* sc,
+                        const uint8_t* zp, int64_t K, int64_t G, float dot[R][T]) {
+  prefetch_next_groups<R>(sc, zp, K / G);
+  __m256 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm256_setzero_ps();
+  if (G % 128 == 0)
+    fx24_u4_blocks_g128<R, T>(xp, xl, wp, sc, zp, K, G, facc);
+  else
+    fx24_u4_blocks_g64<R, T>(xp, xl, wp, sc, zp, K, G, facc);
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) dot[r][t] = hsum256(facc[r][t]);
 }
