@@ -569,10 +569,10 @@ def parse_args(argv: Optional[list] = None):
 
 
 def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)  # first, so that --help works on a machine without a GPU
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device visible to torch", file=sys.stderr)
         return 2
-    args = parse_args(argv)
     if args.precompile_part:
         part, parts = (int(v) for v in args.precompile_part.split("/"))
         return precompile(args, part, parts)

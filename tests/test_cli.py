@@ -309,6 +309,19 @@ def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
     assert message in lines[0]
 
 
+def test_cuda_bench_help_needs_no_gpu(capsys):
+    # its options are read where it will run, before there is a GPU to run them on
+    from pyquant.cli import main
+
+    try:
+        rc = main(["bench", "--device", "cuda", "--help"])
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "--ms" in out and "--shapes" in out
+
+
 def test_bad_arguments_subprocess(tmp_path):
     r = run_cli("demo", "--model", "tiny", "--configs", "int8wo,int3", cwd=tmp_path)
     assert r.returncode == 2, (r.stdout, r.stderr)
