@@ -435,6 +435,7 @@ def int8_gemm_s32(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             f"int8_gemm_s32: xq has shape {tuple(xq.shape)} but w has shape {tuple(w.shape)}; "
             f"both need K={w.shape[1]} columns")
     _checks.check_same_device("int8_gemm_s32", xq, w=w)
+    _checks.check_int8_k("int8_gemm_s32", w.shape[1])
     _require_cpu("int8_gemm_s32", xq)
     m, k = xq.shape
     n = w.shape[0]
@@ -442,6 +443,13 @@ def int8_gemm_s32(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if m and n:
         xq, w = xq.contiguous(), w.contiguous()
         isa = current_isa()
+        if isa == ISA_NAMES.index("avx2") and bool((xq == -128).any()):
+            # the AVX2 kernel is exact for every weight but needs x >= -127 (tile_int8.h, as
+            # every activation code pyquant makes is): the product the other way round, or
+            # the portable kernel where both hold -128
+            if not bool((w == -128).any()):
+                return int8_gemm_s32(w, xq).T.contiguous()
+            isa = ISA_NAMES.index("portable")
         work, nwork = _int8_work(isa, m, k, n)
         st = module().int8_gemm_s32(isa, _ptr(xq), m, k, _ptr(w), n, _ptr(acc), _threads(),
                                     _ptr(work), nwork)

@@ -90,9 +90,13 @@ constexpr int kInt8RowPrefetchL1 = 1024;
  * i.e. for the first activation tile of a weight-row tile; later tiles reuse
  * wsum. Exact for every int8 input, -128 included.
  *
- * AVX2: vpmaddubsw (u8 x s8 -> saturating int16 pair sums) on |x| and
- * w * sign(x). With x, w in [-127, 127] a pair sum is at most 2 * 127 * 127 and
- * never saturates; w == -128 gives a wrong but defined result. vpmaddwd with
+ * AVX2: vpmaddubsw (u8 x s8 -> saturating int16 pair sums) on |w| and
+ * x * sign(w). |w| <= 128 fits the unsigned operand, and x in [-127, 127] (every
+ * activation code pyquant makes; int8_gemm_s32 checks its own) keeps x * sign(w)
+ * in int8, so a pair sum is at most 2 * 128 * 127 and never saturates: exact for
+ * every weight, -128 included. (The other way round, |x| and w * sign(x), a weight
+ * of -128 against a negative x flipped the product's sign: -128 stays -128 when
+ * negated in int8, and int8 checkpoints from other tools use -128.) vpmaddwd with
  * ones then widens the pairs to int32. */
 template <int R, int T, bool kWithSum>
 inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R][T],
@@ -137,16 +141,14 @@ inline void dot_i8_i8(const int8_t* x, const int8_t* w, int64_t K, int32_t dot[R
   const __m256i ones16 = _mm256_set1_epi16(1);
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    __m256i xv[T], xa[T];
-    for (int t = 0; t < T; ++t) {
-      xv[t] = _mm256_loadu_si256((const __m256i*)(x + t * K + k));
-      xa[t] = _mm256_abs_epi8(xv[t]);
-    }
+    __m256i xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256((const __m256i*)(x + t * K + k));
     for (int r = 0; r < R; ++r) {
       PQ_PREFETCH_NEXT_TILE(w + (r + R) * K + k);
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
+      const __m256i wa = _mm256_abs_epi8(wv); /* -128 -> 0x80, read as the u8 128 */
       for (int t = 0; t < T; ++t) {
-        const __m256i p = _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(wv, xv[t]));
+        const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv[t], wv));
         acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(p, ones16));
       }
     }
