@@ -57,11 +57,40 @@ def check_bias(op: str, bias: Optional[torch.Tensor], n: int) -> None:
         raise ValueError(f"{op}: bias has shape {_shape(bias)}, expected ({n},)")
 
 
+# The int8 ops sum their products exactly in int32 over the whole row (CPU, Triton and CUDA
+# alike): int8 activation codes or the 24-bit fixed-point terms of the weight-only ops (each at
+# most 128 in magnitude) times int8 weights (-128 included), so K * 128 * 128 must stay below
+# 2^31: K <= 131071. Past it a sum can wrap and the output is silently wrong (K = 139264 of
+# all-ones rows came out negative), so a larger K is refused here, before any kernel. The 2:4 +
+# int8 ops sum only the K/2 kept values: twice the K. The int4 ops take exact sums per group or
+# block and have no such limit.
+INT8_MAX_K = (2**31 - 1) // (128 * 128)
+
+
+def int8_k_reason(k: int, kept: int = 1) -> Optional[str]:
+    """Why int8 products over K = ``k`` inputs (``kept`` in ``kept`` of every 2: 2:4 keeps 1,
+    so pass 2) cannot be summed exactly by the int8 kernels, or None."""
+    limit = INT8_MAX_K * kept
+    if k <= limit:
+        return None
+    return (f"K={k} is above {limit}, the largest K whose int8 products the kernels sum exactly "
+            f"in int32 (K x 128 x 128 < 2^31{' over the K/2 kept values' if kept > 1 else ''}); "
+            f"split the layer along K into parts whose outputs add, or use Int4WeightOnly / "
+            f"Int4Dynamic (exact sums per group)")
+
+
+def check_int8_k(op: str, k: int, kept: int = 1) -> None:
+    why = int8_k_reason(k, kept)
+    if why:
+        raise ValueError(f"{op}: {why}")
+
+
 def check_int8_mm(op: str, x, w, w_scale, bias) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"{op}: w must be a 2-D int8 tensor [N, K], got {getattr(w, 'shape', w)!r}")
     n, k = w.shape
     check_tensor(op, "w", w, torch.int8, (n, k))
+    check_int8_k(op, k)
     check_activation(op, x, k)
     check_tensor(op, "w_scale", w_scale, torch.float32, (n,))
     check_bias(op, bias, n)
@@ -76,6 +105,7 @@ def check_int8_panels_mm(op: str, x, panels, w_scale, bias) -> None:
                          f"pack_int8), got {getattr(panels, 'shape', panels)!r}")
     n, k = panels.shape
     check_tensor(op, "panels", panels, torch.uint8, (n, k))
+    check_int8_k(op, k)
     if n % 32 or k % 64 or not n:
         raise ValueError(f"{op}: panels [N={n}, K={k}] need N a multiple of 32 and K a "
                          f"multiple of 64 (whole panels); other sizes keep the canonical int8 "
@@ -172,6 +202,7 @@ def check_sparse24_int8_mm(op: str, x, values_q, meta, scale, bias) -> None:
     _check_2d(op, "values_q", values_q, "int8 tensor [N, K/2]")
     n, k = values_q.shape[0], 2 * values_q.shape[1]
     check_tensor(op, "values_q", values_q, torch.int8, (n, k // 2))
+    check_int8_k(op, k, kept=2)
     if k % 4:
         raise ValueError(f"{op}: values_q has shape {_shape(values_q)}: K = {k} is not a "
                          "multiple of 4")

@@ -264,6 +264,14 @@ def quantize_(
     if calibration is not None:
         from .calibrate.sequential import quantize_calibrated
 
+        on_meta = [fqn for fqn, lin in targets if lin.weight.is_meta]
+        if on_meta:  # the calibration pass runs the float model: it needs the values
+            raise ValueError(
+                f"quantize_ with calibration runs the float model, but {len(on_meta)} layer(s) "
+                f"hold weights on the meta device (no values), e.g. {on_meta[0]!r}: load the "
+                f"float weights first (quantize_ without calibration on a meta model builds a "
+                f"quantized skeleton, for pyquant.load)")
+
         # quantize_calibrated empties ``targets`` so that each float layer is freed once it
         # has been swapped; drop this frame's last loop reference too
         m = None

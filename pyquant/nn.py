@@ -12,11 +12,41 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _native, formats
+from . import _checks, _native, formats
 from . import panels as _panels
 from . import ops as _ops  # registers torch.ops.pyquant.*
 from .config import Int4Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantConfig
 from .config import INPUT_SCALE_METHODS
+
+
+def nonfinite_reason(w: torch.Tensor) -> Optional[str]:
+    """Why a float weight with NaN or Inf entries cannot be quantized (its row's scale would be
+    NaN or Inf, and pyquant.load refuses such a checkpoint), or None. One float64 sum finds
+    them without a weight-sized temporary (a finite float32 weight cannot overflow it); only a
+    weight that fails it is counted."""
+    if w.is_meta or torch.isfinite(w.detach().sum(dtype=torch.float64)):
+        return None
+    nan = int(torch.isnan(w).sum())
+    inf = int(torch.isinf(w).sum())
+    return (f"weight has {nan} NaN and {inf} Inf value(s): a quantized or pruned layer cannot "
+            f"hold them (a NaN or Inf scale); fix the weights first")
+
+
+def check_from_float_config(cls, config) -> None:
+    """A layer class's from_float given a config that makes another layer (or no config) is a
+    TypeError naming the class that config makes, not an AttributeError deep inside."""
+    if config is None:
+        return
+    made = getattr(config, "layer_cls", None) if isinstance(config, QuantConfig) else None
+    if made is cls:
+        return
+    want = cls.config_cls.__name__
+    if made is None:
+        raise TypeError(f"{cls.__name__}.from_float takes a pyquant.{want}(...) config, got "
+                        f"{type(config).__name__}")
+    raise TypeError(f"{cls.__name__}.from_float got {type(config).__name__}, a config for "
+                    f"{made.__name__}: pass pyquant.{want}(...), or call "
+                    f"{made.__name__}.from_float(linear, config)")
 
 
 class _QuantLinearBase(nn.Module):
@@ -97,7 +127,7 @@ class _QuantLinearBase(nn.Module):
                     "activations; cast the model first (model.float())")
         if w.shape[0] == 0 or w.shape[1] == 0:
             return f"empty weight {tuple(w.shape)}"
-        return None
+        return nonfinite_reason(w)
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, config, bias_dtype=None,
@@ -319,6 +349,11 @@ class Int8WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
     def _rows_from_panels(self, bufs: tuple) -> tuple:
         return (_panels.unpack_int8(bufs[0]),)
 
+    @classmethod
+    def unsupported_reason(cls, linear, config):
+        return (super().unsupported_reason(linear, config)
+                or _checks.int8_k_reason(linear.weight.shape[1]))
+
     def __init__(self, in_features, out_features, bias=True, bias_dtype=None, device=None):
         super().__init__(in_features, out_features, bias, bias_dtype, device)
         self.register_buffer(
@@ -343,6 +378,7 @@ class Int8WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
     def from_float(cls, linear: nn.Linear, config: Optional[QuantConfig] = None,
                    row_amax: Optional[torch.Tensor] = None):
         """row_amax [N]: max |w| of the whole rows when ``linear`` is a row-parallel shard."""
+        check_from_float_config(cls, config)
         w = linear.weight
         layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     None if linear.bias is None else linear.bias.dtype, w.device)
@@ -463,6 +499,7 @@ class Int4WeightOnlyLinear(_PanelLayout, _QuantLinearBase):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: Int4WeightOnly):
+        check_from_float_config(cls, config)
         w = linear.weight
         layer = cls.empty(w.shape[1], w.shape[0], linear.bias is not None, config,
                           None if linear.bias is None else linear.bias.dtype, w.device)

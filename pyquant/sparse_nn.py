@@ -16,13 +16,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import formats
+from . import _checks, formats
 from . import ops as _ops  # registers torch.ops.pyquant.*; the layers' _call_op runs them
 from . import sparse_formats as sf
 from . import sparse_panels
 from .config import (Int4WeightOnly, Int8WeightOnly, Sparse24, Sparse24Int4WeightOnly,
                      Sparse24Int8WeightOnly, Unstructured)
-from .nn import _PanelLayout, _QuantLinearBase
+from .nn import _PanelLayout, _QuantLinearBase, check_from_float_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,8 +95,14 @@ class _SparseBase(_QuantLinearBase):
     def pyquant_quantize(self, config):
         """(new layer, None) when ``quantize_(model, config)`` can turn this layer into a
         combined sparse + quantized one, else (None, why not)."""
-        return None, (f"{type(self).__name__} cannot be quantized with "
-                      f"{type(config).__name__}")
+        what = f"{type(self).__name__} cannot be quantized with {type(config).__name__}"
+        if isinstance(self, (Sparse24Int8Linear, Sparse24Int4Linear)):
+            return None, f"{what}: it is already a 2:4 + int8/int4 layer"
+        if isinstance(self, Sparse24Linear):  # a dynamic config
+            return None, (f"{what}: a 2:4 layer takes Int8WeightOnly() or "
+                          f"Int4WeightOnly(group_size=...) (its kernels keep float activations)")
+        return None, (f"{what}: of the sparse layers only a 2:4 one (Sparse24Linear) combines "
+                      f"with quantization, with Int8WeightOnly() or Int4WeightOnly(group_size=...)")
 
 
 def _default_meta(n: int, k: int, device) -> torch.Tensor:
@@ -146,6 +152,7 @@ class Sparse24Linear(_SparseBase):
                    mask: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None):
         """``mask`` bool [N, K] (2 of every 4 kept; default: magnitude); ``weight``: the float
         weight to compress instead of ``linear.weight`` (SparseGPT's updated weights)."""
+        check_from_float_config(cls, config)
         w = _float_weight(linear, weight)
         dtype = _DTYPES[config.value_dtype] if config.value_dtype else linear.weight.dtype
         config = _with_value_dtype(config, dtype)
@@ -178,6 +185,9 @@ class Sparse24Linear(_SparseBase):
             return None, (f"sparse layers take only method='rtn' quantization, got "
                           f"method={config.method!r}")
         if type(config) is Int8WeightOnly:
+            why = _checks.int8_k_reason(self.in_features, kept=2)
+            if why:
+                return None, why
             return Sparse24Int8Linear.from_sparse(self, Sparse24Int8WeightOnly(
                 method=self.config.method, options=self.config.options)), None
         if type(config) is Int4WeightOnly:
@@ -229,7 +239,8 @@ class Sparse24Int8Linear(_PanelLayout, _SparseBase):
 
     @classmethod
     def unsupported_reason(cls, linear, config):
-        return super().unsupported_reason(linear, config) or _check_24(linear, config)
+        return (super().unsupported_reason(linear, config) or _check_24(linear, config)
+                or _checks.int8_k_reason(linear.weight.shape[1], kept=2))
 
     @classmethod
     def empty(cls, in_features, out_features, bias, config, bias_dtype=None, device=None):
@@ -237,6 +248,7 @@ class Sparse24Int8Linear(_PanelLayout, _SparseBase):
 
     @classmethod
     def from_float(cls, linear, config=Sparse24Int8WeightOnly(), mask=None, weight=None):
+        check_from_float_config(cls, config)
         return cls.from_sparse(Sparse24Linear.from_float(
             linear, Sparse24(method=config.method, options=config.options), mask, weight), config)
 
@@ -324,6 +336,7 @@ class Sparse24Int4Linear(_PanelLayout, _SparseBase):
 
     @classmethod
     def from_float(cls, linear, config=Sparse24Int4WeightOnly(), mask=None, weight=None):
+        check_from_float_config(cls, config)
         return cls.from_sparse(Sparse24Linear.from_float(
             linear, Sparse24(method=config.method, options=config.options), mask, weight), config)
 
@@ -406,6 +419,7 @@ class UnstructuredSparseLinear(_SparseBase):
                    mask: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None):
         """``mask`` bool [N, K] keeping exactly unstructured_kept(K, sparsity) per row
         (default: magnitude); ``weight`` as Sparse24Linear.from_float."""
+        check_from_float_config(cls, config)
         w = _float_weight(linear, weight)
         n, k = w.shape
         if mask is None:

@@ -243,3 +243,27 @@ def test_weight_only_bf16_output_call_refusals():
     x_nan[0, 0] = float("nan")
     assert call(xx=x_nan) == 4 and (out == 7.0).all()
     assert call() == 0 and not (out == 7.0).all()
+
+
+# ------------------------------------------------------------------------ the int32 K limit
+
+
+@op_param
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_largest_k_sums_exactly_at_its_bound(op, backend, isa):
+    """At K = INT8_MAX_K every int32 sum may reach K x 128 x 127 (-128 weights, x at its row's
+    maximum): still exact. One more input and the op refuses, where it used to wrap (K = 139264
+    of all-ones rows came out negative)."""
+    from pyquant._checks import INT8_MAX_K
+
+    k = INT8_MAX_K
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    ws = torch.tensor([1.0, 0.5, 2.0 ** -7])
+    for m in (1, 4, 64):
+        x = -torch.ones(m, k)
+        out = run_op(op, backend, isa, x, (w, ws), None)
+        want = torch.tensor([128.0 * k, 64.0 * k, 1.0 * k]).expand(m, 3)
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=f"K={k + 1} is above {k}, the largest K"):
+        run_op(op, backend, isa, torch.ones(1, k + 1), (torch.ones(3, k + 1, dtype=torch.int8),
+                                                        ws), None)

@@ -503,6 +503,13 @@ def test_lazy_and_meta_layers_are_skipped_with_the_reason():
         meta = nn.Sequential(nn.Linear(8, 8))
     assert "meta device" in dict(pyquant.sparsify_(meta, pyquant.Sparse24()).skipped)["0"]
     assert pyquant.quantize_(meta, pyquant.Int8WeightOnly()).swapped == ["0"]
+    # calibration runs the float model: a meta one is a clear error, before any change
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"1 layer\(s\) hold weights on the meta device"):
+        pyquant.quantize_(meta, pyquant.Int8WeightOnly(method="gptq"),
+                          calibration=[torch.randn(2, 8)])
+    assert isinstance(meta[0], nn.Linear)
 
 
 def test_float64_layers_are_skipped_with_the_reason():
@@ -533,3 +540,29 @@ def test_layer_classes_cover_every_scheme():
         "int8_weight_only", "int8_dynamic", "int4_weight_only", "int4_dynamic",
         # the sparse layers (pyquant.sparse_nn) share the tables so that save/load see them
         "sparse24", "unstructured", "sparse24_int8_weight_only", "sparse24_int4_weight_only"}
+
+
+def test_what_a_layer_cannot_hold_is_skipped_with_the_reason():
+    """NaN or Inf weights (the scale would be NaN and pyquant.load refuses the checkpoint), an
+    int8 K past the exact int32 sums; a config for another layer class is a TypeError."""
+    lin = nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight[3, 7] = float("nan")
+        lin.weight[0, 0] = float("inf")
+    for fn, config in ((pyquant.quantize_, pyquant.Int8WeightOnly()),
+                       (pyquant.quantize_, pyquant.Int4WeightOnly(group_size=32)),
+                       (pyquant.sparsify_, pyquant.Sparse24())):
+        model = nn.Sequential(lin)
+        why = dict(fn(model, config).skipped)["0"]
+        assert "1 NaN and 1 Inf value(s)" in why, why
+        assert model[0] is lin
+    with torch.device("meta"):
+        wide = nn.Sequential(nn.Linear(pyquant._checks.INT8_MAX_K + 1, 2))
+    for config in (pyquant.Int8WeightOnly(), pyquant.Int8Dynamic()):
+        assert "the largest K whose int8 products" in dict(
+            pyquant.quantize_(wide, config).skipped)["0"]
+    with pytest.raises(TypeError, match=r"Int4WeightOnlyLinear\.from_float got Int8WeightOnly, "
+                                        r"a config for Int8WeightOnlyLinear"):
+        pyquant.nn.Int4WeightOnlyLinear.from_float(nn.Linear(64, 8), pyquant.Int8WeightOnly())
+    with pytest.raises(TypeError, match=r"takes a pyquant\.Sparse24\(\.\.\.\) config, got dict"):
+        pyquant.sparse_nn.Sparse24Linear.from_float(nn.Linear(64, 8), {"sparsity": 0.5})
