@@ -133,11 +133,33 @@ def test_gptq_dead_inputs_and_fewer_tokens_than_inputs():
     w, _ = _layer()
     x = correlated(64, 256, seed=3)  # 64 tokens for K = 256: H has rank 64
     x[:, 7] = 0  # an input that is always 0
-    g = gptq_quantize(w, _hessian(x), QuantSpec("int4", 64, False))
+    f = factor_hessian(_hessian(x))
+    assert f.dead.nonzero().flatten().tolist() == [7]
+    g = gptq_quantize(w, f, QuantSpec("int4", 64, False))
     deq = g.dequantize()
     assert torch.isfinite(deq).all()
-    assert float(deq[:, 7].abs().max()) < float(g.scales.max())  # quantized as (near) 0
+    # rounded to nearest in its group (no error flows in), not set to 0: the input may not stay
+    # 0 after calibration
+    assert bool(((deq[:, 7] - w[:, 7]).abs() <= 0.5001 * g.scales[:, 0] + 1e-7).all())
+    assert float(deq[:, 7].abs().max()) > float(g.scales.max())
     assert sqnr_db(w[:, 8:], deq[:, 8:]) > 10
+
+
+def test_gptq_on_all_zero_calibration_inputs_rounds_to_nearest_and_says_so():
+    """All-zero (or underflowing) calibration inputs used to give every weight code 0 and a
+    perfect error on that data; now the weights are rounded to nearest, and the calibrated
+    report's note says which inputs the data never reached."""
+    w, _ = _layer(k=128)
+    for x in (torch.zeros(32, 128), torch.full((32, 128), 1e-30)):
+        g = gptq_quantize(w, _hessian(x), QuantSpec("int8"))
+        assert sqnr_db(w, g.dequantize()) > 30
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    calib = [torch.randn(16, 64)]
+    calib[0][:, 5] = 0  # input 5 of the first layer never fires
+    report = pyquant.quantize_(model, pyquant.Int8WeightOnly(method="gptq"), calibration=calib)
+    notes = {a.name: a.note for a in report.accuracy.layers}
+    assert notes["0"].startswith("1 of 64 inputs 0 on every calibration token")
+    assert model[0].canonical("weight")[:, 5].count_nonzero() > 0
 
 
 def test_broken_hessians_are_clear_errors():

@@ -23,6 +23,7 @@ import torch
 
 from ..config import AWQOptions
 from ._quant import QuantizedWeight, QuantSpec, fake_quantize, fake_quantize_groups, rtn
+from .smoothquant import unexercised, with_median_where
 
 CLIP_GRID = 20  # shrink factors 1, 0.975, ..., 0.525 (the reference code's n_grid/max_shrink)
 CLIP_MAX_SHRINK = 0.5
@@ -32,8 +33,12 @@ CHUNK_BYTES = 32 * 2**20  # bound on the searches' temporaries
 
 def _scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     # Normalized so that max(s) * min(s) = 1: the weights' overall range stays put and only
-    # the balance between channels moves (as the reference code does).
-    s = act_mean.pow(alpha).clamp(min=1e-4)
+    # the balance between channels moves (as the reference code does). A channel that the
+    # calibration data did not exercise (smoothquant.unexercised) takes the median s of the
+    # others: with its own (floored at 1e-4) its weights shrank to nothing in their group and
+    # its 1/s became huge, which the search could not see (its error on that data is 0), so
+    # a channel active after calibration lost its weights (relative error up to 0.99).
+    s = with_median_where(act_mean.pow(alpha).clamp(min=1e-4), unexercised(act_mean))
     return s / (s.max() * s.min()).sqrt()
 
 

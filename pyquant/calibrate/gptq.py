@@ -59,8 +59,13 @@ def factor_hessian(h, options: Optional[GPTQOptions] = None,
     if not (math.isfinite(float(h.amax())) and math.isfinite(float(h.amin()))):
         raise ValueError(f"GPTQ on {what}: the calibration inputs hold NaN or inf")
     h = h.to(torch.float32)
-    # An input that was always 0 carries no information: its weights cannot matter, so they
-    # are quantized as 0 and its Hessian row is made harmless (the paper's reference code).
+    # An input that was 0 on every calibration token (or whose squares underflowed) carries no
+    # information: its Hessian row is made harmless, so no error flows to or from its column,
+    # and its weights are rounded to nearest. The paper's reference code sets them to 0
+    # instead, which is right only if the input stays 0 after calibration: an input that the
+    # calibration data never exercised (or all-zero calibration data, which zeroed every
+    # weight) came out with its weights gone. The calibrated report's note names them
+    # (sequential.py), since the layer's error on that data cannot show them.
     dead = h.diagonal() == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
@@ -150,8 +155,6 @@ def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, options: Optional[GPTQOpt
     Wt = w.detach().to(device=U.device, dtype=torch.float32).T.clone(
         memory_format=torch.contiguous_format)  # always a copy: never write into the model
     n = Wt.shape[1]
-    if factor.dead is not None:
-        Wt[factor.dead] = 0.0
 
     int4 = spec.kind == "int4"
     g = spec.group_size if int4 else k

@@ -550,6 +550,11 @@ class _Runner:
             qw = rtn(w, self.spec)
         elif method == "gptq":
             qw = gptq_quantize(w, factor, self.spec, self.options, what=name)
+            if factor.dead is not None:
+                n_dead = int(factor.dead.sum())
+                note = (f"{n_dead} of {m.in_features} inputs 0 on every calibration token: "
+                        f"their weights rounded to nearest, their error not measured; "
+                        + note).strip("; ")
         elif method == "awq":
             x = torch.cat(st.sample)
             st.sample = []
