@@ -215,6 +215,12 @@ def decompress_unstructured(bitmask: torch.Tensor, values: torch.Tensor,
     """-> dense [N, K] in values' dtype. Raises ValueError when the tensors are inconsistent
     (``unstructured_problem``)."""
     mask = unpack_bitmask(bitmask, k)
+    dense = torch.zeros(bitmask.shape[0], k, dtype=values.dtype, device=values.device)
+    if torch.compiler.is_compiling():
+        # traced (a compiled backward decompresses the weight): the checks below read values
+        # (a graph break, which fullgraph=True refuses), and the layer checked its tensors
+        # when it was built or loaded; masked_scatter has no data-dependent output shape
+        return dense.masked_scatter(mask, values)
     counts = mask.sum(1)
     off = row_offsets.to(torch.int64)
     consistent = (values.dim() == 1 and off.shape == (bitmask.shape[0] + 1,)
@@ -225,7 +231,6 @@ def decompress_unstructured(bitmask: torch.Tensor, values: torch.Tensor,
     if not consistent:
         why = unstructured_problem(bitmask, values, row_offsets, k) or "inconsistent shapes"
         raise ValueError(f"inconsistent unstructured sparse weight: {why}")
-    dense = torch.zeros(bitmask.shape[0], k, dtype=values.dtype, device=values.device)
     dense[mask] = values
     return dense
 

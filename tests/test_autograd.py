@@ -77,3 +77,16 @@ def test_grad_by_blocks_of_rows(config, monkeypatch):
         monkeypatch.setattr(ops, "_GRAD_ROWS", 8)
         layer(x).backward(g)
         torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", LAYER_CONFIGS)
+def test_compiled_backward_in_one_graph(config):
+    """torch.compile(fullgraph=True) traces every op's backward too: the unstructured one
+    decompressed its weight with value-reading checks, a graph break that fullgraph refused."""
+    layer = one_layer(config)
+    x = torch.randn(3, 128, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    xe = x.detach().clone().requires_grad_(True)
+    layer(xe).sum().backward()
+    assert torch.equal(x.grad, xe.grad)
