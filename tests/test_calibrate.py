@@ -7,6 +7,7 @@ targets, and peak memory while calibrating a 1.6 GB Llama-architecture model."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -109,6 +110,7 @@ def test_calibrated_method_without_data_is_an_error():
 @pytest.mark.parametrize("calibration, exc, match", [
     ([], ValueError, "calibration is empty"),
     (iter(()), ValueError, "calibration is empty"),
+    (itertools.repeat(torch.randn(4, 64)), ValueError, r"more than 65536 batches and may never end"),
     (torch.randn(4, 64), TypeError, "wrap a single batch in a list"),
     ({"x": torch.randn(4, 64)}, TypeError, "wrap a single batch in a list"),
     (42, TypeError, "must be an iterable"),

@@ -111,6 +111,11 @@ def _mask_position(model) -> Optional[int]:
     return None
 
 
+# Calibration batches read before giving up on an iterable that may be endless: far above
+# what calibration uses (128 sentences in one to a few hundred batches), far below a hang.
+MAX_BATCHES = 1 << 16
+
+
 def prepare_batches(calibration, device, model: Optional[nn.Module] = None) -> list:
     """Check the calibration data and turn each batch into positional/keyword arguments.
     The padding mask of a batch is its ``attention_mask``, passed by keyword or, when ``model``
@@ -128,6 +133,11 @@ def prepare_batches(calibration, device, model: Optional[nn.Module] = None) -> l
                         f"{type(calibration).__name__}") from None
     batches = []
     for i, b in enumerate(items):
+        if i == MAX_BATCHES:  # every batch is kept (each block runs on all): no endless reads
+            raise ValueError(
+                f"calibration yielded more than {MAX_BATCHES} batches and may never end (an "
+                f"endless generator or itertools.repeat); pass a finite one, e.g. "
+                f"list(itertools.islice(data, 128)): a few hundred to a few thousand tokens")
         desc = _describe(b)
         if isinstance(b, torch.Tensor):
             args, kwargs = (b,), {}
