@@ -350,6 +350,12 @@ def _plan(model, model_sd, specs, entries, aliases, path, strict):
             raise _err(path, f"layer {fqn!r}: the model's Linear has in_features="
                              f"{features[0]}, out_features={features[1]}; the checkpoint "
                              f"has in_features={k}, out_features={n}")
+        has_bias = getattr(mod, "bias", None) is not None
+        if has_bias != bool(bias):  # another architecture: the layer would silently follow one
+            raise _err(path, f"layer {fqn!r}: the model's Linear has "
+                             f"{'a bias' if has_bias else 'no bias'}, the checkpoint's layer "
+                             f"{'has one' if bias else 'has none'}; build the model as it was "
+                             f"saved (bias={bool(bias)})")
         try:  # a meta-device prototype costs nothing and gives the exact buffer dtypes and shapes
             proto = config.layer_cls.empty(k, n, bias, config, bias_dtype=bias_dtype,
                                            device="meta")

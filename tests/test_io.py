@@ -452,6 +452,14 @@ MODEL_MISMATCH = {
                                        nn.Linear(32, 8)),
                  "layer '2': the model's Linear has in_features=32, out_features=8; the "
                  "checkpoint has in_features=32, out_features=40"),
+    # a bias the checkpoint's layer lacks, or the other way round: another architecture (the
+    # layer used to follow the checkpoint silently)
+    "bias-extra": (lambda: nn.Sequential(nn.Linear(64, 32), *list(make_model())[1:]),
+                   r"layer '0': the model's Linear has a bias, the checkpoint's layer has none; "
+                   r"build the model as it was saved \(bias=False\)"),
+    "bias-missing": (lambda: nn.Sequential(*list(make_model())[:2], nn.Linear(32, 40, bias=False),
+                                           *list(make_model())[3:]),
+                     "layer '2': the model's Linear has no bias, the checkpoint's layer has one"),
     "float-shape": (lambda: nn.Sequential(*list(make_model())[:4], nn.Linear(40, 17)),
                     r"tensor '4.weight' has shape \[16, 40\], the model expects \[17, 40\]"),
 }
