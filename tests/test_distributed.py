@@ -192,6 +192,23 @@ def _scenarios(rank: int, out_dir: str) -> dict:
     dist.barrier()
     skeleton = make_model("llama", seed=5)
     res["misaligned_load"] = expect_error(lambda: tp.load_sharded(skeleton, path), skeleton)
+    # shard, then quantize with groups the whole layer holds and its shard does not (o_proj's
+    # K = 128 cut in two for groups of 128): refused before any layer changes, as the other
+    # order refuses the cut
+    shard_first = make_model("llama")
+    tp.tensor_parallel_(shard_first)
+    res["misaligned_shard_then_quantize"] = expect_error(
+        lambda: tp.quantize_(shard_first, pyquant.Int4WeightOnly(group_size=128)), shard_first)
+    # lm_head tied to the embedding stays float in both orders (the cut unties the shard)
+    tied = make_model("llama")
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    q_first, s_first = copy.deepcopy(tied), copy.deepcopy(tied)
+    skipped = dict(pyquant.quantize_(q_first, pyquant.Int4WeightOnly(group_size=32)).skipped)
+    tp.tensor_parallel_(q_first)
+    tp.tensor_parallel_(s_first)
+    rep = tp.quantize_(s_first, pyquant.Int4WeightOnly(group_size=32))
+    res["tied_lm_head"] = (mismatches(state(q_first), state(s_first)), skipped.get("lm_head"),
+                           dict(rep.skipped).get("lm_head"))
     # misaligned: 3 heads over 2 ranks (every size is even, so only the heads check catches it)
     bert3 = make_model("bert", hidden=96, heads=3, inter=192)
     res["misaligned_heads"] = expect_error(lambda: tp.tensor_parallel_(bert3), bert3)
@@ -351,6 +368,33 @@ def test_misaligned_int4_groups_fail_before_any_cut_or_collective(ranks):
                "of 128 (group_size=128" in msg and "world_size=2" in msg
         assert "world sizes that work for this layer: 1\n" in msg
         assert msg.rstrip().endswith("work for every layer: 1")
+
+
+def test_shard_then_quantize_refuses_groups_the_shards_cannot_hold(ranks):
+    """It used to leave those shards float, with a skip reason that named a group size for the
+    shard rather than the cut; quantize-then-shard refuses the same cut."""
+    for res in ranks:
+        msg, called, unchanged = res["misaligned_shard_then_quantize"]
+        assert msg is not None, "no ValueError"
+        assert called == [] and unchanged
+        assert "the whole layer fits the config but its shard does not" in msg
+        assert "model.layers.0.self_attn.o_proj (128 x 128 cut rowwise over 2" in msg
+        assert "K=64 is not a multiple of group_size=128" in msg
+        assert "down_proj" not in msg
+
+
+def test_shard_then_quantize_keeps_a_tied_lm_head_float_as_quantize_does(ranks):
+    for r, res in enumerate(ranks):
+        bad, why_whole, why_shard = res["tied_lm_head"]
+        assert bad == [], f"rank {r}: {bad[:5]}"
+        assert why_whole and "tied to model.embed_tokens" in why_whole
+        assert why_shard == why_whole
+
+
+def test_shard_then_quantize_refuses_a_sparsity_config():
+    with pytest.raises(TypeError, match=r"Sparse24 is a sparsity config: prune the whole model "
+                                        r"before sharding it \(pyquant\.sparsify_"):
+        tp.quantize_(torch.nn.Sequential(torch.nn.Linear(8, 8)), pyquant.Sparse24())
 
 
 def test_misaligned_load_sharded_fails_before_reading(ranks):

@@ -64,11 +64,17 @@ def rank_and_world(group=None) -> tuple[int, int]:
 def _apply(model: nn.Module, plan: Plan, rank: int, world: int, group) -> dict:
     """Cut and wrap every layer of the (already checked) plan; divide attention attributes."""
     done: dict[int, nn.Module] = {}  # a module shared under two names is cut once
+    owners = _api.parameter_owners(model)
     for fqn, style in plan.layers.items():
         m = model.get_submodule(fqn)
         new = done.get(id(m))
         if new is None:
             new = done[id(m)] = wrap(m, style, rank, world, group)
+            # what keeps the whole layer float in pyquant.quantize_ (a weight tied to an
+            # embedding, ...) keeps its shard float in quantize_ below: the cut unties the
+            # shard, and "shard, then quantize" must give the layers "quantize, then shard" does
+            new.quantize_skip = (_api.structural_skip_reason(model, fqn, m, owners)
+                                 if isinstance(m, nn.Linear) else None)
         _api._set_child(model, fqn, new)
     for attn, attrs in plan.attention.items():
         mod = model.get_submodule(attn)
@@ -106,23 +112,49 @@ def quantize_(model: nn.Module, config: QuantConfig,
     layer. Where a layer's weight scales span whole rows (int8 per output channel) a row-parallel
     shard is quantized with the rows' max |w| reduced over the ranks (one all_reduce MAX).
     Layers that are not sharded are quantized by ``pyquant.quantize_``. Returns its report."""
+    from ..config import SparseConfig
+
+    if isinstance(config, SparseConfig):
+        raise TypeError(
+            f"{type(config).__name__} is a sparsity config: prune the whole model before "
+            f"sharding it (pyquant.sparsify_, then tensor_parallel_ or save + load_sharded); "
+            f"tp.quantize_ quantizes the shards of a float model")
     if getattr(config, "method", "rtn") != "rtn":
         raise NotImplementedError(
             f"{type(config).__name__}(method={config.method!r}): calibrate the whole model "
             "before sharding it (quantize_, then tensor_parallel_ or save + load_sharded)")
     layer_cls = config.layer_cls
     report = _api.SwapReport(config)
-    with torch.no_grad():
-        for fqn, m in list(model.named_modules()):
-            if not isinstance(m, PARALLEL_TYPES) or not isinstance(m.local, nn.Linear):
-                continue
-            if filter_fn is not None and not filter_fn(m.local, fqn):
-                report.skipped.append((fqn, "rejected by filter_fn"))
-                continue
-            why = layer_cls.unsupported_reason(m.local, config)
-            if why:
+    todo, misfit = [], []
+    for fqn, m in list(model.named_modules()):
+        if not isinstance(m, PARALLEL_TYPES) or not isinstance(m.local, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(m.local, fqn):
+            report.skipped.append((fqn, "rejected by filter_fn"))
+            continue
+        why = getattr(m, "quantize_skip", None)
+        if why:
+            report.skipped.append((fqn, why))
+            continue
+        why = layer_cls.unsupported_reason(m.local, config)
+        if why:
+            whole = nn.Linear(m.in_features, m.out_features, bias=False, device="meta",
+                              dtype=m.local.weight.dtype)
+            if layer_cls.unsupported_reason(whole, config) is None:
+                misfit.append(f"{fqn} ({m.in_features} x {m.out_features} cut {m._style()} "
+                              f"over {m.world}; rank {m.rank}'s shard: {why})")
+            else:  # the whole layer would stay float too: skipped alike
                 report.skipped.append((fqn, f"shard of rank {m.rank}: {why}"))
-                continue
+            continue
+        todo.append((fqn, m))
+    if misfit:  # before any layer changes, as quantize-then-shard refuses the same cut
+        raise ValueError(
+            f"tp.quantize_ with {type(config).__name__}: the whole layer fits the config but "
+            f"its shard does not: {'; '.join(misfit)}. Shard over a world size whose shards "
+            f"fit, pick a group size that divides them, or quantize before sharding "
+            f"(pyquant.quantize_, then tensor_parallel_ or save + load_sharded)")
+    with torch.no_grad():
+        for fqn, m in todo:
             kwargs = {}
             if isinstance(m, RowParallel) and getattr(layer_cls, "scales_span_rows", False):
                 amax = m.local.weight.detach().abs().amax(dim=1).to(torch.float32).contiguous()
