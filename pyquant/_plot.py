@@ -48,3 +48,91 @@ def roofline(result: dict, path: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _median(xs: list) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def speedup_summary(result: dict, baseline: str = "F.linear[fp32]") -> dict:
+    """{m: [(impl, (lo, median, hi) over the shapes of the speedup over `baseline`,
+    (lo, median, hi) of the speedup over the fastest baseline of the same shape and M))]}: what
+    speedups() draws. The fastest baseline is the one each call was slowest against, whatever
+    its format (an int8 row against int4pack too), so the second bar never flatters."""
+    out: dict = {}
+    for r in result["rows"]:
+        if r["kind"] != "pyquant" or not r["speedup"]:
+            continue
+        per_m = out.setdefault(r["m"], {})
+        vs, best = per_m.setdefault(r["impl"], ([], []))
+        if baseline in r["speedup"]:
+            vs.append(r["speedup"][baseline])
+        best.append(min(r["speedup"].values()))
+
+    def stats(xs):
+        return (min(xs), _median(xs), max(xs)) if xs else None
+
+    return {m: [(name, stats(v), stats(b)) for name, (v, b) in impls.items()]
+            for m, impls in sorted(out.items())}
+
+
+def speedups(result: dict, path: str, baseline: str = "F.linear[fp32]") -> str:
+    """Bars of each pyquant impl's speedup at each batch size M of the run: over fp32 `F.linear`
+    and over the fastest baseline timed beside it, the median over the run's shapes with the
+    range as a whisker. Log scale: 0.5x and 2x sit equally far from the line at 1x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    summary = speedup_summary(result, baseline)
+    ms = list(summary)[:6]
+    n_rows = max((len(summary[m]) for m in ms), default=1)
+    fig, axes = plt.subplots(1, max(1, len(ms)), figsize=(4.2 * max(1, len(ms)) + 2.2,
+                                                          0.34 * n_rows + 1.6),
+                             dpi=110, sharey=True, squeeze=False)
+    names = sorted({name for m in ms for name, _, _ in summary[m]})
+    for ax, m in zip(axes[0], ms):
+        rows = {name: (vs, best) for name, vs, best in summary[m]}
+        for i, name in enumerate(names):
+            for j, (st, color, label) in enumerate(
+                    ((rows.get(name, (None, None))[0], "tab:blue", f"over {baseline}"),
+                     (rows.get(name, (None, None))[1], "tab:orange",
+                      "over the fastest baseline"))):
+                if st is None:
+                    continue
+                lo, med, hi = st
+                y = i + (0.2 if j == 0 else -0.2)
+                # from 1x: a slowdown is a bar to the left
+                ax.barh(y, med - 1, height=0.38, left=1, color=color,
+                        label=None if label in ax.get_legend_handles_labels()[1] else label)
+                ax.plot([lo, hi], [y, y], color="k", lw=1)
+                ax.text(max(hi, med) * 1.04, y, f"{med:.2f}x", va="center", fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        top = max([st[2] for _, *sts in summary[m] for st in sts if st] + [2.0])
+        low = min([st[0] for _, *sts in summary[m] for st in sts if st] + [1.0])
+        ax.set_xlim(low / 1.3, top * 1.6)
+        ticks = [t for t in (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+                 if low / 1.3 <= t <= top * 1.6]
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"M = {m}")
+        ax.set_xlabel("speedup (log scale)")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)))
+    axes[0][0].set_yticklabels([n.replace("pyquant.", "") for n in names], fontsize=8)
+    axes[0][0].invert_yaxis()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    mi = result["machine"]
+    fig.suptitle(f"pyquant bench: {mi['cpu']}, {mi['threads']} threads, ISA {mi['isa']} "
+                 f"(median over shapes, whisker: range)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path)
+    plt.close(fig)
+    return path

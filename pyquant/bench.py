@@ -38,7 +38,6 @@ import copy
 import csv
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -50,7 +49,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _hugepages, _native, formats, panels
+from . import _hugepages, _native, formats, info, panels
 from ._progress import progress
 from .ops import LayerCall
 
@@ -680,7 +679,7 @@ def machine_info(bw: float, peaks: Optional[dict] = None, malloc_kept: bool = Fa
         except Exception as e:
             isa = f"error: {e}"
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": info.cpu_model_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "isa": isa,
@@ -759,9 +758,10 @@ def write_outputs(result: dict, out_dir: str) -> list[str]:
                         + [f"{r['speedup'].get(b, float('nan')):.3f}" for b in SHORT])
     paths.append(cp)
     try:
-        from ._plot import roofline
+        from ._plot import roofline, speedups
 
         paths.append(roofline(result, os.path.join(out_dir, "roofline.png")))
+        paths.append(speedups(result, os.path.join(out_dir, "speedups.png")))
     except ImportError as e:
-        print(f"no roofline plot ({e}); pip install 'pyquant[bench]'", file=sys.stderr)
+        print(f"no plots ({e}); pip install 'pyquant[bench]'", file=sys.stderr)
     return paths

@@ -5,6 +5,7 @@ Timings are not checked (this is a shared CI machine); the read-bandwidth probe,
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 
@@ -67,6 +68,31 @@ def test_bench_rows_and_outputs(small_run, tmp_path):
         machine = json.load(f)["machine"]
         assert machine["read_bandwidth_gbps"] == 10.0 and machine["peak_gops"] == PEAKS
     assert str(tmp_path / "bench.csv") in paths
+    if importlib.util.find_spec("matplotlib") is not None:  # the pictures ('pyquant[bench]')
+        for name in ("roofline.png", "speedups.png"):
+            assert str(tmp_path / name) in paths
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speedup_summary_is_median_and_range_over_shapes():
+    """What the speedups picture draws: per M and impl, over the shapes, the (min, median, max)
+    of the speedup over fp32 F.linear and of the speedup over the fastest baseline of the same
+    shape (the smallest speedup of each row, whichever baseline that is)."""
+    from pyquant._plot import speedup_summary
+
+    def row(m, n, impl, kind, speedup):
+        return {"m": m, "n": n, "impl": impl, "kind": kind, "speedup": speedup}
+
+    rows = [row(1, 1, "pyquant.a", "pyquant", {"F.linear[fp32]": 4.0, "int4pack": 1.5}),
+            row(1, 2, "pyquant.a", "pyquant", {"F.linear[fp32]": 6.0, "int4pack": 2.5}),
+            row(1, 3, "pyquant.a", "pyquant", {"F.linear[fp32]": 5.0, "fbgemm": 0.8}),
+            row(8, 1, "pyquant.a", "pyquant", {"F.linear[fp32]": 2.0, "int4pack": 3.0}),
+            row(1, 1, "F.linear[fp32]", "baseline", {}),
+            row(1, 1, "read[probe]", "probe", {})]
+    got = speedup_summary({"rows": rows})
+    assert list(got) == [1, 8]
+    assert got[1] == [("pyquant.a", (4.0, 5.0, 6.0), (0.8, 1.5, 2.5))]
+    assert got[8] == [("pyquant.a", (2.0, 2.0, 2.0), (2.0, 2.0, 2.0))]
 
 
 @pytest.mark.skipif(not _native.available(), reason="native module not loaded")
