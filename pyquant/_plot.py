@@ -14,7 +14,10 @@ def roofline(result: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     bw = result["machine"]["read_bandwidth_gbps"]
-    rows = result["rows"]
+    # the machine line's thread count (the last of --threads 1,2), whose peaks the roofs are;
+    # the read probe does no ops
+    rows = [r for r in result["rows"] if r["kind"] != "probe"
+            and r.get("threads", result["machine"]["threads"]) == result["machine"]["threads"]]
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     impls = sorted({r["impl"] for r in rows}, key=lambda s: (not s.startswith("pyquant"), s))
     markers = "o^sDvP*Xh<>"
@@ -61,8 +64,10 @@ def speedup_summary(result: dict, baseline: str = "F.linear[fp32]") -> dict:
     speedups() draws. The fastest baseline is the one each call was slowest against, whatever
     its format (an int8 row against int4pack too), so the second bar never flatters."""
     out: dict = {}
+    threads = result.get("machine", {}).get("threads")
     for r in result["rows"]:
-        if r["kind"] != "pyquant" or not r["speedup"]:
+        if r["kind"] != "pyquant" or not r["speedup"] or (
+                threads and r.get("threads", threads) != threads):
             continue
         per_m = out.setdefault(r["m"], {})
         vs, best = per_m.setdefault(r["impl"], ([], []))

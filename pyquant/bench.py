@@ -199,15 +199,21 @@ def default_rotate_bytes() -> int:
     return max(llc * 5 // 4, min(llc * 4, 512 << 20))
 
 
+# At most this many copies of a weight: enough that MiniLM's smallest weight (384 x 384, 37 KB
+# as int4) passes a 32 MB last-level cache; at 64, 64 copies of its int8 weight (9.5 MB) stayed
+# in it and its rows read 110% of the probe.
+MAX_COPIES = 1024
+
+
 def _copies(nbytes: int, rotate_bytes: int, sharers: int, burst: int = 1) -> int:
-    """Weight copies of one make: together more than rotate_bytes (at most 64), at least
+    """Weight copies of one make: together more than rotate_bytes (at most MAX_COPIES), at least
     two where several impls share them, and at least burst (a run of calls reads each copy
     once: a 56 MB weight read three times in a row against a 32 MB last-level cache came out
     at 103-105% of the read probe). Impls of one make run back to back in every round: with a
     single copy the second would find most of what the first just read still in the
     last-level cache (a 45 MB int8 weight against a 32 MB one read 103-167% of the bandwidth
     that way)."""
-    n = max(2 if sharers > 1 else 1, min(64, -(-rotate_bytes // max(nbytes, 1))))
+    n = max(2 if sharers > 1 else 1, min(MAX_COPIES, -(-rotate_bytes // max(nbytes, 1))))
     return max(n, burst)
 
 
@@ -569,13 +575,17 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="llama2-7b",
                     help=f"comma-separated, from {', '.join(SHAPES)} (default llama2-7b)")
     ap.add_argument("--ms", default=",".join(str(m) for m in DEFAULT_MS),
-                    help="comma-separated batch sizes M")
+                    help="comma-separated batch sizes M (default "
+                         f"{','.join(str(m) for m in DEFAULT_MS)}: at Llama-2-7B sizes that is "
+                         "many minutes; --ms 1 times decode alone)")
     ap.add_argument("--impls", default=None,
                     help="substrings of the pyquant impls to run (baselines always run)")
     ap.add_argument("--threads", default=None,
                     help="thread count, or a comma list (e.g. 1,2) for a scaling table")
     ap.add_argument("--iters", type=int, default=20,
-                    help="timed calls per point (median; default 20)")
+                    help="timed rounds per shape and M, the impls interleaved in each (median; "
+                         "default 20). At M <= 16 a round is a run of three calls of which the "
+                         "last two count, and there are at least as many rounds as weight copies")
     ap.add_argument("--out", default="./bench_results",
                     help="output directory (default ./bench_results)")
     ap.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
@@ -584,7 +594,12 @@ def main(argv=None) -> int:
                          "(pyquant.runtime.keep_freed_memory(large_blocks=True)), so that an "
                          "output above 32 MB (11008 float32 columns at M = 1024) is not mapped "
                          "and faulted in again on every timed call, for every impl alike")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (default), or cuda: the Triton kernels against cuBLAS on a GPU "
+                         "(pyquant bench --device cuda --help for its options)")
     a = ap.parse_args(argv)
+    if a.device == "cuda":  # pyquant bench (cli.py) hands --device cuda to bench_cuda
+        ap.error("--device cuda: run it as `pyquant bench --device cuda`")
     if a.iters < 1:
         ap.error(f"--iters {a.iters}: give at least 1 timed call per point")
     if a.impls:  # a filter matching no pyquant impl would time the baselines alone
@@ -596,23 +611,35 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"--impls {', '.join(unknown)} matches no impl; the impls: "
                      f"{', '.join(sorted(set(n.split('[')[0] for n in names)))}")
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in SHAPES]
+    if bad or not models:
+        ap.error(f"--models {a.models!r}: {'unknown ' + ', '.join(bad) if bad else 'none given'}"
+                 f"; use one or more of {', '.join(SHAPES)}")
+    ms = _int_list(ap, "--ms", a.ms)
+    threads = _int_list(ap, "--threads", a.threads) if a.threads is not None else [None]
+    cores = _usable_cores()
+    if any(t and t > cores for t in threads):
+        print(f"pyquant bench: warning: --threads {a.threads}: this process may run on "
+              f"{cores} cores, so threads beyond that share them and the times measure "
+              "the sharing", file=sys.stderr)
+    if _native.available():
+        try:  # an invalid PYQUANT_CPU_ISA: every pyquant row would be skipped
+            _native.current_isa()
+        except (ValueError, RuntimeError) as e:
+            ap.error(" ".join(str(e).split()))
+    else:
+        print(f"pyquant bench: warning: the native module did not load "
+              f"({_native.load_error()}): the pyquant rows time the pure-PyTorch reference",
+              file=sys.stderr)
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        ap.error(f"--out {a.out}: exists and is not a directory")
     try:  # before the run: a folder that cannot be written would lose its results
         os.makedirs(a.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=a.out):
             pass
     except OSError as e:
         ap.error(f"--out {a.out}: cannot write there ({e.strerror or e})")
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in SHAPES]
-    if bad:
-        ap.error(f"unknown model(s) {bad}; use {', '.join(SHAPES)}")
-    try:
-        ms = [int(v) for v in a.ms.split(",") if v.strip()]
-        threads = [int(v) for v in a.threads.split(",")] if a.threads else [None]
-    except ValueError as e:
-        ap.error(str(e))
-    if any(m < 1 for m in ms) or any(t is not None and t < 1 for t in threads):
-        ap.error("--ms and --threads take positive integers")
     malloc_kept = False
     if a.malloc_tuning:  # before anything is timed: the baselines run under it too
         from . import runtime
@@ -623,6 +650,9 @@ def main(argv=None) -> int:
         res = run(models=models, ms=ms, impl_filter=a.impls, threads=t, iters=a.iters,
                   malloc_kept=malloc_kept)
         print(format_table(res))
+        busy = busy_warning(res)
+        if busy:
+            print(busy, file=sys.stderr)
         decode = decode_summary(res)
         if decode:
             res["decode_targets"] = decode
@@ -640,6 +670,52 @@ def main(argv=None) -> int:
     for p in write_outputs(result, a.out):
         print(f"wrote {p}")
     return 0
+
+
+def _int_list(ap, option: str, text: str) -> list:
+    """A comma list of positive integers for `option`, or a usage error that names it."""
+    values = []
+    for v in text.split(","):
+        v = v.strip()
+        try:
+            values.append(int(v))
+        except ValueError:
+            ap.error(f"{option} {text!r}: {v!r} is not an integer; give a comma list of "
+                     "positive integers, e.g. 1,16,128")
+    if not values or any(v < 1 for v in values):
+        ap.error(f"{option} {text!r}: give a comma list of positive integers, e.g. 1,16,128")
+    return values
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# The read probe timed among the impls reading under this share of the start's best pass, or
+# a row reading more than this many times the probe of its rounds: the machine was busy (other
+# processes took the cores or the memory) and the ratios of that shape are not to be trusted.
+BUSY_PROBE_SHARE, BUSY_NOW_SHARE = 0.5, 1.5
+
+
+def busy_warning(result: dict) -> str:
+    """A warning naming the shapes and batch sizes whose timings a busy machine spoilt, or ""."""
+    bad = set()
+    for r in result["rows"]:
+        probe = r.get("kind") == "probe"
+        if (probe and r["bw_share"] < BUSY_PROBE_SHARE) or (
+                not probe and r.get("bw_share_now", 0) > BUSY_NOW_SHARE):
+            bad.add((r["n"], r["k"], r["m"]))
+    if not bad:
+        return ""
+    where = ", ".join(f"{n}x{k} M={m}" for n, k, m in sorted(bad))
+    return (f"pyquant bench: warning: the machine was busy while {where} ran (the read probe "
+            f"among the impls under {BUSY_PROBE_SHARE:.0%} of the start's bandwidth, or a row "
+            f"above {BUSY_NOW_SHARE:.0%} of the probe of its rounds): other processes were "
+            "taking the cores or the memory, so those rows' times and ratios are not "
+            "meaningful; run again on an idle machine")
 
 
 def decode_summary(result: dict) -> list:

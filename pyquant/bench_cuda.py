@@ -1,5 +1,5 @@
 """CUDA benchmark: pyquant's Triton kernels against cuBLAS and peers, on the linear layers of
-real models, every number a ratio measured in the same run (DESIGN.md, "Measuring").
+real models, every number a ratio measured in the same run.
 
     pyquant bench --device cuda --out results/      (or python -m pyquant.bench_cuda)
 

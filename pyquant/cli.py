@@ -21,9 +21,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (plus where to find help), with the
     nearest known command, option or value for a mistyped one."""
 
+    # the command a mistyped option was given to, where the top parser reports it
+    # (main sets it): "pyquant demo --confg" points at `pyquant demo --help`
+    command: Optional[str] = None
+
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{self._did_you_mean(message)} "
-                              f"(see {self.prog} --help)\n")
+        prog = f"{self.prog} {self.command}" if self.command else self.prog
+        self.exit(EXIT_USAGE, f"{prog}: error: {message}{self._did_you_mean(message)} "
+                              f"(see {prog} --help)\n")
 
     def _did_you_mean(self, message: str) -> str:
         import difflib
@@ -148,31 +153,27 @@ def _run(args) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --traceback is taken before or after the command alike
+    traceback = "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
     if argv and argv[0] == "bench":
-        # bench owns its options (pyquant bench --help); argparse subparsers would reject them
-        rest = argv[1:]
-        device = "cpu"
-        for i, a in enumerate(rest):
-            if a == "--device" and i + 1 < len(rest):
-                device = rest[i + 1]
-                rest = rest[:i] + rest[i + 2:]
-                break
-            if a.startswith("--device="):
-                device = a.split("=", 1)[1]
-                rest = rest[:i] + rest[i + 1:]
-                break
-        if device == "cuda":
-            from . import bench_cuda
-
-            return bench_cuda.main(rest)
-        if device != "cpu":
-            print(f"pyquant bench: error: --device {device!r}: use cpu or cuda", file=sys.stderr)
+        try:
+            return _bench(argv[1:])
+        except KeyboardInterrupt:
+            print("pyquant: interrupted", file=sys.stderr)
+            return 130
+        except (ValueError, TypeError, RuntimeError, OSError) as e:
+            if traceback:
+                raise
+            print(f"pyquant bench: error: {' '.join(str(e).split()) or type(e).__name__}",
+                  file=sys.stderr)
             return EXIT_USAGE
-        from . import bench
-
-        return bench.main(rest)
     parser = build_parser()
+    commands = [a for a in argv if not a.startswith("-")][:1]
+    if commands and commands[0] in ("demo", "info"):
+        parser.command = commands[0]
     args = parser.parse_args(argv)
+    args.traceback = traceback
     if args.command is None:
         parser.print_help()
         return 0
@@ -187,6 +188,34 @@ def main(argv: Optional[list] = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"pyquant {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _bench(rest: list) -> int:
+    """`pyquant bench [--device cpu|cuda] ...`: bench owns its options (pyquant bench --help),
+    which argparse subparsers would reject."""
+    device = "cpu"
+    for i, a in enumerate(rest):
+        if a == "--device":
+            if i + 1 == len(rest) or rest[i + 1].startswith("-"):
+                print("pyquant bench: error: --device takes cpu or cuda", file=sys.stderr)
+                return EXIT_USAGE
+            device = rest[i + 1]
+            rest = rest[:i] + rest[i + 2:]
+            break
+        if a.startswith("--device="):
+            device = a.split("=", 1)[1]
+            rest = rest[:i] + rest[i + 1:]
+            break
+    if device == "cuda":
+        from . import bench_cuda
+
+        return bench_cuda.main(rest)
+    if device != "cpu":
+        print(f"pyquant bench: error: --device {device!r}: use cpu or cuda", file=sys.stderr)
+        return EXIT_USAGE
+    from . import bench
+
+    return bench.main(rest)
 
 
 if __name__ == "__main__":

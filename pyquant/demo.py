@@ -229,6 +229,22 @@ def _machine_line(threads: int, malloc_kept: bool = False) -> str:
             f"torch {torch.__version__}, {threads} thread(s); {alloc}")
 
 
+def _check_output_path(option: str, path: str) -> None:
+    """ValueError naming `option` unless a file can be written at `path`."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})") from None
+
+
 def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
              repeats: int = DEFAULT_REPEATS, batch_size: int = 64,
              threads: Optional[int] = None, configs: Optional[list] = None,
@@ -243,6 +259,9 @@ def run_demo(model: Optional[str] = None, sentences: Optional[int] = None,
                         ("calib_sentences", calib_sentences)):
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    for option, path in (("--json", json_path), ("--csv", csv_path)):
+        if path is not None:  # before the run, which a path that cannot be written would lose
+            _check_output_path(option, path)
     if threads is not None:
         torch.set_num_threads(threads)
     from . import runtime

@@ -294,6 +294,14 @@ def test_demo_minilm_asked_but_missing_is_one_line_error(tmp_path):
     (("demoo",), "did you mean demo?"),
     (("demo", "--modle", "tiny"), "did you mean --model?"),
     (("demo", "--model", "tinyy"), "did you mean tiny?"),
+    # a mistyped option points at its command's help
+    (("demo", "--confg", "x"), "see pyquant demo --help"),
+    (("bench", "--ms", ""), "--ms '': '' is not an integer"),
+    (("bench", "--ms", "1.5"), "--ms '1.5': '1.5' is not an integer"),
+    (("bench", "--threads", "1,"), "--threads '1,'"),
+    (("bench", "--models", ""), "--models '': none given"),
+    (("bench", "--models", "gpt5"), "unknown gpt5"),
+    (("bench", "--device"), "--device takes cpu or cuda"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
     # in-process (fast); test_bad_arguments_subprocess checks the real command once
@@ -308,6 +316,69 @@ def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert message in lines[0]
+
+
+@pytest.mark.parametrize("args", [("--traceback", "demo", "--configs", ","),
+                                  ("demo", "--traceback", "--configs", ","),
+                                  ("bench", "--traceback", "--ms", "0", "--models", "")])
+def test_traceback_before_or_after_the_command(args):
+    """--traceback shows the error's traceback wherever it is given (it used to be taken only
+    before the command, and bench rejected it)."""
+    from pyquant.cli import main
+
+    with pytest.raises((ValueError, SystemExit)) as e:
+        main(list(args))
+    if e.type is SystemExit:  # a usage error of bench's own parser stays one line
+        assert e.value.code == 2
+
+
+def test_bench_refuses_what_would_lose_or_spoil_its_run(tmp_path, monkeypatch, capsys):
+    """Before any work: an --out that is a file, and an invalid PYQUANT_CPU_ISA (which used to
+    skip every pyquant row and time the baselines alone, exit 0)."""
+    from pyquant import _native
+    from pyquant.cli import main
+
+    def rc_of(*args):
+        try:
+            return main(list(args))
+        except SystemExit as e:
+            return e.code
+
+    f = tmp_path / "a_file"
+    f.write_text("")
+    assert rc_of("bench", "--out", str(f)) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    if _native.available():
+        monkeypatch.setenv("PYQUANT_CPU_ISA", "sse9")
+        assert rc_of("bench", "--ms", "1", "--out", str(tmp_path / "o")) == 2
+        err = capsys.readouterr().err
+        assert "sse9" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_demo_checks_its_output_paths_before_the_run(tmp_path, capsys):
+    from pyquant.cli import main
+
+    for option, path in (("--json", tmp_path / "no_such_dir" / "r.json"), ("--csv", tmp_path)):
+        try:
+            rc = main(["demo", "--model", "tiny", option, str(path)])
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr()
+        assert rc == 2 and option in err.err and "pyquant demo: loading" not in err.err, err
+
+
+def test_busy_warning_names_the_spoilt_rows():
+    from pyquant import bench
+
+    def row(kind, n, m, bw_share, now):
+        return {"kind": kind, "n": n, "k": 64, "m": m, "bw_share": bw_share, "bw_share_now": now}
+
+    calm = {"rows": [row("probe", 64, 1, 0.9, 1.0), row("pyquant", 64, 1, 0.8, 0.9)]}
+    assert bench.busy_warning(calm) == ""
+    busy = {"rows": [row("probe", 64, 1, 0.9, 1.0), row("pyquant", 64, 1, 0.8, 39.4),
+                     row("probe", 128, 1, 0.2, 1.0), row("baseline", 128, 1, 0.2, 0.9)]}
+    w = bench.busy_warning(busy)
+    assert "64x64 M=1" in w and "128x64 M=1" in w and "not meaningful" in w
 
 
 def test_cuda_bench_help_needs_no_gpu(capsys):
