@@ -84,7 +84,15 @@ def save(model: nn.Module, path: PathLike, report=None) -> None:
     _check_host()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _uncompiled(model)
     path = os.fspath(path)
+    from .nn import _QuantLinearBase
+
+    if isinstance(model, _QuantLinearBase):
+        raise ValueError(
+            f"cannot save {path}: the model is itself a {type(model).__name__}, and pyquant.load "
+            "swaps layers inside a model; save a module that holds it, e.g. "
+            "torch.nn.Sequential(layer), and load into torch.nn.Sequential(nn.Linear(...))")
     sharded = next((fqn for fqn, m in model.named_modules()
                     if type(m).__module__ == "pyquant.distributed.layers"), None)
     if sharded is not None:
@@ -166,6 +174,7 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
     _check_host()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    returned, model = model, _uncompiled(model)
     path = os.fspath(path)
     with open(path, "rb") as f:
         try:
@@ -203,9 +212,14 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
             tied = src == key or model_sd.get(key) is model_sd.get(src)
             sd[key] = tensors[src] if tied else tensors[src].clone()
     try:
-        model.load_state_dict(sd, strict=strict, assign=assign)
+        result = model.load_state_dict(sd, strict=strict, assign=assign)
     except RuntimeError as e:
         raise _err(path, f"could not load into the model: {e}") from e
+    # the quantized layers' tensors, whatever strict says: a layer swapped in and left empty
+    # would compute with zero codes and unit scales
+    empty = [k for k in result.missing_keys if any(k.startswith(f + ".") for f in specs)]
+    if empty:
+        raise _err(path, f"the quantized layers' tensors {empty[:5]} were not loaded")
     from ._hugepages import place_module
 
     for layer in swapped.values():  # their weights as decode streams them fastest
@@ -218,7 +232,15 @@ def load(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
     from .calibrate.report import read_beside
 
     read_beside(path, model)
-    return model
+    return returned
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a torch.compile wrapper runs (its state_dict names carry "_orig_mod."), so
+    that a compiled model saves and loads under the names of the plain one."""
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule" \
+        else model
 
 
 def _no_duplicates(pairs):  # json keeps the last of repeated keys silently; we refuse them

@@ -221,6 +221,23 @@ class _QuantLinearBase(nn.Module):
         """(name, tensor) of this layer's buffers in their canonical formats."""
         return self.named_buffers(recurse=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # torch's copy_ would cast a float tensor into an integer buffer (a float Linear's
+        # `weight` into an int8 layer's codes: zeros, or garbage) without a word
+        for name, mine in self._buffers.items():
+            theirs = state_dict.get(prefix + name)
+            if (mine is not None and isinstance(theirs, torch.Tensor)
+                    and theirs.is_floating_point() != mine.is_floating_point()):
+                error_msgs.append(
+                    f"{prefix + name}: {type(self).__name__} keeps {mine.dtype} here and the "
+                    f"state dict has {theirs.dtype}; a float model's weights go into the float "
+                    f"model before it is quantized (load them, then pyquant.quantize_), and a "
+                    f"quantized checkpoint into a float skeleton with pyquant.load")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def shard(self, dim: int, rank: int, world: int) -> "_QuantLinearBase":
         """A new layer of this class holding shard ``rank`` of ``world`` along ``dim``."""
         if dim not in (0, 1):

@@ -272,6 +272,40 @@ def test_strict_false_and_leftover_meta_warning(tmp_path):
         pyquant.load(skeleton, path)
 
 
+def test_compiled_models_save_and_load_as_the_plain_one(tmp_path):
+    """A torch.compile wrapper's state_dict names carry "_orig_mod.": loading into a compiled
+    skeleton with strict=False used to swap the layers and leave them empty (zero codes, unit
+    scales, no error), and saving a compiled model wrote names a plain skeleton refused."""
+    path, model, x, y = saved(tmp_path)
+    compiled = torch.compile(make_model(), backend="eager")
+    assert pyquant.load(compiled, path, strict=False) is compiled
+    assert torch.equal(compiled._orig_mod(x), y)
+    p2 = tmp_path / "compiled.safetensors"
+    pyquant.save(torch.compile(model, backend="eager"), p2)
+    assert torch.equal(pyquant.load(make_model(), p2)(x), y)
+
+
+def test_a_bare_layer_is_refused_at_save_not_at_load(tmp_path):
+    layer = pyquant.Int8WeightOnlyLinear.from_float(nn.Linear(64, 32), pyquant.Int8WeightOnly())
+    with pytest.raises(ValueError, match=r"itself a Int8WeightOnlyLinear.*Sequential\(layer\)"):
+        pyquant.save(layer, tmp_path / "layer.safetensors")
+    assert not (tmp_path / "layer.safetensors").exists()
+    pyquant.save(nn.Sequential(layer), tmp_path / "seq.safetensors")
+    got = pyquant.load(nn.Sequential(nn.Linear(64, 32)), tmp_path / "seq.safetensors")
+    x = torch.randn(3, 64)
+    assert torch.equal(got(x), layer(x))
+
+
+def test_float_weights_into_a_quantized_model_are_refused():
+    """load_state_dict(float_model.state_dict(), strict=False) into a quantized model used to
+    cast the float weights into the int8 codes (all zeros) and report only a missing scale."""
+    float_model = make_model()
+    model = make_model()
+    pyquant.quantize_(model, pyquant.Int8WeightOnly())
+    with pytest.raises(RuntimeError, match=r"0\.weight: Int8WeightOnlyLinear keeps torch\.int8"):
+        model.load_state_dict(float_model.state_dict(), strict=False)
+
+
 def test_failed_load_leaves_model_untouched(tmp_path):
     path, *_ = saved(tmp_path, mutate=lambda m: m[2].weight_scale.fill_(float("nan")))
     skeleton = make_model(seed=3)
