@@ -259,6 +259,16 @@ def quantize_(
     targets = linear_candidates(model, filter_fn, owners,
                                 lambda lin: layer_cls.unsupported_reason(lin, config),
                                 report.skipped)
+    if sparse_targets and not targets and calibration is not None and method != "rtn":
+        # every layer is sparse, and sparse layers take rounding to nearest only: nothing
+        # would be calibrated (it used to return with every layer skipped)
+        raise ValueError(
+            f"quantize_ with method={method!r}: the {len(sparse_targets)} layer(s) to quantize "
+            f"are all sparse (e.g. {sparse_targets[0][0]!r}), and sparse layers take only "
+            f"method='rtn'; quantize_(model, {type(config).__name__}()) rounds their kept values "
+            f"to nearest, or prune with calibration and quantize in one pass: sparsify_(model, "
+            f"Sparse24Int8WeightOnly(method='sparsegpt') or Sparse24Int4WeightOnly(...), "
+            f"calibration=...)")
     if sparse_targets:
         _quantize_sparse(model, config, sparse_targets, report)
     if calibration is not None:

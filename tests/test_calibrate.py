@@ -409,6 +409,31 @@ def test_exact_layers_report_infinite_sqnr_as_null():
     assert " inf " in calibrate.format_table(d)
 
 
+def test_a_report_with_nan_saves_the_checkpoint_and_warns(tmp_path):
+    """An fp16 model whose outputs overflow on the calibration data: the report's model-level
+    metrics are NaN (its min cosine too: it used to read 1.0 beside a NaN mean), and
+    pyquant.save used to raise after writing the checkpoint. Now the checkpoint is saved and a
+    warning says why its report is not."""
+    class Big(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.b(self.a(x) * 1000)
+
+    torch.manual_seed(0)
+    model = Big().half().eval()
+    r = pyquant.quantize_(model, pyquant.Int8WeightOnly(),
+                          calibration=[torch.randn(8, 64).half() * 50])
+    assert math.isnan(r.accuracy.model.cosine_mean) and math.isnan(r.accuracy.model.cosine_min)
+    path = tmp_path / "m.safetensors"
+    with pytest.warns(RuntimeWarning, match=r"checkpoint is saved, but its accuracy report is "
+                                            r"not: it holds NaN"):
+        pyquant.save(model, path)
+    assert path.exists() and not (tmp_path / "m.safetensors.report.json").exists()
+
+
 def test_save_writes_the_report_beside_the_checkpoint(tmp_path):
     model = net()
     skeleton = copy.deepcopy(model)

@@ -82,6 +82,15 @@ def test_sparsegpt_with_identity_hessian_is_magnitude():
     torch.testing.assert_close(new, w * mask, rtol=0, atol=1e-6)
 
 
+def test_sparsegpt_on_calibration_inputs_that_are_all_zero_is_magnitude():
+    """Every input 0 on every calibration token (H = 0): the weights compete by magnitude, as
+    with no data. The reference code's W[:, dead] = 0 used to return an all-zero layer."""
+    w = torch.randn(24, 64, generator=gen(4))
+    new, mask = sparsegpt_prune(w, torch.zeros(64, 64), None, (2, 4))
+    assert torch.equal(mask, magnitude_mask(w, None, (2, 4)))
+    torch.testing.assert_close(new, w * mask, rtol=0, atol=1e-6)
+
+
 def test_sparsegpt_validation():
     w = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"hessian must be \[8, 8\]"):
@@ -90,7 +99,7 @@ def test_sparsegpt_validation():
         sparsegpt_prune(torch.randn(4, 6), torch.eye(6), None, (2, 4))
     with pytest.raises(ValueError, match=r"NaN or inf"):
         sparsegpt_prune(w, torch.full((8, 8), float("nan")))
-    # a dead input (always 0) gets its weights pruned and no NaN
+    # a dead input (always 0) costs nothing on the data: its weights go first, no NaN
     h = _hessian(torch.randn(64, 8, generator=gen(1)))
     h[3, :] = 0
     h[:, 3] = 0

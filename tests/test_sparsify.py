@@ -143,6 +143,43 @@ def test_sparse_then_quantize():
         assert sqnr_db(ref, m8(**batch)) > 30 and sqnr_db(ref, m4(**batch)) > 12
 
 
+def test_calibrated_quantize_of_an_all_sparse_model_is_refused():
+    """Sparse layers take rounding to nearest only: with method='gptq' and every layer sparse,
+    quantize_ used to return with each layer skipped and an empty calibrated report."""
+    model = models.tiny_model()
+    pyquant.sparsify_(model, pyquant.Sparse24())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"are all sparse.*take only method='rtn'"):
+        pyquant.quantize_(model, pyquant.Int4WeightOnly(group_size=32, method="gptq"),
+                          calibration=models.tiny_inputs(2, seed=1))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_calibration_inputs_that_are_always_zero_are_noted():
+    """An input that is 0 on every calibration token: SparseGPT keeps its weights competing by
+    magnitude (it used to zero them all, and a layer whose inputs were all 0 became zeros),
+    Wanda prunes them first, and the report's note says how many there were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    batches = [torch.randn(6, 32) for _ in range(2)]
+    for b in batches:
+        b[:, :8] = 0  # the first layer's inputs 0-7 are never exercised
+    for method, says in (("sparsegpt", "compete by magnitude"), ("wanda", "pruned first")):
+        m = copy.deepcopy(model)
+        r = pyquant.sparsify_(m, pyquant.Sparse24(method=method), calibration=batches)
+        note = r.accuracy.layers[0].note
+        assert note.startswith("8 of 32 inputs 0 on every calibration token") and says in note
+        if method == "sparsegpt":  # in their own groups of 4, the larger two of each survive
+            w = model[0].weight.detach()[:, :8]
+            kept = m[0].dense_weight()[:, :8] != 0
+            assert torch.equal(kept, pyquant.prune.magnitude_mask(w, None, (2, 4)))
+    zero = [torch.zeros(6, 32)]
+    m = copy.deepcopy(model)
+    pyquant.sparsify_(m, pyquant.Sparse24(method="sparsegpt"), calibration=zero)
+    assert int((m[0].dense_weight() != 0).sum()) == 16 * 32 // 2
+
+
 CKPT_CONFIGS = [pyquant.Sparse24(value_dtype="float16"), pyquant.Unstructured(0.3),
                 pyquant.Sparse24Int8WeightOnly(), pyquant.Sparse24Int4WeightOnly(group_size=64)]
 
@@ -342,10 +379,11 @@ def test_later_swaps_drop_or_keep_the_accuracy_report(tmp_path):
     model = models.tiny_model()
     pyquant.sparsify_(model, pyquant.Sparse24(method="wanda"), calibration=cal)
     wanda = model.pyquant_accuracy.to_dict()
-    # calibrated GPTQ cannot quantize sparse layers: nothing swapped, the report stays
-    out = pyquant.quantize_(model, pyquant.Int4WeightOnly(group_size=64, method="gptq"),
-                            calibration=cal)
-    assert out.swapped == [] and model.pyquant_accuracy.to_dict() == wanda
+    # calibrated GPTQ cannot quantize sparse layers: refused, the model and report stay
+    with pytest.raises(ValueError, match="are all sparse"):
+        pyquant.quantize_(model, pyquant.Int4WeightOnly(group_size=64, method="gptq"),
+                          calibration=cal)
+    assert model.pyquant_accuracy.to_dict() == wanda
     path = str(tmp_path / "a.safetensors")
     pyquant.save(model, path)
     assert json_scheme(path + ".report.json") == "sparse24"

@@ -246,7 +246,16 @@ def write_beside(checkpoint, model, report=None) -> Optional[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return None
-    d = acc.to_dict()
+    try:
+        d = acc.to_dict()
+    except ValueError as e:  # NaN: after the checkpoint was written, a warning, not a failure
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        warnings.warn(f"pyquant.save({os.fspath(checkpoint)}): the checkpoint is saved, but its "
+                      f"accuracy report is not: it {str(e).replace('accuracy report ', '')} "
+                      "(the model's outputs on the calibration data held NaN or inf, e.g. an "
+                      "fp16 overflow)", RuntimeWarning, stacklevel=3)
+        return None
     d["checkpoint"] = os.path.basename(os.fspath(checkpoint))
     text = json.dumps(d, indent=1, allow_nan=False)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),

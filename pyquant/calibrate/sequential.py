@@ -632,7 +632,8 @@ def _model_accuracy(refs: list, outs: list, masks: list, what: str):
             continue
         c = F.cosine_similarity(q, r, dim=1, eps=1e-30)
         cos_sum += float(c.sum())
-        cos_min = min(cos_min, float(c.min()))
+        low = float(c.min())  # NaN where an output was (torch's min propagates it)
+        cos_min = low if low != low else min(cos_min, low)  # Python's min(1.0, nan) is 1.0
         n += c.numel()
         sig += float(r.pow(2).sum())
         noise += float((q - r).pow(2).sum())

@@ -62,9 +62,13 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: Optional[float] 
     H = h.detach().to(torch.float32).clone()
     if not bool(torch.isfinite(H).all()):
         raise ValueError(f"sparsegpt on {what}: the Hessian holds NaN or inf")
-    dead = torch.diag(H) == 0  # inputs that were always 0: their weights never matter
+    # An input that was 0 on every calibration token has a zero row and column in H: give it a
+    # unit diagonal, so that it gets no error from the other columns and gives none, and its
+    # weights compete by their magnitude alone (cheap to prune on this data, but not zeroed:
+    # the reference code's W[:, dead] = 0 turned a layer whose calibration inputs were all 0
+    # into zeros, and the report, measured on those inputs, called it perfect).
+    dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
     hinv = _inverse_hessian_factor(H, damp, what)
     del H
     keep = torch.zeros(nrow, k, dtype=torch.bool, device=W.device)

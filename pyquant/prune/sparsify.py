@@ -159,6 +159,13 @@ def sparsify_(
             used, note = "magnitude", f"{why}; {note}".strip("; ")
         if used == "magnitude":
             stat = None
+        elif stat is not None:
+            n_dead = int(((stat.sq if used == "wanda" else stat.h.diagonal()) == 0).sum())
+            if n_dead:
+                note = (f"{n_dead} of {m.in_features} inputs 0 on every calibration token: "
+                        + ("their weights score 0 and are pruned first" if used == "wanda" else
+                           "their weights cost nothing on this data and compete by magnitude")
+                        + "; " + note).strip("; ")
         w, mask = prune_weight(m.weight.detach(), config, stat, what=name)
         new = layer_cls.from_float(m, config, mask=mask, weight=w)
         report.bytes_before += _tensor_bytes(m)
