@@ -76,23 +76,30 @@ def test_bench_rows_and_outputs(small_run, tmp_path):
 
 def test_speedup_summary_is_median_and_range_over_shapes():
     """What the speedups picture draws: per M and impl, over the shapes, the (min, median, max)
-    of the speedup over fp32 F.linear and of the speedup over the fastest baseline of the same
-    shape (the smallest speedup of each row, whichever baseline that is)."""
-    from pyquant._plot import speedup_summary
+    of the speedup over fp32 F.linear and of the speedup over PyTorch's path for the same
+    weight format (an int4 row against int4pack, an int8 row against FBGEMM, a bf16 row against
+    bf16 F.linear); None where the run has no such baseline."""
+    from pyquant._plot import same_format_baseline, speedup_summary
+
+    i4p, fbg = "torch._weight_int4pack_mm_for_cpu[g128]", "torch.ao.dynamic_int8[fbgemm]"
+    assert same_format_baseline("pyquant.sparse24_int4_mm[g128]") == i4p
+    assert same_format_baseline("pyquant.int8_dynamic_mm[x-bf16]") == fbg
+    assert same_format_baseline("pyquant.sparse_unstructured_mm[bf16,70%]") == "F.linear[bf16]"
+    assert same_format_baseline("pyquant.sparse24_mm[fp32]") == "F.linear[fp32]"
 
     def row(m, n, impl, kind, speedup):
         return {"m": m, "n": n, "impl": impl, "kind": kind, "speedup": speedup}
 
-    rows = [row(1, 1, "pyquant.a", "pyquant", {"F.linear[fp32]": 4.0, "int4pack": 1.5}),
-            row(1, 2, "pyquant.a", "pyquant", {"F.linear[fp32]": 6.0, "int4pack": 2.5}),
-            row(1, 3, "pyquant.a", "pyquant", {"F.linear[fp32]": 5.0, "fbgemm": 0.8}),
-            row(8, 1, "pyquant.a", "pyquant", {"F.linear[fp32]": 2.0, "int4pack": 3.0}),
+    rows = [row(1, 1, "pyquant.int4_a", "pyquant", {"F.linear[fp32]": 4.0, i4p: 1.5, fbg: 0.9}),
+            row(1, 2, "pyquant.int4_a", "pyquant", {"F.linear[fp32]": 6.0, i4p: 2.5}),
+            row(1, 3, "pyquant.int4_a", "pyquant", {"F.linear[fp32]": 5.0, i4p: 2.0}),
+            row(8, 1, "pyquant.int8_b", "pyquant", {"F.linear[fp32]": 2.0, i4p: 0.5}),
             row(1, 1, "F.linear[fp32]", "baseline", {}),
             row(1, 1, "read[probe]", "probe", {})]
     got = speedup_summary({"rows": rows})
     assert list(got) == [1, 8]
-    assert got[1] == [("pyquant.a", (4.0, 5.0, 6.0), (0.8, 1.5, 2.5))]
-    assert got[8] == [("pyquant.a", (2.0, 2.0, 2.0), (2.0, 2.0, 2.0))]
+    assert got[1] == [("pyquant.int4_a", (4.0, 5.0, 6.0), (1.5, 2.0, 2.5))]
+    assert got[8] == [("pyquant.int8_b", (2.0, 2.0, 2.0), None)]  # no FBGEMM row in this run
 
 
 @pytest.mark.skipif(not _native.available(), reason="native module not loaded")
