@@ -16,4 +16,15 @@ def progress(iterable, desc: str, total=None, min_items: int = 8):
     except Exception:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr,
-                disable=not sys.stderr.isatty())
+                disable=not (sys.stderr.isatty() or _in_notebook()))
+
+
+def _in_notebook() -> bool:
+    """True in a Jupyter kernel, whose stderr is no terminal but whose cells show tqdm.auto's
+    widget bars (logs and pipes still get none)."""
+    shell = sys.modules.get("IPython")
+    try:
+        ip = shell.get_ipython() if shell is not None else None
+    except Exception:
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"

@@ -95,3 +95,28 @@ def test_large_blocks_come_back_without_page_faults():
     assert faults("default") >= 12 * pages
     assert faults("kept") >= 12 * pages
     assert faults("large") < pages
+
+
+def test_progress_bars_show_in_a_notebook_but_not_in_a_log(monkeypatch):
+    """A Jupyter kernel's stderr is no terminal, but its cells show tqdm.auto's bars; a log or
+    a pipe gets none."""
+    import sys
+    import types
+
+    pytest.importorskip("tqdm")
+    from pyquant import _progress
+
+    monkeypatch.delenv("PYQUANT_QUIET", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = _progress.progress(range(10), desc="x")
+    assert getattr(bar, "disable", True)  # no terminal, no notebook: off
+
+    class ZMQInteractiveShell:  # the kernel's shell class, by name
+        pass
+
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: ZMQInteractiveShell()
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    bar = _progress.progress(range(10), desc="x")
+    assert bar.disable is False
+    bar.close()

@@ -696,7 +696,7 @@ def quantize_calibrated(model: nn.Module, config, targets: list, swap_report, ca
                 why = chain.reason(len(batches))
                 chain.remove()
                 if why:
-                    cal["fallback"] = (f"blocks {blocks_name} not used ({why}): every layer "
+                    cal["fallback"] = (f"the blocks of {blocks_name!r} not used ({why}): every layer "
                                        "calibrated in one pass over the whole model")
                     blocks_name, blocks = None, []
                     cal["blocks"], cal["num_blocks"] = None, 0

@@ -116,7 +116,7 @@ def run_sequential(model: nn.Module, linears: list, calibration: Iterable[Any],
                 why = chain.reason(len(batches))
                 chain.remove()
                 if why:
-                    info["fallback"] = f"blocks {blocks_name} not used ({why})"
+                    info["fallback"] = f"the blocks of {blocks_name!r} not used ({why})"
                     blocks_name, blocks = None, []
                     info["blocks"], info["num_blocks"] = None, 0
             if blocks:
