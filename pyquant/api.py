@@ -1,6 +1,8 @@
 """quantize_: walk any module tree and swap every eligible nn.Linear for a quantized layer."""
 from __future__ import annotations
 
+import collections
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -259,6 +261,10 @@ def quantize_(
     targets = linear_candidates(model, filter_fn, owners,
                                 lambda lin: layer_cls.unsupported_reason(lin, config),
                                 report.skipped)
+    # owners and the loop variable hold every float layer: without this they stayed alive
+    # until quantize_ returned, whatever the swaps below let go
+    del owners
+    m = None
     if sparse_targets and not targets and calibration is not None and method != "rtn":
         # every layer is sparse, and sparse layers take rounding to nearest only: nothing
         # would be calibrated (it used to return with every layer skipped)
@@ -287,8 +293,10 @@ def quantize_(
         m = None
         return quantize_calibrated(model, config, targets, report, calibration)
     done: dict[int, nn.Module] = {}
+    queue = collections.deque(targets)  # taken off one by one: a swapped float layer is freed
+    del targets
     with torch.no_grad():
-        for fqn, m in progress(targets, desc=f"quantize {config.scheme}"):
+        for fqn, m in progress(_drain(queue), desc=f"quantize {config.scheme}", total=len(queue)):
             new = done.get(id(m))
             if new is None:
                 new = done[id(m)] = layer_cls.from_float(m, config)
@@ -298,6 +306,13 @@ def quantize_(
             report.swapped.append(fqn)
     drop_stale_accuracy(model, report)
     return report
+
+
+def _drain(queue):
+    """The items of a deque, each taken off it as it is handed out (the caller's loop variable
+    is then the only reference the loop keeps)."""
+    while queue:
+        yield queue.popleft()
 
 
 def _quantize_sparse(model, config, targets, report) -> None:

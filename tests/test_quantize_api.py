@@ -566,3 +566,46 @@ def test_what_a_layer_cannot_hold_is_skipped_with_the_reason():
         pyquant.nn.Int4WeightOnlyLinear.from_float(nn.Linear(64, 8), pyquant.Int8WeightOnly())
     with pytest.raises(TypeError, match=r"takes a pyquant\.Sparse24\(\.\.\.\) config, got dict"):
         pyquant.sparse_nn.Sparse24Linear.from_float(nn.Linear(64, 8), {"sparsity": 0.5})
+
+
+@pytest.mark.parametrize("how", ["quantize_", "quantize_ gptq", "sparsify_"])
+def test_float_layers_are_freed_as_they_are_swapped(how, monkeypatch):
+    """Each float layer is freed once its quantized one is in place: quantize_ (both paths) and
+    sparsify_ without data used to hold every float layer until they returned, through the
+    owners map and the list of targets."""
+    import gc
+    import weakref
+
+    from pyquant import models
+
+    model = models.tiny_model()
+    refs = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
+    config = {"quantize_": pyquant.Int8WeightOnly(),
+              "quantize_ gptq": pyquant.Int8WeightOnly(method="gptq"),
+              "sparsify_": pyquant.Sparse24()}[how]
+    alive = []
+
+    def count(*_):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+
+    cls = config.layer_cls
+    from_float = cls.from_float.__func__
+
+    def counting(c, *args, **kwargs):
+        count()
+        return from_float(c, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_float", classmethod(counting))
+    # GPTQ builds its layers otherwise: count when the last block runs on the calibration data
+    # (the first block's layers are swapped by then)
+    hook = model.blocks[-1].register_forward_pre_hook(count)
+    if how == "sparsify_":
+        pyquant.sparsify_(model, config)
+    elif how == "quantize_":
+        pyquant.quantize_(model, config)
+    else:
+        pyquant.quantize_(model, config, calibration=models.tiny_inputs(2, seed=1))
+    hook.remove()
+    first, last = len(refs), len(refs) // len(model.blocks)  # the last block's own layers
+    assert alive[0] == first and min(alive) <= last, alive

@@ -1,6 +1,8 @@
 """sparsify_: prune every eligible nn.Linear of any module tree and swap in a compressed layer."""
 from __future__ import annotations
 
+import collections
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -11,7 +13,7 @@ from torch import nn
 from .._progress import progress
 from ..api import (SwapReport, _set_child, _tensor_bytes, check_filter_and_calibration,
                    config_mistake, drop_stale_accuracy, linear_candidates, other_module_reason,
-                   parameter_owners)
+                   parameter_owners, _drain)
 from ..calibrate import report as _report
 from ..config import SparseConfig
 from .masks import magnitude_mask, wanda_mask
@@ -142,6 +144,8 @@ def sparsify_(
     for fqn, m in linear_candidates(model, filter_fn, owners, reason, report.skipped):
         fqns.setdefault(id(m), []).append(fqn)
         mods[id(m)] = m
+    del owners  # it holds every float layer: freed as they are swapped only once it is gone
+    m = None
 
     layer_acc: dict = {}
 
@@ -189,8 +193,12 @@ def sparsify_(
     t0 = time.perf_counter()
     with torch.no_grad():
         if calibration is None:
-            for m in progress(list(mods.values()), desc=f"sparsify {config.scheme}"):
+            # taken off one by one, so that each float layer is freed once swapped
+            queue = collections.deque(mods.values())
+            mods = dict.fromkeys(mods)  # the ids alone: the report's order
+            for m in progress(_drain(queue), desc=f"sparsify {config.scheme}", total=len(queue)):
                 finish(m, None)
+            m = None
         else:
             stat_cls = {"magnitude": _Tokens, "wanda": _SqSum, "sparsegpt": _Hessian}[method]
             errors = Errors()
