@@ -1,4 +1,4 @@
-"""Optional Triton backend: the glue between ops.py and the kernels of ``pyquant_kernels/``.
+"""Optional Triton backend: the glue between ops.py and the kernels of ``pyquant_triton/kernels/``.
 
 Importing pyquant never imports Triton. This module imports it only when asked: when ops.py
 probes the "triton" backend for a CUDA tensor (``why_unavailable``), when ``warmup`` runs, or
@@ -6,7 +6,7 @@ when a test asks for the interpreted kernels. The first successful probe loads t
 registers them with ``ops.register_impl``; every later call is a dictionary lookup.
 
 Where the kernels come from: ``pyquant/kernels`` in an installed wheel (pyproject maps the
-top-level ``pyquant_kernels/`` there), else ``<repo>/pyquant_kernels`` next to the package in a source tree
+``pyquant_triton/kernels/`` there), else ``<repo>/pyquant_triton/kernels`` next to the package in a source tree
 (``pip install -e . -Ceditable.mode=inplace`` or plain PYTHONPATH use).
 
 torch.compile: the ops stay ``torch.library.custom_op``s whose body calls the selected backend,
@@ -38,14 +38,14 @@ import torch
 
 OPS = ("int8_weight_only_mm", "int8_dynamic_mm", "int4_weight_only_mm", "sparse24_mm",
        "sparse24_int8_mm")
-# The kernel module of each op (pyquant_kernels/<module>.py has a launcher named after the op).
+# The kernel module of each op (pyquant_triton/kernels/<module>.py has a launcher named after the op).
 MODULES = {op: op for op in OPS}
 MODULES["sparse24_int8_mm"] = "sparse24_mm"  # one kernel for float and int8 kept values
 MIN_TRITON = (3, 0)
 MIN_CAPABILITY = (8, 0)  # bf16 MMA and the int8 MMA shapes used here need Ampere or newer
 
 # {op: M_min}: at M >= M_min the triton backend runs the dense path (dequantize the weight to
-# the activation dtype once per call with pyquant_kernels/dequant.py, then torch.matmul / cuBLAS; for
+# the activation dtype once per call with pyquant_triton/kernels/dequant.py, then torch.matmul / cuBLAS; for
 # int8_dynamic the exact torch._int_mm on the per-token int8 codes) instead of its kernel.
 # Filled from the GPU benchmark: ``python -m pyquant.bench_cuda`` prints the M from which the
 # dense path beats the kernel on every shape it ran. Measured on an H200 (Triton 3.6,
@@ -128,9 +128,9 @@ def why_unavailable() -> Optional[str]:
 
 
 def kernels_dir() -> Optional[Path]:
-    """The directory of the kernel sources: pyquant/kernels (wheel) or <repo>/pyquant_kernels."""
+    """The directory of the kernel sources: pyquant/kernels (wheel) or <repo>/pyquant_triton/kernels."""
     here = Path(__file__).resolve().parent
-    for d in (here / "kernels", here.parent / "pyquant_kernels"):
+    for d in (here / "kernels", here.parent / "pyquant_triton" / "kernels"):
         if (d / "__init__.py").is_file() and (d / "int8_dynamic_mm.py").is_file():
             return d
     try:
@@ -172,7 +172,7 @@ def _load_package(name: str, interpret: bool) -> SimpleNamespace:
             return SimpleNamespace(**mods, package=sys.modules[name])
     d = kernels_dir()
     if d is None:
-        raise ImportError("kernel sources not found (neither pyquant/kernels nor <repo>/pyquant_kernels)")
+        raise ImportError("kernel sources not found (neither pyquant/kernels nor <repo>/pyquant_triton/kernels)")
     # Triton decides at decoration time (import of the kernel modules) whether a @triton.jit
     # function is compiled or interpreted, so the interpreted copy is a separate package
     # imported with TRITON_INTERPRET=1 and the compiled one never sees it set by us.
@@ -213,7 +213,7 @@ def interpreted(op: str):
     """The interpreted launcher of ``op`` for CPU tensors (TRITON_INTERPRET=1): the same
     signature as the op plus ``config=`` to force one kernel config. Needs Triton, not a GPU,
     and works in a process that imported Triton for the GPU too (the kernels use Triton
-    builtins only, see pyquant_kernels/_common.py)."""
+    builtins only, see pyquant_triton/kernels/_common.py)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; use one of {', '.join(OPS)}")
     fn = getattr(getattr(kernels(interpret=True), op), op)

@@ -9,7 +9,7 @@ Per shape [N, K] (out_features, in_features) and batch M (tokens):
     pyquant.*     torch.ops.pyquant.<op>, triton backend forced, tuned before timing: what a
                   user gets, the dense path where DENSE_FALLBACK_MIN_M sends the call there
     kernel.*      the op's Triton kernel forced, at the M where pyquant.* runs the dense path
-    dense         the triton backend's dense path (dequantize with pyquant_kernels/dequant.py, then
+    dense         the triton backend's dense path (dequantize with pyquant_triton/kernels/dequant.py, then
                   cuBLAS) forced: from M = 128 (2:4 ops: every M); where it beats the kernel
                   at some M and every larger one on every shape, the run suggests that M for
                   DENSE_FALLBACK_MIN_M in pyquant/_triton.py
@@ -82,7 +82,7 @@ def _peaks(name: str):
 
 class Timer:
     """Device time of one call. ``rotated``: the call over every copy of the weights, back to
-    back in one CUDA graph (pyquant_kernels/_autotune.rotated_time_us), for every implementation
+    back in one CUDA graph (pyquant_triton/kernels/_autotune.rotated_time_us), for every implementation
     alike, so the numbers compare kernels, not Python launch paths or a flush. ``eager`` times
     plain calls of the first copy instead, L2 flushed before each: what a caller without CUDA
     graphs sees, host overhead included."""

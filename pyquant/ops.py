@@ -7,7 +7,7 @@ by ``_checks`` and then run by one backend:
     backend     devices   needs
     reference   any       nothing (pure PyTorch, the oracle)
     cpu         cpu       the native module pyquant._C
-    triton      cuda      Triton and a CUDA device (pyquant_kernels/)
+    triton      cuda      Triton and a CUDA device (pyquant_triton/kernels/)
     cuda        cuda      the native module pyquant._C_cuda
 
 Only this module knows which backends exist. ``PYQUANT_BACKEND=<name>`` or

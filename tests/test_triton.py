@@ -1,4 +1,4 @@
-"""The Triton backend (pyquant_kernels/*.py, pyquant/_triton.py).
+"""The Triton backend (pyquant_triton/kernels/*.py, pyquant/_triton.py).
 
 CPU part: every kernel runs under the Triton interpreter against ``pyquant.reference`` on odd
 shapes (M 1/3/17/64, N 13/33, K 100 or 3 groups), fp16 and fp32, each code path forced by an
@@ -427,7 +427,7 @@ def test_why_unavailable_names_the_reason(monkeypatch):
 @needs_triton
 def test_loading_registers_all_ops(monkeypatch):
     """When Triton and a GPU are present, the first probe loads the compiled kernels (from
-    pyquant/kernels or <repo>/pyquant_kernels) and registers one impl per op with ops.py."""
+    pyquant/kernels or <repo>/pyquant_triton/kernels) and registers one impl per op with ops.py."""
     monkeypatch.setattr(_triton, "_static_reason", lambda: None)
     saved = dict(ops._REGISTRY["triton"].impls)
     monkeypatch.setitem(_triton._STATE, "registered", False)
@@ -725,7 +725,7 @@ def test_gpu_auto_dispatch_includes_triton(no_backend_env):
 
 
 def test_the_source_tree_shadows_no_other_package():
-    """The kernel sources' folder is pyquant_kernels/, not kernels/: with the source tree on
+    """The kernel sources are in pyquant_triton/kernels/, not a top-level kernels/: with the source tree on
     sys.path (an editable install), a top-level kernels/ was imported by transformers >= 5.25 in
     place of Hugging Face's kernels package, and loading any model failed."""
     import importlib.util

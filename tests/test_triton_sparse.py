@@ -1,4 +1,4 @@
-"""The Triton kernels of the 2:4 sparse ops (pyquant_kernels/sparse24_mm.py), run under the Triton
+"""The Triton kernels of the 2:4 sparse ops (pyquant_triton/kernels/sparse24_mm.py), run under the Triton
 interpreter on the CPU against ``pyquant.reference``: both ops (float and int8 kept values),
 each code path forced by a small explicit config (gemv, gemv with split-K, tiled, tiled with
 swapped operands and split-K), odd shapes (M 1/3/17/64, N 13/33, K 100: the last meta byte

@@ -22,7 +22,7 @@ points at it, which is what ``sparse_formats.decompress_24`` (the reference) com
 meta bytes, canonical or not. Float values are converted to the activation dtype for the MMA
 (exact when they are stored in it, which is what ``sparsify_`` does: the layer keeps its
 dtype); int8 values convert exactly, and their scale and the bias are applied once in the
-epilogue. Split-K and the epilogue are those of pyquant_kernels/_common.py.
+epilogue. Split-K and the epilogue are those of pyquant_triton/kernels/_common.py.
 """
 from __future__ import annotations
 

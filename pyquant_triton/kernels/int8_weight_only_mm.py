@@ -7,7 +7,7 @@ accumulation, and the per-channel scale and bias are applied once in the epilogu
 difference from the fp32 reference is the summation order (plus the one rounding to the output
 dtype).
 
-Two paths, chosen per (M bucket, N, K) by the autotuner (pyquant_kernels/_autotune.py):
+Two paths, chosen per (M bucket, N, K) by the autotuner (pyquant_triton/kernels/_autotune.py):
 
 gemv   decode, M <= 16: one program per (row m, BLOCK_N outputs, K split). No tensor cores:
        at M = 1 a [16, K] MMA tile would waste 15/16 of its work, and the op is bound by weight

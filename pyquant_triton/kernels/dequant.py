@@ -73,7 +73,7 @@ def _int4_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP, stride_wn, str
                        stride_sg, stride_zn, stride_zg, stride_on,
                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """The packed bytes read as int32 words (8 codes, code 8i+j in bits 4j..4j+3), each code
-    converted in place (pyquant_kernels/int4_weight_only_mm._gemv32_kernel explains the trick):
+    converted in place (pyquant_triton/kernels/int4_weight_only_mm._gemv32_kernel explains the trick):
     scale and zero are gathered once per word, not per code. (code - zero) * 16^j is exact
     and so is its product with scale * 16^-j, so the fp32 values are those of
     formats.dequantize_int4_groupwise."""
